@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench [suite ...]`. See bench/__main__.py."""

@@ -1,0 +1,116 @@
+"""Timing, ceilings and result files shared by the suites.
+
+Every timed call runs inside a CUDA graph that calls the function on several input sets in turn: the
+graph removes Python and launch overhead from every implementation alike, and rotating inputs whose
+total is several times the L2 keeps the cache from serving reads that a real model would take from HBM.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Row:
+    suite: str
+    case: str
+    impl: str
+    ms: float
+    GBps: Optional[float] = None
+    TFLOPs: Optional[float] = None
+    peak_MiB: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
+        d.update(self.extra)
+        return d
+
+
+def time_graph(call: Callable[[int], object], n_sets: int, replays: int = 30, warmup: int = 3) -> float:
+    """Median ms of one call(i), timed as a CUDA graph of call(0) .. call(n_sets - 1)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):  # compile, autotune, allocate outside the capture
+            for i in range(n_sets):
+                call(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_sets):
+            call(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n_sets)
+    del graph
+    return statistics.median(times)
+
+
+def sets_for(bytes_per_set: int, min_total: int = 256 << 20, max_sets: int = 8) -> int:
+    """How many input sets to rotate so that together they are well past the L2 (tens of MB)."""
+    return max(2, min(max_sets, -(-min_total // max(bytes_per_set, 1))))
+
+
+def measure_ceilings() -> dict:
+    """Device copy bandwidth (1 GiB, read + write) and bf16 matmul rate (8192^3), measured now."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    copy_ms = time_graph(lambda i: dst.copy_(src), 1)
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = time_graph(lambda i: torch.mm(a, b), 1, replays=10)
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_GBps": 2 * n / copy_ms / 1e6, "matmul_bf16_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def gpu_slug() -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
+
+
+def meta(ceilings: dict) -> dict:
+    try:
+        import subprocess
+
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        driver = "?"
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "driver": driver,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **{k: round(v, 1) for k, v in ceilings.items()},
+    }
+
+
+def save(meta_info: dict, rows: list[Row], out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{gpu_slug()}.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta_info, "rows": [r.as_dict() for r in rows]}, f, indent=1)
+    return path

@@ -1,0 +1,41 @@
+// norm_fwd / norm_bwd: pick the launcher instance for the dtypes in the params.
+#include "norm/norm_launch.h"
+
+namespace fusedkernels::norm {
+namespace {
+
+// Calls fn.template operator()<T, WT>() for the (input, weight) dtype pair; the pair was validated
+// by the bindings, so anything else is a programming error.
+template <typename Fn>
+auto with_types(DType x, DType w, Fn&& fn) {
+  switch (x) {
+    case DType::kFloat32: return fn.template operator()<float, float>();
+    case DType::kFloat16:
+      return w == DType::kFloat32 ? fn.template operator()<__half, float>() : fn.template operator()<__half, __half>();
+    default:
+      return w == DType::kFloat32 ? fn.template operator()<__nv_bfloat16, float>()
+                                  : fn.template operator()<__nv_bfloat16, __nv_bfloat16>();
+  }
+}
+
+}  // namespace
+
+cudaError_t norm_fwd(const FwdParams& p, cudaStream_t stream) {
+  return with_types(p.x_dtype, p.w_dtype, [&]<typename T, typename WT>() {
+    return p.rms ? launch_fwd<T, WT, true>(p, stream) : launch_fwd<T, WT, false>(p, stream);
+  });
+}
+
+cudaError_t norm_bwd(const BwdParams& p, cudaStream_t stream) {
+  return with_types(p.x_dtype, p.w_dtype, [&]<typename T, typename WT>() {
+    return p.rms ? launch_bwd<T, WT, true>(p, stream) : launch_bwd<T, WT, false>(p, stream);
+  });
+}
+
+int64_t bwd_workspace_floats(const BwdParams& p) {
+  return with_types(p.x_dtype, p.w_dtype, [&]<typename T, typename WT>() {
+    return p.rms ? bwd_workspace<T, WT, true>(p) : bwd_workspace<T, WT, false>(p);
+  });
+}
+
+}  // namespace fusedkernels::norm

@@ -1,0 +1,5 @@
+"""Drop-in modules: same constructor arguments, parameters and state_dict as the torch modules they replace."""
+
+from .norm import FusedLayerNorm, FusedRMSNorm
+
+__all__ = ["FusedLayerNorm", "FusedRMSNorm"]

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# On a GPU machine: build with all cores, run the whole test suite (cuda tests included), run
+# compute-sanitizer memcheck + racecheck over the kernels on small shapes, run the benchmarks.
+# Logs and results go to $OUT (default: ./gpu_out). Exit status: non-zero if any step failed.
+#   FUSEDKERNELS_FAMILIES=norm  build one family;   GPU_CHECK_STEPS="build test sanitize bench"  pick steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+STEPS=${GPU_CHECK_STEPS:-build test sanitize bench}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
+status=0
+step() { echo "== $1 ($(date +%T))"; }
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+
+if has build; then
+  step build
+  python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { status=1; tail -30 "$OUT/build.log"; }
+  python3 -m fusedkernels.info | tee "$OUT/info.txt"
+fi
+if has test; then
+  step test
+  python3 -m pytest -q -rs tests 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
+  grep -qE "[0-9]+ passed" "$OUT/tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/tests.log" || status=1
+fi
+if has sanitize; then
+  step sanitize
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 1 python3 scripts/sanitize_kernels.py \
+      >"$OUT/sanitize-$tool.log" 2>&1 || status=1
+    tail -3 "$OUT/sanitize-$tool.log"
+  done
+fi
+if has bench; then
+  step bench
+  python3 -m bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 || status=1
+fi
+echo "== gpu_check: $([ $status = 0 ] && echo PASSED || echo FAILED)"
+exit $status

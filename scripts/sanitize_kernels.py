@@ -1,0 +1,25 @@
+"""Runs every native kernel path once on small shapes, for compute-sanitizer (memcheck, racecheck).
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_kernels.py
+"""
+
+import torch
+
+import fusedkernels.ops as ops
+from fusedkernels import _native
+
+assert _native.loaded, _native.error
+torch.manual_seed(0)
+# hidden sizes: general path (odd), each register-path thread-group size, the backward's general path.
+HIDDEN = [1, 7, 64, 256, 768, 1024, 2048, 4096, 8192, 12288, 16384, 32768, 65536]
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for hidden in HIDDEN:
+        rows = 3 if hidden > 4096 else 37
+        for param_dtype in {dtype, torch.float32}:
+            x = torch.randn(rows, hidden, device="cuda", dtype=dtype, requires_grad=True)
+            w = torch.rand(hidden, device="cuda", dtype=param_dtype, requires_grad=True)
+            b = torch.randn(hidden, device="cuda", dtype=param_dtype, requires_grad=True)
+            for y in (ops.layer_norm(x, (hidden,), w, b), ops.rms_norm(x, (hidden,), w)):
+                torch.autograd.grad(y, [x, w], torch.randn_like(y))
+torch.cuda.synchronize()
+print("sanitize_kernels: ran all norm paths")

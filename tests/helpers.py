@@ -1,0 +1,28 @@
+"""Shared test tools: devices, tolerances relative to PyTorch's own error, output poisoning."""
+
+import pytest
+import torch
+
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_ref(ours, ref, torch_lowp, name="output", floor=1e-6):
+    """max|ours - ref| <= 2 * max|torch_lowp - ref| + floor * max|ref|, with NaN never passing."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values (an unwritten or overflowed element)"
+    ours_err, torch_err = max_err(ours, ref), max_err(torch_lowp, ref)
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    bound = 2 * torch_err + floor * max(scale, 1.0)
+    assert ours_err <= bound, f"{name}: max error {ours_err:.3e} > bound {bound:.3e} (torch's own error {torch_err:.3e})"
+
+
+def poison_allocator(*tensors_like):
+    """Hand the caching allocator blocks full of NaN with the sizes the op is about to allocate, so an
+    element the kernel forgets to write shows up as NaN instead of a lucky zero."""
+    blocks = [torch.full_like(t, float("nan")) for t in tensors_like]
+    del blocks
