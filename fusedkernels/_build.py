@@ -89,10 +89,13 @@ def gencode_flags(arch_list: list[str]) -> list[str]:
 
 
 def cxx_flags() -> list[str]:
-    return ["-O3", "-std=c++20"]
+    # No -std here: torch adds the standard its headers were built for (C++17 up to 2.13, C++20 after);
+    # compiling its headers under another standard breaks its ABI (crashes when an error is raised).
+    return ["-O3"]
 
 
 def nvcc_flags(arch_list: list[str]) -> list[str]:
+    # Kernel files include no torch headers, so they can use C++20 whatever torch uses.
     # -lineinfo costs nothing at run time and lets compute-sanitizer name source lines.
     return ["-O3", "-std=c++20", "-lineinfo", *gencode_flags(arch_list)]
 

@@ -48,6 +48,12 @@ def _jit_load() -> None:
     _build.write_build_info(arch_list, families)
 
 
+def _read_cuda_kernels() -> None:
+    global cuda_kernels
+    names = torch._C._dispatch_get_registrations_for_dispatch_key("CUDA")
+    cuda_kernels = frozenset(n.split("::", 1)[1].split(".")[0] for n in names if n.startswith("fusedkernels::"))
+
+
 def _load() -> None:
     global loaded, error, source
     try:
@@ -58,13 +64,18 @@ def _load() -> None:
             importlib.import_module("fusedkernels._C")
             source = "prebuilt"
         loaded = True
+        _read_cuda_kernels()
     except Exception as e:  # report, never fail the import: the reference path still works
         error = f"{type(e).__name__}: {e}"
 
 
+cuda_kernels: frozenset[str] = frozenset()  # ops of this build with a CUDA kernel, read once at load
+
+
 def has_cuda_kernel(op: str) -> bool:
-    """Whether `fusedkernels::<op>` has a native CUDA kernel in this build."""
-    return loaded and torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedkernels::{op}", "CUDA")
+    """Whether `fusedkernels::<op>` has a native CUDA kernel in this build (a plain set lookup, so
+    torch.compile traces through it)."""
+    return op in cuda_kernels
 
 
 _warned: set[str] = set()

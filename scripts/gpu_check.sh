@@ -2,13 +2,14 @@
 # On a GPU machine: build with all cores, run the whole test suite (cuda tests included), run
 # compute-sanitizer memcheck + racecheck over the kernels on small shapes, run the benchmarks.
 # Logs and results go to $OUT (default: ./gpu_out). Exit status: non-zero if any step failed.
-#   FUSEDKERNELS_FAMILIES=norm  build one family;   GPU_CHECK_STEPS="build test sanitize bench"  pick steps.
+#   FUSEDKERNELS_FAMILIES=norm  build one family;   GPU_CHECK_STEPS="build test sanitize bench"  pick steps;
+#   SANITIZE_TIMEOUT=300  seconds per sanitizer tool.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 STEPS=${GPU_CHECK_STEPS:-build test sanitize bench}
-export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 step() { echo "== $1 ($(date +%T))"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -16,7 +17,7 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 if has build; then
   step build
   python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { status=1; tail -30 "$OUT/build.log"; }
-  python3 -m fusedkernels.info | tee "$OUT/info.txt"
+  python3 -m fusedkernels.info | tee -a "$OUT/build.log"
 fi
 if has test; then
   step test
@@ -26,9 +27,10 @@ fi
 if has sanitize; then
   step sanitize
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 1 python3 scripts/sanitize_kernels.py \
-      >"$OUT/sanitize-$tool.log" 2>&1 || status=1
-    tail -3 "$OUT/sanitize-$tool.log"
+    echo "-- $tool" >>"$OUT/sanitize.log"
+    timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --error-exitcode 1 python3 scripts/sanitize_kernels.py \
+      >>"$OUT/sanitize.log" 2>&1 || { status=1; echo "$tool FAILED"; }
+    tail -2 "$OUT/sanitize.log"
   done
 fi
 if has bench; then

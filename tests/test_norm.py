@@ -300,3 +300,17 @@ def test_module_is_drop_in(device, torch_cls, ours_cls, kwargs):
     assert max_err(xa.grad, xb.grad) < 1e-4
     for pa, pb in zip(theirs.parameters(), ours.parameters()):
         assert max_err(pa.grad, pb.grad) < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_existing_modules_switch_class_in_place(device):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64), torch.nn.RMSNorm(64)).to(device)
+    x = torch.randn(3, 32, device=device)
+    expected = model(x)
+    for m in model.modules():  # the recipe in the README
+        if type(m) is torch.nn.LayerNorm:
+            m.__class__ = fnn.FusedLayerNorm
+        elif type(m) is torch.nn.RMSNorm:
+            m.__class__ = fnn.FusedRMSNorm
+    assert isinstance(model[1], fnn.FusedLayerNorm) and isinstance(model[2], fnn.FusedRMSNorm)
+    assert max_err(model(x), expected) < 1e-5

@@ -15,22 +15,22 @@ namespace {
 // x is [..., hidden]; weight / bias are [hidden] in x's dtype or float32.
 int check_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                  const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device().str());
   check_float_dtype(x, op, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension (the normalized one)");
   TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous");
   const int64_t hidden = x.size(-1);
-  TORCH_CHECK_VALUE(hidden >= 1 && hidden <= kMaxHidden, op, ": the normalized size must be in [1, ", kMaxHidden,
-                    "], got ", hidden);
+  TORCH_CHECK_VALUE(hidden >= 1 && hidden <= kMaxHidden, op, ": the normalized size must be in [1, ",
+                    num(kMaxHidden), "], got ", num(hidden));
   std::optional<at::ScalarType> param_dtype;
   for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias}}) {
     if (!t->has_value()) continue;
     const at::Tensor& w = t->value();
     check_cuda_contiguous(w, x, op, name);
-    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == hidden, op, ": ", name, " must have shape [", hidden,
-                      "], got ", w.sizes());
+    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == hidden, op, ": ", name, " must have shape [", num(hidden),
+                      "], got ", shape(w));
     TORCH_CHECK_VALUE(w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat, op, ": ", name,
-                      " must be ", x.scalar_type(), " (like x) or float32, got ", w.scalar_type());
+                      " must be ", name_of(x.scalar_type()), " (like x) or float32, got ", name_of(w.scalar_type()));
     TORCH_CHECK_VALUE(!param_dtype || *param_dtype == w.scalar_type(), op,
                       ": weight and bias must have the same dtype");
     param_dtype = w.scalar_type();
@@ -80,14 +80,14 @@ std::vector<at::Tensor> run_bwd(const char* op, const at::Tensor& dy, const at::
   const int hidden = check_inputs(op, x, weight, bias);
   check_cuda_contiguous(dy, x, op, "dy");
   TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), op,
-                    ": dy must match x in shape and dtype, got ", dy.sizes(), " ", dy.scalar_type());
+                    ": dy must match x in shape and dtype, got ", shape(dy), " ", name_of(dy.scalar_type()));
   const int64_t rows = x.numel() / hidden;
   for (const auto& [name, t] : {std::pair{"rstd", &rstd}, std::pair{"mean", mean ? &mean.value() : nullptr}}) {
     if (t == nullptr) continue;
     check_cuda_contiguous(*t, x, op, name);
     TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->numel() == rows, op, ": ", name,
-                      " must be float32 with one value per row (", rows, "), got ", t->scalar_type(), " ",
-                      t->sizes());
+                      " must be float32 with one value per row (", num(rows), "), got ", name_of(t->scalar_type()),
+                      " ", shape(*t));
   }
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x);

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/cp_async.cuh"
 #include "common/reduce.cuh"
 #include "common/vec.cuh"
 #include "norm/norm.h"
@@ -46,10 +47,60 @@ inline int sm_count() {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Blocks of Kernel resident per SM with `smem` bytes of dynamic shared memory (raising the kernel's
+// dynamic shared memory limit first). Cached per kernel.
+template <auto Kernel>
+int resident_blocks(int threads, int smem) {
+  static int cached = 0;
+  if (cached == 0) {
+    cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&cached, Kernel, threads, smem);
+    cached = cached > 0 ? cached : 1;
+  }
+  return cached;
+}
+
+// Double-buffered staging of the row groups a backward block works on: while a block computes one group of rows
+// from shared memory, cp.async copies the next group's kTensors inputs in. Layout
+// [stage][i][tensor][thread] of 16-byte vectors: each thread reads back only what it copied itself, so
+// the wait needs no barrier, and a warp's 16-byte accesses are contiguous.
+template <typename T, int kTpr, int kIters, int kTensors>
+struct RowStager {
+  static constexpr int kThreads = threads_for_tpr<kTpr>();
+  static constexpr int kVec = kVec16<T>;
+  static constexpr int kBytes = 2 * kIters * kTensors * kThreads * 16;
+
+  uint4* smem;
+
+  __device__ __forceinline__ uint4* at(int stage, int i, int which) const {
+    return smem + ((stage * kIters + i) * kTensors + which) * kThreads + threadIdx.x;
+  }
+  // Starts copying the row of this thread's slot in the group at `first` (zeros past the end).
+  __device__ __forceinline__ void prefetch(const T* const (&src)[kTensors], int64_t first, int stage, int64_t rows,
+                                           int hidden) const {
+    const int64_t row = first + threadIdx.x / kTpr;
+    const int lane = threadIdx.x % kTpr;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = i * kTpr + lane;
+      const bool ok = row < rows && c < hidden / kVec;
+      const int64_t off = ok ? row * hidden + c * kVec : 0;
+#pragma unroll
+      for (int t = 0; t < kTensors; ++t) cp_async_16(at(stage, i, t), src[t] + off, ok);
+    }
+    cp_async_commit();
+  }
+  __device__ __forceinline__ Vec<T, kVec> get(int stage, int i, int which) const {
+    return *reinterpret_cast<const Vec<T, kVec>*>(at(stage, i, which));
+  }
+};
+
 // -------------------------------------------------------------------------------------------------
 // Forward
 // -------------------------------------------------------------------------------------------------
 
+// One row group per block, loaded straight into registers. (Measured slower on the H200: a persistent
+// grid staging the next group through shared memory, and forcing 64 registers; docs/perf-notes.md.)
 template <typename T, typename WT, bool kRms, int kTpr, int kIters>
 __global__ void __launch_bounds__(threads_for_tpr<kTpr>())
 fwd_registers_kernel(const FwdParams p) {
@@ -257,13 +308,18 @@ __device__ __forceinline__ void store_block_column_sums(const float (&acc)[kIter
   }
 }
 
+// Each block walks its rows (persistent grid), keeping the dweight / dbias sums of its columns in
+// registers. x and dy of the next row group are copied into shared memory (cp.async) while the current
+// one is computed, so loads stay in flight through the reductions and stores.
 template <typename T, typename WT, bool kRms, int kTpr, int kIters>
-__global__ void __launch_bounds__(threads_for_tpr<kTpr>(), 512 / threads_for_tpr<kTpr>())
+__global__ void __launch_bounds__(threads_for_tpr<kTpr>(), 768 / threads_for_tpr<kTpr>())
 bwd_registers_kernel(const BwdParams p) {
   constexpr int kThreads = threads_for_tpr<kTpr>();
   constexpr int kRowsPerBlock = kThreads / kTpr;
   constexpr int kVec = kVec16<T>;
   __shared__ float scratch[kThreads / 32];
+  extern __shared__ uint4 staged_smem[];
+  const RowStager<T, kTpr, kIters, 2> stager{staged_smem};
 
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
@@ -274,12 +330,17 @@ bwd_registers_kernel(const BwdParams p) {
   const int nvec = p.hidden / kVec;
   const float inv_hidden = 1.f / p.hidden;
   const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
+  const int64_t stride = int64_t(gridDim.x) * kRowsPerBlock;
+  const T* const sources[2] = {x, dy};
 
   float dw_acc[kIters][kVec] = {};
   float db_acc[kIters][kVec] = {};
 
-  for (int64_t first = int64_t(blockIdx.x) * kRowsPerBlock; first < p.rows;
-       first += int64_t(gridDim.x) * kRowsPerBlock) {
+  int stage = 0;
+  stager.prefetch(sources, int64_t(blockIdx.x) * kRowsPerBlock, stage, p.rows, p.hidden);
+  for (int64_t first = int64_t(blockIdx.x) * kRowsPerBlock; first < p.rows; first += stride, stage ^= 1) {
+    stager.prefetch(sources, first + stride, stage ^ 1, p.rows, p.hidden);
+    cp_async_wait<1>();
     const int64_t row = first + slot;
     const bool row_ok = row < p.rows;
     const int64_t row_offset = row * p.hidden;
@@ -287,11 +348,8 @@ bwd_registers_kernel(const BwdParams p) {
     Vec<T, kVec> xv[kIters], gv[kIters];
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
-      const int c = i * kTpr + lane;
-      if (row_ok && c < nvec) {
-        xv[i].load(x + row_offset + c * kVec);
-        gv[i].load(dy + row_offset + c * kVec);
-      }
+      xv[i] = stager.get(stage, i, 0);
+      gv[i] = stager.get(stage, i, 1);
     }
     const float mean = (!kRms && row_ok) ? p.mean[row] : 0.f;
     const float rstd = row_ok ? p.rstd[row] : 0.f;
@@ -334,6 +392,7 @@ bwd_registers_kernel(const BwdParams p) {
       out.store(dx + row_offset + c * kVec);
     }
   }
+  cp_async_wait<0>();  // the last prefetch (past the end: zero fill only) before the block exits
 
   if (!want_dw && !want_db) return;
   __shared__ float tile[kThreads * (kVec + 1)];
@@ -458,12 +517,8 @@ BwdPlan plan_bwd(const BwdParams& p) {
     int blocks_per_sm = 1;
     with_tpr(plan.tpr, [&]<int kTpr>() {
       if constexpr (kTpr <= kBwdMaxTpr) {
-        static int cached = 0;  // per kernel instance
-        if (cached == 0) {
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-              &cached, bwd_registers_kernel<T, WT, kRms, kTpr, kBwdIters<T>>, threads_for_tpr<kTpr>(), 0);
-        }
-        blocks_per_sm = std::max(cached, 1);
+        blocks_per_sm = resident_blocks<bwd_registers_kernel<T, WT, kRms, kTpr, kBwdIters<T>>>(
+            threads_for_tpr<kTpr>(), RowStager<T, kTpr, kBwdIters<T>, 2>::kBytes);
       }
     });
     const int64_t rows_per_block = threads_for_tpr_host(plan.tpr) / plan.tpr;
@@ -498,7 +553,8 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   if (plan.registers) {
     with_tpr(plan.tpr, [&]<int kTpr>() {
       if constexpr (kTpr <= kBwdMaxTpr) {
-        bwd_registers_kernel<T, WT, kRms, kTpr, kBwdIters<T>><<<plan.blocks, threads_for_tpr<kTpr>(), 0, stream>>>(p);
+        constexpr int kSmem = RowStager<T, kTpr, kBwdIters<T>, 2>::kBytes;
+        bwd_registers_kernel<T, WT, kRms, kTpr, kBwdIters<T>><<<plan.blocks, threads_for_tpr<kTpr>(), kSmem, stream>>>(p);
       }
     });
   } else {
