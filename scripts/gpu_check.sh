@@ -21,7 +21,7 @@ if has build; then
 fi
 if has test; then
   step test
-  python3 -m pytest -q -rs tests 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
+  FUSEDKERNELS_REQUIRE_NATIVE=1 python3 -m pytest -q -rfE tests 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
   grep -qE "[0-9]+ passed" "$OUT/tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/tests.log" || status=1
 fi
 if has sanitize; then
