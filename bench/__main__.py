@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-SUITES = ("norm",)
+SUITES = ("norm", "optim")
 
 
 def cpu_demo() -> None:

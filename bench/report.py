@@ -6,7 +6,6 @@ import json
 import os
 from collections import OrderedDict
 
-BASELINES = ("torch", "torch.compile")
 
 
 def _by_case(rows):
@@ -16,25 +15,46 @@ def _by_case(rows):
     return cases
 
 
+def _baselines(rows, suite):
+    seen = []
+    for r in rows:
+        if r["suite"] == suite and r["impl"] != "fusedkernels" and r["impl"] not in seen:
+            seen.append(r["impl"])
+    return seen
+
+
 def markdown(result: dict) -> str:
     m = result["meta"]
     copy = m["copy_GBps"]
     lines = [
         f"GPU: {m['gpu']} (driver {m.get('driver', '?')}), torch {m['torch']}, CUDA {m['cuda']}, {m['date']}.",
         f"Ceilings measured in the same run: copy {copy / 1000:.2f} TB/s, bf16 matmul {m['matmul_bf16_TFLOPs']:.0f} TFLOP/s.",
-        "",
-        "| suite | case | fusedkernels µs | GB/s | % of copy | torch µs | torch.compile µs | vs torch | vs torch.compile |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (suite, case), impls in _by_case(result["rows"]).items():
-        ours = impls.get("fusedkernels")
-        if ours is None:
-            continue
-        cells = [suite, case, f"{ours['ms'] * 1e3:.1f}", f"{ours.get('GBps', 0):.0f}", f"{100 * ours.get('GBps', 0) / copy:.0f}%"]
-        cells += [f"{impls[b]['ms'] * 1e3:.1f}" if b in impls else "—" for b in BASELINES]
-        cells += [f"{impls[b]['ms'] / ours['ms']:.2f}×" if b in impls else "—" for b in BASELINES]
-        lines.append("| " + " | ".join(cells) + " |")
+    cases = _by_case(result["rows"])
+    for suite in OrderedDict.fromkeys(r["suite"] for r in result["rows"]):
+        base = _baselines(result["rows"], suite)
+        lines += ["", f"### {suite}", "",
+                  "| case | fusedkernels | GB/s | % of copy | " + " | ".join(base) + " | "
+                  + " | ".join(f"vs {b}" for b in base) + " |",
+                  "|---" * (4 + 2 * len(base)) + "|"]
+        for (s, case), impls in cases.items():
+            if s != suite:
+                continue
+            ours = impls.get("fusedkernels")
+            cells = [case]
+            if ours is None:
+                cells += ["—", "—", "—"]
+            else:
+                cells += [_ms(ours["ms"]), f"{ours.get('GBps', 0):.0f}", f"{100 * ours.get('GBps', 0) / copy:.0f}%"]
+            cells += [_ms(impls[b]["ms"]) + (f" ({impls[b]['GBps']:.0f} GB/s)" if ours is None else "")
+                      if b in impls else "—" for b in base]
+            cells += [f"{impls[b]['ms'] / ours['ms']:.2f}×" if (b in impls and ours) else "—" for b in base]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ms(ms: float) -> str:
+    return f"{ms * 1e3:.1f} µs" if ms < 1 else f"{ms:.2f} ms"
 
 
 def plot(result: dict, path: str) -> bool:
@@ -48,16 +68,16 @@ def plot(result: dict, path: str) -> bool:
     cases = [(k, v) for k, v in _by_case(result["rows"]).items() if all("GBps" in r for r in v.values())]
     if not cases:
         return False
-    impls = ["fusedkernels", *BASELINES]
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cases)), 4.5))
+    impls = list(OrderedDict.fromkeys(r["impl"] for r in result["rows"]))
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(cases)), 5))
     width = 0.8 / len(impls)
     for j, impl in enumerate(impls):
-        xs = [i + (j - 1) * width for i in range(len(cases))]
+        xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(cases))]
         ax.bar(xs, [v.get(impl, {}).get("GBps", 0) / 1000 for _, v in cases], width, label=impl)
     copy = result["meta"]["copy_GBps"] / 1000
     ax.axhline(copy, color="k", linestyle="--", linewidth=1, label=f"device copy {copy:.2f} TB/s")
     ax.set_xticks(range(len(cases)))
-    ax.set_xticklabels([k[1].replace(" bf16", "") for k, _ in cases], rotation=35, ha="right", fontsize=8)
+    ax.set_xticklabels([k[1] for k, _ in cases], rotation=40, ha="right", fontsize=7)
     ax.set_ylabel("TB/s (minimum traffic)")
     ax.set_title(f"{result['meta']['gpu']}: memory-bound suites")
     ax.legend(fontsize=8)

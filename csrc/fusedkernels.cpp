@@ -12,6 +12,23 @@ TORCH_LIBRARY(fusedkernels, m) {
       " -> (Tensor dx, Tensor dweight, Tensor dbias)");
   m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor dx, Tensor dweight)");
+
+  // optim: one fused pass over every tensor of the lists. Unused lists are empty. steps hold each
+  // param's step count, already incremented. lr_tensor, grad_scale, found_inf, clip_coef: one-element
+  // float32 device tensors (capturable lr, GradScaler, deferred clipping). Grads are written back
+  // unscaled when grad_scale is given.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs,"
+      " Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] masters, Tensor[] steps, float lr, Tensor? lr_tensor,"
+      " float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize,"
+      " Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor(d!)[] masters,"
+      " float lr, Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov,"
+      " bool maximize, bool first_step, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+  // Total 2- or inf-norm of the grads (deterministic), and min(max_norm / (total + 1e-6), 1).
+  m.def("grad_norm(Tensor[] grads, float norm_type, float max_norm) -> (Tensor total, Tensor clip_coef)");
+  m.def("scale_grads_(Tensor(a!)[] grads, Tensor coef) -> ()");
 }
 
 // The module is imported (as fusedkernels._C) only to run the registrations above.

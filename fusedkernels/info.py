@@ -8,9 +8,9 @@ import fusedkernels
 
 from . import _build, _native
 from .ops import norm as _norm
+from .ops import optim as _optim
 
-_FAMILY_SUPPORT = {"norm": _norm.SUPPORT}
-_OP_KERNEL = {"layer_norm": "layer_norm_fwd", "rms_norm": "rms_norm_fwd"}
+_FAMILY_SUPPORT = {"norm": _norm.SUPPORT, "optim": _optim.SUPPORT}
 
 
 def report() -> str:
@@ -32,12 +32,12 @@ def report() -> str:
     else:
         lines.append("GPU: none visible (CUDA kernels cannot run here; CPU runs the reference)")
     lines.append("")
-    lines.append(f"{'op':<12} {'native CUDA kernel':<19} dtypes / sizes")
+    lines.append(f"{'op':<14} {'native CUDA kernel':<19} dtypes / sizes")
     for family, ops in _FAMILY_SUPPORT.items():
         for op, support in ops.items():
-            native = "yes" if _native.has_cuda_kernel(_OP_KERNEL[op]) else "no (reference)"
-            lines.append(f"{op:<12} {native:<19} {support['dtypes']}")
-            lines.append(f"{'':<12} {'':<19} {support['sizes']}")
+            native = "yes" if _native.has_cuda_kernel(support["kernel"]) else "no (reference)"
+            lines.append(f"{op:<14} {native:<19} {support['dtypes']}")
+            lines.append(f"{'':<14} {'':<19} {support['sizes']}")
     return "\n".join(lines)
 
 

@@ -6,5 +6,6 @@ or a size past the kernel's limit) a CUDA tensor runs the reference too, with on
 """
 
 from .norm import layer_norm, rms_norm
+from .optim import adam_step_, grad_norm, scale_grads_, sgd_step_
 
-__all__ = ["layer_norm", "rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "adam_step_", "sgd_step_", "grad_norm", "scale_grads_"]

@@ -232,10 +232,12 @@ def rms_norm(
 # What `python -m fusedkernels.info` reports for this family.
 SUPPORT = {
     "layer_norm": {
+        "kernel": "layer_norm_fwd",
         "dtypes": "float32, float16, bfloat16 (weight/bias in x's dtype or float32)",
         "sizes": f"normalized size 1..{MAX_NATIVE_HIDDEN}; fastest path when it is a multiple of 16 bytes",
     },
     "rms_norm": {
+        "kernel": "rms_norm_fwd",
         "dtypes": "float32, float16, bfloat16 (weight in x's dtype or float32)",
         "sizes": f"normalized size 1..{MAX_NATIVE_HIDDEN}; fastest path when it is a multiple of 16 bytes",
     },

@@ -1,0 +1,86 @@
+// Multi-tensor apply: a persistent grid walks the chunks of every tensor in a TensorTable.
+#pragma once
+
+#include "common/vec.cuh"
+#include "optim/optim.h"
+
+namespace fusedkernels::optim {
+
+constexpr int kThreads = 512;
+constexpr int kElems = 4;  // elements per thread per step: 16-byte fp32 accesses, 8-byte 16-bit ones
+
+// Calls body(tensor, begin, end) for every chunk this block owns: chunks c = blockIdx.x, + gridDim.x, ...
+// The table is a __grid_constant__ parameter: indexing it reads the constant bank, with one address per
+// block (the chunk is uniform), so nothing is copied.
+template <typename Body>
+__device__ __forceinline__ void for_each_chunk(const TensorTable& t, Body&& body) {
+  const int total = t.chunk_start[t.num_tensors];
+  for (int c = blockIdx.x; c < total; c += gridDim.x) {
+    int lo = 0, hi = t.num_tensors - 1;  // the last tensor whose first chunk is <= c
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (t.chunk_start[mid] <= c) lo = mid; else hi = mid - 1;
+    }
+    const int64_t begin = int64_t(c - t.chunk_start[lo]) * kChunk;
+    const int64_t end = begin + kChunk < t.numel[lo] ? begin + kChunk : t.numel[lo];
+    body(lo, begin, end);
+  }
+}
+
+// Runs per(tensor, i, count, vector) for each group of kElems elements of [begin, end) this thread owns;
+// vector is true when the group is whole and may be moved with vector accesses.
+template <typename Per>
+__device__ __forceinline__ void for_each_group(const TensorTable& t, int tensor, int64_t begin, int64_t end,
+                                               Per&& per) {
+  const bool aligned = t.aligned[tensor];
+  for (int64_t i = begin + int64_t(threadIdx.x) * kElems; i < end; i += int64_t(kThreads) * kElems) {
+    const int count = end - i < kElems ? int(end - i) : kElems;
+    per(i, count, aligned && count == kElems);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void load_group(const void* base, int64_t i, int count, bool vector, float (&out)[kElems]) {
+  const T* p = static_cast<const T*>(base) + i;
+  if (vector) {
+    Vec<T, kElems> v;
+    v.load(p);
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) out[k] = v.get(k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) out[k] = k < count ? to_float(p[k]) : 0.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_group(void* base, int64_t i, int count, bool vector, const float (&in)[kElems]) {
+  T* p = static_cast<T*>(base) + i;
+  if (vector) {
+    Vec<T, kElems> v;
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) v.set(k, in[k]);
+    v.store(p);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) {
+      if (k < count) p[k] = from_float<T>(in[k]);
+    }
+  }
+}
+
+// Grad scaling shared by the optimizers: unscale (AMP), deferred clip, maximize. Returns the factor the
+// raw grad is multiplied by before maximize; `unscale` is the AMP part alone (for the write-back).
+struct GradFactor {
+  float unscale, total;
+};
+
+__device__ __forceinline__ GradFactor grad_factor(const StepScalars& s) {
+  const float unscale = s.grad_scale ? 1.f / *s.grad_scale : 1.f;
+  const float clip = s.clip_coef ? *s.clip_coef : 1.f;
+  return {unscale, unscale * clip * (s.maximize ? -1.f : 1.f)};
+}
+
+__device__ __forceinline__ bool step_skipped(const StepScalars& s) { return s.found_inf && *s.found_inf != 0.f; }
+
+}  // namespace fusedkernels::optim

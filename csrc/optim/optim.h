@@ -1,0 +1,87 @@
+// Fused optimizer steps over many tensors: the tensor table, the step parameters and the launchers.
+// No torch headers here: optim_api.cpp fills these structs from tensor lists.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "common/dtype.h"
+
+namespace fusedkernels::optim {
+
+// Elements per chunk: the unit of work a block takes at a time.
+constexpr int64_t kChunk = 16384;
+// Tensors one launch takes. The table travels as a kernel parameter (__grid_constant__, up to 32 KB on
+// sm_70+ with CUDA 12.1+), so a 290-tensor model steps in one launch with no host-to-device copy.
+constexpr int kTableTensors = 384;
+constexpr int kSlots = 6;
+
+// Slots of the table: which list a pointer belongs to.
+enum Slot : int {
+  kParam = 0,   // updated in place (its own dtype)
+  kGrad = 1,    // read (written back unscaled when grad_scale is given)
+  kState0 = 2,  // Adam: exp_avg;  SGD: momentum_buffer
+  kState1 = 3,  // Adam: exp_avg_sq
+  kState2 = 4,  // Adam: max_exp_avg_sq (amsgrad)
+  kMaster = 5,  // fp32 master copy of a 16-bit param (read and written), or unused
+};
+
+struct TensorTable {
+  void* ptr[kSlots][kTableTensors];
+  const float* step[kTableTensors];         // Adam: the tensor's step count (already incremented)
+  int64_t numel[kTableTensors];
+  int32_t chunk_start[kTableTensors + 1];   // prefix sums of chunks per tensor
+  uint8_t aligned[kTableTensors];           // every pointer of the tensor is 16-byte aligned
+  int32_t num_tensors;
+};
+
+// Scalars shared by every optimizer; a *_ptr, when set, overrides the scalar and lives on the device
+// (capturable steps, GradScaler, deferred clipping).
+struct StepScalars {
+  float lr;
+  const float* lr_ptr;
+  const float* grad_scale;  // grads are divided by it (AMP), or nullptr
+  const float* found_inf;   // the step is skipped when it is nonzero, or nullptr
+  const float* clip_coef;   // grads are multiplied by it (clip_grad_norm_ folded in), or nullptr
+  bool maximize;
+  bool write_back_grad;     // store the unscaled grad (what torch does when grad_scale is given)
+};
+
+struct AdamParams {
+  StepScalars s;
+  float beta1, beta2, eps, weight_decay;
+  bool decoupled;  // AdamW: decay the param; Adam: add weight_decay * param to the grad
+  bool amsgrad;
+  DType param_dtype, state_dtype;
+  bool master;     // kMaster holds fp32 masters
+};
+
+struct SgdParams {
+  StepScalars s;
+  float momentum, dampening, weight_decay;
+  bool nesterov;
+  bool first_step;  // momentum buffers were just created: they take the grad as is
+  DType param_dtype;
+  bool master;
+};
+
+// Grad norms: partial results per block of a fixed grid, summed in a fixed order (deterministic).
+struct NormParams {
+  DType grad_dtype;
+  bool inf_norm;
+  float* partials;  // norm_partials() floats per launch, this launch's slice
+};
+
+int norm_partials();  // floats of partials each launch writes (a fixed grid on this device)
+
+cudaError_t adam_step(const TensorTable& t, const AdamParams& p, cudaStream_t stream);
+cudaError_t sgd_step(const TensorTable& t, const SgdParams& p, cudaStream_t stream);
+cudaError_t grad_norm_partials(const TensorTable& t, const NormParams& p, cudaStream_t stream);
+// total = (sum or max of all partials)^(1/p); coef = min(max_norm / (total + 1e-6), 1) when coef != nullptr.
+cudaError_t grad_norm_finish(const float* partials, int count, bool inf_norm, float max_norm, float* total,
+                             float* coef, cudaStream_t stream);
+// grads *= *coef over the table's kGrad slot.
+cudaError_t scale_grads(const TensorTable& t, DType grad_dtype, const float* coef, cudaStream_t stream);
+
+}  // namespace fusedkernels::optim

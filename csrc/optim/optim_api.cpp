@@ -1,0 +1,234 @@
+// CUDA implementations of fusedkernels::{adam_step_, sgd_step_, grad_norm, scale_grads_}: check the
+// tensor lists, pack them into TensorTables (kTableTensors a launch) and launch on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/torch_checks.h"
+#include "optim/optim.h"
+
+namespace fusedkernels::optim {
+namespace {
+
+using TensorList = at::TensorList;
+
+// One list per slot; an empty list leaves the slot unused. Every list must match the params.
+struct Lists {
+  std::vector<std::pair<Slot, TensorList>> slots;
+  TensorList steps;  // may be empty
+};
+
+std::vector<TensorTable> build_tables(const char* op, const Lists& lists, const at::Tensor& first) {
+  const TensorList& params = lists.slots.front().second;
+  for (const auto& [slot, list] : lists.slots) {
+    TORCH_CHECK_VALUE(list.empty() || list.size() == params.size(), op, ": every tensor list must have ",
+                      num(params.size()), " tensors (one per param), got ", num(list.size()));
+  }
+  std::vector<TensorTable> tables;
+  TensorTable t;
+  std::memset(&t, 0, sizeof(t));
+  int32_t chunks = 0;
+  auto flush = [&]() {
+    if (t.num_tensors == 0) return;
+    t.chunk_start[t.num_tensors] = chunks;
+    tables.push_back(t);
+    std::memset(&t, 0, sizeof(t));
+    chunks = 0;
+  };
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t numel = params[i].numel();
+    bool aligned = true;
+    for (const auto& [slot, list] : lists.slots) {
+      if (list.empty()) continue;
+      const at::Tensor& x = list[i];
+      TORCH_CHECK_VALUE(x.device() == first.device(), op, ": all tensors must be on ", first.device().str(),
+                        ", tensor ", num(i), " is on ", x.device().str());
+      TORCH_CHECK_VALUE(x.is_contiguous(), op, ": tensor ", num(i), " of list ", num(slot), " must be contiguous");
+      TORCH_CHECK_VALUE(x.numel() == numel, op, ": tensor ", num(i), " of list ", num(slot), " has ",
+                        num(x.numel()), " elements, its param ", num(numel));
+      aligned = aligned && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+    }
+    if (numel == 0) continue;
+    const int32_t tensor_chunks = static_cast<int32_t>((numel + kChunk - 1) / kChunk);
+    if (t.num_tensors == kTableTensors || int64_t(chunks) + tensor_chunks > INT32_MAX) flush();
+    const int k = t.num_tensors++;
+    for (const auto& [slot, list] : lists.slots) {
+      if (!list.empty()) t.ptr[slot][k] = list[i].data_ptr();
+    }
+    if (!lists.steps.empty()) t.step[k] = lists.steps[i].data_ptr<float>();
+    t.numel[k] = numel;
+    t.chunk_start[k] = chunks;
+    t.aligned[k] = aligned;
+    chunks += tensor_chunks;
+  }
+  flush();
+  return tables;
+}
+
+void check_dtype(const char* op, TensorList list, at::ScalarType want, const char* what) {
+  for (size_t i = 0; i < list.size(); ++i) {
+    TORCH_CHECK_VALUE(list[i].scalar_type() == want, op, ": ", what, " ", num(i), " must be ", name_of(want),
+                      ", got ", name_of(list[i].scalar_type()));
+  }
+}
+
+const float* scalar_ptr(const char* op, const std::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
+  if (!t) return nullptr;
+  TORCH_CHECK_VALUE(t->device() == like.device() && t->scalar_type() == at::kFloat && t->numel() == 1, op, ": ", name,
+                    " must be a one-element float32 tensor on ", like.device().str());
+  return t->data_ptr<float>();
+}
+
+StepScalars step_scalars(const char* op, double lr, const std::optional<at::Tensor>& lr_tensor, bool maximize,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& clip_coef, const at::Tensor& like) {
+  StepScalars s{};
+  s.lr = static_cast<float>(lr);
+  s.lr_ptr = scalar_ptr(op, lr_tensor, like, "lr");
+  s.grad_scale = scalar_ptr(op, grad_scale, like, "grad_scale");
+  s.found_inf = scalar_ptr(op, found_inf, like, "found_inf");
+  s.clip_coef = scalar_ptr(op, clip_coef, like, "clip_coef");
+  s.maximize = maximize;
+  s.write_back_grad = grad_scale.has_value();
+  return s;
+}
+
+void check_params(const char* op, TensorList params, TensorList grads) {
+  TORCH_CHECK_VALUE(!params.empty() && params[0].is_cuda(), op, ": params must be CUDA tensors");
+  const auto dtype = params[0].scalar_type();
+  check_float_dtype(params[0], op, "params");
+  check_dtype(op, params, dtype, "param");
+  check_dtype(op, grads, dtype, "grad");
+}
+
+void adam_step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                TensorList max_exp_avg_sqs, TensorList masters, TensorList steps, double lr,
+                const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& clip_coef) {
+  const char* op = "adam_step_";
+  if (params.empty()) return;
+  check_params(op, params, grads);
+  const at::Tensor& first = params[0];
+  TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && steps.size() == params.size(), op,
+                    ": exp_avgs, exp_avg_sqs and steps are required");
+  const auto state_dtype = exp_avgs[0].scalar_type();
+  TORCH_CHECK_VALUE(state_dtype == at::kFloat || state_dtype == at::kBFloat16, op,
+                    ": states must be float32 or bfloat16, got ", name_of(state_dtype));
+  check_dtype(op, exp_avgs, state_dtype, "exp_avg");
+  check_dtype(op, exp_avg_sqs, state_dtype, "exp_avg_sq");
+  check_dtype(op, max_exp_avg_sqs, state_dtype, "max_exp_avg_sq");
+  check_dtype(op, masters, at::kFloat, "master");
+  check_dtype(op, steps, at::kFloat, "step");
+  TORCH_CHECK_VALUE(!amsgrad || !max_exp_avg_sqs.empty(), op, ": amsgrad needs max_exp_avg_sqs");
+  const c10::cuda::CUDAGuard guard(first.device());
+
+  AdamParams p{};
+  p.s = step_scalars(op, lr, lr_tensor, maximize, grad_scale, found_inf, clip_coef, first);
+  p.beta1 = static_cast<float>(beta1);
+  p.beta2 = static_cast<float>(beta2);
+  p.eps = static_cast<float>(eps);
+  p.weight_decay = static_cast<float>(weight_decay);
+  p.decoupled = decoupled;
+  p.amsgrad = amsgrad;
+  p.param_dtype = to_dtype(first.scalar_type());
+  p.state_dtype = to_dtype(state_dtype);
+  p.master = !masters.empty();
+  TORCH_CHECK_VALUE(!p.master || first.scalar_type() != at::kFloat, op, ": master weights are for 16-bit params");
+  Lists lists{{{kParam, params}, {kGrad, grads}, {kState0, exp_avgs}, {kState1, exp_avg_sqs},
+               {kState2, amsgrad ? max_exp_avg_sqs : TensorList()}, {kMaster, masters}},
+              steps};
+  for (const TensorTable& t : build_tables(op, lists, first)) {
+    C10_CUDA_CHECK(adam_step(t, p, c10::cuda::getCurrentCUDAStream()));
+  }
+}
+
+void sgd_step_(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList masters, double lr,
+               const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
+               bool nesterov, bool maximize, bool first_step, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
+  const char* op = "sgd_step_";
+  if (params.empty()) return;
+  check_params(op, params, grads);
+  const at::Tensor& first = params[0];
+  TORCH_CHECK_VALUE(momentum == 0 || !momentum_buffers.empty(), op, ": momentum needs momentum_buffers");
+  check_dtype(op, masters, at::kFloat, "master");
+  // fp32 buffers go with fp32 masters; otherwise the buffers have the params' dtype
+  check_dtype(op, momentum_buffers, masters.empty() ? first.scalar_type() : at::kFloat, "momentum_buffer");
+  const c10::cuda::CUDAGuard guard(first.device());
+
+  SgdParams p{};
+  p.s = step_scalars(op, lr, lr_tensor, maximize, grad_scale, found_inf, clip_coef, first);
+  p.momentum = static_cast<float>(momentum);
+  p.dampening = static_cast<float>(dampening);
+  p.weight_decay = static_cast<float>(weight_decay);
+  p.nesterov = nesterov;
+  p.first_step = first_step;
+  p.param_dtype = to_dtype(first.scalar_type());
+  p.master = !masters.empty();
+  Lists lists{{{kParam, params}, {kGrad, grads}, {kState0, momentum == 0 ? TensorList() : momentum_buffers},
+               {kMaster, masters}},
+              {}};
+  for (const TensorTable& t : build_tables(op, lists, first)) {
+    C10_CUDA_CHECK(sgd_step(t, p, c10::cuda::getCurrentCUDAStream()));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_norm(TensorList grads, double norm_type, double max_norm) {
+  const char* op = "grad_norm";
+  TORCH_CHECK_VALUE(!grads.empty() && grads[0].is_cuda(), op, ": grads must be a non-empty list of CUDA tensors");
+  check_float_dtype(grads[0], op, "grads");
+  check_dtype(op, grads, grads[0].scalar_type(), "grad");
+  const bool inf_norm = std::isinf(norm_type);
+  TORCH_CHECK_VALUE(inf_norm || norm_type == 2.0, op, ": norm_type must be 2 or inf, got ", std::to_string(norm_type));
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  auto tables = build_tables(op, Lists{{{kGrad, grads}}, {}}, grads[0]);
+  const auto opts = grads[0].options().dtype(at::kFloat);
+  const int per_launch = norm_partials();
+  at::Tensor partials = at::empty({std::max<int64_t>(1, int64_t(tables.size()) * per_launch)}, opts);
+  if (tables.empty()) partials.zero_();
+  NormParams p{};
+  p.grad_dtype = to_dtype(grads[0].scalar_type());
+  p.inf_norm = inf_norm;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  for (size_t i = 0; i < tables.size(); ++i) {
+    p.partials = partials.data_ptr<float>() + i * per_launch;
+    C10_CUDA_CHECK(grad_norm_partials(tables[i], p, stream));
+  }
+  at::Tensor total = at::empty({}, opts), coef = at::empty({}, opts);
+  C10_CUDA_CHECK(grad_norm_finish(partials.data_ptr<float>(), static_cast<int>(partials.numel()), inf_norm,
+                                  static_cast<float>(max_norm), total.data_ptr<float>(), coef.data_ptr<float>(),
+                                  stream));
+  return {total, coef};
+}
+
+void scale_grads_(TensorList grads, const at::Tensor& coef) {
+  const char* op = "scale_grads_";
+  if (grads.empty()) return;
+  TORCH_CHECK_VALUE(grads[0].is_cuda(), op, ": grads must be CUDA tensors");
+  check_float_dtype(grads[0], op, "grads");
+  check_dtype(op, grads, grads[0].scalar_type(), "grad");
+  const float* c = scalar_ptr(op, coef, grads[0], "coef");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  for (const TensorTable& t : build_tables(op, Lists{{{kGrad, grads}}, {}}, grads[0])) {
+    C10_CUDA_CHECK(scale_grads(t, to_dtype(grads[0].scalar_type()), c, c10::cuda::getCurrentCUDAStream()));
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
+  m.impl("adam_step_", &adam_step_);
+  m.impl("sgd_step_", &sgd_step_);
+  m.impl("grad_norm", &grad_norm);
+  m.impl("scale_grads_", &scale_grads_);
+}
+
+}  // namespace fusedkernels::optim

@@ -1,0 +1,87 @@
+"""What the fused optimizers share: bucketing params by device and dtype, AMP and deferred clipping."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """A torch.optim.Optimizer whose step is one fused kernel per (device, dtype) bucket of each group.
+
+    Works with torch.amp.GradScaler without host syncs: the scaler hands over `grad_scale` and `found_inf`
+    and the kernel unscales the grads and skips the step on inf/NaN, on the device.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict, master_weights: bool):
+        if defaults.get("differentiable"):
+            raise ValueError(f"{type(self).__name__} does not support differentiable=True")
+        super().__init__(params, defaults)
+        self.master_weights = bool(master_weights)
+        self._clip_coef: Optional[Tensor] = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that state tensors keep their saved dtype: torch casts every floating state
+        tensor to its param's dtype, which would round fp32 masters and fp32 states of 16-bit params."""
+        super().load_state_dict(state_dict)
+        saved_state = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for param_id, p in zip(saved_group["params"], group["params"]):
+                for key, value in saved_state.get(param_id, {}).items():
+                    if (key != "step" and isinstance(value, Tensor) and value.is_floating_point()
+                            and value.dtype != p.dtype):
+                        self.state[p][key] = value.to(device=p.device, copy=True)
+
+    def defer_grad_clip(self, coef: Tensor) -> None:
+        """Multiply the grads by `coef` (a one-element device tensor) inside the next step instead of in a
+        separate pass: what `fusedkernels.optim.clip_grad_norm_(..., defer_to=optimizer)` does."""
+        self._clip_coef = coef
+
+    def _amp_and_clip(self):
+        clip, self._clip_coef = self._clip_coef, None
+        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None), clip
+
+    @staticmethod
+    def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+        return None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+
+    def _lr_args(self, group: dict, device: torch.device):
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            return 0.0, self._on(lr, device)
+        return float(lr), None
+
+    def _params_with_grads(self, group: dict):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(f"{type(self).__name__}: params must be float32, float16 or bfloat16, got {p.dtype}")
+            if p.grad.dtype != p.dtype:
+                raise TypeError(f"{type(self).__name__}: a grad must have its param's dtype, got {p.grad.dtype} "
+                                f"for a {p.dtype} param")
+            yield p
+
+    def _master(self, p: Tensor, state: dict) -> Optional[Tensor]:
+        """The fp32 master copy of a 16-bit param (created from the param when missing, e.g. after loading
+        a torch.optim state dict), or None."""
+        if not self.master_weights or p.dtype == torch.float32:
+            return None
+        master = state.get("master_param")
+        if master is None or master.device != p.device or master.dtype != torch.float32:
+            master = (master if master is not None else p.detach()).to(device=p.device, dtype=torch.float32).clone()
+            state["master_param"] = master
+        return master
+
+    @staticmethod
+    def _evaluate(closure: Optional[Callable]):
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()

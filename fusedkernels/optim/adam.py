@@ -1,0 +1,118 @@
+"""FusedAdam / FusedAdamW: torch.optim.Adam / AdamW in one fused multi-tensor kernel per step."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ops import optim as ops
+from ._base import FusedOptimizer
+
+
+class FusedAdam(FusedOptimizer):
+    """`torch.optim.Adam` with the same arguments, param groups, schedulers and state_dict, plus:
+
+    master_weights: keep an fp32 copy of each 16-bit param (state "master_param"); the step reads it and
+        writes both it and the param.
+    state_dtype: torch.float32 or torch.bfloat16 for exp_avg / exp_avg_sq / max_exp_avg_sq. Default: the
+        param's dtype for fp32 and bf16 params without master weights (as torch), float32 otherwise.
+
+    `foreach`, `fused` and `capturable` are accepted for compatibility: the step is always fused and never
+    syncs with the host, so it can always be captured in a CUDA graph (after a first, eager step).
+    """
+
+    _decoupled_default = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
+                 foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 decoupled_weight_decay: Optional[bool] = None, master_weights: bool = False,
+                 state_dtype: Optional[torch.dtype] = None):
+        if not (isinstance(lr, torch.Tensor) or 0.0 <= lr):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        decoupled = self._decoupled_default if decoupled_weight_decay is None else decoupled_weight_decay
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled)
+        super().__init__(params, defaults, master_weights)
+        self.state_dtype = state_dtype
+
+    def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
+        if self.state_dtype is not None:
+            return self.state_dtype
+        if p.dtype == torch.float16 or (self.master_weights and p.dtype != torch.float32):
+            return torch.float32
+        return p.dtype
+
+    def _prepare_state(self, p: torch.Tensor, group: dict) -> dict:
+        """Create the state on first use; bring loaded state (torch's included) to our devices and dtypes."""
+        state = self.state[p]
+        sd = self._state_dtype(p)
+        step = state.get("step")
+        if step is None:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        elif not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.device == p.device
+                  and step.dim() == 0):  # e.g. a CPU step from torch.optim's state dict
+            state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device).reshape(())
+        keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+        for key in keys:
+            t = state.get(key)
+            if t is None:
+                state[key] = torch.zeros_like(p, dtype=sd, memory_format=torch.contiguous_format)
+            elif t.dtype != sd or t.device != p.device:
+                state[key] = t.to(device=p.device, dtype=sd)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._evaluate(closure)
+        grad_scale, found_inf, clip = self._amp_and_clip()
+        for group in self.param_groups:
+            buckets: dict = {}
+            for p in self._params_with_grads(group):
+                state = self._prepare_state(p, group)
+                master = self._master(p, state)
+                key = (p.device, p.dtype, state["exp_avg"].dtype, master is not None)
+                b = buckets.setdefault(key, {k: [] for k in ("p", "g", "m", "v", "vmax", "master", "step")})
+                b["p"].append(p)
+                b["g"].append(p.grad)
+                b["m"].append(state["exp_avg"])
+                b["v"].append(state["exp_avg_sq"])
+                if group["amsgrad"]:
+                    b["vmax"].append(state["max_exp_avg_sq"])
+                if master is not None:
+                    b["master"].append(master)
+                b["step"].append(state["step"])
+            beta1, beta2 = group["betas"]
+            for (device, *_), b in buckets.items():
+                lr, lr_tensor = self._lr_args(group, device)
+                inf = self._on(found_inf, device)
+                torch._foreach_add_(b["step"], 1.0)
+                ops.adam_step_(
+                    b["p"], b["g"], b["m"], b["v"], b["vmax"], b["master"], b["step"], lr=lr, lr_tensor=lr_tensor,
+                    beta1=float(beta1), beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
+                    decoupled=group["decoupled_weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+                    grad_scale=self._on(grad_scale, device), found_inf=inf, clip_coef=self._on(clip, device))
+                if inf is not None:  # a skipped step does not count, as in torch's fused Adam
+                    torch._foreach_sub_(b["step"], [inf] * len(b["step"]))
+        return loss
+
+
+class FusedAdamW(FusedAdam):
+    """`torch.optim.AdamW` (decoupled weight decay, default 1e-2); see FusedAdam for the extras."""
+
+    _decoupled_default = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, **kwargs):
+        kwargs.setdefault("decoupled_weight_decay", True)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)

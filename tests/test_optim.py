@@ -1,0 +1,350 @@
+"""fusedkernels.optim: trajectories against torch.optim, mixed precision, AMP, CUDA graphs, state dicts,
+clip_grad_norm_."""
+
+import copy
+
+import pytest
+import torch
+
+from fusedkernels import _native
+from fusedkernels import ops as fops
+from fusedkernels.optim import FusedAdam, FusedAdamW, FusedSGD, clip_grad_norm_
+
+from .helpers import DEVICES, max_err
+
+needs_native = pytest.mark.skipif(not _native.loaded, reason=f"native module not loaded: {_native.error}")
+
+# Odd sizes, a single element, one past a chunk (16384), a 2-D weight.
+SHAPES = [(1,), (7,), (1000,), (16385,), (33, 65)]
+
+
+def _params(device, dtype=torch.float32, shapes=SHAPES):
+    return [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+
+
+def _run(opt_cls, params, grads_per_step, **kwargs):
+    """Step `opt_cls` over copies of params with the given grads; return the final params."""
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = opt_cls(ps, **kwargs)
+    for grads in grads_per_step:
+        for p, g in zip(ps, grads):
+            p.grad = g.to(p.dtype).clone()
+        opt.step()
+    return ps, opt
+
+
+def _grads(params, steps=5):
+    return [[torch.randn_like(p, dtype=torch.float32) for p in params] for _ in range(steps)]
+
+
+ADAM_CASES = [
+    (FusedAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (FusedAdamW, torch.optim.AdamW, dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, amsgrad=True)),
+    (FusedAdamW, torch.optim.AdamW, dict(lr=1e-2, maximize=True, weight_decay=0.0)),
+    (FusedAdam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.05)),
+    (FusedAdam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True, weight_decay=0.01, maximize=True)),
+]
+SGD_CASES = [
+    dict(lr=0.1),
+    dict(lr=0.05, momentum=0.9),
+    dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2),
+    dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, maximize=True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ours,theirs,kwargs", ADAM_CASES)
+def test_adam_trajectory_matches_torch_fp64(device, ours, theirs, kwargs):
+    params = _params(device)
+    grads = _grads(params)
+    got, _ = _run(ours, params, grads, **kwargs)
+    want, _ = _run(theirs, [p.double() for p in params], [[g.double() for g in gs] for gs in grads], foreach=False,
+                   **kwargs)
+    for g, w in zip(got, want):
+        assert max_err(g, w) <= 2e-6 * max(1.0, w.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kwargs", SGD_CASES)
+def test_sgd_trajectory_matches_torch_fp64(device, kwargs):
+    params = _params(device)
+    grads = _grads(params)
+    got, _ = _run(FusedSGD, params, grads, **kwargs)
+    want, _ = _run(torch.optim.SGD, [p.double() for p in params], [[g.double() for g in gs] for gs in grads],
+                   foreach=False, **kwargs)
+    for g, w in zip(got, want):
+        assert max_err(g, w) <= 2e-6 * max(1.0, w.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_master_weights_track_the_fp64_trajectory(device, dtype, opt):
+    params = _params(device)
+    grads = _grads(params)
+    cls, ref_cls, kwargs = (
+        (FusedAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)) if opt == "adamw"
+        else (FusedSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9)))
+    low = [p.to(dtype) for p in params]
+    got, opt_ = _run(cls, low, grads, master_weights=True, **kwargs)
+    # The reference starts from the same (rounded) values and sees the same (rounded) grads.
+    want, _ = _run(ref_cls, [p.double() for p in low], [[g.to(dtype).double() for g in gs] for gs in grads],
+                   foreach=False, **kwargs)
+    for g, w in zip(got, want):
+        master = opt_.state[g]["master_param"]
+        assert master.dtype == torch.float32
+        assert max_err(master, w) <= 2e-6 * max(1.0, w.abs().max().item())
+        assert torch.equal(g.data, master.to(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_states_match_the_reference_rounding(device):
+    params = _params(device)
+    grads = _grads(params)
+    got, opt = _run(FusedAdamW, params, grads, lr=1e-2, state_dtype=torch.bfloat16)
+    assert opt.state[got[0]]["exp_avg"].dtype == torch.bfloat16
+    want, _ = _run(torch.optim.AdamW, [p.double() for p in params], [[g.double() for g in gs] for gs in grads],
+                   foreach=False, lr=1e-2)
+    for g, w in zip(got, want):  # bf16 moments: each step's update is off by ~2^-8 relative at most
+        assert max_err(g, w) <= 2e-3  # fp32 states: < 1e-6; a wrong update: ~1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", [FusedAdamW, FusedSGD])
+def test_found_inf_skips_the_step_and_grad_scale_unscales(device, cls):
+    kwargs = dict(lr=1e-2, momentum=0.9) if cls is FusedSGD else dict(lr=1e-2)
+    params = _params(device)
+    grads = _grads(params, steps=2)
+    ref, ref_opt = _run(cls, params, grads, **kwargs)
+    ps, opt = _run(cls, params, grads[:1], **kwargs)
+    before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in ps]
+    scale = torch.tensor(1024.0, device=device)
+    for p, g in zip(ps, grads[1]):
+        p.grad = g * scale
+    opt.grad_scale, opt.found_inf = scale, torch.tensor(1.0, device=device)
+    opt.step()  # skipped
+    for p, b in zip(ps, before[1]):
+        assert torch.equal(p, b)
+    after = opt.state_dict()
+    for k, st in before[0]["state"].items():
+        for name, v in st.items():
+            assert torch.equal(after["state"][k][name], v), name
+    opt.found_inf = torch.tensor(0.0, device=device)
+    opt.step()  # taken, unscaled inside the kernel
+    del opt.grad_scale, opt.found_inf
+    for p, r, g in zip(ps, ref, grads[1]):
+        assert max_err(p, r) <= 1e-6 * max(1.0, r.abs().max().item())
+        assert max_err(p.grad, g) == 0.0  # grads are left unscaled, as torch's fused optimizers do
+
+
+@pytest.mark.cuda
+@needs_native
+def test_grad_scaler_end_to_end_matches_torch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8)).cuda()
+    ours, theirs = model, copy.deepcopy(model)
+    opt_a = FusedAdamW(ours.parameters(), lr=1e-3)
+    opt_b = torch.optim.AdamW(theirs.parameters(), lr=1e-3, foreach=False)
+    sa, sb = torch.amp.GradScaler("cuda", init_scale=2.0**14), torch.amp.GradScaler("cuda", init_scale=2.0**14)
+    for step in range(6):
+        x = torch.randn(32, 64, device="cuda")
+        if step == 3:
+            x[0, 0] = float("inf")  # this step overflows: both must skip it
+        for m, opt, scaler in ((ours, opt_a, sa), (theirs, opt_b, sb)):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = m(x).float().square().mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert sa.get_scale() == sb.get_scale()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert max_err(a, b) <= 1e-5
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("cls,kwargs", [(FusedAdamW, dict(lr=1e-2, amsgrad=True)), (FusedSGD, dict(lr=0.05, momentum=0.9))])
+def test_capturable_step_in_a_cuda_graph_matches_eager(cls, kwargs):
+    kwargs = dict(kwargs, lr=torch.tensor(kwargs["lr"], device="cuda"))  # lr on the device: capturable
+    params = _params("cuda")
+    grads = _grads(params, steps=4)
+    eager, _ = _run(cls, params, grads, **kwargs)
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    static_grads = [torch.zeros_like(p) for p in ps]
+    for p, g in zip(ps, static_grads):
+        p.grad = g
+    opt = cls(ps, **kwargs)
+    for g, new in zip(static_grads, grads[0]):
+        g.copy_(new)
+    opt.step()  # first step eagerly: it creates the state
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for gs in grads[1:]:
+        for g, new in zip(static_grads, gs):
+            g.copy_(new)
+        graph.replay()
+    for p, e in zip(ps, eager):
+        assert max_err(p, e) <= 1e-6 * max(1.0, e.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_dict_round_trips_with_torch_mid_training(device):
+    params = _params(device)
+    grads = _grads(params, steps=6)
+    full, _ = _run(torch.optim.AdamW, params, grads, lr=1e-2, amsgrad=True, foreach=False)
+    # torch for 3 steps -> ours for 3
+    ps, opt = _run(torch.optim.AdamW, params, grads[:3], lr=1e-2, amsgrad=True, foreach=False)
+    ours = FusedAdamW(ps, lr=1e-2, amsgrad=True)
+    ours.load_state_dict(opt.state_dict())
+    for gs in grads[3:]:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        ours.step()
+    for p, f in zip(ps, full):
+        assert max_err(p, f) <= 1e-6 * max(1.0, f.abs().max().item())
+    # ours for 3 steps -> torch for 3
+    ps, opt = _run(FusedAdamW, params, grads[:3], lr=1e-2, amsgrad=True)
+    theirs = torch.optim.AdamW(ps, lr=1e-2, amsgrad=True, foreach=False)
+    theirs.load_state_dict(opt.state_dict())
+    for gs in grads[3:]:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        theirs.step()
+    for p, f in zip(ps, full):
+        assert max_err(p, f) <= 1e-6 * max(1.0, f.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_dict_keeps_master_weights_and_sgd_buffers(device):
+    params = _params(device, torch.bfloat16)
+    grads = _grads(params, steps=4)
+    full, _ = _run(FusedSGD, params, grads, lr=0.05, momentum=0.9, master_weights=True)
+    ps, opt = _run(FusedSGD, params, grads[:2], lr=0.05, momentum=0.9, master_weights=True)
+    saved = copy.deepcopy(opt.state_dict())
+    assert all("master_param" in s and "momentum_buffer" in s for s in saved["state"].values())
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt2 = FusedSGD(ps2, lr=0.05, momentum=0.9, master_weights=True)
+    opt2.load_state_dict(saved)
+    for gs in grads[2:]:
+        for p, g in zip(ps2, gs):
+            p.grad = g.to(p.dtype)
+        opt2.step()
+    for p, f in zip(ps2, full):
+        assert torch.equal(p, f)
+    torch.optim.SGD(ps2, lr=0.05, momentum=0.9).load_state_dict(opt2.state_dict())  # loads into torch too
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_clip_grad_norm_matches_torch(device, norm_type, dtype):
+    params = [torch.nn.Parameter(p) for p in _params(device, dtype)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    ref_grads = [p.grad.clone() for p in params]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, g in zip(ref_params, ref_grads):
+        p.grad = g.clone()
+    want = torch.nn.utils.clip_grad_norm_(ref_params, 1.0, norm_type)
+    got = clip_grad_norm_(params, 1.0, norm_type)
+    assert got.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert abs(got.item() - want.float().item()) <= tol * want.float().item()
+    for p, r in zip(params, ref_params):
+        assert max_err(p.grad, r.grad) <= tol * r.grad.float().abs().max().item()
+    again = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, g in zip(again, ref_grads):
+        p.grad = g.clone()
+    assert torch.equal(clip_grad_norm_(again, 1.0, norm_type), got)  # deterministic
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deferred_clip_equals_clip_then_step(device):
+    params = _params(device)
+    grads = [torch.randn_like(p) * 5 for p in params]
+    a = [torch.nn.Parameter(p.clone()) for p in params]
+    b = [torch.nn.Parameter(p.clone()) for p in params]
+    for x, y, g in zip(a, b, grads):
+        x.grad, y.grad = g.clone(), g.clone()
+    opt_a, opt_b = FusedAdamW(a, lr=1e-2), FusedAdamW(b, lr=1e-2)
+    na = clip_grad_norm_(a, 0.5)
+    opt_a.step()
+    nb = clip_grad_norm_(b, 0.5, defer_to=opt_b)
+    assert all(torch.equal(y.grad, g) for y, g in zip(b, grads))  # untouched until the step
+    opt_b.step()
+    assert torch.equal(na, nb)
+    for x, y in zip(a, b):
+        assert max_err(x, y) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_tensors_take_several_launches(device):
+    params = [torch.randn(i % 7 + 1, device=device) for i in range(1000)]  # past the 384-tensor table
+    grads = _grads(params, steps=2)
+    got, _ = _run(FusedAdamW, params, grads, lr=1e-2)
+    want, _ = _run(torch.optim.AdamW, params, grads, lr=1e-2, foreach=False)
+    assert max(max_err(g, w) for g, w in zip(got, want)) <= 1e-6
+
+
+def test_bad_inputs_raise_clear_errors():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    p.grad = torch.randn(4, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        FusedAdamW([p]).step()
+    q = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        FusedAdamW([q], lr=-1.0)
+    with pytest.raises(ValueError, match="Nesterov"):
+        FusedSGD([q], lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="state_dtype"):
+        FusedAdam([q], state_dtype=torch.float16)
+    with pytest.raises(ValueError, match="differentiable"):
+        FusedAdam([q], differentiable=True)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_params_on_cpu_and_cuda_in_one_group():
+    params = [torch.randn(10), torch.randn(10, device="cuda")]
+    grads = _grads(params, steps=2)
+    got, _ = _run(FusedAdamW, params, grads, lr=1e-2)
+    want, _ = _run(torch.optim.AdamW, params, grads, lr=1e-2, foreach=False)
+    for g, w in zip(got, want):
+        assert g.device == w.device and max_err(g, w.to(g.device)) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    if not _native.loaded:
+        pytest.skip("needs the custom ops")
+    ps = _params(device)
+    gs = [torch.randn_like(p) for p in ps]
+    ms, vs = [torch.zeros_like(p) for p in ps], [torch.rand_like(p) for p in ps]
+    steps = [torch.ones((), device=device) for _ in ps]
+    torch.library.opcheck(torch.ops.fusedkernels.adam_step_,
+                          (ps, gs, ms, vs, [], [], steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True, False, False,
+                           None, None, None))
+    torch.library.opcheck(torch.ops.fusedkernels.sgd_step_,
+                          (ps, gs, ms, [], 0.1, None, 0.9, 0.0, 0.0, False, False, False, None, None, None))
+    torch.library.opcheck(torch.ops.fusedkernels.grad_norm, (gs, 2.0, 1.0))
+    torch.library.opcheck(torch.ops.fusedkernels.scale_grads_, (gs, torch.tensor(0.5, device=device)))
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@needs_native
+def test_tensor_over_2_31_elements():
+    n = 2**31 + 1000
+    p = torch.nn.Parameter(torch.full((n,), 1.0, device="cuda"))
+    p.grad = torch.full((n,), 0.5, device="cuda")
+    p.grad[-3:] = torch.tensor([1.0, 2.0, 4.0], device="cuda")
+    opt = FusedSGD([p], lr=0.1, momentum=0.9)
+    opt.step()
+    opt.step()
+    # two steps: buf = g, then 1.9 g; p = 1 - 0.1 * 2.9 g
+    want = 1 - 0.1 * 2.9 * torch.tensor([0.5, 1.0, 2.0, 4.0], device="cuda")
+    got = torch.cat([p.data[:1], p.data[-3:]])
+    assert max_err(got, want) <= 1e-6
+    assert torch.all(p.data[n // 2: n // 2 + 1024] == p.data[0])
