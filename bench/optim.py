@@ -60,59 +60,67 @@ def run() -> list[Row]:
         print(f"  {case:<40} {impl:<14} {ms:8.3f} ms {rows[-1].GBps:8.0f} GB/s", flush=True)
 
     for label, shapes_fn in (("355M", gpt2_medium_shapes), ("7B", llama_7b_shapes)):
-        shapes = shapes_fn()
-        n = sum(torch.Size(s).numel() for s in shapes)
-        tag = f"{label} ({len(shapes)} tensors)"
-        lr = lambda: torch.tensor(1e-4, device="cuda")  # noqa: E731  (capturable lr)
-
-        # AdamW, fp32 params, grads and states: 28 B / param
-        for impl, make in (
-            ("fusedkernels", lambda ps: FusedAdamW(ps, lr=lr())),
-            ("torch-fused", lambda ps: torch.optim.AdamW(ps, lr=lr(), fused=True, capturable=True)),
-            ("torch-foreach", lambda ps: torch.optim.AdamW(ps, lr=lr(), foreach=True, capturable=True)),
-        ):
-            if label == "7B" and impl == "torch-foreach":
-                continue  # foreach's temporaries do not fit beside a 7B fp32 model's 108 GB
-            params = _model(shapes, torch.float32)
-            add(f"AdamW fp32 {tag}", impl, _time_step(make(params)), 28 * n)
-            del params
-            _free()
-
-        # AdamW on bf16 params: ours with fp32 master weights and states (28 B / param); torch's fused
-        # AdamW has no master weights, so its row is bf16 everything (14 B / param).
-        params = _model(shapes, torch.bfloat16)
-        add(f"AdamW bf16+fp32 master {tag}", "fusedkernels", _time_step(FusedAdamW(params, lr=lr(), master_weights=True)),
-            28 * n)
-        del params
-        _free()
-        params = _model(shapes, torch.bfloat16)
-        add(f"AdamW bf16 (bf16 states) {tag}", "torch-fused",
-            _time_step(torch.optim.AdamW(params, lr=lr(), fused=True, capturable=True)), 14 * n)
-        del params
-        _free()
-        if label == "7B":
-            continue
-
-        # SGD with momentum, fp32: 20 B / param
-        for impl, make in (
-            ("fusedkernels", lambda ps: FusedSGD(ps, lr=lr(), momentum=0.9)),
-            ("torch-fused", lambda ps: torch.optim.SGD(ps, lr=lr(), momentum=0.9, fused=True)),
-            ("torch-foreach", lambda ps: torch.optim.SGD(ps, lr=lr(), momentum=0.9, foreach=True)),
-        ):
-            params = _model(shapes, torch.float32)
-            add(f"SGD momentum fp32 {tag}", impl, _time_step(make(params)), 20 * n)
-            del params
-            _free()
-
-        # clip_grad_norm_: the total norm (one read of the grads) and norm + scale (read, read, write)
-        for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
-            params = _model(shapes, dtype)
-            name = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
-            # max_norm 1e9: the coefficient is 1, so replays leave the grads as they are
-            ours = time_graph(lambda i: clip_grad_norm_(params, 1e9), 1, replays=20)
-            theirs = time_graph(lambda i: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True), 1, replays=20)
-            add(f"clip_grad_norm {name} {tag}", "fusedkernels", ours, 3 * size * n)
-            add(f"clip_grad_norm {name} {tag}", "torch-foreach", theirs, 3 * size * n)
-            del params
+        try:
+            _model_rows(label, shapes_fn(), add)
+        except torch.cuda.OutOfMemoryError as e:  # a smaller card: keep what was measured
+            print(f"  {label}: skipped, out of memory ({e})")
             _free()
     return rows
+
+
+def _model_rows(label, shapes, add):
+    """Rows for one parameter list: AdamW (fp32; bf16 + masters), SGD, clip_grad_norm_."""
+    n = sum(torch.Size(s).numel() for s in shapes)
+    tag = f"{label} ({len(shapes)} tensors)"
+    lr = lambda: torch.tensor(1e-4, device="cuda")  # noqa: E731  (capturable lr)
+
+    # AdamW, fp32 params, grads and states: 28 B / param
+    for impl, make in (
+        ("fusedkernels", lambda ps: FusedAdamW(ps, lr=lr())),
+        ("torch-fused", lambda ps: torch.optim.AdamW(ps, lr=lr(), fused=True, capturable=True)),
+        ("torch-foreach", lambda ps: torch.optim.AdamW(ps, lr=lr(), foreach=True, capturable=True)),
+    ):
+        if label == "7B" and impl == "torch-foreach":
+            continue  # foreach's temporaries do not fit beside a 7B fp32 model's 108 GB
+        params = _model(shapes, torch.float32)
+        add(f"AdamW fp32 {tag}", impl, _time_step(make(params)), 28 * n)
+        del params
+        _free()
+
+    # AdamW on bf16 params: ours with fp32 master weights and states (28 B / param); torch's fused
+    # AdamW has no master weights, so its row is bf16 everything (14 B / param).
+    params = _model(shapes, torch.bfloat16)
+    add(f"AdamW bf16+fp32 master {tag}", "fusedkernels", _time_step(FusedAdamW(params, lr=lr(), master_weights=True)),
+        28 * n)
+    del params
+    _free()
+    params = _model(shapes, torch.bfloat16)
+    add(f"AdamW bf16 (bf16 states) {tag}", "torch-fused",
+        _time_step(torch.optim.AdamW(params, lr=lr(), fused=True, capturable=True)), 14 * n)
+    del params
+    _free()
+    if label == "7B":
+        return
+
+    # SGD with momentum, fp32: 20 B / param
+    for impl, make in (
+        ("fusedkernels", lambda ps: FusedSGD(ps, lr=lr(), momentum=0.9)),
+        ("torch-fused", lambda ps: torch.optim.SGD(ps, lr=lr(), momentum=0.9, fused=True)),
+        ("torch-foreach", lambda ps: torch.optim.SGD(ps, lr=lr(), momentum=0.9, foreach=True)),
+    ):
+        params = _model(shapes, torch.float32)
+        add(f"SGD momentum fp32 {tag}", impl, _time_step(make(params)), 20 * n)
+        del params
+        _free()
+
+    # clip_grad_norm_: the total norm (one read of the grads) and norm + scale (read, read, write)
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        params = _model(shapes, dtype)
+        name = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
+        # max_norm 1e9: the coefficient is 1, so replays leave the grads as they are
+        ours = time_graph(lambda i: clip_grad_norm_(params, 1e9), 1, replays=20)
+        theirs = time_graph(lambda i: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True), 1, replays=20)
+        add(f"clip_grad_norm {name} {tag}", "fusedkernels", ours, 3 * size * n)
+        add(f"clip_grad_norm {name} {tag}", "torch-foreach", theirs, 3 * size * n)
+        del params
+        _free()
