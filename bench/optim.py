@@ -102,11 +102,11 @@ def _model_rows(label, shapes, add):
     if label == "7B":
         return
 
-    # SGD with momentum, fp32: 20 B / param
+    # SGD with momentum, fp32: 20 B / param (a float lr: torch's foreach SGD reads a tensor lr on the host)
     for impl, make in (
-        ("fusedkernels", lambda ps: FusedSGD(ps, lr=lr(), momentum=0.9)),
-        ("torch-fused", lambda ps: torch.optim.SGD(ps, lr=lr(), momentum=0.9, fused=True)),
-        ("torch-foreach", lambda ps: torch.optim.SGD(ps, lr=lr(), momentum=0.9, foreach=True)),
+        ("fusedkernels", lambda ps: FusedSGD(ps, lr=1e-4, momentum=0.9)),
+        ("torch-fused", lambda ps: torch.optim.SGD(ps, lr=1e-4, momentum=0.9, fused=True)),
+        ("torch-foreach", lambda ps: torch.optim.SGD(ps, lr=1e-4, momentum=0.9, foreach=True)),
     ):
         params = _model(shapes, torch.float32)
         add(f"SGD momentum fp32 {tag}", impl, _time_step(make(params)), 20 * n)
