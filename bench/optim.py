@@ -3,7 +3,7 @@ optimizers, and clip_grad_norm_ against torch's foreach version.
 
 Steps are captured in CUDA graphs (torch's optimizers with capturable=True), so the times are the GPU's.
 GB/s counts each update's minimum traffic per parameter: AdamW reads param, grad, exp_avg, exp_avg_sq and
-writes param, exp_avg, exp_avg_sq (fp32: 28 B; bf16 param + fp32 master and states: 28 B; all bf16: 14 B);
+writes param, exp_avg, exp_avg_sq (fp32: 28 B);
 SGD with momentum reads param, grad, buffer and writes param, buffer (fp32: 20 B); the grad norm reads
 every grad once.
 """
@@ -69,7 +69,7 @@ def run() -> list[Row]:
 
 
 def _model_rows(label, shapes, add):
-    """Rows for one parameter list: AdamW (fp32; bf16 + masters), SGD, clip_grad_norm_."""
+    """Rows for one parameter list: AdamW and SGD (fp32: the native steps take fp32 params), clip_grad_norm_."""
     n = sum(torch.Size(s).numel() for s in shapes)
     tag = f"{label} ({len(shapes)} tensors)"
     lr = lambda: torch.tensor(1e-4, device="cuda")  # noqa: E731  (capturable lr)
@@ -87,18 +87,6 @@ def _model_rows(label, shapes, add):
         del params
         _free()
 
-    # AdamW on bf16 params: ours with fp32 master weights and states (28 B / param); torch's fused
-    # AdamW has no master weights, so its row is bf16 everything (14 B / param).
-    params = _model(shapes, torch.bfloat16)
-    add(f"AdamW bf16+fp32 master {tag}", "fusedkernels", _time_step(FusedAdamW(params, lr=lr(), master_weights=True)),
-        28 * n)
-    del params
-    _free()
-    params = _model(shapes, torch.bfloat16)
-    add(f"AdamW bf16 (bf16 states) {tag}", "torch-fused",
-        _time_step(torch.optim.AdamW(params, lr=lr(), fused=True, capturable=True)), 14 * n)
-    del params
-    _free()
     if label == "7B":
         return
 

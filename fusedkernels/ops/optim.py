@@ -124,8 +124,16 @@ if _native.loaded:
         return None
 
 
-def _route(op: str, device: torch.device):
+# The native steps take fp32 params only for now: their 16-bit instances (bf16 / fp16 params, with or
+# without fp32 masters) gave wrong results on the H200 and stay off until they pass there.
+NATIVE_PARAM_DTYPES = (torch.float32,)
+
+
+def _route(op: str, device: torch.device, param_dtype: Optional[torch.dtype] = None):
     """The custom op when it can run here, else the reference (with one warning for CUDA tensors)."""
+    if device.type == "cuda" and param_dtype is not None and param_dtype not in NATIVE_PARAM_DTYPES:
+        _native.warn_fallback(op, f"{param_dtype} params have no native kernel yet")
+        return None
     if not _native.loaded:
         if device.type == "cuda":
             _native.warn_fallback(op, f"the native module is not loaded ({_native.error})")
@@ -146,7 +154,7 @@ def adam_step_(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, max
     params / grads: one dtype (fp32, fp16 or bf16); states fp32 or bf16; masters: fp32 copies of 16-bit
     params (read and written) or empty; steps: per-param float32 step counts, already incremented.
     """
-    op = _route("adam_step_", params[0].device) if params else None
+    op = _route("adam_step_", params[0].device, params[0].dtype) if params else None
     args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(masters),
             list(steps), lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
             grad_scale, found_inf, clip_coef)
@@ -160,7 +168,7 @@ def sgd_step_(params: List, grads: List, momentum_buffers: List, masters: List, 
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
               clip_coef: Optional[Tensor] = None) -> None:
     """One SGD step (torch.optim.SGD's formulas) over every tensor of the lists, in place."""
-    op = _route("sgd_step_", params[0].device) if params else None
+    op = _route("sgd_step_", params[0].device, params[0].dtype) if params else None
     args = (list(params), list(grads), list(momentum_buffers), list(masters), lr, lr_tensor, momentum, dampening,
             weight_decay, nesterov, maximize, first_step, grad_scale, found_inf, clip_coef)
     if params:
@@ -184,12 +192,12 @@ def scale_grads_(grads: List, coef: Tensor) -> None:
 SUPPORT = {
     "adam_step_": {
         "kernel": "adam_step_",
-        "dtypes": "params fp32 / fp16 / bf16 (+ fp32 masters), states fp32 or bf16",
+        "dtypes": "fp32 params, fp32 or bf16 states (16-bit params: reference for now)",
         "sizes": "any number of tensors (384 a launch), any size (64-bit offsets)",
     },
     "sgd_step_": {
         "kernel": "sgd_step_",
-        "dtypes": "params fp32 / fp16 / bf16 (+ fp32 masters and buffers)",
+        "dtypes": "fp32 params (16-bit params: reference for now)",
         "sizes": "any number of tensors (384 a launch), any size (64-bit offsets)",
     },
     "grad_norm": {"kernel": "grad_norm", "dtypes": "fp32 / fp16 / bf16 grads", "sizes": "2-norm and inf-norm"},
