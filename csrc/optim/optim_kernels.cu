@@ -32,8 +32,9 @@ void launch(const TensorTable& t, const Params& p, cudaStream_t stream) {
   Kernel<<<grid_for<Kernel>(t), kThreads, 0, stream>>>(t, p);
 }
 
-// P: param storage, S: state storage, kMaster: fp32 master copies in kMaster (P is then 16-bit).
-template <typename P, typename S, bool kMaster>
+// P: param storage, S: state storage, kHasMaster: fp32 master copies in the kMaster slot (P is then
+// 16-bit). (The flag must not be called kMaster: it would hide the slot and index ptr[true].)
+template <typename P, typename S, bool kHasMaster>
 __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ TensorTable t, const AdamParams p) {
   if (step_skipped(p.s)) return;
   const GradFactor gf = grad_factor(p.s);
@@ -45,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
     for_each_group(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
       float g[kElems], w[kElems], m[kElems], v[kElems], vmax[kElems];
       load_group<P>(t.ptr[kGrad][tensor], i, count, vec, g);
-      if constexpr (kMaster) {
+      if constexpr (kHasMaster) {
         load_group<float>(t.ptr[kMaster][tensor], i, count, vec, w);
       } else {
         load_group<P>(t.ptr[kParam][tensor], i, count, vec, w);
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
         w[k] -= step_size * m[k] / (sqrtf(second) / bc2_sqrt + p.eps);
       }
       store_group<P>(t.ptr[kParam][tensor], i, count, vec, w);
-      if constexpr (kMaster) store_group<float>(t.ptr[kMaster][tensor], i, count, vec, w);
+      if constexpr (kHasMaster) store_group<float>(t.ptr[kMaster][tensor], i, count, vec, w);
       store_group<S>(t.ptr[kState0][tensor], i, count, vec, m);
       store_group<S>(t.ptr[kState1][tensor], i, count, vec, v);
       if (p.amsgrad) store_group<S>(t.ptr[kState2][tensor], i, count, vec, vmax);
@@ -88,9 +89,9 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
 }
 
 // With master weights the momentum buffer is fp32 too; otherwise it has the param's dtype, as in torch.
-template <typename P, bool kMaster>
+template <typename P, bool kHasMaster>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ TensorTable t, const SgdParams p) {
-  using B = std::conditional_t<kMaster, float, P>;
+  using B = std::conditional_t<kHasMaster, float, P>;
   if (step_skipped(p.s)) return;
   const GradFactor gf = grad_factor(p.s);
   const float lr = p.s.lr_ptr ? *p.s.lr_ptr : p.s.lr;
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ T
     for_each_group(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
       float g[kElems], w[kElems], buf[kElems];
       load_group<P>(t.ptr[kGrad][tensor], i, count, vec, g);
-      if constexpr (kMaster) {
+      if constexpr (kHasMaster) {
         load_group<float>(t.ptr[kMaster][tensor], i, count, vec, w);
       } else {
         load_group<P>(t.ptr[kParam][tensor], i, count, vec, w);
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ T
         w[k] -= lr * grad;
       }
       store_group<P>(t.ptr[kParam][tensor], i, count, vec, w);
-      if constexpr (kMaster) store_group<float>(t.ptr[kMaster][tensor], i, count, vec, w);
+      if constexpr (kHasMaster) store_group<float>(t.ptr[kMaster][tensor], i, count, vec, w);
       if (has_momentum) store_group<B>(t.ptr[kState0][tensor], i, count, vec, buf);
     });
   });

@@ -124,8 +124,8 @@ if _native.loaded:
         return None
 
 
-# The native steps take fp32 params only for now: their 16-bit instances (bf16 / fp16 params, with or
-# without fp32 masters) gave wrong results on the H200 and stay off until they pass there.
+# The native steps take fp32 params only for now: the 16-bit instances (bf16 / fp16 params, with or
+# without fp32 masters) stay off until they pass the GPU tests (docs/optim.md, Status).
 NATIVE_PARAM_DTYPES = (torch.float32,)
 
 
