@@ -83,4 +83,34 @@ __device__ __forceinline__ GradFactor grad_factor(const StepScalars& s) {
 
 __device__ __forceinline__ bool step_skipped(const StepScalars& s) { return s.found_inf && *s.found_inf != 0.f; }
 
+// The weights a step updates: the fp32 masters when there are (kHasMaster), else the params. (A flag
+// named kMaster would hide the slot: t.ptr[kMaster] would then read ptr[true], the grads.)
+template <typename P, bool kHasMaster>
+__device__ __forceinline__ void load_weights(const TensorTable& t, int tensor, int64_t i, int count, bool vector,
+                                             float (&w)[kElems]) {
+  if constexpr (kHasMaster) {
+    load_group<float>(t.ptr[kMaster][tensor], i, count, vector, w);
+  } else {
+    load_group<P>(t.ptr[kParam][tensor], i, count, vector, w);
+  }
+}
+
+// Writes the updated weights to the params, and to the masters when there are.
+template <typename P, bool kHasMaster>
+__device__ __forceinline__ void store_weights(const TensorTable& t, int tensor, int64_t i, int count, bool vector,
+                                              const float (&w)[kElems]) {
+  store_group<P>(t.ptr[kParam][tensor], i, count, vector, w);
+  if constexpr (kHasMaster) store_group<float>(t.ptr[kMaster][tensor], i, count, vector, w);
+}
+
+// Stores grad * unscale back into the grads (torch's fused optimizers leave unscaled grads behind).
+template <typename P>
+__device__ __forceinline__ void write_back_unscaled(const TensorTable& t, int tensor, int64_t i, int count, bool vector,
+                                                    const float (&g)[kElems], float unscale) {
+  float unscaled[kElems];
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) unscaled[k] = g[k] * unscale;
+  store_group<P>(t.ptr[kGrad][tensor], i, count, vector, unscaled);
+}
+
 }  // namespace fusedkernels::optim

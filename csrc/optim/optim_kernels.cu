@@ -33,7 +33,7 @@ void launch(const TensorTable& t, const Params& p, cudaStream_t stream) {
 }
 
 // P: param storage, S: state storage, kHasMaster: fp32 master copies in the kMaster slot (P is then
-// 16-bit). (The flag must not be called kMaster: it would hide the slot and index ptr[true].)
+// 16-bit).
 template <typename P, typename S, bool kHasMaster>
 __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ TensorTable t, const AdamParams p) {
   if (step_skipped(p.s)) return;
@@ -46,20 +46,11 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
     for_each_group(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
       float g[kElems], w[kElems], m[kElems], v[kElems], vmax[kElems];
       load_group<P>(t.ptr[kGrad][tensor], i, count, vec, g);
-      if constexpr (kHasMaster) {
-        load_group<float>(t.ptr[kMaster][tensor], i, count, vec, w);
-      } else {
-        load_group<P>(t.ptr[kParam][tensor], i, count, vec, w);
-      }
+      load_weights<P, kHasMaster>(t, tensor, i, count, vec, w);
       load_group<S>(t.ptr[kState0][tensor], i, count, vec, m);
       load_group<S>(t.ptr[kState1][tensor], i, count, vec, v);
       if (p.amsgrad) load_group<S>(t.ptr[kState2][tensor], i, count, vec, vmax);
-      if (p.s.write_back_grad) {
-        float unscaled[kElems];
-#pragma unroll
-        for (int k = 0; k < kElems; ++k) unscaled[k] = g[k] * gf.unscale;
-        store_group<P>(t.ptr[kGrad][tensor], i, count, vec, unscaled);
-      }
+      if (p.s.write_back_grad) write_back_unscaled<P>(t, tensor, i, count, vec, g, gf.unscale);
 #pragma unroll
       for (int k = 0; k < kElems; ++k) {
         float grad = g[k] * gf.total;
@@ -79,8 +70,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
         }
         w[k] -= step_size * m[k] / (sqrtf(second) / bc2_sqrt + p.eps);
       }
-      store_group<P>(t.ptr[kParam][tensor], i, count, vec, w);
-      if constexpr (kHasMaster) store_group<float>(t.ptr[kMaster][tensor], i, count, vec, w);
+      store_weights<P, kHasMaster>(t, tensor, i, count, vec, w);
       store_group<S>(t.ptr[kState0][tensor], i, count, vec, m);
       store_group<S>(t.ptr[kState1][tensor], i, count, vec, v);
       if (p.amsgrad) store_group<S>(t.ptr[kState2][tensor], i, count, vec, vmax);
@@ -100,18 +90,9 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ T
     for_each_group(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
       float g[kElems], w[kElems], buf[kElems];
       load_group<P>(t.ptr[kGrad][tensor], i, count, vec, g);
-      if constexpr (kHasMaster) {
-        load_group<float>(t.ptr[kMaster][tensor], i, count, vec, w);
-      } else {
-        load_group<P>(t.ptr[kParam][tensor], i, count, vec, w);
-      }
+      load_weights<P, kHasMaster>(t, tensor, i, count, vec, w);
       if (has_momentum && !p.first_step) load_group<B>(t.ptr[kState0][tensor], i, count, vec, buf);
-      if (p.s.write_back_grad) {
-        float unscaled[kElems];
-#pragma unroll
-        for (int k = 0; k < kElems; ++k) unscaled[k] = g[k] * gf.unscale;
-        store_group<P>(t.ptr[kGrad][tensor], i, count, vec, unscaled);
-      }
+      if (p.s.write_back_grad) write_back_unscaled<P>(t, tensor, i, count, vec, g, gf.unscale);
 #pragma unroll
       for (int k = 0; k < kElems; ++k) {
         float grad = g[k] * gf.total;
@@ -122,8 +103,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ T
         }
         w[k] -= lr * grad;
       }
-      store_group<P>(t.ptr[kParam][tensor], i, count, vec, w);
-      if constexpr (kHasMaster) store_group<float>(t.ptr[kMaster][tensor], i, count, vec, w);
+      store_weights<P, kHasMaster>(t, tensor, i, count, vec, w);
       if (has_momentum) store_group<B>(t.ptr[kState0][tensor], i, count, vec, buf);
     });
   });

@@ -26,6 +26,14 @@ def _grad_factors(grad_scale, clip_coef, maximize):
     return unscale, unscale * _scalar(clip_coef, 1.0) * (-1.0 if maximize else 1.0)
 
 
+def _read_grad(grad: Tensor, grad_scale: Optional[Tensor], unscale: float, factor: float) -> Tensor:
+    """The grad as the step uses it (fp32, a new tensor); the unscaled grad is stored back under AMP."""
+    g = grad.float() * factor
+    if grad_scale is not None:
+        grad.copy_(grad.float() * unscale)
+    return g
+
+
 def adam_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, max_exp_avg_sqs: List,
                   masters: List, steps: List, lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float,
                   eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
@@ -35,9 +43,7 @@ def adam_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
     lr = _scalar(lr_tensor, lr)
     unscale, factor = _grad_factors(grad_scale, clip_coef, maximize)
     for i, p in enumerate(params):
-        g = grads[i].float() * factor  # a new tensor: the write-back below must not change it
-        if grad_scale is not None:
-            grads[i].copy_(grads[i].float() * unscale)
+        g = _read_grad(grads[i], grad_scale, unscale, factor)
         w = masters[i].clone() if masters else p.float()
         m, v = exp_avgs[i].float(), exp_avg_sqs[i].float()
         if weight_decay != 0:
@@ -70,9 +76,7 @@ def sgd_step_ref(params: List, grads: List, momentum_buffers: List, masters: Lis
     lr = _scalar(lr_tensor, lr)
     unscale, factor = _grad_factors(grad_scale, clip_coef, maximize)
     for i, p in enumerate(params):
-        g = grads[i].float() * factor  # a new tensor: the write-back below must not change it
-        if grad_scale is not None:
-            grads[i].copy_(grads[i].float() * unscale)
+        g = _read_grad(grads[i], grad_scale, unscale, factor)
         w = masters[i].clone() if masters else p.float()
         if weight_decay != 0:
             g = g + weight_decay * w
