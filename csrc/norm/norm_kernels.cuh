@@ -60,8 +60,8 @@ int resident_blocks(int threads, int smem) {
   return cached;
 }
 
-// Double-buffered staging of the row groups a backward block works on: while a block computes one group of rows
-// from shared memory, cp.async copies the next group's kTensors inputs in. Layout
+// Double-buffered staging of the row groups a backward block works on: while the block computes one
+// group from shared memory, cp.async copies the next group's kTensors inputs in. Layout
 // [stage][i][tensor][thread] of 16-byte vectors: each thread reads back only what it copied itself, so
 // the wait needs no barrier, and a warp's 16-byte accesses are contiguous.
 template <typename T, int kTpr, int kIters, int kTensors>
