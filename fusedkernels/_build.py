@@ -89,8 +89,8 @@ def gencode_flags(arch_list: list[str]) -> list[str]:
 
 
 def cxx_flags() -> list[str]:
-    # No -std here: torch adds the standard its headers were built for (C++17 up to 2.13, C++20 after);
-    # compiling its headers under another standard breaks its ABI (crashes when an error is raised).
+    # No -std here: torch adds the standard its own headers ask for (C++20 in 2.14), so the bindings
+    # follow whichever torch they are built against.
     return ["-O3"]
 
 
