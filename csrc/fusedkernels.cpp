@@ -26,6 +26,14 @@ TORCH_LIBRARY(fusedkernels, m) {
       "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor(d!)[] masters,"
       " float lr, Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov,"
       " bool maximize, bool first_step, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+  // LAMB (apex FusedLAMB's formulas); grad_norm: total 2-norm of the raw grads, which are then clipped
+  // to max_grad_norm inside the step, or None (no clipping).
+  m.def(
+      "lamb_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs,"
+      " Tensor(e!)[] masters, Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps,"
+      " float weight_decay, bool decoupled, bool bias_correction, bool grad_averaging, bool always_adapt,"
+      " Tensor? grad_norm, float max_grad_norm, bool maximize, Tensor? grad_scale, Tensor? found_inf,"
+      " Tensor? clip_coef) -> ()");
   // Total 2- or inf-norm of the grads (deterministic), and min(max_norm / (total + 1e-6), 1).
   m.def("grad_norm(Tensor[] grads, float norm_type, float max_norm) -> (Tensor total, Tensor clip_coef)");
   m.def("scale_grads_(Tensor(a!)[] grads, Tensor coef) -> ()");

@@ -1,7 +1,13 @@
 """Runs every native kernel path once on small shapes, for compute-sanitizer (memcheck, racecheck).
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_kernels.py
+    compute-sanitizer --tool racecheck --error-exitcode 1 python scripts/sanitize_kernels.py --fp32-optim
+
+--fp32-optim: the optimizers with fp32 params only (their shared-memory code does not depend on the
+dtype; racecheck is slow).
 """
+
+import sys
 
 import torch
 
@@ -25,24 +31,25 @@ torch.cuda.synchronize()
 print("sanitize_kernels: ran all norm paths")
 
 # optim: odd sizes, one past a chunk, master weights, bf16 states, amsgrad, AMP, clipping, > 384 tensors.
-from fusedkernels.optim import FusedAdamW, FusedSGD, clip_grad_norm_  # noqa: E402
+from fusedkernels.optim import FusedAdamW, FusedLAMB, FusedSGD, clip_grad_norm_  # noqa: E402
 
 shapes = [(1,), (7,), (16385,), (33, 65)] + [(i % 5 + 1,) for i in range(400)]
-for dtype in (torch.float32,):  # the native steps take fp32 params (fusedkernels/ops/optim.py)
+dtypes = (torch.float32,) if "--fp32-optim" in sys.argv else (torch.float32, torch.bfloat16, torch.float16)
+for dtype in dtypes:
     for make in (
         lambda ps: FusedAdamW(ps, lr=1e-3, amsgrad=True, master_weights=True),
         lambda ps: FusedAdamW(ps, lr=1e-3, state_dtype=torch.bfloat16),
         lambda ps: FusedSGD(ps, lr=1e-2, momentum=0.9, nesterov=True, master_weights=True),
+        lambda ps: FusedLAMB(ps, lr=1e-3, master_weights=True),
     ):
         params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p)
         opt = make(params)
-        for norm_type in (2.0, float("inf")):
-            clip_grad_norm_(params, 1.0, norm_type)
-            clip_grad_norm_(params, 1.0, norm_type, defer_to=opt)
-            opt.grad_scale = torch.tensor(2.0, device="cuda")
-            opt.found_inf = torch.tensor(0.0, device="cuda")
-            opt.step()
+        clip_grad_norm_(params, 1.0, float("inf"))
+        clip_grad_norm_(params, 1.0, 2.0, defer_to=opt)
+        opt.grad_scale = torch.tensor(2.0, device="cuda")
+        opt.found_inf = torch.tensor(0.0, device="cuda")
+        opt.step()
 torch.cuda.synchronize()
 print("sanitize_kernels: ran all optim paths")

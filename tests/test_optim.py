@@ -1,14 +1,15 @@
-"""fusedkernels.optim: trajectories against torch.optim, mixed precision, AMP, CUDA graphs, state dicts,
-clip_grad_norm_."""
+"""fusedkernels.optim: trajectories against torch.optim (LAMB: against an fp64 implementation of apex's
+formulas), mixed precision, AMP, CUDA graphs, state dicts, clip_grad_norm_."""
 
 import copy
+import math
 
 import pytest
 import torch
 
 from fusedkernels import _native
 from fusedkernels import ops as fops
-from fusedkernels.optim import FusedAdam, FusedAdamW, FusedSGD, clip_grad_norm_
+from fusedkernels.optim import FusedAdam, FusedAdamW, FusedLAMB, FusedSGD, clip_grad_norm_
 
 from .helpers import DEVICES, max_err
 
@@ -76,41 +77,110 @@ def test_sgd_trajectory_matches_torch_fp64(device, kwargs):
         assert max_err(g, w) <= 2e-6 * max(1.0, w.abs().max().item())
 
 
-@pytest.mark.cuda
-@needs_native
-def test_native_step_rejects_16_bit_params_until_enabled(monkeypatch):
-    monkeypatch.setattr(_native, "_warned", set())  # the fallback warns once per process
-    p, g = torch.randn(8, device="cuda", dtype=torch.bfloat16), torch.randn(8, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="takes float32 params"):
-        torch.ops.fusedkernels.sgd_step_([p], [g], [], [], 0.1, None, 0.0, 0.0, 0.0, False, False, False, None, None,
-                                         None)
-    q = torch.nn.Parameter(p.clone())
-    q.grad = g.clone()
-    with pytest.warns(RuntimeWarning, match="no native kernel yet"):
-        FusedSGD([q], lr=0.1).step()
-    assert torch.equal(q.data, (p.float() - 0.1 * g.float()).to(torch.bfloat16))
+def lamb_fp64(params, grads_per_step, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
+              adam_w_mode=True, grad_averaging=True, max_grad_norm=1.0, use_nvlamb=False, maximize=False):
+    """apex FusedLAMB's step written out in fp64 (torch has no LAMB); returns the final params."""
+    b1, b2 = betas
+    w = [p.double() for p in params]
+    m, v = [torch.zeros_like(x) for x in w], [torch.zeros_like(x) for x in w]
+    for step, grads in enumerate(grads_per_step, 1):
+        g = [-x.double() if maximize else x.double() for x in grads]
+        norm = math.sqrt(sum(x.square().sum().item() for x in g))
+        if max_grad_norm and norm > max_grad_norm:
+            g = [x / (norm / max_grad_norm) for x in g]
+        for i in range(len(w)):
+            gi = g[i] if adam_w_mode else g[i] + weight_decay * w[i]
+            m[i] = b1 * m[i] + (1 - b1 if grad_averaging else 1) * gi
+            v[i] = b2 * v[i] + (1 - b2) * gi * gi
+            bc1, bc2 = (1 - b1**step, 1 - b2**step) if bias_correction else (1, 1)
+            u = (m[i] / bc1) / ((v[i] / bc2).sqrt() + eps)
+            if adam_w_mode:
+                u = u + weight_decay * w[i]
+            w_norm, u_norm = w[i].norm().item(), u.norm().item()
+            adapt = (weight_decay != 0 or use_nvlamb) and w_norm > 0 and u_norm > 0
+            w[i] = w[i] - lr * (w_norm / u_norm if adapt else 1.0) * u
+    return w
+
+
+LAMB_CASES = [
+    dict(lr=1e-2),  # weight decay 0.01, the global clip to 1.0 active (the grads' norm is ~170)
+    dict(lr=1e-2, adam_w_mode=False, weight_decay=0.1, max_grad_norm=None),
+    dict(lr=1e-2, bias_correction=False, grad_averaging=False, max_grad_norm=1e6, eps=1e-8),
+    dict(lr=1e-2, weight_decay=0.0),  # no trust ratio
+    dict(lr=1e-2, weight_decay=0.0, use_nvlamb=True, maximize=True, betas=(0.8, 0.95)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kwargs", LAMB_CASES)
+def test_lamb_trajectory_matches_fp64(device, kwargs):
+    params = _params(device) + [torch.zeros(9, device=device)]  # a zero param: its trust ratio is 1
+    grads = _grads(params)
+    got, _ = _run(FusedLAMB, params, grads, **kwargs)
+    want = lamb_fp64(params, grads, **kwargs)
+    for g, w in zip(got, want):
+        assert max_err(g, w) <= 2e-6 * max(1.0, w.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lamb_is_deterministic(device):
+    params = [torch.randn(100003, device=device), torch.randn(7, device=device)]  # 7 chunks, then one
+    grads = _grads(params, steps=2)
+    a, _ = _run(FusedLAMB, params, grads, lr=1e-2)
+    b, _ = _run(FusedLAMB, params, grads, lr=1e-2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("opt", ["adamw", "sgd"])
-@pytest.mark.filterwarnings("ignore:.*no native kernel yet")
+@pytest.mark.parametrize("opt", ["adamw", "sgd", "lamb"])
 def test_master_weights_track_the_fp64_trajectory(device, dtype, opt):
     params = _params(device)
     grads = _grads(params)
-    cls, ref_cls, kwargs = (
-        (FusedAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)) if opt == "adamw"
-        else (FusedSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9)))
     low = [p.to(dtype) for p in params]
-    got, opt_ = _run(cls, low, grads, master_weights=True, **kwargs)
+    low_grads = [[g.to(dtype).double() for g in gs] for gs in grads]
     # The reference starts from the same (rounded) values and sees the same (rounded) grads.
-    want, _ = _run(ref_cls, [p.double() for p in low], [[g.to(dtype).double() for g in gs] for gs in grads],
-                   foreach=False, **kwargs)
+    if opt == "lamb":
+        cls, kwargs = FusedLAMB, dict(lr=1e-2)
+        want = lamb_fp64(low, low_grads, **kwargs)
+    else:
+        cls, ref_cls, kwargs = (
+            (FusedAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)) if opt == "adamw"
+            else (FusedSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9)))
+        want, _ = _run(ref_cls, [p.double() for p in low], low_grads, foreach=False, **kwargs)
+    got, opt_ = _run(cls, low, grads, master_weights=True, **kwargs)
     for g, w in zip(got, want):
         master = opt_.state[g]["master_param"]
         assert master.dtype == torch.float32
         assert max_err(master, w) <= 2e-6 * max(1.0, w.abs().max().item())
         assert torch.equal(g.data, master.to(dtype))
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("master", [False, True], ids=["no-master", "master"])
+@pytest.mark.parametrize("cls,kwargs", [
+    (FusedAdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    (FusedAdamW, dict(lr=1e-2, state_dtype=torch.bfloat16)),
+    (FusedSGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    (FusedLAMB, dict(lr=1e-2)),
+], ids=["adamw-amsgrad", "adamw-bf16-states", "sgd", "lamb"])
+def test_16_bit_native_step_matches_the_reference(monkeypatch, dtype, master, cls, kwargs):
+    """The kernels against the Python reference (same formulas, fp32 arithmetic) on the same inputs."""
+    params = _params("cuda", dtype)
+    grads = _grads(params, steps=3)
+    got, opt = _run(cls, params, grads, master_weights=master, **kwargs)
+    monkeypatch.setattr(fops.optim, "_route", lambda *args: None)  # every op runs its reference
+    want, ref_opt = _run(cls, params, grads, master_weights=master, **kwargs)
+    for g, w in zip(got, want):  # fp32 results may differ in the last bit (fused multiply-adds): one
+        assert max_err(g, w) <= 2.0**-7 * w.float().abs().max().item()  # rounding of the 16-bit param at most
+        sg, sw = opt.state[g], ref_opt.state[w]
+        assert sg.keys() == sw.keys()
+        for key in sg:
+            tol = 2.0**-7 if sg[key].dtype != torch.float32 else 1e-5
+            assert sg[key].dtype == sw[key].dtype, key
+            assert max_err(sg[key], sw[key]) <= tol * max(1e-3, sw[key].float().abs().max().item()), key
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -126,7 +196,7 @@ def test_bf16_states_match_the_reference_rounding(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cls", [FusedAdamW, FusedSGD])
+@pytest.mark.parametrize("cls", [FusedAdamW, FusedSGD, FusedLAMB])
 def test_found_inf_skips_the_step_and_grad_scale_unscales(device, cls):
     kwargs = dict(lr=1e-2, momentum=0.9) if cls is FusedSGD else dict(lr=1e-2)
     params = _params(device)
@@ -180,7 +250,8 @@ def test_grad_scaler_end_to_end_matches_torch():
 
 @pytest.mark.cuda
 @needs_native
-@pytest.mark.parametrize("cls,kwargs", [(FusedAdamW, dict(lr=1e-2, amsgrad=True)), (FusedSGD, dict(lr=0.05, momentum=0.9))])
+@pytest.mark.parametrize("cls,kwargs", [(FusedAdamW, dict(lr=1e-2, amsgrad=True)), (FusedSGD, dict(lr=0.05, momentum=0.9)),
+                                        (FusedLAMB, dict(lr=1e-2))])
 def test_capturable_step_in_a_cuda_graph_matches_eager(cls, kwargs):
     kwargs = dict(kwargs, lr=torch.tensor(kwargs["lr"], device="cuda"))  # lr on the device: capturable
     params = _params("cuda")
@@ -233,7 +304,6 @@ def test_state_dict_round_trips_with_torch_mid_training(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.filterwarnings("ignore:.*no native kernel yet")
 def test_state_dict_keeps_master_weights_and_sgd_buffers(device):
     params = _params(device, torch.bfloat16)
     grads = _grads(params, steps=4)
@@ -278,14 +348,15 @@ def test_clip_grad_norm_matches_torch(device, norm_type, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_deferred_clip_equals_clip_then_step(device):
+@pytest.mark.parametrize("cls", [FusedAdamW, FusedLAMB])
+def test_deferred_clip_equals_clip_then_step(device, cls):
     params = _params(device)
     grads = [torch.randn_like(p) * 5 for p in params]
     a = [torch.nn.Parameter(p.clone()) for p in params]
     b = [torch.nn.Parameter(p.clone()) for p in params]
     for x, y, g in zip(a, b, grads):
         x.grad, y.grad = g.clone(), g.clone()
-    opt_a, opt_b = FusedAdamW(a, lr=1e-2), FusedAdamW(b, lr=1e-2)
+    opt_a, opt_b = cls(a, lr=1e-2), cls(b, lr=1e-2)
     na = clip_grad_norm_(a, 0.5)
     opt_a.step()
     nb = clip_grad_norm_(b, 0.5, defer_to=opt_b)
@@ -303,6 +374,9 @@ def test_many_tensors_take_several_launches(device):
     got, _ = _run(FusedAdamW, params, grads, lr=1e-2)
     want, _ = _run(torch.optim.AdamW, params, grads, lr=1e-2, foreach=False)
     assert max(max_err(g, w) for g, w in zip(got, want)) <= 1e-6
+    got, _ = _run(FusedLAMB, params, grads, lr=1e-2)
+    want = lamb_fp64(params, grads, lr=1e-2)
+    assert max(max_err(g, w) for g, w in zip(got, want)) <= 1e-6
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -319,6 +393,10 @@ def test_bad_inputs_raise_clear_errors():
         FusedAdam([q], state_dtype=torch.float16)
     with pytest.raises(ValueError, match="differentiable"):
         FusedAdam([q], differentiable=True)
+    with pytest.raises(ValueError, match="amsgrad"):
+        FusedLAMB([q], amsgrad=True)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        FusedLAMB([q], max_grad_norm=-1.0)
 
 
 @pytest.mark.cuda
@@ -345,6 +423,9 @@ def test_opcheck(device):
                            None, None, None))
     torch.library.opcheck(torch.ops.fusedkernels.sgd_step_,
                           (ps, gs, ms, [], 0.1, None, 0.9, 0.0, 0.0, False, False, False, None, None, None))
+    torch.library.opcheck(torch.ops.fusedkernels.lamb_step_,
+                          (ps, gs, ms, vs, [], steps, 1e-3, None, 0.9, 0.999, 1e-6, 0.01, True, True, True, False,
+                           torch.tensor(100.0, device=device), 1.0, False, None, None, None))
     torch.library.opcheck(torch.ops.fusedkernels.grad_norm, (gs, 2.0, 1.0))
     torch.library.opcheck(torch.ops.fusedkernels.scale_grads_, (gs, torch.tensor(0.5, device=device)))
 

@@ -113,4 +113,40 @@ __device__ __forceinline__ void write_back_unscaled(const TensorTable& t, int te
   store_group<P>(t.ptr[kGrad][tensor], i, count, vector, unscaled);
 }
 
+// ---- host side: launching over a table ----
+
+inline int sm_count() {
+  int dev = 0, n = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  return n;
+}
+
+// Persistent grid: as many blocks as are resident at once, never more than there are chunks.
+template <auto Kernel>
+int grid_for(const TensorTable& t) {
+  static int per_sm = 0;  // per kernel instance
+  if (per_sm == 0) {
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0);
+    per_sm = per_sm > 1 ? per_sm : 1;
+  }
+  const int grid = sm_count() * per_sm, chunks = t.chunk_start[t.num_tensors];
+  return chunks < grid ? (chunks > 1 ? chunks : 1) : grid;
+}
+
+template <auto Kernel, typename Params>
+void launch(const TensorTable& t, const Params& p, cudaStream_t stream) {
+  Kernel<<<grid_for<Kernel>(t), kThreads, 0, stream>>>(t, p);
+}
+
+// Calls fn.template operator()<T>() for a storage dtype.
+template <typename Fn>
+auto with_type(DType d, Fn&& fn) {
+  switch (d) {
+    case DType::kFloat32: return fn.template operator()<float>();
+    case DType::kFloat16: return fn.template operator()<__half>();
+    default: return fn.template operator()<__nv_bfloat16>();
+  }
+}
+
 }  // namespace fusedkernels::optim

@@ -21,15 +21,15 @@ constexpr int kSlots = 6;
 enum Slot : int {
   kParam = 0,   // updated in place (its own dtype)
   kGrad = 1,    // read (written back unscaled when grad_scale is given)
-  kState0 = 2,  // Adam: exp_avg;  SGD: momentum_buffer
-  kState1 = 3,  // Adam: exp_avg_sq
+  kState0 = 2,  // Adam, LAMB: exp_avg;  SGD: momentum_buffer
+  kState1 = 3,  // Adam, LAMB: exp_avg_sq
   kState2 = 4,  // Adam: max_exp_avg_sq (amsgrad)
   kMaster = 5,  // fp32 master copy of a 16-bit param (read and written), or unused
 };
 
 struct TensorTable {
   void* ptr[kSlots][kTableTensors];
-  const float* step[kTableTensors];         // Adam: the tensor's step count (already incremented)
+  const float* step[kTableTensors];         // Adam, LAMB: the tensor's step count (already incremented)
   int64_t numel[kTableTensors];
   int32_t chunk_start[kTableTensors + 1];   // prefix sums of chunks per tensor
   uint8_t aligned[kTableTensors];           // every pointer of the tensor is 16-byte aligned
@@ -66,6 +66,23 @@ struct SgdParams {
   bool master;
 };
 
+// LAMB (apex's FusedLAMB formulas): update u = m^ / (sqrt(v^) + eps) (+ wd * w when decoupled), then
+// w -= lr * trust * u with trust = |w| / |u| per tensor. Three kernels: moments + per-chunk partial norms,
+// per-tensor trust ratios (fixed order: deterministic), the update (u recomputed from the stored moments).
+struct LambParams {
+  StepScalars s;
+  float beta1, beta2, eps, weight_decay;
+  float grad_weight;       // m = beta1 m + grad_weight g: 1 - beta1 (grad averaging) or 1
+  bool decoupled;          // decay inside the update (AdamW-style), else added to the grad (L2)
+  bool bias_correction;
+  bool always_adapt;       // apply the trust ratio also when weight_decay is 0 (NVLAMB)
+  const float* grad_norm;  // total 2-norm of the raw grads: they are clipped to max_grad_norm; or nullptr
+  float max_grad_norm;
+  float* partials;         // lamb_partials(t) floats: sum w^2 and sum u^2 per chunk, then trust per tensor
+  DType param_dtype, state_dtype;
+  bool master;
+};
+
 // Grad norms: partial results per block of a fixed grid, summed in a fixed order (deterministic).
 struct NormParams {
   DType grad_dtype;
@@ -77,6 +94,9 @@ int norm_partials();  // floats of partials each launch writes (a fixed grid on 
 
 cudaError_t adam_step(const TensorTable& t, const AdamParams& p, cudaStream_t stream);
 cudaError_t sgd_step(const TensorTable& t, const SgdParams& p, cudaStream_t stream);
+// Floats of workspace LambParams::partials needs for a table.
+inline int64_t lamb_partials(const TensorTable& t) { return 2 * int64_t(t.chunk_start[t.num_tensors]) + t.num_tensors; }
+cudaError_t lamb_step(const TensorTable& t, const LambParams& p, cudaStream_t stream);
 cudaError_t grad_norm_partials(const TensorTable& t, const NormParams& p, cudaStream_t stream);
 // total = (sum or max of all partials)^(1/p); coef = min(max_norm / (total + 1e-6), 1) when coef != nullptr.
 cudaError_t grad_norm_finish(const float* partials, int count, bool inf_norm, float max_norm, float* total,

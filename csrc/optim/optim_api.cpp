@@ -1,4 +1,4 @@
-// CUDA implementations of fusedkernels::{adam_step_, sgd_step_, grad_norm, scale_grads_}: check the
+// CUDA implementations of fusedkernels::{adam_step_, sgd_step_, lamb_step_, grad_norm, scale_grads_}: check the
 // tensor lists, pack them into TensorTables (kTableTensors a launch) and launch on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -103,13 +103,27 @@ void check_params(const char* op, TensorList params, TensorList grads) {
   TORCH_CHECK_VALUE(!params.empty() && params[0].is_cuda(), op, ": params must be CUDA tensors");
   const auto dtype = params[0].scalar_type();
   check_float_dtype(params[0], op, "params");
-  // 16-bit params stay off until their kernels have passed the GPU tests: the master-weight instances
-  // read the grad slot as the master (a template flag named like the slot hid it; fixed, not yet run
-  // on a GPU). fusedkernels.ops runs the reference for them meanwhile.
-  TORCH_CHECK_VALUE(dtype == at::kFloat, op, ": the native step takes float32 params, got ", name_of(dtype),
-                    " (16-bit params are not enabled yet)");
   check_dtype(op, params, dtype, "param");
   check_dtype(op, grads, dtype, "grad");
+}
+
+// exp_avgs and exp_avg_sqs (and the lists given with them) share one dtype, fp32 or bf16; masters are
+// fp32 and only for 16-bit params; steps are fp32. Returns the state dtype.
+at::ScalarType check_adam_states(const char* op, TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
+                                 TensorList extra_states, TensorList masters, TensorList steps) {
+  TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && steps.size() == params.size(), op,
+                    ": exp_avgs, exp_avg_sqs and steps are required");
+  const auto state_dtype = exp_avgs[0].scalar_type();
+  TORCH_CHECK_VALUE(state_dtype == at::kFloat || state_dtype == at::kBFloat16, op,
+                    ": states must be float32 or bfloat16, got ", name_of(state_dtype));
+  check_dtype(op, exp_avgs, state_dtype, "exp_avg");
+  check_dtype(op, exp_avg_sqs, state_dtype, "exp_avg_sq");
+  check_dtype(op, extra_states, state_dtype, "max_exp_avg_sq");
+  check_dtype(op, masters, at::kFloat, "master");
+  check_dtype(op, steps, at::kFloat, "step");
+  TORCH_CHECK_VALUE(masters.empty() || params[0].scalar_type() != at::kFloat, op,
+                    ": master weights are for 16-bit params");
+  return state_dtype;
 }
 
 void adam_step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -122,16 +136,7 @@ void adam_step_(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   if (params.empty()) return;
   check_params(op, params, grads);
   const at::Tensor& first = params[0];
-  TORCH_CHECK_VALUE(!exp_avgs.empty() && !exp_avg_sqs.empty() && steps.size() == params.size(), op,
-                    ": exp_avgs, exp_avg_sqs and steps are required");
-  const auto state_dtype = exp_avgs[0].scalar_type();
-  TORCH_CHECK_VALUE(state_dtype == at::kFloat || state_dtype == at::kBFloat16, op,
-                    ": states must be float32 or bfloat16, got ", name_of(state_dtype));
-  check_dtype(op, exp_avgs, state_dtype, "exp_avg");
-  check_dtype(op, exp_avg_sqs, state_dtype, "exp_avg_sq");
-  check_dtype(op, max_exp_avg_sqs, state_dtype, "max_exp_avg_sq");
-  check_dtype(op, masters, at::kFloat, "master");
-  check_dtype(op, steps, at::kFloat, "step");
+  const auto state_dtype = check_adam_states(op, params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps);
   TORCH_CHECK_VALUE(!amsgrad || !max_exp_avg_sqs.empty(), op, ": amsgrad needs max_exp_avg_sqs");
   const c10::cuda::CUDAGuard guard(first.device());
 
@@ -146,7 +151,6 @@ void adam_step_(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   p.param_dtype = to_dtype(first.scalar_type());
   p.state_dtype = to_dtype(state_dtype);
   p.master = !masters.empty();
-  TORCH_CHECK_VALUE(!p.master || first.scalar_type() != at::kFloat, op, ": master weights are for 16-bit params");
   Lists lists{{{kParam, params}, {kGrad, grads}, {kState0, exp_avgs}, {kState1, exp_avg_sqs},
                {kState2, amsgrad ? max_exp_avg_sqs : TensorList()}, {kMaster, masters}},
               steps};
@@ -183,6 +187,48 @@ void sgd_step_(TensorList params, TensorList grads, TensorList momentum_buffers,
               {}};
   for (const TensorTable& t : build_tables(op, lists, first)) {
     C10_CUDA_CHECK(sgd_step(t, p, c10::cuda::getCurrentCUDAStream()));
+  }
+}
+
+void lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList masters,
+                TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                double eps, double weight_decay, bool decoupled, bool bias_correction, bool grad_averaging,
+                bool always_adapt, const std::optional<at::Tensor>& grad_norm, double max_grad_norm, bool maximize,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& clip_coef) {
+  const char* op = "lamb_step_";
+  if (params.empty()) return;
+  check_params(op, params, grads);
+  const at::Tensor& first = params[0];
+  const auto state_dtype = check_adam_states(op, params, exp_avgs, exp_avg_sqs, {}, masters, steps);
+  const c10::cuda::CUDAGuard guard(first.device());
+
+  LambParams p{};
+  p.s = step_scalars(op, lr, lr_tensor, maximize, grad_scale, found_inf, clip_coef, first);
+  p.beta1 = static_cast<float>(beta1);
+  p.beta2 = static_cast<float>(beta2);
+  p.eps = static_cast<float>(eps);
+  p.weight_decay = static_cast<float>(weight_decay);
+  p.grad_weight = grad_averaging ? 1.f - p.beta1 : 1.f;
+  p.decoupled = decoupled;
+  p.bias_correction = bias_correction;
+  p.always_adapt = always_adapt;
+  p.grad_norm = scalar_ptr(op, grad_norm, first, "grad_norm");
+  p.max_grad_norm = static_cast<float>(max_grad_norm);
+  p.param_dtype = to_dtype(first.scalar_type());
+  p.state_dtype = to_dtype(state_dtype);
+  p.master = !masters.empty();
+  Lists lists{{{kParam, params}, {kGrad, grads}, {kState0, exp_avgs}, {kState1, exp_avg_sqs}, {kMaster, masters}},
+              steps};
+  const auto tables = build_tables(op, lists, first);
+  int64_t workspace_size = 0;
+  for (const TensorTable& t : tables) workspace_size += lamb_partials(t);
+  const at::Tensor workspace = at::empty({std::max<int64_t>(workspace_size, 1)}, first.options().dtype(at::kFloat));
+  int64_t offset = 0;
+  for (const TensorTable& t : tables) {
+    p.partials = workspace.data_ptr<float>() + offset;
+    offset += lamb_partials(t);
+    C10_CUDA_CHECK(lamb_step(t, p, c10::cuda::getCurrentCUDAStream()));
   }
 }
 
@@ -232,6 +278,7 @@ void scale_grads_(TensorList grads, const at::Tensor& coef) {
 TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
   m.impl("adam_step_", &adam_step_);
   m.impl("sgd_step_", &sgd_step_);
+  m.impl("lamb_step_", &lamb_step_);
   m.impl("grad_norm", &grad_norm);
   m.impl("scale_grads_", &scale_grads_);
 }

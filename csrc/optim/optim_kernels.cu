@@ -9,29 +9,6 @@
 namespace fusedkernels::optim {
 namespace {
 
-int sm_count() {
-  int dev = 0, n = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  return n;
-}
-
-// Persistent grid: as many blocks as are resident at once, never more than there are chunks.
-template <auto Kernel>
-int grid_for(const TensorTable& t) {
-  static int per_sm = 0;  // per kernel instance
-  if (per_sm == 0) {
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0);
-    per_sm = std::max(per_sm, 1);
-  }
-  return std::max(1, std::min(t.chunk_start[t.num_tensors], sm_count() * per_sm));
-}
-
-template <auto Kernel, typename Params>
-void launch(const TensorTable& t, const Params& p, cudaStream_t stream) {
-  Kernel<<<grid_for<Kernel>(t), kThreads, 0, stream>>>(t, p);
-}
-
 // P: param storage, S: state storage, kHasMaster: fp32 master copies in the kMaster slot (P is then
 // 16-bit).
 template <typename P, typename S, bool kHasMaster>
@@ -175,16 +152,6 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__
       store_group<G>(t.ptr[kGrad][tensor], i, count, vec, g);
     });
   });
-}
-
-// Calls fn.template operator()<T>() for a storage dtype.
-template <typename Fn>
-auto with_type(DType d, Fn&& fn) {
-  switch (d) {
-    case DType::kFloat32: return fn.template operator()<float>();
-    case DType::kFloat16: return fn.template operator()<__half>();
-    default: return fn.template operator()<__nv_bfloat16>();
-  }
 }
 
 // The norm's grid is fixed per device (not per input), so the partials are always added in the same order.

@@ -90,6 +90,41 @@ def sgd_step_ref(params: List, grads: List, momentum_buffers: List, masters: Lis
             masters[i].copy_(w)
 
 
+def lamb_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List,
+                  lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float, eps: float, weight_decay: float,
+                  decoupled: bool, bias_correction: bool, grad_averaging: bool, always_adapt: bool,
+                  grad_norm: Optional[Tensor], max_grad_norm: float, maximize: bool, grad_scale: Optional[Tensor],
+                  found_inf: Optional[Tensor], clip_coef: Optional[Tensor]) -> None:
+    if _scalar(found_inf, 0.0) != 0.0:
+        return
+    lr = _scalar(lr_tensor, lr)
+    unscale, factor = _grad_factors(grad_scale, clip_coef, maximize)
+    if grad_norm is not None:
+        norm = float(grad_norm.item()) * abs(factor)  # the norm of the grads as the step sees them
+        if norm > max_grad_norm:
+            factor /= norm / max_grad_norm
+    grad_weight = 1 - beta1 if grad_averaging else 1.0
+    for i, p in enumerate(params):
+        g = _read_grad(grads[i], grad_scale, unscale, factor)
+        w = masters[i].clone() if masters else p.float()
+        if not decoupled and weight_decay != 0:
+            g = g + weight_decay * w
+        # the moments as stored (rounded to their dtype): the update is computed from those
+        exp_avgs[i].copy_(beta1 * exp_avgs[i].float() + grad_weight * g)
+        exp_avg_sqs[i].copy_(beta2 * exp_avg_sqs[i].float() + (1 - beta2) * g * g)
+        step = float(steps[i].item())
+        bc1, bc2 = (1 - beta1**step, 1 - beta2**step) if bias_correction else (1.0, 1.0)
+        u = (exp_avgs[i].float() / bc1) / ((exp_avg_sqs[i].float() / bc2).sqrt() + eps)
+        if decoupled:
+            u = u + weight_decay * w
+        w_norm, u_norm = float(w.norm()), float(u.norm())
+        adapt = (always_adapt or weight_decay != 0) and w_norm > 0 and u_norm > 0
+        w = w - lr * (w_norm / u_norm if adapt else 1.0) * u
+        p.copy_(w)
+        if masters:
+            masters[i].copy_(w)
+
+
 def grad_norm_ref(grads: List, norm_type: float, max_norm: float):
     if math.isinf(norm_type):
         total = torch.stack([g.float().abs().max() for g in grads if g.numel()]).max() if any(
@@ -108,6 +143,7 @@ def scale_grads_ref(grads: List, coef: Tensor) -> None:
 if _native.loaded:
     torch.library.register_kernel("fusedkernels::adam_step_", "cpu", adam_step_ref)
     torch.library.register_kernel("fusedkernels::sgd_step_", "cpu", sgd_step_ref)
+    torch.library.register_kernel("fusedkernels::lamb_step_", "cpu", lamb_step_ref)
     torch.library.register_kernel("fusedkernels::grad_norm", "cpu", grad_norm_ref)
     torch.library.register_kernel("fusedkernels::scale_grads_", "cpu", scale_grads_ref)
 
@@ -116,6 +152,10 @@ if _native.loaded:
         return None
 
     @torch.library.register_fake("fusedkernels::sgd_step_")
+    def _(*args):
+        return None
+
+    @torch.library.register_fake("fusedkernels::lamb_step_")
     def _(*args):
         return None
 
@@ -128,16 +168,8 @@ if _native.loaded:
         return None
 
 
-# The native steps take fp32 params only for now: the 16-bit instances (bf16 / fp16 params, with or
-# without fp32 masters) stay off until they pass the GPU tests (docs/optim.md, Status).
-NATIVE_PARAM_DTYPES = (torch.float32,)
-
-
-def _route(op: str, device: torch.device, param_dtype: Optional[torch.dtype] = None):
+def _route(op: str, device: torch.device):
     """The custom op when it can run here, else the reference (with one warning for CUDA tensors)."""
-    if device.type == "cuda" and param_dtype is not None and param_dtype not in NATIVE_PARAM_DTYPES:
-        _native.warn_fallback(op, f"{param_dtype} params have no native kernel yet")
-        return None
     if not _native.loaded:
         if device.type == "cuda":
             _native.warn_fallback(op, f"the native module is not loaded ({_native.error})")
@@ -158,7 +190,7 @@ def adam_step_(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, max
     params / grads: one dtype (fp32, fp16 or bf16); states fp32 or bf16; masters: fp32 copies of 16-bit
     params (read and written) or empty; steps: per-param float32 step counts, already incremented.
     """
-    op = _route("adam_step_", params[0].device, params[0].dtype) if params else None
+    op = _route("adam_step_", params[0].device) if params else None
     args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(masters),
             list(steps), lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
             grad_scale, found_inf, clip_coef)
@@ -172,11 +204,32 @@ def sgd_step_(params: List, grads: List, momentum_buffers: List, masters: List, 
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
               clip_coef: Optional[Tensor] = None) -> None:
     """One SGD step (torch.optim.SGD's formulas) over every tensor of the lists, in place."""
-    op = _route("sgd_step_", params[0].device, params[0].dtype) if params else None
+    op = _route("sgd_step_", params[0].device) if params else None
     args = (list(params), list(grads), list(momentum_buffers), list(masters), lr, lr_tensor, momentum, dampening,
             weight_decay, nesterov, maximize, first_step, grad_scale, found_inf, clip_coef)
     if params:
         (op or sgd_step_ref)(*args)
+
+
+def lamb_step_(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List, *,
+               lr: float, lr_tensor: Optional[Tensor] = None, beta1: float, beta2: float, eps: float,
+               weight_decay: float, decoupled: bool = True, bias_correction: bool = True, grad_averaging: bool = True,
+               always_adapt: bool = False, grad_norm: Optional[Tensor] = None, max_grad_norm: float = math.inf,
+               maximize: bool = False, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+               clip_coef: Optional[Tensor] = None) -> None:
+    """One LAMB step (apex FusedLAMB's formulas) over every tensor of the lists, in place.
+
+    Lists as in `adam_step_`. grad_norm: the total 2-norm of the raw grads (a one-element float32 device
+    tensor, e.g. from `grad_norm`); the grads are then clipped to max_grad_norm inside the step.
+    decoupled: weight decay inside the update (apex's adam_w_mode) rather than added to the grad;
+    always_adapt: apply the trust ratio to params without weight decay too (apex's use_nvlamb).
+    """
+    op = _route("lamb_step_", params[0].device) if params else None
+    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masters), list(steps), lr, lr_tensor,
+            beta1, beta2, eps, weight_decay, decoupled, bias_correction, grad_averaging, always_adapt, grad_norm,
+            max_grad_norm, maximize, grad_scale, found_inf, clip_coef)
+    if params:
+        (op or lamb_step_ref)(*args)
 
 
 def grad_norm(grads: List, norm_type: float = 2.0, max_norm: float = math.inf) -> tuple[Tensor, Tensor]:
@@ -196,12 +249,17 @@ def scale_grads_(grads: List, coef: Tensor) -> None:
 SUPPORT = {
     "adam_step_": {
         "kernel": "adam_step_",
-        "dtypes": "fp32 params, fp32 or bf16 states (16-bit params: reference for now)",
+        "dtypes": "fp32 / fp16 / bf16 params (16-bit: optional fp32 masters), fp32 or bf16 states",
         "sizes": "any number of tensors (384 a launch), any size (64-bit offsets)",
     },
     "sgd_step_": {
         "kernel": "sgd_step_",
-        "dtypes": "fp32 params (16-bit params: reference for now)",
+        "dtypes": "fp32 / fp16 / bf16 params (16-bit: optional fp32 masters and buffers)",
+        "sizes": "any number of tensors (384 a launch), any size (64-bit offsets)",
+    },
+    "lamb_step_": {
+        "kernel": "lamb_step_",
+        "dtypes": "fp32 / fp16 / bf16 params (16-bit: optional fp32 masters), fp32 or bf16 states",
         "sizes": "any number of tensors (384 a launch), any size (64-bit offsets)",
     },
     "grad_norm": {"kernel": "grad_norm", "dtypes": "fp32 / fp16 / bf16 grads", "sizes": "2-norm and inf-norm"},

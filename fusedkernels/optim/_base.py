@@ -17,11 +17,14 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict, master_weights: bool):
+    def __init__(self, params, defaults: dict, master_weights: bool, state_dtype: Optional[torch.dtype] = None):
         if defaults.get("differentiable"):
             raise ValueError(f"{type(self).__name__} does not support differentiable=True")
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         super().__init__(params, defaults)
         self.master_weights = bool(master_weights)
+        self.state_dtype = state_dtype
         self._clip_coef: Optional[Tensor] = None
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -78,6 +81,34 @@ class FusedOptimizer(torch.optim.Optimizer):
             master = (master if master is not None else p.detach()).to(device=p.device, dtype=torch.float32).clone()
             state["master_param"] = master
         return master
+
+    def _state_dtype(self, p: Tensor) -> torch.dtype:
+        """The dtype of the moments: state_dtype when given; else the param's dtype for fp32 and bf16 params
+        without master weights (as torch), float32 otherwise."""
+        if self.state_dtype is not None:
+            return self.state_dtype
+        if p.dtype == torch.float16 or (self.master_weights and p.dtype != torch.float32):
+            return torch.float32
+        return p.dtype
+
+    def _moments(self, p: Tensor, keys: list[str]) -> dict:
+        """The param's state with a float32 device "step" and the moment tensors `keys` (zeros when new);
+        loaded state (torch's included) is brought to the param's device and to the moments' dtype."""
+        state = self.state[p]
+        dtype = self._state_dtype(p)
+        step = state.get("step")
+        if step is None:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        elif not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
+                  and step.dim() == 0):  # e.g. a CPU step from torch.optim's state dict
+            state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device).reshape(())
+        for key in keys:
+            t = state.get(key)
+            if t is None:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            elif t.dtype != dtype or t.device != p.device:
+                state[key] = t.to(device=p.device, dtype=dtype)
+        return state
 
     @staticmethod
     def _evaluate(closure: Optional[Callable]):

@@ -38,40 +38,14 @@ class FusedAdam(FusedOptimizer):
                 raise ValueError(f"Invalid beta parameter at index {i}: {b}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if state_dtype not in (None, torch.float32, torch.bfloat16):
-            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         decoupled = self._decoupled_default if decoupled_weight_decay is None else decoupled_weight_decay
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled)
-        super().__init__(params, defaults, master_weights)
-        self.state_dtype = state_dtype
-
-    def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
-        if self.state_dtype is not None:
-            return self.state_dtype
-        if p.dtype == torch.float16 or (self.master_weights and p.dtype != torch.float32):
-            return torch.float32
-        return p.dtype
+        super().__init__(params, defaults, master_weights, state_dtype)
 
     def _prepare_state(self, p: torch.Tensor, group: dict) -> dict:
-        """Create the state on first use; bring loaded state (torch's included) to our devices and dtypes."""
-        state = self.state[p]
-        sd = self._state_dtype(p)
-        step = state.get("step")
-        if step is None:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        elif not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.device == p.device
-                  and step.dim() == 0):  # e.g. a CPU step from torch.optim's state dict
-            state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device).reshape(())
-        keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-        for key in keys:
-            t = state.get(key)
-            if t is None:
-                state[key] = torch.zeros_like(p, dtype=sd, memory_format=torch.contiguous_format)
-            elif t.dtype != sd or t.device != p.device:
-                state[key] = t.to(device=p.device, dtype=sd)
-        return state
+        return self._moments(p, ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else []))
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -12,6 +12,21 @@ from ..ops import optim as ops
 from ._base import FusedOptimizer
 
 
+def total_grad_norm(grads: list[Tensor], norm_type: float, max_norm: float):
+    """The total 2- or inf-norm of grads on any devices and dtypes, and min(max_norm / (total + 1e-6), 1),
+    as float32 tensors on the first grad's device; also the grads grouped by (device, dtype)."""
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    results = [ops.grad_norm(group, norm_type, max_norm) for group in groups.values()]
+    if len(results) == 1:
+        return groups, *results[0]
+    device = results[0][0].device
+    totals = torch.stack([t.to(device) for t, _ in results])
+    total = totals.max() if math.isinf(norm_type) else totals.norm()
+    return groups, total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
 def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: Optional[bool] = None, *,
                     defer_to: Optional[FusedOptimizer] = None) -> Tensor:
@@ -32,17 +47,7 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
         if defer_to is not None:
             raise ValueError("clip_grad_norm_: defer_to needs norm_type 2 or inf")
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
-    groups: dict = {}
-    for p in params:
-        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    results = [ops.grad_norm(grads, norm_type, max_norm) for grads in groups.values()]
-    if len(results) == 1:
-        total, coef = results[0]
-    else:
-        device = results[0][0].device
-        totals = torch.stack([t.to(device) for t, _ in results])
-        total = totals.max() if math.isinf(norm_type) else totals.norm()
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    groups, total, coef = total_grad_norm([p.grad for p in params], norm_type, max_norm)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
                            "so it cannot be clipped. To disable this error and scale the gradients by the "

@@ -1,0 +1,104 @@
+"""FusedLAMB: LAMB (You et al., 2019) as apex's FusedLAMB computes it, without host syncs."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..ops import optim as ops
+from ._base import FusedOptimizer
+from .clip import total_grad_norm
+
+
+class FusedLAMB(FusedOptimizer):
+    """LAMB with apex.optimizers.FusedLAMB's arguments and formulas. Per step:
+
+        g = grad / max(1, |all grads| / max_grad_norm)        (one global 2-norm over every group)
+        m = beta1 m + (1 - beta1) g      (grad_averaging; else m = beta1 m + g)
+        v = beta2 v + (1 - beta2) g^2
+        u = m^ / (sqrt(v^) + eps) + weight_decay * w           (^: bias-corrected when bias_correction)
+        w -= lr * |w| / |u| * u                                 (per tensor; ratio 1 when a norm is 0)
+
+    adam_w_mode=False adds weight_decay * w to g instead of to u. The trust ratio applies to groups with
+    weight decay, or to all with use_nvlamb=True. max_grad_norm=None or 0 turns the global clip off.
+
+    Extras, as in FusedAdam: master_weights (fp32 copies of 16-bit params, state "master_param"),
+    state_dtype (float32 or bfloat16 moments), maximize, a tensor lr; the step never syncs with the host,
+    so it can be captured in a CUDA graph after a first eager step.
+    """
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 amsgrad=False, adam_w_mode=True, grad_averaging=True, set_grad_none=True,
+                 max_grad_norm: Optional[float] = 1.0, use_nvlamb=False, *, maximize: bool = False,
+                 master_weights: bool = False, state_dtype: Optional[torch.dtype] = None):
+        if amsgrad:
+            raise ValueError("FusedLAMB does not support amsgrad")
+        if not (isinstance(lr, torch.Tensor) or 0.0 <= lr):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if max_grad_norm is not None and max_grad_norm < 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
+        defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
+                        grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, maximize=maximize)
+        super().__init__(params, defaults, master_weights, state_dtype)
+        self.adam_w_mode = bool(adam_w_mode)
+        self.use_nvlamb = bool(use_nvlamb)
+        self.set_grad_none = bool(set_grad_none)
+
+    def zero_grad(self, set_to_none: Optional[bool] = None) -> None:
+        super().zero_grad(self.set_grad_none if set_to_none is None else set_to_none)
+
+    def _global_grad_norm(self) -> Optional[torch.Tensor]:
+        """The 2-norm of every grad of every group (as apex), or None when the clip is off."""
+        max_norm = self.defaults["max_grad_norm"]
+        if not max_norm:
+            return None
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return None
+        _, total, _ = total_grad_norm(grads, 2.0, math.inf)
+        return total
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._evaluate(closure)
+        grad_scale, found_inf, clip = self._amp_and_clip()
+        grad_norm = self._global_grad_norm()
+        max_grad_norm = float(self.defaults["max_grad_norm"] or math.inf)
+        for group in self.param_groups:
+            buckets: dict = {}
+            for p in self._params_with_grads(group):
+                state = self._moments(p, ["exp_avg", "exp_avg_sq"])
+                master = self._master(p, state)
+                key = (p.device, p.dtype, state["exp_avg"].dtype, master is not None)
+                b = buckets.setdefault(key, {k: [] for k in ("p", "g", "m", "v", "master", "step")})
+                b["p"].append(p)
+                b["g"].append(p.grad)
+                b["m"].append(state["exp_avg"])
+                b["v"].append(state["exp_avg_sq"])
+                if master is not None:
+                    b["master"].append(master)
+                b["step"].append(state["step"])
+            beta1, beta2 = group["betas"]
+            for (device, *_), b in buckets.items():
+                lr, lr_tensor = self._lr_args(group, device)
+                inf = self._on(found_inf, device)
+                torch._foreach_add_(b["step"], 1.0)
+                ops.lamb_step_(
+                    b["p"], b["g"], b["m"], b["v"], b["master"], b["step"], lr=lr, lr_tensor=lr_tensor,
+                    beta1=float(beta1), beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
+                    decoupled=self.adam_w_mode, bias_correction=group["bias_correction"],
+                    grad_averaging=group["grad_averaging"], always_adapt=self.use_nvlamb,
+                    grad_norm=self._on(grad_norm, device), max_grad_norm=max_grad_norm, maximize=group["maximize"],
+                    grad_scale=self._on(grad_scale, device), found_inf=inf, clip_coef=self._on(clip, device))
+                if inf is not None:  # a skipped step does not count
+                    torch._foreach_sub_(b["step"], [inf] * len(b["step"]))
+        return loss
