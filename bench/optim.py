@@ -19,6 +19,7 @@ import gc
 
 import torch
 
+from fusedkernels import ops
 from fusedkernels.optim import FusedAdamW, FusedLAMB, FusedSGD, clip_grad_norm_
 
 from .common import Row, time_graph
@@ -146,14 +147,20 @@ def _model_rows(label, shapes, add):
     measure("LAMB fp32", "fusedkernels", torch.float32, lambda ps: FusedLAMB(ps, lr=lr()), 44)
     measure("LAMB fp32", "torch-foreach", torch.float32, lambda ps: ForeachLAMB(ps, lr=lr()), 44)
 
-    # clip_grad_norm_: the total norm (one read of the grads) and norm + scale (read, read, write)
+    # clip_grad_norm_: the total norm alone (one read of the grads: what defer_to leaves), and norm + scale
+    # (read, read, write)
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
         params = _model(shapes, dtype)
+        grads = [p.grad for p in params]
         name = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
+        ours = time_graph(lambda i: ops.grad_norm(grads), 1, replays=20)
+        theirs = time_graph(lambda i: torch.nn.utils.get_total_norm(grads, foreach=True), 1, replays=20)
+        add(f"clip_grad_norm {name} norm only {tag}", "fusedkernels", ours, size * n)
+        add(f"clip_grad_norm {name} norm only {tag}", "torch-foreach", theirs, size * n)
         # max_norm 1e9: the coefficient is 1, so replays leave the grads as they are
         ours = time_graph(lambda i: clip_grad_norm_(params, 1e9), 1, replays=20)
         theirs = time_graph(lambda i: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True), 1, replays=20)
         add(f"clip_grad_norm {name} {tag}", "fusedkernels", ours, 3 * size * n)
         add(f"clip_grad_norm {name} {tag}", "torch-foreach", theirs, 3 * size * n)
-        del params
+        del params, grads
         _free()

@@ -79,8 +79,9 @@ def test_sgd_trajectory_matches_torch_fp64(device, kwargs):
 
 def lamb_fp64(params, grads_per_step, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
               adam_w_mode=True, grad_averaging=True, max_grad_norm=1.0, use_nvlamb=False, maximize=False):
-    """apex FusedLAMB's step written out in fp64 (torch has no LAMB); returns the final params."""
-    b1, b2 = betas
+    """apex FusedLAMB's step written out in fp64 (torch has no LAMB), with the hyperparameters rounded to
+    fp32 as the kernels take them; returns the final params."""
+    b1, b2, eps, weight_decay, lr = torch.tensor([*betas, eps, weight_decay, lr], dtype=torch.float32).tolist()
     w = [p.double() for p in params]
     m, v = [torch.zeros_like(x) for x in w], [torch.zeros_like(x) for x in w]
     for step, grads in enumerate(grads_per_step, 1):

@@ -52,6 +52,7 @@ __device__ __forceinline__ float* trust_ratios(const TensorTable& t, const LambP
 template <typename P, typename S, bool kHasMaster>
 __global__ void __launch_bounds__(kThreads) lamb_moments_kernel(const __grid_constant__ TensorTable t,
                                                                 const LambParams p) {
+  constexpr int N = kElemsFor<P, S, WeightType<P, kHasMaster>>;
   __shared__ float scratch[kThreads / 32];
   if (step_skipped(p.s)) return;
   const GradFactor gf = grad_factor(p.s);
@@ -59,15 +60,15 @@ __global__ void __launch_bounds__(kThreads) lamb_moments_kernel(const __grid_con
   for_each_chunk(t, [&](int tensor, int64_t begin, int64_t end) {
     const BiasCorrection bc = bias_correction(p, *t.step[tensor]);
     float w_sq = 0.f, u_sq = 0.f;
-    for_each_group(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
-      float g[kElems], w[kElems], m[kElems], v[kElems];
+    for_each_group<N>(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
+      float g[N], w[N], m[N], v[N];
       load_group<P>(t.ptr[kGrad][tensor], i, count, vec, g);
       load_weights<P, kHasMaster>(t, tensor, i, count, vec, w);
       load_group<S>(t.ptr[kState0][tensor], i, count, vec, m);
       load_group<S>(t.ptr[kState1][tensor], i, count, vec, v);
       if (p.s.write_back_grad) write_back_unscaled<P>(t, tensor, i, count, vec, g, gf.unscale);
 #pragma unroll
-      for (int k = 0; k < kElems; ++k) {
+      for (int k = 0; k < N; ++k) {
         float grad = g[k] * factor;
         if (!p.decoupled && p.weight_decay != 0.f) grad += p.weight_decay * w[k];
         m[k] = round_to<S>(p.beta1 * m[k] + p.grad_weight * grad);
@@ -114,19 +115,20 @@ __global__ void __launch_bounds__(kTrustThreads) lamb_trust_kernel(const __grid_
 template <typename P, typename S, bool kHasMaster>
 __global__ void __launch_bounds__(kThreads) lamb_apply_kernel(const __grid_constant__ TensorTable t,
                                                               const LambParams p) {
+  constexpr int N = kElemsFor<P, S, WeightType<P, kHasMaster>>;
   if (step_skipped(p.s)) return;
   const float lr = p.s.lr_ptr ? *p.s.lr_ptr : p.s.lr;
   const float* trust = trust_ratios(t, p);
   for_each_chunk(t, [&](int tensor, int64_t begin, int64_t end) {
     const BiasCorrection bc = bias_correction(p, *t.step[tensor]);
     const float step_size = lr * trust[tensor];
-    for_each_group(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
-      float w[kElems], m[kElems], v[kElems];
+    for_each_group<N>(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
+      float w[N], m[N], v[N];
       load_weights<P, kHasMaster>(t, tensor, i, count, vec, w);
       load_group<S>(t.ptr[kState0][tensor], i, count, vec, m);
       load_group<S>(t.ptr[kState1][tensor], i, count, vec, v);
 #pragma unroll
-      for (int k = 0; k < kElems; ++k) w[k] -= step_size * lamb_update(p, bc, m[k], v[k], w[k]);
+      for (int k = 0; k < N; ++k) w[k] -= step_size * lamb_update(p, bc, m[k], v[k], w[k]);
       store_weights<P, kHasMaster>(t, tensor, i, count, vec, w);
     });
   });

@@ -1,13 +1,24 @@
 // Multi-tensor apply: a persistent grid walks the chunks of every tensor in a TensorTable.
 #pragma once
 
+#include <algorithm>
+#include <type_traits>
+
 #include "common/vec.cuh"
 #include "optim/optim.h"
 
 namespace fusedkernels::optim {
 
 constexpr int kThreads = 512;
-constexpr int kElems = 4;  // elements per thread per step: 16-byte fp32 accesses, 8-byte 16-bit ones
+
+// Elements per thread per step for a kernel whose tensors have types T...: the widest one moves 16 bytes
+// an access (4 when any list is fp32, 8 when all are 16-bit). 16384-element chunks take whole steps.
+template <typename... T>
+constexpr int kElemsFor = 16 / std::max({sizeof(T)...});
+
+// The type the weights are read as: the fp32 masters when there are, else the params.
+template <typename P, bool kHasMaster>
+using WeightType = std::conditional_t<kHasMaster, float, P>;
 
 // Calls body(tensor, begin, end) for every chunk this block owns: chunks c = blockIdx.x, + gridDim.x, ...
 // The table is a __grid_constant__ parameter: indexing it reads the constant bank, with one address per
@@ -27,43 +38,43 @@ __device__ __forceinline__ void for_each_chunk(const TensorTable& t, Body&& body
   }
 }
 
-// Runs per(tensor, i, count, vector) for each group of kElems elements of [begin, end) this thread owns;
-// vector is true when the group is whole and may be moved with vector accesses.
-template <typename Per>
+// Runs per(i, count, vector) for each group of N elements of [begin, end) this thread owns; vector is true
+// when the group is whole and may be moved with vector accesses.
+template <int N, typename Per>
 __device__ __forceinline__ void for_each_group(const TensorTable& t, int tensor, int64_t begin, int64_t end,
                                                Per&& per) {
   const bool aligned = t.aligned[tensor];
-  for (int64_t i = begin + int64_t(threadIdx.x) * kElems; i < end; i += int64_t(kThreads) * kElems) {
-    const int count = end - i < kElems ? int(end - i) : kElems;
-    per(i, count, aligned && count == kElems);
+  for (int64_t i = begin + int64_t(threadIdx.x) * N; i < end; i += int64_t(kThreads) * N) {
+    const int count = end - i < N ? int(end - i) : N;
+    per(i, count, aligned && count == N);
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void load_group(const void* base, int64_t i, int count, bool vector, float (&out)[kElems]) {
+template <typename T, int N>
+__device__ __forceinline__ void load_group(const void* base, int64_t i, int count, bool vector, float (&out)[N]) {
   const T* p = static_cast<const T*>(base) + i;
   if (vector) {
-    Vec<T, kElems> v;
+    Vec<T, N> v;
     v.load(p);
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) out[k] = v.get(k);
+    for (int k = 0; k < N; ++k) out[k] = v.get(k);
   } else {
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) out[k] = k < count ? to_float(p[k]) : 0.f;
+    for (int k = 0; k < N; ++k) out[k] = k < count ? to_float(p[k]) : 0.f;
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_group(void* base, int64_t i, int count, bool vector, const float (&in)[kElems]) {
+template <typename T, int N>
+__device__ __forceinline__ void store_group(void* base, int64_t i, int count, bool vector, const float (&in)[N]) {
   T* p = static_cast<T*>(base) + i;
   if (vector) {
-    Vec<T, kElems> v;
+    Vec<T, N> v;
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) v.set(k, in[k]);
+    for (int k = 0; k < N; ++k) v.set(k, in[k]);
     v.store(p);
   } else {
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) {
+    for (int k = 0; k < N; ++k) {
       if (k < count) p[k] = from_float<T>(in[k]);
     }
   }
@@ -85,9 +96,9 @@ __device__ __forceinline__ bool step_skipped(const StepScalars& s) { return s.fo
 
 // The weights a step updates: the fp32 masters when there are (kHasMaster), else the params. (A flag
 // named kMaster would hide the slot: t.ptr[kMaster] would then read ptr[true], the grads.)
-template <typename P, bool kHasMaster>
+template <typename P, bool kHasMaster, int N>
 __device__ __forceinline__ void load_weights(const TensorTable& t, int tensor, int64_t i, int count, bool vector,
-                                             float (&w)[kElems]) {
+                                             float (&w)[N]) {
   if constexpr (kHasMaster) {
     load_group<float>(t.ptr[kMaster][tensor], i, count, vector, w);
   } else {
@@ -96,20 +107,20 @@ __device__ __forceinline__ void load_weights(const TensorTable& t, int tensor, i
 }
 
 // Writes the updated weights to the params, and to the masters when there are.
-template <typename P, bool kHasMaster>
+template <typename P, bool kHasMaster, int N>
 __device__ __forceinline__ void store_weights(const TensorTable& t, int tensor, int64_t i, int count, bool vector,
-                                              const float (&w)[kElems]) {
+                                              const float (&w)[N]) {
   store_group<P>(t.ptr[kParam][tensor], i, count, vector, w);
   if constexpr (kHasMaster) store_group<float>(t.ptr[kMaster][tensor], i, count, vector, w);
 }
 
 // Stores grad * unscale back into the grads (torch's fused optimizers leave unscaled grads behind).
-template <typename P>
+template <typename P, int N>
 __device__ __forceinline__ void write_back_unscaled(const TensorTable& t, int tensor, int64_t i, int count, bool vector,
-                                                    const float (&g)[kElems], float unscale) {
-  float unscaled[kElems];
+                                                    const float (&g)[N], float unscale) {
+  float unscaled[N];
 #pragma unroll
-  for (int k = 0; k < kElems; ++k) unscaled[k] = g[k] * unscale;
+  for (int k = 0; k < N; ++k) unscaled[k] = g[k] * unscale;
   store_group<P>(t.ptr[kGrad][tensor], i, count, vector, unscaled);
 }
 

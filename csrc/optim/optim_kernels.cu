@@ -13,6 +13,7 @@ namespace {
 // 16-bit).
 template <typename P, typename S, bool kHasMaster>
 __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ TensorTable t, const AdamParams p) {
+  constexpr int N = kElemsFor<P, S, WeightType<P, kHasMaster>>;
   if (step_skipped(p.s)) return;
   const GradFactor gf = grad_factor(p.s);
   const float lr = p.s.lr_ptr ? *p.s.lr_ptr : p.s.lr;
@@ -20,8 +21,8 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
     const float step = *t.step[tensor];
     const float step_size = lr / (1.f - powf(p.beta1, step));
     const float bc2_sqrt = sqrtf(1.f - powf(p.beta2, step));
-    for_each_group(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
-      float g[kElems], w[kElems], m[kElems], v[kElems], vmax[kElems];
+    for_each_group<N>(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
+      float g[N], w[N], m[N], v[N], vmax[N];
       load_group<P>(t.ptr[kGrad][tensor], i, count, vec, g);
       load_weights<P, kHasMaster>(t, tensor, i, count, vec, w);
       load_group<S>(t.ptr[kState0][tensor], i, count, vec, m);
@@ -29,7 +30,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
       if (p.amsgrad) load_group<S>(t.ptr[kState2][tensor], i, count, vec, vmax);
       if (p.s.write_back_grad) write_back_unscaled<P>(t, tensor, i, count, vec, g, gf.unscale);
 #pragma unroll
-      for (int k = 0; k < kElems; ++k) {
+      for (int k = 0; k < N; ++k) {
         float grad = g[k] * gf.total;
         if (p.weight_decay != 0.f) {
           if (p.decoupled) {
@@ -58,20 +59,21 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
 // With master weights the momentum buffer is fp32 too; otherwise it has the param's dtype, as in torch.
 template <typename P, bool kHasMaster>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ TensorTable t, const SgdParams p) {
-  using B = std::conditional_t<kHasMaster, float, P>;
+  using B = WeightType<P, kHasMaster>;
+  constexpr int N = kElemsFor<P, B>;
   if (step_skipped(p.s)) return;
   const GradFactor gf = grad_factor(p.s);
   const float lr = p.s.lr_ptr ? *p.s.lr_ptr : p.s.lr;
   const bool has_momentum = p.momentum != 0.f;
   for_each_chunk(t, [&](int tensor, int64_t begin, int64_t end) {
-    for_each_group(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
-      float g[kElems], w[kElems], buf[kElems];
+    for_each_group<N>(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
+      float g[N], w[N], buf[N];
       load_group<P>(t.ptr[kGrad][tensor], i, count, vec, g);
       load_weights<P, kHasMaster>(t, tensor, i, count, vec, w);
       if (has_momentum && !p.first_step) load_group<B>(t.ptr[kState0][tensor], i, count, vec, buf);
       if (p.s.write_back_grad) write_back_unscaled<P>(t, tensor, i, count, vec, g, gf.unscale);
 #pragma unroll
-      for (int k = 0; k < kElems; ++k) {
+      for (int k = 0; k < N; ++k) {
         float grad = g[k] * gf.total;
         if (p.weight_decay != 0.f) grad += p.weight_decay * w[k];
         if (has_momentum) {
@@ -91,14 +93,15 @@ __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a 
 
 template <typename G>
 __global__ void __launch_bounds__(kThreads) grad_norm_kernel(const __grid_constant__ TensorTable t, const NormParams p) {
+  constexpr int N = kElemsFor<G>;
   __shared__ float scratch[kThreads / 32];
   float acc = 0.f;
   for_each_chunk(t, [&](int tensor, int64_t begin, int64_t end) {
-    for_each_group(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
-      float g[kElems];
+    for_each_group<N>(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
+      float g[N];
       load_group<G>(t.ptr[kGrad][tensor], i, count, vec, g);
 #pragma unroll
-      for (int k = 0; k < kElems; ++k) acc = p.inf_norm ? nan_max(acc, fabsf(g[k])) : acc + g[k] * g[k];
+      for (int k = 0; k < N; ++k) acc = p.inf_norm ? nan_max(acc, fabsf(g[k])) : acc + g[k] * g[k];
     });
   });
   // Block result in a fixed order: warp shuffles, then warp 0 over the warps' values.
@@ -142,13 +145,14 @@ __global__ void __launch_bounds__(1024) grad_norm_finish_kernel(const float* par
 
 template <typename G>
 __global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__ TensorTable t, const float* coef) {
+  constexpr int N = kElemsFor<G>;
   const float c = *coef;
   for_each_chunk(t, [&](int tensor, int64_t begin, int64_t end) {
-    for_each_group(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
-      float g[kElems];
+    for_each_group<N>(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
+      float g[N];
       load_group<G>(t.ptr[kGrad][tensor], i, count, vec, g);
 #pragma unroll
-      for (int k = 0; k < kElems; ++k) g[k] *= c;
+      for (int k = 0; k < N; ++k) g[k] *= c;
       store_group<G>(t.ptr[kGrad][tensor], i, count, vec, g);
     });
   });

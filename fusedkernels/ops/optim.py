@@ -1,7 +1,9 @@
 """Multi-tensor optimizer steps and grad norms: one fused pass over all the tensors of a list.
 
 Native kernels: csrc/optim. The `*_ref` functions are the specification (and the CPU implementation):
-per element, fp32 arithmetic whatever the storage types, in the order torch.optim uses.
+per element, fp32 arithmetic whatever the storage types, in the order torch.optim uses, with the
+hyperparameters rounded to fp32 as the kernels take them (1 - beta2 for beta2 = 0.999 is then
+0.00099998713, not 0.001: 1.3e-5 apart, which shows when nothing cancels it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ List = Sequence[Tensor]
 
 def _scalar(t: Optional[Tensor], default: float) -> float:
     return default if t is None else float(t.item())
+
+
+def _f32(*values: float) -> list[float]:
+    return torch.tensor(values, dtype=torch.float32).tolist()
 
 
 def _grad_factors(grad_scale, clip_coef, maximize):
@@ -40,7 +46,7 @@ def adam_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
                   grad_scale: Optional[Tensor], found_inf: Optional[Tensor], clip_coef: Optional[Tensor]) -> None:
     if _scalar(found_inf, 0.0) != 0.0:
         return
-    lr = _scalar(lr_tensor, lr)
+    lr, beta1, beta2, eps, weight_decay = _f32(_scalar(lr_tensor, lr), beta1, beta2, eps, weight_decay)
     unscale, factor = _grad_factors(grad_scale, clip_coef, maximize)
     for i, p in enumerate(params):
         g = _read_grad(grads[i], grad_scale, unscale, factor)
@@ -73,7 +79,7 @@ def sgd_step_ref(params: List, grads: List, momentum_buffers: List, masters: Lis
                  clip_coef: Optional[Tensor]) -> None:
     if _scalar(found_inf, 0.0) != 0.0:
         return
-    lr = _scalar(lr_tensor, lr)
+    lr, momentum, dampening, weight_decay = _f32(_scalar(lr_tensor, lr), momentum, dampening, weight_decay)
     unscale, factor = _grad_factors(grad_scale, clip_coef, maximize)
     for i, p in enumerate(params):
         g = _read_grad(grads[i], grad_scale, unscale, factor)
@@ -97,7 +103,8 @@ def lamb_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
                   found_inf: Optional[Tensor], clip_coef: Optional[Tensor]) -> None:
     if _scalar(found_inf, 0.0) != 0.0:
         return
-    lr = _scalar(lr_tensor, lr)
+    lr, beta1, beta2, eps, weight_decay, max_grad_norm = _f32(_scalar(lr_tensor, lr), beta1, beta2, eps, weight_decay,
+                                                              max_grad_norm)
     unscale, factor = _grad_factors(grad_scale, clip_coef, maximize)
     if grad_norm is not None:
         norm = float(grad_norm.item()) * abs(factor)  # the norm of the grads as the step sees them
