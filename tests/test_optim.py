@@ -174,14 +174,22 @@ def test_16_bit_native_step_matches_the_reference(monkeypatch, dtype, master, cl
     got, opt = _run(cls, params, grads, master_weights=master, **kwargs)
     monkeypatch.setattr(fops.optim, "_route", lambda *args: None)  # every op runs its reference
     want, ref_opt = _run(cls, params, grads, master_weights=master, **kwargs)
-    for g, w in zip(got, want):  # fp32 results may differ in the last bit (fused multiply-adds): one
-        assert max_err(g, w) <= 2.0**-7 * w.float().abs().max().item()  # rounding of the 16-bit param at most
+    # fp32 results may differ in the last bit (fused multiply-adds), which can flip the rounding of a 16-bit
+    # value: a 16-bit tensor may be one rounding (2^-8 relative) apart. Once a 16-bit moment differs, the
+    # next update differs by that much relative: the fp32 masters may be lr * 2^-7 apart a step.
+    moments_16_bit = kwargs.get("state_dtype") == torch.bfloat16 or (dtype == torch.bfloat16 and not master)
+    for g, w in zip(got, want):
+        assert max_err(g, w) <= 2.0**-7 * w.float().abs().max().item()
         sg, sw = opt.state[g], ref_opt.state[w]
         assert sg.keys() == sw.keys()
         for key in sg:
-            tol = 2.0**-7 if sg[key].dtype != torch.float32 else 1e-5
             assert sg[key].dtype == sw[key].dtype, key
-            assert max_err(sg[key], sw[key]) <= tol * max(1e-3, sw[key].float().abs().max().item()), key
+            scale = max(1e-3, sw[key].float().abs().max().item())
+            if sg[key].dtype != torch.float32:
+                tol = 2.0**-7 * scale
+            else:
+                tol = 1e-5 * scale + (len(grads) * kwargs["lr"] * 2.0**-7 if moments_16_bit else 0.0)
+            assert max_err(sg[key], sw[key]) <= tol, key
 
 
 @pytest.mark.parametrize("device", DEVICES)
