@@ -91,7 +91,9 @@ struct RowStager {
     cp_async_commit();
   }
   __device__ __forceinline__ Vec<T, kVec> get(int stage, int i, int which) const {
-    return *reinterpret_cast<const Vec<T, kVec>*>(at(stage, i, which));
+    Vec<T, kVec> v;
+    v.load(reinterpret_cast<const T*>(at(stage, i, which)));
+    return v;
   }
 };
 
