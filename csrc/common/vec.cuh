@@ -52,16 +52,16 @@ struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Vec {
     }
   }
   // Inline PTX: a plain uint4 store next to a per-element fallback path gets merged with it and split
-  // into 4-byte stores.
+  // into 4-byte stores. No memory clobber: nothing reads back what a Vec stores in the same kernel, and a
+  // clobber would keep the compiler from issuing the next loads before these stores.
   __device__ __forceinline__ void store(T* p) const {
     if constexpr (kBytes == 8) {
-      asm volatile("st.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
+      asm volatile("st.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]));
     } else {
 #pragma unroll
       for (int k = 0; k < kWords / 4; ++k) {
         asm volatile("st.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(reinterpret_cast<uint4*>(p) + k), "r"(w[4 * k]),
-                     "r"(w[4 * k + 1]), "r"(w[4 * k + 2]), "r"(w[4 * k + 3])
-                     : "memory");
+                     "r"(w[4 * k + 1]), "r"(w[4 * k + 2]), "r"(w[4 * k + 3]));
       }
     }
   }

@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__
 }
 
 // The norm's grid is fixed per device (not per input), so the partials are always added in the same order.
-constexpr int kNormBlocksPerSm = 2;
+constexpr int kNormBlocksPerSm = 4;  // 2048 threads an SM: with 2, bf16 grads read at 3.0 TB/s, with 4 at 4.0
 
 }  // namespace
 
