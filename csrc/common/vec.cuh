@@ -1,6 +1,8 @@
 // Vector loads and stores of N elements of T, and conversion to and from fp32.
 #pragma once
 
+#include <type_traits>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -51,23 +53,27 @@ struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Vec {
       }
     }
   }
-  // Inline PTX: a plain uint4 store next to a per-element fallback path gets merged with it and split
-  // into 4-byte stores. No memory clobber: nothing reads back what a Vec stores in the same kernel, and a
-  // clobber would keep the compiler from issuing the next loads before these stores.
+  // Stores to global memory (every Vec store does), through inline PTX: a plain uint4 store next to a
+  // per-element fallback path gets merged with it and split into 4-byte stores. No memory clobber:
+  // nothing reads back what a Vec stores in the same kernel, and a clobber would keep the compiler from
+  // issuing the next loads before these stores.
   __device__ __forceinline__ void store(T* p) const {
+    const size_t g = __cvta_generic_to_global(p);
     if constexpr (kBytes == 8) {
-      asm volatile("st.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]));
+      asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(g), "r"(w[0]), "r"(w[1]));
     } else {
 #pragma unroll
       for (int k = 0; k < kWords / 4; ++k) {
-        asm volatile("st.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(reinterpret_cast<uint4*>(p) + k), "r"(w[4 * k]),
-                     "r"(w[4 * k + 1]), "r"(w[4 * k + 2]), "r"(w[4 * k + 3]));
+        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(g + 16 * k), "r"(w[4 * k]), "r"(w[4 * k + 1]),
+                     "r"(w[4 * k + 2]), "r"(w[4 * k + 3]));
       }
     }
   }
   __device__ __forceinline__ float get(int i) const {
     if constexpr (sizeof(T) == 4) {
       return __uint_as_float(w[i]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // a bf16 is the top half of its float
+      return __uint_as_float(i % 2 ? w[i / 2] & 0xffff0000u : w[i / 2] << 16);
     } else {
       return to_float(from_bits<T>(static_cast<unsigned short>(w[i / 2] >> (16 * (i % 2)))));
     }
