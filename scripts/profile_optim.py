@@ -7,7 +7,7 @@ import torch
 
 from bench.optim import gpt2_medium_shapes
 from fusedkernels import ops
-from fusedkernels.optim import FusedAdamW
+from fusedkernels.optim import FusedAdamW, FusedLAMB
 
 shapes = gpt2_medium_shapes()
 for dtype in (torch.float32, torch.bfloat16):
@@ -17,9 +17,9 @@ for dtype in (torch.float32, torch.bfloat16):
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in shapes]
     for p, g in zip(params, grads):
         p.grad = g
-    opt = FusedAdamW(params, lr=1e-4)
-    opt.step()
-    opt.step()
+    for opt in (FusedAdamW(params, lr=1e-4), FusedLAMB(params, lr=1e-4)):
+        opt.step()
+        opt.step()
     del grads, params, opt
     torch.cuda.synchronize()
     torch.cuda.empty_cache()

@@ -27,6 +27,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self._clip_coef: Optional[Tensor] = None
 
+    @staticmethod
+    def _check_adam_args(lr, betas, eps: float, weight_decay: float) -> None:
+        """torch.optim.Adam's checks of its arguments, with its messages."""
+        if not (isinstance(lr, Tensor) or 0.0 <= lr):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state tensors keep their saved dtype: torch casts every floating state
         tensor to its param's dtype, which would round fp32 masters and fp32 states of 16-bit params."""
@@ -109,6 +122,37 @@ class FusedOptimizer(torch.optim.Optimizer):
             elif t.dtype != dtype or t.device != p.device:
                 state[key] = t.to(device=p.device, dtype=dtype)
         return state
+
+    def _moment_buckets(self, group: dict, keys: list[str]) -> dict:
+        """The group's params with grads and their state (moments `keys`, "step", masters), bucketed by
+        (device, dtype, moment dtype, has masters): per bucket the lists "p", "g", "master", "step" and
+        one per key, ready for one fused step each."""
+        buckets: dict = {}
+        for p in self._params_with_grads(group):
+            state = self._moments(p, keys)
+            master = self._master(p, state)
+            key = (p.device, p.dtype, state[keys[0]].dtype, master is not None)
+            b = buckets.setdefault(key, {k: [] for k in ("p", "g", "master", "step", *keys)})
+            b["p"].append(p)
+            b["g"].append(p.grad)
+            b["step"].append(state["step"])
+            if master is not None:
+                b["master"].append(master)
+            for k in keys:
+                b[k].append(state[k])
+        return buckets
+
+    @staticmethod
+    def _count_step(steps: list[Tensor], found_inf: Optional[Tensor]):
+        """Increments the step counters before a step; call the result after it: a step skipped for
+        found_inf does not count (as in torch's fused Adam)."""
+        torch._foreach_add_(steps, 1.0)
+
+        def undo_if_skipped():
+            if found_inf is not None:
+                torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+        return undo_if_skipped
 
     @staticmethod
     def _evaluate(closure: Optional[Callable]):

@@ -29,56 +29,31 @@ class FusedAdam(FusedOptimizer):
                  differentiable: bool = False, fused: Optional[bool] = None,
                  decoupled_weight_decay: Optional[bool] = None, master_weights: bool = False,
                  state_dtype: Optional[torch.dtype] = None):
-        if not (isinstance(lr, torch.Tensor) or 0.0 <= lr):
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        self._check_adam_args(lr, betas, eps, weight_decay)
         decoupled = self._decoupled_default if decoupled_weight_decay is None else decoupled_weight_decay
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled)
         super().__init__(params, defaults, master_weights, state_dtype)
 
-    def _prepare_state(self, p: torch.Tensor, group: dict) -> dict:
-        return self._moments(p, ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else []))
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._evaluate(closure)
         grad_scale, found_inf, clip = self._amp_and_clip()
         for group in self.param_groups:
-            buckets: dict = {}
-            for p in self._params_with_grads(group):
-                state = self._prepare_state(p, group)
-                master = self._master(p, state)
-                key = (p.device, p.dtype, state["exp_avg"].dtype, master is not None)
-                b = buckets.setdefault(key, {k: [] for k in ("p", "g", "m", "v", "vmax", "master", "step")})
-                b["p"].append(p)
-                b["g"].append(p.grad)
-                b["m"].append(state["exp_avg"])
-                b["v"].append(state["exp_avg_sq"])
-                if group["amsgrad"]:
-                    b["vmax"].append(state["max_exp_avg_sq"])
-                if master is not None:
-                    b["master"].append(master)
-                b["step"].append(state["step"])
+            keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
             beta1, beta2 = group["betas"]
-            for (device, *_), b in buckets.items():
+            for (device, *_), b in self._moment_buckets(group, keys).items():
                 lr, lr_tensor = self._lr_args(group, device)
                 inf = self._on(found_inf, device)
-                torch._foreach_add_(b["step"], 1.0)
+                undo_if_skipped = self._count_step(b["step"], inf)
                 ops.adam_step_(
-                    b["p"], b["g"], b["m"], b["v"], b["vmax"], b["master"], b["step"], lr=lr, lr_tensor=lr_tensor,
-                    beta1=float(beta1), beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
-                    decoupled=group["decoupled_weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
-                    grad_scale=self._on(grad_scale, device), found_inf=inf, clip_coef=self._on(clip, device))
-                if inf is not None:  # a skipped step does not count, as in torch's fused Adam
-                    torch._foreach_sub_(b["step"], [inf] * len(b["step"]))
+                    b["p"], b["g"], b["exp_avg"], b["exp_avg_sq"], b.get("max_exp_avg_sq", []), b["master"],
+                    b["step"], lr=lr, lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                    weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
+                    amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=self._on(grad_scale, device),
+                    found_inf=inf, clip_coef=self._on(clip, device))
+                undo_if_skipped()
         return loss
 
 

@@ -35,15 +35,7 @@ class FusedLAMB(FusedOptimizer):
                  master_weights: bool = False, state_dtype: Optional[torch.dtype] = None):
         if amsgrad:
             raise ValueError("FusedLAMB does not support amsgrad")
-        if not (isinstance(lr, torch.Tensor) or 0.0 <= lr):
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        self._check_adam_args(lr, betas, eps, weight_decay)
         if max_grad_norm is not None and max_grad_norm < 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
         defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -74,31 +66,17 @@ class FusedLAMB(FusedOptimizer):
         grad_norm = self._global_grad_norm()
         max_grad_norm = float(self.defaults["max_grad_norm"] or math.inf)
         for group in self.param_groups:
-            buckets: dict = {}
-            for p in self._params_with_grads(group):
-                state = self._moments(p, ["exp_avg", "exp_avg_sq"])
-                master = self._master(p, state)
-                key = (p.device, p.dtype, state["exp_avg"].dtype, master is not None)
-                b = buckets.setdefault(key, {k: [] for k in ("p", "g", "m", "v", "master", "step")})
-                b["p"].append(p)
-                b["g"].append(p.grad)
-                b["m"].append(state["exp_avg"])
-                b["v"].append(state["exp_avg_sq"])
-                if master is not None:
-                    b["master"].append(master)
-                b["step"].append(state["step"])
             beta1, beta2 = group["betas"]
-            for (device, *_), b in buckets.items():
+            for (device, *_), b in self._moment_buckets(group, ["exp_avg", "exp_avg_sq"]).items():
                 lr, lr_tensor = self._lr_args(group, device)
                 inf = self._on(found_inf, device)
-                torch._foreach_add_(b["step"], 1.0)
+                undo_if_skipped = self._count_step(b["step"], inf)
                 ops.lamb_step_(
-                    b["p"], b["g"], b["m"], b["v"], b["master"], b["step"], lr=lr, lr_tensor=lr_tensor,
+                    b["p"], b["g"], b["exp_avg"], b["exp_avg_sq"], b["master"], b["step"], lr=lr, lr_tensor=lr_tensor,
                     beta1=float(beta1), beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
                     decoupled=self.adam_w_mode, bias_correction=group["bias_correction"],
                     grad_averaging=group["grad_averaging"], always_adapt=self.use_nvlamb,
                     grad_norm=self._on(grad_norm, device), max_grad_norm=max_grad_norm, maximize=group["maximize"],
                     grad_scale=self._on(grad_scale, device), found_inf=inf, clip_coef=self._on(clip, device))
-                if inf is not None:  # a skipped step does not count
-                    torch._foreach_sub_(b["step"], [inf] * len(b["step"]))
+                undo_if_skipped()
         return loss
