@@ -333,6 +333,26 @@ def test_state_dict_keeps_master_weights_and_sgd_buffers(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_lamb_state_dict_resumes_mid_training(device):
+    params = _params(device, torch.bfloat16)
+    grads = _grads(params, steps=4)
+    kwargs = dict(lr=1e-2, master_weights=True, state_dtype=torch.bfloat16)
+    full, _ = _run(FusedLAMB, params, grads, **kwargs)
+    ps, opt = _run(FusedLAMB, params, grads[:2], **kwargs)
+    saved = copy.deepcopy(opt.state_dict())
+    assert all({"step", "exp_avg", "exp_avg_sq", "master_param"} <= s.keys() for s in saved["state"].values())
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt2 = FusedLAMB(ps2, **kwargs)
+    opt2.load_state_dict(saved)
+    for gs in grads[2:]:
+        for p, g in zip(ps2, gs):
+            p.grad = g.to(p.dtype)
+        opt2.step()
+    for p, f in zip(ps2, full):
+        assert torch.equal(p, f)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm_type", [2.0, float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_clip_grad_norm_matches_torch(device, norm_type, dtype):
