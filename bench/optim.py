@@ -30,7 +30,8 @@ class ForeachLAMB:
     torch's _foreach ops and no host syncs: what a PyTorch user without a LAMB kernel would run."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, max_grad_norm=1.0):
-        self.params, self.lr, self.betas, self.eps, self.wd, self.max_norm = params, lr, betas, eps, weight_decay, max_grad_norm
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.wd, self.max_norm = weight_decay, max_grad_norm
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.t = torch.zeros((), device=params[0].device)

@@ -23,14 +23,19 @@ def _params(device, dtype=torch.float32, shapes=SHAPES):
     return [torch.randn(s, device=device, dtype=dtype) for s in shapes]
 
 
-def _run(opt_cls, params, grads_per_step, **kwargs):
-    """Step `opt_cls` over copies of params with the given grads; return the final params."""
-    ps = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = opt_cls(ps, **kwargs)
+def _steps(opt, ps, grads_per_step):
+    """One opt.step() per list of grads, each grad given to its param (in the param's dtype)."""
     for grads in grads_per_step:
         for p, g in zip(ps, grads):
             p.grad = g.to(p.dtype).clone()
         opt.step()
+
+
+def _run(opt_cls, params, grads_per_step, **kwargs):
+    """Step `opt_cls` over copies of params with the given grads; return the final params."""
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = opt_cls(ps, **kwargs)
+    _steps(opt, ps, grads_per_step)
     return ps, opt
 
 
@@ -259,8 +264,11 @@ def test_grad_scaler_end_to_end_matches_torch():
 
 @pytest.mark.cuda
 @needs_native
-@pytest.mark.parametrize("cls,kwargs", [(FusedAdamW, dict(lr=1e-2, amsgrad=True)), (FusedSGD, dict(lr=0.05, momentum=0.9)),
-                                        (FusedLAMB, dict(lr=1e-2))])
+@pytest.mark.parametrize("cls,kwargs", [
+    (FusedAdamW, dict(lr=1e-2, amsgrad=True)),
+    (FusedSGD, dict(lr=0.05, momentum=0.9)),
+    (FusedLAMB, dict(lr=1e-2)),
+])
 def test_capturable_step_in_a_cuda_graph_matches_eager(cls, kwargs):
     kwargs = dict(kwargs, lr=torch.tensor(kwargs["lr"], device="cuda"))  # lr on the device: capturable
     params = _params("cuda")
@@ -294,20 +302,14 @@ def test_state_dict_round_trips_with_torch_mid_training(device):
     ps, opt = _run(torch.optim.AdamW, params, grads[:3], lr=1e-2, amsgrad=True, foreach=False)
     ours = FusedAdamW(ps, lr=1e-2, amsgrad=True)
     ours.load_state_dict(opt.state_dict())
-    for gs in grads[3:]:
-        for p, g in zip(ps, gs):
-            p.grad = g.clone()
-        ours.step()
+    _steps(ours, ps, grads[3:])
     for p, f in zip(ps, full):
         assert max_err(p, f) <= 1e-6 * max(1.0, f.abs().max().item())
     # ours for 3 steps -> torch for 3
     ps, opt = _run(FusedAdamW, params, grads[:3], lr=1e-2, amsgrad=True)
     theirs = torch.optim.AdamW(ps, lr=1e-2, amsgrad=True, foreach=False)
     theirs.load_state_dict(opt.state_dict())
-    for gs in grads[3:]:
-        for p, g in zip(ps, gs):
-            p.grad = g.clone()
-        theirs.step()
+    _steps(theirs, ps, grads[3:])
     for p, f in zip(ps, full):
         assert max_err(p, f) <= 1e-6 * max(1.0, f.abs().max().item())
 
@@ -323,10 +325,7 @@ def test_state_dict_keeps_master_weights_and_sgd_buffers(device):
     ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     opt2 = FusedSGD(ps2, lr=0.05, momentum=0.9, master_weights=True)
     opt2.load_state_dict(saved)
-    for gs in grads[2:]:
-        for p, g in zip(ps2, gs):
-            p.grad = g.to(p.dtype)
-        opt2.step()
+    _steps(opt2, ps2, grads[2:])
     for p, f in zip(ps2, full):
         assert torch.equal(p, f)
     torch.optim.SGD(ps2, lr=0.05, momentum=0.9).load_state_dict(opt2.state_dict())  # loads into torch too
@@ -344,10 +343,7 @@ def test_lamb_state_dict_resumes_mid_training(device):
     ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     opt2 = FusedLAMB(ps2, **kwargs)
     opt2.load_state_dict(saved)
-    for gs in grads[2:]:
-        for p, g in zip(ps2, gs):
-            p.grad = g.to(p.dtype)
-        opt2.step()
+    _steps(opt2, ps2, grads[2:])
     for p, f in zip(ps2, full):
         assert torch.equal(p, f)
 

@@ -139,10 +139,9 @@ int grid_for(const TensorTable& t) {
   static int per_sm = 0;  // per kernel instance
   if (per_sm == 0) {
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0);
-    per_sm = per_sm > 1 ? per_sm : 1;
+    per_sm = std::max(per_sm, 1);
   }
-  const int grid = sm_count() * per_sm, chunks = t.chunk_start[t.num_tensors];
-  return chunks < grid ? (chunks > 1 ? chunks : 1) : grid;
+  return std::max(1, std::min(t.chunk_start[t.num_tensors], sm_count() * per_sm));
 }
 
 template <auto Kernel, typename Params>
