@@ -6,7 +6,8 @@ import sys
 
 from setuptools import find_packages, setup
 
-spec = importlib.util.spec_from_file_location("_build", os.path.join(os.path.dirname(__file__), "fusedkernels", "_build.py"))
+ROOT = os.path.dirname(os.path.abspath(__file__))
+spec = importlib.util.spec_from_file_location("_build", os.path.join(ROOT, "fusedkernels", "_build.py"))
 build = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build)
 
@@ -17,7 +18,7 @@ else:
     cuda_home = build.find_cuda_home()
     if cuda_home is None:
         print("fusedkernels: no CUDA toolkit (nvcc) found, installing without the native module; "
-              "every op will run the PyTorch reference", file=sys.stderr)
+              "every op will run PyTorch's implementation", file=sys.stderr)
     else:
         os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
         try:
@@ -28,15 +29,16 @@ else:
         arch_list, families = build.archs(), build.selected_families()
         print(f"fusedkernels: building families {families} for archs {arch_list} with {cuda_home}", file=sys.stderr)
         build.write_build_info(arch_list, families)
+
         ext_modules.append(
             CUDAExtension(
                 name="fusedkernels._C",
-                sources=[os.path.relpath(s, os.path.dirname(os.path.abspath(__file__))) for s in build.sources(families)],
+                sources=[os.path.relpath(s, ROOT) for s in build.sources(families)],
                 include_dirs=build.include_dirs(),
                 extra_compile_args={"cxx": build.cxx_flags(), "nvcc": build.nvcc_flags(arch_list)},
             )
         )
-        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+        cmdclass["build_ext"] = build.build_ext_class(BuildExtension.with_options(use_ninja=True), arch_list)
 
 setup(
     packages=find_packages(include=["fusedkernels", "fusedkernels.*"]),

@@ -12,7 +12,15 @@ import sys
 
 import torch
 
-SUITES = ("norm", "optim")
+def _suites() -> tuple[str, ...]:
+    """Every module of bench/ with a run() -> list[Row] is a suite."""
+    import pkgutil
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    return tuple(m.name for m in pkgutil.iter_modules([here]) if m.name not in ("__main__", "common", "report"))
+
+
+SUITES = _suites()
 
 
 def cpu_demo() -> None:
@@ -39,9 +47,12 @@ def cpu_demo() -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("suites", nargs="*", choices=[*SUITES, []], help="suites to run (default: all)")
+    parser.add_argument("suites", nargs="*", help=f"suites to run, of {', '.join(SUITES)} (default: all)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="also copy the result files here")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.suites) - set(SUITES))
+    if unknown:
+        parser.error(f"unknown suites {unknown}; known: {', '.join(SUITES)}")
     if not torch.cuda.is_available():
         cpu_demo()
         return 0

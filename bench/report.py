@@ -33,20 +33,23 @@ def markdown(result: dict) -> str:
     cases = _by_case(result["rows"])
     for suite in OrderedDict.fromkeys(r["suite"] for r in result["rows"]):
         base = _baselines(result["rows"], suite)
+        bandwidth = any("GBps" in r for r in result["rows"] if r["suite"] == suite)  # not for host times
         lines += ["", f"### {suite}", "",
-                  "| case | fusedkernels | GB/s | % of copy | " + " | ".join(base) + " | "
+                  "| case | fusedkernels | " + ("GB/s | % of copy | " if bandwidth else "") + " | ".join(base) + " | "
                   + " | ".join(f"vs {b}" for b in base) + " |",
-                  "|---" * (4 + 2 * len(base)) + "|"]
+                  "|---" * (2 + 2 * bandwidth + 2 * len(base)) + "|"]
         for (s, case), impls in cases.items():
             if s != suite:
                 continue
             ours = impls.get("fusedkernels")
             cells = [case]
             if ours is None:
-                cells += ["—", "—", "—"]
-            else:
+                cells += ["—", "—", "—"] if bandwidth else ["—"]
+            elif bandwidth:
                 cells += [_ms(ours["ms"]), f"{ours.get('GBps', 0):.0f}", f"{100 * ours.get('GBps', 0) / copy:.0f}%"]
-            cells += [_ms(impls[b]["ms"]) + (f" ({impls[b]['GBps']:.0f} GB/s)" if ours is None else "")
+            else:
+                cells.append(_ms(ours["ms"]))
+            cells += [_ms(impls[b]["ms"]) + (f" ({impls[b]['GBps']:.0f} GB/s)" if ours is None and bandwidth else "")
                       if b in impls else "—" for b in base]
             cells += [f"{impls[b]['ms'] / ours['ms']:.2f}×" if (b in impls and ours) else "—" for b in base]
             lines.append("| " + " | ".join(cells) + " |")
@@ -66,9 +69,9 @@ def plot(result: dict, path: str) -> bool:
     except ImportError:
         return False
     cases = [(k, v) for k, v in _by_case(result["rows"]).items() if all("GBps" in r for r in v.values())]
+    impls = list(OrderedDict.fromkeys(r["impl"] for (s, _), v in cases for r in v.values()))
     if not cases:
         return False
-    impls = list(OrderedDict.fromkeys(r["impl"] for r in result["rows"]))
     fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(cases)), 5))
     width = 0.8 / len(impls)
     for j, impl in enumerate(impls):

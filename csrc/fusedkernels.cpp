@@ -1,44 +1,66 @@
-// The schemas of every fusedkernels op. Each family's *_api.cpp registers its CUDA implementation;
-// the CPU implementation of every op is the Python reference (fusedkernels/ops).
+// The fusedkernels op library and the Python module that loads it. Each family declares its own ops
+// (TORCH_LIBRARY_FRAGMENT in csrc/<family>/*_api.cpp or *_ops.cpp); importing fusedkernels._C runs those
+// registrations. The module holds op_info(), what each family registered for `python -m fusedkernels.info`,
+// and a direct entry point per public op (common/python/fast_call.h), which fusedkernels.ops calls in
+// eager mode.
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(fusedkernels, m) {
-  // norm: x is [..., hidden], normalized over the last dimension; weight / bias are [hidden].
-  // mean / rstd are float32 [rows] (rows = x.numel() / hidden), saved for the backward.
-  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
-  m.def(
-      "layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd)"
-      " -> (Tensor dx, Tensor dweight, Tensor dbias)");
-  m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
-  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor dx, Tensor dweight)");
+#include "common/python/fast_call.h"
+#include "common/torch/ops.h"
 
-  // optim: one fused pass over every tensor of the lists. Unused lists are empty. steps hold each
-  // param's step count, already incremented. lr_tensor, grad_scale, found_inf, clip_coef: one-element
-  // float32 device tensors (capturable lr, GradScaler, deferred clipping). Grads are written back
-  // unscaled when grad_scale is given.
-  m.def(
-      "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs,"
-      " Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] masters, Tensor[] steps, float lr, Tensor? lr_tensor,"
-      " float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize,"
-      " Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
-  m.def(
-      "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor(d!)[] masters,"
-      " float lr, Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov,"
-      " bool maximize, bool first_step, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
-  // LAMB (apex FusedLAMB's formulas); grad_norm: total 2-norm of the raw grads, which are then clipped
-  // to max_grad_norm inside the step, or None (no clipping).
-  m.def(
-      "lamb_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs,"
-      " Tensor(e!)[] masters, Tensor[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps,"
-      " float weight_decay, bool decoupled, bool bias_correction, bool grad_averaging, bool always_adapt,"
-      " Tensor? grad_norm, float max_grad_norm, bool maximize, Tensor? grad_scale, Tensor? found_inf,"
-      " Tensor? clip_coef) -> ()");
-  // Total 2- or inf-norm of the grads (deterministic), and min(max_norm / (total + 1e-6), 1).
-  m.def("grad_norm(Tensor[] grads, float norm_type, float max_norm) -> (Tensor total, Tensor clip_coef)");
-  m.def("scale_grads_(Tensor(a!)[] grads, Tensor coef) -> ()");
+TORCH_LIBRARY(fusedkernels, m) {}
+
+namespace {
+
+// [(family, op, dtypes, sizes), ...]
+PyObject* op_info(PyObject*, PyObject*) {
+  const auto& infos = fusedkernels::op_infos();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(infos.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < infos.size(); ++i) {
+    const auto& info = infos[i];
+    PyObject* item = Py_BuildValue("(ssss)", info.family.c_str(), info.op.c_str(), info.dtypes.c_str(),
+                                   info.sizes.c_str());
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+  }
+  return list;
 }
 
-// The module is imported (as fusedkernels._C) only to run the registrations above.
-static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module_def); }
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+// The public ops with a direct entry point: name and C++ signature, as in their schema.
+constexpr char kLayerNorm[] = "fusedkernels::layer_norm";
+constexpr char kRmsNorm[] = "fusedkernels::rms_norm";
+using LayerNorm = Tensor(const Tensor&, at::IntArrayRef, const OptTensor&, const OptTensor&, double);
+using RmsNorm = Tensor(const Tensor&, at::IntArrayRef, const OptTensor&, std::optional<double>);
+
+template <typename Signature, const char* kName>
+PyCFunction fast() {
+  return reinterpret_cast<PyCFunction>(
+      reinterpret_cast<void (*)()>(&fusedkernels::python::FastCall<Signature>::template call<kName>));
+}
+
+PyMethodDef methods[] = {
+    {"op_info", op_info, METH_NOARGS, "[(family, op, dtypes, sizes)] of the ops this build registered"},
+    {"layer_norm", fast<LayerNorm, kLayerNorm>(), METH_FASTCALL, "fusedkernels::layer_norm, or NotImplemented"},
+    {"rms_norm", fast<RmsNorm, kRmsNorm>(), METH_FASTCALL, "fusedkernels::rms_norm, or NotImplemented"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+// torch's build names the module (TORCH_EXTENSION_NAME): _C in a pip install, fusedkernels_C in a JIT build.
+#define FUSEDKERNELS_STR_(x) #x
+#define FUSEDKERNELS_STR(x) FUSEDKERNELS_STR_(x)
+#define FUSEDKERNELS_CONCAT_(a, b) a##b
+#define FUSEDKERNELS_CONCAT(a, b) FUSEDKERNELS_CONCAT_(a, b)
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, FUSEDKERNELS_STR(TORCH_EXTENSION_NAME), nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC FUSEDKERNELS_CONCAT(PyInit_, TORCH_EXTENSION_NAME)() { return PyModule_Create(&module_def); }

@@ -3,7 +3,8 @@
 Environment knobs (all optional):
   FUSEDKERNELS_CUDA_ARCHS  semicolon list of targets, e.g. "90a;80" (default: the visible GPU, else 90a).
                            Append "+PTX" to also embed PTX for that target.
-  FUSEDKERNELS_FAMILIES    comma list of kernel families to build, e.g. "norm" (default: all).
+  FUSEDKERNELS_FAMILIES    comma list of kernel families to build, e.g. "norm" (default: all, which are the
+                           folders of csrc/ but common/).
   FUSEDKERNELS_SKIP_CUDA   "1": install without the native module (every op runs the PyTorch reference).
   MAX_JOBS                 parallel compile jobs (read by torch's ninja build).
 """
@@ -17,8 +18,17 @@ import shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-FAMILIES = ("norm", "optim")
 BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+# Sources under a folder of this name use sm_90a-only instructions (wgmma, TMA, setmaxnreg): they compile
+# for the 90a target alone.
+SM90_FOLDER = "sm90"
+
+
+def families() -> list[str]:
+    """Every folder of csrc/ but common/ is a kernel family."""
+    if not os.path.isdir(CSRC):
+        return []
+    return sorted(d for d in os.listdir(CSRC) if d != "common" and os.path.isdir(os.path.join(CSRC, d)))
 
 
 def find_cuda_home() -> str | None:
@@ -41,21 +51,28 @@ def find_cuda_home() -> str | None:
 
 
 def selected_families() -> list[str]:
+    known = families()
     raw = os.environ.get("FUSEDKERNELS_FAMILIES", "")
-    chosen = [f.strip() for f in raw.split(",") if f.strip()] or list(FAMILIES)
-    unknown = sorted(set(chosen) - set(FAMILIES))
+    chosen = [f.strip() for f in raw.split(",") if f.strip()] or known
+    unknown = sorted(set(chosen) - set(known))
     if unknown:
-        raise ValueError(f"FUSEDKERNELS_FAMILIES: unknown families {unknown}; known: {list(FAMILIES)}")
+        raise ValueError(f"FUSEDKERNELS_FAMILIES: unknown families {unknown}; known: {known}")
     return chosen
 
 
 def sources(families: list[str]) -> list[str]:
-    """Absolute paths: the schema file, then each family's bindings and kernels."""
+    """Absolute paths: the library file, then each family's bindings (*.cpp) and kernels (*.cu), in
+    subfolders too (instances, sm90/)."""
     files = [os.path.join(CSRC, "fusedkernels.cpp")]
     for family in families:
         folder = os.path.join(CSRC, family)
-        files += sorted(glob.glob(os.path.join(folder, "*_api.cpp"))) + sorted(glob.glob(os.path.join(folder, "*.cu")))
+        for ext in ("cpp", "cu"):
+            files += sorted(glob.glob(os.path.join(folder, "**", f"*.{ext}"), recursive=True))
     return files
+
+
+def is_sm90_only(source: str) -> bool:
+    return SM90_FOLDER in os.path.normpath(source).split(os.sep)
 
 
 def default_archs() -> list[str]:
@@ -98,6 +115,65 @@ def nvcc_flags(arch_list: list[str]) -> list[str]:
     # Kernel files include no torch headers, so they can use C++20 whatever torch uses.
     # -lineinfo costs nothing at run time and lets compute-sanitizer name source lines.
     return ["-O3", "-std=c++20", "-lineinfo", *gencode_flags(arch_list)]
+
+
+def archs_for(source: str, arch_list: list[str]) -> list[str]:
+    """The targets a source compiles for: sm90/ sources for 90a alone when the build has it; otherwise for
+    every target (their device code then compiles to nothing, see common/device/sm90.cuh, and the ops never
+    pick them)."""
+    if is_sm90_only(source):
+        sm90a = [a for a in arch_list if a.removesuffix("+PTX") == "90a"]
+        return sm90a or arch_list
+    return arch_list
+
+
+def arch_groups(sources: list[str], arch_list: list[str]) -> list[tuple[list[str], list[str]]]:
+    """(nvcc flags, sources) per distinct target list, for a build that can give each group its own flags."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for source in sources:
+        groups.setdefault(tuple(archs_for(source, arch_list)), []).append(source)
+    return [(nvcc_flags(list(targets)), group) for targets, group in groups.items()]
+
+
+# setup.py's build folder. pip's editable builds use a fresh temporary one, which recompiles everything;
+# this one outlives the run, so ninja rebuilds only the sources (and headers) that changed.
+BUILD_TEMP = os.path.join(ROOT, "build", "temp")
+
+
+def build_ext_class(base: type, arch_list: list[str]) -> type:
+    """setup.py's build_ext: torch's BuildExtension (`base`) with the build folder above and per-source
+    targets (sm90/ sources compile for sm_90a alone: `arch_groups`)."""
+
+    class BuildExt(base):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = BUILD_TEMP
+
+        def build_extension(self, ext):
+            compile_all = self.compiler.compile  # torch's ninja compile: one set of flags for every source
+
+            def compile_by_arch(sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                                extra_preargs=None, extra_postargs=None, depends=None):
+                objects = []
+                for nvcc, group in arch_groups(sources, arch_list):
+                    post = dict(extra_postargs, nvcc=nvcc)
+                    objects += compile_all(group, output_dir, macros, include_dirs, debug, extra_preargs, post,
+                                           depends)
+                return objects
+
+            self.compiler.compile = compile_by_arch
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.compile = compile_all
+
+    return BuildExt
+
+
+def native_required() -> bool:
+    """Whether this machine's install must have built the native module: a CUDA toolkit is here and
+    FUSEDKERNELS_SKIP_CUDA is not set (scripts/test.sh then fails on a build that did not load)."""
+    return os.environ.get("FUSEDKERNELS_SKIP_CUDA") != "1" and find_cuda_home() is not None
 
 
 def include_dirs() -> list[str]:

@@ -7,10 +7,11 @@ import torch
 import fusedkernels
 
 from . import _build, _native
-from .ops import norm as _norm
-from .ops import optim as _optim
 
-_FAMILY_SUPPORT = {"norm": _norm.SUPPORT, "optim": _optim.SUPPORT}
+
+def _arch_of_device() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return "90a" if (major, minor) == (9, 0) else f"{major}{minor}"
 
 
 def report() -> str:
@@ -18,26 +19,28 @@ def report() -> str:
         f"fusedkernels {fusedkernels.__version__}",
         f"torch {torch.__version__}, built with CUDA {torch.version.cuda}",
     ]
+    info = _build.read_build_info()
+    archs = info.get("archs", [])
     if _native.loaded:
-        info = _build.read_build_info()
-        lines.append(
-            f"native module: loaded ({_native.source}); archs {info.get('archs', '?')}, "
-            f"families {info.get('families', '?')}"
-        )
+        lines.append(f"native module: loaded ({_native.source}); families {info.get('families', '?')}")
+        lines.append(f"  machine code for: {', '.join('sm_' + a for a in archs) or '?'}"
+                     " (another GPU: rebuild with FUSEDKERNELS_CUDA_ARCHS=<its arch>, e.g. 80 for an A100)")
     else:
-        lines.append(f"native module: NOT loaded ({_native.error}); every op runs the PyTorch reference")
+        lines.append(f"native module: NOT loaded ({_native.error}); every op runs PyTorch's implementation")
     if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        lines.append(f"GPU: {torch.cuda.get_device_name()} (sm_{major}{minor}), CUDA runtime {torch.version.cuda}")
+        arch = _arch_of_device()
+        runs = _native.loaded and any(a.removesuffix("+PTX") == arch for a in archs)
+        lines.append(f"GPU: {torch.cuda.get_device_name()} (sm_{arch}), CUDA runtime {torch.version.cuda}; "
+                     f"{'the kernels run on it' if runs else 'this build has no code for it'}")
     else:
-        lines.append("GPU: none visible (CUDA kernels cannot run here; CPU runs the reference)")
+        lines.append("GPU: none visible (the CUDA kernels cannot run here; CPU tensors run PyTorch's CPU kernels)")
     lines.append("")
-    lines.append(f"{'op':<14} {'native CUDA kernel':<19} dtypes / sizes")
-    for family, ops in _FAMILY_SUPPORT.items():
-        for op, support in ops.items():
-            native = "yes" if _native.has_cuda_kernel(support["kernel"]) else "no (reference)"
-            lines.append(f"{op:<14} {native:<19} {support['dtypes']}")
-            lines.append(f"{'':<14} {'':<19} {support['sizes']}")
+    ops = _native.op_info()
+    if ops:
+        lines.append(f"{'family':<7} {'op':<13} dtypes / sizes with a native CUDA kernel")
+        for family, op, dtypes, sizes in ops:
+            lines.append(f"{family:<7} {op:<13} {dtypes}")
+            lines.append(f"{'':<7} {'':<13} {sizes}")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up, then run the benchmark suites (python -m bench [suite ...]); without a GPU, a CPU demo.
+# Set up, then run the benchmark suites (python -m bench [suite ...] [--out DIR]); without a GPU, a CPU demo.
+# $PYTHON picks the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python3 -m bench "$@"
+"${PYTHON:-python3}" -m bench "$@"

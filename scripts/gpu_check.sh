@@ -2,8 +2,10 @@
 # On a GPU machine: build with all cores, run the whole test suite (cuda tests included), run
 # compute-sanitizer memcheck + racecheck over the kernels on small shapes, run the benchmarks.
 # Logs and results go to $OUT (default: ./gpu_out). Exit status: non-zero if any step failed.
-#   FUSEDKERNELS_FAMILIES=norm  build one family;   GPU_CHECK_STEPS="build test sanitize bench"  pick steps;
-#   SANITIZE_TIMEOUT=300  seconds per sanitizer tool.
+#   GPU_CHECK_STEPS="build test sanitize bench"  pick steps;   BENCH_SUITES="norm overhead"  pick suites;
+#   FUSEDKERNELS_FAMILIES=norm  build one family;   SANITIZE_TIMEOUT=300  seconds per sanitizer tool.
+# Wheels in .whl/ (e.g. Liger-Kernel's, for the overhead suite's comparison) are installed first, without
+# their dependencies, into a folder on PYTHONPATH: the GPU machine cannot download.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -14,6 +16,9 @@ status=0
 step() { echo "== $1 ($(date +%T))"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 if has build; then
   step build
   python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { status=1; tail -30 "$OUT/build.log"; }
@@ -21,7 +26,7 @@ if has build; then
 fi
 if has test; then
   step test
-  FUSEDKERNELS_REQUIRE_NATIVE=1 python3 -m pytest -q -rfE tests 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
+  FUSEDKERNELS_REQUIRE_NATIVE=1 python3 -m pytest -q -rfEs tests 2>&1 | tee "$OUT/tests.log" | grep -v "^SKIPPED" | tail -25 || status=1
   grep -qE "[0-9]+ passed" "$OUT/tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/tests.log" || status=1
 fi
 if has sanitize; then
@@ -31,12 +36,12 @@ if has sanitize; then
     args=$([ $tool = racecheck ] && echo --fp32-optim)
     timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --error-exitcode 1 \
       python3 scripts/sanitize_kernels.py $args >>"$OUT/sanitize.log" 2>&1 || { status=1; echo "$tool FAILED"; }
-    tail -2 "$OUT/sanitize.log"
+    tail -3 "$OUT/sanitize.log"
   done
 fi
 if has bench; then
   step bench
-  python3 -m bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 || status=1
+  python3 -m bench ${BENCH_SUITES:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60 || status=1
 fi
-echo "== gpu_check: $([ $status = 0 ] && echo PASSED || echo FAILED)"
+echo "== gpu_check: $([ $status = 0 ] && echo PASSED || echo FAILED) ($(date +%T))"
 exit $status

@@ -53,3 +53,10 @@ for dtype in dtypes:
         opt.step()
 torch.cuda.synchronize()
 print("sanitize_kernels: ran all optim paths")
+
+# The sm_90a-only kernel (TMA bulk copies, mbarrier): a tail tile and several tiles per block.
+if torch.cuda.get_device_capability() == (9, 0):
+    x = torch.randn(4096 * 3 + 52, device="cuda")
+    assert torch.equal(torch.ops.fusedkernels.sm90_double(x), 2 * x)
+    torch.cuda.synchronize()
+    print("sanitize_kernels: ran the sm90 kernel")

@@ -2,6 +2,7 @@
 formulas), mixed precision, AMP, CUDA graphs, state dicts, clip_grad_norm_."""
 
 import copy
+import warnings
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from fusedkernels import _native
 from fusedkernels import ops as fops
+from fusedkernels.ops import optim as optim_ops
 from fusedkernels.optim import FusedAdam, FusedAdamW, FusedLAMB, FusedSGD, clip_grad_norm_
 
 from .helpers import DEVICES, max_err
@@ -177,7 +179,10 @@ def test_16_bit_native_step_matches_the_reference(monkeypatch, dtype, master, cl
     params = _params("cuda", dtype)
     grads = _grads(params, steps=3)
     got, opt = _run(cls, params, grads, master_weights=master, **kwargs)
-    monkeypatch.setattr(fops.optim, "_route", lambda *args: None)  # every op runs its reference
+    references = {"adam_step_": fops.optim.adam_step_ref, "sgd_step_": fops.optim.sgd_step_ref,
+                  "lamb_step_": fops.optim.lamb_step_ref, "grad_norm": fops.optim.grad_norm_ref,
+                  "scale_grads_": fops.optim.scale_grads_ref}
+    monkeypatch.setattr(_native, "route", lambda op, *args: references[op])  # every op runs its reference
     want, ref_opt = _run(cls, params, grads, master_weights=master, **kwargs)
     # fp32 results may differ in the last bit (fused multiply-adds), which can flip the rounding of a 16-bit
     # value: a 16-bit tensor may be one rounding (2^-8 relative) apart. Once a 16-bit moment differs, the
@@ -447,7 +452,7 @@ def test_opcheck(device):
                           (ps, gs, ms, vs, [], [], steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, True, False, False,
                            None, None, None))
     torch.library.opcheck(torch.ops.fusedkernels.sgd_step_,
-                          (ps, gs, ms, [], 0.1, None, 0.9, 0.0, 0.0, False, False, False, None, None, None))
+                          (ps, gs, ms, [], steps, 0.1, None, 0.9, 0.0, 0.0, False, False, None, None, None))
     torch.library.opcheck(torch.ops.fusedkernels.lamb_step_,
                           (ps, gs, ms, vs, [], steps, 1e-3, None, 0.9, 0.999, 1e-6, 0.01, True, True, True, False,
                            torch.tensor(100.0, device=device), 1.0, False, None, None, None))
@@ -471,3 +476,284 @@ def test_tensor_over_2_31_elements():
     got = torch.cat([p.data[:1], p.data[-3:]])
     assert max_err(got, want) <= 1e-6
     assert torch.all(p.data[n // 2: n // 2 + 1024] == p.data[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Drop-in fidelity: PyTorch's own behaviour on the same inputs is the right value
+# ------------------------------------------------------------------------------------------------
+
+# Every optimizer with each option that keeps state.
+STATEFUL_CASES = [
+    (FusedAdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (FusedAdamW, dict(lr=1e-2, amsgrad=True)),
+    (FusedAdam, dict(lr=1e-2, weight_decay=0.05)),
+    (FusedSGD, dict(lr=0.05, momentum=0.9)),
+    (FusedSGD, dict(lr=0.05, momentum=0.9, dampening=0.5)),
+    (FusedSGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    (FusedLAMB, dict(lr=1e-2)),
+    (FusedAdamW, dict(lr=1e-2, master_weights=True, dtype=torch.bfloat16)),
+    (FusedSGD, dict(lr=0.05, momentum=0.9, dampening=0.3, master_weights=True, dtype=torch.bfloat16)),
+    (FusedLAMB, dict(lr=1e-2, master_weights=True, dtype=torch.bfloat16)),
+]
+
+
+def _case_id(case):
+    cls, kwargs = case
+    return cls.__name__ + "-" + "-".join(f"{k}={v}" for k, v in kwargs.items() if k != "lr")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", STATEFUL_CASES, ids=_case_id)
+@pytest.mark.parametrize("skipped", [0, 2], ids=["first-step-skipped", "middle-step-skipped"])
+def test_a_step_skipped_by_grad_scaler_changes_nothing(device, case, skipped):
+    """A step GradScaler skips (found_inf) must neither create usable state nor advance any: the run with a
+    skipped step equals the run without it. Uninitialised memory under the new state is poisoned first."""
+    cls, kwargs = case
+    kwargs = dict(kwargs)
+    dtype = kwargs.pop("dtype", torch.float32)
+    params = _params(device, dtype)
+    grads = _grads(params, steps=4)
+    want, _ = _run(cls, params, grads, **kwargs)
+
+    poison_allocator(*[torch.empty(p.numel() * 4, device=device) for p in params])
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = cls(ps, **kwargs)
+    for step, gs in enumerate(grads):
+        if step == skipped:
+            for p in ps:
+                p.grad = torch.full_like(p, float("inf"))
+            opt.grad_scale, opt.found_inf = torch.tensor(1.0, device=device), torch.tensor(1.0, device=device)
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+        for p, g in zip(ps, gs):
+            p.grad = g.to(p.dtype).clone()
+        opt.step()
+    for g, w in zip(ps, want):
+        assert torch.equal(g, w)
+
+
+def poison_allocator(*tensors):
+    """Fill freed blocks of the sizes the optimizer will allocate with NaN-like garbage."""
+    for t in tensors:
+        t.fill_(float("nan"))
+    del tensors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sgd_first_step_skipped_example(device):
+    """The reported case: the momentum buffer of a first step GradScaler skipped was read on the next one."""
+    p = torch.nn.Parameter(torch.ones(3, device=device))
+    opt = FusedSGD([p], lr=1.0, momentum=0.9, dampening=0.5)
+    p.grad = torch.full((3,), float("inf"), device=device)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0, device=device), torch.tensor(1.0, device=device)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    p.grad = torch.ones(3, device=device)
+    opt.step()  # torch: the buffer starts from this grad, p = 1 - 1 * 1
+    assert torch.equal(p.detach(), torch.zeros(3, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float64], ids=str)
+def test_clip_grad_norm_complex_and_float64_match_torch(device, norm_type, dtype):
+    grads = [torch.randn(4, device=device, dtype=dtype), torch.randn(3, 5, device=device, dtype=dtype) * 3]
+    ours = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    theirs = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for a, b, g in zip(ours, theirs, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    got = clip_grad_norm_(ours, 1.0, norm_type)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    assert got.dtype == want.dtype
+    assert max_err(got, want) <= 1e-6 * want.abs().item()
+    for a, b in zip(ours, theirs):
+        assert a.grad.dtype == b.grad.dtype and max_err(torch.view_as_real(a.grad) if a.grad.is_complex() else a.grad,
+                                                        torch.view_as_real(b.grad) if b.grad.is_complex() else b.grad) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clip_grad_norm_complex_example(device):
+    p = torch.nn.Parameter(torch.zeros(4, device=device, dtype=torch.complex64))
+    p.grad = torch.tensor([1 + 2j, 3 - 1j, 0.5j, -2], device=device, dtype=torch.complex64) * 2
+    norm = clip_grad_norm_([p], 1.0)
+    assert abs(norm.item() - 2 * math.sqrt(1 + 4 + 9 + 1 + 0.25 + 4)) < 1e-5  # 8.77, not the real parts' 7.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deferred_clip_is_dropped_by_zero_grad(device):
+    """The reported case: a clip deferred before zero_grad was applied to a later, unrelated step."""
+    p = torch.nn.Parameter(torch.zeros(1, device=device))
+    opt = FusedSGD([p], lr=1.0)
+    p.grad = torch.tensor([100.0], device=device)
+    clip_grad_norm_([p], 1.0, defer_to=opt)
+    opt.zero_grad()
+    p.grad = torch.tensor([1.0], device=device)
+    opt.step()
+    assert torch.equal(p.detach(), torch.tensor([-1.0], device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deferred_clip_lifetime(device):
+    params = _params(device)
+    grads = [torch.randn_like(p) * 5 for p in params]
+
+    def fresh():
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        return ps
+
+    # Two clips in a row compose as they do without defer_to (norm of the grads as the first clip left them).
+    a, b = fresh(), fresh()
+    opt_a, opt_b = FusedAdamW(a, lr=1e-2), FusedAdamW(b, lr=1e-2)
+    na1, na2 = clip_grad_norm_(a, 2.0), clip_grad_norm_(a, 0.5)
+    nb1, nb2 = clip_grad_norm_(b, 2.0, defer_to=opt_b), clip_grad_norm_(b, 0.5, defer_to=opt_b)
+    opt_a.step()
+    opt_b.step()
+    assert max_err(na1, nb1) <= 1e-6 * na1.item() and max_err(na2, nb2) <= 1e-5 * na2.item()
+    assert all(max_err(x, y) <= 1e-6 for x, y in zip(a, b))
+    # Applied once: the next step sees the grads as they are.
+    for p, q in zip(a, b):
+        p.grad, q.grad = p.grad * 0 + 1, q.grad * 0 + 1
+    opt_a.step()
+    opt_b.step()
+    assert all(max_err(x, y) <= 1e-6 for x, y in zip(a, b))
+    # Grads changed after the clip: the step refuses instead of applying a stale coefficient.
+    c = fresh()
+    opt_c = FusedAdamW(c, lr=1e-2)
+    clip_grad_norm_(c, 1.0, defer_to=opt_c)
+    c[0].grad.mul_(3)
+    with pytest.raises(RuntimeError, match="grads changed"):
+        opt_c.step()
+    # Only the optimizer's own params with grads may be deferred to it.
+    d = fresh()
+    opt_d = FusedAdamW(d[1:], lr=1e-2)
+    with pytest.raises(ValueError, match="exactly"):
+        clip_grad_norm_(d, 1.0, defer_to=opt_d)
+    with pytest.raises(TypeError, match="defer_to must be one of"):
+        clip_grad_norm_(d, 1.0, defer_to=torch.optim.SGD(d, lr=0.1))
+
+
+@pytest.mark.parametrize("cls", [FusedAdamW, FusedAdam, FusedSGD, FusedLAMB])
+def test_hyperparameters_are_checked_like_torch(cls):
+    q = torch.nn.Parameter(torch.randn(3))
+    for lr in (-1.0, torch.tensor(-1.0)):
+        with pytest.raises(ValueError, match="Invalid learning rate"):
+            cls([q], lr=lr)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        cls([q], lr=torch.tensor([1e-3, 1e-3]))
+    with pytest.raises(ValueError, match="Invalid weight_decay value"):
+        cls([q], lr=0.1, weight_decay=-0.1)
+    if cls is FusedSGD:
+        with pytest.raises(ValueError, match="Invalid momentum value"):
+            cls([q], lr=0.1, momentum=-0.5)
+        with pytest.raises(ValueError, match="Invalid dampening value"):
+            cls([q], lr=0.1, momentum=0.5, dampening=float("nan"))
+    else:
+        with pytest.raises(ValueError, match="Invalid epsilon value"):
+            cls([q], lr=0.1, eps=-1e-8)
+        for betas, index in (((1.0, 0.999), 0), ((0.9, -0.1), 1)):
+            with pytest.raises(ValueError, match=f"Invalid beta parameter at index {index}"):
+                cls([q], lr=0.1, betas=betas)
+        with pytest.raises(ValueError, match="Tensor betas"):
+            cls([q], lr=0.1, betas=(torch.tensor([0.9, 0.9]), 0.999))
+        cls([q], lr=torch.tensor(1e-3), betas=(torch.tensor(0.9), torch.tensor(0.99)))  # accepted, as torch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ours,theirs,kwargs", [
+    (FusedAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (FusedAdam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    (FusedSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64], ids=str)
+def test_float64_and_complex_params_step_as_torch(device, ours, theirs, kwargs, dtype):
+    """dtypes torch accepts: float64 runs torch's fused step (no fused kernel of ours); complex params step
+    as their real views, as torch's do."""
+    params = [torch.randn(s, device=device, dtype=dtype) for s in SHAPES]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # float64 on CUDA says once that torch's implementation runs it
+        got, _ = _run(ours, params, grads, **kwargs)
+    want, _ = _run(theirs, params, grads, foreach=False, **kwargs)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and max_err(torch.view_as_real(g) if g.is_complex() else g,
+                                              torch.view_as_real(w) if w.is_complex() else w) <= 1e-5
+
+
+@pytest.mark.parametrize("cls", [FusedAdamW, FusedSGD, FusedLAMB])
+def test_sparse_grads_get_the_same_clear_error(cls):
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    p.grad = torch.randn(4, 4).to_sparse()
+    with pytest.raises(RuntimeError, match=f"{cls.__name__} does not support sparse gradients"):
+        cls([p], lr=0.1).step()
+
+
+@pytest.mark.cuda
+@needs_native
+def test_step_bumps_version_counters_like_torch():
+    """A step changes params in place: autograd must refuse a backward through a param saved before it, as
+    with torch's default (foreach) steps. (torch's fused steps, which the CPU path runs, do not bump.)"""
+    device = "cuda"
+    w = torch.nn.Parameter(torch.randn(4, device=device))
+    opt = FusedAdamW([w], lr=0.1)
+    x = torch.randn(4, device=device, requires_grad=True)
+    y = (w * x).sum()  # saves w for x's grad
+    w.grad = torch.ones_like(w)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_plan_follows_changes(device):
+    """The per-step plan is reused between steps, and rebuilt when params gain or lose grads, when state is
+    reset by hand, when groups are added and when a state dict is loaded: the trajectory stays torch's."""
+    params = _params(device)
+    grads = _grads(params, steps=6)
+    extra = torch.randn(5, device=device)
+
+    def scenario(cls, **kwargs):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        q = torch.nn.Parameter(extra.clone())
+        opt = cls(ps, **kwargs)
+        for step, gs in enumerate(grads):
+            for i, (p, g) in enumerate(zip(ps, gs)):
+                p.grad = None if (step == 2 and i == 1) else g.clone()  # param 1 has no grad at step 2
+            if step == 3:
+                del opt.state[ps[2]]  # reset one param's state by hand
+            if step == 4:
+                opt.add_param_group({"params": [q]})
+            if step >= 4:
+                q.grad = gs[0][:1].expand(5).clone()
+            if step == 5:
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            opt.step()
+        return ps + [q]
+
+    got = scenario(FusedAdamW, lr=1e-2, weight_decay=0.1)
+    want = scenario(torch.optim.AdamW, lr=1e-2, weight_decay=0.1, foreach=False)
+    for g, w in zip(got, want):
+        assert max_err(g, w) <= 1e-6 * max(1.0, w.abs().max().item())
+
+
+def test_options_survive_deepcopy_and_pickle():
+    import pickle
+
+    q = torch.nn.Parameter(torch.randn(3, dtype=torch.bfloat16))
+    opt = FusedLAMB([q], master_weights=True, state_dtype=torch.bfloat16, adam_w_mode=False, use_nvlamb=True)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.master_weights and clone.state_dtype == torch.bfloat16
+        assert not clone.adam_w_mode and clone.use_nvlamb
+
+
+def test_cpu_steps_are_torchs_fused_cpu_steps():
+    """On the CPU the steps run PyTorch's fused CPU kernels: the same bits as torch.optim.AdamW(fused=True)."""
+    params = _params("cpu")
+    grads = _grads(params, steps=3)
+    got, _ = _run(FusedAdamW, params, grads, lr=1e-2, weight_decay=0.1)
+    want, _ = _run(torch.optim.AdamW, params, grads, lr=1e-2, weight_decay=0.1, fused=True)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    got, _ = _run(FusedSGD, params, grads, lr=1e-2, momentum=0.9)
+    want, _ = _run(torch.optim.SGD, params, grads, lr=1e-2, momentum=0.9, fused=True)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -1,10 +1,13 @@
-"""Packaging and plumbing: import without a GPU, the native module, build knobs, info."""
+"""Packaging and plumbing: import without a GPU, the native module, the build (families, the arch axis,
+incremental builds), the include rules of csrc/, the scripts, info, documented names."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import fusedkernels
 from fusedkernels import _build, _native
@@ -18,9 +21,14 @@ def _run(code, **env):
     )
 
 
+def _read(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return f.read()
+
+
 def test_import_does_not_initialise_cuda():
     r = _run(
-        "import torch, fusedkernels, fusedkernels.nn, fusedkernels.ops\n"
+        "import torch, fusedkernels, fusedkernels.nn, fusedkernels.ops, fusedkernels.optim\n"
         "assert not torch.cuda.is_initialized(), 'import initialised CUDA'\nprint('ok')"
     )
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
@@ -29,21 +37,50 @@ def test_import_does_not_initialise_cuda():
 @pytest.mark.skipif(os.environ.get("FUSEDKERNELS_REQUIRE_NATIVE") != "1", reason="only where the build is required")
 def test_native_module_built_and_loaded():
     assert _native.loaded, f"native module failed to load: {_native.error}"
-    for op in ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd"):
-        assert _native.has_cuda_kernel(op), op
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    for op in ("layer_norm", "rms_norm"):  # public ops: composites that route each input
+        assert has_kernel(f"fusedkernels::{op}", "CompositeImplicitAutograd"), op
+    for op in ("layer_norm_fwd", "rms_norm_bwd", "adam_step_", "sgd_step_", "lamb_step_", "grad_norm", "sm90_double"):
+        assert _native.has_op(op), op
+        assert has_kernel(f"fusedkernels::{op}", "Meta"), op  # fake tensors: torch.compile, export
+    for op in ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "adam_step_", "grad_norm"):
+        assert has_kernel(f"fusedkernels::{op}", "CUDA"), op
 
 
-def test_info_reports_versions_and_ops():
+def test_info_reports_versions_archs_and_ops():
     r = _run("import fusedkernels.info as i; i.main()")
     assert r.returncode == 0, r.stderr
-    for text in (fusedkernels.__version__, "torch", "native module:", "GPU:", "layer_norm", "rms_norm"):
+    for text in (fusedkernels.__version__, "torch", "native module:", "GPU:"):
         assert text in r.stdout
+    if _native.loaded:
+        # the machine code this build holds, and how to build for another GPU
+        for arch in _build.read_build_info()["archs"]:
+            assert f"sm_{arch}" in r.stdout
+        assert "FUSEDKERNELS_CUDA_ARCHS" in r.stdout
+        for op in ("layer_norm", "rms_norm", "adam_step_", "lamb_step_"):
+            assert op in r.stdout
 
 
 def test_lazy_submodules():
     assert fusedkernels.nn.FusedLayerNorm is not None
     with pytest.raises(AttributeError):
         fusedkernels.does_not_exist  # noqa: B018
+
+
+def test_documented_names_are_importable():
+    """Every `ops.x` / `nn.X` / `optim.X` name the README and docs/ mention exists where they say."""
+    texts = [_read("README.md")] + [_read(os.path.join("docs", f)) for f in os.listdir(os.path.join(ROOT, "docs"))
+                                    if f.endswith(".md")]
+    names = set()
+    for text in texts:
+        # torch's own names (nn.Module, optim.AdamW) appear too: ours are ops.*, nn.Fused*, optim.Fused*, clip
+        names |= set(re.findall(r"`(?:fusedkernels\.)?(ops\.\w+|nn\.Fused\w+|optim\.Fused\w+|optim\.clip_grad_norm_)",
+                                text))
+    assert "ops.lamb_step_" in names and "optim.FusedLAMB" in names
+    for name in sorted(names):
+        module, attr = name.split(".")
+        assert hasattr(getattr(fusedkernels, module), attr), f"the docs name fusedkernels.{name}, which does not exist"
+        assert attr in getattr(fusedkernels, module).__all__, f"fusedkernels.{name} is not in {module}.__all__"
 
 
 def test_arch_flags(monkeypatch):
@@ -59,19 +96,102 @@ def test_arch_flags(monkeypatch):
         _build.gencode_flags(["hopper"])
 
 
-def test_family_selection(monkeypatch):
+def test_sm90_sources_compile_for_sm90a_alone():
+    sources = _build.sources(_build.families())
+    sm90 = [s for s in sources if _build.is_sm90_only(s)]
+    assert sm90, "the tree needs at least one sm_90a-only source (csrc/<family>/sm90/)"
+    groups = dict((tuple(g), flags) for flags, g in _build.arch_groups(sources, ["90a", "80"]))
+    sm90_flags = groups[tuple(sm90)]
+    assert "-gencode=arch=compute_90a,code=sm_90a" in sm90_flags
+    assert not any("compute_80" in f for f in sm90_flags)
+    rest = [s for s in sources if s not in sm90]
+    assert any("compute_80" in f for f in groups[tuple(rest)])
+    # A build without 90a still compiles them (their device code empties), so every symbol links.
+    assert _build.archs_for(sm90[0], ["80"]) == ["80"]
+
+
+def test_families_are_discovered(monkeypatch):
+    assert {"norm", "optim"} <= set(_build.families())
+    assert "common" not in _build.families()
     monkeypatch.setenv("FUSEDKERNELS_FAMILIES", "norm")
     assert _build.selected_families() == ["norm"]
-    assert any(s.endswith("norm_api.cpp") for s in _build.sources(["norm"]))
+    assert any(s.endswith("norm_ops.cpp") for s in _build.sources(["norm"]))
     monkeypatch.setenv("FUSEDKERNELS_FAMILIES", "norm,warp_drive")
     with pytest.raises(ValueError, match="unknown families"):
         _build.selected_families()
 
 
-def test_kernel_files_do_not_include_torch():
-    for family in _build.FAMILIES:
-        for src in _build.sources([family]):
-            if src.endswith((".cu", ".cuh")):
-                with open(src) as f:
-                    text = f.read()
-                assert "torch/" not in text and "ATen/" not in text, f"{src} includes torch headers"
+def test_build_folder_outlives_the_run_and_sources_get_their_targets():
+    """setup.py's build_ext keeps its objects in build/temp (pip's editable builds would use a fresh temporary
+    folder and recompile everything) and compiles each arch group with its own flags."""
+
+    class FakeCompiler:
+        def __init__(self):
+            self.calls = []
+
+        def compile(self, sources, output_dir=None, macros=None, include_dirs=None, debug=0, extra_preargs=None,
+                    extra_postargs=None, depends=None):
+            self.calls.append((sources, extra_postargs["nvcc"]))
+            return [s + ".o" for s in sources]
+
+    class FakeBase:
+        def __init__(self):
+            self.build_temp = "/tmp/pip-xyz"
+            self.compiler = FakeCompiler()
+
+        def finalize_options(self):
+            pass
+
+        def build_extension(self, ext):
+            self.objects = self.compiler.compile(ext, extra_postargs={"cxx": [], "nvcc": ["-O3"]})
+
+    cmd = _build.build_ext_class(FakeBase, ["90a", "80"])()
+    cmd.finalize_options()
+    assert cmd.build_temp == os.path.join(ROOT, "build", "temp")
+    sources = _build.sources(_build.families())
+    cmd.build_extension(sources)
+    assert sorted(cmd.objects) == sorted(s + ".o" for s in sources)
+    assert len(cmd.compiler.calls) == 2
+
+
+def test_scripts_take_python_extra_args_and_show_skips(monkeypatch):
+    test_sh = _read("scripts/test.sh")
+    assert '"$@"' in test_sh and "-rs" in test_sh and "${PYTHON:-python3}" in test_sh
+    assert "native_required" in test_sh
+    assert "${PYTHON:-python3}" in _read("scripts/bench.sh") and '"$@"' in _read("scripts/bench.sh")
+    monkeypatch.setenv("FUSEDKERNELS_SKIP_CUDA", "1")
+    assert not _build.native_required()  # a toolkit may be here, the native module is not asked for
+
+
+def _includes(path):
+    return re.findall(r'#include [<"]([^>"]+)[>"]', _read(path))
+
+
+def _csrc_files():
+    for folder, _, files in os.walk(_build.CSRC):
+        for name in files:
+            yield os.path.relpath(os.path.join(folder, name), ROOT)
+
+
+def test_include_rules():
+    """Kernels never see torch (nvcc stays fast); device headers hold no host code; host helpers hold no
+    device code or torch; the torch-side kit is for the binding files only; families include only common/."""
+    torchy = ("torch/", "ATen/", "c10/", "Python.h", "common/torch/", "common/python/")
+    for path in _csrc_files():
+        includes = _includes(path)
+        family = path.split(os.sep)[1]
+        if path.endswith((".cu", ".cuh")) or "common/device" in path or "common/host" in path:
+            bad = [i for i in includes if i.startswith(torchy)]
+            assert not bad, f"{path} includes {bad}"
+        if "common/device" in path:
+            assert not [i for i in includes if i.startswith("common/host")], path
+        if "common/host" in path:
+            assert not [i for i in includes if i.startswith("common/device")], path
+        if "common/torch" in path or "common/python" in path:
+            continue
+        if path.endswith(".h") and family != "common":
+            assert not [i for i in includes if i.startswith(torchy)], f"{path}: params headers stay torch-free"
+        others = [i for i in includes if "/" in i and i.split("/")[0] in _build.families() and i.split("/")[0] != family]
+        assert not others, f"{path} includes another family: {others}"
+        if "common/python" in " ".join(includes):
+            assert path == os.path.join("csrc", "fusedkernels.cpp"), f"{path}: only the module file uses Python"

@@ -1,4 +1,4 @@
-// Backward instances for fp32 input (weight in fp32 or fp32).
+// Backward instances for fp32 input (and fp32 weight).
 #include "norm/norm_kernels.cuh"
 #include "norm/norm_launch.h"
 

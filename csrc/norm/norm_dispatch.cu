@@ -1,21 +1,18 @@
 // norm_fwd / norm_bwd: pick the launcher instance for the dtypes in the params.
+#include "common/host/static_switch.h"
 #include "norm/norm_launch.h"
 
 namespace fusedkernels::norm {
 namespace {
 
-// Calls fn.template operator()<T, WT>() for the (input, weight) dtype pair; the pair was validated
-// by the bindings, so anything else is a programming error.
+// Calls fn.template operator()<T, WT>() for the (input, weight) dtype pair: weight in the input's type or
+// in float32 (validated by the bindings).
 template <typename Fn>
-auto with_types(DType x, DType w, Fn&& fn) {
-  switch (x) {
-    case DType::kFloat32: return fn.template operator()<float, float>();
-    case DType::kFloat16:
-      return w == DType::kFloat32 ? fn.template operator()<__half, float>() : fn.template operator()<__half, __half>();
-    default:
-      return w == DType::kFloat32 ? fn.template operator()<__nv_bfloat16, float>()
-                                  : fn.template operator()<__nv_bfloat16, __nv_bfloat16>();
-  }
+decltype(auto) with_types(DType x, DType w, Fn&& fn) {
+  return float_type_switch(x, [&]<typename T>() -> decltype(auto) {
+    if (w == DType::kFloat32) return fn.template operator()<T, float>();
+    return fn.template operator()<T, T>();
+  });
 }
 
 }  // namespace

@@ -13,9 +13,11 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "common/cp_async.cuh"
-#include "common/reduce.cuh"
-#include "common/vec.cuh"
+#include "common/device/cp_async.cuh"
+#include "common/device/reduce.cuh"
+#include "common/device/vec.cuh"
+#include "common/host/launch.h"
+#include "common/host/static_switch.h"
 #include "norm/norm.h"
 
 namespace fusedkernels::norm {
@@ -35,30 +37,6 @@ constexpr int kGeneralThreads = 256;
 template <int kTpr>
 __host__ __device__ constexpr int threads_for_tpr() { return kTpr >= 256 ? kTpr : 256; }
 inline int threads_for_tpr_host(int tpr) { return tpr >= 256 ? tpr : 256; }
-
-inline int sm_count() {
-  static int cached[64] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev >= 64) dev = 63;
-  if (cached[dev] == 0) cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev);
-  return cached[dev];
-}
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Blocks of Kernel resident per SM with `smem` bytes of dynamic shared memory (raising the kernel's
-// dynamic shared memory limit first). Cached per kernel.
-template <auto Kernel>
-int resident_blocks(int threads, int smem) {
-  static int cached = 0;
-  if (cached == 0) {
-    cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&cached, Kernel, threads, smem);
-    cached = cached > 0 ? cached : 1;
-  }
-  return cached;
-}
 
 // Double-buffered staging of the row groups a backward block works on: while the block computes one
 // group from shared memory, cp.async copies the next group's kTensors inputs in. Layout
@@ -134,25 +112,29 @@ fwd_registers_kernel(const FwdParams p) {
       if (row_ok && c < nvec) xv[i].load(x + row_offset + c * kVec);
     }
 
-    float mean = 0.f;
+    // Statistics of x - shift, shift = the row's first element: a row whose mean is far larger than its
+    // spread then sums small numbers, and x - shift - mean_d keeps the low bits a plain sum x / H drops
+    // (which rstd, up to 1/sqrt(eps), would magnify). Two passes over registers: exact centred variance.
+    const float shift = kRms || !row_ok ? 0.f : to_float(x[row_offset]);
+    float mean_d = 0.f;
     if constexpr (!kRms) {
       float sum = 0.f;
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         if (row_ok && i * kTpr + lane < nvec) {
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) sum += xv[i].get(j);
+          for (int j = 0; j < kVec; ++j) sum += xv[i].get(j) - shift;
         }
       }
-      mean = group_sum<kTpr, kThreads>(sum, scratch) * inv_hidden;
+      mean_d = group_sum<kTpr, kThreads>(sum, scratch) * inv_hidden;
     }
-    float sq = 0.f;  // centred second moment: exact two-pass variance, the row is in registers anyway
+    float sq = 0.f;
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       if (row_ok && i * kTpr + lane < nvec) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          const float d = xv[i].get(j) - mean;
+          const float d = (xv[i].get(j) - shift) - mean_d;
           sq += d * d;
         }
       }
@@ -161,7 +143,7 @@ fwd_registers_kernel(const FwdParams p) {
 
     if (!row_ok) continue;
     if (lane == 0) {
-      if constexpr (!kRms) p.mean[row] = mean;
+      if constexpr (!kRms) p.mean[row] = shift + mean_d;
       p.rstd[row] = rstd;
     }
 #pragma unroll
@@ -174,7 +156,7 @@ fwd_registers_kernel(const FwdParams p) {
       Vec<T, kVec> out;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        float v = (xv[i].get(j) - mean) * rstd;
+        float v = ((xv[i].get(j) - shift) - mean_d) * rstd;
         if (weight) v *= w.get(j);
         if (bias) v += b.get(j);
         out.set(j, v);
@@ -196,25 +178,26 @@ __global__ void __launch_bounds__(kGeneralThreads) fwd_general_kernel(const FwdP
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* xr = x + row * hidden;
-    float mean = 0.f;
+    const float shift = kRms ? 0.f : to_float(xr[0]);  // as in the register path
+    float mean_d = 0.f;
     if constexpr (!kRms) {
       float sum = 0.f;
-      for (int c = threadIdx.x; c < hidden; c += kGeneralThreads) sum += to_float(xr[c]);
-      mean = block_sum<kGeneralThreads>(sum, scratch) * inv_hidden;
+      for (int c = threadIdx.x; c < hidden; c += kGeneralThreads) sum += to_float(xr[c]) - shift;
+      mean_d = block_sum<kGeneralThreads>(sum, scratch) * inv_hidden;
     }
     float sq = 0.f;
     for (int c = threadIdx.x; c < hidden; c += kGeneralThreads) {
-      const float d = to_float(xr[c]) - mean;
+      const float d = (to_float(xr[c]) - shift) - mean_d;
       sq += d * d;
     }
     const float rstd = rsqrtf(block_sum<kGeneralThreads>(sq, scratch) * inv_hidden + p.eps);
     if (threadIdx.x == 0) {
-      if constexpr (!kRms) p.mean[row] = mean;
+      if constexpr (!kRms) p.mean[row] = shift + mean_d;
       p.rstd[row] = rstd;
     }
     T* yr = y + row * hidden;
     for (int c = threadIdx.x; c < hidden; c += kGeneralThreads) {
-      float v = (to_float(xr[c]) - mean) * rstd;
+      float v = ((to_float(xr[c]) - shift) - mean_d) * rstd;
       if (weight) v *= to_float(weight[c]);
       if (bias) v += to_float(bias[c]);
       yr[c] = from_float<T>(v);
@@ -222,7 +205,7 @@ __global__ void __launch_bounds__(kGeneralThreads) fwd_general_kernel(const FwdP
   }
 }
 
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+inline bool aligned16(const void* ptr) { return is_aligned(ptr, 16); }
 
 // The register path needs whole 16-byte vectors: hidden a multiple of the vector and aligned pointers
 // (the weight vector of kVec elements of WT is 16 or 32 bytes; 16-byte alignment covers both loads).
@@ -240,16 +223,7 @@ bool registers_fit(const void* x, const void* other, const void* weight, const v
 // Calls fn.template operator()<kTpr>() with the compile-time value of tpr (one of kTprChoices).
 template <typename Fn>
 void with_tpr(int tpr, Fn&& fn) {
-  switch (tpr) {
-    case 8: return fn.template operator()<8>();
-    case 16: return fn.template operator()<16>();
-    case 32: return fn.template operator()<32>();
-    case 64: return fn.template operator()<64>();
-    case 128: return fn.template operator()<128>();
-    case 256: return fn.template operator()<256>();
-    case 512: return fn.template operator()<512>();
-    default: return fn.template operator()<1024>();
-  }
+  static_switch<8, 16, 32, 64, 128, 256, 512, 1024>(tpr, std::forward<Fn>(fn));
 }
 
 // Largest row (in 16-byte vectors) the forward register path covers with tpr threads.
@@ -519,8 +493,8 @@ BwdPlan plan_bwd(const BwdParams& p) {
     int blocks_per_sm = 1;
     with_tpr(plan.tpr, [&]<int kTpr>() {
       if constexpr (kTpr <= kBwdMaxTpr) {
-        blocks_per_sm = resident_blocks<bwd_registers_kernel<T, WT, kRms, kTpr, kBwdIters<T>>>(
-            threads_for_tpr<kTpr>(), RowStager<T, kTpr, kBwdIters<T>, 2>::kBytes);
+        blocks_per_sm = resident_blocks<bwd_registers_kernel<T, WT, kRms, kTpr, kBwdIters<T>>, threads_for_tpr<kTpr>(),
+                                        RowStager<T, kTpr, kBwdIters<T>, 2>::kBytes>();
       }
     });
     const int64_t rows_per_block = threads_for_tpr_host(plan.tpr) / plan.tpr;
@@ -556,7 +530,9 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
     with_tpr(plan.tpr, [&]<int kTpr>() {
       if constexpr (kTpr <= kBwdMaxTpr) {
         constexpr int kSmem = RowStager<T, kTpr, kBwdIters<T>, 2>::kBytes;
-        bwd_registers_kernel<T, WT, kRms, kTpr, kBwdIters<T>><<<plan.blocks, threads_for_tpr<kTpr>(), kSmem, stream>>>(p);
+        constexpr auto kernel = bwd_registers_kernel<T, WT, kRms, kTpr, kBwdIters<T>>;
+        resident_blocks<kernel, threads_for_tpr<kTpr>(), kSmem>();  // the shared-memory opt-in, on this device
+        kernel<<<plan.blocks, threads_for_tpr<kTpr>(), kSmem, stream>>>(p);
       }
     });
   } else {

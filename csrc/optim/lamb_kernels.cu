@@ -7,7 +7,7 @@
 // launches see the same u bit for bit.
 #include <type_traits>
 
-#include "common/reduce.cuh"
+#include "common/device/reduce.cuh"
 #include "optim/multi_tensor.cuh"
 
 namespace fusedkernels::optim {
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) lamb_moments_kernel(const __grid_con
   const GradFactor gf = grad_factor(p.s);
   const float factor = lamb_grad_factor(p, gf);
   for_each_chunk(t, [&](int tensor, int64_t begin, int64_t end) {
-    const BiasCorrection bc = bias_correction(p, *t.step[tensor]);
+    const BiasCorrection bc = bias_correction(p, *t.step[tensor] + 1.f);
     float w_sq = 0.f, u_sq = 0.f;
     for_each_group<N>(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
       float g[N], w[N], m[N], v[N];
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) lamb_apply_kernel(const __grid_const
   const float lr = p.s.lr_ptr ? *p.s.lr_ptr : p.s.lr;
   const float* trust = trust_ratios(t, p);
   for_each_chunk(t, [&](int tensor, int64_t begin, int64_t end) {
-    const BiasCorrection bc = bias_correction(p, *t.step[tensor]);
+    const BiasCorrection bc = bias_correction(p, *t.step[tensor] + 1.f);
     const float step_size = lr * trust[tensor];
     for_each_group<N>(t, tensor, begin, end, [&](int64_t i, int count, bool vec) {
       float w[N], m[N], v[N];
@@ -140,19 +140,18 @@ void launch_lamb(const TensorTable& t, const LambParams& p, cudaStream_t stream)
   const int warps_per_block = kTrustThreads / 32;
   lamb_trust_kernel<<<(t.num_tensors + warps_per_block - 1) / warps_per_block, kTrustThreads, 0, stream>>>(t, p);
   launch<lamb_apply_kernel<P, S, kHasMaster>>(t, p, stream);
+  increment_steps(t, p.s.found_inf, stream);
 }
 
 }  // namespace
 
 cudaError_t lamb_step(const TensorTable& t, const LambParams& p, cudaStream_t stream) {
-  with_type(p.param_dtype, [&]<typename P>() {
-    with_type(p.state_dtype, [&]<typename S>() {
-      if constexpr (std::is_same_v<S, float> || std::is_same_v<S, __nv_bfloat16>) {
-        if constexpr (!std::is_same_v<P, float>) {
-          if (p.master) return launch_lamb<P, S, true>(t, p, stream);
-        }
-        launch_lamb<P, S, false>(t, p, stream);
+  float_type_switch(p.param_dtype, [&]<typename P>() {
+    type_switch<DType::kFloat32, DType::kBFloat16>(p.state_dtype, [&]<typename S>() {
+      if constexpr (!std::is_same_v<P, float>) {
+        if (p.master) return launch_lamb<P, S, true>(t, p, stream);
       }
+      launch_lamb<P, S, false>(t, p, stream);
     });
   });
   return cudaGetLastError();

@@ -4,7 +4,9 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "common/vec.cuh"
+#include "common/device/vec.cuh"
+#include "common/host/launch.h"
+#include "common/host/static_switch.h"
 #include "optim/optim.h"
 
 namespace fusedkernels::optim {
@@ -126,37 +128,16 @@ __device__ __forceinline__ void write_back_unscaled(const TensorTable& t, int te
 
 // ---- host side: launching over a table ----
 
-inline int sm_count() {
-  int dev = 0, n = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  return n;
-}
-
 // Persistent grid: as many blocks as are resident at once, never more than there are chunks.
 template <auto Kernel>
 int grid_for(const TensorTable& t) {
-  static int per_sm = 0;  // per kernel instance
-  if (per_sm == 0) {
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0);
-    per_sm = std::max(per_sm, 1);
-  }
-  return std::max(1, std::min(t.chunk_start[t.num_tensors], sm_count() * per_sm));
+  const int resident = sm_count() * resident_blocks<Kernel, kThreads>();
+  return std::max(1, std::min(t.chunk_start[t.num_tensors], resident));
 }
 
 template <auto Kernel, typename Params>
 void launch(const TensorTable& t, const Params& p, cudaStream_t stream) {
   Kernel<<<grid_for<Kernel>(t), kThreads, 0, stream>>>(t, p);
-}
-
-// Calls fn.template operator()<T>() for a storage dtype.
-template <typename Fn>
-auto with_type(DType d, Fn&& fn) {
-  switch (d) {
-    case DType::kFloat32: return fn.template operator()<float>();
-    case DType::kFloat16: return fn.template operator()<__half>();
-    default: return fn.template operator()<__nv_bfloat16>();
-  }
 }
 
 }  // namespace fusedkernels::optim

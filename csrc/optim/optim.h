@@ -29,7 +29,8 @@ enum Slot : int {
 
 struct TensorTable {
   void* ptr[kSlots][kTableTensors];
-  const float* step[kTableTensors];         // Adam, LAMB: the tensor's step count (already incremented)
+  float* step[kTableTensors];               // the tensor's step count before this step (Adam, LAMB, SGD with
+                                            // momentum); the op adds 1 unless the step is skipped
   int64_t numel[kTableTensors];
   int32_t chunk_start[kTableTensors + 1];   // prefix sums of chunks per tensor
   uint8_t aligned[kTableTensors];           // every pointer of the tensor is 16-byte aligned
@@ -57,11 +58,11 @@ struct AdamParams {
   bool master;     // kMaster holds fp32 masters
 };
 
+// With momentum, a tensor whose step count is 0 starts its buffer from the grad (torch's first step).
 struct SgdParams {
   StepScalars s;
   float momentum, dampening, weight_decay;
   bool nesterov;
-  bool first_step;  // momentum buffers were just created: they take the grad as is
   DType param_dtype;
   bool master;
 };
@@ -92,12 +93,16 @@ struct NormParams {
 
 int norm_partials();  // floats of partials each launch writes (a fixed grid on this device)
 
+// Each step launcher also adds 1 to the table's step counts, unless *found_inf says the step is skipped.
 cudaError_t adam_step(const TensorTable& t, const AdamParams& p, cudaStream_t stream);
 cudaError_t sgd_step(const TensorTable& t, const SgdParams& p, cudaStream_t stream);
 // Floats of workspace LambParams::partials needs for a table.
 inline int64_t lamb_partials(const TensorTable& t) { return 2 * int64_t(t.chunk_start[t.num_tensors]) + t.num_tensors; }
 cudaError_t lamb_step(const TensorTable& t, const LambParams& p, cudaStream_t stream);
 cudaError_t grad_norm_partials(const TensorTable& t, const NormParams& p, cudaStream_t stream);
+// Adds 1 to the table's step counts unless *found_inf (when given) is nonzero; the step launchers call it
+// after their kernels, so every block of those reads the count from before the step.
+void increment_steps(const TensorTable& t, const float* found_inf, cudaStream_t stream);
 // total = (sum or max of all partials)^(1/p); coef = min(max_norm / (total + 1e-6), 1) when coef != nullptr.
 cudaError_t grad_norm_finish(const float* partials, int count, bool inf_norm, float max_norm, float* total,
                              float* coef, cudaStream_t stream);

@@ -1,17 +1,48 @@
-// CUDA implementations of fusedkernels::{adam_step_, sgd_step_, lamb_step_, grad_norm, scale_grads_}: check the
-// tensor lists, pack them into TensorTables (kTableTensors a launch) and launch on the current stream.
+// The optim family's ops: schemas, and the CUDA kernels of fusedkernels::{adam_step_, sgd_step_, lamb_step_,
+// grad_norm, scale_grads_}: check the tensor lists, pack them into TensorTables (kTableTensors a launch) and
+// launch on the current stream. Their CPU kernels are Python (fusedkernels/ops/optim.py: PyTorch's fused
+// and foreach CPU ops where they compute the same thing, else the reference).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstring>
 #include <vector>
 
-#include "common/torch_checks.h"
+#include "common/torch/checks.h"
+#include "common/torch/ops.h"
 #include "optim/optim.h"
+
+TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
+  // One fused pass over every tensor of the lists. Unused lists are empty. steps: each param's float32 step
+  // count before this step; the op adds 1 unless found_inf says the step is skipped. lr_tensor, grad_scale,
+  // found_inf, clip_coef: one-element float32 device tensors (capturable lr, GradScaler, deferred
+  // clipping). Grads are written back unscaled when grad_scale is given.
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs,"
+      " Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] masters, Tensor(g!)[] steps, float lr, Tensor? lr_tensor,"
+      " float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize,"
+      " Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+  // steps: needed with momentum (a param's first step, counted on the device, starts its buffer).
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor(d!)[] masters,"
+      " Tensor(e!)[] steps, float lr, Tensor? lr_tensor, float momentum, float dampening, float weight_decay,"
+      " bool nesterov, bool maximize, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> ()");
+  // LAMB (apex FusedLAMB's formulas); grad_norm: total 2-norm of the raw grads, which are then clipped
+  // to max_grad_norm inside the step, or None (no clipping).
+  m.def(
+      "lamb_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs,"
+      " Tensor(e!)[] masters, Tensor(f!)[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps,"
+      " float weight_decay, bool decoupled, bool bias_correction, bool grad_averaging, bool always_adapt,"
+      " Tensor? grad_norm, float max_grad_norm, bool maximize, Tensor? grad_scale, Tensor? found_inf,"
+      " Tensor? clip_coef) -> ()");
+  // Total 2- or inf-norm of the grads (deterministic), and min(max_norm / (total + 1e-6), 1).
+  m.def("grad_norm(Tensor[] grads, float norm_type, float max_norm) -> (Tensor total, Tensor clip_coef)");
+  m.def("scale_grads_(Tensor(a!)[] grads, Tensor coef) -> ()");
+}
 
 namespace fusedkernels::optim {
 namespace {
@@ -49,6 +80,8 @@ std::vector<TensorTable> build_tables(const char* op, const Lists& lists, const 
       const at::Tensor& x = list[i];
       TORCH_CHECK_VALUE(x.device() == first.device(), op, ": all tensors must be on ", first.device().str(),
                         ", tensor ", num(i), " is on ", x.device().str());
+      TORCH_CHECK_VALUE(x.layout() == at::kStrided, op, ": tensor ", num(i), " of list ", num(slot),
+                        " is sparse; the fused optimizers support dense gradients only");
       TORCH_CHECK_VALUE(x.is_contiguous(), op, ": tensor ", num(i), " of list ", num(slot), " must be contiguous");
       TORCH_CHECK_VALUE(x.numel() == numel, op, ": tensor ", num(i), " of list ", num(slot), " has ",
                         num(x.numel()), " elements, its param ", num(numel));
@@ -61,7 +94,12 @@ std::vector<TensorTable> build_tables(const char* op, const Lists& lists, const 
     for (const auto& [slot, list] : lists.slots) {
       if (!list.empty()) t.ptr[slot][k] = list[i].data_ptr();
     }
-    if (!lists.steps.empty()) t.step[k] = lists.steps[i].data_ptr<float>();
+    if (!lists.steps.empty()) {
+      const at::Tensor& step = lists.steps[i];
+      TORCH_CHECK_VALUE(step.device() == first.device() && step.numel() == 1, op, ": step ", num(i),
+                        " must be a one-element tensor on ", first.device().str());
+      t.step[k] = step.mutable_data_ptr<float>();
+    }
     t.numel[k] = numel;
     t.chunk_start[k] = chunks;
     t.aligned[k] = aligned;
@@ -155,19 +193,22 @@ void adam_step_(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                {kState2, amsgrad ? max_exp_avg_sqs : TensorList()}, {kMaster, masters}},
               steps};
   for (const TensorTable& t : build_tables(op, lists, first)) {
-    C10_CUDA_CHECK(adam_step(t, p, c10::cuda::getCurrentCUDAStream()));
+    check_launch(adam_step(t, p, c10::cuda::getCurrentCUDAStream()), op);
   }
 }
 
-void sgd_step_(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList masters, double lr,
-               const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
-               bool nesterov, bool maximize, bool first_step, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef) {
+void sgd_step_(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList masters,
+               TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor, double momentum,
+               double dampening, double weight_decay, bool nesterov, bool maximize,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               const std::optional<at::Tensor>& clip_coef) {
   const char* op = "sgd_step_";
   if (params.empty()) return;
   check_params(op, params, grads);
   const at::Tensor& first = params[0];
-  TORCH_CHECK_VALUE(momentum == 0 || !momentum_buffers.empty(), op, ": momentum needs momentum_buffers");
+  TORCH_CHECK_VALUE(momentum == 0 || (!momentum_buffers.empty() && steps.size() == params.size()), op,
+                    ": momentum needs momentum_buffers and steps");
+  check_dtype(op, steps, at::kFloat, "step");
   check_dtype(op, masters, at::kFloat, "master");
   // fp32 buffers go with fp32 masters; otherwise the buffers have the params' dtype
   check_dtype(op, momentum_buffers, masters.empty() ? first.scalar_type() : at::kFloat, "momentum_buffer");
@@ -179,14 +220,13 @@ void sgd_step_(TensorList params, TensorList grads, TensorList momentum_buffers,
   p.dampening = static_cast<float>(dampening);
   p.weight_decay = static_cast<float>(weight_decay);
   p.nesterov = nesterov;
-  p.first_step = first_step;
   p.param_dtype = to_dtype(first.scalar_type());
   p.master = !masters.empty();
   Lists lists{{{kParam, params}, {kGrad, grads}, {kState0, momentum == 0 ? TensorList() : momentum_buffers},
                {kMaster, masters}},
-              {}};
+              momentum == 0 ? TensorList() : steps};
   for (const TensorTable& t : build_tables(op, lists, first)) {
-    C10_CUDA_CHECK(sgd_step(t, p, c10::cuda::getCurrentCUDAStream()));
+    check_launch(sgd_step(t, p, c10::cuda::getCurrentCUDAStream()), op);
   }
 }
 
@@ -228,7 +268,7 @@ void lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   for (const TensorTable& t : tables) {
     p.partials = workspace.data_ptr<float>() + offset;
     offset += lamb_partials(t);
-    C10_CUDA_CHECK(lamb_step(t, p, c10::cuda::getCurrentCUDAStream()));
+    check_launch(lamb_step(t, p, c10::cuda::getCurrentCUDAStream()), op);
   }
 }
 
@@ -251,12 +291,12 @@ std::tuple<at::Tensor, at::Tensor> grad_norm(TensorList grads, double norm_type,
   const auto stream = c10::cuda::getCurrentCUDAStream();
   for (size_t i = 0; i < tables.size(); ++i) {
     p.partials = partials.data_ptr<float>() + i * per_launch;
-    C10_CUDA_CHECK(grad_norm_partials(tables[i], p, stream));
+    check_launch(grad_norm_partials(tables[i], p, stream), op);
   }
   at::Tensor total = at::empty({}, opts), coef = at::empty({}, opts);
-  C10_CUDA_CHECK(grad_norm_finish(partials.data_ptr<float>(), static_cast<int>(partials.numel()), inf_norm,
-                                  static_cast<float>(max_norm), total.data_ptr<float>(), coef.data_ptr<float>(),
-                                  stream));
+  check_launch(grad_norm_finish(partials.data_ptr<float>(), static_cast<int>(partials.numel()), inf_norm,
+                                static_cast<float>(max_norm), total.data_ptr<float>(), coef.data_ptr<float>(), stream),
+               op);
   return {total, coef};
 }
 
@@ -269,11 +309,46 @@ void scale_grads_(TensorList grads, const at::Tensor& coef) {
   const float* c = scalar_ptr(op, coef, grads[0], "coef");
   const c10::cuda::CUDAGuard guard(grads[0].device());
   for (const TensorTable& t : build_tables(op, Lists{{{kGrad, grads}}, {}}, grads[0])) {
-    C10_CUDA_CHECK(scale_grads(t, to_dtype(grads[0].scalar_type()), c, c10::cuda::getCurrentCUDAStream()));
+    check_launch(scale_grads(t, to_dtype(grads[0].scalar_type()), c, c10::cuda::getCurrentCUDAStream()), op);
   }
 }
 
+// Meta kernels: the steps mutate their inputs only; grad_norm returns two scalars.
+void step_meta(const c10::OperatorHandle&, torch::jit::Stack* stack) { stack->clear(); }
+
+std::tuple<at::Tensor, at::Tensor> grad_norm_meta(TensorList grads, double, double) {
+  TORCH_CHECK_VALUE(!grads.empty(), "grad_norm: grads must be a non-empty list");
+  const auto opts = grads[0].options().dtype(at::kFloat);
+  return {at::empty({}, opts), at::empty({}, opts)};
+}
+
+const std::string kStepDtypes = "float32, float16, bfloat16 params (16-bit: optional float32 masters); float32 or "
+                                "bfloat16 moments";
+const std::string kListSizes = "any number of tensors (384 a launch), any size (64-bit offsets)";
+const RegisterOpInfo adam_info{{"optim", "adam_step_", kStepDtypes, kListSizes}};
+const RegisterOpInfo sgd_info{{"optim", "sgd_step_", kStepDtypes, kListSizes}};
+const RegisterOpInfo lamb_info{{"optim", "lamb_step_", kStepDtypes, kListSizes}};
+const RegisterOpInfo grad_norm_info{{"optim", "grad_norm", "float32, float16, bfloat16 grads", "2-norm and inf-norm"}};
+const RegisterOpInfo scale_info{{"optim", "scale_grads_", "float32, float16, bfloat16 grads", kListSizes}};
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
+  m.impl("adam_step_", torch::CppFunction::makeFromBoxedFunction<&step_meta>());
+  m.impl("sgd_step_", torch::CppFunction::makeFromBoxedFunction<&step_meta>());
+  m.impl("lamb_step_", torch::CppFunction::makeFromBoxedFunction<&step_meta>());
+  m.impl("scale_grads_", torch::CppFunction::makeFromBoxedFunction<&step_meta>());
+  m.impl("grad_norm", &grad_norm_meta);
+}
+
+// In-place ops bump the version counters of what they write, as torch's own optimizer steps do: autograd
+// then refuses a backward through a tensor a step has changed since it was saved.
+TORCH_LIBRARY_IMPL(fusedkernels, ADInplaceOrView, m) {
+  m.impl("adam_step_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("sgd_step_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("lamb_step_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("scale_grads_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+}
 
 TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
   m.impl("adam_step_", &adam_step_);

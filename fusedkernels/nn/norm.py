@@ -1,7 +1,8 @@
 """FusedLayerNorm / FusedRMSNorm: subclasses of torch.nn.LayerNorm / RMSNorm with the fused forward and backward.
 
 Being subclasses, they take the same arguments, hold the same parameters, load each other's state_dict
-and pass `isinstance(m, nn.LayerNorm)` checks (weight-decay filters, initialisers).
+and pass `isinstance(m, nn.LayerNorm)` checks (weight-decay filters, initialisers). forward calls the C++
+op directly: no Python work beyond the call.
 """
 
 from torch import Tensor, nn
@@ -12,12 +13,13 @@ from ..ops import norm as ops
 class FusedLayerNorm(nn.LayerNorm):
     """`torch.nn.LayerNorm` computed by fusedkernels.ops.layer_norm."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    def forward(self, input: Tensor) -> Tensor:
+        return ops._layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class FusedRMSNorm(nn.RMSNorm):
-    """`torch.nn.RMSNorm` computed by fusedkernels.ops.rms_norm."""
+    """`torch.nn.RMSNorm` computed by fusedkernels.ops.rms_norm (eps=None: float32's machine epsilon for
+    16-bit inputs, as torch)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+    def forward(self, input: Tensor) -> Tensor:
+        return ops._rms_norm(input, self.normalized_shape, self.weight, self.eps)

@@ -1,11 +1,12 @@
 """Functional API: one typed function per fused op, with autograd, torch.compile and CUDA-graph support.
 
-Each op is a `torch.ops.fusedkernels` custom op whose CPU implementation is the PyTorch reference, so
-everything runs (slowly) without a GPU. Where no native kernel covers the input (native module not built,
-or a size past the kernel's limit) a CUDA tensor runs the reference too, with one warning.
+Each op is a `torch.ops.fusedkernels` custom op. Its CPU kernel is PyTorch's own implementation (or the
+reference where PyTorch has none), so everything runs without a GPU. Where no fused kernel covers a CUDA
+input (native module not built, a dtype or size without a kernel), the op runs PyTorch's implementation,
+with one warning.
 """
 
 from .norm import layer_norm, rms_norm
-from .optim import adam_step_, grad_norm, scale_grads_, sgd_step_
+from .optim import adam_step_, grad_norm, lamb_step_, scale_grads_, sgd_step_
 
-__all__ = ["layer_norm", "rms_norm", "adam_step_", "sgd_step_", "grad_norm", "scale_grads_"]
+__all__ = ["layer_norm", "rms_norm", "adam_step_", "sgd_step_", "lamb_step_", "grad_norm", "scale_grads_"]

@@ -1,9 +1,14 @@
 """Multi-tensor optimizer steps and grad norms: one fused pass over all the tensors of a list.
 
-Native kernels: csrc/optim. The `*_ref` functions are the specification (and the CPU implementation):
-per element, fp32 arithmetic whatever the storage types, in the order torch.optim uses, with the
-hyperparameters rounded to fp32 as the kernels take them (1 - beta2 for beta2 = 0.999 is then
-0.00099998713, not 0.001: 1.3e-5 apart, which shows when nothing cancels it).
+Native kernels: csrc/optim, for CUDA float32 / float16 / bfloat16 lists. Other lists run PyTorch's own fused
+or foreach ops where they compute the same thing (CPU lists, float64 on CUDA, with one warning for CUDA),
+else the reference. The `*_ref` functions are the specification: per element, fp32 arithmetic whatever the
+storage types, in the order torch.optim uses, with the hyperparameters rounded to fp32 as the kernels take
+them (1 - beta2 for beta2 = 0.999 is then 0.00099998713, not 0.001: 1.3e-5 apart, which shows when nothing
+cancels it).
+
+Step counts: `steps` hold each param's count before the step (float32 scalars on the params' device); an op
+adds 1 to each unless `found_inf` is nonzero, in which case the whole step is skipped.
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ def _read_grad(grad: Tensor, grad_scale: Optional[Tensor], unscale: float, facto
     return g
 
 
+def _count_steps(steps: List) -> None:
+    for s in steps:
+        s.add_(1)
+
+
 def adam_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, max_exp_avg_sqs: List,
                   masters: List, steps: List, lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float,
                   eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
@@ -63,7 +73,7 @@ def adam_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
         if amsgrad:
             second = torch.maximum(max_exp_avg_sqs[i].float(), v)
             max_exp_avg_sqs[i].copy_(second)
-        step = float(steps[i].item())
+        step = float(steps[i].item()) + 1
         step_size = lr / (1 - beta1**step)
         w = w - step_size * m / (second.sqrt() / math.sqrt(1 - beta2**step) + eps)
         p.copy_(w)
@@ -71,11 +81,12 @@ def adam_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
             masters[i].copy_(w)
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
+    _count_steps(steps)
 
 
-def sgd_step_ref(params: List, grads: List, momentum_buffers: List, masters: List, lr: float,
+def sgd_step_ref(params: List, grads: List, momentum_buffers: List, masters: List, steps: List, lr: float,
                  lr_tensor: Optional[Tensor], momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-                 maximize: bool, first_step: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                 maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
                  clip_coef: Optional[Tensor]) -> None:
     if _scalar(found_inf, 0.0) != 0.0:
         return
@@ -87,13 +98,16 @@ def sgd_step_ref(params: List, grads: List, momentum_buffers: List, masters: Lis
         if weight_decay != 0:
             g = g + weight_decay * w
         if momentum != 0:
-            buf = g if first_step else momentum * momentum_buffers[i].float() + (1 - dampening) * g
+            first = float(steps[i].item()) == 0  # a param's first step starts its buffer from the grad
+            buf = g if first else momentum * momentum_buffers[i].float() + (1 - dampening) * g
             momentum_buffers[i].copy_(buf)
             g = g + momentum * buf if nesterov else buf
         w = w - lr * g
         p.copy_(w)
         if masters:
             masters[i].copy_(w)
+    if momentum != 0:
+        _count_steps(steps)
 
 
 def lamb_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List,
@@ -119,7 +133,7 @@ def lamb_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
         # the moments as stored (rounded to their dtype): the update is computed from those
         exp_avgs[i].copy_(beta1 * exp_avgs[i].float() + grad_weight * g)
         exp_avg_sqs[i].copy_(beta2 * exp_avg_sqs[i].float() + (1 - beta2) * g * g)
-        step = float(steps[i].item())
+        step = float(steps[i].item()) + 1
         bc1, bc2 = (1 - beta1**step, 1 - beta2**step) if bias_correction else (1.0, 1.0)
         u = (exp_avgs[i].float() / bc1) / ((exp_avg_sqs[i].float() / bc2).sqrt() + eps)
         if decoupled:
@@ -130,12 +144,13 @@ def lamb_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
         p.copy_(w)
         if masters:
             masters[i].copy_(w)
+    _count_steps(steps)
 
 
 def grad_norm_ref(grads: List, norm_type: float, max_norm: float):
     if math.isinf(norm_type):
-        total = torch.stack([g.float().abs().max() for g in grads if g.numel()]).max() if any(
-            g.numel() for g in grads) else grads[0].new_zeros((), dtype=torch.float32)
+        nonempty = [g.float().abs().max() for g in grads if g.numel()]
+        total = torch.stack(nonempty).max() if nonempty else grads[0].new_zeros((), dtype=torch.float32)
     else:
         total = torch.stack([g.float().square().sum() for g in grads]).sum().sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -147,44 +162,74 @@ def scale_grads_ref(grads: List, coef: Tensor) -> None:
         g.copy_(g.float() * coef)
 
 
-if _native.loaded:
-    torch.library.register_kernel("fusedkernels::adam_step_", "cpu", adam_step_ref)
-    torch.library.register_kernel("fusedkernels::sgd_step_", "cpu", sgd_step_ref)
+# ------------------------------------------------------------------------------------------------
+# PyTorch's own ops where they compute the same thing: the CPU kernels, and the path of dtypes without a
+# fused kernel. Cases they do not cover (fp32 masters of 16-bit params, moments in another dtype than the
+# params, a deferred clip, LAMB) run the reference.
+# ------------------------------------------------------------------------------------------------
+
+
+def _undo_skipped_count(steps: List, found_inf: Optional[Tensor]) -> None:
+    if found_inf is not None:  # a skipped step does not count; no host sync
+        torch._foreach_sub_(list(steps), [found_inf.to(steps[0].device)] * len(steps))
+
+
+def adam_step_torch(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, max_exp_avg_sqs: List,
+                    masters: List, steps: List, lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float,
+                    eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
+                    grad_scale: Optional[Tensor], found_inf: Optional[Tensor], clip_coef: Optional[Tensor]) -> None:
+    if masters or clip_coef is not None or exp_avgs[0].dtype != params[0].dtype:
+        return adam_step_ref(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, lr_tensor,
+                             beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf,
+                             clip_coef)
+    fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    torch._foreach_add_(list(steps), 1.0)
+    fused(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else [],
+          list(steps), lr=lr if lr_tensor is None else lr_tensor, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+          eps=eps, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+    _undo_skipped_count(steps, found_inf)
+
+
+def sgd_step_torch(params: List, grads: List, momentum_buffers: List, masters: List, steps: List, lr: float,
+                   lr_tensor: Optional[Tensor], momentum: float, dampening: float, weight_decay: float,
+                   nesterov: bool, maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                   clip_coef: Optional[Tensor]) -> None:
+    first = momentum != 0 and [float(s.item()) == 0 for s in steps]
+    mixed = momentum != 0 and len(set(first)) > 1
+    buffers_ok = momentum == 0 or momentum_buffers[0].dtype == params[0].dtype
+    if masters or clip_coef is not None or mixed or not buffers_ok:
+        return sgd_step_ref(params, grads, momentum_buffers, masters, steps, lr, lr_tensor, momentum, dampening,
+                            weight_decay, nesterov, maximize, grad_scale, found_inf, clip_coef)
+    torch._fused_sgd_(list(params), list(grads), list(momentum_buffers) if momentum != 0 else [],
+                      weight_decay=weight_decay, momentum=momentum, lr=lr if lr_tensor is None else lr_tensor,
+                      dampening=dampening, nesterov=nesterov, maximize=maximize,
+                      is_first_step=bool(momentum != 0 and first[0]), grad_scale=grad_scale, found_inf=found_inf)
+    if momentum != 0:
+        torch._foreach_add_(list(steps), 1.0)
+        _undo_skipped_count(steps, found_inf)
+
+
+def grad_norm_torch(grads: List, norm_type: float, max_norm: float):
+    norms = torch._foreach_norm(list(grads), norm_type, dtype=torch.float32)
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+def scale_grads_torch(grads: List, coef: Tensor) -> None:
+    torch._foreach_mul_(list(grads), coef)
+
+
+if _native.has_op("adam_step_"):
+    torch.library.register_kernel("fusedkernels::adam_step_", "cpu", adam_step_torch)
+    torch.library.register_kernel("fusedkernels::sgd_step_", "cpu", sgd_step_torch)
     torch.library.register_kernel("fusedkernels::lamb_step_", "cpu", lamb_step_ref)
-    torch.library.register_kernel("fusedkernels::grad_norm", "cpu", grad_norm_ref)
-    torch.library.register_kernel("fusedkernels::scale_grads_", "cpu", scale_grads_ref)
-
-    @torch.library.register_fake("fusedkernels::adam_step_")
-    def _(*args):
-        return None
-
-    @torch.library.register_fake("fusedkernels::sgd_step_")
-    def _(*args):
-        return None
-
-    @torch.library.register_fake("fusedkernels::lamb_step_")
-    def _(*args):
-        return None
-
-    @torch.library.register_fake("fusedkernels::grad_norm")
-    def _(grads, norm_type, max_norm):
-        return grads[0].new_empty((), dtype=torch.float32), grads[0].new_empty((), dtype=torch.float32)
-
-    @torch.library.register_fake("fusedkernels::scale_grads_")
-    def _(grads, coef):
-        return None
+    torch.library.register_kernel("fusedkernels::grad_norm", "cpu", grad_norm_torch)
+    torch.library.register_kernel("fusedkernels::scale_grads_", "cpu", scale_grads_torch)
 
 
-def _route(op: str, device: torch.device):
-    """The custom op when it can run here, else the reference (with one warning for CUDA tensors)."""
-    if not _native.loaded:
-        if device.type == "cuda":
-            _native.warn_fallback(op, f"the native module is not loaded ({_native.error})")
-        return None
-    if device.type == "cuda" and not _native.has_cuda_kernel(op):
-        _native.warn_fallback(op, "this build has no CUDA kernel for it (see FUSEDKERNELS_FAMILIES)")
-        return None
-    return getattr(torch.ops.fusedkernels, op)
+# ------------------------------------------------------------------------------------------------
+# Public functions
+# ------------------------------------------------------------------------------------------------
 
 
 def adam_step_(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, max_exp_avg_sqs: List, masters: List,
@@ -192,30 +237,33 @@ def adam_step_(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, max
                weight_decay: float, decoupled: bool, amsgrad: bool = False, maximize: bool = False,
                grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
                clip_coef: Optional[Tensor] = None) -> None:
-    """One Adam (decoupled=False) or AdamW (decoupled=True) step over every tensor of the lists, in place.
+    """One Adam (decoupled=False) or AdamW (decoupled=True) step over every tensor of the lists, in place
+    (Kingma & Ba, 2015; Loshchilov & Hutter, 2019; torch.optim.Adam's formulas).
 
-    params / grads: one dtype (fp32, fp16 or bf16); states fp32 or bf16; masters: fp32 copies of 16-bit
-    params (read and written) or empty; steps: per-param float32 step counts, already incremented.
+    params / grads: one dtype and device; states float32 or bfloat16, like each param; masters: float32
+    copies of 16-bit params (read and written) or empty; steps: float32 scalar step counts before this step
+    (incremented here unless skipped). lr_tensor overrides lr (a capturable schedule); grad_scale divides
+    the grads (written back unscaled), found_inf != 0 skips the step, clip_coef multiplies the grads: all
+    one-element float32 tensors on the params' device.
     """
-    op = _route("adam_step_", params[0].device) if params else None
-    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(masters),
-            list(steps), lr, lr_tensor, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
-            grad_scale, found_inf, clip_coef)
     if params:
-        (op or adam_step_ref)(*args)
+        op = _native.route("adam_step_", params[0], adam_step_torch, "torch._fused_adam(w)_")
+        op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, lr_tensor, beta1, beta2, eps,
+           weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf, clip_coef)
 
 
-def sgd_step_(params: List, grads: List, momentum_buffers: List, masters: List, *, lr: float,
+def sgd_step_(params: List, grads: List, momentum_buffers: List, masters: List, steps: List, *, lr: float,
               lr_tensor: Optional[Tensor] = None, momentum: float = 0.0, dampening: float = 0.0,
-              weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False, first_step: bool = False,
+              weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False,
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
               clip_coef: Optional[Tensor] = None) -> None:
-    """One SGD step (torch.optim.SGD's formulas) over every tensor of the lists, in place."""
-    op = _route("sgd_step_", params[0].device) if params else None
-    args = (list(params), list(grads), list(momentum_buffers), list(masters), lr, lr_tensor, momentum, dampening,
-            weight_decay, nesterov, maximize, first_step, grad_scale, found_inf, clip_coef)
+    """One SGD step (torch.optim.SGD's formulas) over every tensor of the lists, in place. With momentum,
+    steps (float32 scalars, incremented here) mark each param's first step, which starts its buffer from
+    the grad; without, steps and momentum_buffers may be empty. Otherwise as `adam_step_`."""
     if params:
-        (op or sgd_step_ref)(*args)
+        op = _native.route("sgd_step_", params[0], sgd_step_torch, "torch._fused_sgd_")
+        op(params, grads, momentum_buffers, masters, steps, lr, lr_tensor, momentum, dampening, weight_decay,
+           nesterov, maximize, grad_scale, found_inf, clip_coef)
 
 
 def lamb_step_(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List, *,
@@ -224,51 +272,28 @@ def lamb_step_(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, mas
                always_adapt: bool = False, grad_norm: Optional[Tensor] = None, max_grad_norm: float = math.inf,
                maximize: bool = False, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
                clip_coef: Optional[Tensor] = None) -> None:
-    """One LAMB step (apex FusedLAMB's formulas) over every tensor of the lists, in place.
+    """One LAMB step (You et al., 2020; apex FusedLAMB's formulas) over every tensor of the lists, in place.
 
     Lists as in `adam_step_`. grad_norm: the total 2-norm of the raw grads (a one-element float32 device
     tensor, e.g. from `grad_norm`); the grads are then clipped to max_grad_norm inside the step.
     decoupled: weight decay inside the update (apex's adam_w_mode) rather than added to the grad;
     always_adapt: apply the trust ratio to params without weight decay too (apex's use_nvlamb).
     """
-    op = _route("lamb_step_", params[0].device) if params else None
-    args = (list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masters), list(steps), lr, lr_tensor,
-            beta1, beta2, eps, weight_decay, decoupled, bias_correction, grad_averaging, always_adapt, grad_norm,
-            max_grad_norm, maximize, grad_scale, found_inf, clip_coef)
     if params:
-        (op or lamb_step_ref)(*args)
+        op = _native.route("lamb_step_", params[0], lamb_step_ref, "the reference LAMB")
+        op(params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay,
+           decoupled, bias_correction, grad_averaging, always_adapt, grad_norm, max_grad_norm, maximize, grad_scale,
+           found_inf, clip_coef)
 
 
 def grad_norm(grads: List, norm_type: float = 2.0, max_norm: float = math.inf) -> tuple[Tensor, Tensor]:
-    """Total 2- or inf-norm of the tensors (fp32, deterministic) and min(max_norm / (total + 1e-6), 1)."""
-    op = _route("grad_norm", grads[0].device)
-    return (op or grad_norm_ref)(list(grads), float(norm_type), float(max_norm))
+    """Total 2- or inf-norm of the tensors (float32 0-dim tensor on their device; deterministic) and
+    min(max_norm / (total + 1e-6), 1). grads: a non-empty list of one dtype on one device."""
+    op = _native.route("grad_norm", grads[0], grad_norm_torch, "torch._foreach_norm")
+    return op(grads, float(norm_type), float(max_norm))
 
 
 def scale_grads_(grads: List, coef: Tensor) -> None:
     """grads *= coef (a one-element float32 tensor on the grads' device), in place."""
     if grads:
-        op = _route("scale_grads_", grads[0].device)
-        (op or scale_grads_ref)(list(grads), coef)
-
-
-# What `python -m fusedkernels.info` reports for this family.
-SUPPORT = {
-    "adam_step_": {
-        "kernel": "adam_step_",
-        "dtypes": "fp32 / fp16 / bf16 params (16-bit: optional fp32 masters), fp32 or bf16 states",
-        "sizes": "any number of tensors (384 a launch), any size (64-bit offsets)",
-    },
-    "sgd_step_": {
-        "kernel": "sgd_step_",
-        "dtypes": "fp32 / fp16 / bf16 params (16-bit: optional fp32 masters and buffers)",
-        "sizes": "any number of tensors (384 a launch), any size (64-bit offsets)",
-    },
-    "lamb_step_": {
-        "kernel": "lamb_step_",
-        "dtypes": "fp32 / fp16 / bf16 params (16-bit: optional fp32 masters), fp32 or bf16 states",
-        "sizes": "any number of tensors (384 a launch), any size (64-bit offsets)",
-    },
-    "grad_norm": {"kernel": "grad_norm", "dtypes": "fp32 / fp16 / bf16 grads", "sizes": "2-norm and inf-norm"},
-    "scale_grads_": {"kernel": "scale_grads_", "dtypes": "fp32 / fp16 / bf16 grads", "sizes": "any"},
-}
+        _native.route("scale_grads_", grads[0], scale_grads_torch, "torch._foreach_mul_")(grads, coef)

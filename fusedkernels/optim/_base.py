@@ -1,18 +1,55 @@
-"""What the fused optimizers share: bucketing params by device and dtype, AMP and deferred clipping."""
+"""What the fused optimizers share: the per-step plan (params bucketed for one fused call each), cached
+between steps; AMP; deferred clipping; torch.optim's argument checks."""
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 
-class FusedOptimizer(torch.optim.Optimizer):
-    """A torch.optim.Optimizer whose step is one fused kernel per (device, dtype) bucket of each group.
+class Bucket:
+    """The params of one group that step in one fused call: one device, dtype, moment dtype, masters or not.
 
-    Works with torch.amp.GradScaler without host syncs: the scaler hands over `grad_scale` and `found_inf`
-    and the kernel unscales the grads and skips the step on inf/NaN, on the device.
+    The lists are built when the plan is and reused at every step; only the grads are read anew. Complex
+    params step through their real views (as torch.optim does), taken at each step.
+    """
+
+    __slots__ = ("device", "index", "params", "states", "masters", "steps", "is_complex")
+
+    def __init__(self, device: torch.device, keys: list[str], is_complex: bool):
+        self.device = device
+        self.index: list[int] = []  # positions in the group's params
+        self.params: list[Tensor] = []
+        self.states: dict[str, list[Tensor]] = {k: [] for k in keys}
+        self.masters: list[Tensor] = []
+        self.steps: list[Tensor] = []
+        self.is_complex = is_complex
+
+    def lists(self, grads: list) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
+        """params, grads and states as the kernels take them."""
+        bucket_grads = [grads[i] for i in self.index]
+        if not self.is_complex:
+            return self.params, bucket_grads, self.states
+        real = torch.view_as_real
+        return ([real(p) for p in self.params], [real(g) for g in bucket_grads],
+                {k: [real(t) for t in ts] for k, ts in self.states.items()})
+
+
+class _Plan:
+    __slots__ = ("params", "has_grad", "key", "version", "state", "state_dicts", "buckets")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """A torch.optim.Optimizer whose step is one fused kernel per bucket (device, dtype, moment dtype, masters)
+    of each group.
+
+    The bucketing is planned once and reused while the params that have grads, the groups and the state
+    stay the same, so a step costs little host time. Works with torch.amp.GradScaler without host syncs:
+    the scaler hands over `grad_scale` and `found_inf`, and the kernel unscales the grads and skips the step
+    on inf/NaN, on the device (a skipped step creates or advances no state).
     """
 
     _step_supports_amp_scaling = True
@@ -22,28 +59,47 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__} does not support differentiable=True")
         if state_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
-        super().__init__(params, defaults)
         self.master_weights = bool(master_weights)
         self.state_dtype = state_dtype
-        self._clip_coef: Optional[Tensor] = None
+        self._reset_plans()
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype == torch.complex32:
+                    raise TypeError(f"{type(self).__name__}: complex32 params are not supported")
+
+    # ---- argument checks, as torch.optim's (with its messages) ----
 
     @staticmethod
-    def _check_adam_args(lr, betas, eps: float, weight_decay: float) -> None:
-        """torch.optim.Adam's checks of its arguments, with its messages."""
-        if not (isinstance(lr, Tensor) or 0.0 <= lr):
+    def _check_lr(lr) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
+
+    @staticmethod
+    def _check_adam_args(lr, betas, eps: float, weight_decay: float) -> tuple[float, float]:
+        """torch.optim.Adam's checks; returns the betas as floats (one-element tensors are accepted)."""
+        FusedOptimizer._check_lr(lr)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
+        betas = tuple(betas)
         for i, b in enumerate(betas):
+            if isinstance(b, Tensor) and b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {b}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        return float(betas[0]), float(betas[1])
+
+    # ---- state dicts, copies ----
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state tensors keep their saved dtype: torch casts every floating state
         tensor to its param's dtype, which would round fp32 masters and fp32 states of 16-bit params."""
         super().load_state_dict(state_dict)
+        self._reset_plans()
         saved_state = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for param_id, p in zip(saved_group["params"], group["params"]):
@@ -52,13 +108,178 @@ class FusedOptimizer(torch.optim.Optimizer):
                             and value.dtype != p.dtype):
                         self.state[p][key] = value.to(device=p.device, copy=True)
 
-    def defer_grad_clip(self, coef: Tensor) -> None:
-        """Multiply the grads by `coef` (a one-element device tensor) inside the next step instead of in a
-        separate pass: what `fusedkernels.optim.clip_grad_norm_(..., defer_to=optimizer)` does."""
-        self._clip_coef = coef
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._reset_plans()
+
+    # Options kept as attributes rather than in param groups: carried through pickling and deepcopy.
+    _option_attributes: tuple[str, ...] = ("master_weights", "state_dtype")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in self._option_attributes})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._reset_plans()
+
+    def _reset_plans(self) -> None:
+        self._plans: dict[int, _Plan] = {}
+        self._deferred_clip = None
+
+    # ---- per-subclass: what state a param has ----
+
+    def _moment_keys(self, group: dict) -> list[str]:
+        """The state tensors of each param of the group, zeros at the first step."""
+        raise NotImplementedError
+
+    def _counts_steps(self, group: dict) -> bool:
+        """Whether the group's params keep a "step" count (on the device)."""
+        return True
+
+    def _moment_dtype(self, p: Tensor, has_master: bool) -> torch.dtype:
+        """The moments' dtype: state_dtype when given; else the param's dtype for fp32 and bf16 params
+        without master weights (as torch), float32 otherwise. Complex params keep complex moments."""
+        if p.is_complex():
+            return p.dtype
+        if self.state_dtype is not None:
+            return self.state_dtype
+        if p.dtype == torch.float16 or has_master:
+            return torch.float32
+        return p.dtype
+
+    # ---- the plan ----
+
+    def _buckets(self, group: dict) -> tuple[list[Bucket], list]:
+        """The group's buckets (planned, or reused from the last step) and its grads."""
+        params = group["params"]
+        grads = [p.grad for p in params]
+        has_grad = [g is not None for g in grads]
+        plan = self._plans.get(id(group))
+        if (plan is None or plan.params is not params or plan.has_grad != has_grad or plan.key != self._plan_key(group)
+                or plan.state is not self.state
+                or not all(map(operator.is_, map(self.state.get, plan.state_dicts[0]), plan.state_dicts[1]))):
+            plan = self._plan(group, has_grad)
+            self._plans[id(group)] = plan
+        return plan.buckets, grads
+
+    def _plan_key(self, group: dict) -> tuple:
+        return tuple(self._moment_keys(group)), self._counts_steps(group)
+
+    def _plan(self, group: dict, has_grad: list[bool]) -> _Plan:
+        keys, counts_steps = self._plan_key(group)
+        buckets: dict[tuple, Bucket] = {}
+        stepped, state_dicts = [], []
+        for i, p in enumerate(group["params"]):
+            if not has_grad[i]:
+                continue
+            self._check_grad(p)
+            state = self.state[p]
+            master = self._master(p, state)
+            moment_dtype = self._moment_dtype(p, master is not None)
+            if counts_steps:
+                self._init_step(p, state, started=bool(keys) and all(state.get(k) is not None for k in keys))
+            for key in keys:
+                t = state.get(key)
+                if t is None:
+                    state[key] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
+                elif t.dtype != moment_dtype or t.device != p.device:
+                    state[key] = t.to(device=p.device, dtype=moment_dtype)
+            bucket_dtype = torch.empty((), dtype=p.dtype).real.dtype if p.is_complex() else p.dtype
+            b = buckets.setdefault((p.device, bucket_dtype, moment_dtype, master is not None, p.is_complex()),
+                                   Bucket(p.device, keys, p.is_complex()))
+            b.index.append(i)
+            b.params.append(p)
+            for key in keys:
+                b.states[key].append(state[key])
+            if master is not None:
+                b.masters.append(master)
+            if counts_steps:
+                b.steps.append(state["step"])
+            stepped.append(p)
+            state_dicts.append(state)
+        plan = _Plan()
+        plan.params, plan.has_grad, plan.key = group["params"], has_grad, (tuple(keys), counts_steps)
+        plan.state, plan.state_dicts, plan.buckets = self.state, (stepped, state_dicts), list(buckets.values())
+        return plan
+
+    def _check_grad(self, p: Tensor) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if p.grad.dtype != p.dtype:
+            raise TypeError(f"{type(self).__name__}: a grad must have its param's dtype, got {p.grad.dtype} "
+                            f"for a {p.dtype} param")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise TypeError(f"{type(self).__name__}: params must be floating-point or complex, got {p.dtype}")
+
+    @staticmethod
+    def _init_step(p: Tensor, state: dict, started: bool) -> None:
+        """A float32 "step" on the param's device: 0 for new state; a step loaded from torch (a CPU tensor or
+        a number) is moved; state loaded without a step (torch's SGD keeps none) counts as started."""
+        step = state.get("step")
+        if step is None:
+            state["step"] = torch.full((), 1.0 if started else 0.0, dtype=torch.float32, device=p.device)
+        elif not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
+                  and step.dim() == 0):
+            state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device).reshape(())
+
+    def _master(self, p: Tensor, state: dict) -> Optional[Tensor]:
+        """The fp32 master copy of a 16-bit param (created from the param when missing, e.g. after loading
+        a torch.optim state dict), or None."""
+        if not self.master_weights or p.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        master = state.get("master_param")
+        if master is None or master.device != p.device or master.dtype != torch.float32:
+            master = (master if master is not None else p.detach()).to(device=p.device, dtype=torch.float32).clone()
+            state["master_param"] = master
+        return master
+
+    # ---- AMP, deferred clipping, lr ----
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's; also drops a clip deferred to this optimizer (it was for the grads being cleared)."""
+        self._deferred_clip = None
+        super().zero_grad(set_to_none)
+
+    def _grads_with_params(self) -> tuple[list[Tensor], list[Tensor]]:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return params, [p.grad for p in params]
+
+    def defer_grad_clip(self, coef: Tensor, params: list[Tensor]) -> None:
+        """Multiply the grads of `params` by `coef` (a one-element tensor) inside the next step instead of in
+        a separate pass: what `fusedkernels.optim.clip_grad_norm_(params, ..., defer_to=optimizer)` does.
+
+        `params` must be exactly this optimizer's params that have grads. The clip stays pending until the
+        next step, which applies it, or zero_grad, which drops it; a new clip before then composes with it
+        (as two clips in a row would). A step that finds the grads changed since the clip raises.
+        """
+        mine, grads = self._grads_with_params()
+        if {id(p) for p in params} != {id(p) for p in mine}:
+            raise ValueError(f"clip_grad_norm_(defer_to=...): the clipped parameters must be exactly the "
+                             f"{type(self).__name__}'s parameters that have grads ({len(params)} given with grads, "
+                             f"{len(mine)} in the optimizer); clip the others separately without defer_to")
+        self._deferred_clip = (coef, grads, [g._version for g in grads])
+
+    def deferred_clip_coef(self) -> Optional[Tensor]:
+        """The clip coefficient pending for the next step, or None (none, or the grads have changed)."""
+        if self._deferred_clip is None:
+            return None
+        coef, grads, versions = self._deferred_clip
+        _, current = self._grads_with_params()
+        if (len(current) != len(grads) or not all(map(operator.is_, current, grads))
+                or [g._version for g in grads] != versions):
+            return None
+        return coef
 
     def _amp_and_clip(self):
-        clip, self._clip_coef = self._clip_coef, None
+        pending = self._deferred_clip
+        clip = self.deferred_clip_coef()
+        self._deferred_clip = None
+        if pending is not None and clip is None:
+            raise RuntimeError(f"{type(self).__name__}.step(): the grads changed after clip_grad_norm_(..., defer_to="
+                               f"optimizer) measured them (another backward, or grads set or modified in place); "
+                               f"clip again after the last change, or clip without defer_to")
         return getattr(self, "grad_scale", None), getattr(self, "found_inf", None), clip
 
     @staticmethod
@@ -70,89 +291,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         if isinstance(lr, Tensor):
             return 0.0, self._on(lr, device)
         return float(lr), None
-
-    def _params_with_grads(self, group: dict):
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise TypeError(f"{type(self).__name__}: params must be float32, float16 or bfloat16, got {p.dtype}")
-            if p.grad.dtype != p.dtype:
-                raise TypeError(f"{type(self).__name__}: a grad must have its param's dtype, got {p.grad.dtype} "
-                                f"for a {p.dtype} param")
-            yield p
-
-    def _master(self, p: Tensor, state: dict) -> Optional[Tensor]:
-        """The fp32 master copy of a 16-bit param (created from the param when missing, e.g. after loading
-        a torch.optim state dict), or None."""
-        if not self.master_weights or p.dtype == torch.float32:
-            return None
-        master = state.get("master_param")
-        if master is None or master.device != p.device or master.dtype != torch.float32:
-            master = (master if master is not None else p.detach()).to(device=p.device, dtype=torch.float32).clone()
-            state["master_param"] = master
-        return master
-
-    def _state_dtype(self, p: Tensor) -> torch.dtype:
-        """The dtype of the moments: state_dtype when given; else the param's dtype for fp32 and bf16 params
-        without master weights (as torch), float32 otherwise."""
-        if self.state_dtype is not None:
-            return self.state_dtype
-        if p.dtype == torch.float16 or (self.master_weights and p.dtype != torch.float32):
-            return torch.float32
-        return p.dtype
-
-    def _moments(self, p: Tensor, keys: list[str]) -> dict:
-        """The param's state with a float32 device "step" and the moment tensors `keys` (zeros when new);
-        loaded state (torch's included) is brought to the param's device and to the moments' dtype."""
-        state = self.state[p]
-        dtype = self._state_dtype(p)
-        step = state.get("step")
-        if step is None:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        elif not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device
-                  and step.dim() == 0):  # e.g. a CPU step from torch.optim's state dict
-            state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device).reshape(())
-        for key in keys:
-            t = state.get(key)
-            if t is None:
-                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-            elif t.dtype != dtype or t.device != p.device:
-                state[key] = t.to(device=p.device, dtype=dtype)
-        return state
-
-    def _moment_buckets(self, group: dict, keys: list[str]) -> dict:
-        """The group's params with grads and their state (moments `keys`, "step", masters), bucketed by
-        (device, dtype, moment dtype, has masters): per bucket the lists "p", "g", "master", "step" and
-        one per key, ready for one fused step each."""
-        buckets: dict = {}
-        for p in self._params_with_grads(group):
-            state = self._moments(p, keys)
-            master = self._master(p, state)
-            key = (p.device, p.dtype, state[keys[0]].dtype, master is not None)
-            b = buckets.setdefault(key, {k: [] for k in ("p", "g", "master", "step", *keys)})
-            b["p"].append(p)
-            b["g"].append(p.grad)
-            b["step"].append(state["step"])
-            if master is not None:
-                b["master"].append(master)
-            for k in keys:
-                b[k].append(state[k])
-        return buckets
-
-    @staticmethod
-    def _count_step(steps: list[Tensor], found_inf: Optional[Tensor]):
-        """Increments the step counters before a step; call the result after it: a step skipped for
-        found_inf does not count (as in torch's fused Adam)."""
-        torch._foreach_add_(steps, 1.0)
-
-        def undo_if_skipped():
-            if found_inf is not None:
-                torch._foreach_sub_(steps, [found_inf] * len(steps))
-
-        return undo_if_skipped
 
     @staticmethod
     def _evaluate(closure: Optional[Callable]):

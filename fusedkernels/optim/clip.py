@@ -8,21 +8,32 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from .. import _native
 from ..ops import optim as ops
 from ._base import FusedOptimizer
 
 
-def total_grad_norm(grads: list[Tensor], norm_type: float, max_norm: float):
-    """The total 2- or inf-norm of grads on any devices and dtypes, and min(max_norm / (total + 1e-6), 1),
-    as float32 tensors on the first grad's device; also the grads grouped by (device, dtype)."""
+def total_grad_norm(grads: list[Tensor], norm_type: float, max_norm: float = math.inf):
+    """The total 2- or inf-norm of grads of any devices and dtypes, on the first grad's device, and
+    min(max_norm / (total + 1e-6), 1). float32, float16 and bfloat16 grads go through the fused kernel (a
+    float32 result); float64 and complex ones through torch's foreach norm, in their own precision (a
+    float64 result when any grad is float64), as torch.nn.utils.clip_grad_norm_. Also returns the grads
+    grouped by (device, dtype)."""
     groups: dict = {}
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)
-    results = [ops.grad_norm(group, norm_type, max_norm) for group in groups.values()]
-    if len(results) == 1:
+    results = []
+    for (_, dtype), group in groups.items():
+        if dtype in _native.KERNEL_DTYPES:
+            results.append(ops.grad_norm(group, norm_type, max_norm))
+        else:
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, norm_type)), norm_type)
+            results.append((total, None))
+    if len(results) == 1 and results[0][1] is not None:
         return groups, *results[0]
-    device = results[0][0].device
-    totals = torch.stack([t.to(device) for t, _ in results])
+    device = grads[0].device
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t, _ in results) else torch.float32
+    totals = torch.stack([t.to(device=device, dtype=dtype) for t, _ in results])
     total = totals.max() if math.isinf(norm_type) else totals.norm()
     return groups, total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
@@ -30,13 +41,24 @@ def total_grad_norm(grads: list[Tensor], norm_type: float, max_norm: float):
 def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: Optional[bool] = None, *,
                     defer_to: Optional[FusedOptimizer] = None) -> Tensor:
-    """Like `torch.nn.utils.clip_grad_norm_`: returns the total norm of the grads (a float32 tensor) and
-    scales them by min(max_norm / (total + 1e-6), 1), without a host sync.
+    """Like `torch.nn.utils.clip_grad_norm_`: returns the total norm of the grads and scales them by
+    min(max_norm / (total + 1e-6), 1), without a host sync.
 
-    norm_type 2 and inf have native kernels (other norms use torch's implementation). With
-    `defer_to=optimizer` (one of the fused optimizers) the grads are not touched here: the optimizer's
-    next step multiplies them by the coefficient as it reads them, saving a read and a write of every grad.
+    The norm is a float32 tensor for float32 / float16 / bfloat16 grads (computed by the fused kernel,
+    deterministic), float64 when a grad is float64; complex grads count through their magnitudes, as in
+    torch. norm_type 2 and inf are fused (other norms use torch's implementation).
+
+    defer_to=optimizer (one of fusedkernels.optim's): the grads are not touched here; the optimizer's next
+    step multiplies them by the coefficient as it reads them, saving a read and a write of every grad.
+    The params must be exactly the optimizer's params that have grads. The clip is pending until that
+    step, dropped by `optimizer.zero_grad()`, and composes with a clip still pending (returning the norm
+    of the grads as that clip left them, as two clips in a row would); a step that finds the grads
+    changed since the clip raises RuntimeError.
     """
+    if defer_to is not None and not isinstance(defer_to, FusedOptimizer):
+        raise TypeError("clip_grad_norm_: defer_to must be one of fusedkernels.optim's optimizers (FusedAdamW, "
+                        f"FusedAdam, FusedSGD, FusedLAMB), got {type(defer_to).__name__}; without defer_to the grads "
+                        "are scaled here")
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     params = [p for p in parameters if p.grad is not None]
@@ -47,14 +69,21 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
         if defer_to is not None:
             raise ValueError("clip_grad_norm_: defer_to needs norm_type 2 or inf")
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    pending = defer_to.deferred_clip_coef() if defer_to is not None else None
     groups, total, coef = total_grad_norm([p.grad for p in params], norm_type, max_norm)
+    if pending is not None:  # the grads as the pending clip leaves them
+        total = total * pending
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
                            "so it cannot be clipped. To disable this error and scale the gradients by the "
                            "non-finite norm anyway, set `error_if_nonfinite=False`")
     if defer_to is not None:
-        defer_to.defer_grad_clip(coef)
-    else:
-        for (device, _), grads in groups.items():
-            ops.scale_grads_(grads, coef.to(device))
+        defer_to.defer_grad_clip(coef if pending is None else coef * pending, params)
+        return total
+    for (device, dtype), grads in groups.items():
+        if dtype in _native.KERNEL_DTYPES:
+            ops.scale_grads_(grads, coef.to(device=device, dtype=torch.float32))
+        else:
+            torch._foreach_mul_(grads, coef.to(device))
     return total

@@ -35,7 +35,7 @@ class FusedLAMB(FusedOptimizer):
                  master_weights: bool = False, state_dtype: Optional[torch.dtype] = None):
         if amsgrad:
             raise ValueError("FusedLAMB does not support amsgrad")
-        self._check_adam_args(lr, betas, eps, weight_decay)
+        betas = self._check_adam_args(lr, betas, eps, weight_decay)
         if max_grad_norm is not None and max_grad_norm < 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
         defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -45,19 +45,25 @@ class FusedLAMB(FusedOptimizer):
         self.use_nvlamb = bool(use_nvlamb)
         self.set_grad_none = bool(set_grad_none)
 
+    _option_attributes = FusedOptimizer._option_attributes + ("adam_w_mode", "use_nvlamb", "set_grad_none")
+
     def zero_grad(self, set_to_none: Optional[bool] = None) -> None:
         super().zero_grad(self.set_grad_none if set_to_none is None else set_to_none)
+
+    def _moment_keys(self, group: dict) -> list[str]:
+        return ["exp_avg", "exp_avg_sq"]
 
     def _global_grad_norm(self) -> Optional[torch.Tensor]:
         """The 2-norm of every grad of every group (as apex), or None when the clip is off."""
         max_norm = self.defaults["max_grad_norm"]
         if not max_norm:
             return None
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params, grads = self._grads_with_params()
         if not grads:
             return None
-        _, total, _ = total_grad_norm(grads, 2.0, math.inf)
-        return total
+        for p in params:
+            self._check_grad(p)
+        return total_grad_norm(grads, 2.0)[1]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -66,17 +72,18 @@ class FusedLAMB(FusedOptimizer):
         grad_norm = self._global_grad_norm()
         max_grad_norm = float(self.defaults["max_grad_norm"] or math.inf)
         for group in self.param_groups:
+            buckets, grads = self._buckets(group)
             beta1, beta2 = group["betas"]
-            for (device, *_), b in self._moment_buckets(group, ["exp_avg", "exp_avg_sq"]).items():
-                lr, lr_tensor = self._lr_args(group, device)
-                inf = self._on(found_inf, device)
-                undo_if_skipped = self._count_step(b["step"], inf)
+            for b in buckets:
+                params, bucket_grads, states = b.lists(grads)
+                lr, lr_tensor = self._lr_args(group, b.device)
                 ops.lamb_step_(
-                    b["p"], b["g"], b["exp_avg"], b["exp_avg_sq"], b["master"], b["step"], lr=lr, lr_tensor=lr_tensor,
-                    beta1=float(beta1), beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
-                    decoupled=self.adam_w_mode, bias_correction=group["bias_correction"],
-                    grad_averaging=group["grad_averaging"], always_adapt=self.use_nvlamb,
-                    grad_norm=self._on(grad_norm, device), max_grad_norm=max_grad_norm, maximize=group["maximize"],
-                    grad_scale=self._on(grad_scale, device), found_inf=inf, clip_coef=self._on(clip, device))
-                undo_if_skipped()
+                    params, bucket_grads, states["exp_avg"], states["exp_avg_sq"], b.masters, b.steps, lr=lr,
+                    lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                    weight_decay=group["weight_decay"], decoupled=self.adam_w_mode,
+                    bias_correction=group["bias_correction"], grad_averaging=group["grad_averaging"],
+                    always_adapt=self.use_nvlamb, grad_norm=self._on(grad_norm, b.device),
+                    max_grad_norm=max_grad_norm, maximize=group["maximize"],
+                    grad_scale=self._on(grad_scale, b.device), found_inf=self._on(found_inf, b.device),
+                    clip_coef=self._on(clip, b.device))
         return loss

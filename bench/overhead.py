@@ -1,0 +1,146 @@
+"""Suite `overhead`: what an eager call costs on the host, where most users run their models.
+
+`ms` is host milliseconds per call: calls issued back to back (no CUDA graph, no synchronize inside the
+loop) and timed on the CPU clock, so it is the Python + C++ + launch cost a model pays per call. `wall_ms`
+is the same loop ended by a synchronize: the call's cost when the GPU is the slower side. The rows
+`... eager wall` report wall_ms as their time: fwd+bwd at 16384x1024 is where a fused norm must beat
+PyTorch in an eager model, not only inside a CUDA graph.
+
+Impls: fusedkernels; torch (F.layer_norm / F.rms_norm, torch.optim with fused=True); liger (Liger-Kernel's
+LigerLayerNorm / LigerRMSNorm) where liger_kernel is installed.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fusedkernels import ops
+from fusedkernels.optim import FusedAdamW, FusedSGD
+
+from .common import Row
+from .optim import gpt2_medium_shapes
+
+NORM_SHAPES = [(4, 4096), (16384, 1024)]
+DTYPE = torch.bfloat16
+
+
+def host_and_wall_ms(fn, calls: int, repeats: int = 7, warmup: int = 20) -> tuple[float, float]:
+    """Median host ms per call (the loop's CPU time) and wall ms per call (the loop plus the GPU finishing)."""
+    for _ in range(warmup):
+        fn()
+    host, wall = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        issued = time.perf_counter()
+        torch.cuda.synchronize()
+        done = time.perf_counter()
+        host.append((issued - start) / calls * 1e3)
+        wall.append((done - start) / calls * 1e3)
+    return statistics.median(host), statistics.median(wall)
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+    except Exception:  # not installed (optional), or its import failed here
+        return None
+    return LigerLayerNorm, LigerRMSNorm
+
+
+def _norm_impls(kind: str, hidden: int, w, b):
+    if kind == "layer_norm":
+        impls = {
+            "fusedkernels": lambda x: ops.layer_norm(x, (hidden,), w, b),
+            "torch": lambda x: F.layer_norm(x, (hidden,), w, b),
+        }
+    else:
+        impls = {
+            "fusedkernels": lambda x: ops.rms_norm(x, (hidden,), w, 1e-6),
+            "torch": lambda x: F.rms_norm(x, (hidden,), w, 1e-6),
+        }
+    liger = _liger()
+    if liger is not None:
+        cls = liger[0] if kind == "layer_norm" else liger[1]
+        module = cls(hidden, eps=1e-6).to("cuda", DTYPE)
+        with torch.no_grad():
+            module.weight.copy_(w)
+            if kind == "layer_norm":
+                module.bias.copy_(b)
+        impls["liger"] = module
+    return impls
+
+
+def _norm_rows(add) -> None:
+    for tokens, hidden in NORM_SHAPES:
+        calls = 400 if tokens * hidden < 1 << 20 else 100  # keep the launch queue from filling
+        x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE)
+        dy = torch.randn_like(x)
+        w = (torch.rand(hidden, device="cuda") + 0.5).to(DTYPE).requires_grad_()
+        b = (torch.randn(hidden, device="cuda") * 0.1).to(DTYPE).requires_grad_()
+        xg = x.clone().requires_grad_()
+        for kind in ("layer_norm", "rms_norm"):
+            shape = f"{tokens}x{hidden} bf16"
+            for impl, fn in _norm_impls(kind, hidden, w, b).items():
+                leaves = [xg, *(fn.parameters() if isinstance(fn, torch.nn.Module) else
+                                ([w, b] if kind == "layer_norm" else [w]))]
+
+                def no_grad(fn=fn):
+                    with torch.no_grad():
+                        fn(x)
+
+                def fwd_bwd(fn=fn, leaves=leaves):
+                    torch.autograd.grad(fn(xg), leaves, dy)
+
+                for direction, call in (("fwd (no grad)", no_grad), ("fwd (grad)", lambda fn=fn: fn(xg)),
+                                        ("fwd+bwd", fwd_bwd)):
+                    host, wall = host_and_wall_ms(call, calls)
+                    add(f"{kind} {direction} {shape}", impl, host, wall)
+                    if direction == "fwd+bwd" and tokens * hidden >= 1 << 24:
+                        add(f"{kind} fwd+bwd {shape} eager wall", impl, wall, wall)
+        del x, dy, xg
+
+
+def _model(shapes):
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    return params
+
+
+def _optim_rows(add) -> None:
+    lists = (("355M (292 tensors)", gpt2_medium_shapes()), ("1000 small tensors", [(i % 97 + 1, 64) for i in range(1000)]))
+    makers = (
+        ("AdamW", "fusedkernels", lambda ps: FusedAdamW(ps, lr=1e-4)),
+        ("AdamW", "torch-fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)),
+        ("SGD momentum", "fusedkernels", lambda ps: FusedSGD(ps, lr=1e-4, momentum=0.9)),
+        ("SGD momentum", "torch-fused", lambda ps: torch.optim.SGD(ps, lr=1e-4, momentum=0.9, fused=True)),
+    )
+    for label, shapes in lists:
+        for name, impl, make in makers:
+            params = _model(shapes)
+            opt = make(params)
+            host, wall = host_and_wall_ms(opt.step, calls=20, repeats=5, warmup=3)
+            add(f"{name} step() fp32 {label}", impl, host, wall)
+            del params, opt
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def run() -> list[Row]:
+    rows = []
+
+    def add(case, impl, ms, wall_ms):
+        rows.append(Row("overhead", case, impl, round(ms, 5), extra={"wall_ms": round(wall_ms, 5)}))
+        print(f"  {case:<44} {impl:<14} host {ms * 1e3:8.1f} us   wall {wall_ms * 1e3:8.1f} us", flush=True)
+
+    _norm_rows(add)
+    _optim_rows(add)
+    return rows

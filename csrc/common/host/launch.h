@@ -1,0 +1,89 @@
+// Host-side launch facts, each cached per device (a process may drive several GPUs, and a kernel's
+// shared-memory opt-in and occupancy are per device): SM count, compute capability, resident blocks.
+// No torch here: launchers in kernel files use it.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace fusedkernels {
+
+constexpr int kMaxDevices = 64;
+
+inline int current_device() {
+  int device = 0;
+  cudaGetDevice(&device);
+  return device;
+}
+
+// cache[device], computed by compute() the first time (0 = not yet known; compute() never returns 0).
+// Concurrent first calls may both compute: the value is the same.
+template <typename Compute>
+int per_device(std::atomic<int> (&cache)[kMaxDevices], int device, Compute&& compute) {
+  if (device < 0 || device >= kMaxDevices) return compute();
+  int value = cache[device].load(std::memory_order_relaxed);
+  if (value == 0) {
+    value = compute();
+    cache[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
+inline int sm_count(int device = current_device()) {
+  static std::atomic<int> cache[kMaxDevices];
+  return per_device(cache, device, [device] {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    return std::max(n, 1);
+  });
+}
+
+// 10 * major + minor: 90 on Hopper, 80 on the A100.
+inline int compute_capability(int device = current_device()) {
+  static std::atomic<int> cache[kMaxDevices];
+  return per_device(cache, device, [device] {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    return std::max(10 * major + minor, 1);
+  });
+}
+
+// Blocks of Kernel resident per SM of the current device with kThreads threads and kSmemBytes of dynamic
+// shared memory. Raises the kernel's dynamic shared-memory limit on that device first, which launches
+// past 48 KiB need: call it before every such launch (it is a cached lookup after the first).
+template <auto Kernel, int kThreads, int kSmemBytes = 0>
+int resident_blocks() {
+  static std::atomic<int> cache[kMaxDevices];
+  return per_device(cache, current_device(), [] {
+    if (kSmemBytes > 48 * 1024) {
+      cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    }
+    int blocks = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, kThreads, kSmemBytes);
+    return std::max(blocks, 1);
+  });
+}
+
+// Whether this build holds machine code of Kernel that the current device can run (an sm_90a-only
+// kernel on an A100, or a build for other archs, does not).
+template <auto Kernel>
+bool has_image_for_current_device() {
+  static std::atomic<int> cache[kMaxDevices];
+  return per_device(cache, current_device(), [] {
+    cudaFuncAttributes attributes;
+    const bool ok = cudaFuncGetAttributes(&attributes, Kernel) == cudaSuccess;
+    if (!ok) cudaGetLastError();  // clear the error this query leaves behind
+    return ok ? 1 : 2;
+  }) == 1;
+}
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool is_aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+}  // namespace fusedkernels

@@ -1,0 +1,34 @@
+// Backward nodes written the way torch's generated autograd code writes them, for the fused ops' autograd
+// kernels: the forward runs below autograd, then a node (a torch::autograd::Node subclass holding
+// SavedVariables) is attached to the outputs. torch::autograd::Function does the same generically at a
+// few microseconds more a call (argument extraction, per-input metadata, a string-keyed saved-data map),
+// which an eager model pays on every layer.
+#pragma once
+
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+
+#include <memory>
+#include <type_traits>
+
+namespace fusedkernels {
+
+// How autograd holds nodes: std::shared_ptr up to torch 2.12, c10::intrusive_ptr since.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <typename NodeT>
+NodePtr make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<NodeT>();
+  } else {
+    return c10::make_intrusive<NodeT>();
+  }
+}
+
+// Forward-mode AD (torch.func.jvp, forward_ad) needs formulas the fused ops do not have: an input that
+// carries a tangent makes the public op run PyTorch's own, which has them.
+inline bool has_forward_grad(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+inline bool has_forward_grad(const std::optional<at::Tensor>& t) { return t && has_forward_grad(*t); }
+
+}  // namespace fusedkernels

@@ -1,0 +1,86 @@
+// Input checks and dtype mapping for the *_api.cpp / *_ops.cpp bindings: each check names the argument and
+// what is supported. Only binding files include this (it pulls in ATen).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "common/dtype.h"
+
+namespace fusedkernels {
+
+// Numbers and shapes in error messages go through std::to_string rather than an ostream: on the GPU
+// machine's torch 2.11 build, streaming an integer into a TORCH_CHECK message from this extension
+// crashed the process instead of raising.
+inline std::string num(int64_t v) { return std::to_string(v); }
+
+inline std::string shape(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t d = 0; d < sizes.size(); ++d) s += (d ? ", " : "") + std::to_string(sizes[d]);
+  return s + "]";
+}
+inline std::string shape(c10::SymIntArrayRef sizes) {  // symbolic sizes (torch.compile) print as their expression
+  std::string s = "[";
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    const auto v = sizes[d].maybe_as_int();
+    s += (d ? ", " : "") + (v ? std::to_string(*v) : sizes[d].toSymNode()->str());
+  }
+  return s + "]";
+}
+inline std::string shape(const at::Tensor& t) { return shape(t.sym_sizes()); }
+
+// torch's names for the common types ("bfloat16", as in torch.bfloat16), c10's for the rest.
+inline std::string name_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
+    default: return c10::toString(t);
+  }
+}
+
+inline bool has_kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "no kernel for dtype ", name_of(t));
+  }
+}
+
+inline bool is_aligned_16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// The type arithmetic happens in: float64 for float64, float32 for everything narrower (as at::opmath_type).
+inline at::ScalarType opmath_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(has_kernel_dtype(t.scalar_type()), op, ": ", name, " must be float32, float16 or bfloat16, got ",
+                   name_of(t.scalar_type()));
+}
+
+inline void check_cuda_contiguous(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device().str());
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " is on ", t.device().str(), " but the input is on ",
+                    like.device().str());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Raises for a failed launch; says how to rebuild when the build has no code for this GPU.
+inline void check_launch(cudaError_t err, const char* op) {
+  if (err == cudaSuccess) return;
+  TORCH_CHECK(err != cudaErrorNoKernelImageForDevice, op, ": this build of fusedkernels has no code for this GPU ",
+              "(`python -m fusedkernels.info` lists the archs it was built for); rebuild with FUSEDKERNELS_CUDA_ARCHS ",
+              "set to its arch, e.g. FUSEDKERNELS_CUDA_ARCHS=80 for an A100");
+  TORCH_CHECK(false, op, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+}  // namespace fusedkernels

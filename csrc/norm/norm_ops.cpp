@@ -1,0 +1,448 @@
+// The norm family's op layer: schemas; the public ops layer_norm / rms_norm (argument checks, the choice
+// between the fused kernel and PyTorch's own op, autocast); autograd of the internal fwd ops in C++; the
+// CPU and meta kernels of the internal ops. Their CUDA kernels are in norm_api.cpp.
+//
+//   fusedkernels::layer_norm        CompositeImplicitAutograd: check, route, call layer_norm_fwd
+//     -> fusedkernels::layer_norm_fwd   Autograd: attaches NormBackward; CUDA: the fused kernel;
+//                                       CPU: at::native_layer_norm; Meta: shapes
+//        backward -> fusedkernels::layer_norm_bwd  (or, under create_graph, differentiable ATen ops)
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <cfloat>
+#include <mutex>
+#include <set>
+
+#include "common/torch/autograd.h"
+#include "common/torch/checks.h"
+#include "common/torch/ops.h"
+#include "norm/norm.h"
+
+TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
+  // Public ops: F.layer_norm / F.rms_norm's arguments and results.
+  m.def("layer_norm(Tensor input, int[] normalized_shape, Tensor? weight=None, Tensor? bias=None, float eps=1e-05)"
+        " -> Tensor");
+  m.def("rms_norm(Tensor input, int[] normalized_shape, Tensor? weight=None, float? eps=None) -> Tensor");
+  // Internal: x is [..., normalized_shape]; mean / rstd hold one value per row, shaped like x's leading
+  // dimensions, in float32 (float64 for float64 x). output_mask: which of dx, dweight, dbias to compute;
+  // a parameter grad not computed is an empty tensor.
+  m.def("layer_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps)"
+        " -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_bwd(Tensor dy, Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, Tensor mean,"
+        " Tensor rstd, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def("rms_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, int[] normalized_shape, Tensor? weight, Tensor rstd, bool[2] output_mask)"
+        " -> (Tensor dx, Tensor dweight)");
+}
+
+namespace fusedkernels::norm {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using torch::autograd::variable_list;
+
+using LayerNormFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, at::IntArrayRef, const OptTensor&,
+                                                        const OptTensor&, double);
+using LayerNormBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, at::IntArrayRef,
+                                                        const OptTensor&, const OptTensor&, const Tensor&,
+                                                        const Tensor&, std::array<bool, 3>);
+using RmsNormFwd = std::tuple<Tensor, Tensor>(const Tensor&, at::IntArrayRef, const OptTensor&, double);
+using RmsNormBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, at::IntArrayRef, const OptTensor&,
+                                              const Tensor&, std::array<bool, 2>);
+
+const c10::TypedOperatorHandle<LayerNormFwd>& layer_norm_fwd_op() {
+  static const auto op = find_op<LayerNormFwd>("fusedkernels::layer_norm_fwd");
+  return op;
+}
+const c10::TypedOperatorHandle<LayerNormBwd>& layer_norm_bwd_op() {
+  static const auto op = find_op<LayerNormBwd>("fusedkernels::layer_norm_bwd");
+  return op;
+}
+const c10::TypedOperatorHandle<RmsNormFwd>& rms_norm_fwd_op() {
+  static const auto op = find_op<RmsNormFwd>("fusedkernels::rms_norm_fwd");
+  return op;
+}
+const c10::TypedOperatorHandle<RmsNormBwd>& rms_norm_bwd_op() {
+  static const auto op = find_op<RmsNormBwd>("fusedkernels::rms_norm_bwd");
+  return op;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Public ops: checks and routing
+// ------------------------------------------------------------------------------------------------
+
+// Validates the arguments as F.layer_norm would, with messages that name them; returns the normalized size.
+// Sizes are compared symbolically, so this also runs under torch.compile with dynamic shapes.
+int64_t check_args(const char* op, const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                   const OptTensor& bias) {
+  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()), op,
+                   ": input must be a floating-point tensor (float32, float16 or bfloat16 for the fused kernel), got ",
+                   name_of(input.scalar_type()));
+  const int64_t k = static_cast<int64_t>(normalized_shape.size()), axis = input.dim() - k;
+  bool trailing = k >= 1 && axis >= 0;
+  for (int64_t i = 0; trailing && i < k; ++i) {
+    trailing = input.sym_size(axis + i).sym_eq(normalized_shape[i]).guard_bool(__FILE__, __LINE__);
+  }
+  TORCH_CHECK_VALUE(trailing, op, ": normalized_shape ", shape(normalized_shape),
+                    " must be the trailing dimensions of input ", shape(input.sym_sizes()));
+  const int64_t hidden = c10::multiply_integers(normalized_shape);
+  TORCH_CHECK_VALUE(hidden > 0, op, ": normalized_shape ", shape(normalized_shape), " has no elements");
+  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias}}) {
+    if (!t->has_value()) continue;
+    const Tensor& p = t->value();
+    bool same_shape = p.dim() == k;
+    for (int64_t i = 0; same_shape && i < k; ++i) {
+      same_shape = p.sym_size(i).sym_eq(normalized_shape[i]).guard_bool(__FILE__, __LINE__);
+    }
+    TORCH_CHECK_VALUE(same_shape, op, ": ", name, " must have shape ", shape(normalized_shape), ", got ",
+                      shape(p.sym_sizes()));
+    TORCH_CHECK_VALUE(p.device() == input.device(), op, ": ", name, " is on ", p.device().str(), " but input is on ",
+                      input.device().str());
+    TORCH_CHECK_TYPE(p.scalar_type() == input.scalar_type() || p.scalar_type() == at::kFloat, op, ": ", name,
+                     " must be ", name_of(input.scalar_type()), " (like input) or float32, got ",
+                     name_of(p.scalar_type()));
+  }
+  TORCH_CHECK_TYPE(!weight || !bias || weight->scalar_type() == bias->scalar_type(), op,
+                   ": weight and bias must have the same dtype, got ", name_of(weight->scalar_type()), " and ",
+                   name_of(bias->scalar_type()));
+  return hidden;
+}
+
+// Why a call runs PyTorch's own op instead of ours, or nullptr. CPU tensors take our op, whose CPU kernel
+// is PyTorch's; devices other than CUDA and CPU (meta, ...) and forward-mode AD take PyTorch's op silently.
+const char* fallback_reason(const Tensor& input, int64_t hidden, const OptTensor& weight, const OptTensor& bias) {
+  if (has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias)) return "";
+  if (input.device().is_cpu()) return nullptr;
+  if (!input.is_cuda()) return "";
+  if (!has_kernel_dtype(input.scalar_type())) return "float64 input has no fused kernel";
+  if (hidden > kMaxHidden) return "the normalized size is past the fused kernel's limit of 65536";
+  return nullptr;
+}
+
+// One warning per (op, reason), as a UserWarning.
+void warn_fallback(const char* op, const char* reason) {
+  if (reason[0] == '\0') return;
+  static std::mutex mutex;
+  static std::set<std::string> warned;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (warned.insert(std::string(op) + reason).second) {
+    TORCH_WARN("fusedkernels.", op, ": ", reason, "; running torch.nn.functional.", op, " instead");
+  }
+}
+
+OptTensor contiguous(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : std::nullopt; }
+
+Tensor layer_norm_composite(const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                            const OptTensor& bias, double eps) {
+  const int64_t hidden = check_args("layer_norm", input, normalized_shape, weight, bias);
+  if (const char* why = fallback_reason(input, hidden, weight, bias)) {
+    warn_fallback("layer_norm", why);
+    return at::layer_norm(input, normalized_shape, weight, bias, eps);
+  }
+  return std::get<0>(
+      layer_norm_fwd_op().call(input.contiguous(), normalized_shape, contiguous(weight), contiguous(bias), eps));
+}
+
+// eps=None means the machine epsilon of the type the arithmetic happens in (float32 for 16-bit inputs), as
+// torch.nn.functional.rms_norm.
+double rms_eps(const Tensor& input, std::optional<double> eps) {
+  if (eps) return *eps;
+  return input.scalar_type() == at::kDouble ? DBL_EPSILON : FLT_EPSILON;
+}
+
+Tensor rms_norm_composite(const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                          std::optional<double> eps) {
+  const int64_t hidden = check_args("rms_norm", input, normalized_shape, weight, std::nullopt);
+  if (const char* why = fallback_reason(input, hidden, weight, std::nullopt)) {
+    warn_fallback("rms_norm", why);
+    return at::rms_norm(input, normalized_shape, weight, eps);
+  }
+  return std::get<0>(rms_norm_fwd_op().call(input.contiguous(), normalized_shape, contiguous(weight),
+                                            rms_eps(input, eps)));
+}
+
+// Autocast: layer_norm and rms_norm are on CUDA autocast's float32 list (they run, and return, float32);
+// CPU autocast leaves them alone. The same here.
+Tensor layer_norm_autocast(const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                           const OptTensor& bias, double eps) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  const auto to_fp32 = [](const auto& t) { return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CUDA); };
+  return layer_norm_composite(to_fp32(input), normalized_shape, to_fp32(weight), to_fp32(bias), eps);
+}
+
+Tensor rms_norm_autocast(const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                         std::optional<double> eps) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  const auto to_fp32 = [](const auto& t) { return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CUDA); };
+  return rms_norm_composite(to_fp32(input), normalized_shape, to_fp32(weight), eps);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Autograd
+// ------------------------------------------------------------------------------------------------
+
+// dx, dweight, dbias of LayerNorm (rms = false) or RMSNorm computed with differentiable ATen ops from x
+// itself (statistics recomputed, fp32 or fp64 arithmetic): what the backward runs when it is itself being
+// recorded (create_graph=True), so second and higher derivatives are exact rather than missing.
+std::array<Tensor, 3> norm_backward_differentiable(const Tensor& dy, const Tensor& x, at::IntArrayRef normalized_shape,
+                                                   const Tensor& weight, const Tensor& bias, double eps, bool rms,
+                                                   std::array<bool, 3> want) {
+  const auto acc = opmath_dtype(x.scalar_type());
+  const int64_t axis = x.dim() - static_cast<int64_t>(normalized_shape.size());
+  std::vector<int64_t> norm_dims, row_dims;
+  for (int64_t d = 0; d < x.dim(); ++d) (d < axis ? row_dims : norm_dims).push_back(d);
+  // A sum over no dimensions sums over all of them in ATen: with no row dimensions there is nothing to add.
+  const auto sum_rows = [&](const Tensor& t) { return row_dims.empty() ? t : t.sum(row_dims); };
+
+  const Tensor xf = x.to(acc), dyf = dy.to(acc);
+  const Tensor xc = rms ? xf : xf - xf.mean(norm_dims, /*keepdim=*/true);
+  const Tensor rstd = (xc.square().mean(norm_dims, /*keepdim=*/true) + eps).rsqrt();
+  const Tensor xhat = xc * rstd;
+  std::array<Tensor, 3> grads;
+  if (want[0]) {
+    const Tensor g = weight.defined() ? dyf * weight.to(acc) : dyf;
+    Tensor inner = g - xhat * (g * xhat).mean(norm_dims, /*keepdim=*/true);
+    if (!rms) inner = inner - g.mean(norm_dims, /*keepdim=*/true);
+    grads[0] = (inner * rstd).to(x.scalar_type());
+  }
+  if (want[1] && weight.defined()) grads[1] = sum_rows(dyf * xhat).to(weight.scalar_type());
+  if (want[2] && bias.defined()) grads[2] = sum_rows(dyf).to(bias.scalar_type());
+  return grads;
+}
+
+OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// The backward of layer_norm_fwd (rms = false; next edges x, weight, bias) or rms_norm_fwd (x, weight); an
+// absent weight or bias has an empty edge and gets no grad.
+struct NormBackward : torch::autograd::Node {
+  bool rms = false;
+  torch::autograd::SavedVariable x, weight, bias, mean, rstd;
+  std::vector<int64_t> normalized_shape;
+  double eps = 0;
+
+  std::string name() const override { return rms ? "fusedkernels::RmsNormBackward" : "fusedkernels::LayerNormBackward"; }
+
+  void release_variables() override {
+    for (auto* v : {&x, &weight, &bias, &mean, &rstd}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(num_outputs());
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    const Tensor x_ = x.unpack(), w = weight.unpack(), b = bias.unpack();
+    const std::array<bool, 3> want = {task_should_compute_output(0), w.defined() && task_should_compute_output(1),
+                                      !rms && b.defined() && task_should_compute_output(2)};
+    std::array<Tensor, 3> g;
+    if (at::GradMode::is_enabled()) {  // create_graph: the backward is itself being differentiated
+      g = norm_backward_differentiable(dy, x_, normalized_shape, w, b, eps, rms, want);
+    } else if (rms) {
+      auto [dx, dw] = rms_norm_bwd_op().call(dy.contiguous(), x_, normalized_shape, optional_of(w), rstd.unpack(),
+                                             {want[0], want[1]});
+      g = {dx, dw, Tensor()};
+    } else {
+      g = std::apply([](auto&&... t) { return std::array<Tensor, 3>{t...}; },
+                     layer_norm_bwd_op().call(dy.contiguous(), x_, normalized_shape, optional_of(w), optional_of(b),
+                                              mean.unpack(), rstd.unpack(), want));
+    }
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (want[i]) out[i] = g[i];
+    }
+    return out;
+  }
+};
+
+bool needs_grad(const Tensor& x, const OptTensor& weight, const OptTensor& bias) {
+  return at::GradMode::is_enabled() && (requires_grad(x) || requires_grad(weight) || requires_grad(bias));
+}
+
+// The outputs' grad_fn, when an input needs grad: the forward ran below autograd, the node saves what the
+// backward reads.
+void attach_backward(const Tensor& y, const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                     const OptTensor& bias, const Tensor& mean, const Tensor& rstd, double eps, bool rms) {
+  auto node = make_node<NormBackward>();
+  auto& n = static_cast<NormBackward&>(*node);
+  n.rms = rms;
+  n.set_next_edges(rms ? torch::autograd::collect_next_edges(x, weight)
+                       : torch::autograd::collect_next_edges(x, weight, bias));
+  n.x = torch::autograd::SavedVariable(x, false);
+  n.weight = torch::autograd::SavedVariable(weight, false);
+  n.bias = torch::autograd::SavedVariable(bias, false);
+  if (mean.defined()) n.mean = torch::autograd::SavedVariable(mean, false);
+  n.rstd = torch::autograd::SavedVariable(rstd, false);
+  n.normalized_shape = normalized_shape.vec();
+  n.eps = eps;
+  torch::autograd::set_history(y, node);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape,
+                                                           const OptTensor& weight, const OptTensor& bias, double eps) {
+  const bool grad = needs_grad(x, weight, bias);
+  auto out = [&] {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return layer_norm_fwd_op().call(x, normalized_shape, weight, bias, eps);
+  }();
+  if (grad) {
+    attach_backward(std::get<0>(out), x, normalized_shape, weight, bias, std::get<1>(out), std::get<2>(out), eps,
+                    /*rms=*/false);
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape,
+                                                 const OptTensor& weight, double eps) {
+  const bool grad = needs_grad(x, weight, std::nullopt);
+  auto out = [&] {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return rms_norm_fwd_op().call(x, normalized_shape, weight, eps);
+  }();
+  if (grad) {
+    attach_backward(std::get<0>(out), x, normalized_shape, weight, std::nullopt, Tensor(), std::get<1>(out), eps,
+                    /*rms=*/true);
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// CPU kernels: PyTorch's own CPU LayerNorm, and RMSNorm in fp32 (fp64) ATen ops
+// ------------------------------------------------------------------------------------------------
+
+std::vector<int64_t> stats_shape(const Tensor& x, at::IntArrayRef normalized_shape, bool keepdim) {
+  auto sizes = x.sizes().slice(0, x.dim() - normalized_shape.size()).vec();
+  if (keepdim) sizes.resize(x.dim(), 1);
+  return sizes;
+}
+
+Tensor empty_unless(bool want, const OptTensor& like, const Tensor& x) {
+  return want && like ? at::empty_like(*like) : at::empty({0}, x.options());
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cpu(const Tensor& x, at::IntArrayRef normalized_shape,
+                                                      const OptTensor& weight, const OptTensor& bias, double eps) {
+  auto [y, mean, rstd] = at::native_layer_norm(x, normalized_shape, weight, bias, eps);
+  const auto sizes = stats_shape(x, normalized_shape, false);
+  const auto acc = opmath_dtype(x.scalar_type());
+  return {y, mean.reshape(sizes).to(acc), rstd.reshape(sizes).to(acc)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(const Tensor& dy, const Tensor& x,
+                                                      at::IntArrayRef normalized_shape, const OptTensor& weight,
+                                                      const OptTensor& bias, const Tensor& mean, const Tensor& rstd,
+                                                      std::array<bool, 3> output_mask) {
+  // at::native_layer_norm keeps the statistics in the parameters' type on the CPU: float32 when 16-bit input
+  // comes with float32 parameters, else the input's type.
+  const OptTensor& param = weight ? weight : bias;
+  const auto stats_dtype = param && param->scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
+  const auto sizes = stats_shape(x, normalized_shape, true);
+  auto [dx, dw, db] = at::native_layer_norm_backward(
+      dy, x, normalized_shape, mean.reshape(sizes).to(stats_dtype), rstd.reshape(sizes).to(stats_dtype), weight, bias,
+      {true, output_mask[1] && weight.has_value(), output_mask[2] && bias.has_value()});
+  return {dx, dw.defined() ? dw : at::empty({0}, x.options()), db.defined() ? db : at::empty({0}, x.options())};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_fwd_cpu(const Tensor& x, at::IntArrayRef normalized_shape,
+                                            const OptTensor& weight, double eps) {
+  std::vector<int64_t> norm_dims;
+  for (int64_t d = x.dim() - normalized_shape.size(); d < x.dim(); ++d) norm_dims.push_back(d);
+  const Tensor xf = x.to(opmath_dtype(x.scalar_type()));
+  const Tensor rstd = (xf.square().mean(norm_dims, /*keepdim=*/true) + eps).rsqrt();
+  Tensor y = xf * rstd;
+  if (weight) y = y * *weight;
+  return {y.to(x.scalar_type()), rstd.reshape(stats_shape(x, normalized_shape, false))};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd_cpu(const Tensor& dy, const Tensor& x, at::IntArrayRef normalized_shape,
+                                            const OptTensor& weight, const Tensor& rstd,
+                                            std::array<bool, 2> output_mask) {
+  const auto acc = opmath_dtype(x.scalar_type());
+  const int64_t axis = x.dim() - static_cast<int64_t>(normalized_shape.size());
+  std::vector<int64_t> norm_dims, row_dims;
+  for (int64_t d = 0; d < x.dim(); ++d) (d < axis ? row_dims : norm_dims).push_back(d);
+  const Tensor dyf = dy.to(acc);
+  const Tensor xhat = x.to(acc) * rstd.reshape(stats_shape(x, normalized_shape, true));
+  const Tensor g = weight ? dyf * *weight : dyf;
+  const Tensor dx = ((g - xhat * (g * xhat).mean(norm_dims, /*keepdim=*/true)) * rstd.reshape(
+      stats_shape(x, normalized_shape, true))).to(x.scalar_type());
+  Tensor dw = at::empty({0}, x.options());
+  if (output_mask[1] && weight) {
+    const Tensor prod = dyf * xhat;
+    dw = (row_dims.empty() ? prod : prod.sum(row_dims)).to(weight->scalar_type());
+  }
+  return {dx, dw};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Meta kernels: shapes and dtypes only (fake tensors, torch.compile, torch.export)
+// ------------------------------------------------------------------------------------------------
+
+Tensor stats_meta(const Tensor& x, at::IntArrayRef normalized_shape) {
+  return at::empty_symint(x.sym_sizes().slice(0, x.dim() - normalized_shape.size()),
+                          x.options().dtype(opmath_dtype(x.scalar_type())));
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_meta(const Tensor& x, at::IntArrayRef normalized_shape,
+                                                       const OptTensor&, const OptTensor&, double) {
+  return {at::empty_like(x), stats_meta(x, normalized_shape), stats_meta(x, normalized_shape)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_meta(const Tensor&, const Tensor& x, at::IntArrayRef,
+                                                       const OptTensor& weight, const OptTensor& bias, const Tensor&,
+                                                       const Tensor&, std::array<bool, 3> output_mask) {
+  return {at::empty_like(x), empty_unless(output_mask[1], weight, x), empty_unless(output_mask[2], bias, x)};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_fwd_meta(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor&,
+                                             double) {
+  return {at::empty_like(x), stats_meta(x, normalized_shape)};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd_meta(const Tensor&, const Tensor& x, at::IntArrayRef, const OptTensor& weight,
+                                             const Tensor&, std::array<bool, 2> output_mask) {
+  return {at::empty_like(x), empty_unless(output_mask[1], weight, x)};
+}
+
+const RegisterOpInfo layer_norm_info{
+    {"norm", "layer_norm", "float32, float16, bfloat16 input; weight and bias in the input's dtype or float32",
+     "normalized size 1.." + std::to_string(kMaxHidden) + "; fastest when its rows are a multiple of 16 bytes"}};
+const RegisterOpInfo rms_norm_info{
+    {"norm", "rms_norm", "float32, float16, bfloat16 input; weight in the input's dtype or float32",
+     "normalized size 1.." + std::to_string(kMaxHidden) + "; fastest when its rows are a multiple of 16 bytes"}};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedkernels, CompositeImplicitAutograd, m) {
+  m.impl("layer_norm", &layer_norm_composite);
+  m.impl("rms_norm", &rms_norm_composite);
+}
+
+TORCH_LIBRARY_IMPL(fusedkernels, AutocastCUDA, m) {
+  m.impl("layer_norm", &layer_norm_autocast);
+  m.impl("rms_norm", &rms_norm_autocast);
+}
+
+TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_autograd);
+  m.impl("rms_norm_fwd", &rms_norm_fwd_autograd);
+  // Differentiating the backward ops themselves is an error (the public ops' backward handles create_graph).
+  m.impl("layer_norm_bwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("rms_norm_bwd", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+  m.impl("rms_norm_fwd", &rms_norm_fwd_cpu);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_meta);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_meta);
+  m.impl("rms_norm_fwd", &rms_norm_fwd_meta);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_meta);
+}
+
+}  // namespace fusedkernels::norm
