@@ -93,12 +93,15 @@ def route(op: str, t: torch.Tensor, fallback: Callable, instead: str) -> Callabl
     """`torch.ops.fusedkernels.<op>` when it has a CUDA kernel for t's dtype, else `fallback` (PyTorch's
     implementation, `instead` names it): always for CPU tensors, with one warning for CUDA ones."""
     if t.device.type != "cuda":
-        return fallback
+        # Under torch.compile the custom op (whose CPU kernel is `fallback`) keeps the graph functional.
+        return getattr(torch.ops.fusedkernels, op).default if has_op(op) and torch.compiler.is_compiling() else fallback
     if not loaded:
         warn_fallback(op, f"the native module is not loaded ({error})", instead)
     elif not has_op(op):
         warn_fallback(op, "this build has no kernels for its family (see FUSEDKERNELS_FAMILIES)", instead)
     elif t.dtype not in KERNEL_DTYPES:
+        if t.dtype != torch.float64:  # the op then raises its dtype error
+            return getattr(torch.ops.fusedkernels, op).default
         warn_fallback(op, f"{t.dtype} has no fused kernel", instead)
     else:
         return getattr(torch.ops.fusedkernels, op).default

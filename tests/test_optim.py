@@ -423,8 +423,12 @@ def test_bad_inputs_raise_clear_errors():
         FusedAdam([q], state_dtype=torch.float16)
     with pytest.raises(ValueError, match="differentiable"):
         FusedAdam([q], differentiable=True)
-    with pytest.raises(ValueError, match="amsgrad"):
+    with pytest.raises(RuntimeError, match="AMSGrad"):  # apex's error
         FusedLAMB([q], amsgrad=True)
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):
+        FusedAdamW([q], fused=True, foreach=True)
+    with pytest.raises(ValueError, match="both floats or both Tensors"):
+        FusedAdamW([q], betas=(torch.tensor(0.9), 0.999))
     with pytest.raises(ValueError, match="max_grad_norm"):
         FusedLAMB([q], max_grad_norm=-1.0)
 
@@ -647,8 +651,6 @@ def test_hyperparameters_are_checked_like_torch(cls):
     if cls is FusedSGD:
         with pytest.raises(ValueError, match="Invalid momentum value"):
             cls([q], lr=0.1, momentum=-0.5)
-        with pytest.raises(ValueError, match="Invalid dampening value"):
-            cls([q], lr=0.1, momentum=0.5, dampening=float("nan"))
     else:
         with pytest.raises(ValueError, match="Invalid epsilon value"):
             cls([q], lr=0.1, eps=-1e-8)
@@ -656,7 +658,7 @@ def test_hyperparameters_are_checked_like_torch(cls):
             with pytest.raises(ValueError, match=f"Invalid beta parameter at index {index}"):
                 cls([q], lr=0.1, betas=betas)
         with pytest.raises(ValueError, match="Tensor betas"):
-            cls([q], lr=0.1, betas=(torch.tensor([0.9, 0.9]), 0.999))
+            cls([q], lr=0.1, betas=(torch.tensor([0.9, 0.9]), torch.tensor(0.999)))
         cls([q], lr=torch.tensor(1e-3), betas=(torch.tensor(0.9), torch.tensor(0.99)))  # accepted, as torch
 
 
@@ -757,3 +759,180 @@ def test_cpu_steps_are_torchs_fused_cpu_steps():
     got, _ = _run(FusedSGD, params, grads, lr=1e-2, momentum=0.9)
     want, _ = _run(torch.optim.SGD, params, grads, lr=1e-2, momentum=0.9, fused=True)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_entries_set_by_hand_are_used(device):
+    """The cached step plan reads each state entry anew: a reset moment or step count, and a cleared state,
+    are what the next step uses, as with torch."""
+    def run(cls):
+        p = torch.nn.Parameter(torch.arange(4.0, device=device))
+        opt = cls([p], lr=0.1)
+        for step in range(4):
+            p.grad = torch.ones(4, device=device) * (step + 1)
+            if step == 2:
+                opt.state[p]["exp_avg"] = torch.zeros(4, device=device)
+                opt.state[p]["step"] = torch.tensor(0.0, device=device)
+            if step == 3:
+                opt.state[p].clear()
+            opt.step()
+        return p, opt.state[p]
+
+    (got, got_state), (want, want_state) = run(FusedAdamW), run(lambda ps, lr: torch.optim.AdamW(ps, lr=lr))
+    assert max_err(got, want) <= 1e-6
+    assert float(got_state["step"]) == float(want_state["step"]) and max_err(got_state["exp_avg"],
+                                                                              want_state["exp_avg"]) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls,theirs,kwargs", [
+    (FusedAdamW, torch.optim.AdamW, dict(lr=0.1)),
+    (FusedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+])
+def test_layouts_channels_last_params_and_transposed_grads(device, cls, theirs, kwargs):
+    """channels_last params keep channels_last moments holding the right elements; a grad laid out unlike
+    its param (a transpose set by hand) is read by element, and written back unscaled under AMP."""
+    init = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last)
+    matrix = torch.randn(6, 7, device=device)
+    grads = [(torch.randn_like(init), torch.randn(7, 6, device=device).t()) for _ in range(3)]
+    results = []
+    for c in (cls, theirs):
+        w, m = torch.nn.Parameter(init.clone()), torch.nn.Parameter(matrix.clone())
+        opt = c([w, m], **kwargs)
+        for gw, gm in grads:
+            w.grad, m.grad = gw.contiguous(memory_format=torch.channels_last), gm.clone()
+            opt.step()
+        key = "exp_avg" if "exp_avg" in opt.state[w] else "momentum_buffer"
+        results.append((w, m, opt.state[w][key]))
+    (w, m, state), (w_ref, m_ref, state_ref) = results
+    assert state.is_contiguous(memory_format=torch.channels_last)
+    assert max_err(w, w_ref) <= 1e-6 and max_err(m, m_ref) <= 1e-6 and max_err(state, state_ref) <= 1e-6
+    # GradScaler: the transposed grad comes back unscaled in place
+    m2 = torch.nn.Parameter(matrix.clone())
+    opt = cls([m2], **kwargs)
+    g = torch.randn(7, 6, device=device).t()
+    m2.grad = g * 4
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=device), torch.tensor(0.0, device=device)
+    opt.step()
+    assert max_err(m2.grad, g) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deferred_clip_survives_add_param_group_and_load_state_dict(device):
+    def run(change):
+        p = torch.nn.Parameter(torch.ones(4, device=device))
+        opt = FusedSGD([p], lr=1.0)
+        p.grad = torch.full((4,), 10.0, device=device)
+        clip_grad_norm_([p], 1.0, defer_to=opt)
+        change(opt)
+        opt.step()
+        return p
+
+    want = run(lambda opt: None)
+    assert max_err(want, torch.full((4,), 0.5, device=device)) < 1e-6
+    extra = torch.nn.Parameter(torch.zeros(2, device=device))  # no grad: the clipped set is unchanged
+    assert max_err(run(lambda opt: opt.add_param_group({"params": [extra]})), want) == 0
+    assert max_err(run(lambda opt: opt.load_state_dict(copy.deepcopy(opt.state_dict()))), want) == 0
+
+
+def test_float64_steps_run_in_float64():
+    """Lists without a kernel run in their own precision: fp64 params with a deferred clip, fp64 LAMB."""
+    params = [torch.randn(50, dtype=torch.float64) for _ in range(3)]
+    grads = [[torch.randn_like(p) * 10 for p in params] for _ in range(3)]
+
+    def adamw(defer):
+        ps = [torch.nn.Parameter(p.clone()) for p in params]
+        opt = FusedAdamW(ps, lr=0.01) if defer else torch.optim.AdamW(ps, lr=0.01)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            if defer:
+                clip_grad_norm_(ps, 1.0, defer_to=opt)
+            else:
+                torch.nn.utils.clip_grad_norm_(ps, 1.0)
+            opt.step()
+        return ps
+
+    assert max(max_err(a, b) for a, b in zip(adamw(True), adamw(False))) <= 1e-13
+    want = lamb_fp64(params, grads, lr=2.0**-7, betas=(0.5, 0.75), eps=2.0**-20, weight_decay=0.25)
+    got, _ = _run(FusedLAMB, params, grads, lr=2.0**-7, betas=(0.5, 0.75), eps=2.0**-20, weight_decay=0.25)
+    assert max(max_err(a, b) for a, b in zip(got, want)) <= 1e-13
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_types_other_than_2_and_inf(device):
+    grads = [torch.tensor([5.0, 0.5], device=device), torch.tensor([3.0, 2.0], device=device, dtype=torch.float64)]
+    for norm_type in (-math.inf, 1.0, 3.0):
+        ours = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        theirs = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for a, b, g in zip(ours, theirs, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        assert max_err(clip_grad_norm_(ours, 1.0, norm_type), torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)) < 1e-6
+    for dtype in (torch.float64, torch.complex64):
+        g = [torch.randn(5, device=device, dtype=dtype)]
+        total, _ = fops.grad_norm(g)
+        assert max_err(total, torch.linalg.vector_norm(g[0])) < 1e-6
+        assert max_err(fops.grad_norm(g, 1.0)[0], torch.linalg.vector_norm(g[0], 1)) < 1e-5
+
+
+def test_functional_ops_check_their_lists_on_the_cpu():
+    buf = torch.tensor([1.0, 1.0, 1.0, 1.0, 1e6])
+    p = torch.zeros(5)
+    with pytest.raises(ValueError, match="shape"):
+        fops.sgd_step_([p], [buf[:4]], [], [], [], lr=1.0)
+    with pytest.raises(ValueError, match="momentum needs"):
+        fops.sgd_step_([p], [buf], [], [], [], lr=1.0, momentum=0.9)
+    with pytest.raises(ValueError, match="tensors \\(one per param\\)"):
+        fops.adam_step_([p], [buf], [torch.zeros(5)], [torch.zeros(5)], [], [torch.zeros(5), torch.zeros(5)],
+                        [torch.zeros(())], lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        fops.adam_step_([p], [buf], [torch.zeros(5).half()], [torch.zeros(5).half()], [], [], [torch.zeros(())],
+                        lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True)
+    with pytest.raises(ValueError, match="one-element tensor"):
+        fops.sgd_step_([p], [buf], [], [], [], lr=1.0, grad_scale=2.0)
+
+
+@pytest.mark.parametrize("cls", [FusedAdamW, FusedSGD])
+def test_torch_compile_of_a_cpu_step(cls):
+    params = _params("cpu")
+    grads = _grads(params, steps=3)
+    kwargs = dict(lr=1e-2, momentum=0.9) if cls is FusedSGD else dict(lr=1e-2)
+    want, _ = _run(cls, params, grads, **kwargs)
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = cls(ps, **kwargs)
+    step = torch.compile(opt.step)
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        step()
+    assert all(max_err(a, b) <= 1e-6 for a, b in zip(ps, want))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", [FusedAdamW, FusedSGD, FusedLAMB])
+def test_found_inf_from_several_devices_skips(device, cls):
+    """GradScaler adds up the found_inf flags of its devices: any nonzero value skips the step."""
+    p = torch.nn.Parameter(torch.ones(4, device=device))
+    opt = cls([p], lr=0.1, momentum=0.9) if cls is FusedSGD else cls([p], lr=0.1)
+    p.grad = torch.ones(4, device=device)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0, device=device), torch.tensor(2.0, device=device)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(4, device=device))
+    assert float(opt.state[p]["step"]) == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_master_follows_a_param_loaded_mid_training(device):
+    """model.load_state_dict between steps writes the params: their fp32 masters take the new values,
+    instead of the next step writing the stale masters back."""
+    model = torch.nn.Linear(4, 4, device=device, dtype=torch.bfloat16)
+    opt = FusedAdamW(model.parameters(), lr=1e-3, master_weights=True)
+    for _ in range(2):
+        model(torch.randn(2, 4, device=device, dtype=torch.bfloat16)).float().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    fresh = torch.nn.Linear(4, 4, device=device, dtype=torch.bfloat16)
+    model.load_state_dict(fresh.state_dict())
+    model(torch.randn(2, 4, device=device, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    assert max_err(model.weight, fresh.weight) <= 2e-2  # one small step from the loaded weights

@@ -115,31 +115,50 @@ fwd_registers_kernel(const FwdParams p) {
     // Statistics of x - shift, shift = the row's first element: a row whose mean is far larger than its
     // spread then sums small numbers, and x - shift - mean_d keeps the low bits a plain sum x / H drops
     // (which rstd, up to 1/sqrt(eps), would magnify). Two passes over registers: exact centred variance.
-    const float shift = kRms || !row_ok ? 0.f : to_float(x[row_offset]);
-    float mean_d = 0.f;
-    if constexpr (!kRms) {
-      float sum = 0.f;
+    float shift = 0.f;
+    if constexpr (!kRms && kTpr <= 32) {  // the row's first element is in its group's first lane
+      shift = __shfl_sync(0xffffffffu, xv[0].get(0), (threadIdx.x % 32) & ~(kTpr - 1));
+    } else if constexpr (!kRms) {
+      shift = row_ok ? to_float(x[row_offset]) : 0.f;
+    }
+    // The row in fp32 registers, converted once, where it fits (all but the widest rows, whose 1024-thread
+    // blocks leave 64 registers a thread): each pass then costs one operation an element.
+    constexpr bool kUnpacked = kIters * kVec <= 32;
+    float xf[kUnpacked ? kIters : 1][kUnpacked ? kVec : 1];
+    const auto centred = [&](int i, int j) {  // x - shift, then (after the mean) x - mean
+      if constexpr (kUnpacked) {
+        return xf[i][j];
+      } else {
+        return xv[i].get(j) - shift;
+      }
+    };
+    float sum = 0.f;
 #pragma unroll
-      for (int i = 0; i < kIters; ++i) {
-        if (row_ok && i * kTpr + lane < nvec) {
+    for (int i = 0; i < kIters; ++i) {
+      if (row_ok && i * kTpr + lane < nvec) {
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) sum += xv[i].get(j) - shift;
+        for (int j = 0; j < kVec; ++j) {
+          const float t = xv[i].get(j) - shift;
+          if constexpr (kUnpacked) xf[i][j] = t;
+          sum += t;
         }
       }
-      mean_d = group_sum<kTpr, kThreads>(sum, scratch) * inv_hidden;
     }
+    const float mean_d = kRms ? 0.f : group_sum<kTpr, kThreads>(sum, scratch) * inv_hidden;
     float sq = 0.f;
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       if (row_ok && i * kTpr + lane < nvec) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          const float d = (xv[i].get(j) - shift) - mean_d;
+          const float d = centred(i, j) - mean_d;
+          if constexpr (kUnpacked) xf[i][j] = d;
           sq += d * d;
         }
       }
     }
     const float rstd = rsqrtf(group_sum<kTpr, kThreads>(sq, scratch) * inv_hidden + p.eps);
+    const float out_shift = kUnpacked ? 0.f : mean_d;  // what centred() still holds above x - mean
 
     if (!row_ok) continue;
     if (lane == 0) {
@@ -156,7 +175,7 @@ fwd_registers_kernel(const FwdParams p) {
       Vec<T, kVec> out;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        float v = ((xv[i].get(j) - shift) - mean_d) * rstd;
+        float v = (centred(i, j) - out_shift) * rstd;
         if (weight) v *= w.get(j);
         if (bias) v += b.get(j);
         out.set(j, v);

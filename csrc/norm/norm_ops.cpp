@@ -75,7 +75,8 @@ const c10::TypedOperatorHandle<RmsNormBwd>& rms_norm_bwd_op() {
 // ------------------------------------------------------------------------------------------------
 
 // Validates the arguments as F.layer_norm would, with messages that name them; returns the normalized size.
-// Sizes are compared symbolically, so this also runs under torch.compile with dynamic shapes.
+// Sizes are compared symbolically, so this also runs under torch.compile with dynamic shapes. dtypes the
+// kernels lack are not errors here: fallback_reason sends them to PyTorch's op, which decides.
 int64_t check_args(const char* op, const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
                    const OptTensor& bias) {
   TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()), op,
@@ -88,8 +89,6 @@ int64_t check_args(const char* op, const Tensor& input, at::IntArrayRef normaliz
   }
   TORCH_CHECK_VALUE(trailing, op, ": normalized_shape ", shape(normalized_shape),
                     " must be the trailing dimensions of input ", shape(input.sym_sizes()));
-  const int64_t hidden = c10::multiply_integers(normalized_shape);
-  TORCH_CHECK_VALUE(hidden > 0, op, ": normalized_shape ", shape(normalized_shape), " has no elements");
   for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias}}) {
     if (!t->has_value()) continue;
     const Tensor& p = t->value();
@@ -101,20 +100,29 @@ int64_t check_args(const char* op, const Tensor& input, at::IntArrayRef normaliz
                       shape(p.sym_sizes()));
     TORCH_CHECK_VALUE(p.device() == input.device(), op, ": ", name, " is on ", p.device().str(), " but input is on ",
                       input.device().str());
-    TORCH_CHECK_TYPE(p.scalar_type() == input.scalar_type() || p.scalar_type() == at::kFloat, op, ": ", name,
-                     " must be ", name_of(input.scalar_type()), " (like input) or float32, got ",
-                     name_of(p.scalar_type()));
   }
-  TORCH_CHECK_TYPE(!weight || !bias || weight->scalar_type() == bias->scalar_type(), op,
-                   ": weight and bias must have the same dtype, got ", name_of(weight->scalar_type()), " and ",
-                   name_of(bias->scalar_type()));
-  return hidden;
+  return c10::multiply_integers(normalized_shape);
+}
+
+bool kernel_param_dtypes(const Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  std::optional<at::ScalarType> dtype;
+  for (const OptTensor* t : {&weight, &bias}) {
+    if (!t->has_value()) continue;
+    const auto d = (*t)->scalar_type();
+    if ((d != input.scalar_type() && d != at::kFloat) || (dtype && *dtype != d)) return false;
+    dtype = d;
+  }
+  return true;
 }
 
 // Why a call runs PyTorch's own op instead of ours, or nullptr. CPU tensors take our op, whose CPU kernel
-// is PyTorch's; devices other than CUDA and CPU (meta, ...) and forward-mode AD take PyTorch's op silently.
+// is PyTorch's; devices other than CUDA and CPU (meta, ...), forward-mode AD and empty rows take PyTorch's
+// op silently (PyTorch's CPU kernel takes any dtype mix PyTorch does).
 const char* fallback_reason(const Tensor& input, int64_t hidden, const OptTensor& weight, const OptTensor& bias) {
-  if (has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias)) return "";
+  if (hidden == 0 || has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias)) return "";
+  if (!kernel_param_dtypes(input, weight, bias)) {
+    return input.is_cuda() ? "this mix of input and parameter dtypes has no fused kernel" : "";
+  }
   if (input.device().is_cpu()) return nullptr;
   if (!input.is_cuda()) return "";
   if (!has_kernel_dtype(input.scalar_type())) return "float64 input has no fused kernel";
@@ -164,20 +172,30 @@ Tensor rms_norm_composite(const Tensor& input, at::IntArrayRef normalized_shape,
                                             rms_eps(input, eps)));
 }
 
-// Autocast: layer_norm and rms_norm are on CUDA autocast's float32 list (they run, and return, float32);
-// CPU autocast leaves them alone. The same here.
+// Autocast: do what CUDA autocast does to the torch op this one replaces. layer_norm is on its float32 list
+// (runs, and returns, float32); rms_norm joined that list after torch 2.11, whose autocast leaves it alone.
+// So ask the installed torch. (CPU autocast leaves both alone, as here.)
+bool torch_autocasts(const char* torch_op) {
+  const auto handle = c10::Dispatcher::singleton().findSchema({torch_op, ""});
+  return handle && handle->hasKernelForDispatchKey(c10::DispatchKey::AutocastCUDA);
+}
+
+OptTensor to_fp32(const OptTensor& t) { return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CUDA); }
+
 Tensor layer_norm_autocast(const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
                            const OptTensor& bias, double eps) {
+  static const bool cast = torch_autocasts("aten::layer_norm");
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
-  const auto to_fp32 = [](const auto& t) { return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CUDA); };
-  return layer_norm_composite(to_fp32(input), normalized_shape, to_fp32(weight), to_fp32(bias), eps);
+  if (!cast) return layer_norm_composite(input, normalized_shape, weight, bias, eps);
+  return layer_norm_composite(*to_fp32(input), normalized_shape, to_fp32(weight), to_fp32(bias), eps);
 }
 
 Tensor rms_norm_autocast(const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
                          std::optional<double> eps) {
+  static const bool cast = torch_autocasts("aten::rms_norm");
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
-  const auto to_fp32 = [](const auto& t) { return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CUDA); };
-  return rms_norm_composite(to_fp32(input), normalized_shape, to_fp32(weight), eps);
+  if (!cast) return rms_norm_composite(input, normalized_shape, weight, eps);
+  return rms_norm_composite(*to_fp32(input), normalized_shape, to_fp32(weight), eps);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -278,8 +296,32 @@ void attach_backward(const Tensor& y, const Tensor& x, at::IntArrayRef normalize
   torch::autograd::set_history(y, node);
 }
 
+// Tangents reach the autograd kernel where the public op could not see them (torch.func transforms nest
+// forward-mode AD inside other levels: hessian, jvp of grad). PyTorch's op has the forward-mode formulas,
+// so y comes from it; the statistics (no tangent) from the fused op.
+std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_ad(const Tensor& x, at::IntArrayRef normalized_shape,
+                                                         const OptTensor& weight, const OptTensor& bias, double eps) {
+  auto stats = [&] {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return layer_norm_fwd_op().call(x.detach(), normalized_shape, weight, bias, eps);
+  }();
+  return {at::layer_norm(x, normalized_shape, weight, bias, eps), std::get<1>(stats), std::get<2>(stats)};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_forward_ad(const Tensor& x, at::IntArrayRef normalized_shape,
+                                               const OptTensor& weight, double eps) {
+  auto stats = [&] {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return rms_norm_fwd_op().call(x.detach(), normalized_shape, weight, eps);
+  }();
+  return {at::rms_norm(x, normalized_shape, weight, eps), std::get<1>(stats)};
+}
+
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape,
                                                            const OptTensor& weight, const OptTensor& bias, double eps) {
+  if (has_forward_grad(x) || has_forward_grad(weight) || has_forward_grad(bias)) {
+    return layer_norm_forward_ad(x, normalized_shape, weight, bias, eps);
+  }
   const bool grad = needs_grad(x, weight, bias);
   auto out = [&] {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -294,6 +336,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor& x, at::
 
 std::tuple<Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape,
                                                  const OptTensor& weight, double eps) {
+  if (has_forward_grad(x) || has_forward_grad(weight)) return rms_norm_forward_ad(x, normalized_shape, weight, eps);
   const bool grad = needs_grad(x, weight, std::nullopt);
   auto out = [&] {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;

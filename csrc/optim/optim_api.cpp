@@ -5,13 +5,14 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
+#include "common/torch/autograd.h"
 #include "common/torch/checks.h"
 #include "common/torch/ops.h"
 #include "optim/optim.h"
@@ -55,44 +56,82 @@ struct Lists {
   TensorList steps;  // may be empty
 };
 
-std::vector<TensorTable> build_tables(const char* op, const Lists& lists, const at::Tensor& first) {
+// Whether a and b lay out the same elements at the same memory offsets, densely (contiguous, channels_last,
+// any permutation): the kernels walk a param's tensors in memory order, element k of each together.
+bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  if (a.is_contiguous() && b.is_contiguous()) return true;
+  if (!a.is_non_overlapping_and_dense() || !b.is_non_overlapping_and_dense()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// The tables of one call, and the grads that took a dense copy (a grad laid out unlike its param, e.g.
+// set by hand from a transpose): the kernels read the copy, and a step that writes the grads back
+// (grad_scale) copies it to the grad after the launch.
+struct Tables {
+  std::vector<TensorTable> tables;
+  std::vector<std::pair<at::Tensor, at::Tensor>> grad_copies;  // (grad, its dense copy)
+
+  void write_back_grads() {
+    for (auto& [grad, copy] : grad_copies) grad.copy_(copy);
+  }
+};
+
+// The first list of `lists` is the params (or, for the grad-only ops, the grads themselves).
+Tables build_tables(const char* op, const Lists& lists, const at::Tensor& first) {
   const TensorList& params = lists.slots.front().second;
   for (const auto& [slot, list] : lists.slots) {
     TORCH_CHECK_VALUE(list.empty() || list.size() == params.size(), op, ": every tensor list must have ",
                       num(params.size()), " tensors (one per param), got ", num(list.size()));
   }
-  std::vector<TensorTable> tables;
+  Tables out;
   TensorTable t;
   std::memset(&t, 0, sizeof(t));
   int32_t chunks = 0;
   auto flush = [&]() {
     if (t.num_tensors == 0) return;
     t.chunk_start[t.num_tensors] = chunks;
-    tables.push_back(t);
+    out.tables.push_back(t);
     std::memset(&t, 0, sizeof(t));
     chunks = 0;
   };
+  void* pointers[kSlots] = {};
   for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t numel = params[i].numel();
+    at::Tensor reference = params[i];
+    const int64_t numel = reference.numel();
     bool aligned = true;
     for (const auto& [slot, list] : lists.slots) {
       if (list.empty()) continue;
-      const at::Tensor& x = list[i];
+      at::Tensor x = list[i];
       TORCH_CHECK_VALUE(x.device() == first.device(), op, ": all tensors must be on ", first.device().str(),
                         ", tensor ", num(i), " is on ", x.device().str());
       TORCH_CHECK_VALUE(x.layout() == at::kStrided, op, ": tensor ", num(i), " of list ", num(slot),
                         " is sparse; the fused optimizers support dense gradients only");
-      TORCH_CHECK_VALUE(x.is_contiguous(), op, ": tensor ", num(i), " of list ", num(slot), " must be contiguous");
       TORCH_CHECK_VALUE(x.numel() == numel, op, ": tensor ", num(i), " of list ", num(slot), " has ",
                         num(x.numel()), " elements, its param ", num(numel));
-      aligned = aligned && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+      const bool is_reference = &list == &params;
+      if (is_reference ? !x.is_non_overlapping_and_dense() : !same_dense_layout(x, reference)) {
+        TORCH_CHECK_VALUE(slot == kGrad, op, ": tensor ", num(i), " of list ", num(slot),
+                          is_reference ? " is not dense (a view with gaps or overlaps)"
+                                       : " must be laid out as its param (same sizes and strides)");
+        at::Tensor dense = is_reference ? x.contiguous() : at::empty_like(reference, x.options());
+        if (!is_reference) dense.copy_(x);
+        out.grad_copies.emplace_back(x, dense);
+        x = dense;
+        if (is_reference) reference = dense;
+      }
+      pointers[slot] = x.data_ptr();
+      aligned = aligned && reinterpret_cast<uintptr_t>(pointers[slot]) % 16 == 0;
     }
     if (numel == 0) continue;
     const int32_t tensor_chunks = static_cast<int32_t>((numel + kChunk - 1) / kChunk);
     if (t.num_tensors == kTableTensors || int64_t(chunks) + tensor_chunks > INT32_MAX) flush();
     const int k = t.num_tensors++;
     for (const auto& [slot, list] : lists.slots) {
-      if (!list.empty()) t.ptr[slot][k] = list[i].data_ptr();
+      if (!list.empty()) t.ptr[slot][k] = pointers[slot];
     }
     if (!lists.steps.empty()) {
       const at::Tensor& step = lists.steps[i];
@@ -106,7 +145,7 @@ std::vector<TensorTable> build_tables(const char* op, const Lists& lists, const 
     chunks += tensor_chunks;
   }
   flush();
-  return tables;
+  return out;
 }
 
 void check_dtype(const char* op, TensorList list, at::ScalarType want, const char* what) {
@@ -192,9 +231,9 @@ void adam_step_(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   Lists lists{{{kParam, params}, {kGrad, grads}, {kState0, exp_avgs}, {kState1, exp_avg_sqs},
                {kState2, amsgrad ? max_exp_avg_sqs : TensorList()}, {kMaster, masters}},
               steps};
-  for (const TensorTable& t : build_tables(op, lists, first)) {
-    check_launch(adam_step(t, p, c10::cuda::getCurrentCUDAStream()), op);
-  }
+  Tables tables = build_tables(op, lists, first);
+  for (const TensorTable& t : tables.tables) check_launch(adam_step(t, p, c10::cuda::getCurrentCUDAStream()), op);
+  if (p.s.write_back_grad) tables.write_back_grads();
 }
 
 void sgd_step_(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList masters,
@@ -225,9 +264,9 @@ void sgd_step_(TensorList params, TensorList grads, TensorList momentum_buffers,
   Lists lists{{{kParam, params}, {kGrad, grads}, {kState0, momentum == 0 ? TensorList() : momentum_buffers},
                {kMaster, masters}},
               momentum == 0 ? TensorList() : steps};
-  for (const TensorTable& t : build_tables(op, lists, first)) {
-    check_launch(sgd_step(t, p, c10::cuda::getCurrentCUDAStream()), op);
-  }
+  Tables tables = build_tables(op, lists, first);
+  for (const TensorTable& t : tables.tables) check_launch(sgd_step(t, p, c10::cuda::getCurrentCUDAStream()), op);
+  if (p.s.write_back_grad) tables.write_back_grads();
 }
 
 void lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList masters,
@@ -260,16 +299,17 @@ void lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   p.master = !masters.empty();
   Lists lists{{{kParam, params}, {kGrad, grads}, {kState0, exp_avgs}, {kState1, exp_avg_sqs}, {kMaster, masters}},
               steps};
-  const auto tables = build_tables(op, lists, first);
+  Tables tables = build_tables(op, lists, first);
   int64_t workspace_size = 0;
-  for (const TensorTable& t : tables) workspace_size += lamb_partials(t);
+  for (const TensorTable& t : tables.tables) workspace_size += lamb_partials(t);
   const at::Tensor workspace = at::empty({std::max<int64_t>(workspace_size, 1)}, first.options().dtype(at::kFloat));
   int64_t offset = 0;
-  for (const TensorTable& t : tables) {
+  for (const TensorTable& t : tables.tables) {
     p.partials = workspace.data_ptr<float>() + offset;
     offset += lamb_partials(t);
     check_launch(lamb_step(t, p, c10::cuda::getCurrentCUDAStream()), op);
   }
+  if (p.s.write_back_grad) tables.write_back_grads();
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_norm(TensorList grads, double norm_type, double max_norm) {
@@ -277,10 +317,11 @@ std::tuple<at::Tensor, at::Tensor> grad_norm(TensorList grads, double norm_type,
   TORCH_CHECK_VALUE(!grads.empty() && grads[0].is_cuda(), op, ": grads must be a non-empty list of CUDA tensors");
   check_float_dtype(grads[0], op, "grads");
   check_dtype(op, grads, grads[0].scalar_type(), "grad");
-  const bool inf_norm = std::isinf(norm_type);
+  const bool inf_norm = norm_type == std::numeric_limits<double>::infinity();
   TORCH_CHECK_VALUE(inf_norm || norm_type == 2.0, op, ": norm_type must be 2 or inf, got ", std::to_string(norm_type));
   const c10::cuda::CUDAGuard guard(grads[0].device());
-  auto tables = build_tables(op, Lists{{{kGrad, grads}}, {}}, grads[0]);
+  const Tables built = build_tables(op, Lists{{{kGrad, grads}}, {}}, grads[0]);
+  const auto& tables = built.tables;
   const auto opts = grads[0].options().dtype(at::kFloat);
   const int per_launch = norm_partials();
   at::Tensor partials = at::empty({std::max<int64_t>(1, int64_t(tables.size()) * per_launch)}, opts);
@@ -308,9 +349,11 @@ void scale_grads_(TensorList grads, const at::Tensor& coef) {
   check_dtype(op, grads, grads[0].scalar_type(), "grad");
   const float* c = scalar_ptr(op, coef, grads[0], "coef");
   const c10::cuda::CUDAGuard guard(grads[0].device());
-  for (const TensorTable& t : build_tables(op, Lists{{{kGrad, grads}}, {}}, grads[0])) {
+  Tables tables = build_tables(op, Lists{{{kGrad, grads}}, {}}, grads[0]);
+  for (const TensorTable& t : tables.tables) {
     check_launch(scale_grads(t, to_dtype(grads[0].scalar_type()), c, c10::cuda::getCurrentCUDAStream()), op);
   }
+  tables.write_back_grads();
 }
 
 // Meta kernels: the steps mutate their inputs only; grad_norm returns two scalars.
@@ -344,10 +387,9 @@ TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
 // In-place ops bump the version counters of what they write, as torch's own optimizer steps do: autograd
 // then refuses a backward through a tensor a step has changed since it was saved.
 TORCH_LIBRARY_IMPL(fusedkernels, ADInplaceOrView, m) {
-  m.impl("adam_step_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
-  m.impl("sgd_step_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
-  m.impl("lamb_step_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
-  m.impl("scale_grads_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  for (const char* op : {"adam_step_", "sgd_step_", "lamb_step_", "scale_grads_"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  }
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {

@@ -5,6 +5,7 @@ and pass `isinstance(m, nn.LayerNorm)` checks (weight-decay filters, initialiser
 op directly: no Python work beyond the call.
 """
 
+import torch
 from torch import Tensor, nn
 
 from ..ops import norm as ops
@@ -14,6 +15,8 @@ class FusedLayerNorm(nn.LayerNorm):
     """`torch.nn.LayerNorm` computed by fusedkernels.ops.layer_norm."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return torch.ops.fusedkernels.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return ops._layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -22,4 +25,6 @@ class FusedRMSNorm(nn.RMSNorm):
     16-bit inputs, as torch)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return torch.ops.fusedkernels.rms_norm(input, self.normalized_shape, self.weight, self.eps)
         return ops._rms_norm(input, self.normalized_shape, self.weight, self.eps)

@@ -28,8 +28,18 @@ def _scalar(t: Optional[Tensor], default: float) -> float:
     return default if t is None else float(t.item())
 
 
-def _f32(*values: float) -> list[float]:
-    return torch.tensor(values, dtype=torch.float32).tolist()
+def _acc(t: Tensor) -> torch.dtype:
+    """The arithmetic's type: float64 for float64 lists (no kernel: torch's precision), else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _hyper(acc: torch.dtype, *values: float) -> list[float]:
+    """Hyperparameters as the arithmetic takes them: rounded to fp32 as the kernels take them, or as given."""
+    return torch.tensor(values, dtype=acc).tolist()
+
+
+def _skipped(found_inf: Optional[Tensor]) -> bool:
+    return found_inf is not None and float(found_inf.item()) != 0.0
 
 
 def _grad_factors(grad_scale, clip_coef, maximize):
@@ -37,11 +47,12 @@ def _grad_factors(grad_scale, clip_coef, maximize):
     return unscale, unscale * _scalar(clip_coef, 1.0) * (-1.0 if maximize else 1.0)
 
 
-def _read_grad(grad: Tensor, grad_scale: Optional[Tensor], unscale: float, factor: float) -> Tensor:
-    """The grad as the step uses it (fp32, a new tensor); the unscaled grad is stored back under AMP."""
-    g = grad.float() * factor
+def _read_grad(grad: Tensor, grad_scale: Optional[Tensor], unscale: float, factor: float, acc: torch.dtype) -> Tensor:
+    """The grad as the step uses it (a new tensor in the arithmetic's type); the unscaled grad is stored back
+    under AMP."""
+    g = grad.to(acc) * factor
     if grad_scale is not None:
-        grad.copy_(grad.float() * unscale)
+        grad.copy_(grad.to(acc) * unscale)
     return g
 
 
@@ -54,14 +65,15 @@ def adam_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
                   masters: List, steps: List, lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float,
                   eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
                   grad_scale: Optional[Tensor], found_inf: Optional[Tensor], clip_coef: Optional[Tensor]) -> None:
-    if _scalar(found_inf, 0.0) != 0.0:
+    if _skipped(found_inf):
         return
-    lr, beta1, beta2, eps, weight_decay = _f32(_scalar(lr_tensor, lr), beta1, beta2, eps, weight_decay)
+    acc = _acc(params[0])
+    lr, beta1, beta2, eps, weight_decay = _hyper(acc, _scalar(lr_tensor, lr), beta1, beta2, eps, weight_decay)
     unscale, factor = _grad_factors(grad_scale, clip_coef, maximize)
     for i, p in enumerate(params):
-        g = _read_grad(grads[i], grad_scale, unscale, factor)
-        w = masters[i].clone() if masters else p.float()
-        m, v = exp_avgs[i].float(), exp_avg_sqs[i].float()
+        g = _read_grad(grads[i], grad_scale, unscale, factor, acc)
+        w = masters[i].clone() if masters else p.to(acc)
+        m, v = exp_avgs[i].to(acc), exp_avg_sqs[i].to(acc)
         if weight_decay != 0:
             if decoupled:
                 w = w * (1 - lr * weight_decay)
@@ -71,7 +83,7 @@ def adam_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
         v = beta2 * v + (1 - beta2) * g * g
         second = v
         if amsgrad:
-            second = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            second = torch.maximum(max_exp_avg_sqs[i].to(acc), v)
             max_exp_avg_sqs[i].copy_(second)
         step = float(steps[i].item()) + 1
         step_size = lr / (1 - beta1**step)
@@ -88,18 +100,19 @@ def sgd_step_ref(params: List, grads: List, momentum_buffers: List, masters: Lis
                  lr_tensor: Optional[Tensor], momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                  maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
                  clip_coef: Optional[Tensor]) -> None:
-    if _scalar(found_inf, 0.0) != 0.0:
+    if _skipped(found_inf):
         return
-    lr, momentum, dampening, weight_decay = _f32(_scalar(lr_tensor, lr), momentum, dampening, weight_decay)
+    acc = _acc(params[0])
+    lr, momentum, dampening, weight_decay = _hyper(acc, _scalar(lr_tensor, lr), momentum, dampening, weight_decay)
     unscale, factor = _grad_factors(grad_scale, clip_coef, maximize)
     for i, p in enumerate(params):
-        g = _read_grad(grads[i], grad_scale, unscale, factor)
-        w = masters[i].clone() if masters else p.float()
+        g = _read_grad(grads[i], grad_scale, unscale, factor, acc)
+        w = masters[i].clone() if masters else p.to(acc)
         if weight_decay != 0:
             g = g + weight_decay * w
         if momentum != 0:
             first = float(steps[i].item()) == 0  # a param's first step starts its buffer from the grad
-            buf = g if first else momentum * momentum_buffers[i].float() + (1 - dampening) * g
+            buf = g if first else momentum * momentum_buffers[i].to(acc) + (1 - dampening) * g
             momentum_buffers[i].copy_(buf)
             g = g + momentum * buf if nesterov else buf
         w = w - lr * g
@@ -115,10 +128,11 @@ def lamb_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
                   decoupled: bool, bias_correction: bool, grad_averaging: bool, always_adapt: bool,
                   grad_norm: Optional[Tensor], max_grad_norm: float, maximize: bool, grad_scale: Optional[Tensor],
                   found_inf: Optional[Tensor], clip_coef: Optional[Tensor]) -> None:
-    if _scalar(found_inf, 0.0) != 0.0:
+    if _skipped(found_inf):
         return
-    lr, beta1, beta2, eps, weight_decay, max_grad_norm = _f32(_scalar(lr_tensor, lr), beta1, beta2, eps, weight_decay,
-                                                              max_grad_norm)
+    acc = _acc(params[0])
+    lr, beta1, beta2, eps, weight_decay, max_grad_norm = _hyper(acc, _scalar(lr_tensor, lr), beta1, beta2, eps,
+                                                                weight_decay, max_grad_norm)
     unscale, factor = _grad_factors(grad_scale, clip_coef, maximize)
     if grad_norm is not None:
         norm = float(grad_norm.item()) * abs(factor)  # the norm of the grads as the step sees them
@@ -126,16 +140,16 @@ def lamb_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
             factor /= norm / max_grad_norm
     grad_weight = 1 - beta1 if grad_averaging else 1.0
     for i, p in enumerate(params):
-        g = _read_grad(grads[i], grad_scale, unscale, factor)
-        w = masters[i].clone() if masters else p.float()
+        g = _read_grad(grads[i], grad_scale, unscale, factor, acc)
+        w = masters[i].clone() if masters else p.to(acc)
         if not decoupled and weight_decay != 0:
             g = g + weight_decay * w
         # the moments as stored (rounded to their dtype): the update is computed from those
-        exp_avgs[i].copy_(beta1 * exp_avgs[i].float() + grad_weight * g)
-        exp_avg_sqs[i].copy_(beta2 * exp_avg_sqs[i].float() + (1 - beta2) * g * g)
+        exp_avgs[i].copy_(beta1 * exp_avgs[i].to(acc) + grad_weight * g)
+        exp_avg_sqs[i].copy_(beta2 * exp_avg_sqs[i].to(acc) + (1 - beta2) * g * g)
         step = float(steps[i].item()) + 1
         bc1, bc2 = (1 - beta1**step, 1 - beta2**step) if bias_correction else (1.0, 1.0)
-        u = (exp_avgs[i].float() / bc1) / ((exp_avg_sqs[i].float() / bc2).sqrt() + eps)
+        u = (exp_avgs[i].to(acc) / bc1) / ((exp_avg_sqs[i].to(acc) / bc2).sqrt() + eps)
         if decoupled:
             u = u + weight_decay * w
         w_norm, u_norm = float(w.norm()), float(u.norm())
@@ -148,7 +162,7 @@ def lamb_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
 
 
 def grad_norm_ref(grads: List, norm_type: float, max_norm: float):
-    if math.isinf(norm_type):
+    if norm_type == math.inf:
         nonempty = [g.float().abs().max() for g in grads if g.numel()]
         total = torch.stack(nonempty).max() if nonempty else grads[0].new_zeros((), dtype=torch.float32)
     else:
@@ -169,48 +183,112 @@ def scale_grads_ref(grads: List, coef: Tensor) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _undo_skipped_count(steps: List, found_inf: Optional[Tensor]) -> None:
-    if found_inf is not None:  # a skipped step does not count; no host sync
-        torch._foreach_sub_(list(steps), [found_inf.to(steps[0].device)] * len(steps))
+def check_lists(op: str, params: List, grads: List, *states: tuple[str, List], masters: List = (),
+                steps: List = (), scalars: tuple = (), state_dtypes=(torch.float32, torch.bfloat16)) -> None:
+    """The native ops' checks, for the lists that take PyTorch's ops instead (CPU, float64): the same
+    rules and messages, so no list is read past its end or in another layout than its param's."""
+    named = [("grads", grads), *states, ("masters", masters), ("steps", steps)]
+    for name, ts in named:
+        if ts and len(ts) != len(params):
+            raise ValueError(f"{op}: every tensor list must have {len(params)} tensors (one per param), "
+                             f"{name} has {len(ts)}")
+    for name, ts in named[:-1]:
+        for i, (p, t) in enumerate(zip(params, ts)):
+            if t.device != p.device or t.shape != p.shape:
+                raise ValueError(f"{op}: {name} {i} must have its param's shape {list(p.shape)} and device "
+                                 f"{p.device}, got {list(t.shape)} on {t.device}")
+            if t.layout != torch.strided:
+                raise ValueError(f"{op}: {name} {i} is sparse; the fused optimizers support dense gradients only")
+    for i, g in enumerate(grads):
+        if g.dtype != params[i].dtype:
+            raise TypeError(f"{op}: grad {i} must be {params[i].dtype} (its param's), got {g.dtype}")
+    for name, ts in states:
+        if ts and (ts[0].dtype not in state_dtypes + (params[0].dtype,) or any(t.dtype != ts[0].dtype for t in ts)):
+            raise TypeError(f"{op}: {name} must share one dtype, float32 or bfloat16 (or the params'), "
+                            f"got {sorted({str(t.dtype) for t in ts})}")
+    if masters and any(m.dtype != torch.float32 for m in masters):
+        raise TypeError(f"{op}: masters must be float32")
+    for name, t in scalars:
+        if t is not None and not (isinstance(t, Tensor) and t.numel() == 1):
+            raise ValueError(f"{op}: {name} must be a one-element tensor, got {type(t).__name__}")
+
+
+def _same_layouts(params: List, *lists: List) -> bool:
+    """Whether every tensor is laid out as its param: torch's fused ops walk memory in order."""
+    return all(t.stride() == p.stride() for ts in lists for p, t in zip(params, ts))
+
+
+def _skip_flag(found_inf: Optional[Tensor]) -> Optional[Tensor]:
+    """found_inf as 0 / 1: torch's fused steps skip on exactly 1, GradScaler sums the flags of its devices."""
+    return None if found_inf is None else (found_inf != 0).float()
+
+
+def _undo_skipped_count(steps: List, skip: Optional[Tensor]) -> None:
+    if skip is not None:  # a skipped step does not count; no host sync
+        torch._foreach_sub_(list(steps), [skip.to(steps[0].device)] * len(steps))
 
 
 def adam_step_torch(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, max_exp_avg_sqs: List,
                     masters: List, steps: List, lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float,
                     eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor], clip_coef: Optional[Tensor]) -> None:
-    if masters or clip_coef is not None or exp_avgs[0].dtype != params[0].dtype:
+    moments = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    check_lists("adam_step_", params, grads, ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                ("max_exp_avg_sqs", max_exp_avg_sqs if amsgrad else []), masters=masters, steps=steps,
+                scalars=(("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf),
+                         ("clip_coef", clip_coef)))
+    if (masters or clip_coef is not None or exp_avgs[0].dtype != params[0].dtype
+            or not _same_layouts(params, grads, *moments)):
         return adam_step_ref(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, lr_tensor,
                              beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf,
                              clip_coef)
     fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    skip = _skip_flag(found_inf)
     torch._foreach_add_(list(steps), 1.0)
     fused(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs) if amsgrad else [],
           list(steps), lr=lr if lr_tensor is None else lr_tensor, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-          eps=eps, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
-    _undo_skipped_count(steps, found_inf)
+          eps=eps, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=skip)
+    _undo_skipped_count(steps, skip)
 
 
 def sgd_step_torch(params: List, grads: List, momentum_buffers: List, masters: List, steps: List, lr: float,
                    lr_tensor: Optional[Tensor], momentum: float, dampening: float, weight_decay: float,
                    nesterov: bool, maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
                    clip_coef: Optional[Tensor]) -> None:
-    first = momentum != 0 and [float(s.item()) == 0 for s in steps]
-    mixed = momentum != 0 and len(set(first)) > 1
-    buffers_ok = momentum == 0 or momentum_buffers[0].dtype == params[0].dtype
-    if masters or clip_coef is not None or mixed or not buffers_ok:
+    if momentum != 0 and (not momentum_buffers or len(steps) != len(params)):
+        raise ValueError("sgd_step_: momentum needs momentum_buffers and steps")
+    buffers = list(momentum_buffers) if momentum != 0 else []
+    check_lists("sgd_step_", params, grads, ("momentum_buffers", buffers), masters=masters,
+                steps=steps if momentum != 0 else [], state_dtypes=(torch.float32,),
+                scalars=(("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf),
+                         ("clip_coef", clip_coef)))
+    first = [float(s.item()) == 0 for s in steps] if momentum != 0 else [False]
+    if (masters or clip_coef is not None or len(set(first)) > 1 or (buffers and buffers[0].dtype != params[0].dtype)
+            or not _same_layouts(params, grads, buffers)):
         return sgd_step_ref(params, grads, momentum_buffers, masters, steps, lr, lr_tensor, momentum, dampening,
                             weight_decay, nesterov, maximize, grad_scale, found_inf, clip_coef)
-    torch._fused_sgd_(list(params), list(grads), list(momentum_buffers) if momentum != 0 else [],
-                      weight_decay=weight_decay, momentum=momentum, lr=lr if lr_tensor is None else lr_tensor,
-                      dampening=dampening, nesterov=nesterov, maximize=maximize,
-                      is_first_step=bool(momentum != 0 and first[0]), grad_scale=grad_scale, found_inf=found_inf)
+    skip = _skip_flag(found_inf)
+    torch._fused_sgd_(list(params), list(grads), buffers, weight_decay=weight_decay, momentum=momentum,
+                      lr=lr if lr_tensor is None else lr_tensor, dampening=dampening, nesterov=nesterov,
+                      maximize=maximize, is_first_step=first[0], grad_scale=grad_scale, found_inf=skip)
     if momentum != 0:
         torch._foreach_add_(list(steps), 1.0)
-        _undo_skipped_count(steps, found_inf)
+        _undo_skipped_count(steps, skip)
+
+
+def lamb_step_torch(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List,
+                    *args) -> None:
+    """LAMB has no PyTorch op: the reference, after the native op's checks."""
+    check_lists("lamb_step_", params, grads, ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), masters=masters,
+                steps=steps)
+    lamb_step_ref(params, grads, exp_avgs, exp_avg_sqs, masters, steps, *args)
 
 
 def grad_norm_torch(grads: List, norm_type: float, max_norm: float):
-    norms = torch._foreach_norm(list(grads), norm_type, dtype=torch.float32)
+    """torch's foreach norm: float32 results for 16-bit and float32 grads (as the kernel), the grads' own
+    precision for float64 and complex ones; any norm_type."""
+    low = all(g.dtype in (torch.float16, torch.bfloat16, torch.float32) for g in grads)
+    norms = torch._foreach_norm(list(grads), norm_type, dtype=torch.float32 if low else None)
     total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
@@ -222,7 +300,7 @@ def scale_grads_torch(grads: List, coef: Tensor) -> None:
 if _native.has_op("adam_step_"):
     torch.library.register_kernel("fusedkernels::adam_step_", "cpu", adam_step_torch)
     torch.library.register_kernel("fusedkernels::sgd_step_", "cpu", sgd_step_torch)
-    torch.library.register_kernel("fusedkernels::lamb_step_", "cpu", lamb_step_ref)
+    torch.library.register_kernel("fusedkernels::lamb_step_", "cpu", lamb_step_torch)
     torch.library.register_kernel("fusedkernels::grad_norm", "cpu", grad_norm_torch)
     torch.library.register_kernel("fusedkernels::scale_grads_", "cpu", scale_grads_torch)
 
@@ -280,17 +358,25 @@ def lamb_step_(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, mas
     always_adapt: apply the trust ratio to params without weight decay too (apex's use_nvlamb).
     """
     if params:
-        op = _native.route("lamb_step_", params[0], lamb_step_ref, "the reference LAMB")
+        op = _native.route("lamb_step_", params[0], lamb_step_torch, "the reference LAMB")
         op(params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay,
            decoupled, bias_correction, grad_averaging, always_adapt, grad_norm, max_grad_norm, maximize, grad_scale,
            found_inf, clip_coef)
 
 
 def grad_norm(grads: List, norm_type: float = 2.0, max_norm: float = math.inf) -> tuple[Tensor, Tensor]:
-    """Total 2- or inf-norm of the tensors (float32 0-dim tensor on their device; deterministic) and
-    min(max_norm / (total + 1e-6), 1). grads: a non-empty list of one dtype on one device."""
+    """Total norm of the tensors (a 0-dim tensor on their device) and min(max_norm / (total + 1e-6), 1).
+
+    grads: a non-empty list of one dtype on one device. The 2- and inf-norms of float32 / float16 /
+    bfloat16 CUDA grads run the fused kernel (float32 result, deterministic); other norm types and dtypes
+    run torch's foreach norm (float32 for float32 and 16-bit grads, float64 for float64, the real dtype for
+    complex grads, whose norm counts their magnitudes).
+    """
+    norm_type, max_norm = float(norm_type), float(max_norm)
+    if norm_type not in (2.0, math.inf):
+        return grad_norm_torch(grads, norm_type, max_norm)
     op = _native.route("grad_norm", grads[0], grad_norm_torch, "torch._foreach_norm")
-    return op(grads, float(norm_type), float(max_norm))
+    return op(grads, norm_type, max_norm)
 
 
 def scale_grads_(grads: List, coef: Tensor) -> None:

@@ -13,33 +13,41 @@ from torch import Tensor
 class Bucket:
     """The params of one group that step in one fused call: one device, dtype, moment dtype, masters or not.
 
-    The lists are built when the plan is and reused at every step; only the grads are read anew. Complex
-    params step through their real views (as torch.optim does), taken at each step.
+    Which params belong to which bucket is planned once and reused; each step reads the grads and the
+    state tensors anew (from the params' state dicts, so a state entry set by hand is the one used).
+    Complex params step through their real views, as in torch.optim.
     """
 
-    __slots__ = ("device", "index", "params", "states", "masters", "steps", "is_complex")
+    __slots__ = ("device", "index", "params", "states", "keys", "has_master", "counts_steps", "is_complex")
 
-    def __init__(self, device: torch.device, keys: list[str], is_complex: bool):
+    def __init__(self, device: torch.device, keys: list[str], has_master: bool, counts_steps: bool,
+                 is_complex: bool):
         self.device = device
         self.index: list[int] = []  # positions in the group's params
         self.params: list[Tensor] = []
-        self.states: dict[str, list[Tensor]] = {k: [] for k in keys}
-        self.masters: list[Tensor] = []
-        self.steps: list[Tensor] = []
+        self.states: list[dict] = []  # each param's state dict
+        self.keys = keys
+        self.has_master = has_master
+        self.counts_steps = counts_steps
         self.is_complex = is_complex
 
-    def lists(self, grads: list) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor]]]:
-        """params, grads and states as the kernels take them."""
+    def lists(self, grads: list):
+        """params, grads, {moment: tensors}, masters, steps: as the kernels take them. KeyError when a
+        state entry was removed by hand (the plan is then rebuilt)."""
         bucket_grads = [grads[i] for i in self.index]
+        moments = {k: [st[k] for st in self.states] for k in self.keys}
+        masters = [st["master_param"] for st in self.states] if self.has_master else []
+        steps = [st["step"] for st in self.states] if self.counts_steps else []
         if not self.is_complex:
-            return self.params, bucket_grads, self.states
+            return self.params, bucket_grads, moments, masters, steps
         real = torch.view_as_real
         return ([real(p) for p in self.params], [real(g) for g in bucket_grads],
-                {k: [real(t) for t in ts] for k, ts in self.states.items()})
+                {k: [real(t) for t in ts] for k, ts in moments.items()}, masters, steps)
+
 
 
 class _Plan:
-    __slots__ = ("params", "has_grad", "key", "version", "state", "state_dicts", "buckets")
+    __slots__ = ("params", "has_grad", "key", "state", "state_dicts", "buckets")
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -59,8 +67,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__} does not support differentiable=True")
         if state_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         self.master_weights = bool(master_weights)
         self.state_dtype = state_dtype
+        self._deferred_clip = None
         self._reset_plans()
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -84,6 +95,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         betas = tuple(betas)
+        if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+            raise ValueError("betas must be either both floats or both Tensors")
         for i, b in enumerate(betas):
             if isinstance(b, Tensor) and b.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
@@ -112,8 +125,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._reset_plans()
 
-    # Options kept as attributes rather than in param groups: carried through pickling and deepcopy.
-    _option_attributes: tuple[str, ...] = ("master_weights", "state_dtype")
+    # Options kept as attributes rather than in param groups, and a pending deferred clip: carried through
+    # pickling and deepcopy (a clip whose grads did not come along is refused at the next step).
+    _option_attributes: tuple[str, ...] = ("master_weights", "state_dtype", "_deferred_clip")
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -126,7 +140,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _reset_plans(self) -> None:
         self._plans: dict[int, _Plan] = {}
-        self._deferred_clip = None
+        self._param_versions: dict[int, int] = {}  # id(param) -> its version after the last step (masters)
 
     # ---- per-subclass: what state a param has ----
 
@@ -151,8 +165,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ---- the plan ----
 
-    def _buckets(self, group: dict) -> tuple[list[Bucket], list]:
-        """The group's buckets (planned, or reused from the last step) and its grads."""
+    def _buckets(self, group: dict) -> list[tuple]:
+        """(bucket, params, grads, {moment: tensors}, masters, steps) per bucket of the group, from the plan
+        of the last step while it still holds, else from a new one. Call `_stepped(buckets)` after the step."""
         params = group["params"]
         grads = [p.grad for p in params]
         has_grad = [g is not None for g in grads]
@@ -161,14 +176,38 @@ class FusedOptimizer(torch.optim.Optimizer):
                 or plan.state is not self.state
                 or not all(map(operator.is_, map(self.state.get, plan.state_dicts[0]), plan.state_dicts[1]))):
             plan = self._plan(group, has_grad)
-            self._plans[id(group)] = plan
-        return plan.buckets, grads
+        try:
+            lists = [(b, *b.lists(grads)) for b in plan.buckets]
+        except KeyError:  # a state entry removed by hand (state[p].clear()): plan again, creating it
+            plan = self._plan(group, has_grad)
+            lists = [(b, *b.lists(grads)) for b in plan.buckets]
+        self._plans[id(group)] = plan
+        for b, params, _, _, masters, _ in lists:
+            if b.has_master:
+                self._refresh_masters(b.params, masters)
+        return lists
+
+    def _refresh_masters(self, params: list[Tensor], masters: list[Tensor]) -> None:
+        """A param written outside the optimizer since its last step (model.load_state_dict, a manual edit:
+        its version counter moved) gives its master the new value; otherwise the step would write the
+        stale master back over it."""
+        versions = self._param_versions
+        for p, master in zip(params, masters):
+            if versions.get(id(p), p._version) != p._version:
+                master.copy_(p.detach())
+
+    def _stepped(self, buckets: list[tuple]) -> None:
+        """After a step: remember the versions of the params with masters (the step itself bumps them)."""
+        for b, *_ in buckets:
+            if b.has_master:
+                self._param_versions.update((id(p), p._version) for p in b.params)
 
     def _plan_key(self, group: dict) -> tuple:
         return tuple(self._moment_keys(group)), self._counts_steps(group)
 
     def _plan(self, group: dict, has_grad: list[bool]) -> _Plan:
         keys, counts_steps = self._plan_key(group)
+        keys = list(keys)
         buckets: dict[tuple, Bucket] = {}
         stepped, state_dicts = [], []
         for i, p in enumerate(group["params"]):
@@ -182,21 +221,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._init_step(p, state, started=bool(keys) and all(state.get(k) is not None for k in keys))
             for key in keys:
                 t = state.get(key)
-                if t is None:
-                    state[key] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
+                if t is None:  # laid out as the param (channels_last stays channels_last), as torch's
+                    state[key] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
                 elif t.dtype != moment_dtype or t.device != p.device:
                     state[key] = t.to(device=p.device, dtype=moment_dtype)
             bucket_dtype = torch.empty((), dtype=p.dtype).real.dtype if p.is_complex() else p.dtype
-            b = buckets.setdefault((p.device, bucket_dtype, moment_dtype, master is not None, p.is_complex()),
-                                   Bucket(p.device, keys, p.is_complex()))
+            key = (p.device, bucket_dtype, moment_dtype, master is not None, p.is_complex())
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = Bucket(p.device, keys, master is not None, counts_steps, p.is_complex())
             b.index.append(i)
             b.params.append(p)
-            for key in keys:
-                b.states[key].append(state[key])
-            if master is not None:
-                b.masters.append(master)
-            if counts_steps:
-                b.steps.append(state["step"])
+            b.states.append(state)
             stepped.append(p)
             state_dicts.append(state)
         plan = _Plan()
@@ -285,6 +321,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
         return None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+
+    @staticmethod
+    def _value_for(t: Optional[Tensor], params: list[Tensor]) -> Optional[Tensor]:
+        """A computed scalar (a deferred clip coefficient, LAMB's global grad norm) for a bucket: float32 for
+        the kernels, float64 for float64 params, which run in float64."""
+        if t is None:
+            return None
+        dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        return t.to(device=params[0].device, dtype=dtype, non_blocking=True).reshape(())
 
     def _lr_args(self, group: dict, device: torch.device):
         lr = group["lr"]

@@ -46,17 +46,17 @@ class FusedAdam(FusedOptimizer):
         loss = self._evaluate(closure)
         grad_scale, found_inf, clip = self._amp_and_clip()
         for group in self.param_groups:
-            buckets, grads = self._buckets(group)
+            buckets = self._buckets(group)
             beta1, beta2 = group["betas"]
-            for b in buckets:
-                params, bucket_grads, states = b.lists(grads)
+            for b, params, grads, states, masters, steps in buckets:
                 lr, lr_tensor = self._lr_args(group, b.device)
                 ops.adam_step_(
-                    params, bucket_grads, states["exp_avg"], states["exp_avg_sq"], states.get("max_exp_avg_sq", []),
-                    b.masters, b.steps, lr=lr, lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2),
+                    params, grads, states["exp_avg"], states["exp_avg_sq"], states.get("max_exp_avg_sq", []),
+                    masters, steps, lr=lr, lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2),
                     eps=group["eps"], weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
                     amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=self._on(grad_scale, b.device),
-                    found_inf=self._on(found_inf, b.device), clip_coef=self._on(clip, b.device))
+                    found_inf=self._on(found_inf, b.device), clip_coef=self._value_for(clip, params))
+            self._stepped(buckets)
         return loss
 
 

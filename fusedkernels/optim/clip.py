@@ -14,7 +14,7 @@ from ._base import FusedOptimizer
 
 
 def total_grad_norm(grads: list[Tensor], norm_type: float, max_norm: float = math.inf):
-    """The total 2- or inf-norm of grads of any devices and dtypes, on the first grad's device, and
+    """The total 2- or +inf-norm of grads of any devices and dtypes, on the first grad's device, and
     min(max_norm / (total + 1e-6), 1). float32, float16 and bfloat16 grads go through the fused kernel (a
     float32 result); float64 and complex ones through torch's foreach norm, in their own precision (a
     float64 result when any grad is float64), as torch.nn.utils.clip_grad_norm_. Also returns the grads
@@ -34,7 +34,7 @@ def total_grad_norm(grads: list[Tensor], norm_type: float, max_norm: float = mat
     device = grads[0].device
     dtype = torch.float64 if any(t.dtype == torch.float64 for t, _ in results) else torch.float32
     totals = torch.stack([t.to(device=device, dtype=dtype) for t, _ in results])
-    total = totals.max() if math.isinf(norm_type) else totals.norm()
+    total = totals.max() if norm_type == math.inf else totals.norm()
     return groups, total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
@@ -46,7 +46,7 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
 
     The norm is a float32 tensor for float32 / float16 / bfloat16 grads (computed by the fused kernel,
     deterministic), float64 when a grad is float64; complex grads count through their magnitudes, as in
-    torch. norm_type 2 and inf are fused (other norms use torch's implementation).
+    torch. norm_type 2 and inf are fused (other norms, -inf included, use torch's implementation).
 
     defer_to=optimizer (one of fusedkernels.optim's): the grads are not touched here; the optimizer's next
     step multiplies them by the coefficient as it reads them, saving a read and a write of every grad.
@@ -65,9 +65,9 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
     if not params:
         return torch.tensor(0.0)
     norm_type = float(norm_type)
-    if norm_type != 2.0 and not math.isinf(norm_type):
+    if norm_type not in (2.0, math.inf):
         if defer_to is not None:
-            raise ValueError("clip_grad_norm_: defer_to needs norm_type 2 or inf")
+            raise ValueError(f"clip_grad_norm_: defer_to needs norm_type 2 or inf, got {norm_type}")
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
     pending = defer_to.deferred_clip_coef() if defer_to is not None else None
     groups, total, coef = total_grad_norm([p.grad for p in params], norm_type, max_norm)

@@ -34,7 +34,7 @@ class FusedLAMB(FusedOptimizer):
                  max_grad_norm: Optional[float] = 1.0, use_nvlamb=False, *, maximize: bool = False,
                  master_weights: bool = False, state_dtype: Optional[torch.dtype] = None):
         if amsgrad:
-            raise ValueError("FusedLAMB does not support amsgrad")
+            raise RuntimeError("FusedLAMB does not support the AMSGrad variant.")  # apex's error
         betas = self._check_adam_args(lr, betas, eps, weight_decay)
         if max_grad_norm is not None and max_grad_norm < 0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
@@ -72,18 +72,18 @@ class FusedLAMB(FusedOptimizer):
         grad_norm = self._global_grad_norm()
         max_grad_norm = float(self.defaults["max_grad_norm"] or math.inf)
         for group in self.param_groups:
-            buckets, grads = self._buckets(group)
+            buckets = self._buckets(group)
             beta1, beta2 = group["betas"]
-            for b in buckets:
-                params, bucket_grads, states = b.lists(grads)
+            for b, params, grads, states, masters, steps in buckets:
                 lr, lr_tensor = self._lr_args(group, b.device)
                 ops.lamb_step_(
-                    params, bucket_grads, states["exp_avg"], states["exp_avg_sq"], b.masters, b.steps, lr=lr,
+                    params, grads, states["exp_avg"], states["exp_avg_sq"], masters, steps, lr=lr,
                     lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                     weight_decay=group["weight_decay"], decoupled=self.adam_w_mode,
                     bias_correction=group["bias_correction"], grad_averaging=group["grad_averaging"],
-                    always_adapt=self.use_nvlamb, grad_norm=self._on(grad_norm, b.device),
+                    always_adapt=self.use_nvlamb, grad_norm=self._value_for(grad_norm, params),
                     max_grad_norm=max_grad_norm, maximize=group["maximize"],
                     grad_scale=self._on(grad_scale, b.device), found_inf=self._on(found_inf, b.device),
-                    clip_coef=self._on(clip, b.device))
+                    clip_coef=self._value_for(clip, params))
+            self._stepped(buckets)
         return loss

@@ -25,8 +25,6 @@ class FusedSGD(FusedOptimizer):
         self._check_lr(lr)
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
-        if not dampening == dampening:  # torch takes any dampening; NaN would poison every buffer
-            raise ValueError(f"Invalid dampening value: {dampening}")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -49,13 +47,13 @@ class FusedSGD(FusedOptimizer):
         loss = self._evaluate(closure)
         grad_scale, found_inf, clip = self._amp_and_clip()
         for group in self.param_groups:
-            buckets, grads = self._buckets(group)
-            for b in buckets:
-                params, bucket_grads, states = b.lists(grads)
+            buckets = self._buckets(group)
+            for b, params, grads, states, masters, steps in buckets:
                 lr, lr_tensor = self._lr_args(group, b.device)
-                ops.sgd_step_(params, bucket_grads, states.get("momentum_buffer", []), b.masters, b.steps, lr=lr,
+                ops.sgd_step_(params, grads, states.get("momentum_buffer", []), masters, steps, lr=lr,
                               lr_tensor=lr_tensor, momentum=group["momentum"], dampening=group["dampening"],
                               weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                               maximize=group["maximize"], grad_scale=self._on(grad_scale, b.device),
-                              found_inf=self._on(found_inf, b.device), clip_coef=self._on(clip, b.device))
+                              found_inf=self._on(found_inf, b.device), clip_coef=self._value_for(clip, params))
+            self._stepped(buckets)
         return loss

@@ -3,9 +3,10 @@
 // wraps the result. It exists for the eager host time: `torch.ops.fusedkernels.<op>(...)` spends about
 // 4 us a call converting arguments through the schema, more than the op itself costs on the host.
 //
-// Anything the fast path does not take as is (a Tensor subclass such as a fake or distributed tensor, an
-// active __torch_function__ mode, an argument of another type) returns NotImplemented, and the Python
-// caller goes through torch.ops, which handles all of it. Only csrc/fusedkernels.cpp includes this.
+// What the fast path does not take as is (a Tensor subclass such as a fake or distributed tensor, an
+// active __torch_function__ mode) returns NotImplemented, and the Python caller goes through torch.ops,
+// which handles all of it; an argument of the wrong type raises TypeError, as torch's own bindings do.
+// Only csrc/fusedkernels.cpp includes this.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,73 +33,77 @@ struct Parsed<at::IntArrayRef> {
   using type = std::vector<int64_t>;
 };
 
-inline bool parse(PyObject* o, at::Tensor& out) {
-  if (!THPVariable_CheckExact(o)) return false;
-  out = THPVariable_Unpack(o);
-  return true;
+// What parsing an argument found: a value, something for the torch.ops path (a Tensor subclass), or an
+// object of the wrong type (a TypeError, as torch's own bindings raise).
+enum class Parse { kOk, kDecline, kWrongType };
+
+inline Parse parse(PyObject* o, at::Tensor& out) {
+  if (THPVariable_CheckExact(o)) {
+    out = THPVariable_Unpack(o);
+    return Parse::kOk;
+  }
+  return THPVariable_Check(o) ? Parse::kDecline : Parse::kWrongType;
 }
 
-inline bool parse(PyObject* o, std::optional<at::Tensor>& out) {
+inline Parse parse(PyObject* o, std::optional<at::Tensor>& out) {
   if (o == Py_None) {
     out.reset();
-    return true;
+    return Parse::kOk;
   }
   at::Tensor t;
-  if (!parse(o, t)) return false;
-  out = std::move(t);
-  return true;
+  const Parse result = parse(o, t);
+  if (result == Parse::kOk) out = std::move(t);
+  return result;
 }
 
-inline bool parse_int(PyObject* o, int64_t& out) {
-  if (!PyLong_CheckExact(o)) return false;
+inline Parse parse(PyObject* o, int64_t& out) {
+  if (!PyLong_Check(o) || PyBool_Check(o)) return Parse::kWrongType;
   out = PyLong_AsLongLong(o);
   if (out == -1 && PyErr_Occurred()) {
     PyErr_Clear();
-    return false;
+    return Parse::kWrongType;
   }
-  return true;
+  return Parse::kOk;
 }
 
-inline bool parse(PyObject* o, int64_t& out) { return parse_int(o, out); }
-
 // A tuple (torch.Size included) or list of ints.
-inline bool parse(PyObject* o, std::vector<int64_t>& out) {
-  if (!PyTuple_Check(o) && !PyList_Check(o)) return false;
+inline Parse parse(PyObject* o, std::vector<int64_t>& out) {
+  if (!PyTuple_Check(o) && !PyList_Check(o)) return Parse::kWrongType;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
   PyObject** items = PySequence_Fast_ITEMS(o);
   out.resize(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!parse_int(items[i], out[i])) return false;
+    if (parse(items[i], out[i]) != Parse::kOk) return Parse::kWrongType;
   }
-  return true;
+  return Parse::kOk;
 }
 
-inline bool parse(PyObject* o, double& out) {
-  if (PyFloat_CheckExact(o)) {
+inline Parse parse(PyObject* o, double& out) {
+  if (PyFloat_Check(o)) {
     out = PyFloat_AS_DOUBLE(o);
-    return true;
+    return Parse::kOk;
   }
   int64_t i = 0;
-  if (!parse_int(o, i)) return false;
+  if (parse(o, i) != Parse::kOk) return Parse::kWrongType;
   out = static_cast<double>(i);
-  return true;
+  return Parse::kOk;
 }
 
-inline bool parse(PyObject* o, std::optional<double>& out) {
+inline Parse parse(PyObject* o, std::optional<double>& out) {
   if (o == Py_None) {
     out.reset();
-    return true;
+    return Parse::kOk;
   }
   double v = 0;
-  if (!parse(o, v)) return false;
-  out = v;
-  return true;
+  const Parse result = parse(o, v);
+  if (result == Parse::kOk) out = v;
+  return result;
 }
 
-inline bool parse(PyObject* o, bool& out) {
-  if (!PyBool_Check(o)) return false;
+inline Parse parse(PyObject* o, bool& out) {
+  if (!PyBool_Check(o)) return Parse::kWrongType;
   out = o == Py_True;
-  return true;
+  return Parse::kOk;
 }
 
 inline PyObject* wrap(const at::Tensor& t) { return THPVariable_Wrap(t); }
@@ -127,14 +132,22 @@ struct FastCall<Ret(Args...)> {
   template <const char* kName>
   static PyObject* call(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
     HANDLE_TH_ERRORS
-    std::tuple<typename Parsed<std::decay_t<Args>>::type...> values;
-    const bool parsed = nargs == sizeof...(Args) && !at::impl::torch_function_mode_enabled() &&
-                        std::apply([&](auto&... v) {
-                          Py_ssize_t i = 0;
-                          return (parse(args[i++], v) && ...);
-                        }, values);
-    if (!parsed) Py_RETURN_NOTIMPLEMENTED;
+    if (nargs != sizeof...(Args) || at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
     static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").typed<Ret(Args...)>();
+    std::tuple<typename Parsed<std::decay_t<Args>>::type...> values;
+    Py_ssize_t bad = -1;  // the first argument that failed
+    Parse parsed = Parse::kOk;
+    std::apply([&](auto&... v) {
+      Py_ssize_t i = 0;
+      ((parsed == Parse::kOk ? (parsed = parse(args[i], v), bad = i) : 0, ++i), ...);
+    }, values);
+    if (parsed == Parse::kDecline) Py_RETURN_NOTIMPLEMENTED;
+    if (parsed == Parse::kWrongType) {
+      const auto& argument = op.schema().arguments()[bad];
+      PyErr_Format(PyExc_TypeError, "%s(): argument '%s' (position %zd) must be %s, not %s", kName,
+                   argument.name().c_str(), bad + 1, argument.type()->str().c_str(), Py_TYPE(args[bad])->tp_name);
+      return nullptr;
+    }
     Ret result = [&] {
       const pybind11::gil_scoped_release no_gil;
       return std::apply([&](auto&... v) { return op.call(v...); }, values);

@@ -5,9 +5,11 @@
 // which an eager model pays on every layer.
 #pragma once
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <memory>
 #include <type_traits>
@@ -30,5 +32,25 @@ NodePtr make_node() {
 // carries a tangent makes the public op run PyTorch's own, which has them.
 inline bool has_forward_grad(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
 inline bool has_forward_grad(const std::optional<at::Tensor>& t) { return t && has_forward_grad(*t); }
+
+// The ADInplaceOrView kernel of an op that writes its arguments (the optimizer steps): bumps the version
+// counter of every tensor the schema marks written (Tensor(a!), Tensor(a!)[]), then runs the op. torch's
+// in-place ops do the same, so autograd refuses a backward through a tensor changed since it was saved.
+// (torch's generic fallback bumps only written outputs, and these ops return nothing.)
+inline void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const size_t count = schema.arguments().size(), start = stack->size() - count;
+  for (size_t i = 0; i < count; ++i) {
+    if (!schema.is_mutable({c10::SchemaArgType::input, i})) continue;
+    const c10::IValue& value = (*stack)[start + i];
+    if (value.isTensor()) {
+      torch::autograd::impl::bump_version(value.toTensor());
+    } else if (value.isTensorList()) {
+      for (const c10::IValue& t : value.toListRef()) torch::autograd::impl::bump_version(t.toTensor());
+    }
+  }
+  const at::AutoDispatchBelowADInplaceOrView below;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
 
 }  // namespace fusedkernels
