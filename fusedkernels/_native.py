@@ -99,9 +99,7 @@ def route(op: str, t: torch.Tensor, fallback: Callable, instead: str) -> Callabl
         warn_fallback(op, f"the native module is not loaded ({error})", instead)
     elif not has_op(op):
         warn_fallback(op, "this build has no kernels for its family (see FUSEDKERNELS_FAMILIES)", instead)
-    elif t.dtype not in KERNEL_DTYPES:
-        if t.dtype != torch.float64:  # the op then raises its dtype error
-            return getattr(torch.ops.fusedkernels, op).default
+    elif t.dtype not in KERNEL_DTYPES:  # float64, complex: PyTorch's op (which refuses what it cannot take)
         warn_fallback(op, f"{t.dtype} has no fused kernel", instead)
     else:
         return getattr(torch.ops.fusedkernels, op).default

@@ -112,57 +112,44 @@ fwd_registers_kernel(const FwdParams p) {
       if (row_ok && c < nvec) xv[i].load(x + row_offset + c * kVec);
     }
 
-    // Statistics of x - shift, shift = the row's first element: a row whose mean is far larger than its
-    // spread then sums small numbers, and x - shift - mean_d keeps the low bits a plain sum x / H drops
-    // (which rstd, up to 1/sqrt(eps), would magnify). Two passes over registers: exact centred variance.
-    float shift = 0.f;
-    if constexpr (!kRms && kTpr <= 32) {  // the row's first element is in its group's first lane
-      shift = __shfl_sync(0xffffffffu, xv[0].get(0), (threadIdx.x % 32) & ~(kTpr - 1));
-    } else if constexpr (!kRms) {
-      shift = row_ok ? to_float(x[row_offset]) : 0.f;
-    }
-    // The row in fp32 registers, converted once, where it fits (all but the widest rows, whose 1024-thread
-    // blocks leave 64 registers a thread): each pass then costs one operation an element.
-    constexpr bool kUnpacked = kIters * kVec <= 32;
-    float xf[kUnpacked ? kIters : 1][kUnpacked ? kVec : 1];
-    const auto centred = [&](int i, int j) {  // x - shift, then (after the mean) x - mean
-      if constexpr (kUnpacked) {
-        return xf[i][j];
+    // The mean as shift + mean(x - shift), shift = the row's first element: a row whose mean is far larger
+    // than its spread then sums small numbers, keeping the low bits a plain sum drops, which the variance
+    // (and rstd, up to 1/sqrt(eps)) would magnify. One subtraction an element, in this pass only: the
+    // centred pass uses the mean rounded once, as torch's does.
+    float mean = 0.f;
+    if constexpr (!kRms) {
+      float shift;
+      if constexpr (kTpr <= 32) {  // the row's first element is in its group's first lane
+        shift = __shfl_sync(0xffffffffu, xv[0].get(0), (threadIdx.x % 32) & ~(kTpr - 1));
       } else {
-        return xv[i].get(j) - shift;
+        shift = row_ok ? to_float(x[row_offset]) : 0.f;
       }
-    };
-    float sum = 0.f;
+      float sum = 0.f;
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      if (row_ok && i * kTpr + lane < nvec) {
+      for (int i = 0; i < kIters; ++i) {
+        if (row_ok && i * kTpr + lane < nvec) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          const float t = xv[i].get(j) - shift;
-          if constexpr (kUnpacked) xf[i][j] = t;
-          sum += t;
+          for (int j = 0; j < kVec; ++j) sum += xv[i].get(j) - shift;
         }
       }
+      mean = shift + group_sum<kTpr, kThreads>(sum, scratch) * inv_hidden;
     }
-    const float mean_d = kRms ? 0.f : group_sum<kTpr, kThreads>(sum, scratch) * inv_hidden;
-    float sq = 0.f;
+    float sq = 0.f;  // centred second moment: exact two-pass variance, the row is in registers anyway
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       if (row_ok && i * kTpr + lane < nvec) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          const float d = centred(i, j) - mean_d;
-          if constexpr (kUnpacked) xf[i][j] = d;
+          const float d = xv[i].get(j) - mean;
           sq += d * d;
         }
       }
     }
     const float rstd = rsqrtf(group_sum<kTpr, kThreads>(sq, scratch) * inv_hidden + p.eps);
-    const float out_shift = kUnpacked ? 0.f : mean_d;  // what centred() still holds above x - mean
 
     if (!row_ok) continue;
     if (lane == 0) {
-      if constexpr (!kRms) p.mean[row] = shift + mean_d;
+      if constexpr (!kRms) p.mean[row] = mean;
       p.rstd[row] = rstd;
     }
 #pragma unroll
@@ -175,7 +162,7 @@ fwd_registers_kernel(const FwdParams p) {
       Vec<T, kVec> out;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        float v = (centred(i, j) - out_shift) * rstd;
+        float v = (xv[i].get(j) - mean) * rstd;
         if (weight) v *= w.get(j);
         if (bias) v += b.get(j);
         out.set(j, v);
@@ -197,26 +184,26 @@ __global__ void __launch_bounds__(kGeneralThreads) fwd_general_kernel(const FwdP
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* xr = x + row * hidden;
-    const float shift = kRms ? 0.f : to_float(xr[0]);  // as in the register path
-    float mean_d = 0.f;
-    if constexpr (!kRms) {
+    float mean = 0.f;
+    if constexpr (!kRms) {  // shifted by the row's first element, as in the register path
+      const float shift = to_float(xr[0]);
       float sum = 0.f;
       for (int c = threadIdx.x; c < hidden; c += kGeneralThreads) sum += to_float(xr[c]) - shift;
-      mean_d = block_sum<kGeneralThreads>(sum, scratch) * inv_hidden;
+      mean = shift + block_sum<kGeneralThreads>(sum, scratch) * inv_hidden;
     }
     float sq = 0.f;
     for (int c = threadIdx.x; c < hidden; c += kGeneralThreads) {
-      const float d = (to_float(xr[c]) - shift) - mean_d;
+      const float d = to_float(xr[c]) - mean;
       sq += d * d;
     }
     const float rstd = rsqrtf(block_sum<kGeneralThreads>(sq, scratch) * inv_hidden + p.eps);
     if (threadIdx.x == 0) {
-      if constexpr (!kRms) p.mean[row] = shift + mean_d;
+      if constexpr (!kRms) p.mean[row] = mean;
       p.rstd[row] = rstd;
     }
     T* yr = y + row * hidden;
     for (int c = threadIdx.x; c < hidden; c += kGeneralThreads) {
-      float v = ((to_float(xr[c]) - shift) - mean_d) * rstd;
+      float v = (to_float(xr[c]) - mean) * rstd;
       if (weight) v *= to_float(weight[c]);
       if (bias) v += to_float(bias[c]);
       yr[c] = from_float<T>(v);

@@ -309,14 +309,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         return coef
 
     def _amp_and_clip(self):
-        pending = self._deferred_clip
+        amp = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if self._deferred_clip is None:  # (no attribute writes: torch.compile of a step traces this)
+            return (*amp, None)
         clip = self.deferred_clip_coef()
         self._deferred_clip = None
-        if pending is not None and clip is None:
+        if clip is None:
             raise RuntimeError(f"{type(self).__name__}.step(): the grads changed after clip_grad_norm_(..., defer_to="
                                f"optimizer) measured them (another backward, or grads set or modified in place); "
                                f"clip again after the last change, or clip without defer_to")
-        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None), clip
+        return (*amp, clip)
 
     @staticmethod
     def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
