@@ -9,7 +9,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "== installing torch"
   "$PY" -m pip install -q "torch==2.14.1"
 fi
-"$PY" -m pip install -q pytest numpy ninja
+export PIP_ROOT_USER_ACTION=ignore
+# The build runs without isolation (it compiles against the installed torch), so its tools come from here:
+# setuptools >= 77 reads the SPDX license expression of pyproject.toml.
+"$PY" -m pip install -q pytest numpy ninja "setuptools>=77" wheel
 echo "== building fusedkernels (MAX_JOBS=${MAX_JOBS:-$(nproc)})"
-MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "Running pip as the 'root' user" || true
+MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" -m fusedkernels.info

@@ -37,6 +37,9 @@ def test_import_does_not_initialise_cuda():
 @pytest.mark.skipif(os.environ.get("FUSEDKERNELS_REQUIRE_NATIVE") != "1", reason="only where the build is required")
 def test_native_module_built_and_loaded():
     assert _native.loaded, f"native module failed to load: {_native.error}"
+    # ... from this checkout, not an install of another one
+    assert os.path.dirname(os.path.abspath(fusedkernels.__file__)) == os.path.join(ROOT, "fusedkernels")
+    assert os.path.dirname(os.path.abspath(_native.module.__file__)) == os.path.join(ROOT, "fusedkernels")
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     for op in ("layer_norm", "rms_norm"):  # public ops: composites that route each input
         assert has_kernel(f"fusedkernels::{op}", "CompositeImplicitAutograd"), op
