@@ -11,14 +11,22 @@ spec = importlib.util.spec_from_file_location("_build", os.path.join(ROOT, "fuse
 build = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build)
 
+import setuptools  # noqa: E402
+
+if tuple(int(v) for v in setuptools.__version__.split(".")[:1]) < (77,):
+    sys.exit(f"fusedkernels: building needs setuptools >= 77 (for the license expression of pyproject.toml), "
+             f"found {setuptools.__version__}: pip install 'setuptools>=77'")
+
 ext_modules, cmdclass = [], {}
 if os.environ.get("FUSEDKERNELS_SKIP_CUDA") == "1":
     print("fusedkernels: FUSEDKERNELS_SKIP_CUDA=1, installing without the native module", file=sys.stderr)
+    build.forget_native_module("FUSEDKERNELS_SKIP_CUDA=1 at install")
 else:
     cuda_home = build.find_cuda_home()
     if cuda_home is None:
         print("fusedkernels: no CUDA toolkit (nvcc) found, installing without the native module; "
               "every op will run PyTorch's implementation", file=sys.stderr)
+        build.forget_native_module("no CUDA toolkit (nvcc) at install")
     else:
         os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
         try:

@@ -37,8 +37,8 @@ using OptTensor = std::optional<at::Tensor>;
 // The public ops with a direct entry point: name and C++ signature, as in their schema.
 constexpr char kLayerNorm[] = "fusedkernels::layer_norm";
 constexpr char kRmsNorm[] = "fusedkernels::rms_norm";
-using LayerNorm = Tensor(const Tensor&, at::IntArrayRef, const OptTensor&, const OptTensor&, double);
-using RmsNorm = Tensor(const Tensor&, at::IntArrayRef, const OptTensor&, std::optional<double>);
+using LayerNorm = Tensor(const Tensor&, c10::SymIntArrayRef, const OptTensor&, const OptTensor&, double);
+using RmsNorm = Tensor(const Tensor&, c10::SymIntArrayRef, const OptTensor&, std::optional<double>);
 
 template <typename Signature, const char* kName>
 PyCFunction fast() {

@@ -14,11 +14,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = os.path.join(PACKAGE, "_build_info.json")
 # Sources under a folder of this name use sm_90a-only instructions (wgmma, TMA, setmaxnreg): they compile
 # for the 90a target alone.
 SM90_FOLDER = "sm90"
@@ -87,22 +89,47 @@ def default_archs() -> list[str]:
     return ["90a"]
 
 
+_ARCH = re.compile(r"^(\d)\.?(\d)([af]?)(\+PTX)?$")
+
+
+def normalize_arch(arch: str) -> str:
+    """"90a", "8.0" -> "80", "80+PTX": the build's spelling of a target; ValueError for anything else."""
+    m = _ARCH.match(arch.strip())
+    if not m or int(m.group(1)) < 7:
+        raise ValueError(f"FUSEDKERNELS_CUDA_ARCHS: cannot read {arch!r}; use targets such as 90a, 80 or 80+PTX, "
+                         "separated by ';' (sm_70 or newer)")
+    return f"{m.group(1)}{m.group(2)}{m.group(3)}{m.group(4) or ''}"
+
+
 def archs() -> list[str]:
     raw = os.environ.get("FUSEDKERNELS_CUDA_ARCHS", "")
-    return [a.strip() for a in raw.replace(",", ";").split(";") if a.strip()] or default_archs()
+    return [normalize_arch(a) for a in raw.replace(",", ";").split(";") if a.strip()] or default_archs()
 
 
 def gencode_flags(arch_list: list[str]) -> list[str]:
     flags = []
-    for arch in arch_list:
+    for arch in map(normalize_arch, arch_list):
         ptx = arch.endswith("+PTX")
-        arch = arch.removesuffix("+PTX").replace(".", "")
-        if not arch[:2].isdigit():
-            raise ValueError(f"FUSEDKERNELS_CUDA_ARCHS: cannot read {arch!r}; use e.g. 90a or 80")
+        arch = arch.removesuffix("+PTX")
         flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
     return flags
+
+
+def runs_on(arch_list: list[str], major: int, minor: int) -> bool:
+    """Whether a build for these targets has code a device of this compute capability runs: its exact
+    target, an older one of the same major version (not an arch-specific 'a' one), or PTX to compile."""
+    for arch in map(normalize_arch, arch_list):
+        m = _ARCH.match(arch)
+        a_major, a_minor, special, ptx = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+        if (a_major, a_minor) == (major, minor):
+            return True
+        if a_major == major and a_minor < minor and not special:
+            return True
+        if ptx and (a_major, a_minor) < (major, minor) and not special:
+            return True
+    return False
 
 
 def cxx_flags() -> list[str]:
@@ -114,7 +141,9 @@ def cxx_flags() -> list[str]:
 def nvcc_flags(arch_list: list[str]) -> list[str]:
     # Kernel files include no torch headers, so they can use C++20 whatever torch uses.
     # -lineinfo costs nothing at run time and lets compute-sanitizer name source lines.
-    return ["-O3", "-std=c++20", "-lineinfo", *gencode_flags(arch_list)]
+    # FUSEDKERNELS_SM90A_BUILT: the build holds sm_90a code, the only place sm90/ kernels have a body.
+    sm90a = ["-DFUSEDKERNELS_SM90A_BUILT"] if "90a" in [normalize_arch(a).removesuffix("+PTX") for a in arch_list] else []
+    return ["-O3", "-std=c++20", "-lineinfo", *sm90a, *gencode_flags(arch_list)]
 
 
 def archs_for(source: str, arch_list: list[str]) -> list[str]:
@@ -180,14 +209,27 @@ def include_dirs() -> list[str]:
     return [CSRC]
 
 
-def write_build_info(arch_list: list[str], families: list[str]) -> None:
-    with open(BUILD_INFO, "w") as f:
-        json.dump({"archs": arch_list, "families": families}, f)
-
-
-def read_build_info() -> dict:
+def write_build_info(arch_list: list[str], families: list[str], folder: str | None = None) -> None:
+    """What a build holds, beside its native module (the package for setup.py, the JIT folder for JIT)."""
     try:
-        with open(BUILD_INFO) as f:
+        with open(os.path.join(folder or PACKAGE, "_build_info.json"), "w") as f:
+            json.dump({"archs": arch_list, "families": families}, f)
+    except OSError:  # a read-only install: info then says '?'
+        pass
+
+
+def forget_native_module(reason: str) -> None:
+    """An install without the native module: remove a native module an earlier in-place build left in the
+    package (it would still load), and record why there is none."""
+    for stale in glob.glob(os.path.join(PACKAGE, "_C*.so")) + glob.glob(os.path.join(PACKAGE, "_C*.pyd")):
+        os.remove(stale)
+    with open(BUILD_INFO, "w") as f:
+        json.dump({"archs": [], "families": [], "no_native_module": reason}, f)
+
+
+def read_build_info(folder: str | None = None) -> dict:
+    try:
+        with open(os.path.join(folder or PACKAGE, "_build_info.json")) as f:
             return json.load(f)
     except OSError:
         return {}

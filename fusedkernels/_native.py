@@ -52,7 +52,7 @@ def _jit_load() -> ModuleType:
         is_python_module=True,
         verbose=os.environ.get("FUSEDKERNELS_JIT_VERBOSE") == "1",
     )
-    _build.write_build_info(arch_list, families)
+    _build.write_build_info(arch_list, families, build_dir)
     return built
 
 
@@ -66,6 +66,13 @@ def _load() -> None:
         loaded = True
     except Exception as e:  # report, never fail the import: PyTorch's implementations still work
         error = f"{type(e).__name__}: {e}"
+
+
+def build_info() -> dict:
+    """archs and families of the loaded native module (from beside it), or why there is none."""
+    if loaded:
+        return _build.read_build_info(os.path.dirname(os.path.abspath(module.__file__)))
+    return _build.read_build_info()
 
 
 def op_info() -> list[tuple[str, str, str, str]]:
@@ -86,7 +93,8 @@ def warn_fallback(op: str, why: str, instead: str) -> None:
     key = f"{op}:{why}"
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"fusedkernels.{op}: {why}; running {instead} instead", RuntimeWarning, stacklevel=3)
+        # UserWarning, as the C++ ops' TORCH_WARN: one category for every fallback
+        warnings.warn(f"fusedkernels.{op}: {why}; running {instead} instead", UserWarning, stacklevel=3)
 
 
 def route(op: str, t: torch.Tensor, fallback: Callable, instead: str) -> Callable:

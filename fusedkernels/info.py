@@ -19,17 +19,18 @@ def report() -> str:
         f"fusedkernels {fusedkernels.__version__}",
         f"torch {torch.__version__}, built with CUDA {torch.version.cuda}",
     ]
-    info = _build.read_build_info()
+    info = _native.build_info()
     archs = info.get("archs", [])
     if _native.loaded:
         lines.append(f"native module: loaded ({_native.source}); families {info.get('families', '?')}")
         lines.append(f"  machine code for: {', '.join('sm_' + a for a in archs) or '?'}"
                      " (another GPU: rebuild with FUSEDKERNELS_CUDA_ARCHS=<its arch>, e.g. 80 for an A100)")
     else:
-        lines.append(f"native module: NOT loaded ({_native.error}); every op runs PyTorch's implementation")
+        why = info.get("no_native_module") or _native.error
+        lines.append(f"native module: not loaded ({why}); every op runs PyTorch's implementation")
     if torch.cuda.is_available():
         arch = _arch_of_device()
-        runs = _native.loaded and any(a.removesuffix("+PTX") == arch for a in archs)
+        runs = _native.loaded and _build.runs_on(archs, *torch.cuda.get_device_capability())
         lines.append(f"GPU: {torch.cuda.get_device_name()} (sm_{arch}), CUDA runtime {torch.version.cuda}; "
                      f"{'the kernels run on it' if runs else 'this build has no code for it'}")
     else:

@@ -10,4 +10,7 @@ bash scripts/setup.sh
 if [ "$("$PY" -c 'import fusedkernels._build as b; print(int(b.native_required()))')" = 1 ]; then
   export FUSEDKERNELS_REQUIRE_NATIVE=1
 fi
-"$PY" -m pytest -q -rs tests "$@"
+# The whole suite, unless the arguments name test paths themselves (scripts/test.sh tests/test_norm.py::...).
+paths=tests
+for arg in "$@"; do [[ "$arg" == tests* ]] && paths=; done
+"$PY" -m pytest -q -rs $paths "$@"

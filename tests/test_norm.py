@@ -209,15 +209,20 @@ def test_cuda_graph_capture_and_replay():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs_raise_clear_errors(device):
+    """What F.layer_norm refuses with a RuntimeError raises one here too (handlers written for torch keep
+    working), with a message naming the argument; arguments of the wrong type raise TypeError."""
     x = torch.randn(4, 16, device=device)
-    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+    with pytest.raises(RuntimeError, match="input must be a floating-point tensor"):
         fops.layer_norm(x.to(torch.int32), (16,))
-    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+    with pytest.raises(RuntimeError, match="input must be a floating-point tensor"):
         fops.rms_norm(x.to(torch.int64), (16,))
-    with pytest.raises(ValueError, match="trailing dimensions"):
+    with pytest.raises(RuntimeError, match="trailing dimensions"):
         fops.layer_norm(x, (8,))
-    with pytest.raises(ValueError, match="weight must have shape"):
+    with pytest.raises(RuntimeError, match="weight must have shape"):
         fops.layer_norm(x, (16,), torch.ones(8, device=device))
+    for call in (lambda: F.layer_norm(x, (8,)), lambda: F.layer_norm(x.to(torch.int32), (16,))):
+        with pytest.raises(RuntimeError):  # torch's type, for the same inputs
+            call()
     with pytest.raises(TypeError, match="must be a Tensor"):
         fops.layer_norm([1.0, 2.0], (2,))
     for bad in ("1e-5", [1e-5]):  # wrong argument types: TypeError, as torch's bindings
@@ -225,6 +230,12 @@ def test_bad_inputs_raise_clear_errors(device):
             fops.layer_norm(x, (16,), None, None, bad)
     with pytest.raises(TypeError, match="normalized_shape"):
         fops.layer_norm(x, (16.0,))
+    # what torch's bindings take: numpy / tensor ints and floats, bools as numbers
+    import numpy as np
+    want = F.layer_norm(x, (16,), None, None, 1e-3)
+    for shape, eps in (((np.int64(16),), np.float32(1e-3)), ((torch.tensor(16),), torch.tensor(1e-3)), ((16,), 1e-3)):
+        assert max_err(fops.layer_norm(x, shape, None, None, eps), want) < 1e-6
+    assert max_err(fops.rms_norm(x, [16], None, True), F.rms_norm(x, [16], None, True)) < 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -259,7 +270,7 @@ def test_what_torch_accepts_runs_and_what_it_refuses_raises(device, kind):
 @needs_native
 def test_mixed_devices_and_raw_op_checks():
     x = torch.randn(4, 16, device="cuda")
-    with pytest.raises(ValueError, match="weight is on cpu but input is on cuda"):
+    with pytest.raises(RuntimeError, match="weight is on cpu but input is on cuda"):
         fops.layer_norm(x, (16,), torch.ones(16))
     with pytest.raises(ValueError, match="x must be contiguous"):
         torch.ops.fusedkernels.layer_norm_fwd(x.t(), [4], None, None, 1e-5)
@@ -560,3 +571,45 @@ def test_torchscript_of_the_modules():
     scripted = torch.jit.script(model)
     x = torch.randn(2, 8)
     assert max_err(scripted(x), model(x)) == 0.0
+
+
+def test_fx_symbolic_trace_and_nested_tensors():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), fnn.FusedLayerNorm(8), fnn.FusedRMSNorm(8))
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, 8)
+    assert max_err(traced(x), model(x)) == 0.0
+    nested = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(5, 8)], layout=torch.jagged)
+    got = fops.layer_norm(nested, (8,))
+    assert all(max_err(a, F.layer_norm(b, (8,))) < 1e-6 for a, b in zip(got.unbind(), nested.unbind()))
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_dynamic_normalized_size_under_compile_and_export(kind):
+    """normalized_shape is SymInt[] (as aten's): a dynamic hidden size compiles once and exports."""
+    from torch.export import Dim, export
+
+    fn = (lambda x: fops.layer_norm(x, (x.shape[-1],))) if kind == "layer_norm" else (
+        lambda x: fops.rms_norm(x, (x.shape[-1],), None, 1e-5))
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    for h in (8, 16, 24):
+        x = torch.randn(3, h)
+        assert max_err(compiled(x), fn(x)) < 1e-6
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    program = export(M(), (torch.randn(3, 8),), dynamic_shapes={"x": {0: Dim("b"), 1: Dim("h")}})
+    x = torch.randn(5, 12)
+    assert max_err(program.module()(x), fn(x)) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_internal_ops_fake_strides(device):
+    """The meta kernels give the layout the CPU / CUDA kernels give: contiguous outputs."""
+    if not _native.loaded:
+        pytest.skip("needs the custom op")
+    x = torch.randn(5, 3, 8, device=device).transpose(0, 1)
+    torch.library.opcheck(torch.ops.fusedkernels.layer_norm_fwd, (x.contiguous(), [8], None, None, 1e-5))
+    if device == "cpu":
+        torch.library.opcheck(torch.ops.fusedkernels.layer_norm_fwd, (x, [8], None, None, 1e-5))

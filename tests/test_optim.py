@@ -936,3 +936,95 @@ def test_master_follows_a_param_loaded_mid_training(device):
     model(torch.randn(2, 4, device=device, dtype=torch.bfloat16)).float().sum().backward()
     opt.step()
     assert max_err(model.weight, fresh.weight) <= 2e-2  # one small step from the loaded weights
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls,theirs,kwargs", [
+    (FusedSGD, torch.optim.SGD, dict(lr=1.0)),
+    (FusedAdamW, torch.optim.AdamW, dict(lr=0.1)),
+])
+def test_params_reordered_or_replaced_in_place(device, cls, theirs, kwargs):
+    """group["params"] edited in place (same length): the step plan follows, as torch's optimizers do."""
+    results = []
+    for c in (cls, theirs):
+        a, b, c2 = (torch.nn.Parameter(torch.zeros(2, device=device)) for _ in range(3))
+        opt = c([a, b], **kwargs)
+        a.grad, b.grad = torch.ones(2, device=device), torch.full((2,), 10.0, device=device)
+        opt.step()
+        opt.param_groups[0]["params"].reverse()
+        opt.step()
+        opt.param_groups[0]["params"][0] = c2
+        c2.grad = torch.ones(2, device=device)
+        opt.step()
+        results.append((a, b, c2))
+    for x, y in zip(*results):
+        assert max_err(x, y) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_master_follows_data_assignment(device):
+    q = torch.nn.Parameter(torch.ones(3, device=device, dtype=torch.bfloat16))
+    opt = FusedSGD([q], lr=0.0, master_weights=True)
+    q.grad = torch.zeros_like(q)
+    opt.step()
+    torch.nn.utils.vector_to_parameters(torch.full((3,), 7.0, device=device, dtype=torch.bfloat16), [q])  # p.data =
+    opt.step()
+    assert torch.equal(q.detach(), torch.full((3,), 7.0, device=device, dtype=torch.bfloat16))
+    q.data.copy_(torch.full((3,), 5.0))  # invisible to the optimizer: refresh_masters() says so
+    opt.refresh_masters()
+    opt.step()
+    assert torch.equal(q.detach(), torch.full((3,), 5.0, device=device, dtype=torch.bfloat16))
+
+
+def test_old_state_dicts_take_the_new_group_defaults():
+    """Groups saved before an option existed (older torch, apex) take its default, as torch."""
+    for cls, missing in ((FusedAdamW, ("decoupled_weight_decay", "maximize", "amsgrad")),
+                         (FusedSGD, ("maximize", "nesterov")), (FusedLAMB, ("maximize",))):
+        p = torch.nn.Parameter(torch.randn(3))
+        opt = cls([p], lr=0.1)
+        p.grad = torch.randn(3)
+        opt.step()
+        saved = opt.state_dict()
+        for key in missing:
+            del saved["param_groups"][0][key]
+        again = cls([p], lr=0.1)
+        again.load_state_dict(saved)
+        again.step()
+
+
+def test_lamb_resumes_an_apex_checkpoint_and_counts_steps_per_group():
+    """apex keeps one step count per group (in the param group): it seeds ours, and a param that joins a
+    group that has stepped continues the group's count."""
+    params = [torch.randn(20) for _ in range(2)]
+    grads = _grads(params, steps=2)
+    ps = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = FusedLAMB(ps, lr=1e-2)
+    saved = {"state": {0: {"exp_avg": torch.zeros(20), "exp_avg_sq": torch.zeros(20)}},
+             "param_groups": [dict(opt.state_dict()["param_groups"][0], step=50)]}
+    opt.load_state_dict(saved)
+    ps[0].grad = grads[0][0].clone()
+    opt.step()
+    assert float(opt.state[ps[0]]["step"]) == 51.0
+    ps[1].grad = grads[1][1].clone()  # joins the group now: apex would use the group's count, 52
+    ps[0].grad = grads[1][0].clone()
+    opt.step()
+    assert float(opt.state[ps[1]]["step"]) == 52.0
+
+
+def test_partial_adam_state_is_refused_like_torch():
+    p = torch.nn.Parameter(torch.randn(3))
+    for cls in (FusedAdamW, lambda ps: torch.optim.AdamW(ps)):
+        opt = cls([p])
+        p.grad = torch.randn(3)
+        opt.step()
+        del opt.state[p]["exp_avg_sq"]
+        with pytest.raises(KeyError):
+            opt.step()
+
+
+def test_clip_grad_norm_sparse_grads_use_torch():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    q = torch.nn.Parameter(p.detach().clone())
+    p.grad = torch.randn(4, 4).to_sparse()
+    q.grad = p.grad.clone()
+    assert max_err(clip_grad_norm_([p], 0.5), torch.nn.utils.clip_grad_norm_([q], 0.5)) < 1e-6

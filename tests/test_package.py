@@ -93,10 +93,16 @@ def test_arch_flags(monkeypatch):
         "-gencode=arch=compute_80,code=compute_80",
     ]
     monkeypatch.setenv("FUSEDKERNELS_CUDA_ARCHS", "90a; 8.0")
-    assert _build.archs() == ["90a", "8.0"]
+    assert _build.archs() == ["90a", "80"]
     assert _build.gencode_flags(_build.archs())[1] == "-gencode=arch=compute_80,code=sm_80"
-    with pytest.raises(ValueError, match="cannot read"):
-        _build.gencode_flags(["hopper"])
+    for bad in ("hopper", "80 90", "80+ptx", "8", "90A", "1000", "60"):
+        with pytest.raises(ValueError, match="cannot read"):
+            _build.normalize_arch(bad)
+    # which builds have code a GPU runs: its own target, an older same-major one, or PTX
+    assert _build.runs_on(["90a", "80"], 9, 0) and _build.runs_on(["80"], 8, 6) and _build.runs_on(["80+PTX"], 9, 0)
+    assert not _build.runs_on(["90a"], 10, 0) and not _build.runs_on(["80"], 9, 0)
+    assert "-DFUSEDKERNELS_SM90A_BUILT" in _build.nvcc_flags(["90a"]) and "-DFUSEDKERNELS_SM90A_BUILT" not in \
+        _build.nvcc_flags(["90", "80+PTX"])  # sm90/ kernels have a body only in a 90a build
 
 
 def test_sm90_sources_compile_for_sm90a_alone():
@@ -160,6 +166,7 @@ def test_build_folder_outlives_the_run_and_sources_get_their_targets():
 def test_scripts_take_python_extra_args_and_show_skips(monkeypatch):
     test_sh = _read("scripts/test.sh")
     assert '"$@"' in test_sh and "-rs" in test_sh and "${PYTHON:-python3}" in test_sh
+    assert "paths=" in test_sh  # test paths given as arguments replace the whole suite
     assert "native_required" in test_sh
     assert "${PYTHON:-python3}" in _read("scripts/bench.sh") and '"$@"' in _read("scripts/bench.sh")
     monkeypatch.setenv("FUSEDKERNELS_SKIP_CUDA", "1")
@@ -198,3 +205,17 @@ def test_include_rules():
         assert not others, f"{path} includes another family: {others}"
         if "common/python" in " ".join(includes):
             assert path == os.path.join("csrc", "fusedkernels.cpp"), f"{path}: only the module file uses Python"
+
+
+def test_install_without_native_module_removes_a_stale_one(tmp_path, monkeypatch):
+    """FUSEDKERNELS_SKIP_CUDA=1 (or no nvcc) after an in-place build: the old _C would still load."""
+    monkeypatch.setattr(_build, "PACKAGE", str(tmp_path))
+    monkeypatch.setattr(_build, "BUILD_INFO", str(tmp_path / "_build_info.json"))
+    (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_text("stale")
+    _build.forget_native_module("FUSEDKERNELS_SKIP_CUDA=1 at install")
+    assert not list(tmp_path.glob("_C*.so"))
+    assert _build.read_build_info()["no_native_module"].startswith("FUSEDKERNELS_SKIP_CUDA")
+
+
+def test_setup_refuses_an_old_setuptools_clearly():
+    assert "setuptools >= 77" in _read("setup.py") and "setuptools>=77" in _read("scripts/setup.sh")

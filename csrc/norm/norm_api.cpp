@@ -123,28 +123,32 @@ std::vector<Tensor> run_bwd(const char* op, const Tensor& dy, const Tensor& x, a
   return {dx, dweight, dbias};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, at::IntArrayRef normalized_shape,
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                                   const OptTensor& weight, const OptTensor& bias, double eps) {
-  auto out = run_fwd("layer_norm_fwd", x, normalized_shape, weight, bias, eps, /*rms=*/false);
+  auto out = run_fwd("layer_norm_fwd", x, C10_AS_INTARRAYREF_SLOW(normalized_shape), weight, bias, eps, /*rms=*/false);
   return {out[0], out[1], out[2]};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x, at::IntArrayRef normalized_shape,
-                                                  const OptTensor& weight, const OptTensor& bias, const Tensor& mean,
-                                                  const Tensor& rstd, std::array<bool, 3> output_mask) {
-  auto out = run_bwd("layer_norm_bwd", dy, x, normalized_shape, weight, bias, mean, rstd, output_mask, /*rms=*/false);
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x,
+                                                  c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
+                                                  const OptTensor& bias, const Tensor& mean, const Tensor& rstd,
+                                                  std::array<bool, 3> output_mask) {
+  auto out = run_bwd("layer_norm_bwd", dy, x, C10_AS_INTARRAYREF_SLOW(normalized_shape), weight, bias, mean, rstd,
+                     output_mask, /*rms=*/false);
   return {out[0], out[1], out[2]};
 }
 
-std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& x, c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
                                         double eps) {
-  auto out = run_fwd("rms_norm_fwd", x, normalized_shape, weight, std::nullopt, eps, /*rms=*/true);
+  auto out = run_fwd("rms_norm_fwd", x, C10_AS_INTARRAYREF_SLOW(normalized_shape), weight, std::nullopt, eps,
+                     /*rms=*/true);
   return {out[0], out[1]};
 }
 
-std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, at::IntArrayRef normalized_shape,
+std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                         const OptTensor& weight, const Tensor& rstd, std::array<bool, 2> output_mask) {
-  auto out = run_bwd("rms_norm_bwd", dy, x, normalized_shape, weight, std::nullopt, std::nullopt, rstd,
+  auto out = run_bwd("rms_norm_bwd", dy, x, C10_AS_INTARRAYREF_SLOW(normalized_shape), weight, std::nullopt,
+                     std::nullopt, rstd,
                      {output_mask[0], output_mask[1], false}, /*rms=*/true);
   return {out[0], out[1]};
 }

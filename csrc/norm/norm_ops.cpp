@@ -22,18 +22,18 @@
 
 TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // Public ops: F.layer_norm / F.rms_norm's arguments and results.
-  m.def("layer_norm(Tensor input, int[] normalized_shape, Tensor? weight=None, Tensor? bias=None, float eps=1e-05)"
+  m.def("layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, Tensor? bias=None, float eps=1e-05)"
         " -> Tensor");
-  m.def("rms_norm(Tensor input, int[] normalized_shape, Tensor? weight=None, float? eps=None) -> Tensor");
+  m.def("rms_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, float? eps=None) -> Tensor");
   // Internal: x is [..., normalized_shape]; mean / rstd hold one value per row, shaped like x's leading
   // dimensions, in float32 (float64 for float64 x). output_mask: which of dx, dweight, dbias to compute;
   // a parameter grad not computed is an empty tensor.
-  m.def("layer_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps)"
+  m.def("layer_norm_fwd(Tensor x, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, float eps)"
         " -> (Tensor y, Tensor mean, Tensor rstd)");
-  m.def("layer_norm_bwd(Tensor dy, Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, Tensor mean,"
+  m.def("layer_norm_bwd(Tensor dy, Tensor x, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, Tensor mean,"
         " Tensor rstd, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
-  m.def("rms_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
-  m.def("rms_norm_bwd(Tensor dy, Tensor x, int[] normalized_shape, Tensor? weight, Tensor rstd, bool[2] output_mask)"
+  m.def("rms_norm_fwd(Tensor x, SymInt[] normalized_shape, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, SymInt[] normalized_shape, Tensor? weight, Tensor rstd, bool[2] output_mask)"
         " -> (Tensor dx, Tensor dweight)");
 }
 
@@ -44,13 +44,13 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using torch::autograd::variable_list;
 
-using LayerNormFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, at::IntArrayRef, const OptTensor&,
+using LayerNormFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, c10::SymIntArrayRef, const OptTensor&,
                                                         const OptTensor&, double);
-using LayerNormBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, at::IntArrayRef,
+using LayerNormBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, c10::SymIntArrayRef,
                                                         const OptTensor&, const OptTensor&, const Tensor&,
                                                         const Tensor&, std::array<bool, 3>);
-using RmsNormFwd = std::tuple<Tensor, Tensor>(const Tensor&, at::IntArrayRef, const OptTensor&, double);
-using RmsNormBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, at::IntArrayRef, const OptTensor&,
+using RmsNormFwd = std::tuple<Tensor, Tensor>(const Tensor&, c10::SymIntArrayRef, const OptTensor&, double);
+using RmsNormBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, c10::SymIntArrayRef, const OptTensor&,
                                               const Tensor&, std::array<bool, 2>);
 
 const c10::TypedOperatorHandle<LayerNormFwd>& layer_norm_fwd_op() {
@@ -77,18 +77,19 @@ const c10::TypedOperatorHandle<RmsNormBwd>& rms_norm_bwd_op() {
 // Validates the arguments as F.layer_norm would, with messages that name them; returns the normalized size.
 // Sizes are compared symbolically, so this also runs under torch.compile with dynamic shapes. dtypes the
 // kernels lack are not errors here: fallback_reason sends them to PyTorch's op, which decides.
-int64_t check_args(const char* op, const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
-                   const OptTensor& bias) {
-  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()), op,
-                   ": input must be a floating-point tensor (float32, float16 or bfloat16 for the fused kernel), got ",
-                   name_of(input.scalar_type()));
+c10::SymInt check_args(const char* op, const Tensor& input, c10::SymIntArrayRef normalized_shape,
+                       const OptTensor& weight, const OptTensor& bias) {
+  // RuntimeError for what F.layer_norm refuses with one (except handlers written for torch keep working)
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
+              ": input must be a floating-point tensor (float32, float16 or bfloat16 for the fused kernel), got ",
+              name_of(input.scalar_type()));
   const int64_t k = static_cast<int64_t>(normalized_shape.size()), axis = input.dim() - k;
   bool trailing = k >= 1 && axis >= 0;
   for (int64_t i = 0; trailing && i < k; ++i) {
     trailing = input.sym_size(axis + i).sym_eq(normalized_shape[i]).guard_bool(__FILE__, __LINE__);
   }
-  TORCH_CHECK_VALUE(trailing, op, ": normalized_shape ", shape(normalized_shape),
-                    " must be the trailing dimensions of input ", shape(input.sym_sizes()));
+  TORCH_CHECK(trailing, op, ": normalized_shape ", shape(normalized_shape), " must be the trailing dimensions of input ",
+              shape(input.sym_sizes()));
   for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias}}) {
     if (!t->has_value()) continue;
     const Tensor& p = t->value();
@@ -96,12 +97,14 @@ int64_t check_args(const char* op, const Tensor& input, at::IntArrayRef normaliz
     for (int64_t i = 0; same_shape && i < k; ++i) {
       same_shape = p.sym_size(i).sym_eq(normalized_shape[i]).guard_bool(__FILE__, __LINE__);
     }
-    TORCH_CHECK_VALUE(same_shape, op, ": ", name, " must have shape ", shape(normalized_shape), ", got ",
-                      shape(p.sym_sizes()));
-    TORCH_CHECK_VALUE(p.device() == input.device(), op, ": ", name, " is on ", p.device().str(), " but input is on ",
-                      input.device().str());
+    TORCH_CHECK(same_shape, op, ": ", name, " must have shape ", shape(normalized_shape), ", got ",
+                shape(p.sym_sizes()));
+    TORCH_CHECK(p.device() == input.device(), op, ": ", name, " is on ", p.device().str(), " but input is on ",
+                input.device().str());
   }
-  return c10::multiply_integers(normalized_shape);
+  c10::SymInt hidden = 1;
+  for (const c10::SymInt& size : normalized_shape) hidden *= size;
+  return hidden;
 }
 
 bool kernel_param_dtypes(const Tensor& input, const OptTensor& weight, const OptTensor& bias) {
@@ -118,15 +121,19 @@ bool kernel_param_dtypes(const Tensor& input, const OptTensor& weight, const Opt
 // Why a call runs PyTorch's own op instead of ours, or nullptr. CPU tensors take our op, whose CPU kernel
 // is PyTorch's; devices other than CUDA and CPU (meta, ...), forward-mode AD and empty rows take PyTorch's
 // op silently (PyTorch's CPU kernel takes any dtype mix PyTorch does).
-const char* fallback_reason(const Tensor& input, int64_t hidden, const OptTensor& weight, const OptTensor& bias) {
-  if (hidden == 0 || has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias)) return "";
+const char* fallback_reason(const Tensor& input, const c10::SymInt& hidden, const OptTensor& weight,
+                            const OptTensor& bias) {
+  if (input.is_nested() || has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias)) return "";
+  if (hidden.sym_eq(0).guard_bool(__FILE__, __LINE__)) return "";
   if (!kernel_param_dtypes(input, weight, bias)) {
     return input.is_cuda() ? "this mix of input and parameter dtypes has no fused kernel" : "";
   }
   if (input.device().is_cpu()) return nullptr;
   if (!input.is_cuda()) return "";
   if (!has_kernel_dtype(input.scalar_type())) return "float64 input has no fused kernel";
-  if (hidden > kMaxHidden) return "the normalized size is past the fused kernel's limit of 65536";
+  if (hidden.sym_gt(kMaxHidden).guard_bool(__FILE__, __LINE__)) {
+    return "the normalized size is past the fused kernel's limit of 65536";
+  }
   return nullptr;
 }
 
@@ -143,12 +150,12 @@ void warn_fallback(const char* op, const char* reason) {
 
 OptTensor contiguous(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : std::nullopt; }
 
-Tensor layer_norm_composite(const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
+Tensor layer_norm_composite(const Tensor& input, c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
                             const OptTensor& bias, double eps) {
-  const int64_t hidden = check_args("layer_norm", input, normalized_shape, weight, bias);
+  const c10::SymInt hidden = check_args("layer_norm", input, normalized_shape, weight, bias);
   if (const char* why = fallback_reason(input, hidden, weight, bias)) {
     warn_fallback("layer_norm", why);
-    return at::layer_norm(input, normalized_shape, weight, bias, eps);
+    return at::layer_norm_symint(input, normalized_shape, weight, bias, eps);
   }
   return std::get<0>(
       layer_norm_fwd_op().call(input.contiguous(), normalized_shape, contiguous(weight), contiguous(bias), eps));
@@ -161,12 +168,12 @@ double rms_eps(const Tensor& input, std::optional<double> eps) {
   return input.scalar_type() == at::kDouble ? DBL_EPSILON : FLT_EPSILON;
 }
 
-Tensor rms_norm_composite(const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
+Tensor rms_norm_composite(const Tensor& input, c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
                           std::optional<double> eps) {
-  const int64_t hidden = check_args("rms_norm", input, normalized_shape, weight, std::nullopt);
+  const c10::SymInt hidden = check_args("rms_norm", input, normalized_shape, weight, std::nullopt);
   if (const char* why = fallback_reason(input, hidden, weight, std::nullopt)) {
     warn_fallback("rms_norm", why);
-    return at::rms_norm(input, normalized_shape, weight, eps);
+    return at::rms_norm_symint(input, normalized_shape, weight, eps);
   }
   return std::get<0>(rms_norm_fwd_op().call(input.contiguous(), normalized_shape, contiguous(weight),
                                             rms_eps(input, eps)));
@@ -182,7 +189,7 @@ bool torch_autocasts(const char* torch_op) {
 
 OptTensor to_fp32(const OptTensor& t) { return at::autocast::cached_cast(at::kFloat, t, c10::DeviceType::CUDA); }
 
-Tensor layer_norm_autocast(const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
+Tensor layer_norm_autocast(const Tensor& input, c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
                            const OptTensor& bias, double eps) {
   static const bool cast = torch_autocasts("aten::layer_norm");
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
@@ -190,7 +197,7 @@ Tensor layer_norm_autocast(const Tensor& input, at::IntArrayRef normalized_shape
   return layer_norm_composite(*to_fp32(input), normalized_shape, to_fp32(weight), to_fp32(bias), eps);
 }
 
-Tensor rms_norm_autocast(const Tensor& input, at::IntArrayRef normalized_shape, const OptTensor& weight,
+Tensor rms_norm_autocast(const Tensor& input, c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
                          std::optional<double> eps) {
   static const bool cast = torch_autocasts("aten::rms_norm");
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
@@ -205,7 +212,7 @@ Tensor rms_norm_autocast(const Tensor& input, at::IntArrayRef normalized_shape, 
 // dx, dweight, dbias of LayerNorm (rms = false) or RMSNorm computed with differentiable ATen ops from x
 // itself (statistics recomputed, fp32 or fp64 arithmetic): what the backward runs when it is itself being
 // recorded (create_graph=True), so second and higher derivatives are exact rather than missing.
-std::array<Tensor, 3> norm_backward_differentiable(const Tensor& dy, const Tensor& x, at::IntArrayRef normalized_shape,
+std::array<Tensor, 3> norm_backward_differentiable(const Tensor& dy, const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                                    const Tensor& weight, const Tensor& bias, double eps, bool rms,
                                                    std::array<bool, 3> want) {
   const auto acc = opmath_dtype(x.scalar_type());
@@ -238,7 +245,7 @@ OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : std
 struct NormBackward : torch::autograd::Node {
   bool rms = false;
   torch::autograd::SavedVariable x, weight, bias, mean, rstd;
-  std::vector<int64_t> normalized_shape;
+  std::vector<c10::SymInt> normalized_shape;
   double eps = 0;
 
   std::string name() const override { return rms ? "fusedkernels::RmsNormBackward" : "fusedkernels::LayerNormBackward"; }
@@ -279,7 +286,7 @@ bool needs_grad(const Tensor& x, const OptTensor& weight, const OptTensor& bias)
 
 // The outputs' grad_fn, when an input needs grad: the forward ran below autograd, the node saves what the
 // backward reads.
-void attach_backward(const Tensor& y, const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+void attach_backward(const Tensor& y, const Tensor& x, c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
                      const OptTensor& bias, const Tensor& mean, const Tensor& rstd, double eps, bool rms) {
   auto node = make_node<NormBackward>();
   auto& n = static_cast<NormBackward&>(*node);
@@ -299,25 +306,25 @@ void attach_backward(const Tensor& y, const Tensor& x, at::IntArrayRef normalize
 // Tangents reach the autograd kernel where the public op could not see them (torch.func transforms nest
 // forward-mode AD inside other levels: hessian, jvp of grad). PyTorch's op has the forward-mode formulas,
 // so y comes from it; the statistics (no tangent) from the fused op.
-std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_ad(const Tensor& x, at::IntArrayRef normalized_shape,
+std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_ad(const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                                          const OptTensor& weight, const OptTensor& bias, double eps) {
   auto stats = [&] {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return layer_norm_fwd_op().call(x.detach(), normalized_shape, weight, bias, eps);
   }();
-  return {at::layer_norm(x, normalized_shape, weight, bias, eps), std::get<1>(stats), std::get<2>(stats)};
+  return {at::layer_norm_symint(x, normalized_shape, weight, bias, eps), std::get<1>(stats), std::get<2>(stats)};
 }
 
-std::tuple<Tensor, Tensor> rms_norm_forward_ad(const Tensor& x, at::IntArrayRef normalized_shape,
+std::tuple<Tensor, Tensor> rms_norm_forward_ad(const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                                const OptTensor& weight, double eps) {
   auto stats = [&] {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return rms_norm_fwd_op().call(x.detach(), normalized_shape, weight, eps);
   }();
-  return {at::rms_norm(x, normalized_shape, weight, eps), std::get<1>(stats)};
+  return {at::rms_norm_symint(x, normalized_shape, weight, eps), std::get<1>(stats)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape,
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                                            const OptTensor& weight, const OptTensor& bias, double eps) {
   if (has_forward_grad(x) || has_forward_grad(weight) || has_forward_grad(bias)) {
     return layer_norm_forward_ad(x, normalized_shape, weight, bias, eps);
@@ -334,7 +341,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor& x, at::
   return out;
 }
 
-std::tuple<Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape,
+std::tuple<Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                                  const OptTensor& weight, double eps) {
   if (has_forward_grad(x) || has_forward_grad(weight)) return rms_norm_forward_ad(x, normalized_shape, weight, eps);
   const bool grad = needs_grad(x, weight, std::nullopt);
@@ -353,7 +360,7 @@ std::tuple<Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& x, at::IntArrayRe
 // CPU kernels: PyTorch's own CPU LayerNorm, and RMSNorm in fp32 (fp64) ATen ops
 // ------------------------------------------------------------------------------------------------
 
-std::vector<int64_t> stats_shape(const Tensor& x, at::IntArrayRef normalized_shape, bool keepdim) {
+std::vector<int64_t> stats_shape(const Tensor& x, c10::SymIntArrayRef normalized_shape, bool keepdim) {  // CPU: concrete
   auto sizes = x.sizes().slice(0, x.dim() - normalized_shape.size()).vec();
   if (keepdim) sizes.resize(x.dim(), 1);
   return sizes;
@@ -363,16 +370,16 @@ Tensor empty_unless(bool want, const OptTensor& like, const Tensor& x) {
   return want && like ? at::empty_like(*like) : at::empty({0}, x.options());
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cpu(const Tensor& x, at::IntArrayRef normalized_shape,
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cpu(const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                                       const OptTensor& weight, const OptTensor& bias, double eps) {
-  auto [y, mean, rstd] = at::native_layer_norm(x, normalized_shape, weight, bias, eps);
+  auto [y, mean, rstd] = at::native_layer_norm_symint(x, normalized_shape, weight, bias, eps);
   const auto sizes = stats_shape(x, normalized_shape, false);
   const auto acc = opmath_dtype(x.scalar_type());
   return {y, mean.reshape(sizes).to(acc), rstd.reshape(sizes).to(acc)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(const Tensor& dy, const Tensor& x,
-                                                      at::IntArrayRef normalized_shape, const OptTensor& weight,
+                                                      c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
                                                       const OptTensor& bias, const Tensor& mean, const Tensor& rstd,
                                                       std::array<bool, 3> output_mask) {
   // at::native_layer_norm keeps the statistics in the parameters' type on the CPU: float32 when 16-bit input
@@ -380,13 +387,13 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(const Tensor& dy, const Te
   const OptTensor& param = weight ? weight : bias;
   const auto stats_dtype = param && param->scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
   const auto sizes = stats_shape(x, normalized_shape, true);
-  auto [dx, dw, db] = at::native_layer_norm_backward(
+  auto [dx, dw, db] = at::native_layer_norm_backward_symint(
       dy, x, normalized_shape, mean.reshape(sizes).to(stats_dtype), rstd.reshape(sizes).to(stats_dtype), weight, bias,
       {true, output_mask[1] && weight.has_value(), output_mask[2] && bias.has_value()});
   return {dx, dw.defined() ? dw : at::empty({0}, x.options()), db.defined() ? db : at::empty({0}, x.options())};
 }
 
-std::tuple<Tensor, Tensor> rms_norm_fwd_cpu(const Tensor& x, at::IntArrayRef normalized_shape,
+std::tuple<Tensor, Tensor> rms_norm_fwd_cpu(const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                             const OptTensor& weight, double eps) {
   std::vector<int64_t> norm_dims;
   for (int64_t d = x.dim() - normalized_shape.size(); d < x.dim(); ++d) norm_dims.push_back(d);
@@ -397,7 +404,7 @@ std::tuple<Tensor, Tensor> rms_norm_fwd_cpu(const Tensor& x, at::IntArrayRef nor
   return {y.to(x.scalar_type()), rstd.reshape(stats_shape(x, normalized_shape, false))};
 }
 
-std::tuple<Tensor, Tensor> rms_norm_bwd_cpu(const Tensor& dy, const Tensor& x, at::IntArrayRef normalized_shape,
+std::tuple<Tensor, Tensor> rms_norm_bwd_cpu(const Tensor& dy, const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                             const OptTensor& weight, const Tensor& rstd,
                                             std::array<bool, 2> output_mask) {
   const auto acc = opmath_dtype(x.scalar_type());
@@ -421,30 +428,33 @@ std::tuple<Tensor, Tensor> rms_norm_bwd_cpu(const Tensor& dy, const Tensor& x, a
 // Meta kernels: shapes and dtypes only (fake tensors, torch.compile, torch.export)
 // ------------------------------------------------------------------------------------------------
 
-Tensor stats_meta(const Tensor& x, at::IntArrayRef normalized_shape) {
+Tensor stats_meta(const Tensor& x, c10::SymIntArrayRef normalized_shape) {
   return at::empty_symint(x.sym_sizes().slice(0, x.dim() - normalized_shape.size()),
                           x.options().dtype(opmath_dtype(x.scalar_type())));
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_meta(const Tensor& x, at::IntArrayRef normalized_shape,
+// Outputs are contiguous, as the CPU and CUDA kernels' (whatever x's layout).
+Tensor like_meta(const Tensor& x) { return at::empty_symint(x.sym_sizes(), x.options()); }
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_meta(const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                                        const OptTensor&, const OptTensor&, double) {
-  return {at::empty_like(x), stats_meta(x, normalized_shape), stats_meta(x, normalized_shape)};
+  return {like_meta(x), stats_meta(x, normalized_shape), stats_meta(x, normalized_shape)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_meta(const Tensor&, const Tensor& x, at::IntArrayRef,
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_meta(const Tensor&, const Tensor& x, c10::SymIntArrayRef,
                                                        const OptTensor& weight, const OptTensor& bias, const Tensor&,
                                                        const Tensor&, std::array<bool, 3> output_mask) {
-  return {at::empty_like(x), empty_unless(output_mask[1], weight, x), empty_unless(output_mask[2], bias, x)};
+  return {like_meta(x), empty_unless(output_mask[1], weight, x), empty_unless(output_mask[2], bias, x)};
 }
 
-std::tuple<Tensor, Tensor> rms_norm_fwd_meta(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor&,
+std::tuple<Tensor, Tensor> rms_norm_fwd_meta(const Tensor& x, c10::SymIntArrayRef normalized_shape, const OptTensor&,
                                              double) {
-  return {at::empty_like(x), stats_meta(x, normalized_shape)};
+  return {like_meta(x), stats_meta(x, normalized_shape)};
 }
 
-std::tuple<Tensor, Tensor> rms_norm_bwd_meta(const Tensor&, const Tensor& x, at::IntArrayRef, const OptTensor& weight,
+std::tuple<Tensor, Tensor> rms_norm_bwd_meta(const Tensor&, const Tensor& x, c10::SymIntArrayRef, const OptTensor& weight,
                                              const Tensor&, std::array<bool, 2> output_mask) {
-  return {at::empty_like(x), empty_unless(output_mask[1], weight, x)};
+  return {like_meta(x), empty_unless(output_mask[1], weight, x)};
 }
 
 const RegisterOpInfo layer_norm_info{

@@ -83,10 +83,11 @@ def layer_norm(
     fp32; the output has input's dtype (float32 under CUDA autocast, as `F.layer_norm`). Differentiable in
     input, weight and bias, to any order; dweight / dbias are deterministic.
 
-    Raises TypeError for a non-floating input or a mismatched parameter dtype, ValueError for shapes that
-    do not match `normalized_shape` and for parameters on another device.
+    Raises RuntimeError, as F.layer_norm, for a non-floating input, shapes that do not match
+    `normalized_shape` and parameters on another device (a dtype mix the kernels lack runs PyTorch's op,
+    which computes it or raises its own error); TypeError for arguments of the wrong type.
     """
-    if not isinstance(input, Tensor):
+    if not isinstance(input, Tensor) and not hasattr(input, "__torch_function__"):  # (fx's Proxy has it)
         raise TypeError(f"layer_norm: input must be a Tensor, got {type(input).__name__}")
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
@@ -105,7 +106,7 @@ def rms_norm(
     eps=None uses the machine epsilon of the arithmetic's type, as PyTorch: float32's (1.19e-7) for float32,
     float16 and bfloat16 inputs, float64's for float64. Otherwise as `layer_norm`, without bias.
     """
-    if not isinstance(input, Tensor):
+    if not isinstance(input, Tensor) and not hasattr(input, "__torch_function__"):  # (fx's Proxy has it)
         raise TypeError(f"rms_norm: input must be a Tensor, got {type(input).__name__}")
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)

@@ -192,6 +192,11 @@ def check_lists(op: str, params: List, grads: List, *states: tuple[str, List], m
         if ts and len(ts) != len(params):
             raise ValueError(f"{op}: every tensor list must have {len(params)} tensors (one per param), "
                              f"{name} has {len(ts)}")
+    if not (params[0].is_floating_point() or params[0].is_complex()) or any(p.dtype != params[0].dtype for p in params):
+        raise TypeError(f"{op}: params must share one floating-point dtype, got "
+                        f"{sorted({str(p.dtype) for p in params})}")
+    if masters and params[0].dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{op}: master weights are for 16-bit params, got {params[0].dtype}")
     for name, ts in named[:-1]:
         for i, (p, t) in enumerate(zip(params, ts)):
             if t.device != p.device or t.shape != p.shape:
@@ -233,6 +238,8 @@ def adam_step_torch(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List
                     eps: float, weight_decay: float, decoupled: bool, amsgrad: bool, maximize: bool,
                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor], clip_coef: Optional[Tensor]) -> None:
     moments = [exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    if not exp_avgs or not exp_avg_sqs or len(steps) != len(params) or (amsgrad and not max_exp_avg_sqs):
+        raise ValueError("adam_step_: exp_avgs, exp_avg_sqs and steps are required (max_exp_avg_sqs with amsgrad)")
     check_lists("adam_step_", params, grads, ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                 ("max_exp_avg_sqs", max_exp_avg_sqs if amsgrad else []), masters=masters, steps=steps,
                 scalars=(("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf),
@@ -279,6 +286,8 @@ def sgd_step_torch(params: List, grads: List, momentum_buffers: List, masters: L
 def lamb_step_torch(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List,
                     *args) -> None:
     """LAMB has no PyTorch op: the reference, after the native op's checks."""
+    if not exp_avgs or not exp_avg_sqs or len(steps) != len(params):
+        raise ValueError("lamb_step_: exp_avgs, exp_avg_sqs and steps are required")
     check_lists("lamb_step_", params, grads, ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), masters=masters,
                 steps=steps)
     lamb_step_ref(params, grads, exp_avgs, exp_avg_sqs, masters, steps, *args)
@@ -287,6 +296,8 @@ def lamb_step_torch(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List
 def grad_norm_torch(grads: List, norm_type: float, max_norm: float):
     """torch's foreach norm: float32 results for 16-bit and float32 grads (as the kernel), the grads' own
     precision for float64 and complex ones; any norm_type."""
+    if not grads or any(g.dtype != grads[0].dtype or g.device != grads[0].device for g in grads):
+        raise ValueError("grad_norm: grads must be a non-empty list of one dtype on one device")
     low = all(g.dtype in (torch.float16, torch.bfloat16, torch.float32) for g in grads)
     norms = torch._foreach_norm(list(grads), norm_type, dtype=torch.float32 if low else None)
     total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
@@ -373,6 +384,8 @@ def grad_norm(grads: List, norm_type: float = 2.0, max_norm: float = math.inf) -
     complex grads, whose norm counts their magnitudes).
     """
     norm_type, max_norm = float(norm_type), float(max_norm)
+    if not grads:
+        raise ValueError("grad_norm: grads must be a non-empty list of one dtype on one device")
     if norm_type not in (2.0, math.inf):
         return grad_norm_torch(grads, norm_type, max_norm)
     op = _native.route("grad_norm", grads[0], grad_norm_torch, "torch._foreach_norm")

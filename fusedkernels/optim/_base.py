@@ -135,12 +135,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        """Also what load_state_dict ends with: groups saved by older releases (torch's, apex's) may lack
+        options added since; they take the defaults, as torch's optimizers do."""
         super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         self._reset_plans()
 
     def _reset_plans(self) -> None:
         self._plans: dict[int, _Plan] = {}
-        self._param_versions: dict[int, int] = {}  # id(param) -> its version after the last step (masters)
+        self._param_versions: dict[int, tuple] = {}  # id(param) -> (version, data_ptr) after its last step
 
     # ---- per-subclass: what state a param has ----
 
@@ -172,8 +177,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         has_grad = [g is not None for g in grads]
         plan = self._plans.get(id(group))
-        if (plan is None or plan.params is not params or plan.has_grad != has_grad or plan.key != self._plan_key(group)
-                or plan.state is not self.state
+        if (plan is None or len(plan.params) != len(params) or not all(map(operator.is_, plan.params, params))
+                or plan.has_grad != has_grad or plan.key != self._plan_key(group) or plan.state is not self.state
                 or not all(map(operator.is_, map(self.state.get, plan.state_dicts[0]), plan.state_dicts[1]))):
             plan = self._plan(group, has_grad)
         try:
@@ -188,19 +193,31 @@ class FusedOptimizer(torch.optim.Optimizer):
         return lists
 
     def _refresh_masters(self, params: list[Tensor], masters: list[Tensor]) -> None:
-        """A param written outside the optimizer since its last step (model.load_state_dict, a manual edit:
-        its version counter moved) gives its master the new value; otherwise the step would write the
-        stale master back over it."""
-        versions = self._param_versions
+        """A param written outside the optimizer since its last step gives its master the new value;
+        otherwise the step would write the stale master back over it. Seen: in-place ops on the param
+        (model.load_state_dict, torch.no_grad() edits: its version counter moves) and `p.data = t` (its
+        storage changes). Not seen: in-place writes through `p.data` (`p.data.copy_`), which bypass the
+        version counter; call `refresh_masters()` after those."""
+        seen = self._param_versions
         for p, master in zip(params, masters):
-            if versions.get(id(p), p._version) != p._version:
+            if seen.get(id(p), (p._version, p.data_ptr())) != (p._version, p.data_ptr()):
                 master.copy_(p.detach())
+
+    @torch.no_grad()
+    def refresh_masters(self) -> None:
+        """Copy every param into its fp32 master (master_weights=True): after writing params in a way the
+        optimizer cannot see (in place through `p.data`)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                master = self.state.get(p, {}).get("master_param")
+                if master is not None:
+                    master.copy_(p.detach())
 
     def _stepped(self, buckets: list[tuple]) -> None:
         """After a step: remember the versions of the params with masters (the step itself bumps them)."""
         for b, *_ in buckets:
             if b.has_master:
-                self._param_versions.update((id(p), p._version) for p in b.params)
+                self._param_versions.update((id(p), (p._version, p.data_ptr())) for p in b.params)
 
     def _plan_key(self, group: dict) -> tuple:
         return tuple(self._moment_keys(group)), self._counts_steps(group)
@@ -217,8 +234,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             master = self._master(p, state)
             moment_dtype = self._moment_dtype(p, master is not None)
+            self._check_partial_state(p, state, keys, counts_steps)
             if counts_steps:
-                self._init_step(p, state, started=bool(keys) and all(state.get(k) is not None for k in keys))
+                self._init_step(p, state, bool(keys) and all(state.get(k) is not None for k in keys), group)
             for key in keys:
                 t = state.get(key)
                 if t is None:  # laid out as the param (channels_last stays channels_last), as torch's
@@ -236,9 +254,25 @@ class FusedOptimizer(torch.optim.Optimizer):
             stepped.append(p)
             state_dicts.append(state)
         plan = _Plan()
-        plan.params, plan.has_grad, plan.key = group["params"], has_grad, (tuple(keys), counts_steps)
+        plan.params, plan.has_grad, plan.key = tuple(group["params"]), has_grad, (tuple(keys), counts_steps)
         plan.state, plan.state_dicts, plan.buckets = self.state, (stepped, state_dicts), list(buckets.values())
         return plan
+
+    def _check_partial_state(self, p: Tensor, state: dict, keys: list[str], counts_steps: bool) -> None:
+        """A state with a step count but not every moment, or moments without a count, is corrupt: torch's
+        Adam raises KeyError on it, and so does this. (A torch SGD state has a buffer and no count: it is
+        loaded as started; a state cleared whole starts afresh, as torch.)"""
+        if not self._strict_state or not state:
+            return
+        have = [k for k in keys if k in state]
+        needs_step = counts_steps and self._step_in_state
+        missing = [k for k in keys if k not in state] + (["step"] if needs_step and "step" not in state else [])
+        if missing and (have or "step" in state):
+            raise KeyError(f"{type(self).__name__}: the state of a param lacks {missing} (it has "
+                           f"{sorted(state)}): a partial state, which torch.optim refuses too")
+
+    _strict_state = True  # FusedSGD: False (torch's SGD state has no step count)
+    _step_in_state = True  # FusedLAMB: False (apex keeps the count in the param group)
 
     def _check_grad(self, p: Tensor) -> None:
         if p.grad.is_sparse:
@@ -249,8 +283,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not (p.is_floating_point() or p.is_complex()):
             raise TypeError(f"{type(self).__name__}: params must be floating-point or complex, got {p.dtype}")
 
-    @staticmethod
-    def _init_step(p: Tensor, state: dict, started: bool) -> None:
+    def _init_step(self, p: Tensor, state: dict, started: bool, group: dict) -> None:
         """A float32 "step" on the param's device: 0 for new state; a step loaded from torch (a CPU tensor or
         a number) is moved; state loaded without a step (torch's SGD keeps none) counts as started."""
         step = state.get("step")
@@ -303,9 +336,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             return None
         coef, grads, versions = self._deferred_clip
         _, current = self._grads_with_params()
-        if (len(current) != len(grads) or not all(map(operator.is_, current, grads))
-                or [g._version for g in grads] != versions):
+        if len(current) != len(grads) or not all(map(operator.is_, current, grads)):
             return None
+        if not torch.compiler.is_compiling() and [g._version for g in grads] != versions:
+            return None  # (a compiled step cannot read version counters: it trusts the clip)
         return coef
 
     def _amp_and_clip(self):

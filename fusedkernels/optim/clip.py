@@ -65,9 +65,11 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
     if not params:
         return torch.tensor(0.0)
     norm_type = float(norm_type)
-    if norm_type not in (2.0, math.inf):
+    sparse = any(p.grad.is_sparse for p in params)
+    if norm_type not in (2.0, math.inf) or sparse:  # torch's implementation
         if defer_to is not None:
-            raise ValueError(f"clip_grad_norm_: defer_to needs norm_type 2 or inf, got {norm_type}")
+            raise ValueError(f"clip_grad_norm_: defer_to needs dense grads and norm_type 2 or inf, got "
+                             f"norm_type {norm_type}{' and sparse grads' if sparse else ''}")
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
     pending = defer_to.deferred_clip_coef() if defer_to is not None else None
     groups, total, coef = total_grad_norm([p.grad for p in params], norm_type, max_norm)

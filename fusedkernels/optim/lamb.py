@@ -53,6 +53,21 @@ class FusedLAMB(FusedOptimizer):
     def _moment_keys(self, group: dict) -> list[str]:
         return ["exp_avg", "exp_avg_sq"]
 
+    _step_in_state = False  # apex's state dicts keep the count in the param group
+
+    def _init_step(self, p, state: dict, started: bool, group: dict) -> None:
+        """apex counts steps per group: a param's first step in a group that has stepped before continues the
+        group's count (its bias correction is apex's), and an apex checkpoint's group "step" seeds the
+        counts of its params."""
+        if state.get("step") is None:
+            counts = [self.state[q]["step"] for q in group["params"]
+                      if q is not p and isinstance(self.state.get(q, {}).get("step"), torch.Tensor)]
+            if counts:
+                state["step"] = torch.stack([c.to(p.device) for c in counts]).max().reshape(())
+            elif "step" in group:  # apex's state dict
+                state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32, device=p.device)
+        super()._init_step(p, state, started, group)
+
     def _global_grad_norm(self) -> Optional[torch.Tensor]:
         """The 2-norm of every grad of every group (as apex), or None when the clip is off."""
         max_norm = self.defaults["max_grad_norm"]

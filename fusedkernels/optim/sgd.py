@@ -33,6 +33,8 @@ class FusedSGD(FusedOptimizer):
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, master_weights)
 
+    _strict_state = False  # torch's SGD keeps no step count: a buffer alone is a started state
+
     def _moment_keys(self, group: dict) -> list[str]:
         return ["momentum_buffer"] if group["momentum"] != 0 else []
 

@@ -23,14 +23,14 @@
 
 namespace fusedkernels::python {
 
-// What each C++ parameter type is parsed into (IntArrayRef views a vector that the call keeps alive).
+// What each C++ parameter type is parsed into (SymIntArrayRef views a vector that the call keeps alive).
 template <typename T>
 struct Parsed {
   using type = std::decay_t<T>;
 };
 template <>
-struct Parsed<at::IntArrayRef> {
-  using type = std::vector<int64_t>;
+struct Parsed<c10::SymIntArrayRef> {
+  using type = std::vector<c10::SymInt>;
 };
 
 // What parsing an argument found: a value, something for the torch.ops path (a Tensor subclass), or an
@@ -42,7 +42,9 @@ inline Parse parse(PyObject* o, at::Tensor& out) {
     out = THPVariable_Unpack(o);
     return Parse::kOk;
   }
-  return THPVariable_Check(o) ? Parse::kDecline : Parse::kWrongType;
+  // Tensor subclasses, and objects that take part in __torch_function__ (fx's Proxy): torch.ops's job
+  return THPVariable_Check(o) || PyObject_HasAttrString(o, "__torch_function__") ? Parse::kDecline
+                                                                                : Parse::kWrongType;
 }
 
 inline Parse parse(PyObject* o, std::optional<at::Tensor>& out) {
@@ -56,9 +58,21 @@ inline Parse parse(PyObject* o, std::optional<at::Tensor>& out) {
   return result;
 }
 
+// Anything with __index__ (Python and numpy ints, one-element integer tensors), as torch's bindings take;
+// not bools, not Tensor subclasses (a symbolic size under torch.compile is torch.ops's job).
 inline Parse parse(PyObject* o, int64_t& out) {
-  if (!PyLong_Check(o) || PyBool_Check(o)) return Parse::kWrongType;
-  out = PyLong_AsLongLong(o);
+  if (PyBool_Check(o) || (THPVariable_Check(o) && !THPVariable_CheckExact(o))) return Parse::kDecline;
+  if (PyLong_CheckExact(o)) {
+    out = PyLong_AsLongLong(o);
+  } else {
+    PyObject* index = PyNumber_Index(o);
+    if (index == nullptr) {
+      PyErr_Clear();
+      return Parse::kWrongType;
+    }
+    out = PyLong_AsLongLong(index);
+    Py_DECREF(index);
+  }
   if (out == -1 && PyErr_Occurred()) {
     PyErr_Clear();
     return Parse::kWrongType;
@@ -67,25 +81,34 @@ inline Parse parse(PyObject* o, int64_t& out) {
 }
 
 // A tuple (torch.Size included) or list of ints.
-inline Parse parse(PyObject* o, std::vector<int64_t>& out) {
+inline Parse parse(PyObject* o, std::vector<c10::SymInt>& out) {
   if (!PyTuple_Check(o) && !PyList_Check(o)) return Parse::kWrongType;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
   PyObject** items = PySequence_Fast_ITEMS(o);
-  out.resize(n);
+  out.clear();
+  out.reserve(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (parse(items[i], out[i]) != Parse::kOk) return Parse::kWrongType;
+    int64_t v = 0;
+    const Parse result = parse(items[i], v);
+    if (result != Parse::kOk) return result;
+    out.emplace_back(v);
   }
   return Parse::kOk;
 }
 
+// Anything with __float__ (Python and numpy floats and ints, bools, one-element tensors), as torch's
+// bindings take.
 inline Parse parse(PyObject* o, double& out) {
-  if (PyFloat_Check(o)) {
+  if (PyFloat_CheckExact(o)) {
     out = PyFloat_AS_DOUBLE(o);
     return Parse::kOk;
   }
-  int64_t i = 0;
-  if (parse(o, i) != Parse::kOk) return Parse::kWrongType;
-  out = static_cast<double>(i);
+  if (THPVariable_Check(o) && !THPVariable_CheckExact(o)) return Parse::kDecline;
+  out = PyFloat_AsDouble(o);
+  if (out == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return Parse::kWrongType;
+  }
   return Parse::kOk;
 }
 

@@ -47,7 +47,11 @@ __global__ void __launch_bounds__(kThreads) double_kernel(const float* x, float*
 }  // namespace
 
 bool sm90_double_available() {
+#ifdef FUSEDKERNELS_SM90A_BUILT  // else the kernel's only body is the trap (a build for "90" or "80+PTX")
   return compute_capability() == 90 && has_image_for_current_device<double_kernel>();
+#else
+  return false;
+#endif
 }
 
 cudaError_t sm90_double(const float* x, float* y, int64_t n, cudaStream_t stream) {
