@@ -1023,8 +1023,15 @@ def test_partial_adam_state_is_refused_like_torch():
 
 
 def test_clip_grad_norm_sparse_grads_use_torch():
+    """Sparse grads take torch's clip_grad_norm_: its result, or its error (torch 2.11 has no sparse norm)."""
     p = torch.nn.Parameter(torch.randn(4, 4))
     q = torch.nn.Parameter(p.detach().clone())
     p.grad = torch.randn(4, 4).to_sparse()
     q.grad = p.grad.clone()
-    assert max_err(clip_grad_norm_([p], 0.5), torch.nn.utils.clip_grad_norm_([q], 0.5)) < 1e-6
+    try:
+        want = torch.nn.utils.clip_grad_norm_([q], 0.5)
+    except Exception as e:
+        with pytest.raises(type(e)):
+            clip_grad_norm_([p], 0.5)
+        return
+    assert max_err(clip_grad_norm_([p], 0.5), want) < 1e-6
