@@ -110,9 +110,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state tensors keep their saved dtype: torch casts every floating state
-        tensor to its param's dtype, which would round fp32 masters and fp32 states of 16-bit params."""
+        tensor to its param's dtype, which would round fp32 masters and fp32 states of 16-bit params.
+        (torch's load_state_dict ends in __setstate__, which drops the step plans.)"""
         super().load_state_dict(state_dict)
-        self._reset_plans()
         saved_state = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for param_id, p in zip(saved_group["params"], group["params"]):

@@ -22,14 +22,10 @@ def total_grad_norm(grads: list[Tensor], norm_type: float, max_norm: float = mat
     groups: dict = {}
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)
-    results = []
-    for (_, dtype), group in groups.items():
-        if dtype in _native.KERNEL_DTYPES:
-            results.append(ops.grad_norm(group, norm_type, max_norm))
-        else:
-            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, norm_type)), norm_type)
-            results.append((total, None))
-    if len(results) == 1 and results[0][1] is not None:
+    # float64 and complex groups: torch's foreach norm, without the warning a CUDA list without a kernel gets
+    results = [ops.grad_norm(group, norm_type, max_norm) if dtype in _native.KERNEL_DTYPES
+               else ops.grad_norm_torch(group, norm_type, max_norm) for (_, dtype), group in groups.items()]
+    if len(results) == 1:
         return groups, *results[0]
     device = grads[0].device
     dtype = torch.float64 if any(t.dtype == torch.float64 for t, _ in results) else torch.float32
