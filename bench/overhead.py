@@ -10,6 +10,11 @@ is where a fused norm must beat PyTorch in an eager model, not only inside a CUD
 
 Impls: fusedkernels; torch (F.layer_norm / F.rms_norm, torch.optim with fused=True); liger (Liger-Kernel's
 LigerLayerNorm / LigerRMSNorm) where liger_kernel is installed.
+
+Attention rows (`sdpa ...`): ops.scaled_dot_product_attention against F.scaled_dot_product_attention (torch
+picks its backend, as in a model) on [B, H, N, D] = 1x16x128x64 bf16, non-causal: forward without grad,
+forward with grad, and fwd+bwd as a chain of 8 calls (each output the next call's query) and one backward.
+The budget: ours within 1.2x of torch's host time.
 """
 
 from __future__ import annotations
@@ -116,6 +121,45 @@ def _norm_rows(add) -> None:
         del x, dy, xg
 
 
+ATTENTION_SHAPE = (1, 16, 128, 64)  # B, H, N, D
+
+
+def _attention_rows(add) -> None:
+    ours = getattr(ops, "scaled_dot_product_attention", None)
+    if ours is None:
+        print("  sdpa: skipped (fusedkernels.ops has no scaled_dot_product_attention)", flush=True)
+        return
+    B, H, N, D = ATTENTION_SHAPE
+    shape = f"{B}x{H}x{N}x{D} bf16"
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=DTYPE) for _ in range(3))
+    dy = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    for impl, fn in (("fusedkernels", ours), ("torch", F.scaled_dot_product_attention)):
+
+        def no_grad(fn=fn):
+            with torch.no_grad():
+                fn(q, k, v)
+
+        def with_grad(fn=fn):
+            fn(*leaves)
+
+        def fwd_bwd(fn=fn):
+            y = leaves[0]
+            for _ in range(DEPTH):
+                y = fn(y, leaves[1], leaves[2])
+            torch.autograd.grad(y, leaves, dy)
+
+        for direction, call, ops_per_call in (("fwd (no grad)", no_grad, 1), ("fwd (grad)", with_grad, 1),
+                                              ("fwd+bwd", fwd_bwd, DEPTH)):
+            try:
+                host, wall = host_and_wall_ms(call, 400 // ops_per_call, ops_per_call)
+            except Exception as e:  # noqa: BLE001 (an op that refuses the input: report, keep the suite going)
+                print(f"  sdpa {direction} {shape} {impl}: skipped ({type(e).__name__}: {e})", flush=True)
+                continue
+            add(f"sdpa {direction} {shape}", impl, host, wall)
+    del q, k, v, dy, leaves
+
+
 def _model(shapes):
     params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
     for p in params:
@@ -150,5 +194,6 @@ def run() -> list[Row]:
         print(f"  {case:<44} {impl:<14} host {ms * 1e3:8.1f} us   wall {wall_ms * 1e3:8.1f} us", flush=True)
 
     _norm_rows(add)
+    _attention_rows(add)
     _optim_rows(add)
     return rows

@@ -23,6 +23,75 @@ def _baselines(rows, suite):
     return seen
 
 
+# Implementations a TFLOP/s suite's ours is compared against in its ratio columns, where a table has them.
+REFERENCES = {"attention": ("torch-sdpa-flash", "torch-sdpa-cudnn", "fusedkernels-nobias")}
+RATIO_HEADS = {"fusedkernels-nobias": "speed with bias / without"}
+SHORT = {"torch-sdpa-flash": "flash", "torch-sdpa-cudnn": "cuDNN", "torch-sdpa-efficient": "efficient",
+         "torch-flex": "flex", "torch-eager": "eager", "fusedkernels-nobias": "ours, no bias"}
+
+
+def _flops_tables(suite: str, rows: list, meta: dict) -> list[str]:
+    """Suites timed in TFLOP/s (attention): one table per group of cases that share a set of impls (extra
+    `group`), a row per case (fwd and fwd+bwd next to each other), each impl's TFLOP/s and time, ours' fraction
+    of the matmul ceiling, ours' layout, and ours against the references; then extra peak memory, and why a
+    row has no time."""
+    ceiling = meta.get("matmul_bf16_TFLOPs")
+    lines, notes = [], {}  # (impl, why) -> [cases]
+    groups = OrderedDict()
+    for r in rows:
+        groups.setdefault(r.get("group", ""), []).append(r)
+    for group, grows in groups.items():
+        cases = _by_case(grows)
+        impls = list(OrderedDict.fromkeys(r["impl"] for r in grows))
+        others = [i for i in impls if i != "fusedkernels"]
+        refs = [b for b in REFERENCES.get(suite, ()) if b in impls]
+        if len(groups) > 1:
+            lines += ["", f"{group} cases:"]
+        lines += ["",
+                  "| case | fusedkernels | % of matmul | " + " | ".join(SHORT.get(i, i) for i in others) + " | "
+                  + " | ".join(RATIO_HEADS.get(b, f"vs {SHORT.get(b, b)}") for b in refs) + " | ours' layout |",
+                  "|---" * (4 + len(others) + len(refs)) + "|"]
+        for (_, case), by_impl in cases.items():
+            ours = by_impl.get("fusedkernels")
+            timed = ours if ours is not None and "ms" in ours else None
+            cells = [case, _flops_cell(ours, notes, case)]
+            cells.append(f"{ours['pct_matmul']:.0f}%" if timed is not None and "pct_matmul" in timed else "—")
+            cells += [_flops_cell(by_impl.get(i), notes, case) for i in others]
+            for b in refs:
+                ref = by_impl.get(b)
+                ok = timed is not None and ref is not None and "ms" in ref
+                cells.append(f"{ref['ms'] / timed['ms']:.2f}×" if ok else "—")
+            cells.append(timed.get("layout", "").split(" ")[0] if timed is not None else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+    peaks = [(case, by_impl) for (s, case), by_impl in _by_case(rows).items()
+             if any("peak_MiB" in r for r in by_impl.values())]
+    if peaks:
+        cols = list(OrderedDict.fromkeys(i for _, by_impl in peaks for i, r in by_impl.items() if "peak_MiB" in r))
+        lines += ["", "Extra peak memory of one call (max allocated minus the inputs), MiB:", "",
+                  "| case | " + " | ".join(SHORT.get(i, i) for i in cols) + " |", "|---" * (1 + len(cols)) + "|"]
+        for case, by_impl in peaks:
+            cells = [f"{by_impl[i]['peak_MiB']:.0f}" if "peak_MiB" in by_impl.get(i, {}) else "—" for i in cols]
+            lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    head = [f"Cells: TFLOP/s (time). % of matmul: ours against the bf16 matmul measured in this run"
+            + (f" ({ceiling:.0f} TFLOP/s)" if ceiling else "") + "; `vs X`: X's time over ours (above 1: ours is"
+            " faster)."]
+    if notes:
+        lines += ["", "Not timed:", ""]
+        for i, ((impl, why), where) in enumerate(notes.items()):
+            lines.append(f"{i + 1}. {impl}: {why} ({where[0] if len(where) == 1 else f'{len(where)} cases'})")
+    return head + lines
+
+
+def _flops_cell(r, notes: dict, case: str) -> str:
+    if r is None:
+        return "—"
+    if "ms" not in r:
+        key = (r["impl"], r.get("skipped", "no time"))
+        notes.setdefault(key, []).append(case)
+        return f"skipped ({list(notes).index(key) + 1})"
+    return f"{r.get('TFLOPs', 0):.0f} ({_ms(r['ms'])})"
+
+
 def markdown(result: dict) -> str:
     m = result["meta"]
     copy = m["copy_GBps"]
@@ -32,6 +101,10 @@ def markdown(result: dict) -> str:
     ]
     cases = _by_case(result["rows"])
     for suite in OrderedDict.fromkeys(r["suite"] for r in result["rows"]):
+        suite_rows = [r for r in result["rows"] if r["suite"] == suite]
+        if any("TFLOPs" in r or "skipped" in r for r in suite_rows):
+            lines += ["", f"### {suite}", ""] + _flops_tables(suite, suite_rows, m)
+            continue
         base = _baselines(result["rows"], suite)
         bandwidth = any("GBps" in r for r in result["rows"] if r["suite"] == suite)  # not for host times
         lines += ["", f"### {suite}", "",

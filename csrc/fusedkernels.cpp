@@ -39,6 +39,13 @@ constexpr char kLayerNorm[] = "fusedkernels::layer_norm";
 constexpr char kRmsNorm[] = "fusedkernels::rms_norm";
 using LayerNorm = Tensor(const Tensor&, c10::SymIntArrayRef, const OptTensor&, const OptTensor&, double);
 using RmsNorm = Tensor(const Tensor&, c10::SymIntArrayRef, const OptTensor&, std::optional<double>);
+constexpr char kAttention[] = "fusedkernels::attention";
+constexpr char kAttentionVarlen[] = "fusedkernels::attention_varlen";
+using Attention = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double, bool,
+                                             int64_t, int64_t, std::optional<double>, bool, bool);
+using AttentionVarlen = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                   const Tensor&, c10::SymInt, c10::SymInt, double, bool, int64_t,
+                                                   int64_t, std::optional<double>, bool, bool);
 
 template <typename Signature, const char* kName>
 PyCFunction fast() {
@@ -50,6 +57,9 @@ PyMethodDef methods[] = {
     {"op_info", op_info, METH_NOARGS, "[(family, op, dtypes, sizes)] of the ops this build registered"},
     {"layer_norm", fast<LayerNorm, kLayerNorm>(), METH_FASTCALL, "fusedkernels::layer_norm, or NotImplemented"},
     {"rms_norm", fast<RmsNorm, kRmsNorm>(), METH_FASTCALL, "fusedkernels::rms_norm, or NotImplemented"},
+    {"attention", fast<Attention, kAttention>(), METH_FASTCALL, "fusedkernels::attention, or NotImplemented"},
+    {"attention_varlen", fast<AttentionVarlen, kAttentionVarlen>(), METH_FASTCALL,
+     "fusedkernels::attention_varlen, or NotImplemented"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -60,3 +60,26 @@ if torch.cuda.get_device_capability() == (9, 0):
     assert torch.equal(torch.ops.fusedkernels.sm90_double(x), 2 * x)
     torch.cuda.synchronize()
     print("sanitize_kernels: ran the sm90 kernel")
+
+# attention: every head dim and dtype, odd lengths, GQA, causal + window, bias with a grad, dropout, varlen,
+# both dq paths (atomic and deterministic).
+for dtype in (torch.bfloat16, torch.float16):
+    for d in (32, 64, 96, 128, 256):
+        q = torch.randn(2, 77, 4, d, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 45, 2, d, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(2, 45, 2, d, device="cuda", dtype=dtype, requires_grad=True)
+        bias = torch.randn(2, 1, 77, 45, device="cuda", dtype=dtype, requires_grad=True)
+        for kwargs in (
+            dict(causal=True, window=(20, -1)),
+            dict(attn_bias=bias, dropout_p=0.3),
+            dict(deterministic=True, causal=True),
+        ):
+            out = ops.attention(q, k, v, **kwargs)
+            torch.autograd.grad(out, [q, k, v], torch.randn_like(out))
+        cu = torch.tensor([0, 30, 31, 77], device="cuda", dtype=torch.int32)
+        qp = torch.randn(77, 4, d, device="cuda", dtype=dtype, requires_grad=True)
+        kp = torch.randn(77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
+        out = ops.attention_varlen(qp, kp, kp, cu, cu, 46, 46, causal=True)
+        torch.autograd.grad(out, [qp, kp], torch.randn_like(out))
+torch.cuda.synchronize()
+print("sanitize_kernels: ran all attention paths")

@@ -12,8 +12,6 @@
 #include <torch/library.h>
 
 #include <cfloat>
-#include <mutex>
-#include <set>
 
 #include "common/torch/autograd.h"
 #include "common/torch/checks.h"
@@ -137,15 +135,9 @@ const char* fallback_reason(const Tensor& input, const c10::SymInt& hidden, cons
   return nullptr;
 }
 
-// One warning per (op, reason), as a UserWarning.
+// One warning per (op, reason): PyTorch's op of the same name runs instead.
 void warn_fallback(const char* op, const char* reason) {
-  if (reason[0] == '\0') return;
-  static std::mutex mutex;
-  static std::set<std::string> warned;
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (warned.insert(std::string(op) + reason).second) {
-    TORCH_WARN("fusedkernels.", op, ": ", reason, "; running torch.nn.functional.", op, " instead");
-  }
+  fusedkernels::warn_fallback(op, reason, std::string("torch.nn.functional.") + op);
 }
 
 OptTensor contiguous(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : std::nullopt; }

@@ -1,5 +1,6 @@
 """Drop-in modules: same constructor arguments, parameters and state_dict as the torch modules they replace."""
 
+from .attention import FusedMultiheadAttention, FusedSelfAttention
 from .norm import FusedLayerNorm, FusedRMSNorm
 
-__all__ = ["FusedLayerNorm", "FusedRMSNorm"]
+__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention"]

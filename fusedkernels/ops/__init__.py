@@ -6,7 +6,19 @@ input (native module not built, a dtype or size without a kernel), the op runs P
 with one warning.
 """
 
+from .attention import attention, attention_varlen, scaled_dot_product_attention
 from .norm import layer_norm, rms_norm
 from .optim import adam_step_, grad_norm, lamb_step_, scale_grads_, sgd_step_
 
-__all__ = ["layer_norm", "rms_norm", "adam_step_", "sgd_step_", "lamb_step_", "grad_norm", "scale_grads_"]
+__all__ = [
+    "attention",
+    "attention_varlen",
+    "scaled_dot_product_attention",
+    "layer_norm",
+    "rms_norm",
+    "adam_step_",
+    "sgd_step_",
+    "lamb_step_",
+    "grad_norm",
+    "scale_grads_",
+]

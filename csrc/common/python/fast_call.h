@@ -32,6 +32,10 @@ template <>
 struct Parsed<c10::SymIntArrayRef> {
   using type = std::vector<c10::SymInt>;
 };
+template <>
+struct Parsed<c10::SymInt> {
+  using type = int64_t;  // a plain int (a symbolic one, under torch.compile, goes through torch.ops)
+};
 
 // What parsing an argument found: a value, something for the torch.ops path (a Tensor subclass), or an
 // object of the wrong type (a TypeError, as torch's own bindings raise).

@@ -5,7 +5,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <c10/util/Exception.h>
+
+#include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -16,6 +20,18 @@ namespace fusedkernels {
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// A call about to run another implementation than the fused kernel says so once per (op, reason), as a
+// UserWarning: "fusedkernels.<op>: <reason>; running <instead> instead". An empty reason is a silent one.
+inline void warn_fallback(const std::string& op, const char* reason, const std::string& instead) {
+  if (reason[0] == '\0') return;
+  static std::mutex mutex;
+  static std::set<std::string> warned;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (warned.insert(op + reason).second) {
+    TORCH_WARN("fusedkernels.", op, ": ", reason, "; running ", instead, " instead");
+  }
 }
 
 inline bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }

@@ -1,0 +1,79 @@
+// The launchers: tile configuration per head dim, grids, shared-memory opt-in. Each (dtype, head dim)
+// pair is instantiated in its own file under instances/ so the build parallelises; attention_dispatch.cu
+// picks one.
+#pragma once
+
+#include "attention/attention_bwd.cuh"
+#include "attention/attention_fwd.cuh"
+#include "common/host/launch.h"
+
+namespace fusedkernels::attention {
+
+// Tiles per head dim, measured on the H200 (docs/perf-notes.md): 4 warps of 2 x 16 query rows; the smallest
+// key tile that keeps the warps busy, since registers (2 query m-tiles of output accumulators plus the score
+// tile) are what runs out. Backward: 8 warps x 16 keys against 64 query rows; head dim 256 keeps dK and dV for
+// half the columns per CTA (two CTAs per key tile) and single-buffers, to fit registers and an A100's
+// shared memory.
+template <typename T, int kD>
+using FwdConfigFor = FwdConfig<T, kD, (kD == 256 ? 64 : 128), (kD <= 64 ? 64 : 32), 4>;
+template <typename T, int kD>
+using BwdConfigFor = BwdConfig<T, kD, 64, (kD == 256 ? 4 : 8), (kD == 256 ? 128 : kD), (kD == 256 ? 1 : 2)>;
+template <typename T, int kD>
+using DqConfigFor = DqConfig<T, kD, (kD == 256 ? 1 : 2)>;
+
+inline bool empty_grid(const dim3& grid) { return grid.x == 0 || grid.y == 0 || grid.z == 0; }
+
+template <auto Kernel, int kThreads, int kSmemBytes, typename Params>
+cudaError_t launch(const dim3& grid, const Params& p, cudaStream_t stream) {
+  if (empty_grid(grid)) return cudaSuccess;
+  resident_blocks<Kernel, kThreads, kSmemBytes>();  // raises the shared-memory limit on this device
+  Kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int kD>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Cfg = FwdConfigFor<T, kD>;
+  const dim3 grid(ceil_div(p.seqlen_q, Cfg::kBlockM), p.heads_q, p.batch);
+  // Dropout has its own instance: its Philox draws cost registers the plain kernel needs.
+  if (p.dropout_p > 0.0f) return launch<attention_fwd_kernel<Cfg, true>, Cfg::kThreads, Cfg::kSmemBytes>(grid, p, stream);
+  return launch<attention_fwd_kernel<Cfg, false>, Cfg::kThreads, Cfg::kSmemBytes>(grid, p, stream);
+}
+
+template <typename T, int kD>
+int64_t bwd_workspace(const BwdParams& p) {
+  return p.total_q * p.fwd.heads_q * (p.deterministic ? 1 : 1 + kD);
+}
+
+template <typename T, int kD>
+cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
+  using Cfg = BwdConfigFor<T, kD>;
+  using DqCfg = DqConfigFor<T, kD>;
+  const FwdParams& f = p.fwd;
+  const dim3 rows_grid(ceil_div(f.seqlen_q, 8), f.heads_q, f.batch);
+  if (!empty_grid(rows_grid)) attention_bwd_preprocess_kernel<T, kD><<<rows_grid, 256, 0, stream>>>(p, p.workspace);
+  const dim3 kv_grid(ceil_div(f.seqlen_k, Cfg::kBlockN) * Cfg::kSlices, f.heads_kv, f.batch);
+  if (p.deterministic) {
+    cudaError_t err = launch<attention_bwd_dkdv_kernel<Cfg, false>, Cfg::kThreads, Cfg::kSmemBytes>(kv_grid, p, stream);
+    if (err != cudaSuccess) return err;
+    const dim3 q_grid(ceil_div(f.seqlen_q, DqCfg::kBlockM), f.heads_q, f.batch);
+    return launch<attention_bwd_dq_kernel<DqCfg>, DqCfg::kThreads, DqCfg::kSmemBytes>(q_grid, p, stream);
+  }
+  float* dq_accum = p.workspace + p.total_q * f.heads_q;
+  cudaError_t err = cudaMemsetAsync(dq_accum, 0, sizeof(float) * p.total_q * f.heads_q * kD, stream);
+  if (err != cudaSuccess) return err;
+  err = launch<attention_bwd_dkdv_kernel<Cfg, true>, Cfg::kThreads, Cfg::kSmemBytes>(kv_grid, p, stream);
+  if (err != cudaSuccess) return err;
+  const dim3 convert_grid(ceil_div(int64_t(f.seqlen_q) * (kD / 8), 256), f.heads_q, f.batch);
+  if (!empty_grid(convert_grid)) attention_bwd_dq_convert_kernel<T, kD><<<convert_grid, 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace fusedkernels::attention
+
+// The instances of one (T, head dim) pair; use at global scope.
+#define FUSEDKERNELS_ATTENTION_FWD_INSTANCE(T, D) \
+  template cudaError_t fusedkernels::attention::launch_fwd<T, D>(const fusedkernels::attention::FwdParams&, cudaStream_t);
+#define FUSEDKERNELS_ATTENTION_BWD_INSTANCE(T, D)                                                                    \
+  template cudaError_t fusedkernels::attention::launch_bwd<T, D>(const fusedkernels::attention::BwdParams&, cudaStream_t); \
+  template int64_t fusedkernels::attention::bwd_workspace<T, D>(const fusedkernels::attention::BwdParams&);

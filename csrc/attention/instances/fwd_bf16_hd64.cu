@@ -1,0 +1,2 @@
+#include "attention/attention_launch.cuh"
+FUSEDKERNELS_ATTENTION_FWD_INSTANCE(__nv_bfloat16, 64)
