@@ -39,6 +39,9 @@ constexpr char kLayerNorm[] = "fusedkernels::layer_norm";
 constexpr char kRmsNorm[] = "fusedkernels::rms_norm";
 using LayerNorm = Tensor(const Tensor&, c10::SymIntArrayRef, const OptTensor&, const OptTensor&, double);
 using RmsNorm = Tensor(const Tensor&, c10::SymIntArrayRef, const OptTensor&, std::optional<double>);
+constexpr char kSdpa[] = "fusedkernels::scaled_dot_product_attention";
+using Sdpa = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double, bool, std::optional<double>,
+                    bool);
 constexpr char kAttention[] = "fusedkernels::attention";
 constexpr char kAttentionVarlen[] = "fusedkernels::attention_varlen";
 using Attention = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double, bool,
@@ -57,6 +60,8 @@ PyMethodDef methods[] = {
     {"op_info", op_info, METH_NOARGS, "[(family, op, dtypes, sizes)] of the ops this build registered"},
     {"layer_norm", fast<LayerNorm, kLayerNorm>(), METH_FASTCALL, "fusedkernels::layer_norm, or NotImplemented"},
     {"rms_norm", fast<RmsNorm, kRmsNorm>(), METH_FASTCALL, "fusedkernels::rms_norm, or NotImplemented"},
+    {"scaled_dot_product_attention", fast<Sdpa, kSdpa>(), METH_FASTCALL,
+     "fusedkernels::scaled_dot_product_attention, or NotImplemented"},
     {"attention", fast<Attention, kAttention>(), METH_FASTCALL, "fusedkernels::attention, or NotImplemented"},
     {"attention_varlen", fast<AttentionVarlen, kAttentionVarlen>(), METH_FASTCALL,
      "fusedkernels::attention_varlen, or NotImplemented"},

@@ -298,6 +298,10 @@ def test_opcheck(device):
     for args in ((q, k, v, None, 0.0, True, -1, -1, None, True, False), (q, k, v, bias, 0.0, False, 3, 2, 0.2, False,
                                                                          True)):
         torch.library.opcheck(ops.attention, args)
+    qh, kh, vh = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    mask = torch.rand(9, 13, device=device) > 0.3
+    for args in ((qh, kh, vh, None, 0.0, True, None, True), (qh, kh, vh, mask, 0.0, False, 0.3, True)):
+        torch.library.opcheck(ops.scaled_dot_product_attention, args)
     torch.library.opcheck(ops.attention_fwd, (q, k, v, bias, None, None, 9, 13, 0.0, 0.125, True, -1, -1))
     lq, lk = [3, 6], [5, 8]
     qp, kp, vp = (torch.randn(sum(n), h, q.shape[-1], device=device, dtype=dtype, requires_grad=True)

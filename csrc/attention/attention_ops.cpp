@@ -39,6 +39,10 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
         " SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p=0., bool causal=False, int window_left=-1,"
         " int window_right=-1, float? scale=None, bool return_lse=False, bool deterministic=False)"
         " -> (Tensor, Tensor)");
+  // torch's F.scaled_dot_product_attention, same arguments and results ([B, H, N, D]): on attention's kernel
+  // where it takes the call, else torch's own op.
+  m.def("scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None,"
+        " float dropout_p=0., bool is_causal=False, float? scale=None, bool enable_gqa=False) -> Tensor");
   // Internal. attn_bias: float in q's dtype, last dim of stride 1 and size Nk (the public ops convert).
   // rng_state: int64 [2] (the Philox seed and offset the dropout mask came from) when dropout_p > 0, else [0].
   // deterministic: the backward's dq without atomics (also under torch.use_deterministic_algorithms).
@@ -461,6 +465,28 @@ std::tuple<Tensor, Tensor> attention_varlen_composite(const Tensor& q, const Ten
   return {out, return_lse ? lse : at::empty({0}, lse.options())};
 }
 
+// torch's SDPA on [B, H, N, D]: `attention` on [B, N, H, D] views (the kernel takes the strides as they are),
+// the result viewed back (as torch's flash backend returns it). What attention does not take goes to torch's
+// op, which computes it or raises torch's error: other ranks, a batch or head dim that differs, heads that
+// differ without enable_gqa, a mask with is_causal, dropout_p outside [0, 1], mask dtypes torch may refuse.
+Tensor sdpa_composite(const Tensor& query, const Tensor& key, const Tensor& value, const OptTensor& attn_mask,
+                      double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa) {
+  const auto same = [](const c10::SymInt& a, const c10::SymInt& b) { return sym_same(a, b); };
+  const bool takes =
+      query.dim() == 4 && key.dim() == 4 && value.dim() == 4 && !query.is_nested() && !key.is_nested() &&
+      !value.is_nested() && same(query.sym_size(0), key.sym_size(0)) && same(query.sym_size(3), key.sym_size(3)) &&
+      same(query.sym_size(3), value.sym_size(3)) && (enable_gqa || same(query.sym_size(1), key.sym_size(1))) &&
+      dropout_p >= 0.0 && dropout_p <= 1.0 &&
+      (!attn_mask || (!is_causal && (attn_mask->scalar_type() == at::kBool || attn_mask->scalar_type() == at::kFloat ||
+                                     attn_mask->scalar_type() == query.scalar_type())));
+  if (!takes) {
+    return at::scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa);
+  }
+  auto [out, lse] = attention_composite(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask,
+                                        dropout_p, is_causal, -1, -1, scale, false, false);
+  return out.transpose(1, 2);
+}
+
 // Autocast: what autocast does to aten::scaled_dot_product_attention, on its lower-precision list for CUDA and
 // for CPU: cast floating q, k, v and a floating bias to the device's autocast dtype (float64 stays).
 template <c10::DeviceType kDevice>
@@ -480,6 +506,13 @@ struct Autocast {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
     return attention_composite(cast(q), cast(k), cast(v), cast(attn_bias), dropout_p, causal, window_left,
                                window_right, scale, return_lse, deterministic);
+  }
+
+  static Tensor sdpa(const Tensor& query, const Tensor& key, const Tensor& value, const OptTensor& attn_mask,
+                     double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+    return sdpa_composite(cast(query), cast(key), cast(value), cast(attn_mask), dropout_p, is_causal, scale,
+                          enable_gqa);
   }
 
   static std::tuple<Tensor, Tensor> attention_varlen(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -704,16 +737,19 @@ const RegisterOpInfo attention_varlen_info{
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedkernels, CompositeImplicitAutograd, m) {
+  m.impl("scaled_dot_product_attention", &sdpa_composite);
   m.impl("attention", &attention_composite);
   m.impl("attention_varlen", &attention_varlen_composite);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, AutocastCUDA, m) {
+  m.impl("scaled_dot_product_attention", &Autocast<c10::DeviceType::CUDA>::sdpa);
   m.impl("attention", &Autocast<c10::DeviceType::CUDA>::attention);
   m.impl("attention_varlen", &Autocast<c10::DeviceType::CUDA>::attention_varlen);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, AutocastCPU, m) {
+  m.impl("scaled_dot_product_attention", &Autocast<c10::DeviceType::CPU>::sdpa);
   m.impl("attention", &Autocast<c10::DeviceType::CPU>::attention);
   m.impl("attention_varlen", &Autocast<c10::DeviceType::CPU>::attention_varlen);
 }

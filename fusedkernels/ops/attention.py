@@ -171,6 +171,15 @@ def _attention_varlen_without_native(q, k, v, cu_seqlens_q, cu_seqlens_k, max_se
 # ------------------------------------------------------------------------------------------------
 
 _attention = _native.public_op("attention", _attention_without_native, "the PyTorch reference")
+
+
+def _sdpa_torch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                          enable_gqa=enable_gqa)
+
+
+_sdpa = _native.public_op("scaled_dot_product_attention", _sdpa_torch,
+                          "torch.nn.functional.scaled_dot_product_attention")
 _attention_varlen = _native.public_op("attention_varlen", _attention_varlen_without_native, "the PyTorch reference")
 
 
@@ -272,19 +281,12 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """`F.scaled_dot_product_attention`, same signature, semantics and errors, on the fused kernel: query
     [B, Hq, Nq, D], key / value [B, Hkv, Nk, D] (Hkv == Hq unless enable_gqa). Inputs the op does not take
-    (not 4-D, a value head dim unlike the query's, attn_mask with is_causal, ...) go to
-    F.scaled_dot_product_attention itself (as do batch sizes that broadcast, dropout_p >= 1 and attn_mask dtypes torch
-    refuses)."""
-    qs, ks, vs = query.shape, key.shape, value.shape
-    if not (
-        len(qs) == 4 and len(ks) == 4 and len(vs) == 4
-        and qs[0] == ks[0] and qs[3] == ks[3] == vs[3] and (enable_gqa or qs[1] == ks[1])
-        and dropout_p < 1.0
-        and (attn_mask is None or not is_causal and attn_mask.dtype in (torch.bool, torch.float32, query.dtype))
-        and (type(query) is Tensor or not query.is_nested)
-    ):
+    (not 4-D, a value head dim unlike the query's, attn_mask with is_causal, batch sizes that broadcast,
+    dropout_p outside [0, 1], mask dtypes torch may refuse, nested tensors) go to
+    F.scaled_dot_product_attention itself, which computes them or raises its own error. The choice, the
+    layout views and autograd happen in C++ (the op `fusedkernels::scaled_dot_product_attention`), so a call
+    costs the host about what torch's does."""
+    if type(query) is not Tensor and isinstance(query, Tensor) and query.is_nested:  # (one type check)
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
-    out, _ = _attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask, dropout_p,
-                        is_causal, -1, -1, scale, False, False)
-    return out.transpose(1, 2)
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
