@@ -35,9 +35,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const FwdP
 
   // Heaviest tiles first: under a causal mask the last query tiles see the most keys.
   const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  constexpr bool use_dropout = kDropout;
   uint64_t seed = 0, offset = 0;
-  if (use_dropout) {
+  if constexpr (kDropout) {
     philox_seed_offset(p.philox, seed, offset);
     if (blockIdx.x == 0 && h == 0 && b == 0 && threadIdx.x == 0) {  // for the backward
       p.rng_state[0] = static_cast<int64_t>(seed);
@@ -63,9 +62,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const FwdP
 
   const Band band(p, seq.len_k);
   const int n_begin = band.key_begin(m0) / kBlockN;
-  const int n_end = static_cast<int>(ceil_div_device(band.key_end(m1), kBlockN));
+  const int n_end = ceil_div_device(band.key_end(m1), kBlockN);
 
-  const Dropout dropout(seed, offset, b * p.heads_q + h, use_dropout ? p.dropout_p : 0.0f);
+  const Dropout dropout(seed, offset, b * p.heads_q + h, kDropout ? p.dropout_p : 0.0f);
 
   float o[kMTiles][kDTiles][4] = {};
   float row_max[kMTiles][2], row_sum[kMTiles][2] = {};
@@ -152,7 +151,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const FwdP
         for (int nt = 0; nt < kNTiles; ++nt) {
           const float p0 = fast_exp2(s[mt][nt][2 * r] - base), p1 = fast_exp2(s[mt][nt][2 * r + 1] - base);
           sum += p0 + p1;
-          if constexpr (use_dropout) {
+          if constexpr (kDropout) {
             const unsigned keep = dropout.keep_pair(i, n0 + nt * 8 + 2 * t);
             s[mt][nt][2 * r] = (keep & 1u) ? p0 : 0.0f;
             s[mt][nt][2 * r + 1] = (keep & 2u) ? p1 : 0.0f;
@@ -201,7 +200,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const FwdP
   // Epilogue: normalise, stage the warp's rows in its own rows of sQ (only it read them), store 16 bytes a lane.
   T* out = static_cast<T*>(p.out) + offset_of(p.out_strides, b, seq.q_row0 + m0, h);
   float* lse = p.lse == nullptr ? nullptr : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_row0 + m0;
-  const float keep_scale = use_dropout ? dropout.rescale : 1.0f;
+  const float keep_scale = kDropout ? dropout.rescale : 1.0f;
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
