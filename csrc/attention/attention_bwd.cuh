@@ -56,8 +56,7 @@ __global__ void __launch_bounds__(256) attention_bwd_preprocess_kernel(const Bwd
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc += to_float(de[e]) * to_float(oe[e]);
   }
-#pragma unroll
-  for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  acc = group_sum_in_warp<32>(acc);
   if (lane == 0) dsum[(workspace_row0(p, b, seq) + i) * p.heads_q + h] = acc;
 }
 

@@ -8,6 +8,7 @@
 #include "common/device/cp_async.cuh"
 #include "common/device/mma.cuh"
 #include "common/device/philox.cuh"
+#include "common/device/reduce.cuh"
 #include "common/device/vec.cuh"
 
 namespace fusedkernels::attention {
@@ -160,16 +161,6 @@ __device__ __forceinline__ void for_each_element(Fn&& fn) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) fn(n, e);
   }
-}
-
-// Max and sum over the four lanes (t = 0..3) that share a row of an mma fragment.
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
 }  // namespace fusedkernels::attention

@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const FwdP
         float mx = -kInf;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-        const float new_max = fmaxf(row_max[mt][r], quad_max(mx));
+        const float new_max = fmaxf(row_max[mt][r], group_max_in_warp<4>(mx));  // the 4 lanes of a row
         const float base = new_max == -kInf ? 0.0f : new_max;  // a row with nothing visible yet stays at 0
         const float correction = fast_exp2(row_max[mt][r] - base);
         row_max[mt][r] = new_max;
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const FwdP
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp_row0 + mt * 16 + g + 8 * r;
-      const float sum = quad_sum(row_sum[mt][r]);
+      const float sum = group_sum_in_warp<4>(row_sum[mt][r]);
       const float inv = sum > 0.0f ? keep_scale / sum : 0.0f;
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {

@@ -532,8 +532,6 @@ struct Autocast {
 // Autograd
 // ------------------------------------------------------------------------------------------------
 
-OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
-
 // The backward of attention_fwd; next edges q, k, v, attn_bias (an absent bias has an empty edge).
 struct AttentionBackward : torch::autograd::Node {
   torch::autograd::SavedVariable q, k, v, bias, cu_q, cu_k, out, lse, rng_state;

@@ -230,8 +230,6 @@ std::array<Tensor, 3> norm_backward_differentiable(const Tensor& dy, const Tenso
   return grads;
 }
 
-OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
-
 // The backward of layer_norm_fwd (rms = false; next edges x, weight, bias) or rms_norm_fwd (x, weight); an
 // absent weight or bias has an empty edge and gets no grad.
 struct NormBackward : torch::autograd::Node {

@@ -11,6 +11,14 @@ __device__ __forceinline__ float group_sum_in_warp(float v) {
   return v;
 }
 
+// Max over aligned groups of `kGroup` lanes, as group_sum_in_warp.
+template <int kGroup>
+__device__ __forceinline__ float group_max_in_warp(float v) {
+#pragma unroll
+  for (int offset = kGroup / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
 // Sum over groups of `kGroup` consecutive threads (a multiple of 32) of a block of `kThreads`.
 // Every thread of the block must call it. `scratch` holds kThreads / 32 floats. The leading barrier
 // lets back-to-back calls reuse one scratch buffer.

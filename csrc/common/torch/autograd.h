@@ -33,6 +33,11 @@ NodePtr make_node() {
 inline bool has_forward_grad(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
 inline bool has_forward_grad(const std::optional<at::Tensor>& t) { return t && has_forward_grad(*t); }
 
+// An unpacked SavedVariable (undefined when nothing was saved) as the optional argument an op takes.
+inline std::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // The ADInplaceOrView kernel of an op that writes its arguments (the optimizer steps): bumps the version
 // counter of every tensor the schema marks written (Tensor(a!), Tensor(a!)[]), then runs the op. torch's
 // in-place ops do the same, so autograd refuses a backward through a tensor changed since it was saved.
