@@ -7,6 +7,8 @@ each non-causal and, where the anchors have them, causal (top-left aligned, torc
                         [B, N, H, D] tensors, or `ops.scaled_dot_product_attention` on torch's [B, H, N, D] ones
                         (extra `layout`; `other_layout_ms` is the other one's forward). Skipped where the build
                         has no native attention kernel (the reference path is not what this suite measures).
+  fusedkernels-portable ours with FUSEDKERNELS_ATTENTION_KERNEL=portable (the mma.sync kernels, which the
+                        Hopper forward replaces on sm_90 for head dims 64 and 128), same layout as ours
   torch-sdpa-flash      F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.FLASH_ATTENTION) (FA2)
   torch-sdpa-cudnn      ... SDPBackend.CUDNN_ATTENTION
   torch-sdpa-efficient  ... SDPBackend.EFFICIENT_ATTENTION (memory-efficient, xformers' kernel)
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import sys
 import time
 import warnings
@@ -58,7 +61,7 @@ from .common import Row, sets_for, time_graph
 
 SUITE = "attention"
 DTYPE = torch.bfloat16
-OURS, NOBIAS = "fusedkernels", "fusedkernels-nobias"
+OURS, NOBIAS, PORTABLE = "fusedkernels", "fusedkernels-nobias", "fusedkernels-portable"
 FLASH, CUDNN, EFFICIENT = "torch-sdpa-flash", "torch-sdpa-cudnn", "torch-sdpa-efficient"
 FLEX, EAGER = "torch-flex", "torch-eager"
 
@@ -73,11 +76,12 @@ SHAPES = [
 ]
 BIAS_SHAPE = (2, 16, 4096, 128)
 EAGER_MAX_N = 2048
+PORTABLE_ENV = "FUSEDKERNELS_ATTENTION_KERNEL"
 # (B, H, N, D, causal) -> directions whose rows carry peak_MiB
 MEMORY = {(2, 16, 8192, 128, False): ("fwd+bwd",), (8, 16, 512, 64, False): ("fwd", "fwd+bwd")}
 
 # Only to size the replays (and the plan's estimate): roughly what each impl reached on the H200 (ANCHORS).
-ASSUMED_TFLOPS = {OURS: 400, NOBIAS: 400, FLASH: 280, CUDNN: 450, EFFICIENT: 140, FLEX: 300, EAGER: 30}
+ASSUMED_TFLOPS = {OURS: 400, NOBIAS: 400, PORTABLE: 250, FLASH: 280, CUDNN: 450, EFFICIENT: 140, FLEX: 300, EAGER: 30}
 TARGET_MS = 200.0  # GPU time of the timed replays of one row; 5..30 replays
 WARMUP = 2  # graph warm-up rounds (the probe call before them has compiled / autotuned already)
 
@@ -105,7 +109,7 @@ class Case:
     def impls(self) -> list[str]:
         if self.bias:
             return [OURS, NOBIAS, CUDNN, EFFICIENT, FLEX]
-        return [OURS, FLASH, CUDNN, EFFICIENT, FLEX] + ([EAGER] if self.N <= EAGER_MAX_N else [])
+        return [OURS, PORTABLE, FLASH, CUDNN, EFFICIENT, FLEX] + ([EAGER] if self.N <= EAGER_MAX_N else [])
 
     def memory_directions(self) -> tuple:
         return () if self.bias else MEMORY.get((self.B, self.H, self.N, self.D, self.causal), ())
@@ -325,8 +329,8 @@ def _run_case(case: Case, rec: _Recorder, ours_ok: bool, ours_why: str) -> None:
         bias = torch.randn(case.B, case.H, case.N, case.N, device="cuda", dtype=DTYPE)  # 1 GiB: past the L2 alone
     first = len(rec.rows)
     for impl in case.impls():
-        if impl in (OURS, NOBIAS):
-            if impl == NOBIAS:
+        if impl in (OURS, NOBIAS, PORTABLE):
+            if impl != OURS:
                 continue  # timed with OURS, in the layout OURS chose
             _run_ours(case, rec, sets, n_sets, bias, ours_ok, ours_why)
             continue
@@ -368,7 +372,7 @@ def _run_case(case: Case, rec: _Recorder, ours_ok: bool, ours_why: str) -> None:
 
 
 def _run_ours(case: Case, rec: _Recorder, sets, n_sets, bias, ours_ok: bool, ours_why: str) -> None:
-    impls = [OURS, NOBIAS] if case.bias else [OURS]
+    impls = [OURS, NOBIAS] if case.bias else [OURS, PORTABLE]
     if not ours_ok:
         for impl in impls:
             for direction in ("fwd", "fwd+bwd"):
@@ -405,6 +409,11 @@ def _run_ours(case: Case, rec: _Recorder, sets, n_sets, bias, ours_ok: bool, our
         return
     fn, layout_sets = fns[layout]
     rec.measure(case, "fwd+bwd", OURS, _calls(fn, layout_sets)["fwd+bwd"], n_sets, layout=_layout_name(layout))
+    if not case.bias:  # the mma.sync kernels, which Hopper kernels replace where they exist
+        with _portable_kernels():
+            calls = _calls(fn, layout_sets)
+            for direction in ("fwd", "fwd+bwd"):
+                rec.measure(case, direction, PORTABLE, calls[direction], n_sets, layout=_layout_name(layout))
     if case.bias:
         nobias = dict(_ours_layouts(case, None))[layout]
         calls = _calls(nobias, layout_sets)
@@ -413,6 +422,20 @@ def _run_ours(case: Case, rec: _Recorder, sets, n_sets, bias, ours_ok: bool, our
             ours = next((r for r in rec.rows if r.impl == OURS and r.case == case.name(direction)), None)
             if row is not None and ours is not None and ours.ms is not None:
                 ours.extra["vs_nobias"] = round(row.ms / ours.ms, 3)  # the bias's cost: >= 0.8 wanted
+
+
+class _portable_kernels:
+    """FUSEDKERNELS_ATTENTION_KERNEL=portable while the rows are captured (the kernel choice is made per call)."""
+
+    def __enter__(self):
+        self.old = os.environ.get(PORTABLE_ENV)
+        os.environ[PORTABLE_ENV] = "portable"
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(PORTABLE_ENV, None)
+        else:
+            os.environ[PORTABLE_ENV] = self.old
 
 
 def _layout_name(layout: str) -> str:

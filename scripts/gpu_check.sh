@@ -3,7 +3,8 @@
 # compute-sanitizer memcheck + racecheck over the kernels on small shapes, run the benchmarks.
 # Logs and results go to $OUT (default: ./gpu_out). Exit status: non-zero if any step failed.
 #   GPU_CHECK_STEPS="build test sanitize bench"  pick steps;   BENCH_SUITES="norm overhead"  pick suites;
-#   FUSEDKERNELS_FAMILIES=norm  build one family;   SANITIZE_TIMEOUT=300  seconds per sanitizer tool.
+#   FUSEDKERNELS_FAMILIES=norm  build one family;   SANITIZE_TIMEOUT=300  seconds per sanitizer tool;
+#   GPU_TESTS="tests/test_attention.py"  pytest paths (default: tests).
 # Wheels in .whl/ (e.g. Liger-Kernel's, for the overhead suite's comparison) are installed first, without
 # their dependencies, into a folder on PYTHONPATH: the GPU machine cannot download.
 set -uo pipefail
@@ -26,7 +27,7 @@ if has build; then
 fi
 if has test; then
   step test
-  FUSEDKERNELS_REQUIRE_NATIVE=1 python3 -m pytest -q -rfEs tests 2>&1 | tee "$OUT/tests.log" | grep -v "^SKIPPED" | tail -25 || status=1
+  FUSEDKERNELS_REQUIRE_NATIVE=1 python3 -m pytest -q -rfEs ${GPU_TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | grep -v "^SKIPPED" | tail -25 || status=1
   grep -qE "[0-9]+ passed" "$OUT/tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/tests.log" || status=1
 fi
 if has sanitize; then

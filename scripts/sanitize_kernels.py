@@ -7,6 +7,7 @@
 does not depend on the dtype; racecheck is slow).
 """
 
+import os
 import sys
 
 import torch
@@ -81,5 +82,15 @@ for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat1
         kp = torch.randn(77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
         out = ops.attention_varlen(qp, kp, kp, cu, cu, 46, 46, causal=True)
         torch.autograd.grad(out, [qp, kp], torch.randn_like(out))
+    # the Hopper kernels (head dims 64, 128): several key tiles, both warpgroups, a partial last tile; then
+    # the same call on the portable kernels
+    for d in (64, 128):
+        q = torch.randn(1, 200, 2, d, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(1, 300, 1, d, device="cuda", dtype=dtype, requires_grad=True)
+        for kernels in ("default", "portable"):
+            os.environ["FUSEDKERNELS_ATTENTION_KERNEL"] = kernels
+            out = ops.attention(q, k, k, window=(150, 40))
+            torch.autograd.grad(out, [q, k], torch.randn_like(out))
+        os.environ.pop("FUSEDKERNELS_ATTENTION_KERNEL")
 torch.cuda.synchronize()
 print("sanitize_kernels: ran all attention paths")

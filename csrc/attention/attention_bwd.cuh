@@ -1,6 +1,6 @@
 // The backward kernels (FlashAttention-2's algorithm on mma.sync): recompute P from q, k and the saved
 // log-sum-exp, never storing it.
-//   preprocess   dsum_i = sum_d dout_id * out_id per query row (and clears the dq accumulator)
+//   preprocess   dsum_i = sum_d dout_id * out_id per query row (the launcher zeroes the dq accumulator)
 //   dkdv         one CTA per (key tile, kv head, sequence; head-dim slice for large heads): loops over the
 //                query tiles of every q head of its group, dK and dV in registers; with kAtomicDq it also
 //                adds its share of dS K into an fp32 dq accumulator (atomics: run-to-run order varies)
@@ -9,11 +9,17 @@
 // docs/attention.md has the formulas.
 #pragma once
 
+#include <cstdint>
+
 #include "attention/attention_common.cuh"
 
 namespace fusedkernels::attention {
 
-// The workspace: dsum [total_q][heads_q], then (atomic dq) the dq accumulator [total_q][heads_q][head_dim].
+// The workspace: dsum [total_q][heads_q], then (atomic dq) the dq accumulator [total_q][heads_q][head_dim]
+// at a 16-byte boundary (vector reductions add float pairs).
+__host__ __device__ constexpr int64_t dq_accum_offset(int64_t total_q, int heads_q) {
+  return (total_q * heads_q + 3) / 4 * 4;
+}
 // Row index of query row 0 of sequence b there:
 __device__ __forceinline__ int64_t workspace_row0(const FwdParams& p, int b, const Seq& seq) {
   return p.cu_seqlens_q != nullptr ? seq.q_row0 : int64_t(b) * p.seqlen_q;
@@ -64,6 +70,18 @@ __global__ void __launch_bounds__(256) attention_bwd_preprocess_kernel(const Bwd
 // dK, dV (and dQ by atomics)
 // ------------------------------------------------------------------------------------------------
 
+// dst[0] += lo, dst[1] += hi (dst 8-byte aligned). sm_90 adds the pair in one reduction
+// (red.global.add.v2.f32): half the instructions of two scalar atomics, and each row's 32-byte sector is
+// filled by one instruction instead of half-filled by two.
+__device__ __forceinline__ void atomic_add_pair(float* dst, float lo, float hi) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(lo, hi));
+#else
+  atomicAdd(dst, lo);
+  atomicAdd(dst + 1, hi);
+#endif
+}
+
 // kWarps warps, 16 keys each (kBlockN = 16 * kWarps); kBlockM query rows per step; dK/dV/dQ computed for a
 // head-dim slice of kDSlice columns (q.k still uses all kD); kStages buffers of the query-side tiles.
 template <typename T_, int kD_, int kBlockM_, int kWarps_, int kDSlice_, int kStages_>
@@ -71,9 +89,15 @@ struct BwdConfig {
   using T = T_;
   static constexpr int kD = kD_, kBlockM = kBlockM_, kWarps = kWarps_, kDSlice = kDSlice_, kStages = kStages_;
   static constexpr int kBlockN = 16 * kWarps, kThreads = 32 * kWarps, kSlices = kD / kDSlice;
-  // dQ = dS K: each 16-row m-tile of the query tile is shared by kWarps / (kBlockM / 16) warps, by columns.
-  static constexpr int kWarpsPerMTile = kWarps / (kBlockM / 16), kDqCols = kDSlice / kWarpsPerMTile;
-  static_assert(kD % kDSlice == 0 && kDSlice % 16 == 0 && kDqCols % 16 == 0 && kBlockM % 16 == 0);
+  // dQ = dS K over the kBlockM x kDSlice tile: the warps form a grid of kDqWarpsM by kWarps / kDqWarpsM, each
+  // warp kDqMTiles m-tiles of 16 rows by kDqCols columns. Two m-tiles where the columns stay a multiple of 16
+  // and the warp tile gets squarer: each k step then reads fewer dS and K fragments (m-tiles + column pairs)
+  // for the same MMAs, and shared-memory bandwidth is what the backward runs out of.
+  static constexpr int kDqColsOf1 = kDSlice * kBlockM / (16 * kWarps);  // columns a warp gets with one m-tile
+  static constexpr int kDqMTiles = kDqColsOf1 > 32 && kDqColsOf1 % 32 == 0 && kBlockM % 32 == 0 ? 2 : 1;
+  static constexpr int kDqWarpsM = kBlockM / (16 * kDqMTiles), kDqCols = kDqColsOf1 / kDqMTiles;
+  static_assert(kD % kDSlice == 0 && kDSlice % 16 == 0 && kBlockM % 16 == 0);
+  static_assert(kWarps % kDqWarpsM == 0 && kDqCols % 16 == 0 && kDqCols * (kWarps / kDqWarpsM) == kDSlice);
   static constexpr int kSmemKV = kBlockN * padded(kD), kSmemQ = kBlockM * padded(kD);
   static constexpr int kSmemDS = kBlockN * padded(kBlockM);
   static constexpr int kSmemBytes =
@@ -112,7 +136,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
   const int m_count = max(0, m_end - m_begin), iterations = group * m_count;
   const int64_t ws_row0 = workspace_row0(p, b, seq);
   const float* dsum = bp.workspace;
-  float* dq_accum = bp.workspace + bp.total_q * p.heads_q;
+  float* dq_accum = bp.workspace + dq_accum_offset(bp.total_q, p.heads_q);
 
   load_tile<kBlockN, kD, kThreads>(sK, static_cast<const T*>(p.k) + offset_of(p.k_strides, b, seq.k_row0 + n0, h_kv),
                                    p.k_strides.row, n1 - n0, tid);
@@ -245,30 +269,42 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
     if (kAtomicDq) {
       __syncthreads();  // dS^T complete
       if (kStages == 1 && it + 1 < iterations) prefetch(it + 1);
-      // dQ[m-tile, column part] += dS K, dS read transposed from its [key][query] layout
-      const int mq = warp % (kBlockM / 16), c0 = d0 + (warp / (kBlockM / 16)) * Cfg::kDqCols;
-      float dq[Cfg::kDqCols / 8][4] = {};
+      // dQ[warp's rows, warp's columns] += dS K, dS read transposed from its [key][query] layout
+      constexpr int kMTiles = Cfg::kDqMTiles, kCTiles = Cfg::kDqCols / 8;
+      const int row0 = (warp % Cfg::kDqWarpsM) * kMTiles * 16, c0 = d0 + (warp / Cfg::kDqWarpsM) * Cfg::kDqCols;
+      float dq[kMTiles][kCTiles][4] = {};
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        uint32_t a[4];
-        ldmatrix_x4_trans(a, sdS + (kk * 16 + lane % 8 + (lane / 16) * 8) * padded(kBlockM) + mq * 16 + ((lane / 8) % 2) * 8);
+        uint32_t a[kMTiles][4];
 #pragma unroll
-        for (int dp = 0; dp < Cfg::kDqCols / 16; ++dp) {
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          ldmatrix_x4_trans(a[mt], sdS + (kk * 16 + lane % 8 + (lane / 16) * 8) * padded(kBlockM) + row0 + mt * 16 +
+                                       ((lane / 8) % 2) * 8);
+        }
+#pragma unroll
+        for (int dp = 0; dp < kCTiles / 2; ++dp) {
           uint32_t bk[4];
           ldmatrix_x4_trans(bk, sK + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * padded(kD) + c0 + dp * 16 + (lane / 16) * 8);
-          mma_16x8x16<T>(dq[2 * dp], a, bk[0], bk[1]);
-          mma_16x8x16<T>(dq[2 * dp + 1], a, bk[2], bk[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma_16x8x16<T>(dq[mt][2 * dp], a[mt], bk[0], bk[1]);
+            mma_16x8x16<T>(dq[mt][2 * dp + 1], a[mt], bk[2], bk[3]);
+          }
         }
       }
+      // The lane's rows are constant pitches apart from its first.
+      const int i0 = m0 + row0 + g;
+      float* dq_row0 = dq_accum + ((ws_row0 + i0) * p.heads_q + h) * kD + c0 + 2 * t;
+      const int64_t dq_pitch = int64_t(p.heads_q) * kD;
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = m0 + mq * 16 + g + 8 * r;
-        if (i >= seq.len_q) continue;
-        float* dst = dq_accum + ((ws_row0 + i) * p.heads_q + h) * kD + c0 + 2 * t;
+      for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-        for (int ct = 0; ct < Cfg::kDqCols / 8; ++ct) {
-          atomicAdd(dst + ct * 8, dq[ct][2 * r]);
-          atomicAdd(dst + ct * 8 + 1, dq[ct][2 * r + 1]);
+        for (int r = 0; r < 2; ++r) {
+          const int dr = mt * 16 + 8 * r;
+          if (i0 + dr >= seq.len_q) continue;
+          float* dst = dq_row0 + dr * dq_pitch;
+#pragma unroll
+          for (int ct = 0; ct < kCTiles; ++ct) atomic_add_pair(dst + ct * 8, dq[mt][ct][2 * r], dq[mt][ct][2 * r + 1]);
         }
       }
     } else if (kStages == 1) {
@@ -456,7 +492,7 @@ __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const Bwd
   const int i = (blockIdx.x * 256 + threadIdx.x) / (kD / 8), c = ((blockIdx.x * 256 + threadIdx.x) % (kD / 8)) * 8;
   const Seq seq = sequence(p, b);
   if (i >= seq.len_q) return;
-  const float* src = bp.workspace + bp.total_q * p.heads_q + ((workspace_row0(p, b, seq) + i) * p.heads_q + h) * kD + c;
+  const float* src = bp.workspace + dq_accum_offset(bp.total_q, p.heads_q) + ((workspace_row0(p, b, seq) + i) * p.heads_q + h) * kD + c;
   T* dst = static_cast<T*>(bp.dq) + offset_of(bp.dq_strides, b, seq.q_row0 + i, h) + c;
   uint4 packed;
   uint32_t* words = reinterpret_cast<uint32_t*>(&packed);

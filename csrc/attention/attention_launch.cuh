@@ -3,6 +3,9 @@
 // picks one.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 #include "attention/attention_bwd.cuh"
 #include "attention/attention_fwd.cuh"
 #include "common/host/launch.h"
@@ -21,6 +24,13 @@ using BwdConfigFor = BwdConfig<T, kD, 64, (kD == 256 ? 4 : 8), (kD == 256 ? 128 
 template <typename T, int kD>
 using DqConfigFor = DqConfig<T, kD, (kD == 256 ? 1 : 2)>;
 
+// FUSEDKERNELS_ATTENTION_KERNEL=portable keeps the mma.sync kernels on Hopper too (tests and benchmarks of
+// that path); read per call, so a test can set it in-process.
+inline bool portable_kernel_forced() {
+  const char* choice = std::getenv("FUSEDKERNELS_ATTENTION_KERNEL");
+  return choice != nullptr && std::strcmp(choice, "portable") == 0;
+}
+
 inline bool empty_grid(const dim3& grid) { return grid.x == 0 || grid.y == 0 || grid.z == 0; }
 
 template <auto Kernel, int kThreads, int kSmemBytes, typename Params>
@@ -31,8 +41,41 @@ cudaError_t launch(const dim3& grid, const Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The Hopper forward (sm90/attention_fwd_sm90.cuh), instantiated for head dims 64 and 128 under sm90/.
+template <typename T, int kD>
+bool fwd_sm90_available();
+template <typename T, int kD>
+cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream);
+
+// Whether the Hopper forward takes these params: its head dims, no dropout (which keeps the portable
+// kernel), and FUSEDKERNELS_ATTENTION_KERNEL not set to "portable".
+template <typename T, int kD>
+bool use_fwd_sm90(const FwdParams& p) {
+  if constexpr (kD == 64 || kD == 128) {
+    return p.dropout_p == 0.0f && !portable_kernel_forced() && fwd_sm90_available<T, kD>();
+  }
+  return false;
+}
+
+// The Hopper backward's dK dV kernel (sm90/attention_bwd_sm90.cuh), head dims 64 and 128: it takes the atomic
+// dq path without dropout; preprocess and dq convert stay the portable kernels.
+template <typename T, int kD>
+bool bwd_sm90_available();
+template <typename T, int kD>
+cudaError_t launch_bwd_dkdv_sm90(const BwdParams& p, cudaStream_t stream);
+
+template <typename T, int kD>
+bool use_bwd_sm90(const BwdParams& p) {
+  if constexpr (kD == 64 || kD == 128) {
+    return p.fwd.dropout_p == 0.0f && !p.deterministic && !portable_kernel_forced() &&
+           bwd_sm90_available<T, kD>();
+  }
+  return false;
+}
+
 template <typename T, int kD>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  if (use_fwd_sm90<T, kD>(p)) return launch_fwd_sm90<T, kD>(p, stream);
   using Cfg = FwdConfigFor<T, kD>;
   const dim3 grid(ceil_div(p.seqlen_q, Cfg::kBlockM), p.heads_q, p.batch);
   // Dropout has its own instance: its Philox draws cost registers the plain kernel needs.
@@ -42,7 +85,8 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
 
 template <typename T, int kD>
 int64_t bwd_workspace(const BwdParams& p) {
-  return p.total_q * p.fwd.heads_q * (p.deterministic ? 1 : 1 + kD);
+  const int64_t dsum = p.total_q * p.fwd.heads_q;
+  return p.deterministic ? dsum : dq_accum_offset(p.total_q, p.fwd.heads_q) + dsum * kD;
 }
 
 template <typename T, int kD>
@@ -59,10 +103,11 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
     const dim3 q_grid(ceil_div(f.seqlen_q, DqCfg::kBlockM), f.heads_q, f.batch);
     return launch<attention_bwd_dq_kernel<DqCfg>, DqCfg::kThreads, DqCfg::kSmemBytes>(q_grid, p, stream);
   }
-  float* dq_accum = p.workspace + p.total_q * f.heads_q;
+  float* dq_accum = p.workspace + dq_accum_offset(p.total_q, f.heads_q);
   cudaError_t err = cudaMemsetAsync(dq_accum, 0, sizeof(float) * p.total_q * f.heads_q * kD, stream);
   if (err != cudaSuccess) return err;
-  err = launch<attention_bwd_dkdv_kernel<Cfg, true>, Cfg::kThreads, Cfg::kSmemBytes>(kv_grid, p, stream);
+  err = use_bwd_sm90<T, kD>(p) ? launch_bwd_dkdv_sm90<T, kD>(p, stream)
+                               : launch<attention_bwd_dkdv_kernel<Cfg, true>, Cfg::kThreads, Cfg::kSmemBytes>(kv_grid, p, stream);
   if (err != cudaSuccess) return err;
   const dim3 convert_grid(ceil_div(int64_t(f.seqlen_q) * (kD / 8), 256), f.heads_q, f.batch);
   if (!empty_grid(convert_grid)) attention_bwd_dq_convert_kernel<T, kD><<<convert_grid, 256, 0, stream>>>(p);

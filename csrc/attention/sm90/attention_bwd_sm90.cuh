@@ -1,0 +1,277 @@
+// The Hopper backward's dK dV kernel (sm_90a): the portable dkdv kernel's algorithm (attention_bwd.cuh) with
+// its five products on warpgroup MMA. One CTA of two warpgroups per (128-key tile, kv head, sequence); each
+// warpgroup owns 64 keys and keeps their dK and dV in registers while the CTA loops over the query tiles (64
+// rows) of every q head of the group (an additive bias, and its gradient dS, are a compile-time variant):
+//   S^T = K Q^T, dP^T = V dO^T          both operands from shared memory (K-major)
+//   P^T = 2^(S^T + bias - lse), dS^T = P^T (dP^T - dsum)
+//   dV += P^T dO, dK += dS^T Q          P^T, dS^T from registers; dO, Q N-major from shared memory
+//   dQ += dS K                          dS^T staged in shared memory, read M-major; each warpgroup computes
+//                                       half of dQ's columns and adds them to the fp32 accumulator (atomics)
+// The preprocess and dq-convert kernels are the portable ones. docs/attention.md has the formulas.
+#pragma once
+
+#include "attention/attention_launch.cuh"
+#include "attention/sm90/attention_sm90_common.cuh"
+
+namespace fusedkernels::attention {
+
+template <typename T_, int kD_>
+struct BwdSm90Config {
+  using T = T_;
+  static constexpr int kD = kD_, kBlockM = 64, kBlockN = 128, kThreads = 256;
+  static_assert(kD % 64 == 0, "the swizzled layout is built of 64-column blocks");
+  static constexpr int kKVBytes = kBlockN * kD * 2, kQBytes = kBlockM * kD * 2, kDSBytes = kBlockN * kBlockM * 2;
+  static constexpr int kBiasBytes = kBlockM * kBlockN * 2;
+  // K, V; two stages of Q and dO; dS^T; two stages of lse and dsum (and of the bias tile, with a bias);
+  // slack to align to the swizzle period.
+  static constexpr int smem_bytes(bool bias) {
+    return 2 * kKVBytes + 4 * kQBytes + kDSBytes + 4 * kBlockM * 4 + (bias ? 2 * kBiasBytes : 0) + 1024;
+  }
+};
+
+template <typename Cfg, bool kBias>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kernel(const BwdParams bp) {
+#if FUSEDKERNELS_SM90A
+  using T = typename Cfg::T;
+  constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
+  constexpr int kQTiles = kBlockM / 8, kDTiles = kD / 8, kDqCols = kD / 2;
+  const FwdParams& p = bp.fwd;
+
+  extern __shared__ unsigned char smem_raw[];
+  // aligned to the swizzle period by an offset, so the compiler still knows these point to shared memory
+  uint8_t* sK = smem_raw + (1024 - sm90::smem_address(smem_raw) % 1024) % 1024;
+  uint8_t* sV = sK + Cfg::kKVBytes;
+  uint8_t* sQ = sV + Cfg::kKVBytes;         // [2][kBlockM][kD]
+  uint8_t* sdO = sQ + 2 * Cfg::kQBytes;     // [2][kBlockM][kD]
+  uint8_t* sdS = sdO + 2 * Cfg::kQBytes;    // dS^T [kBlockN keys][kBlockM queries]
+  float* sLse = reinterpret_cast<float*>(sdS + Cfg::kDSBytes);  // [2][kBlockM], base 2
+  float* sDsum = sLse + 2 * kBlockM;                            // [2][kBlockM]
+  uint8_t* sBias = reinterpret_cast<uint8_t*>(sDsum + 2 * kBlockM);  // [2][kBlockM queries][kBlockN keys], kBias only
+
+  const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
+  const Seq seq = sequence(p, b);
+  const int n0 = n_block * kBlockN;
+  if (n0 >= seq.len_k) return;
+  const int n1 = min(n0 + kBlockN, seq.len_k);
+  const int group = p.heads_q / p.heads_kv;
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int wg_n0 = n0 + 64 * wg;  // the warpgroup's first key
+
+  const Band band(p, seq.len_k);
+  const int m_begin = band.query_begin(n0) / kBlockM;
+  const int m_end = ceil_div_device(band.query_end(n1, seq.len_q), kBlockM);
+  const int m_count = max(0, m_end - m_begin), iterations = group * m_count;
+  const int64_t ws_row0 = workspace_row0(p, b, seq);
+  const float* dsum = bp.workspace;
+  float* dq_accum = bp.workspace + dq_accum_offset(bp.total_q, p.heads_q);
+
+  load_swizzled<kBlockN, kD, kThreads>(
+      sK, static_cast<const T*>(p.k) + offset_of(p.k_strides, b, seq.k_row0 + n0, h_kv), p.k_strides.row, n1 - n0, tid);
+  load_swizzled<kBlockN, kD, kThreads>(
+      sV, static_cast<const T*>(p.v) + offset_of(p.v_strides, b, seq.k_row0 + n0, h_kv), p.v_strides.row, n1 - n0, tid);
+
+  // Query-side tiles of iteration `it` (q head, query tile) into stage it % 2.
+  const auto prefetch = [&](int it) {
+    const int h = h_kv * group + it / m_count, m0 = (m_begin + it % m_count) * kBlockM;
+    const int stage = it % 2, valid = seq.len_q - m0;
+    load_swizzled<kBlockM, kD, kThreads>(sQ + stage * Cfg::kQBytes,
+                                              static_cast<const T*>(p.q) + offset_of(p.q_strides, b, seq.q_row0 + m0, h),
+                                              p.q_strides.row, valid, tid);
+    load_swizzled<kBlockM, kD, kThreads>(
+        sdO + stage * Cfg::kQBytes, static_cast<const T*>(bp.dout) + offset_of(bp.dout_strides, b, seq.q_row0 + m0, h),
+        bp.dout_strides.row, valid, tid);
+    if constexpr (kBias) {  // with Q and dO, same stage
+      const T* bias = static_cast<const T*>(p.bias) + b * p.bias_strides.batch + h * p.bias_strides.head +
+                      m0 * p.bias_strides.row + n0;
+      const bool aligned = p.bias_strides.row % 8 == 0 && reinterpret_cast<uintptr_t>(bias) % 16 == 0;
+      load_bias_swizzled<kBlockM, kBlockN, kThreads>(sBias + stage * Cfg::kBiasBytes, bias, p.bias_strides.row,
+                                                     valid, seq.len_k - n0, aligned, tid);
+    }
+    cp_async_commit();
+    const float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_row0 + m0;
+    if (tid < kBlockM) {  // rows past the sequence: P = 2^-inf = 0, so they add nothing
+      sLse[stage * kBlockM + tid] = tid < valid ? lse_log2(lse[tid]) : kInf;
+      sDsum[stage * kBlockM + tid] = tid < valid ? dsum[(ws_row0 + m0 + tid) * p.heads_q + h] : 0.0f;
+    }
+  };
+  if (iterations > 0) prefetch(0);
+
+  float dk[kDTiles * 4] = {}, dv[kDTiles * 4] = {};
+  float st[kQTiles * 4], dpt[kQTiles * 4], dq[kDqCols / 8 * 4];
+  uint32_t pf[kBlockM / 16][4], dsf[kBlockM / 16][4];  // P^T and dS^T as A operands
+  const float scale_log2 = p.scale * kLog2e;
+  const uint32_t k_base = sm90::smem_address(sK), v_base = sm90::smem_address(sV), ds_base = sm90::smem_address(sdS);
+
+  for (int it = 0; it < iterations; ++it) {
+    const int h = h_kv * group + it / m_count, m0 = (m_begin + it % m_count) * kBlockM, stage = it % 2;
+    const uint32_t q_address = sm90::smem_address(sQ + stage * Cfg::kQBytes);
+    const uint32_t do_address = sm90::smem_address(sdO + stage * Cfg::kQBytes);
+    const uint32_t k_address = sm90::opaque(k_base), v_address = sm90::opaque(v_base);
+    const uint32_t ds_address = sm90::opaque(ds_base);
+    cp_async_wait<0>();
+    sm90::fence_proxy_async_shared();
+    __syncthreads();  // this step's tiles landed; every warpgroup is done with the other stage and with dS^T
+    if (it + 1 < iterations) prefetch(it + 1);
+
+    // S^T = K Q^T and dP^T = V dO^T for the warpgroup's 64 keys (k16 slices 32 bytes apart in a row), one
+    // wgmma group each
+    const auto issue_keys_by_queries = [&](float (&acc)[kQTiles * 4], uint32_t keys, uint32_t queries) {
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t key_step = (kk / 4) * kBlockN * 128 + 64 * wg * 128 + (kk % 4) * 32;
+        const uint32_t query_step = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
+        sm90::Wgmma<kBlockM>::template ss<T, false, false>(acc, sm90::smem_descriptor(keys + key_step, 0, 1024),
+                                                           sm90::smem_descriptor(queries + query_step, 0, 1024),
+                                                           kk > 0);
+      }
+      sm90::wgmma_commit();
+    };
+    sm90::wgmma_fence();
+    issue_keys_by_queries(st, k_address, q_address);
+    issue_keys_by_queries(dpt, v_address, do_address);
+
+    // P^T while dP^T is still on the tensor cores; element (key j = row, query i = column).
+    const float* lse_s = sLse + stage * kBlockM;
+    const float* dsum_s = sDsum + stage * kBlockM;
+    const auto col_of = [&](int i) { return (i / 4) * 8 + 2 * t + (i & 1); };
+    sm90::wgmma_wait<1>();
+    sm90::fence_operands(st);
+    const int key_row = 64 * wg + 16 * warp + g;  // the lane's first key within the tile (and + 8)
+#pragma unroll
+    for (int i = 0; i < kQTiles * 4; ++i) st[i] *= scale_log2;
+    if constexpr (kBias) {  // one branch-free loop; the bias tile is [query][key], read one element at a time
+      // Element e of query tile nt is at query 8 nt + (2t + e % 2): the swizzle depends on the query row mod 8
+      // only, so the four addresses of tile 0 and an immediate 8 rows per tile give them all.
+      const uint32_t tile = sm90::smem_address(sBias) + stage * Cfg::kBiasBytes;
+      uint32_t element0[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) element0[e] = tile + bias_swizzled<kBlockN>(col_of(e), key_row + 8 * (e >> 1));
+#pragma unroll
+      for (int i = 0; i < kQTiles * 4; ++i) {
+        const uint16_t x = load_shared_u16(element0[i % 4] + (i / 4) * 8 * kBlockN * 2);
+        st[i] += to_float(from_bits<T>(x)) * kLog2e;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kQTiles * 4; ++i) st[i] = fast_exp2(st[i] - lse_s[col_of(i)]);
+    if (!band.covers(m0, min(m0 + kBlockM, seq.len_q), wg_n0, wg_n0 + 64)) {
+#pragma unroll
+      for (int i = 0; i < kQTiles * 4; ++i) {
+        if (!band.visible(m0 + col_of(i), n0 + key_row + 8 * ((i % 4) >> 1))) st[i] = 0.0f;
+      }
+    }
+    sm90::fence_operands(st);  // the exponentials before the wait: left alone, the compiler sinks them past it
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(dpt);
+#pragma unroll
+    for (int i = 0; i < kQTiles * 4; ++i) dpt[i] = st[i] * (dpt[i] - dsum_s[col_of(i)]);
+    if (kBias && bp.dbias != nullptr) {  // the bias gradient is dS, at full size
+      float* dbias = bp.dbias + (int64_t(b) * p.heads_q + h) * p.seqlen_q * p.seqlen_k;
+#pragma unroll
+      for (int i = 0; i < kQTiles * 4; ++i) {
+        const int qi = m0 + col_of(i), kj = n0 + key_row + 8 * ((i % 4) >> 1);
+        if (qi < seq.len_q && kj < seq.len_k) dbias[int64_t(qi) * p.seqlen_k + kj] = dpt[i];
+      }
+    }
+
+    // A operands for dV and dK (the k dimension being the queries), and dS^T to shared memory for dQ.
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+#pragma unroll
+      for (int f = 0; f < 4; ++f) {  // fragment f: n8 tile 2kk + f / 2, rows g (+8 for odd f)
+        const int i = 4 * (2 * kk + f / 2) + 2 * (f % 2);
+        pf[kk][f] = pack2<T>(st[i], st[i + 1]);
+        dsf[kk][f] = pack2<T>(dpt[i], dpt[i + 1]);
+        const int key = 64 * wg + 16 * warp + g + 8 * (f % 2), col = 16 * kk + 8 * (f / 2);
+        *reinterpret_cast<uint32_t*>(sdS + sm90::swizzled(key, col, kBlockN) + 4 * t) = dsf[kk][f];
+      }
+    }
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {  // dO and Q as N-major B: a k16 step is 16 rows
+      sm90::Wgmma<kD>::template rs<T, true>(dv, pf[kk], sm90::smem_descriptor(do_address + kk * 16 * 128, kBlockM * 128, 1024), true);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      sm90::Wgmma<kD>::template rs<T, true>(dk, dsf[kk], sm90::smem_descriptor(q_address + kk * 16 * 128, kBlockM * 128, 1024), true);
+    }
+    sm90::wgmma_commit();
+
+    sm90::fence_proxy_async_shared();  // dS^T was written through the generic proxy
+    __syncthreads();                   // both warpgroups' keys of dS^T are in place
+    // dV and dK first: dQ's accumulators then take the registers P^T and dS^T held (no spills at head dim 128)
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(dv);
+    sm90::fence_operands(dk);
+    sm90::fence_operands(pf);
+    sm90::fence_operands(dsf);
+    sm90::wgmma_fence();
+    // dQ[:, wg half] = dS K: dS^T read M-major (a k16 step is 16 keys), K N-major; columns kDqCols * wg on.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t k_cols = (kDqCols * wg / 64) * kBlockN * 128 + (kDqCols * wg % 64) * 2;
+      sm90::Wgmma<kDqCols>::template ss<T, true, true>(
+          dq, sm90::smem_descriptor(ds_address + kk * 16 * 128, kBlockN * 128, 1024),
+          sm90::smem_descriptor(k_address + k_cols + kk * 16 * 128, kBlockN * 128, 1024), kk > 0);
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(dq);
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = m0 + 16 * warp + g + 8 * r;
+      if (i >= seq.len_q) continue;
+      float* dst = dq_accum + ((ws_row0 + i) * p.heads_q + h) * kD + kDqCols * wg + 2 * t;
+#pragma unroll
+      for (int ct = 0; ct < kDqCols / 8; ++ct) {
+        atomic_add_pair(dst + ct * 8, dq[4 * ct + 2 * r], dq[4 * ct + 2 * r + 1]);
+      }
+    }
+  }
+
+  // dK = scale * sum dS^T Q, dV = sum P^T dO; keys past the sequence are not stored.
+  T* dk_out = static_cast<T*>(bp.dk) + offset_of(bp.dk_strides, b, seq.k_row0 + n0, h_kv);
+  T* dv_out = static_cast<T*>(bp.dv) + offset_of(bp.dv_strides, b, seq.k_row0 + n0, h_kv);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = 64 * wg + 16 * warp + g + 8 * r;
+    if (n0 + row >= seq.len_k) continue;
+#pragma unroll
+    for (int ct = 0; ct < kDTiles; ++ct) {
+      *reinterpret_cast<uint32_t*>(dk_out + row * bp.dk_strides.row + ct * 8 + 2 * t) =
+          pack2<T>(dk[4 * ct + 2 * r] * p.scale, dk[4 * ct + 2 * r + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv_out + row * bp.dv_strides.row + ct * 8 + 2 * t) =
+          pack2<T>(dv[4 * ct + 2 * r], dv[4 * ct + 2 * r + 1]);
+    }
+  }
+#else
+  __trap();  // never launched: bwd_sm90_available() is false without sm_90a code
+#endif
+}
+
+template <typename T, int kD>
+bool bwd_sm90_available() {
+#ifdef FUSEDKERNELS_SM90A_BUILT  // else the kernel's only body is the trap
+  return compute_capability() == 90 &&
+         has_image_for_current_device<attention_bwd_dkdv_sm90_kernel<BwdSm90Config<T, kD>, false>>();
+#else
+  return false;
+#endif
+}
+
+template <typename T, int kD>
+cudaError_t launch_bwd_dkdv_sm90(const BwdParams& p, cudaStream_t stream) {
+  using Cfg = BwdSm90Config<T, kD>;
+  const dim3 grid(ceil_div(p.fwd.seqlen_k, Cfg::kBlockN), p.fwd.heads_kv, p.fwd.batch);
+  if (p.fwd.bias != nullptr) {
+    return launch<attention_bwd_dkdv_sm90_kernel<Cfg, true>, Cfg::kThreads, Cfg::smem_bytes(true)>(grid, p, stream);
+  }
+  return launch<attention_bwd_dkdv_sm90_kernel<Cfg, false>, Cfg::kThreads, Cfg::smem_bytes(false)>(grid, p, stream);
+}
+
+}  // namespace fusedkernels::attention
+
+#define FUSEDKERNELS_ATTENTION_BWD_SM90_INSTANCE(T, D)                  \
+  template bool fusedkernels::attention::bwd_sm90_available<T, D>(); \
+  template cudaError_t fusedkernels::attention::launch_bwd_dkdv_sm90<T, D>(const fusedkernels::attention::BwdParams&, cudaStream_t);

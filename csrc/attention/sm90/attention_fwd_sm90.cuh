@@ -1,0 +1,263 @@
+// The Hopper forward kernel (sm_90a): the portable kernel's algorithm with both matmuls on warpgroup MMA.
+// Two warpgroups of 64 query rows share each key/value tile; S = Q K^T reads both operands from shared
+// memory, O += P V takes P from registers. Each step issues the next tile's Q K^T and this tile's P V
+// together, then runs the next tile's softmax while P V is still on the tensor cores (FlashAttention-3's
+// intra-warpgroup overlap). Tiles arrive by cp.async, double-buffered, in the 128B-swizzled layout
+// wgmma reads (common/device/wgmma.cuh). docs/attention.md draws the schedule. The additive bias is a
+// compile-time variant (kBias), so the kernel without it keeps its registers and shared memory.
+#pragma once
+
+#include "attention/sm90/attention_sm90_common.cuh"
+
+namespace fusedkernels::attention {
+
+// kMinBlocks: CTAs per SM the registers are budgeted for.
+template <typename T_, int kD_, int kBlockN_, int kMinBlocks_>
+struct FwdSm90Config {
+  using T = T_;
+  static constexpr int kD = kD_, kBlockM = 128, kBlockN = kBlockN_, kWarpgroups = kBlockM / 64;
+  static constexpr int kMinBlocks = kMinBlocks_;
+  static constexpr int kThreads = 128 * kWarpgroups;
+  static_assert(kD % 64 == 0, "the swizzled layout is built of 64-column blocks");
+  static constexpr int kQBytes = kBlockM * kD * 2, kKVBytes = kBlockN * kD * 2, kBiasBytes = kBlockM * kBlockN * 2;
+  // Q, two K and two V buffers, two bias buffers with a bias, and slack to align the start to the 1024-byte
+  // swizzle period. hd128 with a bias: 161 + 64 = 225 KiB, just under Hopper's 227 KiB opt-in limit, which
+  // is why the bias rows are swizzled rather than padded.
+  static constexpr int smem_bytes(bool bias) { return kQBytes + 4 * kKVBytes + (bias ? 2 * kBiasBytes : 0) + 1024; }
+};
+
+// Tiles per head dim, measured on the H200 (docs/perf-notes.md): head dim 128 takes 128-key tiles, one CTA
+// per SM (255 registers: 64 + 64 accumulators of S and O, and P); head dim 64 is bound by the exponentials
+// (16 a clock per SM), so it takes 64-key tiles in 128 registers, two CTAs per SM whose steps fall out of
+// phase: one's softmax runs under the other's products.
+template <typename T, int kD>
+using FwdSm90ConfigFor = FwdSm90Config<T, kD, (kD == 64 ? 64 : 128), (kD == 64 ? 2 : 1)>;
+
+template <typename Cfg, bool kBias>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_sm90_kernel(const FwdParams p) {
+#if FUSEDKERNELS_SM90A
+  using T = typename Cfg::T;
+  constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
+  constexpr int kNTiles = kBlockN / 8, kDTiles = kD / 8;
+
+  extern __shared__ unsigned char smem_raw[];
+  // Aligned to the swizzle period by an offset (not through uintptr_t, which would leave the compiler not
+  // knowing these point to shared memory)
+  uint8_t* sQ = smem_raw + (1024 - sm90::smem_address(smem_raw) % 1024) % 1024;
+  uint8_t* sK = sQ + Cfg::kQBytes;
+  uint8_t* sV = sK + 2 * Cfg::kKVBytes;
+  uint8_t* sBias = sV + 2 * Cfg::kKVBytes;  // kBias only
+
+  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;  // heaviest tiles first
+  const Seq seq = sequence(p, b);
+  const int m0 = m_block * kBlockM;
+  if (m0 >= seq.len_q) return;
+  const int m1 = min(m0 + kBlockM, seq.len_q);
+  const int h_kv = h / (p.heads_q / p.heads_kv);
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+  // The warpgroup's rows [wg_m0, wg_m1); a warpgroup past the sequence's end still computes (on zero rows).
+  const int wg_m0 = m0 + 64 * wg, wg_m1 = max(min(wg_m0 + 64, m1), wg_m0 + 1);
+
+  const T* q = static_cast<const T*>(p.q) + offset_of(p.q_strides, b, seq.q_row0 + m0, h);
+  const T* k = static_cast<const T*>(p.k) + offset_of(p.k_strides, b, seq.k_row0, h_kv);
+  const T* v = static_cast<const T*>(p.v) + offset_of(p.v_strides, b, seq.k_row0, h_kv);
+  const T* bias = kBias ? static_cast<const T*>(p.bias) + b * p.bias_strides.batch + h * p.bias_strides.head +
+                              m0 * p.bias_strides.row
+                        : nullptr;
+  const bool bias_aligned = p.bias_strides.row % 8 == 0 && reinterpret_cast<uintptr_t>(bias) % 16 == 0;
+
+  const Band band(p, seq.len_k);
+  const int n_begin = band.key_begin(m0) / kBlockN;
+  const int n_end = ceil_div_device(band.key_end(m1), kBlockN);
+  const int tiles = max(n_end - n_begin, 0);
+  const auto key0 = [&](int j) { return (n_end - 1 - j) * kBlockN; };  // last tile first, as the portable one
+
+  // Bias_j travels with K_j (same cp.async group) into buffer j % 2. Softmax(j) reads it in step j - 1 (the
+  // prologue for j = 0); buffer j % 2 is next written at the top of step j (bias_{j+2}), after the
+  // __syncthreads that follows every warp's step j - 1: two buffers are enough.
+  const auto load_k_and_bias = [&](int j) {
+    load_swizzled<kBlockN, kD, kThreads>(sK + (j % 2) * Cfg::kKVBytes, k + key0(j) * p.k_strides.row,
+                                         p.k_strides.row, seq.len_k - key0(j), tid);
+    if constexpr (kBias) {
+      load_bias_swizzled<kBlockM, kBlockN, kThreads>(sBias + (j % 2) * Cfg::kBiasBytes, bias + key0(j),
+                                                     p.bias_strides.row, m1 - m0, seq.len_k - key0(j),
+                                                     bias_aligned, tid);
+    }
+  };
+  const auto load_v = [&](int j) {
+    load_swizzled<kBlockN, kD, kThreads>(sV + (j % 2) * Cfg::kKVBytes, v + key0(j) * p.v_strides.row,
+                                         p.v_strides.row, seq.len_k - key0(j), tid);
+  };
+
+  float o[kDTiles * 4] = {};
+  float s[kNTiles * 4];
+  uint32_t pf[kBlockN / 16][4];  // P as the A operand of P V
+  float row_max[2] = {-kInf, -kInf}, row_sum[2] = {0.0f, 0.0f};
+  const float scale_log2 = p.scale * kLog2e;
+
+  // S = Q K_j^T for the warpgroup's 64 rows: K-major operands, k16 slices 32 bytes apart in a 128-byte row.
+  const uint32_t q_address = sm90::smem_address(sQ) + wg * 64 * 128;
+  const auto issue_qk = [&](int j) {
+    const uint32_t k_address = sm90::smem_address(sK + (j % 2) * Cfg::kKVBytes);
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t step = (kk % 4) * 32;
+      const uint64_t a = sm90::smem_descriptor(q_address + (kk / 4) * kBlockM * 128 + step, 0, 1024);
+      const uint64_t bk = sm90::smem_descriptor(k_address + (kk / 4) * kBlockN * 128 + step, 0, 1024);
+      sm90::Wgmma<kBlockN>::template ss<T, false, false>(s, a, bk, kk > 0);
+    }
+    sm90::wgmma_commit();
+  };
+  // O += P V_j: V is [keys, d] (d contiguous), the MN-major B operand; a k16 step is 16 rows (2048 bytes).
+  const auto issue_pv = [&](int j) {
+    const uint32_t v_address = sm90::smem_address(sV + (j % 2) * Cfg::kKVBytes);
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint64_t bv = sm90::smem_descriptor(v_address + kk * 16 * 128, kBlockN * 128, 1024);
+      sm90::Wgmma<kD>::template rs<T, true>(o, pf[kk], bv, true);
+    }
+    sm90::wgmma_commit();
+  };
+
+  // Online softmax of tile j in base 2 (as the portable kernel): x = log2(e) * (scale * q.k + bias), masked
+  // keys -inf. The output's rescale factors go to `correction`, the probabilities stay in s.
+  const auto softmax = [&](int j, float (&correction)[2]) {
+    const int n0 = key0(j);
+#pragma unroll
+    for (int i = 0; i < kNTiles * 4; ++i) s[i] *= scale_log2;
+    if constexpr (kBias) {  // one branch-free loop: a per-element branch here costs more than the math
+      // The lane's pair in key tile 0; the swizzle only XORs address bits 4-7 (the buffer is 1024-byte
+      // aligned), so key tile nt is at lane_pair ^ (16 nt), and row + 8 is 8 rows further on.
+      const uint32_t lane_pair = sm90::smem_address(sBias) + (j % 2) * Cfg::kBiasBytes +
+                                 bias_swizzled<kBlockN>(64 * wg + 16 * warp + g, 2 * t);
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t pair = load_shared_u32((lane_pair ^ (16 * nt)) + r * 8 * kBlockN * 2);
+          s[4 * nt + 2 * r] += to_float(from_bits<T>(pair & 0xffffu)) * kLog2e;
+          s[4 * nt + 2 * r + 1] += to_float(from_bits<T>(pair >> 16)) * kLog2e;
+        }
+      }
+    }
+    if (!band.covers(wg_m0, wg_m1, n0, n0 + kBlockN)) {
+      const int row0 = wg_m0 + 16 * warp + g;
+#pragma unroll
+      for (int i = 0; i < kNTiles * 4; ++i) {
+        const int e = i % 4, key = n0 + (i / 4) * 8 + 2 * t + (e & 1);
+        if (!band.visible(row0 + 8 * (e >> 1), key)) s[i] = -kInf;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -kInf;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
+      const float new_max = fmaxf(row_max[r], group_max_in_warp<4>(mx));
+      const float base = new_max == -kInf ? 0.0f : new_max;  // a row with nothing visible yet stays at 0
+      correction[r] = fast_exp2(row_max[r] - base);
+      row_max[r] = new_max;
+      float sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        s[4 * nt + 2 * r] = fast_exp2(s[4 * nt + 2 * r] - base);
+        s[4 * nt + 2 * r + 1] = fast_exp2(s[4 * nt + 2 * r + 1] - base);
+        sum += s[4 * nt + 2 * r] + s[4 * nt + 2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * correction[r] + sum;
+    }
+  };
+
+  if (tiles > 0) {
+    load_swizzled<kBlockM, kD, kThreads>(sQ, q, p.q_strides.row, m1 - m0, tid);
+    load_k_and_bias(0);
+    cp_async_commit();
+    load_v(0);
+    if (tiles > 1) load_k_and_bias(1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    sm90::fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads through the async one
+    __syncthreads();
+    sm90::wgmma_fence();
+    issue_qk(0);
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(s);
+    float unused[2];
+    softmax(0, unused);
+  }
+  // Steps 0 .. tiles-2 overlap; the last step only has P V left. (No wgmma sits behind a branch inside a
+  // step: ptxas then cannot prove the overlap safe and serialises every wgmma.)
+  const auto begin_step = [&](int j) {
+    cp_async_wait<0>();
+    sm90::fence_proxy_async_shared();
+    __syncthreads();  // V_j and K_{j+1} landed; every warpgroup is done with V_{j-1}, K_j and bias_j
+    if (j + 1 < tiles) load_v(j + 1);
+    if (j + 2 < tiles) load_k_and_bias(j + 2);
+    cp_async_commit();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+    sm90::wgmma_fence();
+  };
+  for (int j = 0; j + 1 < tiles; ++j) {
+    begin_step(j);
+    issue_qk(j + 1);
+    issue_pv(j);
+    sm90::wgmma_wait<1>();  // Q K_{j+1}^T done; P V_j still running
+    sm90::fence_operands(s);
+    float correction[2];
+    softmax(j + 1, correction);
+    sm90::fence_operands(s);  // the exponentials before the wait: left alone, the compiler sinks them past it
+    sm90::fence_operands(correction);
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(o);
+    sm90::fence_operands(pf);
+#pragma unroll
+    for (int i = 0; i < kDTiles * 4; ++i) o[i] *= correction[(i % 4) / 2];
+  }
+  if (tiles > 0) {
+    begin_step(tiles - 1);
+    issue_pv(tiles - 1);
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(o);
+  }
+
+  // Epilogue: normalise; stage the warp's 16 rows in its own rows of sQ (swizzled, so the 8 rows a store
+  // instruction covers hit distinct banks), then 16-byte stores.
+  T* out = static_cast<T*>(p.out) + offset_of(p.out_strides, b, seq.q_row0 + m0, h);
+  float* lse = p.lse == nullptr ? nullptr : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_row0 + m0;
+  const int warp_row0 = 64 * wg + 16 * warp;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp_row0 + g + 8 * r;
+    const float sum = group_sum_in_warp<4>(row_sum[r]);
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      *reinterpret_cast<uint32_t*>(sQ + sm90::swizzled(row, dt * 8, kBlockM) + 4 * t) =
+          pack2<T>(o[4 * dt + 2 * r] * inv, o[4 * dt + 2 * r + 1] * inv);
+    }
+    if (lse != nullptr && t == 0 && m0 + row < m1) {
+      lse[row] = sum > 0.0f ? row_max[r] * kLn2 + __logf(sum) : -kInf;
+    }
+  }
+  __syncwarp();
+  constexpr int kChunks = kD / 8;
+#pragma unroll
+  for (int c = lane; c < 16 * kChunks; c += 32) {
+    const int row = warp_row0 + c / kChunks, col = (c % kChunks) * 8;
+    if (m0 + row < m1) {
+      *reinterpret_cast<uint4*>(out + row * p.out_strides.row + col) =
+          *reinterpret_cast<const uint4*>(sQ + sm90::swizzled(row, col, kBlockM));
+    }
+  }
+#else
+  __trap();  // never launched: fwd_sm90_available() is false without sm_90a code
+#endif
+}
+
+}  // namespace fusedkernels::attention

@@ -1,0 +1,74 @@
+// Pieces the Hopper attention kernels share: tile loads into the 128B-swizzled layout wgmma reads, and the
+// bias tile's layout.
+#pragma once
+
+#include "attention/attention_common.cuh"
+#include "common/device/sm90.cuh"
+#include "common/device/wgmma.cuh"
+
+namespace fusedkernels::attention {
+
+// Rows [0, kRows) of a [rows, kD] tile whose rows are `stride` elements apart into the swizzled layout;
+// rows at or past `valid` become zeros.
+template <int kRows, int kD, int kThreads, typename T>
+__device__ __forceinline__ void load_swizzled(uint8_t* tile, const T* gmem, int64_t stride, int valid, int tid) {
+  constexpr int kChunks = kD / 8, kSteps = kRows * kChunks / kThreads;
+  static_assert(kSteps * kThreads == kRows * kChunks);
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int c = tid + step * kThreads, r = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = r < valid;
+    cp_async_16(tile + sm90::swizzled(r, col, kRows), ok ? gmem + r * stride + col : gmem, ok);
+  }
+}
+
+// Byte offset of (row, key) in a bias tile of kKeys-key rows (2 * kKeys bytes, unpadded) whose 16-byte
+// chunks are XOR-permuted by the row: chunk c of row r at c ^ (r % 8). A warp's softmax reads the 32-bit pair
+// (row 8i + g, keys 8 nt + 2t, +1), g = 0..7, t = 0..3: bank ((nt ^ g) % 8) * 4 + t, 32 distinct banks
+// (unswizzled, the 8 rows would share one bank group: rows are 256 bytes apart).
+template <int kKeys>
+__host__ __device__ constexpr uint32_t bias_swizzled(int row, int key) {
+  return uint32_t(row * kKeys * 2 + (((key / 8) ^ (row % 8)) * 16) + (key % 8) * 2);
+}
+
+// Bias tile [kRows, kKeys] whose rows are `stride` elements apart into the swizzled layout: 16-byte copies
+// when the rows are 16-byte aligned and the chunk lies inside [rows, cols) or wholly in rows past `rows`,
+// element loads otherwise; zeros (bits 0) outside [rows, cols), as load_bias_tile.
+template <int kRows, int kKeys, int kThreads, typename T>
+__device__ __forceinline__ void load_bias_swizzled(uint8_t* tile, const T* gmem, int64_t stride, int rows, int cols,
+                                                   bool aligned, int tid) {
+  constexpr int kChunks = kKeys / 8, kSteps = kRows * kChunks / kThreads;
+  static_assert(kSteps * kThreads == kRows * kChunks);
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    const int c = tid + step * kThreads, r = c / kChunks, col = (c % kChunks) * 8;
+    uint8_t* dst = tile + bias_swizzled<kKeys>(r, col);
+    if (aligned && (r >= rows || col + 8 <= cols)) {
+      const bool ok = r < rows && col < cols;
+      cp_async_16(dst, ok ? gmem + r * stride + col : gmem, ok);
+    } else {  // gathered in registers, then one 16-byte store: the loads overlap
+      uint32_t words[4] = {};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (r < rows && col + e < cols) words[e / 2] |= uint32_t(bits_of(gmem[r * stride + col + e])) << (16 * (e % 2));
+      }
+      *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
+    }
+  }
+}
+
+// 32 / 16 bits of shared memory at a shared-space address (the bias reads index by swizzled address
+// arithmetic). volatile keeps them after the barrier that publishes the tile.
+__device__ __forceinline__ uint32_t load_shared_u32(uint32_t address) {
+  uint32_t value;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(value) : "r"(address));
+  return value;
+}
+
+__device__ __forceinline__ uint16_t load_shared_u16(uint32_t address) {
+  uint16_t value;
+  asm volatile("ld.shared.u16 %0, [%1];" : "=h"(value) : "r"(address));
+  return value;
+}
+
+}  // namespace fusedkernels::attention
