@@ -42,7 +42,6 @@ GPU seconds.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import sys
@@ -233,22 +232,8 @@ def _calls(fn: Callable, sets: list[tuple]) -> dict:
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
-def _why(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first[:200]}"
-
-
-def _free() -> None:
-    gc.collect()
-    try:
-        torch.cuda.synchronize()
-    except Exception:  # a failed capture may leave an error to report once
-        pass
-    torch.cuda.empty_cache()
-
-
 def _peak_extra_mib(call) -> float:
-    _free()
+    common.free_cuda()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     out = call(0)
@@ -283,9 +268,9 @@ class _Recorder:
                 extra["warning"] = said[0][:300]
                 print(f"  {case.name(direction):<36} {impl:<22} warned: {said[0][:300]}", flush=True)
         except Exception as e:  # noqa: BLE001 (any refusal, OOM included, skips the row)
-            why = _why(e)
+            why = common.why(e)
             del e
-            _free()
+            common.free_cuda()
             return self.skipped(case, direction, impl, why, **extra)
         first_s = time.perf_counter() - start
         peak = None
@@ -293,15 +278,15 @@ class _Recorder:
             try:
                 peak = round(_peak_extra_mib(call), 1)
             except Exception as e:  # noqa: BLE001
-                extra["peak_note"] = _why(e)
-                _free()
+                extra["peak_note"] = common.why(e)
+                common.free_cuda()
         replays = replays_for(case, direction, impl, n_sets)
         try:
             ms = time_graph(call, n_sets, replays=replays, warmup=WARMUP)
         except Exception as e:  # noqa: BLE001 (a backend that cannot be captured, an OOM in the graph pool)
-            why = "timing: " + _why(e)
+            why = "timing: " + common.why(e)
             del e
-            _free()
+            common.free_cuda()
             return self.skipped(case, direction, impl, why, **extra)
         tflops = case.flops(direction) / ms / 1e9
         if impl == FLEX:
@@ -346,9 +331,9 @@ def _run_case(case: Case, rec: _Recorder, ours_ok: bool, ours_why: str) -> None:
                            EFFICIENT: SDPBackend.EFFICIENT_ATTENTION}[impl]
                 fn = _sdpa_backend(backend, case.causal, bias)
         except Exception as e:  # noqa: BLE001 (flex missing from this torch, a block mask out of memory)
-            why = _why(e)
+            why = common.why(e)
             del e
-            _free()
+            common.free_cuda()
             for direction in ("fwd", "fwd+bwd"):
                 rec.skipped(case, direction, impl, why)
             continue
@@ -356,7 +341,7 @@ def _run_case(case: Case, rec: _Recorder, ours_ok: bool, ours_why: str) -> None:
         for direction in ("fwd", "fwd+bwd"):
             rec.measure(case, direction, impl, calls[direction], n_sets)
         del fn, calls
-        _free()
+        common.free_cuda()
     # group the rows by case (fwd rows, then fwd+bwd rows), and each row's speed against flash
     rows = rec.rows[first:]
     del rec.rows[first:]
@@ -368,7 +353,7 @@ def _run_case(case: Case, rec: _Recorder, ours_ok: bool, ours_why: str) -> None:
                 r.extra["vs_flash"] = round(flash.ms / r.ms, 3)
         rec.rows += group
     del sets, bias
-    _free()
+    common.free_cuda()
 
 
 def _run_ours(case: Case, rec: _Recorder, sets, n_sets, bias, ours_ok: bool, ours_why: str) -> None:
@@ -404,7 +389,7 @@ def _run_ours(case: Case, rec: _Recorder, sets, n_sets, bias, ours_ok: bool, our
     if bnhd is not None and layout != "BNHD":
         del bnhd
         fns.pop("BNHD", None)
-        _free()
+        common.free_cuda()
     if layout is None:
         return
     fn, layout_sets = fns[layout]

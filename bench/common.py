@@ -8,6 +8,7 @@ total is several times the L2 keeps the cache from serving reads that a real mod
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import re
@@ -143,3 +144,19 @@ def save(meta_info: dict, rows: list[Row], out_dir: str) -> str:
     with open(path, "w") as f:
         json.dump({"meta": meta_info, "rows": [r.as_dict() for r in rows]}, f, indent=1)
     return path
+
+
+def why(e: BaseException) -> str:
+    """One line for a row that has no time: the exception's type and first line."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def free_cuda() -> None:
+    """Drop what a row left behind (a failed capture may leave an error to report once)."""
+    gc.collect()
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001
+        pass
+    torch.cuda.empty_cache()

@@ -15,6 +15,11 @@ Attention rows (`sdpa ...`): ops.scaled_dot_product_attention against F.scaled_d
 picks its backend, as in a model) on [B, H, N, D] = 1x16x128x64 bf16, non-causal: forward without grad,
 forward with grad, and fwd+bwd as a chain of 8 calls (each output the next call's query) and one backward.
 The budget: ours within 1.2x of torch's host time.
+
+Linear rows (`linear_act ...`): ops.linear_act(x, W, b, "gelu") against F.gelu(F.linear(x, W, b)) on x [4, 1024],
+W [1024, 1024] bf16 (a small shape: the host cost is the whole cost): forward without grad, forward with grad
+(x, W, b require grad), and fwd+bwd as a chain of 8 calls (each output the next call's input) and one backward.
+Same budget.
 """
 
 from __future__ import annotations
@@ -121,6 +126,34 @@ def _norm_rows(add) -> None:
         del x, dy, xg
 
 
+def _three_directions(add, name: str, impls, args: tuple, leaves: list, dy) -> None:
+    """Rows `name.format(direction)` for each (impl, fn): fn(*args) without grad, fn(*leaves) with grad, and
+    fwd+bwd as DEPTH chained calls (the output feeding the next call's first argument) and one backward."""
+    for impl, fn in impls:
+
+        def no_grad(fn=fn):
+            with torch.no_grad():
+                fn(*args)
+
+        def with_grad(fn=fn):
+            fn(*leaves)
+
+        def fwd_bwd(fn=fn):
+            y = leaves[0]
+            for _ in range(DEPTH):
+                y = fn(y, *leaves[1:])
+            torch.autograd.grad(y, leaves, dy)
+
+        for direction, call, ops_per_call in (("fwd (no grad)", no_grad, 1), ("fwd (grad)", with_grad, 1),
+                                              ("fwd+bwd", fwd_bwd, DEPTH)):
+            try:
+                host, wall = host_and_wall_ms(call, 400 // ops_per_call, ops_per_call)
+            except Exception as e:  # noqa: BLE001 (an op that refuses the input: report, keep the suite going)
+                print(f"  {name.format(direction)} {impl}: skipped ({type(e).__name__}: {e})", flush=True)
+                continue
+            add(name.format(direction), impl, host, wall)
+
+
 ATTENTION_SHAPE = (1, 16, 128, 64)  # B, H, N, D
 
 
@@ -134,30 +167,30 @@ def _attention_rows(add) -> None:
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=DTYPE) for _ in range(3))
     dy = torch.randn_like(q)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    for impl, fn in (("fusedkernels", ours), ("torch", F.scaled_dot_product_attention)):
-
-        def no_grad(fn=fn):
-            with torch.no_grad():
-                fn(q, k, v)
-
-        def with_grad(fn=fn):
-            fn(*leaves)
-
-        def fwd_bwd(fn=fn):
-            y = leaves[0]
-            for _ in range(DEPTH):
-                y = fn(y, leaves[1], leaves[2])
-            torch.autograd.grad(y, leaves, dy)
-
-        for direction, call, ops_per_call in (("fwd (no grad)", no_grad, 1), ("fwd (grad)", with_grad, 1),
-                                              ("fwd+bwd", fwd_bwd, DEPTH)):
-            try:
-                host, wall = host_and_wall_ms(call, 400 // ops_per_call, ops_per_call)
-            except Exception as e:  # noqa: BLE001 (an op that refuses the input: report, keep the suite going)
-                print(f"  sdpa {direction} {shape} {impl}: skipped ({type(e).__name__}: {e})", flush=True)
-                continue
-            add(f"sdpa {direction} {shape}", impl, host, wall)
+    _three_directions(add, f"sdpa {{}} {shape}", (("fusedkernels", ours), ("torch", F.scaled_dot_product_attention)),
+                      (q, k, v), leaves, dy)
     del q, k, v, dy, leaves
+
+
+LINEAR_SHAPE = (4, 1024, 1024)  # M, K, N (K == N: the fwd+bwd chain feeds each output to the next call)
+
+
+def _linear_rows(add) -> None:
+    ours = getattr(ops, "linear_act", None)
+    if ours is None:
+        print("  linear_act: skipped (fusedkernels.ops has no linear_act)", flush=True)
+        return
+    M, K, N = LINEAR_SHAPE
+    shape = f"{M}x{K}x{N} gelu bf16"
+    x = torch.randn(M, K, device="cuda", dtype=DTYPE)
+    dy = torch.randn(M, N, device="cuda", dtype=DTYPE)
+    w = (torch.randn(N, K, device="cuda") * K**-0.5).to(DTYPE)
+    b = torch.randn(N, device="cuda", dtype=DTYPE)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    impls = (("fusedkernels", lambda x, w, b: ours(x, w, b, "gelu")),
+             ("torch", lambda x, w, b: F.gelu(F.linear(x, w, b))))
+    _three_directions(add, f"linear_act {{}} {shape}", impls, (x, w, b), leaves, dy)
+    del x, dy, w, b, leaves
 
 
 def _model(shapes):
@@ -195,5 +228,6 @@ def run() -> list[Row]:
 
     _norm_rows(add)
     _attention_rows(add)
+    _linear_rows(add)
     _optim_rows(add)
     return rows

@@ -24,10 +24,12 @@ def _baselines(rows, suite):
 
 
 # Implementations a TFLOP/s suite's ours is compared against in its ratio columns, where a table has them.
-REFERENCES = {"attention": ("torch-sdpa-flash", "torch-sdpa-cudnn", "fusedkernels-nobias")}
+REFERENCES = {"attention": ("torch-sdpa-flash", "torch-sdpa-cudnn", "fusedkernels-nobias"),
+              "gemm": ("torch", "torch-cublaslt")}
 RATIO_HEADS = {"fusedkernels-nobias": "speed with bias / without"}
 SHORT = {"torch-sdpa-flash": "flash", "torch-sdpa-cudnn": "cuDNN", "torch-sdpa-efficient": "efficient",
-         "torch-flex": "flex", "torch-eager": "eager", "fusedkernels-nobias": "ours, no bias"}
+         "torch-flex": "flex", "torch-eager": "eager", "fusedkernels-nobias": "ours, no bias",
+         "torch-cublaslt": "cuBLASLt", "torch-matmul": "matmul only"}
 
 
 def _flops_tables(suite: str, rows: list, meta: dict) -> list[str]:
@@ -45,12 +47,14 @@ def _flops_tables(suite: str, rows: list, meta: dict) -> list[str]:
         impls = list(OrderedDict.fromkeys(r["impl"] for r in grows))
         others = [i for i in impls if i != "fusedkernels"]
         refs = [b for b in REFERENCES.get(suite, ()) if b in impls]
+        layouts = any("layout" in r for r in grows)  # ours offers more than one entry point (attention)
         if len(groups) > 1:
             lines += ["", f"{group} cases:"]
         lines += ["",
                   "| case | fusedkernels | % of matmul | " + " | ".join(SHORT.get(i, i) for i in others) + " | "
-                  + " | ".join(RATIO_HEADS.get(b, f"vs {SHORT.get(b, b)}") for b in refs) + " | ours' layout |",
-                  "|---" * (4 + len(others) + len(refs)) + "|"]
+                  + " | ".join(RATIO_HEADS.get(b, f"vs {SHORT.get(b, b)}") for b in refs)
+                  + (" | ours' layout |" if layouts else " |"),
+                  "|---" * (3 + len(others) + len(refs) + layouts) + "|"]
         for (_, case), by_impl in cases.items():
             ours = by_impl.get("fusedkernels")
             timed = ours if ours is not None and "ms" in ours else None
@@ -61,7 +65,8 @@ def _flops_tables(suite: str, rows: list, meta: dict) -> list[str]:
                 ref = by_impl.get(b)
                 ok = timed is not None and ref is not None and "ms" in ref
                 cells.append(f"{ref['ms'] / timed['ms']:.2f}×" if ok else "—")
-            cells.append(timed.get("layout", "").split(" ")[0] if timed is not None else "—")
+            if layouts:
+                cells.append(timed.get("layout", "").split(" ")[0] if timed is not None else "—")
             lines.append("| " + " | ".join(cells) + " |")
     peaks = [(case, by_impl) for (s, case), by_impl in _by_case(rows).items()
              if any("peak_MiB" in r for r in by_impl.values())]

@@ -49,6 +49,8 @@ using Attention = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const
 using AttentionVarlen = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                    const Tensor&, c10::SymInt, c10::SymInt, double, bool, int64_t,
                                                    int64_t, std::optional<double>, bool, bool);
+constexpr char kLinearAct[] = "fusedkernels::linear_act";
+using LinearAct = Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, const OptTensor&);
 
 template <typename Signature, const char* kName>
 PyCFunction fast() {
@@ -65,6 +67,7 @@ PyMethodDef methods[] = {
     {"attention", fast<Attention, kAttention>(), METH_FASTCALL, "fusedkernels::attention, or NotImplemented"},
     {"attention_varlen", fast<AttentionVarlen, kAttentionVarlen>(), METH_FASTCALL,
      "fusedkernels::attention_varlen, or NotImplemented"},
+    {"linear_act", fast<LinearAct, kLinearAct>(), METH_FASTCALL, "fusedkernels::linear_act, or NotImplemented"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -94,3 +94,15 @@ for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat1
         os.environ.pop("FUSEDKERNELS_ATTENTION_KERNEL")
 torch.cuda.synchronize()
 print("sanitize_kernels: ran all attention paths")
+
+# gemm: linear_act with every epilogue input, tails of M, N and K in one tile, and a backward (the forward
+# writes the pre-activation)
+for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
+    x = torch.randn(77, 136, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(264, 136, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(264, device="cuda", dtype=dtype, requires_grad=True)
+    r = torch.randn(77, 264, device="cuda", dtype=dtype)
+    out = ops.linear_act(x, w, b, "gelu", r)
+    torch.autograd.grad(out, [x, w, b], torch.randn_like(out))
+torch.cuda.synchronize()
+print("sanitize_kernels: ran the gemm kernel")

@@ -13,7 +13,6 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ExpandUtils.h>
-#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
@@ -23,6 +22,7 @@
 
 #include "attention/attention.h"
 #include "common/host/launch.h"
+#include "common/torch/autocast.h"
 #include "common/torch/autograd.h"
 #include "common/torch/checks.h"
 #include "common/torch/ops.h"
@@ -491,26 +491,23 @@ Tensor sdpa_composite(const Tensor& query, const Tensor& key, const Tensor& valu
 // for CPU: cast floating q, k, v and a floating bias to the device's autocast dtype (float64 stays).
 template <c10::DeviceType kDevice>
 struct Autocast {
-  static constexpr c10::DispatchKey kKey =
-      kDevice == c10::DeviceType::CUDA ? c10::DispatchKey::AutocastCUDA : c10::DispatchKey::AutocastCPU;
-
   template <typename T>
   static auto cast(const T& t) {
-    return at::autocast::cached_cast(at::autocast::get_autocast_dtype(kDevice), t, kDevice);
+    return autocast_lower<kDevice>(t);
   }
 
   static std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const OptTensor& attn_bias, double dropout_p, bool causal,
                                               int64_t window_left, int64_t window_right, std::optional<double> scale,
                                               bool return_lse, bool deterministic) {
-    const c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<kDevice>);
     return attention_composite(cast(q), cast(k), cast(v), cast(attn_bias), dropout_p, causal, window_left,
                                window_right, scale, return_lse, deterministic);
   }
 
   static Tensor sdpa(const Tensor& query, const Tensor& key, const Tensor& value, const OptTensor& attn_mask,
                      double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa) {
-    const c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<kDevice>);
     return sdpa_composite(cast(query), cast(key), cast(value), cast(attn_mask), dropout_p, is_causal, scale,
                           enable_gqa);
   }
@@ -521,7 +518,7 @@ struct Autocast {
                                                      double dropout_p, bool causal, int64_t window_left,
                                                      int64_t window_right, std::optional<double> scale,
                                                      bool return_lse, bool deterministic) {
-    const c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<kDevice>);
     return attention_varlen_composite(cast(q), cast(k), cast(v), cu_seqlens_q, cu_seqlens_k, std::move(max_seqlen_q),
                                       std::move(max_seqlen_k), dropout_p, causal, window_left, window_right, scale,
                                       return_lse, deterministic);

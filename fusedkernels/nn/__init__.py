@@ -1,6 +1,7 @@
 """Drop-in modules: same constructor arguments, parameters and state_dict as the torch modules they replace."""
 
 from .attention import FusedMultiheadAttention, FusedSelfAttention
+from .linear import FusedLinear
 from .norm import FusedLayerNorm, FusedRMSNorm
 
-__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention"]
+__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention", "FusedLinear"]

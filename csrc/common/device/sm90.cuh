@@ -57,6 +57,34 @@ __device__ __forceinline__ void bulk_copy_g2s(void* smem_dst, const void* gmem_s
                : "memory");
 }
 
+// TMA tile copy of a 2D tensor map's box at (col, row) (elements; out-of-range parts read as zeros) into
+// shared memory, in the map's swizzle; completes on `bar`. The map lives in kernel parameter space
+// (`const __grid_constant__ CUtensorMap`).
+__device__ __forceinline__ void tma_load_2d(void* smem_dst, const void* tensor_map, int col, int row, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          smem_address(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(col), "r"(row), "r"(smem_address(bar))
+      : "memory");
+}
+
+// A plain arrival on the barrier (no bytes announced).
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
+}
+
+// Register reallocation between warpgroups (sm_90a): a producer warpgroup gives registers back, the consumer
+// warpgroups take them; kRegisters a multiple of 8 in [24, 256]. The kernel needs a register cap at entry
+// (__launch_bounds__(threads, 1)).
+template <int kRegisters>
+__device__ __forceinline__ void release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
+}
+
 // TMA bulk copy from shared to global memory, in the issuing thread's bulk group.
 __device__ __forceinline__ void bulk_copy_s2g(void* gmem_dst, const void* smem_src, uint32_t bytes) {
   asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(gmem_dst),

@@ -17,6 +17,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -35,6 +36,10 @@ struct Parsed<c10::SymIntArrayRef> {
 template <>
 struct Parsed<c10::SymInt> {
   using type = int64_t;  // a plain int (a symbolic one, under torch.compile, goes through torch.ops)
+};
+template <>
+struct Parsed<c10::string_view> {
+  using type = std::string;  // the op takes a view of it
 };
 
 // What parsing an argument found: a value, something for the torch.ops path (a Tensor subclass), or an
@@ -130,6 +135,19 @@ inline Parse parse(PyObject* o, std::optional<double>& out) {
 inline Parse parse(PyObject* o, bool& out) {
   if (!PyBool_Check(o)) return Parse::kWrongType;
   out = o == Py_True;
+  return Parse::kOk;
+}
+
+// A Python str (a schema's `str`), as torch's bindings take; not bytes.
+inline Parse parse(PyObject* o, std::string& out) {
+  if (!PyUnicode_Check(o)) return Parse::kWrongType;
+  Py_ssize_t size = 0;
+  const char* data = PyUnicode_AsUTF8AndSize(o, &size);
+  if (data == nullptr) {
+    PyErr_Clear();
+    return Parse::kWrongType;
+  }
+  out.assign(data, static_cast<size_t>(size));
   return Parse::kOk;
 }
 

@@ -1,0 +1,251 @@
+"""Suite `gemm`: Linear + bias + activation (+ residual) forward, bf16, against eager PyTorch and cuBLASLt's epilogue.
+
+Shapes are ANCHORS.md's GEMM table, written M·K·N (x [M, K], weight [N, K] as nn.Linear stores it), each with
+its activations gelu (erf), gelu_tanh and relu; plus the Llama-7B FFN up projection M=8192, K=4096, N=11008
+with silu, and the FFN2 shape with no activation and a residual (the epilogue of a second FFN GEMM). Every
+case has a bias. Impls:
+
+  fusedkernels    ops.linear_act(x, W, b, activation, residual). Skipped where the build has no native gemm op
+                  (without it, the op is the reference, not what this suite measures); where it runs the
+                  reference (no kernel for this GPU), its first call's warning goes to extra `warning`.
+  torch           eager F.linear(x, W, b), then the activation (F.gelu, F.gelu(approximate="tanh"), F.relu,
+                  F.silu), then + residual: what a model runs today
+  torch-cublaslt  torch._addmm_activation(b, x, W.t(), use_gelu=...): one cuBLASLt GEMM with its bias +
+                  activation epilogue. It computes relu(b + x W^T) (use_gelu=False) or, on CUDA, the tanh
+                  approximation of GELU (use_gelu=True; cuBLASLt has no erf GELU): so only the relu and
+                  gelu_tanh cases, and none with a residual (there is no residual epilogue)
+  torch-matmul    torch.mm(x, W.t()) alone, the same shape's GEMM without bias or activation: the ceiling an
+                  epilogue should cost nothing against (ANCHORS' "matmul only" column)
+
+Forward only for now (no_grad). Every timing is a CUDA-graph replay over rotated input sets
+(`common.time_graph`): x, W, b (and residual) per set, so weights come from HBM as in a model. TFLOP/s counts
+2·M·N·K; extra `pct_matmul` is that over the bf16 matmul rate (8192³) measured at the start of the same run,
+`vs_torch` / `vs_cublaslt` the baseline's time over this row's. An impl that refuses a case gets a row without
+a time and the reason in extra `skipped`. `python -m bench.gemm` (no GPU needed) prints the plan: cases, impls,
+sets, replays and the estimated GPU seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fusedkernels import _native, ops
+
+from . import common
+from .common import Row, sets_for, time_graph
+
+SUITE = "gemm"
+DTYPE = torch.bfloat16
+OURS, TORCH, CUBLASLT, MATMUL = "fusedkernels", "torch", "torch-cublaslt", "torch-matmul"
+
+ANCHOR_SHAPES = [  # M, K, N (ANCHORS.md, "GEMM + bias + activation")
+    (16384, 768, 3072),  # BERT-base FFN1
+    (16384, 3072, 768),  # FFN2
+    (8192, 4096, 16384),  # LLM FFN1
+    (4096, 1024, 4096),
+    (128, 4096, 4096),  # small batch
+]
+ANCHOR_ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+EXTRA_CASES = [  # (M, K, N, activation, residual)
+    (8192, 4096, 11008, "silu", False),  # Llama-7B FFN up projection
+    (16384, 3072, 768, "none", True),  # FFN2 with the residual add in its epilogue
+]
+TORCH_ACTIVATIONS: dict[str, Callable] = {
+    "none": lambda z: z,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+CUBLASLT_GELU = {"relu": False, "gelu_tanh": True}  # activation -> use_gelu
+
+# Only to size the replays (and the plan's estimate): roughly what each impl reached on the H200 (ANCHORS).
+ASSUMED_TFLOPS = {OURS: 550, TORCH: 480, CUBLASLT: 600, MATMUL: 650}
+TARGET_MS = 200.0  # GPU time of the timed replays of one row; 5..30 replays
+WARMUP = 2
+
+
+@dataclass
+class Case:
+    M: int
+    K: int
+    N: int
+    activation: str
+    residual: bool = False
+
+    def name(self) -> str:
+        return f"fwd {self.M}x{self.K}x{self.N} {self.activation}{' +residual' if self.residual else ''} bf16"
+
+    def flops(self) -> float:
+        return 2.0 * self.M * self.N * self.K
+
+    def set_bytes(self) -> int:  # x, W, b, (residual), out
+        elems = self.M * self.K + self.N * self.K + self.N + self.M * self.N * (2 if self.residual else 1)
+        return elems * (torch.finfo(DTYPE).bits // 8)
+
+    def impls(self) -> list[str]:
+        cublaslt = [CUBLASLT] if self.activation in CUBLASLT_GELU and not self.residual else []
+        return [OURS, TORCH, *cublaslt, MATMUL]
+
+
+def cases() -> list[Case]:
+    out = [Case(M, K, N, act) for M, K, N in ANCHOR_SHAPES for act in ANCHOR_ACTIVATIONS]
+    return out + [Case(*c) for c in EXTRA_CASES]
+
+
+def n_sets_for(case: Case) -> int:
+    return sets_for(case.set_bytes())
+
+
+def replays_for(case: Case, impl: str, n_sets: int) -> int:
+    est_ms = case.flops() / (ASSUMED_TFLOPS[impl] * 1e9)
+    return max(5, min(30, int(TARGET_MS / max(est_ms * n_sets, 1e-3))))
+
+
+def native_gemm() -> tuple[bool, str]:
+    """Whether ours has a native op to time here, and if not, why."""
+    if not _native.loaded:
+        return False, f"native module not loaded ({_native.error})"
+    if not _native.has_op("linear_act"):
+        return False, "this build has no gemm ops (FUSEDKERNELS_FAMILIES?)"
+    return True, ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Implementations: each is fn(x, w, b, residual) -> out
+# ------------------------------------------------------------------------------------------------
+
+
+def _impl(case: Case, impl: str) -> Callable:
+    act = case.activation
+    if impl == OURS:
+        return lambda x, w, b, r: ops.linear_act(x, w, b, act, r)
+    if impl == TORCH:
+        fn = TORCH_ACTIVATIONS[act]
+        if case.residual:
+            return lambda x, w, b, r: fn(F.linear(x, w, b)) + r
+        return lambda x, w, b, r: fn(F.linear(x, w, b))
+    if impl == CUBLASLT:
+        use_gelu = CUBLASLT_GELU[act]
+        return lambda x, w, b, r: torch._addmm_activation(b, x, w.t(), use_gelu=use_gelu)
+    return lambda x, w, b, r: torch.mm(x, w.t())
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------------
+
+
+def _make_sets(case: Case, n_sets: int) -> list[tuple]:
+    def one():
+        x = torch.randn(case.M, case.K, device="cuda", dtype=DTYPE)
+        w = torch.randn(case.N, case.K, device="cuda", dtype=DTYPE) * case.K**-0.5
+        b = torch.randn(case.N, device="cuda", dtype=DTYPE)
+        r = torch.randn(case.M, case.N, device="cuda", dtype=DTYPE) if case.residual else None
+        return x, w, b, r
+
+    return [one() for _ in range(n_sets)]
+
+
+def _skipped(rows: list, case: Case, impl: str, why: str) -> None:
+    rows.append(Row(SUITE, case.name(), impl, None, extra={"skipped": why}))
+    print(f"  {case.name():<40} {impl:<15} skipped: {why}", flush=True)
+
+
+def _measure(rows: list, case: Case, impl: str, fn: Callable, sets: list, matmul: float) -> None:
+    """Probe one call (shows a refusal or a fallback warning), then time the graph replays."""
+    n_sets = len(sets)
+    extra: dict = {}
+
+    def call(i):
+        with torch.no_grad():
+            return fn(*sets[i])
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = call(0)
+            torch.cuda.synchronize()
+        del out
+        said = [str(w.message) for w in caught if "fusedkernels" in str(w.message)]
+        if said and impl == OURS:  # ours running the reference (said once per reason: the first case knows)
+            extra["warning"] = said[0][:300]
+            print(f"  {case.name():<40} {impl:<15} warned: {said[0][:300]}", flush=True)
+        replays = replays_for(case, impl, n_sets)
+        ms = time_graph(call, n_sets, replays=replays, warmup=WARMUP)
+    except Exception as e:  # noqa: BLE001 (any refusal, OOM or a failed capture skips the row)
+        why = common.why(e)
+        del e
+        common.free_cuda()
+        return _skipped(rows, case, impl, why)
+    tflops = case.flops() / ms / 1e9
+    rows.append(Row(SUITE, case.name(), impl, round(ms, 5), TFLOPs=round(tflops, 1),
+                    extra={"pct_matmul": round(100 * tflops / matmul, 1), "n_sets": n_sets, "replays": replays,
+                           **extra}))
+    print(f"  {case.name():<40} {impl:<15} {ms * 1e3:9.1f} us {tflops:6.0f} TFLOP/s "
+          f"({100 * tflops / matmul:.0f}% of matmul)", flush=True)
+
+
+def _run_case(case: Case, rows: list, matmul: float, ours_ok: bool, ours_why: str) -> None:
+    sets = _make_sets(case, n_sets_for(case))
+    first = len(rows)
+    for impl in case.impls():
+        if impl == OURS and not ours_ok:
+            _skipped(rows, case, impl, ours_why)
+            continue
+        _measure(rows, case, impl, _impl(case, impl), sets, matmul)
+    timed = {r.impl: r for r in rows[first:] if r.ms is not None}
+    ours = timed.get(OURS)
+    if ours is not None:
+        for base, key in ((TORCH, "vs_torch"), (CUBLASLT, "vs_cublaslt")):
+            if base in timed:
+                ours.extra[key] = round(timed[base].ms / ours.ms, 3)
+    del sets
+    common.free_cuda()
+
+
+def run() -> list[Row]:
+    matmul = common.ceilings()["matmul_bf16_TFLOPs"]
+    ours_ok, ours_why = native_gemm()
+    if not ours_ok:
+        print(f"  fusedkernels: skipped ({ours_why})", flush=True)
+    rows: list[Row] = []
+    for case in cases():
+        _run_case(case, rows, matmul, ours_ok, ours_why)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan, without a GPU: python -m bench.gemm
+# ------------------------------------------------------------------------------------------------
+
+
+def plan() -> list[dict]:
+    """Every row the suite times, with its sets, replays and estimated GPU seconds (probe, graph warm-up, one
+    replay after capture, the timed replays; at ASSUMED_TFLOPS)."""
+    out = []
+    for case in cases():
+        n_sets = n_sets_for(case)
+        for impl in case.impls():
+            replays = replays_for(case, impl, n_sets)
+            est_ms = case.flops() / (ASSUMED_TFLOPS[impl] * 1e9)
+            calls = 1 + n_sets * (WARMUP + 1 + replays)
+            out.append({"case": case.name(), "impl": impl, "n_sets": n_sets, "replays": replays,
+                        "est_s": calls * est_ms / 1e3})
+    return out
+
+
+if __name__ == "__main__":
+    rows = plan()
+    for p in rows:
+        print(f"{p['case']:<40} {p['impl']:<15} sets {p['n_sets']}  replays {p['replays']:>2}  ~{p['est_s']:.2f} s")
+    ours_ok, ours_why = native_gemm()
+    print(f"\n{len(rows)} rows, ~{sum(p['est_s'] for p in rows):.0f} s of GPU time at the assumed rates; "
+          f"ours: {'native op' if ours_ok else 'skipped (' + ours_why + ')'}")
+    sys.exit(0)

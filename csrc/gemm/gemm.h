@@ -1,0 +1,49 @@
+// GEMM with a fused epilogue: the parameter struct and launchers shared by the kernels and the bindings.
+// No torch headers here: gemm_api.cpp fills the struct from tensors.
+//
+//   z = x W^T (+ bias),  out = act(z) (+ residual)
+//
+// x is [m, k] and W [n, k] as nn.Linear stores it (k contiguous in both: both operands of the tensor-core
+// product are K-major, no transposes), bias [n], residual and out [m, n] (n contiguous). Row strides are in
+// elements, multiples of 8, with 16-byte aligned data (the copy engine moves 16-byte units); k and n are
+// then multiples of 8 too. Tails of m, n and k are handled (the copy engine fills out-of-range elements
+// with zeros).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "common/dtype.h"
+
+namespace fusedkernels::gemm {
+
+// PyTorch's definitions: gelu is the erf form (F.gelu's default), gelu_tanh F.gelu(approximate="tanh"),
+// silu x * sigmoid(x), squared_relu relu(x)^2.
+enum class Activation : int { kNone, kRelu, kGelu, kGeluTanh, kSilu, kSquaredRelu };
+
+struct LinearActParams {
+  DType dtype;  // of x, weight, bias, residual, out, pre_activation: kFloat16 or kBFloat16
+  int64_t m = 0, n = 0, k = 0;
+  const void* x = nullptr;  // [m, k]
+  int64_t x_row_stride = 0;
+  const void* weight = nullptr;  // [n, k]
+  int64_t weight_row_stride = 0;
+  const void* bias = nullptr;  // [n], contiguous, or nullptr
+  const void* residual = nullptr;  // [m, n] or nullptr: added after the activation
+  int64_t residual_row_stride = 0;
+  void* out = nullptr;  // [m, n]
+  int64_t out_row_stride = 0;
+  // [m, n] with out's row stride, or nullptr: z (before the activation), rounded to dtype, for the backward
+  void* pre_activation = nullptr;
+  Activation activation = Activation::kNone;
+};
+
+// Whether a kernel takes these params on the current device (today: the sm_90a kernel on Hopper, from a
+// build that holds its code; the bindings run the reference otherwise).
+bool linear_act_supported(const LinearActParams& p);
+
+// Launch on `stream`; return the launch error (cudaSuccess when all went well).
+cudaError_t linear_act(const LinearActParams& p, cudaStream_t stream);
+
+}  // namespace fusedkernels::gemm

@@ -1,0 +1,137 @@
+// CUDA kernel of fusedkernels::linear_act_fwd: check the tensors, fill LinearActParams (x and residual as [m, k] /
+// [m, n] rows, views where their layout allows), launch on the current stream. Where no kernel takes the call
+// (gemm::linear_act_supported says no: another GPU, a build without its code) or the sizes / weight layout have
+// none, the reference runs instead, with one warning per reason. The public op, autograd and the CPU / meta
+// kernels are in gemm_ops.cpp. Nothing here syncs or calls cudaMalloc: CUDA-graph capture safe.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common/torch/checks.h"
+#include "common/torch/ops.h"
+#include "gemm/gemm.h"
+
+namespace fusedkernels::gemm {
+
+// Defined in gemm_ops.cpp (it is also the CPU kernel): out = act(F.linear(x, weight, bias)) + residual in PyTorch
+// ops, and z when save_pre_activation.
+std::tuple<at::Tensor, at::Tensor> linear_act_reference(const at::Tensor& x, const at::Tensor& weight,
+                                                        const std::optional<at::Tensor>& bias, Activation activation,
+                                                        const std::optional<at::Tensor>& residual,
+                                                        bool save_pre_activation);
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+constexpr int64_t kAlign = 8;  // elements per 16 bytes in fp16 / bf16
+
+// [rows, cols] as the kernel reads it: cols contiguous, rows a positive multiple of 16 bytes apart without
+// overlapping (TMA takes such strides), a 16-byte aligned start.
+bool rows_ready(const Tensor& t) {
+  if (t.stride(1) != 1) return false;
+  if (t.size(0) > 1 && (t.stride(0) % kAlign != 0 || t.stride(0) < t.size(1))) return false;
+  return is_aligned_16(t);
+}
+
+// t [..., cols] as [rows, cols]: a view where the leading dimensions fold into one (reshape copies otherwise),
+// a contiguous copy where that view's layout does not suit the kernel.
+Tensor as_rows(const Tensor& t, int64_t cols) {
+  Tensor r = t.reshape({-1, cols});
+  return rows_ready(r) ? r : r.clone(at::MemoryFormat::Contiguous);
+}
+
+// A single row's stride is never read: report the row length, a valid stride.
+int64_t row_stride(const Tensor& rows) { return rows.size(0) > 1 ? rows.stride(0) : rows.size(1); }
+
+// The internal op's contract (the public op checks what a user passes, in torch's words; these guard the raw
+// op): CUDA fp16 / bf16 tensors of one dtype and device, consistent shapes.
+void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                  const OptTensor& residual, int64_t activation) {
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device().str());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+                   ": x must be float16 or bfloat16, got ", name_of(x.scalar_type()));
+  TORCH_CHECK_VALUE(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), op,
+                    ": x must be [..., K] and weight [N, K], got ", shape(x), " and ", shape(weight));
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= static_cast<int64_t>(Activation::kSquaredRelu), op,
+                    ": activation must be a gemm::Activation value, got ", num(activation));
+  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
+                                std::pair{"residual", residual ? &*residual : nullptr}}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device().str(), " but x is on ",
+                      x.device().str());
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, ": ", name, " must be ", name_of(x.scalar_type()),
+                     " like x, got ", name_of(t->scalar_type()));
+  }
+  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)), op, ": bias must be [N], got ",
+                    shape(*bias));
+  if (residual) {
+    auto sizes = x.sizes().vec();
+    sizes.back() = weight.size(0);
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(sizes), op, ": residual must be ",
+                      shape(at::IntArrayRef(sizes)), " like the output, got ", shape(*residual));
+  }
+}
+
+std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                               int64_t activation, const OptTensor& residual,
+                                               bool save_pre_activation) {
+  const char* op = "linear_act_fwd";
+  check_inputs(op, x, weight, bias, residual, activation);
+  const Activation act = static_cast<Activation>(activation);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const auto reference = [&](const char* why) {
+    warn_fallback("linear_act", why, "the PyTorch reference (F.linear, the activation, + residual)");
+    auto [out, z] = linear_act_reference(x, weight, bias, act, residual, save_pre_activation);
+    return std::tuple<Tensor, Tensor>{out.contiguous(), z};
+  };
+  // (the public op routes these before they get here; a direct call gets the same answers)
+  if (x.numel() == 0 || n == 0) return reference("");  // nothing to multiply (or k == 0: the bias alone)
+  if (k % kAlign != 0 || n % kAlign != 0) {
+    return reference("in_features (K) or out_features (N) not a multiple of 8 has no fused kernel");
+  }
+  if (!rows_ready(weight)) {
+    return reference("a weight whose rows are not contiguous and 16-byte aligned has no fused kernel");
+  }
+
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  Tensor out = at::empty(sizes, x.options());
+  Tensor z = save_pre_activation ? at::empty(sizes, x.options()) : at::empty({0}, x.options());
+  const Tensor x_rows = as_rows(x, k);
+  // bias: n elements, copied when strided or misaligned (cheap next to the GEMM)
+  const OptTensor b = !bias || (bias->stride(0) == 1 && is_aligned_16(*bias))
+                          ? bias
+                          : OptTensor(bias->clone(at::MemoryFormat::Contiguous));
+  const OptTensor res_rows = residual ? OptTensor(as_rows(*residual, n)) : std::nullopt;
+
+  LinearActParams p;
+  p.dtype = to_dtype(x.scalar_type());
+  p.m = x_rows.size(0);
+  p.n = n;
+  p.k = k;
+  p.x = x_rows.data_ptr();
+  p.x_row_stride = row_stride(x_rows);
+  p.weight = weight.data_ptr();
+  p.weight_row_stride = weight.stride(0);
+  p.bias = b ? b->data_ptr() : nullptr;
+  p.residual = res_rows ? res_rows->data_ptr() : nullptr;
+  p.residual_row_stride = res_rows ? row_stride(*res_rows) : 0;
+  p.out = out.data_ptr();
+  p.out_row_stride = n;
+  p.pre_activation = save_pre_activation ? z.data_ptr() : nullptr;
+  p.activation = act;
+  if (!linear_act_supported(p)) {
+    return reference("no fused kernel takes this call on this GPU with this build (gemm::linear_act_supported)");
+  }
+  check_launch(linear_act(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {out, z};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) { m.impl("linear_act_fwd", &linear_act_fwd_cuda); }
+
+}  // namespace fusedkernels::gemm

@@ -1,0 +1,357 @@
+// The gemm family's op layer: schemas; the public op linear_act (argument checks, the choice between the fused
+// kernel and the reference, autocast); autograd of the internal linear_act_fwd in C++; the CPU kernel (the
+// reference) and the meta kernel of linear_act_fwd. Its CUDA kernel is in gemm_api.cpp.
+//
+//   fusedkernels::linear_act          CompositeImplicitAutograd: check, route, call linear_act_fwd
+//     -> fusedkernels::linear_act_fwd     Autograd: attaches LinearActBackward; CUDA: the fused kernel;
+//                                         CPU: the reference; Meta: shapes
+//        backward: dz = dy * act'(z) on the saved pre-activation z, then the gradient GEMMs, all in PyTorch ops
+//        (differentiable, so create_graph only has to recompute z from x, W and b)
+//
+//   z = x W^T + bias,  out = act(z) + residual,  in the inputs' dtype.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <array>
+#include <string_view>
+
+#include "common/torch/autocast.h"
+#include "common/torch/autograd.h"
+#include "common/torch/checks.h"
+#include "common/torch/ops.h"
+#include "gemm/gemm.h"
+
+TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
+  // Public op: x [..., K], weight [N, K] (nn.Linear's), bias [N], residual like the output [..., N]; all one
+  // dtype. activation: none, relu, gelu (erf), gelu_tanh, silu, squared_relu.
+  m.def("linear_act(Tensor x, Tensor weight, Tensor? bias=None, str activation=\"gelu\", Tensor? residual=None)"
+        " -> Tensor");
+  // Internal. activation: the gemm::Activation value (0 none .. 5 squared_relu). pre_activation: z [..., N]
+  // when save_pre_activation (what the backward reads), else an empty tensor. Both outputs contiguous.
+  m.def("linear_act_fwd(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual,"
+        " bool save_pre_activation) -> (Tensor out, Tensor pre_activation)");
+}
+
+namespace fusedkernels::gemm {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// act(z) in PyTorch ops, differentiable: F.relu, F.gelu (approximate "none" / "tanh"), F.silu, and relu(z)^2
+// (squared ReLU, So et al. 2021, "Primer").
+Tensor activation_ref(const Tensor& z, Activation activation) {
+  switch (activation) {
+    case Activation::kNone: return z;
+    case Activation::kRelu: return at::relu(z);
+    case Activation::kGelu: return at::gelu(z, "none");
+    case Activation::kGeluTanh: return at::gelu(z, "tanh");
+    case Activation::kSilu: return at::silu(z);
+    case Activation::kSquaredRelu: return at::relu(z).square();
+  }
+  TORCH_CHECK(false, "linear_act: unknown activation");
+}
+
+// The reference, also gemm_api.cpp's where no kernel takes a call: out = act(F.linear(x, weight, bias)) +
+// residual in the inputs' dtype (autocast excluded: the callers cast first), differentiable; z (contiguous)
+// when save_pre_activation, else an empty tensor. The outputs never alias each other.
+std::tuple<Tensor, Tensor> linear_act_reference(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                                Activation activation, const OptTensor& residual,
+                                                bool save_pre_activation) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  Tensor z = at::linear(x, weight, bias);
+  if (save_pre_activation) z = z.contiguous();
+  Tensor out = activation_ref(z, activation);
+  if (residual) out = out + *residual;
+  if (!save_pre_activation) return {out, at::empty({0}, x.options())};
+  return {out.is_same(z) ? z.clone() : out, z};
+}
+
+namespace {
+
+using torch::autograd::variable_list;
+
+constexpr const char* kReference = "the PyTorch reference (F.linear, the activation, + residual)";
+constexpr std::array<std::pair<std::string_view, Activation>, 6> kActivations = {{
+    {"none", Activation::kNone},
+    {"relu", Activation::kRelu},
+    {"gelu", Activation::kGelu},
+    {"gelu_tanh", Activation::kGeluTanh},
+    {"silu", Activation::kSilu},
+    {"squared_relu", Activation::kSquaredRelu},
+}};
+
+using LinearActFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t,
+                                                const OptTensor&, bool);
+
+const c10::TypedOperatorHandle<LinearActFwd>& linear_act_fwd_op() {
+  static const auto op = find_op<LinearActFwd>("fusedkernels::linear_act_fwd");
+  return op;
+}
+
+Activation parse_activation(c10::string_view name) {
+  for (const auto& [known, activation] : kActivations) {
+    if (known == name) return activation;
+  }
+  TORCH_CHECK_VALUE(false, "linear_act: activation must be one of none, relu, gelu, gelu_tanh, silu, squared_relu, "
+                    "got '", std::string(name), "'");
+}
+
+Activation activation_of(int64_t value, const char* op) {
+  TORCH_CHECK_VALUE(value >= 0 && value < static_cast<int64_t>(kActivations.size()), op,
+                    ": activation must be a gemm::Activation value, 0 (none) .. 5 (squared_relu), got ", num(value));
+  return static_cast<Activation>(value);
+}
+
+bool sym_same(const c10::SymInt& a, const c10::SymInt& b) { return a.sym_eq(b).guard_bool(__FILE__, __LINE__); }
+bool multiple_of_8(const c10::SymInt& v) { return (v % 8).sym_eq(0).guard_bool(__FILE__, __LINE__); }
+
+// x.shape[:-1] + [N]
+std::vector<c10::SymInt> out_shape(const Tensor& x, const Tensor& weight) {
+  std::vector<c10::SymInt> sizes(x.sym_sizes().begin(), x.sym_sizes().end());
+  sizes.back() = weight.sym_size(0);
+  return sizes;
+}
+
+// Validates the arguments as F.linear would (RuntimeError), with messages that name them. Sizes compare
+// symbolically (torch.compile with dynamic shapes). Unlike F.linear, bias must be [N] and residual the
+// output's shape exactly (no broadcasting), and all tensors share x's dtype (the kernel writes one).
+void check_args(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                const OptTensor& residual) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., in_features] (at least 1-D), got a 0-D tensor");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [out_features, in_features] (2-D), got ", shape(weight));
+  TORCH_CHECK(sym_same(x.sym_size(-1), weight.sym_size(1)), op, ": x and weight shapes cannot be multiplied (x ",
+              shape(x), ", weight ", shape(weight), "): x's last dimension must be weight's in_features");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
+              ": x must be a floating-point tensor (float16 or bfloat16 for the fused kernel), got ",
+              name_of(x.scalar_type()));
+  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
+                                std::pair{"residual", residual ? &*residual : nullptr}}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype (",
+                name_of(x.scalar_type()), "), got ", name_of(t->scalar_type()));
+    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device().str(), " but x is on ",
+                x.device().str());
+  }
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && sym_same(bias->sym_size(0), weight.sym_size(0)), op,
+                ": bias must be [out_features] = ", shape(c10::SymIntArrayRef(weight.sym_sizes().data(), 1)),
+                ", got ", shape(*bias));
+  }
+  if (residual) {
+    const auto sizes = out_shape(x, weight);
+    bool same = residual->dim() == x.dim();
+    for (int64_t d = 0; same && d < x.dim(); ++d) same = sym_same(residual->sym_size(d), sizes[d]);
+    TORCH_CHECK(same, op, ": residual must have the output's shape ", shape(sizes), " (no broadcasting), got ",
+                shape(*residual));
+  }
+}
+
+// A weight as the kernel reads it: in_features contiguous, rows a positive multiple of 8 elements (16 bytes)
+// apart, no overlap, and a 16-byte aligned start (the allocator aligns storage, so the offset decides).
+bool weight_ready(const Tensor& w) {
+  return w.sym_stride(1) == 1 && multiple_of_8(w.sym_stride(0)) &&
+         w.sym_stride(0).sym_ge(w.sym_size(1)).guard_bool(__FILE__, __LINE__) && multiple_of_8(w.sym_storage_offset());
+}
+
+// Why a call runs the reference instead of the kernel, or nullptr; "" for a silent reason. CPU tensors take the
+// op (whose CPU kernel is the reference); other devices (meta, ...) and empty products take the reference
+// silently. x, bias and residual of any layout take the kernel (gemm_api.cpp copies what it cannot read).
+const char* fallback_reason(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual) {
+  const bool tangents =
+      has_forward_grad(x) || has_forward_grad(weight) || has_forward_grad(bias) || has_forward_grad(residual);
+  if (!x.is_cuda()) return x.is_cpu() && !tangents ? nullptr : "";
+  if (tangents) return "forward-mode AD (an input with a tangent) has no fused kernel";
+  switch (x.scalar_type()) {
+    case at::kHalf:
+    case at::kBFloat16: break;
+    case at::kFloat: return "float32 inputs have no fused kernel (float16, bfloat16)";
+    case at::kDouble: return "float64 inputs have no fused kernel (float16, bfloat16)";
+    default: return "this dtype has no fused kernel (float16, bfloat16)";
+  }
+  if (x.sym_numel().sym_eq(0).guard_bool(__FILE__, __LINE__) ||
+      weight.sym_size(0).sym_eq(0).guard_bool(__FILE__, __LINE__)) {
+    return "";
+  }
+  if (!multiple_of_8(weight.sym_size(1))) return "in_features (K) not a multiple of 8 has no fused kernel";
+  if (!multiple_of_8(weight.sym_size(0))) return "out_features (N) not a multiple of 8 has no fused kernel";
+  if (!weight_ready(weight)) {
+    return "a weight whose rows are not contiguous and 16-byte aligned (stride(1) == 1, stride(0) and the "
+           "storage offset multiples of 8) has no fused kernel";
+  }
+  return nullptr;
+}
+
+bool needs_grad(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
+  return at::GradMode::is_enabled() && (requires_grad(x) || requires_grad(weight) || requires_grad(bias));
+}
+
+Tensor linear_act_composite(const Tensor& x, const Tensor& weight, const OptTensor& bias, c10::string_view activation,
+                            const OptTensor& residual) {
+  const Activation act = parse_activation(activation);
+  check_args("linear_act", x, weight, bias, residual);
+  if (const char* why = fallback_reason(x, weight, bias, residual)) {
+    warn_fallback("linear_act", why, kReference);
+    return std::get<0>(linear_act_reference(x, weight, bias, act, residual, false));
+  }
+  // z only where a backward will read it: act' of the identity needs nothing
+  const bool save = act != Activation::kNone && needs_grad(x, weight, bias);
+  return std::get<0>(linear_act_fwd_op().call(x, weight, bias, static_cast<int64_t>(act), residual, save));
+}
+
+// Autocast: what autocast does to aten::linear, on its lower-precision list for CUDA and for CPU: cast x,
+// weight, bias (and residual, which joins the same epilogue) to the device's autocast dtype.
+template <c10::DeviceType kDevice>
+struct Autocast {
+  template <typename T>
+  static auto cast(const T& t) {
+    return autocast_lower<kDevice>(t);
+  }
+
+  static Tensor linear_act(const Tensor& x, const Tensor& weight, const OptTensor& bias, c10::string_view activation,
+                           const OptTensor& residual) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<kDevice>);
+    return linear_act_composite(cast(x), cast(weight), cast(bias), activation, cast(residual));
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Autograd
+// ------------------------------------------------------------------------------------------------
+
+// dz = dy * act'(z), as torch's own backward formulas (derivatives.yaml): threshold_backward for relu,
+// gelu_backward in the erf and tanh forms, silu_backward (under create_graph its differentiable form, as torch's
+// infinitely_differentiable_silu_backward: silu_backward has no derivative) and d relu(z)^2 = 2 relu(z) dz. All
+// differentiable in dy and z when grad mode is on.
+Tensor activation_backward(const Tensor& dy, const Tensor& z, Activation activation) {
+  switch (activation) {
+    case Activation::kNone: return dy;
+    case Activation::kRelu: return at::threshold_backward(dy, z, 0);
+    case Activation::kGelu: return at::gelu_backward(dy, z, "none");
+    case Activation::kGeluTanh: return at::gelu_backward(dy, z, "tanh");
+    case Activation::kSilu: {
+      if (!at::GradMode::is_enabled()) return at::silu_backward(dy, z);
+      const Tensor sigmoid = z.sigmoid();
+      return dy * sigmoid * (1.0 + z * (1.0 - sigmoid));
+    }
+    case Activation::kSquaredRelu: return dy * (at::relu(z) * 2);
+  }
+  TORCH_CHECK(false, "linear_act: unknown activation");
+}
+
+// [..., C] -> [rows, C] (a 1-D tensor is one row)
+Tensor as_rows(const Tensor& t) { return t.dim() == 1 ? t.unsqueeze(0) : t.flatten(0, -2); }
+
+// The backward of linear_act_fwd; next edges x, weight, bias, residual (absent ones have empty edges):
+// dx = dz W, dW = dz^T x and dbias = sum of dz over rows (leading dimensions flattened), dresidual = dy.
+struct LinearActBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable x, weight, bias, pre_activation;
+  Activation activation = Activation::kNone;
+
+  std::string name() const override { return "fusedkernels::LinearActBackward"; }
+
+  void release_variables() override {
+    for (auto* v : {&x, &weight, &bias, &pre_activation}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(num_outputs());
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    const Tensor x_ = x.unpack(), w = weight.unpack(), b = bias.unpack();
+    const bool want_x = task_should_compute_output(0), want_w = task_should_compute_output(1),
+               want_b = b.defined() && task_should_compute_output(2);
+    if (want_x || want_w || want_b) {
+      Tensor z;
+      if (activation != Activation::kNone) {
+        // create_graph: z recomputed from x, W, b so that second derivatives see it depend on them; else the
+        // forward's (recomputed if a direct call of linear_act_fwd did not keep it)
+        z = at::GradMode::is_enabled() ? Tensor() : pre_activation.unpack();
+        if (!z.defined()) z = at::linear(x_, w, optional_of(b));
+      }
+      const Tensor dz = activation_backward(dy, z, activation);
+      if (want_x) out[0] = at::matmul(dz, w);
+      const Tensor dz_rows = as_rows(dz);
+      if (want_w) out[1] = dz_rows.t().mm(as_rows(x_));
+      if (want_b) out[2] = dz_rows.sum(0);
+    }
+    if (task_should_compute_output(3)) out[3] = dy;
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor> linear_act_fwd_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                                   int64_t activation, const OptTensor& residual,
+                                                   bool save_pre_activation) {
+  const Activation act = activation_of(activation, "linear_act_fwd");
+  const bool tangents =
+      has_forward_grad(x) || has_forward_grad(weight) || has_forward_grad(bias) || has_forward_grad(residual);
+  const bool grad = needs_grad(x, weight, bias) || (at::GradMode::is_enabled() && requires_grad(residual));
+  auto results = [&] {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return linear_act_fwd_op().call(x, weight, bias, activation, residual, save_pre_activation);
+  }();
+  if (tangents) {
+    // Tangents reach here where the public op could not see them (torch.func transforms nest forward-mode AD
+    // inside other levels): the output from the differentiable reference, z from the op.
+    return {std::get<0>(linear_act_reference(x, weight, bias, act, residual, false)), std::get<1>(results)};
+  }
+  if (grad) {
+    auto node = make_node<LinearActBackward>();
+    auto& n = static_cast<LinearActBackward&>(*node);
+    n.set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, residual));
+    torch::autograd::set_history(std::get<0>(results), node);
+    n.x = torch::autograd::SavedVariable(x, false);
+    n.weight = torch::autograd::SavedVariable(weight, false);
+    if (bias) n.bias = torch::autograd::SavedVariable(*bias, false);
+    if (save_pre_activation) n.pre_activation = torch::autograd::SavedVariable(std::get<1>(results), false);
+    n.activation = act;
+  }
+  return results;
+}
+
+// ------------------------------------------------------------------------------------------------
+// CPU and Meta kernels
+// ------------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                              int64_t activation, const OptTensor& residual,
+                                              bool save_pre_activation) {
+  check_args("linear_act_fwd", x, weight, bias, residual);
+  auto [out, z] = linear_act_reference(x, weight, bias, activation_of(activation, "linear_act_fwd"), residual,
+                                       save_pre_activation);
+  return {out.contiguous(), z};
+}
+
+// Outputs contiguous, as the CPU and CUDA kernels' (whatever x's layout).
+std::tuple<Tensor, Tensor> linear_act_fwd_meta(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                               int64_t activation, const OptTensor& residual,
+                                               bool save_pre_activation) {
+  check_args("linear_act_fwd", x, weight, bias, residual);
+  activation_of(activation, "linear_act_fwd");
+  const auto sizes = out_shape(x, weight);
+  return {at::empty_symint(sizes, x.options()),
+          save_pre_activation ? at::empty_symint(sizes, x.options()) : at::empty({0}, x.options())};
+}
+
+const RegisterOpInfo linear_act_info{
+    {"gemm", "linear_act", "float16, bfloat16 (x, weight, bias, residual alike)",
+     "in_features and out_features multiples of 8, any rows; activations none, relu, gelu, gelu_tanh, silu, "
+     "squared_relu; bias and residual optional; sm_90"}};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedkernels, CompositeImplicitAutograd, m) { m.impl("linear_act", &linear_act_composite); }
+
+TORCH_LIBRARY_IMPL(fusedkernels, AutocastCUDA, m) {
+  m.impl("linear_act", &Autocast<c10::DeviceType::CUDA>::linear_act);
+}
+
+TORCH_LIBRARY_IMPL(fusedkernels, AutocastCPU, m) { m.impl("linear_act", &Autocast<c10::DeviceType::CPU>::linear_act); }
+
+TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) { m.impl("linear_act_fwd", &linear_act_fwd_autograd); }
+
+TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) { m.impl("linear_act_fwd", &linear_act_fwd_cpu); }
+
+TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) { m.impl("linear_act_fwd", &linear_act_fwd_meta); }
+
+}  // namespace fusedkernels::gemm

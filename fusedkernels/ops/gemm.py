@@ -1,0 +1,85 @@
+"""Linear layers with a fused epilogue: out = act(x @ W^T + bias) + residual, one GEMM kernel.
+
+`linear_act` is the C++ op `torch.ops.fusedkernels.linear_act`: argument checks, the choice of kernel, autograd
+and autocast happen in C++ (csrc/gemm/gemm_ops.cpp), so a call costs the host about what `F.linear` does. CUDA
+float16 / bfloat16 inputs with in_features and out_features multiples of 8 take the fused kernel (csrc/gemm) where
+the GPU and build have one; CPU inputs run the reference (PyTorch ops in the inputs' dtype) through the same
+autograd; anything else (float32 / float64 on CUDA, other sizes, an unsuitable weight layout, no kernel for the
+GPU, forward-mode AD) runs the reference, with one warning per reason. Details: docs/gemm.md.
+
+`linear_act_ref` is the specification the tests hold the kernel to.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _native
+
+__all__ = ["linear_act", "linear_act_ref", "ACTIVATIONS"]
+
+# The activations, as PyTorch defines them: gelu is F.gelu's default (erf), gelu_tanh
+# F.gelu(approximate="tanh"), silu x * sigmoid(x), squared_relu relu(x)^2 (So et al. 2021, "Primer").
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "squared_relu")
+
+_ACTIVATION_FNS = {
+    "none": lambda z: z,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+    "squared_relu": lambda z: F.relu(z).square(),
+}
+
+
+def linear_act_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: str = "gelu",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """The specification of `linear_act`, differentiable: act(F.linear(x, weight, bias)) (+ residual), every step
+    a PyTorch op in the inputs' dtype (pass float32 copies for an fp32 reference). Raises ValueError for an
+    unknown activation."""
+    if activation not in _ACTIVATION_FNS:
+        raise ValueError(f"linear_act: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    out = _ACTIVATION_FNS[activation](F.linear(x, weight, bias))
+    return out if residual is None else out + residual
+
+
+# Without the native op (no native module, or a build without the gemm family): the reference, with the native
+# op's positional arguments.
+_linear_act = _native.public_op("linear_act", linear_act_ref, "the PyTorch reference")
+
+
+def linear_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: str = "gelu",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """out = act(x @ weight^T + bias) + residual: `nn.Linear` followed by an activation and a residual add, in
+    one kernel.
+
+    x: [..., K] (any layout: rows are read in place where their stride allows, else copied); weight: [N, K] as
+    nn.Linear stores it; bias: [N] or None; residual: None or exactly the output's shape [..., N] (no
+    broadcasting). All one dtype: float16 / bfloat16 for the fused kernel (fp32 accumulation), float32 / float64
+    run the reference. activation: "none", "relu", "gelu" (erf, F.gelu's default), "gelu_tanh"
+    (F.gelu(approximate="tanh")), "silu", "squared_relu" (relu(z)^2).
+
+    Returns out [..., N] in x's dtype (under autocast, which casts x, weight, bias and residual as it does for
+    F.linear: the autocast dtype). Differentiable in x, weight, bias and residual, to any order: the backward
+    applies act' to the pre-activation z the forward kept (only when a gradient is needed) and runs PyTorch's
+    GEMMs for dx = dz W, dW = dz^T x, dbias = sum_rows(dz), dresidual = dy.
+
+    Raises ValueError for an unknown activation; RuntimeError, as F.linear, for x and weight shapes that cannot
+    be multiplied, a weight that is not 2-D, a bias not [N], a residual not the output's shape, a non-floating
+    x, dtypes or devices that differ; TypeError for arguments of the wrong type. CUDA inputs without a kernel run
+    the reference with one UserWarning per reason.
+    """
+    return _linear_act(x, weight, bias, activation, residual)

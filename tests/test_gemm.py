@@ -1,0 +1,460 @@
+"""fusedkernels.ops.linear_act / nn.FusedLinear and their op layer.
+
+CPU tests hold the reference (the CPU kernel of the internal op) to plain PyTorch and check the op layer (errors,
+autograd, opcheck, compile, export, autocast, the module). `cuda` tests hold the fused kernel to an fp32 reference
+on fresh random inputs, with a tolerance relative to PyTorch's own low-precision error (the same reference run in
+the inputs' dtype), outputs poisoned first; where no kernel takes a call they check the reference it runs.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedkernels.nn as fnn
+import fusedkernels.ops as fops
+from fusedkernels import _native
+from fusedkernels.ops.gemm import ACTIVATIONS, linear_act_ref
+
+from .helpers import assert_close_to_ref, max_err, poison_allocator
+
+needs_native = pytest.mark.skipif(not _native.has_op("linear_act"), reason="needs the native gemm ops")
+LOWP = [torch.float16, torch.bfloat16]
+
+# Written out independently of linear_act_ref: what each activation means in plain PyTorch.
+PLAIN = {
+    "none": lambda z: z,
+    "relu": torch.relu,
+    "gelu": lambda z: 0.5 * z * (1 + torch.erf(z / 2**0.5)),
+    "gelu_tanh": lambda z: 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3))),
+    "silu": lambda z: z * torch.sigmoid(z),
+    "squared_relu": lambda z: torch.relu(z) ** 2,
+}
+
+
+def _inputs(lead, k, n, dtype=torch.float64, device="cpu", bias=True, residual=False):
+    x = torch.randn(*lead, k, device=device).to(dtype)
+    w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    r = torch.randn(*lead, n, device=device).to(dtype) if residual else None
+    return x, w, b, r
+
+
+def _grads(fn, tensors, dy):
+    """fn(*leaves) and the grads of the leaves that are not None."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], dy)
+    return [out.detach(), *grads]
+
+
+# ------------------------------------------------------------------------------------------------
+# Semantics of the reference (CPU)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+def test_matches_plain_torch_with_grads(activation, bias, residual):
+    x, w, b, r = _inputs((3, 5), 16, 24, bias=bias, residual=residual)
+    dy = torch.randn(3, 5, 24, dtype=torch.float64)
+    tensors = [x, w, b, r]
+
+    def plain(x, w, b, r):
+        z = x @ w.t() + (b if b is not None else 0)
+        return PLAIN[activation](z) + (r if r is not None else 0)
+
+    ours = _grads(lambda x, w, b, r: fops.linear_act(x, w, b, activation, r), tensors, dy)
+    want = _grads(plain, tensors, dy)
+    ref = _grads(lambda x, w, b, r: linear_act_ref(x, w, b, activation, r), tensors, dy)
+    names = ["out", "dx", "dw"] + ["db"] * bias + ["dr"] * residual
+    assert len(ours) == len(names)
+    for name, o, p, q in zip(names, ours, want, ref):
+        assert o.dtype == torch.float64 and o.shape == p.shape, name
+        assert max_err(o, p) < 1e-10 and max_err(o, q) < 1e-12, name
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (7,), (2, 3, 4), (0,), (2, 0)], ids=str)
+def test_leading_dims_and_grads(lead):
+    x, w, b, r = _inputs(lead, 8, 16, residual=True)
+    dy = torch.randn(*lead, 16, dtype=torch.float64)
+    ours = _grads(lambda *t: fops.linear_act(*t[:3], "silu", t[3]), (x, w, b, r), dy)
+    want = _grads(lambda *t: linear_act_ref(*t[:3], "silu", t[3]), (x, w, b, r), dy)
+    assert ours[0].shape == (*lead, 16)
+    for o, p in zip(ours, want):
+        assert o.shape == p.shape and max_err(o, p) < 1e-12
+
+
+def test_non_contiguous_x_and_residual():
+    base = torch.randn(6, 5, 24, dtype=torch.float64)
+    w, b = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    for x in (base[..., :8], base[..., ::3], base.transpose(0, 1)[..., 8:16], base[:, :1, :8].expand(6, 4, 8)):
+        res = torch.randn(*x.shape[:-1], 32, dtype=torch.float64)[..., ::2]
+        assert max_err(fops.linear_act(x, w, b, "gelu", res), linear_act_ref(x, w, b, "gelu", res)) < 1e-12
+    out = fops.linear_act(base.transpose(0, 1)[..., :8], w, b)
+    assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_and_gradgradcheck_float64(activation):
+    """The op's backward and, through create_graph, its second derivatives (gelu and silu have curvature)."""
+    x, w, b, r = (t.requires_grad_() for t in _inputs((2, 3), 4, 5, residual=True))
+    fn = lambda x, w, b, r: fops.linear_act(x, w, b, activation, r)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b, r))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b, r))
+
+
+def test_backward_node_and_what_it_keeps():
+    x, w, b, _ = (t.requires_grad_() if t is not None else None for t in _inputs((4,), 8, 8))
+    out = fops.linear_act(x, w, b, "gelu")
+    assert out.grad_fn.name() == "fusedkernels::LinearActBackward"
+    with torch.no_grad():  # no gradient wanted: no node, nothing kept
+        assert fops.linear_act(x, w, b, "gelu").grad_fn is None
+    # only the residual needs a gradient: it is dy
+    r = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(4, 8, dtype=torch.float64)
+    (dr,) = torch.autograd.grad(fops.linear_act(x.detach(), w.detach(), None, "relu", r), r, dy)
+    assert torch.equal(dr, dy)
+    # the internal op's z is F.linear's, and a call without it still differentiates (z recomputed)
+    ops = torch.ops.fusedkernels
+    out, z = ops.linear_act_fwd(x.detach(), w.detach(), b.detach(), ACTIVATIONS.index("silu"), None, True)
+    assert max_err(z, F.linear(x, w, b)) < 1e-12 and max_err(out, F.silu(z)) < 1e-12
+    out, z = ops.linear_act_fwd(x, w, b, ACTIVATIONS.index("silu"), None, False)
+    assert z.numel() == 0
+    grads = torch.autograd.grad(out, (x, w, b), dy)
+    want = torch.autograd.grad(linear_act_ref(x, w, b, "silu"), (x, w, b), dy)
+    assert all(max_err(g, h) < 1e-12 for g, h in zip(grads, want))
+
+
+def test_forward_mode_ad_and_jvp_of_grad_match_torch():
+    x, w, b, r = _inputs((3,), 8, 8, residual=True)
+    tx = torch.randn_like(x)
+    ours = lambda x: fops.linear_act(x, w, b, "gelu", r)  # noqa: E731
+    ref = lambda x: linear_act_ref(x, w, b, "gelu", r)  # noqa: E731
+    assert max_err(torch.func.jvp(ours, (x,), (tx,))[1], torch.func.jvp(ref, (x,), (tx,))[1]) < 1e-12
+    g_ours = torch.func.jvp(torch.func.grad(lambda x: ours(x).pow(2).sum()), (x,), (tx,))[1]
+    g_ref = torch.func.jvp(torch.func.grad(lambda x: ref(x).pow(2).sum()), (x,), (tx,))[1]
+    assert max_err(g_ours, g_ref) < 1e-10
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w, b, r = _inputs((3,), 8, 16, dtype=torch.float32, residual=True)
+    with pytest.raises(ValueError, match="activation must be one of none, relu, gelu, gelu_tanh, silu, squared_relu"):
+        fops.linear_act(x, w, b, "tanh")
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        fops.linear_act(x[:, :7], w, b)
+    with pytest.raises(RuntimeError, match=r"weight must be \[out_features, in_features\]"):
+        fops.linear_act(x, w[0], None)
+    with pytest.raises(RuntimeError, match="at least 1-D"):
+        fops.linear_act(x[0, 0], w, b)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        fops.linear_act(x.int(), w.int(), None)
+    with pytest.raises(RuntimeError, match="weight must have x's dtype"):
+        fops.linear_act(x, w.double(), None)
+    with pytest.raises(RuntimeError, match="bias must have x's dtype"):
+        fops.linear_act(x, w, b.double())
+    with pytest.raises(RuntimeError, match=r"bias must be \[out_features\] = \[16\], got \[8\]"):
+        fops.linear_act(x, w, b[:8])
+    with pytest.raises(RuntimeError, match=r"residual must have the output's shape \[3, 16\]"):
+        fops.linear_act(x, w, b, "gelu", r[:1])  # broadcastable, yet refused
+    with pytest.raises(TypeError, match="activation"):
+        fops.linear_act(x, w, b, 1)
+    with pytest.raises(TypeError):
+        fops.linear_act([1.0], w, b)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fnn.FusedLinear(8, 16, activation="gelu_erf")
+    # what F.linear refuses, F.linear refuses with the same type
+    with pytest.raises(RuntimeError):
+        F.linear(x[:, :7], w, b)
+
+
+def test_cpu_calls_do_not_warn():
+    x, w, b, r = _inputs((5,), 12, 20, dtype=torch.float32, residual=True)  # sizes without a CUDA kernel
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fops.linear_act(x, w.t().contiguous().t(), b, "relu", r)
+        fops.linear_act(x.bfloat16(), w.bfloat16(), b.bfloat16(), "gelu")
+
+
+def test_without_native_module_ops_run_the_reference(monkeypatch):
+    monkeypatch.setattr(_native, "has_op", lambda name: False)
+    fallback = _native.public_op("linear_act", linear_act_ref, "the PyTorch reference")
+    x, w, b, r = _inputs((2, 3), 8, 16, residual=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CPU tensors: no warning
+        out = fallback(x, w, b, "squared_relu", r)
+    assert max_err(out, linear_act_ref(x, w, b, "squared_relu", r)) == 0.0
+
+
+def test_opcheck_cpu():
+    if not _native.has_op("linear_act"):
+        pytest.skip("needs the custom ops")
+    _opcheck("cpu", torch.float32)
+
+
+def _opcheck(device, dtype):
+    ops = torch.ops.fusedkernels
+    x, w, b, r = (t.requires_grad_() for t in _inputs((2, 9), 24, 40, dtype=dtype, device=device, residual=True))
+    for args in ((x, w, b, "gelu", r), (x, w, None, "relu", None), (x.detach(), w.detach(), b, "none", r)):
+        torch.library.opcheck(ops.linear_act, args)
+    strided = x.detach().transpose(0, 1)  # outputs contiguous whatever x's layout, as the meta kernel says
+    for save in (True, False):
+        torch.library.opcheck(ops.linear_act_fwd, (x, w, b, 3, r, save))
+        torch.library.opcheck(ops.linear_act_fwd, (strided, w.detach(), None, 5, None, save))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    x, w, b, r = _inputs((4, 9), 16, 24, dtype=torch.float32, residual=True)
+
+    def f(x, w, b, r):
+        return fops.linear_act(x, w, b, "gelu_tanh", r).square().sum()
+
+    def grads(fn, x):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, r[: x.shape[0]])]
+        loss = fn(*leaves)
+        return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+    eager = grads(f, x)
+    compiled = grads(torch.compile(f, fullgraph=True), x)
+    for a, c in zip(compiled, eager):
+        assert max_err(a, c) <= 1e-5 * max(c.abs().max().item(), 1.0)
+    dynamic = torch.compile(lambda x: fops.linear_act(x, w, b, "silu"), fullgraph=True, dynamic=True)
+    for m in (3, 5, 11):
+        xm = torch.randn(m, 16)
+        assert max_err(dynamic(xm), linear_act_ref(xm, w, b, "silu")) < 1e-5
+
+
+def test_export_and_fx_trace_of_the_module():
+    from torch.export import Dim, export
+
+    model = torch.nn.Sequential(fnn.FusedLinear(16, 32, activation="squared_relu"), fnn.FusedLinear(32, 8))
+    x = torch.randn(5, 16)
+    program = export(model, (x,), dynamic_shapes=({0: Dim("rows")},))
+    x7 = torch.randn(7, 16)
+    assert max_err(program.module()(x7), model(x7)) < 1e-6
+    traced = torch.fx.symbolic_trace(model)
+    assert max_err(traced(x), model(x)) == 0.0
+
+
+def test_fused_linear_is_nn_linear_plus_activation():
+    torch.manual_seed(3)
+    ref = torch.nn.Linear(16, 24)
+    torch.manual_seed(3)
+    fused = fnn.FusedLinear(16, 24, activation="silu")
+    assert isinstance(fused, torch.nn.Linear) and "activation='silu'" in repr(fused)
+    assert all(torch.equal(a, c) for a, c in zip(ref.state_dict().values(), fused.state_dict().values()))
+    assert list(ref.state_dict()) == list(fused.state_dict())  # nn.Linear's init and keys
+    other = fnn.FusedLinear(16, 24, activation="silu")
+    other.load_state_dict(ref.state_dict())
+    back = torch.nn.Linear(16, 24)
+    back.load_state_dict(other.state_dict())
+    x, res = torch.randn(2, 3, 16), torch.randn(2, 3, 24)
+    assert max_err(other(x), F.silu(ref(x))) < 1e-6 and max_err(back(x), ref(x)) == 0.0
+    assert max_err(other(x, res), F.silu(ref(x)) + res) < 1e-6
+    no_bias = fnn.FusedLinear(16, 24, bias=False, activation="none", dtype=torch.float64)
+    assert no_bias.bias is None and no_bias.weight.dtype == torch.float64
+    assert max_err(no_bias(x.double()), x.double() @ no_bias.weight.t()) < 1e-12
+
+
+def test_cpu_autocast_casts_like_torch_linear():
+    x, w, b, r = _inputs((4,), 16, 24, dtype=torch.float32, residual=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fops.linear_act(x, w, b, "gelu", r)
+        torch_linear = F.linear(x, w, b)
+    assert ours.dtype == torch_linear.dtype == torch.bfloat16
+    want = linear_act_ref(x.bfloat16(), w.bfloat16(), b.bfloat16(), "gelu", r.bfloat16())
+    assert max_err(ours, want) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused kernel (CUDA): against the fp32 reference, tolerance from PyTorch's own low-precision error
+# ------------------------------------------------------------------------------------------------
+
+# (leading dims, K, N): M odd (1, 17, 1000, 4097), batched leading dims, K and N multiples of 8 but not all of
+# 64 / 128 (8, 24, 136, 4104)
+SMALL_SHAPES = [((1,), 8, 8), ((17,), 24, 136), ((2, 500), 136, 24)]
+LARGE_SHAPES = [((4097,), 4104, 136), ((1000,), 136, 4104), ((3, 17), 4104, 24), ((4097,), 24, 8)]
+
+
+def _check_forward(x, w, b, r, activation, name="out"):
+    """ours against the fp32 reference, within twice PyTorch's own error in x's dtype plus one ulp of the largest
+    output (the kernel rounds once, PyTorch after each step)."""
+    f32 = [t.float() if t is not None else None for t in (x, w, b, r)]
+    ref = linear_act_ref(*f32[:3], activation, f32[3])
+    lowp = linear_act_ref(x, w, b, activation, r)
+    poison_allocator(lowp, lowp)
+    ours = fops.linear_act(x, w, b, activation, r)
+    assert ours.dtype == x.dtype and ours.shape == ref.shape and ours.is_contiguous()
+    assert_close_to_ref(ours.float(), ref, lowp.float(), name, floor=torch.finfo(x.dtype).eps)
+    return ours
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
+def test_kernel_forward_every_activation(shape, residual, bias, activation, dtype):
+    lead, k, n = shape
+    _check_forward(*_inputs(lead, k, n, dtype, "cuda", bias, residual), activation)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "squared_relu", "none"])
+@pytest.mark.parametrize("shape", LARGE_SHAPES, ids=str)
+def test_kernel_forward_large_and_odd_sizes(shape, activation, dtype):
+    lead, k, n = shape
+    _check_forward(*_inputs(lead, k, n, dtype, "cuda", True, activation == "none"), activation)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_kernel_strided_x_and_residual(dtype):
+    """Rows a multiple of 8 elements apart are read in place; other layouts are copied first."""
+    k, n = 136, 24
+    base = torch.randn(1000, k + 8, device="cuda").to(dtype)
+    w, b = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype), torch.randn(n, device="cuda").to(dtype)
+    res = torch.randn(1000, n + 16, device="cuda").to(dtype)[:, 8 : 8 + n]  # row stride 40, offset 8
+    _check_forward(base[:, :k], w, b, res, "gelu", "row stride k + 8")
+    _check_forward(base[:, 8:], w, b, None, "silu", "offset 8")
+    odd = torch.randn(17, k + 4, device="cuda").to(dtype)[:, :k]  # rows 8-byte aligned only: copied
+    _check_forward(odd, w, b, None, "relu", "row stride k + 4")
+    batched = torch.randn(5, 3, k, device="cuda").to(dtype).transpose(0, 1)  # leading dims that do not fold
+    _check_forward(batched, w, b, None, "gelu_tanh", "transposed leading dims")
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [((17,), 24, 136), ((2, 500), 136, 40)], ids=str)
+def test_kernel_pre_activation_and_grads(shape, activation, dtype):
+    """The pre-activation the kernel writes is F.linear's (up to rounding), and the gradients computed from it
+    match the fp32 reference as closely as PyTorch's own in the same dtype."""
+    lead, k, n = shape
+    x, w, b, r = _inputs(lead, k, n, dtype, "cuda", True, True)
+    index = ACTIVATIONS.index(activation)
+    poison_allocator(r, r)
+    out, z = torch.ops.fusedkernels.linear_act_fwd(x, w, b, index, r, True)
+    assert_close_to_ref(z.float(), F.linear(x.float(), w.float(), b.float()), F.linear(x, w, b).float(),
+                        "pre_activation", floor=torch.finfo(dtype).eps)
+    dy = torch.randn(*lead, n, device="cuda").to(dtype)
+    tensors = (x, w, b, r)
+    ref = _grads(lambda *t: linear_act_ref(*t[:3], activation, t[3]), [t.float() for t in tensors], dy.float())
+    lowp = _grads(lambda *t: linear_act_ref(*t[:3], activation, t[3]), tensors, dy)
+    poison_allocator(x, w, b, r, r)
+    ours = _grads(lambda *t: fops.linear_act(*t[:3], activation, t[3]), tensors, dy)
+    for name, o, f, t in zip(["out", "dx", "dw", "db", "dr"], ours, ref, lowp):
+        assert o.dtype == dtype and o.shape == f.shape, name
+        assert_close_to_ref(o.float(), f, t.float(), name, floor=torch.finfo(dtype).eps)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_opcheck_cuda():
+    _opcheck("cuda", torch.bfloat16)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_kernel_cuda_graph_capture_and_replay():
+    """Forward and backward captured in a graph; each replay matches an eager run on the same inputs (to an ulp:
+    cuBLAS may pick another algorithm for the gradient GEMMs inside a capture)."""
+    static = [t.requires_grad_() for t in _inputs((130,), 136, 264, torch.bfloat16, "cuda", True, True)]
+    dy = torch.randn(130, 264, device="cuda", dtype=torch.bfloat16)
+
+    def step(x, w, b, r):
+        out = fops.linear_act(x, w, b, "gelu", r)
+        return [out, *torch.autograd.grad(out, (x, w, b, r), dy)]
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step(*static)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        results = step(*static)
+    for _ in range(2):
+        fresh = _inputs((130,), 136, 264, torch.bfloat16, "cuda", True, True)
+        for t, new in zip(static, fresh):
+            t.data.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step(*[t.detach().clone().requires_grad_() for t in fresh])
+        for name, a, c in zip(["out", "dx", "dw", "db", "dr"], results, eager):
+            assert max_err(a, c) <= 2 * torch.finfo(a.dtype).eps * max(c.abs().max().item(), 1.0), name
+
+
+@pytest.mark.cuda
+@needs_native
+def test_inputs_without_a_kernel_run_the_reference_with_one_warning():
+    bf16 = torch.bfloat16
+    cases = {
+        "float32": _inputs((9,), 16, 24, torch.float32, "cuda"),
+        "in_features (K) not a multiple of 8": _inputs((9,), 12, 24, bf16, "cuda"),
+        "out_features (N) not a multiple of 8": _inputs((9,), 16, 20, bf16, "cuda"),
+    }
+    x, w, b, _ = _inputs((9,), 16, 24, bf16, "cuda")
+    cases["weight whose rows are not contiguous"] = (x, w.t().contiguous().t(), b, None)
+    for reason, (x, w, b, r) in cases.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            a = fops.linear_act(x, w, b, "gelu")
+            c = fops.linear_act(x, w, b, "gelu")
+        said = [str(m.message) for m in caught if "fusedkernels.linear_act" in str(m.message)]
+        assert len(said) <= 1 and all(reason in s for s in said), (reason, said)
+        assert a.dtype == x.dtype and torch.equal(a, c)
+        assert torch.equal(a, linear_act_ref(x, w, b, "gelu")), reason  # the reference, exactly
+
+
+@pytest.mark.cuda
+@needs_native
+def test_errors_on_cuda():
+    x, w, b, _ = _inputs((3,), 8, 16, torch.bfloat16, "cuda")
+    with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda"):
+        fops.linear_act(x, w.cpu(), b.cpu())
+    with pytest.raises((TypeError, ValueError), match="must be float16 or bfloat16"):
+        torch.ops.fusedkernels.linear_act_fwd(x.float(), w.float(), None, 0, None, False)
+    with pytest.raises(ValueError, match="activation must be"):
+        torch.ops.fusedkernels.linear_act_fwd(x, w, None, 6, None, False)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_autocast_casts_like_torch_linear():
+    x, w, b, r = (t.requires_grad_() for t in _inputs((33,), 64, 48, torch.float32, "cuda", True, True))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = fops.linear_act(x, w, b, "silu", r)
+        torch_linear = F.linear(x, w, b)
+    assert ours.dtype == torch_linear.dtype == torch.bfloat16
+    ours.float().sum().backward()
+    assert all(t.grad.dtype == torch.float32 for t in (x, w, b, r))
+    want = linear_act_ref(x.float(), w.float(), b.float(), "silu", r.float())
+    assert max_err(ours, want) < 5e-2
+
+
+@pytest.mark.cuda
+@needs_native
+def test_hopper_kernel_is_what_runs_on_sm90():
+    if torch.cuda.get_device_capability() != (9, 0) or not any(
+        a.startswith("90a") for a in _native.build_info().get("archs", [])
+    ):
+        pytest.skip("the Hopper kernel runs on sm_90 from a build with sm_90a code")
+    x, w, b, r = _inputs((300,), 136, 264, torch.bfloat16, "cuda", True, True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fops.linear_act(x, w, b, "gelu", r)
+            torch.cuda.synchronize()
+    assert not [str(c.message) for c in caught if "fusedkernels" in str(c.message)]  # no fallback
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("linear_act_sm90_kernel" in n for n in names), names
