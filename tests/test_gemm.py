@@ -260,11 +260,12 @@ def test_fused_linear_is_nn_linear_plus_activation():
 
 def test_cpu_autocast_casts_like_torch_linear():
     x, w, b, r = _inputs((4,), 16, 24, dtype=torch.float32, residual=True)
+    r = r.bfloat16()  # a residual already in the autocast dtype joins the fused op (a wider one: see below)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours = fops.linear_act(x, w, b, "gelu", r)
         torch_linear = F.linear(x, w, b)
     assert ours.dtype == torch_linear.dtype == torch.bfloat16
-    want = linear_act_ref(x.bfloat16(), w.bfloat16(), b.bfloat16(), "gelu", r.bfloat16())
+    want = linear_act_ref(x.bfloat16(), w.bfloat16(), b.bfloat16(), "gelu", r)
     assert max_err(ours, want) == 0.0
 
 
@@ -434,8 +435,11 @@ def test_autocast_casts_like_torch_linear():
     x, w, b, r = (t.requires_grad_() for t in _inputs((33,), 64, 48, torch.float32, "cuda", True, True))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ours = fops.linear_act(x, w, b, "silu", r)
+        fused = fops.linear_act(x, w, b, "silu", r.detach().bfloat16())
         torch_linear = F.linear(x, w, b)
-    assert ours.dtype == torch_linear.dtype == torch.bfloat16
+    # bfloat16 as F.linear's; with the float32 residual the add promotes, as F.silu(F.linear(...)) + r would
+    assert fused.dtype == torch_linear.dtype == torch.bfloat16 and ours.dtype == torch.float32
+    assert max_err(fused, ours) < 5e-2
     ours.float().sum().backward()
     assert all(t.grad.dtype == torch.float32 for t in (x, w, b, r))
     want = linear_act_ref(x.float(), w.float(), b.float(), "silu", r.float())
@@ -458,3 +462,42 @@ def test_hopper_kernel_is_what_runs_on_sm90():
     assert not [str(c.message) for c in caught if "fusedkernels" in str(c.message)]  # no fallback
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert any("linear_act_sm90_kernel" in n for n in names), names
+
+
+def test_fused_linear_takes_nn_linear_positional_arguments_and_activation_by_keyword():
+    lin, fused = torch.nn.Linear(16, 24, True, "cpu", torch.float64), fnn.FusedLinear(16, 24, True, "cpu", torch.float64)
+    assert fused.weight.dtype == lin.weight.dtype == torch.float64 and fused.activation == "gelu"
+    with pytest.raises(TypeError, match="keyword-only"):
+        fnn.FusedLinear(16, 24, "relu")  # would be a gelu layer with a bias if taken as nn.Linear's bias
+
+
+def test_autocast_keeps_a_wider_residual_stream_as_torch():
+    """Under autocast, F.gelu(F.linear(x, w, b)) comes out in bfloat16 and + h promotes to h's float32."""
+    x, w, b = torch.randn(6, 16), torch.randn(24, 16), torch.randn(24)
+    h = torch.randn(6, 24) * 100
+    with torch.autocast("cpu", torch.bfloat16):
+        want = F.gelu(F.linear(x, w, b)) + h
+        ours = fops.linear_act(x, w, b, "gelu", h)
+        same_dtype = fops.linear_act(x, w, b, "gelu", h.bfloat16())
+    assert ours.dtype == want.dtype == torch.float32 and torch.equal(ours, want)
+    assert same_dtype.dtype == torch.bfloat16
+
+
+def test_bias_updated_in_place_after_the_forward_is_no_error_as_for_f_linear():
+    x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((5, 8), (16, 8), (16,)))
+    out = fops.linear_act(x, w, b, "gelu")
+    want = F.gelu(F.linear(x, w, b))
+    with torch.no_grad():
+        b.add_(1.0)  # an optimizer step on the bias before the backward
+    dy = torch.randn_like(out)
+    assert all(torch.allclose(o, t) for o, t in zip(torch.autograd.grad(out, (x, w, b), dy),
+                                                       torch.autograd.grad(want, (x, w, b), dy)))
+
+
+def test_nested_and_sparse_inputs_raise_a_clear_error():
+    w = torch.randn(16, 8)
+    with pytest.raises(NotImplementedError, match="strided"):
+        fops.linear_act(torch.randn(5, 8).to_sparse(), w, None, "relu")
+    njt = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)], layout=torch.jagged)
+    with pytest.raises(NotImplementedError, match="strided"):
+        fops.linear_act(njt, w, None, "relu")

@@ -117,6 +117,13 @@ std::vector<c10::SymInt> out_shape(const Tensor& x, const Tensor& weight) {
 // output's shape exactly (no broadcasting), and all tensors share x's dtype (the kernel writes one).
 void check_args(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
                 const OptTensor& residual) {
+  for (const auto& [name, t] : {std::pair{"x", &x}, std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
+                                std::pair{"residual", residual ? &*residual : nullptr}}) {
+    TORCH_CHECK_NOT_IMPLEMENTED(t == nullptr || (t->layout() == at::kStrided && !t->is_nested()), op,
+                                " takes strided (dense) tensors; ", name, " is ",
+                                t != nullptr && t->is_nested() ? std::string("nested") : c10::str(t ? t->layout() : at::kStrided),
+                                " (F.linear takes nested and sparse ones)");
+  }
   TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., in_features] (at least 1-D), got a 0-D tensor");
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be [out_features, in_features] (2-D), got ", shape(weight));
   TORCH_CHECK(sym_same(x.sym_size(-1), weight.sym_size(1)), op, ": x and weight shapes cannot be multiplied (x ",
@@ -210,6 +217,12 @@ struct Autocast {
   static Tensor linear_act(const Tensor& x, const Tensor& weight, const OptTensor& bias, c10::string_view activation,
                            const OptTensor& residual) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<kDevice>);
+    // act(F.linear(...)) comes out in the autocast dtype and the add promotes: a residual kept in another
+    // floating dtype (a float32 residual stream) is added outside, in the wider type, as torch's would be.
+    if (residual && residual->is_floating_point() &&
+        residual->scalar_type() != at::autocast::get_autocast_dtype(kDevice)) {
+      return linear_act_composite(cast(x), cast(weight), cast(bias), activation, std::nullopt) + *residual;
+    }
     return linear_act_composite(cast(x), cast(weight), cast(bias), activation, cast(residual));
   }
 };
@@ -246,6 +259,7 @@ Tensor as_rows(const Tensor& t) { return t.dim() == 1 ? t.unsqueeze(0) : t.flatt
 struct LinearActBackward : torch::autograd::Node {
   torch::autograd::SavedVariable x, weight, bias, pre_activation;
   Activation activation = Activation::kNone;
+  bool has_bias = false;
 
   std::string name() const override { return "fusedkernels::LinearActBackward"; }
 
@@ -257,16 +271,18 @@ struct LinearActBackward : torch::autograd::Node {
     variable_list out(num_outputs());
     const Tensor& dy = grads[0];
     if (!dy.defined()) return out;
-    const Tensor x_ = x.unpack(), w = weight.unpack(), b = bias.unpack();
+    const Tensor x_ = x.unpack(), w = weight.unpack();
     const bool want_x = task_should_compute_output(0), want_w = task_should_compute_output(1),
-               want_b = b.defined() && task_should_compute_output(2);
+               want_b = has_bias && task_should_compute_output(2);
     if (want_x || want_w || want_b) {
       Tensor z;
       if (activation != Activation::kNone) {
         // create_graph: z recomputed from x, W, b so that second derivatives see it depend on them; else the
-        // forward's (recomputed if a direct call of linear_act_fwd did not keep it)
+        // forward's (recomputed if a direct call of linear_act_fwd did not keep it). The bias is unpacked only
+        // then: like F.linear's backward, the first-order one does not read it (an in-place update of it
+        // between forward and backward is no error).
         z = at::GradMode::is_enabled() ? Tensor() : pre_activation.unpack();
-        if (!z.defined()) z = at::linear(x_, w, optional_of(b));
+        if (!z.defined()) z = at::linear(x_, w, has_bias ? OptTensor(bias.unpack()) : std::nullopt);
       }
       const Tensor dz = activation_backward(dy, z, activation);
       if (want_x) out[0] = at::matmul(dz, w);
@@ -303,6 +319,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_autograd(const Tensor& x, const Tensor
     n.x = torch::autograd::SavedVariable(x, false);
     n.weight = torch::autograd::SavedVariable(weight, false);
     if (bias) n.bias = torch::autograd::SavedVariable(*bias, false);
+    n.has_bias = bias.has_value();
     if (save_pre_activation) n.pre_activation = torch::autograd::SavedVariable(std::get<1>(results), false);
     n.activation = act;
   }

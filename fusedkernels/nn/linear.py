@@ -1,6 +1,6 @@
 """FusedLinear: torch.nn.Linear followed by an activation (and optionally a residual add), in one fused GEMM.
 
-A subclass of nn.Linear: same constructor arguments (plus `activation`), same parameters, initialisation and
+A subclass of nn.Linear: nn.Linear's constructor arguments in their order (plus keyword-only `activation`), same parameters, initialisation and
 state_dict (it loads an nn.Linear's and an nn.Linear loads its), and `isinstance(m, nn.Linear)` holds. forward
 calls the C++ op directly: no Python work beyond the call.
 """
@@ -21,8 +21,11 @@ class FusedLinear(nn.Linear):
     returns [..., out_features]. Raises ValueError for an unknown activation.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "gelu",
-                 device=None, dtype=None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 activation: str = "gelu") -> None:
+        if not isinstance(bias, bool):  # FusedLinear(16, 32, "relu") would otherwise be a gelu layer with a bias
+            raise TypeError(f"FusedLinear: bias must be a bool, got {bias!r} (activation is keyword-only: "
+                            f"FusedLinear(in_features, out_features, activation=...))")
         if activation not in ops.ACTIVATIONS:
             raise ValueError(f"FusedLinear: activation must be one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
