@@ -724,10 +724,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_meta(
 
 const RegisterOpInfo attention_info{
     {"attention", "attention", "float16, bfloat16 (q, k, v and a float attn_bias alike)",
-     "head_dim 32, 64, 96, 128, 256; any lengths; GQA / MQA, causal, sliding window, bias, dropout; sm_80+"}};
+     "head_dim 32, 64, 96, 128, 256; any lengths; GQA / MQA, causal, sliding window, bias, dropout; sm_80+ "
+     "(sm_90: wgmma kernels for head_dim 64 and 128 without dropout)"}};
 const RegisterOpInfo attention_varlen_info{
     {"attention", "attention_varlen", "float16, bfloat16",
-     "head_dim 32, 64, 96, 128, 256; packed sequences (cu_seqlens int32); no attn_bias; sm_80+"}};
+     "head_dim 32, 64, 96, 128, 256; packed sequences (cu_seqlens int32); no attn_bias; sm_80+ (sm_90: wgmma "
+     "kernels for head_dim 64 and 128 without dropout)"}};
 
 }  // namespace
 
