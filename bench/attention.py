@@ -46,7 +46,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -257,16 +256,10 @@ class _Recorder:
         """Probe one call (compiles, autotunes, shows a refusal), peak memory where wanted, then time."""
         start = time.perf_counter()
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                out = call(0)
-                torch.cuda.synchronize()
-            del out
-            # ours saying it runs PyTorch's implementation (said once per reason, so only the first case knows)
-            said = [str(w.message) for w in caught if "fusedkernels" in str(w.message)]
-            if said and impl in (OURS, NOBIAS):
-                extra["warning"] = said[0][:300]
-                print(f"  {case.name(direction):<36} {impl:<22} warned: {said[0][:300]}", flush=True)
+            said = common.probe(call)
+            if said and impl in (OURS, NOBIAS):  # ours running PyTorch's implementation
+                extra["warning"] = said
+                print(f"  {case.name(direction):<36} {impl:<22} warned: {said}", flush=True)
         except Exception as e:  # noqa: BLE001 (any refusal, OOM included, skips the row)
             why = common.why(e)
             del e

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import statistics
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -160,3 +161,16 @@ def free_cuda() -> None:
     except Exception:  # noqa: BLE001
         pass
     torch.cuda.empty_cache()
+
+
+def probe(call: Callable[[int], object]) -> Optional[str]:
+    """Run call(0) once (it compiles, autotunes, or raises a refusal) and return what fusedkernels warned
+    during it, if anything: a fallback to PyTorch's implementation, said once per reason (so only the first
+    case that meets a reason reports it)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call(0)
+        torch.cuda.synchronize()
+    del out
+    said = [str(w.message) for w in caught if "fusedkernels" in str(w.message)]
+    return said[0][:300] if said else None

@@ -28,7 +28,6 @@ sets, replays and the estimated GPU seconds.
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -168,15 +167,10 @@ def _measure(rows: list, case: Case, impl: str, fn: Callable, sets: list, matmul
             return fn(*sets[i])
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = call(0)
-            torch.cuda.synchronize()
-        del out
-        said = [str(w.message) for w in caught if "fusedkernels" in str(w.message)]
-        if said and impl == OURS:  # ours running the reference (said once per reason: the first case knows)
-            extra["warning"] = said[0][:300]
-            print(f"  {case.name():<40} {impl:<15} warned: {said[0][:300]}", flush=True)
+        said = common.probe(call)
+        if said and impl == OURS:  # ours running the reference
+            extra["warning"] = said
+            print(f"  {case.name():<40} {impl:<15} warned: {said}", flush=True)
         replays = replays_for(case, impl, n_sets)
         ms = time_graph(call, n_sets, replays=replays, warmup=WARMUP)
     except Exception as e:  # noqa: BLE001 (any refusal, OOM or a failed capture skips the row)

@@ -17,7 +17,7 @@ import fusedkernels.ops as fops
 from fusedkernels import _native
 from fusedkernels.ops.attention import attention_mask_ref, attention_ref, attention_varlen_ref
 
-from .helpers import assert_close_to_ref, max_err, poison_allocator
+from .helpers import assert_close_to_ref, capture_graph, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("attention"), reason="needs the native attention ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -711,15 +711,7 @@ def test_kernel_cuda_graph_capture_and_replay(dropout_p):
         out = fops.attention(q, k, v, causal=True, dropout_p=dropout_p, deterministic=True)
         return [out, *torch.autograd.grad(out, (q, k, v), dout)]
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step(*static)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        results = step(*static)
+    graph, results = capture_graph(step, static)
     for _ in range(2):
         fresh = _qkv(*shape, dtype=torch.bfloat16, device="cuda")
         for t, new in zip(static, fresh):

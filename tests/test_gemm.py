@@ -17,7 +17,7 @@ import fusedkernels.ops as fops
 from fusedkernels import _native
 from fusedkernels.ops.gemm import ACTIVATIONS, linear_act_ref
 
-from .helpers import assert_close_to_ref, max_err, poison_allocator
+from .helpers import assert_close_to_ref, capture_graph, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("linear_act"), reason="needs the native gemm ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -375,15 +375,7 @@ def test_kernel_cuda_graph_capture_and_replay():
         out = fops.linear_act(x, w, b, "gelu", r)
         return [out, *torch.autograd.grad(out, (x, w, b, r), dy)]
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step(*static)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        results = step(*static)
+    graph, results = capture_graph(step, static)
     for _ in range(2):
         fresh = _inputs((130,), 136, 264, torch.bfloat16, "cuda", True, True)
         for t, new in zip(static, fresh):
