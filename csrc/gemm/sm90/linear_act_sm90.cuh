@@ -1,6 +1,6 @@
 // The Hopper GEMM with a fused epilogue (sm_90a): out = act(x W^T + bias) + residual.
 //
-// Persistent and warp-specialised: one CTA per SM walks output tiles of 128 x 256. Warpgroup 0 is the
+// Persistent and warp-specialised: one CTA per SM walks output tiles of 64 x 256. Warpgroup 0 is the
 // producer: one thread issues TMA copies of the x and W slices (64 columns of K each) into a ring of
 // kStages shared-memory stages, each guarded by a "full" mbarrier (the copy engine completes it when the
 // bytes land) and an "empty" one (the consumers arrive when they are done reading). Warpgroups 1 and 2 are
@@ -25,7 +25,8 @@ namespace fusedkernels::gemm {
 template <typename T_>
 struct LinearActSm90Config {
   using T = T_;
-  static constexpr int kBlockM = 128, kBlockN = 256, kBlockK = 64, kStages = 4;
+  // A tile is 64 x 256, one consumer warpgroup's: the two consumers take the CTA's tiles in turn.
+  static constexpr int kBlockM = 64, kBlockN = 256, kBlockK = 64, kStages = 5;
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
   static constexpr int kABytes = kBlockM * kBlockK * 2, kBBytes = kBlockN * kBlockK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       sm90::mbarrier_init(&full[s], 1);                    // the producer's arrive.expect_tx
-      sm90::mbarrier_init(&empty[s], 4 * Cfg::kConsumers);  // one arrival per consumer warp
+      sm90::mbarrier_init(&empty[s], 4);  // one arrival per warp of the consumer whose tile it holds
     }
     sm90::fence_barrier_init();
   }
@@ -146,19 +147,25 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     return;
   }
 
-  // consumers
+  // consumers: consumer c takes the CTA's tiles c, c + 2, ... in turns (ping-pong): one's epilogue runs while
+  // the other's products use the tensor cores. A consumer starts a tile's products only once the other has
+  // issued all of its previous tile's (named barriers 1 and 2): its first ring position is then at most one
+  // lap ahead of the producer, as the mbarriers' parity waits need.
   sm90::claim_registers<232>();
   const int consumer = wg - 1, g = lane / 4, t = lane % 4;
-  int stage = 0;
-  uint32_t phase = 0;
   float acc[128];
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  int local = consumer;  // the tile's index in the CTA's sequence
+  for (int tile = blockIdx.x + consumer * gridDim.x; tile < tiles; tile += 2 * gridDim.x, local += 2) {
     int m_block, n_block;
     tile_of<Cfg::kGroupM>(tile, tiles_m, tiles_n, m_block, n_block);
+    if (local > 0) sm90::named_barrier_sync(2 - consumer, 256);  // the other consumer's previous products issued
+    const int64_t first = int64_t(local) * k_slices;  // ring position of its first k-slice
+    int stage = int(first % kStages);
+    uint32_t phase = uint32_t(first / kStages) & 1;
     int previous = -1;
     for (int ks = 0; ks < k_slices; ++ks) {
       sm90::mbarrier_wait(&full[stage], phase);
-      const uint32_t a = sm90::smem_address(stages + stage * Cfg::kStageBytes) + consumer * 64 * 128;
+      const uint32_t a = sm90::smem_address(stages + stage * Cfg::kStageBytes);
       const uint32_t b = sm90::smem_address(stages + stage * Cfg::kStageBytes + Cfg::kABytes);
       sm90::wgmma_fence();
 #pragma unroll
@@ -179,8 +186,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     sm90::wgmma_wait<0>();
     sm90::fence_operands(acc);
     if (previous >= 0 && lane == 0) sm90::mbarrier_arrive(&empty[previous]);
+    if (tile + gridDim.x < tiles) sm90::named_barrier_arrive(1 + consumer, 256);  // the other's next tile may start
 
-    const int64_t row0 = int64_t(m_block) * kBlockM + consumer * 64, col0 = int64_t(n_block) * kBlockN;
+    const int64_t row0 = int64_t(m_block) * kBlockM, col0 = int64_t(n_block) * kBlockN;
     if (k_slices == 0) {
 #pragma unroll
       for (int i = 0; i < 128; ++i) acc[i] = 0.0f;  // k = 0: x W^T is all zeros
