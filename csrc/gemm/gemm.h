@@ -34,9 +34,13 @@ struct LinearActParams {
   int64_t residual_row_stride = 0;
   void* out = nullptr;  // [m, n]
   int64_t out_row_stride = 0;
-  // [m, n] with out's row stride, or nullptr: z (before the activation), rounded to dtype, for the backward
+  // [m, n] ([m, 2n] gated: gate | up), or nullptr: z (before the activation), rounded to dtype, for the backward
   void* pre_activation = nullptr;
+  int64_t pre_activation_row_stride = 0;
   Activation activation = Activation::kNone;
+  // The gated form (SwiGLU / GeGLU): weight is [2n, k], the gate's rows then the up projection's (bias [2n]
+  // likewise), and out = act(x Wg^T + bg) * (x Wu^T + bu) (+ residual).
+  bool gated = false;
 };
 
 // Whether a kernel takes these params on the current device (today: the sm_90a kernel on Hopper, from a

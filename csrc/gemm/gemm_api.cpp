@@ -122,6 +122,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& x, const Tensor& we
   p.out = out.data_ptr();
   p.out_row_stride = n;
   p.pre_activation = save_pre_activation ? z.data_ptr() : nullptr;
+  p.pre_activation_row_stride = n;
   p.activation = act;
   if (!linear_act_supported(p)) {
     return reference("no fused kernel takes this call on this GPU with this build (gemm::linear_act_supported)");

@@ -26,7 +26,7 @@ bool linear_act_supported(const LinearActParams& p) {
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
   if (p.k == 0 || p.k % 8 != 0 || p.n % 8 != 0) return false;
   if (!tma_rows(p.x, p.x_row_stride) || !tma_rows(p.weight, p.weight_row_stride)) return false;
-  if (!pair_rows(p.out, p.out_row_stride) || (p.pre_activation != nullptr && !pair_rows(p.pre_activation, p.out_row_stride))) {
+  if (!pair_rows(p.out, p.out_row_stride) || (p.pre_activation != nullptr && !pair_rows(p.pre_activation, p.pre_activation_row_stride))) {
     return false;
   }
   if ((p.residual != nullptr && !pair_rows(p.residual, p.residual_row_stride)) ||

@@ -86,7 +86,7 @@ __device__ __forceinline__ void store_tile(const LinearActParams& p, const float
       const int64_t row = row0 + 16 * warp + g + 8 * r;
       if (row >= p.m) continue;
       const float z0 = acc[4 * j + 2 * r] + b0, z1 = acc[4 * j + 2 * r + 1] + b1;
-      if (pre != nullptr) *reinterpret_cast<uint32_t*>(pre + row * p.out_row_stride + col) = pack2<T>(z0, z1);
+      if (pre != nullptr) *reinterpret_cast<uint32_t*>(pre + row * p.pre_activation_row_stride + col) = pack2<T>(z0, z1);
       float y0 = activate<kAct>(z0), y1 = activate<kAct>(z1);
       if (residual != nullptr) {
         const uint32_t pair = *reinterpret_cast<const uint32_t*>(residual + row * p.residual_row_stride + col);
@@ -95,6 +95,56 @@ __device__ __forceinline__ void store_tile(const LinearActParams& p, const float
       }
       *reinterpret_cast<uint32_t*>(out + row * p.out_row_stride + col) = pack2<T>(y0, y1);
     }
+  }
+}
+
+// The gated epilogue: accumulator columns 0..127 are the gate's and 128..255 the up projection's for the same
+// 128 output columns col0 + 8j + 2t (+ 1), j < 16; out = act(gate + bg) * (up + bu) (+ residual).
+template <Activation kAct, typename T>
+__device__ __forceinline__ void store_gated_tile(const LinearActParams& p, const float (&acc)[128], int64_t row0,
+                                                 int64_t col0, int warp, int g, int t) {
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* residual = static_cast<const T*>(p.residual);
+  T* out = static_cast<T*>(p.out);
+  T* pre = static_cast<T*>(p.pre_activation);
+  const auto pair_of = [](const T* at) {
+    const uint32_t pair = *reinterpret_cast<const uint32_t*>(at);
+    return make_float2(to_float(from_bits<T>(pair & 0xffffu)), to_float(from_bits<T>(pair >> 16)));
+  };
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const int64_t col = col0 + 8 * j + 2 * t;
+    if (col >= p.n) continue;
+    const float2 bg = bias != nullptr ? pair_of(bias + col) : make_float2(0.0f, 0.0f);
+    const float2 bu = bias != nullptr ? pair_of(bias + p.n + col) : make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = row0 + 16 * warp + g + 8 * r;
+      if (row >= p.m) continue;
+      const float g0 = acc[4 * j + 2 * r] + bg.x, g1 = acc[4 * j + 2 * r + 1] + bg.y;
+      const float u0 = acc[4 * (j + 16) + 2 * r] + bu.x, u1 = acc[4 * (j + 16) + 2 * r + 1] + bu.y;
+      if (pre != nullptr) {
+        *reinterpret_cast<uint32_t*>(pre + row * p.pre_activation_row_stride + col) = pack2<T>(g0, g1);
+        *reinterpret_cast<uint32_t*>(pre + row * p.pre_activation_row_stride + p.n + col) = pack2<T>(u0, u1);
+      }
+      float y0 = activate<kAct>(g0) * u0, y1 = activate<kAct>(g1) * u1;
+      if (residual != nullptr) {
+        const float2 res = pair_of(residual + row * p.residual_row_stride + col);
+        y0 += res.x;
+        y1 += res.y;
+      }
+      *reinterpret_cast<uint32_t*>(out + row * p.out_row_stride + col) = pack2<T>(y0, y1);
+    }
+  }
+}
+
+template <Activation kAct, typename T>
+__device__ __forceinline__ void epilogue(const LinearActParams& p, const float (&acc)[128], int64_t row0,
+                                         int64_t col0, int warp, int g, int t) {
+  if (p.gated) {
+    store_gated_tile<kAct, T>(p, acc, row0, col0, warp, g, t);
+  } else {
+    store_tile<kAct, T>(p, acc, row0, col0, warp, g, t);
   }
 }
 
@@ -121,7 +171,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   __syncthreads();
 
-  const int tiles_m = int((p.m + kBlockM - 1) / kBlockM), tiles_n = int((p.n + kBlockN - 1) / kBlockN);
+  // a gated tile's 256 accumulator columns are 128 output columns (gate and up)
+  const int out_cols = p.gated ? kBlockN / 2 : kBlockN;
+  const int tiles_m = int((p.m + kBlockM - 1) / kBlockM), tiles_n = int((p.n + out_cols - 1) / out_cols);
   const int tiles = tiles_m * tiles_n, k_slices = int((p.k + kBlockK - 1) / kBlockK);
 
   if (wg == 0) {  // producer
@@ -137,7 +189,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         sm90::mbarrier_arrive_expect_tx(&full[stage], Cfg::kStageBytes);
         uint8_t* a = stages + stage * Cfg::kStageBytes;
         sm90::tma_load_2d(a, &x_map, ks * kBlockK, m_block * kBlockM, &full[stage]);
-        sm90::tma_load_2d(a + Cfg::kABytes, &w_map, ks * kBlockK, n_block * kBlockN, &full[stage]);
+        if (p.gated) {  // W's map has 128-row boxes: the gate's rows, then the up projection's n rows further
+          sm90::tma_load_2d(a + Cfg::kABytes, &w_map, ks * kBlockK, n_block * out_cols, &full[stage]);
+          sm90::tma_load_2d(a + Cfg::kABytes + Cfg::kBBytes / 2, &w_map, ks * kBlockK, int(p.n) + n_block * out_cols,
+                            &full[stage]);
+        } else {
+          sm90::tma_load_2d(a + Cfg::kABytes, &w_map, ks * kBlockK, n_block * kBlockN, &full[stage]);
+        }
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;
@@ -188,18 +246,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if (previous >= 0 && lane == 0) sm90::mbarrier_arrive(&empty[previous]);
     if (tile + gridDim.x < tiles) sm90::named_barrier_arrive(1 + consumer, 256);  // the other's next tile may start
 
-    const int64_t row0 = int64_t(m_block) * kBlockM, col0 = int64_t(n_block) * kBlockN;
+    const int64_t row0 = int64_t(m_block) * kBlockM, col0 = int64_t(n_block) * out_cols;
     if (k_slices == 0) {
 #pragma unroll
       for (int i = 0; i < 128; ++i) acc[i] = 0.0f;  // k = 0: x W^T is all zeros
     }
     switch (p.activation) {
-      case Activation::kRelu: store_tile<Activation::kRelu, T>(p, acc, row0, col0, warp, g, t); break;
-      case Activation::kGelu: store_tile<Activation::kGelu, T>(p, acc, row0, col0, warp, g, t); break;
-      case Activation::kGeluTanh: store_tile<Activation::kGeluTanh, T>(p, acc, row0, col0, warp, g, t); break;
-      case Activation::kSilu: store_tile<Activation::kSilu, T>(p, acc, row0, col0, warp, g, t); break;
-      case Activation::kSquaredRelu: store_tile<Activation::kSquaredRelu, T>(p, acc, row0, col0, warp, g, t); break;
-      default: store_tile<Activation::kNone, T>(p, acc, row0, col0, warp, g, t); break;
+      case Activation::kRelu: epilogue<Activation::kRelu, T>(p, acc, row0, col0, warp, g, t); break;
+      case Activation::kGelu: epilogue<Activation::kGelu, T>(p, acc, row0, col0, warp, g, t); break;
+      case Activation::kGeluTanh: epilogue<Activation::kGeluTanh, T>(p, acc, row0, col0, warp, g, t); break;
+      case Activation::kSilu: epilogue<Activation::kSilu, T>(p, acc, row0, col0, warp, g, t); break;
+      case Activation::kSquaredRelu: epilogue<Activation::kSquaredRelu, T>(p, acc, row0, col0, warp, g, t); break;
+      default: epilogue<Activation::kNone, T>(p, acc, row0, col0, warp, g, t); break;
     }
   }
 #else
@@ -220,11 +278,13 @@ template <typename T>
 cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream) {
   using Cfg = LinearActSm90Config<T>;
   constexpr auto kKernel = linear_act_sm90_kernel<Cfg>;
-  const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, Cfg::kBlockN);
+  const int out_cols = p.gated ? Cfg::kBlockN / 2 : Cfg::kBlockN;  // output columns of a tile
+  const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, out_cols);
   if (tiles == 0) return cudaSuccess;
   CUtensorMap x_map, w_map;
   if (!make_tensor_map_2d(&x_map, p.x, p.m, p.k, p.x_row_stride, Cfg::kBlockM, Cfg::kBlockK) ||
-      !make_tensor_map_2d(&w_map, p.weight, p.n, p.k, p.weight_row_stride, Cfg::kBlockN, Cfg::kBlockK)) {
+      !make_tensor_map_2d(&w_map, p.weight, p.gated ? 2 * p.n : p.n, p.k, p.weight_row_stride, out_cols,
+                          Cfg::kBlockK)) {
     return cudaErrorInvalidValue;
   }
   resident_blocks<kKernel, Cfg::kThreads, Cfg::kSmemBytes>();  // raises the shared-memory limit
