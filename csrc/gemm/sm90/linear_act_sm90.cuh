@@ -18,6 +18,7 @@
 #include "common/device/wgmma.cuh"
 #include "common/host/launch.h"
 #include "common/host/tma.h"
+#include "gemm/activation.cuh"
 #include "gemm/gemm.h"
 
 namespace fusedkernels::gemm {
@@ -44,22 +45,6 @@ __device__ __forceinline__ void tile_of(int index, int tiles_m, int tiles_n, int
   const int rows = min(kGroupM, tiles_m - first_m), within = index % (kGroupM * tiles_n);
   m_block = first_m + within % rows;
   n_block = within / rows;
-}
-
-// act(z) in fp32, PyTorch's definitions.
-template <Activation kAct>
-__device__ __forceinline__ float activate(float z) {
-  if constexpr (kAct == Activation::kRelu) return fmaxf(z, 0.0f);
-  if constexpr (kAct == Activation::kGelu) return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
-  if constexpr (kAct == Activation::kGeluTanh) {
-    return 0.5f * z * (1.0f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z)));
-  }
-  if constexpr (kAct == Activation::kSilu) return z / (1.0f + __expf(-z));
-  if constexpr (kAct == Activation::kSquaredRelu) {
-    const float r = fmaxf(z, 0.0f);
-    return r * r;
-  }
-  return z;
 }
 
 // The epilogue of one consumer's 64 x 256 accumulator: rows row0 + 16 warp + g (+ 8), columns col0 + 8j + 2t
