@@ -101,7 +101,30 @@ __device__ __forceinline__ void bulk_copy_s2g(void* gmem_dst, const void* smem_s
                : "memory");
 }
 
+// TMA tile copies of a shared-memory box (in the map's swizzle) to a 2D / 3D tensor map's box at the given
+// coordinates (elements, innermost first; the parts outside the tensor are not written), in the issuing
+// thread's bulk group.
+__device__ __forceinline__ void tma_store_2d(const void* tensor_map, const void* smem_src, int col, int row) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(tensor_map)),
+               "r"(smem_address(smem_src)), "r"(col), "r"(row)
+               : "memory");
+}
+__device__ __forceinline__ void tma_store_3d(const void* tensor_map, const void* smem_src, int x, int y, int z) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(tensor_map)),
+               "r"(smem_address(smem_src)), "r"(x), "r"(y), "r"(z)
+               : "memory");
+}
+
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+
+// Waits until at most kPending of this thread's bulk groups are still reading their shared-memory sources
+// (their global writes may still be in flight): the sources can then be overwritten.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
+}
 
 // Waits until this thread's bulk groups have finished (their writes are done).
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }

@@ -1,16 +1,22 @@
-// The Hopper GEMM with a fused epilogue (sm_90a): out = act(x W^T + bias) + residual.
+// The Hopper GEMM with a fused epilogue (sm_90a): out = act(x W^T + bias) + residual, and the gated form
+// out = act(x Wg^T + bg) * (x Wu^T + bu) + residual.
 //
-// Persistent and warp-specialised: one CTA per SM walks output tiles of 64 x 256. Warpgroup 0 is the
-// producer: one thread issues TMA copies of the x and W slices (64 columns of K each) into a ring of
-// kStages shared-memory stages, each guarded by a "full" mbarrier (the copy engine completes it when the
-// bytes land) and an "empty" one (the consumers arrive when they are done reading). Warpgroups 1 and 2 are
-// the consumers: 64 rows of the tile each, the 64 x 256 accumulator in registers (128 a thread), fed by
-// wgmma m64n256k16 straight from the swizzled stages, one k-slice's group in flight while the previous
-// stage is released. After the last k-slice the consumers apply the epilogue in registers and store; the
-// producer is meanwhile already filling stages for the next tile. docs/gemm.md draws it.
+// Persistent and warp-specialised: one CTA per SM walks the output tiles. Warpgroup 0 is the producer: one
+// thread issues TMA copies of the x and W slices (64 columns of K each) into a ring of kStages shared-memory
+// stages, each guarded by a "full" mbarrier (the copy engine completes it when the bytes land) and an "empty"
+// one (the consumers arrive when they are done reading). Warpgroups 1 and 2 are the consumers; each holds a
+// 64 x 256 fp32 accumulator in registers (128 a thread), fed by wgmma m64n256k16 straight from the swizzled
+// stages, one k-slice's group in flight while the previous stage is released. Tiles are 64 x 256 and the
+// consumers take the CTA's tiles in turns ("ping-pong"), so one's epilogue runs while the other's products
+// use the tensor cores. The epilogue applies bias, activation and residual, writes the tile into a
+// swizzled shared-memory buffer and stores it with TMA: coalesced, asynchronous, and clipped at the
+// tensor's edges (scattered register stores were the first version's bottleneck: docs/perf-notes.md).
+// docs/gemm.md draws it.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
+
+#include <utility>
 
 #include "common/device/mma.cuh"  // pack2
 #include "common/device/sm90.cuh"
@@ -26,16 +32,25 @@ namespace fusedkernels::gemm {
 template <typename T_>
 struct LinearActSm90Config {
   using T = T_;
-  // A tile is 64 x 256, one consumer warpgroup's: the two consumers take the CTA's tiles in turn.
-  static constexpr int kBlockM = 64, kBlockN = 256, kBlockK = 64, kStages = 5;
+  static constexpr int kBlockM = 64, kBlockN = 256, kBlockK = 64, kStages = 4;
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
   static constexpr int kABytes = kBlockM * kBlockK * 2, kBBytes = kBlockN * kBlockK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  // Stages, their barriers, and slack to align to the 1024-byte swizzle period.
-  static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;
-  // Tiles of this many consecutive m-blocks are walked together (all their n-blocks), so the W slices they
-  // share stay in L2.
-  static constexpr int kGroupM = 8;
+  // Each consumer's epilogue buffer: its 64 x 256 tile in 64-column boxes of 8 KiB.
+  static constexpr int kBoxBytes = 64 * 64 * 2, kEpilogueBytes = kBlockN / 64 * kBoxBytes;
+  // Stages, epilogue buffers, barriers (full and empty per stage), and slack to align to the 1024-byte
+  // swizzle period.
+  static constexpr int kSmemBytes = kStages * kStageBytes + kConsumers * kEpilogueBytes + 2 * kStages * 8 + 1024;
+  // Tiles of consecutive m-blocks spanning 1024 rows are walked together (all their n-blocks), so the W
+  // slices they share stay in L2.
+  static constexpr int kGroupM = 1024 / kBlockM;
+};
+
+// The tensor maps of one call: operands x [m, k] and W ([n, k], gated [2n, k]) in 64-column boxes of the
+// tile's rows; out [m, n] in 64 x 64 boxes; the pre-activation as [m, halves, n] (halves 2 when gated:
+// gate | up) in 64 x 1 x 64 boxes, so a gated tile's gate columns past n are clipped.
+struct LinearActMaps {
+  CUtensorMap x, weight, out, pre_activation;
 };
 
 // Tile `index` of a tiles_m x tiles_n grid, walked in groups of kGroupM m-blocks.
@@ -47,109 +62,176 @@ __device__ __forceinline__ void tile_of(int index, int tiles_m, int tiles_n, int
   n_block = within / rows;
 }
 
-// The epilogue of one consumer's 64 x 256 accumulator: rows row0 + 16 warp + g (+ 8), columns col0 + 8j + 2t
-// (+ 1), as the accumulator layout has them (common/device/wgmma.cuh).
-template <Activation kAct, typename T>
-__device__ __forceinline__ void store_tile(const LinearActParams& p, const float (&acc)[128], int64_t row0,
-                                           int64_t col0, int warp, int g, int t) {
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* residual = static_cast<const T*>(p.residual);
-  T* out = static_cast<T*>(p.out);
-  T* pre = static_cast<T*>(p.pre_activation);
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    const int64_t col = col0 + 8 * j + 2 * t;
-    if (col >= p.n) continue;  // n is a multiple of 8: a pair is all in or all out
-    float b0 = 0.0f, b1 = 0.0f;
-    if (bias != nullptr) {
-      const uint32_t pair = *reinterpret_cast<const uint32_t*>(bias + col);
-      b0 = to_float(from_bits<T>(pair & 0xffffu));
-      b1 = to_float(from_bits<T>(pair >> 16));
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t row = row0 + 16 * warp + g + 8 * r;
-      if (row >= p.m) continue;
-      const float z0 = acc[4 * j + 2 * r] + b0, z1 = acc[4 * j + 2 * r + 1] + b1;
-      if (pre != nullptr) *reinterpret_cast<uint32_t*>(pre + row * p.pre_activation_row_stride + col) = pack2<T>(z0, z1);
-      float y0 = activate<kAct>(z0), y1 = activate<kAct>(z1);
-      if (residual != nullptr) {
-        const uint32_t pair = *reinterpret_cast<const uint32_t*>(residual + row * p.residual_row_stride + col);
-        y0 += to_float(from_bits<T>(pair & 0xffffu));
-        y1 += to_float(from_bits<T>(pair >> 16));
-      }
-      *reinterpret_cast<uint32_t*>(out + row * p.out_row_stride + col) = pack2<T>(y0, y1);
-    }
-  }
-}
+// One consumer warpgroup's epilogue, in two passes over its shared-memory buffer:
+//   1. z = acc + bias, rounded to T (what F.linear returns), from the accumulator's registers (thread
+//      (warp, g, t) holds rows 16 warp + g (+ 8), columns 8j + 2t (+ 1): common/device/wgmma.cuh); stored as
+//      the pre-activation when the backward needs it;
+//   2. out = act(z) (* up) (+ residual), 8 columns a thread at a time in a loop, written over z and stored.
+// Applying the activation to the rounded z matches eager PyTorch (F.linear, then the activation on its
+// output), and the loop keeps the code small: 256 unrolled activations per thread overflowed the instruction
+// cache (docs/perf-notes.md). Gated tiles hold the gate's z in columns 0..127 and the up projection's in
+// 128..255, for output columns col0 .. col0 + 127.
+template <typename Cfg>
+struct Epilogue {
+  using T = typename Cfg::T;
 
-// The gated epilogue: accumulator columns 0..127 are the gate's and 128..255 the up projection's for the same
-// 128 output columns col0 + 8j + 2t (+ 1), j < 16; out = act(gate + bg) * (up + bu) (+ residual).
-template <Activation kAct, typename T>
-__device__ __forceinline__ void store_gated_tile(const LinearActParams& p, const float (&acc)[128], int64_t row0,
-                                                 int64_t col0, int warp, int g, int t) {
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* residual = static_cast<const T*>(p.residual);
-  T* out = static_cast<T*>(p.out);
-  T* pre = static_cast<T*>(p.pre_activation);
-  const auto pair_of = [](const T* at) {
-    const uint32_t pair = *reinterpret_cast<const uint32_t*>(at);
+  const LinearActParams& p;
+  const LinearActMaps& maps;
+  uint8_t* buffer;
+  int barrier;  // the warpgroup's named barrier
+  int thread;   // in the warpgroup; thread 0 issues the copies
+
+  // The buffer may be written: the previous stores have read it.
+  __device__ __forceinline__ void wait_buffer() {
+    if (thread == 0) sm90::bulk_wait_read<0>();
+    sm90::named_barrier_sync(barrier, 128);
+  }
+
+  // All writes to the buffer are done: make them visible to the copy engine.
+  __device__ __forceinline__ void publish_buffer() {
+    sm90::fence_proxy_async_shared();
+    sm90::named_barrier_sync(barrier, 128);
+  }
+
+  __device__ __forceinline__ uint8_t* at(int row, int col) const { return buffer + sm90::swizzled(row, col, 64); }
+
+  // bias at bias columns col, col + 1 (zeros past `limit` or without a bias).
+  __device__ __forceinline__ float2 bias_pair(int64_t col, int64_t limit) const {
+    if (p.bias == nullptr || col >= limit) return make_float2(0.0f, 0.0f);
+    const uint32_t pair = *reinterpret_cast<const uint32_t*>(static_cast<const T*>(p.bias) + col);
     return make_float2(to_float(from_bits<T>(pair & 0xffffu)), to_float(from_bits<T>(pair >> 16)));
-  };
+  }
+
+  __device__ __forceinline__ void store_z(const float (&acc)[128], int row0, int col0) {
+    const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
+    wait_buffer();
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const int64_t col = col0 + 8 * j + 2 * t;
-    if (col >= p.n) continue;
-    const float2 bg = bias != nullptr ? pair_of(bias + col) : make_float2(0.0f, 0.0f);
-    const float2 bu = bias != nullptr ? pair_of(bias + p.n + col) : make_float2(0.0f, 0.0f);
+    for (int j = 0; j < 32; ++j) {
+      const int col = 8 * j + 2 * t;
+      const float2 b = !p.gated ? bias_pair(col0 + col, p.n)
+                       : col < 128 ? bias_pair(col0 + col, p.n)
+                                   : bias_pair(p.n + col0 + col - 128, 2 * p.n);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t row = row0 + 16 * warp + g + 8 * r;
-      if (row >= p.m) continue;
-      const float g0 = acc[4 * j + 2 * r] + bg.x, g1 = acc[4 * j + 2 * r + 1] + bg.y;
-      const float u0 = acc[4 * (j + 16) + 2 * r] + bu.x, u1 = acc[4 * (j + 16) + 2 * r + 1] + bu.y;
-      if (pre != nullptr) {
-        *reinterpret_cast<uint32_t*>(pre + row * p.pre_activation_row_stride + col) = pack2<T>(g0, g1);
-        *reinterpret_cast<uint32_t*>(pre + row * p.pre_activation_row_stride + p.n + col) = pack2<T>(u0, u1);
+      for (int r = 0; r < 2; ++r) {
+        *reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col)) =
+            pack2<T>(acc[4 * j + 2 * r] + b.x, acc[4 * j + 2 * r + 1] + b.y);
       }
-      float y0 = activate<kAct>(g0) * u0, y1 = activate<kAct>(g1) * u1;
-      if (residual != nullptr) {
-        const float2 res = pair_of(residual + row * p.residual_row_stride + col);
-        y0 += res.x;
-        y1 += res.y;
+    }
+    publish_buffer();
+    if (p.pre_activation != nullptr) {  // the pass below writes over z: wait until the copy engine has read it
+      if (thread == 0) {
+#pragma unroll
+        for (int box = 0; box < 4; ++box) {
+          const int half = p.gated && box >= 2, col = col0 + 64 * box - 128 * half;
+          sm90::tma_store_3d(&maps.pre_activation, buffer + box * Cfg::kBoxBytes, col, half, row0);
+        }
+        sm90::bulk_commit();
       }
-      *reinterpret_cast<uint32_t*>(out + row * p.out_row_stride + col) = pack2<T>(y0, y1);
+      wait_buffer();
     }
   }
-}
 
-template <Activation kAct, typename T>
-__device__ __forceinline__ void epilogue(const LinearActParams& p, const float (&acc)[128], int64_t row0,
-                                         int64_t col0, int warp, int g, int t) {
-  if (p.gated) {
-    store_gated_tile<kAct, T>(p, acc, row0, col0, warp, g, t);
-  } else {
-    store_tile<kAct, T>(p, acc, row0, col0, warp, g, t);
+  // Asks L2 for the residual rows of a tile the epilogue will read (called before its products, whose time
+  // then hides the fetch).
+  __device__ __forceinline__ void prefetch_residual(int row0, int col0) const {
+    if (p.residual == nullptr) return;
+    const int lines_per_row = (p.gated ? 128 : 256) * int(sizeof(T)) / 128;
+    for (int i = thread; i < 64 * lines_per_row; i += 128) {
+      const int row = row0 + i / lines_per_row, col = col0 + i % lines_per_row * (128 / int(sizeof(T)));
+      if (row < p.m && col < p.n) {
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const T*>(p.residual) + row * p.residual_row_stride + col));
+      }
+    }
   }
-}
+
+  template <Activation kAct, bool kGated>
+  __device__ __forceinline__ void store_out(int row0, int col0) {
+    constexpr int kOutCols = kGated ? 128 : 256, kVectorsPerRow = kOutCols / 8;
+    constexpr int kPerThread = 64 * kVectorsPerRow / 128, kBatch = 4;  // residual loads in flight together
+    const T* residual = static_cast<const T*>(p.residual);
+#pragma unroll 1
+    for (int first = 0; first < kPerThread; first += kBatch) {
+      // vector v: a warp reads whole rows, so the residual loads are coalesced
+      const auto row_of = [&](int i) { return (thread + 128 * (first + i)) / kVectorsPerRow; };
+      const auto col_of = [&](int i) { return 8 * ((thread + 128 * (first + i)) % kVectorsPerRow); };
+      Vec<T, 8> res[kBatch];
+      if (residual != nullptr) {
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i) {
+          const int row = row0 + row_of(i), col = col0 + col_of(i);
+          if (row < p.m && col < p.n) res[i].load(residual + row * p.residual_row_stride + col);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        uint8_t* z_at = at(row_of(i), col_of(i));
+        Vec<T, 8> z, y;
+        z.load(reinterpret_cast<const T*>(z_at));
+        float out[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = activate<kAct>(z.get(e));
+        if constexpr (kGated) {
+          Vec<T, 8> up;
+          up.load(reinterpret_cast<const T*>(at(row_of(i), col_of(i) + 128)));
+#pragma unroll
+          for (int e = 0; e < 8; ++e) out[e] *= up.get(e);
+        }
+        if (residual != nullptr) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) out[e] += res[i].get(e);
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) y.set(e, out[e]);
+        *reinterpret_cast<uint4*>(z_at) = make_uint4(y.w[0], y.w[1], y.w[2], y.w[3]);
+      }
+    }
+    publish_buffer();
+    if (thread == 0) {
+#pragma unroll
+      for (int box = 0; box < kOutCols / 64; ++box) {
+        sm90::tma_store_2d(&maps.out, buffer + box * Cfg::kBoxBytes, col0 + 64 * box, row0);
+      }
+      sm90::bulk_commit();
+    }
+  }
+
+  __device__ __forceinline__ void operator()(const float (&acc)[128], int row0, int col0) {
+    store_z(acc, row0, col0);
+    const auto with = [&](auto act) {
+      if (p.gated) {
+        store_out<decltype(act)::value, true>(row0, col0);
+      } else {
+        store_out<decltype(act)::value, false>(row0, col0);
+      }
+    };
+    switch (p.activation) {
+      case Activation::kRelu: with(std::integral_constant<Activation, Activation::kRelu>{}); break;
+      case Activation::kGelu: with(std::integral_constant<Activation, Activation::kGelu>{}); break;
+      case Activation::kGeluTanh: with(std::integral_constant<Activation, Activation::kGeluTanh>{}); break;
+      case Activation::kSilu: with(std::integral_constant<Activation, Activation::kSilu>{}); break;
+      case Activation::kSquaredRelu: with(std::integral_constant<Activation, Activation::kSquaredRelu>{}); break;
+      default: with(std::integral_constant<Activation, Activation::kNone>{}); break;
+    }
+  }
+};
 
 template <typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
-    linear_act_sm90_kernel(const LinearActParams p, const __grid_constant__ CUtensorMap x_map,
-                           const __grid_constant__ CUtensorMap w_map) {
+    linear_act_sm90_kernel(const LinearActParams p, const __grid_constant__ LinearActMaps maps) {
 #if FUSEDKERNELS_SM90A
   using T = typename Cfg::T;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kBlockK = Cfg::kBlockK, kStages = Cfg::kStages;
 
   extern __shared__ unsigned char smem_raw[];
   uint8_t* stages = smem_raw + (1024 - sm90::smem_address(smem_raw) % 1024) % 1024;
-  uint64_t* full = reinterpret_cast<uint64_t*>(stages + kStages * Cfg::kStageBytes);
+  uint8_t* epilogue_buffers = stages + kStages * Cfg::kStageBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(epilogue_buffers + Cfg::kConsumers * Cfg::kEpilogueBytes);
   uint64_t* empty = full + kStages;
 
-  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int wg = threadIdx.x / 128, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      sm90::mbarrier_init(&full[s], 1);                    // the producer's arrive.expect_tx
+      sm90::mbarrier_init(&full[s], 1);   // the producer's arrive.expect_tx
       sm90::mbarrier_init(&empty[s], 4);  // one arrival per warp of the consumer whose tile it holds
     }
     sm90::fence_barrier_init();
@@ -173,13 +255,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         sm90::mbarrier_wait(&empty[stage], phase ^ 1);  // the first round passes at once (phase "-1" done)
         sm90::mbarrier_arrive_expect_tx(&full[stage], Cfg::kStageBytes);
         uint8_t* a = stages + stage * Cfg::kStageBytes;
-        sm90::tma_load_2d(a, &x_map, ks * kBlockK, m_block * kBlockM, &full[stage]);
+        sm90::tma_load_2d(a, &maps.x, ks * kBlockK, m_block * kBlockM, &full[stage]);
         if (p.gated) {  // W's map has 128-row boxes: the gate's rows, then the up projection's n rows further
-          sm90::tma_load_2d(a + Cfg::kABytes, &w_map, ks * kBlockK, n_block * out_cols, &full[stage]);
-          sm90::tma_load_2d(a + Cfg::kABytes + Cfg::kBBytes / 2, &w_map, ks * kBlockK, int(p.n) + n_block * out_cols,
-                            &full[stage]);
+          sm90::tma_load_2d(a + Cfg::kABytes, &maps.weight, ks * kBlockK, n_block * out_cols, &full[stage]);
+          sm90::tma_load_2d(a + Cfg::kABytes + Cfg::kBBytes / 2, &maps.weight, ks * kBlockK,
+                            int(p.n) + n_block * out_cols, &full[stage]);
         } else {
-          sm90::tma_load_2d(a + Cfg::kABytes, &w_map, ks * kBlockK, n_block * kBlockN, &full[stage]);
+          sm90::tma_load_2d(a + Cfg::kABytes, &maps.weight, ks * kBlockK, n_block * kBlockN, &full[stage]);
         }
         if (++stage == kStages) {
           stage = 0;
@@ -190,18 +272,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     return;
   }
 
-  // consumers: consumer c takes the CTA's tiles c, c + 2, ... in turns (ping-pong): one's epilogue runs while
-  // the other's products use the tensor cores. A consumer starts a tile's products only once the other has
-  // issued all of its previous tile's (named barriers 1 and 2): its first ring position is then at most one
-  // lap ahead of the producer, as the mbarriers' parity waits need.
   sm90::claim_registers<232>();
-  const int consumer = wg - 1, g = lane / 4, t = lane % 4;
+  const int consumer = wg - 1;
+  Epilogue<Cfg> epilogue{p, maps, epilogue_buffers + consumer * Cfg::kEpilogueBytes, 3 + consumer,
+                         int(threadIdx.x % 128)};
   float acc[128];
+  // Ping-pong: consumer c takes the CTA's tiles c, c + 2, ... It starts a tile's products only once the other
+  // has issued all of its previous tile's (named barriers 1 and 2): the tensor cores serve one consumer at a
+  // time while the other runs its epilogue, and a consumer's first ring position is at most one lap ahead of
+  // the producer, as the mbarriers' parity waits need.
   int local = consumer;  // the tile's index in the CTA's sequence
   for (int tile = blockIdx.x + consumer * gridDim.x; tile < tiles; tile += 2 * gridDim.x, local += 2) {
     int m_block, n_block;
     tile_of<Cfg::kGroupM>(tile, tiles_m, tiles_n, m_block, n_block);
-    if (local > 0) sm90::named_barrier_sync(2 - consumer, 256);  // the other consumer's previous products issued
+    epilogue.prefetch_residual(m_block * kBlockM, n_block * out_cols);
+    if (local > 0) sm90::named_barrier_sync(2 - consumer, 256);
     const int64_t first = int64_t(local) * k_slices;  // ring position of its first k-slice
     int stage = int(first % kStages);
     uint32_t phase = uint32_t(first / kStages) & 1;
@@ -229,22 +314,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     sm90::wgmma_wait<0>();
     sm90::fence_operands(acc);
     if (previous >= 0 && lane == 0) sm90::mbarrier_arrive(&empty[previous]);
-    if (tile + gridDim.x < tiles) sm90::named_barrier_arrive(1 + consumer, 256);  // the other's next tile may start
+    // the other consumer's next tile may start
+    if (tile + gridDim.x < tiles) sm90::named_barrier_arrive(1 + consumer, 256);
 
-    const int64_t row0 = int64_t(m_block) * kBlockM, col0 = int64_t(n_block) * out_cols;
     if (k_slices == 0) {
 #pragma unroll
       for (int i = 0; i < 128; ++i) acc[i] = 0.0f;  // k = 0: x W^T is all zeros
     }
-    switch (p.activation) {
-      case Activation::kRelu: epilogue<Activation::kRelu, T>(p, acc, row0, col0, warp, g, t); break;
-      case Activation::kGelu: epilogue<Activation::kGelu, T>(p, acc, row0, col0, warp, g, t); break;
-      case Activation::kGeluTanh: epilogue<Activation::kGeluTanh, T>(p, acc, row0, col0, warp, g, t); break;
-      case Activation::kSilu: epilogue<Activation::kSilu, T>(p, acc, row0, col0, warp, g, t); break;
-      case Activation::kSquaredRelu: epilogue<Activation::kSquaredRelu, T>(p, acc, row0, col0, warp, g, t); break;
-      default: epilogue<Activation::kNone, T>(p, acc, row0, col0, warp, g, t); break;
-    }
+    epilogue(acc, m_block * kBlockM, n_block * out_cols);
   }
+  if (epilogue.thread == 0) sm90::bulk_wait_read<0>();  // the buffer outlives the stores' reads of it
 #else
   __trap();  // never launched: linear_act_supported() is false without sm_90a code
 #endif
@@ -253,7 +332,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 template <typename T>
 bool linear_act_sm90_available() {
 #ifdef FUSEDKERNELS_SM90A_BUILT  // else the kernel's only body is the trap
-  return compute_capability() == 90 && has_image_for_current_device<linear_act_sm90_kernel<LinearActSm90Config<T>>>();
+  return compute_capability() == 90 &&
+         has_image_for_current_device<linear_act_sm90_kernel<LinearActSm90Config<T>>>();
 #else
   return false;
 #endif
@@ -266,15 +346,20 @@ cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream
   const int out_cols = p.gated ? Cfg::kBlockN / 2 : Cfg::kBlockN;  // output columns of a tile
   const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, out_cols);
   if (tiles == 0) return cudaSuccess;
-  CUtensorMap x_map, w_map;
-  if (!make_tensor_map_2d(&x_map, p.x, p.m, p.k, p.x_row_stride, Cfg::kBlockM, Cfg::kBlockK) ||
-      !make_tensor_map_2d(&w_map, p.weight, p.gated ? 2 * p.n : p.n, p.k, p.weight_row_stride, out_cols,
-                          Cfg::kBlockK)) {
+  LinearActMaps maps{};
+  const int64_t halves = p.gated ? 2 : 1;
+  const int64_t pre_sizes[3] = {p.n, halves, p.m}, pre_strides[2] = {p.n * 2, p.pre_activation_row_stride * 2};
+  const int pre_box[3] = {64, 1, 64};
+  if (!make_tensor_map_2d(&maps.x, p.x, p.m, p.k, p.x_row_stride, Cfg::kBlockM, Cfg::kBlockK) ||
+      !make_tensor_map_2d(&maps.weight, p.weight, halves * p.n, p.k, p.weight_row_stride, out_cols, Cfg::kBlockK) ||
+      !make_tensor_map_2d(&maps.out, p.out, p.m, p.n, p.out_row_stride, 64, 64) ||
+      (p.pre_activation != nullptr &&
+       !make_tensor_map(&maps.pre_activation, p.pre_activation, 3, pre_sizes, pre_strides, pre_box))) {
     return cudaErrorInvalidValue;
   }
   resident_blocks<kKernel, Cfg::kThreads, Cfg::kSmemBytes>();  // raises the shared-memory limit
   const int grid = int(std::min<int64_t>(tiles, sm_count()));
-  kKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, x_map, w_map);
+  kKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
   return cudaGetLastError();
 }
 
