@@ -8,6 +8,8 @@ case has a bias. Impls:
   fusedkernels    ops.linear_act(x, W, b, activation, residual). Skipped where the build has no native gemm op
                   (without it, the op is the reference, not what this suite measures); where it runs the
                   reference (no kernel for this GPU), its first call's warning goes to extra `warning`.
+  fusedkernels-portable  ours with FUSEDKERNELS_GEMM_KERNEL=portable (the mma.sync kernel, what an A100 runs, which
+                  the Hopper kernel replaces on sm_90), for PORTABLE_CASES only
   torch           eager F.linear(x, W, b), then the activation (F.gelu, F.gelu(approximate="tanh"), F.relu,
                   F.silu), then + residual: what a model runs today
   torch-cublaslt  torch._addmm_activation(b, x, W.t(), use_gelu=...): one cuBLASLt GEMM with its bias +
@@ -27,6 +29,7 @@ sets, replays and the estimated GPU seconds.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -41,7 +44,9 @@ from .common import Row, sets_for, time_graph
 
 SUITE = "gemm"
 DTYPE = torch.bfloat16
-OURS, TORCH, CUBLASLT, MATMUL = "fusedkernels", "torch", "torch-cublaslt", "torch-matmul"
+OURS, PORTABLE = "fusedkernels", "fusedkernels-portable"
+TORCH, CUBLASLT, MATMUL = "torch", "torch-cublaslt", "torch-matmul"
+PORTABLE_ENV = "FUSEDKERNELS_GEMM_KERNEL"
 
 ANCHOR_SHAPES = [  # M, K, N (ANCHORS.md, "GEMM + bias + activation")
     (16384, 768, 3072),  # BERT-base FFN1
@@ -63,9 +68,11 @@ TORCH_ACTIVATIONS: dict[str, Callable] = {
     "silu": F.silu,
 }
 CUBLASLT_GELU = {"relu": False, "gelu_tanh": True}  # activation -> use_gelu
+# (M, K, N, activation) with a portable row: the large GEMM, and a small K where the epilogue weighs most
+PORTABLE_CASES = {(8192, 4096, 16384, "relu"), (16384, 768, 3072, "gelu")}
 
 # Only to size the replays (and the plan's estimate): roughly what each impl reached on the H200 (ANCHORS).
-ASSUMED_TFLOPS = {OURS: 550, TORCH: 480, CUBLASLT: 600, MATMUL: 650}
+ASSUMED_TFLOPS = {OURS: 550, PORTABLE: 350, TORCH: 480, CUBLASLT: 600, MATMUL: 650}
 TARGET_MS = 200.0  # GPU time of the timed replays of one row; 5..30 replays
 WARMUP = 2
 
@@ -90,7 +97,8 @@ class Case:
 
     def impls(self) -> list[str]:
         cublaslt = [CUBLASLT] if self.activation in CUBLASLT_GELU and not self.residual else []
-        return [OURS, TORCH, *cublaslt, MATMUL]
+        portable = [PORTABLE] if (self.M, self.K, self.N, self.activation) in PORTABLE_CASES else []
+        return [OURS, *portable, TORCH, *cublaslt, MATMUL]
 
 
 def cases() -> list[Case]:
@@ -123,7 +131,7 @@ def native_gemm() -> tuple[bool, str]:
 
 def _impl(case: Case, impl: str) -> Callable:
     act = case.activation
-    if impl == OURS:
+    if impl in (OURS, PORTABLE):
         return lambda x, w, b, r: ops.linear_act(x, w, b, act, r)
     if impl == TORCH:
         fn = TORCH_ACTIVATIONS[act]
@@ -168,7 +176,7 @@ def _measure(rows: list, case: Case, impl: str, fn: Callable, sets: list, matmul
 
     try:
         said = common.probe(call)
-        if said and impl == OURS:  # ours running the reference
+        if said and impl in (OURS, PORTABLE):  # ours running the reference
             extra["warning"] = said
             print(f"  {case.name():<40} {impl:<15} warned: {said}", flush=True)
         replays = replays_for(case, impl, n_sets)
@@ -190,18 +198,36 @@ def _run_case(case: Case, rows: list, matmul: float, ours_ok: bool, ours_why: st
     sets = _make_sets(case, n_sets_for(case))
     first = len(rows)
     for impl in case.impls():
-        if impl == OURS and not ours_ok:
+        if impl in (OURS, PORTABLE) and not ours_ok:
             _skipped(rows, case, impl, ours_why)
+            continue
+        if impl == PORTABLE:
+            with _portable_kernel():
+                _measure(rows, case, impl, _impl(case, impl), sets, matmul)
             continue
         _measure(rows, case, impl, _impl(case, impl), sets, matmul)
     timed = {r.impl: r for r in rows[first:] if r.ms is not None}
-    ours = timed.get(OURS)
-    if ours is not None:
-        for base, key in ((TORCH, "vs_torch"), (CUBLASLT, "vs_cublaslt")):
-            if base in timed:
-                ours.extra[key] = round(timed[base].ms / ours.ms, 3)
+    for mine in (timed.get(OURS), timed.get(PORTABLE)):
+        if mine is not None:
+            for base, key in ((TORCH, "vs_torch"), (CUBLASLT, "vs_cublaslt")):
+                if base in timed:
+                    mine.extra[key] = round(timed[base].ms / mine.ms, 3)
     del sets
     common.free_cuda()
+
+
+class _portable_kernel:
+    """FUSEDKERNELS_GEMM_KERNEL=portable while a row is probed and captured (the kernel choice is made per call)."""
+
+    def __enter__(self):
+        self.old = os.environ.get(PORTABLE_ENV)
+        os.environ[PORTABLE_ENV] = "portable"
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(PORTABLE_ENV, None)
+        else:
+            os.environ[PORTABLE_ENV] = self.old
 
 
 def run() -> list[Row]:

@@ -3,7 +3,9 @@
 CPU tests hold the reference (the CPU kernel of the internal op) to plain PyTorch and check the op layer (errors,
 autograd, opcheck, compile, export, autocast, the module). `cuda` tests hold the fused kernel to an fp32 reference
 on fresh random inputs, with a tolerance relative to PyTorch's own low-precision error (the same reference run in
-the inputs' dtype), outputs poisoned first; where no kernel takes a call they check the reference it runs.
+the inputs' dtype), outputs poisoned first; where no kernel takes a call they check the reference it runs. The
+kernel tests run twice: with the default kernel, and with FUSEDKERNELS_GEMM_KERNEL=portable (the mma.sync kernel,
+which the Hopper kernel replaces on sm_90).
 """
 
 import warnings
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 
 import fusedkernels.nn as fnn
 import fusedkernels.ops as fops
-from fusedkernels import _native
+from fusedkernels import _build, _native
 from fusedkernels.ops.gemm import ACTIVATIONS, linear_act_ref
 
 from .helpers import assert_close_to_ref, capture_graph, max_err, poison_allocator
@@ -31,6 +33,15 @@ PLAIN = {
     "silu": lambda z: z * torch.sigmoid(z),
     "squared_relu": lambda z: torch.relu(z) ** 2,
 }
+
+
+@pytest.fixture(params=["default", "portable"])
+def kernels(request, monkeypatch):
+    if request.param == "portable":  # the mma.sync kernel where the Hopper kernel would run by default
+        monkeypatch.setenv("FUSEDKERNELS_GEMM_KERNEL", "portable")
+    else:
+        monkeypatch.delenv("FUSEDKERNELS_GEMM_KERNEL", raising=False)
+    return request.param
 
 
 def _inputs(lead, k, n, dtype=torch.float64, device="cpu", bias=True, residual=False):
@@ -299,7 +310,7 @@ def _check_forward(x, w, b, r, activation, name="out"):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
-def test_kernel_forward_every_activation(shape, residual, bias, activation, dtype):
+def test_kernel_forward_every_activation(shape, residual, bias, activation, dtype, kernels):
     lead, k, n = shape
     _check_forward(*_inputs(lead, k, n, dtype, "cuda", bias, residual), activation)
 
@@ -309,7 +320,7 @@ def test_kernel_forward_every_activation(shape, residual, bias, activation, dtyp
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("activation", ["gelu", "squared_relu", "none"])
 @pytest.mark.parametrize("shape", LARGE_SHAPES, ids=str)
-def test_kernel_forward_large_and_odd_sizes(shape, activation, dtype):
+def test_kernel_forward_large_and_odd_sizes(shape, activation, dtype, kernels):
     lead, k, n = shape
     _check_forward(*_inputs(lead, k, n, dtype, "cuda", True, activation == "none"), activation)
 
@@ -317,7 +328,7 @@ def test_kernel_forward_large_and_odd_sizes(shape, activation, dtype):
 @pytest.mark.cuda
 @needs_native
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
-def test_kernel_strided_x_and_residual(dtype):
+def test_kernel_strided_x_and_residual(dtype, kernels):
     """Rows a multiple of 8 elements apart are read in place; other layouts are copied first."""
     k, n = 136, 24
     base = torch.randn(1000, k + 8, device="cuda").to(dtype)
@@ -336,7 +347,7 @@ def test_kernel_strided_x_and_residual(dtype):
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", [((17,), 24, 136), ((2, 500), 136, 40)], ids=str)
-def test_kernel_pre_activation_and_grads(shape, activation, dtype):
+def test_kernel_pre_activation_and_grads(shape, activation, dtype, kernels):
     """The pre-activation the kernel writes is F.linear's (up to rounding), and the gradients computed from it
     match the fp32 reference as closely as PyTorch's own in the same dtype."""
     lead, k, n = shape
@@ -365,7 +376,7 @@ def test_opcheck_cuda():
 
 @pytest.mark.cuda
 @needs_native
-def test_kernel_cuda_graph_capture_and_replay():
+def test_kernel_cuda_graph_capture_and_replay(kernels):
     """Forward and backward captured in a graph; each replay matches an eager run on the same inputs (to an ulp:
     cuBLAS may pick another algorithm for the gradient GEMMs inside a capture)."""
     static = [t.requires_grad_() for t in _inputs((130,), 136, 264, torch.bfloat16, "cuda", True, True)]
@@ -454,6 +465,26 @@ def test_hopper_kernel_is_what_runs_on_sm90():
     assert not [str(c.message) for c in caught if "fusedkernels" in str(c.message)]  # no fallback
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert any("linear_act_sm90_kernel" in n for n in names), names
+
+
+@pytest.mark.cuda
+@needs_native
+def test_portable_kernel_is_what_runs_off_hopper_or_when_forced(kernels):
+    major, minor = torch.cuda.get_device_capability()
+    archs = _native.build_info().get("archs", [])
+    if major < 8 or not _build.runs_on(archs, major, minor):
+        pytest.skip("the portable kernel runs on sm_80 and newer, from a build with code for the GPU")
+    if kernels == "default" and (major, minor) == (9, 0) and any(a.startswith("90a") for a in archs):
+        pytest.skip("the Hopper kernel is the default on sm_90 (test_hopper_kernel_is_what_runs_on_sm90)")
+    x, w, b, r = _inputs((300,), 136, 264, torch.bfloat16, "cuda", True, True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fops.linear_act(x, w, b, "gelu", r)
+            torch.cuda.synchronize()
+    assert not [str(c.message) for c in caught if "fusedkernels" in str(c.message)]  # no fallback
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("linear_act_sm80_kernel" in n for n in names) and not any("sm90" in n for n in names), names
 
 
 def test_fused_linear_takes_nn_linear_positional_arguments_and_activation_by_keyword():

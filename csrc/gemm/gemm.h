@@ -5,9 +5,9 @@
 //
 // x is [m, k] and W [n, k] as nn.Linear stores it (k contiguous in both: both operands of the tensor-core
 // product are K-major, no transposes), bias [n], residual and out [m, n] (n contiguous). Row strides are in
-// elements, multiples of 8, with 16-byte aligned data (the copy engine moves 16-byte units); k and n are
-// then multiples of 8 too. Tails of m, n and k are handled (the copy engine fills out-of-range elements
-// with zeros).
+// elements, multiples of 8, with 16-byte aligned data (the copy engine and cp.async move 16-byte units); k
+// and n are then multiples of 8 too. Tails of m, n and k are handled (out-of-range elements of x and W are
+// read as zeros).
 #pragma once
 
 #include <cstdint>
@@ -43,11 +43,14 @@ struct LinearActParams {
   bool gated = false;
 };
 
-// Whether a kernel takes these params on the current device (today: the sm_90a kernel on Hopper, from a
-// build that holds its code; the bindings run the reference otherwise).
+// Whether a kernel takes these params on the current device: the sm_90a kernel on Hopper, from a build that
+// holds its code; else the portable mma.sync kernel on sm_80 and newer (A100, RTX 30 / 40, and Hopper when
+// FUSEDKERNELS_GEMM_KERNEL=portable), from a build with code for the device, when the rows of out, residual
+// and pre_activation are 16-byte aligned as x's, and the bias too. The bindings run the reference otherwise.
 bool linear_act_supported(const LinearActParams& p);
 
-// Launch on `stream`; return the launch error (cudaSuccess when all went well).
+// Launch on `stream` (the kernel linear_act_supported found); return the launch error (cudaSuccess when all
+// went well).
 cudaError_t linear_act(const LinearActParams& p, cudaStream_t stream);
 
 }  // namespace fusedkernels::gemm

@@ -353,7 +353,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_meta(const Tensor& x, const Tensor& we
 const RegisterOpInfo linear_act_info{
     {"gemm", "linear_act", "float16, bfloat16 (x, weight, bias, residual alike)",
      "in_features and out_features multiples of 8, any rows; activations none, relu, gelu, gelu_tanh, silu, "
-     "squared_relu; bias and residual optional; sm_90"}};
+     "squared_relu; bias and residual optional; sm_80+ (sm_90: the TMA / wgmma kernel)"}};
 
 }  // namespace
 
