@@ -1,8 +1,9 @@
-"""Suite `gemm`: Linear + bias + activation (+ residual) forward, bf16, against eager PyTorch and cuBLASLt's epilogue.
+"""Suite `gemm`: Linear + bias + activation (+ residual) forward, the gated form and the MLP block, bf16, against
+eager PyTorch and cuBLASLt's epilogue.
 
-Shapes are ANCHORS.md's GEMM table, written M·K·N (x [M, K], weight [N, K] as nn.Linear stores it), each with
-its activations gelu (erf), gelu_tanh and relu; plus the Llama-7B FFN up projection M=8192, K=4096, N=11008
-with silu, and the FFN2 shape with no activation and a residual (the epilogue of a second FFN GEMM). Every
+`linear_act` cases: ANCHORS.md's GEMM table, written M·K·N (x [M, K], weight [N, K] as nn.Linear stores it), each
+with its activations gelu (erf), gelu_tanh and relu; plus the Llama-7B FFN up projection M=8192, K=4096, N=11008
+with silu, and the FFN2 shape with no activation and a residual (the epilogue of a second FFN GEMM). Every such
 case has a bias. Impls:
 
   fusedkernels    ops.linear_act(x, W, b, activation, residual). Skipped where the build has no native gemm op
@@ -19,10 +20,26 @@ case has a bias. Impls:
   torch-matmul    torch.mm(x, W.t()) alone, the same shape's GEMM without bias or activation: the ceiling an
                   epilogue should cost nothing against (ANCHORS' "matmul only" column)
 
-Forward only for now (no_grad). Every timing is a CUDA-graph replay over rotated input sets
-(`common.time_graph`): x, W, b (and residual) per set, so weights come from HBM as in a model. TFLOP/s counts
-2·M·N·K; extra `pct_matmul` is that over the bf16 matmul rate (8192³) measured at the start of the same run,
-`vs_torch` / `vs_cublaslt` the baseline's time over this row's. An impl that refuses a case gets a row without
+`linear_gated` case: the Llama-7B FFN's gate and up projections, SwiGLU, no biases (Llama's): x [8192, 4096],
+W [2·11008, 4096] (gate rows, then up rows), out [8192, 11008].
+
+  fusedkernels    ops.linear_gated(x, W, None, "swiglu"): one GEMM over the stacked weight
+  torch           F.silu(F.linear(x, Wg)) * F.linear(x, Wu), Wg and Wu the halves of W: what Llama runs
+  torch-stacked   a, b = F.linear(x, W).chunk(2, -1); F.silu(a) * b: one GEMM, then the elementwise ops
+  torch-matmul    torch.mm(x, W.t()), the stacked GEMM alone
+
+`mlp` cases: the whole Llama-7B MLP, down(silu(gate(x)) * up(x)) without biases, forward (no_grad) and forward +
+backward (torch.autograd.grad of the output for x and the weights, dy given):
+
+  fusedkernels    nn.FusedMLP(4096, 11008, activation="swiglu", bias=False): linear_gated, then linear_act
+  torch           F.linear(F.silu(F.linear(x, Wg)) * F.linear(x, Wu), Wd) on three separate weights (the same
+                  values): two GEMMs, silu, mul, a third GEMM, as transformers' LlamaMLP
+
+Every timing is a CUDA-graph replay over rotated input sets (`common.time_graph`): x and the weights (and b,
+residual) per set, so weights come from HBM as in a model. TFLOP/s counts 2·M·N·K per GEMM (2 for linear_gated,
+3 for the MLP, three times that with the backward); extra `pct_matmul` is that over the bf16 matmul rate (8192³)
+measured at the start of the same run, `vs_torch` / `vs_cublaslt` / `vs_torch_stacked` the baseline's time over
+this row's, `group` the op (one table each). An impl that refuses a case gets a row without
 a time and the reason in extra `skipped`. `python -m bench.gemm` (no GPU needed) prints the plan: cases, impls,
 sets, replays and the estimated GPU seconds.
 """
@@ -38,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedkernels import _native, ops
+from fusedkernels.nn import FusedMLP
 
 from . import common
 from .common import Row, sets_for, time_graph
@@ -45,7 +63,7 @@ from .common import Row, sets_for, time_graph
 SUITE = "gemm"
 DTYPE = torch.bfloat16
 OURS, PORTABLE = "fusedkernels", "fusedkernels-portable"
-TORCH, CUBLASLT, MATMUL = "torch", "torch-cublaslt", "torch-matmul"
+TORCH, CUBLASLT, MATMUL, STACKED = "torch", "torch-cublaslt", "torch-matmul", "torch-stacked"
 PORTABLE_ENV = "FUSEDKERNELS_GEMM_KERNEL"
 
 ANCHOR_SHAPES = [  # M, K, N (ANCHORS.md, "GEMM + bias + activation")
@@ -60,6 +78,7 @@ EXTRA_CASES = [  # (M, K, N, activation, residual)
     (8192, 4096, 11008, "silu", False),  # Llama-7B FFN up projection
     (16384, 3072, 768, "none", True),  # FFN2 with the residual add in its epilogue
 ]
+LLAMA_FFN = (8192, 4096, 11008)  # M, K (hidden), N (intermediate): Llama-7B's MLP
 TORCH_ACTIVATIONS: dict[str, Callable] = {
     "none": lambda z: z,
     "gelu": F.gelu,
@@ -72,7 +91,7 @@ CUBLASLT_GELU = {"relu": False, "gelu_tanh": True}  # activation -> use_gelu
 PORTABLE_CASES = {(8192, 4096, 16384, "relu"), (16384, 768, 3072, "gelu")}
 
 # Only to size the replays (and the plan's estimate): roughly what each impl reached on the H200 (ANCHORS).
-ASSUMED_TFLOPS = {OURS: 550, PORTABLE: 350, TORCH: 480, CUBLASLT: 600, MATMUL: 650}
+ASSUMED_TFLOPS = {OURS: 550, PORTABLE: 350, TORCH: 480, CUBLASLT: 600, MATMUL: 650, STACKED: 480}
 TARGET_MS = 200.0  # GPU time of the timed replays of one row; 5..30 replays
 WARMUP = 2
 
@@ -84,18 +103,35 @@ class Case:
     N: int
     activation: str
     residual: bool = False
+    op: str = "linear_act"  # or "linear_gated", "mlp"
+    backward: bool = False
 
     def name(self) -> str:
-        return f"fwd {self.M}x{self.K}x{self.N} {self.activation}{' +residual' if self.residual else ''} bf16"
+        op = "" if self.op == "linear_act" else f"{self.op} "
+        return (f"{'fwd+bwd' if self.backward else 'fwd'} {op}{self.M}x{self.K}x{self.N} {self.activation}"
+                f"{' +residual' if self.residual else ''} bf16")
+
+    def gemms(self) -> int:
+        """Products of M·N·K in the forward."""
+        return {"linear_act": 1, "linear_gated": 2, "mlp": 3}[self.op]
 
     def flops(self) -> float:
-        return 2.0 * self.M * self.N * self.K
+        return 2.0 * self.M * self.N * self.K * self.gemms() * (3 if self.backward else 1)
 
-    def set_bytes(self) -> int:  # x, W, b, (residual), out
-        elems = self.M * self.K + self.N * self.K + self.N + self.M * self.N * (2 if self.residual else 1)
+    def set_bytes(self) -> int:
+        if self.op == "linear_act":  # x, W, b, (residual), out
+            elems = self.M * self.K + self.N * self.K + self.N + self.M * self.N * (2 if self.residual else 1)
+        else:  # x, the weights (twice for the mlp: ours and torch's), out; dy
+            weights = self.gemms() * self.N * self.K * (2 if self.op == "mlp" else 1)
+            out = self.M * (self.K if self.op == "mlp" else self.N)
+            elems = self.M * self.K + weights + out * (2 if self.backward else 1)
         return elems * (torch.finfo(DTYPE).bits // 8)
 
     def impls(self) -> list[str]:
+        if self.op == "linear_gated":
+            return [OURS, TORCH, STACKED, MATMUL]
+        if self.op == "mlp":
+            return [OURS, TORCH]
         cublaslt = [CUBLASLT] if self.activation in CUBLASLT_GELU and not self.residual else []
         portable = [PORTABLE] if (self.M, self.K, self.N, self.activation) in PORTABLE_CASES else []
         return [OURS, *portable, TORCH, *cublaslt, MATMUL]
@@ -103,7 +139,9 @@ class Case:
 
 def cases() -> list[Case]:
     out = [Case(M, K, N, act) for M, K, N in ANCHOR_SHAPES for act in ANCHOR_ACTIVATIONS]
-    return out + [Case(*c) for c in EXTRA_CASES]
+    out += [Case(*c) for c in EXTRA_CASES]
+    out.append(Case(*LLAMA_FFN, "swiglu", op="linear_gated"))
+    return out + [Case(*LLAMA_FFN, "swiglu", op="mlp", backward=backward) for backward in (False, True)]
 
 
 def n_sets_for(case: Case) -> int:
@@ -119,17 +157,22 @@ def native_gemm() -> tuple[bool, str]:
     """Whether ours has a native op to time here, and if not, why."""
     if not _native.loaded:
         return False, f"native module not loaded ({_native.error})"
-    if not _native.has_op("linear_act"):
+    if not _native.has_op("linear_act") or not _native.has_op("linear_gated"):
         return False, "this build has no gemm ops (FUSEDKERNELS_FAMILIES?)"
     return True, ""
 
 
 # ------------------------------------------------------------------------------------------------
-# Implementations: each is fn(x, w, b, residual) -> out
+# Implementations: each is fn(*one input set) -> out (linear_act: x, w, b, residual; linear_gated: x, W, Wg, Wu;
+# mlp: x, FusedMLP, torch's weights (Wg, Wu, Wd), dy)
 # ------------------------------------------------------------------------------------------------
 
 
 def _impl(case: Case, impl: str) -> Callable:
+    if case.op == "linear_gated":
+        return _gated_impl(impl)
+    if case.op == "mlp":
+        return _mlp_impl(case, impl)
     act = case.activation
     if impl in (OURS, PORTABLE):
         return lambda x, w, b, r: ops.linear_act(x, w, b, act, r)
@@ -144,12 +187,47 @@ def _impl(case: Case, impl: str) -> Callable:
     return lambda x, w, b, r: torch.mm(x, w.t())
 
 
+def _gated_impl(impl: str) -> Callable:
+    if impl == OURS:
+        return lambda x, w, wg, wu: ops.linear_gated(x, w, None, "swiglu")
+    if impl == TORCH:
+        return lambda x, w, wg, wu: F.silu(F.linear(x, wg)) * F.linear(x, wu)
+    if impl == STACKED:
+        def stacked(x, w, wg, wu):
+            gate, up = F.linear(x, w).chunk(2, -1)
+            return F.silu(gate) * up
+
+        return stacked
+    return lambda x, w, wg, wu: torch.mm(x, w.t())
+
+
+def _mlp_impl(case: Case, impl: str) -> Callable:
+    def forward(x, mlp, weights, dy):
+        """The output and the tensors whose gradients the backward computes."""
+        if impl == OURS:
+            return mlp(x), (x, *mlp.parameters())
+        wg, wu, wd = weights
+        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd), (x, *weights)
+
+    if not case.backward:
+        return lambda *s: forward(*s)[0]
+
+    def forward_backward(x, mlp, weights, dy):
+        out, leaves = forward(x, mlp, weights, dy)
+        return torch.autograd.grad(out, leaves, dy)
+
+    return forward_backward
+
+
 # ------------------------------------------------------------------------------------------------
 # Measuring
 # ------------------------------------------------------------------------------------------------
 
 
 def _make_sets(case: Case, n_sets: int) -> list[tuple]:
+    if case.op != "linear_act":
+        return [_llama_set(case) for _ in range(n_sets)]
+
     def one():
         x = torch.randn(case.M, case.K, device="cuda", dtype=DTYPE)
         w = torch.randn(case.N, case.K, device="cuda", dtype=DTYPE) * case.K**-0.5
@@ -160,8 +238,21 @@ def _make_sets(case: Case, n_sets: int) -> list[tuple]:
     return [one() for _ in range(n_sets)]
 
 
+def _llama_set(case: Case) -> tuple:
+    """One input set of the Llama FFN cases, as their impls take it."""
+    x = torch.randn(case.M, case.K, device="cuda", dtype=DTYPE)
+    if case.op == "linear_gated":
+        w = torch.randn(2 * case.N, case.K, device="cuda", dtype=DTYPE) * case.K**-0.5
+        return (x, w, *w.chunk(2))
+    mlp = FusedMLP(case.K, case.N, bias=False, activation="swiglu", device="cuda", dtype=DTYPE)
+    weights = tuple(t.detach().clone().requires_grad_() for t in (*mlp.gate_up_proj.weight.chunk(2),
+                                                                   mlp.down_proj.weight))
+    dy = torch.randn(case.M, case.K, device="cuda", dtype=DTYPE)
+    return x.requires_grad_(case.backward), mlp, weights, dy
+
+
 def _skipped(rows: list, case: Case, impl: str, why: str) -> None:
-    rows.append(Row(SUITE, case.name(), impl, None, extra={"skipped": why}))
+    rows.append(Row(SUITE, case.name(), impl, None, extra={"group": case.op, "skipped": why}))
     print(f"  {case.name():<40} {impl:<15} skipped: {why}", flush=True)
 
 
@@ -171,7 +262,7 @@ def _measure(rows: list, case: Case, impl: str, fn: Callable, sets: list, matmul
     extra: dict = {}
 
     def call(i):
-        with torch.no_grad():
+        with torch.set_grad_enabled(case.backward):
             return fn(*sets[i])
 
     try:
@@ -188,8 +279,8 @@ def _measure(rows: list, case: Case, impl: str, fn: Callable, sets: list, matmul
         return _skipped(rows, case, impl, why)
     tflops = case.flops() / ms / 1e9
     rows.append(Row(SUITE, case.name(), impl, round(ms, 5), TFLOPs=round(tflops, 1),
-                    extra={"pct_matmul": round(100 * tflops / matmul, 1), "n_sets": n_sets, "replays": replays,
-                           **extra}))
+                    extra={"group": case.op, "pct_matmul": round(100 * tflops / matmul, 1), "n_sets": n_sets,
+                           "replays": replays, **extra}))
     print(f"  {case.name():<40} {impl:<15} {ms * 1e3:9.1f} us {tflops:6.0f} TFLOP/s "
           f"({100 * tflops / matmul:.0f}% of matmul)", flush=True)
 
@@ -209,7 +300,7 @@ def _run_case(case: Case, rows: list, matmul: float, ours_ok: bool, ours_why: st
     timed = {r.impl: r for r in rows[first:] if r.ms is not None}
     for mine in (timed.get(OURS), timed.get(PORTABLE)):
         if mine is not None:
-            for base, key in ((TORCH, "vs_torch"), (CUBLASLT, "vs_cublaslt")):
+            for base, key in ((TORCH, "vs_torch"), (CUBLASLT, "vs_cublaslt"), (STACKED, "vs_torch_stacked")):
                 if base in timed:
                     mine.extra[key] = round(timed[base].ms / mine.ms, 3)
     del sets

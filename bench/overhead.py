@@ -19,7 +19,9 @@ The budget: ours within 1.2x of torch's host time.
 Linear rows (`linear_act ...`): ops.linear_act(x, W, b, "gelu") against F.gelu(F.linear(x, W, b)) on x [4, 1024],
 W [1024, 1024] bf16 (a small shape: the host cost is the whole cost): forward without grad, forward with grad
 (x, W, b require grad), and fwd+bwd as a chain of 8 calls (each output the next call's input) and one backward.
-Same budget.
+Same budget. Gated rows (`linear_gated ...`): ops.linear_gated(x, W, None, "swiglu") against its eager form on the
+same stacked weight W [2048, 1024], `gate, up = F.linear(x, W).chunk(2, -1); F.silu(gate) * up`, in the same three
+directions.
 """
 
 from __future__ import annotations
@@ -193,6 +195,27 @@ def _linear_rows(add) -> None:
     del x, dy, w, b, leaves
 
 
+def _swiglu(x, w):
+    gate, up = F.linear(x, w).chunk(2, -1)
+    return F.silu(gate) * up
+
+
+def _gated_rows(add) -> None:
+    ours = getattr(ops, "linear_gated", None)
+    if ours is None:
+        print("  linear_gated: skipped (fusedkernels.ops has no linear_gated)", flush=True)
+        return
+    M, K, N = LINEAR_SHAPE
+    shape = f"{M}x{K}x{N} swiglu bf16"
+    x = torch.randn(M, K, device="cuda", dtype=DTYPE)
+    dy = torch.randn(M, N, device="cuda", dtype=DTYPE)
+    w = (torch.randn(2 * N, K, device="cuda") * K**-0.5).to(DTYPE)
+    leaves = [t.clone().requires_grad_() for t in (x, w)]
+    impls = (("fusedkernels", lambda x, w: ours(x, w, None, "swiglu")), ("torch", _swiglu))
+    _three_directions(add, f"linear_gated {{}} {shape}", impls, (x, w), leaves, dy)
+    del x, dy, w, leaves
+
+
 def _model(shapes):
     params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
     for p in params:
@@ -229,5 +252,6 @@ def run() -> list[Row]:
     _norm_rows(add)
     _attention_rows(add)
     _linear_rows(add)
+    _gated_rows(add)
     _optim_rows(add)
     return rows

@@ -25,11 +25,11 @@ def _baselines(rows, suite):
 
 # Implementations a TFLOP/s suite's ours is compared against in its ratio columns, where a table has them.
 REFERENCES = {"attention": ("torch-sdpa-flash", "torch-sdpa-cudnn", "fusedkernels-nobias"),
-              "gemm": ("torch", "torch-cublaslt")}
+              "gemm": ("torch", "torch-cublaslt", "torch-stacked")}
 RATIO_HEADS = {"fusedkernels-nobias": "speed with bias / without"}
 SHORT = {"torch-sdpa-flash": "flash", "torch-sdpa-cudnn": "cuDNN", "torch-sdpa-efficient": "efficient",
          "torch-flex": "flex", "torch-eager": "eager", "fusedkernels-nobias": "ours, no bias",
-         "torch-cublaslt": "cuBLASLt", "torch-matmul": "matmul only"}
+         "torch-cublaslt": "cuBLASLt", "torch-matmul": "matmul only", "torch-stacked": "eager, stacked W"}
 
 
 def _flops_tables(suite: str, rows: list, meta: dict) -> list[str]:

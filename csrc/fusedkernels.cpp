@@ -50,6 +50,7 @@ using AttentionVarlen = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
                                                    const Tensor&, c10::SymInt, c10::SymInt, double, bool, int64_t,
                                                    int64_t, std::optional<double>, bool, bool);
 constexpr char kLinearAct[] = "fusedkernels::linear_act";
+constexpr char kLinearGated[] = "fusedkernels::linear_gated";
 using LinearAct = Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, const OptTensor&);
 
 template <typename Signature, const char* kName>
@@ -68,6 +69,8 @@ PyMethodDef methods[] = {
     {"attention_varlen", fast<AttentionVarlen, kAttentionVarlen>(), METH_FASTCALL,
      "fusedkernels::attention_varlen, or NotImplemented"},
     {"linear_act", fast<LinearAct, kLinearAct>(), METH_FASTCALL, "fusedkernels::linear_act, or NotImplemented"},
+    {"linear_gated", fast<LinearAct, kLinearGated>(), METH_FASTCALL,
+     "fusedkernels::linear_gated, or NotImplemented"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -4,6 +4,7 @@
 # Logs and results go to $OUT (default: ./gpu_out). Exit status: non-zero if any step failed.
 #   GPU_CHECK_STEPS="build test sanitize bench"  pick steps;   BENCH_SUITES="norm overhead"  pick suites;
 #   FUSEDKERNELS_FAMILIES=norm  build one family;   SANITIZE_TIMEOUT=300  seconds per sanitizer tool;
+#   SANITIZE_FAMILIES=gemm  sanitize those families only;
 #   GPU_TESTS="tests/test_attention.py"  pytest paths (default: tests).
 # Wheels in .whl/ (e.g. Liger-Kernel's, for the overhead suite's comparison) are installed first, without
 # their dependencies, into a folder on PYTHONPATH: the GPU machine cannot download.

@@ -17,92 +17,106 @@ from fusedkernels import _native
 
 assert _native.loaded, _native.error
 torch.manual_seed(0)
-# hidden sizes: general path (odd), each register-path thread-group size, the backward's general path.
-HIDDEN = [1, 7, 64, 256, 768, 1024, 2048, 4096, 8192, 12288, 16384, 32768, 65536]
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for hidden in HIDDEN:
-        rows = 3 if hidden > 4096 else 37
-        for param_dtype in {dtype, torch.float32}:
-            x = torch.randn(rows, hidden, device="cuda", dtype=dtype, requires_grad=True)
-            w = torch.rand(hidden, device="cuda", dtype=param_dtype, requires_grad=True)
-            b = torch.randn(hidden, device="cuda", dtype=param_dtype, requires_grad=True)
-            for y in (ops.layer_norm(x, (hidden,), w, b), ops.rms_norm(x, (hidden,), w)):
-                torch.autograd.grad(y, [x, w], torch.randn_like(y))
-torch.cuda.synchronize()
-print("sanitize_kernels: ran all norm paths")
+# SANITIZE_FAMILIES=gemm,attention: run those families only (default: all).
+FAMILIES = os.environ.get("SANITIZE_FAMILIES", "norm,optim,attention,gemm").split(",")
 
-# optim: odd sizes, one past a chunk, master weights, bf16 states, amsgrad, AMP, clipping, > 384 tensors.
-from fusedkernels.optim import FusedAdamW, FusedLAMB, FusedSGD, clip_grad_norm_  # noqa: E402
-
-shapes = [(1,), (7,), (16385,), (33, 65)] + [(i % 5 + 1,) for i in range(400)]
-dtypes = (torch.float32,) if "--fp32-optim" in sys.argv else (torch.float32, torch.bfloat16, torch.float16)
-for dtype in dtypes:
-    for make in (
-        lambda ps: FusedAdamW(ps, lr=1e-3, amsgrad=True, master_weights=True),
-        lambda ps: FusedAdamW(ps, lr=1e-3, state_dtype=torch.bfloat16),
-        lambda ps: FusedSGD(ps, lr=1e-2, momentum=0.9, nesterov=True, master_weights=True),
-        lambda ps: FusedLAMB(ps, lr=1e-3, master_weights=True),
-    ):
-        params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in shapes]
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt = make(params)
-        clip_grad_norm_(params, 1.0, float("inf"))
-        clip_grad_norm_(params, 1.0, 2.0, defer_to=opt)
-        opt.grad_scale = torch.tensor(2.0, device="cuda")
-        opt.found_inf = torch.tensor(0.0, device="cuda")
-        opt.step()
-torch.cuda.synchronize()
-print("sanitize_kernels: ran all optim paths")
-
-# The sm_90a-only kernel (TMA bulk copies, mbarrier): a tail tile and several tiles per block.
-if torch.cuda.get_device_capability() == (9, 0):
-    x = torch.randn(4096 * 3 + 52, device="cuda")
-    assert torch.equal(torch.ops.fusedkernels.sm90_double(x), 2 * x)
+if "norm" in FAMILIES:
+    # hidden sizes: general path (odd), each register-path thread-group size, the backward's general path.
+    HIDDEN = [1, 7, 64, 256, 768, 1024, 2048, 4096, 8192, 12288, 16384, 32768, 65536]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for hidden in HIDDEN:
+            rows = 3 if hidden > 4096 else 37
+            for param_dtype in {dtype, torch.float32}:
+                x = torch.randn(rows, hidden, device="cuda", dtype=dtype, requires_grad=True)
+                w = torch.rand(hidden, device="cuda", dtype=param_dtype, requires_grad=True)
+                b = torch.randn(hidden, device="cuda", dtype=param_dtype, requires_grad=True)
+                for y in (ops.layer_norm(x, (hidden,), w, b), ops.rms_norm(x, (hidden,), w)):
+                    torch.autograd.grad(y, [x, w], torch.randn_like(y))
     torch.cuda.synchronize()
-    print("sanitize_kernels: ran the sm90 kernel")
+    print("sanitize_kernels: ran all norm paths")
 
-# attention: every head dim and dtype, odd lengths, GQA, causal + window, bias with a grad, dropout, varlen,
-# both dq paths (atomic and deterministic).
-for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
-    for d in (32, 64, 96, 128, 256):
-        q = torch.randn(2, 77, 4, d, device="cuda", dtype=dtype, requires_grad=True)
-        k = torch.randn(2, 45, 2, d, device="cuda", dtype=dtype, requires_grad=True)
-        v = torch.randn(2, 45, 2, d, device="cuda", dtype=dtype, requires_grad=True)
-        bias = torch.randn(2, 1, 77, 45, device="cuda", dtype=dtype, requires_grad=True)
-        for kwargs in (
-            dict(causal=True, window=(20, -1)),
-            dict(attn_bias=bias, dropout_p=0.3),
-            dict(deterministic=True, causal=True),
+if "optim" in FAMILIES:
+    # optim: odd sizes, one past a chunk, master weights, bf16 states, amsgrad, AMP, clipping, > 384 tensors.
+    from fusedkernels.optim import FusedAdamW, FusedLAMB, FusedSGD, clip_grad_norm_  # noqa: E402
+
+    shapes = [(1,), (7,), (16385,), (33, 65)] + [(i % 5 + 1,) for i in range(400)]
+    dtypes = (torch.float32,) if "--fp32-optim" in sys.argv else (torch.float32, torch.bfloat16, torch.float16)
+    for dtype in dtypes:
+        for make in (
+            lambda ps: FusedAdamW(ps, lr=1e-3, amsgrad=True, master_weights=True),
+            lambda ps: FusedAdamW(ps, lr=1e-3, state_dtype=torch.bfloat16),
+            lambda ps: FusedSGD(ps, lr=1e-2, momentum=0.9, nesterov=True, master_weights=True),
+            lambda ps: FusedLAMB(ps, lr=1e-3, master_weights=True),
         ):
-            out = ops.attention(q, k, v, **kwargs)
-            torch.autograd.grad(out, [q, k, v], torch.randn_like(out))
-        cu = torch.tensor([0, 30, 31, 77], device="cuda", dtype=torch.int32)
-        qp = torch.randn(77, 4, d, device="cuda", dtype=dtype, requires_grad=True)
-        kp = torch.randn(77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
-        out = ops.attention_varlen(qp, kp, kp, cu, cu, 46, 46, causal=True)
-        torch.autograd.grad(out, [qp, kp], torch.randn_like(out))
-    # the Hopper kernels (head dims 64, 128): several key tiles, both warpgroups, a partial last tile; then
-    # the same call on the portable kernels
-    for d in (64, 128):
-        q = torch.randn(1, 200, 2, d, device="cuda", dtype=dtype, requires_grad=True)
-        k = torch.randn(1, 300, 1, d, device="cuda", dtype=dtype, requires_grad=True)
-        for kernels in ("default", "portable"):
-            os.environ["FUSEDKERNELS_ATTENTION_KERNEL"] = kernels
-            out = ops.attention(q, k, k, window=(150, 40))
-            torch.autograd.grad(out, [q, k], torch.randn_like(out))
-        os.environ.pop("FUSEDKERNELS_ATTENTION_KERNEL")
-torch.cuda.synchronize()
-print("sanitize_kernels: ran all attention paths")
+            params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in shapes]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = make(params)
+            clip_grad_norm_(params, 1.0, float("inf"))
+            clip_grad_norm_(params, 1.0, 2.0, defer_to=opt)
+            opt.grad_scale = torch.tensor(2.0, device="cuda")
+            opt.found_inf = torch.tensor(0.0, device="cuda")
+            opt.step()
+    torch.cuda.synchronize()
+    print("sanitize_kernels: ran all optim paths")
 
-# gemm: linear_act with every epilogue input, tails of M, N and K in one tile, and a backward (the forward
-# writes the pre-activation)
-for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
-    x = torch.randn(77, 136, device="cuda", dtype=dtype, requires_grad=True)
-    w = torch.randn(264, 136, device="cuda", dtype=dtype, requires_grad=True)
-    b = torch.randn(264, device="cuda", dtype=dtype, requires_grad=True)
-    r = torch.randn(77, 264, device="cuda", dtype=dtype)
-    out = ops.linear_act(x, w, b, "gelu", r)
-    torch.autograd.grad(out, [x, w, b], torch.randn_like(out))
-torch.cuda.synchronize()
-print("sanitize_kernels: ran the gemm kernel")
+    # The sm_90a-only kernel (TMA bulk copies, mbarrier): a tail tile and several tiles per block.
+    if torch.cuda.get_device_capability() == (9, 0):
+        x = torch.randn(4096 * 3 + 52, device="cuda")
+        assert torch.equal(torch.ops.fusedkernels.sm90_double(x), 2 * x)
+        torch.cuda.synchronize()
+        print("sanitize_kernels: ran the sm90 kernel")
+
+if "attention" in FAMILIES:
+    # attention: every head dim and dtype, odd lengths, GQA, causal + window, bias with a grad, dropout, varlen,
+    # both dq paths (atomic and deterministic).
+    for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
+        for d in (32, 64, 96, 128, 256):
+            q = torch.randn(2, 77, 4, d, device="cuda", dtype=dtype, requires_grad=True)
+            k = torch.randn(2, 45, 2, d, device="cuda", dtype=dtype, requires_grad=True)
+            v = torch.randn(2, 45, 2, d, device="cuda", dtype=dtype, requires_grad=True)
+            bias = torch.randn(2, 1, 77, 45, device="cuda", dtype=dtype, requires_grad=True)
+            for kwargs in (
+                dict(causal=True, window=(20, -1)),
+                dict(attn_bias=bias, dropout_p=0.3),
+                dict(deterministic=True, causal=True),
+            ):
+                out = ops.attention(q, k, v, **kwargs)
+                torch.autograd.grad(out, [q, k, v], torch.randn_like(out))
+            cu = torch.tensor([0, 30, 31, 77], device="cuda", dtype=torch.int32)
+            qp = torch.randn(77, 4, d, device="cuda", dtype=dtype, requires_grad=True)
+            kp = torch.randn(77, 1, d, device="cuda", dtype=dtype, requires_grad=True)
+            out = ops.attention_varlen(qp, kp, kp, cu, cu, 46, 46, causal=True)
+            torch.autograd.grad(out, [qp, kp], torch.randn_like(out))
+        # the Hopper kernels (head dims 64, 128): several key tiles, both warpgroups, a partial last tile; then
+        # the same call on the portable kernels
+        for d in (64, 128):
+            q = torch.randn(1, 200, 2, d, device="cuda", dtype=dtype, requires_grad=True)
+            k = torch.randn(1, 300, 1, d, device="cuda", dtype=dtype, requires_grad=True)
+            for kernels in ("default", "portable"):
+                os.environ["FUSEDKERNELS_ATTENTION_KERNEL"] = kernels
+                out = ops.attention(q, k, k, window=(150, 40))
+                torch.autograd.grad(out, [q, k], torch.randn_like(out))
+            os.environ.pop("FUSEDKERNELS_ATTENTION_KERNEL")
+    torch.cuda.synchronize()
+    print("sanitize_kernels: ran all attention paths")
+
+if "gemm" in FAMILIES:
+    # gemm: both kernels; linear_act with every epilogue input, tails of M, N and K, and a backward (the forward
+    # writes the pre-activation); linear_gated likewise; and enough tiles that each CTA of the Hopper kernel runs
+    # several, so its two consumers take turns.
+    for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
+        for kernels in ("default", "portable"):
+            os.environ["FUSEDKERNELS_GEMM_KERNEL"] = kernels
+            for rows in (77, 64 * 141 + 13):
+                x = torch.randn(rows, 136, device="cuda", dtype=dtype, requires_grad=True)
+                w = torch.randn(264, 136, device="cuda", dtype=dtype, requires_grad=True)
+                b = torch.randn(264, device="cuda", dtype=dtype, requires_grad=True)
+                r = torch.randn(rows, 264, device="cuda", dtype=dtype)
+                out = ops.linear_act(x, w, b, "gelu", r)
+                torch.autograd.grad(out, [x, w, b], torch.randn_like(out))
+                out = ops.linear_gated(x, w, b, "swiglu", r[:, :132].contiguous())
+                torch.autograd.grad(out, [x, w, b], torch.randn_like(out))
+        os.environ.pop("FUSEDKERNELS_GEMM_KERNEL")
+    torch.cuda.synchronize()
+    print("sanitize_kernels: ran the gemm kernels")

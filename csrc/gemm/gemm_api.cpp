@@ -1,8 +1,8 @@
-// CUDA kernel of fusedkernels::linear_act_fwd: check the tensors, fill LinearActParams (x and residual as [m, k] /
-// [m, n] rows, views where their layout allows), launch on the current stream. Where no kernel takes the call
-// (gemm::linear_act_supported says no: another GPU, a build without its code) or the sizes / weight layout have
-// none, the reference runs instead, with one warning per reason. The public op, autograd and the CPU / meta
-// kernels are in gemm_ops.cpp. Nothing here syncs or calls cudaMalloc: CUDA-graph capture safe.
+// CUDA kernel of fusedkernels::linear_act_fwd (plain and gated): check the tensors, fill LinearActParams (x and
+// residual as [m, k] / [m, n] rows, views where their layout allows), launch on the current stream. Where no kernel
+// takes the call (gemm::linear_act_supported says no: another GPU, a build without its code) or the sizes / weight
+// layout have none, the reference runs instead, with one warning per reason. The public ops, autograd and the CPU /
+// meta kernels are in gemm_ops.cpp. Nothing here syncs or calls cudaMalloc: CUDA-graph capture safe.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,12 +14,12 @@
 
 namespace fusedkernels::gemm {
 
-// Defined in gemm_ops.cpp (it is also the CPU kernel): out = act(F.linear(x, weight, bias)) + residual in PyTorch
-// ops, and z when save_pre_activation.
+// Defined in gemm_ops.cpp (it is also the CPU kernel): out = act(F.linear(x, weight, bias)) + residual (gated:
+// act(gate) * up + residual) in PyTorch ops, and z when save_pre_activation.
 std::tuple<at::Tensor, at::Tensor> linear_act_reference(const at::Tensor& x, const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias, Activation activation,
                                                         const std::optional<at::Tensor>& residual,
-                                                        bool save_pre_activation);
+                                                        bool save_pre_activation, bool gated);
 
 namespace {
 
@@ -46,14 +46,17 @@ Tensor as_rows(const Tensor& t, int64_t cols) {
 int64_t row_stride(const Tensor& rows) { return rows.size(0) > 1 ? rows.stride(0) : rows.size(1); }
 
 // The internal op's contract (the public op checks what a user passes, in torch's words; these guard the raw
-// op): CUDA fp16 / bf16 tensors of one dtype and device, consistent shapes.
+// op): CUDA fp16 / bf16 tensors of one dtype and device, consistent shapes; a gated weight has an even number of
+// rows.
 void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                  const OptTensor& residual, int64_t activation) {
+                  const OptTensor& residual, int64_t activation, bool gated) {
   TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device().str());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
                    ": x must be float16 or bfloat16, got ", name_of(x.scalar_type()));
   TORCH_CHECK_VALUE(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), op,
                     ": x must be [..., K] and weight [N, K], got ", shape(x), " and ", shape(weight));
+  TORCH_CHECK_VALUE(!gated || weight.size(0) % 2 == 0, op, ": a gated weight must be [2N, K] (gate | up), got ",
+                    shape(weight));
   TORCH_CHECK_VALUE(activation >= 0 && activation <= static_cast<int64_t>(Activation::kSquaredRelu), op,
                     ": activation must be a gemm::Activation value, got ", num(activation));
   for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
@@ -64,11 +67,11 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const O
     TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, ": ", name, " must be ", name_of(x.scalar_type()),
                      " like x, got ", name_of(t->scalar_type()));
   }
-  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)), op, ": bias must be [N], got ",
-                    shape(*bias));
+  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)), op,
+                    ": bias must be [weight rows], got ", shape(*bias));
   if (residual) {
     auto sizes = x.sizes().vec();
-    sizes.back() = weight.size(0);
+    sizes.back() = gated ? weight.size(0) / 2 : weight.size(0);
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(sizes), op, ": residual must be ",
                       shape(at::IntArrayRef(sizes)), " like the output, got ", shape(*residual));
   }
@@ -76,15 +79,18 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const O
 
 std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                                int64_t activation, const OptTensor& residual,
-                                               bool save_pre_activation) {
+                                               bool save_pre_activation, bool gated) {
   const char* op = "linear_act_fwd";
-  check_inputs(op, x, weight, bias, residual, activation);
+  check_inputs(op, x, weight, bias, residual, activation, gated);
   const Activation act = static_cast<Activation>(activation);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t n = weight.size(0), k = weight.size(1);
+  // n: the output's columns; rows: the weight's, and z's columns (2n gated)
+  const int64_t rows = weight.size(0), n = gated ? rows / 2 : rows, k = weight.size(1);
   const auto reference = [&](const char* why) {
-    warn_fallback("linear_act", why, "the PyTorch reference (F.linear, the activation, + residual)");
-    auto [out, z] = linear_act_reference(x, weight, bias, act, residual, save_pre_activation);
+    warn_fallback(gated ? "linear_gated" : "linear_act", why,
+                  gated ? "the PyTorch reference (F.linear, act(gate) * up, + residual)"
+                        : "the PyTorch reference (F.linear, the activation, + residual)");
+    auto [out, z] = linear_act_reference(x, weight, bias, act, residual, save_pre_activation, gated);
     return std::tuple<Tensor, Tensor>{out.contiguous(), z};
   };
   // (the public op routes these before they get here; a direct call gets the same answers)
@@ -99,9 +105,10 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& x, const Tensor& we
   auto sizes = x.sizes().vec();
   sizes.back() = n;
   Tensor out = at::empty(sizes, x.options());
+  sizes.back() = rows;
   Tensor z = save_pre_activation ? at::empty(sizes, x.options()) : at::empty({0}, x.options());
   const Tensor x_rows = as_rows(x, k);
-  // bias: n elements, copied when strided or misaligned (cheap next to the GEMM)
+  // bias: one element per weight row, copied when strided or misaligned (cheap next to the GEMM)
   const OptTensor b = !bias || (bias->stride(0) == 1 && is_aligned_16(*bias))
                           ? bias
                           : OptTensor(bias->clone(at::MemoryFormat::Contiguous));
@@ -122,8 +129,9 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& x, const Tensor& we
   p.out = out.data_ptr();
   p.out_row_stride = n;
   p.pre_activation = save_pre_activation ? z.data_ptr() : nullptr;
-  p.pre_activation_row_stride = n;
+  p.pre_activation_row_stride = rows;
   p.activation = act;
+  p.gated = gated;
   if (!linear_act_supported(p)) {
     return reference("no fused kernel takes this call on this GPU with this build (gemm::linear_act_supported)");
   }

@@ -1,14 +1,16 @@
-// The gemm family's op layer: schemas; the public op linear_act (argument checks, the choice between the fused
-// kernel and the reference, autocast); autograd of the internal linear_act_fwd in C++; the CPU kernel (the
-// reference) and the meta kernel of linear_act_fwd. Its CUDA kernel is in gemm_api.cpp.
+// The gemm family's op layer: schemas; the public ops linear_act and linear_gated (argument checks, the choice
+// between the fused kernel and the reference, autocast); autograd of the internal linear_act_fwd in C++; the CPU
+// kernel (the reference) and the meta kernel of linear_act_fwd. Its CUDA kernel is in gemm_api.cpp.
 //
-//   fusedkernels::linear_act          CompositeImplicitAutograd: check, route, call linear_act_fwd
+//   fusedkernels::linear_act / linear_gated   CompositeImplicitAutograd: check, route, call linear_act_fwd
 //     -> fusedkernels::linear_act_fwd     Autograd: attaches LinearActBackward; CUDA: the fused kernel;
 //                                         CPU: the reference; Meta: shapes
-//        backward: dz = dy * act'(z) on the saved pre-activation z, then the gradient GEMMs, all in PyTorch ops
-//        (differentiable, so create_graph only has to recompute z from x, W and b)
+//        backward: dz = dy * act'(z) on the saved pre-activation z (gated: dz = (dy * up * act'(gate),
+//        dy * act(gate))), then the gradient GEMMs, all in PyTorch ops (differentiable, so create_graph only has
+//        to recompute z from x, W and b)
 //
-//   z = x W^T + bias,  out = act(z) + residual,  in the inputs' dtype.
+//   z = x W^T + bias,  out = act(z) + residual, or gated (z = gate | up) act(gate) * up + residual; in the inputs'
+//   dtype.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -26,10 +28,16 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // dtype. activation: none, relu, gelu (erf), gelu_tanh, silu, squared_relu.
   m.def("linear_act(Tensor x, Tensor weight, Tensor? bias=None, str activation=\"gelu\", Tensor? residual=None)"
         " -> Tensor");
-  // Internal. activation: the gemm::Activation value (0 none .. 5 squared_relu). pre_activation: z [..., N]
-  // when save_pre_activation (what the backward reads), else an empty tensor. Both outputs contiguous.
+  // Public op: x [..., K], weight [2N, K] (the gate's N rows, then the up projection's), bias [2N] likewise,
+  // residual like the output [..., N]; all one dtype. activation: swiglu (silu gate), geglu (erf gelu),
+  // geglu_tanh, reglu (relu).
+  m.def("linear_gated(Tensor x, Tensor weight, Tensor? bias=None, str activation=\"swiglu\", Tensor? residual=None)"
+        " -> Tensor");
+  // Internal. activation: the gemm::Activation value (0 none .. 5 squared_relu), the gate's when gated (weight
+  // [2N, K] as linear_gated's). pre_activation: z [..., weight rows] when save_pre_activation (what the backward
+  // reads), else an empty tensor. Both outputs contiguous.
   m.def("linear_act_fwd(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual,"
-        " bool save_pre_activation) -> (Tensor out, Tensor pre_activation)");
+        " bool save_pre_activation, bool gated=False) -> (Tensor out, Tensor pre_activation)");
 }
 
 namespace fusedkernels::gemm {
@@ -52,15 +60,22 @@ Tensor activation_ref(const Tensor& z, Activation activation) {
 }
 
 // The reference, also gemm_api.cpp's where no kernel takes a call: out = act(F.linear(x, weight, bias)) +
-// residual in the inputs' dtype (autocast excluded: the callers cast first), differentiable; z (contiguous)
-// when save_pre_activation, else an empty tensor. The outputs never alias each other.
+// residual, or gated act(gate) * up + residual with [gate | up] = F.linear(x, weight, bias) (one GEMM over the
+// stacked weight), in the inputs' dtype (autocast excluded: the callers cast first), differentiable; z
+// (contiguous) when save_pre_activation, else an empty tensor. The outputs never alias each other.
 std::tuple<Tensor, Tensor> linear_act_reference(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                                 Activation activation, const OptTensor& residual,
-                                                bool save_pre_activation) {
+                                                bool save_pre_activation, bool gated) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   Tensor z = at::linear(x, weight, bias);
   if (save_pre_activation) z = z.contiguous();
-  Tensor out = activation_ref(z, activation);
+  Tensor out;
+  if (gated) {
+    const auto gate_up = z.chunk(2, -1);
+    out = activation_ref(gate_up[0], activation) * gate_up[1];
+  } else {
+    out = activation_ref(z, activation);
+  }
   if (residual) out = out + *residual;
   if (!save_pre_activation) return {out, at::empty({0}, x.options())};
   return {out.is_same(z) ? z.clone() : out, z};
@@ -71,6 +86,7 @@ namespace {
 using torch::autograd::variable_list;
 
 constexpr const char* kReference = "the PyTorch reference (F.linear, the activation, + residual)";
+constexpr const char* kGatedReference = "the PyTorch reference (F.linear, act(gate) * up, + residual)";
 constexpr std::array<std::pair<std::string_view, Activation>, 6> kActivations = {{
     {"none", Activation::kNone},
     {"relu", Activation::kRelu},
@@ -79,21 +95,31 @@ constexpr std::array<std::pair<std::string_view, Activation>, 6> kActivations = 
     {"silu", Activation::kSilu},
     {"squared_relu", Activation::kSquaredRelu},
 }};
+// The gated linear units of Shazeer 2020 ("GLU Variants Improve Transformer"), by the gate's activation.
+constexpr std::array<std::pair<std::string_view, Activation>, 4> kGatedActivations = {{
+    {"swiglu", Activation::kSilu},
+    {"geglu", Activation::kGelu},
+    {"geglu_tanh", Activation::kGeluTanh},
+    {"reglu", Activation::kRelu},
+}};
 
 using LinearActFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t,
-                                                const OptTensor&, bool);
+                                                const OptTensor&, bool, bool);
 
 const c10::TypedOperatorHandle<LinearActFwd>& linear_act_fwd_op() {
   static const auto op = find_op<LinearActFwd>("fusedkernels::linear_act_fwd");
   return op;
 }
 
-Activation parse_activation(c10::string_view name) {
-  for (const auto& [known, activation] : kActivations) {
-    if (known == name) return activation;
+template <size_t kCount>
+Activation parse_activation(const char* op, const std::array<std::pair<std::string_view, Activation>, kCount>& known,
+                            c10::string_view name) {
+  for (const auto& [known_name, activation] : known) {
+    if (known_name == name) return activation;
   }
-  TORCH_CHECK_VALUE(false, "linear_act: activation must be one of none, relu, gelu, gelu_tanh, silu, squared_relu, "
-                    "got '", std::string(name), "'");
+  std::string names;
+  for (const auto& entry : known) names += (names.empty() ? "" : ", ") + std::string(entry.first);
+  TORCH_CHECK_VALUE(false, op, ": activation must be one of ", names, ", got '", std::string(name), "'");
 }
 
 Activation activation_of(int64_t value, const char* op) {
@@ -105,18 +131,24 @@ Activation activation_of(int64_t value, const char* op) {
 bool sym_same(const c10::SymInt& a, const c10::SymInt& b) { return a.sym_eq(b).guard_bool(__FILE__, __LINE__); }
 bool multiple_of_8(const c10::SymInt& v) { return (v % 8).sym_eq(0).guard_bool(__FILE__, __LINE__); }
 
+// N: the output's columns, the weight's rows (half of them gated).
+c10::SymInt out_features(const Tensor& weight, bool gated) {
+  return gated ? weight.sym_size(0) / 2 : weight.sym_size(0);
+}
+
 // x.shape[:-1] + [N]
-std::vector<c10::SymInt> out_shape(const Tensor& x, const Tensor& weight) {
+std::vector<c10::SymInt> out_shape(const Tensor& x, const Tensor& weight, bool gated) {
   std::vector<c10::SymInt> sizes(x.sym_sizes().begin(), x.sym_sizes().end());
-  sizes.back() = weight.sym_size(0);
+  sizes.back() = out_features(weight, gated);
   return sizes;
 }
 
 // Validates the arguments as F.linear would (RuntimeError), with messages that name them. Sizes compare
-// symbolically (torch.compile with dynamic shapes). Unlike F.linear, bias must be [N] and residual the
-// output's shape exactly (no broadcasting), and all tensors share x's dtype (the kernel writes one).
+// symbolically (torch.compile with dynamic shapes). Unlike F.linear, bias must be [N] ([2N] gated) and residual
+// the output's shape exactly (no broadcasting), and all tensors share x's dtype (the kernel writes one). A gated
+// weight stacks two halves: an odd number of rows is an error.
 void check_args(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                const OptTensor& residual) {
+                const OptTensor& residual, bool gated) {
   for (const auto& [name, t] : {std::pair{"x", &x}, std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
                                 std::pair{"residual", residual ? &*residual : nullptr}}) {
     TORCH_CHECK_NOT_IMPLEMENTED(t == nullptr || (t->layout() == at::kStrided && !t->is_nested()), op,
@@ -124,8 +156,12 @@ void check_args(const char* op, const Tensor& x, const Tensor& weight, const Opt
                                 t != nullptr && t->is_nested() ? std::string("nested") : c10::str(t ? t->layout() : at::kStrided),
                                 " (F.linear takes nested and sparse ones)");
   }
+  const char* rows = gated ? "2 * out_features" : "out_features";
   TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., in_features] (at least 1-D), got a 0-D tensor");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [out_features, in_features] (2-D), got ", shape(weight));
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [", rows, ", in_features] (2-D), got ", shape(weight));
+  TORCH_CHECK(!gated || (weight.sym_size(0) % 2).sym_eq(0).guard_bool(__FILE__, __LINE__), op,
+              ": weight must stack the gate's rows and the up projection's, [2 * out_features, in_features]; got ",
+              shape(weight), ", an odd number of rows");
   TORCH_CHECK(sym_same(x.sym_size(-1), weight.sym_size(1)), op, ": x and weight shapes cannot be multiplied (x ",
               shape(x), ", weight ", shape(weight), "): x's last dimension must be weight's in_features");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
@@ -140,12 +176,11 @@ void check_args(const char* op, const Tensor& x, const Tensor& weight, const Opt
                 x.device().str());
   }
   if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && sym_same(bias->sym_size(0), weight.sym_size(0)), op,
-                ": bias must be [out_features] = ", shape(c10::SymIntArrayRef(weight.sym_sizes().data(), 1)),
-                ", got ", shape(*bias));
+    TORCH_CHECK(bias->dim() == 1 && sym_same(bias->sym_size(0), weight.sym_size(0)), op, ": bias must be [", rows,
+                "] = ", shape(c10::SymIntArrayRef(weight.sym_sizes().data(), 1)), ", got ", shape(*bias));
   }
   if (residual) {
-    const auto sizes = out_shape(x, weight);
+    const auto sizes = out_shape(x, weight, gated);
     bool same = residual->dim() == x.dim();
     for (int64_t d = 0; same && d < x.dim(); ++d) same = sym_same(residual->sym_size(d), sizes[d]);
     TORCH_CHECK(same, op, ": residual must have the output's shape ", shape(sizes), " (no broadcasting), got ",
@@ -163,7 +198,8 @@ bool weight_ready(const Tensor& w) {
 // Why a call runs the reference instead of the kernel, or nullptr; "" for a silent reason. CPU tensors take the
 // op (whose CPU kernel is the reference); other devices (meta, ...) and empty products take the reference
 // silently. x, bias and residual of any layout take the kernel (gemm_api.cpp copies what it cannot read).
-const char* fallback_reason(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual) {
+const char* fallback_reason(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& residual,
+                            bool gated) {
   const bool tangents =
       has_forward_grad(x) || has_forward_grad(weight) || has_forward_grad(bias) || has_forward_grad(residual);
   if (!x.is_cuda()) return x.is_cpu() && !tangents ? nullptr : "";
@@ -175,12 +211,10 @@ const char* fallback_reason(const Tensor& x, const Tensor& weight, const OptTens
     case at::kDouble: return "float64 inputs have no fused kernel (float16, bfloat16)";
     default: return "this dtype has no fused kernel (float16, bfloat16)";
   }
-  if (x.sym_numel().sym_eq(0).guard_bool(__FILE__, __LINE__) ||
-      weight.sym_size(0).sym_eq(0).guard_bool(__FILE__, __LINE__)) {
-    return "";
-  }
+  const c10::SymInt n = out_features(weight, gated);
+  if (x.sym_numel().sym_eq(0).guard_bool(__FILE__, __LINE__) || n.sym_eq(0).guard_bool(__FILE__, __LINE__)) return "";
   if (!multiple_of_8(weight.sym_size(1))) return "in_features (K) not a multiple of 8 has no fused kernel";
-  if (!multiple_of_8(weight.sym_size(0))) return "out_features (N) not a multiple of 8 has no fused kernel";
+  if (!multiple_of_8(n)) return "out_features (N) not a multiple of 8 has no fused kernel";
   if (!weight_ready(weight)) {
     return "a weight whose rows are not contiguous and 16-byte aligned (stride(1) == 1, stride(0) and the "
            "storage offset multiples of 8) has no fused kernel";
@@ -192,40 +226,49 @@ bool needs_grad(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
   return at::GradMode::is_enabled() && (requires_grad(x) || requires_grad(weight) || requires_grad(bias));
 }
 
+// The public ops after parsing the activation: check, then the reference (with one warning per reason) or
+// linear_act_fwd.
+Tensor route(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias, Activation act,
+             const OptTensor& residual, bool gated) {
+  check_args(op, x, weight, bias, residual, gated);
+  if (const char* why = fallback_reason(x, weight, bias, residual, gated)) {
+    warn_fallback(op, why, gated ? kGatedReference : kReference);
+    return std::get<0>(linear_act_reference(x, weight, bias, act, residual, false, gated));
+  }
+  // z only where a backward will read it: act' of the identity needs nothing, the gated form always needs it
+  const bool save = (gated || act != Activation::kNone) && needs_grad(x, weight, bias);
+  return std::get<0>(linear_act_fwd_op().call(x, weight, bias, static_cast<int64_t>(act), residual, save, gated));
+}
+
 Tensor linear_act_composite(const Tensor& x, const Tensor& weight, const OptTensor& bias, c10::string_view activation,
                             const OptTensor& residual) {
-  const Activation act = parse_activation(activation);
-  check_args("linear_act", x, weight, bias, residual);
-  if (const char* why = fallback_reason(x, weight, bias, residual)) {
-    warn_fallback("linear_act", why, kReference);
-    return std::get<0>(linear_act_reference(x, weight, bias, act, residual, false));
-  }
-  // z only where a backward will read it: act' of the identity needs nothing
-  const bool save = act != Activation::kNone && needs_grad(x, weight, bias);
-  return std::get<0>(linear_act_fwd_op().call(x, weight, bias, static_cast<int64_t>(act), residual, save));
+  return route("linear_act", x, weight, bias, parse_activation("linear_act", kActivations, activation), residual,
+               false);
 }
+
+Tensor linear_gated_composite(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                              c10::string_view activation, const OptTensor& residual) {
+  return route("linear_gated", x, weight, bias, parse_activation("linear_gated", kGatedActivations, activation),
+               residual, true);
+}
+
+using PublicOp = Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, const OptTensor&);
 
 // Autocast: what autocast does to aten::linear, on its lower-precision list for CUDA and for CPU: cast x,
 // weight, bias (and residual, which joins the same epilogue) to the device's autocast dtype.
-template <c10::DeviceType kDevice>
-struct Autocast {
-  template <typename T>
-  static auto cast(const T& t) {
-    return autocast_lower<kDevice>(t);
+template <c10::DeviceType kDevice, PublicOp* kOp>
+Tensor autocast(const Tensor& x, const Tensor& weight, const OptTensor& bias, c10::string_view activation,
+                const OptTensor& residual) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<kDevice>);
+  const auto cast = [](const auto& t) { return autocast_lower<kDevice>(t); };
+  // The unfused form comes out in the autocast dtype and the add promotes: a residual kept in another floating
+  // dtype (a float32 residual stream) is added outside, in the wider type, as torch's would be.
+  if (residual && residual->is_floating_point() &&
+      residual->scalar_type() != at::autocast::get_autocast_dtype(kDevice)) {
+    return kOp(cast(x), cast(weight), cast(bias), activation, std::nullopt) + *residual;
   }
-
-  static Tensor linear_act(const Tensor& x, const Tensor& weight, const OptTensor& bias, c10::string_view activation,
-                           const OptTensor& residual) {
-    const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<kDevice>);
-    // act(F.linear(...)) comes out in the autocast dtype and the add promotes: a residual kept in another
-    // floating dtype (a float32 residual stream) is added outside, in the wider type, as torch's would be.
-    if (residual && residual->is_floating_point() &&
-        residual->scalar_type() != at::autocast::get_autocast_dtype(kDevice)) {
-      return linear_act_composite(cast(x), cast(weight), cast(bias), activation, std::nullopt) + *residual;
-    }
-    return linear_act_composite(cast(x), cast(weight), cast(bias), activation, cast(residual));
-  }
-};
+  return kOp(cast(x), cast(weight), cast(bias), activation, cast(residual));
+}
 
 // ------------------------------------------------------------------------------------------------
 // Autograd
@@ -251,6 +294,14 @@ Tensor activation_backward(const Tensor& dy, const Tensor& z, Activation activat
   TORCH_CHECK(false, "linear_act: unknown activation");
 }
 
+// The gated form, z = gate | up and out = act(gate) * up: dz = (dy * up * act'(gate)) | (dy * act(gate)).
+Tensor gated_backward(const Tensor& dy, const Tensor& z, Activation activation) {
+  const auto gate_up = z.chunk(2, -1);
+  return at::cat({activation_backward(dy * gate_up[1], gate_up[0], activation),
+                  dy * activation_ref(gate_up[0], activation)},
+                 -1);
+}
+
 // [..., C] -> [rows, C] (a 1-D tensor is one row)
 Tensor as_rows(const Tensor& t) { return t.dim() == 1 ? t.unsqueeze(0) : t.flatten(0, -2); }
 
@@ -259,7 +310,7 @@ Tensor as_rows(const Tensor& t) { return t.dim() == 1 ? t.unsqueeze(0) : t.flatt
 struct LinearActBackward : torch::autograd::Node {
   torch::autograd::SavedVariable x, weight, bias, pre_activation;
   Activation activation = Activation::kNone;
-  bool has_bias = false;
+  bool has_bias = false, gated = false;
 
   std::string name() const override { return "fusedkernels::LinearActBackward"; }
 
@@ -276,7 +327,7 @@ struct LinearActBackward : torch::autograd::Node {
                want_b = has_bias && task_should_compute_output(2);
     if (want_x || want_w || want_b) {
       Tensor z;
-      if (activation != Activation::kNone) {
+      if (gated || activation != Activation::kNone) {
         // create_graph: z recomputed from x, W, b so that second derivatives see it depend on them; else the
         // forward's (recomputed if a direct call of linear_act_fwd did not keep it). The bias is unpacked only
         // then: like F.linear's backward, the first-order one does not read it (an in-place update of it
@@ -284,7 +335,7 @@ struct LinearActBackward : torch::autograd::Node {
         z = at::GradMode::is_enabled() ? Tensor() : pre_activation.unpack();
         if (!z.defined()) z = at::linear(x_, w, has_bias ? OptTensor(bias.unpack()) : std::nullopt);
       }
-      const Tensor dz = activation_backward(dy, z, activation);
+      const Tensor dz = gated ? gated_backward(dy, z, activation) : activation_backward(dy, z, activation);
       if (want_x) out[0] = at::matmul(dz, w);
       const Tensor dz_rows = as_rows(dz);
       if (want_w) out[1] = dz_rows.t().mm(as_rows(x_));
@@ -297,19 +348,19 @@ struct LinearActBackward : torch::autograd::Node {
 
 std::tuple<Tensor, Tensor> linear_act_fwd_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                                    int64_t activation, const OptTensor& residual,
-                                                   bool save_pre_activation) {
+                                                   bool save_pre_activation, bool gated) {
   const Activation act = activation_of(activation, "linear_act_fwd");
   const bool tangents =
       has_forward_grad(x) || has_forward_grad(weight) || has_forward_grad(bias) || has_forward_grad(residual);
   const bool grad = needs_grad(x, weight, bias) || (at::GradMode::is_enabled() && requires_grad(residual));
   auto results = [&] {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return linear_act_fwd_op().call(x, weight, bias, activation, residual, save_pre_activation);
+    return linear_act_fwd_op().call(x, weight, bias, activation, residual, save_pre_activation, gated);
   }();
   if (tangents) {
     // Tangents reach here where the public op could not see them (torch.func transforms nest forward-mode AD
     // inside other levels): the output from the differentiable reference, z from the op.
-    return {std::get<0>(linear_act_reference(x, weight, bias, act, residual, false)), std::get<1>(results)};
+    return {std::get<0>(linear_act_reference(x, weight, bias, act, residual, false, gated)), std::get<1>(results)};
   }
   if (grad) {
     auto node = make_node<LinearActBackward>();
@@ -322,6 +373,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_autograd(const Tensor& x, const Tensor
     n.has_bias = bias.has_value();
     if (save_pre_activation) n.pre_activation = torch::autograd::SavedVariable(std::get<1>(results), false);
     n.activation = act;
+    n.gated = gated;
   }
   return results;
 }
@@ -332,38 +384,50 @@ std::tuple<Tensor, Tensor> linear_act_fwd_autograd(const Tensor& x, const Tensor
 
 std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                               int64_t activation, const OptTensor& residual,
-                                              bool save_pre_activation) {
-  check_args("linear_act_fwd", x, weight, bias, residual);
+                                              bool save_pre_activation, bool gated) {
+  check_args("linear_act_fwd", x, weight, bias, residual, gated);
   auto [out, z] = linear_act_reference(x, weight, bias, activation_of(activation, "linear_act_fwd"), residual,
-                                       save_pre_activation);
+                                       save_pre_activation, gated);
   return {out.contiguous(), z};
 }
 
 // Outputs contiguous, as the CPU and CUDA kernels' (whatever x's layout).
 std::tuple<Tensor, Tensor> linear_act_fwd_meta(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                                int64_t activation, const OptTensor& residual,
-                                               bool save_pre_activation) {
-  check_args("linear_act_fwd", x, weight, bias, residual);
+                                               bool save_pre_activation, bool gated) {
+  check_args("linear_act_fwd", x, weight, bias, residual, gated);
   activation_of(activation, "linear_act_fwd");
-  const auto sizes = out_shape(x, weight);
-  return {at::empty_symint(sizes, x.options()),
-          save_pre_activation ? at::empty_symint(sizes, x.options()) : at::empty({0}, x.options())};
+  // z has the weight's rows as columns: [..., 2N] gated
+  const Tensor z = save_pre_activation ? at::empty_symint(out_shape(x, weight, false), x.options())
+                                       : at::empty({0}, x.options());
+  return {at::empty_symint(out_shape(x, weight, gated), x.options()), z};
 }
 
 const RegisterOpInfo linear_act_info{
     {"gemm", "linear_act", "float16, bfloat16 (x, weight, bias, residual alike)",
      "in_features and out_features multiples of 8, any rows; activations none, relu, gelu, gelu_tanh, silu, "
      "squared_relu; bias and residual optional; sm_80+ (sm_90: the TMA / wgmma kernel)"}};
+const RegisterOpInfo linear_gated_info{
+    {"gemm", "linear_gated", "float16, bfloat16 (x, weight, bias, residual alike)",
+     "in_features and out_features multiples of 8 (weight [2 * out_features, in_features]), any rows; swiglu, "
+     "geglu, geglu_tanh, reglu; bias and residual optional; sm_80+ (sm_90: the TMA / wgmma kernel)"}};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedkernels, CompositeImplicitAutograd, m) { m.impl("linear_act", &linear_act_composite); }
-
-TORCH_LIBRARY_IMPL(fusedkernels, AutocastCUDA, m) {
-  m.impl("linear_act", &Autocast<c10::DeviceType::CUDA>::linear_act);
+TORCH_LIBRARY_IMPL(fusedkernels, CompositeImplicitAutograd, m) {
+  m.impl("linear_act", &linear_act_composite);
+  m.impl("linear_gated", &linear_gated_composite);
 }
 
-TORCH_LIBRARY_IMPL(fusedkernels, AutocastCPU, m) { m.impl("linear_act", &Autocast<c10::DeviceType::CPU>::linear_act); }
+TORCH_LIBRARY_IMPL(fusedkernels, AutocastCUDA, m) {
+  m.impl("linear_act", &autocast<c10::DeviceType::CUDA, linear_act_composite>);
+  m.impl("linear_gated", &autocast<c10::DeviceType::CUDA, linear_gated_composite>);
+}
+
+TORCH_LIBRARY_IMPL(fusedkernels, AutocastCPU, m) {
+  m.impl("linear_act", &autocast<c10::DeviceType::CPU, linear_act_composite>);
+  m.impl("linear_gated", &autocast<c10::DeviceType::CPU, linear_gated_composite>);
+}
 
 TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) { m.impl("linear_act_fwd", &linear_act_fwd_autograd); }
 

@@ -2,6 +2,7 @@
 
 from .attention import FusedMultiheadAttention, FusedSelfAttention
 from .linear import FusedLinear
+from .mlp import FusedMLP
 from .norm import FusedLayerNorm, FusedRMSNorm
 
-__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention", "FusedLinear"]
+__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention", "FusedLinear", "FusedMLP"]

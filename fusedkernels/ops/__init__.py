@@ -7,7 +7,7 @@ with one warning.
 """
 
 from .attention import attention, attention_varlen, scaled_dot_product_attention
-from .gemm import linear_act
+from .gemm import linear_act, linear_gated
 from .norm import layer_norm, rms_norm
 from .optim import adam_step_, grad_norm, lamb_step_, scale_grads_, sgd_step_
 
@@ -16,6 +16,7 @@ __all__ = [
     "attention_varlen",
     "scaled_dot_product_attention",
     "linear_act",
+    "linear_gated",
     "layer_norm",
     "rms_norm",
     "adam_step_",

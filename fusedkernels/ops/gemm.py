@@ -1,13 +1,15 @@
-"""Linear layers with a fused epilogue: out = act(x @ W^T + bias) + residual, one GEMM kernel.
+"""Linear layers with a fused epilogue: out = act(x @ W^T + bias) + residual, and the gated form
+act(x @ Wg^T + bg) * (x @ Wu^T + bu) + residual (SwiGLU, GeGLU, ReGLU), one GEMM kernel each.
 
-`linear_act` is the C++ op `torch.ops.fusedkernels.linear_act`: argument checks, the choice of kernel, autograd
-and autocast happen in C++ (csrc/gemm/gemm_ops.cpp), so a call costs the host about what `F.linear` does. CUDA
-float16 / bfloat16 inputs with in_features and out_features multiples of 8 take the fused kernel (csrc/gemm) where
+`linear_act` and `linear_gated` are the C++ ops `torch.ops.fusedkernels.linear_act` / `linear_gated`: argument
+checks, the choice of kernel, autograd and autocast happen in C++ (csrc/gemm/gemm_ops.cpp), so a call costs the host
+about what `F.linear` does. CUDA float16 / bfloat16 inputs with in_features and out_features multiples of 8 take
+the fused kernel (csrc/gemm) where
 the GPU and build have one; CPU inputs run the reference (PyTorch ops in the inputs' dtype) through the same
 autograd; anything else (float32 / float64 on CUDA, other sizes, an unsuitable weight layout, no kernel for the
 GPU, forward-mode AD) runs the reference, with one warning per reason. Details: docs/gemm.md.
 
-`linear_act_ref` is the specification the tests hold the kernel to.
+`linear_act_ref` and `linear_gated_ref` are the specifications the tests hold the kernel to.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from .. import _native
 
-__all__ = ["linear_act", "linear_act_ref", "ACTIVATIONS"]
+__all__ = ["linear_act", "linear_act_ref", "linear_gated", "linear_gated_ref", "ACTIVATIONS", "GATED_ACTIVATIONS"]
 
 # The activations, as PyTorch defines them: gelu is F.gelu's default (erf), gelu_tanh
 # F.gelu(approximate="tanh"), silu x * sigmoid(x), squared_relu relu(x)^2 (So et al. 2021, "Primer").
@@ -33,6 +35,11 @@ _ACTIVATION_FNS = {
     "silu": F.silu,
     "squared_relu": lambda z: F.relu(z).square(),
 }
+
+# The gated linear units of Shazeer 2020, "GLU Variants Improve Transformer", by the gate's activation: SwiGLU
+# (silu), GEGLU (erf gelu), GEGLU with the tanh gelu (T5 v1.1's "gated-gelu"), ReGLU (relu).
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "reglu")
+GATE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "reglu": "relu"}
 
 
 def linear_act_ref(
@@ -83,3 +90,60 @@ def linear_act(
     the reference with one UserWarning per reason.
     """
     return _linear_act(x, weight, bias, activation, residual)
+
+
+def linear_gated_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: str = "swiglu",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """The specification of `linear_gated`, differentiable: with weight = [Wg; Wu] and bias = [bg; bu] (the gate's
+    rows first), act(F.linear(x, Wg, bg)) * F.linear(x, Wu, bu) (+ residual), every step a PyTorch op in the
+    inputs' dtype (pass float32 copies for an fp32 reference). Raises ValueError for an unknown activation,
+    RuntimeError for a weight that is not 2-D with an even number of rows."""
+    if activation not in GATE_ACTIVATION:
+        raise ValueError(f"linear_gated: activation must be one of {', '.join(GATED_ACTIVATIONS)}, got {activation!r}")
+    if weight.dim() != 2 or weight.shape[0] % 2:
+        raise RuntimeError(f"linear_gated: weight must stack the gate's rows and the up projection's, "
+                           f"[2 * out_features, in_features]; got {list(weight.shape)}")
+    w_gate, w_up = weight.chunk(2)
+    b_gate, b_up = bias.chunk(2) if bias is not None else (None, None)
+    out = _ACTIVATION_FNS[GATE_ACTIVATION[activation]](F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)
+    return out if residual is None else out + residual
+
+
+_linear_gated = _native.public_op("linear_gated", linear_gated_ref, "the PyTorch reference")
+
+
+def linear_gated(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: str = "swiglu",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """out = act(x @ Wg^T + bg) * (x @ Wu^T + bu) + residual: a gated linear unit (the first half of a SwiGLU /
+    GeGLU MLP) as one GEMM over the stacked weight, with the gate, the product and the residual add in its
+    epilogue.
+
+    x: [..., K] (any layout, as linear_act's); weight: [2N, K], the gate projection's N rows (Wg) then the up
+    projection's (Wu), as torch.cat([gate_proj.weight, up_proj.weight]) stacks them; bias: [2N] (bg then bu) or
+    None; residual: None or exactly the output's shape [..., N]. All one dtype: float16 / bfloat16 for the fused
+    kernel (fp32 accumulation), float32 / float64 run the reference. activation, of the gate (Shazeer 2020, "GLU
+    Variants Improve Transformer"): "swiglu" (silu), "geglu" (erf gelu), "geglu_tanh" (tanh gelu, T5 v1.1's
+    "gated-gelu"), "reglu" (relu).
+
+    Returns out [..., N] in x's dtype (under autocast, as for linear_act: the autocast dtype). Differentiable in x,
+    weight, bias and residual, to any order: the forward keeps z = [gate | up] [..., 2N] when a gradient is needed,
+    and the backward forms dz = [dy * up * act'(gate) | dy * act(gate)] and runs PyTorch's GEMMs for dx = dz W,
+    dW = dz^T x, dbias = sum_rows(dz), dresidual = dy.
+
+    Raises ValueError for an unknown activation; RuntimeError for a weight with an odd number of rows (it must
+    stack two halves), and as linear_act does for shapes that cannot be multiplied, a weight that is not 2-D, a
+    bias not [2N], a residual not the output's shape, a non-floating x, dtypes or devices that differ; TypeError
+    for arguments of the wrong type. CUDA inputs without a kernel (N or K not a multiple of 8, float32, ...) run
+    the reference with one UserWarning per reason.
+    """
+    return _linear_gated(x, weight, bias, activation, residual)
