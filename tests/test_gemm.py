@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import fusedkernels.nn as fnn
 import fusedkernels.ops as fops
 from fusedkernels import _build, _native
-from fusedkernels.ops.gemm import ACTIVATIONS, linear_act_ref
+from fusedkernels.ops.gemm import ACTIVATIONS, GATE_ACTIVATION, GATED_ACTIVATIONS, linear_act_ref, linear_gated_ref
 
 from .helpers import assert_close_to_ref, capture_graph, max_err, poison_allocator
 
@@ -465,6 +465,33 @@ def test_hopper_kernel_is_what_runs_on_sm90():
     assert not [str(c.message) for c in caught if "fusedkernels" in str(c.message)]  # no fallback
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert any("linear_act_sm90_kernel" in n for n in names), names
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "silu", "none", "swiglu", "geglu"])
+def test_small_m_split_k_output_and_pre_activation(activation, dtype, kernels):
+    """Few output tiles and a long K: the Hopper kernel splits K (fp32 partial sums, then a second kernel adds
+    them and applies the epilogue), K's last run partly past the end. Same answers as one pass."""
+    m, k, n = 40, 2056, 136
+    gated = activation in GATED_ACTIVATIONS
+    x, w, b, r = _inputs((m,), k, 2 * n if gated else n, dtype, "cuda", True, True)
+    r = r[:, :n].contiguous()
+    ref = (lambda *t: linear_gated_ref(*t[:3], activation, t[3])) if gated else (
+        lambda *t: linear_act_ref(*t[:3], activation, t[3]))
+    index = ACTIVATIONS.index(GATE_ACTIVATION[activation] if gated else activation)
+    poison_allocator(r, r, r)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out, z = torch.ops.fusedkernels.linear_act_fwd(x, w, b, index, r, True, gated)
+        torch.cuda.synchronize()
+    f32 = [t.float() for t in (x, w, b, r)]
+    eps = torch.finfo(dtype).eps
+    assert_close_to_ref(out.float(), ref(*f32), ref(x, w, b, r).float(), "out", floor=eps)
+    assert_close_to_ref(z.float(), F.linear(*f32[:3]), F.linear(x, w, b).float(), "pre_activation", floor=eps)
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if kernels == "default" and any("linear_act_sm90_kernel" in name for name in names):
+        assert any("split_k_epilogue_kernel" in name for name in names), names
 
 
 @pytest.mark.cuda

@@ -41,6 +41,11 @@ struct LinearActParams {
   // The gated form (SwiGLU / GeGLU): weight is [2n, k], the gate's rows then the up projection's (bias [2n]
   // likewise), and out = act(x Wg^T + bg) * (x Wu^T + bu) (+ residual).
   bool gated = false;
+  // Split-K, for calls with too few output tiles to fill the GPU (small m): the GEMM writes fp32 partial sums
+  // of x W^T over split_k slices of K into workspace [split_k, m, n] ([split_k, m, 2n] gated, gate | up), and a
+  // second kernel adds them up and applies the epilogue. split_k from linear_act_split_k.
+  int split_k = 1;
+  float* workspace = nullptr;
 };
 
 // Whether a kernel takes these params on the current device: the sm_90a kernel on Hopper, from a build that
@@ -48,6 +53,10 @@ struct LinearActParams {
 // FUSEDKERNELS_GEMM_KERNEL=portable), from a build with code for the device, when the rows of out, residual
 // and pre_activation are 16-byte aligned as x's, and the bias too. The bindings run the reference otherwise.
 bool linear_act_supported(const LinearActParams& p);
+
+// How many slices of K a call linear_act_supported takes should be split into (1: none). When more than one,
+// the caller sets p.split_k and a p.workspace of that many fp32 [m, n] ([m, 2n] gated) planes.
+int linear_act_split_k(const LinearActParams& p);
 
 // Launch on `stream` (the kernel linear_act_supported found); return the launch error (cudaSuccess when all
 // went well).

@@ -135,6 +135,12 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& x, const Tensor& we
   if (!linear_act_supported(p)) {
     return reference("no fused kernel takes this call on this GPU with this build (gemm::linear_act_supported)");
   }
+  Tensor workspace;
+  if (const int split_k = linear_act_split_k(p); split_k > 1) {
+    workspace = at::empty({split_k, p.m, rows}, x.options().dtype(at::kFloat));
+    p.split_k = split_k;
+    p.workspace = workspace.data_ptr<float>();
+  }
   check_launch(linear_act(p, c10::cuda::getCurrentCUDAStream()), op);
   return {out, z};
 }

@@ -15,6 +15,8 @@ bool linear_act_sm90_available();
 template <typename T>
 cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream);
 template <typename T>
+int linear_act_sm90_split_k(const LinearActParams& p);
+template <typename T>
 bool linear_act_sm80_available();
 template <typename T>
 cudaError_t launch_linear_act_sm80(const LinearActParams& p, cudaStream_t stream);
@@ -55,6 +57,10 @@ bool linear_act_supported(const LinearActParams& p) {
     return false;
   }
   return with_type(p.dtype, [&]<typename T>() { return use_sm90<T>() || linear_act_sm80_available<T>(); });
+}
+
+int linear_act_split_k(const LinearActParams& p) {
+  return with_type(p.dtype, [&]<typename T>() { return use_sm90<T>() ? linear_act_sm90_split_k<T>(p) : 1; });
 }
 
 cudaError_t linear_act(const LinearActParams& p, cudaStream_t stream) {

@@ -16,6 +16,7 @@
 
 #include <cuda.h>  // CUtensorMap
 
+#include <algorithm>
 #include <utility>
 
 #include "common/device/mma.cuh"  // pack2
@@ -26,6 +27,7 @@
 #include "common/host/tma.h"
 #include "gemm/activation.cuh"
 #include "gemm/gemm.h"
+#include "gemm/split_k_epilogue.cuh"
 
 namespace fusedkernels::gemm {
 
@@ -195,6 +197,27 @@ struct Epilogue {
     }
   }
 
+  // Split-K: the fp32 partial sums of this tile's slice of K to the workspace plane `split`, in its columns
+  // (gated: the gate's, then the up projection's n columns further), 8 bytes a thread, full 32-byte sectors.
+  __device__ __forceinline__ void store_partial(const float (&acc)[128], int split, int row0, int col0) const {
+    const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
+    const int64_t workspace_cols = p.gated ? 2 * p.n : p.n;
+    float* plane = p.workspace + split * p.m * workspace_cols;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int ca = 8 * j + 2 * t, half = p.gated && ca >= 128, col = col0 + ca - 128 * half;
+      if (col >= p.n) continue;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 16 * warp + g + 8 * r;
+        if (row < p.m) {
+          *reinterpret_cast<float2*>(plane + row * workspace_cols + half * p.n + col) =
+              make_float2(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
+        }
+      }
+    }
+  }
+
   __device__ __forceinline__ void operator()(const float (&acc)[128], int row0, int col0) {
     store_z(acc, row0, col0);
     const auto with = [&](auto act) {
@@ -241,27 +264,32 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // a gated tile's 256 accumulator columns are 128 output columns (gate and up)
   const int out_cols = p.gated ? kBlockN / 2 : kBlockN;
   const int tiles_m = int((p.m + kBlockM - 1) / kBlockM), tiles_n = int((p.n + out_cols - 1) / out_cols);
-  const int tiles = tiles_m * tiles_n, k_slices = int((p.k + kBlockK - 1) / kBlockK);
+  // Work units: a tile and one of split_k runs of k-slices, all split_slices long (the last run's slices past
+  // K read as zeros).
+  const int tiles = tiles_m * tiles_n, units = tiles * p.split_k;
+  const int split_slices = int((p.k + kBlockK * p.split_k - 1) / (kBlockK * p.split_k));
 
   if (wg == 0) {  // producer
     sm90::release_registers<40>();
     if (threadIdx.x != 0) return;
     int stage = 0;
     uint32_t phase = 0;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
       int m_block, n_block;
-      tile_of<Cfg::kGroupM>(tile, tiles_m, tiles_n, m_block, n_block);
-      for (int ks = 0; ks < k_slices; ++ks) {
+      tile_of<Cfg::kGroupM>(unit / p.split_k, tiles_m, tiles_n, m_block, n_block);
+      const int first_k = unit % p.split_k * split_slices * kBlockK;
+      for (int ks = 0; ks < split_slices; ++ks) {
         sm90::mbarrier_wait(&empty[stage], phase ^ 1);  // the first round passes at once (phase "-1" done)
         sm90::mbarrier_arrive_expect_tx(&full[stage], Cfg::kStageBytes);
         uint8_t* a = stages + stage * Cfg::kStageBytes;
-        sm90::tma_load_2d(a, &maps.x, ks * kBlockK, m_block * kBlockM, &full[stage]);
+        const int k0 = first_k + ks * kBlockK;
+        sm90::tma_load_2d(a, &maps.x, k0, m_block * kBlockM, &full[stage]);
         if (p.gated) {  // W's map has 128-row boxes: the gate's rows, then the up projection's n rows further
-          sm90::tma_load_2d(a + Cfg::kABytes, &maps.weight, ks * kBlockK, n_block * out_cols, &full[stage]);
-          sm90::tma_load_2d(a + Cfg::kABytes + Cfg::kBBytes / 2, &maps.weight, ks * kBlockK,
-                            int(p.n) + n_block * out_cols, &full[stage]);
+          sm90::tma_load_2d(a + Cfg::kABytes, &maps.weight, k0, n_block * out_cols, &full[stage]);
+          sm90::tma_load_2d(a + Cfg::kABytes + Cfg::kBBytes / 2, &maps.weight, k0, int(p.n) + n_block * out_cols,
+                            &full[stage]);
         } else {
-          sm90::tma_load_2d(a + Cfg::kABytes, &maps.weight, ks * kBlockK, n_block * kBlockN, &full[stage]);
+          sm90::tma_load_2d(a + Cfg::kABytes, &maps.weight, k0, n_block * kBlockN, &full[stage]);
         }
         if (++stage == kStages) {
           stage = 0;
@@ -281,17 +309,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // has issued all of its previous tile's (named barriers 1 and 2): the tensor cores serve one consumer at a
   // time while the other runs its epilogue, and a consumer's first ring position is at most one lap ahead of
   // the producer, as the mbarriers' parity waits need.
-  int local = consumer;  // the tile's index in the CTA's sequence
-  for (int tile = blockIdx.x + consumer * gridDim.x; tile < tiles; tile += 2 * gridDim.x, local += 2) {
+  int local = consumer;  // the unit's index in the CTA's sequence
+  for (int unit = blockIdx.x + consumer * gridDim.x; unit < units; unit += 2 * gridDim.x, local += 2) {
     int m_block, n_block;
-    tile_of<Cfg::kGroupM>(tile, tiles_m, tiles_n, m_block, n_block);
-    epilogue.prefetch_residual(m_block * kBlockM, n_block * out_cols);
+    tile_of<Cfg::kGroupM>(unit / p.split_k, tiles_m, tiles_n, m_block, n_block);
+    if (p.split_k == 1) epilogue.prefetch_residual(m_block * kBlockM, n_block * out_cols);
     if (local > 0) sm90::named_barrier_sync(2 - consumer, 256);
-    const int64_t first = int64_t(local) * k_slices;  // ring position of its first k-slice
+    const int64_t first = int64_t(local) * split_slices;  // ring position of its first k-slice
     int stage = int(first % kStages);
     uint32_t phase = uint32_t(first / kStages) & 1;
     int previous = -1;
-    for (int ks = 0; ks < k_slices; ++ks) {
+    for (int ks = 0; ks < split_slices; ++ks) {
       sm90::mbarrier_wait(&full[stage], phase);
       const uint32_t a = sm90::smem_address(stages + stage * Cfg::kStageBytes);
       const uint32_t b = sm90::smem_address(stages + stage * Cfg::kStageBytes + Cfg::kABytes);
@@ -315,13 +343,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     sm90::fence_operands(acc);
     if (previous >= 0 && lane == 0) sm90::mbarrier_arrive(&empty[previous]);
     // the other consumer's next tile may start
-    if (tile + gridDim.x < tiles) sm90::named_barrier_arrive(1 + consumer, 256);
+    if (unit + gridDim.x < units) sm90::named_barrier_arrive(1 + consumer, 256);
 
-    if (k_slices == 0) {
-#pragma unroll
-      for (int i = 0; i < 128; ++i) acc[i] = 0.0f;  // k = 0: x W^T is all zeros
+    if (p.split_k > 1) {
+      epilogue.store_partial(acc, unit % p.split_k, m_block * kBlockM, n_block * out_cols);
+    } else {
+      epilogue(acc, m_block * kBlockM, n_block * out_cols);
     }
-    epilogue(acc, m_block * kBlockM, n_block * out_cols);
   }
   if (epilogue.thread == 0) sm90::bulk_wait_read<0>();  // the buffer outlives the stores' reads of it
 #else
@@ -344,8 +372,8 @@ cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream
   using Cfg = LinearActSm90Config<T>;
   constexpr auto kKernel = linear_act_sm90_kernel<Cfg>;
   const int out_cols = p.gated ? Cfg::kBlockN / 2 : Cfg::kBlockN;  // output columns of a tile
-  const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, out_cols);
-  if (tiles == 0) return cudaSuccess;
+  const int64_t units = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, out_cols) * p.split_k;
+  if (units == 0) return cudaSuccess;
   LinearActMaps maps{};
   const int64_t halves = p.gated ? 2 : 1;
   const int64_t pre_sizes[3] = {p.n, halves, p.m}, pre_strides[2] = {p.n * 2, p.pre_activation_row_stride * 2};
@@ -358,14 +386,27 @@ cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream
     return cudaErrorInvalidValue;
   }
   resident_blocks<kKernel, Cfg::kThreads, Cfg::kSmemBytes>();  // raises the shared-memory limit
-  const int grid = int(std::min<int64_t>(tiles, sm_count()));
+  const int grid = int(std::min<int64_t>(units, sm_count()));
   kKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
-  return cudaGetLastError();
+  if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess || p.split_k == 1) return error;
+  return launch_split_k_epilogue<T>(p, stream);
+}
+
+// Split K when the output tiles fill less than half the SMs (small m): enough runs of K for one unit per
+// SM, each at least 4 k-slices (256 of K) long, at most 16.
+template <typename T>
+int linear_act_sm90_split_k(const LinearActParams& p) {
+  using Cfg = LinearActSm90Config<T>;
+  const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, p.gated ? Cfg::kBlockN / 2 : Cfg::kBlockN);
+  const int64_t sms = sm_count(), k_slices = ceil_div(p.k, Cfg::kBlockK);
+  if (tiles == 0 || 2 * tiles > sms) return 1;
+  return int(std::clamp<int64_t>(std::min(sms / tiles, k_slices / 4), 1, 16));
 }
 
 }  // namespace fusedkernels::gemm
 
 #define FUSEDKERNELS_LINEAR_ACT_SM90_INSTANCE(T)                                \
   template bool fusedkernels::gemm::linear_act_sm90_available<T>();            \
+  template int fusedkernels::gemm::linear_act_sm90_split_k<T>(const fusedkernels::gemm::LinearActParams&); \
   template cudaError_t fusedkernels::gemm::launch_linear_act_sm90<T>(const fusedkernels::gemm::LinearActParams&, \
                                                                       cudaStream_t);
