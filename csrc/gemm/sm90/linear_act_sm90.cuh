@@ -238,7 +238,9 @@ struct Epilogue {
   }
 };
 
-template <typename Cfg>
+// kSplitK: the split-K instance (partial sums to the workspace); the other has no trace of it, so the
+// epilogue-bound small-K shapes keep their code.
+template <typename Cfg, bool kSplitK>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     linear_act_sm90_kernel(const LinearActParams p, const __grid_constant__ LinearActMaps maps) {
 #if FUSEDKERNELS_SM90A
@@ -266,8 +268,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int tiles_m = int((p.m + kBlockM - 1) / kBlockM), tiles_n = int((p.n + out_cols - 1) / out_cols);
   // Work units: a tile and one of split_k runs of k-slices, all split_slices long (the last run's slices past
   // K read as zeros).
-  const int tiles = tiles_m * tiles_n, units = tiles * p.split_k;
-  const int split_slices = int((p.k + kBlockK * p.split_k - 1) / (kBlockK * p.split_k));
+  const int split_k = kSplitK ? p.split_k : 1;
+  const int tiles = tiles_m * tiles_n, units = tiles * split_k;
+  const int split_slices = int((p.k + kBlockK * split_k - 1) / (kBlockK * split_k));
 
   if (wg == 0) {  // producer
     sm90::release_registers<40>();
@@ -276,8 +279,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     uint32_t phase = 0;
     for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
       int m_block, n_block;
-      tile_of<Cfg::kGroupM>(unit / p.split_k, tiles_m, tiles_n, m_block, n_block);
-      const int first_k = unit % p.split_k * split_slices * kBlockK;
+      tile_of<Cfg::kGroupM>(unit / split_k, tiles_m, tiles_n, m_block, n_block);
+      const int first_k = unit % split_k * split_slices * kBlockK;
       for (int ks = 0; ks < split_slices; ++ks) {
         sm90::mbarrier_wait(&empty[stage], phase ^ 1);  // the first round passes at once (phase "-1" done)
         sm90::mbarrier_arrive_expect_tx(&full[stage], Cfg::kStageBytes);
@@ -312,8 +315,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   int local = consumer;  // the unit's index in the CTA's sequence
   for (int unit = blockIdx.x + consumer * gridDim.x; unit < units; unit += 2 * gridDim.x, local += 2) {
     int m_block, n_block;
-    tile_of<Cfg::kGroupM>(unit / p.split_k, tiles_m, tiles_n, m_block, n_block);
-    if (p.split_k == 1) epilogue.prefetch_residual(m_block * kBlockM, n_block * out_cols);
+    tile_of<Cfg::kGroupM>(unit / split_k, tiles_m, tiles_n, m_block, n_block);
+    if (!kSplitK) epilogue.prefetch_residual(m_block * kBlockM, n_block * out_cols);
     if (local > 0) sm90::named_barrier_sync(2 - consumer, 256);
     const int64_t first = int64_t(local) * split_slices;  // ring position of its first k-slice
     int stage = int(first % kStages);
@@ -345,8 +348,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // the other consumer's next tile may start
     if (unit + gridDim.x < units) sm90::named_barrier_arrive(1 + consumer, 256);
 
-    if (p.split_k > 1) {
-      epilogue.store_partial(acc, unit % p.split_k, m_block * kBlockM, n_block * out_cols);
+    if constexpr (kSplitK) {
+      epilogue.store_partial(acc, unit % split_k, m_block * kBlockM, n_block * out_cols);
     } else {
       epilogue(acc, m_block * kBlockM, n_block * out_cols);
     }
@@ -361,7 +364,7 @@ template <typename T>
 bool linear_act_sm90_available() {
 #ifdef FUSEDKERNELS_SM90A_BUILT  // else the kernel's only body is the trap
   return compute_capability() == 90 &&
-         has_image_for_current_device<linear_act_sm90_kernel<LinearActSm90Config<T>>>();
+         has_image_for_current_device<linear_act_sm90_kernel<LinearActSm90Config<T>, false>>();
 #else
   return false;
 #endif
@@ -370,7 +373,8 @@ bool linear_act_sm90_available() {
 template <typename T>
 cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream) {
   using Cfg = LinearActSm90Config<T>;
-  constexpr auto kKernel = linear_act_sm90_kernel<Cfg>;
+  constexpr auto kKernel = linear_act_sm90_kernel<Cfg, false>;
+  constexpr auto kSplitKernel = linear_act_sm90_kernel<Cfg, true>;
   const int out_cols = p.gated ? Cfg::kBlockN / 2 : Cfg::kBlockN;  // output columns of a tile
   const int64_t units = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, out_cols) * p.split_k;
   if (units == 0) return cudaSuccess;
@@ -385,10 +389,15 @@ cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream
        !make_tensor_map(&maps.pre_activation, p.pre_activation, 3, pre_sizes, pre_strides, pre_box))) {
     return cudaErrorInvalidValue;
   }
-  resident_blocks<kKernel, Cfg::kThreads, Cfg::kSmemBytes>();  // raises the shared-memory limit
   const int grid = int(std::min<int64_t>(units, sm_count()));
-  kKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
-  if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess || p.split_k == 1) return error;
+  if (p.split_k == 1) {
+    resident_blocks<kKernel, Cfg::kThreads, Cfg::kSmemBytes>();  // raises the shared-memory limit
+    kKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
+    return cudaGetLastError();
+  }
+  resident_blocks<kSplitKernel, Cfg::kThreads, Cfg::kSmemBytes>();
+  kSplitKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
+  if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
   return launch_split_k_epilogue<T>(p, stream);
 }
 
