@@ -17,6 +17,7 @@
 #include "common/host/launch.h"
 #include "gemm/activation.cuh"
 #include "gemm/gemm.h"
+#include "gemm/tile_order.cuh"
 
 namespace fusedkernels::gemm {
 
@@ -49,15 +50,6 @@ namespace sm80 {
 // elements of K). The chunk is XORed with bits 1-2 of the row, so the eight rows an ldmatrix phase reads
 // (one chunk of rows r..r+7, r a multiple of 8) fall on eight different 16-byte bank groups.
 __device__ __forceinline__ int swizzled(int row, int chunk) { return row * 64 + ((chunk ^ (row >> 1)) & 3) * 16; }
-
-// Tile `index` of a tiles_m x tiles_n grid, walked in groups of kGroupM m-blocks.
-template <int kGroupM>
-__device__ __forceinline__ void tile_of(int index, int tiles_m, int tiles_n, int& m_block, int& n_block) {
-  const int group = index / (kGroupM * tiles_n), first_m = group * kGroupM;
-  const int rows = min(kGroupM, tiles_m - first_m), within = index % (kGroupM * tiles_n);
-  m_block = first_m + within % rows;
-  n_block = within / rows;
-}
 
 // The first row of m-tile mt of warp row warp_m: its m-tiles 0, 1 lie in the tile's first half, 2, 3 in the
 // second, so the epilogue stages one half (two m-tiles of every warp) at a time.
@@ -195,7 +187,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) linear_act_sm80_kernel(const
   const int out_cols = p.gated ? kBlockN / 2 : kBlockN;  // output columns of a tile
   const int tiles_m = int((p.m + kBlockM - 1) / kBlockM), tiles_n = int((p.n + out_cols - 1) / out_cols);
   int m_block, n_block;
-  sm80::tile_of<Cfg::kGroupM>(blockIdx.x, tiles_m, tiles_n, m_block, n_block);
+  tile_of<Cfg::kGroupM>(blockIdx.x, tiles_m, tiles_n, m_block, n_block);
   const int64_t row0 = int64_t(m_block) * kBlockM, col0 = int64_t(n_block) * out_cols;
 
   // This thread's part of each stage: chunk `chunk` (8 elements of K) of the tile's x rows first + 64 i and W

@@ -28,6 +28,7 @@
 #include "gemm/activation.cuh"
 #include "gemm/gemm.h"
 #include "gemm/split_k_epilogue.cuh"
+#include "gemm/tile_order.cuh"
 
 namespace fusedkernels::gemm {
 
@@ -54,15 +55,6 @@ struct LinearActSm90Config {
 struct LinearActMaps {
   CUtensorMap x, weight, out, pre_activation;
 };
-
-// Tile `index` of a tiles_m x tiles_n grid, walked in groups of kGroupM m-blocks.
-template <int kGroupM>
-__device__ __forceinline__ void tile_of(int index, int tiles_m, int tiles_n, int& m_block, int& n_block) {
-  const int group = index / (kGroupM * tiles_n), first_m = group * kGroupM;
-  const int rows = min(kGroupM, tiles_m - first_m), within = index % (kGroupM * tiles_n);
-  m_block = first_m + within % rows;
-  n_block = within / rows;
-}
 
 // One consumer warpgroup's epilogue, in two passes over its shared-memory buffer:
 //   1. z = acc + bias, rounded to T (what F.linear returns), from the accumulator's registers (thread
