@@ -533,6 +533,31 @@ def test_autocast_keeps_a_wider_residual_stream_as_torch():
     assert same_dtype.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("op", ["linear_act", "linear_gated"])
+def test_residual_of_another_dtype_promotes_as_the_unfused_add(op):
+    """`act(F.linear(x, w, b)) + residual` promotes: a wider residual widens the output (with its gradient), an
+    integer or bool one keeps x's dtype; under autocast too (a residual is not cast)."""
+    x, w, b = torch.randn(6, 16, requires_grad=True), torch.randn(48, 16), torch.randn(48)
+    n = 24 if op == "linear_gated" else 48
+    act = "swiglu" if op == "linear_gated" else "gelu"
+    fused, ref = (fops.linear_gated, linear_gated_ref) if op == "linear_gated" else (fops.linear_act, linear_act_ref)
+    wide = torch.randn(6, n, dtype=torch.float64, requires_grad=True)
+    ours = fused(x, w, b, act, wide)
+    close = lambda a, b: max_err(a, b) <= 1e-5 * max(b.abs().max().item(), 1.0)  # noqa: E731 (GEMM blocking)
+    assert ours.dtype == torch.float64 and close(ours, ref(x, w, b, act) + wide)
+    ours.sum().backward()
+    assert torch.equal(wide.grad, torch.ones_like(wide)) and x.grad is not None
+    for integer in (torch.arange(6 * n).reshape(6, n), torch.ones(6, n, dtype=torch.bool)):
+        got = fused(x, w, b, act, integer)
+        assert got.dtype == torch.float32 and close(got, ref(x, w, b, act) + integer)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fused(x, w, b, act, integer)
+            want = ref(x.bfloat16(), w.bfloat16(), b.bfloat16(), act) + integer
+        assert got.dtype == torch.bfloat16 and max_err(got, want) <= 2 ** -7 * max(want.abs().max().item(), 1.0)
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        fused(x, w, b, act, torch.ones(n, dtype=torch.float64))
+
+
 def test_bias_updated_in_place_after_the_forward_is_no_error_as_for_f_linear():
     x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((5, 8), (16, 8), (16,)))
     out = fops.linear_act(x, w, b, "gelu")

@@ -145,10 +145,11 @@ std::vector<c10::SymInt> out_shape(const Tensor& x, const Tensor& weight, bool g
 
 // Validates the arguments as F.linear would (RuntimeError), with messages that name them. Sizes compare
 // symbolically (torch.compile with dynamic shapes). Unlike F.linear, bias must be [N] ([2N] gated) and residual
-// the output's shape exactly (no broadcasting), and all tensors share x's dtype (the kernel writes one). A gated
-// weight stacks two halves: an odd number of rows is an error.
+// the output's shape exactly (no broadcasting), and weight and bias share x's dtype; so does the residual
+// unless residual_any_dtype (the public ops add one of another dtype after the fused op, with type promotion).
+// A gated weight stacks two halves: an odd number of rows is an error.
 void check_args(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                const OptTensor& residual, bool gated) {
+                const OptTensor& residual, bool gated, bool residual_any_dtype = false) {
   for (const auto& [name, t] : {std::pair{"x", &x}, std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
                                 std::pair{"residual", residual ? &*residual : nullptr}}) {
     TORCH_CHECK_NOT_IMPLEMENTED(t == nullptr || (t->layout() == at::kStrided && !t->is_nested()), op,
@@ -170,8 +171,8 @@ void check_args(const char* op, const Tensor& x, const Tensor& weight, const Opt
   for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
                                 std::pair{"residual", residual ? &*residual : nullptr}}) {
     if (t == nullptr) continue;
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype (",
-                name_of(x.scalar_type()), "), got ", name_of(t->scalar_type()));
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() || (residual_any_dtype && t == &*residual), op, ": ", name,
+                " must have x's dtype (", name_of(x.scalar_type()), "), got ", name_of(t->scalar_type()));
     TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device().str(), " but x is on ",
                 x.device().str());
   }
@@ -230,7 +231,12 @@ bool needs_grad(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
 // linear_act_fwd.
 Tensor route(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias, Activation act,
              const OptTensor& residual, bool gated) {
-  check_args(op, x, weight, bias, residual, gated);
+  check_args(op, x, weight, bias, residual, gated, /*residual_any_dtype=*/true);
+  if (residual && residual->scalar_type() != x.scalar_type()) {
+    // as `act(F.linear(x, weight, bias)) + residual`: the add promotes (a float32 residual stream, an integer
+    // residual), so it runs after the fused op
+    return route(op, x, weight, bias, act, std::nullopt, gated) + *residual;
+  }
   if (const char* why = fallback_reason(x, weight, bias, residual, gated)) {
     warn_fallback(op, why, gated ? kGatedReference : kReference);
     return std::get<0>(linear_act_reference(x, weight, bias, act, residual, false, gated));
@@ -255,19 +261,14 @@ Tensor linear_gated_composite(const Tensor& x, const Tensor& weight, const OptTe
 using PublicOp = Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, const OptTensor&);
 
 // Autocast: what autocast does to aten::linear, on its lower-precision list for CUDA and for CPU: cast x,
-// weight, bias (and residual, which joins the same epilogue) to the device's autocast dtype.
+// weight and bias to the device's autocast dtype. The residual is left as it is, as the unfused form's add
+// leaves it: one in the autocast dtype joins the fused epilogue, another is added after it with promotion.
 template <c10::DeviceType kDevice, PublicOp* kOp>
 Tensor autocast(const Tensor& x, const Tensor& weight, const OptTensor& bias, c10::string_view activation,
                 const OptTensor& residual) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<kDevice>);
   const auto cast = [](const auto& t) { return autocast_lower<kDevice>(t); };
-  // The unfused form comes out in the autocast dtype and the add promotes: a residual kept in another floating
-  // dtype (a float32 residual stream) is added outside, in the wider type, as torch's would be.
-  if (residual && residual->is_floating_point() &&
-      residual->scalar_type() != at::autocast::get_autocast_dtype(kDevice)) {
-    return kOp(cast(x), cast(weight), cast(bias), activation, std::nullopt) + *residual;
-  }
-  return kOp(cast(x), cast(weight), cast(bias), activation, cast(residual));
+  return kOp(cast(x), cast(weight), cast(bias), activation, residual);
 }
 
 // ------------------------------------------------------------------------------------------------
