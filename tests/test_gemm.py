@@ -576,3 +576,75 @@ def test_nested_and_sparse_inputs_raise_a_clear_error():
     njt = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)], layout=torch.jagged)
     with pytest.raises(NotImplementedError, match="strided"):
         fops.linear_act(njt, w, None, "relu")
+
+
+def test_nn_linear_switched_to_fused_linear_in_place_computes_what_it_did():
+    lin = torch.nn.Linear(16, 24)
+    x = torch.randn(3, 16)
+    want = lin(x)
+    lin.__class__ = fnn.FusedLinear
+    assert lin.activation == "none" and "activation='none'" in repr(lin)
+    assert max_err(lin(x), want) < 1e-6
+    assert fnn.FusedLinear(16, 24).activation == "gelu"  # the constructor's default stays the instance's
+
+
+def test_fused_linear_takes_bias_as_nn_linear_does():
+    import numpy as np
+
+    for bias in (1, 0, None, np.bool_(True), np.bool_(False)):
+        assert (fnn.FusedLinear(8, 16, bias).bias is not None) == (torch.nn.Linear(8, 16, bias).bias is not None)
+    with pytest.raises(TypeError, match="keyword-only"):
+        fnn.FusedLinear(8, 16, "none")
+
+
+# Bad inputs, with the exception type the native op raises (and, without it, the reference after its checks).
+BAD = [
+    ("1-D weight", RuntimeError, lambda x, w, b, r: (x, w[0], None, "gelu", None)),
+    ("bias [N/2]", RuntimeError, lambda x, w, b, r: (x, w, b[:8], "gelu", None)),
+    ("2-D bias", RuntimeError, lambda x, w, b, r: (x, w, b[None], "gelu", None)),
+    ("broadcast residual", RuntimeError, lambda x, w, b, r: (x, w, b, "gelu", r[:1])),
+    ("1-D residual", RuntimeError, lambda x, w, b, r: (x, w, b, "gelu", r[0])),
+    ("integer residual", RuntimeError, lambda x, w, b, r: (x, w, b, "gelu", r.int())),
+    ("integer x", RuntimeError, lambda x, w, b, r: (x.int(), w.int(), None, "gelu", None)),
+    ("float64 weight", RuntimeError, lambda x, w, b, r: (x, w.double(), None, "gelu", None)),
+    ("0-D x", RuntimeError, lambda x, w, b, r: (x[0, 0], w, b, "gelu", None)),
+    ("cannot multiply", RuntimeError, lambda x, w, b, r: (x[:, :7], w, b, "gelu", None)),
+    ("activation None", TypeError, lambda x, w, b, r: (x, w, b, None, None)),
+    ("activation int", TypeError, lambda x, w, b, r: (x, w, b, 1, None)),
+    ("unknown activation", ValueError, lambda x, w, b, r: (x, w, b, "tanh", None)),
+    ("x a list", TypeError, lambda x, w, b, r: ([1.0], w, b, "gelu", None)),
+    ("bias a list", TypeError, lambda x, w, b, r: (x, w, [0.0] * 16, "gelu", None)),
+    ("sparse x", NotImplementedError, lambda x, w, b, r: (x.to_sparse(), w, None, "gelu", None)),
+]
+
+
+def raises_as_the_native_op(monkeypatch, op, bad, inputs):
+    """Each bad input raises its exception type through fops.<op>: with the native op (where this build has it),
+    then without it (the checked reference fops.<op> runs then)."""
+    fn = getattr(fops, op)
+    runs = ["native", "without"] if _native.has_op(op) else ["without"]
+    for run in runs:
+        if run == "without":
+            monkeypatch.setattr(_native, "has_op", lambda name: False)
+            checked = getattr(fops.gemm, f"_{op}_without_native")
+            monkeypatch.setattr(fops.gemm, f"_{op}", _native.public_op(op, checked, "the PyTorch reference"))
+        for case, kind, make in bad:
+            try:
+                fn(*make(*inputs))
+            except Exception as e:  # noqa: BLE001 (the type is what is compared)
+                assert type(e) is kind, f"{run}, {case}: {type(e).__name__}: {e}"
+            else:
+                pytest.fail(f"{run}, {case}: no exception")
+
+
+def test_without_native_module_bad_inputs_raise_as_the_native_op(monkeypatch):
+    x, w, b, r = _inputs((3,), 8, 16, dtype=torch.float32, residual=True)
+    raises_as_the_native_op(monkeypatch, "linear_act", BAD, (x, w, b, r))
+    with pytest.raises(RuntimeError, match=r"linear_act: bias must be \[out_features\] = \[16\], got \[8\]"):
+        fops.linear_act(x, w, b[:8])  # the reference's own message now
+    fused = fnn.FusedLinear(8, 16, activation="silu")  # the module on the checked reference
+    assert max_err(fused(x, r), F.silu(F.linear(x, fused.weight, fused.bias)) + r) < 1e-6
+    with torch.autocast("cpu", torch.bfloat16):  # autocast's casts come first, as in the native op
+        out = fops.linear_act(x.bfloat16(), w, b, "gelu", r)
+        want = F.gelu(F.linear(x.bfloat16(), w, b)) + r
+    assert out.dtype == want.dtype == torch.float32 and torch.equal(out, want)

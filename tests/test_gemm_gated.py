@@ -20,7 +20,7 @@ from fusedkernels import _native
 from fusedkernels.ops.gemm import ACTIVATIONS, GATED_ACTIVATIONS, linear_gated_ref
 
 from .helpers import assert_close_to_ref, capture_graph, max_err, poison_allocator
-from .test_gemm import PLAIN, _grads
+from .test_gemm import PLAIN, _grads, raises_as_the_native_op
 
 needs_native = pytest.mark.skipif(not _native.has_op("linear_gated"), reason="needs the native gemm ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -722,3 +722,186 @@ def test_mlp_on_the_kernel_matches_torch_modules(activation):
     for name, ref, torch_lowp, ours in zip(names, *results):
         assert ours.dtype == torch.bfloat16 and ours.shape == ref.shape, name
         assert_close_to_ref(ours.float(), ref, torch_lowp.float(), name, floor=torch.finfo(torch.bfloat16).eps)
+
+
+class Phi3MLP(torch.nn.Module):
+    """transformers' Phi3MLP: one stacked gate_up_proj, the gate's rows first."""
+
+    def __init__(self, hidden_size, intermediate_size, dtype=None):
+        super().__init__()
+        self.gate_up_proj = torch.nn.Linear(hidden_size, 2 * intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, bias=False, dtype=dtype)
+        self.activation_fn = torch.nn.SiLU()
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * self.activation_fn(gate))
+
+
+class TimmMlp(torch.nn.Module):
+    """timm's Mlp: fc1, act, drop1, norm, fc2, drop2."""
+
+    def __init__(self, in_features, hidden_features, norm=None, drop=0.0, dtype=None):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(in_features, hidden_features, dtype=dtype)
+        self.act = torch.nn.GELU()
+        self.drop1 = torch.nn.Dropout(drop)
+        self.norm = torch.nn.Identity() if norm is None else norm
+        self.fc2 = torch.nn.Linear(hidden_features, in_features, dtype=dtype)
+        self.drop2 = torch.nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class CLIPMLP(torch.nn.Module):
+    """transformers' CLIPMLP: activation_fn, fc1, fc2 (quick_gelu in CLIP itself; tanh gelu here)."""
+
+    def __init__(self, hidden_size, intermediate_size, dtype=None):
+        super().__init__()
+        self.activation_fn = NewGELUActivation()
+        self.fc1 = torch.nn.Linear(hidden_size, intermediate_size, dtype=dtype)
+        self.fc2 = torch.nn.Linear(intermediate_size, hidden_size, dtype=dtype)
+
+    def forward(self, x):
+        return self.fc2(self.activation_fn(self.fc1(x)))
+
+
+def test_from_module_in_place_and_clipped_activations():
+    x = torch.randn(4, 16, dtype=torch.float64)
+    seq = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(inplace=True), torch.nn.Linear(32, 16)).double()
+    assert fnn.FusedMLP.from_module(seq).activation == "relu"
+    llama = LlamaMLP(16, 32, torch.nn.SiLU(inplace=True), dtype=torch.float64)
+    mlp = fnn.FusedMLP.from_module(llama)
+    assert mlp.activation == "swiglu" and max_err(mlp(x), llama(x)) < 1e-12
+    clipped = [torch.nn.ReLU6(), torch.nn.Hardtanh(0.0, 8.0), lambda z: F.gelu(z).clamp(-10, 10)]  # gelu_10
+    for act in clipped:
+        with pytest.raises(ValueError, match="matches none of the activations"):
+            fnn.FusedMLP.from_module(torch.nn.Sequential(torch.nn.Linear(16, 32), act, torch.nn.Linear(32, 16))
+                                     if isinstance(act, torch.nn.Module) else LlamaMLP(16, 32, act))
+
+
+def test_from_module_refuses_linear_subclasses_and_chains_probe_errors():
+    class LoRALinear(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    for first in (fnn.FusedLinear(16, 32, activation="relu"), LoRALinear(16, 32)):
+        with pytest.raises(ValueError, match=f"exactly nn.Linear.*got a {type(first).__name__}"):
+            fnn.FusedMLP.from_module(torch.nn.Sequential(first, torch.nn.GELU(), torch.nn.Linear(32, 16)))
+    llama = LlamaMLP(16, 32)
+    llama.up_proj = LoRALinear(16, 32, bias=False)
+    with pytest.raises(ValueError, match="LoRALinear"):
+        fnn.FusedMLP.from_module(llama)
+
+    def half_only(z):
+        if z.dtype == torch.float64:
+            raise RuntimeError("no float64 kernel")
+        return F.silu(z)
+
+    with pytest.raises(ValueError, match="probing the activation .* failed") as info:
+        fnn.FusedMLP.from_module(LlamaMLP(16, 32, half_only))
+    assert isinstance(info.value.__cause__, RuntimeError) and "no float64 kernel" in str(info.value.__cause__)
+    assert fnn.FusedMLP.from_module(LlamaMLP(16, 32, half_only), activation="swiglu").activation == "swiglu"
+
+
+def test_from_module_keeps_requires_grad_and_training_flag():
+    seq = _sequential("gelu").eval()
+    seq[0].weight.requires_grad_(False)
+    mlp = fnn.FusedMLP.from_module(seq)
+    assert not mlp.training and not mlp.fc1.weight.requires_grad
+    assert mlp.fc1.bias.requires_grad and mlp.fc2.weight.requires_grad
+    llama = LlamaMLP(16, 32)
+    for lin in (llama.gate_proj, llama.up_proj):
+        lin.weight.requires_grad_(False)
+    mlp = fnn.FusedMLP.from_module(llama)
+    assert mlp.training and not mlp.gate_up_proj.weight.requires_grad and mlp.down_proj.weight.requires_grad
+    llama.up_proj.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="freeze both or neither"):
+        fnn.FusedMLP.from_module(llama)
+
+
+def test_from_timm_clip_phi3_modules_and_a_fused_mlp():
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    for module, activation in ((TimmMlp(16, 48, dtype=torch.float64), "gelu"),
+                               (CLIPMLP(16, 48, dtype=torch.float64), "gelu_tanh"),
+                               (Phi3MLP(16, 40, dtype=torch.float64), "swiglu")):
+        mlp = fnn.FusedMLP.from_module(module)
+        assert (mlp.activation, mlp.state_dict_layout) == (activation, "native")
+        assert list(mlp.state_dict()) == list(module.state_dict())
+        assert max_err(mlp(x), module(x)) < 1e-12
+        copied = fnn.FusedMLP.from_module(mlp)
+        assert (copied.activation, copied.state_dict_layout) == (activation, "native")
+        assert max_err(copied(x), mlp(x)) == 0.0 and copied.state_dict_layout == mlp.state_dict_layout
+    llama_layout = fnn.FusedMLP.from_module(LlamaMLP(16, 40))
+    assert fnn.FusedMLP.from_module(llama_layout).state_dict_layout == "llama"
+    with pytest.raises(ValueError, match=r"norm \(LayerNorm\) besides its projections"):
+        fnn.FusedMLP.from_module(TimmMlp(16, 48, norm=torch.nn.LayerNorm(48)))
+    with pytest.raises(ValueError, match=r"drop1 \(Dropout\)"):
+        fnn.FusedMLP.from_module(TimmMlp(16, 48, drop=0.1))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_llama_state_dict_in_shards(bias):
+    llama = LlamaMLP(16, 40, bias=bias)
+    full = llama.state_dict()
+    mlp = fnn.FusedMLP(16, 40, bias=bias, activation="swiglu", state_dict_layout="llama")
+    names = ("weight", "bias") if bias else ("weight",)
+    first = {k: v for k, v in full.items() if not k.startswith("up_proj.")}
+    second = {k: v for k, v in full.items() if k.startswith("up_proj.")}
+    result = mlp.load_state_dict(first, strict=False)
+    assert sorted(result.missing_keys) == sorted(f"up_proj.{n}" for n in names) and not result.unexpected_keys
+    assert torch.equal(mlp.gate_up_proj.weight[:40], llama.gate_proj.weight)
+    result = mlp.load_state_dict(second, strict=False)
+    assert sorted(result.missing_keys) == sorted([f"gate_proj.{n}" for n in names] + [f"down_proj.{n}" for n in names])
+    for key, value in mlp.state_dict().items():
+        assert torch.equal(value, full[key]), key
+    parent = torch.nn.ModuleDict({"mlp": fnn.FusedMLP(16, 40, bias=bias, activation="swiglu")})
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"mlp.up_proj.weight\"") as info:
+        parent.load_state_dict({"mlp." + k: v for k, v in first.items()})
+    assert "Unexpected" not in str(info.value) and "gate_up_proj" not in str(info.value)
+
+
+def test_fused_mlp_bias_argument_and_reset_parameters():
+    for bias, has_bias in ((1, True), (0, False), (None, False)):
+        assert (fnn.FusedMLP(16, 32, 16, bias).fc1.bias is not None) == has_bias
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        fnn.FusedMLP(16, 64, 16, "swiglu")
+    for activation in ("gelu", "swiglu"):
+        mlp = fnn.FusedMLP(16, 32, activation=activation)
+        with torch.no_grad():
+            for p in mlp.parameters():
+                p.fill_(100.0)
+        mlp.reset_parameters()
+        for projection in mlp.children():  # nn.Linear's bounds: 1 / sqrt(in_features)
+            for p in projection.parameters():
+                assert 0 < p.abs().max() <= projection.in_features**-0.5
+
+
+# Bad inputs, with the exception type the native op raises (and, without it, the reference after its checks).
+BAD_GATED = [
+    ("odd rows", RuntimeError, lambda x, w, b, r: (x, w[:31], None, "swiglu", None)),
+    ("1-D weight", RuntimeError, lambda x, w, b, r: (x, w[0], None, "swiglu", None)),
+    ("bias one half", RuntimeError, lambda x, w, b, r: (x, w, b[:16], "swiglu", None)),
+    ("2-D bias", RuntimeError, lambda x, w, b, r: (x, w, b[None], "swiglu", None)),
+    ("broadcast residual", RuntimeError, lambda x, w, b, r: (x, w, b, "swiglu", r[:1])),
+    ("integer residual", RuntimeError, lambda x, w, b, r: (x, w, b, "swiglu", r.int())),
+    ("integer x", RuntimeError, lambda x, w, b, r: (x.int(), w.int(), None, "swiglu", None)),
+    ("float64 bias", RuntimeError, lambda x, w, b, r: (x, w, b.double(), "swiglu", None)),
+    ("cannot multiply", RuntimeError, lambda x, w, b, r: (x[:, :7], w, b, "swiglu", None)),
+    ("activation None", TypeError, lambda x, w, b, r: (x, w, b, None, None)),
+    ("activation int", TypeError, lambda x, w, b, r: (x, w, b, 1, None)),
+    ("unknown activation", ValueError, lambda x, w, b, r: (x, w, b, "silu", None)),
+    ("x a list", TypeError, lambda x, w, b, r: ([1.0], w, b, "swiglu", None)),
+    ("sparse x", NotImplementedError, lambda x, w, b, r: (x.to_sparse(), w, None, "swiglu", None)),
+]
+
+
+def test_without_native_module_bad_inputs_raise_as_the_native_op(monkeypatch):
+    x, w, b, r = _inputs((3,), 8, 16, dtype=torch.float32, residual=True)
+    raises_as_the_native_op(monkeypatch, "linear_gated", BAD_GATED, (x, w, b, r))
+    with pytest.raises(RuntimeError, match=r"linear_gated: residual must have the output's shape \[3, 16\] \(no"):
+        fops.linear_gated(x, w, b, "swiglu", r[:1])  # the reference's own message now
+    mlp = fnn.FusedMLP(8, 16, activation="swiglu")  # the module on the checked reference
+    assert max_err(mlp(x, x), _stacked_ref(x, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, None, "swiglu")
+                   @ mlp.down_proj.weight.t() + mlp.down_proj.bias + x) < 1e-5

@@ -17,13 +17,22 @@ class FusedLinear(nn.Linear):
     """`activation(nn.Linear(x)) (+ residual)` computed by fusedkernels.ops.linear_act.
 
     activation: "none", "relu", "gelu" (erf: nn.GELU()), "gelu_tanh" (nn.GELU(approximate="tanh")), "silu"
-    (nn.SiLU()), "squared_relu" (relu(x)^2). forward(input [..., in_features], residual=None [..., out_features])
-    returns [..., out_features]. Raises ValueError for an unknown activation.
+    (nn.SiLU()), "squared_relu" (relu(x)^2). An nn.Linear whose class is switched in place
+    (`m.__class__ = FusedLinear`) has no activation of its own and computes what it did, as "none".
     """
+
+    activation = "none"  # for an nn.Linear switched in place; the constructor sets the instance's own
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  activation: str = "gelu") -> None:
-        if not isinstance(bias, bool):  # FusedLinear(16, 32, "relu") would otherwise be a gelu layer with a bias
+        """nn.Linear's arguments in their order, and keyword-only `activation` (default "gelu").
+
+        bias: as nn.Linear's, truthy or not (a str is refused: FusedLinear(16, 32, "relu") means an activation).
+        device, dtype: of the parameters, as nn.Linear's.
+
+        Raises TypeError for a str bias, ValueError for an unknown activation.
+        """
+        if isinstance(bias, str):  # FusedLinear(16, 32, "relu") would otherwise be a gelu layer with a bias
             raise TypeError(f"FusedLinear: bias must be a bool, got {bias!r} (activation is keyword-only: "
                             f"FusedLinear(in_features, out_features, activation=...))")
         if activation not in ops.ACTIVATIONS:
@@ -32,6 +41,17 @@ class FusedLinear(nn.Linear):
         self.activation = activation
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """activation(input @ weight^T + bias) (+ residual), as fusedkernels.ops.linear_act computes it.
+
+        input: [..., in_features], floating point, the parameters' dtype and device (under autocast, any dtype
+        autocast casts); residual: None or exactly the output's shape [..., out_features] (no broadcasting), the
+        same dtype (under autocast, a residual in a wider floating dtype is added in that dtype). Returns
+        [..., out_features] in input's dtype (the autocast dtype under autocast).
+
+        Raises RuntimeError for an input whose last dimension is not in_features, a residual not the output's
+        shape, a non-floating input, dtypes or devices that differ; NotImplementedError for sparse or nested
+        tensors.
+        """
         if torch.jit.is_scripting():  # TorchScript compiles this branch only
             return torch.ops.fusedkernels.linear_act(input, self.weight, self.bias, self.activation, residual)
         return ops._linear_act(input, self.weight, self.bias, self.activation, residual)

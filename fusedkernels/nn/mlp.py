@@ -34,7 +34,8 @@ class FusedMLP(nn.Module):
             (silu gate), "geglu" (erf gelu), "geglu_tanh" (tanh gelu), "reglu" (relu) (Shazeer 2020, "GLU Variants
             Improve Transformer").
         state_dict_layout: the keys state_dict() writes: "native", "sequential" (nn.Sequential's; plain
-            activations) or "llama" (gated ones). load_state_dict takes every layout, whatever this says.
+            activations) or "llama" (gated ones). Whatever this says, load_state_dict takes both layouts of the
+            module's kind: native and sequential keys for a plain activation, native and llama keys for a gated one.
         device, dtype: of the parameters.
 
     Parameters, native keys (each projection an nn.Linear, initialised as nn.Linear initialises itself):
@@ -44,17 +45,21 @@ class FusedMLP(nn.Module):
     Other layouts, loaded (and written with state_dict_layout):
         "sequential": 0.weight, 0.bias, 2.weight, 2.bias (nn.Sequential(nn.Linear, act, nn.Linear))
         "llama": gate_proj.weight [H, in_features], up_proj.weight, down_proj.weight, and the three biases where
-            bias=True (transformers' LlamaMLP); written as views of gate_up_proj's halves.
+            bias=True (transformers' LlamaMLP); written as views of gate_up_proj's halves (plain tensors, not
+            Parameters, under state_dict(keep_vars=True)). A dict with one of gate_proj / up_proj only (a checkpoint
+            shard) loads that half, keeps the other and reports its key missing.
 
     forward(x [..., in_features], residual=None [..., out_features]) -> [..., out_features], x's dtype (the autocast
     dtype under autocast). Raises ValueError for an unknown activation or layout (or one that does not fit the
-    activation), TypeError for a non-bool bias.
+    activation), TypeError for a str bias (an activation in bias's position); any other bias is taken as nn.Linear
+    takes it (truthy or not).
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None, bias: bool = True,
                  activation: str = "gelu", *, state_dict_layout: str = "native", device=None, dtype=None) -> None:
-        if not isinstance(bias, bool):  # FusedMLP(16, 64, 16, "relu") would otherwise be a gelu MLP with biases
-            raise TypeError(f"FusedMLP: bias must be a bool, got {bias!r}")
+        if isinstance(bias, str):  # FusedMLP(16, 64, 16, "relu") would otherwise be a gelu MLP with biases
+            raise TypeError(f"FusedMLP: bias must be a bool, got {bias!r} (activation comes after it: "
+                            f"FusedMLP(in_features, hidden_features, out_features, bias, activation))")
         gated = activation in ops.GATED_ACTIVATIONS
         if not gated and activation not in ops.ACTIVATIONS:
             raise ValueError(f"FusedMLP: activation must be one of {', '.join(ops.ACTIVATIONS)} or gated "
@@ -88,56 +93,74 @@ class FusedMLP(nn.Module):
             h = ops._linear_act(x, first.weight, first.bias, self.activation, None)
         return ops._linear_act(h, second.weight, second.bias, "none", residual)
 
+    def reset_parameters(self) -> None:
+        """Re-initialises every projection as nn.Linear.reset_parameters does (gated: the stacked gate_up_proj as
+        one nn.Linear, the distribution two nn.Linear halves would draw from)."""
+        for projection in self.children():
+            projection.reset_parameters()
+
     @classmethod
     def from_module(cls, module: nn.Module, activation: Optional[str] = None) -> "FusedMLP":
-        """A FusedMLP computing what `module` computes, with a copy of its weights (same device and dtype), whose
-        state_dict() writes `module`'s layout.
+        """A FusedMLP computing what `module` computes, with a copy of its weights (same device and dtype, each
+        parameter's requires_grad, the module's training flag), whose state_dict() writes `module`'s layout.
 
-        module: nn.Sequential(nn.Linear, act, nn.Linear), or a Llama-style gated MLP: nn.Linear attributes
-        gate_proj, up_proj, down_proj and an act_fn, computing down_proj(act_fn(gate_proj(x)) * up_proj(x))
-        (transformers' LlamaMLP and the MLPs of the models built like it). Every projection with a bias, or none.
-        activation: the FusedMLP's; by default identified by evaluating the module's activation on a probe input
-        (nn.GELU(), nn.SiLU(), nn.ReLU(), transformers' activation classes, ...).
+        module, one of these, with projections that are exactly nn.Linear (a subclass's own forward would be
+        dropped), every one with a bias or none:
+            nn.Sequential(nn.Linear, act, nn.Linear);
+            a Llama-style gated MLP: gate_proj, up_proj, down_proj and act_fn, computing
+                down_proj(act_fn(gate_proj(x)) * up_proj(x)) (transformers' LlamaMLP and the MLPs built like it);
+            a Phi-3-style gated MLP: gate_up_proj (the gate's rows, then the up projection's), down_proj and
+                activation_fn (transformers' Phi3MLP);
+            a timm / CLIP-style MLP: fc1, fc2 and act or activation_fn, computing fc2(act(fc1(x))) (timm's Mlp,
+                transformers' CLIPMLP); other submodules only nn.Identity or nn.Dropout(p=0);
+            a FusedMLP (a copy, with its activation).
+        activation: the FusedMLP's; by default identified by evaluating the module's activation on a float64 probe
+        (a dense grid around 0 and values out to +-1e3) and comparing with each of FusedMLP's (nn.GELU(),
+        nn.SiLU(), nn.ReLU(), transformers' activation classes, ...; in-place ones too).
 
-        Raises ValueError for another structure, biases on some projections only, or an activation that matches
-        none of FusedMLP's.
+        Raises ValueError for another structure, a projection that is not exactly an nn.Linear, biases on some
+        projections only, gate and up halves of which one is frozen and the other not (they share one parameter),
+        an activation that matches none of FusedMLP's (clipped ones such as nn.ReLU6 included), or one that raises
+        on the probe (chained to its exception).
         """
-        if isinstance(module, nn.Sequential):
-            if len(module) != 3 or not isinstance(module[0], nn.Linear) or not isinstance(module[2], nn.Linear):
-                raise ValueError(f"FusedMLP.from_module: an nn.Sequential must be (nn.Linear, activation, nn.Linear), "
-                                 f"got {module}")
-            first, act, second = module
-            linears, layout, names = (first, second), "sequential", ops.ACTIVATIONS
-        elif all(isinstance(getattr(module, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")) \
-                and hasattr(module, "act_fn"):
-            first, up, second, act = module.gate_proj, module.up_proj, module.down_proj, module.act_fn
-            if (up.in_features, up.out_features) != (first.in_features, first.out_features):
-                raise ValueError(f"FusedMLP.from_module: gate_proj and up_proj must have one shape, got {first} "
-                                 f"and {up}")
-            linears, layout, names = (first, up, second), "llama", ops.GATED_ACTIVATIONS
-        else:
-            raise ValueError(f"FusedMLP.from_module: expected nn.Sequential(nn.Linear, activation, nn.Linear) or a "
-                             f"module with gate_proj, up_proj, down_proj and act_fn, got {type(module).__name__}")
-        hidden = first.out_features
+        projections, act, layout = _parts(module)
+        gated = "gate_up_proj" in projections
+        names = ops.GATED_ACTIVATIONS if gated else ops.ACTIVATIONS
+        first, (second,) = projections["gate_up_proj" if gated else "fc1"], projections["down_proj" if gated else "fc2"]
+        width = sum(lin.out_features for lin in first)
+        if gated and (width % 2 or len({(lin.in_features, lin.out_features) for lin in first}) != 1):
+            raise ValueError(f"FusedMLP.from_module: the gate and up projections must have one shape, got "
+                             f"{', '.join(map(str, first))}")
+        hidden = width // 2 if gated else width
         if second.in_features != hidden:
             raise ValueError(f"FusedMLP.from_module: the projections do not chain: {hidden} hidden features, the "
                              f"last one takes {second.in_features}")
-        biased = {lin.bias is not None for lin in linears}
+        biased = {lin.bias is not None for lin in (*first, second)}
         if len(biased) != 1:
             raise ValueError("FusedMLP.from_module: FusedMLP has biases on every projection or none; this module "
                              "has them on some only")
         if activation is None:
-            activation = _identify(act, names)
+            activation = act if isinstance(act, str) else _identify(act, names)
             if activation is None:
                 raise ValueError(f"FusedMLP.from_module: {act} matches none of the activations "
                                  f"{', '.join(names)}; pass activation= to choose one")
         elif activation not in names:
             raise ValueError(f"FusedMLP.from_module: this module takes one of {', '.join(names)}, got {activation!r}")
-        w = first.weight
-        mlp = cls(first.in_features, hidden, second.out_features, biased.pop(), activation, state_dict_layout=layout,
-                  device=w.device, dtype=w.dtype)
-        mlp.load_state_dict(module.state_dict())
-        return mlp
+        w = first[0].weight
+        mlp = cls(first[0].in_features, hidden, second.out_features, biased.pop(), activation,
+                  state_dict_layout=layout, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for native, linears in projections.items():
+                for name in ("weight", "bias"):
+                    sources = [getattr(lin, name) for lin in linears]
+                    if sources[0] is None:
+                        continue
+                    if len({p.requires_grad for p in sources}) != 1:
+                        raise ValueError(f"FusedMLP.from_module: the gate and up {name}s are stacked in one parameter; "
+                                         f"freeze both or neither")
+                    target = getattr(getattr(mlp, native), name)
+                    target.copy_(torch.cat(sources)).requires_grad_(sources[0].requires_grad)
+        return mlp.train(module.training)
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
@@ -145,15 +168,64 @@ class FusedMLP(nn.Module):
         return s if self.state_dict_layout == "native" else s + f", state_dict_layout={self.state_dict_layout!r}"
 
 
+# The structures from_module takes by attribute names: the attributes of each native projection's nn.Linear layers,
+# the names the activation goes by, the layout the module's keys use.
+_STRUCTURES = (
+    ({"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}, ("act_fn",), "llama"),  # LlamaMLP
+    ({"gate_up_proj": ("gate_up_proj",), "down_proj": ("down_proj",)}, ("activation_fn",), "native"),  # Phi3MLP
+    ({"fc1": ("fc1",), "fc2": ("fc2",)}, ("act", "activation_fn"), "native"),  # timm's Mlp, CLIPMLP
+)
+
+
+def _parts(module: nn.Module):
+    """(projections, activation, layout) of a module from_module takes: the nn.Linear layers each native projection
+    copies (gate_proj and up_proj stacked into gate_up_proj), the activation (a FusedMLP's by name), and the layout
+    of the module's keys."""
+    if isinstance(module, FusedMLP):
+        native = ("gate_up_proj", "down_proj") if module.gated else ("fc1", "fc2")
+        return {name: (getattr(module, name),) for name in native}, module.activation, module.state_dict_layout
+    if isinstance(module, nn.Sequential):
+        if len(module) != 3:
+            raise ValueError(f"FusedMLP.from_module: an nn.Sequential must be (nn.Linear, activation, nn.Linear), "
+                             f"got {module}")
+        projections, act, layout = {"fc1": (module[0],), "fc2": (module[2],)}, module[1], "sequential"
+    else:
+        for attributes, act_names, layout in _STRUCTURES:
+            act_name = next((a for a in act_names if getattr(module, a, None) is not None), None)
+            if act_name is not None and all(getattr(module, a, None) is not None
+                                            for linears in attributes.values() for a in linears):
+                break
+        else:
+            raise ValueError(f"FusedMLP.from_module: expected nn.Sequential(nn.Linear, activation, nn.Linear), a "
+                             f"FusedMLP or a module with gate_proj, up_proj, down_proj and act_fn (Llama), "
+                             f"gate_up_proj, down_proj and activation_fn (Phi-3) or fc1, fc2 and act or "
+                             f"activation_fn (timm, CLIP); got {type(module).__name__}")
+        projections = {native: tuple(getattr(module, a) for a in linears) for native, linears in attributes.items()}
+        act, used = getattr(module, act_name), {act_name, *(a for linears in attributes.values() for a in linears)}
+        for name, child in module.named_children():  # what from_module cannot see the forward do with them
+            if name not in used and type(child) is not nn.Identity and not (type(child) is nn.Dropout and child.p == 0):
+                raise ValueError(f"FusedMLP.from_module: {type(module).__name__} has {name} ({type(child).__name__}) "
+                                 f"besides its projections and activation (only nn.Identity and nn.Dropout(p=0) "
+                                 f"can be left out)")
+    for linear in (lin for linears in projections.values() for lin in linears):
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"FusedMLP.from_module: the projections must be exactly nn.Linear (a subclass's "
+                             f"forward would be lost), got a {type(linear).__name__}")
+    return projections, act, layout
+
+
 def _identify(act, names) -> Optional[str]:
     """The first of `names` (plain or gated activations) whose activation `act` computes on a float64 probe, or
-    None."""
-    z = torch.linspace(-6.0, 6.0, 241, dtype=torch.float64)
+    None. The probe spans a dense grid around 0 and values out to +-1e3, where clipped forms (nn.ReLU6, a GELU
+    clipped at 10) part from the unclipped ones. Raises ValueError, chained, when `act` raises on it."""
+    far = torch.logspace(1, 3, 41, dtype=torch.float64)
+    z = torch.cat((-far.flip(0), torch.linspace(-8.0, 8.0, 321, dtype=torch.float64), far))
     try:
         with torch.no_grad():
-            y = act(z)
-    except Exception:  # noqa: BLE001 (an activation that cannot take the probe matches nothing)
-        return None
+            y = act(z.clone())  # an in-place activation would otherwise rewrite the probe it is compared with
+    except Exception as e:
+        raise ValueError(f"FusedMLP.from_module: probing the activation {act} failed (evaluating it on a float64 "
+                         f"tensor raised); pass activation= to choose one") from e
     for name in names:
         want = ops._ACTIVATION_FNS[ops.GATE_ACTIVATION.get(name, name)](z)
         if isinstance(y, Tensor) and y.shape == z.shape and torch.allclose(y.double(), want, rtol=1e-6, atol=1e-6):
@@ -170,14 +242,28 @@ _NATIVE_GATED = ("gate_up_proj.weight", "gate_up_proj.bias", "down_proj.weight",
 def _to_native_keys(module: FusedMLP, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                     error_msgs) -> None:
     """load_state_dict's pre-hook: renames the keys of a sequential or llama layout to the native ones (stacking
-    gate_proj and up_proj into gate_up_proj) in the dict load_state_dict works on (its own copy)."""
+    gate_proj and up_proj into gate_up_proj) in the dict load_state_dict works on (its own copy). A llama dict with
+    one half only (a checkpoint shard) stacks it with the module's current other half and reports the other half's
+    key missing."""
     for name in ("weight", "bias"):
         if module.gated:
-            gate, up = (prefix + half + name for half in _LLAMA_HALVES)
+            keys = [prefix + half + name for half in _LLAMA_HALVES]
             native = prefix + "gate_up_proj." + name
-            if native not in state_dict and gate in state_dict and up in state_dict \
-                    and state_dict[gate].shape == state_dict[up].shape:
-                state_dict[native] = torch.cat((state_dict.pop(gate), state_dict.pop(up)))
+            present = [key in state_dict for key in keys]
+            current = getattr(module.gate_up_proj, name)
+            if native in state_dict or not any(present) or current is None:
+                continue
+            if all(present):
+                if state_dict[keys[0]].shape == state_dict[keys[1]].shape:
+                    state_dict[native] = torch.cat([state_dict.pop(key) for key in keys])
+                continue
+            half = present.index(True)
+            loaded, halves = state_dict[keys[half]], list(current.detach().chunk(2))
+            if loaded.shape != halves[half].shape:  # left for load_state_dict to report
+                continue
+            halves[half] = state_dict.pop(keys[half])
+            state_dict[native] = torch.cat([h.to(loaded.device, loaded.dtype) for h in halves])
+            missing_keys.append(keys[1 - half])
         else:
             for native_name, other in _SEQUENTIAL.items():
                 native, key = prefix + native_name + name, prefix + other + name

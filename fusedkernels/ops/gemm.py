@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -58,9 +59,87 @@ def linear_act_ref(
     return out if residual is None else out + residual
 
 
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# The native op's argument checks (csrc/gemm/gemm_ops.cpp), raising the same exception types with equivalent
+# messages, for the reference that runs without it: its schema's types, then (after autocast's casts) the
+# activation's name and check_args.
+def _check_types(op: str, x, weight, bias, activation, residual) -> None:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        if not isinstance(t, Tensor) and (t is not None or name in ("x", "weight")):
+            raise TypeError(f"{op}: {name} must be a Tensor{'' if name in ('x', 'weight') else ' or None'}, got "
+                            f"{type(t).__name__}")
+    if not isinstance(activation, str):
+        raise TypeError(f"{op}: activation must be a str, got {type(activation).__name__}")
+
+
+def _check_args(op: str, x, weight, bias, activation, residual, gated: bool) -> None:
+    names = GATED_ACTIVATIONS if gated else ACTIVATIONS
+    if activation not in names:
+        raise ValueError(f"{op}: activation must be one of {', '.join(names)}, got {activation!r}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and (t.layout != torch.strided or t.is_nested):
+            kind = "nested" if t.is_nested else t.layout
+            raise NotImplementedError(f"{op} takes strided (dense) tensors; {name} is {kind} (F.linear takes nested "
+                                      f"and sparse ones)")
+    rows = "2 * out_features" if gated else "out_features"
+    if x.dim() < 1:
+        raise RuntimeError(f"{op}: x must be [..., in_features] (at least 1-D), got a 0-D tensor")
+    if weight.dim() != 2:
+        raise RuntimeError(f"{op}: weight must be [{rows}, in_features] (2-D), got {list(weight.shape)}")
+    if gated and weight.shape[0] % 2:
+        raise RuntimeError(f"{op}: weight must stack the gate's rows and the up projection's, [2 * out_features, "
+                           f"in_features]; got {list(weight.shape)}, an odd number of rows")
+    if x.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"{op}: x and weight shapes cannot be multiplied (x {list(x.shape)}, weight "
+                           f"{list(weight.shape)}): x's last dimension must be weight's in_features")
+    if not x.is_floating_point():
+        raise RuntimeError(f"{op}: x must be a floating-point tensor (float16 or bfloat16 for the fused kernel), got "
+                           f"{_name(x.dtype)}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t.dtype != x.dtype:
+            raise RuntimeError(f"{op}: {name} must have x's dtype ({_name(x.dtype)}), got {_name(t.dtype)}")
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise RuntimeError(f"{op}: bias must be [{rows}] = [{weight.shape[0]}], got {list(bias.shape)}")
+    out_shape = [*x.shape[:-1], weight.shape[0] // 2 if gated else weight.shape[0]]
+    if residual is not None and list(residual.shape) != out_shape:
+        raise RuntimeError(f"{op}: residual must have the output's shape {out_shape} (no broadcasting), got "
+                           f"{list(residual.shape)}")
+
+
+def _checked_reference(op: str, reference, gated: bool):
+    """`reference` as the native op would run it: autocast's casts as the op's autocast kernel makes them, then
+    the op's argument checks."""
+
+    def call(x, weight, bias, activation, residual):
+        _check_types(op, x, weight, bias, activation, residual)
+        device = x.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+
+            def cast(t):
+                eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
+                return t.to(dtype) if eligible and t.device.type == device else t
+
+            x, weight, bias = cast(x), cast(weight), cast(bias)
+            if residual is not None and residual.is_floating_point() and residual.dtype != dtype:
+                # a wider residual stream is added outside, in its dtype, as torch's unfused form adds it
+                return call(x, weight, bias, activation, None) + residual
+            residual = cast(residual)
+        _check_args(op, x, weight, bias, activation, residual, gated)
+        return reference(x, weight, bias, activation, residual)
+
+    return call
+
+
 # Without the native op (no native module, or a build without the gemm family): the reference, with the native
-# op's positional arguments.
-_linear_act = _native.public_op("linear_act", linear_act_ref, "the PyTorch reference")
+# op's positional arguments and argument checks.
+_linear_act_without_native = _checked_reference("linear_act", linear_act_ref, gated=False)
+_linear_act = _native.public_op("linear_act", _linear_act_without_native, "the PyTorch reference")
 
 
 def linear_act(
@@ -84,10 +163,12 @@ def linear_act(
     applies act' to the pre-activation z the forward kept (only when a gradient is needed) and runs PyTorch's
     GEMMs for dx = dz W, dW = dz^T x, dbias = sum_rows(dz), dresidual = dy.
 
-    Raises ValueError for an unknown activation; RuntimeError, as F.linear, for x and weight shapes that cannot
-    be multiplied, a weight that is not 2-D, a bias not [N], a residual not the output's shape, a non-floating
-    x, dtypes or devices that differ; TypeError for arguments of the wrong type. CUDA inputs without a kernel run
-    the reference with one UserWarning per reason.
+    Raises ValueError for an unknown activation; RuntimeError for x and weight shapes that cannot be multiplied,
+    a weight that is not 2-D, a bias not [N], a residual not the output's shape, dtypes or devices that differ
+    (where F.linear raises, the same type), and for a non-floating x (which F.linear takes on CPU);
+    TypeError for arguments of the wrong type (activation=None included); NotImplementedError for sparse or nested
+    tensors. Without the native module the reference runs after the same checks. CUDA inputs without a kernel
+    run the reference with one UserWarning per reason.
     """
     return _linear_act(x, weight, bias, activation, residual)
 
@@ -114,7 +195,8 @@ def linear_gated_ref(
     return out if residual is None else out + residual
 
 
-_linear_gated = _native.public_op("linear_gated", linear_gated_ref, "the PyTorch reference")
+_linear_gated_without_native = _checked_reference("linear_gated", linear_gated_ref, gated=True)
+_linear_gated = _native.public_op("linear_gated", _linear_gated_without_native, "the PyTorch reference")
 
 
 def linear_gated(
@@ -143,7 +225,8 @@ def linear_gated(
     Raises ValueError for an unknown activation; RuntimeError for a weight with an odd number of rows (it must
     stack two halves), and as linear_act does for shapes that cannot be multiplied, a weight that is not 2-D, a
     bias not [2N], a residual not the output's shape, a non-floating x, dtypes or devices that differ; TypeError
-    for arguments of the wrong type. CUDA inputs without a kernel (N or K not a multiple of 8, float32, ...) run
-    the reference with one UserWarning per reason.
+    for arguments of the wrong type; NotImplementedError for sparse or nested tensors. Without the native module
+    the reference runs after the same checks. CUDA inputs without a kernel (N or K not a multiple of 8, float32,
+    ...) run the reference with one UserWarning per reason.
     """
     return _linear_gated(x, weight, bias, activation, residual)
