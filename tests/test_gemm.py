@@ -533,10 +533,16 @@ def test_autocast_keeps_a_wider_residual_stream_as_torch():
     assert same_dtype.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("native", ["native", "without"])
 @pytest.mark.parametrize("op", ["linear_act", "linear_gated"])
-def test_residual_of_another_dtype_promotes_as_the_unfused_add(op):
+def test_residual_of_another_dtype_promotes_as_the_unfused_add(op, native, monkeypatch):
     """`act(F.linear(x, w, b)) + residual` promotes: a wider residual widens the output (with its gradient), an
-    integer or bool one keeps x's dtype; under autocast too (a residual is not cast)."""
+    integer or bool one keeps x's dtype; under autocast too (a residual is not cast); with the native op and
+    without it."""
+    if native == "without":
+        monkeypatch.setattr(_native, "has_op", lambda name: False)
+        checked = getattr(fops.gemm, f"_{op}_without_native")
+        monkeypatch.setattr(fops.gemm, f"_{op}", _native.public_op(op, checked, "the PyTorch reference"))
     x, w, b = torch.randn(6, 16, requires_grad=True), torch.randn(48, 16), torch.randn(48)
     n = 24 if op == "linear_gated" else 48
     act = "swiglu" if op == "linear_gated" else "gelu"
@@ -604,7 +610,6 @@ BAD = [
     ("2-D bias", RuntimeError, lambda x, w, b, r: (x, w, b[None], "gelu", None)),
     ("broadcast residual", RuntimeError, lambda x, w, b, r: (x, w, b, "gelu", r[:1])),
     ("1-D residual", RuntimeError, lambda x, w, b, r: (x, w, b, "gelu", r[0])),
-    ("integer residual", RuntimeError, lambda x, w, b, r: (x, w, b, "gelu", r.int())),
     ("integer x", RuntimeError, lambda x, w, b, r: (x.int(), w.int(), None, "gelu", None)),
     ("float64 weight", RuntimeError, lambda x, w, b, r: (x, w.double(), None, "gelu", None)),
     ("0-D x", RuntimeError, lambda x, w, b, r: (x[0, 0], w, b, "gelu", None)),

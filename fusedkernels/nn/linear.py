@@ -45,7 +45,7 @@ class FusedLinear(nn.Linear):
 
         input: [..., in_features], floating point, the parameters' dtype and device (under autocast, any dtype
         autocast casts); residual: None or exactly the output's shape [..., out_features] (no broadcasting), the
-        same dtype (under autocast, a residual in a wider floating dtype is added in that dtype). Returns
+        same dtype for the fused epilogue (one of another dtype is added after it with type promotion). Returns
         [..., out_features] in input's dtype (the autocast dtype under autocast).
 
         Raises RuntimeError for an input whose last dimension is not in_features, a residual not the output's

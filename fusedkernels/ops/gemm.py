@@ -99,7 +99,7 @@ def _check_args(op: str, x, weight, bias, activation, residual, gated: bool) -> 
         raise RuntimeError(f"{op}: x must be a floating-point tensor (float16 or bfloat16 for the fused kernel), got "
                            f"{_name(x.dtype)}")
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None and t.dtype != x.dtype:
+        if t is not None and t.dtype != x.dtype and name != "residual":  # a residual's add promotes
             raise RuntimeError(f"{op}: {name} must have x's dtype ({_name(x.dtype)}), got {_name(t.dtype)}")
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
@@ -125,12 +125,11 @@ def _checked_reference(op: str, reference, gated: bool):
                 eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
                 return t.to(dtype) if eligible and t.device.type == device else t
 
-            x, weight, bias = cast(x), cast(weight), cast(bias)
-            if residual is not None and residual.is_floating_point() and residual.dtype != dtype:
-                # a wider residual stream is added outside, in its dtype, as torch's unfused form adds it
-                return call(x, weight, bias, activation, None) + residual
-            residual = cast(residual)
+            x, weight, bias = cast(x), cast(weight), cast(bias)  # the residual is left as it is
         _check_args(op, x, weight, bias, activation, residual, gated)
+        if residual is not None and residual.dtype != x.dtype:
+            # added after the op with type promotion, as the unfused form adds it
+            return reference(x, weight, bias, activation, None) + residual
         return reference(x, weight, bias, activation, residual)
 
     return call
@@ -154,17 +153,19 @@ def linear_act(
 
     x: [..., K] (any layout: rows are read in place where their stride allows, else copied); weight: [N, K] as
     nn.Linear stores it; bias: [N] or None; residual: None or exactly the output's shape [..., N] (no
-    broadcasting). All one dtype: float16 / bfloat16 for the fused kernel (fp32 accumulation), float32 / float64
-    run the reference. activation: "none", "relu", "gelu" (erf, F.gelu's default), "gelu_tanh"
-    (F.gelu(approximate="tanh")), "silu", "squared_relu" (relu(z)^2).
+    broadcasting). x, weight and bias one dtype: float16 / bfloat16 for the fused kernel (fp32 accumulation),
+    float32 / float64 run the reference; a residual of that dtype joins the fused epilogue, one of another dtype
+    (a float32 residual stream, an integer tensor) is added after it with type promotion, as
+    `act(F.linear(...)) + residual` adds it. activation: "none", "relu", "gelu" (erf, F.gelu's default),
+    "gelu_tanh" (F.gelu(approximate="tanh")), "silu", "squared_relu" (relu(z)^2).
 
-    Returns out [..., N] in x's dtype (under autocast, which casts x, weight, bias and residual as it does for
-    F.linear: the autocast dtype). Differentiable in x, weight, bias and residual, to any order: the backward
+    Returns out [..., N] in x's dtype, or the promoted dtype of a residual of another dtype (under autocast,
+    which casts x, weight and bias as it does for F.linear: the autocast dtype). Differentiable in x, weight, bias and residual, to any order: the backward
     applies act' to the pre-activation z the forward kept (only when a gradient is needed) and runs PyTorch's
     GEMMs for dx = dz W, dW = dz^T x, dbias = sum_rows(dz), dresidual = dy.
 
     Raises ValueError for an unknown activation; RuntimeError for x and weight shapes that cannot be multiplied,
-    a weight that is not 2-D, a bias not [N], a residual not the output's shape, dtypes or devices that differ
+    a weight that is not 2-D, a bias not [N], a residual not the output's shape, weight / bias dtypes or devices that differ from x's
     (where F.linear raises, the same type), and for a non-floating x (which F.linear takes on CPU);
     TypeError for arguments of the wrong type (activation=None included); NotImplementedError for sparse or nested
     tensors. Without the native module the reference runs after the same checks. CUDA inputs without a kernel
@@ -212,8 +213,9 @@ def linear_gated(
 
     x: [..., K] (any layout, as linear_act's); weight: [2N, K], the gate projection's N rows (Wg) then the up
     projection's (Wu), as torch.cat([gate_proj.weight, up_proj.weight]) stacks them; bias: [2N] (bg then bu) or
-    None; residual: None or exactly the output's shape [..., N]. All one dtype: float16 / bfloat16 for the fused
-    kernel (fp32 accumulation), float32 / float64 run the reference. activation, of the gate (Shazeer 2020, "GLU
+    None; residual: None or exactly the output's shape [..., N]. dtypes as linear_act's: float16 / bfloat16 for the
+    fused kernel (fp32 accumulation), float32 / float64 run the reference; a residual of another dtype is added
+    after the op with type promotion. activation, of the gate (Shazeer 2020, "GLU
     Variants Improve Transformer"): "swiglu" (silu), "geglu" (erf gelu), "geglu_tanh" (tanh gelu, T5 v1.1's
     "gated-gelu"), "reglu" (relu).
 
