@@ -3,6 +3,6 @@
 from .attention import FusedMultiheadAttention, FusedSelfAttention
 from .linear import FusedLinear
 from .mlp import FusedMLP
-from .norm import FusedLayerNorm, FusedRMSNorm
+from .norm import FusedCastRMSNorm, FusedLayerNorm, FusedRMSNorm
 
-__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention", "FusedLinear", "FusedMLP"]
+__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedCastRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention", "FusedLinear", "FusedMLP"]
