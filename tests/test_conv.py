@@ -16,7 +16,7 @@ from torch import nn
 import fusedkernels.nn as fnn
 import fusedkernels.ops as fops
 from fusedkernels import _native
-from fusedkernels.ops.conv import conv2d_bias_relu_ref
+from fusedkernels.ops.conv import _without_native, conv2d_bias_relu_ref
 
 from .helpers import assert_close_to_ref, capture_graph, max_err, poison_allocator
 
@@ -148,8 +148,7 @@ def test_gradcheck_and_gradgradcheck_float64(bias):
 
 
 def test_backward_node_and_what_it_computes():
-    x, w, b, _ = (t.requires_grad_() for t in _inputs(1, 4, (6, 6), 4, 3)[:3]), None, None, None
-    x, w, b = x
+    x, w, b, _ = (t.requires_grad_() if t is not None else None for t in _inputs(1, 4, (6, 6), 4, 3))
     out = fops.conv2d_bias_relu(x, w, b)
     assert out.grad_fn.name() == "fusedkernels::Conv2dBiasReluBackward"
     with torch.no_grad():
@@ -216,10 +215,10 @@ def test_bad_inputs_raise_as_f_conv2d():
 
 
 @pytest.mark.parametrize("native", ["native", "without"])
-def test_residual_of_another_dtype_promotes_as_the_unfused_add(native, monkeypatch):
+def test_residual_of_another_dtype_promotes_as_the_unfused_add(native):
     if native == "native" and not _native.has_op("conv2d_bias_relu"):
         pytest.skip("needs the native conv ops")
-    op = fops.conv2d_bias_relu if native == "native" else fops.conv.__dict__["_without_native"]
+    op = fops.conv2d_bias_relu if native == "native" else _without_native
     x, w, b, r = _inputs(2, 4, (6, 6), 4, 3, dtype=torch.float32, residual=True)
     out = op(x, w, b, 1, 0, 1, r.double())
     assert out.dtype == torch.float64
@@ -228,7 +227,7 @@ def test_residual_of_another_dtype_promotes_as_the_unfused_add(native, monkeypat
 
 def test_without_native_module_ops_run_the_reference(monkeypatch):
     monkeypatch.setattr(_native, "has_op", lambda name: False)
-    fallback = _native.public_op("conv2d_bias_relu", fops.conv.__dict__["_without_native"], "the PyTorch reference")
+    fallback = _native.public_op("conv2d_bias_relu", _without_native, "the PyTorch reference")
     x, w, b, r = _inputs(2, 3, (7, 6), 4, 3, residual=True, stride=2, padding=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # CPU tensors: no warning
