@@ -18,7 +18,7 @@ import fusedkernels.ops as fops
 from fusedkernels import _native
 from fusedkernels.ops.conv import _without_native, conv2d_bias_relu_ref
 
-from .helpers import assert_close_to_ref, capture_graph, max_err, poison_allocator
+from .helpers import assert_close_to_ref, check_graph_replays, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("conv2d_bias_relu"), reason="needs the native conv ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -553,16 +553,8 @@ def test_cuda_graph_capture_and_replay():
         out = fops.conv2d_bias_relu(x, w, b, 1, 1, 1, r)
         return [out, *torch.autograd.grad(out, (x, w, b, r), dy)]
 
-    graph, results = capture_graph(step, static)
-    for _ in range(2):
-        fresh = _cuda_inputs((4, 32, (14, 14), 64, 3, 1, 1), torch.bfloat16)[:4]
-        for t, new in zip(static, fresh):
-            t.data.copy_(new)
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = step(*[t.detach().clone().requires_grad_() for t in fresh])
-        for name, a, c in zip(["out", "dx", "dw", "db", "dr"], results, eager):
-            assert max_err(a, c) <= 2 * torch.finfo(a.dtype).eps * max(c.abs().max().item(), 1.0), name
+    check_graph_replays(step, static, lambda: _cuda_inputs((4, 32, (14, 14), 64, 3, 1, 1), torch.bfloat16)[:4],
+                        ["out", "dx", "dw", "db", "dr"])
 
 
 @pytest.mark.cuda
