@@ -118,18 +118,18 @@ class Pattern:
     """One kind of rewrite. match() returns None where the module is not of its structure (the next pattern is
     tried), else the rewrites to probe and the entries for what it recognised but leaves."""
 
-    def match(self, path: str, module: nn.Module, model: "_Model", mlp: bool):
+    def match(self, path: str, module: nn.Module, model: "_Model", merge: bool):
         raise NotImplementedError
 
 
-def fuse(model: nn.Module, *, inference: bool = False, mlp: bool = False) -> FuseReport:
+def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False) -> FuseReport:
     """Swaps fused modules into `model`, in place, where they compute what its modules compute, and returns a
     FuseReport of what was swapped, what was left and why.
 
     Patterns (docs/fuse.md), by default in-place swaps of single modules: exactly nn.LayerNorm and nn.RMSNorm (class
     switch to FusedLayerNorm / FusedRMSNorm; subclasses are left); RMSNorms of Hugging Face's form, recognised by
     structure (a 1-D `weight` and `variance_epsilon` or `eps`) and by the probe (FusedCastRMSNorm; Gemma's
-    (1 + weight) form is left: the norm op has no weight-offset option yet). With mlp=True also the rewrites that
+    (1 + weight) form is left: the norm op has no weight-offset option yet). With merge=True also the rewrites that
     merge modules, which assume each container is called as a whole: MLP blocks (FusedMLP.from_module) and nn.Linear
     followed by nn.GELU / nn.ReLU / nn.SiLU in an nn.Sequential (FusedLinear, the activation's slot becomes
     nn.Identity, so a slice such as seq[:1] then includes the activation). Each swap is confirmed first on a random
@@ -137,8 +137,8 @@ def fuse(model: nn.Module, *, inference: bool = False, mlp: bool = False) -> Fus
     parameters for one upstream gradient, within twice the original's own error against a float64 run of it.
     Modules whose output is random (dropout in training) are left. The caller's RNG state is restored after each probe.
 
-    Without mlp, no parameter, buffer or state_dict key changes: swapped modules hold the same Parameter objects,
-    so optimizers built before keep working. mlp=True replaces each MLP block's parameters by new ones (a copy;
+    Without merge, no parameter, buffer or state_dict key changes: swapped modules hold the same Parameter objects,
+    so optimizers built before keep working. merge=True replaces each MLP block's parameters by new ones (a copy;
     gated: gate and up stacked into one): state_dict keys and values stay, but named_parameters() names change
     (gate_up_proj) and optimizers must be created anew; a block with a parameter tied to a module outside it is left.
     Training flags are kept; modules with hooks are left where a swap would change what the hooks see. A second call
@@ -155,7 +155,7 @@ def fuse(model: nn.Module, *, inference: bool = False, mlp: bool = False) -> Fus
     walk = _Model(model, inference or torch.is_inference_mode_enabled())
     if walk.inference and not inference:
         walk.report.note = "probed outputs only: inference mode allows no gradients"
-    return walk.run(mlp)
+    return walk.run(merge)
 
 
 class _Model:
@@ -176,8 +176,8 @@ class _Model:
         self.seen: set = set()
         self.report = FuseReport(type(root).__name__)
 
-    def run(self, mlp: bool) -> FuseReport:
-        self._visit("", self.root, mlp)
+    def run(self, merge: bool) -> FuseReport:
+        self._visit("", self.root, merge)
         # A container's pattern reports before its children are visited: list the entries in model order.
         self.report.entries.sort(key=lambda e: self.order.get(e.path, len(self.order)))
         return self.report
@@ -187,7 +187,7 @@ class _Model:
             setattr(parent, name, new)
         self.seen.add(id(new))
 
-    def _visit(self, path: str, module: nn.Module, mlp: bool) -> None:
+    def _visit(self, path: str, module: nn.Module, merge: bool) -> None:
         if id(module) in self.seen:
             return
         self.seen.add(id(module))
@@ -196,7 +196,7 @@ class _Model:
             return
         for pattern in PATTERNS:
             try:
-                found = pattern.match(path, module, self, mlp)
+                found = pattern.match(path, module, self, merge)
             except Exception as e:  # noqa: BLE001 - a module a pattern cannot take apart is left, the walk goes on
                 found = [FuseEntry(path, type(module).__name__, LEFT,
                                    reason=f"{type(pattern).__name__} raised ({type(e).__name__}: {e})")]
@@ -211,7 +211,7 @@ class _Model:
                 return
             break
         for name, child in module.named_children():
-            self._visit(f"{path}.{name}" if path else name, child, mlp)
+            self._visit(f"{path}.{name}" if path else name, child, merge)
 
     def _apply(self, rewrite: Rewrite) -> FuseEntry:
         """Checks, probes and installs one rewrite; the report's entry for it."""
@@ -432,7 +432,7 @@ class TorchNorm(Pattern):
     def __init__(self, torch_cls: type, fused_cls: type) -> None:
         self.torch_cls, self.fused_cls = torch_cls, fused_cls
 
-    def match(self, path, module, model, mlp):
+    def match(self, path, module, model, merge):
         if not isinstance(module, self.torch_cls):
             return None
         if type(module) is not self.torch_cls:
@@ -462,7 +462,7 @@ class HFRMSNorm(Pattern):
     order sets the output's dtype there, on rows out to ~1e3 (a clamp in the forward shows). The (1 + weight) form is
     recognised and left."""
 
-    def match(self, path, module, model, mlp):
+    def match(self, path, module, model, merge):
         eps = _hf_rms_eps(module)
         if eps is None:
             return None
@@ -507,23 +507,23 @@ def _activation(module: nn.Module) -> Optional[str]:
 
 class MLPBlock(Pattern):
     """A block FusedMLP.from_module takes (a Llama-style gated MLP, Phi-3's, timm's / CLIP's fc1 / fc2, and with
-    mlp=True nn.Sequential(Linear, act, Linear)) -> FusedMLP, replaced in its parent. FusedMLP holds new parameters
-    (gated: gate and up stacked), so this runs with mlp=True only; without it, the named blocks are left with the
+    merge=True nn.Sequential(Linear, act, Linear)) -> FusedMLP, replaced in its parent. FusedMLP holds new parameters
+    (gated: gate and up stacked), so this runs with merge=True only; without it, the named blocks are left with the
     reason and nn.Sequential ones go to LinearActivation (which leaves them too). A block with a parameter tied to a
     module outside it is left: the copy would untie it."""
 
-    def match(self, path, module, model, mlp):
+    def match(self, path, module, model, merge):
         if type(module) is nn.Sequential:
-            if not (mlp and len(module) == 3 and type(module[0]) is nn.Linear and type(module[2]) is nn.Linear):
+            if not (merge and len(module) == 3 and type(module[0]) is nn.Linear and type(module[2]) is nn.Linear):
                 return None
         elif not any(all(getattr(module, a, None) is not None for linears in attributes.values() for a in linears)
                      and any(getattr(module, a, None) is not None for a in act_names)
                      for attributes, act_names, _ in _STRUCTURES):
             return None
         name = type(module).__name__
-        if not mlp:
+        if not merge:
             return [FuseEntry(path, name, LEFT, reason="an MLP block: FusedMLP holds new parameter objects (gate and "
-                                                       "up stacked), so it is swapped with fuse(model, mlp=True)")]
+                                                       "up stacked), so it is swapped with fuse(model, merge=True)")]
         try:
             fused = FusedMLP.from_module(module)
         except ValueError as e:
@@ -549,9 +549,9 @@ class LinearActivation(Pattern):
     """nn.Sequential(..., nn.Linear, activation, ...) -> the Linear switched to FusedLinear with that activation
     (nn.GELU, approximate "none" or "tanh"; nn.ReLU; nn.SiLU), the activation's slot nn.Identity: indices, keys and
     parameter objects stay. It merges two modules (a slice ending at the Linear would then include the activation,
-    which no probe sees), so it runs with mlp=True only; without it, the pairs are left with the reason."""
+    which no probe sees), so it runs with merge=True only; without it, the pairs are left with the reason."""
 
-    def match(self, path, module, model, mlp):
+    def match(self, path, module, model, merge):
         if type(module) is not nn.Sequential:
             return None
         found, i = [], 0
@@ -562,10 +562,10 @@ class LinearActivation(Pattern):
                 i += 1
                 continue
             where = f"{path}.{i}" if path else str(i)
-            if not mlp:
+            if not merge:
                 found.append(FuseEntry(where, f"Linear + {type(act).__name__}", LEFT, reason=(
                     "merging the pair changes what a slice of the nn.Sequential computes (the activation moves into "
-                    "the Linear), so it is done with fuse(model, mlp=True)")))
+                    "the Linear), so it is done with fuse(model, merge=True)")))
             elif len(model.parents[id(linear)]) != 1:
                 found.append(FuseEntry(where, "Linear", LEFT, reason="the Linear is used elsewhere in the model too, "
                                                                      "where no activation follows it"))

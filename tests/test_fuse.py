@@ -319,7 +319,7 @@ def test_linear_followed_by_activation(device, dtype, act, name):
     model = _randomize(nn.Sequential(nn.Linear(16, 32), act, nn.Linear(32, 8), nn.Tanh(), nn.Linear(8, 8, bias=False),
                                      nn.ReLU())).to(device, dtype)
     before, params, keys = copy.deepcopy(model), _params(model), list(model.state_dict())
-    report = fusedkernels.fuse(model, mlp=True)
+    report = fusedkernels.fuse(model, merge=True)
     assert _statuses(report) == {"0": ("swapped", f"FusedLinear(activation={name!r})"),
                                  "4": ("swapped", "FusedLinear(activation='relu')")}
     assert report.entries[0].original == f"Linear + {type(act).__name__}"
@@ -334,24 +334,24 @@ def test_linear_followed_by_activation(device, dtype, act, name):
 def test_shared_linear_is_left():
     linear = nn.Linear(8, 8)
     model = nn.ModuleDict({"a": nn.Sequential(linear, nn.ReLU()), "b": nn.Sequential(linear)})
-    (entry,) = fusedkernels.fuse(model, mlp=True).entries
+    (entry,) = fusedkernels.fuse(model, merge=True).entries
     assert entry.path == "a.0" and entry.status == "left" and "elsewhere" in entry.reason
     assert type(linear) is nn.Linear
 
 
 @pytest.mark.parametrize("dtype", FUSE_DTYPES, ids=str)
-def test_mlp_blocks_need_mlp_true(dtype):
+def test_mlp_blocks_need_merge_true(dtype):
     model = _randomize(nn.ModuleDict({"mlp": LlamaMLP(16, 24),
                                       "seq": nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))})).to(dtype)
     before, keys = copy.deepcopy(model), list(model.state_dict())
     report = fusedkernels.fuse(model)
     entries = {e.path: e for e in report.entries}
-    assert entries["mlp"].status == "left" and "mlp=True" in entries["mlp"].reason
-    assert entries["seq.0"].status == "left" and "mlp=True" in entries["seq.0"].reason
+    assert entries["mlp"].status == "left" and "merge=True" in entries["mlp"].reason
+    assert entries["seq.0"].status == "left" and "merge=True" in entries["seq.0"].reason
     assert type(model["seq"][0]) is nn.Linear and type(model["seq"][1]) is nn.GELU
 
     model = copy.deepcopy(before)
-    report = fusedkernels.fuse(model, mlp=True)
+    report = fusedkernels.fuse(model, merge=True)
     assert _statuses(report) == {"mlp": ("swapped", "FusedMLP(activation='swiglu')"),
                                  "seq": ("swapped", "FusedMLP(activation='gelu')")}
     assert "optimizers" in report.entries[0].reason
@@ -379,10 +379,10 @@ def test_idempotent_and_report():
     assert text.startswith("fuse(Sequential): 2 swapped, 2 left, 0 already fused")
     assert "swapped  1: LlamaRMSNorm -> FusedCastRMSNorm(cast='input')" in text and "left     4: GemmaRMSNorm" in text
     assert "left     2: Linear + SiLU: merging the pair" in text
-    second = fusedkernels.fuse(model, mlp=True)
+    second = fusedkernels.fuse(model, merge=True)
     assert _statuses(second)["2"] == ("swapped", "FusedLinear(activation='silu')")
     state, structure = copy.deepcopy(model.state_dict()), repr(model)
-    third = fusedkernels.fuse(model, mlp=True)
+    third = fusedkernels.fuse(model, merge=True)
     assert not third.swapped and len(third.already_fused) == 3 and len(third.left) == 1
     assert repr(model) == structure and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert "already  2: FusedLinear" in str(third)
@@ -415,7 +415,7 @@ def test_class_switch_keeps_hooks_and_training_flag():
     norm = nn.LayerNorm(8)
     norm.register_forward_hook(lambda module, args, out: seen.append(type(module)))
     model = nn.Sequential(norm, LlamaRMSNorm(8), nn.Linear(8, 8), nn.ReLU()).eval()
-    fusedkernels.fuse(model, mlp=True)
+    fusedkernels.fuse(model, merge=True)
     assert not seen, "the probe does not run the model's hooks"
     model(torch.randn(2, 8))
     assert seen == [fnn.FusedLayerNorm]
@@ -425,7 +425,7 @@ def test_class_switch_keeps_hooks_and_training_flag():
 def test_identity_takes_the_activations_training_flag():
     model = nn.Sequential(nn.Linear(8, 8), nn.GELU()).train()
     model[1].eval()
-    fusedkernels.fuse(model, mlp=True)
+    fusedkernels.fuse(model, merge=True)
     assert type(model[1]) is nn.Identity and not model[1].training and model[0].training
 
 
@@ -489,7 +489,7 @@ class Float32MLP(nn.Module):
 def test_probe_exceptions_leave_the_module_and_fuse_goes_on():
     model = _randomize(nn.Sequential(nn.LayerNorm(16), CLIPLayerNorm(16), Float32RMSNorm(16), Float32MLP(16),
                                      LlamaRMSNorm(16)))
-    report = fusedkernels.fuse(model, mlp=True)
+    report = fusedkernels.fuse(model, merge=True)
     entries = {e.path: e for e in report.entries}
     assert entries["0"].status == "swapped" and entries["4"].status == "swapped"
     assert entries["1"].status == "left" and "subclass" in entries["1"].reason
@@ -526,13 +526,13 @@ def test_random_modules_are_left_and_rng_is_restored():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_linear_activation_pairs_need_mlp_true():
+def test_linear_activation_pairs_need_merge_true():
     """Merging Linear + activation changes what a slice of the Sequential computes, which no probe sees."""
     features = _randomize(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
     x = torch.randn(3, 8)
     sliced = features[:1](x)
     report = fusedkernels.fuse(features)
-    assert [e.status for e in report.entries] == ["left"] and "mlp=True" in report.entries[0].reason
+    assert [e.status for e in report.entries] == ["left"] and "merge=True" in report.entries[0].reason
     assert torch.equal(features[:1](x), sliced) and type(features[1]) is nn.ReLU
 
 
@@ -548,7 +548,7 @@ class TimmMlp(nn.Module):
 def test_mlp_blocks_with_tied_weights_are_left():
     model = nn.ModuleDict({"emb": nn.Embedding(24, 16), "mlp": TimmMlp(16, 24), "llama": LlamaMLP(16, 24)})
     model["emb"].weight = model["mlp"].fc1.weight
-    report = fusedkernels.fuse(model, mlp=True)
+    report = fusedkernels.fuse(model, merge=True)
     entries = {e.path: e for e in report.entries}
     assert entries["mlp"].status == "left" and "tied" in entries["mlp"].reason
     assert type(model["mlp"]) is TimmMlp and model["emb"].weight is model["mlp"].fc1.weight
@@ -570,17 +570,17 @@ def test_fuse_checks_its_argument():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mlp", [False, True], ids=["norms", "norms+mlp"])
-def test_llama_like_model_end_to_end(device, dtype, mlp):
+@pytest.mark.parametrize("merge", [False, True], ids=["norms", "norms+merge"])
+def test_llama_like_model_end_to_end(device, dtype, merge):
     model = _randomize(TinyLlama()).to(device, dtype)
     before, params, keys = copy.deepcopy(model), _params(model), list(model.state_dict())
-    report = fusedkernels.fuse(model, mlp=mlp)
+    report = fusedkernels.fuse(model, merge=merge)
     norms = {"norm", *(f"layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm"))}
     mlps = {f"layers.{i}.mlp" for i in range(2)}
-    assert {e.path for e in report.swapped} == (norms | mlps if mlp else norms)
-    assert {e.path for e in report.left} == (set() if mlp else mlps)
+    assert {e.path for e in report.swapped} == (norms | mlps if merge else norms)
+    assert {e.path for e in report.left} == (set() if merge else mlps)
     assert list(model.state_dict()) == keys
-    if not mlp:
+    if not merge:
         assert all(model.get_parameter(n) is p for n, p in params.items())
     ids = torch.randint(0, 64, (2, 9), device=device)
     dy = torch.randn(2, 9, 64, device=device, dtype=dtype)
@@ -591,7 +591,7 @@ def test_llama_like_model_end_to_end(device, dtype, mlp):
     halves = (".mlp.gate_proj.", ".mlp.up_proj.")
     for name in g_before:
         half = next((i for i, h in enumerate(halves) if h in name), None)
-        ours = g_after[name] if not mlp or half is None else g_after[
+        ours = g_after[name] if not merge or half is None else g_after[
             name.replace(halves[half], ".mlp.gate_up_proj.")].chunk(2)[half]  # FusedMLP's stacked parameter
         assert_close_to_ref(ours, g_ref[name], g_before[name], name, floor=1e-5)
 
@@ -626,8 +626,8 @@ def _tiny(config_name, **extra):
                                                      ("BertConfig", "FusedLayerNorm"),
                                                      ("T5Config", "FusedCastRMSNorm(cast='weight')")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mlp", [False, True], ids=["norms", "norms+mlp"])
-def test_transformers_models(device, config_name, norms_fused, dtype, mlp):
+@pytest.mark.parametrize("merge", [False, True], ids=["norms", "norms+merge"])
+def test_transformers_models(device, config_name, norms_fused, dtype, merge):
     transformers = _transformers()
     torch.manual_seed(0)
     config = _tiny(config_name)
@@ -635,7 +635,7 @@ def test_transformers_models(device, config_name, norms_fused, dtype, mlp):
     model = (model_cls(config) if config_name == "T5Config" else model_cls.from_config(config)).to(device, dtype)
     _randomize(model).eval()  # eval: no dropout between the runs compared
     before, keys = copy.deepcopy(model), list(model.state_dict())
-    report = fusedkernels.fuse(model, mlp=mlp)
+    report = fusedkernels.fuse(model, merge=merge)
     assert list(model.state_dict()) == keys
     norms = [e for e in report.entries if "Norm" in e.original]
     assert norms, str(report)
@@ -643,7 +643,7 @@ def test_transformers_models(device, config_name, norms_fused, dtype, mlp):
         assert all(e.status == "left" and "weight-offset" in e.reason for e in norms), str(report)
     else:
         assert all(e.status == "swapped" and e.fused == norms_fused for e in norms), str(report)
-    if mlp and config_name in ("LlamaConfig", "MistralConfig", "Qwen2Config", "GemmaConfig"):
+    if merge and config_name in ("LlamaConfig", "MistralConfig", "Qwen2Config", "GemmaConfig"):
         assert sum(e.fused.startswith("FusedMLP") for e in report.swapped) == 2, str(report)
     ids = torch.randint(0, 64, (2, 9), device=device)
     embeds = before.get_input_embeddings()(ids).detach()
