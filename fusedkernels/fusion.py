@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn import FusedCastRMSNorm, FusedLayerNorm, FusedLinear, FusedMLP, FusedRMSNorm
+from .nn import (FusedCastRMSNorm, FusedConv2dReLU, FusedConvBNReLU, FusedLayerNorm, FusedLinear, FusedMLP,
+                 FusedRMSNorm)
 from .nn.mlp import _STRUCTURES, _to_layout_keys
+from .ops import fold_batch_norm
 
 SWAPPED, LEFT, ALREADY_FUSED = "swapped", "left", "already fused"
 
 # Every module fuse() installs; met again, it is reported as already fused and not looked into.
-FUSED_TYPES = (FusedLayerNorm, FusedRMSNorm, FusedCastRMSNorm, FusedLinear, FusedMLP)
+FUSED_TYPES = (FusedLayerNorm, FusedRMSNorm, FusedCastRMSNorm, FusedLinear, FusedMLP, FusedConv2dReLU, FusedConvBNReLU)
 
 # The probe's slack past twice the original's own error, relative to the output's scale: a few float32 ulps, as
 # every op here computes in float32 at least (a float64 original that computes in float32 inside is its own yardstick).
@@ -132,12 +135,13 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False) -> F
     (1 + weight) form is left: the norm op has no weight-offset option yet). With merge=True also the rewrites that
     merge modules, which assume each container is called as a whole: MLP blocks (FusedMLP.from_module) and nn.Linear
     followed by nn.GELU / nn.ReLU / nn.SiLU in an nn.Sequential (FusedLinear, the activation's slot becomes
-    nn.Identity, so a slice such as seq[:1] then includes the activation). Each swap is confirmed first on a random
+    nn.Identity, so a slice such as seq[:1] then includes the activation), and nn.Conv2d followed by nn.ReLU in an
+    nn.Sequential (FusedConv2dReLU, the ReLU's slot nn.Identity; also with inference=True). Each swap is confirmed first on a random
     probe input in the module's dtype and device: outputs, and unless `inference`, the gradients of the input and the
     parameters for one upstream gradient, within twice the original's own error against a float64 run of it.
     Modules whose output is random (dropout in training) are left. The caller's RNG state is restored after each probe.
 
-    Without merge, no parameter, buffer or state_dict key changes: swapped modules hold the same Parameter objects,
+    Without merge or inference, no parameter, buffer or state_dict key changes: swapped modules hold the same Parameter objects,
     so optimizers built before keep working. merge=True replaces each MLP block's parameters by new ones (a copy;
     gated: gate and up stacked into one): state_dict keys and values stay, but named_parameters() names change
     (gate_up_proj) and optimizers must be created anew; a block with a parameter tied to a module outside it is left.
@@ -145,24 +149,29 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False) -> F
     swaps nothing and reports the fused modules as already fused. An exception while probing leaves that module with
     the exception in its reason; fuse() goes on with the rest.
 
-    inference: probe outputs only (no gradients); for models that will only run forward. Implied inside
+    inference: for models that will only run forward: probe outputs only (no gradients), and fold each eval-mode
+    nn.BatchNorm2d into the nn.Conv2d feeding it (in an nn.Sequential, or a block's convN / bnN, as torchvision's
+    ResNets), probed on the module holding both: the conv gets new weight and bias Parameters, the BatchNorm's slot
+    becomes nn.Identity and its state_dict keys disappear. Outputs-only probing (not folding) is implied inside
     torch.inference_mode(), where no gradient can be taken (the report's note says so).
 
     Raises TypeError when model is not an nn.Module.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: model must be a torch.nn.Module, got {type(model).__name__}")
-    walk = _Model(model, inference or torch.is_inference_mode_enabled())
+    walk = _Model(model, inference or torch.is_inference_mode_enabled(), forward_only=inference)
     if walk.inference and not inference:
         walk.report.note = "probed outputs only: inference mode allows no gradients"
     return walk.run(merge)
 
 
 class _Model:
-    """One fuse() walk: the model's parent links (a swap replaces a module wherever it is a child) and the report."""
+    """One fuse() walk: the model's parent links (a swap replaces a module wherever it is a child) and the report.
+    inference: the probe checks outputs only; forward_only: the caller passed inference=True, which also allows
+    rewrites that re-express parameters (BatchNorm folding); inference_mode alone does not."""
 
-    def __init__(self, root: nn.Module, inference: bool) -> None:
-        self.root, self.inference = root, inference
+    def __init__(self, root: nn.Module, inference: bool, forward_only: bool = False) -> None:
+        self.root, self.inference, self.forward_only = root, inference, forward_only
         self.parents: Dict[int, list] = defaultdict(list)
         self.holders: Dict[int, set] = defaultdict(set)  # id(parameter) -> ids of the modules holding it
         for module in root.modules():
@@ -587,6 +596,137 @@ def _fuse_pair(model: _Model, seq: nn.Sequential, i: int, linear: nn.Linear, act
     model.seen.update((id(linear), id(identity)))
 
 
+def _images(channels: int, conv: nn.Conv2d, size: int = 0):
+    """make_input for images [2, channels, S, S]: S at least `size` and past conv's dilated kernel; the two samples
+    scaled 0.1 and 10."""
+    extent = max(d * (k - 1) + 1 for d, k in zip(conv.dilation, conv.kernel_size))
+    side = max(size, extent + 7)
+
+    def make(dtype, device, generator):
+        scale = torch.tensor([0.1, 10.0]).reshape(2, 1, 1, 1)
+        return (torch.randn(2, channels, side, side, generator=generator) * scale).to(device, dtype)
+
+    return make
+
+
+def _runs_in_order(module: nn.Module) -> bool:
+    """An nn.Sequential, or a subclass keeping its forward (torchvision's Conv2dNormActivation): children in order."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _paired_conv(parent: nn.Module, name: str) -> Optional[nn.Module]:
+    """The module that feeds parent's child `name`: the one before it in an nn.Sequential, else `convN` for `bnN`
+    (torchvision's BasicBlock / Bottleneck naming); None where neither applies."""
+    if _runs_in_order(parent):
+        names = list(parent._modules)
+        i = names.index(name)
+        return parent._modules[names[i - 1]] if i > 0 else None
+    number = re.fullmatch(r"bn(\d*)", name)
+    return parent._modules.get(f"conv{number.group(1)}") if number else None
+
+
+class ConvBatchNorm(Pattern):
+    """An eval-mode nn.BatchNorm2d fed by an nn.Conv2d (adjacent in an nn.Sequential or a subclass keeping its forward,
+    or a block's `convN` / `bnN`; exact conv and BatchNorm types) -> with fuse(model, inference=True), the conv holds
+    the folded weight and bias (ops.fold_batch_norm, new Parameters) and the BatchNorm's slot becomes nn.Identity.
+    The pair's order lives in the parent's forward, so the probe runs the parent (outputs only). Recognised on the
+    BatchNorm; without inference=True, or in training mode, it is left with the reason."""
+
+    def match(self, path, module, model, merge):
+        if type(module) is not nn.BatchNorm2d or len(model.parents[id(module)]) != 1:
+            return None
+        (parent, name), = model.parents[id(module)]
+        conv = _paired_conv(parent, name)
+        if type(conv) is not nn.Conv2d or conv.out_channels != module.num_features:
+            return None
+        conv_name = next(n for n, m in parent._modules.items() if m is conv)
+        conv_path = path[:-len(name)] + conv_name
+
+        def left(reason: str):
+            return [FuseEntry(conv_path, "Conv2d + BatchNorm2d", LEFT, reason=reason)]
+
+        if module.training or module.running_mean is None:
+            return left("the BatchNorm2d normalises with batch statistics (training mode or no running statistics): "
+                        "only an eval-mode BatchNorm folds into the conv (model.eval(), then fuse(model, "
+                        "inference=True))")
+        if not model.forward_only:
+            return left("folding changes the conv's weight and bias and removes the BatchNorm2d's state_dict keys, "
+                        "so it is done with fuse(model, inference=True), for models that only run forward")
+        if len(model.parents[id(conv)]) != 1:
+            return left("the conv is used elsewhere in the model too, where no BatchNorm follows it")
+        if any(model.holders[id(p)] != {id(conv)} for p in conv.parameters()):
+            return left("a conv parameter is tied to another module, which the folded values would not reach")
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in parent.modules()):
+            return left(f"the probe runs the {type(parent).__name__}'s forward, which would update the running "
+                        f"statistics of a BatchNorm in training mode inside it: call model.eval() first")
+        first_conv = next(m for m in parent.modules() if isinstance(m, nn.Conv2d))
+        with torch.no_grad():
+            weight, bias = fold_batch_norm(conv.weight, conv.bias, module.running_mean, module.running_var,
+                                           module.eps, module.weight, module.bias)
+        folded = copy.copy(conv)
+        folded._parameters = {"weight": nn.Parameter(weight, conv.weight.requires_grad),
+                              "bias": nn.Parameter(bias, conv.weight.requires_grad)}
+        identity = nn.Identity().train(module.training)
+        probed = copy.copy(parent)  # the parent's forward over the folded conv and the Identity
+        probed._modules = {**parent._modules, conv_name: folded, name: identity}
+
+        def install():
+            conv.weight, conv.bias = folded.weight, folded.bias
+            setattr(parent, name, identity)
+            model.seen.add(id(identity))
+
+        candidate = Candidate(probed, "Conv2d (BatchNorm2d folded)", install,
+                              "conv weight and bias values change (new Parameters), the BatchNorm2d's state_dict "
+                              "keys are gone: load checkpoints before fuse()")
+        return [Rewrite(conv_path, parent, [candidate], [conv, module],
+                        _images(first_conv.in_channels, first_conv, size=32))]
+
+
+class ConvReLU(Pattern):
+    """nn.Sequential(..., nn.Conv2d, nn.Identity..., nn.ReLU, ...) (or a subclass keeping its forward; the Identity
+    slots: BatchNorms folded just before)
+    -> the Conv2d switched to FusedConv2dReLU, the ReLU's slot nn.Identity: indices, keys and parameter objects stay.
+    A merge like LinearActivation's, so with merge=True or inference=True; recognised on the ReLU. Grouped convs are
+    left: FusedConv2dReLU runs them through the reference, so the swap gains nothing."""
+
+    def match(self, path, module, model, merge):
+        if type(module) is not nn.ReLU or len(model.parents[id(module)]) != 1:
+            return None
+        (seq, name), = model.parents[id(module)]
+        if not _runs_in_order(seq):
+            return None
+        names = list(seq._modules)
+        i = names.index(name) - 1
+        while i >= 0 and type(seq[i]) is nn.Identity:
+            i -= 1
+        conv = seq[i] if i >= 0 else None
+        if type(conv) is not nn.Conv2d:
+            return None
+        where = path[:-len(name)] + names[i]
+
+        def left(reason: str):
+            return [FuseEntry(where, "Conv2d + ReLU", LEFT, reason=reason)]
+
+        if not (merge or model.forward_only):
+            return left("merging the pair changes what a slice of the nn.Sequential computes (the ReLU moves into "
+                        "the conv), so it is done with fuse(model, merge=True) or fuse(model, inference=True)")
+        if len(model.parents[id(conv)]) != 1:
+            return left("the conv is used elsewhere in the model too, where no ReLU follows it")
+        if conv.groups != 1:
+            return left("a grouped conv (groups != 1): FusedConv2dReLU runs it through the PyTorch reference, so the "
+                        "swap would gain nothing")
+
+        def install():
+            _switch(conv, FusedConv2dReLU)()
+            identity = nn.Identity().train(module.training)
+            setattr(seq, name, identity)
+            model.seen.update((id(conv), id(identity)))
+
+        return [Rewrite(where, nn.Sequential(conv, module), [Candidate(
+            _switched(conv, FusedConv2dReLU), "FusedConv2dReLU", install)], [conv, module],
+            _images(conv.in_channels, conv))]
+
+
 # Tried in order on every module, outermost first; the first that matches decides.
 PATTERNS: List[Pattern] = [
     TorchNorm(nn.LayerNorm, FusedLayerNorm),
@@ -594,4 +734,6 @@ PATTERNS: List[Pattern] = [
     HFRMSNorm(),
     MLPBlock(),
     LinearActivation(),
+    ConvBatchNorm(),
+    ConvReLU(),
 ]

@@ -656,3 +656,207 @@ def test_transformers_models(device, config_name, norms_fused, dtype, merge):
     (y_before, dx_before), (y_after, dx_after), (y_ref, dx_ref) = results
     assert_close_to_ref(y_after, y_ref, y_before, "last_hidden_state", floor=1e-5)
     assert_close_to_ref(dx_after, dx_ref, dx_before, "inputs_embeds grad", floor=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Conv -> BatchNorm -> ReLU: torchvision's ResNet structure (written out here; torchvision's own where installed)
+# ------------------------------------------------------------------------------------------------
+
+
+def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock: attribute names and forward as there."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck (expansion 4)."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+def _tiny_resnet():
+    """A ResNet-like Sequential: stem (Conv, BN, ReLU, MaxPool), a BasicBlock, a Bottleneck."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(3, stride=2, padding=1), BasicBlock(8, 8), BasicBlock(8, 16, stride=2),
+                         Bottleneck(16, 4), Bottleneck(16, 8, stride=2))
+
+
+def _trained_bn(model):
+    """Random weights and BatchNorm statistics away from their initial 0 / 1, then eval."""
+    _randomize(model)
+    gen = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+    return model.eval()
+
+
+def _conv_pairs(model):
+    """(conv path, bn path) of every Conv2d -> BatchNorm2d in _tiny_resnet."""
+    pairs = [("0", "1")]
+    for i, block in enumerate(model[4:], start=4):
+        for n in ("1", "2", "3"):
+            if hasattr(block, f"conv{n}"):
+                pairs.append((f"{i}.conv{n}", f"{i}.bn{n}"))
+        if block.downsample is not None:
+            pairs.append((f"{i}.downsample.0", f"{i}.downsample.1"))
+    return pairs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_resnet_blocks_fold_and_fuse_with_inference(dtype):
+    model = _trained_bn(_tiny_resnet()).to(dtype)
+    before = copy.deepcopy(model)
+    report = fusedkernels.fuse(model, inference=True)
+    pairs = _conv_pairs(before)
+    folds = [e for e in report.entries if e.original == "Conv2d + BatchNorm2d"]
+    assert [(e.path, e.status, e.fused) for e in folds] == [(c, "swapped", "Conv2d (BatchNorm2d folded)")
+                                                            for c, _ in pairs], str(report)
+    assert "state_dict keys" in folds[0].reason and "values change" in folds[0].reason
+    assert _statuses(report)["0"] == ("swapped", "FusedConv2dReLU")  # the stem, after its fold
+    assert len(report.swapped) == len(pairs) + 1 and not report.left, str(report)
+    assert type(model[0]) is fnn.FusedConv2dReLU and type(model[1]) is nn.Identity and type(model[2]) is nn.Identity
+    assert all(type(model.get_submodule(bn)) is nn.Identity for _, bn in pairs)
+    keys = set(model.state_dict())
+    assert not any(k.startswith(tuple(f"{bn}." for _, bn in pairs)) for k in keys)
+    assert all(f"{conv}.bias" in keys for conv, _ in pairs)  # the fold gives each conv a bias
+    ref = copy.deepcopy(before).double()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32, dtype=dtype)
+        assert_close_to_ref(model(x), ref(x.double()), before(x), "output", floor=1e-5)
+    state, structure = copy.deepcopy(model.state_dict()), repr(model)
+    again = fusedkernels.fuse(model, inference=True)
+    assert not again.swapped and not again.left and [e.path for e in again.already_fused] == ["0"]
+    assert repr(model) == structure and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_conv_pairs_without_inference_are_left_with_reasons():
+    model = _trained_bn(_tiny_resnet())
+    before, params = copy.deepcopy(model), _params(model)
+    report = fusedkernels.fuse(model)
+    assert not report.swapped and all("inference=True" in e.reason for e in report.left), str(report)
+    assert [e.path for e in report.left] == [c for c, _ in _conv_pairs(model)]
+    report = fusedkernels.fuse(model, merge=True)  # merge alone folds nothing: the stem's ReLU follows a BatchNorm
+    assert not report.swapped and all(torch.equal(p, before.get_parameter(n)) for n, p in params.items())
+    assert all(model.get_parameter(n) is p for n, p in params.items())
+
+    model.train()  # training-mode BatchNorm: batch statistics, nothing to fold, with or without inference=True
+    for inference in (False, True):
+        report = fusedkernels.fuse(model, inference=inference)
+        assert not report.swapped and all("batch statistics" in e.reason for e in report.left), str(report)
+    assert type(model[1]) is nn.BatchNorm2d and type(model[4].bn1) is nn.BatchNorm2d
+
+
+def test_bn_folding_needs_the_whole_parent_in_eval():
+    """The probe runs the parent's forward: a training-mode BatchNorm elsewhere in it would have its running
+    statistics updated, so the pair is left."""
+    block = _trained_bn(BasicBlock(8, 8))
+    block.bn2.train()
+    model = nn.Sequential(block)
+    mean = block.bn2.running_mean.clone()
+    report = fusedkernels.fuse(model, inference=True)
+    assert _statuses(report) == {"0.conv1": ("left", ""), "0.conv2": ("left", "")}, str(report)
+    assert "model.eval()" in report.entries[0].reason and "batch statistics" in report.entries[1].reason
+    assert torch.equal(block.bn2.running_mean, mean) and type(block.bn1) is nn.BatchNorm2d
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FUSE_DTYPES, ids=str)
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_conv_relu_with_merge(device, dtype, padding_mode):
+    """merge=True: Conv2d + ReLU -> FusedConv2dReLU in training mode too, parameters and keys kept, gradients
+    checked; a grouped conv is left (FusedConv2dReLU would run it through the reference)."""
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode=padding_mode), nn.ReLU(),
+                                     nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
+                                     nn.Conv2d(8, 4, 1), nn.Tanh())).to(device, dtype)
+    before, params, keys = copy.deepcopy(model), _params(model), list(model.state_dict())
+    report = fusedkernels.fuse(model, merge=True)
+    assert _statuses(report) == {"0": ("swapped", "FusedConv2dReLU"), "2": ("left", "")}, str(report)
+    assert report.entries[0].original == "Conv2d + ReLU" and "grouped" in report.entries[1].reason
+    assert [type(m) for m in model] == [fnn.FusedConv2dReLU, nn.Identity, nn.Conv2d, nn.ReLU, nn.Conv2d, nn.Tanh]
+    assert all(model.get_parameter(n) is p for n, p in params.items()) and list(model.state_dict()) == keys
+    x = torch.randn(2, 3, 10, 10, device=device, dtype=dtype)
+    _assert_same_computation(before, model, copy.deepcopy(before).double(), x,
+                             torch.randn(2, 4, 10, 10, device=device, dtype=dtype))
+
+
+def test_conv_relu_without_merge_and_shared_convs_are_left():
+    conv = nn.Conv2d(3, 4, 3)
+    model = nn.ModuleDict({"a": nn.Sequential(conv, nn.ReLU()), "b": nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())})
+    report = fusedkernels.fuse(model)
+    assert [(e.path, e.status) for e in report.entries] == [("a.0", "left"), ("b.0", "left")]
+    assert "merge=True" in report.entries[0].reason
+    model["c"] = nn.Sequential(conv)
+    report = fusedkernels.fuse(model, merge=True)
+    assert _statuses(report) == {"a.0": ("left", ""), "b.0": ("swapped", "FusedConv2dReLU")}
+    assert "elsewhere" in report.entries[0].reason and type(conv) is nn.Conv2d
+
+
+def test_shared_or_tied_convs_are_not_folded():
+    model = _trained_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    model.append(nn.Sequential(model[0]))
+    model.extra = nn.Conv2d(4, 4, 1)
+    model.extra.weight = model[2].weight
+    report = fusedkernels.fuse(model, inference=True)
+    assert _statuses(report) == {"0": ("left", ""), "2": ("left", "")}, str(report)
+    assert "elsewhere" in report.entries[0].reason and "tied" in report.entries[1].reason
+
+
+def test_torchvision_resnet18():
+    models = pytest.importorskip("torchvision.models", reason="torchvision is not installed here (it is on the GPU "
+                                                              "machine)")
+    torch.manual_seed(0)
+    model = _trained_bn(models.resnet18())
+    before = copy.deepcopy(model)
+    report = fusedkernels.fuse(model, inference=True)
+    assert len([e for e in report.swapped if e.original == "Conv2d + BatchNorm2d"]) == 20, str(report)
+    assert not report.left, str(report)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        assert_close_to_ref(model(x), copy.deepcopy(before).double()(x.double()), before(x), "logits", floor=1e-5)
