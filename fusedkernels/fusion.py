@@ -136,15 +136,17 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False) -> F
     merge modules, which assume each container is called as a whole: MLP blocks (FusedMLP.from_module) and nn.Linear
     followed by nn.GELU / nn.ReLU / nn.SiLU in an nn.Sequential (FusedLinear, the activation's slot becomes
     nn.Identity, so a slice such as seq[:1] then includes the activation), and nn.Conv2d followed by nn.ReLU in an
-    nn.Sequential (FusedConv2dReLU, the ReLU's slot nn.Identity; also with inference=True). Each swap is confirmed first on a random
-    probe input in the module's dtype and device: outputs, and unless `inference`, the gradients of the input and the
-    parameters for one upstream gradient, within twice the original's own error against a float64 run of it.
-    Modules whose output is random (dropout in training) are left. The caller's RNG state is restored after each probe.
+    nn.Sequential (FusedConv2dReLU, the ReLU's slot nn.Identity; also with inference=True). Each swap is confirmed
+    first on a random probe input in the module's dtype and device: outputs, and unless `inference`, the gradients of
+    the input and the parameters for one upstream gradient, within twice the original's own error against a float64
+    run of it. Modules whose output is random (dropout in training) are left. The caller's RNG state is restored
+    after each probe.
 
-    Without merge or inference, no parameter, buffer or state_dict key changes: swapped modules hold the same Parameter objects,
-    so optimizers built before keep working. merge=True replaces each MLP block's parameters by new ones (a copy;
-    gated: gate and up stacked into one): state_dict keys and values stay, but named_parameters() names change
-    (gate_up_proj) and optimizers must be created anew; a block with a parameter tied to a module outside it is left.
+    Without merge or inference, no parameter, buffer or state_dict key changes: swapped modules hold the same
+    Parameter objects, so optimizers built before keep working. merge=True replaces each MLP block's parameters by
+    new ones (a copy; gated: gate and up stacked into one): state_dict keys and values stay, but named_parameters()
+    names change (gate_up_proj) and optimizers must be created anew; a block with a parameter tied to a module
+    outside it is left.
     Training flags are kept; modules with hooks are left where a swap would change what the hooks see. A second call
     swaps nothing and reports the fused modules as already fused. An exception while probing leaves that module with
     the exception in its reason; fuse() goes on with the rest.
