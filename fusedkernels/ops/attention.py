@@ -147,11 +147,140 @@ def attention_varlen_ref(
 
 
 # Without the native op (no native module, or a build without the attention family): the reference, with the
-# native ops' positional arguments and results.
+# native ops' positional arguments, argument checks and results.
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_types(op: str, names: Tuple[str, ...], kinds: str, args) -> None:
+    """The schema's types, as the native op's Python entry point checks them (csrc/common/python/fast_call.h):
+    kinds has one letter per argument: T Tensor, t Tensor or None, f float, F float or None, b bool, i int."""
+    for position, (name, kind, a) in enumerate(zip(names, kinds, args), 1):
+        # (objects taking part in __torch_function__, as fx's Proxy, pass on, as the entry point lets them)
+        if kind == "T":
+            ok, want = hasattr(a, "__torch_function__"), "Tensor"
+        elif kind == "t":
+            ok, want = a is None or hasattr(a, "__torch_function__"), "Tensor?"
+        elif kind in "fF":
+            ok = isinstance(a, (int, float)) or (kind == "F" and a is None)
+            want = "float" if kind == "f" else "float?"
+        elif kind == "b":
+            ok, want = isinstance(a, bool), "bool"
+        else:
+            ok, want = isinstance(a, int) and not isinstance(a, bool), "int"
+        if not ok:
+            raise TypeError(f"{op}(): argument '{name}' (position {position}) must be {want}, not {type(a).__name__}")
+
+
+# The native ops' checks (csrc/attention/attention_ops.cpp: check_qkv, check_options, check_bias,
+# check_cu_seqlens, check_cu_seqlens_values), the same exception types with the same messages.
+def _check_qkv(op: str, q, k, v, dims: int) -> None:
+    layout = "[batch, seqlen, heads, head_dim]" if dims == 4 else "[total, heads, head_dim]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != dims:
+            raise RuntimeError(f"{op}: {name} must be {layout} ({dims}-D), got {list(t.shape)}")
+    if not q.is_floating_point():
+        raise RuntimeError(f"{op}: q must be a floating-point tensor (float16 or bfloat16 for the fused kernel), got "
+                           f"{_name(q.dtype)}")
+    if not k.dtype == v.dtype == q.dtype:
+        raise RuntimeError(f"{op}: q, k and v must have the same dtype, got {_name(q.dtype)}, {_name(k.dtype)} and "
+                           f"{_name(v.dtype)}")
+    if not k.device == v.device == q.device:
+        raise RuntimeError(f"{op}: q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
+    row = dims - 3
+    ok = k.shape[row] == v.shape[row] and k.shape[-2] == v.shape[-2]
+    if dims == 4:
+        ok = ok and k.shape[0] == v.shape[0] == q.shape[0]
+    if not ok:
+        raise RuntimeError(f"{op}: k and v must have the same batch, length and heads"
+                           f"{' (and q' + chr(39) + 's batch)' if dims == 4 else ''}, got q {list(q.shape)}, "
+                           f"k {list(k.shape)}, v {list(v.shape)}")
+    if not q.shape[-1] == k.shape[-1] == v.shape[-1]:
+        raise RuntimeError(f"{op}: q, k and v must have the same head_dim, got {list(q.shape)}, {list(k.shape)}, "
+                           f"{list(v.shape)}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if not (hq == hkv == 0 or (hkv > 0 and hq % hkv == 0)):
+        raise RuntimeError(f"{op}: the heads of q ([{hq}]) must be a multiple of the heads of k and v ([{hkv}])")
+
+
+def _check_options(op: str, dropout_p: float, window_left: int, window_right: int) -> None:
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"{op}: dropout_p must be in [0, 1], got {dropout_p:f}")
+    if window_left < -1 or window_right < -1:
+        raise RuntimeError(f"{op}: window sizes must be >= 0, or -1 for unbounded, got ({window_left}, {window_right})")
+
+
+def _check_bias(op: str, bias, q, k) -> None:
+    if bias.device != q.device:
+        raise RuntimeError(f"{op}: attn_bias is on {bias.device} but q is on {q.device}")
+    if bias.dtype != torch.bool and not bias.is_floating_point():
+        raise RuntimeError(f"{op}: attn_bias must be bool or floating-point, got {_name(bias.dtype)}")
+    full = [q.shape[0], q.shape[2], q.shape[1], k.shape[1]]
+    if bias.dim() > 4 or any(size not in (1, want) for size, want in zip(reversed(bias.shape), reversed(full))):
+        raise RuntimeError(f"{op}: attn_bias must be broadcastable to [batch, heads_q, seqlen_q, seqlen_k] = {full}, "
+                           f"got {list(bias.shape)}")
+
+
+def _check_cu_seqlens(op: str, cu_q, cu_k, q, max_q: int, max_k: int) -> None:
+    for name, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if t.dtype != torch.int32 or t.dim() != 1:
+            raise RuntimeError(f"{op}: {name} must be int32 [batch + 1], got {_name(t.dtype)} {list(t.shape)}")
+        if t.device != q.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if cu_q.shape[0] != cu_k.shape[0] or cu_q.shape[0] < 1:
+        raise RuntimeError(f"{op}: cu_seqlens_q and cu_seqlens_k must both have batch + 1 >= 1 elements, got "
+                           f"{list(cu_q.shape)} and {list(cu_k.shape)}")
+    if max_q < 0 or max_k < 0:
+        raise RuntimeError(f"{op}: max_seqlen_q and max_seqlen_k must be >= 0")
+
+
+def _check_cu_seqlens_values(name: str, cu, rows: int, max_seqlen: int) -> None:
+    """Varlen's contract, checked on CPU only (on CUDA it would cost a device-to-host copy)."""
+    c = cu.tolist()
+    if c[0] != 0:
+        raise ValueError(f"attention_varlen: {name} must start at 0, got {c[0]}")
+    for b, (start, end) in enumerate(zip(c, c[1:])):
+        if end < start:
+            raise ValueError(f"attention_varlen: {name} must be non-decreasing, got {start} then {end}")
+        if end - start > max_seqlen:
+            raise ValueError(f"attention_varlen: sequence {b} has {end - start} rows, more than max_seqlen "
+                             f"({max_seqlen}) for {name}")
+    if c[-1] > rows:
+        raise ValueError(f"attention_varlen: {name} ends at {c[-1]} but the packed tensor has {rows} rows")
+
+
+def _autocast(device: str, *tensors):
+    """The casts of the native op's autocast kernel (as torch's for SDPA): floating tensors on the autocast
+    device to its autocast dtype, float64 left."""
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    eligible = lambda t: t is not None and t.is_floating_point() and t.dtype != torch.float64  # noqa: E731
+    return tuple(t.to(dtype) if eligible(t) and t.device.type == device else t for t in tensors)
+
+
+_ATTENTION_ARGS = ("q", "k", "v", "attn_bias", "dropout_p", "causal", "window_left", "window_right", "scale",
+                   "return_lse", "deterministic")
+_VARLEN_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p", "causal",
+                "window_left", "window_right", "scale", "return_lse", "deterministic")
 
 
 def _attention_without_native(q, k, v, attn_bias=None, dropout_p=0.0, causal=False, window_left=-1,
                               window_right=-1, scale=None, return_lse=False, deterministic=False):
+    args = (q, k, v, attn_bias, dropout_p, causal, window_left, window_right, scale, return_lse, deterministic)
+    _check_types("attention", _ATTENTION_ARGS, "TTTtfbiiFbb", args)
+    q, k, v, attn_bias = _autocast(q.device.type, q, k, v, attn_bias)
+    _check_qkv("attention", q, k, v, 4)
+    _check_options("attention", dropout_p, window_left, window_right)
+    if attn_bias is not None:
+        _check_bias("attention", attn_bias, q, k)
+    if dropout_p == 1.0:  # every probability dropped: zeros and zero grads (the reference's 1 / (1 - p) is inf)
+        out, lse = _attention_without_native(q, k, v, attn_bias, 0.0, *args[5:])
+        return out * 0, lse
+    if q.shape[2] == 0:  # no heads: empty results, as torch's SDPA
+        return q.contiguous() * 0, q.new_empty((q.shape[0], 0, q.shape[1]), dtype=torch.float32)
     out, lse = attention_ref(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p,
                              window=(window_left, window_right), attn_bias=attn_bias, return_lse=True)
     return out, (lse if return_lse else lse.new_empty(0))
@@ -160,6 +289,21 @@ def _attention_without_native(q, k, v, attn_bias=None, dropout_p=0.0, causal=Fal
 def _attention_varlen_without_native(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                      causal=False, window_left=-1, window_right=-1, scale=None, return_lse=False,
                                      deterministic=False):
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, window_left,
+            window_right, scale, return_lse, deterministic)
+    _check_types("attention_varlen", _VARLEN_ARGS, "TTTTTiifbiiFbb", args)
+    q, k, v = _autocast(q.device.type, q, k, v)
+    _check_qkv("attention_varlen", q, k, v, 3)
+    _check_options("attention_varlen", dropout_p, window_left, window_right)
+    _check_cu_seqlens("attention_varlen", cu_seqlens_q, cu_seqlens_k, q, max_seqlen_q, max_seqlen_k)
+    if dropout_p == 1.0:  # every probability dropped: zeros and zero grads (the reference's 1 / (1 - p) is inf)
+        out, lse = _attention_varlen_without_native(*args[:7], 0.0, *args[8:])
+        return out * 0, lse
+    if q.shape[1] == 0:
+        raise RuntimeError("attention_varlen: q, k and v need heads")
+    if q.device.type == "cpu":
+        _check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        _check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     out, lse = attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                     scale=scale, dropout_p=dropout_p, window=(window_left, window_right),
                                     return_lse=True)
