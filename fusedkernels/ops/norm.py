@@ -65,8 +65,40 @@ def norm_bwd_ref(dy, x, weight, mean, rstd):
 # Public functions
 # ------------------------------------------------------------------------------------------------
 
-_layer_norm = _native.public_op("layer_norm", F.layer_norm, "torch.nn.functional.layer_norm")
-_rms_norm = _native.public_op("rms_norm", F.rms_norm, "torch.nn.functional.rms_norm")
+# The native ops' argument checks (csrc/norm/norm_ops.cpp: check_args), with the same messages, for PyTorch's
+# op that runs without them: it refuses the same inputs, some with other exception types (NotImplementedError
+# for an integer input) and messages that do not name the argument.
+def _check_args(op: str, input: Tensor, normalized_shape, weight, bias) -> None:
+    if not input.is_floating_point():
+        raise RuntimeError(f"{op}: input must be a floating-point tensor (float32, float16 or bfloat16 for the fused "
+                           f"kernel), got {str(input.dtype).removeprefix('torch.')}")
+    shape = list(normalized_shape)
+    if not shape or len(shape) > input.dim() or list(input.shape[input.dim() - len(shape):]) != shape:
+        raise RuntimeError(f"{op}: normalized_shape {shape} must be the trailing dimensions of input "
+                           f"{list(input.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if list(p.shape) != shape:
+            raise RuntimeError(f"{op}: {name} must have shape {shape}, got {list(p.shape)}")
+        if p.device != input.device:
+            raise RuntimeError(f"{op}: {name} is on {p.device} but input is on {input.device}")
+
+
+def _checked_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if isinstance(input, Tensor):  # (not fx's Proxy: F.layer_norm traces as one call)
+        _check_args("layer_norm", input, normalized_shape, weight, bias)
+    return F.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _checked_rms_norm(input, normalized_shape, weight=None, eps=None):
+    if isinstance(input, Tensor):
+        _check_args("rms_norm", input, normalized_shape, weight, None)
+    return F.rms_norm(input, normalized_shape, weight, eps)
+
+
+_layer_norm = _native.public_op("layer_norm", _checked_layer_norm, "torch.nn.functional.layer_norm")
+_rms_norm = _native.public_op("rms_norm", _checked_rms_norm, "torch.nn.functional.rms_norm")
 
 
 def layer_norm(
