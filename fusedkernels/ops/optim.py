@@ -244,8 +244,9 @@ def adam_step_torch(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List
                 ("max_exp_avg_sqs", max_exp_avg_sqs if amsgrad else []), masters=masters, steps=steps,
                 scalars=(("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf),
                          ("clip_coef", clip_coef)))
+    # (traced by torch.compile, without the native op: torch's fused ops fail in inductor, the reference compiles)
     if (masters or clip_coef is not None or exp_avgs[0].dtype != params[0].dtype
-            or not _same_layouts(params, grads, *moments)):
+            or not _same_layouts(params, grads, *moments) or torch.compiler.is_compiling()):
         return adam_step_ref(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, lr_tensor,
                              beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, grad_scale, found_inf,
                              clip_coef)
@@ -271,7 +272,7 @@ def sgd_step_torch(params: List, grads: List, momentum_buffers: List, masters: L
                          ("clip_coef", clip_coef)))
     first = [float(s.item()) == 0 for s in steps] if momentum != 0 else [False]
     if (masters or clip_coef is not None or len(set(first)) > 1 or (buffers and buffers[0].dtype != params[0].dtype)
-            or not _same_layouts(params, grads, buffers)):
+            or not _same_layouts(params, grads, buffers) or torch.compiler.is_compiling()):  # (as adam_step_torch)
         return sgd_step_ref(params, grads, momentum_buffers, masters, steps, lr, lr_tensor, momentum, dampening,
                             weight_decay, nesterov, maximize, grad_scale, found_inf, clip_coef)
     skip = _skip_flag(found_inf)
