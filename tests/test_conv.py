@@ -148,10 +148,8 @@ def test_gradcheck_and_gradgradcheck_float64(bias):
     assert torch.autograd.gradgradcheck(fn, leaves)
 
 
-def test_backward_node_and_what_it_computes():
+def test_no_grad_and_a_gradient_for_the_residual_only():
     x, w, b, _ = (t.requires_grad_() if t is not None else None for t in _inputs(1, 4, (6, 6), 4, 3))
-    out = fops.conv2d_bias_relu(x.to(memory_format=CL), w, b)  # NHWC in: the op's output itself, no copy back
-    assert out.grad_fn.name() == "fusedkernels::Conv2dBiasReluBackward"
     with torch.no_grad():
         assert fops.conv2d_bias_relu(x, w, b).grad_fn is None
     # only the residual needs a gradient: dy where the output is positive, else 0
@@ -160,6 +158,14 @@ def test_backward_node_and_what_it_computes():
     out = fops.conv2d_bias_relu(x.detach(), w.detach(), None, 1, 0, 1, r)
     (dr,) = torch.autograd.grad(out, r, dy)
     assert torch.equal(dr, torch.where(out > 0, dy, 0))
+
+
+@needs_native  # the native op's autograd node and internal op; without them PyTorch's ops differentiate
+def test_backward_node_and_what_it_computes():
+    x, w, b, _ = (t.requires_grad_() if t is not None else None for t in _inputs(1, 4, (6, 6), 4, 3))
+    out = fops.conv2d_bias_relu(x.to(memory_format=CL), w, b)  # NHWC in: the op's output itself, no copy back
+    assert out.grad_fn.name() == "fusedkernels::Conv2dBiasReluBackward"
+    dy = torch.randn(1, 4, 4, 4, dtype=torch.float64)
     # the internal op directly, on an NCHW x: channels_last output (the public op converts it to x's), same gradients
     x2 = x.detach().requires_grad_()
     out = torch.ops.fusedkernels.conv2d_bias_relu_fwd(x2, w, b, [1, 1], [0, 0], [1, 1], None)

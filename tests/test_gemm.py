@@ -117,10 +117,8 @@ def test_gradcheck_and_gradgradcheck_float64(activation):
     assert torch.autograd.gradgradcheck(fn, (x, w, b, r))
 
 
-def test_backward_node_and_what_it_keeps():
+def test_no_grad_and_a_gradient_for_the_residual_only():
     x, w, b, _ = (t.requires_grad_() if t is not None else None for t in _inputs((4,), 8, 8))
-    out = fops.linear_act(x, w, b, "gelu")
-    assert out.grad_fn.name() == "fusedkernels::LinearActBackward"
     with torch.no_grad():  # no gradient wanted: no node, nothing kept
         assert fops.linear_act(x, w, b, "gelu").grad_fn is None
     # only the residual needs a gradient: it is dy
@@ -128,6 +126,14 @@ def test_backward_node_and_what_it_keeps():
     dy = torch.randn(4, 8, dtype=torch.float64)
     (dr,) = torch.autograd.grad(fops.linear_act(x.detach(), w.detach(), None, "relu", r), r, dy)
     assert torch.equal(dr, dy)
+
+
+@needs_native  # the native op's autograd node and internal op; without them PyTorch's ops differentiate
+def test_backward_node_and_what_it_keeps():
+    x, w, b, _ = (t.requires_grad_() if t is not None else None for t in _inputs((4,), 8, 8))
+    out = fops.linear_act(x, w, b, "gelu")
+    assert out.grad_fn.name() == "fusedkernels::LinearActBackward"
+    dy = torch.randn(4, 8, dtype=torch.float64)
     # the internal op's z is F.linear's, and a call without it still differentiates (z recomputed)
     ops = torch.ops.fusedkernels
     out, z = ops.linear_act_fwd(x.detach(), w.detach(), b.detach(), ACTIVATIONS.index("silu"), None, True)
@@ -237,7 +243,7 @@ def test_torch_compile_fullgraph_matches_eager():
         assert max_err(dynamic(xm), linear_act_ref(xm, w, b, "silu")) < 1e-5
 
 
-def test_export_and_fx_trace_of_the_module():
+def test_export_of_the_module():
     from torch.export import Dim, export
 
     model = torch.nn.Sequential(fnn.FusedLinear(16, 32, activation="squared_relu"), fnn.FusedLinear(32, 8))
@@ -245,6 +251,12 @@ def test_export_and_fx_trace_of_the_module():
     program = export(model, (x,), dynamic_shapes=({0: Dim("rows")},))
     x7 = torch.randn(7, 16)
     assert max_err(program.module()(x7), model(x7)) < 1e-6
+
+
+@needs_native  # fx traces the native op as one call; the reference's checks are Python control flow
+def test_fx_trace_of_the_module():
+    model = torch.nn.Sequential(fnn.FusedLinear(16, 32, activation="squared_relu"), fnn.FusedLinear(32, 8))
+    x = torch.randn(5, 16)
     traced = torch.fx.symbolic_trace(model)
     assert max_err(traced(x), model(x)) == 0.0
 
