@@ -194,9 +194,9 @@ def _check_qkv(op: str, q, k, v, dims: int) -> None:
     if dims == 4:
         ok = ok and k.shape[0] == v.shape[0] == q.shape[0]
     if not ok:
-        raise RuntimeError(f"{op}: k and v must have the same batch, length and heads"
-                           f"{' (and q' + chr(39) + 's batch)' if dims == 4 else ''}, got q {list(q.shape)}, "
-                           f"k {list(k.shape)}, v {list(v.shape)}")
+        qs_batch = " (and q's batch)" if dims == 4 else ""
+        raise RuntimeError(f"{op}: k and v must have the same batch, length and heads{qs_batch}, got q "
+                           f"{list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
     if not q.shape[-1] == k.shape[-1] == v.shape[-1]:
         raise RuntimeError(f"{op}: q, k and v must have the same head_dim, got {list(q.shape)}, {list(k.shape)}, "
                            f"{list(v.shape)}")
