@@ -174,3 +174,18 @@ def probe(call: Callable[[int], object]) -> Optional[str]:
     del out
     said = [str(w.message) for w in caught if "fusedkernels" in str(w.message)]
     return said[0][:300] if said else None
+
+
+def plan_rows(cases, n_sets_for: Callable, replays_for: Callable, assumed_tflops: dict, warmup: int) -> list[dict]:
+    """Every row a GEMM-like suite times, with its sets, replays and estimated GPU seconds (probe, graph warm-up,
+    one replay after capture, the timed replays; at assumed_tflops[impl])."""
+    out = []
+    for case in cases:
+        n_sets = n_sets_for(case)
+        for impl in case.impls():
+            replays = replays_for(case, impl, n_sets)
+            est_ms = case.flops() / (assumed_tflops[impl] * 1e9)
+            calls = 1 + n_sets * (warmup + 1 + replays)
+            out.append({"case": case.name(), "impl": impl, "n_sets": n_sets, "replays": replays,
+                        "est_s": calls * est_ms / 1e3})
+    return out

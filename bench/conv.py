@@ -349,18 +349,8 @@ def run() -> list[Row]:
 
 
 def plan() -> list[dict]:
-    """Every row the suite times, with its sets, replays and estimated GPU seconds (probe, graph warm-up, one replay
-    after capture, the timed replays; at ASSUMED_TFLOPS; torch.compile's compile time not included)."""
-    out = []
-    for case in cases():
-        n_sets = n_sets_for(case)
-        for impl in case.impls():
-            replays = replays_for(case, impl, n_sets)
-            est_ms = case.flops() / (ASSUMED_TFLOPS[impl] * 1e9)
-            calls = 1 + n_sets * (WARMUP + 1 + replays)
-            out.append({"case": case.name(), "impl": impl, "n_sets": n_sets, "replays": replays,
-                        "est_s": calls * est_ms / 1e3})
-    return out
+    """Every row the suite times, with its sets, replays and estimated GPU seconds (at ASSUMED_TFLOPS; torch.compile's compile time not included)."""
+    return common.plan_rows(cases(), n_sets_for, replays_for, ASSUMED_TFLOPS, WARMUP)
 
 
 if __name__ == "__main__":

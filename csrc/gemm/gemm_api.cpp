@@ -59,14 +59,7 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const O
                     shape(weight));
   TORCH_CHECK_VALUE(activation >= 0 && activation <= static_cast<int64_t>(Activation::kSquaredRelu), op,
                     ": activation must be a gemm::Activation value, got ", num(activation));
-  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
-                                std::pair{"residual", residual ? &*residual : nullptr}}) {
-    if (t == nullptr) continue;
-    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device().str(), " but x is on ",
-                      x.device().str());
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, ": ", name, " must be ", name_of(x.scalar_type()),
-                     " like x, got ", name_of(t->scalar_type()));
-  }
+  check_operands_like_x(op, x, weight, bias, residual, /*residual_any_dtype=*/false, /*internal=*/true);
   TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)), op,
                     ": bias must be [weight rows], got ", shape(*bias));
   if (residual) {

@@ -168,14 +168,7 @@ void check_args(const char* op, const Tensor& x, const Tensor& weight, const Opt
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
               ": x must be a floating-point tensor (float16 or bfloat16 for the fused kernel), got ",
               name_of(x.scalar_type()));
-  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
-                                std::pair{"residual", residual ? &*residual : nullptr}}) {
-    if (t == nullptr) continue;
-    TORCH_CHECK(t->scalar_type() == x.scalar_type() || (residual_any_dtype && t == &*residual), op, ": ", name,
-                " must have x's dtype (", name_of(x.scalar_type()), "), got ", name_of(t->scalar_type()));
-    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device().str(), " but x is on ",
-                x.device().str());
-  }
+  check_operands_like_x(op, x, weight, bias, residual, residual_any_dtype, /*internal=*/false);
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && sym_same(bias->sym_size(0), weight.sym_size(0)), op, ": bias must be [", rows,
                 "] = ", shape(c10::SymIntArrayRef(weight.sym_sizes().data(), 1)), ", got ", shape(*bias));

@@ -93,9 +93,9 @@ inline Parse parse(PyObject* o, int64_t& out) {
   return Parse::kOk;
 }
 
-// A tuple (torch.Size included) or list of ints.
-inline Parse parse(PyObject* o, std::vector<c10::SymInt>& out) {
-  if (!PyTuple_Check(o) && !PyList_Check(o)) return Parse::kWrongType;
+// The ints of a tuple or list, as Int (int64_t or c10::SymInt).
+template <typename Int>
+Parse parse_ints(PyObject* o, std::vector<Int>& out) {
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
   PyObject** items = PySequence_Fast_ITEMS(o);
   out.clear();
@@ -109,25 +109,19 @@ inline Parse parse(PyObject* o, std::vector<c10::SymInt>& out) {
   return Parse::kOk;
 }
 
+// A tuple (torch.Size included) or list of ints.
+inline Parse parse(PyObject* o, std::vector<c10::SymInt>& out) {
+  if (!PyTuple_Check(o) && !PyList_Check(o)) return Parse::kWrongType;
+  return parse_ints(o, out);
+}
+
 // A schema's int[N]: a tuple or list of ints, or one int (the op expands it to N values, as torch.ops does).
 inline Parse parse(PyObject* o, std::vector<int64_t>& out) {
-  if (!PyTuple_Check(o) && !PyList_Check(o)) {
-    int64_t v = 0;
-    const Parse result = parse(o, v);
-    if (result == Parse::kOk) out.assign(1, v);
-    return result;
-  }
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-  PyObject** items = PySequence_Fast_ITEMS(o);
-  out.clear();
-  out.reserve(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    int64_t v = 0;
-    const Parse result = parse(items[i], v);
-    if (result != Parse::kOk) return result;
-    out.push_back(v);
-  }
-  return Parse::kOk;
+  if (PyTuple_Check(o) || PyList_Check(o)) return parse_ints(o, out);
+  int64_t v = 0;
+  const Parse result = parse(o, v);
+  if (result == Parse::kOk) out.assign(1, v);
+  return result;
 }
 
 // Anything with __float__ (Python and numpy floats and ints, bools, one-element tensors), as torch's

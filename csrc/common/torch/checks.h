@@ -2,6 +2,9 @@
 // what is supported. Only binding files include this (it pulls in ATen).
 #pragma once
 
+#include <optional>
+#include <utility>
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
@@ -72,6 +75,30 @@ inline void check_cuda_contiguous(const at::Tensor& t, const at::Tensor& like, c
   TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " is on ", t.device().str(), " but the input is on ",
                     like.device().str());
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// weight, bias and residual (the optional ones may be absent) on x's device and of x's dtype (the residual of any
+// dtype when residual_any_dtype: the public ops add one of another dtype after the fused op). The public ops raise
+// RuntimeError, as F.linear and F.conv2d do; the internal ops' contract (internal) ValueError and TypeError.
+inline void check_operands_like_x(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                  bool residual_any_dtype, bool internal) {
+  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
+                                std::pair{"residual", residual ? &*residual : nullptr}}) {
+    if (t == nullptr) continue;
+    const bool same_device = t->device() == x.device();
+    const bool dtype_ok = t->scalar_type() == x.scalar_type() || (residual_any_dtype && t == &*residual);
+    const auto device_message = c10::str(op, ": ", name, " is on ", t->device().str(), " but x is on ", x.device().str());
+    const auto dtype_message =
+        c10::str(op, ": ", name, " must have x's dtype (", name_of(x.scalar_type()), "), got ", name_of(t->scalar_type()));
+    if (internal) {
+      TORCH_CHECK_VALUE(same_device, device_message);
+      TORCH_CHECK_TYPE(dtype_ok, dtype_message);
+    } else {
+      TORCH_CHECK(dtype_ok, dtype_message);
+      TORCH_CHECK(same_device, device_message);
+    }
+  }
 }
 
 // Raises for a failed launch; says how to rebuild when the build has no code for this GPU.
