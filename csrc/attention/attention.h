@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include "common/dtype.h"
+#include "common/philox_state.h"
 
 namespace fusedkernels::attention {
 
@@ -29,17 +30,6 @@ constexpr bool has_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d =
 // Element strides of one [batch, row, head] tensor (head_dim innermost, stride 1).
 struct Strides {
   int64_t batch = 0, row = 0, head = 0;
-};
-
-// Philox seed and offset of one dropout call: read from *seed_ptr / *offset_ptr + offset_intragraph when
-// captured in a CUDA graph (torch's PhiloxCudaState), else seed / offset. The forward writes the values it
-// used to rng_state[0..1] so the backward regenerates the same mask.
-struct Philox {
-  uint64_t seed = 0, offset = 0;
-  const int64_t* seed_ptr = nullptr;
-  const int64_t* offset_ptr = nullptr;
-  uint64_t offset_intragraph = 0;
-  bool captured = false;
 };
 
 struct FwdParams {
@@ -68,8 +58,9 @@ struct FwdParams {
   int window_left, window_right;  // -1: unbounded
 
   float dropout_p;      // probability of dropping; 0 for none
-  Philox philox;
-  int64_t* rng_state;   // [2]: the seed and offset used (written by the forward when dropout_p > 0)
+  PhiloxState philox;   // the seed and offset of this call
+  int64_t* rng_state;   // [2]: the seed and offset used, written by the forward when dropout_p > 0 so the
+                        // backward regenerates the same mask
 
   DType dtype;          // kFloat16 or kBFloat16 (q, k, v, out, bias)
 };

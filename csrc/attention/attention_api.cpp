@@ -5,17 +5,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/ExpandUtils.h>
-#include <ATen/cuda/CUDAGeneratorImpl.h>
-#include <ATen/cuda/PhiloxCudaState.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
-#include <mutex>
 
 #include "attention/attention.h"
 #include "common/torch/checks.h"
+#include "common/torch/philox.h"
 
 namespace fusedkernels::attention {
 namespace {
@@ -168,29 +166,10 @@ void set_lse(FwdParams& p, const Sizes& s, const Tensor& lse) {
   p.lse_head_stride = s.varlen ? s.total_q : s.seqlen_q;
 }
 
-// The Philox seed and offset of one dropout call. The kernel draws from offset + b * Hq + h (the high half of
-// its counter), so each call reserves B * Hq offsets, rounded up to the generator's multiple of 4. Under CUDA
-// graph capture the state holds pointers the graph's replays update.
-Philox philox_for(const std::optional<at::Generator>& generator, int64_t batch, int64_t heads) {
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator,
-                                                                   at::cuda::detail::getDefaultCUDAGenerator());
-  const uint64_t increment = static_cast<uint64_t>((batch * heads + 3) / 4 * 4);
-  at::PhiloxCudaState state;
-  {
-    const std::lock_guard<std::mutex> lock(gen->mutex_);
-    state = gen->philox_cuda_state(increment);
-  }
-  Philox philox;
-  philox.captured = state.captured_;
-  if (state.captured_) {
-    philox.seed_ptr = state.seed_.ptr;
-    philox.offset_ptr = state.offset_.ptr;
-    philox.offset_intragraph = state.offset_intragraph_;
-  } else {
-    philox.seed = state.seed_.val;
-    philox.offset = state.offset_.val;
-  }
-  return philox;
+// The kernel draws from offset + b * Hq + h (the high half of its counter), so each call reserves B * Hq
+// offsets, rounded up to the generator's multiple of 4.
+PhiloxState philox_for(const std::optional<at::Generator>& generator, int64_t batch, int64_t heads) {
+  return philox_state(generator, static_cast<uint64_t>((batch * heads + 3) / 4 * 4));
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_fwd_cuda(const Tensor& q_, const Tensor& k_, const Tensor& v_,

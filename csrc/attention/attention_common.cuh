@@ -129,7 +129,7 @@ struct Dropout {
   __device__ __forceinline__ Dropout(uint64_t seed, uint64_t offset_, int bh, float p)
       : key(make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32))),
         offset(offset_ + bh),
-        threshold(static_cast<uint32_t>(fminf((1.0f - p) * 4294967296.0f, 4294967295.0f))),
+        threshold(keep_threshold(p)),
         rescale(1.0f / (1.0f - p)) {}
 
   // Keep bits of keys j and j + 1 (j even) of query i: bit 0 for j, bit 1 for j + 1.
@@ -141,17 +141,6 @@ struct Dropout {
     return (a < threshold ? 1u : 0u) | (b < threshold ? 2u : 0u);
   }
 };
-
-// The seed and offset of this call (torch's PhiloxCudaState, read on the device so graph replays advance).
-__device__ __forceinline__ void philox_seed_offset(const Philox& ph, uint64_t& seed, uint64_t& offset) {
-  if (ph.captured) {
-    seed = static_cast<uint64_t>(*ph.seed_ptr);
-    offset = static_cast<uint64_t>(*ph.offset_ptr) + ph.offset_intragraph;
-  } else {
-    seed = ph.seed;
-    offset = ph.offset;
-  }
-}
 
 // fn(n, e) for each element e of each of the kN 16x8 accumulator fragments a lane holds, unrolled.
 template <int kN, typename Fn>

@@ -11,14 +11,12 @@
 // Masking is top-left aligned (query i sees key j <= i under causal, as torch's is_causal), per sequence for
 // varlen; a row that sees no key gets output 0, lse -inf and zero gradients.
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ExpandUtils.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
-#include <mutex>
 
 #include "attention/attention.h"
 #include "common/host/launch.h"
@@ -26,6 +24,7 @@
 #include "common/torch/autograd.h"
 #include "common/torch/checks.h"
 #include "common/torch/ops.h"
+#include "common/torch/philox.h"
 
 TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // Public ops. q [B, Nq, Hq, D], k / v [B, Nk, Hkv, D] (varlen: packed [total, H, D] with cu_seqlens int32
@@ -84,8 +83,6 @@ const c10::TypedOperatorHandle<AttentionBwd>& attention_bwd_op() {
   static const auto op = find_op<AttentionBwd>("fusedkernels::attention_bwd");
   return op;
 }
-
-bool sym_same(const c10::SymInt& a, const c10::SymInt& b) { return a.sym_eq(b).guard_bool(__FILE__, __LINE__); }
 
 // ------------------------------------------------------------------------------------------------
 // The reference (differentiable ATen ops, fp32 arithmetic; fp64 for fp64): the CPU kernels, the path of
@@ -243,13 +240,6 @@ std::array<Tensor, 4> reference_backward(const Tensor& dout, const Tensor& q, co
   g[2] = back(reduce_heads(at::matmul(p_dropped.transpose(-1, -2), dout4), hkv), v);
   if (want[3] && bias) g[3] = at::sum_to(ds, bias->sym_sizes()).to(bias->scalar_type());
   return g;
-}
-
-// Dropout masks of the CPU kernels: regenerated from the seed in rng_state[0], so the backward sees the
-// forward's mask.
-Tensor cpu_keep(int64_t seed, c10::SymIntArrayRef shape, double p) {
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  return at::rand_symint(shape, gen, at::TensorOptions().dtype(at::kFloat)).ge(p);
 }
 
 std::vector<c10::SymInt> dropout_shape(const Tensor& q, const Tensor& k, const Spec& s) {
@@ -660,15 +650,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tens
   Tensor rng_state = at::empty({dropout_p > 0 ? 2 : 0}, q.options().dtype(at::kLong));
   Tensor keep;
   if (dropout_p > 0) {
-    auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
-    int64_t seed = 0;
-    {
-      const std::lock_guard<std::mutex> lock(gen->mutex_);
-      seed = static_cast<int64_t>(gen->random64() >> 1);
-    }
+    const int64_t seed = cpu_dropout_seed(generator);  // the mask is regenerated from it by the backward
     rng_state.data_ptr<int64_t>()[0] = seed;
     rng_state.data_ptr<int64_t>()[1] = 0;
-    keep = cpu_keep(seed, dropout_shape(q, k, s), dropout_p);
+    keep = cpu_dropout_keep(seed, dropout_shape(q, k, s), dropout_p);
   }
   auto [out, lse] = reference_forward(q, k, v, bias, s, keep);
   return {out.contiguous(), lse.contiguous(), rng_state};
@@ -688,7 +673,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
   if (dropout_p > 0) {
     TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong,
                       "attention_bwd: rng_state must be the forward's int64 [2] when dropout_p > 0");
-    keep = cpu_keep(rng_state.data_ptr<int64_t>()[0], dropout_shape(q, k, s), dropout_p);
+    keep = cpu_dropout_keep(rng_state.data_ptr<int64_t>()[0], dropout_shape(q, k, s), dropout_p);
   }
   const bool want_bias = output_mask[3] && bias.has_value();
   auto g = reference_backward(dout, q, k, v, bias, s, keep, {true, true, true, want_bias});

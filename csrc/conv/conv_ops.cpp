@@ -75,8 +75,6 @@ const c10::TypedOperatorHandle<Conv2dBiasReluFwd>& conv2d_bias_relu_fwd_op() {
   return op;
 }
 
-bool sym_same(const c10::SymInt& a, const c10::SymInt& b) { return a.sym_eq(b).guard_bool(__FILE__, __LINE__); }
-
 std::string sym_str(const c10::SymInt& v) {
   const auto value = v.maybe_as_int();
   return value ? num(*value) : v.toSymNode()->str();

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "common/philox_state.h"
+
 namespace fusedkernels {
 
 __device__ __forceinline__ uint4 philox4x32_10(uint4 counter, uint2 key) {
@@ -19,6 +21,22 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 counter, uint2 key) {
     key.y += kWeyl1;
   }
   return counter;
+}
+
+// The seed and offset of this call (torch's PhiloxCudaState, read on the device so graph replays advance).
+__device__ __forceinline__ void philox_seed_offset(const PhiloxState& ph, uint64_t& seed, uint64_t& offset) {
+  if (ph.captured) {
+    seed = static_cast<uint64_t>(*ph.seed_ptr);
+    offset = static_cast<uint64_t>(*ph.offset_ptr) + ph.offset_intragraph;
+  } else {
+    seed = ph.seed;
+    offset = ph.offset;
+  }
+}
+
+// Dropout with probability p keeps an element when its 32-bit draw is below this: (1 - p) * 2^32, clamped.
+__device__ __forceinline__ uint32_t keep_threshold(float p) {
+  return static_cast<uint32_t>(fminf((1.0f - p) * 4294967296.0f, 4294967295.0f));
 }
 
 }  // namespace fusedkernels

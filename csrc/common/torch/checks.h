@@ -34,6 +34,9 @@ inline std::string shape(c10::SymIntArrayRef sizes) {  // symbolic sizes (torch.
 }
 inline std::string shape(const at::Tensor& t) { return shape(t.sym_sizes()); }
 
+// Whether two sizes are equal, symbolic ones (torch.compile with dynamic shapes) included.
+inline bool sym_same(const c10::SymInt& a, const c10::SymInt& b) { return a.sym_eq(b).guard_bool(__FILE__, __LINE__); }
+
 // torch's names for the common types ("bfloat16", as in torch.bfloat16), c10's for the rest.
 inline std::string name_of(at::ScalarType t) {
   switch (t) {
