@@ -39,6 +39,21 @@ constexpr char kLayerNorm[] = "fusedkernels::layer_norm";
 constexpr char kRmsNorm[] = "fusedkernels::rms_norm";
 using LayerNorm = Tensor(const Tensor&, c10::SymIntArrayRef, const OptTensor&, const OptTensor&, double);
 using RmsNorm = Tensor(const Tensor&, c10::SymIntArrayRef, const OptTensor&, std::optional<double>);
+constexpr char kAddLayerNorm[] = "fusedkernels::add_layer_norm";
+constexpr char kAddRmsNorm[] = "fusedkernels::add_rms_norm";
+constexpr char kBiasDropoutAddLayerNorm[] = "fusedkernels::bias_dropout_add_layer_norm";
+constexpr char kBiasDropoutAddRmsNorm[] = "fusedkernels::bias_dropout_add_rms_norm";
+using OptDtype = std::optional<at::ScalarType>;
+using AddLayerNorm = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double,
+                                                OptDtype);
+using AddRmsNorm = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, std::optional<double>,
+                                              OptDtype);
+using BiasDropoutAddLayerNorm = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&,
+                                                           const OptTensor&, const OptTensor&, double, double, bool,
+                                                           OptDtype);
+using BiasDropoutAddRmsNorm = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&,
+                                                         const OptTensor&, double, std::optional<double>, bool,
+                                                         OptDtype);
 constexpr char kSdpa[] = "fusedkernels::scaled_dot_product_attention";
 using Sdpa = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double, bool, std::optional<double>,
                     bool);
@@ -66,6 +81,13 @@ PyMethodDef methods[] = {
     {"op_info", op_info, METH_NOARGS, "[(family, op, dtypes, sizes)] of the ops this build registered"},
     {"layer_norm", fast<LayerNorm, kLayerNorm>(), METH_FASTCALL, "fusedkernels::layer_norm, or NotImplemented"},
     {"rms_norm", fast<RmsNorm, kRmsNorm>(), METH_FASTCALL, "fusedkernels::rms_norm, or NotImplemented"},
+    {"add_layer_norm", fast<AddLayerNorm, kAddLayerNorm>(), METH_FASTCALL,
+     "fusedkernels::add_layer_norm, or NotImplemented"},
+    {"add_rms_norm", fast<AddRmsNorm, kAddRmsNorm>(), METH_FASTCALL, "fusedkernels::add_rms_norm, or NotImplemented"},
+    {"bias_dropout_add_layer_norm", fast<BiasDropoutAddLayerNorm, kBiasDropoutAddLayerNorm>(), METH_FASTCALL,
+     "fusedkernels::bias_dropout_add_layer_norm, or NotImplemented"},
+    {"bias_dropout_add_rms_norm", fast<BiasDropoutAddRmsNorm, kBiasDropoutAddRmsNorm>(), METH_FASTCALL,
+     "fusedkernels::bias_dropout_add_rms_norm, or NotImplemented"},
     {"scaled_dot_product_attention", fast<Sdpa, kSdpa>(), METH_FASTCALL,
      "fusedkernels::scaled_dot_product_attention, or NotImplemented"},
     {"attention", fast<Attention, kAttention>(), METH_FASTCALL, "fusedkernels::attention, or NotImplemented"},

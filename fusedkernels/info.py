@@ -39,10 +39,11 @@ def report() -> str:
     lines.append("")
     ops = _native.op_info()
     if ops:
-        lines.append(f"{'family':<7} {'op':<13} dtypes / sizes with a native CUDA kernel")
+        width = max(13, *(len(op) for _, op, _, _ in ops))
+        lines.append(f"{'family':<7} {'op':<{width}} dtypes / sizes with a native CUDA kernel")
         for family, op, dtypes, sizes in ops:
-            lines.append(f"{family:<7} {op:<13} {dtypes}")
-            lines.append(f"{'':<7} {'':<13} {sizes}")
+            lines.append(f"{family:<7} {op:<{width}} {dtypes}")
+            lines.append(f"{'':<7} {'':<{width}} {sizes}")
     return "\n".join(lines)
 
 

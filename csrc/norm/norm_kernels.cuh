@@ -1,5 +1,11 @@
 // LayerNorm / RMSNorm kernels and their launchers, templated on the input type T, the weight type WT
-// (T or float) and kRms. norm_{fwd,bwd}_<dtype>.cu instantiate them; norm_dispatch.cu picks one.
+// (T or float), the residual type RT (T or float), kRms and kAdd. norm_{fwd,bwd}_<dtype>.cu and
+// add_norm_{fwd,bwd}_<dtype>.cu instantiate them; norm_dispatch.cu picks one.
+//
+// kAdd (add + norm): the row normalized is h = residual + dropout(x + x_bias), computed in fp32 and rounded
+// to RT as it is written out (the new residual); the statistics and y come from the rounded h, so
+// y = norm(residual_out) exactly. The backward starts from the saved h (no x, no mask stored): the dropout
+// mask is regenerated from the Philox seed and offset the forward used.
 //
 // Two paths:
 //  * registers: hidden % (16 B / sizeof(T)) == 0 and 16-byte aligned rows. kTpr threads share a row and
@@ -12,8 +18,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "common/device/cp_async.cuh"
+#include "common/device/philox.cuh"
 #include "common/device/reduce.cuh"
 #include "common/device/vec.cuh"
 #include "common/host/launch.h"
@@ -27,8 +37,12 @@ constexpr int kTprChoices[] = {8, 16, 32, 64, 128, 256, 512, 1024};
 // 16-byte vectors of the row each thread keeps in registers. The forward holds 64 B per thread (128 B
 // for the widest rows, so 1024 threads cover 65536 bf16 values); the backward holds x, dy and fp32
 // dweight / dbias sums for 16 columns per thread, which is what fits in 128 registers without spills.
+// Add + norm holds x, the residual and h while it loads a row: its register path stops at 512 threads per
+// row (1024 threads have 64 registers each), past which the general kernel runs.
 template <int kTpr>
 constexpr int kFwdIters = kTpr == 1024 ? 8 : 4;
+template <bool kAdd>
+constexpr int kFwdMaxTpr = kAdd ? 512 : 1024;
 template <typename T>
 constexpr int kBwdIters = 16 / kVec16<T>;
 constexpr int kBwdMaxTpr = 512;
@@ -38,23 +52,61 @@ template <int kTpr>
 __host__ __device__ constexpr int threads_for_tpr() { return kTpr >= 256 ? kTpr : 256; }
 inline int threads_for_tpr_host(int tpr) { return tpr >= 256 ? tpr : 256; }
 
+// The type of the row a kernel normalizes: x, or (add + norm) h in the residual's type.
+template <typename T, typename RT, bool kAdd>
+using RowT = std::conditional_t<kAdd, RT, T>;
+
+// Whether a backward wants any column sum: dweight, dbias (add + norm: or dx_bias).
+template <typename P>
+__host__ __device__ __forceinline__ bool wants_column_sums(const P& p) {
+  if constexpr (std::is_same_v<P, AddBwdParams>) {
+    if (p.dx_bias != nullptr) return true;
+  }
+  return p.dweight != nullptr || p.dbias != nullptr;
+}
+
+// Whether a call drops out (add + norm with p > 0).
+template <typename P>
+__device__ __forceinline__ bool has_dropout(const P& p) {
+  if constexpr (std::is_same_v<P, AddFwdParams> || std::is_same_v<P, AddBwdParams>) {
+    return p.dropout_p > 0.f;
+  } else {
+    return false;
+  }
+}
+
 // Double-buffered staging of the row groups a backward block works on: while the block computes one
-// group from shared memory, cp.async copies the next group's kTensors inputs in. Layout
-// [stage][i][tensor][thread] of 16-byte vectors: each thread reads back only what it copied itself, so
-// the wait needs no barrier, and a warp's 16-byte accesses are contiguous.
-template <typename T, int kTpr, int kIters, int kTensors>
+// group from shared memory, cp.async copies the next group's inputs in (one vector of kVec elements of each
+// tensor Ts per thread and vector index, 16 or 32 bytes). Layout [stage][i][chunk][thread] of 16-byte
+// chunks: each thread reads back only what it copied itself, so the wait needs no barrier, and a warp's
+// 16-byte accesses are contiguous.
+template <int kTpr, int kIters, int kVec, typename... Ts>
 struct RowStager {
   static constexpr int kThreads = threads_for_tpr<kTpr>();
-  static constexpr int kVec = kVec16<T>;
-  static constexpr int kBytes = 2 * kIters * kTensors * kThreads * 16;
+  static constexpr int kTensors = sizeof...(Ts);
+  static constexpr int kSlots = (0 + ... + int(sizeof(Ts) * kVec / 16));  // 16-byte chunks per vector index
+  static constexpr int kBytes = 2 * kIters * kSlots * kThreads * 16;
+  template <int kWhich>
+  using Elem = std::tuple_element_t<kWhich, std::tuple<Ts...>>;
+  template <int kWhich>
+  static constexpr int chunks() { return int(sizeof(Elem<kWhich>) * kVec / 16); }
+  template <int kWhich>
+  static constexpr int first_chunk() {
+    if constexpr (kWhich == 0) {
+      return 0;
+    } else {
+      return first_chunk<kWhich - 1>() + chunks<kWhich - 1>();
+    }
+  }
 
   uint4* smem;
 
-  __device__ __forceinline__ uint4* at(int stage, int i, int which) const {
-    return smem + ((stage * kIters + i) * kTensors + which) * kThreads + threadIdx.x;
+  __device__ __forceinline__ uint4* at(int stage, int i, int chunk) const {
+    return smem + ((stage * kIters + i) * kSlots + chunk) * kThreads + threadIdx.x;
   }
-  // Starts copying the row of this thread's slot in the group at `first` (zeros past the end).
-  __device__ __forceinline__ void prefetch(const T* const (&src)[kTensors], int64_t first, int stage, int64_t rows,
+  // Starts copying the row of this thread's slot in the group at `first` (zeros past the end); a null
+  // source is skipped (its chunks are not read back).
+  __device__ __forceinline__ void prefetch(const void* const (&src)[kTensors], int64_t first, int stage, int64_t rows,
                                            int hidden) const {
     const int64_t row = first + threadIdx.x / kTpr;
     const int lane = threadIdx.x % kTpr;
@@ -63,17 +115,98 @@ struct RowStager {
       const int c = i * kTpr + lane;
       const bool ok = row < rows && c < hidden / kVec;
       const int64_t off = ok ? row * hidden + c * kVec : 0;
-#pragma unroll
-      for (int t = 0; t < kTensors; ++t) cp_async_16(at(stage, i, t), src[t] + off, ok);
+      [&]<int... kWhich>(std::integer_sequence<int, kWhich...>) {
+        (copy<kWhich>(src[kWhich], off, stage, i, ok), ...);
+      }(std::make_integer_sequence<int, kTensors>{});
     }
     cp_async_commit();
   }
-  __device__ __forceinline__ Vec<T, kVec> get(int stage, int i, int which) const {
-    Vec<T, kVec> v;
-    v.load(reinterpret_cast<const T*>(at(stage, i, which)));
+  template <int kWhich>
+  __device__ __forceinline__ void copy(const void* src, int64_t off, int stage, int i, bool ok) const {
+    if (src == nullptr) return;
+    const char* from = static_cast<const char*>(src) + off * int64_t(sizeof(Elem<kWhich>));
+#pragma unroll
+    for (int k = 0; k < chunks<kWhich>(); ++k) cp_async_16(at(stage, i, first_chunk<kWhich>() + k), from + 16 * k, ok);
+  }
+  template <int kWhich>
+  __device__ __forceinline__ Vec<Elem<kWhich>, kVec> get(int stage, int i) const {
+    Vec<Elem<kWhich>, kVec> v;
+#pragma unroll
+    for (int k = 0; k < chunks<kWhich>(); ++k) {
+      const uint4 u = *at(stage, i, first_chunk<kWhich>() + k);
+      v.w[4 * k] = u.x, v.w[4 * k + 1] = u.y, v.w[4 * k + 2] = u.z, v.w[4 * k + 3] = u.w;
+    }
     return v;
   }
 };
+
+// The dropout of add + norm: element (row, col) of a call is kept when its 32-bit Philox draw is below
+// keep_threshold(p), and then scaled by 1 / (1 - p). One draw (counter: col / 4, the row, the call's offset;
+// key: the seed) covers columns 4k..4k+3 of a row, so every kernel path, forward and backward, draws the
+// same mask from (seed, offset) alone.
+struct RowDropout {
+  uint2 key;
+  uint32_t offset_lo, offset_hi;
+  uint32_t threshold;
+  float scale;
+
+  __device__ __forceinline__ static RowDropout make(uint64_t seed, uint64_t offset, float p) {
+    return {make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)),
+            static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), keep_threshold(p), 1.0f / (1.0f - p)};
+  }
+  // Keep bits of columns col .. col + 3 of row (col a multiple of 4): bit k for column col + k.
+  __device__ __forceinline__ unsigned keep4(int64_t row, int col) const {
+    const uint64_t r = static_cast<uint64_t>(row);
+    const uint4 d = philox4x32_10(make_uint4(static_cast<uint32_t>(col >> 2), static_cast<uint32_t>(r), offset_lo,
+                                             offset_hi + static_cast<uint32_t>(r >> 32)),
+                                  key);
+    return unsigned(d.x < threshold) | unsigned(d.y < threshold) << 1 | unsigned(d.z < threshold) << 2 |
+           unsigned(d.w < threshold) << 3;
+  }
+  __device__ __forceinline__ bool keep(int64_t row, int col) const { return (keep4(row, col & ~3) >> (col & 3)) & 1u; }
+  // Keep bits of kVec columns from col (a multiple of 4).
+  template <int kVec>
+  __device__ __forceinline__ unsigned keep_vec(int64_t row, int col) const {
+    unsigned bits = 0;
+#pragma unroll
+    for (int k = 0; k < kVec; k += 4) bits |= keep4(row, col + k) << k;
+    return bits;
+  }
+};
+
+// The dropout of a forward call (p.dropout_p > 0): this call's seed and offset, which the first thread also
+// writes to rng_state for the backward.
+__device__ __forceinline__ RowDropout forward_dropout(const AddFwdParams& p) {
+  uint64_t seed = 0, offset = 0;
+  philox_seed_offset(p.philox, seed, offset);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    p.rng_state[0] = static_cast<int64_t>(seed);
+    p.rng_state[1] = static_cast<int64_t>(offset);
+  }
+  return RowDropout::make(seed, offset, p.dropout_p);
+}
+
+__device__ __forceinline__ RowDropout backward_dropout(const AddBwdParams& p) {
+  return RowDropout::make(static_cast<uint64_t>(p.rng_state[0]), static_cast<uint64_t>(p.rng_state[1]), p.dropout_p);
+}
+
+// h = residual + dropout(x + x_bias) of kVec columns from col, in fp32, rounded to RT.
+template <typename T, typename RT, int kVec>
+__device__ __forceinline__ Vec<RT, kVec> residual_sum(const Vec<T, kVec>& x, const Vec<RT, kVec>& residual,
+                                                      const T* x_bias, bool dropout, const RowDropout& drop,
+                                                      int64_t row, int col) {
+  Vec<T, kVec> b;
+  if (x_bias) b.load(x_bias + col);
+  const unsigned keep = dropout ? drop.template keep_vec<kVec>(row, col) : ~0u;
+  Vec<RT, kVec> h;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    float t = x_bias ? x.get(j) + b.get(j) : x.get(j);
+    if (dropout) t = (keep >> j) & 1u ? t * drop.scale : 0.f;
+    h.set(j, residual.get(j) + t);
+  }
+  return h;
+}
 
 // -------------------------------------------------------------------------------------------------
 // Forward
@@ -81,9 +214,10 @@ struct RowStager {
 
 // One row group per block, loaded straight into registers. (Measured slower on the H200: a persistent
 // grid staging the next group through shared memory, and forcing 64 registers; docs/perf-notes.md.)
-template <typename T, typename WT, bool kRms, int kTpr, int kIters>
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, int kIters>
 __global__ void __launch_bounds__(threads_for_tpr<kTpr>())
-fwd_registers_kernel(const FwdParams p) {
+fwd_registers_kernel(const FwdParamsT<kAdd> p) {
+  using HT = RowT<T, RT, kAdd>;
   constexpr int kThreads = threads_for_tpr<kTpr>();
   constexpr int kRowsPerBlock = kThreads / kTpr;
   constexpr int kVec = kVec16<T>;
@@ -97,6 +231,11 @@ fwd_registers_kernel(const FwdParams p) {
   const int slot = threadIdx.x / kTpr;
   const int nvec = p.hidden / kVec;
   const float inv_hidden = 1.f / p.hidden;
+  [[maybe_unused]] const bool dropout = has_dropout(p);
+  [[maybe_unused]] RowDropout drop{};
+  if constexpr (kAdd) {
+    if (dropout) drop = forward_dropout(p);
+  }
 
   // Every thread runs the same number of iterations: the group sums need all of them.
   for (int64_t first = int64_t(blockIdx.x) * kRowsPerBlock; first < p.rows;
@@ -105,11 +244,32 @@ fwd_registers_kernel(const FwdParams p) {
     const bool row_ok = row < p.rows;
     const int64_t row_offset = row * p.hidden;
 
-    Vec<T, kVec> xv[kIters];  // xv[i] holds vector i * kTpr + lane of the row
+    Vec<HT, kVec> xv[kIters];  // xv[i] holds vector i * kTpr + lane of the row (add + norm: of h)
+    if constexpr (kAdd) {
+      const RT* residual = static_cast<const RT*>(p.residual);
+      const T* x_bias = static_cast<const T*>(p.x_bias);
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const int c = i * kTpr + lane;
-      if (row_ok && c < nvec) xv[i].load(x + row_offset + c * kVec);
+      for (int i = 0; i < kIters; ++i) {
+        const int c = i * kTpr + lane;
+        if (!(row_ok && c < nvec)) continue;
+        Vec<T, kVec> xi;
+        Vec<RT, kVec> ri;
+        xi.load(x + row_offset + c * kVec);
+        ri.load(residual + row_offset + c * kVec);
+        xv[i] = residual_sum(xi, ri, x_bias, dropout, drop, row, c * kVec);
+      }
+      // Stored after every load is issued: the compiler cannot move a load above a store it may alias.
+#pragma unroll
+      for (int i = 0; i < kIters; ++i) {
+        const int c = i * kTpr + lane;
+        if (row_ok && c < nvec) xv[i].store(static_cast<RT*>(p.residual_out) + row_offset + c * kVec);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kIters; ++i) {
+        const int c = i * kTpr + lane;
+        if (row_ok && c < nvec) xv[i].load(x + row_offset + c * kVec);
+      }
     }
 
     // The mean as shift + mean(x - shift), shift = the row's first element: a row whose mean is far larger
@@ -121,6 +281,11 @@ fwd_registers_kernel(const FwdParams p) {
       float shift;
       if constexpr (kTpr <= 32) {  // the row's first element is in its group's first lane
         shift = __shfl_sync(0xffffffffu, xv[0].get(0), (threadIdx.x % 32) & ~(kTpr - 1));
+      } else if constexpr (kAdd) {  // h is not in memory yet for the other warps: through shared memory
+        __shared__ float first_of_slot[kRowsPerBlock];
+        if (lane == 0) first_of_slot[slot] = xv[0].get(0);
+        __syncthreads();
+        shift = first_of_slot[slot];
       } else {
         shift = row_ok ? to_float(x[row_offset]) : 0.f;
       }
@@ -172,18 +337,38 @@ fwd_registers_kernel(const FwdParams p) {
   }
 }
 
-template <typename T, typename WT, bool kRms>
-__global__ void __launch_bounds__(kGeneralThreads) fwd_general_kernel(const FwdParams p) {
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd>
+__global__ void __launch_bounds__(kGeneralThreads) fwd_general_kernel(const FwdParamsT<kAdd> p) {
+  using HT = RowT<T, RT, kAdd>;
   __shared__ float scratch[kGeneralThreads / 32];
-  const T* x = static_cast<const T*>(p.x);
   const WT* weight = static_cast<const WT*>(p.weight);
   const WT* bias = static_cast<const WT*>(p.bias);
   T* y = static_cast<T*>(p.y);
   const int hidden = p.hidden;
   const float inv_hidden = 1.f / hidden;
+  [[maybe_unused]] const bool dropout = has_dropout(p);
+  [[maybe_unused]] RowDropout drop{};
+  if constexpr (kAdd) {
+    if (dropout) drop = forward_dropout(p);
+  }
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
-    const T* xr = x + row * hidden;
+    const HT* xr;  // the row normalized: x, or h once written out
+    if constexpr (kAdd) {
+      const T* x = static_cast<const T*>(p.x) + row * hidden;
+      const RT* residual = static_cast<const RT*>(p.residual) + row * hidden;
+      const T* x_bias = static_cast<const T*>(p.x_bias);
+      RT* h = static_cast<RT*>(p.residual_out) + row * hidden;
+      for (int c = threadIdx.x; c < hidden; c += kGeneralThreads) {
+        float t = x_bias ? to_float(x[c]) + to_float(x_bias[c]) : to_float(x[c]);
+        if (dropout) t = drop.keep(row, c) ? t * drop.scale : 0.f;
+        h[c] = from_float<RT>(to_float(residual[c]) + t);
+      }
+      __syncthreads();  // h[0], the shift below, is another thread's
+      xr = h;
+    } else {
+      xr = static_cast<const T*>(p.x) + row * hidden;
+    }
     float mean = 0.f;
     if constexpr (!kRms) {  // shifted by the row's first element, as in the register path
       const float shift = to_float(xr[0]);
@@ -215,12 +400,15 @@ inline bool aligned16(const void* ptr) { return is_aligned(ptr, 16); }
 
 // The register path needs whole 16-byte vectors: hidden a multiple of the vector and aligned pointers
 // (the weight vector of kVec elements of WT is 16 or 32 bytes; 16-byte alignment covers both loads).
+// `rows` are the row tensors (read or written), null ones skipped.
 template <typename T, typename WT>
-bool registers_fit(const void* x, const void* other, const void* weight, const void* bias, int hidden,
+bool registers_fit(std::initializer_list<const void*> rows, const void* weight, const void* bias, int hidden,
                    int max_vectors) {
   constexpr int kVec = kVec16<T>;
   if (hidden % kVec != 0 || hidden / kVec > max_vectors) return false;
-  if (!aligned16(x) || !aligned16(other)) return false;
+  for (const void* t : rows) {
+    if (!aligned16(t)) return false;
+  }
   if (weight && reinterpret_cast<uintptr_t>(weight) % (kVec * sizeof(WT)) != 0) return false;
   if (bias && reinterpret_cast<uintptr_t>(bias) % (kVec * sizeof(WT)) != 0) return false;
   return true;
@@ -235,25 +423,29 @@ void with_tpr(int tpr, Fn&& fn) {
 // Largest row (in 16-byte vectors) the forward register path covers with tpr threads.
 inline int fwd_capacity(int tpr) { return tpr * (tpr == 1024 ? 8 : 4); }
 
-template <typename T, typename WT, bool kRms>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd>
+cudaError_t launch_fwd(const FwdParamsT<kAdd>& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   const int nvec = p.hidden / kVec16<T>;
-  if (registers_fit<T, WT>(p.x, p.y, p.weight, p.bias, p.hidden, fwd_capacity(1024))) {
-    int tpr = 1024;
+  bool fits = registers_fit<T, WT>({p.x, p.y}, p.weight, p.bias, p.hidden, fwd_capacity(kFwdMaxTpr<kAdd>));
+  if constexpr (kAdd) fits = fits && aligned16(p.residual) && aligned16(p.residual_out) && aligned16(p.x_bias);
+  if (fits) {
+    int tpr = kFwdMaxTpr<kAdd>;
     for (int t : kTprChoices) {
       if (fwd_capacity(t) >= nvec) { tpr = t; break; }
     }
     with_tpr(tpr, [&]<int kTpr>() {
-      constexpr int kThreads = threads_for_tpr<kTpr>();
-      // Enough blocks to fill every SM many times over; the grid-stride loop takes the rest.
-      const int64_t blocks = std::min<int64_t>(ceil_div(p.rows, kThreads / kTpr), int64_t(sm_count()) * 64);
-      fwd_registers_kernel<T, WT, kRms, kTpr, kFwdIters<kTpr>><<<blocks, kThreads, 0, stream>>>(p);
+      if constexpr (kTpr <= kFwdMaxTpr<kAdd>) {
+        constexpr int kThreads = threads_for_tpr<kTpr>();
+        // Enough blocks to fill every SM many times over; the grid-stride loop takes the rest.
+        const int64_t blocks = std::min<int64_t>(ceil_div(p.rows, kThreads / kTpr), int64_t(sm_count()) * 64);
+        fwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kFwdIters<kTpr>><<<blocks, kThreads, 0, stream>>>(p);
+      }
     });
     return cudaGetLastError();
   }
   const int64_t blocks = std::min<int64_t>(p.rows, int64_t(sm_count()) * 16);
-  fwd_general_kernel<T, WT, kRms><<<blocks, kGeneralThreads, 0, stream>>>(p);
+  fwd_general_kernel<T, WT, RT, kRms, kAdd><<<blocks, kGeneralThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -262,7 +454,12 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
 //   xhat = (x - mean) * rstd,  g = dy * weight
 //   dx = rstd * (g - mean(g * xhat) * xhat - mean(g))      (RMSNorm: no mean(g) term, mean = 0)
 //   dweight = sum_rows dy * xhat,  dbias = sum_rows dy
+// Add + norm: x is h; dh = dx above + dresidual_out, dresidual = dh, dx = mask * dh / (1 - p),
+//   dx_bias = sum_rows dx
 // -------------------------------------------------------------------------------------------------
+
+// Column sums a backward keeps per block: dweight, dbias (and, add + norm, dx_bias).
+constexpr int column_sums(bool add) { return add ? 3 : 2; }
 
 // Writes this block's column sums (acc, kIters x kVec per thread) to partials[blockIdx.x, :] through
 // shared memory, adding the kThreads / kTpr row slots of the block in a fixed order.
@@ -290,20 +487,30 @@ __device__ __forceinline__ void store_block_column_sums(const float (&acc)[kIter
   }
 }
 
-// Each block walks its rows (persistent grid), keeping the dweight / dbias sums of its columns in
-// registers. x and dy of the next row group are copied into shared memory (cp.async) while the current
-// one is computed, so loads stay in flight through the reductions and stores.
-template <typename T, typename WT, bool kRms, int kTpr, int kIters>
-__global__ void __launch_bounds__(threads_for_tpr<kTpr>(), 768 / threads_for_tpr<kTpr>())
-bwd_registers_kernel(const BwdParams p) {
+// What the backward stages per row group: x and dy; add + norm: h, dy and dresidual_out.
+template <typename T, typename RT, bool kAdd, int kTpr, int kIters>
+using BwdStager = std::conditional_t<kAdd, RowStager<kTpr, kIters, kVec16<T>, RT, T, RT>,
+                                     RowStager<kTpr, kIters, kVec16<T>, T, T>>;
+
+// Blocks per SM the backward's registers are sized for: 3 of 256 threads (80 registers); add + norm holds
+// more (h, dropout's mask, dx_bias sums), so 2 (128 registers).
+template <bool kAdd, int kThreads>
+constexpr int bwd_min_blocks() { return std::max(1, (kAdd ? 512 : 768) / kThreads); }
+
+// Each block walks its rows (persistent grid), keeping the column sums of its columns in registers. The
+// inputs of the next row group are copied into shared memory (cp.async) while the current one is computed,
+// so loads stay in flight through the reductions and stores.
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, int kIters>
+__global__ void __launch_bounds__(threads_for_tpr<kTpr>(), bwd_min_blocks<kAdd, threads_for_tpr<kTpr>()>())
+bwd_registers_kernel(const BwdParamsT<kAdd> p) {
+  using HT = RowT<T, RT, kAdd>;
   constexpr int kThreads = threads_for_tpr<kTpr>();
   constexpr int kRowsPerBlock = kThreads / kTpr;
   constexpr int kVec = kVec16<T>;
   __shared__ float scratch[kThreads / 32];
   extern __shared__ uint4 staged_smem[];
-  const RowStager<T, kTpr, kIters, 2> stager{staged_smem};
+  const BwdStager<T, RT, kAdd, kTpr, kIters> stager{staged_smem};
 
-  const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   const WT* weight = static_cast<const WT*>(p.weight);
   T* dx = static_cast<T*>(p.dx);
@@ -312,11 +519,21 @@ bwd_registers_kernel(const BwdParams p) {
   const int nvec = p.hidden / kVec;
   const float inv_hidden = 1.f / p.hidden;
   const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
+  const bool has_dy = !kAdd || dy != nullptr;  // add + norm: y may have no grad, only the new residual
   const int64_t stride = int64_t(gridDim.x) * kRowsPerBlock;
-  const T* const sources[2] = {x, dy};
+  [[maybe_unused]] const bool dropout = has_dropout(p);
+  [[maybe_unused]] RowDropout drop{};
+  if constexpr (kAdd) {
+    if (dropout) drop = backward_dropout(p);
+  }
+  const void* sources[BwdStager<T, RT, kAdd, kTpr, kIters>::kTensors];
+  sources[0] = p.x;
+  sources[1] = p.dy;
+  if constexpr (kAdd) sources[2] = p.dresidual_out;
 
   float dw_acc[kIters][kVec] = {};
   float db_acc[kIters][kVec] = {};
+  [[maybe_unused]] float dxb_acc[kAdd ? kIters : 1][kVec] = {};
 
   int stage = 0;
   stager.prefetch(sources, int64_t(blockIdx.x) * kRowsPerBlock, stage, p.rows, p.hidden);
@@ -327,11 +544,12 @@ bwd_registers_kernel(const BwdParams p) {
     const bool row_ok = row < p.rows;
     const int64_t row_offset = row * p.hidden;
 
-    Vec<T, kVec> xv[kIters], gv[kIters];
+    Vec<HT, kVec> xv[kIters];
+    Vec<T, kVec> gv[kIters];
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
-      xv[i] = stager.get(stage, i, 0);
-      gv[i] = stager.get(stage, i, 1);
+      xv[i] = stager.template get<0>(stage, i);
+      if (has_dy) gv[i] = stager.template get<1>(stage, i);
     }
     const float mean = (!kRms && row_ok) ? p.mean[row] : 0.f;
     const float rstd = row_ok ? p.rstd[row] : 0.f;
@@ -340,7 +558,7 @@ bwd_registers_kernel(const BwdParams p) {
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int c = i * kTpr + lane;
-      if (!(row_ok && c < nvec)) continue;
+      if (!(row_ok && c < nvec && has_dy)) continue;
       Vec<WT, kVec> w;
       if (weight) w.load(weight + c * kVec);
 #pragma unroll
@@ -363,48 +581,73 @@ bwd_registers_kernel(const BwdParams p) {
       if (!(row_ok && c < nvec)) continue;
       Vec<WT, kVec> w;
       if (weight) w.load(weight + c * kVec);
-      Vec<T, kVec> out;
+      float dn[kVec];  // the norm's input grad
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const float xhat = (xv[i].get(j) - mean) * rstd;
         const float d = gv[i].get(j);
         const float g = weight ? d * w.get(j) : d;
-        out.set(j, rstd * (g - c_gx * xhat - c_g));
+        dn[j] = has_dy ? rstd * (g - c_gx * xhat - c_g) : 0.f;
       }
-      out.store(dx + row_offset + c * kVec);
+      Vec<T, kVec> out;
+      if constexpr (kAdd) {
+        Vec<RT, kVec> dres;
+        if (p.dresidual_out) dres = stager.template get<2>(stage, i);
+        const unsigned keep = dropout ? drop.template keep_vec<kVec>(row, c * kVec) : ~0u;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const float dh = p.dresidual_out ? dn[j] + dres.get(j) : dn[j];
+          dres.set(j, dh);
+          const float d = !dropout ? dh : (keep >> j) & 1u ? dh * drop.scale : 0.f;
+          dxb_acc[i][j] += d;
+          out.set(j, d);
+        }
+        if (p.dresidual) dres.store(static_cast<RT*>(p.dresidual) + row_offset + c * kVec);
+        if (dx) out.store(dx + row_offset + c * kVec);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) out.set(j, dn[j]);
+        out.store(dx + row_offset + c * kVec);
+      }
     }
   }
   cp_async_wait<0>();  // the last prefetch (past the end: zero fill only) before the block exits
 
-  if (!want_dw && !want_db) return;
+  if (!wants_column_sums(p)) return;
   __shared__ float tile[kThreads * (kVec + 1)];
-  float* dw_partials = p.partials;
-  float* db_partials = p.partials + int64_t(gridDim.x) * p.hidden;
-  if (want_dw)
-    store_block_column_sums<kTpr, kThreads, kIters, kVec>(dw_acc, tile, dw_partials + int64_t(blockIdx.x) * p.hidden,
-                                                          nvec);
-  if (want_db)
-    store_block_column_sums<kTpr, kThreads, kIters, kVec>(db_acc, tile, db_partials + int64_t(blockIdx.x) * p.hidden,
-                                                          nvec);
+  const int64_t region = int64_t(gridDim.x) * p.hidden;  // one per column sum
+  float* partial_row = p.partials + int64_t(blockIdx.x) * p.hidden;
+  if (want_dw) store_block_column_sums<kTpr, kThreads, kIters, kVec>(dw_acc, tile, partial_row, nvec);
+  if (want_db) store_block_column_sums<kTpr, kThreads, kIters, kVec>(db_acc, tile, partial_row + region, nvec);
+  if constexpr (kAdd) {
+    if (p.dx_bias) store_block_column_sums<kTpr, kThreads, kIters, kVec>(dxb_acc, tile, partial_row + 2 * region, nvec);
+  }
 }
 
 // dx for any hidden size: one block per row, the row re-read for the second pass.
-template <typename T, typename WT, bool kRms>
-__global__ void __launch_bounds__(kGeneralThreads) bwd_dx_general_kernel(const BwdParams p) {
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd>
+__global__ void __launch_bounds__(kGeneralThreads) bwd_dx_general_kernel(const BwdParamsT<kAdd> p) {
+  using HT = RowT<T, RT, kAdd>;
   __shared__ float scratch[kGeneralThreads / 32];
-  const T* x = static_cast<const T*>(p.x);
+  const HT* x = static_cast<const HT*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   const WT* weight = static_cast<const WT*>(p.weight);
   T* dx = static_cast<T*>(p.dx);
   const int hidden = p.hidden;
   const float inv_hidden = 1.f / hidden;
+  const bool has_dy = !kAdd || dy != nullptr;
+  [[maybe_unused]] const bool dropout = has_dropout(p);
+  [[maybe_unused]] RowDropout drop{};
+  if constexpr (kAdd) {
+    if (dropout) drop = backward_dropout(p);
+  }
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const int64_t off = row * hidden;
     const float mean = kRms ? 0.f : p.mean[row];
     const float rstd = p.rstd[row];
     float sum_gx = 0.f, sum_g = 0.f;
-    for (int c = threadIdx.x; c < hidden; c += kGeneralThreads) {
+    for (int c = threadIdx.x; c < hidden && has_dy; c += kGeneralThreads) {
       const float xhat = (to_float(x[off + c]) - mean) * rstd;
       const float g = weight ? to_float(dy[off + c]) * to_float(weight[c]) : to_float(dy[off + c]);
       sum_gx += g * xhat;
@@ -413,39 +656,59 @@ __global__ void __launch_bounds__(kGeneralThreads) bwd_dx_general_kernel(const B
     const float c_gx = block_sum<kGeneralThreads>(sum_gx, scratch) * inv_hidden;
     const float c_g = kRms ? 0.f : block_sum<kGeneralThreads>(sum_g, scratch) * inv_hidden;
     for (int c = threadIdx.x; c < hidden; c += kGeneralThreads) {
-      const float xhat = (to_float(x[off + c]) - mean) * rstd;
-      const float g = weight ? to_float(dy[off + c]) * to_float(weight[c]) : to_float(dy[off + c]);
-      dx[off + c] = from_float<T>(rstd * (g - c_gx * xhat - c_g));
+      float d = 0.f;
+      if (has_dy) {
+        const float xhat = (to_float(x[off + c]) - mean) * rstd;
+        const float g = weight ? to_float(dy[off + c]) * to_float(weight[c]) : to_float(dy[off + c]);
+        d = rstd * (g - c_gx * xhat - c_g);
+      }
+      if constexpr (kAdd) {
+        if (p.dresidual_out) d += to_float(static_cast<const RT*>(p.dresidual_out)[off + c]);
+        if (p.dresidual) static_cast<RT*>(p.dresidual)[off + c] = from_float<RT>(d);
+        if (dropout) d = drop.keep(row, c) ? d * drop.scale : 0.f;
+        if (dx) dx[off + c] = from_float<T>(d);
+      } else {
+        dx[off + c] = from_float<T>(d);
+      }
     }
   }
 }
 
-// dweight / dbias sums for any hidden size: block (32 columns) x (8 row lanes) over one chunk of rows;
-// partials[chunk, col] gets the chunk's sum.
+// Column sums for any hidden size: block (32 columns) x (8 row lanes) over one chunk of rows;
+// partials[which, chunk, col] gets the chunk's sum of dweight (which 0), dbias (1) and, add + norm, dx_bias
+// (2, from dx as bwd_dx_general_kernel wrote it).
 constexpr int kColTile = 32, kRowLanes = 8;
 
-template <typename T, bool kRms>
-__global__ void __launch_bounds__(kColTile * kRowLanes) bwd_dwdb_general_kernel(const BwdParams p, int64_t rows_per_chunk) {
-  __shared__ float tile[2][kRowLanes][kColTile + 1];
-  const T* x = static_cast<const T*>(p.x);
+template <typename T, typename RT, bool kRms, bool kAdd>
+__global__ void __launch_bounds__(kColTile * kRowLanes) bwd_dwdb_general_kernel(const BwdParamsT<kAdd> p, int64_t rows_per_chunk) {
+  using HT = RowT<T, RT, kAdd>;
+  constexpr int kSums = column_sums(kAdd);
+  __shared__ float tile[kSums][kRowLanes][kColTile + 1];
+  const HT* x = static_cast<const HT*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   const int col = blockIdx.x * kColTile + threadIdx.x;
   const int64_t begin = int64_t(blockIdx.y) * rows_per_chunk;
   const int64_t end = begin + rows_per_chunk < p.rows ? begin + rows_per_chunk : p.rows;
+  const bool has_dy = !kAdd || dy != nullptr;
 
-  float dw = 0.f, db = 0.f;
+  float sums[kSums] = {};
   if (col < p.hidden) {
     for (int64_t row = begin + threadIdx.y; row < end; row += kRowLanes) {
-      const float d = to_float(dy[row * p.hidden + col]);
-      const float mean = kRms ? 0.f : p.mean[row];
-      dw += d * (to_float(x[row * p.hidden + col]) - mean) * p.rstd[row];
-      db += d;
+      if (has_dy) {
+        const float d = to_float(dy[row * p.hidden + col]);
+        const float mean = kRms ? 0.f : p.mean[row];
+        sums[0] += d * (to_float(x[row * p.hidden + col]) - mean) * p.rstd[row];
+        sums[1] += d;
+      }
+      if constexpr (kAdd) {
+        if (p.dx_bias) sums[2] += to_float(static_cast<const T*>(p.dx)[row * p.hidden + col]);
+      }
     }
   }
-  tile[0][threadIdx.y][threadIdx.x] = dw;
-  tile[1][threadIdx.y][threadIdx.x] = db;
+#pragma unroll
+  for (int k = 0; k < kSums; ++k) tile[k][threadIdx.y][threadIdx.x] = sums[k];
   __syncthreads();
-  if (threadIdx.y < 2 && col < p.hidden) {
+  if (threadIdx.y < kSums && col < p.hidden) {
     float sum = 0.f;
 #pragma unroll
     for (int r = 0; r < kRowLanes; ++r) sum += tile[threadIdx.y][r][threadIdx.x];
@@ -454,12 +717,13 @@ __global__ void __launch_bounds__(kColTile * kRowLanes) bwd_dwdb_general_kernel(
   }
 }
 
-// out[which][col] = sum over r of partials[which][r][col], r in a fixed order; which 0 = dweight, 1 = dbias.
-template <typename WT>
+// out[which][col] = sum over r of partials[which][r][col], r in a fixed order; which 0 = first, 1 = second
+// (each skipped when null).
+template <typename OT>
 __global__ void __launch_bounds__(kColTile * 32) reduce_partials_kernel(const float* partials, int num_rows, int hidden,
-                                                                        WT* dweight, WT* dbias) {
+                                                                        OT* first, OT* second) {
   __shared__ float tile[32][kColTile + 1];
-  WT* out = blockIdx.y == 0 ? dweight : dbias;
+  OT* out = blockIdx.y == 0 ? first : second;
   if (out == nullptr) return;  // uniform across the block
   const float* src = partials + int64_t(blockIdx.y) * num_rows * hidden;
   const int col = blockIdx.x * kColTile + threadIdx.x;
@@ -473,7 +737,7 @@ __global__ void __launch_bounds__(kColTile * 32) reduce_partials_kernel(const fl
     float total = 0.f;
 #pragma unroll 8
     for (int r = 0; r < 32; ++r) total += tile[r][threadIdx.x];
-    out[col] = from_float<WT>(total);
+    out[col] = from_float<OT>(total);
   }
 }
 
@@ -486,12 +750,17 @@ struct BwdPlan {
   int64_t partial_rows() const { return blocks; }
 };
 
-template <typename T, typename WT, bool kRms>
-BwdPlan plan_bwd(const BwdParams& p) {
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr>
+constexpr auto bwd_registers_kernel_for = bwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kBwdIters<T>>;
+template <typename T, typename RT, bool kAdd, int kTpr>
+constexpr int kBwdSmem = BwdStager<T, RT, kAdd, kTpr, kBwdIters<T>>::kBytes;
+
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd>
+BwdPlan plan_bwd(const BwdParamsT<kAdd>& p) {
   BwdPlan plan{};
   const int nvec = p.hidden / kVec16<T>;
-  plan.registers = registers_fit<T, WT>(p.x, p.dy, p.weight, nullptr, p.hidden, kBwdMaxTpr * kBwdIters<T>) &&
-                   aligned16(p.dx);
+  plan.registers = registers_fit<T, WT>({p.x, p.dy, p.dx}, p.weight, nullptr, p.hidden, kBwdMaxTpr * kBwdIters<T>);
+  if constexpr (kAdd) plan.registers = plan.registers && aligned16(p.dresidual_out) && aligned16(p.dresidual);
   if (plan.registers) {
     for (int t : kTprChoices) {
       if (t * kBwdIters<T> >= nvec) { plan.tpr = t; break; }
@@ -499,12 +768,12 @@ BwdPlan plan_bwd(const BwdParams& p) {
     int blocks_per_sm = 1;
     with_tpr(plan.tpr, [&]<int kTpr>() {
       if constexpr (kTpr <= kBwdMaxTpr) {
-        blocks_per_sm = resident_blocks<bwd_registers_kernel<T, WT, kRms, kTpr, kBwdIters<T>>, threads_for_tpr<kTpr>(),
-                                        RowStager<T, kTpr, kBwdIters<T>, 2>::kBytes>();
+        blocks_per_sm = resident_blocks<bwd_registers_kernel_for<T, WT, RT, kRms, kAdd, kTpr>, threads_for_tpr<kTpr>(),
+                                        kBwdSmem<T, RT, kAdd, kTpr>>();
       }
     });
     const int64_t rows_per_block = threads_for_tpr_host(plan.tpr) / plan.tpr;
-    // Persistent: as many blocks as are resident at once; each keeps its dweight / dbias sums in registers.
+    // Persistent: as many blocks as are resident at once; each keeps its column sums in registers.
     plan.blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(p.rows, rows_per_block),
                                                          int64_t(sm_count()) * blocks_per_sm));
   } else {
@@ -516,43 +785,54 @@ BwdPlan plan_bwd(const BwdParams& p) {
   return plan;
 }
 
-template <typename T, typename WT, bool kRms>
-int64_t bwd_workspace(const BwdParams& p) {
-  if (p.rows == 0 || (p.dweight == nullptr && p.dbias == nullptr)) return 0;
-  return 2 * plan_bwd<T, WT, kRms>(p).partial_rows() * p.hidden;
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd>
+int64_t bwd_workspace(const BwdParamsT<kAdd>& p) {
+  if (p.rows == 0 || !wants_column_sums(p)) return 0;
+  return column_sums(kAdd) * plan_bwd<T, WT, RT, kRms, kAdd>(p).partial_rows() * p.hidden;
 }
 
-template <typename T, typename WT, bool kRms>
-cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd>
+cudaError_t launch_bwd(const BwdParamsT<kAdd>& p, cudaStream_t stream) {
   if (p.rows == 0) {
     // Sums over no rows: zero gradients for the parameters.
     if (p.dweight) cudaMemsetAsync(p.dweight, 0, sizeof(WT) * p.hidden, stream);
     if (p.dbias) cudaMemsetAsync(p.dbias, 0, sizeof(WT) * p.hidden, stream);
+    if constexpr (kAdd) {
+      if (p.dx_bias) cudaMemsetAsync(p.dx_bias, 0, sizeof(T) * p.hidden, stream);
+    }
     return cudaGetLastError();
   }
-  const BwdPlan plan = plan_bwd<T, WT, kRms>(p);
-  const bool want_sums = p.dweight != nullptr || p.dbias != nullptr;
+  const BwdPlan plan = plan_bwd<T, WT, RT, kRms, kAdd>(p);
+  const bool want_sums = wants_column_sums(p);
   if (plan.registers) {
     with_tpr(plan.tpr, [&]<int kTpr>() {
       if constexpr (kTpr <= kBwdMaxTpr) {
-        constexpr int kSmem = RowStager<T, kTpr, kBwdIters<T>, 2>::kBytes;
-        constexpr auto kernel = bwd_registers_kernel<T, WT, kRms, kTpr, kBwdIters<T>>;
+        constexpr int kSmem = kBwdSmem<T, RT, kAdd, kTpr>;
+        constexpr auto kernel = bwd_registers_kernel_for<T, WT, RT, kRms, kAdd, kTpr>;
         resident_blocks<kernel, threads_for_tpr<kTpr>(), kSmem>();  // the shared-memory opt-in, on this device
         kernel<<<plan.blocks, threads_for_tpr<kTpr>(), kSmem, stream>>>(p);
       }
     });
   } else {
     const int64_t blocks = std::min<int64_t>(p.rows, int64_t(sm_count()) * 16);
-    bwd_dx_general_kernel<T, WT, kRms><<<blocks, kGeneralThreads, 0, stream>>>(p);
+    bwd_dx_general_kernel<T, WT, RT, kRms, kAdd><<<blocks, kGeneralThreads, 0, stream>>>(p);
     if (want_sums) {
       const dim3 grid(ceil_div(p.hidden, kColTile), plan.blocks);
-      bwd_dwdb_general_kernel<T, kRms><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(p, plan.rows_per_chunk);
+      bwd_dwdb_general_kernel<T, RT, kRms, kAdd><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(p, plan.rows_per_chunk);
     }
   }
-  if (want_sums) {
+  if (p.dweight || p.dbias) {
     const dim3 grid(ceil_div(p.hidden, kColTile), 2);
     reduce_partials_kernel<WT><<<grid, dim3(kColTile, 32), 0, stream>>>(
         p.partials, plan.partial_rows(), p.hidden, static_cast<WT*>(p.dweight), static_cast<WT*>(p.dbias));
+  }
+  if constexpr (kAdd) {
+    if (p.dx_bias) {
+      const dim3 grid(ceil_div(p.hidden, kColTile), 1);
+      reduce_partials_kernel<T><<<grid, dim3(kColTile, 32), 0, stream>>>(
+          p.partials + 2 * plan.partial_rows() * p.hidden, plan.partial_rows(), p.hidden, static_cast<T*>(p.dx_bias),
+          nullptr);
+    }
   }
   return cudaGetLastError();
 }

@@ -6,6 +6,9 @@
 //     -> fusedkernels::layer_norm_fwd   Autograd: attaches NormBackward; CUDA: the fused kernel;
 //                                       CPU: at::native_layer_norm; Meta: shapes
 //        backward -> fusedkernels::layer_norm_bwd  (or, under create_graph, differentiable ATen ops)
+//
+//   fusedkernels::add_layer_norm, add_rms_norm, bias_dropout_add_{layer,rms}_norm   the same, through
+//     -> fusedkernels::add_norm_fwd  (AddNormBackward -> fusedkernels::add_norm_bwd)
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -16,6 +19,7 @@
 #include "common/torch/autograd.h"
 #include "common/torch/checks.h"
 #include "common/torch/ops.h"
+#include "common/torch/philox.h"
 #include "norm/norm.h"
 
 TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
@@ -33,6 +37,28 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   m.def("rms_norm_fwd(Tensor x, SymInt[] normalized_shape, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
   m.def("rms_norm_bwd(Tensor dy, Tensor x, SymInt[] normalized_shape, Tensor? weight, Tensor rstd, bool[2] output_mask)"
         " -> (Tensor dx, Tensor dweight)");
+  // Add + norm over the last dimension: h = residual + dropout(x + bias) in fp32, rounded to residual_dtype
+  // (None: x's), returned with norm(h) as (out, residual_out). p: the dropout probability (used when training).
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? weight=None, Tensor? bias=None, float eps=1e-05,"
+        " ScalarType? residual_dtype=None) -> (Tensor, Tensor)");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor? weight=None, float? eps=None,"
+        " ScalarType? residual_dtype=None) -> (Tensor, Tensor)");
+  m.def("bias_dropout_add_layer_norm(Tensor x, Tensor? bias, Tensor residual, Tensor? weight, Tensor? norm_bias,"
+        " float p, float eps=1e-05, bool training=True, ScalarType? residual_dtype=None) -> (Tensor, Tensor)");
+  m.def("bias_dropout_add_rms_norm(Tensor x, Tensor? bias, Tensor residual, Tensor? weight, float p, float? eps=None,"
+        " bool training=True, ScalarType? residual_dtype=None) -> (Tensor, Tensor)");
+  // Internal. residual already in residual_dtype; mean (LayerNorm; RMSNorm: empty) and rstd as layer_norm_fwd's;
+  // rng_state: int64 [2], the seed and offset (CPU: the seed) the mask came from, when p > 0, else [0].
+  m.def("add_norm_fwd(Tensor x, Tensor residual, Tensor? bias, Tensor? weight, Tensor? norm_bias, float eps, float p,"
+        " ScalarType residual_dtype, bool rms) -> (Tensor out, Tensor residual_out, Tensor mean, Tensor rstd,"
+        " Tensor rng_state)",
+        {at::Tag::nondeterministic_seeded});
+  // From the forward's residual_out (h) and results, with the grads of out (dy) and residual_out (either may be
+  // None). output_mask: dx, dresidual, dbias, dweight, dnorm_bias; a result not computed is an empty tensor
+  // (dx is computed for dbias too; the parameter grads need dy).
+  m.def("add_norm_bwd(Tensor? dy, Tensor? dresidual_out, Tensor residual_out, Tensor? weight, Tensor? norm_bias,"
+        " Tensor mean, Tensor rstd, Tensor rng_state, float eps, float p, ScalarType x_dtype, bool rms,"
+        " bool[5] output_mask) -> (Tensor dx, Tensor dresidual, Tensor dbias, Tensor dweight, Tensor dnorm_bias)");
 }
 
 namespace fusedkernels::norm {
@@ -203,10 +229,11 @@ Tensor rms_norm_autocast(const Tensor& input, c10::SymIntArrayRef normalized_sha
 
 // dx, dweight, dbias of LayerNorm (rms = false) or RMSNorm computed with differentiable ATen ops from x
 // itself (statistics recomputed, fp32 or fp64 arithmetic): what the backward runs when it is itself being
-// recorded (create_graph=True), so second and higher derivatives are exact rather than missing.
+// recorded (create_graph=True), so second and higher derivatives are exact rather than missing. dx in
+// dx_dtype (x's, or the arithmetic's to add more to it before rounding).
 std::array<Tensor, 3> norm_backward_differentiable(const Tensor& dy, const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                                    const Tensor& weight, const Tensor& bias, double eps, bool rms,
-                                                   std::array<bool, 3> want) {
+                                                   std::array<bool, 3> want, at::ScalarType dx_dtype) {
   const auto acc = opmath_dtype(x.scalar_type());
   const int64_t axis = x.dim() - static_cast<int64_t>(normalized_shape.size());
   std::vector<int64_t> norm_dims, row_dims;
@@ -223,7 +250,7 @@ std::array<Tensor, 3> norm_backward_differentiable(const Tensor& dy, const Tenso
     const Tensor g = weight.defined() ? dyf * weight.to(acc) : dyf;
     Tensor inner = g - xhat * (g * xhat).mean(norm_dims, /*keepdim=*/true);
     if (!rms) inner = inner - g.mean(norm_dims, /*keepdim=*/true);
-    grads[0] = (inner * rstd).to(x.scalar_type());
+    grads[0] = (inner * rstd).to(dx_dtype);
   }
   if (want[1] && weight.defined()) grads[1] = sum_rows(dyf * xhat).to(weight.scalar_type());
   if (want[2] && bias.defined()) grads[2] = sum_rows(dyf).to(bias.scalar_type());
@@ -253,7 +280,7 @@ struct NormBackward : torch::autograd::Node {
                                       !rms && b.defined() && task_should_compute_output(2)};
     std::array<Tensor, 3> g;
     if (at::GradMode::is_enabled()) {  // create_graph: the backward is itself being differentiated
-      g = norm_backward_differentiable(dy, x_, normalized_shape, w, b, eps, rms, want);
+      g = norm_backward_differentiable(dy, x_, normalized_shape, w, b, eps, rms, want, x_.scalar_type());
     } else if (rms) {
       auto [dx, dw] = rms_norm_bwd_op().call(dy.contiguous(), x_, normalized_shape, optional_of(w), rstd.unpack(),
                                              {want[0], want[1]});
@@ -447,18 +474,393 @@ std::tuple<Tensor, Tensor> rms_norm_bwd_meta(const Tensor&, const Tensor& x, c10
   return {like_meta(x), empty_unless(output_mask[1], weight, x)};
 }
 
+// ------------------------------------------------------------------------------------------------
+// Add + norm: h = residual + dropout(x + bias), rounded to residual_dtype; out = norm(h)
+// ------------------------------------------------------------------------------------------------
+
+using AddNormFwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                                      const OptTensor&, const OptTensor&, double,
+                                                                      double, at::ScalarType, bool);
+using AddNormBwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const OptTensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
+    const Tensor&, const Tensor&, double, double, at::ScalarType, bool, std::array<bool, 5>);
+
+const c10::TypedOperatorHandle<AddNormFwd>& add_norm_fwd_op() {
+  static const auto op = find_op<AddNormFwd>("fusedkernels::add_norm_fwd");
+  return op;
+}
+const c10::TypedOperatorHandle<AddNormBwd>& add_norm_bwd_op() {
+  static const auto op = find_op<AddNormBwd>("fusedkernels::add_norm_bwd");
+  return op;
+}
+
+// Validates the public ops' arguments, with messages that name them (RuntimeError, as torch's own ops raise
+// for such inputs); returns the residual dtype. Parameter dtypes the kernels lack are not errors here: they
+// run the reference.
+at::ScalarType check_add_args(const char* op, const Tensor& x, const OptTensor& bias, const Tensor& residual,
+                              const OptTensor& weight, const OptTensor& norm_bias, double p,
+                              std::optional<at::ScalarType> residual_dtype) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
+              ": x must be a floating-point tensor (float32, float16 or bfloat16 for the fused kernel), got ",
+              name_of(x.scalar_type()));
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (the normalized one)");
+  const at::ScalarType rdt = residual_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(rdt == x.scalar_type() || rdt == at::kFloat, op, ": residual_dtype must be x's dtype (",
+              name_of(x.scalar_type()), ") or float32, got ", name_of(rdt));
+  bool same = residual.dim() == x.dim();
+  for (int64_t d = 0; same && d < x.dim(); ++d) same = sym_same(residual.sym_size(d), x.sym_size(d));
+  TORCH_CHECK(same, op, ": residual must have x's shape ", shape(x), ", got ", shape(residual));
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() || residual.scalar_type() == rdt, op,
+              ": residual must be x's dtype (", name_of(x.scalar_type()), ") or residual_dtype (", name_of(rdt),
+              "), got ", name_of(residual.scalar_type()));
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", std::to_string(p));
+  const c10::SymInt hidden = x.sym_size(-1);
+  for (const auto& [name, t] : {std::pair{"bias", &bias}, std::pair{"weight", &weight},
+                                std::pair{"norm_bias", &norm_bias}}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->dim() == 1 && sym_same((*t)->sym_size(0), hidden), op, ": ", name, " must have shape ",
+                shape(c10::SymIntArrayRef(&hidden, 1)), " (x's last dimension), got ", shape(**t));
+  }
+  TORCH_CHECK(!bias || bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype (",
+              name_of(x.scalar_type()), "), got ", name_of(bias->scalar_type()));
+  for (const auto& [name, t] : {std::pair{"residual", &residual}, std::pair{"bias", bias ? &*bias : nullptr},
+                                std::pair{"weight", weight ? &*weight : nullptr},
+                                std::pair{"norm_bias", norm_bias ? &*norm_bias : nullptr}}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device().str(), " but x is on ",
+                x.device().str());
+  }
+  return rdt;
+}
+
+// Why a call runs the reference instead of the fused op, or nullptr (as fallback_reason; CPU tensors take our
+// op, whose CPU kernel computes any dtype mix).
+const char* add_fallback_reason(const Tensor& x, const Tensor& residual, const OptTensor& bias,
+                                const OptTensor& weight, const OptTensor& norm_bias) {
+  if (x.is_nested() || residual.is_nested()) return "";
+  for (const OptTensor* t : {&bias, &weight, &norm_bias}) {
+    if (has_forward_grad(*t)) return "";
+  }
+  if (has_forward_grad(x) || has_forward_grad(residual)) return "";
+  if (x.sym_size(-1).sym_eq(0).guard_bool(__FILE__, __LINE__)) return "";
+  if (x.device().is_cpu()) return nullptr;
+  if (!x.is_cuda()) return "";
+  if (!has_kernel_dtype(x.scalar_type())) return "float64 input has no fused kernel";
+  if (!kernel_param_dtypes(x, weight, norm_bias)) return "this mix of input and parameter dtypes has no fused kernel";
+  if (x.sym_size(-1).sym_gt(kMaxHidden).guard_bool(__FILE__, __LINE__)) {
+    return "the normalized size is past the fused kernel's limit of 65536";
+  }
+  return nullptr;
+}
+
+// h = residual + dropout(x + bias) in the arithmetic's type (keep_scale: the mask times 1 / (1 - p), or
+// undefined for no dropout), rounded to residual_dtype.
+Tensor residual_sum_reference(const Tensor& x, const Tensor& residual, const OptTensor& bias, const Tensor& keep_scale,
+                              at::ScalarType residual_dtype) {
+  const auto acc = opmath_dtype(x.scalar_type());
+  Tensor t = bias ? x.to(acc) + bias->to(acc) : x.to(acc);
+  if (keep_scale.defined()) t = t * keep_scale;
+  return (residual.to(acc) + t).to(residual_dtype);
+}
+
+// out = norm(h) over the last dimension with its statistics, in the arithmetic's type (float64 for float64 h).
+std::tuple<Tensor, Tensor, Tensor> norm_of_rows(const Tensor& h, const OptTensor& weight, const OptTensor& norm_bias,
+                                                double eps, bool rms) {
+  const auto acc = opmath_dtype(h.scalar_type());
+  const Tensor hf = h.to(acc);
+  const Tensor mean = rms ? at::empty({0}, hf.options()) : hf.mean(-1);
+  const Tensor xc = rms ? hf : hf - mean.unsqueeze(-1);
+  const Tensor rstd = (xc.square().mean(-1) + eps).rsqrt();
+  Tensor y = xc * rstd.unsqueeze(-1);
+  if (weight) y = y * weight->to(acc);
+  if (norm_bias) y = y + norm_bias->to(acc);
+  return {y, mean, rstd};
+}
+
+// The keep mask times 1 / (1 - p) as a tensor (undefined for p = 0), as the forward drew it: regenerated from
+// the CPU seed, or on CUDA read off the fused backward of a unit residual grad (dx = mask / (1 - p)).
+Tensor dropout_keep_scale(const Tensor& h, const Tensor& mean, const Tensor& rstd, const Tensor& rng_state, double p,
+                          at::ScalarType x_dtype, bool rms) {
+  if (p <= 0) return Tensor();
+  const auto acc = opmath_dtype(h.scalar_type());
+  if (p >= 1) return at::zeros_like(h, h.options().dtype(acc));
+  const at::NoGradGuard no_grad;
+  Tensor keep;
+  if (h.is_cuda()) {
+    const Tensor dx = std::get<0>(add_norm_bwd_op().call(std::nullopt, at::ones_like(h), h, std::nullopt, std::nullopt,
+                                                         mean, rstd, rng_state, 0.0, p, x_dtype, rms,
+                                                         {true, false, false, false, false}));
+    keep = dx.ne(0);
+  } else {
+    keep = cpu_dropout_keep(rng_state.data_ptr<int64_t>()[0], h.sym_sizes(), p);
+  }
+  return keep.to(acc) * (1.0 / (1.0 - p));
+}
+
+// dx, dresidual, dbias, dweight, dnorm_bias with differentiable ATen ops from h (statistics recomputed): the
+// CPU kernel, and the backward when it is itself recorded (create_graph=True).
+std::array<Tensor, 5> add_norm_backward_reference(const Tensor& dy, const Tensor& dresidual_out, const Tensor& h,
+                                                  const Tensor& weight, const Tensor& norm_bias, const Tensor& keep_scale,
+                                                  double eps, at::ScalarType x_dtype, bool rms,
+                                                  const AddBwdOutputs& want) {
+  const auto acc = opmath_dtype(h.scalar_type());
+  std::array<Tensor, 5> grads;
+  Tensor dh;
+  if (dy.defined()) {
+    const c10::SymInt hidden = h.sym_size(-1);
+    auto g = norm_backward_differentiable(dy, h, c10::SymIntArrayRef(&hidden, 1), weight, norm_bias, eps, rms,
+                                          {true, want.dweight, want.dnorm_bias}, acc);
+    dh = g[0];
+    grads[3] = g[1];
+    grads[4] = g[2];
+  }
+  if (dresidual_out.defined()) dh = dh.defined() ? dh + dresidual_out.to(acc) : dresidual_out.to(acc);
+  if (!dh.defined()) dh = at::zeros_like(h, h.options().dtype(acc));
+  if (want.dresidual) grads[1] = dh.to(h.scalar_type());
+  const Tensor dx = keep_scale.defined() ? dh * keep_scale : dh;
+  if (want.dx) grads[0] = dx.to(x_dtype);
+  if (want.dx_bias) grads[2] = (dx.dim() > 1 ? dx.flatten(0, -2).sum(0) : dx).to(x_dtype);
+  return grads;
+}
+
+// The backward of add_norm_fwd; next edges x, residual, bias, weight, norm_bias (absent ones empty).
+struct AddNormBackward : torch::autograd::Node {
+  bool rms = false;
+  double eps = 0, p = 0;
+  at::ScalarType x_dtype = at::kFloat;
+  torch::autograd::SavedVariable residual_out, weight, norm_bias, mean, rstd, rng_state;
+  bool has_bias = false;
+
+  std::string name() const override {
+    return rms ? "fusedkernels::AddRmsNormBackward" : "fusedkernels::AddLayerNormBackward";
+  }
+
+  void release_variables() override {
+    for (auto* v : {&residual_out, &weight, &norm_bias, &mean, &rstd, &rng_state}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(num_outputs());
+    const Tensor &dy = grads[0], &dres = grads[1];
+    if (!dy.defined() && !dres.defined()) return out;
+    const Tensor h = residual_out.unpack(getptr()), w = weight.unpack(), nb = norm_bias.unpack();
+    const Tensor m = mean.unpack(), r = rstd.unpack(), rng = rng_state.unpack();
+    const std::array<bool, 5> mask = {task_should_compute_output(0), task_should_compute_output(1),
+                                      has_bias && task_should_compute_output(2),
+                                      w.defined() && task_should_compute_output(3),
+                                      nb.defined() && task_should_compute_output(4)};
+    const AddBwdOutputs want = add_bwd_outputs(mask, dy.defined(), w.defined(), nb.defined());
+    std::array<Tensor, 5> g;
+    if (at::GradMode::is_enabled()) {  // create_graph: the backward is itself being differentiated
+      g = add_norm_backward_reference(dy, dres, h, w, nb, dropout_keep_scale(h, m, r, rng, p, x_dtype, rms), eps,
+                                      x_dtype, rms, want);
+    } else {
+      g = std::apply([](auto&&... t) { return std::array<Tensor, 5>{t...}; },
+                     add_norm_bwd_op().call(optional_of(dy.defined() ? dy.contiguous() : dy),
+                                            optional_of(dres.defined() ? dres.contiguous() : dres), h, optional_of(w),
+                                            optional_of(nb), m, r, rng, eps, p, x_dtype, rms, mask));
+    }
+    const std::array<bool, 5> computed = {want.dx, want.dresidual, want.dx_bias, want.dweight, want.dnorm_bias};
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (mask[i] && computed[i]) out[i] = g[i];
+    }
+    return out;
+  }
+};
+
+// The reference with autograd (differentiable ATen ops; the mask drawn with torch's dropout): inputs without a
+// fused kernel, forward-mode AD.
+std::tuple<Tensor, Tensor> add_norm_reference(const Tensor& x, const Tensor& residual, const OptTensor& bias,
+                                              const OptTensor& weight, const OptTensor& norm_bias, double eps, double p,
+                                              at::ScalarType residual_dtype, bool rms) {
+  const auto acc = opmath_dtype(x.scalar_type());
+  Tensor t = bias ? x.to(acc) + bias->to(acc) : x.to(acc);
+  if (p > 0) t = at::dropout(t, p, /*train=*/true);
+  const Tensor h = (residual.to(acc) + t).to(residual_dtype);
+  const c10::SymInt hidden = x.sym_size(-1);
+  const auto param = [&](const OptTensor& v) { return v ? OptTensor(v->to(acc)) : std::nullopt; };
+  const Tensor y = rms ? at::rms_norm_symint(h.to(acc), c10::SymIntArrayRef(&hidden, 1), param(weight), eps)
+                       : at::layer_norm_symint(h.to(acc), c10::SymIntArrayRef(&hidden, 1), param(weight),
+                                               param(norm_bias), eps);
+  return {y.to(x.scalar_type()), h};
+}
+
+std::tuple<Tensor, Tensor> add_norm_composite(const char* op, const Tensor& x, const OptTensor& bias,
+                                              const Tensor& residual, const OptTensor& weight,
+                                              const OptTensor& norm_bias, double p, bool training, double eps,
+                                              std::optional<at::ScalarType> residual_dtype, bool rms) {
+  const at::ScalarType rdt = check_add_args(op, x, bias, residual, weight, norm_bias, p, residual_dtype);
+  const double drop = training ? p : 0.0;
+  const Tensor r = residual.scalar_type() == rdt ? residual : residual.to(rdt);
+  if (const char* why = add_fallback_reason(x, r, bias, weight, norm_bias)) {
+    fusedkernels::warn_fallback(op, why, "the PyTorch reference");
+    return add_norm_reference(x, r, bias, weight, norm_bias, eps, drop, rdt, rms);
+  }
+  auto [y, h, mean, rstd, rng_state] = add_norm_fwd_op().call(x.contiguous(), r.contiguous(), contiguous(bias),
+                                                               contiguous(weight), contiguous(norm_bias), eps, drop,
+                                                               rdt, rms);
+  return {y, h};
+}
+
+std::tuple<Tensor, Tensor> add_layer_norm_composite(const Tensor& x, const Tensor& residual, const OptTensor& weight,
+                                                    const OptTensor& bias, double eps,
+                                                    std::optional<at::ScalarType> residual_dtype) {
+  return add_norm_composite("add_layer_norm", x, std::nullopt, residual, weight, bias, 0.0, false, eps,
+                            residual_dtype, false);
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm_composite(const Tensor& x, const Tensor& residual, const OptTensor& weight,
+                                                  std::optional<double> eps,
+                                                  std::optional<at::ScalarType> residual_dtype) {
+  return add_norm_composite("add_rms_norm", x, std::nullopt, residual, weight, std::nullopt, 0.0, false,
+                            rms_eps(x, eps), residual_dtype, true);
+}
+
+std::tuple<Tensor, Tensor> bias_dropout_add_layer_norm_composite(const Tensor& x, const OptTensor& bias,
+                                                                 const Tensor& residual, const OptTensor& weight,
+                                                                 const OptTensor& norm_bias, double p, double eps,
+                                                                 bool training,
+                                                                 std::optional<at::ScalarType> residual_dtype) {
+  return add_norm_composite("bias_dropout_add_layer_norm", x, bias, residual, weight, norm_bias, p, training, eps,
+                            residual_dtype, false);
+}
+
+std::tuple<Tensor, Tensor> bias_dropout_add_rms_norm_composite(const Tensor& x, const OptTensor& bias,
+                                                               const Tensor& residual, const OptTensor& weight, double p,
+                                                               std::optional<double> eps, bool training,
+                                                               std::optional<at::ScalarType> residual_dtype) {
+  return add_norm_composite("bias_dropout_add_rms_norm", x, bias, residual, weight, std::nullopt, p, training,
+                            rms_eps(x, eps), residual_dtype, true);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_fwd_autograd(const Tensor& x, const Tensor& residual,
+                                                                         const OptTensor& bias, const OptTensor& weight,
+                                                                         const OptTensor& norm_bias, double eps,
+                                                                         double p, at::ScalarType residual_dtype,
+                                                                         bool rms) {
+  const bool tangents = has_forward_grad(x) || has_forward_grad(residual) || has_forward_grad(bias) ||
+                        has_forward_grad(weight) || has_forward_grad(norm_bias);
+  if (tangents) {
+    // Nested torch.func transforms reach here with tangents: the reference has the forward-mode formulas, the
+    // statistics come from the fused op. With dropout the reference draws its own mask (rng_state is not out's).
+    auto stats = [&] {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      return add_norm_fwd_op().call(x.detach(), residual.detach(), bias, weight, norm_bias, eps, p, residual_dtype,
+                                    rms);
+    }();
+    auto [y, h] = add_norm_reference(x, residual, bias, weight, norm_bias, eps, p, residual_dtype, rms);
+    return {y, h, std::get<2>(stats), std::get<3>(stats), std::get<4>(stats)};
+  }
+  auto out = [&] {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return add_norm_fwd_op().call(x, residual, bias, weight, norm_bias, eps, p, residual_dtype, rms);
+  }();
+  const bool grad = at::GradMode::is_enabled() && (requires_grad(x) || requires_grad(residual) ||
+                                                   requires_grad(bias) || requires_grad(weight) ||
+                                                   requires_grad(norm_bias));
+  if (grad) {
+    auto node = make_node<AddNormBackward>();
+    auto& n = static_cast<AddNormBackward&>(*node);
+    n.rms = rms;
+    n.eps = eps;
+    n.p = p;
+    n.x_dtype = x.scalar_type();
+    n.has_bias = bias.has_value();
+    n.set_next_edges(torch::autograd::collect_next_edges(x, residual, bias, weight, norm_bias));
+    torch::autograd::set_history(std::get<0>(out), node);
+    torch::autograd::set_history(std::get<1>(out), node);
+    n.residual_out = torch::autograd::SavedVariable(std::get<1>(out), true);
+    n.weight = torch::autograd::SavedVariable(weight, false);
+    n.norm_bias = torch::autograd::SavedVariable(norm_bias, false);
+    n.mean = torch::autograd::SavedVariable(std::get<2>(out), false);
+    n.rstd = torch::autograd::SavedVariable(std::get<3>(out), false);
+    n.rng_state = torch::autograd::SavedVariable(std::get<4>(out), false);
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cpu(const Tensor& x, const Tensor& residual,
+                                                                    const OptTensor& bias, const OptTensor& weight,
+                                                                    const OptTensor& norm_bias, double eps, double p,
+                                                                    at::ScalarType residual_dtype, bool rms) {
+  Tensor rng_state = at::empty({p > 0 ? 2 : 0}, x.options().dtype(at::kLong));
+  Tensor keep_scale;
+  if (p > 0) {
+    const int64_t seed = cpu_dropout_seed(std::nullopt);  // the backward regenerates the mask from it
+    rng_state.data_ptr<int64_t>()[0] = seed;
+    rng_state.data_ptr<int64_t>()[1] = 0;
+    keep_scale = p >= 1 ? at::zeros_like(x, x.options().dtype(opmath_dtype(x.scalar_type())))
+                        : cpu_dropout_keep(seed, x.sym_sizes(), p).to(opmath_dtype(x.scalar_type())) * (1.0 / (1.0 - p));
+  }
+  const Tensor h = residual_sum_reference(x, residual, bias, keep_scale, residual_dtype);
+  auto [y, mean, rstd] = norm_of_rows(h, weight, norm_bias, eps, rms);
+  return {y.to(x.scalar_type()), h, mean, rstd, rng_state};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
+    const OptTensor& dy, const OptTensor& dresidual_out, const Tensor& residual_out, const OptTensor& weight,
+    const OptTensor& norm_bias, const Tensor& mean, const Tensor& rstd, const Tensor& rng_state, double eps, double p,
+    at::ScalarType x_dtype, bool rms, std::array<bool, 5> output_mask) {
+  TORCH_CHECK_VALUE(p <= 0 || (rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong),
+                    "add_norm_bwd: rng_state must be the forward's int64 [2] when p > 0");
+  const AddBwdOutputs want = add_bwd_outputs(output_mask, dy.has_value(), weight.has_value(), norm_bias.has_value());
+  auto g = add_norm_backward_reference(dy.value_or(Tensor()), dresidual_out.value_or(Tensor()), residual_out,
+                                       weight.value_or(Tensor()), norm_bias.value_or(Tensor()),
+                                       dropout_keep_scale(residual_out, mean, rstd, rng_state, p, x_dtype, rms), eps,
+                                       x_dtype, rms, want);
+  for (Tensor& t : g) {  // fresh tensors: dx and dresidual can be one value, or a grad given in
+    t = t.defined() ? t.clone(at::MemoryFormat::Contiguous) : at::empty({0}, residual_out.options());
+  }
+  return {g[0], g[1], g[2], g[3], g[4]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_fwd_meta(const Tensor& x, const Tensor&, const OptTensor&,
+                                                                     const OptTensor&, const OptTensor&, double,
+                                                                     double p, at::ScalarType residual_dtype, bool rms) {
+  const Tensor rstd = at::empty_symint(x.sym_sizes().slice(0, x.dim() - 1), x.options().dtype(opmath_dtype(x.scalar_type())));
+  return {like_meta(x), at::empty_symint(x.sym_sizes(), x.options().dtype(residual_dtype)),
+          rms ? at::empty({0}, rstd.options()) : at::empty_like(rstd), rstd,
+          at::empty({p > 0 ? 2 : 0}, x.options().dtype(at::kLong))};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd_meta(
+    const OptTensor& dy, const OptTensor&, const Tensor& residual_out, const OptTensor& weight,
+    const OptTensor& norm_bias, const Tensor&, const Tensor&, const Tensor&, double, double, at::ScalarType x_dtype,
+    bool, std::array<bool, 5> output_mask) {
+  const Tensor& h = residual_out;
+  const AddBwdOutputs want = add_bwd_outputs(output_mask, dy.has_value(), weight.has_value(), norm_bias.has_value());
+  const auto empty = [&] { return at::empty({0}, h.options()); };
+  return {want.dx ? at::empty_symint(h.sym_sizes(), h.options().dtype(x_dtype)) : empty(),
+          want.dresidual ? like_meta(h) : empty(),
+          want.dx_bias ? at::empty_symint({h.sym_size(-1)}, h.options().dtype(x_dtype)) : empty(),
+          want.dweight ? at::empty_like(*weight) : empty(), want.dnorm_bias ? at::empty_like(*norm_bias) : empty()};
+}
+
 const RegisterOpInfo layer_norm_info{
     {"norm", "layer_norm", "float32, float16, bfloat16 input; weight and bias in the input's dtype or float32",
      "normalized size 1.." + std::to_string(kMaxHidden) + "; fastest when its rows are a multiple of 16 bytes"}};
 const RegisterOpInfo rms_norm_info{
     {"norm", "rms_norm", "float32, float16, bfloat16 input; weight in the input's dtype or float32",
      "normalized size 1.." + std::to_string(kMaxHidden) + "; fastest when its rows are a multiple of 16 bytes"}};
+OpInfo add_norm_info(const char* op, const char* params) {
+  return {"norm", op, std::string("float32, float16, bfloat16 input; residual stream in its dtype or float32; ") + params +
+                          " in the input's dtype or float32",
+          "last dimension 1.." + std::to_string(kMaxHidden) + "; fastest when its rows are a multiple of 16 bytes"};
+}
+const RegisterOpInfo add_layer_norm_info{add_norm_info("add_layer_norm", "weight and bias")};
+const RegisterOpInfo add_rms_norm_info{add_norm_info("add_rms_norm", "weight")};
+const RegisterOpInfo bias_dropout_add_layer_norm_info{add_norm_info("bias_dropout_add_layer_norm", "weight and norm_bias")};
+const RegisterOpInfo bias_dropout_add_rms_norm_info{add_norm_info("bias_dropout_add_rms_norm", "weight")};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedkernels, CompositeImplicitAutograd, m) {
   m.impl("layer_norm", &layer_norm_composite);
   m.impl("rms_norm", &rms_norm_composite);
+  m.impl("add_layer_norm", &add_layer_norm_composite);
+  m.impl("add_rms_norm", &add_rms_norm_composite);
+  m.impl("bias_dropout_add_layer_norm", &bias_dropout_add_layer_norm_composite);
+  m.impl("bias_dropout_add_rms_norm", &bias_dropout_add_rms_norm_composite);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, AutocastCUDA, m) {
@@ -469,9 +871,11 @@ TORCH_LIBRARY_IMPL(fusedkernels, AutocastCUDA, m) {
 TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_autograd);
   m.impl("rms_norm_fwd", &rms_norm_fwd_autograd);
+  m.impl("add_norm_fwd", &add_norm_fwd_autograd);
   // Differentiating the backward ops themselves is an error (the public ops' backward handles create_graph).
   m.impl("layer_norm_bwd", torch::autograd::autogradNotImplementedFallback());
   m.impl("rms_norm_bwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("add_norm_bwd", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
@@ -479,6 +883,8 @@ TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
   m.impl("rms_norm_fwd", &rms_norm_fwd_cpu);
   m.impl("rms_norm_bwd", &rms_norm_bwd_cpu);
+  m.impl("add_norm_fwd", &add_norm_fwd_cpu);
+  m.impl("add_norm_bwd", &add_norm_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
@@ -486,6 +892,8 @@ TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
   m.impl("layer_norm_bwd", &layer_norm_bwd_meta);
   m.impl("rms_norm_fwd", &rms_norm_fwd_meta);
   m.impl("rms_norm_bwd", &rms_norm_bwd_meta);
+  m.impl("add_norm_fwd", &add_norm_fwd_meta);
+  m.impl("add_norm_bwd", &add_norm_bwd_meta);
 }
 
 }  // namespace fusedkernels::norm

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
@@ -149,6 +150,17 @@ inline Parse parse(PyObject* o, std::optional<double>& out) {
   const Parse result = parse(o, v);
   if (result == Parse::kOk) out = v;
   return result;
+}
+
+// A torch.dtype, or None.
+inline Parse parse(PyObject* o, std::optional<at::ScalarType>& out) {
+  if (o == Py_None) {
+    out.reset();
+    return Parse::kOk;
+  }
+  if (!THPDtype_Check(o)) return Parse::kWrongType;
+  out = reinterpret_cast<THPDtype*>(o)->scalar_type;
+  return Parse::kOk;
 }
 
 inline Parse parse(PyObject* o, bool& out) {
