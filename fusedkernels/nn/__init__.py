@@ -4,7 +4,16 @@ from .attention import FusedMultiheadAttention, FusedSelfAttention
 from .conv import FusedConv2dReLU, FusedConvBNReLU
 from .linear import FusedLinear
 from .mlp import FusedMLP
-from .norm import FusedCastRMSNorm, FusedLayerNorm, FusedRMSNorm
+from .norm import (
+    FusedAddLayerNorm,
+    FusedAddRMSNorm,
+    FusedBiasDropoutAddLayerNorm,
+    FusedBiasDropoutAddRMSNorm,
+    FusedCastRMSNorm,
+    FusedLayerNorm,
+    FusedRMSNorm,
+)
 
-__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedCastRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention",
+__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedCastRMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm",
+           "FusedBiasDropoutAddLayerNorm", "FusedBiasDropoutAddRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention",
            "FusedLinear", "FusedMLP", "FusedConv2dReLU", "FusedConvBNReLU"]

@@ -4,7 +4,14 @@ Being subclasses, they take the same arguments, hold the same parameters, load e
 and pass `isinstance(m, nn.LayerNorm)` checks (weight-decay filters, initialisers). forward calls the C++
 op directly: no Python work beyond the call. FusedCastRMSNorm is RMSNorm in Hugging Face's casting orders (what
 fusedkernels.fuse swaps in for Llama- and T5-style norms).
+
+FusedAddLayerNorm / FusedAddRMSNorm / FusedBiasDropoutAdd{LayerNorm,RMSNorm} are the residual add (and bias +
+dropout) fused with the norm that follows it: they hold the norm's parameters (subclasses of nn.LayerNorm /
+nn.RMSNorm, so state_dicts load both ways and isinstance-based parameter groups still find them), and their
+forward takes the residual stream and returns the new one with the normalized output.
 """
+
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -71,3 +78,91 @@ class FusedCastRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[-1]}, eps={self.eps}, cast={self.cast!r}"
+
+
+def _last_dim(cls_name: str, normalized_shape) -> None:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(shape) != 1:
+        raise ValueError(f"{cls_name} normalizes the last dimension: normalized_shape must be one size, got {shape}")
+
+
+class FusedAddLayerNorm(nn.LayerNorm):
+    """out, new_residual = layer_norm(x + residual), x + residual, in one kernel (fusedkernels.ops.add_layer_norm).
+
+    Takes nn.LayerNorm's arguments (normalized_shape: one size, the last dimension) and residual_dtype: None
+    (x's dtype) or torch.float32 for a float32 residual stream. forward(x, residual) -> (out, new_residual):
+    out in x's dtype, new_residual in residual_dtype. Raises ValueError for a normalized_shape of more than one
+    dimension.
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None, residual_dtype: Optional[torch.dtype] = None) -> None:
+        _last_dim(type(self).__name__, normalized_shape)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.residual_dtype = residual_dtype
+
+    def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        return ops._add_layer_norm(x, residual, self.weight, self.bias, self.eps, self.residual_dtype)
+
+
+class FusedAddRMSNorm(nn.RMSNorm):
+    """out, new_residual = rms_norm(x + residual), x + residual, in one kernel (fusedkernels.ops.add_rms_norm).
+    As FusedAddLayerNorm, with nn.RMSNorm's arguments (eps=None: float32's machine epsilon for 16-bit x)."""
+
+    def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True, device=None,
+                 dtype=None, residual_dtype: Optional[torch.dtype] = None) -> None:
+        _last_dim(type(self).__name__, normalized_shape)
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.residual_dtype = residual_dtype
+
+    def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        return ops._add_rms_norm(x, residual, self.weight, self.eps, self.residual_dtype)
+
+
+class FusedBiasDropoutAddLayerNorm(nn.LayerNorm):
+    """out, new_residual = layer_norm(h), h with h = residual + dropout(x + bias), in one kernel
+    (fusedkernels.ops.bias_dropout_add_layer_norm): a sublayer's output bias (the bias of the linear before it,
+    kept out of that GEMM), dropout, the residual add and the next LayerNorm.
+
+    Takes nn.LayerNorm's arguments (normalized_shape: one size) plus p (the dropout probability, as
+    nn.Dropout's; applied in training mode only) and residual_dtype (None: x's; or torch.float32). Holds the
+    norm's weight and bias (nn.LayerNorm's state_dict keys). forward(x, bias, residual) -> (out, new_residual):
+    bias is the [H] bias added to x before the dropout, or None. Raises ValueError for p outside [0, 1] or a
+    normalized_shape of more than one dimension.
+    """
+
+    def __init__(self, normalized_shape, p: float = 0.5, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None, residual_dtype: Optional[torch.dtype] = None) -> None:
+        _last_dim(type(self).__name__, normalized_shape)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{type(self).__name__}: p must be in [0, 1], got {p}")
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.p, self.residual_dtype = p, residual_dtype
+
+    def forward(self, x: Tensor, bias: Optional[Tensor], residual: Tensor) -> tuple[Tensor, Tensor]:
+        return ops._bias_dropout_add_layer_norm(x, bias, residual, self.weight, self.bias, self.p, self.eps,
+                                                self.training, self.residual_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"
+
+
+class FusedBiasDropoutAddRMSNorm(nn.RMSNorm):
+    """out, new_residual = rms_norm(h), h with h = residual + dropout(x + bias), in one kernel
+    (fusedkernels.ops.bias_dropout_add_rms_norm). As FusedBiasDropoutAddLayerNorm, with nn.RMSNorm's arguments
+    and state."""
+
+    def __init__(self, normalized_shape, p: float = 0.5, eps: Optional[float] = None, elementwise_affine: bool = True,
+                 device=None, dtype=None, residual_dtype: Optional[torch.dtype] = None) -> None:
+        _last_dim(type(self).__name__, normalized_shape)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{type(self).__name__}: p must be in [0, 1], got {p}")
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.p, self.residual_dtype = p, residual_dtype
+
+    def forward(self, x: Tensor, bias: Optional[Tensor], residual: Tensor) -> tuple[Tensor, Tensor]:
+        return ops._bias_dropout_add_rms_norm(x, bias, residual, self.weight, self.p, self.eps, self.training,
+                                              self.residual_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"

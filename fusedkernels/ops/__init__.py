@@ -9,7 +9,14 @@ with one warning.
 from .attention import attention, attention_varlen, scaled_dot_product_attention
 from .conv import conv2d_bias_relu, fold_batch_norm
 from .gemm import linear_act, linear_gated
-from .norm import layer_norm, rms_norm
+from .norm import (
+    add_layer_norm,
+    add_rms_norm,
+    bias_dropout_add_layer_norm,
+    bias_dropout_add_rms_norm,
+    layer_norm,
+    rms_norm,
+)
 from .optim import adam_step_, grad_norm, lamb_step_, scale_grads_, sgd_step_
 
 __all__ = [
@@ -22,6 +29,10 @@ __all__ = [
     "linear_gated",
     "layer_norm",
     "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "bias_dropout_add_layer_norm",
+    "bias_dropout_add_rms_norm",
     "adam_step_",
     "sgd_step_",
     "lamb_step_",

@@ -1,11 +1,14 @@
-"""LayerNorm and RMSNorm over the trailing dimensions: fp32 statistics, one fused kernel each way.
+"""LayerNorm and RMSNorm over the trailing dimensions: fp32 statistics, one fused kernel each way; and the same
+after a residual add (with an optional bias and dropout before it), returning the new residual too.
 
 `layer_norm` / `rms_norm` are the C++ ops `torch.ops.fusedkernels.layer_norm` / `rms_norm`: argument checks,
 the choice of kernel, autograd and autocast all happen in C++ (csrc/norm/norm_ops.cpp), so a call costs
 what `F.layer_norm` costs on the host. CUDA float32 / float16 / bfloat16 inputs up to 65536 normalized
 elements run the fused kernels (csrc/norm); CPU inputs run PyTorch's CPU kernels through the same autograd;
-anything else (float64 on CUDA, larger rows) runs PyTorch's op, with one warning. The `*_ref` functions are
-the specification the tests hold the kernels to. Algorithm and speed: docs/norm.md.
+anything else (float64 on CUDA, larger rows) runs PyTorch's op, with one warning. The add + norm ops
+(`add_layer_norm`, `add_rms_norm`, `bias_dropout_add_layer_norm`, `bias_dropout_add_rms_norm`) are C++ ops the same
+way; what has no kernel runs `add_norm_ref`. The `*_ref` functions are the specification the tests hold the kernels
+to. Algorithm and speed: docs/norm.md.
 """
 
 from __future__ import annotations
@@ -143,3 +146,210 @@ def rms_norm(
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     return _rms_norm(input, normalized_shape, weight, eps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Add + norm: h = residual + dropout(x + bias), rounded to residual_dtype; returns (norm(h), h)
+# ------------------------------------------------------------------------------------------------
+
+
+def add_norm_ref(
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    p: float = 0.0,
+    keep: Optional[Tensor] = None,
+    residual_dtype: Optional[torch.dtype] = None,
+    rms: bool = False,
+):
+    """The specification of the add + norm ops, differentiable: t = x + bias in fp32 (fp64 for fp64 x), dropped
+    out with probability p (keep: the bool mask, True = kept, else drawn by F.dropout) and scaled by 1 / (1 - p),
+    h = residual + t rounded to residual_dtype (None: x's), and LayerNorm (rms: RMSNorm) of the rounded h over
+    the last dimension, in fp32 and then x's dtype. Returns (out, h)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    t = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
+    if p > 0:
+        if keep is None:
+            t = F.dropout(t, p, training=True)
+        else:
+            t = t * keep.to(acc) / (1 - p) if p < 1 else t * 0
+    h = (residual.to(acc) + t).to(residual_dtype or x.dtype)
+    if eps is None:  # rms_norm's default; layer_norm's is 1e-5
+        eps = torch.finfo(acc).eps if rms else 1e-5
+    hf = h.to(acc)
+    xc = hf if rms else hf - hf.mean(-1, keepdim=True)
+    out = xc * torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight.to(acc)
+    if norm_bias is not None:
+        out = out + norm_bias.to(acc)
+    return out.to(x.dtype), h
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# The native ops' argument checks (csrc/norm/norm_ops.cpp: check_add_args and the schemas' types), with the same
+# exception types and messages, for the reference that runs without them.
+def _check_add_args(op, x, bias, residual, weight, norm_bias, p, residual_dtype, eps, training):
+    for name, t, optional in (("x", x, False), ("bias", bias, True), ("residual", residual, False),
+                              ("weight", weight, True), ("norm_bias", norm_bias, True)):
+        if not isinstance(t, Tensor) and not (optional and t is None):
+            raise TypeError(f"{op}: {name} must be a Tensor{' or None' if optional else ''}, got {type(t).__name__}")
+    for name, v, types in (("p", p, (int, float)), ("eps", eps, (int, float, type(None))), ("training", training, bool),
+                           ("residual_dtype", residual_dtype, (torch.dtype, type(None)))):
+        if not isinstance(v, types) or (name != "training" and isinstance(v, bool)):
+            raise TypeError(f"{op}: {name} must be {'a dtype or None' if name == 'residual_dtype' else 'a number'}"
+                            f"{'' if name != 'training' else ' (bool)'}, got {type(v).__name__}")
+    if not x.is_floating_point():
+        raise RuntimeError(f"{op}: x must be a floating-point tensor (float32, float16 or bfloat16 for the fused "
+                           f"kernel), got {_name(x.dtype)}")
+    if x.dim() < 1:
+        raise RuntimeError(f"{op}: x must have at least one dimension (the normalized one)")
+    rdt = x.dtype if residual_dtype is None else residual_dtype
+    if rdt not in (x.dtype, torch.float32):
+        raise RuntimeError(f"{op}: residual_dtype must be x's dtype ({_name(x.dtype)}) or float32, got {_name(rdt)}")
+    if residual.shape != x.shape:
+        raise RuntimeError(f"{op}: residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
+    if residual.dtype not in (x.dtype, rdt):
+        raise RuntimeError(f"{op}: residual must be x's dtype ({_name(x.dtype)}) or residual_dtype ({_name(rdt)}), "
+                           f"got {_name(residual.dtype)}")
+    if not 0.0 <= p <= 1.0:
+        raise RuntimeError(f"{op}: p must be in [0, 1], got {p:f}")
+    hidden = x.shape[-1]
+    for name, t in (("bias", bias), ("weight", weight), ("norm_bias", norm_bias)):
+        if t is not None and list(t.shape) != [hidden]:
+            raise RuntimeError(f"{op}: {name} must have shape [{hidden}] (x's last dimension), got {list(t.shape)}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise RuntimeError(f"{op}: bias must have x's dtype ({_name(x.dtype)}), got {_name(bias.dtype)}")
+    for name, t in (("residual", residual), ("bias", bias), ("weight", weight), ("norm_bias", norm_bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    return rdt
+
+
+def _reference_op(op: str, rms: bool):
+    """The reference as the native op runs it (its arguments positionally, its checks), for builds without it."""
+
+    def call(x, bias, residual, weight, norm_bias, p, eps, training, residual_dtype):
+        if isinstance(x, Tensor):  # (not fx's Proxy)
+            rdt = _check_add_args(op, x, bias, residual, weight, norm_bias, p, residual_dtype, eps, training)
+        else:
+            rdt = residual_dtype
+        return add_norm_ref(x, residual, weight, norm_bias, eps, bias=bias, p=p if training else 0.0,
+                            residual_dtype=rdt, rms=rms)
+
+    return call
+
+
+_add_ln_ref, _add_rms_ref = _reference_op("add_layer_norm", False), _reference_op("add_rms_norm", True)
+_bdal_ref = _reference_op("bias_dropout_add_layer_norm", False)
+_bdar_ref = _reference_op("bias_dropout_add_rms_norm", True)
+_INSTEAD = "the PyTorch reference"
+_add_layer_norm = _native.public_op(
+    "add_layer_norm", lambda x, r, w=None, b=None, eps=1e-5, rdt=None: _add_ln_ref(x, None, r, w, b, 0.0, eps, False, rdt),
+    _INSTEAD)
+_add_rms_norm = _native.public_op(
+    "add_rms_norm", lambda x, r, w=None, eps=None, rdt=None: _add_rms_ref(x, None, r, w, None, 0.0, eps, False, rdt),
+    _INSTEAD)
+_bias_dropout_add_layer_norm = _native.public_op("bias_dropout_add_layer_norm", _bdal_ref, _INSTEAD)
+_bias_dropout_add_rms_norm = _native.public_op(
+    "bias_dropout_add_rms_norm",
+    lambda x, bias, r, w, p, eps=None, training=True, rdt=None: _bdar_ref(x, bias, r, w, None, p, eps, training, rdt),
+    _INSTEAD)
+
+
+def _check_x(op: str, x) -> None:
+    if not isinstance(x, Tensor) and not hasattr(x, "__torch_function__"):  # (fx's Proxy has it)
+        raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    residual_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor]:
+    """(layer_norm(h), h) with h = x + residual, in one pass: the pre-norm transformer's residual add and the
+    next norm (Ba et al. 2016, "Layer Normalization"; the fused form of flash-attention's and apex's
+    residual + LayerNorm kernels).
+
+    x: [..., H], float32 / float16 / bfloat16 (fused kernel on CUDA) or float64, any layout; normalized over the
+    last dimension. residual: x's shape, in x's dtype or residual_dtype. residual_dtype: the new residual's dtype,
+    None (x's) or torch.float32 (a float32 residual stream with 16-bit activations). The sum is computed in
+    float32 and rounded to residual_dtype; the norm reads the rounded value, so out = layer_norm(h) exactly as
+    the returned h holds it. weight / bias: [H] in x's dtype or float32, or None. Returns out in x's dtype and h
+    in residual_dtype. Differentiable in every tensor (the backward takes grads of both results), to any
+    order; dweight / dbias are deterministic. Autocast does not cast (the op keeps x's dtype).
+
+    Raises RuntimeError for a non-floating x, a 0-D x, a residual of another shape or dtype, a residual_dtype
+    other than x's or float32, parameters not [H], tensors on another device; TypeError for arguments of the
+    wrong type. CUDA inputs without a kernel (float64, H > 65536, other parameter dtypes) run the reference with
+    one UserWarning; without the native module the reference runs after the same checks.
+    """
+    _check_x("add_layer_norm", x)
+    return _add_layer_norm(x, residual, weight, bias, eps, residual_dtype)
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+    residual_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor]:
+    """(rms_norm(h), h) with h = x + residual, in one pass (Zhang & Sennrich 2019, "Root Mean Square Layer
+    Normalization"; the fused residual add of Llama-style blocks). eps=None: float32's machine epsilon for
+    float32 / float16 / bfloat16 x, as rms_norm. Otherwise as `add_layer_norm`, without bias.
+    """
+    _check_x("add_rms_norm", x)
+    return _add_rms_norm(x, residual, weight, eps, residual_dtype)
+
+
+def bias_dropout_add_layer_norm(
+    x: Tensor,
+    bias: Optional[Tensor],
+    residual: Tensor,
+    weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    p: float,
+    eps: float = 1e-5,
+    training: bool = True,
+    residual_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor]:
+    """(layer_norm(h), h) with h = residual + dropout(x + bias), in one pass: a sublayer's output bias, its
+    dropout, the residual add and the next LayerNorm (Megatron-LM's bias_dropout_add followed by the norm).
+
+    bias: [H] in x's dtype, or None. p: the probability of dropping an element, in [0, 1] (1: every element
+    dropped, h = residual); kept elements are scaled by 1 / (1 - p); with training=False or p = 0 there is no
+    dropout. The mask comes from a counter-based generator (Philox4x32-10, Salmon et al. 2011) keyed by the
+    seed and offset torch's CUDA generator hands out: the same for a fixed torch.manual_seed, CUDA-graph
+    capturable, and regenerated by the backward instead of stored. weight / norm_bias: the norm's parameters.
+    Otherwise as `add_layer_norm` (shapes, residual_dtype, results, errors; also RuntimeError for p outside
+    [0, 1]). The reference path (CPU, no kernel) draws its mask from torch's generator of x's device.
+    """
+    _check_x("bias_dropout_add_layer_norm", x)
+    return _bias_dropout_add_layer_norm(x, bias, residual, weight, norm_bias, p, eps, training, residual_dtype)
+
+
+def bias_dropout_add_rms_norm(
+    x: Tensor,
+    bias: Optional[Tensor],
+    residual: Tensor,
+    weight: Optional[Tensor],
+    p: float,
+    eps: Optional[float] = None,
+    training: bool = True,
+    residual_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor]:
+    """(rms_norm(h), h) with h = residual + dropout(x + bias), in one pass. As `bias_dropout_add_layer_norm`,
+    with RMSNorm (eps=None: float32's machine epsilon, as rms_norm)."""
+    _check_x("bias_dropout_add_rms_norm", x)
+    return _bias_dropout_add_rms_norm(x, bias, residual, weight, p, eps, training, residual_dtype)

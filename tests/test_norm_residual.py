@@ -1,0 +1,493 @@
+"""The add + norm ops (add_layer_norm, add_rms_norm, bias_dropout_add_layer_norm, bias_dropout_add_rms_norm) and
+their modules. CPU tests run the op layer (checks, autograd, the CPU kernels); `cuda` tests hold the fused kernels
+to the fp64 reference with a tolerance relative to PyTorch's own low-precision error on the same inputs."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedkernels.nn as fnn
+import fusedkernels.ops as fops
+from fusedkernels import _native
+from fusedkernels.ops.norm import add_norm_ref
+
+from .helpers import DEVICES, DTYPES, assert_close_to_ref, check_graph_replays, max_err, poison_allocator
+
+needs_native = pytest.mark.skipif(not _native.loaded, reason=f"native module not loaded: {_native.error}")
+
+# (rows, hidden): size 1, odd sizes (general path), 16-byte multiples (register path), past the add path's
+# register limit (20000 bf16: general path), the widest row.
+SHAPES = [(1, 1), (5, 7), (3, 1000), (37, 768), (64, 1024), (9, 4097), (300, 64)]
+CUDA_SHAPES = SHAPES + [(17, 4096), (3, 20000), (2, 65536)]
+KINDS = ["add_layer_norm", "add_rms_norm", "bias_dropout_add_layer_norm", "bias_dropout_add_rms_norm"]
+EPS = 1e-5
+
+
+def _rms(kind):
+    return "rms" in kind
+
+
+def _inputs(rows, hidden, dtype, device, residual_dtype=None, param_dtype=None):
+    """x, residual (in residual_dtype, else x's), weight, norm bias, bias: fresh, not centred, never zeros."""
+    x = (torch.randn(rows, hidden, device=device) + 0.3).to(dtype)
+    residual = (torch.randn(rows, hidden, device=device) * 2 + 0.5).to(residual_dtype or dtype)
+    pd = param_dtype or dtype
+    w = (torch.rand(hidden, device=device) + 0.5).to(pd)
+    nb = (torch.randn(hidden, device=device) * 0.1).to(pd)
+    b = (torch.randn(hidden, device=device) * 0.1).to(dtype)
+    return x, residual, w, nb, b
+
+
+def _call(kind, x, residual, w, nb, b, p=0.0, training=True, residual_dtype=None):
+    if kind == "add_layer_norm":
+        return fops.add_layer_norm(x, residual, w, nb, EPS, residual_dtype)
+    if kind == "add_rms_norm":
+        return fops.add_rms_norm(x, residual, w, EPS, residual_dtype)
+    if kind == "bias_dropout_add_layer_norm":
+        return fops.bias_dropout_add_layer_norm(x, b, residual, w, nb, p, EPS, training, residual_dtype)
+    return fops.bias_dropout_add_rms_norm(x, b, residual, w, p, EPS, training, residual_dtype)
+
+
+def _leaves(kind, x, residual, w, nb, b):
+    """The differentiable inputs of `kind` (weight / biases only where it takes them)."""
+    names = ["x", "residual", "weight"] + ([] if _rms(kind) else ["norm_bias"]) + (["bias"] if "bias_" in kind else [])
+    values = {"x": x, "residual": residual, "weight": w, "norm_bias": nb, "bias": b}
+    return names, [values[n].detach().clone().requires_grad_() for n in names]
+
+
+def _run(kind, fn, x, residual, w, nb, b, dy, dres):
+    """(out, h) and the grads of the leaves, through fn(kind, x, residual, w, nb, b)."""
+    names, leaves = _leaves(kind, x, residual, w, nb, b)
+    given = dict(zip(names, leaves))
+    out, h = fn(kind, given["x"], given["residual"], given["weight"], given.get("norm_bias"), given.get("bias"))
+    grads = torch.autograd.grad([out, h], leaves, [dy, dres])
+    return [out.detach(), h.detach()] + list(grads), ["out", "h"] + ["d" + n for n in names]
+
+
+def _torch_chain(residual_dtype, keep=None, p=0.0):
+    """The unfused chain in the inputs' own dtypes, as a model writes it: PyTorch's error on it is the yardstick."""
+
+    def fn(kind, x, residual, w, nb, b):
+        t = x + b if b is not None and "bias_" in kind else x
+        if keep is not None:
+            t = t * keep.to(t.dtype) / (1 - p) if p < 1 else t * 0
+        h = residual + t if residual_dtype is None else residual.to(residual_dtype) + t.to(residual_dtype)
+        hn = h.to(x.dtype) if h.dtype != x.dtype and x.dtype != torch.float64 else h
+        wn = w.to(hn.dtype)
+        out = F.rms_norm(hn, (x.shape[-1],), wn, EPS) if _rms(kind) else F.layer_norm(
+            hn, (x.shape[-1],), wn, nb.to(hn.dtype), EPS)
+        return out.to(x.dtype), h
+
+    return fn
+
+
+def _fp64_reference(residual_dtype, keep=None, p=0.0):
+    """fp64 arithmetic; h rounded to residual_dtype as the op rounds it, so out is the norm of what h holds."""
+
+    def fn(kind, x, residual, w, nb, b):
+        bias = b if "bias_" in kind else None
+        t = x.double() + (bias.double() if bias is not None else 0)
+        if keep is not None:
+            t = t * keep.double() / (1 - p) if p < 1 else t * 0
+        h64 = residual.double() + t
+        h = h64 + (h64.to(residual_dtype).double() - h64).detach()  # rounded value, fp64 gradient
+        out = F.rms_norm(h, (x.shape[-1],), w.double(), EPS) if _rms(kind) else F.layer_norm(
+            h, (x.shape[-1],), w.double(), nb.double(), EPS)
+        return out, h
+
+    return fn
+
+
+def _check_against_reference(kind, x, residual, w, nb, b, rdt, keep=None, p=0.0, training=True, seed=None):
+    """seed: set right before the op runs (the one the mask `keep` was read with)."""
+    dy, dres = torch.randn_like(x), torch.randn_like(residual.to(rdt))
+    ref, names = _run(kind, _fp64_reference(rdt, keep, p), x, residual, w, nb, b, dy, dres)
+    lowp, _ = _run(kind, _torch_chain(None if rdt == x.dtype else rdt, keep, p), x, residual, w, nb, b, dy, dres)
+    poison_allocator(x, x, residual, residual)
+
+    def ours(kind, x, residual, w, nb, b):
+        return _call(kind, x, residual, w, nb, b, p, training, None if rdt == x.dtype else rdt)
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    got, _ = _run(kind, ours, x, residual, w, nb, b, dy, dres)
+    assert got[0].dtype == x.dtype and got[1].dtype == rdt
+    for name, o, r, t in zip(names, got, ref, lowp):
+        # parameter grads sum over rows: allow for the fp32 accumulation order over many rows too; a row of one
+        # element has rstd = 1 / sqrt(eps), which magnifies fp32 rounding (torch's error there is 0 by structure)
+        floor = 1e-5 if name in ("dweight", "dnorm_bias", "dbias") or x.shape[-1] == 1 else 1e-6
+        floor *= 3 if x.shape[-1] == 1 else 1
+        assert_close_to_ref(o.double(), r.to(o.dtype).double() if name == "h" else r, t.double(), name, floor=floor)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden", SHAPES)
+@pytest.mark.parametrize("kind", ["add_layer_norm", "add_rms_norm"])
+@pytest.mark.parametrize("fp32_residual", [False, True], ids=["residual_like_x", "fp32_residual"])
+def test_add_norm_matches_reference(device, dtype, rows, hidden, kind, fp32_residual):
+    if fp32_residual and dtype == torch.float32:
+        pytest.skip("the same as residual_like_x")
+    rdt = torch.float32 if fp32_residual else dtype
+    _check_against_reference(kind, *_inputs(rows, hidden, dtype, device, rdt), rdt)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden", CUDA_SHAPES[len(SHAPES):])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fp32_residual", [False, True], ids=["residual_like_x", "fp32_residual"])
+def test_kernel_wide_rows_match_reference(dtype, rows, hidden, kind, fp32_residual):
+    rdt = torch.float32 if fp32_residual else dtype
+    _check_against_reference(kind, *_inputs(rows, hidden, dtype, "cuda", rdt), rdt, p=0.0)
+
+
+def _mask_of(kind, x, residual, w, nb, b, p, rdt):
+    """The keep mask the op draws: with a zero residual and no bias, h = dropout(x) is zero exactly where an
+    element was dropped (x has no zeros). Called right after seeding, as the op under test is."""
+    out, h = _call(kind, x, torch.zeros_like(residual), w, nb, None, p, True, rdt)
+    assert (x != 0).all()
+    return h != 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,hidden", [(5, 7), (37, 768), (4, 1031)])
+@pytest.mark.parametrize("kind", ["bias_dropout_add_layer_norm", "bias_dropout_add_rms_norm"])
+def test_bias_dropout_add_matches_reference_with_its_mask(device, dtype, rows, hidden, kind):
+    """Forward and every grad against the reference given the mask the op drew (the same seed, so the same mask:
+    its counters are the element's row and column)."""
+    p = 0.1
+    rdt = torch.float32 if dtype != torch.float32 and hidden == 768 else dtype
+    x, residual, w, nb, b = _inputs(rows, hidden, dtype, device, rdt)
+    torch.manual_seed(7)
+    keep = _mask_of(kind, x, residual, w, nb, b, p, None if rdt == dtype else rdt)
+    if x.numel() > 1000:
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.03
+    _check_against_reference(kind, x, residual, w, nb, b, rdt, keep, p, seed=7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hidden", [7, 1024])
+def test_p_1_drops_everything(device, hidden):
+    """p = 1: h is the residual, out its norm, and nothing reaches x or the bias (no 0 * inf)."""
+    x, residual, w, nb, b = (t.requires_grad_() for t in _inputs(6, hidden, torch.bfloat16, device))
+    out, h = fops.bias_dropout_add_layer_norm(x, b, residual, w, nb, 1.0)
+    assert torch.equal(h, residual)
+    assert max_err(out, F.layer_norm(residual.double(), (hidden,), w.double(), nb.double())) < 2e-2
+    dx, db, dres = torch.autograd.grad([out, h], [x, b, residual], [torch.randn_like(out), torch.randn_like(h)])
+    assert torch.equal(dx, torch.zeros_like(x)) and torch.equal(db, torch.zeros_like(b))
+    assert torch.isfinite(dres).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["bias_dropout_add_layer_norm", "bias_dropout_add_rms_norm"])
+def test_no_dropout_when_p_is_0_or_not_training(device, kind):
+    x, residual, w, nb, b = _inputs(13, 96, torch.bfloat16, device)
+    for p, training in ((0.0, True), (0.3, False)):
+        _check_against_reference(kind, x, residual, w, nb, b, torch.bfloat16, None, p, training)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [7, 1024, 4097])
+def test_backward_regenerates_the_forward_mask(device, dtype, hidden):
+    """The gradient reaching x through the new residual alone is mask * g / (1 - p), with the mask the forward
+    drew (read off h = dropout(x) with a zero residual): regenerated from the seed and offset, not stored."""
+    p = 0.25
+    x = (torch.randn(33, hidden, device=device) + 0.3).to(dtype).requires_grad_()
+    out, h = fops.bias_dropout_add_layer_norm(x, None, torch.zeros_like(x), None, None, p)
+    keep = h != 0
+    g = torch.randn_like(h)
+    (dx,) = torch.autograd.grad(h, x, g)
+    want = torch.where(keep, g.double() / (1 - p), 0.0)
+    assert torch.equal(dx != 0, keep)
+    assert max_err(dx, want) <= torch.finfo(dtype).eps * want.abs().max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_is_reproducible_for_a_seed(device):
+    x, residual, w, nb, b = _inputs(64, 256, torch.bfloat16, device)
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        runs.append(fops.bias_dropout_add_rms_norm(x, b, residual, w, 0.5)[1])
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    again = fops.bias_dropout_add_rms_norm(x, b, residual, w, 0.5)[1]  # the generator moved on: a new mask
+    assert not torch.equal(again, runs[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_one_result_has_a_grad(device):
+    """The backward takes the grads of both results, either of which may be absent."""
+    x, residual, w, nb, b = _inputs(6, 40, torch.float32, device)
+    leaves = [t.clone().requires_grad_() for t in (x, residual, w, nb)]
+    out, h = fops.add_layer_norm(*leaves)
+    dx, dres, dw, dnb = torch.autograd.grad(h, leaves, torch.ones_like(h), allow_unused=True)
+    assert torch.equal(dx, torch.ones_like(x)) and torch.equal(dres, torch.ones_like(x))
+    assert dw is None and dnb is None
+    out, h = fops.add_layer_norm(*leaves)
+    dy = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, dy)
+    want = torch.autograd.grad(F.layer_norm(leaves[0] + leaves[1], (40,), leaves[2], leaves[3]), leaves, dy)
+    for a, c in zip(got, want):
+        assert max_err(a, c) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_residual_of_x_dtype_into_a_float32_stream(device):
+    """residual_dtype=float32 with a residual of x's dtype (the first layer's): converted, its grad in its dtype."""
+    x, residual, w, nb, b = _inputs(7, 64, torch.bfloat16, device)
+    r = residual.clone().requires_grad_()
+    out, h = fops.add_rms_norm(x, r, w, None, torch.float32)
+    assert h.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert max_err(h, x.double() + residual.double()) <= 1e-6 * h.abs().max().item()
+    h.sum().backward()
+    assert r.grad.dtype == torch.bfloat16 and torch.equal(r.grad, torch.ones_like(r))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_rows(device, kind):
+    x, residual, w, nb, b = (t.requires_grad_() for t in _inputs(0, 64, torch.float32, device))
+    out, h = _call(kind, x, residual, w, nb, b, 0.1)
+    assert out.shape == h.shape == (0, 64)
+    (out.sum() + h.sum()).backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    if not _native.loaded:
+        pytest.skip("needs the custom op")
+    x, residual, w, nb, b = (t.requires_grad_() for t in _inputs(13, 96, torch.bfloat16, device, torch.float32,
+                                                                  torch.float32))
+    ops = torch.ops.fusedkernels
+    torch.library.opcheck(ops.add_layer_norm, (x, residual, w, nb, 1e-5, torch.float32))
+    torch.library.opcheck(ops.add_rms_norm, (x, residual.detach().bfloat16(), None, None, None))
+    torch.library.opcheck(ops.bias_dropout_add_layer_norm, (x, b.bfloat16(), residual, w, nb, 0.2, 1e-5, False,
+                                                             torch.float32))
+    xd, rd, wd = x.detach(), residual.detach(), w.detach()
+    for p, rms in ((0.0, False), (0.0, True)):
+        torch.library.opcheck(ops.add_norm_fwd, (x, residual, b.bfloat16(), w, None if rms else nb, 1e-5, p,
+                                                 torch.float32, rms))
+        out, h, mean, rstd, rng = ops.add_norm_fwd(xd, rd, None, wd, None, 1e-5, p, torch.float32, rms)
+        for mask in ([True, True, False, True, False], [True, False, True, False, False]):
+            torch.library.opcheck(ops.add_norm_bwd, (torch.randn_like(out), torch.randn_like(h), h, wd, None, mean,
+                                                     rstd, rng, 1e-5, p, torch.bfloat16, rms, mask))
+        torch.library.opcheck(ops.add_norm_bwd, (None, torch.randn_like(h), h, wd, None, mean, rstd, rng, 1e-5, p,
+                                                 torch.bfloat16, rms, [True, True, False, True, False]))
+    # dropout: the results are random, so the schema and the fake tensors only
+    torch.library.opcheck(ops.add_norm_fwd, (x, residual, None, w, nb, 1e-5, 0.3, torch.float32, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_matches_eager(device):
+    add_ln = fnn.FusedAddLayerNorm(64, device=device)
+    bda_rms = fnn.FusedBiasDropoutAddRMSNorm(64, p=0.1, device=device, residual_dtype=torch.float32).eval()
+    lin = torch.nn.Linear(64, 64, device=device)
+
+    def block(x, residual):
+        y, residual = add_ln(lin(x), residual)
+        y, residual = bda_rms(y, lin.bias, residual)
+        return y * residual
+
+    x = torch.randn(3, 11, 64, device=device, requires_grad=True)
+    residual = torch.randn(3, 11, 64, device=device)
+    eager = block(x, residual)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x, residual)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert max_err(out, eager) <= 1e-5 * eager.abs().max().item()
+    assert max_err(grad, eager_grad) <= 1e-5 * eager_grad.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_and_gradgradcheck_float64(kind):
+    """float64 CPU inputs through the op's autograd and CPU kernels; second derivatives through the
+    differentiable backward (dropout off: gradcheck needs one function)."""
+    x, residual, w, nb, b = _inputs(3, 10, torch.float64, "cpu")
+    names, leaves = _leaves(kind, x, residual, w, nb, b)
+
+    def fn(*args):
+        given = dict(zip(names, args))
+        out, h = _call(kind, given["x"], given["residual"], given["weight"], given.get("norm_bias"),
+                       given.get("bias"), 0.3, False)
+        return out, h * h
+
+    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_second_derivatives_with_dropout_use_the_forward_mask(device):
+    """create_graph=True with dropout: the differentiable backward rebuilds the forward's mask."""
+    x, residual, w, nb, b = _inputs(4, 24, torch.float32, device)
+    torch.manual_seed(5)
+    keep = _mask_of("bias_dropout_add_layer_norm", x, residual, w, nb, b, 0.5, None)
+
+    def second(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, residual, w)]
+        out, h = fn(*leaves)
+        first = torch.autograd.grad(out.square().sum() + h.square().sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in first), leaves)
+
+    torch.manual_seed(5)
+    got = second(lambda x, r, w: fops.bias_dropout_add_layer_norm(x, b, r, w, nb, 0.5))
+    want = second(lambda x, r, w: add_norm_ref(x.double(), r.double(), w.double(), nb.double(), EPS, bias=b.double(),
+                                               p=0.5, keep=keep))
+    for o, r in zip(got, want):
+        assert max_err(o, r) <= 1e-4 * max(r.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_clear_errors(device):
+    x, residual, w, nb, b = _inputs(4, 16, torch.float32, device)
+    cases = [
+        (lambda: fops.add_layer_norm(x.int(), residual), RuntimeError, "x must be a floating-point tensor"),
+        (lambda: fops.add_layer_norm(x, residual[:, :8]), RuntimeError, "residual must have x's shape"),
+        (lambda: fops.add_rms_norm(x, residual, w[:8]), RuntimeError, "weight must have shape \\[16\\]"),
+        (lambda: fops.add_rms_norm(x.half(), residual, None, None, torch.bfloat16), RuntimeError,
+         "residual_dtype must be x's dtype"),
+        (lambda: fops.add_rms_norm(x.half(), residual), RuntimeError, "residual must be x's dtype \\(float16\\)"),
+        (lambda: fops.bias_dropout_add_layer_norm(x, b, residual, w, nb, 1.5), RuntimeError, "p must be in"),
+        (lambda: fops.bias_dropout_add_rms_norm(x, b.half(), residual, w, 0.1), RuntimeError,
+         "bias must have x's dtype"),
+        (lambda: fops.add_layer_norm([1.0], residual), TypeError, "must be a Tensor"),
+        (lambda: fops.bias_dropout_add_rms_norm(x, b, residual, w, "0.1"), TypeError, "p"),
+        (lambda: fops.add_rms_norm(x, residual, w, None, "float32"), TypeError, "residual_dtype"),
+        (lambda: fnn.FusedAddLayerNorm((4, 4)), ValueError, "normalized_shape must be one size"),
+        (lambda: fnn.FusedBiasDropoutAddLayerNorm(16, p=2.0), ValueError, "p must be in"),
+    ]
+    if device == "cuda":
+        cases.append((lambda: fops.add_layer_norm(x, residual.cpu()), RuntimeError, "residual is on cpu but x is on"))
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["add_layer_norm", "bias_dropout_add_rms_norm"])
+def test_modules_load_torch_state_and_match_the_ops(device, kind):
+    torch_cls, ours_cls = {"add_layer_norm": (torch.nn.LayerNorm, fnn.FusedAddLayerNorm),
+                           "bias_dropout_add_rms_norm": (torch.nn.RMSNorm, fnn.FusedBiasDropoutAddRMSNorm)}[kind]
+    theirs = torch_cls(48, device=device)
+    with torch.no_grad():
+        for prm in theirs.parameters():
+            prm.copy_(torch.randn_like(prm))
+    ours = ours_cls(48, device=device)
+    ours.load_state_dict(theirs.state_dict())
+    back = torch_cls(48, device=device)
+    back.load_state_dict(ours.state_dict())
+    assert isinstance(ours, torch_cls)
+    x, residual, _, _, b = _inputs(5, 48, torch.float32, device)
+    ours.eval()
+    args = (x, residual) if kind == "add_layer_norm" else (x, b, residual)
+    out, h = ours(*args)
+    want_h = x + residual if kind == "add_layer_norm" else x + b + residual
+    assert max_err(h, want_h) < 1e-6
+    assert max_err(out, theirs(want_h)) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_dropout_follows_training_mode(device):
+    m = fnn.FusedBiasDropoutAddLayerNorm(256, p=0.5, device=device)
+    x, residual, _, _, b = _inputs(16, 256, torch.float32, device)
+    h_train = m(x, b, residual)[1]
+    h_eval = m.eval()(x, b, residual)[1]
+    assert max_err(h_eval, x + b + residual) < 1e-6
+    dropped = (h_train - residual).abs() < 1e-6
+    assert 0.4 < dropped.float().mean().item() < 0.6
+
+
+def test_without_native_module_the_reference_runs_with_the_same_checks(monkeypatch):
+    """What a CPU-only install runs: the reference, after the native op's checks."""
+    from fusedkernels.ops import norm as norm_ops
+
+    monkeypatch.setattr(_native, "has_op", lambda name: False)
+    op = _native.public_op("bias_dropout_add_layer_norm", norm_ops._bdal_ref, "the PyTorch reference")
+    x, residual, w, nb, b = (t.requires_grad_() for t in _inputs(8, 32, torch.float32, "cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CPU tensors: no warning
+        out, h = op(x, b, residual, w, nb, 0.0, EPS, True, None)
+    want_out, want_h = add_norm_ref(x, residual, w, nb, EPS, bias=b)
+    assert max_err(out, want_out) == 0.0 and max_err(h, want_h) == 0.0
+    (out.sum() + h.sum()).backward()
+    assert x.grad is not None and b.grad is not None
+    with pytest.raises(RuntimeError, match="p must be in"):
+        op(x, b, residual, w, nb, -0.5, EPS, True, None)
+    with pytest.raises(RuntimeError, match="residual must have x's shape"):
+        op(x, b, residual[:4], w, nb, 0.0, EPS, True, None)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_kernel_cuda_graph_capture_with_dropout():
+    """Forward and backward captured in a graph; each replay equals an eager run from the generator state the
+    replay started at (the captured call reads the seed and offset at replay time), and draws a new mask."""
+    shape = (64, 1024)
+    static = [t.requires_grad_() for t in _inputs(*shape, torch.bfloat16, "cuda", torch.float32)[:3]]
+    bias = (torch.randn(shape[1], device="cuda") * 0.1).bfloat16()
+    dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+
+    def step(x, residual, w):
+        out, h = fops.bias_dropout_add_layer_norm(x, bias, residual, w, None, 0.1, EPS, True, torch.float32)
+        return [out, h, *torch.autograd.grad([out, h], (x, residual, w), [dy, torch.ones_like(h)])]
+
+    check_graph_replays(step, static, lambda: _inputs(*shape, torch.bfloat16, "cuda", torch.float32)[:3],
+                        ["out", "h", "dx", "dresidual", "dweight"], ulps=0)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("hidden", [1024, 4097])
+def test_kernel_parameter_grads_are_deterministic(hidden):
+    x, residual, w, nb, b = _inputs(3000, hidden, torch.bfloat16, "cuda", torch.float32)
+    dy, dres = torch.randn_like(x), torch.randn_like(residual)
+
+    def grads():
+        torch.manual_seed(1)
+        return _run("bias_dropout_add_layer_norm",
+                    lambda k, *a: _call(k, *a, p=0.1, residual_dtype=torch.float32), x, residual, w, nb, b, dy,
+                    dres)[0]
+
+    first = grads()
+    for _ in range(2):
+        for a, c in zip(first, grads()):
+            assert torch.equal(a, c)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_kernel_inputs_without_a_kernel_run_the_reference_with_one_warning():
+    for x in (torch.randn(3, 70001, device="cuda"), torch.randn(5, 33, device="cuda", dtype=torch.float64)):
+        residual = torch.randn_like(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, h = fops.add_rms_norm(x, residual, None, EPS)
+            fops.add_rms_norm(x, residual, None, EPS)
+        assert len([w for w in caught if "instead" in str(w.message)]) <= 1
+        assert max_err(out, F.rms_norm((x + residual).double(), (x.shape[-1],), None, EPS)) < 1e-5
+
+
+@pytest.mark.cuda
+@needs_native
+def test_kernel_statistics_and_raw_op_checks():
+    x, residual, w, nb, b = _inputs(41, 520, torch.bfloat16, "cuda", torch.float32)
+    out, h, mean, rstd, rng = torch.ops.fusedkernels.add_norm_fwd(x, residual, None, w, nb, 1e-5, 0.0, torch.float32,
+                                                                  False)
+    hd = h.double()
+    assert mean.dtype == rstd.dtype == torch.float32 and rng.numel() == 0
+    assert max_err(mean, hd.mean(-1)) < 1e-5
+    assert max_err(rstd, torch.rsqrt(hd.var(-1, unbiased=False) + 1e-5)) < 1e-4 * rstd.abs().max().item()
+    with pytest.raises(TypeError, match="residual must be float32"):
+        torch.ops.fusedkernels.add_norm_fwd(x, residual.bfloat16(), None, w, nb, 1e-5, 0.0, torch.float32, False)
+    with pytest.raises(ValueError, match="rng_state must be the forward's"):
+        torch.ops.fusedkernels.add_norm_bwd(None, h, h, w, nb, mean, rstd, rng, 1e-5, 0.1, torch.bfloat16, False,
+                                            [True, True, False, False, False])
