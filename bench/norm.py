@@ -78,19 +78,21 @@ def _residual_rows(tokens, hidden, xs, dys, w, b) -> list[Row]:
     dhs = [torch.randn_like(x) for x in xs]
     bias = torch.randn(hidden, device="cuda", dtype=DTYPE) * 0.1
     for kind in ("add_rms_norm", "add_layer_norm", "bias_dropout_add_layer_norm"):
-        params = [w] if kind == "add_rms_norm" else [w, b]
+        # (bias, weight, norm bias) as each kind takes them; the ones given get grads
+        params = {"add_rms_norm": (None, w, None), "add_layer_norm": (None, w, b)}.get(kind, (bias, w, b))
         for impl, fn in _residual_impls(kind, hidden).items():
             def fwd(i, fn=fn):
                 with torch.no_grad():
                     return fn(xs[i], bias, residuals[i], w, b)
 
-            leaves = [t.detach().requires_grad_() for t in params]
+            leaves = [t.detach().requires_grad_() if t is not None else None for t in params]
             xs_grad = [x.detach().requires_grad_() for x in xs]
             rs_grad = [r.detach().requires_grad_() for r in residuals]
 
             def fwd_bwd(i, fn=fn, leaves=leaves, xs_grad=xs_grad, rs_grad=rs_grad):
-                out, h = fn(xs_grad[i], bias, rs_grad[i], leaves[0], leaves[1] if len(leaves) > 1 else None)
-                return torch.autograd.grad([out, h], [xs_grad[i], rs_grad[i], *leaves], [dys[i], dhs[i]])
+                out, h = fn(xs_grad[i], leaves[0], rs_grad[i], leaves[1], leaves[2])
+                wrt = [xs_grad[i], rs_grad[i], *(t for t in leaves if t is not None)]
+                return torch.autograd.grad([out, h], wrt, [dys[i], dhs[i]])
 
             for direction, call, units in (("fwd", fwd, 4), ("fwd+bwd", fwd_bwd, 9)):
                 ms = time_graph(call, len(xs))
