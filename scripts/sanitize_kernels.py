@@ -32,6 +32,14 @@ if "norm" in FAMILIES:
                 b = torch.randn(hidden, device="cuda", dtype=param_dtype, requires_grad=True)
                 for y in (ops.layer_norm(x, (hidden,), w, b), ops.rms_norm(x, (hidden,), w)):
                     torch.autograd.grad(y, [x, w], torch.randn_like(y))
+                # add + norm: both residual dtypes, dropout, the dropout bias's grad, a missing grad of out
+                for residual_dtype in {dtype, torch.float32}:
+                    r = torch.randn(rows, hidden, device="cuda", dtype=residual_dtype, requires_grad=True)
+                    xb = torch.randn(hidden, device="cuda", dtype=dtype, requires_grad=True)
+                    out, h = ops.bias_dropout_add_layer_norm(x, xb, r, w, b, 0.1, residual_dtype=residual_dtype)
+                    torch.autograd.grad([out, h], [x, r, xb, w, b], [torch.randn_like(out), torch.randn_like(h)])
+                    out, h = ops.add_rms_norm(x, r, w, residual_dtype=residual_dtype)
+                    torch.autograd.grad(h, [x, r], torch.randn_like(h))
     torch.cuda.synchronize()
     print("sanitize_kernels: ran all norm paths")
 
