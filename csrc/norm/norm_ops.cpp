@@ -794,7 +794,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cpu(const Tensor
   }
   const Tensor h = residual_sum_reference(x, residual, bias, keep_scale, residual_dtype);
   auto [y, mean, rstd] = norm_of_rows(h, weight, norm_bias, eps, rms);
-  return {y.to(x.scalar_type()), h, mean, rstd, rng_state};
+  const auto acc = opmath_dtype(x.scalar_type());  // (a float32 h of float64 x: statistics as the meta kernel's)
+  return {y.to(x.scalar_type()), h, mean.to(acc), rstd.to(acc), rng_state};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
