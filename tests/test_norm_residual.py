@@ -193,7 +193,8 @@ def test_no_dropout_when_p_is_0_or_not_training(device, kind):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("hidden", [7, 1024, 4097])
+# 12288 (16-bit): the forward's register path, the backward's general one: both must draw the same mask
+@pytest.mark.parametrize("hidden", [7, 1024, 4097, pytest.param(12288, marks=pytest.mark.cuda)])
 def test_backward_regenerates_the_forward_mask(device, dtype, hidden):
     """The gradient reaching x through the new residual alone is mask * g / (1 - p), with the mask the forward
     drew (read off h = dropout(x) with a zero residual): regenerated from the seed and offset, not stored."""
