@@ -1,8 +1,9 @@
 // Split-K's second pass: z = Σ_s workspace[s] + bias, out = act(z) (* up) (+ residual; act(z + residual) when
-// residual_before_activation), pre_activation = z, from the fp32 partial sums of x W^T the GEMM wrote over p.split_k slices of K (workspace [split_k, m, n],
-// gated [split_k, m, 2n]: the gate's n columns, then the up projection's, as the bias and the pre-activation
-// have them). The same arithmetic as the fused epilogue: z rounded to T, the activation applied to the rounded
-// value, one rounding of the output. One thread per 8 consecutive output columns.
+// residual_before_activation), pre_activation = z, from the fp32 partial sums of x W^T the GEMM wrote over
+// p.split_k slices of K (workspace [split_k, m, n], gated [split_k, m, 2n]: the gate's n columns, then the up
+// projection's, as the bias and the pre-activation have them). The same arithmetic as the fused epilogue: z
+// rounded to T, the activation applied to the rounded value, one rounding of the output. One thread per 8
+// consecutive output columns.
 #pragma once
 
 #include "common/device/vec.cuh"
