@@ -47,6 +47,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from unittest import mock
 from typing import Callable, Optional
 
 import torch
@@ -388,7 +389,7 @@ def _run_ours(case: Case, rec: _Recorder, sets, n_sets, bias, ours_ok: bool, our
     fn, layout_sets = fns[layout]
     rec.measure(case, "fwd+bwd", OURS, _calls(fn, layout_sets)["fwd+bwd"], n_sets, layout=_layout_name(layout))
     if not case.bias:  # the mma.sync kernels, which Hopper kernels replace where they exist
-        with _portable_kernels():
+        with mock.patch.dict(os.environ, {PORTABLE_ENV: "portable"}):  # the kernel is chosen per call
             calls = _calls(fn, layout_sets)
             for direction in ("fwd", "fwd+bwd"):
                 rec.measure(case, direction, PORTABLE, calls[direction], n_sets, layout=_layout_name(layout))
@@ -400,20 +401,6 @@ def _run_ours(case: Case, rec: _Recorder, sets, n_sets, bias, ours_ok: bool, our
             ours = next((r for r in rec.rows if r.impl == OURS and r.case == case.name(direction)), None)
             if row is not None and ours is not None and ours.ms is not None:
                 ours.extra["vs_nobias"] = round(row.ms / ours.ms, 3)  # the bias's cost: >= 0.8 wanted
-
-
-class _portable_kernels:
-    """FUSEDKERNELS_ATTENTION_KERNEL=portable while the rows are captured (the kernel choice is made per call)."""
-
-    def __enter__(self):
-        self.old = os.environ.get(PORTABLE_ENV)
-        os.environ[PORTABLE_ENV] = "portable"
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop(PORTABLE_ENV, None)
-        else:
-            os.environ[PORTABLE_ENV] = self.old
 
 
 def _layout_name(layout: str) -> str:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from unittest import mock
 from typing import Callable
 
 import torch
@@ -293,7 +294,7 @@ def _run_case(case: Case, rows: list, matmul: float, ours_ok: bool, ours_why: st
             _skipped(rows, case, impl, ours_why)
             continue
         if impl == PORTABLE:
-            with _portable_kernel():
+            with mock.patch.dict(os.environ, {PORTABLE_ENV: "portable"}):  # the kernel is chosen per call
                 _measure(rows, case, impl, _impl(case, impl), sets, matmul)
             continue
         _measure(rows, case, impl, _impl(case, impl), sets, matmul)
@@ -305,20 +306,6 @@ def _run_case(case: Case, rows: list, matmul: float, ours_ok: bool, ours_why: st
                     mine.extra[key] = round(timed[base].ms / mine.ms, 3)
     del sets
     common.free_cuda()
-
-
-class _portable_kernel:
-    """FUSEDKERNELS_GEMM_KERNEL=portable while a row is probed and captured (the kernel choice is made per call)."""
-
-    def __enter__(self):
-        self.old = os.environ.get(PORTABLE_ENV)
-        os.environ[PORTABLE_ENV] = "portable"
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop(PORTABLE_ENV, None)
-        else:
-            os.environ[PORTABLE_ENV] = self.old
 
 
 def run() -> list[Row]:

@@ -52,6 +52,9 @@ using AttentionVarlen = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
 constexpr char kLinearAct[] = "fusedkernels::linear_act";
 constexpr char kLinearGated[] = "fusedkernels::linear_gated";
 using LinearAct = Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, const OptTensor&);
+constexpr char kConv2dBiasRelu[] = "fusedkernels::conv2d_bias_relu";
+using Conv2dBiasRelu = Tensor(const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
+                              at::IntArrayRef, const OptTensor&);
 
 template <typename Signature, const char* kName>
 PyCFunction fast() {
@@ -71,6 +74,8 @@ PyMethodDef methods[] = {
     {"linear_act", fast<LinearAct, kLinearAct>(), METH_FASTCALL, "fusedkernels::linear_act, or NotImplemented"},
     {"linear_gated", fast<LinearAct, kLinearGated>(), METH_FASTCALL,
      "fusedkernels::linear_gated, or NotImplemented"},
+    {"conv2d_bias_relu", fast<Conv2dBiasRelu, kConv2dBiasRelu>(), METH_FASTCALL,
+     "fusedkernels::conv2d_bias_relu, or NotImplemented"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -1,8 +1,10 @@
 """Drop-in modules: same constructor arguments, parameters and state_dict as the torch modules they replace."""
 
 from .attention import FusedMultiheadAttention, FusedSelfAttention
+from .conv import FusedConv2dReLU, FusedConvBNReLU
 from .linear import FusedLinear
 from .mlp import FusedMLP
-from .norm import FusedLayerNorm, FusedRMSNorm
+from .norm import FusedCastRMSNorm, FusedLayerNorm, FusedRMSNorm
 
-__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention", "FusedLinear", "FusedMLP"]
+__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedCastRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention",
+           "FusedLinear", "FusedMLP", "FusedConv2dReLU", "FusedConvBNReLU"]

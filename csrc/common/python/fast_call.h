@@ -38,6 +38,10 @@ struct Parsed<c10::SymInt> {
   using type = int64_t;  // a plain int (a symbolic one, under torch.compile, goes through torch.ops)
 };
 template <>
+struct Parsed<c10::IntArrayRef> {
+  using type = std::vector<int64_t>;  // a schema's int[N]
+};
+template <>
 struct Parsed<c10::string_view> {
   using type = std::string;  // the op takes a view of it
 };
@@ -101,6 +105,27 @@ inline Parse parse(PyObject* o, std::vector<c10::SymInt>& out) {
     const Parse result = parse(items[i], v);
     if (result != Parse::kOk) return result;
     out.emplace_back(v);
+  }
+  return Parse::kOk;
+}
+
+// A schema's int[N]: a tuple or list of ints, or one int (the op expands it to N values, as torch.ops does).
+inline Parse parse(PyObject* o, std::vector<int64_t>& out) {
+  if (!PyTuple_Check(o) && !PyList_Check(o)) {
+    int64_t v = 0;
+    const Parse result = parse(o, v);
+    if (result == Parse::kOk) out.assign(1, v);
+    return result;
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+  PyObject** items = PySequence_Fast_ITEMS(o);
+  out.clear();
+  out.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    int64_t v = 0;
+    const Parse result = parse(items[i], v);
+    if (result != Parse::kOk) return result;
+    out.push_back(v);
   }
   return Parse::kOk;
 }

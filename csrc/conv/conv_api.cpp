@@ -1,0 +1,116 @@
+// CUDA kernel of fusedkernels::conv2d_bias_relu_fwd: check the tensors, fill Conv2dParams from channels_last (NHWC)
+// tensors, launch on the current stream. Where no kernel takes the call (conv::conv2d_supported says no) or the
+// tensors are not NHWC-dense, the reference runs instead, with one warning per reason. The public op, autograd and
+// the CPU / meta kernels are in conv_ops.cpp. Nothing here syncs or calls cudaMalloc: CUDA-graph capture safe.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common/torch/checks.h"
+#include "common/torch/ops.h"
+#include "conv/conv.h"
+
+namespace fusedkernels::conv {
+
+// Defined in conv_ops.cpp (it is also the CPU kernel): relu(F.conv2d(x, weight, bias, ...) + residual) in PyTorch
+// ops.
+at::Tensor conv2d_bias_relu_reference(const at::Tensor& x, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      const std::optional<at::Tensor>& residual);
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
+
+// The internal op's contract (the public op checks what a user passes, in torch's words; these guard the raw op):
+// CUDA fp16 / bf16 tensors of one dtype and device, x and weight 4-D with as many input channels, pairs of
+// positive strides and dilations and non-negative paddings, bias [C_out], residual the output's shape.
+void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                  const OptTensor& residual) {
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device().str());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+                   ": x must be float16 or bfloat16, got ", name_of(x.scalar_type()));
+  TORCH_CHECK_VALUE(x.dim() == 4 && weight.dim() == 4 && x.size(1) == weight.size(1), op,
+                    ": x must be [N, C_in, H, W] and weight [C_out, C_in, kh, kw], got ", shape(x), " and ",
+                    shape(weight));
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride[0] > 0 &&
+                        stride[1] > 0 && padding[0] >= 0 && padding[1] >= 0 && dilation[0] > 0 && dilation[1] > 0,
+                    op, ": stride, padding and dilation must be pairs, positive (padding: non-negative), got ",
+                    shape(stride), ", ", shape(padding), ", ", shape(dilation));
+  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
+                                std::pair{"residual", residual ? &*residual : nullptr}}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device().str(), " but x is on ",
+                      x.device().str());
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, ": ", name, " must be ", name_of(x.scalar_type()),
+                     " like x, got ", name_of(t->scalar_type()));
+  }
+  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)), op,
+                    ": bias must be [C_out], got ", shape(*bias));
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK_VALUE(x.size(2 + d) + 2 * padding[d] >= dilation[d] * (weight.size(2 + d) - 1) + 1, op,
+                      ": the padded input ", shape(x), " is smaller than the dilated kernel ", shape(weight));
+  }
+}
+
+Tensor conv2d_bias_relu_fwd_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, const OptTensor& residual) {
+  const char* op = "conv2d_bias_relu_fwd";
+  check_inputs(op, x, weight, bias, stride, padding, dilation, residual);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto reference = [&](const char* why) {
+    warn_fallback("conv2d_bias_relu", why, "the PyTorch reference (F.conv2d, + residual, relu)");
+    return conv2d_bias_relu_reference(x, weight, bias, stride, padding, dilation, residual).contiguous(kChannelsLast);
+  };
+  // (the public op routes empty convolutions and converts layouts before they get here; a direct call gets the same
+  // answers)
+  if (x.numel() == 0 || weight.numel() == 0) return reference("");
+  if (!x.is_contiguous(kChannelsLast) || !weight.is_contiguous(kChannelsLast) ||
+      (residual && !residual->is_contiguous(kChannelsLast))) {
+    return reference("x, weight or residual not channels_last (NHWC) has no fused kernel");
+  }
+  // bias: copied when strided (cheap next to the convolution)
+  const OptTensor b = !bias || bias->stride(0) == 1 ? bias : OptTensor(bias->contiguous());
+
+  Conv2dParams p;
+  p.dtype = to_dtype(x.scalar_type());
+  p.batch = x.size(0);
+  p.in_channels = x.size(1);
+  p.in_h = x.size(2);
+  p.in_w = x.size(3);
+  p.out_channels = weight.size(0);
+  p.kernel_h = static_cast<int>(weight.size(2));
+  p.kernel_w = static_cast<int>(weight.size(3));
+  p.stride_h = static_cast<int>(stride[0]);
+  p.stride_w = static_cast<int>(stride[1]);
+  p.pad_h = static_cast<int>(padding[0]);
+  p.pad_w = static_cast<int>(padding[1]);
+  p.dilation_h = static_cast<int>(dilation[0]);
+  p.dilation_w = static_cast<int>(dilation[1]);
+  p.out_h = (p.in_h + 2 * p.pad_h - p.dilation_h * (p.kernel_h - 1) - 1) / p.stride_h + 1;
+  p.out_w = (p.in_w + 2 * p.pad_w - p.dilation_w * (p.kernel_w - 1) - 1) / p.stride_w + 1;
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr();
+  p.bias = b ? b->data_ptr() : nullptr;
+  p.residual = residual ? residual->data_ptr() : nullptr;
+  p.relu = true;
+  // asked before out is allocated (a fresh allocation is 16-byte aligned, so out's pointer cannot change the answer)
+  if (!conv2d_supported(p)) {
+    return reference("no fused kernel takes this call on this GPU with this build (conv::conv2d_supported)");
+  }
+  Tensor out = at::empty({p.batch, p.out_channels, p.out_h, p.out_w}, x.options().memory_format(kChannelsLast));
+  p.out = out.data_ptr();
+  check_launch(conv2d(p, c10::cuda::getCurrentCUDAStream()), op);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) { m.impl("conv2d_bias_relu_fwd", &conv2d_bias_relu_fwd_cuda); }
+
+}  // namespace fusedkernels::conv

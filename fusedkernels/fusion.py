@@ -1,0 +1,505 @@
+"""fusedkernels.fuse(model): swaps fused modules in where they compute what the model's modules compute, each swap
+confirmed on a probe input first, and reports what it swapped, what it left and why. Patterns, probe and tolerance:
+docs/fuse.md.
+
+A pattern recognises modules by structure and proposes rewrites (`Rewrite`): the computation as the model runs it,
+candidate replacements sharing its parameters, and how to install one. fuse() probes the candidates in order and
+installs the first whose outputs and gradients match the original's within the original's own rounding error.
+Families add their patterns to `PATTERNS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .nn import FusedCastRMSNorm, FusedLayerNorm, FusedLinear, FusedMLP, FusedRMSNorm
+from .nn.mlp import _STRUCTURES, _to_layout_keys
+
+SWAPPED, LEFT, ALREADY_FUSED = "swapped", "left", "already fused"
+
+# Every module fuse() installs; met again, it is reported as already fused and not looked into.
+FUSED_TYPES = (FusedLayerNorm, FusedRMSNorm, FusedCastRMSNorm, FusedLinear, FusedMLP)
+
+# The probe's slack past twice the original's own error, relative to the output's scale: a few float32 ulps, as
+# every op here computes in float32 at least (a float64 original that computes in float32 inside is its own yardstick).
+PROBE_FLOOR = 32 * torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True)
+class FuseEntry:
+    """One line of the report. path: the module's name in the model ("" for the model itself); original: its class;
+    status: "swapped", "left" or "already fused"; fused: what was swapped in; reason: why it was left, or for a swap
+    what the caller should know (new parameter objects, warnings the probe raised)."""
+
+    path: str
+    original: str
+    status: str
+    fused: str = ""
+    reason: str = ""
+
+    def __str__(self) -> str:
+        where = self.path or "<model>"
+        if self.status == SWAPPED:
+            return f"swapped  {where}: {self.original} -> {self.fused}" + (f" ({self.reason})" if self.reason else "")
+        if self.status == ALREADY_FUSED:
+            return f"already  {where}: {self.original}"
+        return f"left     {where}: {self.original}: {self.reason}"
+
+
+@dataclass
+class FuseReport:
+    """What fuse() did, one entry per module (or Linear + activation pair) a pattern recognised, in model order."""
+
+    model: str
+    entries: List[FuseEntry] = field(default_factory=list)
+
+    @property
+    def swapped(self) -> List[FuseEntry]:
+        return [e for e in self.entries if e.status == SWAPPED]
+
+    @property
+    def left(self) -> List[FuseEntry]:
+        return [e for e in self.entries if e.status == LEFT]
+
+    @property
+    def already_fused(self) -> List[FuseEntry]:
+        return [e for e in self.entries if e.status == ALREADY_FUSED]
+
+    def __str__(self) -> str:
+        if not self.entries:
+            return f"fuse({self.model}): nothing to fuse (no module matched a pattern)"
+        head = (f"fuse({self.model}): {len(self.swapped)} swapped, {len(self.left)} left, "
+                f"{len(self.already_fused)} already fused")
+        return "\n".join([head, *(f"  {e}" for e in self.entries)])
+
+
+@dataclass
+class Candidate:
+    """A replacement to probe. module computes it (sharing the original's parameters, unless grads_as_original maps
+    its parameter gradients, keyed by its own names, to the original's names); install puts it in the model, or is
+    None for a computation recognised but not supported, which leaves the module with `note` as the reason."""
+
+    module: nn.Module
+    fused: str
+    install: Optional[Callable[[], None]]
+    note: str = ""
+    grads_as_original: Optional[Callable[[Dict[str, Tensor]], Dict[str, Tensor]]] = None
+
+
+@dataclass
+class Rewrite:
+    """A proposed swap at `path`. original runs the model's computation in the probe (the module, or the pair it
+    fuses); touched: the modules the swap removes or changes; keeps_hooks: the swap keeps the module object (a class
+    switch), so its hooks stay and see what they saw; replaces: the swap puts another object at `path`;
+    make_input(dtype, device, generator) gives a probe input; dtypes(param_dtype) the dtypes to probe."""
+
+    path: str
+    original: nn.Module
+    candidates: Sequence[Candidate]
+    touched: Sequence[nn.Module]
+    make_input: Callable[[torch.dtype, torch.device, torch.Generator], Tensor]
+    keeps_hooks: bool = False
+    replaces: bool = False
+    dtypes: Callable[[torch.dtype], Sequence[torch.dtype]] = lambda dtype: (dtype,)
+
+
+class Pattern:
+    """One kind of rewrite. match() returns None where the module is not of its structure (the next pattern is
+    tried), else the rewrites to probe and the entries for what it recognised but leaves."""
+
+    def match(self, path: str, module: nn.Module, model: "_Model", mlp: bool):
+        raise NotImplementedError
+
+
+def fuse(model: nn.Module, *, inference: bool = False, mlp: bool = False) -> FuseReport:
+    """Swaps fused modules into `model`, in place, where they compute what its modules compute, and returns a
+    FuseReport of what was swapped, what was left and why.
+
+    Patterns (docs/fuse.md): nn.LayerNorm and nn.RMSNorm (class switch to FusedLayerNorm / FusedRMSNorm); RMSNorms of
+    Hugging Face's form, recognised by structure (a 1-D `weight` and `variance_epsilon` or `eps`) and by the probe
+    (FusedCastRMSNorm; Gemma's (1 + weight) form is left: the norm op has no weight-offset option yet); nn.Linear
+    followed by nn.GELU / nn.ReLU / nn.SiLU in an nn.Sequential (FusedLinear, the activation's slot becomes
+    nn.Identity); with mlp=True also MLP blocks (FusedMLP.from_module). Each swap is confirmed first on a random
+    probe input in the module's dtype and device: outputs, and unless `inference`, the gradients of the input and the
+    parameters for one upstream gradient, within twice the original's own error against a float64 run of it.
+
+    Without mlp, no parameter, buffer or state_dict key changes: swapped modules hold the same Parameter objects,
+    so optimizers built before keep working. mlp=True replaces each MLP block's parameters by new ones (a copy;
+    gated: gate and up stacked into one): state_dict keys and values stay, optimizers must be created anew.
+    Training flags are kept; modules with hooks are left where a swap would change what the hooks see. A second call
+    swaps nothing and reports the fused modules as already fused.
+
+    inference: probe outputs only (no gradients); for models that will only run forward.
+
+    Raises TypeError when model is not an nn.Module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse: model must be a torch.nn.Module, got {type(model).__name__}")
+    return _Model(model, inference).run(mlp)
+
+
+class _Model:
+    """One fuse() walk: the model's parent links (a swap replaces a module wherever it is a child) and the report."""
+
+    def __init__(self, root: nn.Module, inference: bool) -> None:
+        self.root, self.inference = root, inference
+        self.parents: Dict[int, list] = defaultdict(list)
+        for module in root.modules():
+            for name, child in module._modules.items():
+                if child is not None:
+                    self.parents[id(child)].append((module, name))
+        self.order = {path: i for i, (path, _) in enumerate(root.named_modules())}
+        self.seen: set = set()
+        self.report = FuseReport(type(root).__name__)
+
+    def run(self, mlp: bool) -> FuseReport:
+        self._visit("", self.root, mlp)
+        # A container's pattern reports before its children are visited: list the entries in model order.
+        self.report.entries.sort(key=lambda e: self.order.get(e.path, len(self.order)))
+        return self.report
+
+    def replace(self, old: nn.Module, new: nn.Module) -> None:
+        for parent, name in self.parents[id(old)]:
+            setattr(parent, name, new)
+        self.seen.add(id(new))
+
+    def _visit(self, path: str, module: nn.Module, mlp: bool) -> None:
+        if id(module) in self.seen:
+            return
+        self.seen.add(id(module))
+        if isinstance(module, FUSED_TYPES):
+            self.report.entries.append(FuseEntry(path, type(module).__name__, ALREADY_FUSED))
+            return
+        for pattern in PATTERNS:
+            found = pattern.match(path, module, self, mlp)
+            if found is None:
+                continue
+            replaced = False
+            for item in found:
+                entry = item if isinstance(item, FuseEntry) else self._apply(item)
+                replaced |= entry.status == SWAPPED and isinstance(item, Rewrite) and item.replaces
+                self.report.entries.append(entry)
+            if replaced:
+                return
+            break
+        for name, child in module.named_children():
+            self._visit(f"{path}.{name}" if path else name, child, mlp)
+
+    def _apply(self, rewrite: Rewrite) -> FuseEntry:
+        """Checks, probes and installs one rewrite; the report's entry for it."""
+        name = type(rewrite.original).__name__ if len(rewrite.touched) == 1 or rewrite.replaces else " + ".join(
+            type(m).__name__ for m in rewrite.touched)
+
+        def left(reason: str) -> FuseEntry:
+            return FuseEntry(rewrite.path, name, LEFT, reason=reason)
+
+        if rewrite.replaces and not rewrite.path:
+            return left("the model itself: a replacement needs a parent module to go into")
+        for module in rewrite.touched:
+            if "forward" in module.__dict__:
+                return left("its forward is replaced on the instance (an accelerate-style hook), which a swap would "
+                            "bypass or drop")
+            if not rewrite.keeps_hooks and (module._forward_hooks or module._forward_pre_hooks
+                                            or module._backward_hooks or module._backward_pre_hooks):
+                return left("it has forward or backward hooks, which would not see what they saw after the swap")
+        params = [p for m in rewrite.touched for p in m.parameters(recurse=False)]
+        floating = [p for p in params if p.is_floating_point()]
+        if not floating or len(floating) != len(params):
+            return left("no floating-point parameters (or some not floating): the probe takes its dtype and device "
+                        "from them")
+        if any(p.is_meta for p in floating):
+            return left("parameters on the meta device: nothing to probe")
+        if len({p.device for p in floating}) != 1:
+            return left("parameters on several devices")
+        dtype, device = floating[0].dtype, floating[0].device
+        failures = []
+        for candidate in rewrite.candidates:
+            failure, notes = _probe(rewrite, candidate, rewrite.dtypes(dtype), device, self.inference)
+            if failure is not None:
+                failures.append(f"{candidate.fused}: {failure}")
+                continue
+            if candidate.install is None:
+                return left(candidate.note)
+            candidate.install()
+            return FuseEntry(rewrite.path, name, SWAPPED, candidate.fused, "; ".join(filter(None, [candidate.note,
+                                                                                                    *notes])))
+        return left("the probe found a difference: " + "; ".join(failures))
+
+
+# ------------------------------------------------------------------------------------------------
+# The probe
+# ------------------------------------------------------------------------------------------------
+
+
+def _call(module: nn.Module, x: Tensor):
+    """The module's own forward, without its hooks (a probe must not run the user's hooks)."""
+    return type(module).forward(module, x)
+
+
+def _max_err(a: Tensor, b: Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _compare(what: str, ours, orig, ref) -> Optional[str]:
+    if ours is None or orig is None:
+        return None if ours is None and orig is None else f"{what}: a gradient on one side only"
+    if ours.dtype != orig.dtype or ours.shape != orig.shape:
+        return f"{what}: {ours.dtype} {tuple(ours.shape)} where the original gives {orig.dtype} {tuple(orig.shape)}"
+    err, own = _max_err(ours, ref), _max_err(orig, ref)
+    bound = 2 * own + PROBE_FLOOR * max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
+    if not err <= bound:  # NaN fails too
+        return f"{what}: max error {err:.2e} > {bound:.2e} (the original's own error {own:.2e})"
+    return None
+
+
+def _run(module: nn.Module, params: Dict[str, Tensor], x: Tensor, dy, grad: bool):
+    """({"output": y, "input grad": dx, name: dparam, ...}, dy); dy: the upstream gradient, or a function drawing it
+    for the output."""
+    x = x.detach().clone().requires_grad_(grad)
+    with torch.enable_grad() if grad else torch.no_grad():
+        y = _call(module, x)
+    if not isinstance(y, Tensor):
+        raise TypeError(f"the forward returned a {type(y).__name__}, not a Tensor")
+    out = {"output": y.detach()}
+    if not grad:
+        return out, None
+    dy = dy(y) if callable(dy) else dy
+    grads = torch.autograd.grad(y, [x, *params.values()], dy, allow_unused=True)
+    out["input grad"] = grads[0]
+    out.update(zip(params, grads[1:]))
+    return out, dy
+
+
+def _probe(rewrite: Rewrite, candidate: Candidate, dtypes, device, inference: bool):
+    """(failure or None, notes): runs the original, its float64 copy and the candidate on the same random inputs (and
+    upstream gradients), in each of dtypes, with autocast off. A dtype the original itself raises on is skipped,
+    except the first."""
+    original = rewrite.original
+    try:
+        reference = copy.deepcopy(original).to(torch.float64)
+    except Exception as e:  # noqa: BLE001 - an uncopyable module is left with the reason
+        return f"the module could not be copied for the float64 reference ({type(e).__name__}: {e})", []
+    grad = not inference
+    orig_params = {n: p for n, p in original.named_parameters() if p.requires_grad} if grad else {}
+    ref_params = {n: p for n, p in reference.named_parameters() if p.requires_grad} if grad else {}
+    if candidate.grads_as_original is None:
+        by_id = {id(p): n for n, p in orig_params.items()}
+        cand_params = {by_id[id(p)]: p for p in candidate.module.parameters() if id(p) in by_id}
+    else:
+        cand_params = {n: p for n, p in candidate.module.named_parameters() if p.requires_grad} if grad else {}
+    notes = []
+    generator = torch.Generator().manual_seed(0)  # the probe draws from its own generator: the model's RNG stays
+    with torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext():
+        for i, dtype in enumerate(dtypes):
+            x = rewrite.make_input(dtype, device, generator)
+            try:
+                orig, dy = _run(original, orig_params, x,
+                                lambda y: torch.randn(y.shape, generator=generator).to(device, y.dtype), grad)
+            except Exception as e:  # noqa: BLE001 - the module's own error decides: left, or a dtype it does not take
+                if i == 0:
+                    return f"the original raised on a {dtype} probe ({type(e).__name__}: {e})", notes
+                continue
+            ref, _ = _run(reference, ref_params, x.double(), None if dy is None else dy.double(), grad)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    ours, _ = _run(candidate.module, cand_params, x, dy, grad)
+                except Exception as e:  # noqa: BLE001 - a candidate that cannot run this input is not the same
+                    return f"raised on a {dtype} probe ({type(e).__name__}: {e})", notes
+            notes += [f"probe: {w.message}"[:200] for w in caught if f"probe: {w.message}"[:200] not in notes]
+            if candidate.grads_as_original is not None and grad:
+                grads = candidate.grads_as_original({n: ours.pop(n) for n in cand_params})
+                ours.update(grads)
+            for what in orig:
+                failure = _compare(f"{what} ({dtype})", ours.get(what), orig[what], ref[what])
+                if failure is not None:
+                    return failure, notes
+    return None, notes
+
+
+def _rows(shape: Sequence[int]):
+    """make_input for inputs [2, 5, *shape]: rows of standard deviations 1e-3 .. 10, so eps matters in some."""
+
+    def make(dtype, device, generator):
+        scale = torch.logspace(-3, 1, 10).reshape(2, 5, *([1] * len(shape)))
+        return (torch.randn(2, 5, *shape, generator=generator) * scale).to(device, dtype)
+
+    return make
+
+
+def _switched(module: nn.Module, cls: type, **attributes) -> nn.Module:
+    """A shallow copy of module (the same parameter objects) of class cls: what a class switch gives, for the probe."""
+    clone = copy.copy(module)
+    clone.__class__ = cls
+    for key, value in attributes.items():
+        setattr(clone, key, value)
+    return clone
+
+
+def _switch(module: nn.Module, cls: type, **attributes) -> Callable[[], None]:
+    def install():
+        module.__class__ = cls
+        for key, value in attributes.items():
+            setattr(module, key, value)
+
+    return install
+
+
+# ------------------------------------------------------------------------------------------------
+# Patterns
+# ------------------------------------------------------------------------------------------------
+
+
+class TorchNorm(Pattern):
+    """nn.LayerNorm / nn.RMSNorm (and subclasses the probe confirms) -> FusedLayerNorm / FusedRMSNorm by class switch:
+    the module object, its parameters and hooks stay."""
+
+    def __init__(self, torch_cls: type, fused_cls: type) -> None:
+        self.torch_cls, self.fused_cls = torch_cls, fused_cls
+
+    def match(self, path, module, model, mlp):
+        if not isinstance(module, self.torch_cls):
+            return None
+        candidate = Candidate(_switched(module, self.fused_cls), self.fused_cls.__name__,
+                              _switch(module, self.fused_cls))
+        return [Rewrite(path, module, [candidate], [module], _rows(module.normalized_shape), keeps_hooks=True)]
+
+
+class HFRMSNorm(Pattern):
+    """A module holding only a 1-D `weight` and a float `variance_epsilon` or `eps` (Hugging Face's RMSNorms: Llama,
+    Mistral, Qwen2, T5's LayerNorm, Gemma's) -> FusedCastRMSNorm, cast="input" or "weight", whichever the probe
+    confirms, in the input's and in one other dtype (fp32 for a half-precision weight, else bf16) as the cast
+    order sets the output's dtype there. The (1 + weight) form is recognised and left."""
+
+    def match(self, path, module, model, mlp):
+        weight = module._parameters.get("weight")
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if (weight is None or weight.dim() != 1 or len(module._parameters) != 1 or module._buffers or module._modules
+                or isinstance(eps, bool) or not isinstance(eps, (int, float))):
+            return None
+        candidates = []
+        for cast in ("input", "weight"):
+            fused = FusedCastRMSNorm(weight.shape[0], float(eps), cast, device="meta")
+            fused.weight = weight
+            fused.train(module.training)
+            candidates.append(Candidate(fused, f"FusedCastRMSNorm(cast={cast!r})",
+                                        lambda fused=fused: model.replace(module, fused)))
+        candidates.append(Candidate(_OffsetRMSNorm(weight, float(eps)), "rms_norm * (1 + weight)", None,
+                                    "computes rms_norm(x) * (1 + weight) (Gemma's form): needs the weight-offset "
+                                    "option of the norm op, which it does not have yet"))
+        return [Rewrite(path, module, candidates, [module], _rows((weight.shape[0],)), replaces=True,
+                        dtypes=lambda d: (d, torch.float32 if d in (torch.float16, torch.bfloat16) else torch.bfloat16))]
+
+
+class _OffsetRMSNorm(nn.Module):
+    """The probe's model of Gemma's RMSNorm: float32 rms_norm times (1 + weight), cast to the input's dtype."""
+
+    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps) * (1.0 + self.weight.float())
+        return y.to(x.dtype)
+
+
+# The activation modules a Linear fuses with, by what FusedLinear calls them.
+def _activation(module: nn.Module) -> Optional[str]:
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.SiLU:
+        return "silu"
+    if type(module) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
+    return None
+
+
+class MLPBlock(Pattern):
+    """A block FusedMLP.from_module takes (a Llama-style gated MLP, Phi-3's, timm's / CLIP's fc1 / fc2, and with
+    mlp=True nn.Sequential(Linear, act, Linear)) -> FusedMLP, replaced in its parent. FusedMLP holds new parameters
+    (gated: gate and up stacked), so this runs with mlp=True only; without it, the named blocks are left with the
+    reason and nn.Sequential ones go to LinearActivation."""
+
+    def match(self, path, module, model, mlp):
+        if type(module) is nn.Sequential:
+            if not (mlp and len(module) == 3 and type(module[0]) is nn.Linear and type(module[2]) is nn.Linear):
+                return None
+        elif not any(all(getattr(module, a, None) is not None for linears in attributes.values() for a in linears)
+                     and any(getattr(module, a, None) is not None for a in act_names)
+                     for attributes, act_names, _ in _STRUCTURES):
+            return None
+        name = type(module).__name__
+        if not mlp:
+            return [FuseEntry(path, name, LEFT, reason="an MLP block: FusedMLP holds new parameter objects (gate and "
+                                                       "up stacked), so it is swapped with fuse(model, mlp=True)")]
+        try:
+            fused = FusedMLP.from_module(module)
+        except ValueError as e:
+            return None if type(module) is nn.Sequential else [FuseEntry(path, name, LEFT, reason=str(e))]
+
+        def as_layout(grads):
+            _to_layout_keys(fused, grads, "", None)
+            return grads
+
+        candidate = Candidate(fused, f"FusedMLP(activation={fused.activation!r})",
+                              lambda: model.replace(module, fused),
+                              "new parameter objects (state_dict keys and values kept): create optimizers after "
+                              "fuse()", as_layout)
+        return [Rewrite(path, module, [candidate], list(module.modules()), _rows((fused.in_features,)),
+                        replaces=True)]
+
+
+class LinearActivation(Pattern):
+    """nn.Sequential(..., nn.Linear, activation, ...) -> the Linear switched to FusedLinear with that activation
+    (nn.GELU, approximate "none" or "tanh"; nn.ReLU; nn.SiLU), the activation's slot nn.Identity: indices, keys and
+    parameter objects stay."""
+
+    def match(self, path, module, model, mlp):
+        if type(module) is not nn.Sequential:
+            return None
+        found, i = [], 0
+        while i < len(module) - 1:
+            linear, act = module[i], module[i + 1]
+            activation = _activation(act)
+            if type(linear) is not nn.Linear or activation is None:
+                i += 1
+                continue
+            where = f"{path}.{i}" if path else str(i)
+            if len(model.parents[id(linear)]) != 1:
+                found.append(FuseEntry(where, "Linear", LEFT, reason="the Linear is used elsewhere in the model too, "
+                                                                     "where no activation follows it"))
+            else:
+                found.append(Rewrite(where, nn.Sequential(linear, act), [Candidate(
+                    _switched(linear, FusedLinear, activation=activation),
+                    f"FusedLinear(activation={activation!r})",
+                    lambda seq=module, i=i, linear=linear, activation=activation: _fuse_pair(model, seq, i, linear,
+                                                                                             activation))],
+                    [linear, act], _rows((linear.in_features,))))
+            i += 2
+        return found or None
+
+
+def _fuse_pair(model: _Model, seq: nn.Sequential, i: int, linear: nn.Linear, activation: str) -> None:
+    _switch(linear, FusedLinear, activation=activation)()
+    identity = nn.Identity()
+    seq[i + 1] = identity
+    model.seen.update((id(linear), id(identity)))
+
+
+# Tried in order on every module, outermost first; the first that matches decides.
+PATTERNS: List[Pattern] = [
+    TorchNorm(nn.LayerNorm, FusedLayerNorm),
+    TorchNorm(nn.RMSNorm, FusedRMSNorm),
+    HFRMSNorm(),
+    MLPBlock(),
+    LinearActivation(),
+]

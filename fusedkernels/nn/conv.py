@@ -1,0 +1,127 @@
+"""FusedConv2dReLU: nn.Conv2d followed by nn.ReLU (and optionally a residual add before it), as one op; FusedConvBNReLU:
+Conv2d + BatchNorm2d + ReLU, folded into one such convolution in eval mode.
+
+FusedConv2dReLU subclasses nn.Conv2d: nn.Conv2d's constructor arguments, parameters, initialisation and state_dict
+(it loads an nn.Conv2d's and an nn.Conv2d loads its), and `isinstance(m, nn.Conv2d)` holds. FusedConvBNReLU holds an
+nn.Conv2d `conv` and an nn.BatchNorm2d `bn`, so their state (running statistics included) is exactly theirs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _native
+from ..ops import conv as ops
+
+_REFERENCE = "the PyTorch reference (F.conv2d, + residual, relu)"
+
+
+def _conv_relu(conv: nn.Conv2d, input: Tensor, weight: Tensor, bias: Optional[Tensor],
+               residual: Optional[Tensor]) -> Tensor:
+    """relu(conv's convolution of input with weight and bias (+ residual)), with conv's stride, padding, padding mode,
+    dilation and groups: fusedkernels.ops.conv2d_bias_relu where the op takes them, after an explicit pad for string
+    paddings and non-zero padding modes; grouped convolutions run the reference."""
+    padding = conv.padding
+    if conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(padding, str):
+        return ops._conv2d_bias_relu(input, weight, bias, conv.stride, padding, conv.dilation, residual)
+    if conv.groups != 1:
+        if input.is_cuda:
+            _native.warn_fallback("conv2d_bias_relu", "groups != 1 (grouped, depthwise) has no fused kernel", _REFERENCE)
+        z = conv._conv_forward(input, weight, bias)
+        return F.relu(z if residual is None else z + residual)
+    pads = list(conv._reversed_padding_repeated_twice)  # [left, right, top, bottom]
+    if conv.padding_mode == "zeros" and pads[0::2] == pads[1::2]:
+        padding = (pads[2], pads[0])  # "valid", or "same" with as much padding on both sides: as numbers, (H, W)
+    else:  # "same" with an even dilated kernel (one more row / column at the end), or another padding mode
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        input = F.pad(input, pads, mode=mode)
+        padding = (0, 0)
+    return ops._conv2d_bias_relu(input, weight, bias, conv.stride, padding, conv.dilation, residual)
+
+
+class FusedConv2dReLU(nn.Conv2d):
+    """`nn.ReLU()(nn.Conv2d(x) (+ residual))` computed by fusedkernels.ops.conv2d_bias_relu.
+
+    Every nn.Conv2d configuration works: padding "same" / "valid" and the reflect, replicate and circular padding modes
+    pad explicitly first (an extra copy of the input, as nn.Conv2d's own non-zero modes make); groups != 1 (grouped,
+    depthwise) runs the reference, with one warning on CUDA. For the fused kernel, keep the model channels_last
+    (model.to(memory_format=torch.channels_last)): other layouts are converted on every call, with one warning.
+    """
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """relu(conv2d(input) + bias (+ residual)).
+
+        input: [N, C_in, H, W] or [C_in, H, W], the parameters' dtype and device (under autocast, any dtype autocast
+        casts); residual: None or exactly the output's shape (no broadcasting), added before the ReLU. Returns the
+        output channels_last, in input's dtype (the autocast dtype under autocast). Raises what
+        fusedkernels.ops.conv2d_bias_relu raises.
+        """
+        return _conv_relu(self, input, self.weight, self.bias, residual)
+
+
+def _load_sequential_keys(module, state_dict, prefix, *args) -> None:
+    """Loads nn.Sequential(Conv2d, BatchNorm2d, ReLU)'s keys ("0.weight", "1.running_mean", ...) as conv.* and bn.*."""
+    for key in [k for k in state_dict if k.startswith(prefix + "0.") or k.startswith(prefix + "1.")]:
+        rest = key[len(prefix):]
+        state_dict[prefix + ("conv." if rest[0] == "0" else "bn.") + rest[2:]] = state_dict.pop(key)
+
+
+class FusedConvBNReLU(nn.Module):
+    """relu(BatchNorm2d(Conv2d(x)) (+ residual)): the convolution block of ResNets and most CNNs.
+
+    Submodules `conv` (nn.Conv2d) and `bn` (nn.BatchNorm2d): the state_dict keys are conv.weight (conv.bias),
+    bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked. It also loads the keys of
+    nn.Sequential(nn.Conv2d, nn.BatchNorm2d, nn.ReLU) (0.*, 1.*: torchvision's Conv2dNormActivation); an
+    nn.Sequential loads this module's state after renaming conv. -> 0. and bn. -> 1. Built around existing modules
+    (sharing their parameters and buffers): FusedConvBNReLU.from_modules(conv, bn).
+
+    Eval mode (BatchNorm with running statistics): BatchNorm is folded into the convolution's weight and bias
+    (fusedkernels.ops.fold_batch_norm, recomputed on every call, so parameter and buffer updates are always seen) and
+    one fusedkernels.ops.conv2d_bias_relu runs. Training mode (or no running statistics): F.conv2d, then the `bn`
+    module itself (batch statistics, running statistics updated exactly as nn.BatchNorm2d updates them, momentum=None
+    included), then + residual and relu in PyTorch ops: the fused BatchNorm + ReLU kernel for NHWC is not there yet.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, padding_mode: str = "zeros", eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None) -> None:
+        """nn.Conv2d's arguments in their order (bias defaults to False: BatchNorm's shift makes a conv bias
+        redundant), then nn.BatchNorm2d's (eps, momentum, affine, track_running_stats); device and dtype for both."""
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                              padding_mode, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.register_load_state_dict_pre_hook(_load_sequential_keys)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "FusedConvBNReLU":
+        """The block around these modules (not copies: their parameters, buffers and training flags are the
+        module's). Raises TypeError for a conv that is not an nn.Conv2d computing nn.Conv2d's forward or a bn that is
+        not an nn.BatchNorm2d, ValueError when bn's features are not conv's output channels."""
+        if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
+            raise TypeError(f"FusedConvBNReLU.from_modules: conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"FusedConvBNReLU.from_modules: bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"FusedConvBNReLU.from_modules: bn has {bn.num_features} features but conv "
+                             f"{conv.out_channels} output channels")
+        block = cls.__new__(cls)
+        nn.Module.__init__(block)
+        block.conv, block.bn = conv, bn
+        block.register_load_state_dict_pre_hook(_load_sequential_keys)
+        return block
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """relu(bn(conv(input)) (+ residual)). input as nn.Conv2d takes it; residual None or exactly the output's
+        shape. Returns the output (channels_last in eval mode) in input's dtype."""
+        conv, bn = self.conv, self.bn
+        if bn.training or bn.running_mean is None:
+            z = bn(conv(input))
+            return F.relu(z if residual is None else z + residual)
+        weight, bias = ops.fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                           bn.weight, bn.bias)
+        return _conv_relu(conv, input, weight, bias, residual)

@@ -1,0 +1,502 @@
+"""fusedkernels.fuse(model): each pattern, the probe's rejections, what a swap keeps, the report, and whole models
+(stand-ins here; transformers' own classes where it is installed)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fusedkernels
+import fusedkernels.nn as fnn
+
+from .helpers import DEVICES, assert_close_to_ref
+
+# float16 on the CPU: torch's CPU matmul and norms take it too, but bf16 is what models run in.
+FUSE_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Stand-ins with the structure of Hugging Face's classes (transformers is not needed for these)
+# ------------------------------------------------------------------------------------------------
+
+
+class LlamaRMSNorm(nn.Module):
+    """transformers' LlamaRMSNorm (Mistral's, Qwen2's): fp32 statistics, cast to the input's dtype, then * weight."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class T5LayerNorm(nn.Module):
+    """transformers' T5LayerNorm: RMSNorm, variance in fp32, cast to the weight's dtype when half, then * weight."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in [torch.float16, torch.bfloat16]:
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+
+
+class GemmaRMSNorm(nn.Module):
+    """transformers' GemmaRMSNorm: fp32 throughout, (1 + weight) scaling, cast back at the end."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden, intermediate):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """An attention stand-in: q, k, v, o projections and causal SDPA over heads."""
+
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(hidden, hidden, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        b, t, h = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.o_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, h))
+
+
+class Block(nn.Module):
+    def __init__(self, hidden, heads, intermediate):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(hidden)
+        self.self_attn = Attention(hidden, heads)
+        self.post_attention_layernorm = LlamaRMSNorm(hidden)
+        self.mlp = LlamaMLP(hidden, intermediate)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TinyLlama(nn.Module):
+    def __init__(self, vocab=64, hidden=32, heads=4, intermediate=48, layers=2):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(Block(hidden, heads, intermediate) for _ in range(layers))
+        self.norm = LlamaRMSNorm(hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.norm(x))
+
+
+def _randomize(model):
+    """Random weights everywhere (norm weights near 1, not the ones / zeros they start from)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+            p.copy_(1 + 0.2 * noise if p.dim() == 1 else 0.2 * noise)
+    return model
+
+
+def _params(model):
+    return {name: p for name, p in model.named_parameters()}
+
+
+def _outputs_and_grads(model, x, dy, with_params=True):
+    """Output, input grad and parameter grads (by name) of model(x) for upstream gradient dy."""
+    x = x.detach().clone().requires_grad_(x.is_floating_point())
+    params = _params(model) if with_params else {}
+    y = model(x)
+    leaves = ([x] if x.requires_grad else []) + list(params.values())
+    grads = torch.autograd.grad(y, leaves, dy)
+    names = (["input"] if x.requires_grad else []) + list(params)
+    return y.detach(), dict(zip(names, grads))
+
+
+def _assert_same_computation(before, after, ref, x, dy, with_params=True):
+    """after(x) and its grads within twice before's error against ref (a float64 copy of before), as the probe;
+    with_params=False: the input's grad only (parameters of another layout)."""
+    y_before, g_before = _outputs_and_grads(before, x, dy, with_params)
+    y_after, g_after = _outputs_and_grads(after, x, dy, with_params)
+    y_ref, g_ref = _outputs_and_grads(ref, x if not x.is_floating_point() else x.double(), dy.double(), with_params)
+    assert y_after.dtype == y_before.dtype
+    assert_close_to_ref(y_after, y_ref, y_before, "output", floor=1e-5)
+    assert set(g_after) == set(g_before)
+    for name in g_before:
+        assert g_after[name].dtype == g_before[name].dtype, name
+        assert_close_to_ref(g_after[name], g_ref[name], g_before[name], name, floor=1e-5)
+
+
+def _statuses(report):
+    return {e.path: (e.status, e.fused) for e in report.entries}
+
+
+# ------------------------------------------------------------------------------------------------
+# Patterns
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FUSE_DTYPES, ids=str)
+def test_torch_norms_switch_class_in_place(device, dtype):
+    model = _randomize(nn.Sequential(nn.LayerNorm(24), nn.RMSNorm(24, eps=1e-5), nn.LayerNorm((3, 8), bias=False)))
+    model.to(device, dtype)
+    before, params, keys = copy.deepcopy(model), _params(model), list(model.state_dict())
+    modules = list(model)
+    report = fusedkernels.fuse(model)
+    assert [type(m) for m in model] == [fnn.FusedLayerNorm, fnn.FusedRMSNorm, fnn.FusedLayerNorm]
+    assert all(a is b for a, b in zip(model, modules)), "a class switch keeps the module objects"
+    assert _params(model) == params and all(model.get_parameter(n) is p for n, p in params.items())
+    assert list(model.state_dict()) == keys
+    assert _statuses(report) == {"0": ("swapped", "FusedLayerNorm"), "1": ("swapped", "FusedRMSNorm"),
+                                 "2": ("swapped", "FusedLayerNorm")}
+    x = torch.randn(4, 5, 3, 8, device=device, dtype=dtype).reshape(4, 5, 24)
+    model[2].normalized_shape = (24,)  # the test's own reshaping: run all three over the last 24
+    before[2].normalized_shape = (24,)
+    model[2].weight, before[2].weight = (nn.Parameter(m[2].weight.reshape(24)) for m in (model, before))
+    ref = copy.deepcopy(before).double()
+    _assert_same_computation(before, model, ref, x, torch.randn_like(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FUSE_DTYPES, ids=str)
+@pytest.mark.parametrize("norm_cls,cast", [(LlamaRMSNorm, "input"), (T5LayerNorm, "weight")], ids=["llama", "t5"])
+def test_hugging_face_rms_norms_by_structure(device, dtype, norm_cls, cast):
+    model = _randomize(nn.Sequential(nn.Identity(), norm_cls(40, eps=1e-5))).to(device, dtype)
+    before, weight = copy.deepcopy(model), model[1].weight
+    report = fusedkernels.fuse(model)
+    assert _statuses(report) == {"1": ("swapped", f"FusedCastRMSNorm(cast={cast!r})")}
+    assert type(model[1]) is fnn.FusedCastRMSNorm and model[1].cast == cast and model[1].eps == 1e-5
+    assert model[1].weight is weight and list(model.state_dict()) == ["1.weight"]
+    x = torch.randn(3, 7, 40, device=device, dtype=dtype)
+    _assert_same_computation(before, model, copy.deepcopy(before).double(), x, torch.randn_like(x))
+
+
+@pytest.mark.parametrize("norm_cls", [LlamaRMSNorm, T5LayerNorm], ids=["llama", "t5"])
+@pytest.mark.parametrize("weight_dtype,input_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                      (torch.bfloat16, torch.float16)], ids=str)
+def test_hugging_face_norms_keep_their_dtype_rules(norm_cls, weight_dtype, input_dtype):
+    """Where input and weight dtypes differ (autocast, a kept-fp32 norm), the cast order sets the output's dtype."""
+    model = _randomize(nn.Sequential(norm_cls(64))).to(weight_dtype)
+    before = copy.deepcopy(model)
+    fusedkernels.fuse(model)
+    x = torch.randn(5, 64, dtype=input_dtype)
+    y, y_before = model(x), before(x)
+    assert y.dtype == y_before.dtype
+    y_ref = copy.deepcopy(before).double()(x.double())
+    assert_close_to_ref(y, y_ref, y_before, floor=1e-5)
+
+
+def test_fused_cast_rms_norm_module():
+    norm = fnn.FusedCastRMSNorm(16, eps=1e-5, cast="weight")
+    assert list(norm.state_dict()) == ["weight"] and torch.equal(norm.weight, torch.ones(16))
+    assert "cast='weight'" in repr(norm)
+    with pytest.raises(ValueError, match="cast must be one of"):
+        fnn.FusedCastRMSNorm(16, cast="output")
+
+
+def test_gemma_norm_is_left_until_the_weight_offset_option():
+    model = _randomize(nn.Sequential(GemmaRMSNorm(32)))
+    report = fusedkernels.fuse(model)
+    (entry,) = report.entries
+    assert entry.status == "left" and entry.original == "GemmaRMSNorm"
+    assert "weight-offset" in entry.reason and "(1 + weight)" in entry.reason
+    assert type(model[0]) is GemmaRMSNorm
+
+
+class ScaledLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class NotAnRMSNorm(nn.Module):
+    """weight + eps, as the norms have, but a different computation."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(n)), 1e-6
+
+    def forward(self, x):
+        return x * self.weight + self.eps
+
+
+def test_probe_rejects_what_computes_something_else():
+    model = nn.Sequential(ScaledLayerNorm(16), NotAnRMSNorm(16), nn.LayerNorm(16))
+    report = fusedkernels.fuse(model)
+    entries = {e.path: e for e in report.entries}
+    assert entries["0"].status == "left" and "probe" in entries["0"].reason and "output" in entries["0"].reason
+    assert entries["1"].status == "left" and "FusedCastRMSNorm(cast='input')" in entries["1"].reason
+    assert entries["2"].status == "swapped"
+    assert type(model[0]) is ScaledLayerNorm and type(model[1]) is NotAnRMSNorm
+
+
+class SameLayerNorm(nn.LayerNorm):
+    """A subclass whose forward computes what nn.LayerNorm's does."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def test_subclass_with_the_same_forward_is_swapped():
+    model = nn.Sequential(SameLayerNorm(16))
+    assert fusedkernels.fuse(model).entries[0].status == "swapped"
+    assert type(model[0]) is fnn.FusedLayerNorm
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FUSE_DTYPES, ids=str)
+@pytest.mark.parametrize("act,name", [(nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"),
+                                      (nn.ReLU(), "relu"), (nn.SiLU(), "silu")], ids=lambda v: str(v))
+def test_linear_followed_by_activation(device, dtype, act, name):
+    model = _randomize(nn.Sequential(nn.Linear(16, 32), act, nn.Linear(32, 8), nn.Tanh(), nn.Linear(8, 8, bias=False),
+                                     nn.ReLU())).to(device, dtype)
+    before, params, keys = copy.deepcopy(model), _params(model), list(model.state_dict())
+    report = fusedkernels.fuse(model)
+    assert _statuses(report) == {"0": ("swapped", f"FusedLinear(activation={name!r})"),
+                                 "4": ("swapped", "FusedLinear(activation='relu')")}
+    assert report.entries[0].original == f"Linear + {type(act).__name__}"
+    assert [type(m) for m in model] == [fnn.FusedLinear, nn.Identity, nn.Linear, nn.Tanh, fnn.FusedLinear, nn.Identity]
+    assert model[0].activation == name and model[4].activation == "relu"
+    assert all(model.get_parameter(n) is p for n, p in params.items()) and list(model.state_dict()) == keys
+    x = torch.randn(2, 3, 16, device=device, dtype=dtype)
+    _assert_same_computation(before, model, copy.deepcopy(before).double(), x, torch.randn(2, 3, 8, device=device,
+                                                                                             dtype=dtype))
+
+
+def test_shared_linear_is_left():
+    linear = nn.Linear(8, 8)
+    model = nn.ModuleDict({"a": nn.Sequential(linear, nn.ReLU()), "b": nn.Sequential(linear)})
+    (entry,) = fusedkernels.fuse(model).entries
+    assert entry.path == "a.0" and entry.status == "left" and "elsewhere" in entry.reason
+    assert type(linear) is nn.Linear
+
+
+@pytest.mark.parametrize("dtype", FUSE_DTYPES, ids=str)
+def test_mlp_blocks_need_mlp_true(dtype):
+    model = _randomize(nn.ModuleDict({"mlp": LlamaMLP(16, 24),
+                                      "seq": nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))})).to(dtype)
+    before, keys = copy.deepcopy(model), list(model.state_dict())
+    report = fusedkernels.fuse(model)
+    entries = {e.path: e for e in report.entries}
+    assert entries["mlp"].status == "left" and "mlp=True" in entries["mlp"].reason
+    assert entries["seq.0"].fused == "FusedLinear(activation='gelu')"  # the pair, parameters kept
+
+    model = copy.deepcopy(before)
+    report = fusedkernels.fuse(model, mlp=True)
+    assert _statuses(report) == {"mlp": ("swapped", "FusedMLP(activation='swiglu')"),
+                                 "seq": ("swapped", "FusedMLP(activation='gelu')")}
+    assert "optimizers" in report.entries[0].reason
+    assert type(model["mlp"]) is fnn.FusedMLP and type(model["seq"]) is fnn.FusedMLP
+    assert list(model.state_dict()) == keys
+    for key, value in before.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    x = torch.randn(3, 16, dtype=dtype)
+    for name in ("mlp", "seq"):
+        _assert_same_computation(before[name], model[name], copy.deepcopy(before[name]).double(), x, torch.randn_like(x),
+                                 with_params=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# What fuse keeps, the report
+# ------------------------------------------------------------------------------------------------
+
+
+def test_idempotent_and_report():
+    model = _randomize(nn.Sequential(nn.LayerNorm(8), LlamaRMSNorm(8), nn.Linear(8, 8), nn.SiLU(), GemmaRMSNorm(8)))
+    first = fusedkernels.fuse(model)
+    assert [(e.path, e.status) for e in first.entries] == [("0", "swapped"), ("1", "swapped"), ("2", "swapped"),
+                                                           ("4", "left")]
+    text = str(first)
+    assert text.startswith("fuse(Sequential): 3 swapped, 1 left, 0 already fused")
+    assert "swapped  1: LlamaRMSNorm -> FusedCastRMSNorm(cast='input')" in text and "left     4: GemmaRMSNorm" in text
+    state, structure = copy.deepcopy(model.state_dict()), repr(model)
+    second = fusedkernels.fuse(model)
+    assert not second.swapped and len(second.already_fused) == 3 and len(second.left) == 1
+    assert repr(model) == structure and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert "already  2: FusedLinear" in str(second)
+
+
+def test_nothing_to_fuse():
+    report = fusedkernels.fuse(nn.Sequential(nn.Embedding(4, 8), nn.Linear(8, 8), nn.Tanh()))
+    assert report.entries == [] and str(report) == "fuse(Sequential): nothing to fuse (no module matched a pattern)"
+
+
+def test_what_is_left_and_why():
+    meta = nn.LayerNorm(8, device="meta")
+    plain = nn.LayerNorm(8, elementwise_affine=False)
+    hooked = LlamaRMSNorm(8)
+    hooked.register_forward_hook(lambda *args: None)
+    wrapped = LlamaRMSNorm(8)
+    wrapped.forward = lambda x: x  # as accelerate's hooks do
+    report = fusedkernels.fuse(nn.Sequential(meta, plain, hooked, wrapped))
+    reasons = {e.path: e.reason for e in report.entries}
+    assert [e.status for e in report.entries] == ["left"] * 4
+    assert "meta" in reasons["0"] and "no floating-point parameters" in reasons["1"]
+    assert "hooks" in reasons["2"] and "instance" in reasons["3"]
+    assert type(hooked) is LlamaRMSNorm and type(meta) is nn.LayerNorm
+    root = fusedkernels.fuse(LlamaRMSNorm(8))
+    assert root.entries[0].status == "left" and "model itself" in root.entries[0].reason
+
+
+def test_class_switch_keeps_hooks_and_training_flag():
+    seen = []
+    norm = nn.LayerNorm(8)
+    norm.register_forward_hook(lambda module, args, out: seen.append(type(module)))
+    model = nn.Sequential(norm, LlamaRMSNorm(8)).eval()
+    fusedkernels.fuse(model)
+    assert not seen, "the probe does not run the model's hooks"
+    model(torch.randn(2, 8))
+    assert seen == [fnn.FusedLayerNorm]
+    assert not any(m.training for m in model.modules())
+
+
+def test_probe_leaves_rng_and_grads_alone():
+    model = _randomize(TinyLlama())
+    state = torch.get_rng_state()
+    fusedkernels.fuse(model)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_inference_probes_without_gradients():
+    model = _randomize(nn.Sequential(nn.LayerNorm(8), LlamaRMSNorm(8)))
+    with torch.inference_mode():
+        report = fusedkernels.fuse(model, inference=True)
+    assert len(report.swapped) == 2
+
+
+def test_fuse_checks_its_argument():
+    with pytest.raises(TypeError, match="nn.Module"):
+        fusedkernels.fuse(torch.randn(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# A Llama-like model end to end
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mlp", [False, True], ids=["norms", "norms+mlp"])
+def test_llama_like_model_end_to_end(device, dtype, mlp):
+    model = _randomize(TinyLlama()).to(device, dtype)
+    before, params, keys = copy.deepcopy(model), _params(model), list(model.state_dict())
+    report = fusedkernels.fuse(model, mlp=mlp)
+    norms = {"norm", *(f"layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm"))}
+    mlps = {f"layers.{i}.mlp" for i in range(2)}
+    assert {e.path for e in report.swapped} == (norms | mlps if mlp else norms)
+    assert {e.path for e in report.left} == (set() if mlp else mlps)
+    assert list(model.state_dict()) == keys
+    if not mlp:
+        assert all(model.get_parameter(n) is p for n, p in params.items())
+    ids = torch.randint(0, 64, (2, 9), device=device)
+    dy = torch.randn(2, 9, 64, device=device, dtype=dtype)
+    y_before, g_before = _outputs_and_grads(before, ids, dy)
+    y_after, g_after = _outputs_and_grads(model, ids, dy)
+    y_ref, g_ref = _outputs_and_grads(copy.deepcopy(before).double(), ids, dy.double())
+    assert_close_to_ref(y_after, y_ref, y_before, "logits", floor=1e-5)
+    halves = (".mlp.gate_proj.", ".mlp.up_proj.")
+    for name in g_before:
+        half = next((i for i, h in enumerate(halves) if h in name), None)
+        ours = g_after[name] if not mlp or half is None else g_after[
+            name.replace(halves[half], ".mlp.gate_up_proj.")].chunk(2)[half]  # FusedMLP's stacked parameter
+        assert_close_to_ref(ours, g_ref[name], g_before[name], name, floor=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers' own classes (installed on the GPU machine)
+# ------------------------------------------------------------------------------------------------
+
+
+def _transformers():
+    return pytest.importorskip("transformers", reason="transformers is not installed here (it is on the GPU machine)")
+
+
+def _tiny(config_name, **extra):
+    transformers = _transformers()
+    config_cls = getattr(transformers, config_name)
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    if config_name == "T5Config":
+        sizes = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    if config_name in ("LlamaConfig", "MistralConfig", "Qwen2Config", "GemmaConfig"):
+        sizes["num_key_value_heads"] = 2
+    if config_name == "GemmaConfig":
+        sizes["head_dim"] = 8
+    return config_cls(**sizes, **extra)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config_name,norms_fused", [("LlamaConfig", "FusedCastRMSNorm(cast='input')"),
+                                                     ("MistralConfig", "FusedCastRMSNorm(cast='input')"),
+                                                     ("Qwen2Config", "FusedCastRMSNorm(cast='input')"),
+                                                     ("GemmaConfig", None),
+                                                     ("BertConfig", "FusedLayerNorm"),
+                                                     ("T5Config", "FusedCastRMSNorm(cast='weight')")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mlp", [False, True], ids=["norms", "norms+mlp"])
+def test_transformers_models(device, config_name, norms_fused, dtype, mlp):
+    transformers = _transformers()
+    torch.manual_seed(0)
+    config = _tiny(config_name)
+    model_cls = transformers.T5EncoderModel if config_name == "T5Config" else transformers.AutoModel
+    model = (model_cls(config) if config_name == "T5Config" else model_cls.from_config(config)).to(device, dtype)
+    _randomize(model).eval()  # eval: no dropout between the runs compared
+    before, keys = copy.deepcopy(model), list(model.state_dict())
+    report = fusedkernels.fuse(model, mlp=mlp)
+    assert list(model.state_dict()) == keys
+    norms = [e for e in report.entries if "Norm" in e.original]
+    assert norms, str(report)
+    if norms_fused is None:  # Gemma: (1 + weight)
+        assert all(e.status == "left" and "weight-offset" in e.reason for e in norms), str(report)
+    else:
+        assert all(e.status == "swapped" and e.fused == norms_fused for e in norms), str(report)
+    if mlp and config_name in ("LlamaConfig", "MistralConfig", "Qwen2Config", "GemmaConfig"):
+        assert sum(e.fused.startswith("FusedMLP") for e in report.swapped) == 2, str(report)
+    ids = torch.randint(0, 64, (2, 9), device=device)
+    embeds = before.get_input_embeddings()(ids).detach()
+    dy = torch.randn(embeds.shape, device=device, dtype=dtype)
+    results = []
+    for m, x in ((before, embeds), (model, embeds), (copy.deepcopy(before).double(), embeds.double())):
+        x = x.clone().requires_grad_()
+        y = m(inputs_embeds=x).last_hidden_state
+        results.append((y.detach(), torch.autograd.grad(y, x, dy.to(y.dtype))[0]))
+    (y_before, dx_before), (y_after, dx_after), (y_ref, dx_ref) = results
+    assert_close_to_ref(y_after, y_ref, y_before, "last_hidden_state", floor=1e-5)
+    assert_close_to_ref(dx_after, dx_ref, dx_before, "inputs_embeds grad", floor=1e-5)
