@@ -425,7 +425,7 @@ cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream
   return launch_sm90<Cfg, false>(p, maps, Im2colGeometry{}, stream);
 }
 
-// The implicit GEMM of a convolution: p as for linear_act with m = batch * out_h * out_w output pixels, n the
+// The implicit GEMM of a convolution (instantiated by csrc/conv/sm90/, so each family builds alone): p as for linear_act with m = batch * out_h * out_w output pixels, n the
 // output channels, k = kernel_h * kernel_w * channels, x the NHWC input, weight [n, kernel_h, kernel_w, channels].
 template <typename T>
 cudaError_t launch_conv2d_sm90(const LinearActParams& p, const Im2colGeometry& g, cudaStream_t stream) {
@@ -456,6 +456,4 @@ int linear_act_sm90_split_k(const LinearActParams& p) {
   template bool fusedkernels::gemm::linear_act_sm90_available<T>();            \
   template int fusedkernels::gemm::linear_act_sm90_split_k<T>(const fusedkernels::gemm::LinearActParams&); \
   template cudaError_t fusedkernels::gemm::launch_linear_act_sm90<T>(const fusedkernels::gemm::LinearActParams&, \
-                                                                      cudaStream_t);                         \
-  template cudaError_t fusedkernels::gemm::launch_conv2d_sm90<T>(const fusedkernels::gemm::LinearActParams&,     \
-                                                                  const fusedkernels::gemm::Im2colGeometry&, cudaStream_t);
+                                                                      cudaStream_t);
