@@ -63,6 +63,13 @@ def _load() -> None:
             module, source = _jit_load(), "jit"
         else:
             module, source = importlib.import_module("fusedkernels._C"), "prebuilt"
+            here = os.path.dirname(os.path.abspath(__file__))
+            found = os.path.dirname(os.path.abspath(module.__file__))
+            # an editable install of another checkout can serve its _C to this package: another build's ops
+            if found != here:
+                module = None
+                raise ImportError(f"fusedkernels._C was found at {found}, not beside this package ({here}): "
+                                  "a build of another copy; build this one (README)")
         loaded = True
     except Exception as e:  # report, never fail the import: PyTorch's implementations still work
         error = f"{type(e).__name__}: {e}"

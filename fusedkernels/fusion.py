@@ -57,10 +57,12 @@ class FuseEntry:
 
 @dataclass
 class FuseReport:
-    """What fuse() did, one entry per module (or Linear + activation pair) a pattern recognised, in model order."""
+    """What fuse() did, one entry per module (or Linear + activation pair) a pattern recognised, in model order;
+    note: how the probe ran where it is not the default (outputs only, in inference mode)."""
 
     model: str
     entries: List[FuseEntry] = field(default_factory=list)
+    note: str = ""
 
     @property
     def swapped(self) -> List[FuseEntry]:
@@ -78,7 +80,7 @@ class FuseReport:
         if not self.entries:
             return f"fuse({self.model}): nothing to fuse (no module matched a pattern)"
         head = (f"fuse({self.model}): {len(self.swapped)} swapped, {len(self.left)} left, "
-                f"{len(self.already_fused)} already fused")
+                f"{len(self.already_fused)} already fused") + (f" ({self.note})" if self.note else "")
         return "\n".join([head, *(f"  {e}" for e in self.entries)])
 
 
@@ -124,27 +126,36 @@ def fuse(model: nn.Module, *, inference: bool = False, mlp: bool = False) -> Fus
     """Swaps fused modules into `model`, in place, where they compute what its modules compute, and returns a
     FuseReport of what was swapped, what was left and why.
 
-    Patterns (docs/fuse.md): nn.LayerNorm and nn.RMSNorm (class switch to FusedLayerNorm / FusedRMSNorm); RMSNorms of
-    Hugging Face's form, recognised by structure (a 1-D `weight` and `variance_epsilon` or `eps`) and by the probe
-    (FusedCastRMSNorm; Gemma's (1 + weight) form is left: the norm op has no weight-offset option yet); nn.Linear
+    Patterns (docs/fuse.md), by default in-place swaps of single modules: exactly nn.LayerNorm and nn.RMSNorm (class
+    switch to FusedLayerNorm / FusedRMSNorm; subclasses are left); RMSNorms of Hugging Face's form, recognised by
+    structure (a 1-D `weight` and `variance_epsilon` or `eps`) and by the probe (FusedCastRMSNorm; Gemma's
+    (1 + weight) form is left: the norm op has no weight-offset option yet). With mlp=True also the rewrites that
+    merge modules, which assume each container is called as a whole: MLP blocks (FusedMLP.from_module) and nn.Linear
     followed by nn.GELU / nn.ReLU / nn.SiLU in an nn.Sequential (FusedLinear, the activation's slot becomes
-    nn.Identity); with mlp=True also MLP blocks (FusedMLP.from_module). Each swap is confirmed first on a random
+    nn.Identity, so a slice such as seq[:1] then includes the activation). Each swap is confirmed first on a random
     probe input in the module's dtype and device: outputs, and unless `inference`, the gradients of the input and the
     parameters for one upstream gradient, within twice the original's own error against a float64 run of it.
+    Modules whose output is random (dropout in training) are left. The caller's RNG state is restored after each probe.
 
     Without mlp, no parameter, buffer or state_dict key changes: swapped modules hold the same Parameter objects,
     so optimizers built before keep working. mlp=True replaces each MLP block's parameters by new ones (a copy;
-    gated: gate and up stacked into one): state_dict keys and values stay, optimizers must be created anew.
+    gated: gate and up stacked into one): state_dict keys and values stay, but named_parameters() names change
+    (gate_up_proj) and optimizers must be created anew; a block with a parameter tied to a module outside it is left.
     Training flags are kept; modules with hooks are left where a swap would change what the hooks see. A second call
-    swaps nothing and reports the fused modules as already fused.
+    swaps nothing and reports the fused modules as already fused. An exception while probing leaves that module with
+    the exception in its reason; fuse() goes on with the rest.
 
-    inference: probe outputs only (no gradients); for models that will only run forward.
+    inference: probe outputs only (no gradients); for models that will only run forward. Implied inside
+    torch.inference_mode(), where no gradient can be taken (the report's note says so).
 
     Raises TypeError when model is not an nn.Module.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: model must be a torch.nn.Module, got {type(model).__name__}")
-    return _Model(model, inference).run(mlp)
+    walk = _Model(model, inference or torch.is_inference_mode_enabled())
+    if walk.inference and not inference:
+        walk.report.note = "probed outputs only: inference mode allows no gradients"
+    return walk.run(mlp)
 
 
 class _Model:
@@ -153,10 +164,14 @@ class _Model:
     def __init__(self, root: nn.Module, inference: bool) -> None:
         self.root, self.inference = root, inference
         self.parents: Dict[int, list] = defaultdict(list)
+        self.holders: Dict[int, set] = defaultdict(set)  # id(parameter) -> ids of the modules holding it
         for module in root.modules():
             for name, child in module._modules.items():
                 if child is not None:
                     self.parents[id(child)].append((module, name))
+            for p in module._parameters.values():
+                if p is not None:
+                    self.holders[id(p)].add(id(module))
         self.order = {path: i for i, (path, _) in enumerate(root.named_modules())}
         self.seen: set = set()
         self.report = FuseReport(type(root).__name__)
@@ -180,7 +195,11 @@ class _Model:
             self.report.entries.append(FuseEntry(path, type(module).__name__, ALREADY_FUSED))
             return
         for pattern in PATTERNS:
-            found = pattern.match(path, module, self, mlp)
+            try:
+                found = pattern.match(path, module, self, mlp)
+            except Exception as e:  # noqa: BLE001 - a module a pattern cannot take apart is left, the walk goes on
+                found = [FuseEntry(path, type(module).__name__, LEFT,
+                                   reason=f"{type(pattern).__name__} raised ({type(e).__name__}: {e})")]
             if found is None:
                 continue
             replaced = False
@@ -222,22 +241,65 @@ class _Model:
             return left("parameters on several devices")
         dtype, device = floating[0].dtype, floating[0].device
         failures = []
-        for candidate in rewrite.candidates:
-            failure, notes = _probe(rewrite, candidate, rewrite.dtypes(dtype), device, self.inference)
-            if failure is not None:
-                failures.append(f"{candidate.fused}: {failure}")
-                continue
-            if candidate.install is None:
-                return left(candidate.note)
-            candidate.install()
-            return FuseEntry(rewrite.path, name, SWAPPED, candidate.fused, "; ".join(filter(None, [candidate.note,
-                                                                                                    *notes])))
+        with _rng_kept(device):
+            try:
+                random = _random_output(rewrite, dtype, device)
+            except Exception:  # noqa: BLE001 - the probe below reports the original's own error
+                random = None
+            if random is not None:
+                return left(random)
+            for candidate in rewrite.candidates:
+                try:
+                    failure, notes = _probe(rewrite, candidate, rewrite.dtypes(dtype), device, self.inference)
+                except Exception as e:  # noqa: BLE001 - whatever fails in the probe leaves the module, not the walk
+                    failure, notes = f"the probe raised ({type(e).__name__}: {e})", []
+                if failure is not None:
+                    failures.append(f"{candidate.fused}: {failure}")
+                    continue
+                if candidate.install is None:
+                    return left(candidate.note)
+                candidate.install()
+                return FuseEntry(rewrite.path, name, SWAPPED, candidate.fused,
+                                 "; ".join(filter(None, [candidate.note, *notes])))
         return left("the probe found a difference: " + "; ".join(failures))
 
 
 # ------------------------------------------------------------------------------------------------
 # The probe
 # ------------------------------------------------------------------------------------------------
+
+
+def _rng_kept(device: torch.device):
+    """Restores the caller's CPU RNG state, and the module's CUDA device's, on exit: the probe seeds and draws."""
+    if device.type != "cuda":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device.index if device.index is not None else torch.cuda.current_device()])
+
+
+def _seed(device: torch.device, seed: int) -> None:
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
+def _random_output(rewrite: Rewrite, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """Why the original has no one output to match (it draws random numbers: dropout in training), or None: its
+    forward on one input under seeds 0, 0 and 1 must give one output."""
+    x = rewrite.make_input(dtype, device, torch.Generator().manual_seed(0))
+    outputs = []
+    for seed in (0, 0, 1):
+        _seed(device, seed)
+        with torch.no_grad():
+            outputs.append(_call(rewrite.original, x.clone()))
+    if not all(isinstance(y, Tensor) and y.shape == outputs[0].shape for y in outputs):
+        return None  # the probe reports what the forward returns
+    same = [torch.allclose(outputs[0], y, rtol=0, atol=0, equal_nan=True) for y in outputs[1:]]
+    if not same[0]:
+        return "its output differs between two runs under one seed (nondeterministic), so no probe can confirm a swap"
+    if not same[1]:
+        return "its output is random (dropout?): it changes with the seed, so no probe can confirm a swap"
+    return None
 
 
 def _call(module: nn.Module, x: Tensor):
@@ -297,7 +359,7 @@ def _probe(rewrite: Rewrite, candidate: Candidate, dtypes, device, inference: bo
     else:
         cand_params = {n: p for n, p in candidate.module.named_parameters() if p.requires_grad} if grad else {}
     notes = []
-    generator = torch.Generator().manual_seed(0)  # the probe draws from its own generator: the model's RNG stays
+    generator = torch.Generator().manual_seed(0)
     with torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext():
         for i, dtype in enumerate(dtypes):
             x = rewrite.make_input(dtype, device, generator)
@@ -308,7 +370,10 @@ def _probe(rewrite: Rewrite, candidate: Candidate, dtypes, device, inference: bo
                 if i == 0:
                     return f"the original raised on a {dtype} probe ({type(e).__name__}: {e})", notes
                 continue
-            ref, _ = _run(reference, ref_params, x.double(), None if dy is None else dy.double(), grad)
+            try:
+                ref, _ = _run(reference, ref_params, x.double(), None if dy is None else dy.double(), grad)
+            except Exception as e:  # noqa: BLE001 - e.g. a forward casting to float32 mixes dtypes in the copy
+                return f"its float64 reference copy raised on a {dtype} probe ({type(e).__name__}: {e})", notes
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
@@ -326,11 +391,11 @@ def _probe(rewrite: Rewrite, candidate: Candidate, dtypes, device, inference: bo
     return None, notes
 
 
-def _rows(shape: Sequence[int]):
-    """make_input for inputs [2, 5, *shape]: rows of standard deviations 1e-3 .. 10, so eps matters in some."""
+def _rows(shape: Sequence[int], top: float = 1.0):
+    """make_input for inputs [2, 5, *shape]: rows of standard deviations 1e-3 .. 10**top, so eps matters in some."""
 
     def make(dtype, device, generator):
-        scale = torch.logspace(-3, 1, 10).reshape(2, 5, *([1] * len(shape)))
+        scale = torch.logspace(-3, top, 10).reshape(2, 5, *([1] * len(shape)))
         return (torch.randn(2, 5, *shape, generator=generator) * scale).to(device, dtype)
 
     return make
@@ -360,8 +425,9 @@ def _switch(module: nn.Module, cls: type, **attributes) -> Callable[[], None]:
 
 
 class TorchNorm(Pattern):
-    """nn.LayerNorm / nn.RMSNorm (and subclasses the probe confirms) -> FusedLayerNorm / FusedRMSNorm by class switch:
-    the module object, its parameters and hooks stay."""
+    """Exactly nn.LayerNorm / nn.RMSNorm -> FusedLayerNorm / FusedRMSNorm by class switch: the module object, its
+    parameters and hooks stay. A subclass is left (a switch would drop its methods and whatever its forward does
+    outside the probe), unless it has HFRMSNorm's structure, which replaces it by what the probe confirms."""
 
     def __init__(self, torch_cls: type, fused_cls: type) -> None:
         self.torch_cls, self.fused_cls = torch_cls, fused_cls
@@ -369,35 +435,51 @@ class TorchNorm(Pattern):
     def match(self, path, module, model, mlp):
         if not isinstance(module, self.torch_cls):
             return None
+        if type(module) is not self.torch_cls:
+            return None if _hf_rms_eps(module) is not None else [FuseEntry(
+                path, type(module).__name__, LEFT, reason=f"a subclass of nn.{self.torch_cls.__name__}: a class "
+                f"switch would drop its own methods and isinstance, and whatever its forward does outside the probe")]
         candidate = Candidate(_switched(module, self.fused_cls), self.fused_cls.__name__,
                               _switch(module, self.fused_cls))
-        return [Rewrite(path, module, [candidate], [module], _rows(module.normalized_shape), keeps_hooks=True)]
+        return [Rewrite(path, module, [candidate], [module], _rows(module.normalized_shape, top=3),
+                        keeps_hooks=True)]
+
+
+def _hf_rms_eps(module: nn.Module) -> Optional[float]:
+    """eps where module has HFRMSNorm's structure (only a 1-D `weight` and a float `variance_epsilon` or `eps`)."""
+    weight = module._parameters.get("weight")
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if (weight is None or weight.dim() != 1 or len(module._parameters) != 1 or module._buffers or module._modules
+            or isinstance(eps, bool) or not isinstance(eps, (int, float))):
+        return None
+    return float(eps)
 
 
 class HFRMSNorm(Pattern):
     """A module holding only a 1-D `weight` and a float `variance_epsilon` or `eps` (Hugging Face's RMSNorms: Llama,
     Mistral, Qwen2, T5's LayerNorm, Gemma's) -> FusedCastRMSNorm, cast="input" or "weight", whichever the probe
     confirms, in the input's and in one other dtype (fp32 for a half-precision weight, else bf16) as the cast
-    order sets the output's dtype there. The (1 + weight) form is recognised and left."""
+    order sets the output's dtype there, on rows out to ~1e3 (a clamp in the forward shows). The (1 + weight) form is
+    recognised and left."""
 
     def match(self, path, module, model, mlp):
-        weight = module._parameters.get("weight")
-        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-        if (weight is None or weight.dim() != 1 or len(module._parameters) != 1 or module._buffers or module._modules
-                or isinstance(eps, bool) or not isinstance(eps, (int, float))):
+        eps = _hf_rms_eps(module)
+        if eps is None:
             return None
+        weight = module.weight
         candidates = []
         for cast in ("input", "weight"):
-            fused = FusedCastRMSNorm(weight.shape[0], float(eps), cast, device="meta")
+            fused = FusedCastRMSNorm(weight.shape[0], eps, cast, device="meta")
             fused.weight = weight
             fused.train(module.training)
             candidates.append(Candidate(fused, f"FusedCastRMSNorm(cast={cast!r})",
                                         lambda fused=fused: model.replace(module, fused)))
-        candidates.append(Candidate(_OffsetRMSNorm(weight, float(eps)), "rms_norm * (1 + weight)", None,
+        candidates.append(Candidate(_OffsetRMSNorm(weight, eps), "rms_norm * (1 + weight)", None,
                                     "computes rms_norm(x) * (1 + weight) (Gemma's form): needs the weight-offset "
                                     "option of the norm op, which it does not have yet"))
-        return [Rewrite(path, module, candidates, [module], _rows((weight.shape[0],)), replaces=True,
-                        dtypes=lambda d: (d, torch.float32 if d in (torch.float16, torch.bfloat16) else torch.bfloat16))]
+        other = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+        return [Rewrite(path, module, candidates, [module], _rows((weight.shape[0],), top=3), replaces=True,
+                        dtypes=lambda d: (d, other.get(d, torch.bfloat16)))]
 
 
 class _OffsetRMSNorm(nn.Module):
@@ -427,7 +509,8 @@ class MLPBlock(Pattern):
     """A block FusedMLP.from_module takes (a Llama-style gated MLP, Phi-3's, timm's / CLIP's fc1 / fc2, and with
     mlp=True nn.Sequential(Linear, act, Linear)) -> FusedMLP, replaced in its parent. FusedMLP holds new parameters
     (gated: gate and up stacked), so this runs with mlp=True only; without it, the named blocks are left with the
-    reason and nn.Sequential ones go to LinearActivation."""
+    reason and nn.Sequential ones go to LinearActivation (which leaves them too). A block with a parameter tied to a
+    module outside it is left: the copy would untie it."""
 
     def match(self, path, module, model, mlp):
         if type(module) is nn.Sequential:
@@ -445,6 +528,10 @@ class MLPBlock(Pattern):
             fused = FusedMLP.from_module(module)
         except ValueError as e:
             return None if type(module) is nn.Sequential else [FuseEntry(path, name, LEFT, reason=str(e))]
+        inside = {id(m) for m in module.modules()}
+        if any(model.holders[id(p)] - inside for p in module.parameters()):
+            return [FuseEntry(path, name, LEFT, reason="a parameter is tied to a module outside the block: FusedMLP's "
+                                                       "copy would untie it")]
 
         def as_layout(grads):
             _to_layout_keys(fused, grads, "", None)
@@ -461,7 +548,8 @@ class MLPBlock(Pattern):
 class LinearActivation(Pattern):
     """nn.Sequential(..., nn.Linear, activation, ...) -> the Linear switched to FusedLinear with that activation
     (nn.GELU, approximate "none" or "tanh"; nn.ReLU; nn.SiLU), the activation's slot nn.Identity: indices, keys and
-    parameter objects stay."""
+    parameter objects stay. It merges two modules (a slice ending at the Linear would then include the activation,
+    which no probe sees), so it runs with mlp=True only; without it, the pairs are left with the reason."""
 
     def match(self, path, module, model, mlp):
         if type(module) is not nn.Sequential:
@@ -474,7 +562,11 @@ class LinearActivation(Pattern):
                 i += 1
                 continue
             where = f"{path}.{i}" if path else str(i)
-            if len(model.parents[id(linear)]) != 1:
+            if not mlp:
+                found.append(FuseEntry(where, f"Linear + {type(act).__name__}", LEFT, reason=(
+                    "merging the pair changes what a slice of the nn.Sequential computes (the activation moves into "
+                    "the Linear), so it is done with fuse(model, mlp=True)")))
+            elif len(model.parents[id(linear)]) != 1:
                 found.append(FuseEntry(where, "Linear", LEFT, reason="the Linear is used elsewhere in the model too, "
                                                                      "where no activation follows it"))
             else:
@@ -490,7 +582,7 @@ class LinearActivation(Pattern):
 
 def _fuse_pair(model: _Model, seq: nn.Sequential, i: int, linear: nn.Linear, activation: str) -> None:
     _switch(linear, FusedLinear, activation=activation)()
-    identity = nn.Identity()
+    identity = nn.Identity().train(seq[i + 1].training)
     seq[i + 1] = identity
     model.seen.update((id(linear), id(identity)))
 

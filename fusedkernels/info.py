@@ -22,7 +22,8 @@ def report() -> str:
     info = _native.build_info()
     archs = info.get("archs", [])
     if _native.loaded:
-        lines.append(f"native module: loaded ({_native.source}); families {info.get('families', '?')}")
+        lines.append(f"native module: loaded ({_native.source}, {_native.module.__file__}); "
+                     f"families {info.get('families', '?')}")
         lines.append(f"  machine code for: {', '.join('sm_' + a for a in archs) or '?'}"
                      " (another GPU: rebuild with FUSEDKERNELS_CUDA_ARCHS=<its arch>, e.g. 80 for an A100)")
     else:

@@ -41,3 +41,21 @@ def capture_graph(step, static):
     with torch.cuda.graph(graph):
         results = step(*static)
     return graph, results
+
+
+def check_graph_replays(step, static, make_inputs, names, ulps=2):
+    """step(*static) captured in a CUDA graph (capture_graph); after fresh inputs from make_inputs() are copied
+    into static, each replay matches an eager step on them, run from the generator state the replay started at,
+    within `ulps` ulps of the largest value (0: equal)."""
+    graph, results = capture_graph(step, static)
+    for _ in range(2):
+        fresh = make_inputs()
+        for t, new in zip(static, fresh):
+            t.data.copy_(new)
+        rng = torch.cuda.get_rng_state()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.cuda.set_rng_state(rng)
+        eager = step(*[t.detach().clone().requires_grad_() for t in fresh])
+        for name, a, b in zip(names, results, eager):
+            assert max_err(a, b) <= ulps * torch.finfo(a.dtype).eps * max(b.abs().max().item(), 1.0), name

@@ -17,7 +17,7 @@ import fusedkernels.ops as fops
 from fusedkernels import _native
 from fusedkernels.ops.attention import attention_mask_ref, attention_ref, attention_varlen_ref
 
-from .helpers import assert_close_to_ref, capture_graph, max_err, poison_allocator
+from .helpers import assert_close_to_ref, check_graph_replays, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("attention"), reason="needs the native attention ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -711,18 +711,8 @@ def test_kernel_cuda_graph_capture_and_replay(dropout_p):
         out = fops.attention(q, k, v, causal=True, dropout_p=dropout_p, deterministic=True)
         return [out, *torch.autograd.grad(out, (q, k, v), dout)]
 
-    graph, results = capture_graph(step, static)
-    for _ in range(2):
-        fresh = _qkv(*shape, dtype=torch.bfloat16, device="cuda")
-        for t, new in zip(static, fresh):
-            t.data.copy_(new)
-        rng = torch.cuda.get_rng_state()
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.cuda.set_rng_state(rng)
-        eager = step(*[t.detach().clone().requires_grad_() for t in fresh])
-        for name, a, b in zip(["out", "dq", "dk", "dv"], results, eager):
-            assert torch.equal(a, b), name
+    check_graph_replays(step, static, lambda: _qkv(*shape, dtype=torch.bfloat16, device="cuda"),
+                        ["out", "dq", "dk", "dv"], ulps=0)
 
 
 @pytest.mark.cuda

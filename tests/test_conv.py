@@ -16,9 +16,10 @@ from torch import nn
 import fusedkernels.nn as fnn
 import fusedkernels.ops as fops
 from fusedkernels import _native
+from fusedkernels.ops import conv as conv_module
 from fusedkernels.ops.conv import _without_native, conv2d_bias_relu_ref
 
-from .helpers import assert_close_to_ref, capture_graph, max_err, poison_allocator
+from .helpers import assert_close_to_ref, check_graph_replays, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("conv2d_bias_relu"), reason="needs the native conv ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -70,7 +71,7 @@ def test_matches_plain_torch_with_grads(bias, residual):
     want = _grads(lambda x, w, b, r: plain(x, w, b, 1, 1, 1, r), tensors, dy)
     names = ["out", "dx", "dw"] + ["db"] * bias + ["dr"] * residual
     assert len(ours) == len(names)
-    assert ours[0].is_contiguous(memory_format=CL)  # channels_last, whatever x's layout
+    assert ours[0].is_contiguous()  # x's layout: contiguous NCHW here
     for name, o, p in zip(names, ours, want):
         assert o.dtype == torch.float64 and o.shape == p.shape, name
         assert max_err(o, p) < 1e-12, name
@@ -149,7 +150,7 @@ def test_gradcheck_and_gradgradcheck_float64(bias):
 
 def test_backward_node_and_what_it_computes():
     x, w, b, _ = (t.requires_grad_() if t is not None else None for t in _inputs(1, 4, (6, 6), 4, 3))
-    out = fops.conv2d_bias_relu(x, w, b)
+    out = fops.conv2d_bias_relu(x.to(memory_format=CL), w, b)  # NHWC in: the op's output itself, no copy back
     assert out.grad_fn.name() == "fusedkernels::Conv2dBiasReluBackward"
     with torch.no_grad():
         assert fops.conv2d_bias_relu(x, w, b).grad_fn is None
@@ -159,7 +160,7 @@ def test_backward_node_and_what_it_computes():
     out = fops.conv2d_bias_relu(x.detach(), w.detach(), None, 1, 0, 1, r)
     (dr,) = torch.autograd.grad(out, r, dy)
     assert torch.equal(dr, torch.where(out > 0, dy, 0))
-    # the internal op directly, on an NCHW x: channels_last output, same gradients
+    # the internal op directly, on an NCHW x: channels_last output (the public op converts it to x's), same gradients
     x2 = x.detach().requires_grad_()
     out = torch.ops.fusedkernels.conv2d_bias_relu_fwd(x2, w, b, [1, 1], [0, 0], [1, 1], None)
     assert out.is_contiguous(memory_format=CL)
@@ -201,7 +202,7 @@ def test_bad_inputs_raise_as_f_conv2d():
         (lambda: fops.conv2d_bias_relu(x, w, b, 1, 0, 1, r[:1]), RuntimeError,
          r"residual must have the output's shape \[2, 6, 6, 6\] \(no broadcasting\)"),
         (lambda: fops.conv2d_bias_relu([1.0], w, b), TypeError, None),
-        (lambda: fops.conv2d_bias_relu(x, w, b, "same"), TypeError, None),
+        (lambda: fops.conv2d_bias_relu(x, w, b, 1, 0.5), TypeError, None),
         (lambda: fops.conv2d_bias_relu(x.to_sparse(), w, b), NotImplementedError, "strided"),
     ]
     for call, kind, message in cases:
@@ -235,6 +236,117 @@ def test_without_native_module_ops_run_the_reference(monkeypatch):
     assert max_err(out, plain(x, w, b, 2, 1, 1, r)) == 0.0
     with pytest.raises(RuntimeError, match="residual must have the output's shape"):
         fallback(x, w, b, 2, 1, 1, r[:, :1])
+
+
+@pytest.fixture(params=["native", "without"])
+def public_op(request, monkeypatch):
+    """ops.conv2d_bias_relu through the native op, or through the reference that runs without it."""
+    if request.param == "native" and not _native.has_op("conv2d_bias_relu"):
+        pytest.skip("needs the native conv ops")
+    if request.param == "without":
+        monkeypatch.setattr(conv_module, "_conv2d_bias_relu", _without_native)
+    return fops.conv2d_bias_relu
+
+
+@pytest.mark.parametrize("kernel, dilation", [(3, 1), (4, 1), ((3, 4), 1), (4, 2), ((2, 5), (3, 1)), (1, 1)], ids=str)
+def test_padding_same_and_valid_as_f_conv2d(public_op, kernel, dilation):
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, kh, kw, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    for padding in ("same", "valid"):
+        want = F.relu(F.conv2d(x, w, b, 1, padding, dilation))
+        r = torch.randn(want.shape, dtype=torch.float64, requires_grad=True)
+        ours = _grads(lambda *t: public_op(t[0], t[1], t[2], 1, padding, dilation, t[3]), (x, w, b, r), want)
+        plain_ = _grads(lambda *t: F.relu(F.conv2d(t[0], t[1], t[2], 1, padding, dilation) + t[3]), (x, w, b, r), want)
+        assert all(o.shape == p.shape and max_err(o, p) < 1e-12 for o, p in zip(ours, plain_)), padding
+        unbatched = public_op(x[0], w, b, (1, 1), padding, dilation)
+        assert max_err(unbatched, F.relu(F.conv2d(x[0], w, b, 1, padding, dilation))) < 1e-12
+    assert public_op(x, w, b, padding="same", dilation=dilation).shape[2:] == x.shape[2:]
+
+
+def test_padding_strings_refused_as_f_conv2d(public_op):
+    x, w, b, _ = _inputs(2, 3, (8, 8), 4, 3)
+    for stride in (2, (1, 2)):
+        with pytest.raises(RuntimeError):
+            F.conv2d(x, w, b, stride, "same")
+        with pytest.raises(RuntimeError, match="padding='same' is not supported for strided convolutions"):
+            public_op(x, w, b, stride, "same")
+    assert max_err(public_op(x, w, b, 2, "valid"), F.relu(F.conv2d(x, w, b, 2, "valid"))) < 1e-12
+    with pytest.raises(RuntimeError):
+        F.conv2d(x, w, b, 1, "full")
+    with pytest.raises(RuntimeError, match="Invalid padding string: 'full'"):
+        public_op(x, w, b, 1, "full")
+
+
+# Calls the native op refuses; the reference without it refuses them with the same type and message.
+def _bad_calls():
+    x, w, b, r = _inputs(2, 4, (8, 8), 6, 3, dtype=torch.float32, residual=True)
+    return {
+        "x 2-D": (x[0, 0], w, b, 1, 0, 1, None),
+        "x 5-D": (x[None], w, b, 1, 0, 1, None),
+        "weight 3-D": (x, w[0], b, 1, 0, 1, None),
+        "no output channels": (x, w[:0], None, 1, 0, 1, None),
+        "channels": (x[:, :3], w, b, 1, 0, 1, None),
+        "unbatched channels": (x[0, :3], w, b, 1, 0, 1, None),
+        "int64 x": (x.long(), w.long(), None, 1, 0, 1, None),
+        "int64 x, float weight": (x.long(), w, None, 1, 0, 1, None),
+        "weight dtype": (x, w.double(), None, 1, 0, 1, None),
+        "bias dtype": (x, w, b.double(), 1, 0, 1, None),
+        "bias shape": (x, w, b[:5], 1, 0, 1, None),
+        "stride 0": (x, w, b, (1, 0), 0, 1, None),
+        "negative padding": (x, w, b, 1, (0, -1), 1, None),
+        "dilation 0": (x, w, b, 1, 0, 0, None),
+        "stride of 3": (x, w, b, (1, 1, 1), 0, 1, None),
+        "kernel too large": (x[..., :2, :2], w, b, 1, 0, 1, None),
+        "residual shape": (x, w, b, 1, 0, 1, r[:1]),
+        "residual broadcast": (x, w, b, 1, 0, 1, r[0, :, :1, :1]),
+        "unbatched residual": (x[0], w, b, 1, 0, 1, r[0, :, :5]),
+        "sparse x": (x.to_sparse(), w, b, 1, 0, 1, None),
+        "sparse weight": (x, w.to_sparse(), b, 1, 0, 1, None),
+        "csr residual": (x, w, b, 1, 0, 1, r[0, 0].to_sparse_csr()),
+        "x not a tensor": ([1.0], w, b, 1, 0, 1, None),
+        "padding a string": (x, w, b, 1, "same", 1, None),
+        "stride a float": (x, w, b, 1.5, 0, 1, None),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()), ids=str)
+def test_without_native_raises_what_the_native_op_raises(case):
+    args = _bad_calls()[case]
+    with pytest.raises(Exception) as without:
+        _without_native(*args)
+    assert without.type in (RuntimeError, TypeError, NotImplementedError), repr(without.value)
+    if not _native.has_op("conv2d_bias_relu"):
+        pytest.skip("needs the native conv ops to compare with")
+    with pytest.raises(Exception) as native:
+        conv_module._conv2d_bias_relu(*args)
+    assert without.type is native.type, (repr(without.value), repr(native.value))
+    if native.type is not TypeError:  # the schema's TypeErrors have words of their own
+        assert str(without.value) == str(native.value)
+
+
+def test_output_follows_x_layout_on_cpu(public_op):
+    x, w, b, r = (t.requires_grad_() for t in _inputs(2, 8, (6, 5), 8, 3, residual=True, padding=1))
+    want = plain(x, w, b, 1, 1, 1, r)
+    cl = [t.detach().to(memory_format=CL).requires_grad_() for t in (x, w, r)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CPU calls warn about nothing
+        for xx, ww, rr, fmt in ((x, w, r, torch.contiguous_format), (cl[0], cl[1], cl[2], CL),
+                                (x, cl[1], r, torch.contiguous_format), (cl[0], w, r, CL),
+                                (x.detach()[:, :, ::2], w, None, torch.contiguous_format)):
+            out = public_op(xx, ww, b, 1, 1, 1, rr)
+            assert out.is_contiguous(memory_format=fmt), fmt
+            assert out.is_contiguous(memory_format=fmt) == F.conv2d(xx, w, b, 1, 1).is_contiguous(memory_format=fmt)
+            if rr is not None:
+                assert max_err(out, want) < 1e-12
+                grads = torch.autograd.grad(out, (xx, ww, b, rr), torch.ones_like(out))
+                wants = torch.autograd.grad(want, (x, w, b, r), torch.ones_like(want), retain_graph=True)
+                assert all(max_err(g, h) < 1e-12 for g, h in zip(grads, wants))
+        # residual of another dtype and unbatched input: the same rule
+        assert public_op(x, w, b, 1, 1, 1, r.float()).is_contiguous()
+        assert public_op(cl[0], w, b, 1, 1, 1, r.float()).is_contiguous(memory_format=CL)
+        assert public_op(x[0], w, b, 1, 1).is_contiguous()
 
 
 def _opcheck(device, dtype):
@@ -437,6 +549,47 @@ def test_conv_bn_relu_without_running_statistics_uses_batch_statistics_in_eval()
     assert max_err(block(x), seq(x)) < 1e-12
 
 
+def test_fused_conv2d_relu_output_of_contiguous_input_views():
+    out = fnn.FusedConv2dReLU(3, 4, 3)(torch.randn(2, 3, 5, 5)).view(2, -1)
+    assert out.shape == (2, 36)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_conv_bn_relu_checks_the_same_in_train_and_eval(mode):
+    block = fnn.FusedConvBNReLU(3, 5, 3, padding=1).train(mode == "train")
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(RuntimeError, match=r"residual must have the output's shape \[2, 5, 6, 6\] \(no broadcasting\)"):
+        block(x, torch.randn(5, 1, 1))
+    bn = nn.BatchNorm2d(5).train(mode == "train")
+    with pytest.raises(ValueError) as theirs:
+        bn(torch.randn(5, 6, 6))
+    with pytest.raises(ValueError) as ours:
+        block(x[0])
+    assert str(ours.value) == str(theirs.value) == "expected 4D input (got 3D input)"
+    assert block(x, torch.randn(2, 5, 6, 6)).shape == (2, 5, 6, 6)
+
+
+def test_conv_bn_relu_output_layout_is_the_same_in_train_and_eval():
+    block = fnn.FusedConvBNReLU(3, 5, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    for module_cl, x_cl in ((False, False), (True, True), (True, False), (False, True)):
+        m = block.to(memory_format=CL if module_cl else torch.contiguous_format)
+        xx = x.to(memory_format=CL) if x_cl else x
+        fmt = CL if x_cl else torch.contiguous_format
+        for mode in (True, False):
+            out = m.train(mode)(xx)
+            assert out.is_contiguous(memory_format=fmt), (module_cl, x_cl, mode)
+    assert block.train()(x).view(2, -1).shape == block.eval()(x).view(2, -1).shape == (2, 180)
+
+
+def test_conv_bn_relu_from_modules_follows_their_mode():
+    conv, bn = nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8)
+    assert not fnn.FusedConvBNReLU.from_modules(conv.eval(), bn.eval()).training
+    assert fnn.FusedConvBNReLU.from_modules(conv.train(), bn.train()).training
+    block = fnn.FusedConvBNReLU.from_modules(conv.eval(), bn.train())  # bn's mode is the one that computes
+    assert block.training and not conv.training
+
+
 def test_conv_bn_relu_from_modules_shares_them():
     conv, bn = nn.Conv2d(4, 8, 3, bias=False), _bn_randomised(nn.BatchNorm2d(8))
     block = fnn.FusedConvBNReLU.from_modules(conv, bn)
@@ -539,8 +692,27 @@ def test_cuda_nchw_inputs_are_converted_with_one_warning_naming_the_cost():
         fops.conv2d_bias_relu(nchw[0], nchw[1], b, 1, 1, 1, nchw[2])
     said = [str(m.message) for m in caught if "not channels_last" in str(m.message)]
     assert len(said) <= 3 and all("a copy of" in s and "memory_format=torch.channels_last" in s for s in said)
-    assert out.is_contiguous(memory_format=CL)
+    assert all("the output's back to NCHW" in s for s in said if ": x is not" in s)
+    assert out.is_contiguous()  # NCHW in, NCHW out, as F.conv2d
     assert torch.equal(out, fops.conv2d_bias_relu(x, w, b, 1, 1, 1, r))
+
+
+@pytest.mark.cuda
+@needs_native
+def test_cuda_output_follows_x_layout_and_padding_same():
+    x, w, b, r, _, _ = _cuda_inputs((2, 16, (9, 8), 24, 4, 1, 1), torch.bfloat16)
+    f32 = [t.float() for t in (x, w, b)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for xx, fmt in ((x, CL), (x.contiguous(), torch.contiguous_format)):
+            for ww in (w, w.contiguous()):
+                out = fops.conv2d_bias_relu(xx, ww, b, 1, "same")
+                assert out.shape == x.shape[:1] + (24,) + x.shape[2:] and out.is_contiguous(memory_format=fmt)
+                want = F.relu(F.conv2d(*f32, 1, "same"))
+                assert max_err(out, want) < 5e-2 * max(want.abs().max().item(), 1.0)
+        block = fnn.FusedConvBNReLU(16, 24, 3, padding=1, device="cuda", dtype=torch.bfloat16)
+        for xx, fmt in ((x, CL), (x.contiguous(), torch.contiguous_format)):
+            assert block.train()(xx).is_contiguous(memory_format=fmt) and block.eval()(xx).is_contiguous(memory_format=fmt)
 
 
 @pytest.mark.cuda
@@ -553,16 +725,8 @@ def test_cuda_graph_capture_and_replay():
         out = fops.conv2d_bias_relu(x, w, b, 1, 1, 1, r)
         return [out, *torch.autograd.grad(out, (x, w, b, r), dy)]
 
-    graph, results = capture_graph(step, static)
-    for _ in range(2):
-        fresh = _cuda_inputs((4, 32, (14, 14), 64, 3, 1, 1), torch.bfloat16)[:4]
-        for t, new in zip(static, fresh):
-            t.data.copy_(new)
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = step(*[t.detach().clone().requires_grad_() for t in fresh])
-        for name, a, c in zip(["out", "dx", "dw", "db", "dr"], results, eager):
-            assert max_err(a, c) <= 2 * torch.finfo(a.dtype).eps * max(c.abs().max().item(), 1.0), name
+    check_graph_replays(step, static, lambda: _cuda_inputs((4, 32, (14, 14), 64, 3, 1, 1), torch.bfloat16)[:4],
+                        ["out", "dx", "dw", "db", "dr"])
 
 
 @pytest.mark.cuda

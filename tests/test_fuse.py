@@ -258,26 +258,57 @@ class NotAnRMSNorm(nn.Module):
 
 
 def test_probe_rejects_what_computes_something_else():
-    model = nn.Sequential(ScaledLayerNorm(16), NotAnRMSNorm(16), nn.LayerNorm(16))
+    model = nn.Sequential(NotAnRMSNorm(16), nn.LayerNorm(16))
     report = fusedkernels.fuse(model)
     entries = {e.path: e for e in report.entries}
-    assert entries["0"].status == "left" and "probe" in entries["0"].reason and "output" in entries["0"].reason
-    assert entries["1"].status == "left" and "FusedCastRMSNorm(cast='input')" in entries["1"].reason
-    assert entries["2"].status == "swapped"
-    assert type(model[0]) is ScaledLayerNorm and type(model[1]) is NotAnRMSNorm
+    assert entries["0"].status == "left" and "FusedCastRMSNorm(cast='input')" in entries["0"].reason
+    assert "probe" in entries["0"].reason and "output" in entries["0"].reason
+    assert entries["1"].status == "swapped"
+    assert type(model[0]) is NotAnRMSNorm
 
 
 class SameLayerNorm(nn.LayerNorm):
-    """A subclass whose forward computes what nn.LayerNorm's does."""
+    """A subclass whose forward computes what nn.LayerNorm's does, with a method of its own."""
 
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
+    def extra_method(self):
+        return "kept"
 
-def test_subclass_with_the_same_forward_is_swapped():
-    model = nn.Sequential(SameLayerNorm(16))
-    assert fusedkernels.fuse(model).entries[0].status == "swapped"
-    assert type(model[0]) is fnn.FusedLayerNorm
+
+class FourDLayerNorm(nn.LayerNorm):
+    """Differs from nn.LayerNorm only on 4-D inputs, which the probe ([2, 5, n]) never gives."""
+
+    def forward(self, x):
+        return 2 * super().forward(x) if x.dim() == 4 else super().forward(x)
+
+
+class ClampedRMSNorm(nn.RMSNorm):
+    """Differs from nn.RMSNorm only past |x| = 100."""
+
+    def forward(self, x):
+        return super().forward(x.clamp(-100, 100))
+
+
+def test_norm_subclasses_are_left():
+    model = nn.Sequential(SameLayerNorm(16), ScaledLayerNorm(16), FourDLayerNorm(16), ClampedRMSNorm(16))
+    report = fusedkernels.fuse(model)
+    assert [e.status for e in report.entries] == ["left"] * 4
+    assert all("subclass of nn." in e.reason for e in report.entries), str(report)
+    assert [type(m) for m in model] == [SameLayerNorm, ScaledLayerNorm, FourDLayerNorm, ClampedRMSNorm]
+    assert model[0].extra_method() == "kept"
+
+
+def test_hf_structured_subclass_is_probed_out_to_large_values():
+    """An nn.RMSNorm subclass with a float eps has HFRMSNorm's structure: replaced by what the probe confirms, and
+    the probe's rows reach ~1e3, where the clamp shows."""
+    model = nn.Sequential(ClampedRMSNorm(16, eps=1e-5), nn.RMSNorm(16, eps=1e-5))
+    report = fusedkernels.fuse(model)
+    entries = {e.path: e for e in report.entries}
+    assert entries["0"].status == "left" and "probe found a difference" in entries["0"].reason
+    assert type(model[0]) is ClampedRMSNorm
+    assert entries["1"].status == "swapped" and type(model[1]) is fnn.FusedRMSNorm
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -288,7 +319,7 @@ def test_linear_followed_by_activation(device, dtype, act, name):
     model = _randomize(nn.Sequential(nn.Linear(16, 32), act, nn.Linear(32, 8), nn.Tanh(), nn.Linear(8, 8, bias=False),
                                      nn.ReLU())).to(device, dtype)
     before, params, keys = copy.deepcopy(model), _params(model), list(model.state_dict())
-    report = fusedkernels.fuse(model)
+    report = fusedkernels.fuse(model, mlp=True)
     assert _statuses(report) == {"0": ("swapped", f"FusedLinear(activation={name!r})"),
                                  "4": ("swapped", "FusedLinear(activation='relu')")}
     assert report.entries[0].original == f"Linear + {type(act).__name__}"
@@ -303,7 +334,7 @@ def test_linear_followed_by_activation(device, dtype, act, name):
 def test_shared_linear_is_left():
     linear = nn.Linear(8, 8)
     model = nn.ModuleDict({"a": nn.Sequential(linear, nn.ReLU()), "b": nn.Sequential(linear)})
-    (entry,) = fusedkernels.fuse(model).entries
+    (entry,) = fusedkernels.fuse(model, mlp=True).entries
     assert entry.path == "a.0" and entry.status == "left" and "elsewhere" in entry.reason
     assert type(linear) is nn.Linear
 
@@ -316,7 +347,8 @@ def test_mlp_blocks_need_mlp_true(dtype):
     report = fusedkernels.fuse(model)
     entries = {e.path: e for e in report.entries}
     assert entries["mlp"].status == "left" and "mlp=True" in entries["mlp"].reason
-    assert entries["seq.0"].fused == "FusedLinear(activation='gelu')"  # the pair, parameters kept
+    assert entries["seq.0"].status == "left" and "mlp=True" in entries["seq.0"].reason
+    assert type(model["seq"][0]) is nn.Linear and type(model["seq"][1]) is nn.GELU
 
     model = copy.deepcopy(before)
     report = fusedkernels.fuse(model, mlp=True)
@@ -341,16 +373,19 @@ def test_mlp_blocks_need_mlp_true(dtype):
 def test_idempotent_and_report():
     model = _randomize(nn.Sequential(nn.LayerNorm(8), LlamaRMSNorm(8), nn.Linear(8, 8), nn.SiLU(), GemmaRMSNorm(8)))
     first = fusedkernels.fuse(model)
-    assert [(e.path, e.status) for e in first.entries] == [("0", "swapped"), ("1", "swapped"), ("2", "swapped"),
+    assert [(e.path, e.status) for e in first.entries] == [("0", "swapped"), ("1", "swapped"), ("2", "left"),
                                                            ("4", "left")]
     text = str(first)
-    assert text.startswith("fuse(Sequential): 3 swapped, 1 left, 0 already fused")
+    assert text.startswith("fuse(Sequential): 2 swapped, 2 left, 0 already fused")
     assert "swapped  1: LlamaRMSNorm -> FusedCastRMSNorm(cast='input')" in text and "left     4: GemmaRMSNorm" in text
+    assert "left     2: Linear + SiLU: merging the pair" in text
+    second = fusedkernels.fuse(model, mlp=True)
+    assert _statuses(second)["2"] == ("swapped", "FusedLinear(activation='silu')")
     state, structure = copy.deepcopy(model.state_dict()), repr(model)
-    second = fusedkernels.fuse(model)
-    assert not second.swapped and len(second.already_fused) == 3 and len(second.left) == 1
+    third = fusedkernels.fuse(model, mlp=True)
+    assert not third.swapped and len(third.already_fused) == 3 and len(third.left) == 1
     assert repr(model) == structure and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert "already  2: FusedLinear" in str(second)
+    assert "already  2: FusedLinear" in str(third)
 
 
 def test_nothing_to_fuse():
@@ -379,12 +414,19 @@ def test_class_switch_keeps_hooks_and_training_flag():
     seen = []
     norm = nn.LayerNorm(8)
     norm.register_forward_hook(lambda module, args, out: seen.append(type(module)))
-    model = nn.Sequential(norm, LlamaRMSNorm(8)).eval()
-    fusedkernels.fuse(model)
+    model = nn.Sequential(norm, LlamaRMSNorm(8), nn.Linear(8, 8), nn.ReLU()).eval()
+    fusedkernels.fuse(model, mlp=True)
     assert not seen, "the probe does not run the model's hooks"
     model(torch.randn(2, 8))
     assert seen == [fnn.FusedLayerNorm]
-    assert not any(m.training for m in model.modules())
+    assert not any(m.training for m in model.modules()) and type(model[3]) is nn.Identity
+
+
+def test_identity_takes_the_activations_training_flag():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU()).train()
+    model[1].eval()
+    fusedkernels.fuse(model, mlp=True)
+    assert type(model[1]) is nn.Identity and not model[1].training and model[0].training
 
 
 def test_probe_leaves_rng_and_grads_alone():
@@ -399,7 +441,121 @@ def test_inference_probes_without_gradients():
     model = _randomize(nn.Sequential(nn.LayerNorm(8), LlamaRMSNorm(8)))
     with torch.inference_mode():
         report = fusedkernels.fuse(model, inference=True)
-    assert len(report.swapped) == 2
+    assert len(report.swapped) == 2 and not report.note
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_fuse_where_grad_is_off(mode):
+    """Inside inference_mode no gradient can be taken: outputs only, said in the report; under no_grad the probe
+    enables grad itself and checks gradients as usual."""
+    model = _randomize(nn.Sequential(nn.LayerNorm(8), LlamaRMSNorm(8)))
+    with getattr(torch, mode)():
+        report = fusedkernels.fuse(model)
+    assert len(report.swapped) == 2, str(report)
+    if mode == "inference_mode":
+        assert "outputs only" in report.note and "outputs only" in str(report).splitlines()[0]
+    else:
+        assert not report.note
+
+
+class CLIPLayerNorm(nn.LayerNorm):
+    """CLIP's LayerNorm: computes in float32 whatever the input's dtype."""
+
+    def forward(self, x):
+        t = x.dtype
+        return super().forward(x.type(torch.float32)).type(t)
+
+
+class Float32RMSNorm(nn.Module):
+    """HFRMSNorm's structure, but its forward casts the input to float32: the float64 copy mixes dtypes and raises."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(n)), 1e-6
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), (x.shape[-1],), self.weight, None, self.eps).to(x.dtype)
+
+
+class Float32MLP(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(n, 2 * n), nn.GELU(), nn.Linear(2 * n, n)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x.float()))).to(x.dtype)
+
+
+def test_probe_exceptions_leave_the_module_and_fuse_goes_on():
+    model = _randomize(nn.Sequential(nn.LayerNorm(16), CLIPLayerNorm(16), Float32RMSNorm(16), Float32MLP(16),
+                                     LlamaRMSNorm(16)))
+    report = fusedkernels.fuse(model, mlp=True)
+    entries = {e.path: e for e in report.entries}
+    assert entries["0"].status == "swapped" and entries["4"].status == "swapped"
+    assert entries["1"].status == "left" and "subclass" in entries["1"].reason
+    for path in ("2", "3"):
+        assert entries[path].status == "left", str(report)
+        assert "float64 reference copy raised" in entries[path].reason and "RuntimeError" in entries[path].reason
+    assert [type(m) for m in model] == [fnn.FusedLayerNorm, CLIPLayerNorm, Float32RMSNorm, Float32MLP,
+                                        fnn.FusedCastRMSNorm]
+
+
+class DropoutRMSNorm(nn.Module):
+    """An RMSNorm of Hugging Face's structure with dropout on its input in training."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(n)), 1e-6
+
+    def forward(self, x):
+        x = F.dropout(x, 0.1, self.training)
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def test_random_modules_are_left_and_rng_is_restored():
+    model = nn.Sequential(DropoutRMSNorm(16), nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.ReLU())).train()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    report = fusedkernels.fuse(model)
+    assert torch.equal(torch.get_rng_state(), state)
+    (entry,) = report.entries
+    assert entry.status == "left" and "random (dropout?)" in entry.reason
+    assert type(model[0]) is DropoutRMSNorm
+    report = fusedkernels.fuse(model.eval())  # no dropout in eval: one output, swapped
+    assert report.entries[0].status == "swapped", str(report)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_linear_activation_pairs_need_mlp_true():
+    """Merging Linear + activation changes what a slice of the Sequential computes, which no probe sees."""
+    features = _randomize(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+    x = torch.randn(3, 8)
+    sliced = features[:1](x)
+    report = fusedkernels.fuse(features)
+    assert [e.status for e in report.entries] == ["left"] and "mlp=True" in report.entries[0].reason
+    assert torch.equal(features[:1](x), sliced) and type(features[1]) is nn.ReLU
+
+
+class TimmMlp(nn.Module):
+    def __init__(self, n, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(n, hidden), nn.GELU(), nn.Linear(hidden, n)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_mlp_blocks_with_tied_weights_are_left():
+    model = nn.ModuleDict({"emb": nn.Embedding(24, 16), "mlp": TimmMlp(16, 24), "llama": LlamaMLP(16, 24)})
+    model["emb"].weight = model["mlp"].fc1.weight
+    report = fusedkernels.fuse(model, mlp=True)
+    entries = {e.path: e for e in report.entries}
+    assert entries["mlp"].status == "left" and "tied" in entries["mlp"].reason
+    assert type(model["mlp"]) is TimmMlp and model["emb"].weight is model["mlp"].fc1.weight
+    # Untied blocks are swapped: state_dict keys stay, named_parameters() names do not (gate and up stacked).
+    assert entries["llama"].status == "swapped"
+    assert "llama.gate_proj.weight" in model.state_dict()
+    assert "llama.gate_up_proj.weight" in dict(model.named_parameters())
 
 
 def test_fuse_checks_its_argument():

@@ -19,7 +19,7 @@ import fusedkernels.ops as fops
 from fusedkernels import _build, _native
 from fusedkernels.ops.gemm import ACTIVATIONS, GATE_ACTIVATION, GATED_ACTIVATIONS, linear_act_ref, linear_gated_ref
 
-from .helpers import assert_close_to_ref, capture_graph, max_err, poison_allocator
+from .helpers import assert_close_to_ref, check_graph_replays, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("linear_act"), reason="needs the native gemm ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -386,16 +386,8 @@ def test_kernel_cuda_graph_capture_and_replay(kernels):
         out = fops.linear_act(x, w, b, "gelu", r)
         return [out, *torch.autograd.grad(out, (x, w, b, r), dy)]
 
-    graph, results = capture_graph(step, static)
-    for _ in range(2):
-        fresh = _inputs((130,), 136, 264, torch.bfloat16, "cuda", True, True)
-        for t, new in zip(static, fresh):
-            t.data.copy_(new)
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = step(*[t.detach().clone().requires_grad_() for t in fresh])
-        for name, a, c in zip(["out", "dx", "dw", "db", "dr"], results, eager):
-            assert max_err(a, c) <= 2 * torch.finfo(a.dtype).eps * max(c.abs().max().item(), 1.0), name
+    check_graph_replays(step, static, lambda: _inputs((130,), 136, 264, torch.bfloat16, "cuda", True, True),
+                        ["out", "dx", "dw", "db", "dr"])
 
 
 @pytest.mark.cuda

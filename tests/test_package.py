@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -225,3 +226,16 @@ def test_install_without_native_module_removes_a_stale_one(tmp_path, monkeypatch
 
 def test_setup_refuses_an_old_setuptools_clearly():
     assert "setuptools >= 77" in _read("setup.py") and "setuptools>=77" in _read("scripts/setup.sh")
+
+
+def test_a_native_module_of_another_checkout_is_not_loaded(monkeypatch, tmp_path):
+    """An editable install of another copy can serve its _C to this package: it is refused, with where it was."""
+    stranger = types.SimpleNamespace(__file__=str(tmp_path / "fusedkernels" / "_C.so"))
+    monkeypatch.setattr(_native.importlib, "import_module", lambda name: stranger)
+    monkeypatch.delenv("FUSEDKERNELS_JIT", raising=False)
+    for name in ("loaded", "error", "source", "module"):
+        monkeypatch.setattr(_native, name, getattr(_native, name))
+    _native.loaded, _native.error = False, None
+    _native._load()
+    assert not _native.loaded and _native.module is None
+    assert str(tmp_path) in _native.error and "another copy" in _native.error

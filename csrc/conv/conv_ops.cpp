@@ -9,7 +9,7 @@
 //        dbias (the sum of dz), and dresidual = dz
 //
 //   z = conv2d(x, weight, stride, padding, dilation) + bias + residual,  out = relu(z); groups = 1; in the inputs'
-//   dtype; out channels_last.
+//   dtype; out in x's memory format (channels_last for a channels_last x, else contiguous), as F.conv2d's.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -26,7 +26,8 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // [C_out], residual like the output; all one dtype. stride, padding, dilation: an int or a pair, as F.conv2d's.
   m.def("conv2d_bias_relu(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0,"
         " int[2] dilation=1, Tensor? residual=None) -> Tensor");
-  // Internal: x 4-D, stride / padding / dilation pairs; the output channels_last.
+  // Internal: x 4-D, stride / padding / dilation pairs; the output channels_last, whatever x's layout (inductor's
+  // layout optimisation passes x in strides other than the trace's, so the output's must not depend on them).
   m.def("conv2d_bias_relu_fwd(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding,"
         " int[2] dilation, Tensor? residual) -> Tensor");
 }
@@ -35,6 +36,18 @@ namespace fusedkernels::conv {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+
+namespace {
+
+// The public op's output memory format, x's as F.conv2d follows it: channels_last for an x that is channels_last
+// (and not also contiguous, as when C == 1), contiguous otherwise. fusedkernels/ops/conv.py's _output_format
+// mirrors it.
+at::MemoryFormat output_format(const Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace
 
 // The reference, also conv_api.cpp's where no kernel takes a call: relu(F.conv2d(x, weight, bias, ...) +
 // residual) in the inputs' dtype (autocast excluded: the callers cast first), differentiable, in the layout
@@ -192,7 +205,8 @@ Tensor to_channels_last(const Tensor& t, const char* name) {
   const int which = name[0] == 'x' ? 0 : name[0] == 'w' ? 1 : 2;
   std::call_once(warned[which], [&] {
     TORCH_WARN("fusedkernels.conv2d_bias_relu: ", name, " is not channels_last (NHWC); converting it costs a copy of ",
-               name, " (", shape(t), ") on every call. Convert once instead: "
+               name, " (", shape(t), ") on every call", name[0] == 'x' ? ", and the output's back to NCHW" : "",
+               ". Convert once instead: "
                "model.to(memory_format=torch.channels_last) and x.contiguous(memory_format=torch.channels_last)");
   });
   return t.contiguous(kChannelsLast);
@@ -204,23 +218,27 @@ Tensor route(const Tensor& x, const Tensor& weight, const OptTensor& bias, const
              const OptTensor& residual) {
   const char* op = "conv2d_bias_relu";
   check_args(op, x, weight, bias, g, residual, /*residual_any_dtype=*/true);
+  const auto format = output_format(x);
   if (residual && residual->scalar_type() != x.scalar_type()) {
     // as `relu(F.conv2d(...) + residual)`: the add promotes (a float32 residual stream), so nothing is fused
     if (x.is_cuda()) warn_fallback(op, "a residual of another dtype than x's has no fused kernel", kReference);
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    return at::relu(at::conv2d(x, weight, bias, g.stride, g.padding, g.dilation, 1) + *residual);
+    return at::relu(at::conv2d(x, weight, bias, g.stride, g.padding, g.dilation, 1) + *residual).contiguous(format);
   }
   if (const char* why = fallback_reason(x, weight, bias, residual)) {
     warn_fallback(op, why, kReference);
-    return conv2d_bias_relu_reference(x, weight, bias, g.stride, g.padding, g.dilation, residual);
+    return conv2d_bias_relu_reference(x, weight, bias, g.stride, g.padding, g.dilation, residual).contiguous(format);
   }
-  if (!x.is_cuda()) {
-    return conv2d_bias_relu_fwd_op().call(x, weight, bias, g.stride, g.padding, g.dilation, residual);
+  if (!x.is_cuda()) {  // the CPU kernel writes NHWC too: an NCHW x's output is converted back
+    return conv2d_bias_relu_fwd_op().call(x, weight, bias, g.stride, g.padding, g.dilation, residual).contiguous(format);
   }
-  // the kernel reads NHWC: converting here keeps the copies visible to autograd (their backward converts back)
-  return conv2d_bias_relu_fwd_op().call(to_channels_last(x, "x"), to_channels_last(weight, "weight"), bias, g.stride,
-                                        g.padding, g.dilation,
-                                        residual ? OptTensor(to_channels_last(*residual, "residual")) : std::nullopt);
+  // The kernel reads and writes NHWC: converting here keeps the copies visible to autograd (their backward converts
+  // back); an NCHW x gets its output back contiguous, as F.conv2d would return it (a second copy, named in the
+  // warning).
+  return conv2d_bias_relu_fwd_op()
+      .call(to_channels_last(x, "x"), to_channels_last(weight, "weight"), bias, g.stride, g.padding, g.dilation,
+            residual ? OptTensor(to_channels_last(*residual, "residual")) : std::nullopt)
+      .contiguous(format);
 }
 
 Tensor conv2d_bias_relu_composite(const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,

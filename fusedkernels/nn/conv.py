@@ -22,31 +22,27 @@ _REFERENCE = "the PyTorch reference (F.conv2d, + residual, relu)"
 def _conv_relu(conv: nn.Conv2d, input: Tensor, weight: Tensor, bias: Optional[Tensor],
                residual: Optional[Tensor]) -> Tensor:
     """relu(conv's convolution of input with weight and bias (+ residual)), with conv's stride, padding, padding mode,
-    dilation and groups: fusedkernels.ops.conv2d_bias_relu where the op takes them, after an explicit pad for string
-    paddings and non-zero padding modes; grouped convolutions run the reference."""
-    padding = conv.padding
-    if conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(padding, str):
-        return ops._conv2d_bias_relu(input, weight, bias, conv.stride, padding, conv.dilation, residual)
+    dilation and groups: fusedkernels.ops.conv2d_bias_relu (which resolves "same" / "valid" as F.conv2d does), after
+    an explicit pad for the non-zero padding modes, as nn.Conv2d pads; grouped convolutions run the reference."""
     if conv.groups != 1:
         if input.is_cuda:
             _native.warn_fallback("conv2d_bias_relu", "groups != 1 (grouped, depthwise) has no fused kernel", _REFERENCE)
         z = conv._conv_forward(input, weight, bias)
-        return F.relu(z if residual is None else z + residual)
-    pads = list(conv._reversed_padding_repeated_twice)  # [left, right, top, bottom]
-    if conv.padding_mode == "zeros" and pads[0::2] == pads[1::2]:
-        padding = (pads[2], pads[0])  # "valid", or "same" with as much padding on both sides: as numbers, (H, W)
-    else:  # "same" with an even dilated kernel (one more row / column at the end), or another padding mode
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        input = F.pad(input, pads, mode=mode)
-        padding = (0, 0)
-    return ops._conv2d_bias_relu(input, weight, bias, conv.stride, padding, conv.dilation, residual)
+        out = F.relu(z if residual is None else z + residual)
+        return out.contiguous(memory_format=ops._output_format(input))  # the op's layout, whatever weight's
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        input = F.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    return ops.conv2d_bias_relu(input, weight, bias, conv.stride, padding, conv.dilation, residual)
 
 
 class FusedConv2dReLU(nn.Conv2d):
     """`nn.ReLU()(nn.Conv2d(x) (+ residual))` computed by fusedkernels.ops.conv2d_bias_relu.
 
-    Every nn.Conv2d configuration works: padding "same" / "valid" and the reflect, replicate and circular padding modes
-    pad explicitly first (an extra copy of the input, as nn.Conv2d's own non-zero modes make); groups != 1 (grouped,
+    Every nn.Conv2d configuration works: padding "same" / "valid" as F.conv2d resolves them (an even dilated kernel
+    pads the input explicitly first, as F.conv2d does), the reflect, replicate and circular padding modes pad
+    explicitly first (an extra copy of the input, as nn.Conv2d's own non-zero modes make); groups != 1 (grouped,
     depthwise) runs the reference, with one warning on CUDA. For the fused kernel, keep the model channels_last
     (model.to(memory_format=torch.channels_last)): other layouts are converted on every call, with one warning.
     """
@@ -56,8 +52,8 @@ class FusedConv2dReLU(nn.Conv2d):
 
         input: [N, C_in, H, W] or [C_in, H, W], the parameters' dtype and device (under autocast, any dtype autocast
         casts); residual: None or exactly the output's shape (no broadcasting), added before the ReLU. Returns the
-        output channels_last, in input's dtype (the autocast dtype under autocast). Raises what
-        fusedkernels.ops.conv2d_bias_relu raises.
+        output in input's memory format (channels_last for channels_last input, else contiguous) and dtype (the
+        autocast dtype under autocast). Raises what fusedkernels.ops.conv2d_bias_relu raises.
         """
         return _conv_relu(self, input, self.weight, self.bias, residual)
 
@@ -100,7 +96,7 @@ class FusedConvBNReLU(nn.Module):
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "FusedConvBNReLU":
         """The block around these modules (not copies: their parameters, buffers and training flags are the
-        module's). Raises TypeError for a conv that is not an nn.Conv2d computing nn.Conv2d's forward or a bn that is
+        module's), in bn's mode (training or eval). Raises TypeError for a conv that is not an nn.Conv2d computing nn.Conv2d's forward or a bn that is
         not an nn.BatchNorm2d, ValueError when bn's features are not conv's output channels."""
         if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
             raise TypeError(f"FusedConvBNReLU.from_modules: conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -112,16 +108,22 @@ class FusedConvBNReLU(nn.Module):
         block = cls.__new__(cls)
         nn.Module.__init__(block)
         block.conv, block.bn = conv, bn
+        block.training = bn.training  # the flag only: train() / eval() would also set the given conv's
         block.register_load_state_dict_pre_hook(_load_sequential_keys)
         return block
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """relu(bn(conv(input)) (+ residual)). input as nn.Conv2d takes it; residual None or exactly the output's
-        shape. Returns the output (channels_last in eval mode) in input's dtype."""
+        """relu(bn(conv(input)) (+ residual)). input [N, C_in, H, W] (4-D, as nn.BatchNorm2d takes it); residual
+        None or exactly the output's shape. Returns the output in input's memory format and dtype. The same checks
+        in both modes: ValueError for input that is not 4-D (nn.BatchNorm2d's), RuntimeError for a residual not the
+        output's shape (conv2d_bias_relu's)."""
         conv, bn = self.conv, self.bn
+        bn._check_input_dim(input)  # before the conv: eval's op would take unbatched input
         if bn.training or bn.running_mean is None:
             z = bn(conv(input))
-            return F.relu(z if residual is None else z + residual)
+            ops._check_residual(residual, z.shape)  # as the eval path's op: no broadcasting
+            out = F.relu(z if residual is None else z + residual)
+            return out.contiguous(memory_format=ops._output_format(input))  # eval's layout (F.conv2d follows weight's too)
         weight, bias = ops.fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                            bn.weight, bn.bias)
         return _conv_relu(conv, input, weight, bias, residual)

@@ -1,10 +1,12 @@
 """Convolution with a fused epilogue: out = relu(conv2d(x, W) + bias + residual) over channels_last (NHWC) tensors, and
 the BatchNorm fold that turns conv + BatchNorm (eval) into one such convolution.
 
-`conv2d_bias_relu` is the C++ op `torch.ops.fusedkernels.conv2d_bias_relu`: argument checks, the channels_last
-conversion, the choice of kernel, autograd and autocast happen in C++ (csrc/conv/conv_ops.cpp). There is no fused
-CUDA kernel yet: CUDA calls run the reference (PyTorch's convolution, i.e. cuDNN, then + residual and relu) through
-the same op layer, with one warning; CPU inputs run the reference through the same autograd. Details: docs/conv.md.
+`conv2d_bias_relu` resolves padding "same" / "valid" to numbers, then calls the C++ op
+`torch.ops.fusedkernels.conv2d_bias_relu`: argument checks, the channels_last conversion, the choice of kernel,
+autograd and autocast happen in C++ (csrc/conv/conv_ops.cpp). There is no fused CUDA kernel yet: CUDA calls run the
+reference (PyTorch's convolution, i.e. cuDNN, then + residual and relu) through the same op layer, with one
+warning; CPU inputs run the reference through the same autograd. Without the native op the reference runs after
+the same checks. Details: docs/conv.md.
 
 `conv2d_bias_relu_ref` is the specification the tests hold the op to.
 """
@@ -40,13 +42,153 @@ def conv2d_bias_relu_ref(
     return F.relu(z if residual is None else z + residual)
 
 
+_OP = "conv2d_bias_relu"
+
+# The native op's names in its messages (csrc/common/torch/checks.h's name_of, c10's names for the rest).
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64", torch.int32: "int32", torch.int64: "int64", torch.complex64: "complex64",
+                torch.complex128: "complex128", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
+                torch.bool: "Bool", torch.complex32: "ComplexHalf"}
+_LAYOUT_NAMES = {torch.sparse_coo: "Sparse", torch.sparse_csr: "SparseCsr", torch.sparse_csc: "SparseCsc",
+                 torch.sparse_bsr: "SparseBsr", torch.sparse_bsc: "SparseBsc", torch._mkldnn: "Mkldnn"}
+
+
+def _output_format(x: Tensor) -> torch.memory_format:
+    """The output's memory format, x's as F.conv2d follows it (conv_ops.cpp's output_format): channels_last for an
+    x that is channels_last and not also contiguous (C == 1, H = W = 1), contiguous otherwise."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _is_int_pair(v) -> bool:
+    """An int[2] argument as the op's schema takes it and pair_of accepts it: an int or a sequence of 1 or 2."""
+    return isinstance(v, int) or (isinstance(v, (list, tuple)) and len(v) in (1, 2)
+                                  and all(isinstance(i, int) for i in v))
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (v[0], v[-1])
+
+
+def _shape(sizes) -> str:
+    return "[" + ", ".join(str(s) for s in sizes) + "]"
+
+
+def _check_residual(residual: Optional[Tensor], out_shape) -> None:
+    if residual is not None and list(residual.shape) != list(out_shape):
+        raise RuntimeError(f"{_OP}: residual must have the output's shape {_shape(out_shape)} (no broadcasting), got "
+                           f"{_shape(residual.shape)}")
+
+
+# The native op's argument checks (csrc/conv/conv_ops.cpp: the schema's types, pair_of, check_args), raising the
+# same exception types with the same messages (the schema's TypeErrors in words of their own), for the reference
+# that runs without it.
+def _check_types(x, weight, bias, stride, padding, dilation, residual) -> None:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        if not isinstance(t, Tensor) and (t is not None or name in ("x", "weight")):
+            raise TypeError(f"{_OP}: {name} must be a Tensor{'' if name in ('x', 'weight') else ' or None'}, got "
+                            f"{type(t).__name__}")
+    for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if not isinstance(v, (int, list, tuple)) or isinstance(v, (list, tuple)) and not all(
+                isinstance(i, int) for i in v):
+            raise TypeError(f"{_OP}: {name} must be an int or a list of ints, got {v!r}")
+        if not _is_int_pair(v):
+            raise RuntimeError(f"{_OP}: expected {name} to be a single integer value or a list of 2 values to match "
+                               f"the convolution dimensions, but got {name}={_shape(v)}")
+
+
+def _check_args(x, weight, bias, stride, padding, dilation, residual) -> None:
+    """check_args for a 4-D x (residual_any_dtype: the public op adds a residual of another dtype after the
+    convolution)."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and (t.layout != torch.strided or t.is_nested):
+            kind = "nested" if t.is_nested else _LAYOUT_NAMES.get(t.layout, str(t.layout))
+            raise NotImplementedError(f"{_OP} takes strided (dense) tensors; {name} is {kind}")
+    if x.dim() != 4:
+        raise RuntimeError(f"{_OP}: Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: "
+                           f"{_shape(x.shape)}")
+    if weight.dim() != 4:
+        raise RuntimeError(f"{_OP}: Expected 4-dimensional weight [out_channels, in_channels, kernel_h, kernel_w] "
+                           f"for 4-dimensional input {_shape(x.shape)}, but got {weight.dim()}-dimensional weight of "
+                           f"size {_shape(weight.shape)} instead")
+    if weight.shape[0] <= 0:
+        raise RuntimeError(f"{_OP}: Given groups=1, expected weight to be at least 1 at dimension 0, but got weight "
+                           f"of size {_shape(weight.shape)} instead")
+    if x.shape[1] != weight.shape[1]:
+        raise RuntimeError(f"{_OP}: Given groups=1, weight of size {_shape(weight.shape)}, expected input"
+                           f"{_shape(x.shape)} to have {weight.shape[1]} channels, but got {x.shape[1]} channels "
+                           f"instead")
+    name_of = lambda dtype: _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))  # noqa: E731
+    if not x.is_floating_point():
+        raise RuntimeError(f"{_OP}: x must be a floating-point tensor (float16 or bfloat16 for the fused kernel), got "
+                           f"{name_of(x.dtype)}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t.dtype != x.dtype and name != "residual":
+            raise RuntimeError(f"{_OP}: {name} must have x's dtype ({name_of(x.dtype)}), got {name_of(t.dtype)}")
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{_OP}: {name} is on {t.device} but x is on {x.device}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise RuntimeError(f"{_OP}: Given weight of size {_shape(weight.shape)}, expected bias to be 1-dimensional "
+                           f"with {weight.shape[0]} elements, but got bias of size {_shape(bias.shape)} instead")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    pair = lambda v: f"({v[0]} x {v[1]})"  # noqa: E731
+    for d in range(2):
+        if stride[d] <= 0:
+            raise RuntimeError(f"{_OP}: non-positive stride is not supported, got stride={pair(stride)}")
+        if padding[d] < 0:
+            raise RuntimeError(f"{_OP}: negative padding is not supported, got padding={pair(padding)}")
+        if dilation[d] <= 0:
+            raise RuntimeError(f"{_OP}: dilation should be greater than zero, got dilation={pair(dilation)}")
+    kernel = [dilation[d] * (weight.shape[2 + d] - 1) + 1 for d in range(2)]
+    if any(x.shape[2 + d] + 2 * padding[d] < kernel[d] for d in range(2)):
+        raise RuntimeError(f"{_OP}: Calculated padded input size per channel: {_shape(x.shape[2:])} with padding "
+                           f"{pair(padding)}. Kernel size: {_shape(weight.shape[2:])} with dilation {pair(dilation)}. "
+                           f"Kernel size can't be greater than actual input size")
+    _check_residual(residual, [x.shape[0], weight.shape[0],
+                               *((x.shape[2 + d] + 2 * padding[d] - kernel[d]) // stride[d] + 1 for d in range(2))])
+
+
 def _without_native(x, weight, bias=None, stride=1, padding=0, dilation=1, residual=None):
-    """The reference with the native op's one check F.conv2d does not make: a residual of the output's shape."""
-    out = F.conv2d(x, weight, bias, stride, padding, dilation)
-    if residual is not None and residual.shape != out.shape:
-        raise RuntimeError(f"conv2d_bias_relu: residual must have the output's shape {list(out.shape)} (no "
-                           f"broadcasting), got {list(residual.shape)}")
-    return F.relu(out if residual is None else out + residual)
+    """The reference as the native op runs it (no native module, or a build without the conv family): its
+    argument types, autocast's casts, its checks and its output layout (x's)."""
+    _check_types(x, weight, bias, stride, padding, dilation, residual)
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+
+        def cast(t):
+            eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
+            return t.to(dtype) if eligible and t.device.type == device else t
+
+        x, weight, bias = cast(x), cast(weight), cast(bias)  # the residual is left as it is
+    if x.dim() == 3:  # unbatched, as the op takes it: a batch of one
+        r = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
+        return _checked_reference(x.unsqueeze(0), weight, bias, stride, padding, dilation, r).squeeze(0)
+    return _checked_reference(x, weight, bias, stride, padding, dilation, residual)
+
+
+def _checked_reference(x, weight, bias, stride, padding, dilation, residual):
+    _check_args(x, weight, bias, stride, padding, dilation, residual)
+    out = conv2d_bias_relu_ref(x, weight, bias, stride, padding, dilation, residual)
+    return out.contiguous(memory_format=_output_format(x))
+
+
+def _resolve_padding(x, weight, stride, padding: str, dilation):
+    """(x, padding as numbers) for padding "valid" / "same", as F.conv2d resolves them: "same" pads dilation (k - 1)
+    in all, half on each side, the odd one at the end (bottom / right), which F.conv2d pads explicitly (a copy of x).
+    Arguments the op will refuse are left for its checks."""
+    if padding == "valid":
+        return x, 0
+    if padding != "same":
+        raise RuntimeError(f"{_OP}: Invalid padding string: {padding!r}")
+    if _is_int_pair(stride) and _pair(stride) != (1, 1):
+        raise RuntimeError(f"{_OP}: padding='same' is not supported for strided convolutions")
+    if not (isinstance(weight, Tensor) and weight.dim() == 4 and _is_int_pair(dilation)):
+        return x, 0
+    total = [d * (k - 1) for d, k in zip(_pair(dilation), weight.shape[2:])]
+    if (total[0] % 2 or total[1] % 2) and isinstance(x, Tensor) and x.layout == torch.strided and not x.is_nested:
+        x = F.pad(x, (0, total[1] % 2, 0, total[0] % 2))
+    return x, [total[0] // 2, total[1] // 2]
 
 
 _conv2d_bias_relu = _native.public_op("conv2d_bias_relu", _without_native, "the PyTorch reference")
@@ -67,15 +209,18 @@ def conv2d_bias_relu(
     x: [N, C_in, H, W] (or unbatched [C_in, H, W]); weight: [C_out, C_in, kh, kw] as nn.Conv2d stores it; bias:
     [C_out] or None; residual: None or exactly the output's shape [N, C_out, H_out, W_out] (no broadcasting), added
     before the ReLU (the last convolution of a ResNet bottleneck). stride, padding, dilation: an int or a pair, as
-    F.conv2d's (padding as numbers: pad first for "same" or another padding mode); H_out = (H + 2 padding -
-    dilation (kh - 1) - 1) // stride + 1, likewise W_out. x, weight and bias one dtype: float16 / bfloat16 are the
+    F.conv2d's; padding also "valid" (0) or "same" (stride 1; an odd total dilation (k - 1) pads x's bottom / right
+    explicitly first, a copy of x, as F.conv2d does); H_out = (H + 2 padding - dilation (kh - 1) - 1) // stride + 1,
+    likewise W_out. x, weight and bias one dtype: float16 / bfloat16 are the
     fused kernel's (fp32 accumulation), float32 / float64 run the reference; a residual of that dtype joins the
     epilogue, one of another dtype is added with type promotion, as `relu(F.conv2d(...) + residual)` adds it.
 
-    Layout: the kernel reads channels_last (NHWC) tensors. A CUDA x, weight or residual in another layout is
-    converted (a copy on every call), with one UserWarning naming the cost: convert the model and its input once
-    (model.to(memory_format=torch.channels_last)). Returns out channels_last in x's dtype (under autocast, which
-    casts x, weight and bias as it does for F.conv2d: the autocast dtype).
+    Layout: the output follows x's, as F.conv2d's does: channels_last for a channels_last x, contiguous otherwise.
+    The CUDA kernel reads and writes channels_last (NHWC) tensors: a CUDA x, weight or residual in another layout is
+    converted (a copy on every call; for an NCHW x the output's copy back to NCHW too), with one UserWarning naming
+    the cost: convert the model and its input once (model.to(memory_format=torch.channels_last)). CPU tensors are
+    never converted. Returns out in x's dtype (under autocast, which casts x, weight and bias as it does for
+    F.conv2d: the autocast dtype).
 
     Differentiable in x, weight, bias and residual, to any order: the backward masks dy with out > 0 (the saved
     output), then dx, dweight and dbias (the sum of the masked gradient) come from PyTorch's convolution backward,
@@ -84,9 +229,13 @@ def conv2d_bias_relu(
     Raises RuntimeError where F.conv2d does, in its words (x not 3-D / 4-D, weight not 4-D, channels that do not
     match, a bias not [C_out], a non-positive stride or dilation, a negative padding, a kernel larger than the
     padded input, dtypes or devices that differ) and for a non-floating x or a residual not the output's shape;
-    TypeError for arguments of the wrong type; NotImplementedError for sparse or nested tensors. CUDA inputs
-    without a kernel (today: all) run the reference with one UserWarning per reason.
+    TypeError for arguments of the wrong type; NotImplementedError for sparse or nested tensors; RuntimeError, as
+    F.conv2d, for an unknown padding string and for "same" with a stride other than 1. Without the native module
+    the reference runs after the same checks, with the same messages. CUDA inputs without a kernel (today: all)
+    run the reference with one UserWarning per reason.
     """
+    if isinstance(padding, str):
+        x, padding = _resolve_padding(x, weight, stride, padding, dilation)
     return _conv2d_bias_relu(x, weight, bias, stride, padding, dilation, residual)
 
 
