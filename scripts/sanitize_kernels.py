@@ -18,7 +18,7 @@ from fusedkernels import _native
 assert _native.loaded, _native.error
 torch.manual_seed(0)
 # SANITIZE_FAMILIES=gemm,attention: run those families only (default: all).
-FAMILIES = os.environ.get("SANITIZE_FAMILIES", "norm,optim,attention,gemm").split(",")
+FAMILIES = os.environ.get("SANITIZE_FAMILIES", "norm,optim,attention,gemm,conv").split(",")
 
 if "norm" in FAMILIES:
     # hidden sizes: general path (odd), each register-path thread-group size, the backward's general path.
@@ -121,3 +121,24 @@ if "gemm" in FAMILIES:
         os.environ.pop("FUSEDKERNELS_GEMM_KERNEL")
     torch.cuda.synchronize()
     print("sanitize_kernels: ran the gemm kernels")
+
+if "conv" in FAMILIES:
+    # conv: the implicit GEMM through the im2col map with padding at every edge, a stride, an asymmetric kernel,
+    # dilation, a residual, and rows and channels that end mid-tile; the backward is PyTorch's (memcheck only)
+    cl = torch.channels_last
+    backward = "--fp32-optim" not in sys.argv
+    for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
+        for (c_in, c_out, hw, k, stride, padding, dilation) in ((72, 40, (13, 11), 3, 1, 1, 1),
+                                                                (16, 24, (15, 17), (1, 5), 2, (0, 2), 1),
+                                                                (24, 8, (9, 10), 3, 1, 2, 2)):
+            kh, kw = (k, k) if isinstance(k, int) else k
+            x = torch.randn(3, c_in, *hw, device="cuda", dtype=dtype).to(memory_format=cl).requires_grad_()
+            w = torch.randn(c_out, c_in, kh, kw, device="cuda", dtype=dtype).to(memory_format=cl).requires_grad_()
+            b = torch.randn(c_out, device="cuda", dtype=dtype, requires_grad=True)
+            shape = torch.nn.functional.conv2d(x.detach(), w.detach(), None, stride, padding, dilation).shape
+            r = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=cl)
+            out = ops.conv2d_bias_relu(x, w, b, stride, padding, dilation, r)
+            if backward:
+                torch.autograd.grad(out, [x, w, b], torch.randn_like(out))
+    torch.cuda.synchronize()
+    print("sanitize_kernels: ran the conv kernel")
