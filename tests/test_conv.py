@@ -641,6 +641,11 @@ CUDA_CASES = [
 ]
 
 
+# FUSEDKERNELS_CONV_KERNEL: the default (cuDNN's fused convolution) and our implicit-GEMM kernel
+KERNELS = [pytest.param(("FUSEDKERNELS_CONV_KERNEL", ""), id="default"),
+           pytest.param(("FUSEDKERNELS_CONV_KERNEL", "sm90"), id="sm90")]
+
+
 def _cuda_inputs(case, dtype):
     n, c_in, hw, c_out, k, stride, padding = case
     x, w, b, r = _inputs(n, c_in, hw, c_out, k, dtype, "cuda", residual=True, stride=stride, padding=padding)
@@ -652,7 +657,9 @@ def _cuda_inputs(case, dtype):
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=str)
-def test_cuda_forward_and_grads_against_fp32_reference(case, residual, dtype):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_forward_and_grads_against_fp32_reference(case, residual, dtype, kernel, monkeypatch):
+    monkeypatch.setenv(*kernel)
     x, w, b, r, stride, padding = _cuda_inputs(case, dtype)
     r = r if residual else None
     f32 = [t.float() if t is not None else None for t in (x, w, b, r)]
@@ -676,7 +683,8 @@ def test_opcheck_cuda():
 
 @pytest.mark.cuda
 @needs_native
-def test_cuda_routing_warns_once_per_reason_and_runs_the_reference():
+def test_cuda_routing_warns_once_per_reason_and_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("FUSEDKERNELS_CONV_KERNEL", "sm90")  # (by default cuDNN takes the odd channels)
     x, w, b, r, _, _ = _cuda_inputs((2, 16, (9, 9), 24, 3, 1, 1), torch.bfloat16)
     odd = _cuda_inputs((2, 12, (9, 9), 20, 3, 1, 1), torch.bfloat16)[:4]
     cases = {
@@ -698,7 +706,9 @@ def test_cuda_routing_warns_once_per_reason_and_runs_the_reference():
 @needs_native
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("dilation", [1, 2, (1, 3)], ids=str)
-def test_cuda_kernel_takes_channels_last_calls_without_warning(dtype, dilation):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_kernel_takes_channels_last_calls_without_warning(dtype, dilation, kernel, monkeypatch):
+    monkeypatch.setenv(*kernel)
     x, w, b, r = _inputs(2, 16, (13, 11), 24, 3, dtype, "cuda", residual=True, padding=2, dilation=dilation)
     x, w, r = (t.to(memory_format=CL) for t in (x, w, r))
     with warnings.catch_warnings():
