@@ -9,7 +9,7 @@ with one warning.
 from .attention import attention, attention_varlen, scaled_dot_product_attention
 from .gemm import linear_act, linear_gated
 from .norm import layer_norm, rms_norm
-from .optim import adam_step_, grad_norm, lamb_step_, scale_grads_, sgd_step_
+from .optim import adam_step_, grad_norm, lamb_apply_, lamb_moments_, lamb_step_, scale_grads_, sgd_step_
 
 __all__ = [
     "attention",
@@ -22,6 +22,8 @@ __all__ = [
     "adam_step_",
     "sgd_step_",
     "lamb_step_",
+    "lamb_moments_",
+    "lamb_apply_",
     "grad_norm",
     "scale_grads_",
 ]
