@@ -2,7 +2,8 @@
 trained with FSDP2 (fully_shard per block, bf16 compute, fp32 params and grad reduction) on two GPUs, NCCL. Per
 optimizer, in the same run: the median time of a whole training step (forward, backward with its
 reduce-scatters, optimizer step) and of the optimizer step alone, over the local shards: ours
-(fusedkernels.optim.FusedAdamW) against torch.optim.AdamW(fused=True), both on the same DTensor params.
+(fusedkernels.optim.FusedAdamW, impl `fusedkernels`) against torch.optim.AdamW(fused=True) (impl `torch-fused`), both on
+the same DTensor params.
 
 Eager timings with CUDA events (FSDP2's collectives cannot be captured in a graph), the max over the ranks.
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
@@ -96,8 +97,8 @@ def _worker(rank: int, out_dir: str) -> None:
     mesh = init_device_mesh("cuda", (WORLD,))
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda", generator=torch.Generator("cuda").manual_seed(rank))
     optimizers = {
-        "fusedkernels FusedAdamW": lambda ps: FusedAdamW(ps, lr=1e-4, weight_decay=0.1),
-        "torch AdamW(fused=True)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, fused=True),
+        "fusedkernels": lambda ps: FusedAdamW(ps, lr=1e-4, weight_decay=0.1),
+        "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1, fused=True),
     }
     results = {}
     for impl, make in optimizers.items():

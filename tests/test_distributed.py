@@ -477,6 +477,8 @@ def _main(argv: list[str]) -> int:
         print("per-device ops: ok")
         return 0
     device_type = "cuda" if "--device" in argv and argv[argv.index("--device") + 1] == "cuda" else "cpu"
+    if device_type == "cuda":  # before the first collective: NCCL refuses two ranks on one GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     rank = dist.get_rank()
     out_dir = [tempfile.mkdtemp(prefix="fk_dist_") if rank == 0 else None]
