@@ -10,7 +10,7 @@ from .attention import attention, attention_varlen, scaled_dot_product_attention
 from .conv import conv2d_bias_relu, fold_batch_norm
 from .gemm import linear_act, linear_gated
 from .norm import layer_norm, rms_norm
-from .optim import adam_step_, grad_norm, lamb_step_, scale_grads_, sgd_step_
+from .optim import adam_step_, grad_norm, lamb_apply_, lamb_moments_, lamb_step_, scale_grads_, sgd_step_
 
 __all__ = [
     "attention",
@@ -25,6 +25,8 @@ __all__ = [
     "adam_step_",
     "sgd_step_",
     "lamb_step_",
+    "lamb_moments_",
+    "lamb_apply_",
     "grad_norm",
     "scale_grads_",
 ]
