@@ -63,6 +63,14 @@ def hf_rotary(q, k, cos, sin):
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
+def _skipped(rows: list, case: str, impl: str, e: BaseException) -> None:
+    """A row without a time (an OOM or a refusal), and the memory it left freed."""
+    why = common.why(e)
+    common.free_cuda()
+    rows.append(Row(SUITE, case, impl, None, extra={"skipped": why}))
+    print(f"  {case:<40} {impl:<14} skipped: {why}", flush=True)
+
+
 def _peak_extra_mib(fn) -> float:
     common.free_cuda()
     torch.cuda.reset_peak_memory_stats()
@@ -97,11 +105,7 @@ def _lce_rows() -> list[Row]:
                 peak = round(_peak_extra_mib(call), 1)
                 ms = time_eager(call, runs=5, warmup=1)
             except Exception as e:  # noqa: BLE001 (an OOM or a refusal skips the row)
-                why = common.why(e)
-                del e
-                common.free_cuda()
-                rows.append(Row(SUITE, case, impl, None, extra={"skipped": why}))
-                print(f"  {case:<40} {impl:<14} skipped: {why}", flush=True)
+                _skipped(rows, case, impl, e)
                 continue
             tflops = flops / ms / 1e9
             extra = {"pct_matmul": round(100 * tflops / ceiling, 1), "timing": "eager"}
@@ -151,11 +155,7 @@ def _rope_rows() -> list[Row]:
                     said = common.probe(call)
                     ms = time_graph(call, n_sets)
                 except Exception as e:  # noqa: BLE001
-                    why = common.why(e)
-                    del e
-                    common.free_cuda()
-                    rows.append(Row(SUITE, case, impl, None, extra={"skipped": why}))
-                    print(f"  {case:<40} {impl:<14} skipped: {why}", flush=True)
+                    _skipped(rows, case, impl, e)
                     continue
                 gbps = units * qk_bytes / ms / 1e6
                 extra = {"pct_copy": round(100 * gbps / common.ceilings()["copy_GBps"], 1)}

@@ -220,11 +220,8 @@ def test_rotary_bad_inputs_raise_clear_errors(device, impl):
         (RuntimeError, r"position_ids must be \[seq\]", dict(position_ids=torch.zeros(3, dtype=torch.long, device=device))),
         (TypeError, "q.* must be (a )?Tensor", dict(q=[1.0])),
     ]
-    for exc, message, kw in cases:
-        args = dict(q=q, k=k, cos=cos, sin=sin)
-        args.update({key: kw.pop(key) for key in list(kw) if key in args})
-        with pytest.raises(exc, match=message):
-            _rotary(impl, args["q"], args["k"], args["cos"], args["sin"], **kw)
+    _assert_each_raises(lambda q, k, cos, sin, **kw: _rotary(impl, q, k, cos, sin, **kw),
+                        dict(q=q, k=k, cos=cos, sin=sin), cases)
     if device == "cpu":
         with pytest.raises(IndexError, match=r"position_ids must be in \[0, 4\)"):
             _rotary(impl, q, k, cos, sin, position_ids=torch.tensor([0, 1, 2, 4]))
@@ -267,19 +264,19 @@ def _lce(impl, *args, **kw):
     return llm._lce_without_native(*args, **kw)
 
 
-def _torch_lowp(hidden, weight, target, bias, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                softcap=None):
+def _torch_lowp(*args, **kw):
     """What an eager model computes in the inputs' dtype: F.linear, softcap, F.cross_entropy (+ the z-loss)."""
-    logits = F.linear(hidden, weight, bias).reshape(-1, weight.shape[0])
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    flat = target.reshape(-1)
-    loss = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
-    if z_loss:
-        loss = loss + torch.where(flat != ignore_index, z_loss * torch.logsumexp(logits, -1).square(), 0)
-    if reduction == "none":
-        return loss.reshape(target.shape)
-    return loss.sum() if reduction == "sum" else loss.sum() / (flat != ignore_index).sum()
+    return llm.linear_cross_entropy_ref(*args, **kw, upcast=False)
+
+
+def _assert_each_raises(call, defaults: dict, cases) -> None:
+    """call(**arguments) raises exc matching message for each (exc, message, changes) case; changes replace the
+    defaults' entries of the same name, the rest are keyword arguments."""
+    for exc, message, changes in cases:
+        args = dict(defaults)
+        args.update(changes)
+        with pytest.raises(exc, match=message):
+            call(**args)
 
 
 def _lce_inputs(tokens, hidden, vocab, dtype, device, bias=True, ignored=0.2):
@@ -366,11 +363,7 @@ def test_linear_cross_entropy_bad_inputs_raise_clear_errors(device, impl):
         (ValueError, "chunk_size must be >= 0", dict(chunk_size=-2)),
         (TypeError, "target.* must be (a )?Tensor", dict(t=[1, 2])),
     ]
-    for exc, message, kw in cases:
-        args = dict(h=h, w=w, b=b, t=t)
-        args.update({key: kw.pop(key) for key in list(kw) if key in args})
-        with pytest.raises(exc, match=message):
-            _lce(impl, args["h"], args["w"], args["t"], args["b"], **kw)
+    _assert_each_raises(lambda h, w, t, b, **kw: _lce(impl, h, w, t, b, **kw), dict(h=h, w=w, t=t, b=b), cases)
     if device == "cpu":
         bad = t.clone()
         bad[2] = 5

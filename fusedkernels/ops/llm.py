@@ -220,12 +220,14 @@ def apply_rotary(
 
 def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
                              ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                             z_loss: float = 0.0, softcap: Optional[float] = None) -> Tensor:
+                             z_loss: float = 0.0, softcap: Optional[float] = None, upcast: bool = True) -> Tensor:
     """The specification of `linear_cross_entropy`, differentiable and unchunked (it materialises the logits):
-    F.cross_entropy(softcap(F.linear(hidden, weight, bias)), target, ...) in float32 (float64 for float64 inputs),
-    plus z_loss * logsumexp^2 per token that is not ignored; returned in float32 (float64)."""
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = F.linear(hidden, weight, bias).to(acc)
+    F.cross_entropy(softcap(F.linear(hidden, weight, bias)), target, ...) plus z_loss * logsumexp^2 per token that
+    is not ignored. upcast: the logits in float32 (float64 for float64 inputs) and the loss returned in that type;
+    False: every step in the inputs' dtype, as an eager model computes it (torch's own rounding)."""
+    logits = F.linear(hidden, weight, bias)
+    if upcast:
+        logits = logits.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     logits = logits.reshape(-1, logits.shape[-1])
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
