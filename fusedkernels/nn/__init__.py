@@ -3,8 +3,9 @@
 from .attention import FusedMultiheadAttention, FusedSelfAttention
 from .conv import FusedConv2dReLU, FusedConvBNReLU
 from .linear import FusedLinear
+from .loss import FusedLinearCrossEntropyLoss
 from .mlp import FusedMLP
 from .norm import FusedCastRMSNorm, FusedLayerNorm, FusedRMSNorm
 
 __all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedCastRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention",
-           "FusedLinear", "FusedMLP", "FusedConv2dReLU", "FusedConvBNReLU"]
+           "FusedLinear", "FusedMLP", "FusedConv2dReLU", "FusedConvBNReLU", "FusedLinearCrossEntropyLoss"]

@@ -9,6 +9,7 @@ with one warning.
 from .attention import attention, attention_varlen, scaled_dot_product_attention
 from .conv import conv2d_bias_relu, fold_batch_norm
 from .gemm import linear_act, linear_gated
+from .llm import apply_rotary, linear_cross_entropy
 from .norm import layer_norm, rms_norm
 from .optim import adam_step_, grad_norm, lamb_apply_, lamb_moments_, lamb_step_, scale_grads_, sgd_step_
 
@@ -20,6 +21,8 @@ __all__ = [
     "fold_batch_norm",
     "linear_act",
     "linear_gated",
+    "apply_rotary",
+    "linear_cross_entropy",
     "layer_norm",
     "rms_norm",
     "adam_step_",
