@@ -45,7 +45,8 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
         " bool seq_first, bool conjugate) -> ()");
   // Internal. hidden [T, H] contiguous, target [T] int64 contiguous; reduction 0 none, 1 mean, 2 sum; softcap 0:
   // none. loss float32 (float64 for float64 inputs): [] (mean, sum) or [T] (none); lse [T]. grad_mask: dhidden,
-  // dweight, dbias computed in the forward for a loss grad of 1 (mean / sum only; empty tensors otherwise).
+  // dweight, dbias computed in the forward for a loss grad of 1 (mean / sum only; empty tensors otherwise), in the
+  // loss's type: the backward rounds them to the inputs' type once, after scaling by the loss's grad.
   m.def("linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, int ignore_index,"
         " int reduction, float label_smoothing, float z_loss, float softcap, int chunk_size, bool[3] grad_mask)"
         " -> (Tensor loss, Tensor lse, Tensor dhidden, Tensor dweight, Tensor dbias)");
@@ -160,6 +161,18 @@ void check_lce_inputs(const char* op, const Tensor& hidden, const Tensor& weight
   TORCH_CHECK_VALUE(chunk_size >= 0, op, ": chunk_size must be >= 0, got ", num(chunk_size));
 }
 
+// dh = dz W in dh's type (the arithmetic's: one rounding, in the backward). 16-bit CUDA GEMMs write float32
+// directly; elsewhere the operands are converted (the CPU and float64 paths are references).
+void weight_product(Tensor& dh, const Tensor& dz, const Tensor& weight) {
+  if (dz.scalar_type() == dh.scalar_type()) {
+    at::mm_out(dh, dz, weight);
+  } else if (dz.is_cuda()) {
+    at::mm_out(dh, dz, weight, dh.scalar_type());
+  } else {
+    at::mm_out(dh, dz.to(dh.scalar_type()), weight.to(dh.scalar_type()));
+  }
+}
+
 // dweight_sum (+)= dz^T h. 16-bit CUDA GEMMs write float32 sums directly; elsewhere the chunk is converted (the CPU
 // and float64 paths are references). beta 0 on the first chunk: the sum's memory is not read, so it needs no zeroing.
 void accumulate_weight_grad(Tensor& sum, const Tensor& dz, const Tensor& h, bool first) {
@@ -179,7 +192,8 @@ void accumulate_weight_grad(Tensor& sum, const Tensor& dz, const Tensor& h, bool
 // float, lse_in the forward's): per chunk of tokens, logits = h W^T + b into one reused buffer (a PyTorch GEMM),
 // `step` turns it into the loss and, when gradients are wanted, the gradient over the logits in place, then
 // dhidden = dz W (PyTorch GEMM into its rows), dweight_sum += dz^T h (float32 sums), dbias_sum += sum_rows dz.
-// Returns {loss, lse, dhidden, dweight, dbias} (empty where not computed).
+// Returns {loss, lse, dhidden, dweight, dbias} (empty where not computed); the forward's gradients in the
+// arithmetic's type (the backward scales, then rounds once), the backward's in the inputs'.
 std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor& hidden, const Tensor& weight,
                                                    const Tensor& target, const OptTensor& bias, int64_t ignore_index,
                                                    int64_t reduction, double label_smoothing, double z_loss,
@@ -206,7 +220,8 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
   } else if (any_grad) {
     scale = (reduction == kMean ? valid.reciprocal() : at::ones({}, stats)).reshape({1});
   }
-  Tensor dhidden = want_dh ? at::empty_like(hidden) : at::empty({0}, hidden.options());
+  Tensor dhidden = !want_dh ? at::empty({0}, hidden.options()) : backward ? at::empty_like(hidden)
+                                                                         : at::empty(hidden.sizes(), stats);
   // dweight sums in the arithmetic's type: the gradient itself when weight has it, else a float32 buffer
   Tensor dweight_sum = want_dw ? at::empty(weight.sizes(), weight.options().dtype(acc)) : Tensor();
   Tensor dbias_sum = want_db ? at::zeros({vocab}, stats) : Tensor();
@@ -239,7 +254,7 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
          backward ? loss_rows : loss_rows.narrow(0, start, rows), lse.narrow(0, start, rows));
     if (want_dh) {
       Tensor dh_rows = dhidden.narrow(0, start, rows);
-      at::mm_out(dh_rows, logits, weight);
+      weight_product(dh_rows, logits, weight);
     }
     if (want_dw) accumulate_weight_grad(dweight_sum, logits, h, start == 0);
     if (want_db) dbias_sum.add_(logits.sum(at::IntArrayRef{0}, /*keepdim=*/false, acc));
@@ -253,7 +268,8 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
     loss = at::empty({0}, stats);
   }
   const auto none = [&] { return at::empty({0}, hidden.options()); };  // (distinct tensors: outputs never alias)
-  return {loss, backward ? none() : lse, dhidden, want_dw ? dweight_sum.to(weight.scalar_type()) : none(),
+  if (!backward) return {loss, lse, dhidden, want_dw ? dweight_sum : none(), want_db ? dbias_sum : none()};
+  return {loss, none(), dhidden, want_dw ? dweight_sum.to(weight.scalar_type()) : none(),
           want_db ? dbias_sum.to(bias->scalar_type()) : none()};
 }
 
@@ -614,7 +630,8 @@ std::tuple<Tensor, Tensor> rotary_fwd_autograd(const Tensor& q, const Tensor& k,
 }
 
 // The backward of linear_cross_entropy_fwd (next edges hidden, weight, bias). mean / sum: the forward computed the
-// gradients for a loss grad of 1; the backward scales them by the loss's grad (exact when it is 1). none: each
+// gradients for a loss grad of 1, in float32; the backward scales them by the loss's grad and rounds once to the
+// inputs' type, so a loss grad other than 1 (gradient accumulation's 1/steps, say) costs no second rounding. none: each
 // token's grad scales its row of d(logits) before the GEMMs sum over tokens, so the chunks are recomputed then.
 // A backward that is itself differentiated (create_graph) is refused: the saved gradients are not functions of the
 // inputs autograd could differentiate.
@@ -622,6 +639,7 @@ struct LinearCrossEntropyBackward : torch::autograd::Node {
   torch::autograd::SavedVariable dhidden, dweight, dbias;                  // mean / sum
   torch::autograd::SavedVariable hidden, weight, target, bias, lse;        // none
   bool none = false, has_bias = false;
+  at::ScalarType dtype = at::kFloat;  // the inputs'
   int64_t ignore_index = -100, chunk_size = 0;
   double label_smoothing = 0, z_loss = 0, softcap = 0;
 
@@ -652,7 +670,7 @@ struct LinearCrossEntropyBackward : torch::autograd::Node {
     }
     const std::array<Tensor, 3> saved = {dhidden.unpack(), dweight.unpack(), dbias.unpack()};
     for (size_t i = 0; i < 3; ++i) {
-      if (want[i]) out[i] = saved[i] * dloss;
+      if (want[i]) out[i] = (saved[i] * dloss).to(dtype);
     }
     return out;
   }
@@ -682,6 +700,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lce_fwd_autograd(
     n.set_next_edges(torch::autograd::collect_next_edges(hidden, weight, bias));
     torch::autograd::set_history(std::get<0>(out), node);
     n.none = none;
+    n.dtype = hidden.scalar_type();
     n.has_bias = bias.has_value();
     n.ignore_index = ignore_index;
     n.chunk_size = chunk_size;
@@ -769,8 +788,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lce_fwd_meta(const Tensor& hi
                                                                 std::array<bool, 3> grad_mask) {
   const auto stats = hidden.options().dtype(opmath_dtype(hidden.scalar_type()));
   const Tensor loss = reduction == kNone ? at::empty_symint(target.sym_sizes(), stats) : at::empty({}, stats);
-  return {loss, at::empty_symint(target.sym_sizes(), stats), grad_or_empty(grad_mask[0], hidden, hidden),
-          grad_or_empty(grad_mask[1], weight, hidden), grad_or_empty(grad_mask[2] && bias, bias ? *bias : hidden, hidden)};
+  const auto grad = [&](bool want, const Tensor& like) {
+    return want ? at::empty_symint(like.sym_sizes(), stats) : at::empty({0}, hidden.options());
+  };
+  return {loss, at::empty_symint(target.sym_sizes(), stats), grad(grad_mask[0], hidden), grad(grad_mask[1], weight),
+          grad(grad_mask[2] && bias, bias ? *bias : hidden)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> lce_bwd_meta(const Tensor&, const Tensor& hidden, const Tensor& weight,

@@ -270,6 +270,13 @@ def _chunk_step(z: Tensor, target: Tensor, ignore_index: int, label_smoothing: f
     return loss, lse, torch.where(valid.unsqueeze(1), g * scale.unsqueeze(1), 0.0)
 
 
+def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """a @ b in acc without rounding to the operands' dtype first (the native op's GEMMs into float32)."""
+    if a.dtype == acc:
+        return a @ b
+    return torch.mm(a, b, out_dtype=acc) if a.is_cuda else a.to(acc) @ b.to(acc)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """The chunked algorithm of the native op in PyTorch ops (docs/llm.md), for builds without it: mean / sum compute
     the gradients in the forward, none recomputes each chunk in the backward."""
@@ -282,7 +289,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         valid = (target != ignore_index).sum().to(acc)
         scale = (1 / valid if reduction == "mean" else torch.ones((), dtype=acc, device=hidden.device)).expand(chunk)
         loss_rows, lse_rows = [], []
-        dh = torch.empty_like(hidden) if want[0] else None
+        # the gradients in acc until the backward has scaled them: one rounding to the inputs' dtype
+        dh = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if want[0] else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want[1] else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want[2] and bias is not None else None
         for start in range(0, tokens, chunk):
@@ -296,9 +304,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             g = g.to(hidden.dtype)
             if dh is not None:
-                dh[start:start + chunk] = g @ weight
+                dh[start:start + chunk] = _mm(g, weight, acc)
             if dw is not None:
-                dw += (g.t() @ h).to(acc)
+                dw += _mm(g.t(), h, acc)
             if db is not None:
                 db += g.sum(0, dtype=acc)
         loss = torch.cat(loss_rows) if loss_rows else hidden.new_zeros(0, dtype=acc)
@@ -308,13 +316,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, target, lse)
             return loss
-        ctx.grads = (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
+        ctx.grads, ctx.dtype = (dh, dw, db), hidden.dtype
         return loss.sum() if reduction == "sum" else loss.sum() / valid
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.reduction != "none":
-            return tuple(None if g is None else g * grad for g in ctx.grads) + (None,) * 7
+            return tuple(None if g is None else (g * grad).to(ctx.dtype) for g in ctx.grads) + (None,) * 7
         hidden, weight, bias, target, lse = ctx.saved_tensors
         acc = lse.dtype
         want = ctx.needs_input_grad[:3]
@@ -330,7 +338,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if dh is not None:
                 dh[start:start + ctx.chunk] = g @ weight
             if dw is not None:
-                dw += (g.t() @ h).to(acc)
+                dw += _mm(g.t(), h, acc)
             if db is not None:
                 db += g.sum(0, dtype=acc)
         return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype)) + (None,) * 7
