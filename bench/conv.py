@@ -5,9 +5,9 @@ Layer cases: ANCHORS.md's ResNet-50 layers at batch 64 and 256 (3x3 and 7x7 with
 2), plus the bottleneck's last convolution (64 -> 256, 1x1) with its residual add. x [N, C_in, H, W], weight [C_out,
 C_in, k, k] (both channels_last), bias [C_out]. Impls:
 
-  fusedkernels       ops.conv2d_bias_relu(x, w, b, stride, padding, 1, residual). Skipped where the build has no
-                     native conv op; today it runs the reference (no kernel yet), and its first call's warning goes
-                     to extra `warning`.
+  fusedkernels       ops.conv2d_bias_relu(x, w, b, stride, padding, 1, residual) as it routes by default (cuDNN's
+                     fused convolution, faster today). Skipped where the build has no native conv op.
+  fusedkernels-sm90  the same with FUSEDKERNELS_CONV_KERNEL=sm90: our Hopper implicit-GEMM kernel (forward rows)
   torch              eager F.relu(F.conv2d(x, w, b, ...) (+ residual)): what a model runs today
   torch-cudnn-fused  torch.ops.aten.cudnn_convolution_relu (cudnn_convolution_add_relu with a residual): one cuDNN
                      call with the bias + ReLU epilogue; forward only (it has no backward), skipped with the reason
@@ -29,9 +29,11 @@ needed) prints the plan: cases, impls, sets, replays and the estimated GPU secon
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +48,8 @@ from .common import Row, sets_for, time_graph
 SUITE = "conv"
 DTYPE = torch.bfloat16
 CL = torch.channels_last
-OURS, TORCH, CUDNN, COMPILE = "fusedkernels", "torch", "torch-cudnn-fused", "torch-compile"
+OURS, SM90, TORCH, CUDNN, COMPILE = "fusedkernels", "fusedkernels-sm90", "torch", "torch-cudnn-fused", "torch-compile"
+KERNEL_ENV = "FUSEDKERNELS_CONV_KERNEL"
 
 LAYERS = [  # C_in, C_out, H (= W), kernel, stride (ANCHORS.md, "Conv2d + bias + ReLU")
     (64, 64, 56, 3, 1),
@@ -63,7 +66,7 @@ RESNET_BATCH = 64
 RESNET_FLOPS_PER_IMAGE = 2 * 2.05e9  # torchvision's ResNet50_Weights.IMAGENET1K_V1: 4.09 GFLOPS (multiply-adds)
 
 # Only to size the replays (and the plan's estimate): roughly what each impl reaches (ANCHORS).
-ASSUMED_TFLOPS = {OURS: 150, TORCH: 150, CUDNN: 200, COMPILE: 150}
+ASSUMED_TFLOPS = {OURS: 150, SM90: 150, TORCH: 150, CUDNN: 200, COMPILE: 150}
 TARGET_MS = 200.0
 WARMUP = 2
 
@@ -112,7 +115,7 @@ class Case:
     def impls(self) -> list[str]:
         if self.model:
             return [OURS, TORCH, COMPILE]
-        return [OURS, TORCH] + ([] if self.backward else [CUDNN])
+        return [OURS, TORCH] + ([] if self.backward else [SM90, CUDNN])
 
 
 def cases() -> list[Case]:
@@ -157,7 +160,7 @@ def torchvision_missing() -> Optional[str]:
 
 def _layer_impl(case: Case, impl: str) -> Callable:
     s, p = case.stride, case.padding
-    if impl == OURS:
+    if impl in (OURS, SM90):
         forward = lambda x, w, b, r: ops.conv2d_bias_relu(x, w, b, s, p, 1, r)  # noqa: E731
     elif impl == TORCH:
         def forward(x, w, b, r):
@@ -292,7 +295,7 @@ def _measure(rows: list, case: Case, impl: str, fn: Callable, sets: list, matmul
 
 
 def _skip_reason(case: Case, impl: str, ours_why: str) -> Optional[str]:
-    if impl == OURS and ours_why:
+    if impl in (OURS, SM90) and ours_why:
         return ours_why
     if case.model:
         return torchvision_missing()
@@ -319,15 +322,16 @@ def _run_case(case: Case, rows: list, matmul: float, ours_why: str) -> None:
                 continue
         else:
             fn, sets = _layer_impl(case, impl), layer_sets
-        _measure(rows, case, impl, fn, sets, matmul)
+        with mock.patch.dict(os.environ, {KERNEL_ENV: "sm90" if impl == SM90 else ""}):  # chosen per call
+            _measure(rows, case, impl, fn, sets, matmul)
         if case.model:
             del fn, sets
             common.free_cuda()
     timed = {r.impl: r for r in rows[first:] if r.ms is not None}
-    if OURS in timed:
+    for ours in (OURS, SM90):
         for base, key in ((TORCH, "vs_torch"), (CUDNN, "vs_cudnn_fused"), (COMPILE, "vs_compile")):
-            if base in timed:
-                timed[OURS].extra[key] = round(timed[base].ms / timed[OURS].ms, 3)
+            if ours in timed and base in timed:
+                timed[ours].extra[key] = round(timed[base].ms / timed[ours].ms, 3)
     del layer_sets
     common.free_cuda()
 

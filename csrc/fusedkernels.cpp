@@ -71,6 +71,16 @@ constexpr char kConv2dBiasRelu[] = "fusedkernels::conv2d_bias_relu";
 using Conv2dBiasRelu = Tensor(const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
                               at::IntArrayRef, const OptTensor&);
 
+constexpr char kApplyRotary[] = "fusedkernels::apply_rotary";
+constexpr char kApplyRotaryInplace[] = "fusedkernels::apply_rotary_";
+using ApplyRotary = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                               const OptTensor&, bool, c10::string_view);
+using ApplyRotaryInplace = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool,
+                                c10::string_view);
+constexpr char kLinearCrossEntropy[] = "fusedkernels::linear_cross_entropy";
+using LinearCrossEntropy = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, int64_t,
+                                  c10::string_view, double, double, std::optional<double>, int64_t);
+
 template <typename Signature, const char* kName>
 PyCFunction fast() {
   return reinterpret_cast<PyCFunction>(
@@ -98,6 +108,11 @@ PyMethodDef methods[] = {
      "fusedkernels::linear_gated, or NotImplemented"},
     {"conv2d_bias_relu", fast<Conv2dBiasRelu, kConv2dBiasRelu>(), METH_FASTCALL,
      "fusedkernels::conv2d_bias_relu, or NotImplemented"},
+    {"apply_rotary", fast<ApplyRotary, kApplyRotary>(), METH_FASTCALL, "fusedkernels::apply_rotary, or NotImplemented"},
+    {"apply_rotary_", fast<ApplyRotaryInplace, kApplyRotaryInplace>(), METH_FASTCALL,
+     "fusedkernels::apply_rotary_, or NotImplemented"},
+    {"linear_cross_entropy", fast<LinearCrossEntropy, kLinearCrossEntropy>(), METH_FASTCALL,
+     "fusedkernels::linear_cross_entropy, or NotImplemented"},
     {nullptr, nullptr, 0, nullptr},
 };
 

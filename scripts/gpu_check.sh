@@ -6,6 +6,8 @@
 #   FUSEDKERNELS_FAMILIES=norm  build one family;   SANITIZE_TIMEOUT=300  seconds per sanitizer tool;
 #   SANITIZE_FAMILIES=gemm  sanitize those families only;
 #   GPU_TESTS="tests/test_attention.py"  pytest paths (default: tests).
+#   GPU_CHECK_STEPS="distributed": the two-GPU checks (scripts/gpu_check_distributed.sh: torchrun tests, the
+#   `distributed` bench suite), not in the default steps.
 # Wheels in .whl/ (e.g. Liger-Kernel's, for the overhead suite's comparison) are installed first, without
 # their dependencies, into a folder on PYTHONPATH: the GPU machine cannot download.
 set -uo pipefail
@@ -44,6 +46,10 @@ fi
 if has bench; then
   step bench
   python3 -m bench ${BENCH_SUITES:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -60 || status=1
+fi
+if has distributed; then
+  step distributed
+  GPU_CHECK_STEPS="test bench" OUT="$OUT" bash scripts/gpu_check_distributed.sh || status=1
 fi
 echo "== gpu_check: $([ $status = 0 ] && echo PASSED || echo FAILED) ($(date +%T))"
 exit $status

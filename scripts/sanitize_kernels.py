@@ -18,7 +18,7 @@ from fusedkernels import _native
 assert _native.loaded, _native.error
 torch.manual_seed(0)
 # SANITIZE_FAMILIES=gemm,attention: run those families only (default: all).
-FAMILIES = os.environ.get("SANITIZE_FAMILIES", "norm,optim,attention,gemm").split(",")
+FAMILIES = os.environ.get("SANITIZE_FAMILIES", "norm,optim,attention,gemm,conv,llm").split(",")
 
 if "norm" in FAMILIES:
     # hidden sizes: general path (odd), each register-path thread-group size, the backward's general path.
@@ -129,3 +129,53 @@ if "gemm" in FAMILIES:
         os.environ.pop("FUSEDKERNELS_GEMM_KERNEL")
     torch.cuda.synchronize()
     print("sanitize_kernels: ran the gemm kernels")
+
+if "conv" in FAMILIES:
+    # conv: the implicit GEMM through the im2col map with padding at every edge, a stride, an asymmetric kernel,
+    # dilation, a residual, and rows and channels that end mid-tile; the backward is PyTorch's (memcheck only)
+    cl = torch.channels_last
+    os.environ["FUSEDKERNELS_CONV_KERNEL"] = "sm90"  # (cuDNN's fused convolution by default)
+    backward = "--fp32-optim" not in sys.argv
+    for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
+        for (c_in, c_out, hw, k, stride, padding, dilation) in ((72, 40, (13, 11), 3, 1, 1, 1),
+                                                                (16, 24, (15, 17), (1, 5), 2, (0, 2), 1),
+                                                                (24, 8, (9, 10), 3, 1, 2, 2)):
+            kh, kw = (k, k) if isinstance(k, int) else k
+            x = torch.randn(3, c_in, *hw, device="cuda", dtype=dtype).to(memory_format=cl).requires_grad_()
+            w = torch.randn(c_out, c_in, kh, kw, device="cuda", dtype=dtype).to(memory_format=cl).requires_grad_()
+            b = torch.randn(c_out, device="cuda", dtype=dtype, requires_grad=True)
+            shape = torch.nn.functional.conv2d(x.detach(), w.detach(), None, stride, padding, dilation).shape
+            r = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=cl)
+            out = ops.conv2d_bias_relu(x, w, b, stride, padding, dilation, r)
+            if backward:
+                torch.autograd.grad(out, [x, w, b], torch.randn_like(out))
+    os.environ.pop("FUSEDKERNELS_CONV_KERNEL")
+    torch.cuda.synchronize()
+    print("sanitize_kernels: ran the conv kernel")
+
+if "llm" in FAMILIES:
+    # llm: rotary on both paths (16-byte, element) and both pairings, in and out of place, partial rotary, GQA,
+    # position_ids (one outside the table); the cross-entropy kernel on odd vocabularies, every mode, an ignored
+    # row and a bad target.
+    for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16, torch.float32):
+        for d, r in ((128, 128), (64, 32), (10, 6)):
+            q = torch.randn(2, 5, 4, d, device="cuda", dtype=dtype, requires_grad=True)
+            k = torch.randn(2, 5, 1, d, device="cuda", dtype=dtype, requires_grad=True)
+            cos, sin = torch.randn(9, r, device="cuda"), torch.randn(9, r, device="cuda")
+            ids = torch.tensor([[0, 3, 8, 9, 1]], device="cuda")
+            for interleaved in (False, True):
+                qo, ko = ops.apply_rotary(q, k, cos, sin, position_ids=ids, interleaved=interleaved, layout="bnhd")
+                torch.autograd.grad([qo, ko], [q, k], [torch.randn_like(qo), torch.randn_like(ko)])
+                ops.apply_rotary(q.detach().clone(), k.detach().clone(), cos[:5].to(dtype), sin[:5].to(dtype),
+                                 interleaved=interleaved, layout="bnhd", inplace=True)
+        for vocab in (1, 7, 1001, 32003):
+            h = torch.randn(37, 64, device="cuda", dtype=dtype, requires_grad=True)
+            w = torch.randn(vocab, 64, device="cuda", dtype=dtype, requires_grad=True)
+            t = torch.randint(0, vocab, (37,), device="cuda")
+            t[3], t[5] = -100, vocab  # an ignored row, a bad target (its row is NaN)
+            for reduction in ("mean", "none"):
+                loss = ops.linear_cross_entropy(h, w, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-4,
+                                                softcap=30.0, chunk_size=16)
+                torch.autograd.grad(loss.nansum(), [h, w])
+    torch.cuda.synchronize()
+    print("sanitize_kernels: ran the llm kernels")

@@ -226,6 +226,68 @@ def test_sdpa_wrapper_matches_torch_and_raises_as_torch():
     assert fops.scaled_dot_product_attention(q, k.repeat(1, 2, 1, 1), v8).shape == (2, 4, 7, 8)
 
 
+def _heads_first_out_strides(shape):
+    """The strides of out for [B, H, N, D] inputs: [B, N, H, D] memory, as torch's flash backend returns it."""
+    b, h, n, d = shape
+    return torch.empty(b, n, h, d, device="meta").transpose(1, 2).stride()
+
+
+def test_sdpa_takes_heads_first_tensors_as_they_are():
+    """[B, H, N, D] tensors go to the op as they are (heads_first): one autograd node, whose edges are the inputs'
+    own; out over [B, N, H, D] memory; values and grads those of `attention` on [B, N, H, D] views."""
+    if not _native.has_op("attention"):
+        pytest.skip("needs the custom ops")
+    qkv = torch.randn(2, 9, 3, 4, 16).unbind(2)  # [B, N, H, D] slices of a packed tensor
+    for make in (lambda t: t.transpose(1, 2).contiguous(), lambda t: t.transpose(1, 2)):
+        leaves = [make(t).requires_grad_() for t in qkv]
+        kh, vh = (t[:, :2].detach().requires_grad_() for t in leaves[1:])  # GQA: 2 kv heads
+        out = fops.scaled_dot_product_attention(leaves[0], kh, vh, is_causal=True, enable_gqa=True)
+        node = out.grad_fn
+        assert node.name() == "fusedkernels::AttentionBackward"
+        assert all(f.variable is t for (f, _), t in zip(node.next_functions, (leaves[0], kh, vh)))
+        assert out.shape == leaves[0].shape and out.stride() == _heads_first_out_strides(out.shape)
+        rows = [t.detach().transpose(1, 2).requires_grad_() for t in (leaves[0], kh, vh)]
+        want = fops.attention(*rows, causal=True)
+        assert torch.equal(out, want.transpose(1, 2))
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (leaves[0], kh, vh), dout)
+        want_grads = torch.autograd.grad(want, rows, dout.transpose(1, 2))
+        for g, w, t in zip(grads, want_grads, (leaves[0], kh, vh)):
+            assert torch.equal(g, w.transpose(1, 2))
+            assert g.stride() == torch.empty_like(t).stride()
+    q, k, v = (t.transpose(1, 2).double().requires_grad_() for t in _qkv(1, 3, 4, 2, 2, 4))
+    fn = lambda q, k, v: fops.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v)) and torch.autograd.gradgradcheck(fn, (q, k, v))
+
+
+def test_internal_ops_heads_first():
+    """The internal ops' heads_first flag: opcheck (fake tensors agree on out's [B, N, H, D] memory), and what it
+    refuses."""
+    if not _native.has_op("attention"):
+        pytest.skip("needs the custom ops")
+    ops = torch.ops.fusedkernels
+    q, k, v = (t.transpose(1, 2).requires_grad_() for t in _qkv(2, 9, 13, 4, 2, 32))
+    args = (q, k, v, None, None, None, 9, 13, 0.0, 0.125, True, -1, -1)
+    torch.library.opcheck(ops.attention_fwd, args, {"heads_first": True})
+    out, lse, rng = ops.attention_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                                      heads_first=True)
+    assert out.stride() == _heads_first_out_strides(out.shape)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, None, None, 9, 13, 0.0,
+                0.125, True, -1, -1, rng, False, [True, True, True, False])
+    torch.library.opcheck(ops.attention_bwd, bwd_args, {"heads_first": True})
+    fn = lambda q, k, v: fops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for n in (9, 12):  # symbolic sizes through the meta kernels
+        leaves = [torch.randn(2, h, n, 32, requires_grad=True) for h in (4, 2, 2)]
+        a, b = compiled(*leaves), fn(*leaves)
+        assert max_err(a, b) <= 1e-6 and a.stride() == b.stride()
+        for ga, gb in zip(torch.autograd.grad(a.sum(), leaves), torch.autograd.grad(b.sum(), leaves)):
+            assert max_err(ga, gb) <= 1e-5
+    qp, kp, vp = (torch.randn(n, 2, 8) for n in (5, 6, 6))
+    with pytest.raises(ValueError, match="heads_first is not supported with varlen"):
+        ops.attention_fwd(qp, kp, vp, None, _cu([2, 3]), _cu([4, 2]), 3, 4, 0.0, 0.3, False, -1, -1, heads_first=True)
+
+
 def test_strided_inputs_need_no_copy_and_compute_right():
     """The SDPA layout ([B, H, N, D] transposed) and slices of a packed qkv tensor."""
     qkv = torch.randn(2, 11, 3, 4, 16, requires_grad=True)
@@ -650,6 +712,40 @@ def test_kernel_strided_inputs_and_sdpa_wrapper():
     lowp = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
     assert ours.shape == qh.shape
     assert_close_to_ref(ours.float(), ref, lowp.float(), "sdpa out", floor=1e-4)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("kernels", ["default", "portable"])
+@pytest.mark.parametrize("packed", [False, True], ids=["contiguous", "packed"])
+def test_kernel_sdpa_heads_first_forward_grads_and_layouts(kernels, packed, monkeypatch):
+    """SDPA's [B, H, N, D] tensors on the kernels as they are (heads_first), GQA and a mask: out and grads match
+    torch's SDPA in fp32, out over [B, N, H, D] memory, grads laid out as empty_like of each input."""
+    if kernels == "portable":
+        monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "portable")
+    b, n, hq, hkv, d = 2, 150, 4, 2, 64
+    if packed:  # [B, N, Hq + 2 Hkv, D] of a fused projection, split and viewed heads first: not dense
+        qkv = torch.randn(b, n, hq + 2 * hkv, d, device="cuda", dtype=torch.bfloat16)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split([hq, hkv, hkv], dim=2))
+    else:
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+    mask = torch.rand(n, n, device="cuda") > 0.1
+    dout = torch.randn(b, hq, n, d, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, attn_mask=mask, enable_gqa=True)
+        return [out, *torch.autograd.grad(out, leaves, dout.to(dtype))]
+
+    ours = run(fops.scaled_dot_product_attention, torch.bfloat16)
+    ref = run(F.scaled_dot_product_attention, torch.float32)
+    lowp = run(F.scaled_dot_product_attention, torch.bfloat16)
+    for name, o, r, t in zip(["out", "dq", "dk", "dv"], ours, ref, lowp):
+        assert o.shape == t.shape and o.dtype == t.dtype, name
+        assert_close_to_ref(o.float(), r, t.float(), name, floor=1e-4 if name == "out" else 1e-3)
+    assert ours[0].stride() == _heads_first_out_strides(ours[0].shape)
+    for g, t in zip(ours[1:], (q, k, v)):
+        assert g.stride() == torch.empty_like(t).stride()
 
 
 @pytest.mark.cuda

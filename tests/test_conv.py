@@ -625,14 +625,25 @@ def test_modules_compile_fullgraph():
 # ------------------------------------------------------------------------------------------------
 
 # (N, C_in, (H, W), C_out, kernel, stride, padding): ResNet-50's layer kinds at a small batch, odd sizes, channels
-# not multiples of 8
+# not multiples of 8 (the reference), asymmetric kernels and paddings (Inception's 1x7 / 7x1), a strided 1x1
+# (ResNet's downsample), a tile's worth of rows and channels not a multiple of 64
 CUDA_CASES = [
     (2, 64, (56, 56), 64, 3, 1, 1),
     (2, 256, (14, 14), 64, 1, 1, 0),
     (2, 3, (224, 224), 64, 7, 2, 3),
     (3, 128, (15, 13), 128, 3, 2, 1),
     (1, 12, (9, 7), 20, 3, 1, 1),
+    (2, 64, (17, 17), 72, (1, 7), 1, (0, 3)),
+    (2, 40, (17, 19), 48, (7, 1), 1, (3, 0)),
+    (2, 256, (28, 27), 512, 1, 2, 0),
+    (1, 24, (11, 13), 16, (3, 5), (2, 1), (0, 2)),
+    (5, 8, (33, 31), 8, 5, 3, 2),
 ]
+
+
+# FUSEDKERNELS_CONV_KERNEL: the default (cuDNN's fused convolution) and our implicit-GEMM kernel
+KERNELS = [pytest.param(("FUSEDKERNELS_CONV_KERNEL", ""), id="default"),
+           pytest.param(("FUSEDKERNELS_CONV_KERNEL", "sm90"), id="sm90")]
 
 
 def _cuda_inputs(case, dtype):
@@ -646,7 +657,9 @@ def _cuda_inputs(case, dtype):
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=str)
-def test_cuda_forward_and_grads_against_fp32_reference(case, residual, dtype):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_forward_and_grads_against_fp32_reference(case, residual, dtype, kernel, monkeypatch):
+    monkeypatch.setenv(*kernel)
     x, w, b, r, stride, padding = _cuda_inputs(case, dtype)
     r = r if residual else None
     f32 = [t.float() if t is not None else None for t in (x, w, b, r)]
@@ -655,7 +668,7 @@ def test_cuda_forward_and_grads_against_fp32_reference(case, residual, dtype):
     lowp = _grads(lambda *t: conv2d_bias_relu_ref(t[0], t[1], t[2], stride, padding, 1, t[3]), (x, w, b, r), dy)
     poison_allocator(lowp[0], lowp[0])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the reference's one warning (no kernel yet): see the routing test
+        warnings.simplefilter("ignore")  # the reference's one warning where no kernel takes the case: see below
         ours = _grads(lambda *t: fops.conv2d_bias_relu(t[0], t[1], t[2], stride, padding, 1, t[3]), (x, w, b, r), dy)
     assert ours[0].dtype == dtype and ours[0].is_contiguous(memory_format=CL)
     for name, o, p, q in zip(["out", "dx", "dw", "db", "dr"], ours, ref, lowp):
@@ -670,11 +683,13 @@ def test_opcheck_cuda():
 
 @pytest.mark.cuda
 @needs_native
-def test_cuda_routing_warns_once_per_reason_and_runs_the_reference():
+def test_cuda_routing_warns_once_per_reason_and_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("FUSEDKERNELS_CONV_KERNEL", "sm90")  # (by default cuDNN takes the odd channels)
     x, w, b, r, _, _ = _cuda_inputs((2, 16, (9, 9), 24, 3, 1, 1), torch.bfloat16)
+    odd = _cuda_inputs((2, 12, (9, 9), 20, 3, 1, 1), torch.bfloat16)[:4]
     cases = {
         "float32 inputs have no fused kernel": (x.float(), w.float(), b.float(), r.float()),
-        "conv::conv2d_supported": (x, w, b, r),  # no kernel yet: every bf16 call says so
+        "conv::conv2d_supported": odd,  # channels not multiples of 8: the kernel's 16-byte pixels
     }
     for reason, (x, w, b, r) in cases.items():
         with warnings.catch_warnings(record=True) as caught:
@@ -685,6 +700,25 @@ def test_cuda_routing_warns_once_per_reason_and_runs_the_reference():
         assert len(said) <= 1 and all(reason in s for s in said), (reason, said)
         assert a.dtype == x.dtype and torch.equal(a, c)
         assert torch.equal(a, conv2d_bias_relu_ref(x, w, b, 1, 1, 1, r)), reason  # the reference, exactly
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("dilation", [1, 2, (1, 3)], ids=str)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cuda_kernel_takes_channels_last_calls_without_warning(dtype, dilation, kernel, monkeypatch):
+    monkeypatch.setenv(*kernel)
+    x, w, b, r = _inputs(2, 16, (13, 11), 24, 3, dtype, "cuda", residual=True, padding=2, dilation=dilation)
+    x, w, r = (t.to(memory_format=CL) for t in (x, w, r))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fops.conv2d_bias_relu(x, w, b, 1, 2, dilation, r)
+        again = fops.conv2d_bias_relu(x, w, b, 1, 2, dilation, r)
+    assert torch.equal(out, again)  # deterministic
+    want = conv2d_bias_relu_ref(*(t.float() for t in (x, w, b)), 1, 2, dilation, r.float())
+    lowp = conv2d_bias_relu_ref(x, w, b, 1, 2, dilation, r)
+    assert_close_to_ref(out.float(), want, lowp.float(), "out", floor=torch.finfo(dtype).eps)
 
 
 @pytest.mark.cuda

@@ -140,6 +140,34 @@ def test_lamb_is_deterministic(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("masters", [False, True])
+def test_lamb_two_phases_equal_one_step(device, masters):
+    """lamb_moments_ + lamb_apply_ (what a sharded FusedLAMB runs, with an all-reduce between) computes what
+    lamb_step_ does; an empty tensor keeps its row."""
+    dtype = torch.bfloat16 if masters else torch.float32
+    torch.manual_seed(0)
+    shapes = [(100003,), (0,), (7, 5), (1,)]
+    params = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    grads = [torch.randn_like(p) for p in params]
+    state = dict(m=[torch.randn_like(p, dtype=torch.float32) for p in params],
+                 v=[torch.rand_like(p, dtype=torch.float32) for p in params],
+                 masters=[p.float() for p in params] if masters else [],
+                 steps=[torch.full((), 3.0, device=device) for _ in params])
+    runs = [([p.clone() for p in params], [g.clone() for g in grads],
+             {k: [t.clone() for t in ts] for k, ts in state.items()}) for _ in range(2)]
+    options = dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, decoupled=True, bias_correction=True)
+    moments = dict(grad_averaging=True, grad_norm=torch.tensor(3.0, device=device), max_grad_norm=1.0)
+    (p1, g1, s1), (p2, g2, s2) = runs
+    fops.lamb_step_(p1, g1, s1["m"], s1["v"], s1["masters"], s1["steps"], lr=1e-2, **options, **moments)
+    sums = fops.lamb_moments_(p2, g2, s2["m"], s2["v"], s2["masters"], s2["steps"], **options, **moments)
+    assert sums.shape == (len(params), 2) and sums[1].eq(0).all()
+    fops.lamb_apply_(p2, s2["m"], s2["v"], s2["masters"], s2["steps"], sums, lr=1e-2, **options)
+    for a, b in zip(p1 + [t for ts in s1.values() for t in ts], p2 + [t for ts in s2.values() for t in ts]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(s.item() == 4.0 for s in s2["steps"]), "every param's step counts, the empty one's too"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("opt", ["adamw", "sgd", "lamb"])
 def test_master_weights_track_the_fp64_trajectory(device, dtype, opt):

@@ -42,14 +42,14 @@ def test_native_module_built_and_loaded():
     assert os.path.dirname(os.path.abspath(fusedkernels.__file__)) == os.path.join(ROOT, "fusedkernels")
     assert os.path.dirname(os.path.abspath(_native.module.__file__)) == os.path.join(ROOT, "fusedkernels")
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
-    for op in ("layer_norm", "rms_norm", "conv2d_bias_relu"):  # public ops: composites that route each input
+    for op in ("layer_norm", "rms_norm", "conv2d_bias_relu", "apply_rotary", "linear_cross_entropy"):  # public ops: composites that route each input
         assert has_kernel(f"fusedkernels::{op}", "CompositeImplicitAutograd"), op
     for op in ("layer_norm_fwd", "rms_norm_bwd", "adam_step_", "sgd_step_", "lamb_step_", "grad_norm", "sm90_double",
-               "conv2d_bias_relu_fwd"):
+               "conv2d_bias_relu_fwd", "rotary_fwd", "rotary_", "linear_cross_entropy_fwd", "linear_cross_entropy_bwd"):
         assert _native.has_op(op), op
         assert has_kernel(f"fusedkernels::{op}", "Meta"), op  # fake tensors: torch.compile, export
     for op in ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "adam_step_", "grad_norm",
-               "conv2d_bias_relu_fwd"):
+               "conv2d_bias_relu_fwd", "rotary_fwd", "rotary_", "linear_cross_entropy_fwd", "linear_cross_entropy_bwd"):
         assert has_kernel(f"fusedkernels::{op}", "CUDA"), op
 
 
@@ -123,7 +123,7 @@ def test_sm90_sources_compile_for_sm90a_alone():
 
 
 def test_families_are_discovered(monkeypatch):
-    assert {"conv", "norm", "optim"} <= set(_build.families())
+    assert {"conv", "llm", "norm", "optim"} <= set(_build.families())
     assert "common" not in _build.families()
     monkeypatch.setenv("FUSEDKERNELS_FAMILIES", "norm")
     assert _build.selected_families() == ["norm"]
@@ -188,7 +188,8 @@ def _csrc_files():
 
 def test_include_rules():
     """Kernels never see torch (nvcc stays fast); device headers hold no host code; host helpers hold no
-    device code or torch; the torch-side kit is for the binding files only; families include only common/."""
+    device code or torch; the torch-side kit is for the binding files only; families include only common/ (and
+    conv's kernel headers gemm's)."""
     torchy = ("torch/", "ATen/", "c10/", "Python.h", "common/torch/", "common/python/")
     for path in _csrc_files():
         includes = _includes(path)
@@ -205,6 +206,9 @@ def test_include_rules():
         if path.endswith(".h") and family != "common":
             assert not [i for i in includes if i.startswith(torchy)], f"{path}: params headers stay torch-free"
         others = [i for i in includes if "/" in i and i.split("/")[0] in _build.families() and i.split("/")[0] != family]
+        # the one edge between families: conv's kernels are gemm's kernel as an implicit GEMM (headers only, each
+        # family still builds and links alone)
+        others = [i for i in others if not (family == "conv" and i.startswith("gemm/") and path.endswith(".cuh"))]
         assert not others, f"{path} includes another family: {others}"
         if "common/python" in " ".join(includes):
             assert path == os.path.join("csrc", "fusedkernels.cpp"), f"{path}: only the module file uses Python"

@@ -35,12 +35,6 @@ bool kernel_ready(const Tensor& t) {
 
 Tensor ready(const Tensor& t) { return kernel_ready(t) ? t : t.clone(at::MemoryFormat::Contiguous); }
 
-// [batch, row, head] strides; varlen tensors are [total, head, dim] with no batch stride.
-Strides strides_of(const Tensor& t, bool varlen) {
-  if (varlen) return {0, t.stride(0), t.stride(1)};
-  return {t.stride(0), t.stride(1), t.stride(2)};
-}
-
 int as_int(int64_t v, const char* op, const char* what) {
   TORCH_CHECK_VALUE(v >= 0 && v <= kIntMax, op, ": ", what, " must be in [0, 2^31), got ", num(v));
   return static_cast<int>(v);
@@ -49,20 +43,38 @@ int as_int(int64_t v, const char* op, const char* what) {
 int window(int64_t w) { return w < 0 ? -1 : static_cast<int>(std::min(w, kIntMax)); }
 
 struct Sizes {
-  bool varlen;
+  bool varlen, heads_first;
   int64_t batch, seqlen_q, seqlen_k, total_q, heads_q, heads_kv, head_dim;
 };
+
+// [batch, row, head] strides of q, k, v, out or a grad; varlen tensors are [total, head, dim] with no batch
+// stride, heads_first ones [batch, head, row, dim].
+Strides strides_of(const Tensor& t, const Sizes& s) {
+  if (s.varlen) return {0, t.stride(0), t.stride(1)};
+  if (s.heads_first) return {t.stride(0), t.stride(2), t.stride(1)};
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// out of a heads_first call: [batch, heads, seqlen, head_dim] over [batch, seqlen, heads, head_dim] memory (what
+// at::empty of the latter, transposed, gives; as torch's flash backend returns SDPA's output), in one allocation.
+Tensor empty_heads_first(const Tensor& q) {
+  const auto n = q.sizes();
+  const int64_t head_stride = std::max<int64_t>(n[3], 1), row_stride = head_stride * std::max<int64_t>(n[1], 1);
+  return at::empty_strided(n, {row_stride * std::max<int64_t>(n[2], 1), head_stride, row_stride, 1}, q.options());
+}
 
 // The internal ops' contract (the public ops check what a user passes, in torch's words; these guard the raw
 // ops): CUDA fp16 / bf16, a head dim with a kernel, consistent shapes.
 Sizes check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& bias,
-                   const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_q, int64_t max_k) {
+                   const OptTensor& cu_q, const OptTensor& cu_k, int64_t max_q, int64_t max_k, bool heads_first) {
   TORCH_CHECK_VALUE(q.is_cuda(), op, ": q must be a CUDA tensor, got ", q.device().str());
   TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
                    ": q must be float16 or bfloat16, got ", name_of(q.scalar_type()));
   const bool varlen = cu_q.has_value();
   TORCH_CHECK_VALUE(cu_k.has_value() == varlen, op, ": give both cu_seqlens_q and cu_seqlens_k, or neither");
+  TORCH_CHECK_VALUE(!(varlen && heads_first), op, ": heads_first is not supported with varlen");
   const int64_t dims = varlen ? 3 : 4;
+  const int64_t row = heads_first ? 2 : 1, head = heads_first ? 1 : dims - 2;  // (varlen: no row dimension)
   for (const auto& [name, t] : {std::pair{"k", &k}, std::pair{"v", &v}}) {
     TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " is on ", t->device().str(), " but q is on ",
                       q.device().str());
@@ -70,11 +82,14 @@ Sizes check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tenso
                      " like q, got ", name_of(t->scalar_type()));
   }
   TORCH_CHECK_VALUE(q.dim() == dims && k.dim() == dims && v.dim() == dims && k.sizes() == v.sizes(), op,
-                    ": q, k, v must be ", varlen ? "[total, heads, head_dim]" : "[batch, seqlen, heads, head_dim]",
+                    ": q, k, v must be ",
+                    varlen        ? "[total, heads, head_dim]"
+                    : heads_first ? "[batch, heads, seqlen, head_dim]"
+                                  : "[batch, seqlen, heads, head_dim]",
                     " with k and v alike, got ", shape(q), ", ", shape(k), ", ", shape(v));
-  Sizes s{varlen};
-  s.heads_q = q.size(-2);
-  s.heads_kv = k.size(-2);
+  Sizes s{varlen, heads_first};
+  s.heads_q = q.size(head);
+  s.heads_kv = k.size(head);
   s.head_dim = q.size(-1);
   TORCH_CHECK_VALUE(k.size(-1) == s.head_dim, op, ": q and k must have the same head_dim");
   TORCH_CHECK_VALUE(has_head_dim(static_cast<int>(std::min(s.head_dim, kIntMax))), op,
@@ -96,8 +111,8 @@ Sizes check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tenso
   } else {
     TORCH_CHECK_VALUE(k.size(0) == q.size(0), op, ": q and k must have the same batch");
     s.batch = q.size(0);
-    s.seqlen_q = q.size(1);
-    s.seqlen_k = k.size(1);
+    s.seqlen_q = q.size(row);
+    s.seqlen_k = k.size(row);
     s.total_q = s.batch * s.seqlen_q;
   }
   for (const auto& [what, value] : {std::pair{"batch", s.batch}, std::pair{"seqlen_q", s.seqlen_q},
@@ -134,9 +149,9 @@ FwdParams fwd_params(const Sizes& s, const Tensor& q, const Tensor& k, const Ten
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.q_strides = strides_of(q, s.varlen);
-  p.k_strides = strides_of(k, s.varlen);
-  p.v_strides = strides_of(v, s.varlen);
+  p.q_strides = strides_of(q, s);
+  p.k_strides = strides_of(k, s);
+  p.v_strides = strides_of(v, s);
   if (bias) {
     const Tensor b = bias->expand({s.batch, s.heads_q, s.seqlen_q, s.seqlen_k});  // stride 0 where broadcast
     p.bias = b.data_ptr();
@@ -177,9 +192,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd_cuda(const Tensor& q_, const Te
                                                       const OptTensor& cu_k, c10::SymInt max_q, c10::SymInt max_k,
                                                       double dropout_p, double scale, bool causal,
                                                       int64_t window_left, int64_t window_right, bool,
-                                                      std::optional<at::Generator> generator) {
+                                                      std::optional<at::Generator> generator, bool heads_first) {
   const char* op = "attention_fwd";
-  const Sizes s = check_inputs(op, q_, k_, v_, bias_, cu_q, cu_k, max_q.expect_int(), max_k.expect_int());
+  const Sizes s =
+      check_inputs(op, q_, k_, v_, bias_, cu_q, cu_k, max_q.expect_int(), max_k.expect_int(), heads_first);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1)");
   const c10::cuda::CUDAGuard guard(q_.device());
   const Tensor q = ready(q_), k = ready(k_), v = ready(v_);
@@ -187,7 +203,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd_cuda(const Tensor& q_, const Te
   const auto f32 = q.options().dtype(at::kFloat);
   // varlen: rows past cu_seqlens_q[-1] belong to no sequence and the kernel never visits them; they get
   // output 0 and lse -inf like a row that sees no key.
-  Tensor out = s.varlen ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
+  Tensor out = s.varlen        ? at::zeros(q.sizes(), q.options())
+               : s.heads_first ? empty_heads_first(q)
+                               : at::empty(q.sizes(), q.options());
   Tensor lse = s.varlen ? at::full({s.heads_q, s.total_q}, -std::numeric_limits<float>::infinity(), f32)
                         : at::empty({s.batch, s.heads_q, s.seqlen_q}, f32);
   Tensor rng_state = at::empty({dropout_p > 0 ? 2 : 0}, q.options().dtype(at::kLong));
@@ -204,7 +222,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd_cuda(const Tensor& q_, const Te
 
   FwdParams p = fwd_params(s, q, k, v, bias, cu_q, cu_k, dropout_p, scale, causal, window_left, window_right);
   p.out = out.data_ptr();
-  p.out_strides = strides_of(out, s.varlen);
+  p.out_strides = strides_of(out, s);
   set_lse(p, s, lse);
   if (dropout_p > 0) {
     p.philox = philox_for(generator, s.batch, s.heads_q);
@@ -222,9 +240,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
     const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& out_, const Tensor& lse,
     const OptTensor& bias_, const OptTensor& cu_q, const OptTensor& cu_k, c10::SymInt max_q, c10::SymInt max_k,
     double dropout_p, double scale, bool causal, int64_t window_left, int64_t window_right, const Tensor& rng_state,
-    bool deterministic, std::array<bool, 4> output_mask) {
+    bool deterministic, std::array<bool, 4> output_mask, bool heads_first) {
   const char* op = "attention_bwd";
-  const Sizes s = check_inputs(op, q_, k_, v_, bias_, cu_q, cu_k, max_q.expect_int(), max_k.expect_int());
+  const Sizes s =
+      check_inputs(op, q_, k_, v_, bias_, cu_q, cu_k, max_q.expect_int(), max_k.expect_int(), heads_first);
   for (const auto& [name, t] : {std::pair{"dout", &dout_}, std::pair{"out", &out_}}) {
     TORCH_CHECK_VALUE(t->device() == q_.device() && t->scalar_type() == q_.scalar_type() && t->sizes() == q_.sizes(),
                       op, ": ", name, " must match q in device, dtype and shape, got ", name_of(t->scalar_type()), " ",
@@ -269,17 +288,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
   BwdParams p{};
   p.fwd = fwd_params(s, q, k, v, bias, cu_q, cu_k, dropout_p, scale, causal, window_left, window_right);
   p.fwd.out = out.data_ptr();
-  p.fwd.out_strides = strides_of(out, s.varlen);
+  p.fwd.out_strides = strides_of(out, s);
   set_lse(p.fwd, s, lse);
   p.fwd.rng_state = dropout_p > 0 ? rng_state.data_ptr<int64_t>() : nullptr;
   p.dout = dout.data_ptr();
-  p.dout_strides = strides_of(dout, s.varlen);
+  p.dout_strides = strides_of(dout, s);
   p.dq = dq_k.data_ptr();
   p.dk = dk_k.data_ptr();
   p.dv = dv_k.data_ptr();
-  p.dq_strides = strides_of(dq_k, s.varlen);
-  p.dk_strides = strides_of(dk_k, s.varlen);
-  p.dv_strides = strides_of(dv_k, s.varlen);
+  p.dq_strides = strides_of(dq_k, s);
+  p.dk_strides = strides_of(dk_k, s);
+  p.dv_strides = strides_of(dv_k, s);
   p.dbias = want_bias ? dbias_full.data_ptr<float>() : nullptr;
   p.total_q = s.total_q;
   p.deterministic = deterministic || at::globalContext().deterministicAlgorithms();

@@ -4,6 +4,7 @@
 // attention_api.cpp.
 //
 //   fusedkernels::attention / attention_varlen   CompositeImplicitAutograd: check, route, call attention_fwd
+//     (scaled_dot_product_attention: the same on [B, H, N, D] tensors, heads_first)
 //     -> fusedkernels::attention_fwd              Autograd: attaches AttentionBackward; CUDA: the fused kernel;
 //                                                 CPU: the reference math; Meta: shapes
 //        backward -> fusedkernels::attention_bwd  (or, under create_graph, differentiable ATen ops)
@@ -45,9 +46,12 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // Internal. attn_bias: float in q's dtype, last dim of stride 1 and size Nk (the public ops convert).
   // rng_state: int64 [2] (the Philox seed and offset the dropout mask came from) when dropout_p > 0, else [0].
   // deterministic: the backward's dq without atomics (also under torch.use_deterministic_algorithms).
+  // heads_first: q, k, v (and the backward's dout, out) are [B, H, N, D], SDPA's layout, taken as they are (the
+  // kernels read any strides); out is then [B, H, N, D] over [B, N, H, D] memory, as torch's flash backend
+  // returns it. Not with varlen.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,"
         " SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p, float scale, bool causal, int window_left,"
-        " int window_right, bool deterministic=False, Generator? generator=None)"
+        " int window_right, bool deterministic=False, Generator? generator=None, bool heads_first=False)"
         " -> (Tensor out, Tensor lse, Tensor rng_state)",
         {at::Tag::nondeterministic_seeded});
   // output_mask: dq, dk, dv, dbias. dq / dk / dv are always computed; dbias (like attn_bias: shape, dtype) is
@@ -55,7 +59,7 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias,"
         " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p,"
         " float scale, bool causal, int window_left, int window_right, Tensor rng_state, bool deterministic,"
-        " bool[4] output_mask) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+        " bool[4] output_mask, bool heads_first=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }
 
 namespace fusedkernels::attention {
@@ -69,11 +73,11 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 using AttentionFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                                         const OptTensor&, const OptTensor&, c10::SymInt, c10::SymInt,
                                                         double, double, bool, int64_t, int64_t, bool,
-                                                        std::optional<at::Generator>);
+                                                        std::optional<at::Generator>, bool);
 using AttentionBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
     const OptTensor&, const OptTensor&, c10::SymInt, c10::SymInt, double, double, bool, int64_t, int64_t,
-    const Tensor&, bool, std::array<bool, 4>);
+    const Tensor&, bool, std::array<bool, 4>, bool);
 
 const c10::TypedOperatorHandle<AttentionFwd>& attention_fwd_op() {
   static const auto op = find_op<AttentionFwd>("fusedkernels::attention_fwd");
@@ -83,6 +87,9 @@ const c10::TypedOperatorHandle<AttentionBwd>& attention_bwd_op() {
   static const auto op = find_op<AttentionBwd>("fusedkernels::attention_bwd");
   return op;
 }
+
+// A heads_first [B, H, N, D] tensor as the [B, N, H, D] view the reference reads (and back: the same swap).
+Tensor rows_first(const Tensor& t, bool heads_first) { return heads_first ? t.transpose(1, 2) : t; }
 
 // ------------------------------------------------------------------------------------------------
 // The reference (differentiable ATen ops, fp32 arithmetic; fp64 for fp64): the CPU kernels, the path of
@@ -251,12 +258,23 @@ std::vector<c10::SymInt> dropout_shape(const Tensor& q, const Tensor& k, const S
 // Public ops: checks and routing
 // ------------------------------------------------------------------------------------------------
 
-// Validates q, k, v (`dims` 4: [B, N, H, D]; 3: varlen [total, H, D]) as torch's attention would, with
-// messages that name them. Sizes compare symbolically (torch.compile with dynamic shapes).
-void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, int64_t dims) {
-  const char* layout = dims == 4 ? "[batch, seqlen, heads, head_dim]" : "[total, heads, head_dim]";
+// Where q, k and v hold their rows and heads: attention's [B, N, H, D], SDPA's [B, H, N, D] (heads_first),
+// varlen's [total, H, D].
+struct Layout {
+  int64_t dims, row, head;
+  bool heads_first() const { return head < row; }
+};
+constexpr Layout kRowsFirst{4, 1, 2}, kHeadsFirst{4, 2, 1}, kVarlen{3, 0, 1};
+
+// Validates q, k, v as torch's attention would, with messages that name them. Sizes compare symbolically
+// (torch.compile with dynamic shapes).
+void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Layout& layout) {
+  const int64_t dims = layout.dims;
+  const char* names = layout.heads_first() ? "[batch, heads, seqlen, head_dim]"
+                      : dims == 4          ? "[batch, seqlen, heads, head_dim]"
+                                           : "[total, heads, head_dim]";
   for (const auto& [name, t] : {std::pair{"q", &q}, std::pair{"k", &k}, std::pair{"v", &v}}) {
-    TORCH_CHECK(t->dim() == dims, op, ": ", name, " must be ", layout, " (", num(dims), "-D), got ", shape(*t));
+    TORCH_CHECK(t->dim() == dims, op, ": ", name, " must be ", names, " (", num(dims), "-D), got ", shape(*t));
   }
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), op,
               ": q must be a floating-point tensor (float16 or bfloat16 for the fused kernel), got ",
@@ -266,14 +284,14 @@ void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v
               " and ", name_of(v.scalar_type()));
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k and v must be on one device, got ",
               q.device().str(), ", ", k.device().str(), " and ", v.device().str());
-  const int64_t row = dims - 3;
-  bool ok = sym_same(k.sym_size(row), v.sym_size(row)) && sym_same(k.sym_size(-2), v.sym_size(-2));
+  const int64_t row = layout.row, head = layout.head;
+  bool ok = sym_same(k.sym_size(row), v.sym_size(row)) && sym_same(k.sym_size(head), v.sym_size(head));
   if (dims == 4) ok = ok && sym_same(k.sym_size(0), q.sym_size(0)) && sym_same(v.sym_size(0), q.sym_size(0));
   TORCH_CHECK(ok, op, ": k and v must have the same batch, length and heads", dims == 4 ? " (and q's batch)" : "",
               ", got q ", shape(q), ", k ", shape(k), ", v ", shape(v));
   TORCH_CHECK(sym_same(q.sym_size(-1), k.sym_size(-1)) && sym_same(q.sym_size(-1), v.sym_size(-1)), op,
               ": q, k and v must have the same head_dim, got ", shape(q), ", ", shape(k), ", ", shape(v));
-  const c10::SymInt hq = q.sym_size(-2), hkv = k.sym_size(-2);
+  const c10::SymInt hq = q.sym_size(head), hkv = k.sym_size(head);
   const bool no_heads = hq.sym_eq(0).guard_bool(__FILE__, __LINE__) && hkv.sym_eq(0).guard_bool(__FILE__, __LINE__);
   TORCH_CHECK(no_heads || (hkv.sym_gt(0).guard_bool(__FILE__, __LINE__) && (hq % hkv).sym_eq(0).guard_bool(__FILE__, __LINE__)), op,
               ": the heads of q (", shape(c10::SymIntArrayRef(&hq, 1)),
@@ -288,12 +306,13 @@ void check_options(const char* op, double dropout_p, int64_t window_left, int64_
 }
 
 // attn_bias broadcastable to [B, Hq, Nq, Nk], bool or floating, on q's device.
-void check_bias(const char* op, const Tensor& bias, const Tensor& q, const Tensor& k) {
+void check_bias(const char* op, const Tensor& bias, const Tensor& q, const Tensor& k, const Layout& layout) {
   TORCH_CHECK(bias.device() == q.device(), op, ": attn_bias is on ", bias.device().str(), " but q is on ",
               q.device().str());
   TORCH_CHECK(bias.scalar_type() == at::kBool || at::isFloatingType(bias.scalar_type()), op,
               ": attn_bias must be bool or floating-point, got ", name_of(bias.scalar_type()));
-  const std::array<c10::SymInt, 4> full = {q.sym_size(0), q.sym_size(2), q.sym_size(1), k.sym_size(1)};
+  const std::array<c10::SymInt, 4> full = {q.sym_size(0), q.sym_size(layout.head), q.sym_size(layout.row),
+                                           k.sym_size(layout.row)};
   bool ok = bias.dim() <= 4;
   for (int64_t d = 1; ok && d <= bias.dim(); ++d) {
     const c10::SymInt& size = bias.sym_size(-d);
@@ -305,7 +324,7 @@ void check_bias(const char* op, const Tensor& bias, const Tensor& q, const Tenso
 
 // Bool masks become additive biases in q's dtype (0 / -inf, as torch's SDPA converts them), other dtypes are
 // cast to q's; a last dimension that is broadcast or strided is materialized (the kernel reads it contiguous).
-OptTensor prepare_bias(const OptTensor& bias, const Tensor& q, const Tensor& k) {
+OptTensor prepare_bias(const OptTensor& bias, const Tensor& q, const Tensor& k, const Layout& layout) {
   if (!bias) return std::nullopt;
   Tensor b = *bias;
   if (b.scalar_type() == at::kBool) {
@@ -314,7 +333,7 @@ OptTensor prepare_bias(const OptTensor& bias, const Tensor& q, const Tensor& k) 
     b = b.to(q.scalar_type());
   }
   if (b.dim() == 0) b = b.unsqueeze(0);
-  const c10::SymInt nk = k.sym_size(k.dim() - 3);
+  const c10::SymInt nk = k.sym_size(layout.row);
   const bool full_last = sym_same(b.sym_size(-1), nk);
   if (!full_last || !(b.sym_stride(-1) == 1 || sym_same(nk, 1))) {
     std::vector<c10::SymInt> sizes(b.sym_sizes().begin(), b.sym_sizes().end());
@@ -380,34 +399,50 @@ std::tuple<Tensor, Tensor> reference_op(const Tensor& q, const Tensor& k, const 
   return {out, return_lse ? lse.detach() : at::empty({0}, lse.options())};
 }
 
-std::tuple<Tensor, Tensor> attention_composite(const Tensor& q, const Tensor& k, const Tensor& v,
-                                               const OptTensor& attn_bias, double dropout_p, bool causal,
-                                               int64_t window_left, int64_t window_right, std::optional<double> scale,
-                                               bool return_lse, bool deterministic) {
+// attention's checks and routing, for q, k, v in attention's layout or SDPA's (heads first): out in q's shape,
+// and lse.
+std::tuple<Tensor, Tensor> attention_impl(const Tensor& q, const Tensor& k, const Tensor& v,
+                                          const OptTensor& attn_bias, double dropout_p, bool causal,
+                                          int64_t window_left, int64_t window_right, std::optional<double> scale,
+                                          bool deterministic, const Layout& layout) {
   // (fusedkernels.ops.attention hands nested tensors to torch's SDPA before they get here)
   TORCH_CHECK(!q.is_nested() && !k.is_nested() && !v.is_nested(), "attention: nested tensors are not supported here; ",
               "use fusedkernels.ops.attention (which runs torch.nn.functional.scaled_dot_product_attention on them) ",
               "or attention_varlen");
-  check_qkv("attention", q, k, v, 4);
+  check_qkv("attention", q, k, v, layout);
   check_options("attention", dropout_p, window_left, window_right);
-  if (attn_bias) check_bias("attention", *attn_bias, q, k);
+  if (attn_bias) check_bias("attention", *attn_bias, q, k, layout);
   if (dropout_p == 1.0) {  // every probability dropped: zeros (and zero grads), as torch's dropout(p=1)
-    auto [out, lse] = attention_composite(q, k, v, attn_bias, 0.0, causal, window_left, window_right, scale,
-                                          return_lse, deterministic);
+    auto [out, lse] =
+        attention_impl(q, k, v, attn_bias, 0.0, causal, window_left, window_right, scale, deterministic, layout);
     return {out * 0, lse};
   }
-  if (q.sym_size(2).sym_eq(0).guard_bool(__FILE__, __LINE__)) {  // no heads: empty results, as torch's SDPA
-    return {q.contiguous() * 0, at::empty_symint({q.sym_size(0), 0, q.sym_size(1)}, q.options().dtype(at::kFloat))};
+  const c10::SymInt nq = q.sym_size(layout.row);
+  if (q.sym_size(layout.head).sym_eq(0).guard_bool(__FILE__, __LINE__)) {  // no heads: empty results, as torch's SDPA
+    return {q.contiguous() * 0, at::empty_symint({q.sym_size(0), 0, nq}, q.options().dtype(at::kFloat))};
   }
-  const OptTensor bias = prepare_bias(attn_bias, q, k);
+  const OptTensor bias = prepare_bias(attn_bias, q, k, layout);
   Spec s{default_scale(q, scale), causal, window_left, window_right, dropout_p};
+  const bool heads_first = layout.heads_first();
   if (const char* why = fallback_reason(q, k, v, bias)) {
     warn_fallback("attention", why);
-    return reference_op(q, k, v, bias, s, return_lse);
+    auto [out, lse] = reference_op(rows_first(q, heads_first), rows_first(k, heads_first), rows_first(v, heads_first),
+                                   bias, s, true);
+    return {rows_first(out, heads_first), lse};
   }
   auto [out, lse, rng_state] = attention_fwd_op().call(
-      kernel_layout(q), kernel_layout(k), kernel_layout(v), bias, std::nullopt, std::nullopt, q.sym_size(1),
-      k.sym_size(1), dropout_p, s.scale, causal, window_left, window_right, deterministic, std::nullopt);
+      kernel_layout(q), kernel_layout(k), kernel_layout(v), bias, std::nullopt, std::nullopt, nq,
+      k.sym_size(layout.row), dropout_p, s.scale, causal, window_left, window_right, deterministic, std::nullopt,
+      heads_first);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> attention_composite(const Tensor& q, const Tensor& k, const Tensor& v,
+                                               const OptTensor& attn_bias, double dropout_p, bool causal,
+                                               int64_t window_left, int64_t window_right, std::optional<double> scale,
+                                               bool return_lse, bool deterministic) {
+  auto [out, lse] = attention_impl(q, k, v, attn_bias, dropout_p, causal, window_left, window_right, scale,
+                                   deterministic, kRowsFirst);
   return {out, return_lse ? lse : at::empty({0}, lse.options())};
 }
 
@@ -432,7 +467,7 @@ std::tuple<Tensor, Tensor> attention_varlen_composite(const Tensor& q, const Ten
                                                       double dropout_p, bool causal, int64_t window_left,
                                                       int64_t window_right, std::optional<double> scale,
                                                       bool return_lse, bool deterministic) {
-  check_qkv("attention_varlen", q, k, v, 3);
+  check_qkv("attention_varlen", q, k, v, kVarlen);
   check_options("attention_varlen", dropout_p, window_left, window_right);
   check_cu_seqlens("attention_varlen", cu_seqlens_q, cu_seqlens_k, q, max_seqlen_q, max_seqlen_k);
   if (dropout_p == 1.0) {  // every probability dropped: zeros (and zero grads), as torch's dropout(p=1)
@@ -451,14 +486,16 @@ std::tuple<Tensor, Tensor> attention_varlen_composite(const Tensor& q, const Ten
   }
   auto [out, lse, rng_state] = attention_fwd_op().call(
       kernel_layout(q), kernel_layout(k), kernel_layout(v), std::nullopt, cu_q, cu_k, std::move(max_seqlen_q),
-      std::move(max_seqlen_k), dropout_p, s.scale, causal, window_left, window_right, deterministic, std::nullopt);
+      std::move(max_seqlen_k), dropout_p, s.scale, causal, window_left, window_right, deterministic, std::nullopt,
+      false);
   return {out, return_lse ? lse : at::empty({0}, lse.options())};
 }
 
-// torch's SDPA on [B, H, N, D]: `attention` on [B, N, H, D] views (the kernel takes the strides as they are),
-// the result viewed back (as torch's flash backend returns it). What attention does not take goes to torch's
-// op, which computes it or raises torch's error: other ranks, a batch or head dim that differs, heads that
-// differ without enable_gqa, a mask with is_causal, dropout_p outside [0, 1], mask dtypes torch may refuse.
+// torch's SDPA on [B, H, N, D]: `attention` on the tensors as they are (heads_first: no views, so autograd records
+// one node, as for torch's op), the result [B, H, N, D] over [B, N, H, D] memory (as torch's flash backend returns
+// it). What attention does not take goes to torch's op, which computes it or raises torch's error: other ranks, a
+// batch or head dim that differs, heads that differ without enable_gqa, a mask with is_causal, dropout_p outside
+// [0, 1], mask dtypes torch may refuse.
 Tensor sdpa_composite(const Tensor& query, const Tensor& key, const Tensor& value, const OptTensor& attn_mask,
                       double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa) {
   const auto same = [](const c10::SymInt& a, const c10::SymInt& b) { return sym_same(a, b); };
@@ -472,9 +509,8 @@ Tensor sdpa_composite(const Tensor& query, const Tensor& key, const Tensor& valu
   if (!takes) {
     return at::scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa);
   }
-  auto [out, lse] = attention_composite(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask,
-                                        dropout_p, is_causal, -1, -1, scale, false, false);
-  return out.transpose(1, 2);
+  return std::get<0>(attention_impl(query, key, value, attn_mask, dropout_p, is_causal, -1, -1, scale, false,
+                                    kHeadsFirst));
 }
 
 // Autocast: what autocast does to aten::scaled_dot_product_attention, on its lower-precision list for CUDA and
@@ -524,7 +560,7 @@ struct AttentionBackward : torch::autograd::Node {
   torch::autograd::SavedVariable q, k, v, bias, cu_q, cu_k, out, lse, rng_state;
   c10::SymInt max_q, max_k;
   double dropout_p = 0, scale = 1;
-  bool causal = false, deterministic = false;
+  bool causal = false, deterministic = false, heads_first = false;
   int64_t window_left = -1, window_right = -1;
 
   std::string name() const override { return "fusedkernels::AttentionBackward"; }
@@ -546,13 +582,18 @@ struct AttentionBackward : torch::autograd::Node {
       TORCH_CHECK(dropout_p == 0.0, "fusedkernels.attention: the backward with dropout_p > 0 cannot be differentiated ",
                   "(create_graph=True); use dropout_p=0 for double backward");
       Spec s{scale, causal, window_left, window_right, 0.0, cq, ck};
-      g = reference_backward(dout, q_, k_, v_, optional_of(b), s, Tensor(), want);
+      g = reference_backward(rows_first(dout, heads_first), rows_first(q_, heads_first), rows_first(k_, heads_first),
+                             rows_first(v_, heads_first), optional_of(b), s, Tensor(), want);
+      for (int i = 0; i < 3; ++i) g[i] = rows_first(g[i], heads_first);
     } else {
+      // Below autograd, as the forward: nothing is recorded without grad mode, and the raw op's autograd kernel
+      // (the boxed not-implemented fallback) would only box and unbox its 20 arguments.
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
       g = std::apply([](auto&&... t) { return std::array<Tensor, 4>{t...}; },
                      attention_bwd_op().call(kernel_layout(dout), q_, k_, v_, out.unpack(getptr()),
                                              lse.unpack(getptr()), optional_of(b), cq, ck, max_q, max_k,
                                              dropout_p, scale, causal, window_left, window_right,
-                                             rng_state.unpack(getptr()), deterministic, want));
+                                             rng_state.unpack(getptr()), deterministic, want, heads_first));
     }
     for (size_t i = 0; i < result.size(); ++i) {
       if (want[i]) result[i] = g[i];
@@ -566,21 +607,25 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const
                                                           const OptTensor& cu_k, c10::SymInt max_q, c10::SymInt max_k,
                                                           double dropout_p, double scale, bool causal,
                                                           int64_t window_left, int64_t window_right,
-                                                          bool deterministic, std::optional<at::Generator> generator) {
+                                                          bool deterministic, std::optional<at::Generator> generator,
+                                                          bool heads_first) {
   const bool tangents = has_forward_grad(q) || has_forward_grad(k) || has_forward_grad(v) || has_forward_grad(bias);
   const bool grad = at::GradMode::is_enabled() &&
                     (requires_grad(q) || requires_grad(k) || requires_grad(v) || requires_grad(bias));
   auto results = [&] {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return attention_fwd_op().call(q, k, v, bias, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, window_left,
-                                   window_right, deterministic, generator);
+                                   window_right, deterministic, generator, heads_first);
   }();
   if (tangents) {
     // Tangents reach here where the public op could not see them (torch.func transforms nest forward-mode AD
     // inside other levels): the output from the differentiable reference, lse and rng_state from the op.
     TORCH_CHECK(dropout_p == 0.0, "fusedkernels.attention: forward-mode AD with dropout_p > 0 is not supported");
     Spec s{scale, causal, window_left, window_right, 0.0, cu_q, cu_k};
-    return {reference_forward(q, k, v, bias, s, Tensor()).first, std::get<1>(results), std::get<2>(results)};
+    const Tensor out = reference_forward(rows_first(q, heads_first), rows_first(k, heads_first),
+                                         rows_first(v, heads_first), bias, s, Tensor())
+                           .first;
+    return {rows_first(out, heads_first), std::get<1>(results), std::get<2>(results)};
   }
   if (grad) {
     auto node = make_node<AttentionBackward>();
@@ -604,6 +649,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const
     n.window_left = window_left;
     n.window_right = window_right;
     n.deterministic = deterministic;
+    n.heads_first = heads_first;
   }
   return results;
 }
@@ -612,10 +658,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const
 // CPU kernels: the reference
 // ------------------------------------------------------------------------------------------------
 
-void check_internal_bias(const char* op, const OptTensor& bias, const Tensor& q) {
+void check_internal_args(const char* op, const OptTensor& bias, const Tensor& q, bool heads_first) {
   TORCH_CHECK_VALUE(!bias || at::isFloatingType(bias->scalar_type()), op,
                     ": attn_bias must be floating-point (the public ops turn bool masks into additive biases)");
   TORCH_CHECK_VALUE(!bias || q.dim() == 4, op, ": attn_bias is not supported with varlen");
+  TORCH_CHECK_VALUE(!heads_first || q.dim() == 4, op, ": heads_first is not supported with varlen");
 }
 
 // Varlen's contract, checked where reading cu_seqlens costs nothing (the CUDA kernel relies on it and could
@@ -635,13 +682,14 @@ void check_cu_seqlens_values(const char* name, const Tensor& cu, int64_t rows, i
                     " but the packed tensor has ", num(rows), " rows");
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+std::tuple<Tensor, Tensor, Tensor> attention_fwd_cpu(const Tensor& q_, const Tensor& k_, const Tensor& v_,
                                                      const OptTensor& bias, const OptTensor& cu_q,
                                                      const OptTensor& cu_k, c10::SymInt max_q, c10::SymInt max_k,
                                                      double dropout_p, double scale, bool causal, int64_t window_left,
                                                      int64_t window_right, bool,
-                                                     std::optional<at::Generator> generator) {
-  check_internal_bias("attention_fwd", bias, q);
+                                                     std::optional<at::Generator> generator, bool heads_first) {
+  check_internal_args("attention_fwd", bias, q_, heads_first);
+  const Tensor q = rows_first(q_, heads_first), k = rows_first(k_, heads_first), v = rows_first(v_, heads_first);
   if (cu_q && cu_k) {
     check_cu_seqlens_values("cu_seqlens_q", cu_q->contiguous(), q.size(0), max_q.expect_int());
     check_cu_seqlens_values("cu_seqlens_k", cu_k->contiguous(), k.size(0), max_k.expect_int());
@@ -656,18 +704,19 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tens
     keep = cpu_dropout_keep(seed, dropout_shape(q, k, s), dropout_p);
   }
   auto [out, lse] = reference_forward(q, k, v, bias, s, keep);
-  return {out.contiguous(), lse.contiguous(), rng_state};
+  return {rows_first(out.contiguous(), heads_first), lse.contiguous(), rng_state};
 }
 
 // Grads in the layout empty_like gives (the meta kernel's): the inputs' strides where dense.
 Tensor like(const Tensor& input, const Tensor& value) { return at::empty_like(input).copy_(value); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
-    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&, const Tensor&,
+    const Tensor& dout, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor&, const Tensor&,
     const OptTensor& bias, const OptTensor& cu_q, const OptTensor& cu_k, c10::SymInt, c10::SymInt, double dropout_p,
     double scale, bool causal, int64_t window_left, int64_t window_right, const Tensor& rng_state, bool,
-    std::array<bool, 4> output_mask) {
-  check_internal_bias("attention_bwd", bias, q);
+    std::array<bool, 4> output_mask, bool heads_first) {
+  check_internal_args("attention_bwd", bias, q_, heads_first);
+  const Tensor q = rows_first(q_, heads_first), k = rows_first(k_, heads_first), v = rows_first(v_, heads_first);
   Spec s{scale, causal, window_left, window_right, dropout_p, cu_q, cu_k};
   Tensor keep;
   if (dropout_p > 0) {
@@ -676,8 +725,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
     keep = cpu_dropout_keep(rng_state.data_ptr<int64_t>()[0], dropout_shape(q, k, s), dropout_p);
   }
   const bool want_bias = output_mask[3] && bias.has_value();
-  auto g = reference_backward(dout, q, k, v, bias, s, keep, {true, true, true, want_bias});
-  return {like(q, g[0]), like(k, g[1]), like(v, g[2]),
+  auto g = reference_backward(rows_first(dout, heads_first), q, k, v, bias, s, keep, {true, true, true, want_bias});
+  return {like(q_, rows_first(g[0], heads_first)), like(k_, rows_first(g[1], heads_first)),
+          like(v_, rows_first(g[2], heads_first)),
           want_bias ? g[3].contiguous() : at::empty({0}, q.options())};
 }
 
@@ -688,20 +738,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
 std::tuple<Tensor, Tensor, Tensor> attention_fwd_meta(const Tensor& q, const Tensor&, const Tensor&,
                                                       const OptTensor& bias, const OptTensor& cu_q, const OptTensor&,
                                                       c10::SymInt, c10::SymInt, double dropout_p, double, bool,
-                                                      int64_t, int64_t, bool, std::optional<at::Generator>) {
-  check_internal_bias("attention_fwd", bias, q);
+                                                      int64_t, int64_t, bool, std::optional<at::Generator>,
+                                                      bool heads_first) {
+  check_internal_args("attention_fwd", bias, q, heads_first);
   const auto f32 = q.options().dtype(at::kFloat);
+  const Tensor q_rows = rows_first(q, heads_first);  // [B, N, H, D]: the layout of out's memory
   Tensor lse = cu_q ? at::empty_symint({q.sym_size(1), q.sym_size(0)}, f32)
-                    : at::empty_symint({q.sym_size(0), q.sym_size(2), q.sym_size(1)}, f32);
-  return {at::empty_symint(q.sym_sizes(), q.options()), lse,
+                    : at::empty_symint({q_rows.sym_size(0), q_rows.sym_size(2), q_rows.sym_size(1)}, f32);
+  return {rows_first(at::empty_symint(q_rows.sym_sizes(), q.options()), heads_first), lse,
           at::empty({dropout_p > 0 ? 2 : 0}, q.options().dtype(at::kLong))};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_meta(
     const Tensor&, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&, const Tensor&,
     const OptTensor& bias, const OptTensor&, const OptTensor&, c10::SymInt, c10::SymInt, double, double, bool, int64_t,
-    int64_t, const Tensor&, bool, std::array<bool, 4> output_mask) {
-  check_internal_bias("attention_bwd", bias, q);
+    int64_t, const Tensor&, bool, std::array<bool, 4> output_mask, bool heads_first) {
+  check_internal_args("attention_bwd", bias, q, heads_first);
   const bool want_bias = output_mask[3] && bias.has_value();
   return {at::empty_like(q), at::empty_like(k), at::empty_like(v),
           want_bias ? at::empty_symint(bias->sym_sizes(), bias->options()) : at::empty({0}, q.options())};

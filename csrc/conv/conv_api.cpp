@@ -1,9 +1,17 @@
-// CUDA kernel of fusedkernels::conv2d_bias_relu_fwd: check the tensors, fill Conv2dParams from channels_last (NHWC)
-// tensors, launch on the current stream. Where no kernel takes the call (conv::conv2d_supported says no) or the
-// tensors are not NHWC-dense, the reference runs instead, with one warning per reason. The public op, autograd and
-// the CPU / meta kernels are in conv_ops.cpp. Nothing here syncs or calls cudaMalloc: CUDA-graph capture safe.
+// CUDA kernel of fusedkernels::conv2d_bias_relu_fwd: check the tensors, then route the call.
+//   - cuDNN's fused convolution + bias (+ residual) + ReLU (aten::cudnn_convolution_relu / _add_relu) where cuDNN is
+//     enabled: on the H200 it is faster than our implicit-GEMM kernel on every ResNet-50 layer measured
+//     (docs/perf-notes.md, conv), so it runs by default;
+//   - our Hopper implicit-GEMM kernel (conv/sm90) with FUSEDKERNELS_CONV_KERNEL=sm90, or when cuDNN is off or refuses
+//     the call, wherever conv::conv2d_supported takes the call (Conv2dParams from channels_last (NHWC) tensors,
+//     launched on the current stream);
+//   - else the reference, with one warning per reason (tensors not NHWC-dense, no kernel takes the call).
+// The public op, autograd and the CPU / meta kernels are in conv_ops.cpp. Nothing here syncs or calls cudaMalloc:
+// CUDA-graph capture safe.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cstdlib>
+#include <string_view>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -66,6 +74,16 @@ Tensor conv2d_bias_relu_fwd_cuda(const Tensor& x, const Tensor& weight, const Op
   if (!x.is_contiguous(kChannelsLast) || !weight.is_contiguous(kChannelsLast) ||
       (residual && !residual->is_contiguous(kChannelsLast))) {
     return reference("x, weight or residual not channels_last (NHWC) has no fused kernel");
+  }
+  const char* choice = std::getenv("FUSEDKERNELS_CONV_KERNEL");
+  if (!(choice && std::string_view(choice) == "sm90") && at::globalContext().userEnabledCuDNN()) {
+    try {
+      Tensor out = residual ? at::cudnn_convolution_add_relu(x, weight, *residual, 1, bias, stride, padding, dilation, 1)
+                            : at::cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1);
+      return out.contiguous(kChannelsLast);
+    } catch (const c10::Error&) {
+      // no cuDNN engine for this configuration: our kernel or the reference below
+    }
   }
   // bias: copied when strided (cheap next to the convolution)
   const OptTensor b = !bias || bias->stride(0) == 1 ? bias : OptTensor(bias->contiguous());

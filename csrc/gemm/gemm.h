@@ -41,11 +41,21 @@ struct LinearActParams {
   // The gated form (SwiGLU / GeGLU): weight is [2n, k], the gate's rows then the up projection's (bias [2n]
   // likewise), and out = act(x Wg^T + bg) * (x Wu^T + bu) (+ residual).
   bool gated = false;
+  // Add the residual before the activation, act(z + residual) (ResNet's last conv of a block), instead of after.
+  bool residual_before_activation = false;
   // Split-K, for calls with too few output tiles to fill the GPU (small m): the GEMM writes fp32 partial sums
   // of x W^T over split_k slices of K into workspace [split_k, m, n] ([split_k, m, 2n] gated, gate | up), and a
   // second kernel adds them up and applies the epilogue. split_k from linear_act_split_k.
   int split_k = 1;
   float* workspace = nullptr;
+};
+
+// The implicit GEMM of a convolution (csrc/conv): x is an NHWC image batch [batch, in_h, in_w, channels] read
+// through the copy engine's im2col mode, the GEMM's rows the output pixels (m = batch * out_h * out_w), its K
+// the filter taps times the channels (weight [n, kernel_h, kernel_w, channels]).
+struct Im2colGeometry {
+  int batch = 0, in_h = 0, in_w = 0, channels = 0, out_h = 0, out_w = 0;
+  int kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dilation_h = 1, dilation_w = 1;
 };
 
 // Whether a kernel takes these params on the current device: the sm_90a kernel on Hopper, from a build that

@@ -128,7 +128,6 @@ Activation activation_of(int64_t value, const char* op) {
   return static_cast<Activation>(value);
 }
 
-bool sym_same(const c10::SymInt& a, const c10::SymInt& b) { return a.sym_eq(b).guard_bool(__FILE__, __LINE__); }
 bool multiple_of_8(const c10::SymInt& v) { return (v % 8).sym_eq(0).guard_bool(__FILE__, __LINE__); }
 
 // N: the output's columns, the weight's rows (half of them gated).

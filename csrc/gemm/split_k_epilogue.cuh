@@ -1,8 +1,9 @@
-// Split-K's second pass: z = Σ_s workspace[s] + bias, out = act(z) (* up) (+ residual), pre_activation = z,
-// from the fp32 partial sums of x W^T the GEMM wrote over p.split_k slices of K (workspace [split_k, m, n],
-// gated [split_k, m, 2n]: the gate's n columns, then the up projection's, as the bias and the pre-activation
-// have them). The same arithmetic as the fused epilogue: z rounded to T, the activation applied to the rounded
-// value, one rounding of the output. One thread per 8 consecutive output columns.
+// Split-K's second pass: z = Σ_s workspace[s] + bias, out = act(z) (* up) (+ residual; act(z + residual) when
+// residual_before_activation), pre_activation = z, from the fp32 partial sums of x W^T the GEMM wrote over
+// p.split_k slices of K (workspace [split_k, m, n], gated [split_k, m, 2n]: the gate's n columns, then the up
+// projection's, as the bias and the pre-activation have them). The same arithmetic as the fused epilogue: z
+// rounded to T, the activation applied to the rounded value, one rounding of the output. One thread per 8
+// consecutive output columns.
 #pragma once
 
 #include "common/device/vec.cuh"
@@ -44,17 +45,18 @@ __global__ void split_k_epilogue_kernel(const LinearActParams p) {
   };
 
   const Vec<T, 8> z = sum(col);
+  Vec<T, 8> r;
+  if (p.residual != nullptr) r.load(static_cast<const T*>(p.residual) + row * p.residual_row_stride + col);
+  const bool before = p.residual_before_activation && p.residual != nullptr;
   float y[8];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) y[e] = activate<kAct>(z.get(e));
+  for (int e = 0; e < 8; ++e) y[e] = activate<kAct>(before ? z.get(e) + r.get(e) : z.get(e));
   if constexpr (kGated) {
     const Vec<T, 8> up = sum(p.n + col);
 #pragma unroll
     for (int e = 0; e < 8; ++e) y[e] *= up.get(e);
   }
-  if (p.residual != nullptr) {
-    Vec<T, 8> r;
-    r.load(static_cast<const T*>(p.residual) + row * p.residual_row_stride + col);
+  if (p.residual != nullptr && !before) {
 #pragma unroll
     for (int e = 0; e < 8; ++e) y[e] += r.get(e);
   }

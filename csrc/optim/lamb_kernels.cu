@@ -2,6 +2,8 @@
 //   1. moments: m, v updated and stored; per chunk, sum w^2 and sum u^2 into the workspace
 //   2. trust:   per tensor, |w| / |u| from its chunks' partials, added in a fixed order
 //   3. apply:   u recomputed from the stored m, v and w; w -= lr * trust * u
+// Sharded params split this after 2, which then writes the per-tensor sums (LambParams::sums_out); the
+// second phase runs 2 from the sums added up across the shards (sums_in), then 3.
 // Recomputing u reads w, m, v (12 B/param in fp32) where storing it would cost a write and a read
 // (8 B) plus clobbering the grads; the moments are stored rounded to their dtype first, so both
 // launches see the same u bit for bit.
@@ -99,17 +101,26 @@ __global__ void __launch_bounds__(kTrustThreads) lamb_trust_kernel(const __grid_
   if (tensor >= t.num_tensors) return;  // whole warps leave together
   const int lane = threadIdx.x % 32;
   float w_sq = 0.f, u_sq = 0.f;
-  for (int c = t.chunk_start[tensor] + lane; c < t.chunk_start[tensor + 1]; c += 32) {
-    w_sq += p.partials[2 * int64_t(c)];
-    u_sq += p.partials[2 * int64_t(c) + 1];
+  if (p.sums_in) {
+    w_sq = p.sums_in[2 * tensor];
+    u_sq = p.sums_in[2 * tensor + 1];
+  } else {
+    for (int c = t.chunk_start[tensor] + lane; c < t.chunk_start[tensor + 1]; c += 32) {
+      w_sq += p.partials[2 * int64_t(c)];
+      u_sq += p.partials[2 * int64_t(c) + 1];
+    }
+    w_sq = group_sum_in_warp<32>(w_sq);
+    u_sq = group_sum_in_warp<32>(u_sq);
   }
-  w_sq = group_sum_in_warp<32>(w_sq);
-  u_sq = group_sum_in_warp<32>(u_sq);
-  if (lane == 0) {
-    const float w_norm = sqrtf(w_sq), u_norm = sqrtf(u_sq);
-    const bool adapt = (p.always_adapt || p.weight_decay != 0.f) && w_norm > 0.f && u_norm > 0.f;
-    trust_ratios(t, p)[tensor] = adapt ? w_norm / u_norm : 1.f;
+  if (lane != 0) return;
+  if (p.sums_out) {
+    p.sums_out[2 * tensor] = w_sq;
+    p.sums_out[2 * tensor + 1] = u_sq;
+    return;
   }
+  const float w_norm = sqrtf(w_sq), u_norm = sqrtf(u_sq);
+  const bool adapt = (p.always_adapt || p.weight_decay != 0.f) && w_norm > 0.f && u_norm > 0.f;
+  trust_ratios(t, p)[tensor] = adapt ? w_norm / u_norm : 1.f;
 }
 
 template <typename P, typename S, bool kHasMaster>
@@ -136,9 +147,10 @@ __global__ void __launch_bounds__(kThreads) lamb_apply_kernel(const __grid_const
 
 template <typename P, typename S, bool kHasMaster>
 void launch_lamb(const TensorTable& t, const LambParams& p, cudaStream_t stream) {
-  launch<lamb_moments_kernel<P, S, kHasMaster>>(t, p, stream);
+  if (!p.sums_in) launch<lamb_moments_kernel<P, S, kHasMaster>>(t, p, stream);
   const int warps_per_block = kTrustThreads / 32;
   lamb_trust_kernel<<<(t.num_tensors + warps_per_block - 1) / warps_per_block, kTrustThreads, 0, stream>>>(t, p);
+  if (p.sums_out) return;
   launch<lamb_apply_kernel<P, S, kHasMaster>>(t, p, stream);
   increment_steps(t, p.s.found_inf, stream);
 }

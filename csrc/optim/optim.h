@@ -70,6 +70,9 @@ struct SgdParams {
 // LAMB (apex's FusedLAMB formulas): update u = m^ / (sqrt(v^) + eps) (+ wd * w when decoupled), then
 // w -= lr * trust * u with trust = |w| / |u| per tensor. Three kernels: moments + per-chunk partial norms,
 // per-tensor trust ratios (fixed order: deterministic), the update (u recomputed from the stored moments).
+// Sharded params (FSDP2) need |w| and |u| over every shard: the step then runs in two phases. sums_out: the
+// first two kernels write each tensor's sum w^2 and sum u^2 there and the step stops; sums_in: the step
+// starts from those sums (added up across the shards by the caller) and runs the trust and update kernels.
 struct LambParams {
   StepScalars s;
   float beta1, beta2, eps, weight_decay;
@@ -80,6 +83,8 @@ struct LambParams {
   const float* grad_norm;  // total 2-norm of the raw grads: they are clipped to max_grad_norm; or nullptr
   float max_grad_norm;
   float* partials;         // lamb_partials(t) floats: sum w^2 and sum u^2 per chunk, then trust per tensor
+  float* sums_out;         // 2 floats per tensor of the table (sum w^2, sum u^2), or nullptr
+  const float* sums_in;    // the same, summed over the shards, or nullptr
   DType param_dtype, state_dtype;
   bool master;
 };

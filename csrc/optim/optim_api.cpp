@@ -1,6 +1,6 @@
 // The optim family's ops: schemas, and the CUDA kernels of fusedkernels::{adam_step_, sgd_step_, lamb_step_,
-// grad_norm, scale_grads_}: check the tensor lists, pack them into TensorTables (kTableTensors a launch) and
-// launch on the current stream. Their CPU kernels are Python (fusedkernels/ops/optim.py: PyTorch's fused
+// lamb_moments_, lamb_apply_, grad_norm, scale_grads_}: check the tensor lists, pack them into TensorTables
+// (kTableTensors a launch) and launch on the current stream. Their CPU kernels are Python (fusedkernels/ops/optim.py: PyTorch's fused
 // and foreach CPU ops where they compute the same thing, else the reference).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -40,6 +40,18 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
       " float weight_decay, bool decoupled, bool bias_correction, bool grad_averaging, bool always_adapt,"
       " Tensor? grad_norm, float max_grad_norm, bool maximize, Tensor? grad_scale, Tensor? found_inf,"
       " Tensor? clip_coef) -> ()");
+  // lamb_step_ in two phases, for params sharded across processes: lamb_moments_ updates the moments and
+  // returns each param's sum of w^2 and of u^2 over its local elements ([params, 2] float32, in list order); the caller adds them up across the shards; lamb_apply_ takes those totals, applies the trust
+  // ratios and counts the step.
+  m.def(
+      "lamb_moments_(Tensor[] params, Tensor(a!)[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs,"
+      " Tensor[] masters, Tensor[] steps, float beta1, float beta2, float eps, float weight_decay, bool decoupled,"
+      " bool bias_correction, bool grad_averaging, Tensor? grad_norm, float max_grad_norm, bool maximize,"
+      " Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef) -> Tensor");
+  m.def(
+      "lamb_apply_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor(b!)[] masters,"
+      " Tensor(c!)[] steps, Tensor sums, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps,"
+      " float weight_decay, bool decoupled, bool bias_correction, bool always_adapt, Tensor? found_inf) -> ()");
   // Total 2- or inf-norm of the grads (deterministic), and min(max_norm / (total + 1e-6), 1).
   m.def("grad_norm(Tensor[] grads, float norm_type, float max_norm) -> (Tensor total, Tensor clip_coef)");
   m.def("scale_grads_(Tensor(a!)[] grads, Tensor coef) -> ()");
@@ -126,7 +138,7 @@ Tables build_tables(const char* op, const Lists& lists, const at::Tensor& first)
       pointers[slot] = x.data_ptr();
       aligned = aligned && reinterpret_cast<uintptr_t>(pointers[slot]) % 16 == 0;
     }
-    if (numel == 0) continue;
+    // (an empty tensor keeps its place: it has no chunks, and its step still counts)
     const int32_t tensor_chunks = static_cast<int32_t>((numel + kChunk - 1) / kChunk);
     if (t.num_tensors == kTableTensors || int64_t(chunks) + tensor_chunks > INT32_MAX) flush();
     const int k = t.num_tensors++;
@@ -269,14 +281,13 @@ void sgd_step_(TensorList params, TensorList grads, TensorList momentum_buffers,
   if (p.s.write_back_grad) tables.write_back_grads();
 }
 
-void lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList masters,
-                TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-                double eps, double weight_decay, bool decoupled, bool bias_correction, bool grad_averaging,
-                bool always_adapt, const std::optional<at::Tensor>& grad_norm, double max_grad_norm, bool maximize,
-                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                const std::optional<at::Tensor>& clip_coef) {
-  const char* op = "lamb_step_";
-  if (params.empty()) return;
+// The LAMB step, or one of its two phases (sums_out: moments and per-tensor sums; sums_in: the update).
+void run_lamb(const char* op, TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+              TensorList masters, TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+              double beta2, double eps, double weight_decay, bool decoupled, bool bias_correction, bool grad_averaging,
+              bool always_adapt, const std::optional<at::Tensor>& grad_norm, double max_grad_norm, bool maximize,
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+              const std::optional<at::Tensor>& clip_coef, const at::Tensor* sums_out, const at::Tensor* sums_in) {
   check_params(op, params, grads);
   const at::Tensor& first = params[0];
   const auto state_dtype = check_adam_states(op, params, exp_avgs, exp_avg_sqs, {}, masters, steps);
@@ -302,14 +313,62 @@ void lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
   Tables tables = build_tables(op, lists, first);
   int64_t workspace_size = 0;
   for (const TensorTable& t : tables.tables) workspace_size += lamb_partials(t);
+  const at::Tensor* sums = sums_out ? sums_out : sums_in;
+  if (sums) {
+    TORCH_CHECK_VALUE(sums->device() == first.device() && sums->scalar_type() == at::kFloat && sums->is_contiguous() &&
+                          sums->numel() == 2 * int64_t(params.size()),
+                      op, ": sums must be a contiguous float32 tensor on ", first.device().str(), " of shape [",
+                      num(params.size()), ", 2] (one row per param), got ", num(sums->numel()), " elements");
+  }
   const at::Tensor workspace = at::empty({std::max<int64_t>(workspace_size, 1)}, first.options().dtype(at::kFloat));
-  int64_t offset = 0;
+  int64_t offset = 0, row = 0;
   for (const TensorTable& t : tables.tables) {
     p.partials = workspace.data_ptr<float>() + offset;
+    if (sums_out) p.sums_out = sums_out->data_ptr<float>() + row;
+    if (sums_in) p.sums_in = sums_in->data_ptr<float>() + row;
     offset += lamb_partials(t);
+    row += 2 * t.num_tensors;  // (every param has its table entry, in list order)
     check_launch(lamb_step(t, p, c10::cuda::getCurrentCUDAStream()), op);
   }
   if (p.s.write_back_grad) tables.write_back_grads();
+}
+
+void lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList masters,
+                TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                double eps, double weight_decay, bool decoupled, bool bias_correction, bool grad_averaging,
+                bool always_adapt, const std::optional<at::Tensor>& grad_norm, double max_grad_norm, bool maximize,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::Tensor>& clip_coef) {
+  if (params.empty()) return;
+  run_lamb("lamb_step_", params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, lr_tensor, beta1, beta2, eps,
+           weight_decay, decoupled, bias_correction, grad_averaging, always_adapt, grad_norm, max_grad_norm, maximize,
+           grad_scale, found_inf, clip_coef, nullptr, nullptr);
+}
+
+at::Tensor lamb_moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                         TensorList masters, TensorList steps, double beta1, double beta2, double eps,
+                         double weight_decay, bool decoupled, bool bias_correction, bool grad_averaging,
+                         const std::optional<at::Tensor>& grad_norm, double max_grad_norm, bool maximize,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& clip_coef) {
+  const char* op = "lamb_moments_";
+  TORCH_CHECK_VALUE(!params.empty() && params[0].is_cuda(), op, ": params must be CUDA tensors");
+  // zeros: a step skipped by found_inf writes none of them
+  const at::Tensor sums = at::zeros({int64_t(params.size()), 2}, params[0].options().dtype(at::kFloat));
+  run_lamb(op, params, grads, exp_avgs, exp_avg_sqs, masters, steps, 0.0, std::nullopt, beta1, beta2, eps, weight_decay,
+           decoupled, bias_correction, grad_averaging, false, grad_norm, max_grad_norm, maximize, grad_scale, found_inf,
+           clip_coef, &sums, nullptr);
+  return sums;
+}
+
+void lamb_apply_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList masters, TensorList steps,
+                 const at::Tensor& sums, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+                 double beta2, double eps, double weight_decay, bool decoupled, bool bias_correction, bool always_adapt,
+                 const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  run_lamb("lamb_apply_", params, {}, exp_avgs, exp_avg_sqs, masters, steps, lr, lr_tensor, beta1, beta2, eps,
+           weight_decay, decoupled, bias_correction, false, always_adapt, std::nullopt, 0.0, false, std::nullopt,
+           found_inf, std::nullopt, nullptr, &sums);
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_norm(TensorList grads, double norm_type, double max_norm) {
@@ -359,6 +418,14 @@ void scale_grads_(TensorList grads, const at::Tensor& coef) {
 // Meta kernels: the steps mutate their inputs only; grad_norm returns two scalars.
 void step_meta(const c10::OperatorHandle&, torch::jit::Stack* stack) { stack->clear(); }
 
+at::Tensor lamb_moments_meta(TensorList params, TensorList, TensorList, TensorList, TensorList, TensorList, double,
+                             double, double, double, bool, bool, bool, const std::optional<at::Tensor>&, double, bool,
+                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                             const std::optional<at::Tensor>&) {
+  TORCH_CHECK_VALUE(!params.empty(), "lamb_moments_: params must be a non-empty list");
+  return at::empty({int64_t(params.size()), 2}, params[0].options().dtype(at::kFloat));
+}
+
 std::tuple<at::Tensor, at::Tensor> grad_norm_meta(TensorList grads, double, double) {
   TORCH_CHECK_VALUE(!grads.empty(), "grad_norm: grads must be a non-empty list");
   const auto opts = grads[0].options().dtype(at::kFloat);
@@ -380,6 +447,8 @@ TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
   m.impl("adam_step_", torch::CppFunction::makeFromBoxedFunction<&step_meta>());
   m.impl("sgd_step_", torch::CppFunction::makeFromBoxedFunction<&step_meta>());
   m.impl("lamb_step_", torch::CppFunction::makeFromBoxedFunction<&step_meta>());
+  m.impl("lamb_moments_", &lamb_moments_meta);
+  m.impl("lamb_apply_", torch::CppFunction::makeFromBoxedFunction<&step_meta>());
   m.impl("scale_grads_", torch::CppFunction::makeFromBoxedFunction<&step_meta>());
   m.impl("grad_norm", &grad_norm_meta);
 }
@@ -387,7 +456,7 @@ TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
 // In-place ops bump the version counters of what they write, as torch's own optimizer steps do: autograd
 // then refuses a backward through a tensor a step has changed since it was saved.
 TORCH_LIBRARY_IMPL(fusedkernels, ADInplaceOrView, m) {
-  for (const char* op : {"adam_step_", "sgd_step_", "lamb_step_", "scale_grads_"}) {
+  for (const char* op : {"adam_step_", "sgd_step_", "lamb_step_", "lamb_moments_", "lamb_apply_", "scale_grads_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   }
 }
@@ -396,6 +465,8 @@ TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
   m.impl("adam_step_", &adam_step_);
   m.impl("sgd_step_", &sgd_step_);
   m.impl("lamb_step_", &lamb_step_);
+  m.impl("lamb_moments_", &lamb_moments_);
+  m.impl("lamb_apply_", &lamb_apply_);
   m.impl("grad_norm", &grad_norm);
   m.impl("scale_grads_", &scale_grads_);
 }

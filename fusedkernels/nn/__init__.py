@@ -3,6 +3,7 @@
 from .attention import FusedMultiheadAttention, FusedSelfAttention
 from .conv import FusedConv2dReLU, FusedConvBNReLU
 from .linear import FusedLinear
+from .loss import FusedLinearCrossEntropyLoss
 from .mlp import FusedMLP
 from .norm import (
     FusedAddLayerNorm,
@@ -16,4 +17,4 @@ from .norm import (
 
 __all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedCastRMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm",
            "FusedBiasDropoutAddLayerNorm", "FusedBiasDropoutAddRMSNorm", "FusedMultiheadAttention", "FusedSelfAttention",
-           "FusedLinear", "FusedMLP", "FusedConv2dReLU", "FusedConvBNReLU"]
+           "FusedLinear", "FusedMLP", "FusedConv2dReLU", "FusedConvBNReLU", "FusedLinearCrossEntropyLoss"]

@@ -9,6 +9,7 @@ with one warning.
 from .attention import attention, attention_varlen, scaled_dot_product_attention
 from .conv import conv2d_bias_relu, fold_batch_norm
 from .gemm import linear_act, linear_gated
+from .llm import apply_rotary, linear_cross_entropy
 from .norm import (
     add_layer_norm,
     add_rms_norm,
@@ -17,7 +18,7 @@ from .norm import (
     layer_norm,
     rms_norm,
 )
-from .optim import adam_step_, grad_norm, lamb_step_, scale_grads_, sgd_step_
+from .optim import adam_step_, grad_norm, lamb_apply_, lamb_moments_, lamb_step_, scale_grads_, sgd_step_
 
 __all__ = [
     "attention",
@@ -27,6 +28,8 @@ __all__ = [
     "fold_batch_norm",
     "linear_act",
     "linear_gated",
+    "apply_rotary",
+    "linear_cross_entropy",
     "layer_norm",
     "rms_norm",
     "add_layer_norm",
@@ -36,6 +39,8 @@ __all__ = [
     "adam_step_",
     "sgd_step_",
     "lamb_step_",
+    "lamb_moments_",
+    "lamb_apply_",
     "grad_norm",
     "scale_grads_",
 ]

@@ -427,9 +427,10 @@ def scaled_dot_product_attention(
     [B, Hq, Nq, D], key / value [B, Hkv, Nk, D] (Hkv == Hq unless enable_gqa). Inputs the op does not take
     (not 4-D, a value head dim unlike the query's, attn_mask with is_causal, batch sizes that broadcast,
     dropout_p outside [0, 1], mask dtypes torch may refuse, nested tensors) go to
-    F.scaled_dot_product_attention itself, which computes them or raises its own error. The choice, the
-    layout views and autograd happen in C++ (the op `fusedkernels::scaled_dot_product_attention`), so a call
-    costs the host about what torch's does."""
+    F.scaled_dot_product_attention itself, which computes them or raises its own error. The choice and autograd
+    happen in C++ (the op `fusedkernels::scaled_dot_product_attention`), on the [B, H, N, D] tensors as they are
+    (no transposed views), so a call costs the host about what torch's does. The output is [B, H, N, D] over
+    [B, N, H, D] memory, as torch's flash backend returns it."""
     if type(query) is not Tensor and isinstance(query, Tensor) and query.is_nested:  # (one type check)
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                               enable_gqa=enable_gqa)

@@ -123,16 +123,25 @@ def sgd_step_ref(params: List, grads: List, momentum_buffers: List, masters: Lis
         _count_steps(steps)
 
 
-def lamb_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List,
-                  lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float, eps: float, weight_decay: float,
-                  decoupled: bool, bias_correction: bool, grad_averaging: bool, always_adapt: bool,
-                  grad_norm: Optional[Tensor], max_grad_norm: float, maximize: bool, grad_scale: Optional[Tensor],
-                  found_inf: Optional[Tensor], clip_coef: Optional[Tensor]) -> None:
-    if _skipped(found_inf):
-        return
+def _lamb_update(m: Tensor, v: Tensor, w: Tensor, step: Tensor, acc: torch.dtype, beta1: float, beta2: float,
+                 eps: float, weight_decay: float, decoupled: bool, bias_correction: bool) -> Tensor:
+    """u from the moments as stored (rounded to their dtype): both phases compute the same u."""
+    step = float(step.item()) + 1
+    bc1, bc2 = (1 - beta1**step, 1 - beta2**step) if bias_correction else (1.0, 1.0)
+    u = (m.to(acc) / bc1) / ((v.to(acc) / bc2).sqrt() + eps)
+    return u + weight_decay * w if decoupled else u
+
+
+def lamb_moments_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List,
+                     beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
+                     bias_correction: bool, grad_averaging: bool, grad_norm: Optional[Tensor], max_grad_norm: float,
+                     maximize: bool, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                     clip_coef: Optional[Tensor]) -> Tensor:
     acc = _acc(params[0])
-    lr, beta1, beta2, eps, weight_decay, max_grad_norm = _hyper(acc, _scalar(lr_tensor, lr), beta1, beta2, eps,
-                                                                weight_decay, max_grad_norm)
+    sums = torch.zeros(len(params), 2, dtype=acc, device=params[0].device)
+    if _skipped(found_inf):
+        return sums
+    beta1, beta2, eps, weight_decay, max_grad_norm = _hyper(acc, beta1, beta2, eps, weight_decay, max_grad_norm)
     unscale, factor = _grad_factors(grad_scale, clip_coef, maximize)
     if grad_norm is not None:
         norm = float(grad_norm.item()) * abs(factor)  # the norm of the grads as the step sees them
@@ -141,24 +150,48 @@ def lamb_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, 
     grad_weight = 1 - beta1 if grad_averaging else 1.0
     for i, p in enumerate(params):
         g = _read_grad(grads[i], grad_scale, unscale, factor, acc)
-        w = masters[i].clone() if masters else p.to(acc)
+        w = masters[i] if masters else p.to(acc)
         if not decoupled and weight_decay != 0:
             g = g + weight_decay * w
-        # the moments as stored (rounded to their dtype): the update is computed from those
         exp_avgs[i].copy_(beta1 * exp_avgs[i].to(acc) + grad_weight * g)
         exp_avg_sqs[i].copy_(beta2 * exp_avg_sqs[i].to(acc) + (1 - beta2) * g * g)
-        step = float(steps[i].item()) + 1
-        bc1, bc2 = (1 - beta1**step, 1 - beta2**step) if bias_correction else (1.0, 1.0)
-        u = (exp_avgs[i].to(acc) / bc1) / ((exp_avg_sqs[i].to(acc) / bc2).sqrt() + eps)
-        if decoupled:
-            u = u + weight_decay * w
-        w_norm, u_norm = float(w.norm()), float(u.norm())
+        u = _lamb_update(exp_avgs[i], exp_avg_sqs[i], w, steps[i], acc, beta1, beta2, eps, weight_decay, decoupled,
+                         bias_correction)
+        sums[i, 0], sums[i, 1] = w.square().sum(), u.square().sum()
+    return sums
+
+
+def lamb_apply_ref(params: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List, sums: Tensor,
+                   lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float, eps: float, weight_decay: float,
+                   decoupled: bool, bias_correction: bool, always_adapt: bool, found_inf: Optional[Tensor]) -> None:
+    if _skipped(found_inf):
+        return
+    acc = _acc(params[0])
+    lr, beta1, beta2, eps, weight_decay = _hyper(acc, _scalar(lr_tensor, lr), beta1, beta2, eps, weight_decay)
+    norms = sums.to(acc).sqrt().tolist()
+    for i, p in enumerate(params):
+        w = masters[i].clone() if masters else p.to(acc)
+        u = _lamb_update(exp_avgs[i], exp_avg_sqs[i], w, steps[i], acc, beta1, beta2, eps, weight_decay, decoupled,
+                         bias_correction)
+        w_norm, u_norm = norms[i]
         adapt = (always_adapt or weight_decay != 0) and w_norm > 0 and u_norm > 0
         w = w - lr * (w_norm / u_norm if adapt else 1.0) * u
         p.copy_(w)
         if masters:
             masters[i].copy_(w)
     _count_steps(steps)
+
+
+def lamb_step_ref(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List,
+                  lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float, eps: float, weight_decay: float,
+                  decoupled: bool, bias_correction: bool, grad_averaging: bool, always_adapt: bool,
+                  grad_norm: Optional[Tensor], max_grad_norm: float, maximize: bool, grad_scale: Optional[Tensor],
+                  found_inf: Optional[Tensor], clip_coef: Optional[Tensor]) -> None:
+    sums = lamb_moments_ref(params, grads, exp_avgs, exp_avg_sqs, masters, steps, beta1, beta2, eps, weight_decay,
+                            decoupled, bias_correction, grad_averaging, grad_norm, max_grad_norm, maximize, grad_scale,
+                            found_inf, clip_coef)
+    lamb_apply_ref(params, exp_avgs, exp_avg_sqs, masters, steps, sums, lr, lr_tensor, beta1, beta2, eps, weight_decay,
+                   decoupled, bias_correction, always_adapt, found_inf)
 
 
 def grad_norm_ref(grads: List, norm_type: float, max_norm: float):
@@ -284,14 +317,33 @@ def sgd_step_torch(params: List, grads: List, momentum_buffers: List, masters: L
         _undo_skipped_count(steps, skip)
 
 
+def _check_lamb_lists(op: str, params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List,
+                      steps: List) -> None:
+    if not exp_avgs or not exp_avg_sqs or len(steps) != len(params):
+        raise ValueError(f"{op}: exp_avgs, exp_avg_sqs and steps are required")
+    check_lists(op, params, grads, ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), masters=masters, steps=steps)
+
+
 def lamb_step_torch(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List,
                     *args) -> None:
     """LAMB has no PyTorch op: the reference, after the native op's checks."""
-    if not exp_avgs or not exp_avg_sqs or len(steps) != len(params):
-        raise ValueError("lamb_step_: exp_avgs, exp_avg_sqs and steps are required")
-    check_lists("lamb_step_", params, grads, ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), masters=masters,
-                steps=steps)
+    _check_lamb_lists("lamb_step_", params, grads, exp_avgs, exp_avg_sqs, masters, steps)
     lamb_step_ref(params, grads, exp_avgs, exp_avg_sqs, masters, steps, *args)
+
+
+def lamb_moments_torch(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List,
+                       *args) -> Tensor:
+    _check_lamb_lists("lamb_moments_", params, grads, exp_avgs, exp_avg_sqs, masters, steps)
+    return lamb_moments_ref(params, grads, exp_avgs, exp_avg_sqs, masters, steps, *args)
+
+
+def lamb_apply_torch(params: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List, sums: Tensor,
+                     *args) -> None:
+    _check_lamb_lists("lamb_apply_", params, [], exp_avgs, exp_avg_sqs, masters, steps)
+    if sums.shape != (len(params), 2) or sums.device != params[0].device:
+        raise ValueError(f"lamb_apply_: sums must have shape [{len(params)}, 2] (one row per param) on "
+                         f"{params[0].device}, got {list(sums.shape)} on {sums.device}")
+    lamb_apply_ref(params, exp_avgs, exp_avg_sqs, masters, steps, sums, *args)
 
 
 def grad_norm_torch(grads: List, norm_type: float, max_norm: float):
@@ -300,7 +352,10 @@ def grad_norm_torch(grads: List, norm_type: float, max_norm: float):
     if not grads or any(g.dtype != grads[0].dtype or g.device != grads[0].device for g in grads):
         raise ValueError("grad_norm: grads must be a non-empty list of one dtype on one device")
     low = all(g.dtype in (torch.float16, torch.bfloat16, torch.float32) for g in grads)
-    norms = torch._foreach_norm(list(grads), norm_type, dtype=torch.float32 if low else None)
+    dtype = torch.float32 if low else None
+    if norm_type == math.inf:  # empty tensors (an empty local shard) add nothing, as in the kernel
+        grads = [g for g in grads if g.numel()] or [grads[0].new_zeros(1)]
+    norms = torch._foreach_norm(list(grads), norm_type, dtype=dtype)
     total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
@@ -313,6 +368,8 @@ if _native.has_op("adam_step_"):
     torch.library.register_kernel("fusedkernels::adam_step_", "cpu", adam_step_torch)
     torch.library.register_kernel("fusedkernels::sgd_step_", "cpu", sgd_step_torch)
     torch.library.register_kernel("fusedkernels::lamb_step_", "cpu", lamb_step_torch)
+    torch.library.register_kernel("fusedkernels::lamb_moments_", "cpu", lamb_moments_torch)
+    torch.library.register_kernel("fusedkernels::lamb_apply_", "cpu", lamb_apply_torch)
     torch.library.register_kernel("fusedkernels::grad_norm", "cpu", grad_norm_torch)
     torch.library.register_kernel("fusedkernels::scale_grads_", "cpu", scale_grads_torch)
 
@@ -374,6 +431,34 @@ def lamb_step_(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, mas
         op(params, grads, exp_avgs, exp_avg_sqs, masters, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay,
            decoupled, bias_correction, grad_averaging, always_adapt, grad_norm, max_grad_norm, maximize, grad_scale,
            found_inf, clip_coef)
+
+
+def lamb_moments_(params: List, grads: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List, *,
+                  beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool = True,
+                  bias_correction: bool = True, grad_averaging: bool = True, grad_norm: Optional[Tensor] = None,
+                  max_grad_norm: float = math.inf, maximize: bool = False, grad_scale: Optional[Tensor] = None,
+                  found_inf: Optional[Tensor] = None, clip_coef: Optional[Tensor] = None) -> Tensor:
+    """The first phase of `lamb_step_` for params sharded across processes (FSDP2): updates the moments and
+    returns each param's sum of w^2 and of u^2 over its elements here, a [len(params), 2] tensor on their
+    device (float32; float64 for float64 params). Add those up across the shards (an all-reduce), then call
+    `lamb_apply_` with the totals. Arguments as in `lamb_step_`; the step count is not advanced yet."""
+    if not params:
+        raise ValueError("lamb_moments_: params must be a non-empty list")
+    op = _native.route("lamb_moments_", params[0], lamb_moments_torch, "the reference LAMB")
+    return op(params, grads, exp_avgs, exp_avg_sqs, masters, steps, beta1, beta2, eps, weight_decay, decoupled,
+              bias_correction, grad_averaging, grad_norm, max_grad_norm, maximize, grad_scale, found_inf, clip_coef)
+
+
+def lamb_apply_(params: List, exp_avgs: List, exp_avg_sqs: List, masters: List, steps: List, sums: Tensor, *,
+                lr: float, lr_tensor: Optional[Tensor] = None, beta1: float, beta2: float, eps: float,
+                weight_decay: float, decoupled: bool = True, bias_correction: bool = True, always_adapt: bool = False,
+                found_inf: Optional[Tensor] = None) -> None:
+    """The second phase of `lamb_step_`: the trust ratios from `sums` (each param's sum of w^2 and of u^2 over
+    all its shards), the update, and the step count. The same lists and options as `lamb_moments_`."""
+    if params:
+        op = _native.route("lamb_apply_", params[0], lamb_apply_torch, "the reference LAMB")
+        op(params, exp_avgs, exp_avg_sqs, masters, steps, sums, lr, lr_tensor, beta1, beta2, eps, weight_decay,
+           decoupled, bias_correction, always_adapt, found_inf)
 
 
 def grad_norm(grads: List, norm_type: float = 2.0, max_norm: float = math.inf) -> tuple[Tensor, Tensor]:

@@ -9,20 +9,25 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import _dtensor
 
 class Bucket:
     """The params of one group that step in one fused call: one device, dtype, moment dtype, masters or not.
 
     Which params belong to which bucket is planned once and reused; each step reads the grads and the
     state tensors anew (from the params' state dicts, so a state entry set by hand is the one used).
-    Complex params step through their real views, as in torch.optim.
+    Complex params step through their real views, as in torch.optim. DTensor params (FSDP2) are bucketed
+    by (mesh, placements), `layout`, and step through their local shards (their states are DTensors laid
+    out as the param, as torch's optimizers keep them).
     """
 
-    __slots__ = ("device", "index", "params", "states", "keys", "has_master", "counts_steps", "is_complex")
+    __slots__ = ("device", "layout", "index", "params", "states", "keys", "has_master", "counts_steps",
+                 "is_complex")
 
-    def __init__(self, device: torch.device, keys: list[str], has_master: bool, counts_steps: bool,
-                 is_complex: bool):
+    def __init__(self, device: torch.device, layout: Optional[tuple], keys: list[str], has_master: bool,
+                 counts_steps: bool, is_complex: bool):
         self.device = device
+        self.layout = layout
         self.index: list[int] = []  # positions in the group's params
         self.params: list[Tensor] = []
         self.states: list[dict] = []  # each param's state dict
@@ -34,16 +39,21 @@ class Bucket:
     def lists(self, grads: list):
         """params, grads, {moment: tensors}, masters, steps: as the kernels take them. KeyError when a
         state entry was removed by hand (the plan is then rebuilt)."""
-        bucket_grads = [grads[i] for i in self.index]
+        params, bucket_grads = self.params, [grads[i] for i in self.index]
         moments = {k: [st[k] for st in self.states] for k in self.keys}
         masters = [st["master_param"] for st in self.states] if self.has_master else []
         steps = [st["step"] for st in self.states] if self.counts_steps else []
+        if self.layout is not None:
+            local = _dtensor.local
+            bucket_grads = list(map(_dtensor.local_grad, bucket_grads, params))
+            params = [local(p) for p in params]
+            moments = {k: [local(t) for t in ts] for k, ts in moments.items()}
+            masters = [local(m) for m in masters]
         if not self.is_complex:
-            return self.params, bucket_grads, moments, masters, steps
+            return params, bucket_grads, moments, masters, steps
         real = torch.view_as_real
-        return ([real(p) for p in self.params], [real(g) for g in bucket_grads],
+        return ([real(p) for p in params], [real(g) for g in bucket_grads],
                 {k: [real(t) for t in ts] for k, ts in moments.items()}, masters, steps)
-
 
 
 class _Plan:
@@ -189,19 +199,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._plans[id(group)] = plan
         for b, params, _, _, masters, _ in lists:
             if b.has_master:
-                self._refresh_masters(b.params, masters)
+                self._refresh_masters(b.params, params, masters)
         return lists
 
-    def _refresh_masters(self, params: list[Tensor], masters: list[Tensor]) -> None:
+    def _refresh_masters(self, params: list[Tensor], tensors: list[Tensor], masters: list[Tensor]) -> None:
         """A param written outside the optimizer since its last step gives its master the new value;
         otherwise the step would write the stale master back over it. Seen: in-place ops on the param
         (model.load_state_dict, torch.no_grad() edits: its version counter moves) and `p.data = t` (its
         storage changes). Not seen: in-place writes through `p.data` (`p.data.copy_`), which bypass the
-        version counter; call `refresh_masters()` after those."""
+        version counter; call `refresh_masters()` after those. `tensors`: what the step writes, the params
+        or their local shards."""
         seen = self._param_versions
-        for p, master in zip(params, masters):
-            if seen.get(id(p), (p._version, p.data_ptr())) != (p._version, p.data_ptr()):
-                master.copy_(p.detach())
+        for p, t, master in zip(params, tensors, masters):
+            if seen.get(id(p), (t._version, t.data_ptr())) != (t._version, t.data_ptr()):
+                master.copy_(t.detach())
 
     @torch.no_grad()
     def refresh_masters(self) -> None:
@@ -215,9 +226,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _stepped(self, buckets: list[tuple]) -> None:
         """After a step: remember the versions of the params with masters (the step itself bumps them)."""
-        for b, *_ in buckets:
+        for b, params, *_ in buckets:
             if b.has_master:
-                self._param_versions.update((id(p), (p._version, p.data_ptr())) for p in b.params)
+                self._param_versions.update((id(p), (t._version, t.data_ptr())) for p, t in zip(b.params, params))
 
     def _plan_key(self, group: dict) -> tuple:
         return tuple(self._moment_keys(group)), self._counts_steps(group)
@@ -244,10 +255,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 elif t.dtype != moment_dtype or t.device != p.device:
                     state[key] = t.to(device=p.device, dtype=moment_dtype)
             bucket_dtype = torch.empty((), dtype=p.dtype).real.dtype if p.is_complex() else p.dtype
-            key = (p.device, bucket_dtype, moment_dtype, master is not None, p.is_complex())
+            layout = _dtensor.sharding(p)
+            key = (p.device, layout, bucket_dtype, moment_dtype, master is not None, p.is_complex())
             b = buckets.get(key)
             if b is None:
-                b = buckets[key] = Bucket(p.device, keys, master is not None, counts_steps, p.is_complex())
+                b = buckets[key] = Bucket(p.device, layout, keys, master is not None, counts_steps, p.is_complex())
             b.index.append(i)
             b.params.append(p)
             b.states.append(state)

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..ops import optim as ops
+from . import _dtensor
 from ._base import FusedOptimizer
 from .clip import total_grad_norm
 
@@ -27,6 +28,9 @@ class FusedLAMB(FusedOptimizer):
     Extras, as in FusedAdam: master_weights (fp32 copies of 16-bit params, state "master_param"),
     state_dtype (float32 or bfloat16 moments), maximize, a tensor lr; the step never syncs with the host,
     so it can be captured in a CUDA graph after a first eager step.
+
+    DTensor params (FSDP2): the global grad norm and each param's |w| and |u| are taken over all its shards
+    (the per-shard sums all-reduced over the mesh), so a sharded run steps as a single-device one.
     """
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
@@ -91,14 +95,23 @@ class FusedLAMB(FusedOptimizer):
             beta1, beta2 = group["betas"]
             for b, params, grads, states, masters, steps in buckets:
                 lr, lr_tensor = self._lr_args(group, b.device)
-                ops.lamb_step_(
-                    params, grads, states["exp_avg"], states["exp_avg_sq"], masters, steps, lr=lr,
-                    lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
-                    weight_decay=group["weight_decay"], decoupled=self.adam_w_mode,
-                    bias_correction=group["bias_correction"], grad_averaging=group["grad_averaging"],
-                    always_adapt=self.use_nvlamb, grad_norm=self._value_for(grad_norm, params),
-                    max_grad_norm=max_grad_norm, maximize=group["maximize"],
-                    grad_scale=self._on(grad_scale, b.device), found_inf=self._on(found_inf, b.device),
-                    clip_coef=self._value_for(clip, params))
+                options = dict(beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                               weight_decay=group["weight_decay"], decoupled=self.adam_w_mode,
+                               bias_correction=group["bias_correction"])
+                found = self._on(found_inf, b.device)
+                moments = dict(grad_averaging=group["grad_averaging"], grad_norm=self._value_for(grad_norm, params),
+                               max_grad_norm=max_grad_norm, maximize=group["maximize"],
+                               grad_scale=self._on(grad_scale, b.device), found_inf=found,
+                               clip_coef=self._value_for(clip, params))
+                if b.layout is None or all(p.is_replicate() for p in b.layout[1]):
+                    ops.lamb_step_(params, grads, states["exp_avg"], states["exp_avg_sq"], masters, steps, lr=lr,
+                                   lr_tensor=lr_tensor, always_adapt=self.use_nvlamb, **options, **moments)
+                    continue
+                # Sharded params: the trust ratio |w| / |u| of a param needs the sums over all its shards
+                sums = ops.lamb_moments_(params, grads, states["exp_avg"], states["exp_avg_sq"], masters, steps,
+                                         **options, **moments)
+                sums = _dtensor.all_reduce(sums, b.layout, "sum")
+                ops.lamb_apply_(params, states["exp_avg"], states["exp_avg_sq"], masters, steps, sums, lr=lr,
+                                lr_tensor=lr_tensor, always_adapt=self.use_nvlamb, found_inf=found, **options)
             self._stepped(buckets)
         return loss

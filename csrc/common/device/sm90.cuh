@@ -68,6 +68,20 @@ __device__ __forceinline__ void tma_load_2d(void* smem_dst, const void* tensor_m
       : "memory");
 }
 
+// TMA im2col copy of a 4D NHWC tensor map: channels c.. of the map's pixelsPerColumn pixels starting at input
+// position (w, h) of image n (the filter window's corner for the first output pixel, stepping by the map's
+// traversal strides through its bounding box), each read at (w + off_w, h + off_h) (the filter tap); pixels
+// outside the image read as zeros. Completes on `bar`.
+__device__ __forceinline__ void tma_load_im2col_4d(void* smem_dst, const void* tensor_map, int c, int w, int h, int n,
+                                                   uint16_t off_w, uint16_t off_h, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.im2col.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}],"
+      " [%6], {%7, %8};" ::"r"(smem_address(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c), "r"(w), "r"(h), "r"(n), "r"(smem_address(bar)), "h"(off_w),
+      "h"(off_h)
+      : "memory");
+}
+
 // A plain arrival on the barrier (no bytes announced).
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <mutex>
 
 #include <cuda.h>  // CUtensorMap and its enums (types only)
 #include <cudaTypedefs.h>
@@ -12,20 +11,21 @@
 
 namespace fusedkernels {
 
+// The driver's function `name` (version 12.0), or nullptr.
+inline void* driver_function(const char* name) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult status;
+  if (cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &status) == cudaSuccess &&
+      status == cudaDriverEntryPointSuccess) {
+    return fn;
+  }
+  cudaGetLastError();
+  return nullptr;
+}
+
 inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status) ==
-            cudaSuccess &&
-        status == cudaDriverEntryPointSuccess) {
-      encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-    } else {
-      cudaGetLastError();
-    }
-  });
+  static const auto encode =
+      reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(driver_function("cuTensorMapEncodeTiled"));
   return encode;
 }
 
@@ -58,6 +58,31 @@ inline bool make_tensor_map_2d(CUtensorMap* map, const void* base, int64_t rows,
   const int64_t sizes[2] = {cols, rows}, strides[1] = {row_stride * 2};
   const int box[2] = {box_cols, box_rows};
   return make_tensor_map(map, base, 2, sizes, strides, box);
+}
+
+// An im2col map of the NHWC 16-bit tensor at `base` ([batch, height, width, channels], contiguous; channels a
+// multiple of 8) for a convolution with these paddings, filter size, dilations and strides: each load reads
+// `channels_per_pixel` channels (x 2 == 128 bytes, the 128-byte swizzle) of `pixels` output pixels' input
+// positions, in their order (w, then h, then the image). The bounding box of the filter window's corner runs
+// from -pad to (size - 1) + pad - (filter - 1) * dilation in each of w and h. False when the driver cannot
+// encode it.
+inline bool make_im2col_map_nhwc(CUtensorMap* map, const void* base, int64_t batch, int64_t height, int64_t width,
+                                 int64_t channels, int pad_h, int pad_w, int kernel_h, int kernel_w, int dilation_h,
+                                 int dilation_w, int stride_h, int stride_w, int pixels, int channels_per_pixel) {
+  using Encoder = PFN_cuTensorMapEncodeIm2col_v12000;
+  static const auto encode = reinterpret_cast<Encoder>(driver_function("cuTensorMapEncodeIm2col"));
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[4] = {cuuint64_t(channels), cuuint64_t(width), cuuint64_t(height), cuuint64_t(batch)};
+  const cuuint64_t strides[3] = {cuuint64_t(channels) * 2, cuuint64_t(width * channels) * 2,
+                                 cuuint64_t(height * width * channels) * 2};
+  // corners in {w, h} order, as the dimensions
+  const int lower[2] = {-pad_w, -pad_h};
+  const int upper[2] = {pad_w - (kernel_w - 1) * dilation_w, pad_h - (kernel_h - 1) * dilation_h};
+  const cuuint32_t element_strides[4] = {1, cuuint32_t(stride_w), cuuint32_t(stride_h), 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, const_cast<void*>(base), dims, strides, lower, upper,
+                cuuint32_t(channels_per_pixel), cuuint32_t(pixels), element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 }  // namespace fusedkernels

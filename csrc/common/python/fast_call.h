@@ -202,7 +202,8 @@ PyObject* wrap(const std::tuple<Ts...>& values) {
 template <typename Signature>
 struct FastCall;
 
-// call<kName, Ret(Args...)>: a METH_FASTCALL function taking the op's arguments positionally, all of them.
+// call<kName, Ret(Args...)>: a METH_FASTCALL function taking the op's arguments positionally, all of them (an op
+// returning nothing, void, returns None).
 template <typename Ret, typename... Args>
 struct FastCall<Ret(Args...)> {
   template <const char* kName>
@@ -224,11 +225,16 @@ struct FastCall<Ret(Args...)> {
                    argument.name().c_str(), bad + 1, argument.type()->str().c_str(), Py_TYPE(args[bad])->tp_name);
       return nullptr;
     }
-    Ret result = [&] {
+    const auto run = [&] {
       const pybind11::gil_scoped_release no_gil;
       return std::apply([&](auto&... v) { return op.call(v...); }, values);
-    }();
-    return wrap(result);
+    };
+    if constexpr (std::is_void_v<Ret>) {  // an in-place op: returns None
+      run();
+      Py_RETURN_NONE;
+    } else {
+      return wrap(run());
+    }
     END_HANDLE_TH_ERRORS
   }
 };

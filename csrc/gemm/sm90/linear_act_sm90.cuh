@@ -162,15 +162,16 @@ struct Epilogue {
         Vec<T, 8> z, y;
         z.load(reinterpret_cast<const T*>(z_at));
         float out[8];
+        const bool before = p.residual_before_activation && residual != nullptr;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) out[e] = activate<kAct>(z.get(e));
+        for (int e = 0; e < 8; ++e) out[e] = activate<kAct>(before ? z.get(e) + res[i].get(e) : z.get(e));
         if constexpr (kGated) {
           Vec<T, 8> up;
           up.load(reinterpret_cast<const T*>(at(row_of(i), col_of(i) + 128)));
 #pragma unroll
           for (int e = 0; e < 8; ++e) out[e] *= up.get(e);
         }
-        if (residual != nullptr) {
+        if (residual != nullptr && !before) {
 #pragma unroll
           for (int e = 0; e < 8; ++e) out[e] += res[i].get(e);
         }
@@ -231,10 +232,12 @@ struct Epilogue {
 };
 
 // kSplitK: the split-K instance (partial sums to the workspace); the other has no trace of it, so the
-// epilogue-bound small-K shapes keep their code.
-template <typename Cfg, bool kSplitK>
+// epilogue-bound small-K shapes keep their code. kIm2col: the implicit GEMM of a convolution (x through an
+// im2col map, K walked tap by tap, 64 channels at a time; geometry g), else g is unused.
+template <typename Cfg, bool kSplitK, bool kIm2col>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
-    linear_act_sm90_kernel(const LinearActParams p, const __grid_constant__ LinearActMaps maps) {
+    linear_act_sm90_kernel(const LinearActParams p, const __grid_constant__ LinearActMaps maps,
+                           const Im2colGeometry g) {
 #if FUSEDKERNELS_SM90A
   using T = typename Cfg::T;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kBlockK = Cfg::kBlockK, kStages = Cfg::kStages;
@@ -262,7 +265,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // K read as zeros).
   const int split_k = kSplitK ? p.split_k : 1;
   const int tiles = tiles_m * tiles_n, units = tiles * split_k;
-  const int split_slices = int((p.k + kBlockK * split_k - 1) / (kBlockK * split_k));
+  // an implicit GEMM's k-slice is 64 channels of one filter tap (channels past the image's read as zeros)
+  const int channel_slices = kIm2col ? (g.channels + kBlockK - 1) / kBlockK : 1;
+  const int k_slices = kIm2col ? g.kernel_h * g.kernel_w * channel_slices : int((p.k + kBlockK - 1) / kBlockK);
+  const int split_slices = (k_slices + split_k - 1) / split_k;
 
   if (wg == 0) {  // producer
     sm90::release_registers<40>();
@@ -272,13 +278,30 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
       int m_block, n_block;
       tile_of<Cfg::kGroupM>(unit / split_k, tiles_m, tiles_n, m_block, n_block);
-      const int first_k = unit % split_k * split_slices * kBlockK;
+      const int first_slice = unit % split_k * split_slices;
+      // an implicit GEMM's tile: its first output pixel, whose filter window's corner the im2col loads start at
+      int image = 0, corner_h = 0, corner_w = 0;
+      if constexpr (kIm2col) {
+        const int pixel = m_block * kBlockM, per_image = g.out_h * g.out_w;
+        image = pixel / per_image;
+        corner_h = pixel % per_image / g.out_w * g.stride_h - g.pad_h;
+        corner_w = pixel % g.out_w * g.stride_w - g.pad_w;
+      }
       for (int ks = 0; ks < split_slices; ++ks) {
         sm90::mbarrier_wait(&empty[stage], phase ^ 1);  // the first round passes at once (phase "-1" done)
         sm90::mbarrier_arrive_expect_tx(&full[stage], Cfg::kStageBytes);
         uint8_t* a = stages + stage * Cfg::kStageBytes;
-        const int k0 = first_k + ks * kBlockK;
-        sm90::tma_load_2d(a, &maps.x, k0, m_block * kBlockM, &full[stage]);
+        const int slice = first_slice + ks;
+        int k0 = slice * kBlockK;  // W's column
+        if constexpr (kIm2col) {
+          const int tap = slice / channel_slices, c0 = slice % channel_slices * kBlockK;
+          const int r = tap / g.kernel_w, t = tap % g.kernel_w;
+          sm90::tma_load_im2col_4d(a, &maps.x, c0, corner_w, corner_h, image, uint16_t(t * g.dilation_w),
+                                   uint16_t(r * g.dilation_h), &full[stage]);
+          k0 = tap * g.channels + c0;  // past this tap's channels W holds the next tap's, times x's zeros
+        } else {
+          sm90::tma_load_2d(a, &maps.x, k0, m_block * kBlockM, &full[stage]);
+        }
         if (p.gated) {  // W's map has 128-row boxes: the gate's rows, then the up projection's n rows further
           sm90::tma_load_2d(a + Cfg::kABytes, &maps.weight, k0, n_block * out_cols, &full[stage]);
           sm90::tma_load_2d(a + Cfg::kABytes + Cfg::kBBytes / 2, &maps.weight, k0, int(p.n) + n_block * out_cols,
@@ -356,26 +379,23 @@ template <typename T>
 bool linear_act_sm90_available() {
 #ifdef FUSEDKERNELS_SM90A_BUILT  // else the kernel's only body is the trap
   return compute_capability() == 90 &&
-         has_image_for_current_device<linear_act_sm90_kernel<LinearActSm90Config<T>, false>>();
+         has_image_for_current_device<linear_act_sm90_kernel<LinearActSm90Config<T>, false, false>>();
 #else
   return false;
 #endif
 }
 
-template <typename T>
-cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream) {
-  using Cfg = LinearActSm90Config<T>;
-  constexpr auto kKernel = linear_act_sm90_kernel<Cfg, false>;
-  constexpr auto kSplitKernel = linear_act_sm90_kernel<Cfg, true>;
+// Encodes the maps of W, out and the pre-activation into `maps` (x's is the caller's: tiled or im2col) and
+// launches the kernel, then split-K's second pass.
+template <typename Cfg, bool kIm2col>
+cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2colGeometry& g, cudaStream_t stream) {
   const int out_cols = p.gated ? Cfg::kBlockN / 2 : Cfg::kBlockN;  // output columns of a tile
   const int64_t units = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, out_cols) * p.split_k;
   if (units == 0) return cudaSuccess;
-  LinearActMaps maps{};
   const int64_t halves = p.gated ? 2 : 1;
   const int64_t pre_sizes[3] = {p.n, halves, p.m}, pre_strides[2] = {p.n * 2, p.pre_activation_row_stride * 2};
   const int pre_box[3] = {64, 1, 64};
-  if (!make_tensor_map_2d(&maps.x, p.x, p.m, p.k, p.x_row_stride, Cfg::kBlockM, Cfg::kBlockK) ||
-      !make_tensor_map_2d(&maps.weight, p.weight, halves * p.n, p.k, p.weight_row_stride, out_cols, Cfg::kBlockK) ||
+  if (!make_tensor_map_2d(&maps.weight, p.weight, halves * p.n, p.k, p.weight_row_stride, out_cols, Cfg::kBlockK) ||
       !make_tensor_map_2d(&maps.out, p.out, p.m, p.n, p.out_row_stride, 64, 64) ||
       (p.pre_activation != nullptr &&
        !make_tensor_map(&maps.pre_activation, p.pre_activation, 3, pre_sizes, pre_strides, pre_box))) {
@@ -383,14 +403,40 @@ cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream
   }
   const int grid = int(std::min<int64_t>(units, sm_count()));
   if (p.split_k == 1) {
+    constexpr auto kKernel = linear_act_sm90_kernel<Cfg, false, kIm2col>;
     resident_blocks<kKernel, Cfg::kThreads, Cfg::kSmemBytes>();  // raises the shared-memory limit
-    kKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
+    kKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps, g);
     return cudaGetLastError();
   }
+  constexpr auto kSplitKernel = linear_act_sm90_kernel<Cfg, true, kIm2col>;
   resident_blocks<kSplitKernel, Cfg::kThreads, Cfg::kSmemBytes>();
-  kSplitKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps);
+  kSplitKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps, g);
   if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
-  return launch_split_k_epilogue<T>(p, stream);
+  return launch_split_k_epilogue<typename Cfg::T>(p, stream);
+}
+
+template <typename T>
+cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream) {
+  using Cfg = LinearActSm90Config<T>;
+  LinearActMaps maps{};
+  if (!make_tensor_map_2d(&maps.x, p.x, p.m, p.k, p.x_row_stride, Cfg::kBlockM, Cfg::kBlockK)) {
+    return cudaErrorInvalidValue;
+  }
+  return launch_sm90<Cfg, false>(p, maps, Im2colGeometry{}, stream);
+}
+
+// The implicit GEMM of a convolution (instantiated by csrc/conv/sm90/, so each family builds alone): p as for linear_act with m = batch * out_h * out_w output pixels, n the
+// output channels, k = kernel_h * kernel_w * channels, x the NHWC input, weight [n, kernel_h, kernel_w, channels].
+template <typename T>
+cudaError_t launch_conv2d_sm90(const LinearActParams& p, const Im2colGeometry& g, cudaStream_t stream) {
+  using Cfg = LinearActSm90Config<T>;
+  LinearActMaps maps{};
+  if (!make_im2col_map_nhwc(&maps.x, p.x, g.batch, g.in_h, g.in_w, g.channels, g.pad_h, g.pad_w, g.kernel_h,
+                            g.kernel_w, g.dilation_h, g.dilation_w, g.stride_h, g.stride_w, Cfg::kBlockM,
+                            Cfg::kBlockK)) {
+    return cudaErrorInvalidValue;
+  }
+  return launch_sm90<Cfg, true>(p, maps, g, stream);
 }
 
 // Split K when the output tiles fill less than half the SMs (small m): enough runs of K for one unit per

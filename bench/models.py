@@ -1,0 +1,149 @@
+"""Suite `models`: a whole Hugging Face Llama-style training step, eager PyTorch against the same model with
+`fusedkernels.fuse()`, Liger-Kernel's patches and `model.compile()`.
+
+The model (ANCHORS.md, "A whole training step"): `LlamaForCausalLM` from a config with random weights, hidden
+2048, 8 layers, 16 query / 4 key-value heads, intermediate 5632 (TinyLlama's ratio), vocab 32000, bf16 parameters;
+batch 4 x 2048 tokens with labels (the loss inside the model), SDPA attention, torch.optim.AdamW(fused=True).
+A step is zero_grad, forward with the loss, backward, optimizer step. Impls:
+
+  torch          the model as built (eager, attn_implementation="sdpa")
+  fusedkernels   fusedkernels.fuse(model, merge=True) (norms, gated MLPs) and attn_implementation="fusedkernels"
+                 (fusedkernels.integrations.transformers); its report goes to extra `fused`
+  liger          Liger-Kernel's apply_liger_kernel_to_llama(model=...) with every patch (RMSNorm, SwiGLU, RoPE,
+                 fused linear + cross-entropy); skipped with the reason where liger_kernel is not importable. It
+                 patches transformers' Llama classes for the rest of the process, so it runs last.
+  torch-compile  model.compile() (default mode)
+
+Each impl builds the model from the same seed and trains on the same batches: extra `loss_first` / `loss_last`
+are its losses at the first and the last timed step, to compare with eager's (bf16 noise apart, they match).
+Times are the median of eager steps between CUDA events (a step is long: no graph); peak_MiB is the peak
+allocated memory over the timed steps (weights, AdamW states and activations). Without transformers the suite
+says so and measures nothing.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Optional
+
+import torch
+
+from . import common
+from .common import Row
+
+SUITE = "models"
+OURS, TORCH, LIGER, COMPILE = "fusedkernels", "torch", "liger", "torch-compile"
+IMPLS = (TORCH, OURS, COMPILE, LIGER)  # liger last: its patches are process-wide
+CONFIG = dict(hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+              intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
+BATCH, SEQ = 4, 2048
+CASE = "llama h2048 L8 16q/4kv v32000 B4x2048 bf16 train step"
+WARMUP, STEPS = 3, 10
+
+
+def missing() -> Optional[str]:
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return f"transformers is not installed ({e})"
+    return None
+
+
+def _model(impl: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**CONFIG, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).train()
+    extra = {}
+    if impl == OURS:
+        import fusedkernels
+        import fusedkernels.integrations.transformers as fk_hf
+
+        report = fusedkernels.fuse(model, merge=True)
+        fk_hf.register()
+        model.set_attn_implementation(fk_hf.NAME)
+        extra["fused"] = str(report).replace("\n", "; ")[:300]
+    elif impl == LIGER:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True, model=model)
+    elif impl == COMPILE:
+        model.compile()
+    return model, extra
+
+
+def _batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator("cuda").manual_seed(1)
+    return [torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ), device="cuda", generator=g) for _ in range(n)]
+
+
+def _train(model, batches: list[torch.Tensor]) -> tuple[float, float, list[float]]:
+    """Median step ms over the timed steps, peak MiB over them, and every step's loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    losses, times = [], []
+    for i, ids in enumerate(batches):
+        if i == WARMUP:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        end.record()
+        end.synchronize()
+        losses.append(loss.item())
+        if i >= WARMUP:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**20, losses
+
+
+def _skip_reason(impl: str) -> Optional[str]:
+    if impl == LIGER:
+        try:
+            import liger_kernel.transformers  # noqa: F401
+        except Exception as e:  # noqa: BLE001 (ImportError, or triton missing underneath)
+            return f"liger_kernel is not importable ({common.why(e)})"
+    return None
+
+
+def _row(impl: str, batches: list[torch.Tensor]) -> Row:
+    why = _skip_reason(impl)
+    if why is None:
+        try:
+            model, extra = _model(impl)
+            ms, peak, losses = _train(model, batches)
+            del model
+            common.free_cuda()
+            print(f"  {impl:<14} step {ms:8.2f} ms  peak {peak:8.0f} MiB  loss {losses[WARMUP]:.4f} -> "
+                  f"{losses[-1]:.4f}", flush=True)
+            return Row(SUITE, CASE, impl, round(ms, 3), peak_MiB=round(peak, 1),
+                       extra={"loss_first": round(losses[WARMUP], 4), "loss_last": round(losses[-1], 4), **extra})
+        except Exception as e:  # noqa: BLE001 (a refusal or an OOM skips the row)
+            why = common.why(e)
+            common.free_cuda()
+    print(f"  {impl:<14} skipped: {why}", flush=True)
+    return Row(SUITE, CASE, impl, None, extra={"skipped": why})
+
+
+def run() -> list[Row]:
+    why = missing()
+    if why:
+        print(f"  skipped: {why}", flush=True)
+        return []
+    batches = _batches(WARMUP + STEPS)
+    rows = [_row(impl, batches) for impl in IMPLS]
+    timed = {r.impl: r for r in rows if r.ms is not None}
+    if OURS in timed:
+        for base in (TORCH, LIGER, COMPILE):
+            if base in timed:
+                timed[OURS].extra[f"vs_{base.replace('-', '_')}"] = round(timed[base].ms / timed[OURS].ms, 3)
+    return rows
+
+
+if __name__ == "__main__":  # the plan, without a GPU
+    print(f"{CASE}: impls {', '.join(IMPLS)}; {WARMUP} warm-up + {STEPS} timed steps each; "
+          f"{missing() or 'transformers found'}")

@@ -1,0 +1,82 @@
+// The llm family (rotary embeddings, the cross-entropy step of the fused linear + cross-entropy): the parameter
+// structs and launchers shared by the kernels and the bindings. No torch headers here: llm_api.cpp fills these
+// structs from tensors.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "common/dtype.h"
+
+namespace fusedkernels::llm {
+
+// Rotary position embedding of q and k in one launch (Su et al. 2021, "RoFormer"), in Hugging Face's elementwise
+// form: over the first rotary_dim elements of each head,
+//
+//   out = x * cos + rotate(x) * sin                  (conjugate: out = x * cos - rotate(x * sin))
+//
+// rotate pairs element a with its partner b and maps (x_a, x_b) -> (-x_b, x_a): b = a + rotary_dim / 2 (the
+// half split, HF's rotate_half) or b = a + 1 for even a (interleaved, GPT-J). cos / sin hold one value per rotated
+// element (rotary_dim of them per token), so any table HF's formula takes is computed exactly; conjugate is the
+// transpose (the backward: rotation by -theta when the pair shares its angle). Elements past rotary_dim are copied
+// (out of place) or left (in place). Arithmetic in fp32.
+//
+// Strides in elements; the head dimension is contiguous everywhere. x / out index (batch b, token n, head h).
+struct RotaryTensor {
+  const void* in = nullptr;
+  void* out = nullptr;   // == in when in place
+  int heads = 0;         // 0: nothing to do for this tensor
+  int64_t in_sb = 0, in_sn = 0, in_sh = 0;
+  int64_t out_sb = 0, out_sn = 0, out_sh = 0;
+};
+
+struct RotaryParams {
+  RotaryTensor q, k;
+  const void* cos = nullptr;  // row of (b, position): cos + b * table_sb + position * table_sn
+  const void* sin = nullptr;  // with cos's strides
+  int64_t table_sb = 0, table_sn = 0;
+  int64_t table_len = 0;  // rows of the table: positions outside [0, table_len) give NaN outputs
+  const int64_t* position_ids = nullptr;  // position of (b, n): position_ids[b * pos_sb + n * pos_sn]; nullptr: n
+  int64_t pos_sb = 0, pos_sn = 0;
+  int64_t batch = 0, seqlen = 0;
+  int head_dim = 0, rotary_dim = 0;
+  DType dtype = DType::kFloat32;        // of q, k and the outputs
+  DType table_dtype = DType::kFloat32;  // of cos / sin: dtype or float32
+  bool interleaved = false, conjugate = false;
+};
+
+cudaError_t rotary(const RotaryParams& p, cudaStream_t stream);
+
+// One chunk of the cross entropy over logits that a GEMM just wrote: per row r with target y (softcap s > 0:
+// c = s * tanh(z / s), else c = z; smoothing e over V classes; z-loss weight zl),
+//
+//   lse  = log sum_v exp(c_v)
+//   loss = lse - (1 - e) c_y - (e / V) sum_v c_v + zl * lse^2              (0 for ignore_index rows)
+//   dz_v = [p_v (1 + 2 zl lse) - (1 - e) [v == y] - e / V] * (1 - (c_v / s)^2 if s > 0) * scale_r,  p = exp(c - lse)
+//
+// with dz written over the logits (0 for ignored rows). A target outside [0, V) that is not ignore_index gives a
+// NaN loss and NaN gradients for its row (the CUDA kernel cannot raise without a host sync).
+enum class CrossEntropyMode : int {
+  kLoss = 0,         // loss and lse only
+  kLossAndGrad = 1,  // loss, lse, and dz over the logits
+  kGrad = 2,         // dz over the logits from the lse given (a recomputed chunk)
+};
+
+struct CrossEntropyParams {
+  void* logits = nullptr;           // [rows, vocab], rows ld elements apart (ld a multiple of 8), dtype
+  const int64_t* target = nullptr;  // [rows]
+  const float* scale = nullptr;     // scale_r = scale[r * scale_stride] (kLossAndGrad, kGrad)
+  int64_t scale_stride = 0;
+  float* loss = nullptr;  // [rows] (kLoss, kLossAndGrad)
+  float* lse = nullptr;   // [rows]: written (kLoss, kLossAndGrad) or read (kGrad)
+  int64_t rows = 0, vocab = 0, ld = 0;
+  int64_t ignore_index = -100;
+  float label_smoothing = 0.f, z_loss = 0.f, softcap = 0.f;
+  DType dtype = DType::kFloat32;
+  CrossEntropyMode mode = CrossEntropyMode::kLoss;
+};
+
+cudaError_t cross_entropy(const CrossEntropyParams& p, cudaStream_t stream);
+
+}  // namespace fusedkernels::llm

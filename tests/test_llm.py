@@ -1,0 +1,493 @@
+"""fusedkernels.ops.apply_rotary, linear_cross_entropy and nn.FusedLinearCrossEntropyLoss.
+
+`impl` "op" calls the public op (the native op where built, else the reference); "python" calls the reference that
+runs without the native module, with its checks, so CI covers both whatever it built."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedkernels.nn as fnn
+import fusedkernels.ops as fops
+from fusedkernels import _native
+from fusedkernels.ops import llm
+
+from .helpers import DEVICES, DTYPES, assert_close_to_ref, check_graph_replays, max_err, poison_allocator
+
+needs_native = pytest.mark.skipif(not _native.has_op("apply_rotary"),
+                                  reason=f"the llm family is not in this build ({_native.error})")
+IMPLS = ["op", "python"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary
+# ------------------------------------------------------------------------------------------------
+
+
+def _rotary(impl, q, k, cos, sin, **kw):
+    if impl == "op":
+        return fops.apply_rotary(q, k, cos, sin, **kw)
+    return llm._rotary_without_native(q, k, cos, sin, kw.get("position_ids"), kw.get("interleaved", False),
+                                      kw.get("layout", "bhnd"))
+
+
+def _hf_rotate_half(x):  # Hugging Face's, verbatim
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _hf_rotary(q, k, cos, sin, layout="bhnd", interleaved=False):
+    """HF's apply_rotary_pos_emb (unsqueeze_dim 1 for bhnd, 2 for bnhd) with partial rotary as Phi / NeoX write it,
+    in the inputs' dtype: the formula the op replaces, and torch's own rounding for the tolerance."""
+    cos, sin = (cos[None], sin[None]) if cos.dim() == 2 else (cos, sin)  # HF's [batch, seq, rotary_dim]
+    cos, sin = cos.unsqueeze(1 if layout == "bhnd" else 2), sin.unsqueeze(1 if layout == "bhnd" else 2)
+    r = cos.shape[-1]
+    rot = llm.rotate_half if interleaved else (lambda x, _=None: _hf_rotate_half(x))
+    out = []
+    for x in (q, k):
+        xr, xp = x[..., :r], x[..., r:]
+        out.append(torch.cat(((xr * cos) + (rot(xr, interleaved) * sin), xp), -1))
+    return out
+
+
+def _tables(batch, seq, rotary_dim, device, dtype, per_batch=False, interleaved=False):
+    inv = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
+    pos = torch.arange(seq, device=device).float()
+    pos = pos + torch.arange(batch, device=device)[:, None] * 3 if per_batch else pos[None]
+    freqs = pos[..., None] * inv  # [1 or batch, seq, rotary_dim / 2]
+    emb = freqs.repeat_interleave(2, -1) if interleaved else torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    return (cos, sin) if per_batch else (cos[0], sin[0])
+
+
+ROTARY_CASES = [
+    # batch, heads_q, heads_k, seq, head_dim, rotary_dim, layout, interleaved, per_batch tables
+    (2, 4, 2, 7, 64, 64, "bhnd", False, False),
+    (1, 8, 1, 33, 128, 128, "bnhd", False, True),
+    (2, 3, 3, 5, 96, 32, "bhnd", True, False),   # partial rotary, interleaved
+    (3, 2, 1, 9, 10, 6, "bnhd", False, False),   # odd sizes: the element path on CUDA
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ROTARY_CASES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rotary_matches_hf_formula(device, dtype, case, impl):
+    b, hq, hk, n, d, r, layout, interleaved, per_batch = case
+    shape = (lambda h: (b, h, n, d)) if layout == "bhnd" else (lambda h: (b, n, h, d))
+    q = torch.randn(shape(hq), device=device, dtype=dtype)
+    k = torch.randn(shape(hk), device=device, dtype=dtype)
+    cos, sin = _tables(b, n, r, device, dtype, per_batch, interleaved)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+
+    def run(fn, q, k, cos, sin, dq, dk):
+        ql, kl = q.clone().requires_grad_(), k.clone().requires_grad_()
+        qo, ko = fn(ql, kl, cos, sin)
+        torch.autograd.backward([qo, ko], [dq, dk])
+        return [qo.detach(), ko.detach(), ql.grad, kl.grad]
+
+    ref = run(lambda *a: _hf_rotary(*a, layout=layout, interleaved=interleaved), q.double(), k.double(),
+              cos.double(), sin.double(), dq.double(), dk.double())
+    lowp = run(lambda *a: _hf_rotary(*a, layout=layout, interleaved=interleaved), q, k, cos, sin, dq, dk)
+    poison_allocator(q, k)
+    ours = run(lambda *a: _rotary(impl, *a, layout=layout, interleaved=interleaved), q, k, cos, sin, dq, dk)
+    for name, o, rf, t in zip(["q_out", "k_out", "dq", "dk"], ours, ref, lowp):
+        assert o.dtype == dtype, name
+        assert_close_to_ref(o, rf, t, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rotary_fp32_tables_and_strided_inputs(device, impl):
+    """bf16 q / k with float32 tables (read in fp32), q as HF makes it (a transposed view of the projection)."""
+    b, n, hq, hk, d = 2, 11, 4, 2, 64
+    q = torch.randn(b, n, hq * d, device=device, dtype=torch.bfloat16).view(b, n, hq, d).transpose(1, 2)
+    k = torch.randn(b, n, hk * d, device=device, dtype=torch.bfloat16).view(b, n, hk, d).transpose(1, 2)
+    cos, sin = _tables(b, n, d, device, torch.float32, per_batch=True)
+    qo, ko = _rotary(impl, q, k, cos, sin)
+    rq, rk = _hf_rotary(q.double(), k.double(), cos.double(), sin.double())
+    lq, lk = _hf_rotary(q.float(), k.float(), cos, sin)  # torch: promoted to fp32
+    assert qo.dtype == torch.bfloat16 and qo.shape == q.shape
+    assert_close_to_ref(qo.double(), rq, lq.to(torch.bfloat16), "q_out")
+    assert_close_to_ref(ko.double(), rk, lk.to(torch.bfloat16), "k_out")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rotary_position_ids_for_packed_sequences(device, impl):
+    """Packed sequences (batch 1): positions restart at each sequence; the table rows are gathered per token."""
+    lengths, d, table_rows = [5, 1, 9], 32, 16
+    n = sum(lengths)
+    position_ids = torch.cat([torch.arange(L) for L in lengths]).to(device)
+    cos, sin = _tables(1, table_rows, d, device, torch.float32)
+    q = torch.randn(1, 3, n, d, device=device)
+    k = torch.randn(1, 1, n, d, device=device)
+    for ids in (position_ids, position_ids[None].int()):
+        qo, ko = _rotary(impl, q, k, cos, sin, position_ids=ids)
+        rq, rk = _hf_rotary(q.double(), k.double(), cos[position_ids][None].double(), sin[position_ids][None].double())
+        assert max_err(qo, rq) < 1e-5 and max_err(ko, rk) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rotary_inplace(device, impl):
+    q = torch.randn(2, 4, 6, 32, device=device, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 6, 32, device=device, dtype=torch.bfloat16)
+    cos, sin = _tables(2, 6, 32, device, torch.bfloat16)
+    want_q, want_k = _rotary("op", q, k, cos, sin)
+    qi, ki = q.clone(), k.clone()
+    ptr = qi.data_ptr()
+    if impl == "op":
+        out = fops.apply_rotary(qi, ki, cos, sin, inplace=True)
+        assert out[0] is qi and out[1] is ki and qi.data_ptr() == ptr
+    else:
+        llm._rotary_inplace_without_native(qi, ki, cos, sin)
+    assert torch.equal(qi, want_q) and torch.equal(ki, want_k)
+    # under autograd: a non-leaf is written through a recorded copy; the gradient is the rotation's
+    x = torch.randn(2, 4, 6, 32, device=device, requires_grad=True)
+    y = torch.randn(2, 2, 6, 32, device=device, requires_grad=True)
+    qa, ka = x * 1, y * 1
+    fops.apply_rotary(qa, ka, cos.float(), sin.float(), inplace=True)
+    (qa.square().sum() + ka.sum()).backward()
+    xr, yr = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    rq, rk = _hf_rotary(xr, yr, cos.double(), sin.double())
+    (rq.square().sum() + rk.sum()).backward()
+    assert max_err(x.grad, xr.grad) < 1e-4 and max_err(y.grad, yr.grad) < 1e-5
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        fops.apply_rotary(x, y, cos.float(), sin.float(), inplace=True)
+
+
+def test_rotary_gradcheck_and_double_backward():
+    """float64 CPU inputs go through the op's autograd: exact first and second derivatives (the backward is the
+    conjugate rotation, itself recorded)."""
+    q = torch.randn(1, 2, 3, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 3, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = _tables(1, 3, 6, "cpu", torch.float64)
+    fn = lambda q, k: fops.apply_rotary(q, k, cos, sin)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k))
+    assert torch.autograd.gradgradcheck(fn, (q, k))
+    # a learned table (cos / sin requiring grad): the differentiable reference, grads for the tables too
+    c, s = cos.clone().requires_grad_(), sin.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda c, s: fops.apply_rotary(q, k, c, s), (c, s))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_opcheck_and_compile(device):
+    if not _native.has_op("apply_rotary"):
+        pytest.skip("needs the custom op")
+    q = torch.randn(2, 4, 5, 16, device=device, requires_grad=True)
+    k = torch.randn(2, 2, 5, 16, device=device, requires_grad=True)
+    cos, sin = _tables(2, 5, 16, device, torch.float32)
+    ops = torch.ops.fusedkernels
+    ids = torch.tensor([[0, 1, 2, 0, 1]], device=device)
+    torch.library.opcheck(ops.apply_rotary, (q, k, cos, sin, None, False, "bhnd"))
+    torch.library.opcheck(ops.apply_rotary, (q, k, cos, sin, ids, True, "bhnd"))
+    torch.library.opcheck(ops.rotary_fwd, (q, k, cos[None], sin[None], None, False, False, False))
+    torch.library.opcheck(ops.rotary_fwd, (q.detach(), k.detach(), cos[None], sin[None], ids, True, False, True))
+    torch.library.opcheck(ops.rotary_, (q.detach().clone(), k.detach().clone(), cos[None], sin[None], None, False,
+                                        False, False))
+
+    def f(q, k):
+        qo, ko = fops.apply_rotary(q, k, cos, sin, position_ids=ids)
+        return qo.square().sum() + ko.sum()
+
+    eager = torch.autograd.grad(f(q, k), [q, k])
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k), [q, k])
+    for a, b in zip(eager, compiled):
+        assert max_err(a, b) <= 1e-5 * max(b.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rotary_bad_inputs_raise_clear_errors(device, impl):
+    q = torch.randn(1, 2, 4, 8, device=device)
+    k = torch.randn(1, 1, 4, 8, device=device)
+    cos, sin = _tables(1, 4, 8, device, torch.float32)
+    cases = [
+        (ValueError, "layout must be one of", dict(layout="nhd")),
+        (RuntimeError, "q must be", dict(q=q[0])),
+        (RuntimeError, "k must have q's dtype", dict(k=k.double())),
+        (RuntimeError, "share batch, seq and head_dim", dict(k=torch.randn(1, 1, 5, 8, device=device))),
+        (RuntimeError, "must be even and in", dict(cos=cos[:, :7], sin=sin[:, :7])),
+        (RuntimeError, "must be even and in", dict(cos=torch.ones(4, 10, device=device), sin=torch.ones(4, 10, device=device))),
+        (RuntimeError, r"\[seq, rotary_dim\] or \[batch or 1", dict(cos=cos[:3], sin=sin[:3])),
+        (RuntimeError, "cos and sin must have one shape", dict(sin=sin[:3])),
+        (RuntimeError, "position_ids must be int64 or int32", dict(position_ids=torch.zeros(4, device=device))),
+        (RuntimeError, r"position_ids must be \[seq\]", dict(position_ids=torch.zeros(3, dtype=torch.long, device=device))),
+        (TypeError, "q.* must be (a )?Tensor", dict(q=[1.0])),
+    ]
+    _assert_each_raises(lambda q, k, cos, sin, **kw: _rotary(impl, q, k, cos, sin, **kw),
+                        dict(q=q, k=k, cos=cos, sin=sin), cases)
+    if device == "cpu":
+        with pytest.raises(IndexError, match=r"position_ids must be in \[0, 4\)"):
+            _rotary(impl, q, k, cos, sin, position_ids=torch.tensor([0, 1, 2, 4]))
+
+
+@pytest.mark.cuda
+@needs_native
+def test_rotary_cuda_position_outside_the_table_gives_nan():
+    q = torch.randn(1, 2, 3, 16, device="cuda", dtype=torch.bfloat16)
+    cos, sin = _tables(1, 4, 16, "cuda", torch.bfloat16)
+    qo, ko = fops.apply_rotary(q, q[:, :1], cos, sin, position_ids=torch.tensor([0, 9, 1], device="cuda"))
+    assert qo[:, :, 1].isnan().all() and not qo[:, :, [0, 2]].isnan().any()
+
+
+@pytest.mark.cuda
+@needs_native
+def test_rotary_cuda_graph_replays():
+    cos, sin = _tables(2, 64, 128, "cuda", torch.bfloat16)
+
+    def make():
+        return [torch.randn(2, 32, 64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True),
+                torch.randn(2, 8, 64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)]
+
+    def step(q, k):
+        qo, ko = fops.apply_rotary(q, k, cos, sin)
+        dq, dk = torch.autograd.grad([qo, ko], [q, k], [torch.ones_like(qo), torch.ones_like(ko)])
+        return qo, ko, dq, dk
+
+    check_graph_replays(step, make(), make, ["q_out", "k_out", "dq", "dk"], ulps=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear + cross entropy
+# ------------------------------------------------------------------------------------------------
+
+
+def _lce(impl, *args, **kw):
+    if impl == "op":
+        return fops.linear_cross_entropy(*args, **kw)
+    return llm._lce_without_native(*args, **kw)
+
+
+def _torch_lowp(*args, **kw):
+    """What an eager model computes in the inputs' dtype: F.linear, softcap, F.cross_entropy (+ the z-loss)."""
+    return llm.linear_cross_entropy_ref(*args, **kw, upcast=False)
+
+
+def _assert_each_raises(call, defaults: dict, cases) -> None:
+    """call(**arguments) raises exc matching message for each (exc, message, changes) case; changes replace the
+    defaults' entries of the same name, the rest are keyword arguments."""
+    for exc, message, changes in cases:
+        args = dict(defaults)
+        args.update(changes)
+        with pytest.raises(exc, match=message):
+            call(**args)
+
+
+def _lce_inputs(tokens, hidden, vocab, dtype, device, bias=True, ignored=0.2):
+    h = (torch.randn(tokens, hidden, device=device) * 0.5).to(dtype)
+    w = (torch.randn(vocab, hidden, device=device) / hidden**0.5 * 3).to(dtype)
+    b = (torch.randn(vocab, device=device) * 0.1).to(dtype) if bias else None
+    t = torch.randint(0, vocab, (tokens,), device=device)
+    t[torch.rand(tokens, device=device) < ignored] = -100
+    return h, w, b, t
+
+
+def _loss_and_grads(fn, h, w, b, t, grad, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in (h, w, b) if x is not None]
+    loss = fn(leaves[0], leaves[1], t, leaves[2] if b is not None else None, **kw)
+    return [loss.detach()] + list(torch.autograd.grad(loss, leaves, grad.to(loss.dtype)))
+
+
+OPTIONS = [
+    dict(),
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3, softcap=4.0),
+    dict(label_smoothing=0.05, z_loss=1e-4, softcap=30.0, ignore_index=3),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", range(len(OPTIONS)))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy_matches_reference(device, dtype, reduction, options, impl):
+    """Loss and the three gradients against float64 F.cross_entropy(F.linear(...)); odd token and vocab counts,
+    several chunks (chunk_size 13); 16-bit: within twice torch's own error on the same inputs."""
+    kw = dict(OPTIONS[options], reduction=reduction)
+    h, w, b, t = _lce_inputs(61, 48, 97, dtype, device, bias=options % 2 == 0)
+    if kw.get("ignore_index") == 3:
+        t[t == -100] = 3
+    grad = torch.rand(61, device=device) + 0.5 if reduction == "none" else torch.tensor(1.5, device=device)
+    ref = _loss_and_grads(llm.linear_cross_entropy_ref, h.double(), w.double(), b.double() if b is not None else None,
+                          t, grad.double(), **kw)
+    lowp = _loss_and_grads(_torch_lowp, h, w, b, t, grad, **kw)
+    ours = _loss_and_grads(lambda *a, **k: _lce(impl, *a, chunk_size=13, **k), h, w, b, t, grad, **kw)
+    assert ours[0].dtype == torch.float32 and ours[0].shape == ref[0].shape
+    for name, o, r, lp in zip(["loss", "dhidden", "dweight", "dbias"], ours, ref, lowp):
+        assert o.dtype == (torch.float32 if name == "loss" else dtype), name
+        assert_close_to_ref(o.double(), r, lp.double(), name, floor=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy_ignored_rows_and_edges(device, impl):
+    h, w, b, t = _lce_inputs(9, 8, 5, torch.float32, device)
+    t[:] = -100
+    hl = h.clone().requires_grad_()
+    mean = _lce(impl, hl, w, t)
+    assert mean.isnan()  # 0 / 0, as torch
+    assert torch.equal(_lce(impl, h, w, t, reduction="none"), torch.zeros(9, device=device))
+    s = _lce(impl, hl, w, t, reduction="sum")
+    s.backward()
+    assert s.item() == 0 and torch.equal(hl.grad, torch.zeros_like(h))
+    # [batch, seq, H] hidden with [batch, seq] target; reduction none keeps target's shape; no tokens at all
+    h3, t2 = torch.randn(2, 3, 8, device=device), torch.randint(0, 5, (2, 3), device=device)
+    out = _lce(impl, h3, w, t2, reduction="none")
+    assert out.shape == (2, 3) and max_err(out, llm.linear_cross_entropy_ref(h3, w, t2, reduction="none")) < 1e-5
+    empty = torch.randn(0, 8, device=device, requires_grad=True)
+    assert _lce(impl, empty, w, torch.zeros(0, dtype=torch.long, device=device), reduction="sum").item() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy_bad_inputs_raise_clear_errors(device, impl):
+    h, w, b, t = _lce_inputs(6, 8, 5, torch.float32, device)
+    cases = [
+        (ValueError, "reduction must be one of", dict(reduction="avg")),
+        (RuntimeError, "cannot be multiplied", dict(w=w[:, :7])),
+        (RuntimeError, "weight must be", dict(w=w[0])),
+        (RuntimeError, "weight must have hidden's dtype", dict(w=w.double())),
+        (RuntimeError, r"bias must be \[V\]", dict(b=b[:4])),
+        (RuntimeError, "target must be int64", dict(t=t.int())),
+        (RuntimeError, "target must have hidden's leading shape", dict(t=t[:5])),
+        (RuntimeError, "label_smoothing must be between", dict(label_smoothing=1.5)),
+        (ValueError, "z_loss must be finite", dict(z_loss=-1.0)),
+        (ValueError, "softcap must be None or", dict(softcap=0.0)),
+        (ValueError, "chunk_size must be >= 0", dict(chunk_size=-2)),
+        (TypeError, "target.* must be (a )?Tensor", dict(t=[1, 2])),
+    ]
+    _assert_each_raises(lambda h, w, t, b, **kw: _lce(impl, h, w, t, b, **kw), dict(h=h, w=w, t=t, b=b), cases)
+    if device == "cpu":
+        bad = t.clone()
+        bad[2] = 5
+        with pytest.raises(IndexError, match="target 5 at position 2 is out of bounds for 5 classes"):
+            _lce(impl, h, w, bad)
+
+
+def test_linear_cross_entropy_double_backward_is_refused():
+    if not _native.has_op("linear_cross_entropy"):
+        pytest.skip("needs the custom op (the reference is plain autograd)")
+    h, w, b, t = _lce_inputs(6, 8, 5, torch.float32, "cpu")
+    hl = h.requires_grad_()
+    (g,) = torch.autograd.grad(fops.linear_cross_entropy(hl, w, t), [hl], create_graph=False)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(fops.linear_cross_entropy(hl, w, t), [hl], create_graph=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_opcheck_and_compile(device):
+    if not _native.has_op("linear_cross_entropy"):
+        pytest.skip("needs the custom op")
+    h, w, b, t = _lce_inputs(20, 16, 11, torch.float32, device)
+    leaves = [x.requires_grad_() for x in (h, w, b)]
+    ops = torch.ops.fusedkernels
+    for red in ("mean", "none"):
+        torch.library.opcheck(ops.linear_cross_entropy, (h, w, t, b, -100, red, 0.1, 1e-3, 5.0, 7))
+    torch.library.opcheck(ops.linear_cross_entropy_fwd, (h, w, t, b, -100, 1, 0.0, 0.0, 0.0, 6, [True, True, True]))
+    torch.library.opcheck(ops.linear_cross_entropy_fwd, (h, w, t, None, -100, 0, 0.0, 0.0, 0.0, 0, [False] * 3))
+    _, lse, *_ = ops.linear_cross_entropy_fwd(h.detach(), w.detach(), t, None, -100, 0, 0.0, 0.0, 0.0, 0, [False] * 3)
+    torch.library.opcheck(ops.linear_cross_entropy_bwd, (torch.rand(20, device=device), h.detach(), w.detach(), t,
+                                                         b.detach(), lse, -100, 0.0, 0.0, 0.0, 6, [True, True, True]))
+
+    def f(h, w, b):
+        return fops.linear_cross_entropy(h, w, t, b, label_smoothing=0.1, softcap=5.0, chunk_size=8)
+
+    eager = torch.autograd.grad(f(*leaves), leaves)
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(*leaves), leaves)
+    for a, c in zip(eager, compiled):
+        assert max_err(a, c) <= 1e-5 * max(c.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy_under_autocast(device, impl):
+    """As F.linear under autocast: hidden, weight, bias cast to the autocast dtype; the loss in float32."""
+    h, w, b, t = _lce_inputs(17, 16, 9, torch.float32, device)
+    wl = w.clone().requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = _lce(impl, h, wl, t, b)
+    loss.backward()
+    want = llm.linear_cross_entropy_ref(h.bfloat16().double(), w.bfloat16().double(), t, b.bfloat16().double())
+    assert loss.dtype == torch.float32 and wl.grad.dtype == torch.float32
+    assert abs(loss.item() - want.item()) < 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_is_a_linear_head_plus_cross_entropy(device):
+    head = torch.nn.Linear(16, 23, device=device)
+    x = torch.randn(3, 5, 16, device=device)
+    labels = torch.randint(0, 23, (3, 5), device=device)
+    labels[0, :2] = -100
+    ours = fnn.FusedLinearCrossEntropyLoss(label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la = ours(xa, head, labels)
+    la.backward()
+    ga = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    lb = theirs(head(xb).reshape(-1, 23), labels.reshape(-1))
+    lb.backward()
+    assert max_err(la, lb) < 1e-5 and max_err(xa.grad, xb.grad) < 1e-5
+    for g, p in zip(ga, head.parameters()):
+        assert max_err(g, p.grad) < 1e-5
+    # the weight (and bias) passed directly, reduction none
+    per_token = fnn.FusedLinearCrossEntropyLoss(reduction="none")(x, head.weight, labels, head.bias)
+    assert per_token.shape == labels.shape
+    assert "label_smoothing=0.1" in repr(ours)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("vocab", [32003, 128256])
+def test_linear_cross_entropy_large_vocabularies(vocab):
+    h, w, b, t = _lce_inputs(300, 256, vocab, torch.bfloat16, "cuda", bias=False)
+    grad = torch.tensor(1.0, device="cuda")
+    ours = _loss_and_grads(fops.linear_cross_entropy, h, w, None, t, grad)
+    ref = _loss_and_grads(llm.linear_cross_entropy_ref, h.double(), w.double(), None, t, grad.double())
+    lowp = _loss_and_grads(_torch_lowp, h, w, None, t, grad)
+    for name, o, r, lp in zip(["loss", "dhidden", "dweight"], ours, ref, lowp):
+        assert_close_to_ref(o.double(), r, lp.double(), name, floor=1e-5)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_linear_cross_entropy_cuda_is_deterministic_and_graph_safe():
+    h, w, b, t = _lce_inputs(2500, 128, 5000, torch.bfloat16, "cuda")
+    first = _loss_and_grads(fops.linear_cross_entropy, h, w, b, t, torch.tensor(1.0, device="cuda"), chunk_size=512)
+    again = _loss_and_grads(fops.linear_cross_entropy, h, w, b, t, torch.tensor(1.0, device="cuda"), chunk_size=512)
+    assert all(torch.equal(a, c) for a, c in zip(first, again))
+    # a bad target: NaN for its token, no error, no effect on the others' rows
+    bad = t.clone()
+    bad[7] = 5000
+    loss = fops.linear_cross_entropy(h, w, bad, b, reduction="none")
+    assert loss[7].isnan() and not loss[:7].isnan().any()
+
+    def make():
+        h, w, b, _ = _lce_inputs(700, 64, 1001, torch.bfloat16, "cuda")
+        return [h.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+
+    target = torch.randint(0, 1001, (700,), device="cuda")
+
+    def step(h, w, b):
+        loss = fops.linear_cross_entropy(h, w, target, b, chunk_size=256)
+        return (loss, *torch.autograd.grad(loss, [h, w, b]))
+
+    check_graph_replays(step, make(), make, ["loss", "dhidden", "dweight", "dbias"], ulps=0)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_linear_cross_entropy_cuda_float64_runs_the_reference_with_a_warning():
+    h, w, b, t = _lce_inputs(30, 16, 9, torch.float64, "cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = fops.linear_cross_entropy(h, w, t, b)
+    assert any("float64 has no fused kernel" in str(c.message) for c in caught)
+    assert max_err(loss, llm.linear_cross_entropy_ref(h, w, t, b)) < 1e-12
