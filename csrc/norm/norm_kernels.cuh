@@ -809,7 +809,12 @@ cudaError_t launch_bwd(const BwdParamsT<kAdd>& p, cudaStream_t stream) {
       if constexpr (kTpr <= kBwdMaxTpr) {
         constexpr int kSmem = kBwdSmem<T, RT, kAdd, kTpr>;
         constexpr auto kernel = bwd_registers_kernel_for<T, WT, RT, kRms, kAdd, kTpr>;
-        resident_blocks<kernel, threads_for_tpr<kTpr>(), kSmem>();  // the shared-memory opt-in, on this device
+        // The shared-memory opt-in, on this device. Needed even at kSmem <= 48 KiB: the limit without it
+        // counts the static arrays too (scratch, and the column-sum tile of kThreads * (kVec + 1) floats),
+        // and add + norm with a 16-bit residual stages exactly 48 KiB at 256 threads (2 stages x 2 vectors x
+        // 3 tensors x 256 threads x 16 B) beside a 9 KiB tile: "invalid argument" before resident_blocks
+        // opted in for any dynamic size (it did only past 48 KiB of dynamic memory).
+        resident_blocks<kernel, threads_for_tpr<kTpr>(), kSmem>();
         kernel<<<plan.blocks, threads_for_tpr<kTpr>(), kSmem, stream>>>(p);
       }
     });

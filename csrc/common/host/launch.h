@@ -55,12 +55,18 @@ inline int compute_capability(int device = current_device()) {
 
 // Blocks of Kernel resident per SM of the current device with kThreads threads and kSmemBytes of dynamic
 // shared memory. Raises the kernel's dynamic shared-memory limit on that device first, which launches
-// past 48 KiB need: call it before every such launch (it is a cached lookup after the first).
+// need once static + dynamic shared memory passes 48 KiB: call it before every launch with dynamic shared
+// memory (it is a cached lookup after the first).
 template <auto Kernel, int kThreads, int kSmemBytes = 0>
 int resident_blocks() {
   static std::atomic<int> cache[kMaxDevices];
   return per_device(cache, current_device(), [] {
-    if (kSmemBytes > 48 * 1024) {
+    // Opt in whenever there is dynamic shared memory, not only past 48 KiB of it: without the opt-in the
+    // limit is 48 KiB for static + dynamic together (the attribute's default is 48 KiB minus the kernel's
+    // static shared memory), so a kernel with static arrays fails to launch ("invalid argument") with
+    // dynamic memory at or just under 48 KiB. (add + norm's backward with the residual in x's 16-bit type:
+    // 48 KiB staged + 9 KiB of static column-sum tile at 256 threads.) Raising the limit costs nothing.
+    if (kSmemBytes > 0) {
       cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     }
     int blocks = 0;
