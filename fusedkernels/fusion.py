@@ -778,7 +778,7 @@ class RotaryAttention(Pattern):
         candidate = Candidate(_AttentionProbe(_switched(module, cls), head_dim), f"{name} + ops.apply_rotary",
                               _switch(module, cls))
         return [Rewrite(path, _AttentionProbe(module, head_dim), [candidate], list(module.modules()),
-                        _rows((q_proj.in_features,)), keeps_hooks=True, name=name)]
+                        _rows((q_proj.in_features,), top=-1), keeps_hooks=True, name=name)]
 
 
 class _HiddenOnly(nn.Module):
