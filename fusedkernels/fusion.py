@@ -167,15 +167,37 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False, lm_h
     hidden states, never building the logits, and returns logits=None. lm_head_loss=False leaves the latter (logits
     are then returned with the loss, as before).
 
-    Raises TypeError when model is not an nn.Module.
+    Raises TypeError when model is not an nn.Module, and ValueError when it is (or holds) a module wrapped by
+    DistributedDataParallel or FSDP2's fully_shard: call fuse() before wrapping (a swap may bring parameters the
+    wrapper does not know).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: model must be a torch.nn.Module, got {type(model).__name__}")
+    wrapped = _distributed_wrapper(model)
+    if wrapped:
+        raise ValueError(f"fuse: {wrapped}; call fuse(model) before wrapping it (the wrapper would not know the "
+                         "parameters a swap may bring, and would stop synchronising them)")
     walk = _Model(model, inference or torch.is_inference_mode_enabled(), forward_only=inference,
                   lm_head_loss=lm_head_loss)
     if walk.inference and not inference:
         walk.report.note = "probed outputs only: inference mode allows no gradients"
     return walk.run(merge)
+
+
+def _distributed_wrapper(model: nn.Module) -> Optional[str]:
+    """Where model is, or holds, a module wrapped by DistributedDataParallel or fully_shard (FSDP2), which; else None."""
+    wrappers = [torch.nn.parallel.DistributedDataParallel]
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        wrappers.append(FSDPModule)
+    except ImportError:  # torch built without distributed
+        pass
+    for path, module in model.named_modules():
+        if isinstance(module, tuple(wrappers)):
+            kind = "DistributedDataParallel" if isinstance(module, wrappers[0]) else "fully_shard (FSDP2)"
+            return f"{path or 'the model'} is wrapped by {kind}"
+    return None
 
 
 class _Model:

@@ -953,3 +953,32 @@ def test_torchvision_resnet18():
     with torch.no_grad():
         x = torch.randn(2, 3, 64, 64)
         assert_close_to_ref(model(x), copy.deepcopy(before).double()(x.double()), before(x), "logits", floor=1e-5)
+
+
+def test_refuses_models_wrapped_for_distributed_training(tmp_path):
+    """DDP / fully_shard before fuse(): a swap would bring parameters the wrapper does not synchronise."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.LayerNorm(8))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(ValueError, match="the model is wrapped by DistributedDataParallel; call fuse"):
+            fusedkernels.fuse(ddp, merge=True)
+        outer = nn.Sequential(ddp)
+        with pytest.raises(ValueError, match="0 is wrapped by DistributedDataParallel"):
+            fusedkernels.fuse(outer)
+        try:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            return
+        sharded = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+        fully_shard(sharded[0], mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ValueError, match="0 is wrapped by fully_shard"):
+            fusedkernels.fuse(sharded)
+        assert "swapped" in str(fusedkernels.fuse(model))  # unwrapped, it fuses as before
+    finally:
+        dist.destroy_process_group()
