@@ -7,8 +7,10 @@ batch 4 x 2048 tokens with labels (the loss inside the model), SDPA attention, t
 A step is zero_grad, forward with the loss, backward, optimizer step. Impls:
 
   torch          the model as built (eager, attn_implementation="sdpa")
-  fusedkernels   fusedkernels.fuse(model, merge=True) (norms, gated MLPs) and attn_implementation="fusedkernels"
-                 (fusedkernels.integrations.transformers); its report goes to extra `fused`
+  fusedkernels   fusedkernels.fuse(model, merge=True) (norms, gated MLPs, rotary on ops.apply_rotary, the LM head +
+                 loss on ops.linear_cross_entropy: the step never builds the [tokens, vocab] logits) and
+                 attn_implementation="fusedkernels" (fusedkernels.integrations.transformers); its report goes to
+                 extra `fused`, and extra `lm_head_loss` says whether the head + loss swap went in
   liger          Liger-Kernel's apply_liger_kernel_to_llama(model=...) with every patch (RMSNorm, SwiGLU, RoPE,
                  fused linear + cross-entropy); skipped with the reason where liger_kernel is not importable. It
                  patches transformers' Llama classes for the rest of the process, so it runs last.
@@ -64,6 +66,7 @@ def _model(impl: str):
         fk_hf.register()
         model.set_attn_implementation(fk_hf.NAME)
         extra["fused"] = str(report).replace("\n", "; ")[:300]
+        extra["lm_head_loss"] = any(e.path == "" and e.status == "swapped" for e in report.entries)
     elif impl == LIGER:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 

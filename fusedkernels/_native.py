@@ -95,6 +95,16 @@ def has_op(name: str) -> bool:
 _warned: set[str] = set()
 
 
+def autocast_casts(device: str, *tensors):
+    """The casts of a native op's autocast kernel, for the references that run without it: floating tensors on the
+    autocast device to its autocast dtype, float64 and other devices' tensors left (None passes through)."""
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    eligible = lambda t: t is not None and t.is_floating_point() and t.dtype != torch.float64  # noqa: E731
+    return tuple(t.to(dtype) if eligible(t) and t.device.type == device else t for t in tensors)
+
+
 def warn_fallback(op: str, why: str, instead: str) -> None:
     """One warning per (op, reason): a CUDA tensor is about to take PyTorch's implementation."""
     key = f"{op}:{why}"

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .nn import (FusedCastRMSNorm, FusedConv2dReLU, FusedConvBNReLU, FusedLayerNorm, FusedLinear, FusedMLP,
                  FusedRMSNorm)
+from .integrations import transformers as hf
 from .nn.mlp import _STRUCTURES, _to_layout_keys
 from .ops import fold_batch_norm
 
@@ -105,7 +106,8 @@ class Rewrite:
     """A proposed swap at `path`. original runs the model's computation in the probe (the module, or the pair it
     fuses); touched: the modules the swap removes or changes; keeps_hooks: the swap keeps the module object (a class
     switch), so its hooks stay and see what they saw; replaces: the swap puts another object at `path`;
-    make_input(dtype, device, generator) gives a probe input; dtypes(param_dtype) the dtypes to probe."""
+    make_input(dtype, device, generator) gives a probe input; dtypes(param_dtype) the dtypes to probe; name: the
+    report's name for the original, where not its class's (original is a probe wrapper)."""
 
     path: str
     original: nn.Module
@@ -115,6 +117,7 @@ class Rewrite:
     keeps_hooks: bool = False
     replaces: bool = False
     dtypes: Callable[[torch.dtype], Sequence[torch.dtype]] = lambda dtype: (dtype,)
+    name: str = ""
 
 
 class Pattern:
@@ -125,7 +128,7 @@ class Pattern:
         raise NotImplementedError
 
 
-def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False) -> FuseReport:
+def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False, lm_head_loss: bool = True) -> FuseReport:
     """Swaps fused modules into `model`, in place, where they compute what its modules compute, and returns a
     FuseReport of what was swapped, what was left and why.
 
@@ -157,23 +160,55 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False) -> F
     becomes nn.Identity and its state_dict keys disappear. Outputs-only probing (not folding) is implied inside
     torch.inference_mode(), where no gradient can be taken (the report's note says so).
 
-    Raises TypeError when model is not an nn.Module.
+    Hugging Face Llama-family models (Llama, Mistral, Qwen2, Qwen3, ...), recognised by structure: attention modules
+    calling their modeling file's apply_rotary_pos_emb get a subclass of their class whose forward runs
+    ops.apply_rotary there; a *ForCausalLM (lm_head an nn.Linear, a `model` child, transformers' ForCausalLMLoss)
+    gets one whose forward, when labels are given, computes the loss with ops.linear_cross_entropy on the final
+    hidden states, never building the logits, and returns logits=None. lm_head_loss=False leaves the latter (logits
+    are then returned with the loss, as before).
+
+    Raises TypeError when model is not an nn.Module, and ValueError when it is (or holds) a module wrapped by
+    DistributedDataParallel or FSDP2's fully_shard: call fuse() before wrapping (a swap may bring parameters the
+    wrapper does not know).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: model must be a torch.nn.Module, got {type(model).__name__}")
-    walk = _Model(model, inference or torch.is_inference_mode_enabled(), forward_only=inference)
+    wrapped = _distributed_wrapper(model)
+    if wrapped:
+        raise ValueError(f"fuse: {wrapped}; call fuse(model) before wrapping it (the wrapper would not know the "
+                         "parameters a swap may bring, and would stop synchronising them)")
+    walk = _Model(model, inference or torch.is_inference_mode_enabled(), forward_only=inference,
+                  lm_head_loss=lm_head_loss)
     if walk.inference and not inference:
         walk.report.note = "probed outputs only: inference mode allows no gradients"
     return walk.run(merge)
 
 
+def _distributed_wrapper(model: nn.Module) -> Optional[str]:
+    """Where model is, or holds, a module wrapped by DistributedDataParallel or fully_shard (FSDP2), which; else None."""
+    wrappers = [torch.nn.parallel.DistributedDataParallel]
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        wrappers.append(FSDPModule)
+    except ImportError:  # torch built without distributed
+        pass
+    for path, module in model.named_modules():
+        if isinstance(module, tuple(wrappers)):
+            kind = "DistributedDataParallel" if isinstance(module, wrappers[0]) else "fully_shard (FSDP2)"
+            return f"{path or 'the model'} is wrapped by {kind}"
+    return None
+
+
 class _Model:
     """One fuse() walk: the model's parent links (a swap replaces a module wherever it is a child) and the report.
     inference: the probe checks outputs only; forward_only: the caller passed inference=True, which also allows
-    rewrites that re-express parameters (BatchNorm folding); inference_mode alone does not."""
+    rewrites that re-express parameters (BatchNorm folding); inference_mode alone does not; lm_head_loss: the
+    causal-LM loss rewrite runs."""
 
-    def __init__(self, root: nn.Module, inference: bool, forward_only: bool = False) -> None:
+    def __init__(self, root: nn.Module, inference: bool, forward_only: bool = False, lm_head_loss: bool = True) -> None:
         self.root, self.inference, self.forward_only = root, inference, forward_only
+        self.lm_head_loss = lm_head_loss
         self.parents: Dict[int, list] = defaultdict(list)
         self.holders: Dict[int, set] = defaultdict(set)  # id(parameter) -> ids of the modules holding it
         for module in root.modules():
@@ -226,8 +261,8 @@ class _Model:
 
     def _apply(self, rewrite: Rewrite) -> FuseEntry:
         """Checks, probes and installs one rewrite; the report's entry for it."""
-        name = type(rewrite.original).__name__ if len(rewrite.touched) == 1 or rewrite.replaces else " + ".join(
-            type(m).__name__ for m in rewrite.touched)
+        name = rewrite.name or (type(rewrite.original).__name__ if len(rewrite.touched) == 1 or rewrite.replaces
+                                else " + ".join(type(m).__name__ for m in rewrite.touched))
 
         def left(reason: str) -> FuseEntry:
             return FuseEntry(rewrite.path, name, LEFT, reason=reason)
@@ -729,8 +764,109 @@ class ConvReLU(Pattern):
             _images(conv.in_channels, conv))]
 
 
+class _AttentionProbe(nn.Module):
+    """The probe's view of a Hugging Face attention module: hidden states [batch, seq, hidden] in, the attention
+    output out, with a rotary table as the model's rotary embedding hands it (cos / sin [batch, seq, head_dim] of
+    angles pos * 10000^(-2i / head_dim), in the input's dtype) and no mask."""
+
+    def __init__(self, attn: nn.Module, head_dim: int) -> None:
+        super().__init__()
+        self.attn, self.head_dim = attn, head_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        d, opts = self.head_dim, dict(device=x.device, dtype=torch.float64)
+        freqs = (torch.arange(x.shape[1], **opts) * 7 + 1)[:, None] * 1e4 ** (-torch.arange(0, d, 2, **opts) / d)
+        emb = torch.cat((freqs, freqs), -1).expand(x.shape[0], -1, -1)
+        return type(self.attn).forward(self.attn, x, position_embeddings=(emb.cos().to(x.dtype), emb.sin().to(x.dtype)),
+                                       attention_mask=None)[0]
+
+
+class RotaryAttention(Pattern):
+    """A Hugging Face attention module (a `q_proj` nn.Linear, an int `head_dim`) whose forward calls its modeling
+    file's apply_rotary_pos_emb(q, k, cos, sin, ...) (Llama, Mistral, Qwen2, Qwen3, ...) -> its class switched to a
+    subclass of the same name whose forward is the class's own, calling ops.apply_rotary there
+    (integrations.transformers.rotary_attention_class; the modeling module is not patched). Parameters, children and
+    hooks stay. The probe runs the whole attention forward with a rotary table, so a differently written
+    apply_rotary_pos_emb (interleaved pairs, another formula) fails it and is left."""
+
+    def match(self, path, module, model, merge):
+        if isinstance(module, hf.FusedRotaryAttention):  # children are still visited (a Qwen3 q_norm, ...)
+            return [FuseEntry(path, type(module).__name__, ALREADY_FUSED)]
+        q_proj, head_dim = getattr(module, "q_proj", None), getattr(module, "head_dim", None)
+        if type(q_proj) is not nn.Linear or type(head_dim) is not int or hf.hf_rotary_function(module) is None:
+            return None
+        cls = hf.rotary_attention_class(type(module))
+        name = type(module).__name__
+        candidate = Candidate(_AttentionProbe(_switched(module, cls), head_dim), f"{name} + ops.apply_rotary",
+                              _switch(module, cls))
+        return [Rewrite(path, _AttentionProbe(module, head_dim), [candidate], list(module.modules()),
+                        _rows((q_proj.in_features,), top=-1), keeps_hooks=True, name=name)]
+
+
+class _HiddenOnly(nn.Module):
+    """Stands in for a causal LM's decoder in the probe: the probe input is the final hidden states."""
+
+    def forward(self, inputs_embeds: Tensor, **kwargs) -> "_HiddenOnly.Outputs":
+        return _HiddenOnly.Outputs(inputs_embeds)
+
+    class Outputs:
+        def __init__(self, hidden: Tensor) -> None:
+            self.last_hidden_state = hidden
+
+        def __getattr__(self, name: str):
+            return None  # cache, hidden_states, attentions: none in the probe
+
+
+class _LossProbe(nn.Module):
+    """The probe's view of a *ForCausalLM: final hidden states [2, seq, hidden] in, its forward's loss out, for fixed
+    labels (two ignored)."""
+
+    def __init__(self, lm: nn.Module, vocab: int) -> None:
+        super().__init__()
+        self.lm, self.vocab = lm, vocab
+
+    def forward(self, x: Tensor) -> Tensor:
+        labels = torch.randint(0, self.vocab, x.shape[:2], generator=torch.Generator().manual_seed(1))
+        labels[0, 1] = labels[1, -2] = -100
+        return type(self.lm).forward(self.lm, inputs_embeds=x, labels=labels.to(x.device)).loss
+
+
+class CausalLMLoss(Pattern):
+    """A Hugging Face *ForCausalLM (an nn.Linear `lm_head` and a `model` child used by its forward, the loss
+    transformers' ForCausalLMLoss) -> its class switched to a subclass of the same name whose forward, given labels,
+    runs the model's own forward with lm_head passing the final hidden states to ops.linear_cross_entropy (HF's label
+    shift, ignore_index and num_items_in_batch), returning logits=None; without labels it is the class's own forward
+    (integrations.transformers.causal_lm_loss_class). Probed on the head and the loss alone (the decoder replaced by
+    the probe input), so whatever the forward does to the logits before the loss (a soft cap) fails the probe.
+    fuse(model, lm_head_loss=False) leaves it."""
+
+    def match(self, path, module, model, merge):
+        if isinstance(module, hf.FusedLinearCrossEntropyCausalLM):  # its children are still visited
+            return [FuseEntry(path, type(module).__name__, ALREADY_FUSED)]
+        lm_head, decoder = module._modules.get("lm_head"), module._modules.get("model")
+        code = getattr(hf._unwrapped(type(module).forward), "__code__", None)
+        if (type(lm_head) is not nn.Linear or decoder is None or code is None
+                or not {"lm_head", "loss_function"} <= set(code.co_names)
+                or not hf.is_hf_causal_lm_loss(getattr(module, "loss_function", None))):
+            return None
+        name = type(module).__name__
+        if not model.lm_head_loss:
+            return [FuseEntry(path, name, LEFT, reason="lm_head_loss=False: the loss is computed from the logits, "
+                                                       "which are returned")]
+        probed = copy.copy(module)
+        probed._modules = {**module._modules, "model": _HiddenOnly()}
+        cls = hf.causal_lm_loss_class(type(module))
+        candidate = Candidate(_LossProbe(_switched(probed, cls), lm_head.out_features),
+                              f"{name} + ops.linear_cross_entropy", _switch(module, cls),
+                              "with labels, logits=None (never built); fuse(model, lm_head_loss=False) keeps them")
+        return [Rewrite(path, _LossProbe(probed, lm_head.out_features), [candidate], [module, lm_head],
+                        _rows((lm_head.in_features,)), name=name)]
+
+
 # Tried in order on every module, outermost first; the first that matches decides.
 PATTERNS: List[Pattern] = [
+    CausalLMLoss(),
+    RotaryAttention(),
     TorchNorm(nn.LayerNorm, FusedLayerNorm),
     TorchNorm(nn.RMSNorm, FusedRMSNorm),
     HFRMSNorm(),

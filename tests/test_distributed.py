@@ -222,6 +222,42 @@ def fsdp_bf16_masters(ctx) -> None:
     _assert_params_close(model, ref, atol=2e-2, rtol=2e-2)
 
 
+def fsdp_masters_see_loaded_weights(ctx) -> None:
+    """Weights written through the DTensor params between steps (load_state_dict) reach the fp32 masters: the
+    write moves the DTensor's version counter, not its local shard's, and the step must not write the stale
+    master back over them."""
+    model = _fsdp_model(ctx, torch.bfloat16)
+    opt = _make("FusedAdamW", model.parameters(), master_weights=True)
+    for _ in range(2):
+        opt.zero_grad()
+        _loss(model, ctx.local(_batch(ctx.device, torch.bfloat16))).backward()
+        opt.step()
+    model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+    opt.zero_grad()
+    _loss(model, ctx.local(_batch(ctx.device, torch.bfloat16))).backward()
+    opt.step()
+    for p in model.parameters():  # one Adam step of lr 1e-2 from the loaded zeros (a stale master: the old weights)
+        assert p.detach().full_tensor().float().abs().max().item() < 2e-2
+
+
+def fsdp_clip_deferred_stale(ctx) -> None:
+    """A deferred clip followed by another backward (FSDP2 accumulates into the grads' local shards): the step
+    refuses the stale coefficient, as it does for plain tensors."""
+    from fusedkernels.optim import clip_grad_norm_
+
+    model = _fsdp_model(ctx)
+    opt = _make("adamw", model.parameters())
+    _loss(model, ctx.local(_batch(ctx.device))).backward()
+    clip_grad_norm_(model.parameters(), 0.05, defer_to=opt)
+    _loss(model, ctx.local(_batch(ctx.device))).backward()
+    try:
+        opt.step()
+    except RuntimeError as e:
+        assert "the grads changed after clip_grad_norm_" in str(e), e
+    else:
+        raise AssertionError("the step applied a clip computed before the last backward")
+
+
 def fsdp_clip(ctx) -> None:
     """clip_grad_norm_ on sharded grads: the global norm (a replicated DTensor, as torch's), the same clipped
     grads as the single process's, and as torch's clip on the same sharded grads."""
@@ -321,6 +357,8 @@ SCENARIOS = {
     "fsdp_bf16_masters": fsdp_bf16_masters,
     "fsdp_clip": fsdp_clip,
     "fsdp_clip_deferred": fsdp_clip_deferred,
+    "fsdp_clip_deferred_stale": fsdp_clip_deferred_stale,
+    "fsdp_masters_see_loaded_weights": fsdp_masters_see_loaded_weights,
     "fsdp_dcp": fsdp_dcp,
 }
 

@@ -658,6 +658,99 @@ def test_transformers_models(device, config_name, norms_fused, dtype, merge):
     assert_close_to_ref(dx_after, dx_ref, dx_before, "inputs_embeds grad", floor=1e-5)
 
 
+def _counting(monkeypatch, name):
+    """Counts the calls of fusedkernels.ops.<name> (what the fused forwards call)."""
+    calls, op = [], getattr(fusedkernels.ops, name)
+    monkeypatch.setattr(fusedkernels.ops, name, lambda *a, **k: calls.append(1) or op(*a, **k))
+    return calls
+
+
+def _loss_and_grads(model, ids, labels, **kwargs):
+    out = model(input_ids=ids, labels=labels, **kwargs)
+    params = dict(model.named_parameters())
+    return out, dict(zip(params, torch.autograd.grad(out.loss, list(params.values()))))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config_name", ["LlamaConfig", "MistralConfig", "Qwen2Config"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_transformers_causal_lm_rotary_and_loss(monkeypatch, device, config_name, dtype):
+    transformers = _transformers()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_tiny(config_name)).to(device, dtype)
+    _randomize(model).train()  # no dropout in these configs: train mode is deterministic
+    before, keys, params = copy.deepcopy(model), list(model.state_dict()), dict(model.named_parameters())
+    report = fusedkernels.fuse(model)
+    assert list(model.state_dict()) == keys and dict(model.named_parameters()) == params
+    statuses = _statuses(report)
+    assert statuses[""] == ("swapped", f"{config_name[:-6]}ForCausalLM + ops.linear_cross_entropy"), str(report)
+    for i in range(2):
+        assert statuses[f"model.layers.{i}.self_attn"] == (
+            "swapped", f"{config_name[:-6]}Attention + ops.apply_rotary"), str(report)
+    assert isinstance(model, type(before)) and type(model).__name__ == type(before).__name__
+
+    rotary, lce = _counting(monkeypatch, "apply_rotary"), _counting(monkeypatch, "linear_cross_entropy")
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    ids = torch.randint(0, 64, (2, 9), device=device)
+    labels = ids.clone()
+    labels[0, :3] = labels[1, 5] = -100
+    ref_model = copy.deepcopy(before).double()
+    # bf16: every fused op rounds differently from eager, and two layers carry that into the one loss value, where
+    # eager's own error can be luckily small: a bf16 ulp of slack past twice it
+    floor = 1e-5 if dtype == torch.float32 else 2.0 ** -8
+    for kwargs in ({}, {"num_items_in_batch": torch.tensor(5, device=device)}):
+        out_before, g_before = _loss_and_grads(before, ids, labels, **kwargs)
+        out_after, g_after = _loss_and_grads(model, ids, labels, **kwargs)
+        out_ref, g_ref = _loss_and_grads(ref_model, ids, labels, **kwargs)
+        assert out_after.logits is None and out_after.loss.dtype == out_before.loss.dtype
+        assert_close_to_ref(out_after.loss, out_ref.loss, out_before.loss, "loss", floor=floor)
+        for name in g_before:
+            assert_close_to_ref(g_after[name], g_ref[name], g_before[name], name, floor=floor)
+    assert len(rotary) == 2 * 2 and len(lce) == 2 and not head_calls  # 2 layers x 2 calls; the head never ran
+
+    with torch.no_grad():
+        for kwargs in ({}, {"logits_to_keep": 3}):
+            logits = model(input_ids=ids, **kwargs).logits
+            assert_close_to_ref(logits, ref_model(input_ids=ids, **kwargs).logits, before(input_ids=ids, **kwargs).logits,
+                                "logits", floor=floor)
+        assert len(head_calls) == 2
+        loss, *rest = model(input_ids=ids, labels=labels, return_dict=False)  # logits left out, as a None field
+        assert len(rest) == len(before(input_ids=ids, labels=labels, return_dict=False)) - 2
+
+    again = fusedkernels.fuse(model)
+    assert not again.swapped and {"", "model.layers.0.self_attn"} <= {e.path for e in again.already_fused}, str(again)
+
+
+def test_transformers_lm_head_loss_opt_out_keeps_logits():
+    transformers = _transformers()
+    model = _randomize(transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig")))
+    report = fusedkernels.fuse(model, lm_head_loss=False)
+    assert report.entries[0].path == "" and report.entries[0].status == "left", str(report)
+    assert "lm_head_loss=False" in report.entries[0].reason
+    assert _statuses(report)["model.layers.1.self_attn"][0] == "swapped", str(report)
+    ids = torch.randint(0, 64, (2, 9))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is not None and out.logits.shape == (2, 9, 64)
+
+
+def test_transformers_rotary_leaves_a_different_formula(monkeypatch):
+    """An apply_rotary_pos_emb of another pairing (GPT-J's interleaved) fails the probe: the attention is left."""
+    transformers = _transformers()
+    from transformers.models.llama import modeling_llama
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):
+        rot = fusedkernels.ops.llm.rotate_half
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rot(q, True) * sin, k * cos + rot(k, True) * sin
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", interleaved)
+    model = _randomize(transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig")))
+    statuses = {e.path: e for e in fusedkernels.fuse(model).entries}
+    assert statuses["model.layers.0.self_attn"].status == "left"
+    assert "probe found a difference" in statuses["model.layers.0.self_attn"].reason
+
+
 # ------------------------------------------------------------------------------------------------
 # Conv -> BatchNorm -> ReLU: torchvision's ResNet structure (written out here; torchvision's own where installed)
 # ------------------------------------------------------------------------------------------------
@@ -860,3 +953,32 @@ def test_torchvision_resnet18():
     with torch.no_grad():
         x = torch.randn(2, 3, 64, 64)
         assert_close_to_ref(model(x), copy.deepcopy(before).double()(x.double()), before(x), "logits", floor=1e-5)
+
+
+def test_refuses_models_wrapped_for_distributed_training(tmp_path):
+    """DDP / fully_shard before fuse(): a swap would bring parameters the wrapper does not synchronise."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.LayerNorm(8))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(ValueError, match="the model is wrapped by DistributedDataParallel; call fuse"):
+            fusedkernels.fuse(ddp, merge=True)
+        outer = nn.Sequential(ddp)
+        with pytest.raises(ValueError, match="0 is wrapped by DistributedDataParallel"):
+            fusedkernels.fuse(outer)
+        try:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            return
+        sharded = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+        fully_shard(sharded[0], mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ValueError, match="0 is wrapped by fully_shard"):
+            fusedkernels.fuse(sharded)
+        assert "swapped" in str(fusedkernels.fuse(model))  # unwrapped, it fuses as before
+    finally:
+        dist.destroy_process_group()

@@ -28,10 +28,15 @@ CPU tensors run the op's reference (fp32 math), as every fusedkernels op does on
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
+import types
 import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native, ops
@@ -167,3 +172,165 @@ def attention_forward(
     out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=is_causal,
                         scale=scaling, dropout_p=dropout, window=window, attn_bias=bias)
     return out, None
+
+
+# ------------------------------------------------------------------------------------------------
+# fuse(model)'s Llama-family rewrites (fusedkernels/fusion.py: RotaryAttention, CausalLMLoss; docs/fuse.md)
+# ------------------------------------------------------------------------------------------------
+
+
+def _unwrapped(fn):
+    """The function under fn's functools.wraps decorators (transformers' deprecate_kwarg, can_return_tuple)."""
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
+
+
+def _with_global(fn, name: str, value):
+    """A copy of fn, through its functools.wraps decorators, whose innermost function sees `value` for its
+    module-level `name`: that function gets a copy of its module's globals (names as they are now), the decorators
+    new closure cells pointing at the copy. Nothing of the module changes."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        namespace = dict(fn.__globals__)
+        namespace[name] = value
+        new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    else:
+        new_inner = _with_global(inner, name, value)
+        cells = fn.__closure__ or ()
+        holds = [i for i, c in enumerate(cells) if c.cell_contents is inner]
+        if not holds:
+            raise TypeError(f"{fn.__qualname__}: a decorator that does not hold the function it wraps")
+        cells = tuple(types.CellType(new_inner) if i in holds else c for i, c in enumerate(cells))
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    new.__qualname__ = fn.__qualname__
+    if inner is not None:
+        new.__wrapped__ = new_inner
+    return new
+
+
+def hf_rotary_function(module: torch.nn.Module):
+    """The module-level `apply_rotary_pos_emb(q, k, cos, sin, ...)` that module's class calls in its forward (Llama,
+    Mistral, Qwen2, Qwen3, ... attention), or None."""
+    inner = _unwrapped(type(module).forward)
+    code = getattr(inner, "__code__", None)
+    if code is None or "apply_rotary_pos_emb" not in code.co_names:
+        return None
+    fn = inner.__globals__.get("apply_rotary_pos_emb")
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return fn if params[:4] == ["q", "k", "cos", "sin"] else None
+
+
+class FusedRotaryAttention:
+    """Marks an attention module whose class fuse() switched to `rotary_attention_class(cls)`."""
+
+
+def _ops_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
+    """transformers' apply_rotary_pos_emb on ops.apply_rotary: cos / sin [batch, seq, dim] unsqueezed at 1 (q, k
+    [batch, heads, seq, dim]) or at 2 ([batch, seq, heads, dim])."""
+    # HF's products promote: a float32 table with half q / k (autocast over float32 weights) gives float32
+    dtype = torch.promote_types(q.dtype, cos.dtype)
+    return ops.apply_rotary(q.to(dtype), k.to(dtype), cos, sin, layout={1: "bhnd", 2: "bnhd"}[unsqueeze_dim])
+
+
+_ROTARY_CLASSES: dict = {}
+
+
+def rotary_attention_class(cls: type) -> type:
+    """cls with the same forward, except that its call of apply_rotary_pos_emb runs `ops.apply_rotary`: a subclass
+    keeping cls's name (transformers writes class names into configs), cached per class."""
+    if cls not in _ROTARY_CLASSES:
+        forward = _with_global(cls.forward, "apply_rotary_pos_emb", _ops_rotary)
+        _ROTARY_CLASSES[cls] = type(cls.__name__, (cls, FusedRotaryAttention),
+                                    {"forward": forward, "__qualname__": cls.__qualname__, "__module__": cls.__module__})
+    return _ROTARY_CLASSES[cls]
+
+
+def is_hf_causal_lm_loss(fn) -> bool:
+    """fn is transformers' ForCausalLMLoss (by name: transformers is not imported here)."""
+    return getattr(fn, "__name__", None) == "ForCausalLMLoss"
+
+
+# The *ForCausalLM whose labelled forward is running: its lm_head then passes the hidden states through, and its
+# loss_function is the fused linear + cross entropy on them (per context, so threads do not see each other's).
+_LM_LOSS: contextvars.ContextVar = contextvars.ContextVar("fusedkernels_lm_loss", default=None)
+
+
+def _hidden_states(hidden: Tensor) -> Tensor:
+    return hidden
+
+
+def _causal_lm_loss(lm_head: torch.nn.Linear, logits: Tensor, labels: Tensor, vocab_size: int,
+                    num_items_in_batch: Optional[Tensor] = None, ignore_index: int = -100,
+                    shift_labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+    """transformers' ForCausalLMLoss with `logits` the hidden states before lm_head: labels shifted left (the last
+    position ignored) unless shift_labels is given; mean over the tokens not ignored, or the sum divided by
+    num_items_in_batch where given (gradient accumulation); float32, as HF's upcast logits give it."""
+    if shift_labels is None:
+        labels = F.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:]
+    shift_labels = shift_labels.to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = ops.linear_cross_entropy(logits.reshape(-1, logits.shape[-1]), lm_head.weight, shift_labels.reshape(-1),
+                                    lm_head.bias, ignore_index=ignore_index, reduction=reduction)
+    if reduction == "sum":
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                       else num_items_in_batch)
+    return loss
+
+
+class FusedLinearCrossEntropyCausalLM:
+    """Mixin of `causal_lm_loss_class(cls)`: with labels, the model's own forward runs with lm_head passing the
+    hidden states through and loss_function computing ops.linear_cross_entropy on them, and logits come back None;
+    without labels (or with a loss_function set to something other than ForCausalLMLoss) the forward is cls's."""
+
+    def forward(self, *args, **kwargs):
+        at = _LABELS_AT[type(self)]
+        labels = kwargs.get("labels", args[at] if at is not None and len(args) > at else None)
+        if labels is None or not is_hf_causal_lm_loss(super().loss_function):
+            return super().forward(*args, **kwargs)
+        token = _LM_LOSS.set(self)
+        try:
+            out = super().forward(*args, **kwargs)
+        finally:
+            _LM_LOSS.reset(token)
+        if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...), where a None field is left out
+            return out[:1] + out[2:]
+        return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+
+    def __getattr__(self, name: str):
+        if name == "lm_head" and _LM_LOSS.get() is self:
+            return _hidden_states
+        return super().__getattr__(name)
+
+    @property
+    def loss_function(self):
+        if _LM_LOSS.get() is self:
+            return functools.partial(_causal_lm_loss, self._modules["lm_head"])
+        return super().loss_function
+
+    @loss_function.setter
+    def loss_function(self, value):
+        super(FusedLinearCrossEntropyCausalLM, type(self)).loss_function.__set__(self, value)
+
+
+_LM_CLASSES: dict = {}
+_LABELS_AT: dict = {}  # class -> index of `labels` in forward's positional arguments (after self), or None
+
+
+def causal_lm_loss_class(cls: type) -> type:
+    """cls with FusedLinearCrossEntropyCausalLM's forward around its own, keeping cls's name, cached per class."""
+    if cls not in _LM_CLASSES:
+        new = type(cls.__name__, (FusedLinearCrossEntropyCausalLM, cls),
+                   {"__qualname__": cls.__qualname__, "__module__": cls.__module__})
+        params = [p for p in inspect.signature(cls.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = [p.name for p in params[1:]]
+        _LABELS_AT[new] = names.index("labels") if "labels" in names else None
+        _LM_CLASSES[cls] = new
+    return _LM_CLASSES[cls]

@@ -251,16 +251,6 @@ def _check_cu_seqlens_values(name: str, cu, rows: int, max_seqlen: int) -> None:
         raise ValueError(f"attention_varlen: {name} ends at {c[-1]} but the packed tensor has {rows} rows")
 
 
-def _autocast(device: str, *tensors):
-    """The casts of the native op's autocast kernel (as torch's for SDPA): floating tensors on the autocast
-    device to its autocast dtype, float64 left."""
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    eligible = lambda t: t is not None and t.is_floating_point() and t.dtype != torch.float64  # noqa: E731
-    return tuple(t.to(dtype) if eligible(t) and t.device.type == device else t for t in tensors)
-
-
 _ATTENTION_ARGS = ("q", "k", "v", "attn_bias", "dropout_p", "causal", "window_left", "window_right", "scale",
                    "return_lse", "deterministic")
 _VARLEN_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p", "causal",
@@ -271,7 +261,7 @@ def _attention_without_native(q, k, v, attn_bias=None, dropout_p=0.0, causal=Fal
                               window_right=-1, scale=None, return_lse=False, deterministic=False):
     args = (q, k, v, attn_bias, dropout_p, causal, window_left, window_right, scale, return_lse, deterministic)
     _check_types("attention", _ATTENTION_ARGS, "TTTtfbiiFbb", args)
-    q, k, v, attn_bias = _autocast(q.device.type, q, k, v, attn_bias)
+    q, k, v, attn_bias = _native.autocast_casts(q.device.type, q, k, v, attn_bias)
     _check_qkv("attention", q, k, v, 4)
     _check_options("attention", dropout_p, window_left, window_right)
     if attn_bias is not None:
@@ -292,7 +282,7 @@ def _attention_varlen_without_native(q, k, v, cu_seqlens_q, cu_seqlens_k, max_se
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal, window_left,
             window_right, scale, return_lse, deterministic)
     _check_types("attention_varlen", _VARLEN_ARGS, "TTTTTiifbiiFbb", args)
-    q, k, v = _autocast(q.device.type, q, k, v)
+    q, k, v = _native.autocast_casts(q.device.type, q, k, v)
     _check_qkv("attention_varlen", q, k, v, 3)
     _check_options("attention_varlen", dropout_p, window_left, window_right)
     _check_cu_seqlens("attention_varlen", cu_seqlens_q, cu_seqlens_k, q, max_seqlen_q, max_seqlen_k)

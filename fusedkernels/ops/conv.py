@@ -152,15 +152,7 @@ def _without_native(x, weight, bias=None, stride=1, padding=0, dilation=1, resid
     """The reference as the native op runs it (no native module, or a build without the conv family): its
     argument types, autocast's casts, its checks and its output layout (x's)."""
     _check_types(x, weight, bias, stride, padding, dilation, residual)
-    device = x.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-
-        def cast(t):
-            eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
-            return t.to(dtype) if eligible and t.device.type == device else t
-
-        x, weight, bias = cast(x), cast(weight), cast(bias)  # the residual is left as it is
+    x, weight, bias = _native.autocast_casts(x.device.type, x, weight, bias)  # the residual is left as it is
     if x.dim() == 3:  # unbatched, as the op takes it: a batch of one
         r = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
         return _checked_reference(x.unsqueeze(0), weight, bias, stride, padding, dilation, r).squeeze(0)

@@ -117,15 +117,7 @@ def _checked_reference(op: str, reference, gated: bool):
 
     def call(x, weight, bias, activation, residual):
         _check_types(op, x, weight, bias, activation, residual)
-        device = x.device.type
-        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-
-            def cast(t):
-                eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
-                return t.to(dtype) if eligible and t.device.type == device else t
-
-            x, weight, bias = cast(x), cast(weight), cast(bias)  # the residual is left as it is
+        x, weight, bias = _native.autocast_casts(x.device.type, x, weight, bias)  # the residual is left as it is
         _check_args(op, x, weight, bias, activation, residual, gated)
         if residual is not None and residual.dtype != x.dtype:
             # added after the op with type promotion, as the unfused form adds it

@@ -399,18 +399,10 @@ def _lce_without_native(hidden, weight, target, bias=None, ignore_index=-100, re
     for name, v in (("ignore_index", ignore_index), ("chunk_size", chunk_size)):
         if not isinstance(v, int) or isinstance(v, bool):
             raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}")
-    device = hidden.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-
-        def cast(t):
-            eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
-            return t.to(dtype) if eligible and t.device.type == device else t
-
-        hidden, weight, bias = cast(hidden), cast(weight), cast(bias)
+    hidden, weight, bias = _native.autocast_casts(hidden.device.type, hidden, weight, bias)
     _check_lce_args(op, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
                     chunk_size)
-    if device == "cpu":
+    if hidden.device.type == "cpu":
         bad = (target != ignore_index) & ((target < 0) | (target >= weight.shape[0]))
         if bad.any():
             row = int(bad.reshape(-1).nonzero()[0])

@@ -155,7 +155,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _reset_plans(self) -> None:
         self._plans: dict[int, _Plan] = {}
-        self._param_versions: dict[int, tuple] = {}  # id(param) -> (version, data_ptr) after its last step
+        self._param_versions: dict[int, tuple] = {}  # id(param) -> (versions, data_ptr) after its last step
 
     # ---- per-subclass: what state a param has ----
 
@@ -211,7 +211,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         or their local shards."""
         seen = self._param_versions
         for p, t, master in zip(params, tensors, masters):
-            if seen.get(id(p), (t._version, t.data_ptr())) != (t._version, t.data_ptr()):
+            now = (_dtensor.versions(p), t._version, t.data_ptr())
+            if seen.get(id(p), now) != now:
                 master.copy_(t.detach())
 
     @torch.no_grad()
@@ -228,7 +229,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """After a step: remember the versions of the params with masters (the step itself bumps them)."""
         for b, params, *_ in buckets:
             if b.has_master:
-                self._param_versions.update((id(p), (t._version, t.data_ptr())) for p, t in zip(b.params, params))
+                self._param_versions.update((id(p), (_dtensor.versions(p), t._version, t.data_ptr()))
+                                            for p, t in zip(b.params, params))
 
     def _plan_key(self, group: dict) -> tuple:
         return tuple(self._moment_keys(group)), self._counts_steps(group)
@@ -340,7 +342,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"clip_grad_norm_(defer_to=...): the clipped parameters must be exactly the "
                              f"{type(self).__name__}'s parameters that have grads ({len(params)} given with grads, "
                              f"{len(mine)} in the optimizer); clip the others separately without defer_to")
-        self._deferred_clip = (coef, grads, [g._version for g in grads])
+        self._deferred_clip = (coef, grads, [_dtensor.versions(g) for g in grads])
 
     def deferred_clip_coef(self) -> Optional[Tensor]:
         """The clip coefficient pending for the next step, or None (none, or the grads have changed)."""
@@ -350,7 +352,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         _, current = self._grads_with_params()
         if len(current) != len(grads) or not all(map(operator.is_, current, grads)):
             return None
-        if not torch.compiler.is_compiling() and [g._version for g in grads] != versions:
+        if not torch.compiler.is_compiling() and [_dtensor.versions(g) for g in grads] != versions:
             return None  # (a compiled step cannot read version counters: it trusts the clip)
         return coef
 

@@ -28,6 +28,14 @@ def local(t: Tensor) -> Tensor:
     return t._local_tensor if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def versions(t: Tensor) -> tuple:
+    """Version counters that move when t is written in place: a DTensor's own (writes through it, e.g.
+    load_state_dict) and its local shard's (writes to the shard: our steps, FSDP2's grad accumulation), which
+    are separate counters."""
+    shard = local(t)
+    return (t._version, shard._version) if shard is not t else (t._version,)
+
+
 def local_grad(grad: Tensor, param: Tensor) -> Tensor:
     """The local shard of a DTensor param's grad, laid out as the param's shard (a grad with other placements,
     e.g. a partial sum, is redistributed first, as torch's optimizers do through DTensor's dispatch)."""
