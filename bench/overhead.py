@@ -22,6 +22,13 @@ W [1024, 1024] bf16 (a small shape: the host cost is the whole cost): forward wi
 Same budget. Gated rows (`linear_gated ...`): ops.linear_gated(x, W, None, "swiglu") against its eager form on the
 same stacked weight W [2048, 1024], `gate, up = F.linear(x, W).chunk(2, -1); F.silu(gate) * up`, in the same three
 directions.
+
+Conv rows (`conv2d_bias_relu ...`): ops.conv2d_bias_relu against F.relu(F.conv2d(x, W, b, padding=1)) on x [1, 64, 8, 8]
+channels_last bf16, a 3x3 conv 64 -> 64 (the output feeds the next call of the chain). Rotary rows (`apply_rotary
+...`): ops.apply_rotary(q, k, cos, sin) against Hugging Face's `q * cos + rotate_half(q) * sin` for q and k on
+[1, 16, 128, 64] bf16; fwd+bwd is one call and one backward. Loss rows (`linear_cross_entropy ...`):
+ops.linear_cross_entropy against F.cross_entropy(F.linear(h, W).float(), t) on h [64, 256], W [1024, 256] bf16; fwd+bwd
+is one call and one backward.
 """
 
 from __future__ import annotations
@@ -216,6 +223,79 @@ def _gated_rows(add) -> None:
     del x, dy, w, leaves
 
 
+def _single_call_directions(add, name: str, impls, args: tuple, leaves: list) -> None:
+    """Rows `name.format(direction)` for each (impl, fn): fn(*args) without grad, fn(*leaves) with grad, and one call
+    plus one backward (for ops whose outputs cannot feed the next call: a tuple, a loss)."""
+    for impl, fn in impls:
+        outs = fn(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        dys = [torch.randn_like(o) for o in outs]
+        grad_leaves = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        def no_grad(fn=fn):
+            with torch.no_grad():
+                fn(*args)
+
+        def with_grad(fn=fn):
+            fn(*leaves)
+
+        def fwd_bwd(fn=fn, dys=dys):
+            out = fn(*leaves)
+            torch.autograd.grad(out if isinstance(out, tuple) else (out,), grad_leaves, dys)
+
+        for direction, call in (("fwd (no grad)", no_grad), ("fwd (grad)", with_grad), ("fwd+bwd", fwd_bwd)):
+            host, wall = host_and_wall_ms(call, 200)
+            add(name.format(direction), impl, host, wall)
+
+
+def _conv_rows(add) -> None:
+    shape = "1x64x8x8 3x3 pad 1 bf16"
+    x = torch.randn(1, 64, 8, 8, device="cuda", dtype=DTYPE).to(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    w = (torch.randn(64, 64, 3, 3, device="cuda") * (64 * 9) ** -0.5).to(DTYPE).to(memory_format=torch.channels_last)
+    b = torch.randn(64, device="cuda", dtype=DTYPE)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    impls = (("fusedkernels", lambda x, w, b: ops.conv2d_bias_relu(x, w, b, padding=1)),
+             ("torch", lambda x, w, b: F.relu(F.conv2d(x, w, b, padding=1))))
+    _three_directions(add, f"conv2d_bias_relu {{}} {shape}", impls, (x, w, b), leaves, dy)
+    del x, dy, w, b, leaves
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotary_eager(q, k, cos, sin):
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotary_rows(add) -> None:
+    B, H, N, D = ATTENTION_SHAPE
+    shape = f"{B}x{H}x{N}x{D} bf16"
+    q, k = (torch.randn(B, H, N, D, device="cuda", dtype=DTYPE) for _ in range(2))
+    angles = torch.arange(N, device="cuda")[:, None] * (1e4 ** (-torch.arange(0, D, 2, device="cuda") / D))
+    cos, sin = (torch.cat((f(angles), f(angles)), -1)[None].to(DTYPE) for f in (torch.cos, torch.sin))
+    leaves = [q.clone().requires_grad_(), k.clone().requires_grad_(), cos, sin]
+    impls = (("fusedkernels", lambda q, k, c, s: ops.apply_rotary(q, k, c, s)),
+             ("torch", lambda q, k, c, s: _rotary_eager(q, k, c[:, None], s[:, None])))
+    _single_call_directions(add, f"apply_rotary {{}} {shape}", impls, (q, k, cos, sin), leaves)
+    del q, k, cos, sin, leaves
+
+
+def _loss_rows(add) -> None:
+    T, Hd, V = 64, 256, 1024
+    shape = f"{T}x{Hd} V {V} bf16"
+    h = torch.randn(T, Hd, device="cuda", dtype=DTYPE)
+    w = (torch.randn(V, Hd, device="cuda") * Hd**-0.5).to(DTYPE)
+    t = torch.randint(0, V, (T,), device="cuda")
+    leaves = [h.clone().requires_grad_(), w.clone().requires_grad_(), t]
+    impls = (("fusedkernels", ops.linear_cross_entropy),
+             ("torch", lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t)))
+    _single_call_directions(add, f"linear_cross_entropy {{}} {shape}", impls, (h, w, t), leaves)
+    del h, w, t, leaves
+
+
 def _model(shapes):
     params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
     for p in params:
@@ -253,5 +333,8 @@ def run() -> list[Row]:
     _attention_rows(add)
     _linear_rows(add)
     _gated_rows(add)
+    _conv_rows(add)
+    _rotary_rows(add)
+    _loss_rows(add)
     _optim_rows(add)
     return rows

