@@ -37,12 +37,18 @@ constexpr int kTprChoices[] = {8, 16, 32, 64, 128, 256, 512, 1024};
 // 16-byte vectors of the row each thread keeps in registers. The forward holds 64 B per thread (128 B
 // for the widest rows, so 1024 threads cover 65536 bf16 values); the backward holds x, dy and fp32
 // dweight / dbias sums for 16 columns per thread, which is what fits in 128 registers without spills.
-// Add + norm holds x, the residual and h while it loads a row: its register path stops at 512 threads per
-// row (1024 threads have 64 registers each), past which the general kernel runs.
-template <int kTpr>
-constexpr int kFwdIters = kTpr == 1024 ? 8 : 4;
-template <bool kAdd>
-constexpr int kFwdMaxTpr = kAdd ? 512 : 1024;
+// Add + norm holds x, the residual and h while it loads a row: 32 B of h per thread (twice the threads per
+// row), so that it too fits the forward's register budget below; past 2048 vectors the general kernel runs.
+template <bool kAdd, int kTpr>
+constexpr int kFwdIters = kAdd ? 2 : kTpr == 1024 ? 8 : 4;
+constexpr int kFwdMaxTpr = 1024;
+// The forward is built for this many resident threads per SM (launch bounds: at most 42 registers a thread;
+// 65536 / 1536). A sweep over threads per row, vectors per thread and occupancy on the H200 (docs/perf-notes.md,
+// norm v6) found occupancy decides it: 1536 threads beat 1024 by 2-30% (add + norm had 78-98 registers: 2-3
+// blocks of 256 per SM), and 2048 (32 registers) spills add + norm's h. A float32 residual stream doubles h's
+// registers: 1024 threads for it.
+template <typename T, typename RT, bool kAdd, int kThreads>
+constexpr int kFwdMinBlocks = std::max(1, ((kAdd && sizeof(RT) > sizeof(T)) ? 1024 : 1536) / kThreads);
 template <typename T>
 constexpr int kBwdIters = 16 / kVec16<T>;
 constexpr int kBwdMaxTpr = 512;
@@ -214,8 +220,9 @@ __device__ __forceinline__ Vec<RT, kVec> residual_sum(const Vec<T, kVec>& x, con
 
 // One row group per block, loaded straight into registers. (Measured slower on the H200: a persistent
 // grid staging the next group through shared memory, and forcing 64 registers; docs/perf-notes.md.)
-template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, int kIters>
-__global__ void __launch_bounds__(threads_for_tpr<kTpr>())
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, int kIters,
+          int kMinBlocks = kFwdMinBlocks<T, RT, kAdd, threads_for_tpr<kTpr>()>>
+__global__ void __launch_bounds__(threads_for_tpr<kTpr>(), kMinBlocks)
 fwd_registers_kernel(const FwdParamsT<kAdd> p) {
   using HT = RowT<T, RT, kAdd>;
   constexpr int kThreads = threads_for_tpr<kTpr>();
@@ -421,26 +428,24 @@ void with_tpr(int tpr, Fn&& fn) {
 }
 
 // Largest row (in 16-byte vectors) the forward register path covers with tpr threads.
-inline int fwd_capacity(int tpr) { return tpr * (tpr == 1024 ? 8 : 4); }
+inline int fwd_capacity(bool add, int tpr) { return tpr * (add ? 2 : tpr == 1024 ? 8 : 4); }
 
 template <typename T, typename WT, typename RT, bool kRms, bool kAdd>
 cudaError_t launch_fwd(const FwdParamsT<kAdd>& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   const int nvec = p.hidden / kVec16<T>;
-  bool fits = registers_fit<T, WT>({p.x, p.y}, p.weight, p.bias, p.hidden, fwd_capacity(kFwdMaxTpr<kAdd>));
+  bool fits = registers_fit<T, WT>({p.x, p.y}, p.weight, p.bias, p.hidden, fwd_capacity(kAdd, kFwdMaxTpr));
   if constexpr (kAdd) fits = fits && aligned16(p.residual) && aligned16(p.residual_out) && aligned16(p.x_bias);
   if (fits) {
-    int tpr = kFwdMaxTpr<kAdd>;
+    int tpr = kFwdMaxTpr;
     for (int t : kTprChoices) {
-      if (fwd_capacity(t) >= nvec) { tpr = t; break; }
+      if (fwd_capacity(kAdd, t) >= nvec) { tpr = t; break; }
     }
     with_tpr(tpr, [&]<int kTpr>() {
-      if constexpr (kTpr <= kFwdMaxTpr<kAdd>) {
-        constexpr int kThreads = threads_for_tpr<kTpr>();
-        // Enough blocks to fill every SM many times over; the grid-stride loop takes the rest.
-        const int64_t blocks = std::min<int64_t>(ceil_div(p.rows, kThreads / kTpr), int64_t(sm_count()) * 64);
-        fwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kFwdIters<kTpr>><<<blocks, kThreads, 0, stream>>>(p);
-      }
+      constexpr int kThreads = threads_for_tpr<kTpr>();
+      // Enough blocks to fill every SM many times over; the grid-stride loop takes the rest.
+      const int64_t blocks = std::min<int64_t>(ceil_div(p.rows, kThreads / kTpr), int64_t(sm_count()) * 64);
+      fwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kFwdIters<kAdd, kTpr>><<<blocks, kThreads, 0, stream>>>(p);
     });
     return cudaGetLastError();
   }

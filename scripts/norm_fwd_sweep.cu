@@ -1,0 +1,140 @@
+// Forward register-path sweep (no torch): times fwd_registers_kernel over threads per row (kTpr), vectors per
+// thread (kIters) and a minimum of resident blocks (launch bounds) against a device copy, on the bench's
+// shapes, with inputs rotated through more memory than L2 holds. Build and run: scripts/norm_fwd_sweep.sh.
+#include <cstdio>
+#include <vector>
+
+#include "norm/norm_kernels.cuh"
+
+using namespace fusedkernels;
+using namespace fusedkernels::norm;
+using bf16 = __nv_bfloat16;
+
+#ifndef SWEEP_HIDDEN
+#define SWEEP_HIDDEN 1024
+#endif
+#ifndef SWEEP_ROWS
+#define SWEEP_ROWS 16384
+#endif
+constexpr int kHidden = SWEEP_HIDDEN;
+constexpr int64_t kRows = SWEEP_ROWS;
+constexpr int kSets = 4;  // rotated copies of every tensor: 4 x (>= 33 MB) is past the 50 MB L2
+constexpr int kReps = 40;
+
+#define CHECK(x)                                                                      \
+  do {                                                                                \
+    cudaError_t e_ = (x);                                                             \
+    if (e_ != cudaSuccess) {                                                          \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(1);                                                                   \
+    }                                                                                 \
+  } while (0)
+
+struct Buffers {
+  bf16 *x, *res, *y, *h, *w, *b;
+  float *mean, *rstd;
+};
+
+template <typename Launch>
+float time_us(Launch&& launch) {
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 8; ++i) launch(i % kSets);
+  CHECK(cudaEventRecord(a));
+  for (int i = 0; i < kReps; ++i) launch(i % kSets);
+  CHECK(cudaEventRecord(b));
+  CHECK(cudaEventSynchronize(b));
+  float ms = 0;
+  CHECK(cudaEventElapsedTime(&ms, a, b));
+  CHECK(cudaGetLastError());
+  return ms * 1e3f / kReps;
+}
+
+template <bool kRms, bool kAdd>
+FwdParamsT<kAdd> params(const Buffers& B, int set) {
+  FwdParamsT<kAdd> p{};
+  const int64_t n = kRows * kHidden * set;
+  p.x = B.x + n;
+  p.weight = B.w;
+  p.bias = kRms ? nullptr : B.b;
+  p.y = B.y + n;
+  p.mean = kRms ? nullptr : B.mean + kRows * set;
+  p.rstd = B.rstd + kRows * set;
+  p.rows = kRows;
+  p.hidden = kHidden;
+  p.eps = 1e-5f;
+  if constexpr (kAdd) {
+    p.residual = B.res + n;
+    p.residual_out = B.h + n;
+    p.dropout_p = 0.f;
+  }
+  return p;
+}
+
+template <bool kRms, bool kAdd, int kTpr, int kIters, int kMinBlocks>
+void sweep_one(const Buffers& B, const char* name, float copy_us) {
+  constexpr int kVec = kVec16<bf16>;
+  if constexpr (kTpr * kIters * kVec >= kHidden && (kTpr / 2) * kIters * kVec < kHidden) {
+    constexpr int kThreads = threads_for_tpr<kTpr>();
+    const int64_t blocks = std::min<int64_t>(ceil_div(kRows, kThreads / kTpr), int64_t(sm_count()) * 64);
+    auto kernel = fwd_registers_kernel<bf16, bf16, bf16, kRms, kAdd, kTpr, kIters, kMinBlocks>;
+    cudaFuncAttributes attr{};
+    CHECK(cudaFuncGetAttributes(&attr, kernel));
+    int resident = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, 0));
+    const float us = time_us([&](int set) { kernel<<<blocks, kThreads>>>(params<kRms, kAdd>(B, set)); });
+    const double units = kAdd ? 4 : 2;
+    const double bytes = units * kRows * kHidden * sizeof(bf16);
+    std::printf("%-8s %5lldx%-5d tpr %4d iters %d minblocks %d | regs %3d local %3d B blocks/SM %2d | %7.1f us %6.0f GB/s %4.0f%% of copy\n",
+                name, (long long)kRows, kHidden, kTpr, kIters, kMinBlocks, attr.numRegs, int(attr.localSizeBytes), resident, us, bytes / us * 1e-3,
+                100.0 * (bytes / us) / (2.0 * kRows * kHidden * sizeof(bf16) / copy_us));
+  }
+}
+
+template <bool kRms, bool kAdd>
+void sweep(const Buffers& B, const char* name, float copy_us) {
+  [&]<int... kI>(std::integer_sequence<int, kI...>) {
+    ([&] {
+      constexpr int kTpr = 8 << kI;
+      sweep_one<kRms, kAdd, kTpr, 2, 4>(B, name, copy_us);
+      sweep_one<kRms, kAdd, kTpr, 2, 6>(B, name, copy_us);
+      sweep_one<kRms, kAdd, kTpr, 2, 8>(B, name, copy_us);
+      sweep_one<kRms, kAdd, kTpr, 3, 4>(B, name, copy_us);
+      sweep_one<kRms, kAdd, kTpr, 3, 5>(B, name, copy_us);
+      sweep_one<kRms, kAdd, kTpr, 3, 6>(B, name, copy_us);
+      sweep_one<kRms, kAdd, kTpr, 4, 4>(B, name, copy_us);
+      sweep_one<kRms, kAdd, kTpr, 4, 5>(B, name, copy_us);
+      sweep_one<kRms, kAdd, kTpr, 4, 6>(B, name, copy_us);
+      sweep_one<kRms, kAdd, kTpr, 8, 2>(B, name, copy_us);
+      sweep_one<kRms, kAdd, kTpr, 8, 3>(B, name, copy_us);
+    }(), ...);
+  }(std::make_integer_sequence<int, 7>{});
+}
+
+int main() {
+  const size_t n = size_t(kRows) * kHidden * kSets;
+  Buffers B{};
+  CHECK(cudaMalloc(&B.x, n * 2));
+  CHECK(cudaMalloc(&B.res, n * 2));
+  CHECK(cudaMalloc(&B.y, n * 2));
+  CHECK(cudaMalloc(&B.h, n * 2));
+  CHECK(cudaMalloc(&B.w, kHidden * 2));
+  CHECK(cudaMalloc(&B.b, kHidden * 2));
+  CHECK(cudaMalloc(&B.mean, kRows * kSets * 4));
+  CHECK(cudaMalloc(&B.rstd, kRows * kSets * 4));
+  std::vector<bf16> host(n);
+  for (size_t i = 0; i < n; ++i) host[i] = __float2bfloat16(float((i * 2654435761u) % 1000) / 500.f - 1.f);
+  CHECK(cudaMemcpy(B.x, host.data(), n * 2, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(B.res, host.data(), n * 2, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(B.w, host.data(), kHidden * 2, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(B.b, host.data(), kHidden * 2, cudaMemcpyHostToDevice));
+  const size_t one = size_t(kRows) * kHidden * 2;
+  const float copy_us = time_us([&](int set) { cudaMemcpyAsync(B.y + one / 2 * set, B.x + one / 2 * set, one, cudaMemcpyDeviceToDevice); });
+  std::printf("copy %lldx%d: %.1f us, %.0f GB/s\n", (long long)kRows, kHidden, copy_us, 2.0 * one / copy_us * 1e-3);
+  sweep<false, false>(B, "ln", copy_us);
+  sweep<true, false>(B, "rms", copy_us);
+  sweep<true, true>(B, "add_rms", copy_us);
+  sweep<false, true>(B, "add_ln", copy_us);
+  return 0;
+}
