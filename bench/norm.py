@@ -5,8 +5,10 @@ chains unfused (eager) and compiled, and Liger-Kernel's fused add + RMSNorm wher
 GB/s counts the minimum traffic. Norms, as the anchors count it (ANCHORS.md): forward reads x and writes y;
 forward + backward also reads dy and writes dx. (The backward must read x again too, so the real traffic of
 forward + backward is 5/4 of what GB/s assumes.) Residual forms: forward reads x and the residual and writes
-y and the new residual h (4 units; the bias is [H]); the backward reads dy, dh and h and writes dx and
-dresidual (5 more: 9 for forward + backward), the dropout mask regenerated rather than read.
+y and the new residual h (4 units; the bias is [H]); the backward reads dy, dh and h and writes dresidual, which
+is x's grad too (one tensor for both, as autograd's add) for add_rms_norm / add_layer_norm (4 more: 8 for forward +
+backward), and also writes dx = mask * dresidual / (1 - p) for bias_dropout_add_layer_norm (5 more: 9), the mask
+regenerated rather than read.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def _residual_rows(tokens, hidden, xs, dys, w, b) -> list[Row]:
                 wrt = [xs_grad[i], rs_grad[i], *(t for t in leaves if t is not None)]
                 return torch.autograd.grad([out, h], wrt, [dys[i], dhs[i]])
 
-            for direction, call, units in (("fwd", fwd, 4), ("fwd+bwd", fwd_bwd, 9)):
+            for direction, call, units in (("fwd", fwd, 4), ("fwd+bwd", fwd_bwd, 9 if "dropout" in kind else 8)):
                 ms = time_graph(call, len(xs))
                 rows.append(Row("norm", f"{kind} {direction} {tokens}x{hidden} bf16", impl, round(ms, 5),
                                 GBps=round(units * tensor_bytes / ms / 1e6, 1)))

@@ -176,6 +176,28 @@ def test_bias_dropout_add_matches_reference_with_its_mask(device, dtype, rows, h
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fp32_residual", [False, True], ids=["residual_like_x", "fp32_residual"])
+def test_x_and_residual_grads_without_dropout(device, kind, fp32_residual):
+    """Without dropout x's grad is the new residual's (one tensor for both where their dtypes agree, as autograd's
+    add); with a float32 stream x's is that grad rounded to x's dtype; passing one tensor as both doubles it."""
+    rdt = torch.float32 if fp32_residual else torch.bfloat16
+    x, residual, w, nb, b = _inputs(9, 1024, torch.bfloat16, device, rdt)
+    x, residual = x.requires_grad_(), residual.requires_grad_()
+    out, h = _call(kind, x, residual, w, nb, b, 0.0, True, rdt if fp32_residual else None)
+    dy, dh = torch.randn_like(out), torch.randn_like(h)
+    dx, dres = torch.autograd.grad([out, h], [x, residual], [dy, dh])
+    assert dx.dtype == x.dtype and dres.dtype == rdt
+    assert torch.equal(dx, dres.to(x.dtype))
+    if not fp32_residual:  # one tensor as both x and residual: its grad is the sum of the two
+        xx = x.detach().clone().requires_grad_()
+        (dxx,) = torch.autograd.grad(_call(kind, xx, xx, w, nb, b, 0.0, True), [xx], [dy, dh])
+        a, r = (x.detach().clone().requires_grad_() for _ in range(2))
+        da, dr = torch.autograd.grad(_call(kind, a, r, w, nb, b, 0.0, True), [a, r], [dy, dh])
+        assert torch.equal(dxx, da + dr)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hidden", [7, 1024])
 def test_p_1_drops_everything(device, hidden):
     """p = 1: h is the residual, out its norm, and nothing reaches x or the bias (no 0 * inf)."""

@@ -505,8 +505,9 @@ constexpr int bwd_min_blocks() { return std::max(1, (kAdd ? 512 : 768) / kThread
 // Each block walks its rows (persistent grid), keeping the column sums of its columns in registers. The
 // inputs of the next row group are copied into shared memory (cp.async) while the current one is computed,
 // so loads stay in flight through the reductions and stores.
-template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, int kIters>
-__global__ void __launch_bounds__(threads_for_tpr<kTpr>(), bwd_min_blocks<kAdd, threads_for_tpr<kTpr>()>())
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, int kIters,
+          int kMinBlocks = bwd_min_blocks<kAdd, threads_for_tpr<kTpr>()>()>
+__global__ void __launch_bounds__(threads_for_tpr<kTpr>(), kMinBlocks)
 bwd_registers_kernel(const BwdParamsT<kAdd> p) {
   using HT = RowT<T, RT, kAdd>;
   constexpr int kThreads = threads_for_tpr<kTpr>();

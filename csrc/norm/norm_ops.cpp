@@ -649,7 +649,12 @@ struct AddNormBackward : torch::autograd::Node {
                                       has_bias && task_should_compute_output(2),
                                       w.defined() && task_should_compute_output(3),
                                       nb.defined() && task_should_compute_output(4)};
-    const AddBwdOutputs want = add_bwd_outputs(mask, dy.defined(), w.defined(), nb.defined());
+    // Without dropout, in one dtype, x's grad is the new residual's grad dh: the kernel writes it once and both
+    // inputs get that tensor, as autograd's own add hands one grad to both operands (one tensor of traffic less).
+    const bool share = p == 0 && x_dtype == h.scalar_type() && mask[0] && mask[1] && !at::GradMode::is_enabled();
+    std::array<bool, 5> kernel_mask = mask;
+    if (share) kernel_mask[0] = false;
+    const AddBwdOutputs want = add_bwd_outputs(kernel_mask, dy.defined(), w.defined(), nb.defined());
     std::array<Tensor, 5> g;
     if (at::GradMode::is_enabled()) {  // create_graph: the backward is itself being differentiated
       g = add_norm_backward_reference(dy, dres, h, w, nb, dropout_keep_scale(h, m, r, rng, p, x_dtype, rms), eps,
@@ -658,12 +663,13 @@ struct AddNormBackward : torch::autograd::Node {
       g = std::apply([](auto&&... t) { return std::array<Tensor, 5>{t...}; },
                      add_norm_bwd_op().call(optional_of(dy.defined() ? dy.contiguous() : dy),
                                             optional_of(dres.defined() ? dres.contiguous() : dres), h, optional_of(w),
-                                            optional_of(nb), m, r, rng, eps, p, x_dtype, rms, mask));
+                                            optional_of(nb), m, r, rng, eps, p, x_dtype, rms, kernel_mask));
     }
     const std::array<bool, 5> computed = {want.dx, want.dresidual, want.dx_bias, want.dweight, want.dnorm_bias};
     for (size_t i = 0; i < out.size(); ++i) {
       if (mask[i] && computed[i]) out[i] = g[i];
     }
+    if (share) out[0] = g[1];
     return out;
   }
 };

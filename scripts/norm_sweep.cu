@@ -1,7 +1,8 @@
 // Forward register-path sweep (no torch): times fwd_registers_kernel over threads per row (kTpr), vectors per
 // thread (kIters) and a minimum of resident blocks (launch bounds) against a device copy, on the bench's
-// shapes, with inputs rotated through more memory than L2 holds. Build and run: scripts/norm_fwd_sweep.sh.
+// shapes, with inputs rotated through more memory than L2 holds. Build and run: scripts/norm_sweep.sh.
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "norm/norm_kernels.cuh"
@@ -32,7 +33,7 @@ constexpr int kReps = 40;
 
 struct Buffers {
   bf16 *x, *res, *y, *h, *w, *b;
-  float *mean, *rstd;
+  float *mean, *rstd, *partials;
 };
 
 template <typename Launch>
@@ -112,7 +113,70 @@ void sweep(const Buffers& B, const char* name, float copy_us) {
   }(std::make_integer_sequence<int, 7>{});
 }
 
-int main() {
+template <bool kRms, bool kAdd>
+BwdParamsT<kAdd> bwd_params(const Buffers& B, int set) {
+  // x (add + norm: h) from x, dy from res, dx (add: dresidual, x's grad too) into y; dh_out from h.
+  BwdParamsT<kAdd> p{};
+  const int64_t n = kRows * kHidden * set;
+  p.dy = B.res + n;
+  p.x = B.x + n;
+  p.weight = B.w;
+  p.mean = kRms ? nullptr : B.mean + kRows * set;
+  p.rstd = B.rstd + kRows * set;
+  p.dweight = B.w;  // only tested for null by this kernel (reduce_partials_kernel writes it)
+  p.dbias = kRms ? nullptr : B.b;
+  p.partials = B.partials;
+  p.rows = kRows;
+  p.hidden = kHidden;
+  if constexpr (kAdd) {
+    p.dresidual_out = B.h + n;
+    p.dresidual = B.y + n;
+  } else {
+    p.dx = B.y + n;
+  }
+  return p;
+}
+
+template <bool kRms, bool kAdd, int kTpr, int kIters, int kMinBlocks>
+void sweep_bwd_one(const Buffers& B, const char* name, float copy_us) {
+  constexpr int kVec = kVec16<bf16>;
+  if constexpr (kTpr * kIters * kVec >= kHidden && (kTpr / 2) * kIters * kVec < kHidden) {
+    constexpr int kThreads = threads_for_tpr<kTpr>();
+    constexpr int kSmem = BwdStager<bf16, bf16, kAdd, kTpr, kIters>::kBytes;
+    auto kernel = bwd_registers_kernel<bf16, bf16, bf16, kRms, kAdd, kTpr, kIters, kMinBlocks>;
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    cudaFuncAttributes attr{};
+    CHECK(cudaFuncGetAttributes(&attr, kernel));
+    int resident = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, kSmem));
+    if (resident == 0) return;
+    const int64_t blocks = std::min<int64_t>(ceil_div(kRows, kThreads / kTpr), int64_t(sm_count()) * resident);
+    const float us = time_us([&](int set) { kernel<<<blocks, kThreads, kSmem>>>(bwd_params<kRms, kAdd>(B, set)); });
+    const double units = kAdd ? 4 : 3;  // add: read dy, dh_out, h, write dh; norm: read x, dy, write dx
+    const double bytes = units * kRows * kHidden * sizeof(bf16);
+    std::printf("bwd %-8s %5lldx%-5d tpr %4d iters %d minblocks %d | regs %3d local %3d B smem %6d blocks/SM %2d | %7.1f us %6.0f GB/s %4.0f%% of copy\n",
+                name, (long long)kRows, kHidden, kTpr, kIters, kMinBlocks, attr.numRegs, int(attr.localSizeBytes), kSmem,
+                resident, us, bytes / us * 1e-3, 100.0 * (bytes / us) / (2.0 * kRows * kHidden * sizeof(bf16) / copy_us));
+  }
+}
+
+template <bool kRms, bool kAdd>
+void sweep_bwd(const Buffers& B, const char* name, float copy_us) {
+  [&]<int... kI>(std::integer_sequence<int, kI...>) {
+    ([&] {
+      constexpr int kTpr = 8 << kI;
+      sweep_bwd_one<kRms, kAdd, kTpr, 2, bwd_min_blocks<kAdd, threads_for_tpr<kTpr>()>()>(B, name, copy_us);
+      sweep_bwd_one<kRms, kAdd, kTpr, 2, 3>(B, name, copy_us);
+      sweep_bwd_one<kRms, kAdd, kTpr, 2, 4>(B, name, copy_us);
+      sweep_bwd_one<kRms, kAdd, kTpr, 1, 4>(B, name, copy_us);
+      sweep_bwd_one<kRms, kAdd, kTpr, 1, 6>(B, name, copy_us);
+      sweep_bwd_one<kRms, kAdd, kTpr, 4, 2>(B, name, copy_us);
+    }(), ...);
+  }(std::make_integer_sequence<int, 7>{});
+}
+
+int main(int argc, char** argv) {
+  const bool fwd = argc < 2 || std::string(argv[1]) != "bwd", bwd = argc < 2 || std::string(argv[1]) != "fwd";
   const size_t n = size_t(kRows) * kHidden * kSets;
   Buffers B{};
   CHECK(cudaMalloc(&B.x, n * 2));
@@ -123,6 +187,7 @@ int main() {
   CHECK(cudaMalloc(&B.b, kHidden * 2));
   CHECK(cudaMalloc(&B.mean, kRows * kSets * 4));
   CHECK(cudaMalloc(&B.rstd, kRows * kSets * 4));
+  CHECK(cudaMalloc(&B.partials, size_t(3) * 132 * 8 * kHidden * 4));  // column sums x blocks (<= 8 per SM) x hidden
   std::vector<bf16> host(n);
   for (size_t i = 0; i < n; ++i) host[i] = __float2bfloat16(float((i * 2654435761u) % 1000) / 500.f - 1.f);
   CHECK(cudaMemcpy(B.x, host.data(), n * 2, cudaMemcpyHostToDevice));
@@ -132,9 +197,21 @@ int main() {
   const size_t one = size_t(kRows) * kHidden * 2;
   const float copy_us = time_us([&](int set) { cudaMemcpyAsync(B.y + one / 2 * set, B.x + one / 2 * set, one, cudaMemcpyDeviceToDevice); });
   std::printf("copy %lldx%d: %.1f us, %.0f GB/s\n", (long long)kRows, kHidden, copy_us, 2.0 * one / copy_us * 1e-3);
-  sweep<false, false>(B, "ln", copy_us);
-  sweep<true, false>(B, "rms", copy_us);
-  sweep<true, true>(B, "add_rms", copy_us);
-  sweep<false, true>(B, "add_ln", copy_us);
+  if (fwd) {
+    sweep<false, false>(B, "ln", copy_us);
+    sweep<true, false>(B, "rms", copy_us);
+    sweep<true, true>(B, "add_rms", copy_us);
+    sweep<false, true>(B, "add_ln", copy_us);
+  }
+  if (!bwd) return 0;
+  // statistics for the backward: any finite values do (time, not results, is measured)
+  CHECK(cudaMemset(B.mean, 0, kRows * kSets * 4));
+  std::vector<float> ones(kRows * kSets, 1.f);
+  CHECK(cudaMemcpy(B.rstd, ones.data(), ones.size() * 4, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(B.h, host.data(), n * 2, cudaMemcpyHostToDevice));
+  sweep_bwd<false, false>(B, "ln", copy_us);
+  sweep_bwd<true, false>(B, "rms", copy_us);
+  sweep_bwd<true, true>(B, "add_rms", copy_us);
+  sweep_bwd<false, true>(B, "add_ln", copy_us);
   return 0;
 }
