@@ -363,6 +363,20 @@ def test_linear_cross_entropy_gradients_with_no_token_counted(device, impl):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy_float64_per_token_gradients(device, impl):
+    """reduction none in float64: the per-token loss grads reach the backward in float64 (not rounded to float32)."""
+    h, w, b, t = _lce_inputs(21, 8, 7, torch.float64, device)
+    grad = torch.rand(21, dtype=torch.float64, device=device) / 3 + 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CUDA float64: the reference's warning
+        ours = _loss_and_grads(lambda *a, **k: _lce(impl, *a, **k), h, w, b, t, grad, reduction="none", chunk_size=5)
+    ref = _loss_and_grads(llm.linear_cross_entropy_ref, h, w, b, t, grad, reduction="none")
+    for name, o, r in zip(["loss", "dhidden", "dweight", "dbias"], ours, ref):
+        assert o.dtype == torch.float64 and max_err(o, r) < 1e-12, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_linear_cross_entropy_backward_is_one_op_per_gradient(device):
     """mean / sum: the backward scales each saved float32 gradient by the loss's grad and rounds it in one op (no
     separate cast); hidden already [T, H] is not reshaped (no view node in the graph)."""

@@ -683,10 +683,11 @@ struct LinearCrossEntropyBackward : torch::autograd::Node {
     const std::array<bool, 3> want = {task_should_compute_output(0), task_should_compute_output(1),
                                       has_bias && task_should_compute_output(2)};
     if (none) {
-      auto [dh, dw, db] = lce_bwd_op().call(dloss.reshape({-1}).to(at::kFloat).contiguous(), hidden.unpack(),
-                                            weight.unpack(), target.unpack(), optional_of(bias.unpack()),
-                                            lse.unpack(), ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-                                            want);
+      const Tensor saved_lse = lse.unpack();  // float32, float64 for float64 inputs: the loss grad's type
+      auto [dh, dw, db] = lce_bwd_op().call(dloss.reshape({-1}).to(saved_lse.scalar_type()).contiguous(),
+                                            hidden.unpack(), weight.unpack(), target.unpack(),
+                                            optional_of(bias.unpack()), saved_lse, ignore_index, label_smoothing,
+                                            z_loss, softcap, chunk_size, want);
       const std::array<Tensor, 3> g = {dh, dw, db};
       for (size_t i = 0; i < 3; ++i) {
         if (want[i]) out[i] = g[i];
