@@ -14,7 +14,7 @@ import fusedkernels.ops as fops
 from fusedkernels import _native
 from fusedkernels.ops import llm
 
-from .helpers import DEVICES, DTYPES, assert_close_to_ref, check_graph_replays, max_err, poison_allocator
+from .helpers import DEVICES, DTYPES, assert_close_to_ref, capture_graph, check_graph_replays, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("apply_rotary"),
                                   reason=f"the llm family is not in this build ({_native.error})")
@@ -347,6 +347,55 @@ def test_linear_cross_entropy_ignored_rows_and_edges(device, impl):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy_gradients_with_no_token_counted(device, impl):
+    """Every token ignored, or no tokens: mean is NaN (0 / 0, as torch) and sum 0, both with zero gradients (none
+    NaN), in several chunks."""
+    h, w, b, t = _lce_inputs(9, 8, 5, torch.float32, device)
+    t[:] = -100
+    for tokens in (9, 0):
+        for reduction in ("mean", "sum"):
+            loss, dh, dw, db = _loss_and_grads(lambda *a, **k: _lce(impl, *a, **k), h[:tokens], w, b, t[:tokens],
+                                               torch.tensor(1.0, device=device), reduction=reduction, chunk_size=4)
+            assert loss.isnan() if reduction == "mean" else loss.item() == 0, (tokens, reduction)
+            assert dh.shape == (tokens, 8)
+            for g in (dh, dw, db):
+                assert torch.equal(g, torch.zeros_like(g)), (tokens, reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy_float64_per_token_gradients(device, impl):
+    """reduction none in float64: the per-token loss grads reach the backward in float64 (not rounded to float32)."""
+    h, w, b, t = _lce_inputs(21, 8, 7, torch.float64, device)
+    grad = torch.rand(21, dtype=torch.float64, device=device) / 3 + 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CUDA float64: the reference's warning
+        ours = _loss_and_grads(lambda *a, **k: _lce(impl, *a, **k), h, w, b, t, grad, reduction="none", chunk_size=5)
+    ref = _loss_and_grads(llm.linear_cross_entropy_ref, h, w, b, t, grad, reduction="none")
+    for name, o, r in zip(["loss", "dhidden", "dweight", "dbias"], ours, ref):
+        assert o.dtype == torch.float64 and max_err(o, r) < 1e-12, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_backward_is_one_op_per_gradient(device):
+    """mean / sum: the backward scales each saved float32 gradient by the loss's grad and rounds it in one op (no
+    separate cast); hidden already [T, H] is not reshaped (no view node in the graph)."""
+    if not _native.has_op("linear_cross_entropy"):
+        pytest.skip("needs the custom op")
+    h, w, b, t = _lce_inputs(16, 8, 5, torch.bfloat16, device, bias=False)
+    hl, wl = h.requires_grad_(), w.requires_grad_()
+    loss = fops.linear_cross_entropy(hl, wl, t)
+    assert {type(f).__name__ for f, _ in loss.grad_fn.next_functions if f is not None} == {"AccumulateGrad"}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        dh, dw = torch.autograd.grad(loss, [hl, wl], torch.tensor(1.5, device=device))
+    node = "fusedkernels::LinearCrossEntropyBackward"
+    ops = [e.name for e in prof.events() if e.cpu_parent is not None and e.cpu_parent.name == node]
+    assert sorted(ops) == ["aten::empty", "aten::empty", "aten::mul", "aten::mul"], ops
+    assert dh.dtype == dw.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_linear_cross_entropy_bad_inputs_raise_clear_errors(device, impl):
     h, w, b, t = _lce_inputs(6, 8, 5, torch.float32, device)
     cases = [
@@ -369,6 +418,8 @@ def test_linear_cross_entropy_bad_inputs_raise_clear_errors(device, impl):
         bad[2] = 5
         with pytest.raises(IndexError, match="target 5 at position 2 is out of bounds for 5 classes"):
             _lce(impl, h, w, bad)
+        with pytest.raises(IndexError, match="at position 2 "):  # the first row of the second chunk
+            _lce(impl, h, w, bad, chunk_size=2)
 
 
 def test_linear_cross_entropy_double_backward_is_refused():
@@ -480,6 +531,65 @@ def test_linear_cross_entropy_cuda_is_deterministic_and_graph_safe():
         return (loss, *torch.autograd.grad(loss, [h, w, b]))
 
     check_graph_replays(step, make(), make, ["loss", "dhidden", "dweight", "dbias"], ulps=0)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_linear_cross_entropy_cuda_host_work_is_gemms_and_kernels():
+    """On small inputs the host's ops are the cost: the forward runs allocations, the GEMMs, one cross-entropy
+    launch per chunk and the single-block reductions (the loss; before the chunks, the mean's gradient scale), no
+    ATen reductions, casts or views."""
+    h, w, _, t = _lce_inputs(64, 256, 1024, torch.bfloat16, "cuda", bias=False)
+    allowed = {"aten::empty", "aten::empty_strided", "aten::t", "aten::mm", "aten::addmm"}
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    for leaves, reductions in (((h, w), 1), ((h.clone().requires_grad_(), w.clone().requires_grad_()), 2)):
+        fops.linear_cross_entropy(*leaves, t)
+        with torch.profiler.profile(activities=activities) as prof:
+            fops.linear_cross_entropy(*leaves, t)
+            torch.cuda.synchronize()
+        fwd = "fusedkernels::linear_cross_entropy_fwd"
+        ops = [e.name for e in prof.events()  # ops, not CUDA runtime calls (cudaLaunchKernel)
+               if e.cpu_parent is not None and e.cpu_parent.name == fwd and "::" in e.name]
+        assert ops and set(ops) <= allowed, ops
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert sum("cross_entropy_kernel" in n for n in kernels) == 1, kernels
+        assert sum("loss_reduce_kernel" in n for n in kernels) == reductions, kernels
+
+
+@pytest.mark.cuda
+@needs_native
+def test_linear_cross_entropy_cuda_reductions_over_many_tokens():
+    """More tokens than the reduction block has threads, several chunks: loss and gradients of mean and sum."""
+    h, w, b, t = _lce_inputs(5000, 32, 67, torch.float32, "cuda", ignored=0.3)
+    for reduction in ("mean", "sum"):
+        grad = torch.tensor(0.7, device="cuda")
+        ours = _loss_and_grads(fops.linear_cross_entropy, h, w, b, t, grad, reduction=reduction, chunk_size=1500)
+        ref = _loss_and_grads(llm.linear_cross_entropy_ref, h.double(), w.double(), b.double(), t, grad.double(),
+                              reduction=reduction)
+        for name, o, r in zip(["loss", "dhidden", "dweight", "dbias"], ours, ref):
+            assert max_err(o, r) <= 1e-5 * max(r.abs().max().item(), 1.0), (reduction, name)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_cuda_graph_recounts_tokens_on_replay(reduction):
+    """Captured once, replayed with targets that ignore other tokens (none, half, all): the mean's count, its
+    gradient scale and the loss come from the device on every replay, equal to an eager call's."""
+    h, w, b, target = _lce_inputs(700, 64, 1001, torch.bfloat16, "cuda")
+    leaves = [x.requires_grad_() for x in (h, w, b)]
+
+    def step(t):
+        loss = fops.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], reduction=reduction, chunk_size=256)
+        return (loss, *torch.autograd.grad(loss, leaves, torch.ones_like(loss)))
+
+    graph, results = capture_graph(step, [target])
+    for ignored in (0.0, 0.5, 1.0):
+        fresh = _lce_inputs(700, 64, 1001, torch.bfloat16, "cuda", ignored=ignored)[3]
+        target.copy_(fresh)
+        graph.replay()
+        for name, a, e in zip(["loss", "dhidden", "dweight", "dbias"], results, step(fresh)):
+            torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=f"{name}, {ignored} ignored")
 
 
 @pytest.mark.cuda

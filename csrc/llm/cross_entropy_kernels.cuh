@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kCrossEntropyThreads) cross_entropy_kernel(con
   r.z_grad = 1.f + 2.f * p.z_loss * r.lse;
   r.smooth = p.label_smoothing / float(vocab);
   r.target_weight = 1.f - p.label_smoothing;
-  r.scale = ignored ? 0.f : bad ? NAN : p.scale[row * p.scale_stride];
+  r.scale = ignored ? 0.f : bad ? NAN : p.scale != nullptr ? p.scale[row * p.scale_stride] : 1.f;
   for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
     Vec<T, kVec> v;  // zeros for an ignored row
     if (!ignored) {

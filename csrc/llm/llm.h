@@ -66,7 +66,7 @@ enum class CrossEntropyMode : int {
 struct CrossEntropyParams {
   void* logits = nullptr;           // [rows, vocab], rows ld elements apart (ld a multiple of 8), dtype
   const int64_t* target = nullptr;  // [rows]
-  const float* scale = nullptr;     // scale_r = scale[r * scale_stride] (kLossAndGrad, kGrad)
+  const float* scale = nullptr;     // scale_r = scale[r * scale_stride] (kLossAndGrad, kGrad); nullptr: 1
   int64_t scale_stride = 0;
   float* loss = nullptr;  // [rows] (kLoss, kLossAndGrad)
   float* lse = nullptr;   // [rows]: written (kLoss, kLossAndGrad) or read (kGrad)
@@ -78,5 +78,21 @@ struct CrossEntropyParams {
 };
 
 cudaError_t cross_entropy(const CrossEntropyParams& p, cudaStream_t stream);
+
+// The reductions over every token of the call, one block in a fixed order (deterministic, no atomics), into
+// out[0]: before the chunks the mean's gradient scale 1 / (tokens not ignored); after them the loss, the sum of the
+// rows' losses, divided by the tokens not ignored for the mean (none: 0 / 0 = NaN, as torch).
+enum class LossReduction : int { kGradScale = 0, kSum = 1, kMean = 2 };
+
+struct LossReduceParams {
+  const float* loss = nullptr;      // [rows] (kSum, kMean)
+  const int64_t* target = nullptr;  // [rows] (kGradScale, kMean)
+  float* out = nullptr;             // [1]
+  int64_t rows = 0;
+  int64_t ignore_index = -100;
+  LossReduction mode = LossReduction::kSum;
+};
+
+cudaError_t loss_reduce(const LossReduceParams& p, cudaStream_t stream);
 
 }  // namespace fusedkernels::llm

@@ -24,17 +24,21 @@ std::tuple<Tensor, Tensor> rotary_reference(const Tensor& q, const Tensor& k, co
                                             const OptTensor& position_ids, bool interleaved, bool seq_first,
                                             bool conjugate);
 
-// Defined in llm_ops.cpp: the chunked linear + cross-entropy loop the CPU kernels run too, with its chunk step.
-using ChunkStep = void (*)(CrossEntropyParams spec, const Tensor& logits, const Tensor& target, const Tensor& scale,
-                           const Tensor& loss, const Tensor& lse);
+// Defined in llm_ops.cpp: the chunked linear + cross-entropy loop the CPU kernels run too, with its chunk step and
+// its reductions over every token.
+using ChunkStep = void (*)(CrossEntropyParams spec, const Tensor& logits, int64_t start, const Tensor& target,
+                           const Tensor& scale, const Tensor& loss, const Tensor& lse);
+using LossReduce = Tensor (*)(const Tensor& loss, const Tensor& target, int64_t ignore_index, LossReduction mode);
 std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor& hidden, const Tensor& weight,
                                                    const Tensor& target, const OptTensor& bias, int64_t ignore_index,
                                                    int64_t reduction, double label_smoothing, double z_loss,
                                                    double softcap, int64_t chunk_size, std::array<bool, 3> grad_mask,
-                                                   const Tensor& grad_loss, const Tensor& lse_in, ChunkStep step);
-// Defined in llm_ops.cpp: the chunk step of the CPU kernels, the cross-entropy kernel's formulas in PyTorch ops.
-void cross_entropy_chunk_reference(CrossEntropyParams spec, const Tensor& logits, const Tensor& target,
+                                                   const Tensor& grad_loss, const Tensor& lse_in, ChunkStep step,
+                                                   LossReduce reduce);
+// Defined in llm_ops.cpp: the chunk step and the reductions of the CPU kernels in PyTorch ops.
+void cross_entropy_chunk_reference(CrossEntropyParams spec, const Tensor& logits, int64_t start, const Tensor& target,
                                    const Tensor& scale, const Tensor& loss, const Tensor& lse);
+Tensor loss_reduce_reference(const Tensor& loss, const Tensor& target, int64_t ignore_index, LossReduction mode);
 
 namespace {
 
@@ -152,29 +156,49 @@ void rotary_inplace_cuda(const Tensor& q, const Tensor& k, const Tensor& cos, co
 // Linear + cross entropy
 // ------------------------------------------------------------------------------------------------
 
-void cross_entropy_chunk_cuda(CrossEntropyParams spec, const Tensor& logits, const Tensor& target,
+// target, loss and lse are contiguous [T]; scale is grad_loss (contiguous [T]), a 0-d tensor or undefined.
+void cross_entropy_chunk_cuda(CrossEntropyParams spec, const Tensor& logits, int64_t start, const Tensor& target,
                               const Tensor& scale, const Tensor& loss, const Tensor& lse) {
   spec.logits = logits.data_ptr();
-  spec.target = target.data_ptr<int64_t>();
+  spec.target = target.data_ptr<int64_t>() + start;
   if (scale.defined()) {
-    spec.scale = scale.data_ptr<float>();
-    spec.scale_stride = scale.stride(0);
+    const bool per_row = scale.dim() == 1;
+    spec.scale = scale.data_ptr<float>() + (per_row ? start : 0);
+    spec.scale_stride = per_row ? 1 : 0;
   }
-  spec.loss = spec.mode == CrossEntropyMode::kGrad ? nullptr : loss.data_ptr<float>();
-  spec.lse = lse.data_ptr<float>();
+  if (loss.defined()) spec.loss = loss.data_ptr<float>() + start;
+  spec.lse = lse.data_ptr<float>() + start;
   spec.rows = logits.size(0);
   spec.dtype = to_dtype(logits.scalar_type());
   check_launch(cross_entropy(spec, c10::cuda::getCurrentCUDAStream()), "linear_cross_entropy");
 }
 
-// float64 has no kernel: the chunk step in PyTorch ops, with one warning.
-ChunkStep chunk_step_for(const Tensor& hidden) {
+Tensor loss_reduce_cuda(const Tensor& loss, const Tensor& target, int64_t ignore_index, LossReduction mode) {
+  Tensor out = at::empty({}, loss.options());
+  LossReduceParams p;
+  p.loss = loss.data_ptr<float>();
+  p.target = target.data_ptr<int64_t>();
+  p.out = out.data_ptr<float>();
+  p.rows = target.size(0);
+  p.ignore_index = ignore_index;
+  p.mode = mode;
+  check_launch(loss_reduce(p, c10::cuda::getCurrentCUDAStream()), "linear_cross_entropy");
+  return out;
+}
+
+struct Steps {
+  ChunkStep step;
+  LossReduce reduce;
+};
+
+// float64 has no kernels: the chunk step and the reductions in PyTorch ops, with one warning.
+Steps steps_for(const Tensor& hidden) {
   TORCH_CHECK_VALUE(hidden.is_cuda(), "linear_cross_entropy: hidden must be a CUDA tensor, got ",
                     hidden.device().str());
-  if (has_kernel_dtype(hidden.scalar_type())) return &cross_entropy_chunk_cuda;
+  if (has_kernel_dtype(hidden.scalar_type())) return {&cross_entropy_chunk_cuda, &loss_reduce_cuda};
   warn_fallback("linear_cross_entropy", "float64 has no fused kernel",
                 "the chunked PyTorch reference (the same GEMMs, the softmax step in PyTorch ops)");
-  return &cross_entropy_chunk_reference;
+  return {&cross_entropy_chunk_reference, &loss_reduce_reference};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lce_fwd_cuda(const Tensor& hidden, const Tensor& weight,
@@ -182,11 +206,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lce_fwd_cuda(const Tensor& hi
                                                                  int64_t ignore_index, int64_t reduction,
                                                                  double label_smoothing, double z_loss, double softcap,
                                                                  int64_t chunk_size, std::array<bool, 3> grad_mask) {
-  const ChunkStep step = chunk_step_for(hidden);
+  const Steps steps = steps_for(hidden);
   const c10::cuda::CUDAGuard guard(hidden.device());
   auto r = linear_cross_entropy_chunked("linear_cross_entropy_fwd", hidden, weight, target, bias, ignore_index,
                                         reduction, label_smoothing, z_loss, softcap, chunk_size, grad_mask, Tensor(),
-                                        Tensor(), step);
+                                        Tensor(), steps.step, steps.reduce);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
@@ -195,7 +219,7 @@ std::tuple<Tensor, Tensor, Tensor> lce_bwd_cuda(const Tensor& grad_loss, const T
                                                 int64_t ignore_index, double label_smoothing, double z_loss,
                                                 double softcap, int64_t chunk_size, std::array<bool, 3> grad_mask) {
   const char* op = "linear_cross_entropy_bwd";
-  const ChunkStep step = chunk_step_for(hidden);
+  const Steps steps = steps_for(hidden);
   const auto stats = opmath_dtype(hidden.scalar_type());
   for (const auto& [name, t] : {std::pair{"grad_loss", &grad_loss}, std::pair{"lse", &lse}}) {
     TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == hidden.size(0) && t->is_contiguous() &&
@@ -205,7 +229,8 @@ std::tuple<Tensor, Tensor, Tensor> lce_bwd_cuda(const Tensor& grad_loss, const T
   }
   const c10::cuda::CUDAGuard guard(hidden.device());
   auto r = linear_cross_entropy_chunked(op, hidden, weight, target, bias, ignore_index, /*reduction=*/0,
-                                        label_smoothing, z_loss, softcap, chunk_size, grad_mask, grad_loss, lse, step);
+                                        label_smoothing, z_loss, softcap, chunk_size, grad_mask, grad_loss, lse, steps.step,
+                                        steps.reduce);
   return {r[2], r[3], r[4]};
 }
 

@@ -118,10 +118,14 @@ std::tuple<Tensor, Tensor> rotary_reference(const Tensor& q, const Tensor& k, co
 // ------------------------------------------------------------------------------------------------
 
 // The cross entropy of one chunk: fills spec's pointers from the tensors and runs it (llm.h: CrossEntropyParams).
-// logits [rows, vocab] (rows spec.ld apart), target [rows], scale [rows] (a stride-0 view for one scale), loss and
-// lse [rows] float.
-using ChunkStep = void (*)(CrossEntropyParams spec, const Tensor& logits, const Tensor& target, const Tensor& scale,
-                           const Tensor& loss, const Tensor& lse);
+// logits [rows, vocab] (rows spec.ld apart) are tokens [start, start + rows) of target, loss and lse ([T]: offsets,
+// not views, which cost a host op each), and of scale when it is [T] (0-d: every row's; undefined: 1). loss is
+// undefined in the backward.
+using ChunkStep = void (*)(CrossEntropyParams spec, const Tensor& logits, int64_t start, const Tensor& target,
+                           const Tensor& scale, const Tensor& loss, const Tensor& lse);
+// The reductions over every token (llm.h: LossReduceParams): a 0-d tensor of loss's dtype and device (kGradScale
+// reads target only).
+using LossReduce = Tensor (*)(const Tensor& loss, const Tensor& target, int64_t ignore_index, LossReduction mode);
 
 namespace {
 
@@ -186,19 +190,31 @@ void accumulate_weight_grad(Tensor& sum, const Tensor& dz, const Tensor& h, bool
   }
 }
 
+// dbias_sum (+)= the column sums of dz, in its type; the first chunk writes it (no zeroing).
+void accumulate_bias_grad(Tensor& sum, const Tensor& dz, bool first) {
+  if (first) {
+    at::sum_out(sum, dz, at::IntArrayRef{0}, /*keepdim=*/false, sum.scalar_type());
+  } else {
+    sum.add_(dz.sum(at::IntArrayRef{0}, /*keepdim=*/false, sum.scalar_type()));
+  }
+}
+
 }  // namespace
 
 // The chunked loop of linear_cross_entropy_fwd (grad_loss undefined) and linear_cross_entropy_bwd (grad_loss [T]
 // float, lse_in the forward's): per chunk of tokens, logits = h W^T + b into one reused buffer (a PyTorch GEMM),
 // `step` turns it into the loss and, when gradients are wanted, the gradient over the logits in place, then
-// dhidden = dz W (PyTorch GEMM into its rows), dweight_sum += dz^T h (float32 sums), dbias_sum += sum_rows dz.
-// Returns {loss, lse, dhidden, dweight, dbias} (empty where not computed); the forward's gradients in the
-// arithmetic's type (the backward scales, then rounds once), the backward's in the inputs'.
+// dhidden = dz W (PyTorch GEMM into its rows), dweight_sum += dz^T h (float32 sums), dbias_sum += sum_rows dz;
+// `reduce` gives the mean's gradient scale before the chunks and the loss after them. Returns {loss, lse, dhidden,
+// dweight, dbias} (empty where not computed; the backward's loss and lse undefined); the forward's gradients in the
+// arithmetic's type (the backward scales, then rounds once), the backward's in the inputs'. On small inputs the
+// host's ops are the whole cost: each view, allocation and launch counts.
 std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor& hidden, const Tensor& weight,
                                                    const Tensor& target, const OptTensor& bias, int64_t ignore_index,
                                                    int64_t reduction, double label_smoothing, double z_loss,
                                                    double softcap, int64_t chunk_size, std::array<bool, 3> grad_mask,
-                                                   const Tensor& grad_loss, const Tensor& lse_in, ChunkStep step) {
+                                                   const Tensor& grad_loss, const Tensor& lse_in, ChunkStep step,
+                                                   LossReduce reduce) {
   check_lce_inputs(op, hidden, weight, target, bias, reduction, chunk_size);
   const bool backward = grad_loss.defined();
   TORCH_CHECK_VALUE(backward || reduction != kNone || !(grad_mask[0] || grad_mask[1] || grad_mask[2]), op,
@@ -209,22 +225,21 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
   const bool want_dh = grad_mask[0], want_dw = grad_mask[1], want_db = grad_mask[2] && bias.has_value();
   const bool any_grad = want_dh || want_dw || want_db;
 
-  Tensor loss_rows = at::empty({backward ? 0 : tokens}, stats);
-  Tensor lse = backward ? lse_in : at::empty({tokens}, stats);
-  // The scale of each row's gradient: the loss's grad per token (bwd), 1 / (tokens not ignored) for mean, 1 for sum.
-  // Computed on the device: no host sync, so the op captures in CUDA graphs.
-  Tensor valid = reduction == kMean ? (target != ignore_index).sum().to(acc) : Tensor();
+  const Tensor loss_rows = backward ? Tensor() : at::empty({tokens}, stats);
+  const Tensor lse = backward ? lse_in : at::empty({tokens}, stats);
+  // The scale of each row's gradient: the loss's grad per token (bwd), 1 / (tokens not ignored) for mean (computed
+  // on the device: no host sync, so the op captures in CUDA graphs), 1 (undefined) for sum.
   Tensor scale;
   if (backward) {
     scale = grad_loss;
-  } else if (any_grad) {
-    scale = (reduction == kMean ? valid.reciprocal() : at::ones({}, stats)).reshape({1});
+  } else if (any_grad && reduction == kMean) {
+    scale = reduce(loss_rows, target, ignore_index, LossReduction::kGradScale);
   }
   Tensor dhidden = !want_dh ? at::empty({0}, hidden.options()) : backward ? at::empty_like(hidden)
                                                                          : at::empty(hidden.sizes(), stats);
   // dweight sums in the arithmetic's type: the gradient itself when weight has it, else a float32 buffer
   Tensor dweight_sum = want_dw ? at::empty(weight.sizes(), weight.options().dtype(acc)) : Tensor();
-  Tensor dbias_sum = want_db ? at::zeros({vocab}, stats) : Tensor();
+  Tensor dbias_sum = want_db ? at::empty({vocab}, stats) : Tensor();
 
   CrossEntropyParams spec;
   spec.vocab = vocab;
@@ -237,40 +252,41 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
 
   const int64_t chunk = chunk_size > 0 ? std::min(chunk_size, std::max<int64_t>(tokens, 1))
                                        : auto_chunk(tokens, weight.size(1), vocab);
-  Tensor buffer = tokens > 0 ? at::empty({chunk, spec.ld}, hidden.options()) : Tensor();
+  // rows spec.ld elements apart; a shorter last chunk takes the leading rows
+  const Tensor buffer = tokens > 0 ? at::empty_strided({chunk, vocab}, {spec.ld, 1}, hidden.options()) : Tensor();
+  const Tensor weight_t = weight.t();
   for (int64_t start = 0; start < tokens; start += chunk) {
     const int64_t rows = std::min(chunk, tokens - start);
-    const Tensor h = hidden.narrow(0, start, rows);
-    Tensor logits = buffer.narrow(0, 0, rows).narrow(1, 0, vocab);
+    // a chunk of all the tokens uses the tensors themselves (no views)
+    const Tensor h = rows == tokens ? hidden : hidden.narrow(0, start, rows);
+    Tensor logits = rows == chunk ? buffer : buffer.narrow(0, 0, rows);
     if (bias) {
-      at::addmm_out(logits, *bias, h, weight.t());
+      at::addmm_out(logits, *bias, h, weight_t);
     } else {
-      at::mm_out(logits, h, weight.t());
+      at::mm_out(logits, h, weight_t);
     }
-    const Tensor row_scale = !scale.defined() ? scale
-                             : backward      ? scale.narrow(0, start, rows)
-                                             : scale.expand({rows});
-    step(spec, logits, target.narrow(0, start, rows), row_scale,
-         backward ? loss_rows : loss_rows.narrow(0, start, rows), lse.narrow(0, start, rows));
+    step(spec, logits, start, target, scale, loss_rows, lse);
     if (want_dh) {
-      Tensor dh_rows = dhidden.narrow(0, start, rows);
+      Tensor dh_rows = rows == tokens ? dhidden : dhidden.narrow(0, start, rows);
       weight_product(dh_rows, logits, weight);
     }
     if (want_dw) accumulate_weight_grad(dweight_sum, logits, h, start == 0);
-    if (want_db) dbias_sum.add_(logits.sum(at::IntArrayRef{0}, /*keepdim=*/false, acc));
+    if (want_db) accumulate_bias_grad(dbias_sum, logits, start == 0);
   }
-  if (want_dw && tokens == 0) dweight_sum.zero_();
+  if (tokens == 0) {
+    if (want_dw) dweight_sum.zero_();
+    if (want_db) dbias_sum.zero_();
+  }
 
-  Tensor loss;
-  if (!backward) {
-    loss = reduction == kNone ? loss_rows : reduction == kSum ? loss_rows.sum() : loss_rows.sum() / valid;
-  } else {
-    loss = at::empty({0}, stats);
-  }
   const auto none = [&] { return at::empty({0}, hidden.options()); };  // (distinct tensors: outputs never alias)
-  if (!backward) return {loss, lse, dhidden, want_dw ? dweight_sum : none(), want_db ? dbias_sum : none()};
-  return {loss, none(), dhidden, want_dw ? dweight_sum.to(weight.scalar_type()) : none(),
-          want_db ? dbias_sum.to(bias->scalar_type()) : none()};
+  if (backward) {
+    return {Tensor(), Tensor(), dhidden, want_dw ? dweight_sum.to(weight.scalar_type()) : none(),
+            want_db ? dbias_sum.to(bias->scalar_type()) : none()};
+  }
+  const Tensor loss = reduction == kNone ? loss_rows
+                                         : reduce(loss_rows, target, ignore_index,
+                                                  reduction == kMean ? LossReduction::kMean : LossReduction::kSum);
+  return {loss, lse, dhidden, want_dw ? dweight_sum : none(), want_db ? dbias_sum : none()};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -278,16 +294,19 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
 // target raises on the CPU (as F.cross_entropy), gives a NaN row elsewhere (as the kernel)
 // ------------------------------------------------------------------------------------------------
 
-void cross_entropy_chunk_reference(CrossEntropyParams spec, const Tensor& logits, const Tensor& target,
-                                   const Tensor& scale, const Tensor& loss, const Tensor& lse) {
+void cross_entropy_chunk_reference(CrossEntropyParams spec, const Tensor& logits, int64_t start,
+                                   const Tensor& all_targets, const Tensor& scale, const Tensor& all_losses,
+                                   const Tensor& all_lse) {
   const int64_t vocab = spec.vocab;
+  const auto chunk = [&](const Tensor& t) { return t.narrow(0, start, logits.size(0)); };
+  const Tensor target = chunk(all_targets), lse = chunk(all_lse);
   const Tensor z = logits.to(opmath_dtype(logits.scalar_type()));
   const Tensor valid = target != spec.ignore_index;
   const Tensor bad = valid & ((target < 0) | (target >= vocab));
   if (logits.is_cpu() && bad.any().item<bool>()) {
     const int64_t row = bad.nonzero()[0][0].item<int64_t>();
     TORCH_CHECK_INDEX(false, "linear_cross_entropy: target ", num(target[row].item<int64_t>()), " at position ",
-                      num(row), " is out of bounds for ", num(vocab), " classes (and is not ignore_index)");
+                      num(start + row), " is out of bounds for ", num(vocab), " classes (and is not ignore_index)");
   }
   const Tensor c = spec.softcap > 0 ? spec.softcap * at::tanh(z / spec.softcap) : z;
   const Tensor row_lse = spec.mode == CrossEntropyMode::kGrad ? lse.to(c.scalar_type()) : at::logsumexp(c, {1});
@@ -298,15 +317,22 @@ void cross_entropy_chunk_reference(CrossEntropyParams spec, const Tensor& logits
   if (spec.mode != CrossEntropyMode::kGrad) {
     const Tensor row_loss = row_lse - (1 - e) * c.gather(1, safe_target).squeeze(1) - e / vocab * c.sum(1) +
                             spec.z_loss * row_lse.square();
-    loss.copy_(finish(row_loss));
+    chunk(all_losses).copy_(finish(row_loss));
     lse.copy_(finish(row_lse));
     if (spec.mode == CrossEntropyMode::kLoss) return;
   }
   Tensor g = at::exp(c - row_lse.unsqueeze(1)) * (1 + 2 * spec.z_loss * row_lse).unsqueeze(1) - e / vocab;
   g.scatter_add_(1, safe_target, at::full({target.size(0), 1}, -(1 - e), g.options()));
   if (spec.softcap > 0) g = g * (1 - (c / spec.softcap).square());
-  g = g * scale.to(g.scalar_type()).unsqueeze(1);
+  if (scale.defined()) g = g * (scale.dim() == 0 ? scale : chunk(scale).unsqueeze(1)).to(g.scalar_type());
   logits.copy_(at::where(bad.unsqueeze(1), nan, at::where(valid.unsqueeze(1), g, 0)));
+}
+
+// The reductions of the CPU kernels (and of CUDA float64) in PyTorch ops.
+Tensor loss_reduce_reference(const Tensor& loss, const Tensor& target, int64_t ignore_index, LossReduction mode) {
+  if (mode == LossReduction::kSum) return loss.sum();
+  const Tensor valid = (target != ignore_index).sum().to(loss.scalar_type());
+  return mode == LossReduction::kMean ? loss.sum() / valid : valid.reciprocal();
 }
 
 namespace {
@@ -546,11 +572,12 @@ Tensor linear_cross_entropy_composite(const Tensor& hidden, const Tensor& weight
   check_lce_args(op, hidden, weight, target, bias, label_smoothing, z_loss, softcap, chunk_size);
   TORCH_CHECK_NOT_IMPLEMENTED(!has_forward_grad(hidden) && !has_forward_grad(weight) && !has_forward_grad(bias), op,
                               ": forward-mode AD (an input with a tangent) is not supported");
-  const Tensor h = hidden.reshape_symint({-1, hidden.sym_size(-1)}).contiguous();
-  const Tensor loss = std::get<0>(lce_fwd_op().call(h, weight, target.reshape({-1}).contiguous(), bias, ignore_index,
-                                                    red, label_smoothing, z_loss, softcap.value_or(0.0), chunk_size,
-                                                    {false, false, false}));
-  return red == kNone ? loss.view_symint(target.sym_sizes()) : loss;
+  // no reshape where the shapes fit already: each view is a host op, and an autograd node under grad
+  const Tensor h = (hidden.dim() == 2 ? hidden : hidden.reshape_symint({-1, hidden.sym_size(-1)})).contiguous();
+  const Tensor t = (target.dim() == 1 ? target : target.reshape({-1})).contiguous();
+  const Tensor loss = std::get<0>(lce_fwd_op().call(h, weight, t, bias, ignore_index, red, label_smoothing, z_loss,
+                                                    softcap.value_or(0.0), chunk_size, {false, false, false}));
+  return red == kNone && target.dim() != 1 ? loss.view_symint(target.sym_sizes()) : loss;
 }
 
 // Autocast: as F.linear under autocast (on its lower-precision list, CUDA and CPU): hidden, weight and bias cast to
@@ -656,10 +683,11 @@ struct LinearCrossEntropyBackward : torch::autograd::Node {
     const std::array<bool, 3> want = {task_should_compute_output(0), task_should_compute_output(1),
                                       has_bias && task_should_compute_output(2)};
     if (none) {
-      auto [dh, dw, db] = lce_bwd_op().call(dloss.reshape({-1}).to(at::kFloat).contiguous(), hidden.unpack(),
-                                            weight.unpack(), target.unpack(), optional_of(bias.unpack()),
-                                            lse.unpack(), ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-                                            want);
+      const Tensor saved_lse = lse.unpack();  // float32, float64 for float64 inputs: the loss grad's type
+      auto [dh, dw, db] = lce_bwd_op().call(dloss.reshape({-1}).to(saved_lse.scalar_type()).contiguous(),
+                                            hidden.unpack(), weight.unpack(), target.unpack(),
+                                            optional_of(bias.unpack()), saved_lse, ignore_index, label_smoothing,
+                                            z_loss, softcap, chunk_size, want);
       const std::array<Tensor, 3> g = {dh, dw, db};
       for (size_t i = 0; i < 3; ++i) {
         if (want[i]) out[i] = g[i];
@@ -668,7 +696,10 @@ struct LinearCrossEntropyBackward : torch::autograd::Node {
     }
     const std::array<Tensor, 3> saved = {dhidden.unpack(), dweight.unpack(), dbias.unpack()};
     for (size_t i = 0; i < 3; ++i) {
-      if (want[i]) out[i] = (saved[i] * dloss).to(dtype);
+      if (!want[i]) continue;
+      // one op: the product in the saved gradient's type, rounded to dtype as it is stored
+      out[i] = at::empty(saved[i].sizes(), saved[i].options().dtype(dtype));
+      at::mul_out(out[i], saved[i], dloss);
     }
     return out;
   }
@@ -762,7 +793,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lce_fwd_cpu(const Tensor& hid
                                                                 int64_t chunk_size, std::array<bool, 3> grad_mask) {
   auto r = linear_cross_entropy_chunked("linear_cross_entropy_fwd", hidden, weight, target, bias, ignore_index,
                                         reduction, label_smoothing, z_loss, softcap, chunk_size, grad_mask, Tensor(),
-                                        Tensor(), &cross_entropy_chunk_reference);
+                                        Tensor(), &cross_entropy_chunk_reference, &loss_reduce_reference);
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
@@ -772,7 +803,7 @@ std::tuple<Tensor, Tensor, Tensor> lce_bwd_cpu(const Tensor& grad_loss, const Te
                                                double softcap, int64_t chunk_size, std::array<bool, 3> grad_mask) {
   auto r = linear_cross_entropy_chunked("linear_cross_entropy_bwd", hidden, weight, target, bias, ignore_index, kNone,
                                         label_smoothing, z_loss, softcap, chunk_size, grad_mask, grad_loss, lse,
-                                        &cross_entropy_chunk_reference);
+                                        &cross_entropy_chunk_reference, &loss_reduce_reference);
   return {r[2], r[3], r[4]};
 }
 
