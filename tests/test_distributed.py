@@ -350,6 +350,55 @@ def fsdp_dcp(ctx) -> None:
     _assert_params_close(back, torchs, atol=1e-6, rtol=1e-5)
 
 
+def _ops_ran_eagerly(run) -> bool:
+    """Whether run() called the fused ops and every call ran eagerly, not traced by torch.compile."""
+    from fusedkernels import _native
+
+    route, compiling = _native.route, []
+
+    def spy(*args):
+        compiling.append(torch.compiler.is_compiling())  # (traced: the append is replayed with True)
+        return route(*args)
+
+    _native.route = spy
+    try:
+        run()
+    finally:
+        _native.route = route
+    return bool(compiling) and not any(compiling)
+
+
+def compiled_step(ctx, wrapper: str, optimizer: str) -> None:
+    """torch.compile(opt.step) with grads that are views into one buffer: FSDP2's (DTensors over its
+    reduce-scatter output) and DDP's with gradient_as_bucket_view=True. The step runs eagerly (compiled, the
+    fused ops on those views came out wrong under FSDP2 and failed to compile under DDP): the same params as
+    the eager step's."""
+    trained = []
+    for compiled in (False, True):
+        if wrapper == "fsdp":
+            model = wrapped = _fsdp_model(ctx)
+        else:
+            model = _model(ctx.device)
+            wrapped = _ddp(ctx, model, gradient_as_bucket_view=True)
+        opt = _make(optimizer, wrapped.parameters())
+        step = torch.compile(opt.step) if compiled else opt.step
+
+        def train():
+            for _ in range(STEPS):
+                opt.zero_grad()
+                _loss(wrapped, ctx.local(_batch(ctx.device))).backward()
+                for p in model.parameters():
+                    assert (p.grad._local_tensor if wrapper == "fsdp" else p.grad)._base is not None, "not a view"
+                step()
+
+        if compiled:
+            assert _ops_ran_eagerly(train), "the compiled step traced the fused ops"
+        else:
+            train()
+        trained.append(model)
+    _assert_params_close(trained[1], trained[0], atol=0, rtol=0)
+
+
 SCENARIOS = {
     **{f"ddp_{o}": (lambda o: lambda ctx: ddp(ctx, o))(o) for o in OPTIMIZERS},
     "ddp_no_sync": ddp_no_sync,
@@ -360,6 +409,9 @@ SCENARIOS = {
     "fsdp_clip_deferred_stale": fsdp_clip_deferred_stale,
     "fsdp_masters_see_loaded_weights": fsdp_masters_see_loaded_weights,
     "fsdp_dcp": fsdp_dcp,
+    "fsdp_compiled_step_adamw": lambda ctx: compiled_step(ctx, "fsdp", "adamw"),
+    "fsdp_compiled_step_lamb": lambda ctx: compiled_step(ctx, "fsdp", "lamb"),
+    "ddp_bucket_view_compiled_step": lambda ctx: compiled_step(ctx, "ddp", "adamw"),
 }
 
 

@@ -11,6 +11,16 @@ from torch import Tensor
 
 from . import _dtensor
 
+
+def _not_compiled(reason: str):
+    """A decorator: torch.compile does not trace the function but calls it (a graph break; under fullgraph=True an
+    error, which gives `reason` from torch 2.8 on)."""
+    try:
+        return torch.compiler.disable(reason=reason)
+    except TypeError:  # torch < 2.8: no reason
+        return torch.compiler.disable
+
+
 class Bucket:
     """The params of one group that step in one fused call: one device, dtype, moment dtype, masters or not.
 
@@ -115,6 +125,36 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         return float(betas[0]), float(betas[1])
+
+    # ---- the step ----
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        """One step of every param group; `closure` re-evaluates the loss, as in torch.optim.
+
+        Under torch.compile, a step whose params are DTensors (FSDP2, tensor parallel) or whose grads are views
+        into a shared buffer (FSDP2's reduce-scatter output, DDP's gradient_as_bucket_view) runs eagerly, a
+        graph break (an error with fullgraph=True): compiled, the in-place fused ops on such views came out wrong
+        (FSDP2) or failed to compile (DDP). Eagerly it is one multi-tensor launch per bucket all the same.
+        """
+        if torch.compiler.is_compiling() and self._has_shared_views():
+            return self._step_eagerly(closure)
+        return self._step(closure)
+
+    def _step(self, closure: Optional[Callable]):
+        """The step itself (under torch.no_grad()): per subclass."""
+        raise NotImplementedError
+
+    @_not_compiled("a step of DTensor params or of grads that are views runs eagerly: compile it without "
+                   "fullgraph=True")
+    def _step_eagerly(self, closure: Optional[Callable]):
+        return self._step(closure)
+
+    def _has_shared_views(self) -> bool:
+        """Whether a param is a DTensor (its local shard and its grad's are views into FSDP2's buffers) or a
+        grad is a view of another tensor. (Read under torch.compile: guarded, so a change recompiles.)"""
+        return any(_dtensor.is_dtensor(p) or (p.grad is not None and p.grad._base is not None)
+                   for group in self.param_groups for p in group["params"])
 
     # ---- state dicts, copies ----
 

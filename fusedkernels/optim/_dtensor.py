@@ -15,9 +15,14 @@ except ImportError:  # torch built without distributed
     DTensor = None
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """Whether t is a DTensor (False when torch has no torch.distributed)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
 def sharding(t: Tensor) -> Optional[tuple]:
     """(mesh, placements) of a DTensor, None for a plain tensor."""
-    if DTensor is not None and isinstance(t, DTensor):
+    if is_dtensor(t):
         return t.device_mesh, t.placements
     return None
 
@@ -25,7 +30,7 @@ def sharding(t: Tensor) -> Optional[tuple]:
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (the tensor itself otherwise). `_local_tensor` rather than `to_local()`:
     the latter is an autograd function costing ~10 µs a call, paid per tensor per step."""
-    return t._local_tensor if DTensor is not None and isinstance(t, DTensor) else t
+    return t._local_tensor if is_dtensor(t) else t
 
 
 def versions(t: Tensor) -> tuple:

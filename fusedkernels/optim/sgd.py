@@ -44,8 +44,7 @@ class FusedSGD(FusedOptimizer):
     def _moment_dtype(self, p: Tensor, has_master: bool) -> torch.dtype:
         return torch.float32 if has_master else p.dtype  # torch's buffer is a copy of the grad
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _step(self, closure):
         loss = self._evaluate(closure)
         grad_scale, found_inf, clip = self._amp_and_clip()
         for group in self.param_groups:
