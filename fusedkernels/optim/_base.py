@@ -21,6 +21,11 @@ def _not_compiled(reason: str):
         return torch.compiler.disable
 
 
+# The masters' refresh branches on version counters, which a compiled graph cannot
+_READS_VERSIONS = ("master weights: the step reads the params' version counters (to see writes from outside the "
+                   "optimizer); compile the step without fullgraph=True")
+
+
 class Bucket:
     """The params of one group that step in one fused call: one device, dtype, moment dtype, masters or not.
 
@@ -242,6 +247,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._refresh_masters(b.params, params, masters)
         return lists
 
+    @_not_compiled(_READS_VERSIONS)
     def _refresh_masters(self, params: list[Tensor], tensors: list[Tensor], masters: list[Tensor]) -> None:
         """A param written outside the optimizer since its last step gives its master the new value;
         otherwise the step would write the stale master back over it. Seen: in-place ops on the param
@@ -269,8 +275,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         """After a step: remember the versions of the params with masters (the step itself bumps them)."""
         for b, params, *_ in buckets:
             if b.has_master:
-                self._param_versions.update((id(p), (_dtensor.versions(p), t._version, t.data_ptr()))
-                                            for p, t in zip(b.params, params))
+                self._remember_versions(b.params, params)
+
+    @_not_compiled(_READS_VERSIONS)
+    def _remember_versions(self, params: list[Tensor], tensors: list[Tensor]) -> None:
+        self._param_versions.update((id(p), (_dtensor.versions(p), t._version, t.data_ptr()))
+                                    for p, t in zip(params, tensors))
 
     def _plan_key(self, group: dict) -> tuple:
         return tuple(self._moment_keys(group)), self._counts_steps(group)
