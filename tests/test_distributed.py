@@ -282,6 +282,23 @@ def fsdp_clip(ctx) -> None:
             torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-7)
 
 
+def fsdp_clip_nan(ctx) -> None:
+    """A NaN in one rank's shard (either rank): the total norm is NaN on every rank and every grad NaN, as a
+    single process's clip of the whole grads gives; for the inf-norm too (a max all-reduce drops NaN)."""
+    from fusedkernels.optim import clip_grad_norm_
+
+    for norm_type in (2.0, math.inf):
+        for nan_rank in range(WORLD):
+            model = _fsdp_model(ctx)
+            _loss(model, ctx.local(_batch(ctx.device))).backward()
+            if ctx.rank == nan_rank:
+                next(model.parameters()).grad._local_tensor[0, 0] = float("nan")
+            norm = clip_grad_norm_(model.parameters(), 0.05, norm_type).full_tensor()
+            assert norm.isnan(), f"norm_type {norm_type}, a NaN on rank {nan_rank}: norm {norm.item()}"
+            for p in model.parameters():
+                assert p.grad.full_tensor().isnan().all(), "the grads must be scaled by a NaN coefficient"
+
+
 def fsdp_clip_deferred(ctx) -> None:
     """clip_grad_norm_(defer_to=optimizer) on sharded grads: the step scales the local shards by the global
     coefficient."""
@@ -405,6 +422,7 @@ SCENARIOS = {
     **{f"fsdp_{o}": (lambda o: lambda ctx: fsdp(ctx, o))(o) for o in OPTIMIZERS},
     "fsdp_bf16_masters": fsdp_bf16_masters,
     "fsdp_clip": fsdp_clip,
+    "fsdp_clip_nan": fsdp_clip_nan,
     "fsdp_clip_deferred": fsdp_clip_deferred,
     "fsdp_clip_deferred_stale": fsdp_clip_deferred_stale,
     "fsdp_masters_see_loaded_weights": fsdp_masters_see_loaded_weights,
