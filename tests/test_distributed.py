@@ -433,6 +433,14 @@ SCENARIOS = {
 }
 
 
+try:  # a failed DCP load raises a BaseException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    _FAILURES = (Exception, CheckpointException)
+except ImportError:
+    _FAILURES = (Exception,)
+
+
 def run_scenarios(rank: int, device_type: str, out_dir: str) -> dict:
     """Every scenario on this rank (the process group is initialised): {name: "ok" | "skip: ..." | "fail: ..."}."""
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
@@ -446,7 +454,7 @@ def run_scenarios(rank: int, device_type: str, out_dir: str) -> dict:
             results[name] = "ok"
         except Skip as e:
             results[name] = f"skip: {e}"
-        except Exception:
+        except _FAILURES:
             results[name] = "fail: " + traceback.format_exc()
         print(f"[rank {rank}] {name}: {results[name]}", flush=True)
         dist.barrier()
