@@ -367,6 +367,52 @@ def fsdp_dcp(ctx) -> None:
     _assert_params_close(back, torchs, atol=1e-6, rtol=1e-5)
 
 
+def fsdp_dcp_cross_loads(ctx) -> None:
+    """DCP checkpoints between torch's optimizers and ours where the state keys differ: torch's SGD (no step
+    count) into FusedSGD with DCP's default planner, and back; torch's AdamW (no master) into
+    FusedAdamW(master_weights=True) with allow_partial_load, the model loaded after the optimizer (the masters
+    must follow the loaded params, not keep the ones the optimizer had), and back. Each run then steps as the
+    source optimizer's continuing."""
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    except ImportError as e:
+        raise Skip(f"this torch has no torch.distributed.checkpoint state_dict API ({e})")
+    from fusedkernels.optim import FusedAdamW, FusedSGD
+
+    sgd = dict(lr=0.1, momentum=0.9, dampening=0.3)  # dampening: a loaded buffer must not restart from the grad
+    torch_sgd, fused_sgd = (lambda ps: torch.optim.SGD(ps, **sgd)), (lambda ps: FusedSGD(ps, **sgd))
+    torch_adamw = lambda ps: torch.optim.AdamW(ps, lr=0.1)  # noqa: E731 (steps far from the initial weights)
+    fused_adamw = lambda ps: FusedAdamW(ps, lr=0.1, master_weights=True)  # noqa: E731
+    partial = DefaultLoadPlanner(allow_partial_load=True)
+    cases = [(torch.float32, torch_sgd, fused_sgd, None), (torch.float32, fused_sgd, torch_sgd, None),
+             (torch.bfloat16, torch_adamw, fused_adamw, partial), (torch.bfloat16, fused_adamw, torch_adamw, None)]
+
+    def train(model, opt, steps, dtype):
+        for _ in range(steps):
+            opt.zero_grad()
+            _loss(model, ctx.local(_batch(ctx.device, dtype))).backward()
+            opt.step()
+
+    for i, (dtype, source, target, planner) in enumerate(cases):
+        model = _fsdp_model(ctx, dtype)
+        opt = source(model.parameters())
+        train(model, opt, 2, dtype)
+        path = os.path.join(ctx.out_dir, f"ckpt_cross_{i}")
+        dcp.save(get_optimizer_state_dict(model, opt), checkpoint_id=path)
+        loaded = _fsdp_model(ctx, dtype)
+        loaded_opt = target(loaded.parameters())
+        state = get_optimizer_state_dict(loaded, loaded_opt)
+        dcp.load(state, checkpoint_id=path, planner=planner)
+        set_optimizer_state_dict(loaded, loaded_opt, state)
+        loaded.load_state_dict(model.state_dict())
+        train(model, opt, 1, dtype)
+        train(loaded, loaded_opt, 1, dtype)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # (torch's bf16 AdamW has no masters)
+        _assert_params_close(loaded, model, atol=tol, rtol=tol)
+
+
 def _ops_ran_eagerly(run) -> bool:
     """Whether run() called the fused ops and every call ran eagerly, not traced by torch.compile."""
     from fusedkernels import _native
@@ -427,6 +473,7 @@ SCENARIOS = {
     "fsdp_clip_deferred_stale": fsdp_clip_deferred_stale,
     "fsdp_masters_see_loaded_weights": fsdp_masters_see_loaded_weights,
     "fsdp_dcp": fsdp_dcp,
+    "fsdp_dcp_cross_loads": fsdp_dcp_cross_loads,
     "fsdp_compiled_step_adamw": lambda ctx: compiled_step(ctx, "fsdp", "adamw"),
     "fsdp_compiled_step_lamb": lambda ctx: compiled_step(ctx, "fsdp", "lamb"),
     "ddp_bucket_view_compiled_step": lambda ctx: compiled_step(ctx, "ddp", "adamw"),

@@ -366,6 +366,34 @@ def test_state_dict_keeps_master_weights_and_sgd_buffers(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sgd_state_dict_is_torchs(device):
+    """FusedSGD saves what torch's SGD saves (what torch.distributed.checkpoint's strict load needs): buffers
+    without step counts, and no state for a param whose every step was skipped; either loads into the other
+    and continues alike (dampening: a loaded buffer is not restarted from the grad)."""
+    kwargs = dict(lr=0.1, momentum=0.9, dampening=0.3)
+    params = _params(device, shapes=[(5,), (3, 4)])
+    grads = _grads(params, steps=4)
+    full, _ = _run(torch.optim.SGD, params, grads, **kwargs)
+    ps, opt = _run(FusedSGD, params, grads[:2], **kwargs)
+    skipped = torch.nn.Parameter(torch.ones(2, device=device))
+    opt.add_param_group(dict(params=[skipped]))
+    skipped.grad = torch.ones(2, device=device)
+    opt.found_inf = torch.ones((), device=device)
+    opt.step()
+    del opt.found_inf
+    saved = opt.state_dict()
+    assert sorted(saved["state"]) == [0, 1] and all(set(st) == {"momentum_buffer"} for st in saved["state"].values())
+    for cls in (torch.optim.SGD, FusedSGD):
+        qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        again = cls(qs, **kwargs)
+        again.add_param_group(dict(params=[torch.nn.Parameter(torch.ones(2, device=device))]))
+        again.load_state_dict(copy.deepcopy(saved))  # (torch's SGD steps the loaded buffers in place)
+        _steps(again, qs, grads[2:])
+        for q, f in zip(qs, full):
+            assert max_err(q, f) <= 1e-6 * max(1.0, f.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_lamb_state_dict_resumes_mid_training(device):
     params = _params(device, torch.bfloat16)
     grads = _grads(params, steps=4)

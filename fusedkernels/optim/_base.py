@@ -98,6 +98,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self._deferred_clip = None
         self._reset_plans()
+        self._loaded_masters: set[int] = set()  # id(param): masters that came with a state (see _refresh_masters)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -197,6 +198,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._reset_plans()
+        self._loaded_masters = {id(p) for group in self.param_groups for p in group["params"]
+                                if "master_param" in self.state.get(p, ())}
 
     def _reset_plans(self) -> None:
         self._plans: dict[int, _Plan] = {}
@@ -254,11 +257,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         (model.load_state_dict, torch.no_grad() edits: its version counter moves) and `p.data = t` (its
         storage changes). Not seen: in-place writes through `p.data` (`p.data.copy_`), which bypass the
         version counter; call `refresh_masters()` after those. `tensors`: what the step writes, the params
-        or their local shards."""
-        seen = self._param_versions
+        or their local shards.
+
+        A master that came with a state (load_state_dict, a copy) is checked against its param at its first
+        step, element by element: where it does not round to the param, the param's value replaces it. A
+        checkpoint's master matching its params is kept whole; a master the state did not bring (a
+        torch.optim checkpoint loaded by DCP with allow_partial_load keeps the master the optimizer had) or
+        one loaded with other params yields to the params, whether they were loaded before or after it."""
+        seen, loaded = self._param_versions, self._loaded_masters
         for p, t, master in zip(params, tensors, masters):
             now = (_dtensor.versions(p), t._version, t.data_ptr())
-            if seen.get(id(p), now) != now:
+            if id(p) in loaded:
+                loaded.discard(id(p))
+                t = t.detach()
+                master.copy_(torch.where(master.to(t.dtype) == t, master, t.to(master.dtype)))
+            elif seen.get(id(p), now) != now:
                 master.copy_(t.detach())
 
     @torch.no_grad()
