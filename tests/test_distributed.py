@@ -282,6 +282,23 @@ def fsdp_clip(ctx) -> None:
             torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-7)
 
 
+def fsdp_clip_nan(ctx) -> None:
+    """A NaN in one rank's shard (either rank): the total norm is NaN on every rank and every grad NaN, as a
+    single process's clip of the whole grads gives; for the inf-norm too (a max all-reduce drops NaN)."""
+    from fusedkernels.optim import clip_grad_norm_
+
+    for norm_type in (2.0, math.inf):
+        for nan_rank in range(WORLD):
+            model = _fsdp_model(ctx)
+            _loss(model, ctx.local(_batch(ctx.device))).backward()
+            if ctx.rank == nan_rank:
+                next(model.parameters()).grad._local_tensor[0, 0] = float("nan")
+            norm = clip_grad_norm_(model.parameters(), 0.05, norm_type).full_tensor()
+            assert norm.isnan(), f"norm_type {norm_type}, a NaN on rank {nan_rank}: norm {norm.item()}"
+            for p in model.parameters():
+                assert p.grad.full_tensor().isnan().all(), "the grads must be scaled by a NaN coefficient"
+
+
 def fsdp_clip_deferred(ctx) -> None:
     """clip_grad_norm_(defer_to=optimizer) on sharded grads: the step scales the local shards by the global
     coefficient."""
@@ -350,17 +367,125 @@ def fsdp_dcp(ctx) -> None:
     _assert_params_close(back, torchs, atol=1e-6, rtol=1e-5)
 
 
+def fsdp_dcp_cross_loads(ctx) -> None:
+    """DCP checkpoints between torch's optimizers and ours where the state keys differ: torch's SGD (no step
+    count) into FusedSGD with DCP's default planner, and back; torch's AdamW (no master) into
+    FusedAdamW(master_weights=True) with allow_partial_load, the model loaded after the optimizer (the masters
+    must follow the loaded params, not keep the ones the optimizer had), and back. Each run then steps as the
+    source optimizer's continuing."""
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    except ImportError as e:
+        raise Skip(f"this torch has no torch.distributed.checkpoint state_dict API ({e})")
+    from fusedkernels.optim import FusedAdamW, FusedSGD
+
+    sgd = dict(lr=0.1, momentum=0.9, dampening=0.3)  # dampening: a loaded buffer must not restart from the grad
+    torch_sgd, fused_sgd = (lambda ps: torch.optim.SGD(ps, **sgd)), (lambda ps: FusedSGD(ps, **sgd))
+    torch_adamw = lambda ps: torch.optim.AdamW(ps, lr=0.1)  # noqa: E731 (steps far from the initial weights)
+    fused_adamw = lambda ps: FusedAdamW(ps, lr=0.1, master_weights=True)  # noqa: E731
+    partial = DefaultLoadPlanner(allow_partial_load=True)
+    cases = [(torch.float32, torch_sgd, fused_sgd, None), (torch.float32, fused_sgd, torch_sgd, None),
+             (torch.bfloat16, torch_adamw, fused_adamw, partial), (torch.bfloat16, fused_adamw, torch_adamw, None)]
+
+    def train(model, opt, steps, dtype):
+        for _ in range(steps):
+            opt.zero_grad()
+            _loss(model, ctx.local(_batch(ctx.device, dtype))).backward()
+            opt.step()
+
+    for i, (dtype, source, target, planner) in enumerate(cases):
+        model = _fsdp_model(ctx, dtype)
+        opt = source(model.parameters())
+        train(model, opt, 2, dtype)
+        path = os.path.join(ctx.out_dir, f"ckpt_cross_{i}")
+        dcp.save(get_optimizer_state_dict(model, opt), checkpoint_id=path)
+        loaded = _fsdp_model(ctx, dtype)
+        loaded_opt = target(loaded.parameters())
+        state = get_optimizer_state_dict(loaded, loaded_opt)
+        dcp.load(state, checkpoint_id=path, planner=planner)
+        set_optimizer_state_dict(loaded, loaded_opt, state)
+        loaded.load_state_dict(model.state_dict())
+        train(model, opt, 1, dtype)
+        train(loaded, loaded_opt, 1, dtype)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # (torch's bf16 AdamW has no masters)
+        _assert_params_close(loaded, model, atol=tol, rtol=tol)
+
+
+def _ops_ran_eagerly(run) -> bool:
+    """Whether run() called the fused ops and every call ran eagerly, not traced by torch.compile."""
+    from fusedkernels import _native
+
+    route, compiling = _native.route, []
+
+    def spy(*args):
+        compiling.append(torch.compiler.is_compiling())  # (traced: the append is replayed with True)
+        return route(*args)
+
+    _native.route = spy
+    try:
+        run()
+    finally:
+        _native.route = route
+    return bool(compiling) and not any(compiling)
+
+
+def compiled_step(ctx, wrapper: str, optimizer: str) -> None:
+    """torch.compile(opt.step) with grads that are views into one buffer: FSDP2's (DTensors over its
+    reduce-scatter output) and DDP's with gradient_as_bucket_view=True. The step runs eagerly (compiled, the
+    fused ops on those views came out wrong under FSDP2 and failed to compile under DDP): the same params as
+    the eager step's."""
+    trained = []
+    for compiled in (False, True):
+        if wrapper == "fsdp":
+            model = wrapped = _fsdp_model(ctx)
+        else:
+            model = _model(ctx.device)
+            wrapped = _ddp(ctx, model, gradient_as_bucket_view=True)
+        opt = _make(optimizer, wrapped.parameters())
+        step = torch.compile(opt.step) if compiled else opt.step
+
+        def train():
+            for _ in range(STEPS):
+                opt.zero_grad()
+                _loss(wrapped, ctx.local(_batch(ctx.device))).backward()
+                for p in model.parameters():
+                    assert (p.grad._local_tensor if wrapper == "fsdp" else p.grad)._base is not None, "not a view"
+                step()
+
+        if compiled:
+            assert _ops_ran_eagerly(train), "the compiled step traced the fused ops"
+        else:
+            train()
+        trained.append(model)
+    _assert_params_close(trained[1], trained[0], atol=0, rtol=0)
+
+
 SCENARIOS = {
     **{f"ddp_{o}": (lambda o: lambda ctx: ddp(ctx, o))(o) for o in OPTIMIZERS},
     "ddp_no_sync": ddp_no_sync,
     **{f"fsdp_{o}": (lambda o: lambda ctx: fsdp(ctx, o))(o) for o in OPTIMIZERS},
     "fsdp_bf16_masters": fsdp_bf16_masters,
     "fsdp_clip": fsdp_clip,
+    "fsdp_clip_nan": fsdp_clip_nan,
     "fsdp_clip_deferred": fsdp_clip_deferred,
     "fsdp_clip_deferred_stale": fsdp_clip_deferred_stale,
     "fsdp_masters_see_loaded_weights": fsdp_masters_see_loaded_weights,
     "fsdp_dcp": fsdp_dcp,
+    "fsdp_dcp_cross_loads": fsdp_dcp_cross_loads,
+    "fsdp_compiled_step_adamw": lambda ctx: compiled_step(ctx, "fsdp", "adamw"),
+    "fsdp_compiled_step_lamb": lambda ctx: compiled_step(ctx, "fsdp", "lamb"),
+    "ddp_bucket_view_compiled_step": lambda ctx: compiled_step(ctx, "ddp", "adamw"),
 }
+
+
+try:  # a failed DCP load raises a BaseException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    _FAILURES = (Exception, CheckpointException)
+except ImportError:
+    _FAILURES = (Exception,)
 
 
 def run_scenarios(rank: int, device_type: str, out_dir: str) -> dict:
@@ -376,7 +501,7 @@ def run_scenarios(rank: int, device_type: str, out_dir: str) -> dict:
             results[name] = "ok"
         except Skip as e:
             results[name] = f"skip: {e}"
-        except Exception:
+        except _FAILURES:
             results[name] = "fail: " + traceback.format_exc()
         print(f"[rank {rank}] {name}: {results[name]}", flush=True)
         dist.barrier()

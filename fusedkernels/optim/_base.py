@@ -11,6 +11,21 @@ from torch import Tensor
 
 from . import _dtensor
 
+
+def _not_compiled(reason: str):
+    """A decorator: torch.compile does not trace the function but calls it (a graph break; under fullgraph=True an
+    error, which gives `reason` from torch 2.8 on)."""
+    try:
+        return torch.compiler.disable(reason=reason)
+    except TypeError:  # torch < 2.8: no reason
+        return torch.compiler.disable
+
+
+# The masters' refresh branches on version counters, which a compiled graph cannot
+_READS_VERSIONS = ("master weights: the step reads the params' version counters (to see writes from outside the "
+                   "optimizer); compile the step without fullgraph=True")
+
+
 class Bucket:
     """The params of one group that step in one fused call: one device, dtype, moment dtype, masters or not.
 
@@ -83,6 +98,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self._deferred_clip = None
         self._reset_plans()
+        self._loaded_masters: set[int] = set()  # id(param): masters that came with a state (see _refresh_masters)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -115,6 +131,36 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         return float(betas[0]), float(betas[1])
+
+    # ---- the step ----
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        """One step of every param group; `closure` re-evaluates the loss, as in torch.optim.
+
+        Under torch.compile, a step whose params are DTensors (FSDP2, tensor parallel) or whose grads are views
+        into a shared buffer (FSDP2's reduce-scatter output, DDP's gradient_as_bucket_view) runs eagerly, a
+        graph break (an error with fullgraph=True): compiled, the in-place fused ops on such views came out wrong
+        (FSDP2) or failed to compile (DDP). Eagerly it is one multi-tensor launch per bucket all the same.
+        """
+        if torch.compiler.is_compiling() and self._has_shared_views():
+            return self._step_eagerly(closure)
+        return self._step(closure)
+
+    def _step(self, closure: Optional[Callable]):
+        """The step itself (under torch.no_grad()): per subclass."""
+        raise NotImplementedError
+
+    @_not_compiled("a step of DTensor params or of grads that are views runs eagerly: compile it without "
+                   "fullgraph=True")
+    def _step_eagerly(self, closure: Optional[Callable]):
+        return self._step(closure)
+
+    def _has_shared_views(self) -> bool:
+        """Whether a param is a DTensor (its local shard and its grad's are views into FSDP2's buffers) or a
+        grad is a view of another tensor. (Read under torch.compile: guarded, so a change recompiles.)"""
+        return any(_dtensor.is_dtensor(p) or (p.grad is not None and p.grad._base is not None)
+                   for group in self.param_groups for p in group["params"])
 
     # ---- state dicts, copies ----
 
@@ -152,6 +198,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._reset_plans()
+        self._loaded_masters = {id(p) for group in self.param_groups for p in group["params"]
+                                if "master_param" in self.state.get(p, ())}
 
     def _reset_plans(self) -> None:
         self._plans: dict[int, _Plan] = {}
@@ -202,17 +250,28 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._refresh_masters(b.params, params, masters)
         return lists
 
+    @_not_compiled(_READS_VERSIONS)
     def _refresh_masters(self, params: list[Tensor], tensors: list[Tensor], masters: list[Tensor]) -> None:
         """A param written outside the optimizer since its last step gives its master the new value;
         otherwise the step would write the stale master back over it. Seen: in-place ops on the param
         (model.load_state_dict, torch.no_grad() edits: its version counter moves) and `p.data = t` (its
         storage changes). Not seen: in-place writes through `p.data` (`p.data.copy_`), which bypass the
         version counter; call `refresh_masters()` after those. `tensors`: what the step writes, the params
-        or their local shards."""
-        seen = self._param_versions
+        or their local shards.
+
+        A master that came with a state (load_state_dict, a copy) is checked against its param at its first
+        step, element by element: where it does not round to the param, the param's value replaces it. A
+        checkpoint's master matching its params is kept whole; a master the state did not bring (a
+        torch.optim checkpoint loaded by DCP with allow_partial_load keeps the master the optimizer had) or
+        one loaded with other params yields to the params, whether they were loaded before or after it."""
+        seen, loaded = self._param_versions, self._loaded_masters
         for p, t, master in zip(params, tensors, masters):
             now = (_dtensor.versions(p), t._version, t.data_ptr())
-            if seen.get(id(p), now) != now:
+            if id(p) in loaded:
+                loaded.discard(id(p))
+                t = t.detach()
+                master.copy_(torch.where(master.to(t.dtype) == t, master, t.to(master.dtype)))
+            elif seen.get(id(p), now) != now:
                 master.copy_(t.detach())
 
     @torch.no_grad()
@@ -229,8 +288,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         """After a step: remember the versions of the params with masters (the step itself bumps them)."""
         for b, params, *_ in buckets:
             if b.has_master:
-                self._param_versions.update((id(p), (_dtensor.versions(p), t._version, t.data_ptr()))
-                                            for p, t in zip(b.params, params))
+                self._remember_versions(b.params, params)
+
+    @_not_compiled(_READS_VERSIONS)
+    def _remember_versions(self, params: list[Tensor], tensors: list[Tensor]) -> None:
+        self._param_versions.update((id(p), (_dtensor.versions(p), t._version, t.data_ptr()))
+                                    for p, t in zip(params, tensors))
 
     def _plan_key(self, group: dict) -> tuple:
         return tuple(self._moment_keys(group)), self._counts_steps(group)

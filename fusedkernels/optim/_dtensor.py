@@ -4,6 +4,7 @@ split on."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -15,9 +16,14 @@ except ImportError:  # torch built without distributed
     DTensor = None
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """Whether t is a DTensor (False when torch has no torch.distributed)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
 def sharding(t: Tensor) -> Optional[tuple]:
     """(mesh, placements) of a DTensor, None for a plain tensor."""
-    if DTensor is not None and isinstance(t, DTensor):
+    if is_dtensor(t):
         return t.device_mesh, t.placements
     return None
 
@@ -25,7 +31,7 @@ def sharding(t: Tensor) -> Optional[tuple]:
 def local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (the tensor itself otherwise). `_local_tensor` rather than `to_local()`:
     the latter is an autograd function costing ~10 µs a call, paid per tensor per step."""
-    return t._local_tensor if DTensor is not None and isinstance(t, DTensor) else t
+    return t._local_tensor if is_dtensor(t) else t
 
 
 def versions(t: Tensor) -> tuple:
@@ -57,13 +63,20 @@ def without_partial(grad: Tensor) -> Tensor:
 def all_reduce(value: Tensor, layout: tuple, op: str) -> Tensor:
     """value, computed from local shards of tensors laid out as `layout` (mesh, placements), over the whole
     tensors: reduced with op ("sum" for sums of squares, "max" for max-norms) across the mesh dims the
-    tensors are sharded on (dims where they are replicated hold the same values, counted once). On CUDA the
-    collective runs on the device, ordered with the current stream: no host sync."""
+    tensors are sharded on (dims where they are replicated hold the same values, counted once); a NaN on any
+    rank makes the max NaN, as torch's max does. On CUDA the collective runs on the device, ordered with the
+    current stream: no host sync."""
     mesh, placements = layout
     if all(p.is_replicate() for p in placements):
         return value
     reduce = [Replicate() if p.is_replicate() else Partial(op) for p in placements]
-    return DTensor.from_local(value, mesh, reduce, run_check=False).full_tensor()
+    if op != "max":
+        return DTensor.from_local(value, mesh, reduce, run_check=False).full_tensor()
+    # A max all-reduce may drop a NaN (gloo's drops one not on rank 0): NaNs travel as a flag beside the max
+    nan = value.isnan()
+    both = torch.stack([value.masked_fill(nan, -math.inf), nan.to(value.dtype)])
+    top, any_nan = DTensor.from_local(both, mesh, reduce, run_check=False).full_tensor().unbind()
+    return top.masked_fill(any_nan != 0, math.nan)
 
 
 def replicated(value: Tensor, layout: tuple) -> Tensor:

@@ -41,8 +41,7 @@ class FusedAdam(FusedOptimizer):
     def _moment_keys(self, group: dict) -> list[str]:
         return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _step(self, closure):
         loss = self._evaluate(closure)
         grad_scale, found_inf, clip = self._amp_and_clip()
         for group in self.param_groups:

@@ -84,8 +84,7 @@ class FusedLAMB(FusedOptimizer):
             self._check_grad(p)
         return total_grad_norm(grads, 2.0)[1]
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _step(self, closure):
         loss = self._evaluate(closure)
         grad_scale, found_inf, clip = self._amp_and_clip()
         grad_norm = self._global_grad_norm()

@@ -16,7 +16,8 @@ class FusedSGD(FusedOptimizer):
     `master_weights`: fp32 copies of 16-bit params (state "master_param"), with fp32 momentum buffers.
 
     With momentum each param also keeps a device-side "step" count: its first step (the first one not
-    skipped by GradScaler) starts the buffer from the grad, as torch's does. dtypes as in FusedAdam.
+    skipped by GradScaler) starts the buffer from the grad, as torch's does. state_dict() saves what torch's
+    SGD saves (no count: a buffer means started). dtypes as in FusedAdam.
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
@@ -35,6 +36,27 @@ class FusedSGD(FusedOptimizer):
 
     _strict_state = False  # torch's SGD keeps no step count: a buffer alone is a started state
 
+    def state_dict(self) -> dict:
+        """What torch's SGD saves: each started param's momentum buffer (and master), without the step count,
+        which a buffer implies (loading one counts the param as started). So torch.distributed.checkpoint loads
+        a torch.optim.SGD checkpoint into FusedSGD: it wants every key the template has. A param whose every
+        step was skipped (found_inf) has not started: its state is left out, as torch's SGD has none."""
+        saved = super().state_dict()
+        state = saved["state"]
+        started, by_device = {}, {}
+        for i, st in state.items():
+            count = st.get("step")
+            if isinstance(count, Tensor):
+                by_device.setdefault(count.device, []).append(i)
+            elif count is not None:
+                started[i] = float(count) != 0
+        for ids in by_device.values():  # one host sync per device
+            counts = torch.stack([state[i]["step"].reshape(()).float() for i in ids]).tolist()
+            started.update((i, count != 0) for i, count in zip(ids, counts))
+        saved["state"] = {i: {k: v for k, v in st.items() if k != "step"} for i, st in state.items()
+                          if started.get(i, True)}
+        return saved
+
     def _moment_keys(self, group: dict) -> list[str]:
         return ["momentum_buffer"] if group["momentum"] != 0 else []
 
@@ -44,8 +66,7 @@ class FusedSGD(FusedOptimizer):
     def _moment_dtype(self, p: Tensor, has_master: bool) -> torch.dtype:
         return torch.float32 if has_master else p.dtype  # torch's buffer is a copy of the grad
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _step(self, closure):
         loss = self._evaluate(closure)
         grad_scale, found_inf, clip = self._amp_and_clip()
         for group in self.param_groups:
