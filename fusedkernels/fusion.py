@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn import (FusedCastRMSNorm, FusedConv2dReLU, FusedConvBNReLU, FusedLayerNorm, FusedLinear, FusedMLP,
+from .nn import (FusedAddLayerNorm, FusedAddRMSNorm, FusedBiasDropoutAddLayerNorm, FusedBiasDropoutAddRMSNorm,
+                 FusedCastRMSNorm, FusedConv2dReLU, FusedConvBNReLU, FusedLayerNorm, FusedLinear, FusedMLP,
                  FusedRMSNorm)
 from .integrations import transformers as hf
 from .nn.mlp import _STRUCTURES, _to_layout_keys
@@ -31,7 +32,9 @@ from .ops import fold_batch_norm
 SWAPPED, LEFT, ALREADY_FUSED = "swapped", "left", "already fused"
 
 # Every module fuse() installs; met again, it is reported as already fused and not looked into.
-FUSED_TYPES = (FusedLayerNorm, FusedRMSNorm, FusedCastRMSNorm, FusedLinear, FusedMLP, FusedConv2dReLU, FusedConvBNReLU)
+FUSED_TYPES = (FusedLayerNorm, FusedRMSNorm, FusedCastRMSNorm, FusedAddLayerNorm, FusedAddRMSNorm,
+               FusedBiasDropoutAddLayerNorm, FusedBiasDropoutAddRMSNorm, FusedLinear, FusedMLP, FusedConv2dReLU,
+               FusedConvBNReLU)
 
 # The probe's slack past twice the original's own error, relative to the output's scale: a few float32 ulps, as
 # every op here computes in float32 at least (a float64 original that computes in float32 inside is its own yardstick).

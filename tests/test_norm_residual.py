@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fusedkernels
 import fusedkernels.nn as fnn
 import fusedkernels.ops as fops
 from fusedkernels import _native
@@ -395,9 +396,13 @@ def test_bad_inputs_raise_clear_errors(device):
         (lambda: fops.add_layer_norm(x, residual[:, :8]), RuntimeError, "residual must have x's shape"),
         (lambda: fops.add_rms_norm(x, residual, w[:8]), RuntimeError, "weight must have shape \\[16\\]"),
         (lambda: fops.add_rms_norm(x.half(), residual, None, None, torch.bfloat16), RuntimeError,
-         "residual_dtype must be x's dtype"),
-        (lambda: fops.add_rms_norm(x.half(), residual), RuntimeError, "residual must be x's dtype \\(float16\\)"),
-        (lambda: fops.bias_dropout_add_layer_norm(x, b, residual, w, nb, 1.5), RuntimeError, "p must be in"),
+         "residual stream's dtype .* must be x's dtype"),
+        (lambda: fops.add_rms_norm(x.half(), residual, None, None, torch.float16), RuntimeError,
+         "a float32 residual would be rounded to residual_dtype \\(float16\\): pass residual_dtype=torch.float32"),
+        (lambda: fops.add_layer_norm(x.bfloat16(), residual.double()), RuntimeError, "residual stream's dtype"),
+        (lambda: fops.add_layer_norm(x, residual, w.long()), RuntimeError, "weight must have x's dtype"),
+        (lambda: fops.add_layer_norm(x, residual, w, nb.double()), RuntimeError, "norm_bias must have x's dtype"),
+        (lambda: fops.bias_dropout_add_layer_norm(x, b, residual, w, nb, 1.5), ValueError, "p must be in"),
         (lambda: fops.bias_dropout_add_rms_norm(x, b.half(), residual, w, 0.1), RuntimeError,
          "bias must have x's dtype"),
         (lambda: fops.add_layer_norm([1.0], residual), TypeError, "must be a Tensor"),
@@ -411,6 +416,90 @@ def test_bad_inputs_raise_clear_errors(device):
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_residual_stream_dtype_follows_torch_promotion(device):
+    """residual_dtype=None: h takes the dtype of x + residual as torch promotes it (a float32 stream beside a 16-bit
+    x under autocast), out stays in x's dtype."""
+    x, residual, w, nb, _ = _inputs(5, 32, torch.bfloat16, device, torch.float32)
+    out, h = fops.add_layer_norm(x, residual, w, nb)
+    assert out.dtype == torch.bfloat16 and h.dtype == torch.float32
+    assert torch.equal(h, residual + x.float())
+    out2, h2 = fnn.FusedAddRMSNorm(32, device=device, dtype=torch.bfloat16)(x, residual)
+    assert out2.dtype == torch.bfloat16 and h2.dtype == torch.float32
+    _, h3 = fops.add_rms_norm(x.float(), residual.bfloat16())  # a 16-bit residual into a float32 x's stream
+    assert h3.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["bias_dropout_add_layer_norm", "bias_dropout_add_rms_norm"])
+def test_torch_func_transforms_with_dropout(device, kind):
+    """With dropout: torch.func.grad takes F.dropout's mask (the same for a seed); vmap draws a mask per sample
+    (as randomness="different"); a backward vmapped over its grads (is_grads_batched) regenerates the forward's
+    mask."""
+    x, residual, w, nb, _ = _inputs(4, 16, torch.float32, device)
+
+    def ours(w):
+        args = (x, None, residual, w, nb, 0.5) if kind.endswith("layer_norm") else (x, None, residual, w, 0.5)
+        return getattr(fops, kind)(*args)[0].square().sum()
+
+    def plain(w):
+        h = residual + F.dropout(x, 0.5)
+        out = F.layer_norm(h, (16,), w, nb, EPS) if kind.endswith("layer_norm") else F.rms_norm(h, (16,), w)
+        return out.square().sum()
+
+    torch.manual_seed(3)
+    got = torch.func.grad(ours)(w)
+    torch.manual_seed(3)
+    assert max_err(got, torch.func.grad(plain)(w)) < 1e-4
+
+    def h_of(t):
+        args = (t, None, torch.zeros_like(t), None, None, 0.5) if kind.endswith("layer_norm") else (
+            t, None, torch.zeros_like(t), None, 0.5)
+        return getattr(fops, kind)(*args)[1]
+
+    ones = torch.ones(4, 8, 16, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # functorch's note that the op has no batching rule of its own
+        per_sample = torch.func.vmap(h_of, randomness="different")(ones)
+    kept = per_sample != 0
+    assert all(torch.equal(per_sample[i][kept[i]], 2 * ones[i][kept[i]]) for i in range(4))
+    assert not all(torch.equal(kept[0], kept[i]) for i in range(1, 4))  # a mask per sample
+
+    xg = x.clone().requires_grad_()
+    args = (xg, None, residual, w, nb, 0.5) if kind.endswith("layer_norm") else (xg, None, residual, w, 0.5)
+    out, h = getattr(fops, kind)(*args)
+    grads = torch.randn(3, *out.shape, device=device)
+    (batched,) = torch.autograd.grad(out, xg, grads, retain_graph=True, is_grads_batched=True)
+    for i in range(3):
+        (one,) = torch.autograd.grad(out, xg, grads[i], retain_graph=True)
+        assert max_err(batched[i], one) < 1e-5
+
+
+def test_modules_arguments_repr_script_and_fuse():
+    """Constructor arguments in the norm's order (p keyword-only), residual_dtype in the repr, TorchScript, and
+    fuse() reporting the modules as already fused."""
+    m = fnn.FusedBiasDropoutAddLayerNorm(16, 1e-6)
+    assert m.eps == 1e-6 and m.p == 0.5
+    with pytest.raises(TypeError):
+        fnn.FusedBiasDropoutAddRMSNorm(16, 1e-6, True, None, None, 0.1)
+    assert "residual_dtype=torch.float32" in repr(fnn.FusedAddLayerNorm(16, residual_dtype=torch.float32))
+    assert "residual_dtype" not in repr(fnn.FusedAddRMSNorm(16)) and "p=0.2" in repr(
+        fnn.FusedBiasDropoutAddRMSNorm(16, p=0.2))
+    modules = [fnn.FusedAddLayerNorm(16), fnn.FusedAddRMSNorm(16, eps=1e-6), fnn.FusedBiasDropoutAddLayerNorm(16),
+               fnn.FusedBiasDropoutAddRMSNorm(16)]
+    report = fusedkernels.fuse(torch.nn.ModuleList(modules))
+    assert [e.status for e in report.entries if e.path] == ["already fused"] * 4, str(report)
+    if not _native.has_op("add_layer_norm"):
+        return  # TorchScript calls the native ops
+    x, residual = torch.randn(3, 16), torch.randn(3, 16)
+    for m in modules:
+        m.eval()
+        args = (x, residual) if "Dropout" not in type(m).__name__ else (x, None, residual)
+        scripted = torch.jit.script(m)
+        for a, e in zip(scripted(*args), m(*args)):
+            assert torch.equal(a, e)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -461,7 +550,7 @@ def test_without_native_module_the_reference_runs_with_the_same_checks(monkeypat
     assert max_err(out, want_out) == 0.0 and max_err(h, want_h) == 0.0
     (out.sum() + h.sum()).backward()
     assert x.grad is not None and b.grad is not None
-    with pytest.raises(RuntimeError, match="p must be in"):
+    with pytest.raises(ValueError, match="p must be in"):
         op(x, b, residual, w, nb, -0.5, EPS, True, None)
     with pytest.raises(RuntimeError, match="residual must have x's shape"):
         op(x, b, residual[:4], w, nb, 0.0, EPS, True, None)

@@ -11,6 +11,7 @@
 //     -> fusedkernels::add_norm_fwd  (AddNormBackward -> fusedkernels::add_norm_bwd)
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
@@ -504,16 +505,21 @@ at::ScalarType check_add_args(const char* op, const Tensor& x, const OptTensor& 
               ": x must be a floating-point tensor (float32, float16 or bfloat16 for the fused kernel), got ",
               name_of(x.scalar_type()));
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (the normalized one)");
-  const at::ScalarType rdt = residual_dtype.value_or(x.scalar_type());
-  TORCH_CHECK(rdt == x.scalar_type() || rdt == at::kFloat, op, ": residual_dtype must be x's dtype (",
+  TORCH_CHECK(at::isFloatingType(residual.scalar_type()), op, ": residual must be a floating-point tensor, got ",
+              name_of(residual.scalar_type()));
+  // The stream's dtype: residual_dtype, else that of x + residual as torch promotes it (a float32 stream beside a
+  // 16-bit x stays float32).
+  const at::ScalarType rdt = residual_dtype.value_or(at::promote_types(x.scalar_type(), residual.scalar_type()));
+  TORCH_CHECK(rdt == x.scalar_type() || rdt == at::kFloat, op,
+              ": the residual stream's dtype (residual_dtype, else x + residual's) must be x's dtype (",
               name_of(x.scalar_type()), ") or float32, got ", name_of(rdt));
   bool same = residual.dim() == x.dim();
   for (int64_t d = 0; same && d < x.dim(); ++d) same = sym_same(residual.sym_size(d), x.sym_size(d));
   TORCH_CHECK(same, op, ": residual must have x's shape ", shape(x), ", got ", shape(residual));
-  TORCH_CHECK(residual.scalar_type() == x.scalar_type() || residual.scalar_type() == rdt, op,
-              ": residual must be x's dtype (", name_of(x.scalar_type()), ") or residual_dtype (", name_of(rdt),
-              "), got ", name_of(residual.scalar_type()));
-  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", std::to_string(p));
+  TORCH_CHECK(at::promote_types(residual.scalar_type(), rdt) == rdt, op, ": a ", name_of(residual.scalar_type()),
+              " residual would be rounded to residual_dtype (", name_of(rdt), "): pass residual_dtype=torch.float32, or a ",
+              name_of(rdt), " residual");
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", std::to_string(p));
   const c10::SymInt hidden = x.sym_size(-1);
   for (const auto& [name, t] : {std::pair{"bias", &bias}, std::pair{"weight", &weight},
                                 std::pair{"norm_bias", &norm_bias}}) {
@@ -523,6 +529,11 @@ at::ScalarType check_add_args(const char* op, const Tensor& x, const OptTensor& 
   }
   TORCH_CHECK(!bias || bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype (",
               name_of(x.scalar_type()), "), got ", name_of(bias->scalar_type()));
+  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"norm_bias", &norm_bias}}) {
+    TORCH_CHECK(!t->has_value() || (*t)->scalar_type() == x.scalar_type() || (*t)->scalar_type() == at::kFloat, op, ": ",
+                name, " must have x's dtype (", name_of(x.scalar_type()), ") or float32, got ",
+                name_of((*t)->scalar_type()));
+  }
   for (const auto& [name, t] : {std::pair{"residual", &residual}, std::pair{"bias", bias ? &*bias : nullptr},
                                 std::pair{"weight", weight ? &*weight : nullptr},
                                 std::pair{"norm_bias", norm_bias ? &*norm_bias : nullptr}}) {
@@ -700,6 +711,12 @@ std::tuple<Tensor, Tensor> add_norm_composite(const char* op, const Tensor& x, c
   const Tensor r = residual.scalar_type() == rdt ? residual : residual.to(rdt);
   if (const char* why = add_fallback_reason(x, r, bias, weight, norm_bias)) {
     fusedkernels::warn_fallback(op, why, "the PyTorch reference");
+    return add_norm_reference(x, r, bias, weight, norm_bias, eps, drop, rdt, rms);
+  }
+  // Under a torch.func transform (grad, vjp, jvp) dropout takes the reference, whose at::dropout the transforms
+  // know: the fused op's mask is drawn and regenerated from a saved seed they cannot see through (its rng_state
+  // has no storage under grad). (vmap reaches here per sample, through functorch's fallback.)
+  if (drop > 0 && c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
     return add_norm_reference(x, r, bias, weight, norm_bias, eps, drop, rdt, rms);
   }
   auto [y, h, mean, rstd, rng_state] = add_norm_fwd_op().call(x.contiguous(), r.contiguous(), contiguous(bias),

@@ -89,10 +89,10 @@ def _last_dim(cls_name: str, normalized_shape) -> None:
 class FusedAddLayerNorm(nn.LayerNorm):
     """out, new_residual = layer_norm(x + residual), x + residual, in one kernel (fusedkernels.ops.add_layer_norm).
 
-    Takes nn.LayerNorm's arguments (normalized_shape: one size, the last dimension) and residual_dtype: None
-    (x's dtype) or torch.float32 for a float32 residual stream. forward(x, residual) -> (out, new_residual):
-    out in x's dtype, new_residual in residual_dtype. Raises ValueError for a normalized_shape of more than one
-    dimension.
+    Takes nn.LayerNorm's arguments (normalized_shape: one size, the last dimension) and residual_dtype: None (the
+    dtype of x + residual as torch promotes it: x's, or float32 for a float32 residual stream beside a 16-bit x) or
+    torch.float32. forward(x, residual) -> (out, new_residual): out in x's dtype, new_residual in residual_dtype.
+    Raises ValueError for a normalized_shape of more than one dimension.
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
@@ -102,7 +102,13 @@ class FusedAddLayerNorm(nn.LayerNorm):
         self.residual_dtype = residual_dtype
 
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return torch.ops.fusedkernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps,
+                                                         self.residual_dtype)
         return ops._add_layer_norm(x, residual, self.weight, self.bias, self.eps, self.residual_dtype)
+
+    def extra_repr(self) -> str:
+        return _with_residual_dtype(super().extra_repr(), self.residual_dtype)
 
 
 class FusedAddRMSNorm(nn.RMSNorm):
@@ -116,7 +122,12 @@ class FusedAddRMSNorm(nn.RMSNorm):
         self.residual_dtype = residual_dtype
 
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():
+            return torch.ops.fusedkernels.add_rms_norm(x, residual, self.weight, self.eps, self.residual_dtype)
         return ops._add_rms_norm(x, residual, self.weight, self.eps, self.residual_dtype)
+
+    def extra_repr(self) -> str:
+        return _with_residual_dtype(super().extra_repr(), self.residual_dtype)
 
 
 class FusedBiasDropoutAddLayerNorm(nn.LayerNorm):
@@ -124,15 +135,15 @@ class FusedBiasDropoutAddLayerNorm(nn.LayerNorm):
     (fusedkernels.ops.bias_dropout_add_layer_norm): a sublayer's output bias (the bias of the linear before it,
     kept out of that GEMM), dropout, the residual add and the next LayerNorm.
 
-    Takes nn.LayerNorm's arguments (normalized_shape: one size) plus p (the dropout probability, as
-    nn.Dropout's; applied in training mode only) and residual_dtype (None: x's; or torch.float32). Holds the
-    norm's weight and bias (nn.LayerNorm's state_dict keys). forward(x, bias, residual) -> (out, new_residual):
+    Takes nn.LayerNorm's arguments, in its order (normalized_shape: one size), then keyword-only p (the dropout
+    probability, as nn.Dropout's; applied in training mode only) and residual_dtype (as FusedAddLayerNorm's). Holds
+    the norm's weight and bias (nn.LayerNorm's state_dict keys). forward(x, bias, residual) -> (out, new_residual):
     bias is the [H] bias added to x before the dropout, or None. Raises ValueError for p outside [0, 1] or a
     normalized_shape of more than one dimension.
     """
 
-    def __init__(self, normalized_shape, p: float = 0.5, eps: float = 1e-5, elementwise_affine: bool = True,
-                 bias: bool = True, device=None, dtype=None, residual_dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None, *, p: float = 0.5, residual_dtype: Optional[torch.dtype] = None) -> None:
         _last_dim(type(self).__name__, normalized_shape)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{type(self).__name__}: p must be in [0, 1], got {p}")
@@ -140,20 +151,23 @@ class FusedBiasDropoutAddLayerNorm(nn.LayerNorm):
         self.p, self.residual_dtype = p, residual_dtype
 
     def forward(self, x: Tensor, bias: Optional[Tensor], residual: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():
+            return torch.ops.fusedkernels.bias_dropout_add_layer_norm(x, bias, residual, self.weight, self.bias, self.p,
+                                                                      self.eps, self.training, self.residual_dtype)
         return ops._bias_dropout_add_layer_norm(x, bias, residual, self.weight, self.bias, self.p, self.eps,
                                                 self.training, self.residual_dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}"
+        return _with_residual_dtype(f"{super().extra_repr()}, p={self.p}", self.residual_dtype)
 
 
 class FusedBiasDropoutAddRMSNorm(nn.RMSNorm):
     """out, new_residual = rms_norm(h), h with h = residual + dropout(x + bias), in one kernel
     (fusedkernels.ops.bias_dropout_add_rms_norm). As FusedBiasDropoutAddLayerNorm, with nn.RMSNorm's arguments
-    and state."""
+    (in its order; then keyword-only p and residual_dtype) and state."""
 
-    def __init__(self, normalized_shape, p: float = 0.5, eps: Optional[float] = None, elementwise_affine: bool = True,
-                 device=None, dtype=None, residual_dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True, device=None,
+                 dtype=None, *, p: float = 0.5, residual_dtype: Optional[torch.dtype] = None) -> None:
         _last_dim(type(self).__name__, normalized_shape)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{type(self).__name__}: p must be in [0, 1], got {p}")
@@ -161,8 +175,15 @@ class FusedBiasDropoutAddRMSNorm(nn.RMSNorm):
         self.p, self.residual_dtype = p, residual_dtype
 
     def forward(self, x: Tensor, bias: Optional[Tensor], residual: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.jit.is_scripting():
+            return torch.ops.fusedkernels.bias_dropout_add_rms_norm(x, bias, residual, self.weight, self.p, self.eps,
+                                                                    self.training, self.residual_dtype)
         return ops._bias_dropout_add_rms_norm(x, bias, residual, self.weight, self.p, self.eps, self.training,
                                               self.residual_dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}"
+        return _with_residual_dtype(f"{super().extra_repr()}, p={self.p}", self.residual_dtype)
+
+
+def _with_residual_dtype(repr_: str, residual_dtype: Optional[torch.dtype]) -> str:
+    return repr_ if residual_dtype is None else f"{repr_}, residual_dtype={residual_dtype}"

@@ -211,22 +211,28 @@ def _check_add_args(op, x, bias, residual, weight, norm_bias, p, residual_dtype,
                            f"kernel), got {_name(x.dtype)}")
     if x.dim() < 1:
         raise RuntimeError(f"{op}: x must have at least one dimension (the normalized one)")
-    rdt = x.dtype if residual_dtype is None else residual_dtype
+    if not residual.is_floating_point():
+        raise RuntimeError(f"{op}: residual must be a floating-point tensor, got {_name(residual.dtype)}")
+    rdt = torch.promote_types(x.dtype, residual.dtype) if residual_dtype is None else residual_dtype
     if rdt not in (x.dtype, torch.float32):
-        raise RuntimeError(f"{op}: residual_dtype must be x's dtype ({_name(x.dtype)}) or float32, got {_name(rdt)}")
+        raise RuntimeError(f"{op}: the residual stream's dtype (residual_dtype, else x + residual's) must be x's dtype "
+                           f"({_name(x.dtype)}) or float32, got {_name(rdt)}")
     if residual.shape != x.shape:
         raise RuntimeError(f"{op}: residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
-    if residual.dtype not in (x.dtype, rdt):
-        raise RuntimeError(f"{op}: residual must be x's dtype ({_name(x.dtype)}) or residual_dtype ({_name(rdt)}), "
-                           f"got {_name(residual.dtype)}")
+    if torch.promote_types(residual.dtype, rdt) != rdt:
+        raise RuntimeError(f"{op}: a {_name(residual.dtype)} residual would be rounded to residual_dtype "
+                           f"({_name(rdt)}): pass residual_dtype=torch.float32, or a {_name(rdt)} residual")
     if not 0.0 <= p <= 1.0:
-        raise RuntimeError(f"{op}: p must be in [0, 1], got {p:f}")
+        raise ValueError(f"{op}: p must be in [0, 1], got {p:f}")
     hidden = x.shape[-1]
     for name, t in (("bias", bias), ("weight", weight), ("norm_bias", norm_bias)):
         if t is not None and list(t.shape) != [hidden]:
             raise RuntimeError(f"{op}: {name} must have shape [{hidden}] (x's last dimension), got {list(t.shape)}")
     if bias is not None and bias.dtype != x.dtype:
         raise RuntimeError(f"{op}: bias must have x's dtype ({_name(x.dtype)}), got {_name(bias.dtype)}")
+    for name, t in (("weight", weight), ("norm_bias", norm_bias)):
+        if t is not None and t.dtype not in (x.dtype, torch.float32):
+            raise RuntimeError(f"{op}: {name} must have x's dtype ({_name(x.dtype)}) or float32, got {_name(t.dtype)}")
     for name, t in (("residual", residual), ("bias", bias), ("weight", weight), ("norm_bias", norm_bias)):
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
@@ -282,16 +288,18 @@ def add_layer_norm(
     residual + LayerNorm kernels).
 
     x: [..., H], float32 / float16 / bfloat16 (fused kernel on CUDA) or float64, any layout; normalized over the
-    last dimension. residual: x's shape, in x's dtype or residual_dtype. residual_dtype: the new residual's dtype,
-    None (x's) or torch.float32 (a float32 residual stream with 16-bit activations). The sum is computed in
+    last dimension. residual: x's shape, any floating dtype that converts to residual_dtype without rounding.
+    residual_dtype: the new residual's dtype, x's or torch.float32 (a float32 residual stream with 16-bit
+    activations); None: that of x + residual as torch promotes it (float32 for a float32 residual beside a
+    16-bit x, else x's). The sum is computed in
     float32 and rounded to residual_dtype; the norm reads the rounded value, so out = layer_norm(h) exactly as
     the returned h holds it. weight / bias: [H] in x's dtype or float32, or None. Returns out in x's dtype and h
     in residual_dtype. Differentiable in every tensor (the backward takes grads of both results), to any
     order; dweight / dbias are deterministic. Autocast does not cast (the op keeps x's dtype).
 
-    Raises RuntimeError for a non-floating x, a 0-D x, a residual of another shape or dtype, a residual_dtype
-    other than x's or float32, parameters not [H], tensors on another device; TypeError for arguments of the
-    wrong type. CUDA inputs without a kernel (float64, H > 65536, other parameter dtypes) run the reference with
+    Raises RuntimeError for a non-floating x, a 0-D x, a residual of another shape or one residual_dtype would
+    round, a residual_dtype other than x's or float32, parameters not [H] or (weight, bias) not in x's dtype or
+    float32, tensors on another device; TypeError for arguments of the wrong type. CUDA inputs without a kernel (float64, H > 65536, other parameter dtypes) run the reference with
     one UserWarning; without the native module the reference runs after the same checks.
     """
     _check_x("add_layer_norm", x)
@@ -332,8 +340,11 @@ def bias_dropout_add_layer_norm(
     dropout. The mask comes from a counter-based generator (Philox4x32-10, Salmon et al. 2011) keyed by the
     seed and offset torch's CUDA generator hands out: the same for a fixed torch.manual_seed, CUDA-graph
     capturable, and regenerated by the backward instead of stored. weight / norm_bias: the norm's parameters.
-    Otherwise as `add_layer_norm` (shapes, residual_dtype, results, errors; also RuntimeError for p outside
-    [0, 1]). The reference path (CPU, no kernel) draws its mask from torch's generator of x's device.
+    Otherwise as `add_layer_norm` (shapes, residual_dtype, results, errors; also ValueError for p outside [0, 1],
+    as F.dropout). On the CPU the mask is drawn from a seed taken from torch's CPU generator (the same for a fixed
+    torch.manual_seed) and regenerated from it by the backward. Under torch.func's grad, vjp, jacrev or jvp with
+    dropout, and where no kernel takes the inputs, the PyTorch reference runs (F.dropout's mask); vmap runs the op
+    per sample, a mask each whatever its `randomness` flag.
     """
     _check_x("bias_dropout_add_layer_norm", x)
     return _bias_dropout_add_layer_norm(x, bias, residual, weight, norm_bias, p, eps, training, residual_dtype)

@@ -6,6 +6,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/PhiloxCudaState.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <mutex>
 #include <optional>
@@ -46,6 +47,11 @@ inline int64_t cpu_dropout_seed(const std::optional<at::Generator>& generator) {
 }
 
 inline at::Tensor cpu_dropout_keep(int64_t seed, c10::SymIntArrayRef shape, double p) {
+  // A function of the seed alone, whatever vmap or torch.func transform is active (a backward run under vmap, as
+  // autograd.grad(is_grads_batched=True) does, regenerates the forward's mask): drawn beneath them.
+  const c10::impl::ExcludeDispatchKeyGuard beneath_transforms(c10::DispatchKeySet(
+      {c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode,
+       c10::DispatchKey::FuncTorchVmapMode, c10::DispatchKey::VmapMode}));
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
   return at::rand_symint(shape, gen, at::TensorOptions().dtype(at::kFloat)).ge(p);
 }
