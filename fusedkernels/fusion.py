@@ -166,9 +166,9 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False, lm_h
     Hugging Face Llama-family models (Llama, Mistral, Qwen2, Qwen3, ...), recognised by structure: attention modules
     calling their modeling file's apply_rotary_pos_emb get a subclass of their class whose forward runs
     ops.apply_rotary there; a *ForCausalLM (lm_head an nn.Linear, a `model` child, transformers' ForCausalLMLoss)
-    gets one whose forward, when labels are given, computes the loss with ops.linear_cross_entropy on the final
-    hidden states, never building the logits, and returns logits=None. lm_head_loss=False leaves the latter (logits
-    are then returned with the loss, as before).
+    gets one whose forward, in training mode when labels are given (and lm_head is still a plain nn.Linear),
+    computes the loss with ops.linear_cross_entropy on the final hidden states, never building the logits, and
+    returns logits=None. lm_head_loss=False leaves the latter (logits are then returned with the loss, as before).
 
     Raises TypeError when model is not an nn.Module, and ValueError when it is (or holds) a module wrapped by
     DistributedDataParallel or FSDP2's fully_shard: call fuse() before wrapping (a swap may bring parameters the
@@ -789,17 +789,21 @@ class RotaryAttention(Pattern):
     file's apply_rotary_pos_emb(q, k, cos, sin, ...) (Llama, Mistral, Qwen2, Qwen3, ...) -> its class switched to a
     subclass of the same name whose forward is the class's own, calling ops.apply_rotary there
     (integrations.transformers.rotary_attention_class; the modeling module is not patched). Parameters, children and
-    hooks stay. The probe runs the whole attention forward with a rotary table, so a differently written
-    apply_rotary_pos_emb (interleaved pairs, another formula) fails it and is left."""
+    hooks stay. The module's apply_rotary_pos_emb is first checked on its own against ops.apply_rotary (a differently
+    written one, interleaved pairs or another formula, is left), then the probe runs the whole attention forward."""
 
     def match(self, path, module, model, merge):
         if isinstance(module, hf.FusedRotaryAttention):  # children are still visited (a Qwen3 q_norm, ...)
             return [FuseEntry(path, type(module).__name__, ALREADY_FUSED)]
         q_proj, head_dim = getattr(module, "q_proj", None), getattr(module, "head_dim", None)
-        if type(q_proj) is not nn.Linear or type(head_dim) is not int or hf.hf_rotary_function(module) is None:
+        rotary = hf.hf_rotary_function(module)
+        if type(q_proj) is not nn.Linear or type(head_dim) is not int or rotary is None:
             return None
-        cls = hf.rotary_attention_class(type(module))
         name = type(module).__name__
+        if head_dim % 2 or not hf.rotary_matches(rotary, head_dim):
+            return [FuseEntry(path, name, LEFT, reason="its apply_rotary_pos_emb computes another rotation than HF "
+                                                       "Llama's (interleaved pairs, another formula)")]
+        cls = hf.rotary_attention_class(type(module))
         candidate = Candidate(_AttentionProbe(_switched(module, cls), head_dim), f"{name} + ops.apply_rotary",
                               _switch(module, cls))
         return [Rewrite(path, _AttentionProbe(module, head_dim), [candidate], list(module.modules()),
@@ -831,14 +835,20 @@ class _LossProbe(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         labels = torch.randint(0, self.vocab, x.shape[:2], generator=torch.Generator().manual_seed(1))
         labels[0, 1] = labels[1, -2] = -100
-        return type(self.lm).forward(self.lm, inputs_embeds=x, labels=labels.to(x.device)).loss
+        training = self.lm.training  # the fused loss runs in training mode (its decoder is the probe's stand-in)
+        self.lm.training = True
+        try:
+            return type(self.lm).forward(self.lm, inputs_embeds=x, labels=labels.to(x.device)).loss
+        finally:
+            self.lm.training = training
 
 
 class CausalLMLoss(Pattern):
     """A Hugging Face *ForCausalLM (an nn.Linear `lm_head` and a `model` child used by its forward, the loss
-    transformers' ForCausalLMLoss) -> its class switched to a subclass of the same name whose forward, given labels,
-    runs the model's own forward with lm_head passing the final hidden states to ops.linear_cross_entropy (HF's label
-    shift, ignore_index and num_items_in_batch), returning logits=None; without labels it is the class's own forward
+    transformers' ForCausalLMLoss) -> its class switched to a subclass of the same name whose forward, in training
+    mode given labels, runs the model's own forward with lm_head passing the final hidden states to
+    ops.linear_cross_entropy (HF's label shift, ignore_index and num_items_in_batch), returning logits=None; otherwise
+    (no labels, eval mode, an lm_head wrapped or hooked since) it is the class's own forward
     (integrations.transformers.causal_lm_loss_class). Probed on the head and the loss alone (the decoder replaced by
     the probe input), so whatever the forward does to the logits before the loss (a soft cap) fails the probe.
     fuse(model, lm_head_loss=False) leaves it."""
@@ -861,7 +871,7 @@ class CausalLMLoss(Pattern):
         cls = hf.causal_lm_loss_class(type(module))
         candidate = Candidate(_LossProbe(_switched(probed, cls), lm_head.out_features),
                               f"{name} + ops.linear_cross_entropy", _switch(module, cls),
-                              "with labels, logits=None (never built); fuse(model, lm_head_loss=False) keeps them")
+                              "in training with labels, logits=None (never built); fuse(model, lm_head_loss=False) keeps them")
         return [Rewrite(path, _LossProbe(probed, lm_head.out_features), [candidate], [module, lm_head],
                         _rows((lm_head.in_features,)), name=name)]
 

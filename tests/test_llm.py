@@ -162,6 +162,15 @@ def test_rotary_inplace(device, impl):
     assert max_err(x.grad, xr.grad) < 1e-4 and max_err(y.grad, yr.grad) < 1e-5
     with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
         fops.apply_rotary(x, y, cos.float(), sin.float(), inplace=True)
+    # without grad, the kernel's write moves q's and k's version counters: a backward through a value saved before
+    # it raises instead of reading the rotated one (as after any in-place op)
+    w = torch.randn_like(qi, requires_grad=True)
+    product = (w * qi).sum()
+    versions = qi._version, ki._version
+    fops.apply_rotary(qi, ki, cos, sin, inplace=True)
+    assert qi._version > versions[0] and ki._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        product.backward()
 
 
 def test_rotary_gradcheck_and_double_backward():
@@ -474,6 +483,45 @@ def test_linear_cross_entropy_under_autocast(device, impl):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["op", "python"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_under_torch_func(device, impl, reduction):
+    """torch.func.grad / vjp give autograd's gradients (the transforms run the differentiable reference)."""
+    h, w, b, t = _lce_inputs(13, 8, 11, torch.float32, device)
+    t[2] = -100
+    fn = fops.linear_cross_entropy if impl == "op" else llm._lce_without_native
+
+    def loss(h, w, b):
+        out = fn(h, w, t, b, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, reduction=reduction)
+        return out.sum() if reduction == "none" else out
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(h, w, b)
+    leaves = [x.detach().requires_grad_() for x in (h, w, b)]
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    for name, a, e in zip(("dhidden", "dweight", "dbias"), got, want):
+        assert max_err(a, e) < 1e-5, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reduction_none_gradients_with_poisoned_memory(device):
+    """bf16, reduction none, a vocabulary that is not a multiple of 8, two chunks, the memory of the logits buffer
+    poisoned with NaN: every gradient row finite and right (PyTorch's CPU bf16 matmul reads the gap between a view's
+    rows, so the buffer must have none there)."""
+    h = torch.randn(2048, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(50, 16, device=device) * 0.3).to(torch.bfloat16)
+    t = torch.randint(0, 50, (2048,), device=device)
+    poison_allocator(torch.empty(1024, 56, device=device, dtype=torch.bfloat16))
+    loss = fops.linear_cross_entropy(h, w, t, reduction="none", chunk_size=1024)
+    dloss = torch.rand(2048, device=device)
+    (dh,) = torch.autograd.grad(loss, h, dloss)
+    assert torch.isfinite(dh).all()
+    href = h.detach().double().requires_grad_()
+    ref = F.cross_entropy(F.linear(href, w.double()), t, reduction="none")
+    (dref,) = torch.autograd.grad(ref, href, dloss.double())
+    assert max_err(dh, dref) < 2e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_module_is_a_linear_head_plus_cross_entropy(device):
     head = torch.nn.Linear(16, 23, device=device)
     x = torch.randn(3, 5, 16, device=device)
@@ -494,7 +542,12 @@ def test_module_is_a_linear_head_plus_cross_entropy(device):
     # the weight (and bias) passed directly, reduction none
     per_token = fnn.FusedLinearCrossEntropyLoss(reduction="none")(x, head.weight, labels, head.bias)
     assert per_token.shape == labels.shape
-    assert "label_smoothing=0.1" in repr(ours)
+    assert "label_smoothing=0.1" in repr(ours) and "chunk_size=0" in repr(ours)
+    # a head whose forward is not x W^T + b (an nn.Linear subclass), or a second bias, is refused, not misread
+    with pytest.raises(TypeError, match="must be an nn.Linear or a weight tensor, got FusedLinear"):
+        ours(x, fnn.FusedLinear(16, 23, activation="relu", device=device), labels)
+    with pytest.raises(TypeError, match="bias is given by the nn.Linear head"):
+        ours(x, head, labels, head.bias)
 
 
 @pytest.mark.cuda

@@ -12,6 +12,7 @@
 //     -> fusedkernels::linear_cross_entropy_fwd   Autograd: mean / sum compute the gradients in the forward and the
 //        backward scales them by the loss's grad; none recomputes each chunk in linear_cross_entropy_bwd
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
@@ -243,7 +244,9 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
 
   CrossEntropyParams spec;
   spec.vocab = vocab;
-  spec.ld = round_up(vocab, kRowAlign);
+  // CUDA: 16-byte rows for the kernel. CPU: contiguous rows, as PyTorch's CPU bf16 matmul reads the gap between a
+  // view's rows (uninitialised there: NaN rows in dhidden of reduction none).
+  spec.ld = hidden.is_cuda() ? round_up(vocab, kRowAlign) : vocab;
   spec.ignore_index = ignore_index;
   spec.label_smoothing = static_cast<float>(label_smoothing);
   spec.z_loss = static_cast<float>(z_loss);
@@ -563,6 +566,24 @@ void check_lce_args(const char* op, const Tensor& hidden, const Tensor& weight, 
                     num(chunk_size));
 }
 
+// F.cross_entropy(softcap(F.linear(h, W, b)), target, ...) + z_loss * logsumexp^2 per token not ignored, in
+// differentiable ATen ops over the whole [tokens, vocab] logits: what runs under torch.func transforms (grad, vjp,
+// vmap), which differentiate through ATen's formulas; the fused op's backward scales gradients saved by its
+// forward, which they cannot see through.
+Tensor lce_differentiable_reference(const Tensor& h, const Tensor& weight, const Tensor& target, const OptTensor& bias,
+                                    int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
+                                    double softcap) {
+  const auto acc = opmath_dtype(h.scalar_type());
+  Tensor z = at::linear(h, weight, bias).to(acc);
+  if (softcap > 0) z = softcap * at::tanh(z / softcap);
+  const Tensor lse = at::logsumexp(z, {1});
+  const Tensor valid = target != ignore_index;
+  const Tensor picked = z.gather(1, at::where(valid, target, 0).unsqueeze(1)).squeeze(1);
+  const double e = label_smoothing;
+  const Tensor row = at::where(valid, lse - (1 - e) * picked - e / weight.size(0) * z.sum(1) + z_loss * lse.square(), 0);
+  return reduction == kNone ? row : reduction == kSum ? row.sum() : row.sum() / valid.sum().to(acc);
+}
+
 Tensor linear_cross_entropy_composite(const Tensor& hidden, const Tensor& weight, const Tensor& target,
                                       const OptTensor& bias, int64_t ignore_index, c10::string_view reduction,
                                       double label_smoothing, double z_loss, std::optional<double> softcap,
@@ -575,8 +596,12 @@ Tensor linear_cross_entropy_composite(const Tensor& hidden, const Tensor& weight
   // no reshape where the shapes fit already: each view is a host op, and an autograd node under grad
   const Tensor h = (hidden.dim() == 2 ? hidden : hidden.reshape_symint({-1, hidden.sym_size(-1)})).contiguous();
   const Tensor t = (target.dim() == 1 ? target : target.reshape({-1})).contiguous();
-  const Tensor loss = std::get<0>(lce_fwd_op().call(h, weight, t, bias, ignore_index, red, label_smoothing, z_loss,
-                                                    softcap.value_or(0.0), chunk_size, {false, false, false}));
+  const Tensor loss =
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)
+          ? lce_differentiable_reference(h, weight, t, bias, ignore_index, red, label_smoothing, z_loss,
+                                         softcap.value_or(0.0))
+          : std::get<0>(lce_fwd_op().call(h, weight, t, bias, ignore_index, red, label_smoothing, z_loss,
+                                          softcap.value_or(0.0), chunk_size, {false, false, false}));
   return red == kNone && target.dim() != 1 ? loss.view_symint(target.sym_sizes()) : loss;
 }
 
@@ -857,7 +882,7 @@ TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) {
   m.impl("rotary_fwd", &rotary_fwd_autograd);
   m.impl("linear_cross_entropy_fwd", &lce_fwd_autograd);
   // Differentiating these directly is an error (the public ops' backward covers what they compute).
-  m.impl("rotary_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("rotary_", torch::CppFunction::makeFromBoxedFunction<&inplace_without_derivative>());
   m.impl("linear_cross_entropy_bwd", torch::autograd::autogradNotImplementedFallback());
 }
 

@@ -226,6 +226,25 @@ def hf_rotary_function(module: torch.nn.Module):
     return fn if params[:4] == ["q", "k", "cos", "sin"] else None
 
 
+def rotary_matches(fn, head_dim: int) -> bool:
+    """Whether fn(q, k, cos, sin) (a modeling file's apply_rotary_pos_emb) computes the rotation `_ops_rotary` does,
+    on unit-scale q, k and a table in HF's form (both halves of each angle: torch.cat((freqs, freqs), -1)), in
+    float64. The attention probe cannot tell on its own: with freshly initialised weights the attention scores
+    are ~1e-4 and every rotation gives a near-uniform softmax (Cohere's interleaved pairs passed it)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 5, head_dim, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, 5, head_dim, generator=g, dtype=torch.float64)
+    freqs = torch.rand(1, 5, head_dim // 2, generator=g, dtype=torch.float64) * 3
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    try:
+        want = fn(q, k, cos, sin)
+    except Exception:  # noqa: BLE001 - a function that takes another table is not this one
+        return False
+    got = _ops_rotary(q, k, cos, sin)
+    return all(isinstance(w, Tensor) and w.shape == o.shape and torch.allclose(w, o, rtol=1e-9, atol=1e-9)
+               for o, w in zip(got, want))
+
+
 class FusedRotaryAttention:
     """Marks an attention module whose class fuse() switched to `rotary_attention_class(cls)`."""
 
@@ -261,8 +280,24 @@ def is_hf_causal_lm_loss(fn) -> bool:
 _LM_LOSS: contextvars.ContextVar = contextvars.ContextVar("fusedkernels_lm_loss", default=None)
 
 
-def _hidden_states(hidden: Tensor) -> Tensor:
-    return hidden
+class _PassThroughHead:
+    """lm_head during a labelled forward: hands the hidden states through, remembering what it returned (the
+    forward's "logits", removed from its outputs)."""
+
+    def __init__(self) -> None:
+        self.returned: list = []
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        self.returned.append(hidden)
+        return hidden
+
+
+def _plain_head(head) -> bool:
+    """lm_head is a plain nn.Linear that nothing intercepts now (a wrapper such as a LoRA adapter, or a hook, added
+    after fuse() would be skipped by the fused loss, which reads weight and bias)."""
+    module = torch.nn.modules.module
+    return (type(head) is torch.nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+            and not (module._global_forward_hooks or module._global_forward_pre_hooks))
 
 
 def _causal_lm_loss(lm_head: torch.nn.Linear, logits: Tensor, labels: Tensor, vocab_size: int,
@@ -285,32 +320,42 @@ def _causal_lm_loss(lm_head: torch.nn.Linear, logits: Tensor, labels: Tensor, vo
 
 
 class FusedLinearCrossEntropyCausalLM:
-    """Mixin of `causal_lm_loss_class(cls)`: with labels, the model's own forward runs with lm_head passing the
-    hidden states through and loss_function computing ops.linear_cross_entropy on them, and logits come back None;
-    without labels (or with a loss_function set to something other than ForCausalLMLoss) the forward is cls's."""
+    """Mixin of `causal_lm_loss_class(cls)`: in training mode with labels, the model's own forward runs with lm_head
+    passing the hidden states through and loss_function computing ops.linear_cross_entropy on them, and logits come
+    back None (Liger-Kernel's rule: evaluation keeps its logits for metrics); otherwise, or when lm_head is no longer
+    a plain nn.Linear (wrapped, hooked) or loss_function is not ForCausalLMLoss, the forward is cls's."""
 
     def forward(self, *args, **kwargs):
         at = _LABELS_AT[type(self)]
         labels = kwargs.get("labels", args[at] if at is not None and len(args) > at else None)
-        if labels is None or not is_hf_causal_lm_loss(super().loss_function):
+        if (labels is None or not self.training or not _plain_head(self._modules.get("lm_head"))
+                or not is_hf_causal_lm_loss(super().loss_function)):
             return super().forward(*args, **kwargs)
-        token = _LM_LOSS.set(self)
+        head = _PassThroughHead()
+        token = _LM_LOSS.set((self, head))
         try:
             out = super().forward(*args, **kwargs)
         finally:
             _LM_LOSS.reset(token)
-        if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...), where a None field is left out
-            return out[:1] + out[2:]
+        if isinstance(out, tuple):  # return_dict=False: the fields that are not None, in order; drop the "logits"
+            return tuple(v for v in out if not any(v is r for r in head.returned))
         return type(out)(**{k: v for k, v in out.items() if k != "logits"})
 
+    def _labelled_call(self):
+        """The pass-through head of this model's labelled forward running in this context, or None."""
+        running = _LM_LOSS.get()
+        return running[1] if running is not None and running[0] is self else None
+
     def __getattr__(self, name: str):
-        if name == "lm_head" and _LM_LOSS.get() is self:
-            return _hidden_states
+        if name == "lm_head":
+            head = self._labelled_call()
+            if head is not None:
+                return head
         return super().__getattr__(name)
 
     @property
     def loss_function(self):
-        if _LM_LOSS.get() is self:
+        if self._labelled_call() is not None:
             return functools.partial(_causal_lm_loss, self._modules["lm_head"])
         return super().loss_function
 

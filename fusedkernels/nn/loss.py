@@ -20,8 +20,9 @@ class FusedLinearCrossEntropyLoss(nn.Module):
 
     Constructor arguments: nn.CrossEntropyLoss's ignore_index, reduction and label_smoothing (no class weights), and
     z_loss, softcap, chunk_size as in linear_cross_entropy. forward(hidden [..., H], head, target [...] int64,
-    bias=None): head is the nn.Linear (its weight [V, H] and bias are used) or its weight tensor. Returns the loss
-    in float32 (float64 for float64 inputs).
+    bias=None): head is an nn.Linear (its weight [V, H] and bias are used; not a subclass, whose forward may compute
+    something else, nor with a bias given besides) or a weight tensor. Returns the loss in float32 (float64 for
+    float64 inputs). Raises TypeError for a head of another type.
     """
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
@@ -32,11 +33,19 @@ class FusedLinearCrossEntropyLoss(nn.Module):
 
     def forward(self, hidden: Tensor, head: Union[nn.Linear, Tensor], target: Tensor,
                 bias: Optional[Tensor] = None) -> Tensor:
-        if isinstance(head, nn.Linear):
+        if isinstance(head, nn.Module):
+            if type(head) is not nn.Linear:
+                raise TypeError(f"FusedLinearCrossEntropyLoss: head must be an nn.Linear or a weight tensor, got "
+                                f"{type(head).__name__} (a subclass's forward may differ from x W^T + b: pass its "
+                                "weight and bias if it computes that)")
+            if bias is not None:
+                raise TypeError("FusedLinearCrossEntropyLoss: bias is given by the nn.Linear head; pass its weight "
+                                "tensor to give another bias")
             head, bias = head.weight, head.bias
         return ops.linear_cross_entropy(hidden, head, target, bias, self.ignore_index, self.reduction,
                                         self.label_smoothing, self.z_loss, self.softcap, self.chunk_size)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+                f"chunk_size={self.chunk_size}")

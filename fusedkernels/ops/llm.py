@@ -408,6 +408,9 @@ def _lce_without_native(hidden, weight, target, bias=None, ignore_index=-100, re
             row = int(bad.reshape(-1).nonzero()[0])
             raise IndexError(f"{op}: target {int(target.reshape(-1)[row])} at position {row} is out of bounds for "
                              f"{weight.shape[0]} classes (and is not ignore_index)")
+    if torch._C._are_functorch_transforms_active():  # torch.func differentiates ATen's formulas, as the native op
+        return linear_cross_entropy_ref(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+                                        softcap)
     h = hidden.reshape(-1, hidden.shape[-1])
     tokens = h.shape[0]
     chunk = min(chunk_size, max(tokens, 1)) if chunk_size else _auto_chunk(tokens, h.shape[1], weight.shape[0])
@@ -456,7 +459,9 @@ def linear_cross_entropy(
     [0, 1]; ValueError for an unknown reduction, a negative z_loss, a softcap <= 0, a negative chunk_size; TypeError for
     arguments of the wrong type; NotImplementedError for sparse or nested tensors, forward-mode AD, and a backward
     that is itself differentiated (create_graph=True). A target outside [0, V) that is not ignore_index raises
-    IndexError on the CPU; on CUDA its token's loss and gradients are NaN (no host sync).
+    IndexError on the CPU; on CUDA its token's loss and gradients are NaN (no host sync). Under torch.func transforms
+    (grad, vjp, vmap) the unchunked reference runs (`linear_cross_entropy_ref`: it builds the logits), whose ATen
+    formulas the transforms differentiate.
     """
     return _linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
                                  chunk_size)

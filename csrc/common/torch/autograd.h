@@ -58,4 +58,21 @@ inline void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKe
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
 }
 
+// The Autograd kernel of an internal in-place op with no derivative of its own (its public op records the
+// gradient): refuses a tensor that requires grad while grad mode is on, as autogradNotImplementedFallback does, but
+// dispatches on to ADInplaceOrView (bump_written_versions), which that fallback skips: the written tensors'
+// versions move, so a backward through a value saved before the write raises instead of reading the new one.
+inline void inplace_without_derivative(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                       torch::jit::Stack* stack) {
+  const size_t count = op.schema().arguments().size(), start = stack->size() - count;
+  if (at::GradMode::is_enabled()) {
+    for (size_t i = 0; i < count; ++i) {
+      const c10::IValue& value = (*stack)[start + i];
+      TORCH_CHECK(!value.isTensor() || !value.toTensor().requires_grad(), op.schema().name(),
+                  ": not differentiable (an input requires grad); the public op records the gradient");
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
 }  // namespace fusedkernels
