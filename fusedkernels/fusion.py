@@ -769,15 +769,16 @@ class ConvReLU(Pattern):
 
 class _AttentionProbe(nn.Module):
     """The probe's view of a Hugging Face attention module: hidden states [batch, seq, hidden] in, the attention
-    output out, with a rotary table as the model's rotary embedding hands it (cos / sin [batch, seq, head_dim] of
-    angles pos * 10000^(-2i / head_dim), in the input's dtype) and no mask."""
+    output out, with a rotary table as the model's rotary embedding hands it (cos / sin [batch, seq, rotary_dim] of
+    angles pos * 10000^(-2i / rotary_dim), in the input's dtype; rotary_dim < head_dim for partial rotary) and no
+    mask."""
 
-    def __init__(self, attn: nn.Module, head_dim: int) -> None:
+    def __init__(self, attn: nn.Module, rotary_dim: int) -> None:
         super().__init__()
-        self.attn, self.head_dim = attn, head_dim
+        self.attn, self.rotary_dim = attn, rotary_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        d, opts = self.head_dim, dict(device=x.device, dtype=torch.float64)
+        d, opts = self.rotary_dim, dict(device=x.device, dtype=torch.float64)
         freqs = (torch.arange(x.shape[1], **opts) * 7 + 1)[:, None] * 1e4 ** (-torch.arange(0, d, 2, **opts) / d)
         emb = torch.cat((freqs, freqs), -1).expand(x.shape[0], -1, -1)
         return type(self.attn).forward(self.attn, x, position_embeddings=(emb.cos().to(x.dtype), emb.sin().to(x.dtype)),
@@ -800,13 +801,17 @@ class RotaryAttention(Pattern):
         if type(q_proj) is not nn.Linear or type(head_dim) is not int or rotary is None:
             return None
         name = type(module).__name__
-        if head_dim % 2 or not hf.rotary_matches(rotary, head_dim):
+        rotary_dim = getattr(module, "rotary_ndims", head_dim)  # partial rotary (Phi, StableLM): the rotated width
+        if type(rotary_dim) is not int or not 0 < rotary_dim <= head_dim or rotary_dim % 2:
+            return [FuseEntry(path, name, LEFT, reason=f"a rotary width of {rotary_dim!r} (rotary_ndims) for head_dim "
+                                                       f"{head_dim}")]
+        if not hf.rotary_matches(rotary, rotary_dim):
             return [FuseEntry(path, name, LEFT, reason="its apply_rotary_pos_emb computes another rotation than HF "
                                                        "Llama's (interleaved pairs, another formula)")]
         cls = hf.rotary_attention_class(type(module))
-        candidate = Candidate(_AttentionProbe(_switched(module, cls), head_dim), f"{name} + ops.apply_rotary",
+        candidate = Candidate(_AttentionProbe(_switched(module, cls), rotary_dim), f"{name} + ops.apply_rotary",
                               _switch(module, cls))
-        return [Rewrite(path, _AttentionProbe(module, head_dim), [candidate], list(module.modules()),
+        return [Rewrite(path, _AttentionProbe(module, rotary_dim), [candidate], list(module.modules()),
                         _rows((q_proj.in_features,), top=-1), keeps_hooks=True, name=name)]
 
 

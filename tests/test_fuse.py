@@ -11,7 +11,7 @@ from torch import nn
 import fusedkernels
 import fusedkernels.nn as fnn
 
-from .helpers import DEVICES, assert_close_to_ref, assert_grad_close_to_ref
+from .helpers import DEVICES, assert_close_to_ref, assert_grad_close_to_ref, max_err
 
 # float16 on the CPU: torch's CPU matmul and norms take it too, but bf16 is what models run in.
 FUSE_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -765,6 +765,27 @@ def test_transformers_fused_loss_only_where_it_computes_the_same():
     got = moe(input_ids=ids, labels=ids, return_dict=False, output_router_logits=True)
     want = plain(input_ids=ids, labels=ids, return_dict=False, output_router_logits=True)
     assert len(got) == len(want) - 1 and torch.allclose(got[1], want[1])  # (loss, aux_loss, [logits dropped], ...)
+
+
+@pytest.mark.parametrize("config_name", ["PhiConfig", "StableLmConfig"])
+def test_transformers_partial_rotary(config_name):
+    """Partial rotary (rotary_ndims < head_dim: Phi, StableLM): the rotated width is probed and fused; loss and
+    gradients as the unfused model's."""
+    transformers = _transformers()
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = _randomize(transformers.AutoModelForCausalLM.from_config(config)).train()
+    assert model.model.layers[0].self_attn.rotary_ndims < model.model.layers[0].self_attn.head_dim
+    before = copy.deepcopy(model)
+    statuses = _statuses(fusedkernels.fuse(model))
+    assert statuses["model.layers.0.self_attn"][0] == "swapped", statuses
+    ids = torch.randint(0, 64, (2, 9))
+    out_after, g_after = _loss_and_grads(model, ids, ids)
+    out_before, g_before = _loss_and_grads(before, ids, ids)
+    assert abs(out_after.loss.item() - out_before.loss.item()) < 1e-5
+    for name in g_before:
+        assert max_err(g_after[name], g_before[name]) < 1e-5, name
 
 
 def test_transformers_rotary_of_interleaved_pairs_is_left():
