@@ -836,6 +836,9 @@ class _LossProbe(nn.Module):
     def __init__(self, lm: nn.Module, vocab: int) -> None:
         super().__init__()
         self.lm, self.vocab = lm, vocab
+        # a MoE model's router loss reads router logits the stand-in decoder does not have: the head and loss alone
+        moe = getattr(getattr(lm, "config", None), "output_router_logits", None) is not None
+        self.extra = {"output_router_logits": False} if moe else {}
 
     def forward(self, x: Tensor) -> Tensor:
         labels = torch.randint(0, self.vocab, x.shape[:2], generator=torch.Generator().manual_seed(1))
@@ -843,7 +846,7 @@ class _LossProbe(nn.Module):
         training = self.lm.training  # the fused loss runs in training mode (its decoder is the probe's stand-in)
         self.lm.training = True
         try:
-            return type(self.lm).forward(self.lm, inputs_embeds=x, labels=labels.to(x.device)).loss
+            return type(self.lm).forward(self.lm, inputs_embeds=x, labels=labels.to(x.device), **self.extra).loss
         finally:
             self.lm.training = training
 
