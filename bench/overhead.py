@@ -23,7 +23,8 @@ Same budget. Gated rows (`linear_gated ...`): ops.linear_gated(x, W, None, "swig
 same stacked weight W [2048, 1024], `gate, up = F.linear(x, W).chunk(2, -1); F.silu(gate) * up`, in the same three
 directions.
 
-Conv rows (`conv2d_bias_relu ...`): ops.conv2d_bias_relu against F.relu(F.conv2d(x, W, b, padding=1)) on x [1, 64, 8, 8]
+Residual rows (`add_rms_norm ...`): ops.add_rms_norm(x, residual, w) against `h = x + residual; F.rms_norm(h, ...)`
+at 4x4096 bf16; fwd+bwd is one call and one backward. Conv rows (`conv2d_bias_relu ...`): ops.conv2d_bias_relu against F.relu(F.conv2d(x, W, b, padding=1)) on x [1, 64, 8, 8]
 channels_last bf16, a 3x3 conv 64 -> 64 (the output feeds the next call of the chain). Rotary rows (`apply_rotary
 ...`): ops.apply_rotary(q, k, cos, sin) against Hugging Face's `q * cos + rotate_half(q) * sin` for q and k on
 [1, 16, 128, 64] bf16; fwd+bwd is one call and one backward. Loss rows (`linear_cross_entropy ...`):
@@ -296,6 +297,22 @@ def _loss_rows(add) -> None:
     del h, w, t, leaves
 
 
+def _add_norm_rows(add) -> None:
+    tokens, hidden = NORM_SHAPES[0]
+    shape = f"{tokens}x{hidden} bf16"
+    x, residual = (torch.randn(tokens, hidden, device="cuda", dtype=DTYPE) for _ in range(2))
+    w = (torch.rand(hidden, device="cuda") + 0.5).to(DTYPE)
+    leaves = [x.clone().requires_grad_(), residual.clone().requires_grad_(), w.clone().requires_grad_()]
+
+    def eager(x, residual, w):
+        h = x + residual
+        return F.rms_norm(h, (hidden,), w, 1e-6), h
+
+    impls = (("fusedkernels", lambda x, residual, w: ops.add_rms_norm(x, residual, w, 1e-6)), ("torch", eager))
+    _single_call_directions(add, f"add_rms_norm {{}} {shape}", impls, (x, residual, w), leaves)
+    del x, residual, w, leaves
+
+
 def _model(shapes):
     params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s in shapes]
     for p in params:
@@ -330,6 +347,7 @@ def run() -> list[Row]:
         print(f"  {case:<44} {impl:<14} host {ms * 1e3:8.1f} us   wall {wall_ms * 1e3:8.1f} us", flush=True)
 
     _norm_rows(add)
+    _add_norm_rows(add)
     _attention_rows(add)
     _linear_rows(add)
     _gated_rows(add)
