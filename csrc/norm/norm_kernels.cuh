@@ -44,9 +44,9 @@ constexpr int kFwdIters = kAdd ? 2 : kTpr == 1024 ? 8 : 4;
 constexpr int kFwdMaxTpr = 1024;
 // The forward is built for this many resident threads per SM (launch bounds: at most 42 registers a thread;
 // 65536 / 1536). A sweep over threads per row, vectors per thread and occupancy on the H200 (docs/perf-notes.md,
-// norm v6) found occupancy decides it: 1536 threads beat 1024 by 2-30% (add + norm had 78-98 registers: 2-3
-// blocks of 256 per SM), and 2048 (32 registers) spills add + norm's h. A float32 residual stream doubles h's
-// registers: 1024 threads for it.
+// norm v6) found occupancy decides add + norm's: 1536 threads beat 1024 by 5-17% and the unbounded build (78-98
+// registers: 2-3 blocks of 256 per SM) by 28-34%; 2048 (32 registers) spills its h. The plain norms measured
+// within a few % either way. A float32 residual stream doubles h's registers: 1024 threads for it.
 template <typename T, typename RT, bool kAdd, int kThreads>
 constexpr int kFwdMinBlocks = std::max(1, ((kAdd && sizeof(RT) > sizeof(T)) ? 1024 : 1536) / kThreads);
 template <typename T>
