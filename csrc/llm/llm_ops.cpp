@@ -297,6 +297,14 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
 // target raises on the CPU (as F.cross_entropy), gives a NaN row elsewhere (as the kernel)
 // ------------------------------------------------------------------------------------------------
 
+// Each token's loss from its (soft-capped) logits c [T, V] and logsumexp lse [T]: label-smoothed cross entropy
+// (torch's: (1 - e) * nll + e * the mean over classes of -log p) plus z_loss * lse^2. target [T, 1], in range.
+static Tensor token_losses(const Tensor& c, const Tensor& lse, const Tensor& target, double label_smoothing,
+                           double z_loss) {
+  const double e = label_smoothing;
+  return lse - (1 - e) * c.gather(1, target).squeeze(1) - e / c.size(1) * c.sum(1) + z_loss * lse.square();
+}
+
 void cross_entropy_chunk_reference(CrossEntropyParams spec, const Tensor& logits, int64_t start,
                                    const Tensor& all_targets, const Tensor& scale, const Tensor& all_losses,
                                    const Tensor& all_lse) {
@@ -318,9 +326,7 @@ void cross_entropy_chunk_reference(CrossEntropyParams spec, const Tensor& logits
   const auto finish = [&](const Tensor& v) { return at::where(bad, nan, at::where(valid, v, 0)); };
   const double e = spec.label_smoothing;
   if (spec.mode != CrossEntropyMode::kGrad) {
-    const Tensor row_loss = row_lse - (1 - e) * c.gather(1, safe_target).squeeze(1) - e / vocab * c.sum(1) +
-                            spec.z_loss * row_lse.square();
-    chunk(all_losses).copy_(finish(row_loss));
+    chunk(all_losses).copy_(finish(token_losses(c, row_lse, safe_target, e, spec.z_loss)));
     lse.copy_(finish(row_lse));
     if (spec.mode == CrossEntropyMode::kLoss) return;
   }
@@ -576,11 +582,10 @@ Tensor lce_differentiable_reference(const Tensor& h, const Tensor& weight, const
   const auto acc = opmath_dtype(h.scalar_type());
   Tensor z = at::linear(h, weight, bias).to(acc);
   if (softcap > 0) z = softcap * at::tanh(z / softcap);
-  const Tensor lse = at::logsumexp(z, {1});
   const Tensor valid = target != ignore_index;
-  const Tensor picked = z.gather(1, at::where(valid, target, 0).unsqueeze(1)).squeeze(1);
-  const double e = label_smoothing;
-  const Tensor row = at::where(valid, lse - (1 - e) * picked - e / weight.size(0) * z.sum(1) + z_loss * lse.square(), 0);
+  const Tensor row = at::where(
+      valid, token_losses(z, at::logsumexp(z, {1}), at::where(valid, target, 0).unsqueeze(1), label_smoothing, z_loss),
+      0);
   return reduction == kNone ? row : reduction == kSum ? row.sum() : row.sum() / valid.sum().to(acc);
 }
 
