@@ -165,7 +165,7 @@ void sweep_bwd(const Buffers& B, const char* name, float copy_us) {
   [&]<int... kI>(std::integer_sequence<int, kI...>) {
     ([&] {
       constexpr int kTpr = 8 << kI;
-      sweep_bwd_one<kRms, kAdd, kTpr, 2, bwd_min_blocks<kAdd, threads_for_tpr<kTpr>()>()>(B, name, copy_us);
+      sweep_bwd_one<kRms, kAdd, kTpr, 2, bwd_min_blocks<kAdd, false, threads_for_tpr<kTpr>()>()>(B, name, copy_us);
       sweep_bwd_one<kRms, kAdd, kTpr, 2, 3>(B, name, copy_us);
       sweep_bwd_one<kRms, kAdd, kTpr, 2, 4>(B, name, copy_us);
       sweep_bwd_one<kRms, kAdd, kTpr, 1, 4>(B, name, copy_us);

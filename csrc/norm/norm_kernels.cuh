@@ -49,9 +49,20 @@ constexpr int kFwdMaxTpr = 1024;
 // within a few % either way. A float32 residual stream doubles h's registers: 1024 threads for it.
 template <typename T, typename RT, bool kAdd, int kThreads>
 constexpr int kFwdMinBlocks = std::max(1, ((kAdd && sizeof(RT) > sizeof(T)) ? 1024 : 1536) / kThreads);
-template <typename T>
-constexpr int kBwdIters = 16 / kVec16<T>;
 constexpr int kBwdMaxTpr = 512;
+// The backward's 16-byte vectors per thread and resident threads per SM (its launch bounds). Default: 16 elements
+// a thread (x, dy and the fp32 dweight / dbias sums for them fit 80 registers at 768 threads per SM; add + norm,
+// also holding dresidual_out and dx_bias sums, 128 at 512). Narrow rows (16-bit types, at most kBwdNarrowVectors
+// vectors): a sweep on the H200 (docs/perf-notes.md, norm v7) found the plain norm faster with 32 elements a
+// thread at 512 threads per SM, a warp per row (more bytes in flight per row; H = 768 -13% / -7%), and add + norm
+// with 8 elements at 1024 threads per SM (H = 768 / 1024 -5 to -8%).
+constexpr int kBwdNarrowVectors = 128;
+template <typename T, typename RT>
+constexpr bool kBwdNarrowTypes = sizeof(T) == 2 && sizeof(RT) == 2;
+template <typename T, bool kAdd, bool kNarrow>
+constexpr int kBwdIters = !kNarrow ? 16 / kVec16<T> : kAdd ? 1 : 4;
+template <bool kAdd, bool kNarrow>
+constexpr int kBwdThreadsPerSm = !kNarrow ? (kAdd ? 512 : 768) : kAdd ? 1024 : 512;
 constexpr int kGeneralThreads = 256;
 
 template <int kTpr>
@@ -497,16 +508,14 @@ template <typename T, typename RT, bool kAdd, int kTpr, int kIters>
 using BwdStager = std::conditional_t<kAdd, RowStager<kTpr, kIters, kVec16<T>, RT, T, RT>,
                                      RowStager<kTpr, kIters, kVec16<T>, T, T>>;
 
-// Blocks per SM the backward's registers are sized for: 3 of 256 threads (80 registers); add + norm holds
-// more (h, dropout's mask, dx_bias sums), so 2 (128 registers).
-template <bool kAdd, int kThreads>
-constexpr int bwd_min_blocks() { return std::max(1, (kAdd ? 512 : 768) / kThreads); }
+// Blocks per SM the backward's registers are sized for (kBwdThreadsPerSm).
+template <bool kAdd, bool kNarrow, int kThreads>
+constexpr int bwd_min_blocks() { return std::max(1, kBwdThreadsPerSm<kAdd, kNarrow> / kThreads); }
 
 // Each block walks its rows (persistent grid), keeping the column sums of its columns in registers. The
 // inputs of the next row group are copied into shared memory (cp.async) while the current one is computed,
 // so loads stay in flight through the reductions and stores.
-template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, int kIters,
-          int kMinBlocks = bwd_min_blocks<kAdd, threads_for_tpr<kTpr>()>()>
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, int kIters, int kMinBlocks>
 __global__ void __launch_bounds__(threads_for_tpr<kTpr>(), kMinBlocks)
 bwd_registers_kernel(const BwdParamsT<kAdd> p) {
   using HT = RowT<T, RT, kAdd>;
@@ -750,33 +759,51 @@ __global__ void __launch_bounds__(kColTile * 32) reduce_partials_kernel(const fl
 // How the backward splits the rows, shared by the launcher and the workspace query.
 struct BwdPlan {
   bool registers;
+  bool narrow;             // register path: kBwdNarrowVectors or fewer 16-byte vectors of 16-bit types
   int tpr;                 // register path
   int64_t blocks;          // register path: persistent blocks; general path: row chunks
   int64_t rows_per_chunk;  // general path
   int64_t partial_rows() const { return blocks; }
 };
 
-template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr>
-constexpr auto bwd_registers_kernel_for = bwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kBwdIters<T>>;
-template <typename T, typename RT, bool kAdd, int kTpr>
-constexpr int kBwdSmem = BwdStager<T, RT, kAdd, kTpr, kBwdIters<T>>::kBytes;
+template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, bool kNarrow>
+constexpr auto bwd_registers_kernel_for =
+    bwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kBwdIters<T, kAdd, kNarrow>,
+                         bwd_min_blocks<kAdd, kNarrow, threads_for_tpr<kTpr>()>()>;
+template <typename T, typename RT, bool kAdd, int kTpr, bool kNarrow>
+constexpr int kBwdSmem = BwdStager<T, RT, kAdd, kTpr, kBwdIters<T, kAdd, kNarrow>>::kBytes;
+
+// Calls fn.template operator()<kTpr, kNarrow>() for the plan's register-path kernel (instantiated only for the
+// thread counts each variant can be given).
+template <typename T, typename RT, bool kAdd, typename Fn>
+void with_bwd_kernel(const BwdPlan& plan, Fn&& fn) {
+  with_tpr(plan.tpr, [&]<int kTpr>() {
+    if constexpr (kTpr <= kBwdMaxTpr) {
+      if constexpr (kBwdNarrowTypes<T, RT> && kTpr * kBwdIters<T, kAdd, true> <= kBwdNarrowVectors) {
+        if (plan.narrow) return fn.template operator()<kTpr, true>();
+      }
+      fn.template operator()<kTpr, false>();
+    }
+  });
+}
 
 template <typename T, typename WT, typename RT, bool kRms, bool kAdd>
 BwdPlan plan_bwd(const BwdParamsT<kAdd>& p) {
   BwdPlan plan{};
   const int nvec = p.hidden / kVec16<T>;
-  plan.registers = registers_fit<T, WT>({p.x, p.dy, p.dx}, p.weight, nullptr, p.hidden, kBwdMaxTpr * kBwdIters<T>);
+  plan.registers = registers_fit<T, WT>({p.x, p.dy, p.dx}, p.weight, nullptr, p.hidden,
+                                        kBwdMaxTpr * kBwdIters<T, kAdd, false>);
   if constexpr (kAdd) plan.registers = plan.registers && aligned16(p.dresidual_out) && aligned16(p.dresidual);
   if (plan.registers) {
+    plan.narrow = kBwdNarrowTypes<T, RT> && nvec <= kBwdNarrowVectors;
+    const int iters = plan.narrow ? kBwdIters<T, kAdd, true> : kBwdIters<T, kAdd, false>;
     for (int t : kTprChoices) {
-      if (t * kBwdIters<T> >= nvec) { plan.tpr = t; break; }
+      if (t * iters >= nvec) { plan.tpr = t; break; }
     }
     int blocks_per_sm = 1;
-    with_tpr(plan.tpr, [&]<int kTpr>() {
-      if constexpr (kTpr <= kBwdMaxTpr) {
-        blocks_per_sm = resident_blocks<bwd_registers_kernel_for<T, WT, RT, kRms, kAdd, kTpr>, threads_for_tpr<kTpr>(),
-                                        kBwdSmem<T, RT, kAdd, kTpr>>();
-      }
+    with_bwd_kernel<T, RT, kAdd>(plan, [&]<int kTpr, bool kNarrow>() {
+      blocks_per_sm = resident_blocks<bwd_registers_kernel_for<T, WT, RT, kRms, kAdd, kTpr, kNarrow>,
+                                      threads_for_tpr<kTpr>(), kBwdSmem<T, RT, kAdd, kTpr, kNarrow>>();
     });
     const int64_t rows_per_block = threads_for_tpr_host(plan.tpr) / plan.tpr;
     // Persistent: as many blocks as are resident at once; each keeps its column sums in registers.
@@ -811,18 +838,16 @@ cudaError_t launch_bwd(const BwdParamsT<kAdd>& p, cudaStream_t stream) {
   const BwdPlan plan = plan_bwd<T, WT, RT, kRms, kAdd>(p);
   const bool want_sums = wants_column_sums(p);
   if (plan.registers) {
-    with_tpr(plan.tpr, [&]<int kTpr>() {
-      if constexpr (kTpr <= kBwdMaxTpr) {
-        constexpr int kSmem = kBwdSmem<T, RT, kAdd, kTpr>;
-        constexpr auto kernel = bwd_registers_kernel_for<T, WT, RT, kRms, kAdd, kTpr>;
-        // The shared-memory opt-in, on this device. Needed even at kSmem <= 48 KiB: the limit without it
-        // counts the static arrays too (scratch, and the column-sum tile of kThreads * (kVec + 1) floats),
-        // and add + norm with a 16-bit residual stages exactly 48 KiB at 256 threads (2 stages x 2 vectors x
-        // 3 tensors x 256 threads x 16 B) beside a 9 KiB tile: "invalid argument" before resident_blocks
-        // opted in for any dynamic size (it did only past 48 KiB of dynamic memory).
-        resident_blocks<kernel, threads_for_tpr<kTpr>(), kSmem>();
-        kernel<<<plan.blocks, threads_for_tpr<kTpr>(), kSmem, stream>>>(p);
-      }
+    with_bwd_kernel<T, RT, kAdd>(plan, [&]<int kTpr, bool kNarrow>() {
+      constexpr int kSmem = kBwdSmem<T, RT, kAdd, kTpr, kNarrow>;
+      constexpr auto kernel = bwd_registers_kernel_for<T, WT, RT, kRms, kAdd, kTpr, kNarrow>;
+      // The shared-memory opt-in, on this device. Needed even at kSmem <= 48 KiB: the limit without it
+      // counts the static arrays too (scratch, and the column-sum tile of kThreads * (kVec + 1) floats),
+      // and add + norm with a 16-bit residual stages exactly 48 KiB at 256 threads (2 stages x 2 vectors x
+      // 3 tensors x 256 threads x 16 B) beside a 9 KiB tile: "invalid argument" before resident_blocks
+      // opted in for any dynamic size (it did only past 48 KiB of dynamic memory).
+      resident_blocks<kernel, threads_for_tpr<kTpr>(), kSmem>();
+      kernel<<<plan.blocks, threads_for_tpr<kTpr>(), kSmem, stream>>>(p);
     });
   } else {
     const int64_t blocks = std::min<int64_t>(p.rows, int64_t(sm_count()) * 16);
