@@ -949,15 +949,17 @@ def test_functional_ops_check_their_lists_on_the_cpu():
         fops.sgd_step_([p], [buf], [], [], [], lr=1.0, grad_scale=2.0)
 
 
-@pytest.mark.parametrize("cls", [FusedAdamW, FusedSGD])
-def test_torch_compile_of_a_cpu_step(cls):
+@pytest.mark.parametrize("cls, fullgraph", [(FusedAdamW, False), (FusedAdamW, True), (FusedSGD, False)])
+def test_torch_compile_of_a_cpu_step(cls, fullgraph):
+    """AdamW's step traces whole (docs/optim.md); SGD with momentum reads a value on the host (a graph break)."""
     params = _params("cpu")
     grads = _grads(params, steps=3)
     kwargs = dict(lr=1e-2, momentum=0.9) if cls is FusedSGD else dict(lr=1e-2)
     want, _ = _run(cls, params, grads, **kwargs)
     ps = [torch.nn.Parameter(p.clone()) for p in params]
     opt = cls(ps, **kwargs)
-    step = torch.compile(opt.step)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr": 0.0})  # a second group's plan
+    step = torch.compile(opt.step, fullgraph=fullgraph)
     for gs in grads:
         for p, g in zip(ps, gs):
             p.grad = g.clone()

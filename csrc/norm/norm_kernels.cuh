@@ -49,6 +49,15 @@ constexpr int kFwdMaxTpr = 1024;
 // within a few % either way. A float32 residual stream doubles h's registers: 1024 threads for it.
 template <typename T, typename RT, bool kAdd, int kThreads>
 constexpr int kFwdMinBlocks = std::max(1, ((kAdd && sizeof(RT) > sizeof(T)) ? 1024 : 1536) / kThreads);
+// Add + norm rows of 16-bit types that three vectors a thread cover with fewer idle slots than two (H = 768,
+// 1536, 3072: 96, 192, 384 vectors, which two vectors a thread round up to 128, 256, 512) take half the threads
+// with three vectors each, at 1280 threads per SM (48 registers; at 1536 h spills). Sweep on the H200
+// (docs/perf-notes.md, add + norm v4): add_ln 65536x768 116.1 -> 108.7 us, add_rms 109.8 -> 106.9.
+constexpr int kAddFwdWideIters = 3;
+template <typename T, typename RT>
+constexpr bool kAddFwdWideTypes = sizeof(T) == 2 && sizeof(RT) == 2;
+template <int kThreads>
+constexpr int kAddFwdWideMinBlocks = std::max(1, 1280 / kThreads);
 constexpr int kBwdMaxTpr = 512;
 // The backward's 16-byte vectors per thread and resident threads per SM (its launch bounds). Default: 16 elements
 // a thread (x, dy and the fp32 dweight / dbias sums for them fit 80 registers at 768 threads per SM; add + norm,
@@ -452,10 +461,27 @@ cudaError_t launch_fwd(const FwdParamsT<kAdd>& p, cudaStream_t stream) {
     for (int t : kTprChoices) {
       if (fwd_capacity(kAdd, t) >= nvec) { tpr = t; break; }
     }
+    bool wide = false;  // kAddFwdWideIters vectors a thread at fewer threads per row
+    if constexpr (kAdd && kAddFwdWideTypes<T, RT>) {
+      for (int t : kTprChoices) {
+        if (kAddFwdWideIters * t >= nvec) {
+          wide = kAddFwdWideIters * t < fwd_capacity(kAdd, tpr);
+          if (wide) tpr = t;
+          break;
+        }
+      }
+    }
     with_tpr(tpr, [&]<int kTpr>() {
       constexpr int kThreads = threads_for_tpr<kTpr>();
       // Enough blocks to fill every SM many times over; the grid-stride loop takes the rest.
       const int64_t blocks = std::min<int64_t>(ceil_div(p.rows, kThreads / kTpr), int64_t(sm_count()) * 64);
+      if constexpr (kAdd && kAddFwdWideTypes<T, RT> && kTpr < kFwdMaxTpr) {
+        if (wide) {
+          fwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kAddFwdWideIters, kAddFwdWideMinBlocks<kThreads>>
+              <<<blocks, kThreads, 0, stream>>>(p);
+          return;
+        }
+      }
       fwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kFwdIters<kAdd, kTpr>><<<blocks, kThreads, 0, stream>>>(p);
     });
     return cudaGetLastError();

@@ -228,13 +228,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ---- the plan ----
 
-    def _buckets(self, group: dict) -> list[tuple]:
-        """(bucket, params, grads, {moment: tensors}, masters, steps) per bucket of the group, from the plan
-        of the last step while it still holds, else from a new one. Call `_stepped(buckets)` after the step."""
+    def _buckets(self, index: int) -> list[tuple]:
+        """(bucket, params, grads, {moment: tensors}, masters, steps) per bucket of param group `index`, from
+        the plan of the last step while it still holds, else from a new one. Call `_stepped(buckets)` after the
+        step. Plans are keyed by the group's index, not its id(): torch.compile traces no id() of a dict."""
+        group = self.param_groups[index]
         params = group["params"]
         grads = [p.grad for p in params]
         has_grad = [g is not None for g in grads]
-        plan = self._plans.get(id(group))
+        plan = self._plans.get(index)
         if (plan is None or len(plan.params) != len(params) or not all(map(operator.is_, plan.params, params))
                 or plan.has_grad != has_grad or plan.key != self._plan_key(group) or plan.state is not self.state
                 or not all(map(operator.is_, map(self.state.get, plan.state_dicts[0]), plan.state_dicts[1]))):
@@ -244,7 +246,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         except KeyError:  # a state entry removed by hand (state[p].clear()): plan again, creating it
             plan = self._plan(group, has_grad)
             lists = [(b, *b.lists(grads)) for b in plan.buckets]
-        self._plans[id(group)] = plan
+        self._plans[index] = plan
         for b, params, _, _, masters, _ in lists:
             if b.has_master:
                 self._refresh_masters(b.params, params, masters)

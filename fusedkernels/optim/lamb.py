@@ -89,8 +89,8 @@ class FusedLAMB(FusedOptimizer):
         grad_scale, found_inf, clip = self._amp_and_clip()
         grad_norm = self._global_grad_norm()
         max_grad_norm = float(self.defaults["max_grad_norm"] or math.inf)
-        for group in self.param_groups:
-            buckets = self._buckets(group)
+        for index, group in enumerate(self.param_groups):
+            buckets = self._buckets(index)
             beta1, beta2 = group["betas"]
             for b, params, grads, states, masters, steps in buckets:
                 lr, lr_tensor = self._lr_args(group, b.device)

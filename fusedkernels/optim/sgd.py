@@ -69,8 +69,8 @@ class FusedSGD(FusedOptimizer):
     def _step(self, closure):
         loss = self._evaluate(closure)
         grad_scale, found_inf, clip = self._amp_and_clip()
-        for group in self.param_groups:
-            buckets = self._buckets(group)
+        for index, group in enumerate(self.param_groups):
+            buckets = self._buckets(index)
             for b, params, grads, states, masters, steps in buckets:
                 lr, lr_tensor = self._lr_args(group, b.device)
                 ops.sgd_step_(params, grads, states.get("momentum_buffer", []), masters, steps, lr=lr,
