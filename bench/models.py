@@ -8,9 +8,11 @@ A step is zero_grad, forward with the loss, backward, optimizer step. Impls:
 
   torch          the model as built (eager, attn_implementation="sdpa")
   fusedkernels   fusedkernels.fuse(model, merge=True) (norms, gated MLPs, rotary on ops.apply_rotary, the LM head +
-                 loss on ops.linear_cross_entropy: the step never builds the [tokens, vocab] logits) and
-                 attn_implementation="fusedkernels" (fusedkernels.integrations.transformers); its report goes to
+                 loss on ops.linear_cross_entropy: the step never builds the [tokens, vocab] logits); attention
+                 stays on torch's SDPA (cuDNN's kernel on the H200 here), as in the liger row; its report goes to
                  extra `fused`, and extra `lm_head_loss` says whether the head + loss swap went in
+  fusedkernels+attention   the same with attn_implementation="fusedkernels" (fusedkernels.integrations.transformers):
+                 our attention kernels too (docs/perf-notes.md: their backward trails cuDNN's at this shape)
   liger          Liger-Kernel's apply_liger_kernel_to_llama(model=...) with every patch (RMSNorm, SwiGLU, RoPE,
                  fused linear + cross-entropy); skipped with the reason where liger_kernel is not importable. It
                  patches transformers' Llama classes for the rest of the process, so it runs last.
@@ -34,8 +36,8 @@ from . import common
 from .common import Row
 
 SUITE = "models"
-OURS, TORCH, LIGER, COMPILE = "fusedkernels", "torch", "liger", "torch-compile"
-IMPLS = (TORCH, OURS, COMPILE, LIGER)  # liger last: its patches are process-wide
+OURS, OURS_ATTENTION, TORCH, LIGER, COMPILE = "fusedkernels", "fusedkernels+attention", "torch", "liger", "torch-compile"
+IMPLS = (TORCH, OURS, OURS_ATTENTION, COMPILE, LIGER)  # liger last: its patches are process-wide
 CONFIG = dict(hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
               intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
 BATCH, SEQ = 4, 2048
@@ -58,13 +60,14 @@ def _model(impl: str):
     config = LlamaConfig(**CONFIG, attn_implementation="sdpa")
     model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).train()
     extra = {}
-    if impl == OURS:
+    if impl in (OURS, OURS_ATTENTION):
         import fusedkernels
         import fusedkernels.integrations.transformers as fk_hf
 
         report = fusedkernels.fuse(model, merge=True)
-        fk_hf.register()
-        model.set_attn_implementation(fk_hf.NAME)
+        if impl == OURS_ATTENTION:
+            fk_hf.register()
+            model.set_attn_implementation(fk_hf.NAME)
         extra["fused"] = str(report).replace("\n", "; ")[:300]
         extra["lm_head_loss"] = any(e.path == "" and e.status == "swapped" for e in report.entries)
     elif impl == LIGER:
@@ -140,10 +143,10 @@ def run() -> list[Row]:
     batches = _batches(WARMUP + STEPS)
     rows = [_row(impl, batches) for impl in IMPLS]
     timed = {r.impl: r for r in rows if r.ms is not None}
-    if OURS in timed:
+    for ours in (OURS, OURS_ATTENTION):
         for base in (TORCH, LIGER, COMPILE):
-            if base in timed:
-                timed[OURS].extra[f"vs_{base.replace('-', '_')}"] = round(timed[base].ms / timed[OURS].ms, 3)
+            if ours in timed and base in timed:
+                timed[ours].extra[f"vs_{base.replace('-', '_')}"] = round(timed[base].ms / timed[ours].ms, 3)
     return rows
 
 

@@ -232,6 +232,10 @@ def _opcheck(device, dtype):
         torch.library.opcheck(ops.linear_act_fwd, (x, w, b, ACTIVATIONS.index("gelu_tanh"), r, save, True))
         torch.library.opcheck(ops.linear_act_fwd, (strided, w.detach(), None, ACTIVATIONS.index("silu"), None, save,
                                                    True))
+    z = torch.randn(2, 9, 48, device=device, dtype=dtype)
+    for gate in GATE.values():  # the backward's pass
+        torch.library.opcheck(ops.gated_backward, (torch.randn(2, 9, 24, device=device, dtype=dtype), z,
+                                                   ACTIVATIONS.index(gate)))
 
 
 def test_opcheck_cpu():
@@ -909,3 +913,35 @@ def test_without_native_module_bad_inputs_raise_as_the_native_op(monkeypatch):
     mlp = fnn.FusedMLP(8, 16, activation="swiglu")  # the module on the checked reference
     assert max_err(mlp(x, x), _stacked_ref(x, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, None, "swiglu")
                    @ mlp.down_proj.weight.t() + mlp.down_proj.bias + x) < 1e-5
+
+
+def _gated_dz(dy, z, gate):
+    """d(act(gate) * up)/dz for z = gate | up, by autograd through the plain formula, in z's dtype."""
+    z = z.detach().requires_grad_()
+    g, u = z.chunk(2, -1)
+    return torch.autograd.grad(PLAIN[gate](g) * u, z, dy)[0]
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("gated", GATED_ACTIVATIONS)
+@pytest.mark.parametrize("shape", [((17,), 24), ((2, 333), 136), ((3, 5, 7), 8)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "broadcast"])
+def test_kernel_gated_backward(shape, gated, dtype, layout):
+    """The gated form's backward pass (one kernel) against the formula by autograd in fp32, as close as PyTorch's
+    own in the inputs' dtype; a strided or a broadcast dy (the gradient of a sum) reads right, the output is
+    contiguous and every element written."""
+    lead, n = shape
+    gate = GATE[gated]
+    z = (torch.randn(*lead, 2 * n, device="cuda") * 2).to(dtype)
+    dy = torch.randn(*lead, n, device="cuda").to(dtype)
+    if layout == "strided":
+        dy = torch.randn(*lead, 2 * n, device="cuda").to(dtype)[..., ::2]
+    elif layout == "broadcast":
+        dy = torch.randn(n, device="cuda").to(dtype).expand(*lead, n)
+    poison_allocator(z)
+    dz = torch.ops.fusedkernels.gated_backward(dy, z, ACTIVATIONS.index(gate))
+    assert dz.dtype == dtype and dz.shape == z.shape and dz.is_contiguous()
+    assert_close_to_ref(dz.float(), _gated_dz(dy.float(), z.float(), gate), _gated_dz(dy, z, gate).float(),
+                        "dz", floor=torch.finfo(dtype).eps)

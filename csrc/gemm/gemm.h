@@ -72,4 +72,20 @@ int linear_act_split_k(const LinearActParams& p);
 // went well).
 cudaError_t linear_act(const LinearActParams& p, cudaStream_t stream);
 
+// The gated form's backward as one elementwise pass (gated_backward.cu): z = gate | up [rows, 2n] (the saved
+// pre-activation), dy [rows, n]; writes dz = (dy * up * act'(gate)) | (dy * act(gate)) into a contiguous
+// [rows, 2n]. fp16 / bf16, n a multiple of 8, 16-byte aligned data and row strides (gated_backward_supported).
+struct GatedBackwardParams {
+  DType dtype;
+  int64_t rows = 0, n = 0;
+  const void* dy = nullptr;
+  int64_t dy_row_stride = 0;
+  const void* z = nullptr;
+  int64_t z_row_stride = 0;
+  void* dz = nullptr;
+  Activation activation = Activation::kSilu;  // the gate's: silu, gelu, gelu_tanh or relu
+};
+bool gated_backward_supported(const GatedBackwardParams& p);
+cudaError_t gated_backward(const GatedBackwardParams& p, cudaStream_t stream);
+
 }  // namespace fusedkernels::gemm

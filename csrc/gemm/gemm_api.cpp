@@ -21,6 +21,9 @@ std::tuple<at::Tensor, at::Tensor> linear_act_reference(const at::Tensor& x, con
                                                         const std::optional<at::Tensor>& residual,
                                                         bool save_pre_activation, bool gated);
 
+// Defined in gemm_ops.cpp (gated_backward's CPU kernel): dz of the gated form in PyTorch ops.
+at::Tensor gated_backward_reference(const at::Tensor& dy, const at::Tensor& z, Activation activation);
+
 namespace {
 
 using at::Tensor;
@@ -138,8 +141,38 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& x, const Tensor& we
   return {out, z};
 }
 
+// gated_backward's CUDA kernel: one pass (gemm::gated_backward) where the layouts allow, else the reference
+// (a fallback the forward's kernel never causes: its pre-activation is contiguous and aligned).
+Tensor gated_backward_cuda(const Tensor& dy, const Tensor& z, int64_t activation) {
+  TORCH_CHECK(z.dim() >= 1 && z.size(-1) % 2 == 0, "gated_backward: pre_activation must be [..., 2N]");
+  const int64_t n = z.size(-1) / 2;
+  const Activation act = static_cast<Activation>(activation);
+  const c10::cuda::CUDAGuard guard(z.device());
+  if (dy.scalar_type() != z.scalar_type() || dy.numel() * 2 != z.numel() || z.numel() == 0) {
+    return gated_backward_reference(dy, z, act).contiguous();
+  }
+  const Tensor dy_rows = as_rows(dy, n), z_rows = as_rows(z, 2 * n);
+  Tensor dz = at::empty(z.sizes(), z.options());
+  GatedBackwardParams p;
+  p.dtype = to_dtype(z.scalar_type());
+  p.rows = z_rows.size(0);
+  p.n = n;
+  p.dy = dy_rows.data_ptr();
+  p.dy_row_stride = row_stride(dy_rows);
+  p.z = z_rows.data_ptr();
+  p.z_row_stride = row_stride(z_rows);
+  p.dz = dz.data_ptr();
+  p.activation = act;
+  if (!gated_backward_supported(p)) return gated_backward_reference(dy, z, act).contiguous();
+  check_launch(gated_backward(p, c10::cuda::getCurrentCUDAStream()), "gated_backward");
+  return dz;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) { m.impl("linear_act_fwd", &linear_act_fwd_cuda); }
+TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
+  m.impl("linear_act_fwd", &linear_act_fwd_cuda);
+  m.impl("gated_backward", &gated_backward_cuda);
+}
 
 }  // namespace fusedkernels::gemm

@@ -38,6 +38,9 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // reads), else an empty tensor. Both outputs contiguous.
   m.def("linear_act_fwd(Tensor x, Tensor weight, Tensor? bias, int activation, Tensor? residual,"
         " bool save_pre_activation, bool gated=False) -> (Tensor out, Tensor pre_activation)");
+  // Internal, the gated form's first-order backward: dy [..., N], pre_activation [..., 2N] (gate | up) ->
+  // dz = (dy * up * act'(gate)) | (dy * act(gate)), contiguous, pre_activation's shape. activation: the gate's.
+  m.def("gated_backward(Tensor dy, Tensor pre_activation, int activation) -> Tensor");
 }
 
 namespace fusedkernels::gemm {
@@ -287,12 +290,40 @@ Tensor activation_backward(const Tensor& dy, const Tensor& z, Activation activat
   TORCH_CHECK(false, "linear_act: unknown activation");
 }
 
-// The gated form, z = gate | up and out = act(gate) * up: dz = (dy * up * act'(gate)) | (dy * act(gate)).
-Tensor gated_backward(const Tensor& dy, const Tensor& z, Activation activation) {
+}  // namespace
+
+// The gated form, z = gate | up and out = act(gate) * up: dz = (dy * up * act'(gate)) | (dy * act(gate)), in
+// PyTorch ops (differentiable under create_graph). The CPU kernel of gated_backward, and the CUDA one's fallback.
+Tensor gated_backward_reference(const Tensor& dy, const Tensor& z, Activation activation) {
   const auto gate_up = z.chunk(2, -1);
   return at::cat({activation_backward(dy * gate_up[1], gate_up[0], activation),
                   dy * activation_ref(gate_up[0], activation)},
                  -1);
+}
+
+namespace {
+
+using GatedBackward = Tensor(const Tensor&, const Tensor&, int64_t);
+
+const c10::TypedOperatorHandle<GatedBackward>& gated_backward_op() {
+  static const auto op = find_op<GatedBackward>("fusedkernels::gated_backward");
+  return op;
+}
+
+// dz of the gated form: one fused pass below autograd (gated_backward's CUDA kernel) for a first-order
+// backward; under create_graph the differentiable reference.
+Tensor gated_backward(const Tensor& dy, const Tensor& z, Activation activation) {
+  if (at::GradMode::is_enabled()) return gated_backward_reference(dy, z, activation);
+  return gated_backward_op().call(dy, z, static_cast<int64_t>(activation));
+}
+
+Tensor gated_backward_cpu(const Tensor& dy, const Tensor& z, int64_t activation) {
+  return gated_backward_reference(dy, z, activation_of(activation, "gated_backward")).contiguous();
+}
+
+Tensor gated_backward_meta(const Tensor& dy, const Tensor& z, int64_t activation) {
+  activation_of(activation, "gated_backward");
+  return at::empty_symint(z.sym_sizes(), z.options());
 }
 
 // [..., C] -> [rows, C] (a 1-D tensor is one row)
@@ -424,8 +455,14 @@ TORCH_LIBRARY_IMPL(fusedkernels, AutocastCPU, m) {
 
 TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) { m.impl("linear_act_fwd", &linear_act_fwd_autograd); }
 
-TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) { m.impl("linear_act_fwd", &linear_act_fwd_cpu); }
+TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
+  m.impl("linear_act_fwd", &linear_act_fwd_cpu);
+  m.impl("gated_backward", &gated_backward_cpu);
+}
 
-TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) { m.impl("linear_act_fwd", &linear_act_fwd_meta); }
+TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
+  m.impl("linear_act_fwd", &linear_act_fwd_meta);
+  m.impl("gated_backward", &gated_backward_meta);
+}
 
 }  // namespace fusedkernels::gemm

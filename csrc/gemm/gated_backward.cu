@@ -1,0 +1,89 @@
+// The gated linear unit's backward in one pass: for z = gate | up (the GEMM's saved pre-activation) and the
+// output's gradient dy, dz = (dy * up * act'(gate)) | (dy * act(gate)), in fp32 from the 16-bit inputs, one
+// rounding per element. The same formula in PyTorch ops takes five passes over the data (a product, act's
+// backward, act itself, a product, a concatenation); this reads dy and z once and writes dz once.
+#include "common/device/vec.cuh"
+#include "common/host/launch.h"
+#include "common/host/static_switch.h"
+#include "gemm/gemm.h"
+
+namespace fusedkernels::gemm {
+namespace {
+
+// act(g) and act'(g) in fp32, PyTorch's definitions (exact erf and tanh: this pass is bound by memory).
+template <Activation kAct>
+__device__ __forceinline__ void activation_and_slope(float g, float& act, float& slope) {
+  if constexpr (kAct == Activation::kSilu) {
+    const float s = 1.0f / (1.0f + __expf(-g));
+    act = g * s;
+    slope = s * fmaf(g, 1.0f - s, 1.0f);
+  } else if constexpr (kAct == Activation::kGelu) {  // g Φ(g): Φ(g) + g φ(g)
+    const float cdf = 0.5f * (1.0f + erff(g * 0.70710678118654752f));
+    act = g * cdf;
+    slope = fmaf(g * 0.39894228040143268f, __expf(-0.5f * g * g), cdf);
+  } else if constexpr (kAct == Activation::kGeluTanh) {  // g (1 + tanh(u)) / 2, u = √(2/π) (g + 0.044715 g³)
+    const float t = tanhf(0.79788456080286536f * fmaf(0.044715f * g, g * g, g));
+    act = 0.5f * g * (1.0f + t);
+    slope = fmaf(0.5f * g * (1.0f - t * t), 0.79788456080286536f * fmaf(0.134145f * g, g, 1.0f), 0.5f * (1.0f + t));
+  } else {  // relu: torch's threshold_backward passes the gradient where g > 0
+    act = fmaxf(g, 0.0f);
+    slope = g > 0.0f ? 1.0f : 0.0f;
+  }
+}
+
+template <typename T, Activation kAct>
+__global__ void gated_backward_kernel(const GatedBackwardParams p) {
+  constexpr int kVec = kVec16<T>;
+  const int64_t vectors_per_row = p.n / kVec, total = p.rows * vectors_per_row;
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* z = static_cast<const T*>(p.z);
+  T* dz = static_cast<T*>(p.dz);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / vectors_per_row, col = (i - row * vectors_per_row) * kVec;
+    Vec<T, kVec> d, gate, up, dgate, dup;
+    d.load(dy + row * p.dy_row_stride + col);
+    gate.load(z + row * p.z_row_stride + col);
+    up.load(z + row * p.z_row_stride + p.n + col);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      float act, slope;
+      activation_and_slope<kAct>(gate.get(j), act, slope);
+      const float g = d.get(j);
+      dgate.set(j, g * up.get(j) * slope);
+      dup.set(j, g * act);
+    }
+    T* out = dz + row * 2 * p.n;
+    dgate.store(out + col);
+    dup.store(out + p.n + col);
+  }
+}
+
+}  // namespace
+
+bool gated_backward_supported(const GatedBackwardParams& p) {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && p.n % 8 == 0 &&
+         p.dy_row_stride % 8 == 0 && p.z_row_stride % 8 == 0 && aligned(p.dy) && aligned(p.z) && aligned(p.dz) &&
+         (p.activation == Activation::kSilu || p.activation == Activation::kGelu ||
+          p.activation == Activation::kGeluTanh || p.activation == Activation::kRelu);
+}
+
+cudaError_t gated_backward(const GatedBackwardParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.n == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const int64_t vectors = p.rows * (p.n / 8);
+  const int64_t blocks = std::min<int64_t>(ceil_div(vectors, kThreads), int64_t(sm_count()) * 16);
+  return type_switch<DType::kFloat16, DType::kBFloat16>(p.dtype, [&]<typename T>() {
+    switch (p.activation) {
+      case Activation::kSilu: gated_backward_kernel<T, Activation::kSilu><<<blocks, kThreads, 0, stream>>>(p); break;
+      case Activation::kGelu: gated_backward_kernel<T, Activation::kGelu><<<blocks, kThreads, 0, stream>>>(p); break;
+      case Activation::kGeluTanh:
+        gated_backward_kernel<T, Activation::kGeluTanh><<<blocks, kThreads, 0, stream>>>(p);
+        break;
+      default: gated_backward_kernel<T, Activation::kRelu><<<blocks, kThreads, 0, stream>>>(p); break;
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace fusedkernels::gemm
