@@ -112,8 +112,8 @@ if "attention" in FAMILIES:
 if "gemm" in FAMILIES:
     # gemm: both kernels; linear_act with every epilogue input, tails of M, N and K, and the pre-activation the
     # backward reads; linear_gated likewise; and enough tiles that each CTA of the Hopper kernel runs several,
-    # so its two consumers take turns. The backward itself is PyTorch's GEMMs: memcheck only (racecheck
-    # reports cuBLAS's split-K kernels).
+    # so its two consumers take turns. The backward is PyTorch's GEMMs and (gated) the gated_backward pass:
+    # memcheck only (racecheck reports cuBLAS's split-K kernels; the gated pass shares no memory).
     backward = "--fp32-optim" not in sys.argv
     for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
         for kernels in ("default", "portable"):

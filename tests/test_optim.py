@@ -1,6 +1,7 @@
 """fusedkernels.optim: trajectories against torch.optim (LAMB: against an fp64 implementation of apex's
 formulas), mixed precision, AMP, CUDA graphs, state dicts, clip_grad_norm_."""
 
+import collections
 import copy
 import inspect
 import warnings
@@ -949,9 +950,24 @@ def test_functional_ops_check_their_lists_on_the_cpu():
         fops.sgd_step_([p], [buf], [], [], [], lr=1.0, grad_scale=2.0)
 
 
+def _dynamo_traces_dict_identity() -> bool:
+    """Whether this torch's Dynamo traces `a is not b` on two dicts, which the step's plan check does (torch 2.11's
+    does not: there a compiled step breaks the graph at that check, and fullgraph=True raises)."""
+    a, b = collections.defaultdict(dict), collections.defaultdict(dict)
+    try:
+        torch.compile(lambda t: t + 1 if a is not b else t, fullgraph=True)(torch.ones(1))
+    except torch._dynamo.exc.Unsupported:
+        return False
+    finally:
+        torch._dynamo.reset()
+    return True
+
+
 @pytest.mark.parametrize("cls, fullgraph", [(FusedAdamW, False), (FusedAdamW, True), (FusedSGD, False)])
 def test_torch_compile_of_a_cpu_step(cls, fullgraph):
     """AdamW's step traces whole (docs/optim.md); SGD with momentum reads a value on the host (a graph break)."""
+    if fullgraph and not _dynamo_traces_dict_identity():
+        pytest.skip("this torch's Dynamo cannot trace identity checks of dicts (torch 2.11): no fullgraph step")
     params = _params("cpu")
     grads = _grads(params, steps=3)
     kwargs = dict(lr=1e-2, momentum=0.9) if cls is FusedSGD else dict(lr=1e-2)
@@ -989,7 +1005,8 @@ def test_torch_compile_of_a_step_with_master_weights():
         assert max_err(a, torch.full_like(a, 0.5)) <= 2e-2  # one step from the loaded weights
     opt = FusedAdamW(eager.parameters(), lr=1e-2, master_weights=True)
     eager(torch.randn(2, 8, dtype=torch.bfloat16)).float().sum().backward()
-    reason_shown = "reason" in inspect.signature(torch.compiler.disable).parameters  # torch 2.8+
+    # torch 2.8+ shows the reason; a Dynamo that cannot trace the plan check stops before the refresh
+    reason_shown = "reason" in inspect.signature(torch.compiler.disable).parameters and _dynamo_traces_dict_identity()
     with pytest.raises(torch._dynamo.exc.Unsupported, match="without fullgraph=True" if reason_shown else None):
         torch.compile(opt.step, fullgraph=True)()
 
