@@ -117,6 +117,15 @@ def test_rotary_fp32_tables_and_strided_inputs(device, impl):
     assert qo.dtype == torch.bfloat16 and qo.shape == q.shape
     assert_close_to_ref(qo.double(), rq, lq.to(torch.bfloat16), "q_out")
     assert_close_to_ref(ko.double(), rk, lk.to(torch.bfloat16), "k_out")
+    # the outputs keep the projection's memory layout (attention then gets q, k and v alike, and copies none), and
+    # the native op's gradients too, from grads in that layout
+    assert qo.stride() == q.stride() and ko.stride() == k.stride(), (qo.stride(), q.stride())
+    if impl != "op" or not _native.has_op("apply_rotary"):
+        return
+    qr, kr = q.detach().requires_grad_(), k.detach().requires_grad_()
+    qo, ko = _rotary(impl, qr, kr, cos, sin)
+    dq, dk = torch.autograd.grad([qo, ko], [qr, kr], [torch.randn_like(q), torch.randn_like(k)])
+    assert dq.stride() == q.stride() and dk.stride() == k.stride()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -35,6 +35,8 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
                                                    double softcap, int64_t chunk_size, std::array<bool, 3> grad_mask,
                                                    const Tensor& grad_loss, const Tensor& lse_in, ChunkStep step,
                                                    LossReduce reduce);
+// Defined in llm_ops.cpp: an output of the rotary ops, in its input's memory layout.
+Tensor rotary_output_like(const Tensor& t);
 // Defined in llm_ops.cpp: the chunk step and the reductions of the CPU kernels in PyTorch ops.
 void cross_entropy_chunk_reference(CrossEntropyParams spec, const Tensor& logits, int64_t start, const Tensor& target,
                                    const Tensor& scale, const Tensor& loss, const Tensor& lse);
@@ -139,7 +141,7 @@ std::tuple<Tensor, Tensor> rotary_fwd_cuda(const Tensor& q, const Tensor& k, con
   const char* op = "rotary_fwd";
   check_rotary_inputs(op, q, k, cos, sin, position_ids, seq_first);
   const c10::cuda::CUDAGuard guard(q.device());
-  Tensor q_out = at::empty(q.sizes(), q.options()), k_out = at::empty(k.sizes(), k.options());
+  Tensor q_out = rotary_output_like(q), k_out = rotary_output_like(k);
   launch_rotary(op, q, k, q_out, k_out, cos, sin, position_ids, interleaved, seq_first, conjugate);
   return {q_out, k_out};
 }

@@ -39,7 +39,8 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
         " str reduction=\"mean\", float label_smoothing=0.0, float z_loss=0.0, float? softcap=None, int chunk_size=0)"
         " -> Tensor");
   // Internal. q / k as the public op's with the head dim contiguous (seq_first: the bnhd layout); cos / sin [1 or
-  // batch, seq or positions, rotary_dim] with one layout; position_ids [1 or batch, seq] int64. Outputs contiguous.
+  // batch, seq or positions, rotary_dim] with one layout; position_ids [1 or batch, seq] int64. Outputs in q's / k's
+  // memory layout (as PyTorch's elementwise ops), the head dim contiguous.
   m.def("rotary_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? position_ids, bool interleaved,"
         " bool seq_first, bool conjugate) -> (Tensor q_out, Tensor k_out)");
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? position_ids, bool interleaved,"
@@ -210,6 +211,14 @@ void accumulate_bias_grad(Tensor& sum, const Tensor& dz, bool first) {
 // dweight, dbias} (empty where not computed; the backward's loss and lse undefined); the forward's gradients in the
 // arithmetic's type (the backward scales, then rounds once), the backward's in the inputs'. On small inputs the
 // host's ops are the whole cost: each view, allocation and launch counts.
+// The rotary ops' outputs take their input's memory layout, as PyTorch's elementwise ops lay theirs out: q of a
+// [batch, seq, heads, dim] projection viewed heads-first comes back seq-first in memory, like v, so an attention
+// kernel gets q, k and v in one layout and copies none. Contiguous where that would leave the head dim strided.
+Tensor rotary_output_like(const Tensor& t) {
+  Tensor out = at::empty_like(t, at::MemoryFormat::Preserve);
+  return out.sym_stride(3) == 1 ? out : at::empty_symint(t.sym_sizes(), t.options());
+}
+
 std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor& hidden, const Tensor& weight,
                                                    const Tensor& target, const OptTensor& bias, int64_t ignore_index,
                                                    int64_t reduction, double label_smoothing, double z_loss,
@@ -798,7 +807,7 @@ std::tuple<Tensor, Tensor> rotary_fwd_cpu(const Tensor& q, const Tensor& k, cons
                                           bool conjugate) {
   check_positions(position_ids, cos);
   auto [qo, ko] = rotary_reference(q, k, cos, sin, position_ids, interleaved, seq_first, conjugate);
-  return {qo.contiguous(), ko.contiguous()};
+  return {rotary_output_like(q).copy_(qo), rotary_output_like(k).copy_(ko)};
 }
 
 void rotary_inplace_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
@@ -810,7 +819,7 @@ void rotary_inplace_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, con
 
 std::tuple<Tensor, Tensor> rotary_fwd_meta(const Tensor& q, const Tensor& k, const Tensor&, const Tensor&,
                                            const OptTensor&, bool, bool, bool) {
-  return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options())};
+  return {rotary_output_like(q), rotary_output_like(k)};
 }
 
 void rotary_inplace_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool, bool,

@@ -155,7 +155,15 @@ def _rotary_without_native(q, k, cos, sin, position_ids=None, interleaved=False,
     """The reference as the native op runs it (no native module, or a build without the llm family)."""
     if isinstance(q, Tensor) or not hasattr(q, "__torch_function__"):  # (not fx's Proxy)
         _check_rotary_args("apply_rotary", q, k, cos, sin, position_ids, interleaved, layout)
+        q_out, k_out = apply_rotary_ref(q, k, cos, sin, position_ids, interleaved, layout)
+        return _like(q, q_out), _like(k, k_out)  # in the inputs' memory layout, as the native op's
     return apply_rotary_ref(q, k, cos, sin, position_ids, interleaved, layout)
+
+
+def _like(t: Tensor, value: Tensor) -> Tensor:
+    """value in t's memory layout (the head dim contiguous), differentiably."""
+    out = torch.empty_like(t, dtype=value.dtype)
+    return value if out.stride(-1) != 1 else out.copy_(value)
 
 
 def _rotary_inplace_without_native(q, k, cos, sin, position_ids=None, interleaved=False, layout="bhnd"):
