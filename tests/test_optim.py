@@ -395,6 +395,39 @@ def test_sgd_state_dict_is_torchs(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_placeholders_count_as_missing_entries(device):
+    """torch.distributed.checkpoint's flattened optimizer state dicts (flatten_optimizer_state_dict=True, torchtitan's
+    default) fill every key of the live state that the checkpoint lacks with an empty dict: FusedSGD's step count
+    (torch's SGD saves none), an fp32 master (torch's AdamW has none). Such entries load as missing: the step count
+    continues from the buffers, the master is made from the param, and training continues as after a plain load."""
+    params = _params(device, shapes=[(5,), (3, 4)])
+    grads = _grads(params, steps=3)
+    full, _ = _run(FusedSGD, params, grads, lr=0.1, momentum=0.9)
+    ps, opt = _run(FusedSGD, params, grads[:1], lr=0.1, momentum=0.9)
+    saved = copy.deepcopy(opt.state_dict())
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    again = FusedSGD(qs, lr=0.1, momentum=0.9)
+    _steps(again, qs, [[torch.zeros_like(q) for q in qs]])  # a live state with step counts, as DCP's template
+    for entries in saved["state"].values():
+        entries["step"] = {}
+    again.load_state_dict(saved)
+    _steps(again, qs, grads[1:])
+    for q, f in zip(qs, full):
+        assert max_err(q, f) <= 1e-6 * max(1.0, f.abs().max().item())
+
+    bf16 = [torch.nn.Parameter(p.to(torch.bfloat16)) for p in params]
+    torch_opt = torch.optim.AdamW(bf16, lr=1e-2)
+    _steps(torch_opt, bf16, grads[:1])
+    saved = copy.deepcopy(torch_opt.state_dict())
+    for entries in saved["state"].values():
+        entries["master_param"] = {}
+    fused = FusedAdamW(bf16, lr=1e-2, master_weights=True)
+    fused.load_state_dict(saved)
+    _steps(fused, bf16, grads[1:])
+    assert all(fused.state[p]["master_param"].dtype == torch.float32 for p in bf16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_lamb_state_dict_resumes_mid_training(device):
     params = _params(device, torch.bfloat16)
     grads = _grads(params, steps=4)

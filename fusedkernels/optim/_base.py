@@ -167,8 +167,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state tensors keep their saved dtype: torch casts every floating state
         tensor to its param's dtype, which would round fp32 masters and fp32 states of 16-bit params.
-        (torch's load_state_dict ends in __setstate__, which drops the step plans.)"""
+        (torch's load_state_dict ends in __setstate__, which drops the step plans.) An entry that is an empty
+        dict is an entry the checkpoint did not hold: torch.distributed.checkpoint's flattened optimizer state dicts
+        (flatten_optimizer_state_dict=True) fill in every key of this optimizer's live state that way; it is
+        dropped, so the entry counts as missing (FusedSGD's step count, a master weight made from the param)."""
         super().load_state_dict(state_dict)
+        for entries in self.state.values():
+            for key in [key for key, value in entries.items() if isinstance(value, dict) and not value]:
+                del entries[key]
+        self._loaded_masters = {id(p) for group in self.param_groups for p in group["params"]
+                                if "master_param" in self.state.get(p, ())}
         saved_state = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for param_id, p in zip(saved_group["params"], group["params"]):
