@@ -126,7 +126,7 @@ def meta(ceilings: dict) -> dict:
 
         driver = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
-        ).stdout.strip()
+        ).stdout.strip().split("\n")[0]  # one line per GPU
     except OSError:
         driver = "?"
     return {

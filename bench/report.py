@@ -127,7 +127,10 @@ def markdown(result: dict) -> str:
                 cells += [_ms(ours["ms"]), f"{ours.get('GBps', 0):.0f}", f"{100 * ours.get('GBps', 0) / copy:.0f}%"]
             else:
                 cells.append(_ms(ours["ms"]))
+            if ours is not None and "peak_MiB" in ours:  # suites that measure memory: time (peak)
+                cells[-1] += f" ({ours['peak_MiB']:.0f} MiB)"
             cells += [_ms(impls[b]["ms"]) + (f" ({impls[b]['GBps']:.0f} GB/s)" if ours is None and bandwidth else "")
+                      + (f" ({impls[b]['peak_MiB']:.0f} MiB)" if "peak_MiB" in impls[b] else "")
                       if b in impls else "—" for b in base]
             cells += [f"{impls[b]['ms'] / ours['ms']:.2f}×" if (b in impls and ours) else "—" for b in base]
             lines.append("| " + " | ".join(cells) + " |")
