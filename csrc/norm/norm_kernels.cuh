@@ -61,11 +61,14 @@ constexpr int kAddFwdWideMinBlocks = std::max(1, 1280 / kThreads);
 constexpr int kBwdMaxTpr = 512;
 // The backward's 16-byte vectors per thread and resident threads per SM (its launch bounds). Default: 16 elements
 // a thread (x, dy and the fp32 dweight / dbias sums for them fit 80 registers at 768 threads per SM; add + norm,
-// also holding dresidual_out and dx_bias sums, 128 at 512). Narrow rows (16-bit types, at most kBwdNarrowVectors
-// vectors): a sweep on the H200 (docs/perf-notes.md, norm v7) found the plain norm faster with 32 elements a
-// thread at 512 threads per SM, a warp per row (more bytes in flight per row; H = 768 -13% / -7%), and add + norm
-// with 8 elements at 1024 threads per SM (H = 768 / 1024 -5 to -8%).
+// also holding dresidual_out and dx_bias sums, 128 at 512). Narrow rows (16-bit types, at most
+// kBwdNarrowUpTo<kAdd> vectors): a sweep on the H200 (docs/perf-notes.md, norm v7) found the plain norm faster with
+// 32 elements a thread at 512 threads per SM, a warp per row, at H = 768 (-13% / -7%; more bytes in flight per row)
+// but not at 1024 (+1-3%, and +4-6% in the suite), and add + norm with 8 elements at 1024 threads per SM at
+// H = 768 / 1024 (-5 to -8%). kBwdNarrowVectors bounds the narrow instances.
 constexpr int kBwdNarrowVectors = 128;
+template <bool kAdd>
+constexpr int kBwdNarrowUpTo = kAdd ? 128 : 96;
 template <typename T, typename RT>
 constexpr bool kBwdNarrowTypes = sizeof(T) == 2 && sizeof(RT) == 2;
 template <typename T, bool kAdd, bool kNarrow>
@@ -785,7 +788,7 @@ __global__ void __launch_bounds__(kColTile * 32) reduce_partials_kernel(const fl
 // How the backward splits the rows, shared by the launcher and the workspace query.
 struct BwdPlan {
   bool registers;
-  bool narrow;             // register path: kBwdNarrowVectors or fewer 16-byte vectors of 16-bit types
+  bool narrow;             // register path: kBwdNarrowUpTo<kAdd> or fewer 16-byte vectors of 16-bit types
   int tpr;                 // register path
   int64_t blocks;          // register path: persistent blocks; general path: row chunks
   int64_t rows_per_chunk;  // general path
@@ -821,7 +824,7 @@ BwdPlan plan_bwd(const BwdParamsT<kAdd>& p) {
                                         kBwdMaxTpr * kBwdIters<T, kAdd, false>);
   if constexpr (kAdd) plan.registers = plan.registers && aligned16(p.dresidual_out) && aligned16(p.dresidual);
   if (plan.registers) {
-    plan.narrow = kBwdNarrowTypes<T, RT> && nvec <= kBwdNarrowVectors;
+    plan.narrow = kBwdNarrowTypes<T, RT> && nvec <= kBwdNarrowUpTo<kAdd>;
     const int iters = plan.narrow ? kBwdIters<T, kAdd, true> : kBwdIters<T, kAdd, false>;
     for (int t : kTprChoices) {
       if (t * iters >= nvec) { plan.tpr = t; break; }
