@@ -1,10 +1,13 @@
-"""Where a `models` suite step spends its GPU time: the Llama step of bench/models.py under torch.profiler, per
-impl, kernels grouped by name, plus the memory snapshot's peak. Writes one table per impl to stdout and to
+"""Where a `models` suite step spends its GPU time and memory: the Llama step of bench/models.py under
+torch.profiler, per impl, kernels grouped by name; with --memory, also what is alive at the step's peak allocation
+(CUDA caching-allocator history: the tensors allocated during the step and still held then, grouped by the line of
+our, transformers' or Liger's code that made them). Writes one table per impl to stdout and to
 $OUT/profile_models.txt.
 
-    python scripts/profile_models.py [fusedkernels liger torch torch-compile]
+    python scripts/profile_models.py [--memory] [fusedkernels liger torch torch-compile fusedkernels+attention]
 """
 
+import collections
 import os
 import sys
 
@@ -39,13 +42,55 @@ def profile_impl(impl: str, batches, out) -> None:
         lines.append(f"{e.device_time_total / 2e3:9.3f} ms {e.count // 2:5d}x  {e.key[:150]}")
     print("\n".join(lines), flush=True)
     out.write("\n".join(lines) + "\n\n")
+    if "--memory" in sys.argv:
+        opt.zero_grad(set_to_none=True)  # the last step's grads: freed before the baseline is read
+        lines = peak_allocations(step, batches[5])
+        print("\n".join(lines), flush=True)
+        out.write("\n".join(lines) + "\n\n")
     del model, opt
     torch.cuda.empty_cache()
 
 
+def _origin(frames) -> str:
+    """The first frame of the package, transformers or Liger (else the innermost frame): where a tensor came from."""
+    for f in frames:
+        name = f["filename"]
+        if any(k in name for k in ("fusedkernels", "transformers", "liger_kernel", "bench")):
+            return f"{name.split('site-packages/')[-1]}:{f['line']} {f['name']}"
+    return f"{frames[0]['filename']}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+
+
+def peak_allocations(step, ids, top: int = 25) -> list:
+    """One step under the allocator's history: the bytes alive at its peak that the step allocated, by origin."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    step(ids)
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    live, now, peak, at_peak = {}, 0, 0, {}
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            now += event["size"]
+            if now > peak:
+                peak, at_peak = now, dict(live)
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            now -= live.pop(event["addr"])["size"]
+    by_origin = collections.Counter()
+    for event in at_peak.values():
+        by_origin[_origin(event.get("frames", []))] += event["size"]
+    lines = [f"-- peak: {(base + peak) / 2**20:.0f} MiB = {base / 2**20:.0f} held before the step "
+             f"(weights, grads, optimizer states) + {peak / 2**20:.0f} allocated in it, by origin:"]
+    lines += [f"{size / 2**20:9.1f} MiB  {origin[:160]}" for origin, size in by_origin.most_common(top)]
+    return lines
+
+
 if __name__ == "__main__":
-    impls = sys.argv[1:] or [models.OURS, models.LIGER]
-    batches = models._batches(5)
+    impls = [a for a in sys.argv[1:] if not a.startswith("--")] or [models.OURS, models.LIGER]
+    batches = models._batches(6)
     path = os.path.join(os.environ.get("OUT", "."), "profile_models.txt")
     with open(path, "w") as out:
         for impl in impls:  # liger last: its patches are process-wide
