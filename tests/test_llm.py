@@ -130,6 +130,32 @@ def test_rotary_fp32_tables_and_strided_inputs(device, impl):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("path", ["kernel", "learned_tables", "forward_ad"])
+def test_rotary_outputs_keep_the_layout_on_every_path(device, impl, path):
+    """Partial rotary (the pass-through part joined by a concatenation) on the heads-first view of a projection:
+    the outputs keep its memory layout whichever path computes them (the kernel, the differentiable reference for
+    learned tables or for tangents), and their values are HF's."""
+    import torch.autograd.forward_ad as fwAD
+
+    b, n, h, d, r = 2, 5, 4, 8, 6
+    q = torch.randn(b, n, h * d, device=device).view(b, n, h, d).transpose(1, 2)
+    k = torch.randn(b, n, h * d, device=device).view(b, n, h, d).transpose(1, 2)
+    angles = torch.rand(n, r // 2, device=device)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    if path == "learned_tables":
+        cos, sin = cos.requires_grad_(), sin.requires_grad_()
+    with warnings.catch_warnings(), fwAD.dual_level():
+        warnings.simplefilter("ignore")  # (the reference's warning on CUDA)
+        q_in = fwAD.make_dual(q, torch.randn_like(q)) if path == "forward_ad" else q
+        qo, ko = _rotary(impl, q_in, k, cos, sin)
+        qo = fwAD.unpack_dual(qo).primal
+    assert qo.stride() == q.stride() and ko.stride() == k.stride(), (qo.stride(), q.stride())
+    rq, rk = _hf_rotary(q.double(), k.double(), cos.detach().double(), sin.detach().double())
+    assert max_err(qo, rq) < 1e-5 and max_err(ko, rk) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_rotary_position_ids_for_packed_sequences(device, impl):
     """Packed sequences (batch 1): positions restart at each sequence; the table rows are gathered per token."""
     lengths, d, table_rows = [5, 1, 9], 32, 16

@@ -19,11 +19,6 @@ namespace fusedkernels::llm {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Defined in llm_ops.cpp (it is also the CPU kernel): HF's rotary formula in PyTorch ops.
-std::tuple<Tensor, Tensor> rotary_reference(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
-                                            const OptTensor& position_ids, bool interleaved, bool seq_first,
-                                            bool conjugate);
-
 // Defined in llm_ops.cpp: the chunked linear + cross-entropy loop the CPU kernels run too, with its chunk step and
 // its reductions over every token.
 using ChunkStep = void (*)(CrossEntropyParams spec, const Tensor& logits, int64_t start, const Tensor& target,

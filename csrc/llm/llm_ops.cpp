@@ -106,13 +106,23 @@ Tensor rotary_one(const Tensor& x, const Tensor& cos, const Tensor& sin, bool in
 
 }  // namespace
 
+// The rotary ops' outputs take their input's memory layout, as PyTorch's elementwise ops lay theirs out: q of a
+// [batch, seq, heads, dim] projection viewed heads-first comes back seq-first in memory, like v, so an attention
+// kernel gets q, k and v in one layout and copies none. Contiguous where that would leave the head dim strided.
+Tensor rotary_output_like(const Tensor& t) {
+  Tensor out = at::empty_like(t, at::MemoryFormat::Preserve);
+  return out.sym_stride(3) == 1 ? out : at::empty_symint(t.sym_sizes(), t.options());
+}
+
 // Hugging Face's formula, out = x * cos + rotate(x) * sin over the first rotary_dim elements (the rest passed
-// through), in fp32 (fp64 for fp64 inputs), differentiable in every tensor; arguments as rotary_fwd's.
+// through), in fp32 (fp64 for fp64 inputs), differentiable in every tensor (the copy into the output's layout
+// too); arguments as rotary_fwd's, outputs in the inputs' layouts as the kernel's.
 std::tuple<Tensor, Tensor> rotary_reference(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                                             const OptTensor& position_ids, bool interleaved, bool seq_first,
                                             bool conjugate) {
   const Tensor c = table_rows(cos, position_ids, seq_first), s = table_rows(sin, position_ids, seq_first);
-  return {rotary_one(q, c, s, interleaved, conjugate), rotary_one(k, c, s, interleaved, conjugate)};
+  return {rotary_output_like(q).copy_(rotary_one(q, c, s, interleaved, conjugate)),
+          rotary_output_like(k).copy_(rotary_one(k, c, s, interleaved, conjugate))};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -211,14 +221,6 @@ void accumulate_bias_grad(Tensor& sum, const Tensor& dz, bool first) {
 // dweight, dbias} (empty where not computed; the backward's loss and lse undefined); the forward's gradients in the
 // arithmetic's type (the backward scales, then rounds once), the backward's in the inputs'. On small inputs the
 // host's ops are the whole cost: each view, allocation and launch counts.
-// The rotary ops' outputs take their input's memory layout, as PyTorch's elementwise ops lay theirs out: q of a
-// [batch, seq, heads, dim] projection viewed heads-first comes back seq-first in memory, like v, so an attention
-// kernel gets q, k and v in one layout and copies none. Contiguous where that would leave the head dim strided.
-Tensor rotary_output_like(const Tensor& t) {
-  Tensor out = at::empty_like(t, at::MemoryFormat::Preserve);
-  return out.sym_stride(3) == 1 ? out : at::empty_symint(t.sym_sizes(), t.options());
-}
-
 std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor& hidden, const Tensor& weight,
                                                    const Tensor& target, const OptTensor& bias, int64_t ignore_index,
                                                    int64_t reduction, double label_smoothing, double z_loss,
@@ -806,8 +808,7 @@ std::tuple<Tensor, Tensor> rotary_fwd_cpu(const Tensor& q, const Tensor& k, cons
                                           const OptTensor& position_ids, bool interleaved, bool seq_first,
                                           bool conjugate) {
   check_positions(position_ids, cos);
-  auto [qo, ko] = rotary_reference(q, k, cos, sin, position_ids, interleaved, seq_first, conjugate);
-  return {rotary_output_like(q).copy_(qo), rotary_output_like(k).copy_(ko)};
+  return rotary_reference(q, k, cos, sin, position_ids, interleaved, seq_first, conjugate);
 }
 
 void rotary_inplace_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,

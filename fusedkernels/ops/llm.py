@@ -208,7 +208,8 @@ def apply_rotary(
     no new memory); under autograd the result is copied into them, which autograd records (so it saves no memory
     then, and a leaf that requires grad refuses it, as for any in-place op).
 
-    Returns (q_out, k_out) in q's dtype, contiguous (out of place). Arithmetic in fp32. Differentiable in q and k, to
+    Returns (q_out, k_out) in q's dtype and q's / k's memory layout (out of place; contiguous where that layout
+    would leave the head dim strided). Arithmetic in fp32. Differentiable in q and k, to
     any order: the backward is the same kernel with the transposed rotation (rotation by -theta). A cos or sin that
     requires grad (a learned table) runs the differentiable reference, with one warning on CUDA.
 
