@@ -439,7 +439,7 @@ bool check_rotary_args(const char* op, const Tensor& q, const Tensor& k, const T
                   rotary_dim.sym_ge(2).guard_bool(__FILE__, __LINE__) &&
                   rotary_dim.sym_le(q.sym_size(3)).guard_bool(__FILE__, __LINE__),
               op, ": cos / sin's last dimension (rotary_dim, one value per rotated element) must be even and in [2, ",
-              "head_dim = ", shape(q.sym_sizes().slice(3)), "], got ", shape(cos));
+              "head_dim = ", q.sym_size(3), "], got ", shape(cos));
   if (!position_ids) {
     const bool ok = (cos.dim() == 2 || (cos.dim() == 3 && (sym_same(cos.sym_size(0), 1) ||
                                                            sym_same(cos.sym_size(0), q.sym_size(0))))) &&

@@ -127,7 +127,7 @@ def _check_rotary_args(op: str, q, k, cos, sin, position_ids, interleaved, layou
     r = cos.shape[-1]
     if r % 2 or r < 2 or r > q.shape[3]:
         raise RuntimeError(f"{op}: cos / sin's last dimension (rotary_dim, one value per rotated element) must be even "
-                           f"and in [2, head_dim = [{q.shape[3]}]], got {_shape(cos)}")
+                           f"and in [2, head_dim = {q.shape[3]}], got {_shape(cos)}")
     if position_ids is None:
         ok = (cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] in (1, q.shape[0]))) and cos.shape[-2] == q.shape[seq]
         if not ok:
