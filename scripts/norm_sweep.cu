@@ -120,46 +120,32 @@ __global__ void __launch_bounds__(256, kMinBlocks) fwd_two_rows_kernel(const Fwd
         if (first + r < p.rows && c < nvec) xv[r][i].load(x + (first + r) * p.hidden + c * kVec);
       }
     }
-    float mean[kRows] = {}, rstd[kRows];
-    if constexpr (!kRms) {
-      float sum[kRows] = {};
+    // out[r] = the sum over row r's elements of f(r, element), reduced over the warp (both rows' shuffles interleave)
+    const auto row_sums = [&](auto f, float (&out)[kRows]) {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
+        out[r] = 0.f;
 #pragma unroll
         for (int i = 0; i < kIters; ++i) {
           if (i * 32 + lane < nvec) {
 #pragma unroll
-            for (int j = 0; j < kVec; ++j) sum[r] += xv[r][i].get(j);
+            for (int j = 0; j < kVec; ++j) out[r] += f(r, xv[r][i].get(j));
           }
         }
       }
 #pragma unroll
       for (int o = 16; o > 0; o /= 2) {
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], o);
+        for (int r = 0; r < kRows; ++r) out[r] += __shfl_xor_sync(0xffffffffu, out[r], o);
       }
+    };
+    float mean[kRows] = {}, sq[kRows], rstd[kRows];
+    if constexpr (!kRms) {
+      row_sums([](int, float v) { return v; }, mean);
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) mean[r] = sum[r] * inv_hidden;
+      for (int r = 0; r < kRows; ++r) mean[r] *= inv_hidden;
     }
-    float sq[kRows] = {};
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int i = 0; i < kIters; ++i) {
-        if (i * 32 + lane < nvec) {
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) {
-            const float d = xv[r][i].get(j) - mean[r];
-            sq[r] += d * d;
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) sq[r] += __shfl_xor_sync(0xffffffffu, sq[r], o);
-    }
+    row_sums([&](int r, float v) { return (v - mean[r]) * (v - mean[r]); }, sq);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) rstd[r] = rsqrtf(sq[r] * inv_hidden + p.eps);
 #pragma unroll
