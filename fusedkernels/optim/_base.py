@@ -171,12 +171,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         dict is an entry the checkpoint did not hold: torch.distributed.checkpoint's flattened optimizer state dicts
         (flatten_optimizer_state_dict=True) fill in every key of this optimizer's live state that way; it is
         dropped, so the entry counts as missing (FusedSGD's step count, a master weight made from the param)."""
+        placeholder = lambda value: isinstance(value, dict) and not value  # noqa: E731
+        state_dict = {**state_dict, "state": {param_id: {key: value for key, value in entries.items()
+                                                         if not placeholder(value)}
+                                              for param_id, entries in state_dict["state"].items()}}
         super().load_state_dict(state_dict)
-        for entries in self.state.values():
-            for key in [key for key, value in entries.items() if isinstance(value, dict) and not value]:
-                del entries[key]
-        self._loaded_masters = {id(p) for group in self.param_groups for p in group["params"]
-                                if "master_param" in self.state.get(p, ())}
         saved_state = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for param_id, p in zip(saved_group["params"], group["params"]):
