@@ -623,6 +623,35 @@ def test_kernel_forward_and_grads_match_reference(case, dtype, kernels, monkeypa
     _compare_to_reference(q, k, v, bias, causal=causal, window=window)
 
 
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("kernels", ["default", "portable"])
+@pytest.mark.parametrize("case", [(2, 333, 333, 4, 2, 64, True, None, None), (1, 700, 513, 4, 4, 128, True, None, "float"),
+                                  (2, 300, 300, 8, 2, 128, False, (64, 0), None)], ids=str)
+def test_kernel_tiles_in_several_launches(case, kernels, monkeypatch):
+    """More tiles than one launch's grid holds (65535 along z) go in several launches, heaviest tiles first:
+    FUSEDKERNELS_ATTENTION_TILES_PER_LAUNCH=2 takes that path on small shapes; it must compute what one launch does
+    (forward bitwise; the deterministic backward bitwise too)."""
+    if kernels == "portable":
+        monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "portable")
+    b, nq, nk, hq, hkv, d, causal, window, bias_kind = case
+    q, k, v = _qkv(b, nq, nk, hq, hkv, d, dtype=torch.bfloat16, device="cuda")
+    bias = _bias(bias_kind, b, hq, nq, nk, torch.bfloat16, "cuda")
+    dout = torch.randn_like(q)
+    kw = dict(causal=causal, window=window, return_lse=True)
+    fast = lambda q, k, v, bb: fops.attention(q, k, v, attn_bias=bb, **kw)  # noqa: E731
+    exact = lambda q, k, v, bb: fops.attention(q, k, v, attn_bias=bb, deterministic=True, **kw)  # noqa: E731
+    one = [_run_all(fn, q, k, v, bias, dout) for fn in (fast, exact)]
+    monkeypatch.setenv("FUSEDKERNELS_ATTENTION_TILES_PER_LAUNCH", "2")
+    poison_allocator(q, q, k, v)
+    several = [_run_all(fn, q, k, v, bias, dout) for fn in (fast, exact)]
+    for name, o, w in zip(["out", "lse"], several[0], one[0]):
+        assert torch.equal(o, w), name
+    for name, o, w in zip(["out", "lse", "dq", "dk", "dv", "dbias"], several[1], one[1]):
+        assert torch.equal(o, w), name
+    _compare_to_reference(q, k, v, bias, causal=causal, window=window)  # (and right, under the split launches)
+
+
 def _cuda_kernels_run(fn) -> list[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()

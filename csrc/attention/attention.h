@@ -63,6 +63,8 @@ struct FwdParams {
                         // backward regenerates the same mask
 
   DType dtype;          // kFloat16 or kBFloat16 (q, k, v, out, bias)
+
+  int tile_offset = 0;  // set by launch_tiles: the first tile (in heaviest-first order) of this launch
 };
 
 struct BwdParams {

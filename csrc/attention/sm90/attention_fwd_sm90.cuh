@@ -48,7 +48,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
   uint8_t* sV = sK + 2 * Cfg::kKVBytes;
   uint8_t* sBias = sV + 2 * Cfg::kKVBytes;  // kBias only
 
-  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;  // heaviest tiles first
+  // heaviest first: under a causal mask the last query tiles see the most keys
+  const int m_block = tile_of<true>(p), h = blockIdx.x, b = blockIdx.y;
   const Seq seq = sequence(p, b);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.len_q) return;

@@ -20,12 +20,14 @@ template <typename T, int kD>
 cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   using Cfg = FwdSm90ConfigFor<T, kD>;
   static_assert(Cfg::smem_bytes(true) <= 227 * 1024, "over the shared memory a Hopper block may opt into");
-  const dim3 grid(ceil_div(p.seqlen_q, Cfg::kBlockM), p.heads_q, p.batch);
+  const int64_t tiles = ceil_div(p.seqlen_q, Cfg::kBlockM);
   // The bias has its own instance: its loads and shared memory are not the plain kernel's to pay for.
   if (p.bias != nullptr) {
-    return launch<attention_fwd_sm90_kernel<Cfg, true>, Cfg::kThreads, Cfg::smem_bytes(true)>(grid, p, stream);
+    return launch_tiles<attention_fwd_sm90_kernel<Cfg, true>, Cfg::kThreads, Cfg::smem_bytes(true), true>(
+        tiles, p.heads_q, p.batch, p, stream);
   }
-  return launch<attention_fwd_sm90_kernel<Cfg, false>, Cfg::kThreads, Cfg::smem_bytes(false)>(grid, p, stream);
+  return launch_tiles<attention_fwd_sm90_kernel<Cfg, false>, Cfg::kThreads, Cfg::smem_bytes(false), true>(
+      tiles, p.heads_q, p.batch, p, stream);
 }
 
 }  // namespace fusedkernels::attention
