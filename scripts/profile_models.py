@@ -51,13 +51,19 @@ def profile_impl(impl: str, batches, out) -> None:
     torch.cuda.empty_cache()
 
 
+def _where(frame) -> str:
+    return f"{frame['filename'].split('site-packages/')[-1]}:{frame['line']} {frame['name']}"
+
+
 def _origin(frames) -> str:
-    """The first frame of the package, transformers or Liger (else the innermost frame): where a tensor came from."""
-    for f in frames:
-        name = f["filename"]
-        if any(k in name for k in ("fusedkernels", "transformers", "liger_kernel", "bench")):
-            return f"{name.split('site-packages/')[-1]}:{f['line']} {f['name']}"
-    return f"{frames[0]['filename']}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+    """Where a tensor came from: the innermost frame of the package, transformers, Liger or bench (past the native
+    op dispatcher, which every fused op goes through), and the model line that called it; else the innermost frame."""
+    ours = [f for f in frames if any(k in f["filename"] for k in ("fusedkernels", "transformers", "liger_kernel", "bench"))
+            and not f["filename"].endswith("fusedkernels/_native.py")]
+    if not ours:
+        return _where(frames[0]) if frames else "?"
+    caller = next((f for f in ours[1:] if "transformers" in f["filename"]), None)
+    return _where(ours[0]) + (f" <- {_where(caller)}" if caller and caller is not ours[0] else "")
 
 
 def peak_allocations(step, ids, top: int = 25) -> list:
@@ -70,20 +76,21 @@ def peak_allocations(step, ids, top: int = 25) -> list:
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     trace = snapshot["device_traces"][torch.cuda.current_device()]
-    live, now, peak, at_peak = {}, 0, 0, {}
+    live, now, peak, at_peak, peak_event = {}, 0, 0, {}, {}
     for event in trace:
         if event["action"] == "alloc":
             live[event["addr"]] = event
             now += event["size"]
             if now > peak:
-                peak, at_peak = now, dict(live)
+                peak, at_peak, peak_event = now, dict(live), event
         elif event["action"] == "free_requested" and event["addr"] in live:
             now -= live.pop(event["addr"])["size"]
     by_origin = collections.Counter()
     for event in at_peak.values():
         by_origin[_origin(event.get("frames", []))] += event["size"]
     lines = [f"-- peak: {(base + peak) / 2**20:.0f} MiB = {base / 2**20:.0f} held before the step "
-             f"(weights, grads, optimizer states) + {peak / 2**20:.0f} allocated in it, by origin:"]
+             f"(weights, grads, optimizer states) + {peak / 2**20:.0f} allocated in it, reached at "
+             f"{_origin(peak_event.get('frames', []))}; alive then, by origin:"]
     lines += [f"{size / 2**20:9.1f} MiB  {origin[:160]}" for origin, size in by_origin.most_common(top)]
     return lines
 

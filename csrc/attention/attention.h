@@ -64,7 +64,10 @@ struct FwdParams {
 
   DType dtype;          // kFloat16 or kBFloat16 (q, k, v, out, bias)
 
-  int tile_offset = 0;  // set by launch_tiles: the first tile (in heaviest-first order) of this launch
+  // set by the Hopper forward's launch_fwd_tiles (sm90/attention_fwd_sm90.cuh, fwd_tile): the grid's order and
+  // its first tile
+  bool tiles_slowest = false;
+  int tile_offset = 0;
 };
 
 struct BwdParams {

@@ -120,9 +120,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
   float* sLse = reinterpret_cast<float*>(sdS + Cfg::kSmemDS);  // [kStages][kBlockM], base-2 lse
   float* sDsum = sLse + kStages * kBlockM;                     // [kStages][kBlockM]
 
-  const int tile = tile_of<false>(p);  // heaviest first: under a causal mask the first key tiles see the most queries
-  const int n_block = tile / Cfg::kSlices, d0 = (tile % Cfg::kSlices) * kDSlice;
-  const int h_kv = blockIdx.x, b = blockIdx.y;
+  const int n_block = blockIdx.x / Cfg::kSlices, d0 = (blockIdx.x % Cfg::kSlices) * kDSlice;
+  const int h_kv = blockIdx.y, b = blockIdx.z;
   const Seq seq = sequence(p, b);
   const int n0 = n_block * kBlockN;
   if (n0 >= seq.len_k) return;
@@ -356,7 +355,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const B
   T* sK = sdO + Cfg::kSmemQ;          // [kStages][kBlockN][padded(kD)]
   T* sV = sK + kStages * Cfg::kSmemKV;  // same
 
-  const int m_block = tile_of<true>(p), h = blockIdx.x, b = blockIdx.y;
+  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const Seq seq = sequence(p, b);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.len_q) return;

@@ -23,19 +23,6 @@ __device__ __forceinline__ int ceil_div_device(int a, int b) { return (a + b - 1
 // different bank groups, for every head dim, with no swizzle to get wrong.
 __host__ __device__ constexpr int padded(int elements) { return elements + 8; }
 
-// A tiled kernel's tile: launch_tiles dispatches every head's and sequence's tile before the next tile starts
-// anywhere, heaviest first (from the last query tile down, or from the first key tile up), so under a causal mask
-// the longest tiles start in the first wave and the short ones fill in behind them (longest-processing-time-first).
-// With the tile fastest (the grid before), a GQA backward (one CTA per kv head looping over its group's q heads:
-// few, long CTAs) left the longest tiles of later heads for the last wave: modelled 216 against 136 tile steps
-// per SM at 4x16x2048x128 causal with 4 kv heads (docs/perf-notes.md, attention). The head and sequence are
-// blockIdx.x and blockIdx.y, and the tile a parameter plus blockIdx.z: nothing the compiler must hold in a
-// register (the Hopper kernels have none to spare).
-template <bool kFromLast>
-__device__ __forceinline__ int tile_of(const FwdParams& p) {
-  return kFromLast ? p.tile_offset - static_cast<int>(blockIdx.z) : p.tile_offset + static_cast<int>(blockIdx.z);
-}
-
 // One sequence of the batch: its first packed row (varlen) and its lengths.
 struct Seq {
   int64_t q_row0 = 0, k_row0 = 0;

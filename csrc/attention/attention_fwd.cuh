@@ -33,12 +33,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const FwdP
   T* sV = sK + Cfg::kSmemKV;
   T* sBias = sV + Cfg::kSmemKV;
 
-  // Heaviest tiles first (tile_of): under a causal mask the last query tiles see the most keys.
-  const int m_block = tile_of<true>(p), h = blockIdx.x, b = blockIdx.y;
+  // Heaviest tiles first: under a causal mask the last query tiles see the most keys.
+  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   uint64_t seed = 0, offset = 0;
   if constexpr (kDropout) {
     philox_seed_offset(p.philox, seed, offset);
-    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0) {  // for the backward
+    if (blockIdx.x == 0 && h == 0 && b == 0 && threadIdx.x == 0) {  // for the backward
       p.rng_state[0] = static_cast<int64_t>(seed);
       p.rng_state[1] = static_cast<int64_t>(offset);
     }

@@ -41,33 +41,6 @@ cudaError_t launch(const dim3& grid, const Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-inline FwdParams& fwd_params(FwdParams& p) { return p; }
-inline FwdParams& fwd_params(BwdParams& p) { return p.fwd; }
-
-// The most tiles one launch takes: a grid's z limit, or fewer where FUSEDKERNELS_ATTENTION_TILES_PER_LAUNCH says
-// (tests take the several-launch path on small shapes); read per call, as portable_kernel_forced.
-inline int64_t tiles_per_launch() {
-  constexpr int64_t kMaxGridZ = 65535;
-  const char* value = std::getenv("FUSEDKERNELS_ATTENTION_TILES_PER_LAUNCH");
-  const int64_t n = value != nullptr ? std::atoll(value) : 0;
-  return n > 0 && n < kMaxGridZ ? n : kMaxGridZ;
-}
-
-// The tiled kernels' launch: one CTA per (tile, head, sequence) on a grid (heads, batch, tiles), so that CTAs,
-// dispatched x fastest, start a tile for every head and sequence before the next tile starts anywhere, heaviest
-// first (attention_common.cuh, tile_of): from the last tile down when kFromLast (query tiles under a causal
-// mask), else from the first. More tiles than a grid's z holds go in several launches.
-template <auto Kernel, int kThreads, int kSmemBytes, bool kFromLast, typename Params>
-cudaError_t launch_tiles(int64_t tiles, int heads, int batch, Params p, cudaStream_t stream) {
-  const int64_t per_launch = tiles_per_launch();
-  for (int64_t first = 0; first < tiles; first += per_launch) {
-    fwd_params(p).tile_offset = static_cast<int>(kFromLast ? tiles - 1 - first : first);
-    const dim3 grid(heads, batch, static_cast<unsigned>(std::min(per_launch, tiles - first)));
-    if (const cudaError_t err = launch<Kernel, kThreads, kSmemBytes>(grid, p, stream); err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
-}
-
 // The Hopper forward (sm90/attention_fwd_sm90.cuh), instantiated for head dims 64 and 128 under sm90/.
 template <typename T, int kD>
 bool fwd_sm90_available();
@@ -104,14 +77,10 @@ template <typename T, int kD>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   if (use_fwd_sm90<T, kD>(p)) return launch_fwd_sm90<T, kD>(p, stream);
   using Cfg = FwdConfigFor<T, kD>;
-  const int64_t tiles = ceil_div(p.seqlen_q, Cfg::kBlockM);
+  const dim3 grid(ceil_div(p.seqlen_q, Cfg::kBlockM), p.heads_q, p.batch);
   // Dropout has its own instance: its Philox draws cost registers the plain kernel needs.
-  if (p.dropout_p > 0.0f) {
-    return launch_tiles<attention_fwd_kernel<Cfg, true>, Cfg::kThreads, Cfg::kSmemBytes, true>(tiles, p.heads_q, p.batch, p,
-                                                                                          stream);
-  }
-  return launch_tiles<attention_fwd_kernel<Cfg, false>, Cfg::kThreads, Cfg::kSmemBytes, true>(tiles, p.heads_q, p.batch, p,
-                                                                                         stream);
+  if (p.dropout_p > 0.0f) return launch<attention_fwd_kernel<Cfg, true>, Cfg::kThreads, Cfg::kSmemBytes>(grid, p, stream);
+  return launch<attention_fwd_kernel<Cfg, false>, Cfg::kThreads, Cfg::kSmemBytes>(grid, p, stream);
 }
 
 template <typename T, int kD>
@@ -127,20 +96,18 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   const FwdParams& f = p.fwd;
   const dim3 rows_grid(ceil_div(f.seqlen_q, 8), f.heads_q, f.batch);
   if (!empty_grid(rows_grid)) attention_bwd_preprocess_kernel<T, kD><<<rows_grid, 256, 0, stream>>>(p, p.workspace);
-  const int64_t kv_tiles = ceil_div(f.seqlen_k, Cfg::kBlockN) * Cfg::kSlices;
+  const dim3 kv_grid(ceil_div(f.seqlen_k, Cfg::kBlockN) * Cfg::kSlices, f.heads_kv, f.batch);
   if (p.deterministic) {
-    cudaError_t err = launch_tiles<attention_bwd_dkdv_kernel<Cfg, false>, Cfg::kThreads, Cfg::kSmemBytes, false>(
-        kv_tiles, f.heads_kv, f.batch, p, stream);
+    cudaError_t err = launch<attention_bwd_dkdv_kernel<Cfg, false>, Cfg::kThreads, Cfg::kSmemBytes>(kv_grid, p, stream);
     if (err != cudaSuccess) return err;
-    return launch_tiles<attention_bwd_dq_kernel<DqCfg>, DqCfg::kThreads, DqCfg::kSmemBytes, true>(
-        ceil_div(f.seqlen_q, DqCfg::kBlockM), f.heads_q, f.batch, p, stream);
+    const dim3 q_grid(ceil_div(f.seqlen_q, DqCfg::kBlockM), f.heads_q, f.batch);
+    return launch<attention_bwd_dq_kernel<DqCfg>, DqCfg::kThreads, DqCfg::kSmemBytes>(q_grid, p, stream);
   }
   float* dq_accum = p.workspace + dq_accum_offset(p.total_q, f.heads_q);
   cudaError_t err = cudaMemsetAsync(dq_accum, 0, sizeof(float) * p.total_q * f.heads_q * kD, stream);
   if (err != cudaSuccess) return err;
   err = use_bwd_sm90<T, kD>(p) ? launch_bwd_dkdv_sm90<T, kD>(p, stream)
-                               : launch_tiles<attention_bwd_dkdv_kernel<Cfg, true>, Cfg::kThreads, Cfg::kSmemBytes, false>(
-                                     kv_tiles, f.heads_kv, f.batch, p, stream);
+                               : launch<attention_bwd_dkdv_kernel<Cfg, true>, Cfg::kThreads, Cfg::kSmemBytes>(kv_grid, p, stream);
   if (err != cudaSuccess) return err;
   const dim3 convert_grid(ceil_div(int64_t(f.seqlen_q) * (kD / 8), 256), f.heads_q, f.batch);
   if (!empty_grid(convert_grid)) attention_bwd_dq_convert_kernel<T, kD><<<convert_grid, 256, 0, stream>>>(p);

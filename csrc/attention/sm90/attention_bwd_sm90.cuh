@@ -48,8 +48,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
   float* sDsum = sLse + 2 * kBlockM;                            // [2][kBlockM]
   uint8_t* sBias = reinterpret_cast<uint8_t*>(sDsum + 2 * kBlockM);  // [2][kBlockM queries][kBlockN keys], kBias only
 
-  // heaviest first: under a causal mask the first key tiles see the most queries
-  const int n_block = tile_of<false>(p), h_kv = blockIdx.x, b = blockIdx.y;
+  const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
   const Seq seq = sequence(p, b);
   const int n0 = n_block * kBlockN;
   if (n0 >= seq.len_k) return;
@@ -264,13 +263,11 @@ bool bwd_sm90_available() {
 template <typename T, int kD>
 cudaError_t launch_bwd_dkdv_sm90(const BwdParams& p, cudaStream_t stream) {
   using Cfg = BwdSm90Config<T, kD>;
-  const int64_t tiles = ceil_div(p.fwd.seqlen_k, Cfg::kBlockN);
+  const dim3 grid(ceil_div(p.fwd.seqlen_k, Cfg::kBlockN), p.fwd.heads_kv, p.fwd.batch);
   if (p.fwd.bias != nullptr) {
-    return launch_tiles<attention_bwd_dkdv_sm90_kernel<Cfg, true>, Cfg::kThreads, Cfg::smem_bytes(true), false>(
-        tiles, p.fwd.heads_kv, p.fwd.batch, p, stream);
+    return launch<attention_bwd_dkdv_sm90_kernel<Cfg, true>, Cfg::kThreads, Cfg::smem_bytes(true)>(grid, p, stream);
   }
-  return launch_tiles<attention_bwd_dkdv_sm90_kernel<Cfg, false>, Cfg::kThreads, Cfg::smem_bytes(false), false>(
-      tiles, p.fwd.heads_kv, p.fwd.batch, p, stream);
+  return launch<attention_bwd_dkdv_sm90_kernel<Cfg, false>, Cfg::kThreads, Cfg::smem_bytes(false)>(grid, p, stream);
 }
 
 }  // namespace fusedkernels::attention

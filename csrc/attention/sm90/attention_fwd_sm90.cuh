@@ -33,6 +33,23 @@ struct FwdSm90Config {
 template <typename T, int kD>
 using FwdSm90ConfigFor = FwdSm90Config<T, kD, (kD == 64 ? 64 : 128), (kD == 64 ? 2 : 1)>;
 
+// A forward CTA's query tile, head and sequence. Under a causal mask the last query tiles see the most
+// keys, and the grid is (heads, batch, tiles) with the tile a parameter minus blockIdx.z (launch_fwd_tiles): every
+// head's and sequence's last tile starts before any next-to-last one, the longest first and the short ones filling
+// in behind (longest-processing-time-first). Otherwise the tiles, all alike, are fastest (tiles, heads, batch): the
+// CTAs that run together are one head's and share its K and V in L2. Each index is a select by multiplication of
+// special registers and parameters, which the compiler rebuilds where it is used instead of holding it (ptxas:
+// hd128 0 bytes of spill; a branch between the two orders spilled 60).
+struct FwdTile {
+  int m_block, head, batch;
+};
+__device__ __forceinline__ FwdTile fwd_tile(const FwdParams& p) {
+  const int slowest = p.tiles_slowest;
+  const int x = blockIdx.x, y = blockIdx.y, z = blockIdx.z;
+  return {p.tile_offset - (slowest * z + (1 - slowest) * x), slowest * x + (1 - slowest) * y,
+          slowest * y + (1 - slowest) * z};
+}
+
 template <typename Cfg, bool kBias>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_sm90_kernel(const FwdParams p) {
 #if FUSEDKERNELS_SM90A
@@ -48,8 +65,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
   uint8_t* sV = sK + 2 * Cfg::kKVBytes;
   uint8_t* sBias = sV + 2 * Cfg::kKVBytes;  // kBias only
 
-  // heaviest first: under a causal mask the last query tiles see the most keys
-  const int m_block = tile_of<true>(p), h = blockIdx.x, b = blockIdx.y;
+  const auto [m_block, h, b] = fwd_tile(p);  // heaviest first under a causal mask
   const Seq seq = sequence(p, b);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.len_q) return;
