@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <array>
@@ -149,8 +150,8 @@ constexpr int64_t kRowAlign = 8;
 constexpr int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Tokens per chunk: a logits chunk about the size of the hidden states (T x H elements, as Liger-Kernel's
-// default), but at least 1024 rows (GEMMs of fewer rows lose speed, and every chunk re-reads and re-writes
-// the fp32 dweight sum).
+// default), but at least 1024 rows (GEMMs of fewer rows lose speed, and every chunk re-reads, re-writes and
+// rounds the dweight sum).
 int64_t auto_chunk(int64_t tokens, int64_t hidden, int64_t vocab) {
   const int64_t rows = round_up((tokens * hidden + vocab - 1) / vocab, 128);
   return std::max<int64_t>(1, std::min(tokens, std::max<int64_t>(rows, 1024)));
@@ -177,29 +178,11 @@ void check_lce_inputs(const char* op, const Tensor& hidden, const Tensor& weight
   TORCH_CHECK_VALUE(chunk_size >= 0, op, ": chunk_size must be >= 0, got ", num(chunk_size));
 }
 
-// dh = dz W in dh's type (the arithmetic's: one rounding, in the backward). 16-bit CUDA GEMMs write float32
-// directly; elsewhere the operands are converted (the CPU and float64 paths are references).
-void weight_product(Tensor& dh, const Tensor& dz, const Tensor& weight) {
-  if (dz.scalar_type() == dh.scalar_type()) {
-    at::mm_out(dh, dz, weight);
-  } else if (dz.is_cuda()) {
-    at::mm_out(dh, dz, weight, dh.scalar_type());
-  } else {
-    at::mm_out(dh, dz.to(dh.scalar_type()), weight.to(dh.scalar_type()));
-  }
-}
-
-// dweight_sum (+)= dz^T h. 16-bit CUDA GEMMs write float32 sums directly; elsewhere the chunk is converted (the CPU
-// and float64 paths are references). beta 0 on the first chunk: the sum's memory is not read, so it needs no zeroing.
+// dweight_sum (+)= dz^T h in the weight's type: the GEMM adds the chunk's fp32 product to the sum and rounds once
+// per chunk (Liger-Kernel's default; a float32 sum would keep V x H x 4 bytes until the backward, docs/llm.md). beta 0
+// on the first chunk: the sum's memory is not read, so it needs no zeroing.
 void accumulate_weight_grad(Tensor& sum, const Tensor& dz, const Tensor& h, bool first) {
-  const double beta = first ? 0.0 : 1.0;
-  if (dz.scalar_type() == sum.scalar_type()) {
-    sum.addmm_(dz.t(), h, beta);
-  } else if (dz.is_cuda()) {
-    at::addmm_out(sum, sum, dz.t(), h, sum.scalar_type(), beta);
-  } else {
-    sum.addmm_(dz.t().to(sum.scalar_type()), h.to(sum.scalar_type()), beta);
-  }
+  sum.addmm_(dz.t(), h, first ? 0.0 : 1.0);
 }
 
 // dbias_sum (+)= the column sums of dz, in its type; the first chunk writes it (no zeroing).
@@ -216,10 +199,10 @@ void accumulate_bias_grad(Tensor& sum, const Tensor& dz, bool first) {
 // The chunked loop of linear_cross_entropy_fwd (grad_loss undefined) and linear_cross_entropy_bwd (grad_loss [T]
 // float, lse_in the forward's): per chunk of tokens, logits = h W^T + b into one reused buffer (a PyTorch GEMM),
 // `step` turns it into the loss and, when gradients are wanted, the gradient over the logits in place, then
-// dhidden = dz W (PyTorch GEMM into its rows), dweight_sum += dz^T h (float32 sums), dbias_sum += sum_rows dz;
-// `reduce` gives the mean's gradient scale before the chunks and the loss after them. Returns {loss, lse, dhidden,
-// dweight, dbias} (empty where not computed; the backward's loss and lse undefined); the forward's gradients in the
-// arithmetic's type (the backward scales, then rounds once), the backward's in the inputs'. On small inputs the
+// dhidden = dz W (PyTorch GEMM into its rows), dweight_sum += dz^T h (in the weight's type), dbias_sum += sum_rows dz
+// (float32); `reduce` gives the mean's gradient scale before the chunks and the loss after them. Returns {loss, lse,
+// dhidden, dweight, dbias} (empty where not computed; the backward's loss and lse undefined): dhidden and dweight in
+// the inputs' type, the forward's dbias in the arithmetic's (the backward scales, then rounds it). On small inputs the
 // host's ops are the whole cost: each view, allocation and launch counts.
 std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor& hidden, const Tensor& weight,
                                                    const Tensor& target, const OptTensor& bias, int64_t ignore_index,
@@ -247,10 +230,8 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
   } else if (any_grad && reduction == kMean) {
     scale = reduce(loss_rows, target, ignore_index, LossReduction::kGradScale);
   }
-  Tensor dhidden = !want_dh ? at::empty({0}, hidden.options()) : backward ? at::empty_like(hidden)
-                                                                         : at::empty(hidden.sizes(), stats);
-  // dweight sums in the arithmetic's type: the gradient itself when weight has it, else a float32 buffer
-  Tensor dweight_sum = want_dw ? at::empty(weight.sizes(), weight.options().dtype(acc)) : Tensor();
+  Tensor dhidden = want_dh ? at::empty_like(hidden) : at::empty({0}, hidden.options());
+  Tensor dweight_sum = want_dw ? at::empty_like(weight) : Tensor();
   Tensor dbias_sum = want_db ? at::empty({vocab}, stats) : Tensor();
 
   CrossEntropyParams spec;
@@ -282,7 +263,7 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
     step(spec, logits, start, target, scale, loss_rows, lse);
     if (want_dh) {
       Tensor dh_rows = rows == tokens ? dhidden : dhidden.narrow(0, start, rows);
-      weight_product(dh_rows, logits, weight);
+      at::mm_out(dh_rows, logits, weight);
     }
     if (want_dw) accumulate_weight_grad(dweight_sum, logits, h, start == 0);
     if (want_db) accumulate_bias_grad(dbias_sum, logits, start == 0);
@@ -294,7 +275,7 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
 
   const auto none = [&] { return at::empty({0}, hidden.options()); };  // (distinct tensors: outputs never alias)
   if (backward) {
-    return {Tensor(), Tensor(), dhidden, want_dw ? dweight_sum.to(weight.scalar_type()) : none(),
+    return {Tensor(), Tensor(), dhidden, want_dw ? dweight_sum : none(),
             want_db ? dbias_sum.to(bias->scalar_type()) : none()};
   }
   const Tensor loss = reduction == kNone ? loss_rows
@@ -696,9 +677,11 @@ std::tuple<Tensor, Tensor> rotary_fwd_autograd(const Tensor& q, const Tensor& k,
 }
 
 // The backward of linear_cross_entropy_fwd (next edges hidden, weight, bias). mean / sum: the forward computed the
-// gradients for a loss grad of 1, in float32; the backward scales them by the loss's grad and rounds once to the
-// inputs' type, so a loss grad other than 1 (gradient accumulation's 1/steps, say) costs no second rounding. none: each
-// token's grad scales its row of d(logits) before the GEMMs sum over tokens, so the chunks are recomputed then.
+// gradients for a loss grad of 1 (dhidden and dweight in the inputs' type, dbias in float32); the backward scales them
+// by the loss's grad (exact for 1 and powers of two; else one more rounding, as Liger-Kernel's), in place unless the
+// graph is kept (retain_graph): the saved gradients then become the returned ones and the step's peak holds one copy.
+// none: each token's grad scales its row of d(logits) before the GEMMs sum over tokens, so the chunks are recomputed
+// then.
 // A backward that is itself differentiated (create_graph) is refused: the saved gradients are not functions of the
 // inputs autograd could differentiate.
 struct LinearCrossEntropyBackward : torch::autograd::Node {
@@ -736,8 +719,16 @@ struct LinearCrossEntropyBackward : torch::autograd::Node {
       return out;
     }
     const std::array<Tensor, 3> saved = {dhidden.unpack(), dweight.unpack(), dbias.unpack()};
+    // In place when the saved tensors are released after this call and are plain tensors: not those a trace
+    // (AOTAutograd, compiled autograd) runs the backward on, where the graph must stay functional.
+    const bool released = !torch::autograd::get_current_graph_task_keep_graph();
+    const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
     for (size_t i = 0; i < 3; ++i) {
       if (!want[i]) continue;
+      if (released && saved[i].scalar_type() == dtype && !saved[i].key_set().has_any(traced)) {
+        out[i] = saved[i].mul_(dloss);
+        continue;
+      }
       // one op: the product in the saved gradient's type, rounded to dtype as it is stored
       out[i] = at::empty(saved[i].sizes(), saved[i].options().dtype(dtype));
       at::mul_out(out[i], saved[i], dloss);
@@ -857,11 +848,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lce_fwd_meta(const Tensor& hi
                                                                 std::array<bool, 3> grad_mask) {
   const auto stats = hidden.options().dtype(opmath_dtype(hidden.scalar_type()));
   const Tensor loss = reduction == kNone ? at::empty_symint(target.sym_sizes(), stats) : at::empty({}, stats);
-  const auto grad = [&](bool want, const Tensor& like) {
-    return want ? at::empty_symint(like.sym_sizes(), stats) : at::empty({0}, hidden.options());
+  const auto grad = [&](bool want, const Tensor& like, const at::TensorOptions& options) {
+    return want ? at::empty_symint(like.sym_sizes(), options) : at::empty({0}, hidden.options());
   };
-  return {loss, at::empty_symint(target.sym_sizes(), stats), grad(grad_mask[0], hidden), grad(grad_mask[1], weight),
-          grad(grad_mask[2] && bias, bias ? *bias : hidden)};
+  return {loss, at::empty_symint(target.sym_sizes(), stats), grad(grad_mask[0], hidden, hidden.options()),
+          grad(grad_mask[1], weight, hidden.options()), grad(grad_mask[2] && bias, bias ? *bias : hidden, stats)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> lce_bwd_meta(const Tensor&, const Tensor& hidden, const Tensor& weight,

@@ -279,13 +279,6 @@ def _chunk_step(z: Tensor, target: Tensor, ignore_index: int, label_smoothing: f
     return loss, lse, torch.where(valid.unsqueeze(1), g * scale.unsqueeze(1), 0.0)
 
 
-def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """a @ b in acc without rounding to the operands' dtype first (the native op's GEMMs into float32)."""
-    if a.dtype == acc:
-        return a @ b
-    return torch.mm(a, b, out_dtype=acc) if a.is_cuda else a.to(acc) @ b.to(acc)
-
-
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """The chunked algorithm of the native op in PyTorch ops (docs/llm.md), for builds without it: mean / sum compute
     the gradients in the forward, none recomputes each chunk in the backward."""
@@ -298,9 +291,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         valid = (target != ignore_index).sum().to(acc)
         scale = (1 / valid if reduction == "mean" else torch.ones((), dtype=acc, device=hidden.device)).expand(chunk)
         loss_rows, lse_rows = [], []
-        # the gradients in acc until the backward has scaled them: one rounding to the inputs' dtype
-        dh = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if want[0] else None
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want[1] else None
+        # dhidden and dweight in the inputs' dtype (dweight's sum rounded per chunk), dbias in acc: as the native op
+        dh = torch.empty_like(hidden) if want[0] else None
+        dw = torch.zeros_like(weight) if want[1] else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want[2] and bias is not None else None
         for start in range(0, tokens, chunk):
             h = hidden[start:start + chunk]
@@ -313,9 +306,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             g = g.to(hidden.dtype)
             if dh is not None:
-                dh[start:start + chunk] = _mm(g, weight, acc)
+                dh[start:start + chunk] = g @ weight
             if dw is not None:
-                dw += _mm(g.t(), h, acc)
+                dw.addmm_(g.t(), h)
             if db is not None:
                 db += g.sum(0, dtype=acc)
         loss = torch.cat(loss_rows) if loss_rows else hidden.new_zeros(0, dtype=acc)
@@ -336,7 +329,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc = lse.dtype
         want = ctx.needs_input_grad[:3]
         dh = torch.empty_like(hidden) if want[0] else None
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want[1] else None
+        dw = torch.zeros_like(weight) if want[1] else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want[2] and bias is not None else None
         grad = grad.to(acc)
         for start in range(0, hidden.shape[0], ctx.chunk):
@@ -347,10 +340,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if dh is not None:
                 dh[start:start + ctx.chunk] = g @ weight
             if dw is not None:
-                dw += _mm(g.t(), h, acc)
+                dw.addmm_(g.t(), h)
             if db is not None:
                 db += g.sum(0, dtype=acc)
-        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype)) + (None,) * 7
+        return (dh, dw, None if db is None else db.to(bias.dtype)) + (None,) * 7
 
 
 # The native op's argument checks (csrc/llm/llm_ops.cpp: parse_reduction, check_lce_args), raising the same exception
@@ -459,10 +452,12 @@ def linear_cross_entropy(
     F.cross_entropy on bf16 logits returns bf16: `.to(hidden.dtype)` for that). Under autocast hidden, weight and bias
     are cast as F.linear's. Per chunk: logits = h W^T + b (PyTorch's GEMM, the inputs' dtype as F.linear's output),
     then one kernel computes each row's logsumexp, loss and, when a gradient is needed, d(loss)/d(logits) over the
-    chunk in place; then dhidden = dz W and dweight += dz^T h (PyTorch GEMMs; the dweight sums in float32). mean / sum
-    compute the gradients during the forward (nothing but them is kept for the backward, which scales them by the
-    loss's grad); none keeps hidden and the logsumexp and recomputes each chunk's logits in the backward (8 T H V
-    FLOPs instead of 6). Deterministic (no atomics; the same reduction order every call).
+    chunk in place; then dhidden = dz W and dweight += dz^T h (PyTorch GEMMs accumulating in fp32; the dweight sum is
+    kept in weight's dtype and so rounded once per chunk, as Liger-Kernel's: `chunk_size=tokens` rounds once, at the
+    cost of the whole logits). mean / sum compute the gradients during the forward (nothing but them is kept for the
+    backward, which scales them by the loss's grad, in place unless the graph is retained); none keeps hidden and the
+    logsumexp and recomputes each chunk's logits in the backward (8 T H V FLOPs instead of 6). Deterministic (no
+    atomics; the same reduction order every call).
 
     Raises RuntimeError for shapes, dtypes and devices that do not fit, a target not int64, label_smoothing outside
     [0, 1]; ValueError for an unknown reduction, a negative z_loss, a softcap <= 0, a negative chunk_size; TypeError for
