@@ -182,7 +182,7 @@ void check_lce_inputs(const char* op, const Tensor& hidden, const Tensor& weight
 // per chunk (Liger-Kernel's default; a float32 sum would keep V x H x 4 bytes until the backward, docs/llm.md). beta 0
 // on the first chunk: the sum's memory is not read, so it needs no zeroing.
 void accumulate_weight_grad(Tensor& sum, const Tensor& dz, const Tensor& h, bool first) {
-  sum.addmm_(dz.t(), h, first ? 0.0 : 1.0);
+  at::addmm_out(sum, sum, dz.t(), h, first ? 0.0 : 1.0);
 }
 
 // dbias_sum (+)= the column sums of dz, in its type; the first chunk writes it (no zeroing).
@@ -230,8 +230,8 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
   } else if (any_grad && reduction == kMean) {
     scale = reduce(loss_rows, target, ignore_index, LossReduction::kGradScale);
   }
-  Tensor dhidden = want_dh ? at::empty_like(hidden) : at::empty({0}, hidden.options());
-  Tensor dweight_sum = want_dw ? at::empty_like(weight) : Tensor();
+  Tensor dhidden = at::empty(want_dh ? hidden.sizes() : at::IntArrayRef{0}, hidden.options());
+  Tensor dweight_sum = want_dw ? at::empty(weight.sizes(), weight.options()) : Tensor();
   Tensor dbias_sum = want_db ? at::empty({vocab}, stats) : Tensor();
 
   CrossEntropyParams spec;
@@ -420,7 +420,7 @@ bool check_rotary_args(const char* op, const Tensor& q, const Tensor& k, const T
                   rotary_dim.sym_ge(2).guard_bool(__FILE__, __LINE__) &&
                   rotary_dim.sym_le(q.sym_size(3)).guard_bool(__FILE__, __LINE__),
               op, ": cos / sin's last dimension (rotary_dim, one value per rotated element) must be even and in [2, ",
-              "head_dim = ", q.sym_size(3), "], got ", shape(cos));
+              "head_dim] for q ", shape(q), ", got ", shape(cos));
   if (!position_ids) {
     const bool ok = (cos.dim() == 2 || (cos.dim() == 3 && (sym_same(cos.sym_size(0), 1) ||
                                                            sym_same(cos.sym_size(0), q.sym_size(0))))) &&
