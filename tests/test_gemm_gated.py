@@ -162,6 +162,51 @@ def test_backward_node_and_what_it_keeps():
     assert all(max_err(g, h) < 1e-12 for g, h in zip(grads, want))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_backward_writes_dz_over_the_saved_pre_activation_only_when_released(device):
+    """The backward writes the gated form's dz over its saved pre-activation (one [rows, 2N] buffer at the step's
+    peak instead of two) when the graph is released; with retain_graph it allocates dz, so a second backward sees
+    the pre-activation intact: the same gradients every time, equal to the functional pass's."""
+    if not _native.has_op("linear_gated") or (device == "cuda" and not torch.cuda.is_available()):
+        pytest.skip("needs the native gemm ops (and a GPU for cuda)")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, w, b, _ = _inputs((3, 7), 16, 24, dtype=dtype, device=device)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    out = fops.linear_gated(*leaves, "swiglu")
+    dy = torch.randn_like(out)
+    node = "fusedkernels::LinearActBackward"
+    runs = []
+    for retain in (True, True, False):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            runs.append(torch.autograd.grad(out, leaves, dy, retain_graph=retain))
+        ops = {e.name for e in prof.events() if e.cpu_parent is not None and e.cpu_parent.name == node}
+        assert ("fusedkernels::gated_backward_" in ops) != retain, (retain, ops)
+    for grads in runs[1:]:
+        assert all(torch.equal(g, h) for g, h in zip(grads, runs[0]))
+    # a pre-activation someone else holds is not overwritten
+    silu = ACTIVATIONS.index("silu")
+    out, z = torch.ops.fusedkernels.linear_act_fwd(*leaves, silu, None, True, True)
+    kept = z.detach().clone()
+    torch.autograd.grad(out, leaves, dy)
+    assert torch.equal(z.detach(), kept)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_gated_backward_in_place_matches_the_functional_pass(device):
+    if not _native.has_op("linear_gated") or (device == "cuda" and not torch.cuda.is_available()):
+        pytest.skip("needs the native gemm ops (and a GPU for cuda)")
+    ops = torch.ops.fusedkernels
+    for dtype in (torch.float32, torch.bfloat16):
+        for gate in GATE.values():
+            z = (torch.randn(2, 333, 2 * 136, device=device) * 2).to(dtype)
+            dy = torch.randn(2, 333, 136, device=device).to(dtype)
+            want = ops.gated_backward(dy, z, ACTIVATIONS.index(gate))
+            version = z._version
+            ops.gated_backward_(dy, z, ACTIVATIONS.index(gate))
+            assert torch.equal(z, want), (dtype, gate)
+            assert z._version > version
+
+
 def test_forward_mode_ad_and_jvp_of_grad_match_torch():
     x, w, b, r = _inputs((3,), 8, 8, residual=True)
     tx = torch.randn_like(x)
@@ -233,9 +278,10 @@ def _opcheck(device, dtype):
         torch.library.opcheck(ops.linear_act_fwd, (strided, w.detach(), None, ACTIVATIONS.index("silu"), None, save,
                                                    True))
     z = torch.randn(2, 9, 48, device=device, dtype=dtype)
-    for gate in GATE.values():  # the backward's pass
-        torch.library.opcheck(ops.gated_backward, (torch.randn(2, 9, 24, device=device, dtype=dtype), z,
-                                                   ACTIVATIONS.index(gate)))
+    for gate in GATE.values():  # the backward's pass, and its in-place form
+        dy = torch.randn(2, 9, 24, device=device, dtype=dtype)
+        torch.library.opcheck(ops.gated_backward, (dy, z, ACTIVATIONS.index(gate)))
+        torch.library.opcheck(ops.gated_backward_, (dy, z.clone(), ACTIVATIONS.index(gate)))
 
 
 def test_opcheck_cpu():

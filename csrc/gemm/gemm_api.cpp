@@ -141,18 +141,13 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& x, const Tensor& we
   return {out, z};
 }
 
-// gated_backward's CUDA kernel: one pass (gemm::gated_backward) where the layouts allow, else the reference
-// (a fallback the forward's kernel never causes: its pre-activation is contiguous and aligned).
-Tensor gated_backward_cuda(const Tensor& dy, const Tensor& z, int64_t activation) {
-  TORCH_CHECK(z.dim() >= 1 && z.size(-1) % 2 == 0, "gated_backward: pre_activation must be [..., 2N]");
+// dz of the gated form into dz (z itself for gated_backward_) by one pass (gemm::gated_backward); false where
+// the layouts do not allow it (a fallback the forward's kernel never causes: its pre-activation is contiguous and
+// aligned), for the reference.
+bool launch_gated_backward(const Tensor& dy, const Tensor& z, const Tensor& dz, Activation act) {
   const int64_t n = z.size(-1) / 2;
-  const Activation act = static_cast<Activation>(activation);
-  const c10::cuda::CUDAGuard guard(z.device());
-  if (dy.scalar_type() != z.scalar_type() || dy.numel() * 2 != z.numel() || z.numel() == 0) {
-    return gated_backward_reference(dy, z, act).contiguous();
-  }
+  if (dy.scalar_type() != z.scalar_type() || dy.numel() * 2 != z.numel() || z.numel() == 0) return false;
   const Tensor dy_rows = as_rows(dy, n), z_rows = as_rows(z, 2 * n);
-  Tensor dz = at::empty(z.sizes(), z.options());
   GatedBackwardParams p;
   p.dtype = to_dtype(z.scalar_type());
   p.rows = z_rows.size(0);
@@ -163,9 +158,28 @@ Tensor gated_backward_cuda(const Tensor& dy, const Tensor& z, int64_t activation
   p.z_row_stride = row_stride(z_rows);
   p.dz = dz.data_ptr();
   p.activation = act;
-  if (!gated_backward_supported(p)) return gated_backward_reference(dy, z, act).contiguous();
+  if (!gated_backward_supported(p)) return false;
   check_launch(gated_backward(p, c10::cuda::getCurrentCUDAStream()), "gated_backward");
-  return dz;
+  return true;
+}
+
+// gated_backward's CUDA kernel
+Tensor gated_backward_cuda(const Tensor& dy, const Tensor& z, int64_t activation) {
+  TORCH_CHECK(z.dim() >= 1 && z.size(-1) % 2 == 0, "gated_backward: pre_activation must be [..., 2N]");
+  const Activation act = static_cast<Activation>(activation);
+  const c10::cuda::CUDAGuard guard(z.device());
+  Tensor dz = at::empty(z.sizes(), z.options());
+  return launch_gated_backward(dy, z, dz, act) ? dz : gated_backward_reference(dy, z, act).contiguous();
+}
+
+// gated_backward_'s: each thread reads its elements of z before it writes them (the kernel's loads precede its
+// stores, and no two threads share an element), so dz may overwrite z.
+void gated_backward_inplace_cuda(const Tensor& dy, const Tensor& z, int64_t activation) {
+  TORCH_CHECK(z.dim() >= 1 && z.size(-1) % 2 == 0 && z.is_contiguous(),
+              "gated_backward_: pre_activation must be a contiguous [..., 2N]");
+  const Activation act = static_cast<Activation>(activation);
+  const c10::cuda::CUDAGuard guard(z.device());
+  if (!launch_gated_backward(dy, z, z, act)) z.copy_(gated_backward_reference(dy, z, act));
 }
 
 }  // namespace
@@ -173,6 +187,7 @@ Tensor gated_backward_cuda(const Tensor& dy, const Tensor& z, int64_t activation
 TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
   m.impl("linear_act_fwd", &linear_act_fwd_cuda);
   m.impl("gated_backward", &gated_backward_cuda);
+  m.impl("gated_backward_", &gated_backward_inplace_cuda);
 }
 
 }  // namespace fusedkernels::gemm

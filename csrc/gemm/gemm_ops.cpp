@@ -12,6 +12,7 @@
 //   z = x W^T + bias,  out = act(z) + residual, or gated (z = gate | up) act(gate) * up + residual; in the inputs'
 //   dtype.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <array>
@@ -41,6 +42,8 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // Internal, the gated form's first-order backward: dy [..., N], pre_activation [..., 2N] (gate | up) ->
   // dz = (dy * up * act'(gate)) | (dy * act(gate)), contiguous, pre_activation's shape. activation: the gate's.
   m.def("gated_backward(Tensor dy, Tensor pre_activation, int activation) -> Tensor");
+  // The same, dz written over pre_activation (contiguous): the backward's when nothing else can see that buffer.
+  m.def("gated_backward_(Tensor dy, Tensor(a!) pre_activation, int activation) -> ()");
 }
 
 namespace fusedkernels::gemm {
@@ -321,6 +324,31 @@ Tensor gated_backward_cpu(const Tensor& dy, const Tensor& z, int64_t activation)
   return gated_backward_reference(dy, z, activation_of(activation, "gated_backward")).contiguous();
 }
 
+void gated_backward_inplace_cpu(const Tensor& dy, const Tensor& z, int64_t activation) {
+  z.copy_(gated_backward_reference(dy, z, activation_of(activation, "gated_backward_")));
+}
+
+void gated_backward_inplace_meta(const Tensor&, const Tensor&, int64_t activation) {
+  activation_of(activation, "gated_backward_");
+}
+
+using GatedBackwardInplace = void(const Tensor&, const Tensor&, int64_t);
+
+const c10::TypedOperatorHandle<GatedBackwardInplace>& gated_backward_inplace_op() {
+  static const auto op = find_op<GatedBackwardInplace>("fusedkernels::gated_backward_");
+  return op;
+}
+
+// Whether the backward may write dz over the saved pre-activation z: its graph is released after this call
+// (no retain_graph), z is a plain tensor (not one a trace runs the backward on) and nothing else holds it or its
+// memory (the saved variable and this call's handle only; the test of torch's AccumulateGrad before it steals
+// a gradient). The step's peak then holds one [rows, 2N] buffer for z and dz, not two (docs/gemm.md).
+bool reusable_pre_activation(const Tensor& z) {
+  const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
+  return !torch::autograd::get_current_graph_task_keep_graph() && !z.key_set().has_any(traced) &&
+         z.is_contiguous() && z.use_count() <= 2 && z.storage().use_count() == 1;
+}
+
 Tensor gated_backward_meta(const Tensor& dy, const Tensor& z, int64_t activation) {
   activation_of(activation, "gated_backward");
   return at::empty_symint(z.sym_sizes(), z.options());
@@ -359,7 +387,13 @@ struct LinearActBackward : torch::autograd::Node {
         z = at::GradMode::is_enabled() ? Tensor() : pre_activation.unpack();
         if (!z.defined()) z = at::linear(x_, w, has_bias ? OptTensor(bias.unpack()) : std::nullopt);
       }
-      const Tensor dz = gated ? gated_backward(dy, z, activation) : activation_backward(dy, z, activation);
+      Tensor dz;
+      if (gated && !at::GradMode::is_enabled() && reusable_pre_activation(z)) {
+        gated_backward_inplace_op().call(dy, z, static_cast<int64_t>(activation));
+        dz = z;
+      } else {
+        dz = gated ? gated_backward(dy, z, activation) : activation_backward(dy, z, activation);
+      }
       if (want_x) out[0] = at::matmul(dz, w);
       const Tensor dz_rows = as_rows(dz);
       if (want_w) out[1] = dz_rows.t().mm(as_rows(x_));
@@ -453,16 +487,27 @@ TORCH_LIBRARY_IMPL(fusedkernels, AutocastCPU, m) {
   m.impl("linear_gated", &autocast<c10::DeviceType::CPU, linear_gated_composite>);
 }
 
-TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) { m.impl("linear_act_fwd", &linear_act_fwd_autograd); }
+TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) {
+  m.impl("linear_act_fwd", &linear_act_fwd_autograd);
+  // Differentiating it directly is an error (linear_act_fwd's backward covers what it computes).
+  m.impl("gated_backward_", torch::CppFunction::makeFromBoxedFunction<&inplace_without_derivative>());
+}
+
+// gated_backward_ writes pre_activation: its version counter moves, as for torch's in-place ops.
+TORCH_LIBRARY_IMPL(fusedkernels, ADInplaceOrView, m) {
+  m.impl("gated_backward_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+}
 
 TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
   m.impl("linear_act_fwd", &linear_act_fwd_cpu);
   m.impl("gated_backward", &gated_backward_cpu);
+  m.impl("gated_backward_", &gated_backward_inplace_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
   m.impl("linear_act_fwd", &linear_act_fwd_meta);
   m.impl("gated_backward", &gated_backward_meta);
+  m.impl("gated_backward_", &gated_backward_inplace_meta);
 }
 
 }  // namespace fusedkernels::gemm
