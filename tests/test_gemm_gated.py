@@ -191,6 +191,18 @@ def test_backward_writes_dz_over_the_saved_pre_activation_only_when_released(dev
     assert torch.equal(z.detach(), kept)
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["linear_gated", "linear_act"])
+def test_batched_output_gradients(gated):
+    """is_grads_batched (autograd.functional.jacobian's vectorize): each output gradient's result, as one at a time."""
+    x, w, b = (t.requires_grad_() for t in _inputs((2, 5), 8, 8)[:3])
+    out = fops.linear_gated(x, w, b, "swiglu") if gated else fops.linear_act(x, w[:8], b[:8], "gelu")
+    dys = torch.randn(3, *out.shape, dtype=torch.float64)
+    batched = torch.autograd.grad(out, (x, w, b), dys, retain_graph=True, is_grads_batched=True)
+    for i in range(3):
+        one = torch.autograd.grad(out, (x, w, b), dys[i], retain_graph=True)
+        assert all(max_err(p[i], q) < 1e-12 for p, q in zip(batched, one))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_gated_backward_in_place_matches_the_functional_pass(device):
     if not _native.has_op("linear_gated") or (device == "cuda" and not torch.cuda.is_available()):

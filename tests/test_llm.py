@@ -272,6 +272,9 @@ def test_rotary_bad_inputs_raise_clear_errors(device, impl):
     if device == "cpu":
         with pytest.raises(IndexError, match=r"position_ids must be in \[0, 4\)"):
             _rotary(impl, q, k, cos, sin, position_ids=torch.tensor([0, 1, 2, 4]))
+    if impl == "op":  # the differentiable reference (learned tables) checks them too, on any device
+        with pytest.raises(IndexError, match=r"position_ids must be in \[0, 4\)"):
+            _rotary(impl, q, k, cos.clone().requires_grad_(), sin, position_ids=torch.tensor([0, 1, 2, 4], device=device))
 
 
 @pytest.mark.cuda
@@ -356,8 +359,8 @@ OPTIONS = [
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_cross_entropy_matches_reference(device, dtype, reduction, options, impl):
     """Loss and the three gradients against float64 F.cross_entropy(F.linear(...)); odd token and vocab counts,
-    several chunks (chunk_size 13); 16-bit: within twice torch's own error on the same inputs, dweight within one
-    more for each chunk after the first (its sum is kept in the inputs' dtype, rounded per chunk)."""
+    several chunks (chunk_size 13); 16-bit: within twice torch's own error on the same inputs, bfloat16's dweight
+    within one more for each chunk after the first (its sum is kept in bfloat16, rounded per chunk)."""
     kw = dict(OPTIONS[options], reduction=reduction)
     h, w, b, t = _lce_inputs(61, 48, 97, dtype, device, bias=options % 2 == 0)
     if kw.get("ignore_index") == 3:
@@ -372,7 +375,45 @@ def test_linear_cross_entropy_matches_reference(device, dtype, reduction, option
     for name, o, r, lp in zip(["loss", "dhidden", "dweight", "dbias"], ours, ref, lowp):
         assert o.dtype == (torch.float32 if name == "loss" else dtype), name
         assert_close_to_ref(o.double(), r, lp.double(), name, floor=1e-5,
-                            extra_roundings=chunks - 1 if name == "dweight" and dtype != torch.float32 else 0)
+                            extra_roundings=chunks - 1 if name == "dweight" and dtype == torch.bfloat16 else 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy_float16_under_a_loss_scale(device, impl):
+    """float16 with GradScaler's recipe (the loss times a large power of two, then backward): the mean's 1/T gradients would fall
+    below float16's range if the forward rounded them before the scale is known, so its sums are float32 and
+    scaled after the chunks; dhidden and dweight within twice torch's own float16 error."""
+    h, w, _, t = _lce_inputs(8192, 32, 4000, torch.float16, device, bias=False)
+    grad = torch.tensor(2.0**15, device=device)  # (2**16 overflows torch's own float16 loss)
+    ref = _loss_and_grads(llm.linear_cross_entropy_ref, h.double(), w.double(), None, t, grad.double())
+    lowp = _loss_and_grads(_torch_lowp, h, w, None, t, grad)
+    ours = _loss_and_grads(lambda *a, **k: _lce(impl, *a, chunk_size=2048, **k), h, w, None, t, grad)
+    for name, o, r, lp in zip(["loss", "dhidden", "dweight"], ours, ref, lowp):
+        assert_close_to_ref(o.double(), r, lp.double(), name, floor=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_batched_loss_grads_and_saved_tensor_hooks(device, reduction):
+    """The backward of mean / sum scales the saved gradients by the loss's grad: a batch of loss grads
+    (is_grads_batched, as jacobian's vectorize) gives each one's gradients, and tensors a saved_tensors_hooks pack
+    hook received are not overwritten (the in-place scaling is only for buffers nothing else sees)."""
+    h, w, b, t = _lce_inputs(37, 16, 29, torch.bfloat16, device)
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    loss = fops.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], reduction=reduction)
+    grads = torch.tensor([1.0, 0.5, -3.0], device=device)
+    batched = torch.autograd.grad(loss, leaves, grads, retain_graph=True, is_grads_batched=True)
+    for i, g in enumerate(grads):
+        one = torch.autograd.grad(loss, leaves, g, retain_graph=True)
+        for name, x, y in zip(["dhidden", "dweight", "dbias"], batched, one):
+            assert torch.equal(x[i], y), (name, i)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: packed.append(x) or x, lambda x: x):
+        loss = fops.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], reduction=reduction)
+    kept = [x.clone() for x in packed]
+    torch.autograd.grad(loss * 0.5, leaves)
+    assert packed and all(torch.equal(x, y) for x, y in zip(packed, kept))
 
 
 @pytest.mark.parametrize("device", DEVICES)

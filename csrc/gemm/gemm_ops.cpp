@@ -12,6 +12,7 @@
 //   z = x W^T + bias,  out = act(z) + residual, or gated (z = gate | up) act(gate) * up + residual; in the inputs'
 //   dtype.
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
@@ -340,13 +341,13 @@ const c10::TypedOperatorHandle<GatedBackwardInplace>& gated_backward_inplace_op(
 }
 
 // Whether the backward may write dz over the saved pre-activation z: its graph is released after this call
-// (no retain_graph), z is a plain tensor (not one a trace runs the backward on) and nothing else holds it or its
-// memory (the saved variable and this call's handle only; the test of torch's AccumulateGrad before it steals
-// a gradient). The step's peak then holds one [rows, 2N] buffer for z and dz, not two (docs/gemm.md).
-bool reusable_pre_activation(const Tensor& z) {
-  const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
-  return !torch::autograd::get_current_graph_task_keep_graph() && !z.key_set().has_any(traced) &&
-         z.is_contiguous() && z.use_count() <= 2 && z.storage().use_count() == 1;
+// (no retain_graph), z and dy are plain tensors (not ones a trace runs the backward on, nor batched), z went
+// through no saved_tensors_hooks and nothing else holds it or its memory (the saved variable and this call's
+// handle only; the test torch's AccumulateGrad makes before it steals a gradient). The step's peak then holds one
+// [rows, 2N] buffer for z and dz, not two (docs/gemm.md).
+bool reusable_pre_activation(const torch::autograd::SavedVariable& saved, const Tensor& z, const Tensor& dy) {
+  return !torch::autograd::get_current_graph_task_keep_graph() && plain_tensor(z) && plain_tensor(dy) &&
+         !saved.has_hooks() && z.is_contiguous() && z.use_count() <= 2 && z.storage().use_count() == 1;
 }
 
 Tensor gated_backward_meta(const Tensor& dy, const Tensor& z, int64_t activation) {
@@ -354,8 +355,11 @@ Tensor gated_backward_meta(const Tensor& dy, const Tensor& z, int64_t activation
   return at::empty_symint(z.sym_sizes(), z.options());
 }
 
-// [..., C] -> [rows, C] (a 1-D tensor is one row)
-Tensor as_rows(const Tensor& t) { return t.dim() == 1 ? t.unsqueeze(0) : t.flatten(0, -2); }
+// [..., C] -> [rows, C] (a 1-D tensor is one row); reshape, which autograd's batched gradients
+// (is_grads_batched) have a rule for, where flatten has none
+Tensor as_rows(const Tensor& t) {
+  return t.reshape({c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1), t.size(-1)});
+}
 
 // The backward of linear_act_fwd; next edges x, weight, bias, residual (absent ones have empty edges):
 // dx = dz W, dW = dz^T x and dbias = sum of dz over rows (leading dimensions flattened), dresidual = dy.
@@ -388,7 +392,7 @@ struct LinearActBackward : torch::autograd::Node {
         if (!z.defined()) z = at::linear(x_, w, has_bias ? OptTensor(bias.unpack()) : std::nullopt);
       }
       Tensor dz;
-      if (gated && !at::GradMode::is_enabled() && reusable_pre_activation(z)) {
+      if (gated && !at::GradMode::is_enabled() && reusable_pre_activation(pre_activation, z, dy)) {
         gated_backward_inplace_op().call(dy, z, static_cast<int64_t>(activation));
         dz = z;
       } else {

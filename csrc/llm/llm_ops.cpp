@@ -115,6 +115,18 @@ Tensor rotary_output_like(const Tensor& t) {
   return out.sym_stride(3) == 1 ? out : at::empty_symint(t.sym_sizes(), t.options());
 }
 
+// Positions outside the table raise here: the CPU kernel's check (the values cost nothing to read there; the CUDA
+// kernel writes NaN instead of a host sync), and the differentiable reference's on any device (its gather would
+// raise ATen's bare index error, or a device-side assert), for plain tensors (a traced one has no values).
+namespace {
+void check_positions(const OptTensor& position_ids, const Tensor& table) {
+  if (!position_ids || position_ids->numel() == 0 || !plain_tensor(*position_ids)) return;
+  const int64_t low = position_ids->min().item<int64_t>(), high = position_ids->max().item<int64_t>();
+  TORCH_CHECK_INDEX(low >= 0 && high < table.size(1), "apply_rotary: position_ids must be in [0, ",
+                    num(table.size(1)), ") (the rows of cos / sin), got values in [", num(low), ", ", num(high), "]");
+}
+}  // namespace
+
 // Hugging Face's formula, out = x * cos + rotate(x) * sin over the first rotary_dim elements (the rest passed
 // through), in fp32 (fp64 for fp64 inputs), differentiable in every tensor (the copy into the output's layout
 // too); arguments as rotary_fwd's, outputs in the inputs' layouts as the kernel's.
@@ -178,11 +190,35 @@ void check_lce_inputs(const char* op, const Tensor& hidden, const Tensor& weight
   TORCH_CHECK_VALUE(chunk_size >= 0, op, ": chunk_size must be >= 0, got ", num(chunk_size));
 }
 
-// dweight_sum (+)= dz^T h in the weight's type: the GEMM adds the chunk's fp32 product to the sum and rounds once
-// per chunk (Liger-Kernel's default; a float32 sum would keep V x H x 4 bytes until the backward, docs/llm.md). beta 0
-// on the first chunk: the sum's memory is not read, so it needs no zeroing.
+// The type of the dweight sum and of the forward's dhidden: the inputs' for bfloat16 (float32's exponent range; the
+// sum is rounded once per chunk, as Liger-Kernel's, where a float32 one would keep V x H x 4 bytes until the
+// backward) and float32, float64; float32 for float16, whose range neither a sum over every token nor a mean's
+// gradients before the loss scale (1/T each: GradScaler multiplies them afterwards) fit (docs/llm.md).
+at::ScalarType grad_sum_type(at::ScalarType t) { return t == at::kHalf ? at::kFloat : t; }
+
+// dh = dz W in dh's type. 16-bit CUDA GEMMs write float32 directly; elsewhere the operands are converted (the CPU
+// and float64 paths are references).
+void weight_product(Tensor& dh, const Tensor& dz, const Tensor& weight) {
+  if (dz.scalar_type() == dh.scalar_type()) {
+    at::mm_out(dh, dz, weight);
+  } else if (dz.is_cuda()) {
+    at::mm_out(dh, dz, weight, dh.scalar_type());
+  } else {
+    at::mm_out(dh, dz.to(dh.scalar_type()), weight.to(dh.scalar_type()));
+  }
+}
+
+// dweight_sum (+)= dz^T h in the sum's type (grad_sum_type): the GEMM adds the chunk's fp32 product to the sum and
+// rounds it. beta 0 on the first chunk: the sum's memory is not read, so it needs no zeroing.
 void accumulate_weight_grad(Tensor& sum, const Tensor& dz, const Tensor& h, bool first) {
-  at::addmm_out(sum, sum, dz.t(), h, first ? 0.0 : 1.0);
+  const double beta = first ? 0.0 : 1.0;
+  if (dz.scalar_type() == sum.scalar_type()) {
+    at::addmm_out(sum, sum, dz.t(), h, beta);
+  } else if (dz.is_cuda()) {
+    at::addmm_out(sum, sum, dz.t(), h, sum.scalar_type(), beta);
+  } else {
+    sum.addmm_(dz.t().to(sum.scalar_type()), h.to(sum.scalar_type()), beta);
+  }
 }
 
 // dbias_sum (+)= the column sums of dz, in its type; the first chunk writes it (no zeroing).
@@ -199,10 +235,12 @@ void accumulate_bias_grad(Tensor& sum, const Tensor& dz, bool first) {
 // The chunked loop of linear_cross_entropy_fwd (grad_loss undefined) and linear_cross_entropy_bwd (grad_loss [T]
 // float, lse_in the forward's): per chunk of tokens, logits = h W^T + b into one reused buffer (a PyTorch GEMM),
 // `step` turns it into the loss and, when gradients are wanted, the gradient over the logits in place, then
-// dhidden = dz W (PyTorch GEMM into its rows), dweight_sum += dz^T h (in the weight's type), dbias_sum += sum_rows dz
+// dhidden = dz W (PyTorch GEMM into its rows), dweight_sum += dz^T h (in grad_sum_type), dbias_sum += sum_rows dz
 // (float32); `reduce` gives the mean's gradient scale before the chunks and the loss after them. Returns {loss, lse,
-// dhidden, dweight, dbias} (empty where not computed; the backward's loss and lse undefined): dhidden and dweight in
-// the inputs' type, the forward's dbias in the arithmetic's (the backward scales, then rounds it). On small inputs the
+// dhidden, dweight, dbias} (empty where not computed; the backward's loss and lse undefined): the forward's dhidden
+// and dweight in grad_sum_type, its dbias in the arithmetic's type (the backward scales, then rounds them); the
+// backward's in the inputs' type. float16's mean scales the float32 sums after the chunks, not dz (whose 1/T
+// entries would fall below its range). On small inputs the
 // host's ops are the whole cost: each view, allocation and launch counts.
 std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor& hidden, const Tensor& weight,
                                                    const Tensor& target, const OptTensor& bias, int64_t ignore_index,
@@ -230,8 +268,11 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
   } else if (any_grad && reduction == kMean) {
     scale = reduce(loss_rows, target, ignore_index, LossReduction::kGradScale);
   }
-  Tensor dhidden = at::empty(want_dh ? hidden.sizes() : at::IntArrayRef{0}, hidden.options());
-  Tensor dweight_sum = want_dw ? at::empty(weight.sizes(), weight.options()) : Tensor();
+  const auto sum_type = grad_sum_type(hidden.scalar_type());
+  const bool scale_after = !backward && scale.defined() && sum_type != hidden.scalar_type();
+  Tensor dhidden = at::empty(want_dh ? hidden.sizes() : at::IntArrayRef{0},
+                             hidden.options().dtype(backward ? hidden.scalar_type() : sum_type));
+  Tensor dweight_sum = want_dw ? at::empty(weight.sizes(), weight.options().dtype(sum_type)) : Tensor();
   Tensor dbias_sum = want_db ? at::empty({vocab}, stats) : Tensor();
 
   CrossEntropyParams spec;
@@ -260,10 +301,10 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
     } else {
       at::mm_out(logits, h, weight_t);
     }
-    step(spec, logits, start, target, scale, loss_rows, lse);
+    step(spec, logits, start, target, scale_after ? Tensor() : scale, loss_rows, lse);
     if (want_dh) {
       Tensor dh_rows = rows == tokens ? dhidden : dhidden.narrow(0, start, rows);
-      at::mm_out(dh_rows, logits, weight);
+      weight_product(dh_rows, logits, weight);
     }
     if (want_dw) accumulate_weight_grad(dweight_sum, logits, h, start == 0);
     if (want_db) accumulate_bias_grad(dbias_sum, logits, start == 0);
@@ -272,10 +313,15 @@ std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor&
     if (want_dw) dweight_sum.zero_();
     if (want_db) dbias_sum.zero_();
   }
+  if (scale_after) {
+    for (Tensor* g : {&dhidden, &dweight_sum, &dbias_sum}) {
+      if (g->defined() && g->numel() > 0) g->mul_(scale);
+    }
+  }
 
   const auto none = [&] { return at::empty({0}, hidden.options()); };  // (distinct tensors: outputs never alias)
   if (backward) {
-    return {Tensor(), Tensor(), dhidden, want_dw ? dweight_sum : none(),
+    return {Tensor(), Tensor(), dhidden, want_dw ? dweight_sum.to(weight.scalar_type()) : none(),
             want_db ? dbias_sum.to(bias->scalar_type()) : none()};
   }
   const Tensor loss = reduction == kNone ? loss_rows
@@ -491,6 +537,7 @@ std::tuple<Tensor, Tensor> apply_rotary_composite(const Tensor& q, const Tensor&
   const RotaryTables t = rotary_tables(cos, sin, position_ids);
   if (const char* why = rotary_fallback_reason(q, k, cos, sin)) {
     warn_fallback(op, why, kRotaryReference);
+    check_positions(t.position_ids, t.cos);
     return rotary_reference(q, k, t.cos, t.sin, t.position_ids, interleaved, seq_first, false);
   }
   return rotary_fwd_op().call(unit_stride_heads(q), unit_stride_heads(k), t.cos, t.sin, t.position_ids, interleaved,
@@ -718,20 +765,23 @@ struct LinearCrossEntropyBackward : torch::autograd::Node {
       }
       return out;
     }
-    const std::array<Tensor, 3> saved = {dhidden.unpack(), dweight.unpack(), dbias.unpack()};
-    // In place when the saved tensors are released after this call and are plain tensors: not those a trace
-    // (AOTAutograd, compiled autograd) runs the backward on, where the graph must stay functional.
+    const std::array<torch::autograd::SavedVariable*, 3> vars = {&dhidden, &dweight, &dbias};
+    // In place when the saved tensors are released after this call and nothing else sees them: plain tensors (not
+    // those a trace, AOTAutograd or compiled autograd, runs the backward on, nor a batched loss grad) and no
+    // saved_tensors_hooks (whose packed tensors would change).
     const bool released = !torch::autograd::get_current_graph_task_keep_graph();
-    const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
     for (size_t i = 0; i < 3; ++i) {
       if (!want[i]) continue;
-      if (released && saved[i].scalar_type() == dtype && !saved[i].key_set().has_any(traced)) {
-        out[i] = saved[i].mul_(dloss);
-        continue;
+      const Tensor saved = vars[i]->unpack();
+      if (!plain_tensor(dloss)) {
+        out[i] = at::mul(saved, dloss).to(dtype);  // (functorch's batching rules have no mul.out)
+      } else if (released && saved.scalar_type() == dtype && plain_tensor(saved) && !vars[i]->has_hooks()) {
+        out[i] = saved.mul_(dloss);
+      } else {
+        // one op: the product in the saved gradient's type, rounded to dtype as it is stored
+        out[i] = at::empty(saved.sizes(), saved.options().dtype(dtype));
+        at::mul_out(out[i], saved, dloss);
       }
-      // one op: the product in the saved gradient's type, rounded to dtype as it is stored
-      out[i] = at::empty(saved[i].sizes(), saved[i].options().dtype(dtype));
-      at::mul_out(out[i], saved[i], dloss);
     }
     return out;
   }
@@ -786,14 +836,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lce_fwd_autograd(
 // ------------------------------------------------------------------------------------------------
 // CPU and Meta kernels
 // ------------------------------------------------------------------------------------------------
-
-// Positions outside the table raise here (on the CPU the values cost nothing to read; the CUDA kernel writes NaN).
-void check_positions(const OptTensor& position_ids, const Tensor& table) {
-  if (!position_ids || position_ids->numel() == 0) return;
-  const int64_t low = position_ids->min().item<int64_t>(), high = position_ids->max().item<int64_t>();
-  TORCH_CHECK_INDEX(low >= 0 && high < table.size(1), "apply_rotary: position_ids must be in [0, ",
-                    num(table.size(1)), ") (the rows of cos / sin), got values in [", num(low), ", ", num(high), "]");
-}
 
 std::tuple<Tensor, Tensor> rotary_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
                                           const OptTensor& position_ids, bool interleaved, bool seq_first,
@@ -851,8 +893,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lce_fwd_meta(const Tensor& hi
   const auto grad = [&](bool want, const Tensor& like, const at::TensorOptions& options) {
     return want ? at::empty_symint(like.sym_sizes(), options) : at::empty({0}, hidden.options());
   };
-  return {loss, at::empty_symint(target.sym_sizes(), stats), grad(grad_mask[0], hidden, hidden.options()),
-          grad(grad_mask[1], weight, hidden.options()), grad(grad_mask[2] && bias, bias ? *bias : hidden, stats)};
+  const auto sums = hidden.options().dtype(grad_sum_type(hidden.scalar_type()));
+  return {loss, at::empty_symint(target.sym_sizes(), stats), grad(grad_mask[0], hidden, sums),
+          grad(grad_mask[1], weight, sums), grad(grad_mask[2] && bias, bias ? *bias : hidden, stats)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> lce_bwd_meta(const Tensor&, const Tensor& hidden, const Tensor& weight,

@@ -279,6 +279,21 @@ def _chunk_step(z: Tensor, target: Tensor, ignore_index: int, label_smoothing: f
     return loss, lse, torch.where(valid.unsqueeze(1), g * scale.unsqueeze(1), 0.0)
 
 
+def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a @ b in out_dtype without rounding to the operands' dtype first (the native op's GEMMs into float32)."""
+    if a.dtype == out_dtype:
+        return a @ b
+    return torch.mm(a, b, out_dtype=out_dtype) if a.is_cuda else a.to(out_dtype) @ b.to(out_dtype)
+
+
+def _accumulate(total: Tensor, a: Tensor, b: Tensor) -> None:
+    """total += a @ b in total's dtype, the sum rounded once per call (the native op's addmm)."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+    else:
+        total += _mm(a, b, total.dtype)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """The chunked algorithm of the native op in PyTorch ops (docs/llm.md), for builds without it: mean / sum compute
     the gradients in the forward, none recomputes each chunk in the backward."""
@@ -289,11 +304,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         want = ctx.needs_input_grad[:3] if reduction != "none" else (False, False, False)
         tokens = hidden.shape[0]
         valid = (target != ignore_index).sum().to(acc)
-        scale = (1 / valid if reduction == "mean" else torch.ones((), dtype=acc, device=hidden.device)).expand(chunk)
+        # dhidden and the dweight sum in the inputs' dtype (rounded per chunk), float32 for float16, whose mean
+        # then scales the sums, not dz; dbias in acc: as the native op (llm_ops.cpp, grad_sum_type)
+        sums = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
+        scale_after = reduction == "mean" and sums != hidden.dtype
+        one = torch.ones((), dtype=acc, device=hidden.device)
+        scale = (1 / valid if reduction == "mean" and not scale_after else one).expand(chunk)
         loss_rows, lse_rows = [], []
-        # dhidden and dweight in the inputs' dtype (dweight's sum rounded per chunk), dbias in acc: as the native op
-        dh = torch.empty_like(hidden) if want[0] else None
-        dw = torch.zeros_like(weight) if want[1] else None
+        dh = torch.empty(hidden.shape, dtype=sums, device=hidden.device) if want[0] else None
+        dw = torch.zeros(weight.shape, dtype=sums, device=weight.device) if want[1] else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want[2] and bias is not None else None
         for start in range(0, tokens, chunk):
             h = hidden[start:start + chunk]
@@ -306,11 +325,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             g = g.to(hidden.dtype)
             if dh is not None:
-                dh[start:start + chunk] = g @ weight
+                dh[start:start + chunk] = _mm(g, weight, sums)
             if dw is not None:
-                dw.addmm_(g.t(), h)
+                _accumulate(dw, g.t(), h)
             if db is not None:
                 db += g.sum(0, dtype=acc)
+        if scale_after:
+            for t in (dh, dw, db):
+                if t is not None:
+                    t.mul_(1 / valid)
         loss = torch.cat(loss_rows) if loss_rows else hidden.new_zeros(0, dtype=acc)
         lse = torch.cat(lse_rows) if lse_rows else hidden.new_zeros(0, dtype=acc)
         ctx.reduction, ctx.chunk = reduction, chunk
@@ -329,7 +352,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc = lse.dtype
         want = ctx.needs_input_grad[:3]
         dh = torch.empty_like(hidden) if want[0] else None
-        dw = torch.zeros_like(weight) if want[1] else None
+        sums = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
+        dw = torch.zeros(weight.shape, dtype=sums, device=weight.device) if want[1] else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want[2] and bias is not None else None
         grad = grad.to(acc)
         for start in range(0, hidden.shape[0], ctx.chunk):
@@ -340,10 +364,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if dh is not None:
                 dh[start:start + ctx.chunk] = g @ weight
             if dw is not None:
-                dw.addmm_(g.t(), h)
+                _accumulate(dw, g.t(), h)
             if db is not None:
                 db += g.sum(0, dtype=acc)
-        return (dh, dw, None if db is None else db.to(bias.dtype)) + (None,) * 7
+        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype)) + (None,) * 7
 
 
 # The native op's argument checks (csrc/llm/llm_ops.cpp: parse_reduction, check_lce_args), raising the same exception

@@ -33,6 +33,16 @@ NodePtr make_node() {
 inline bool has_forward_grad(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
 inline bool has_forward_grad(const std::optional<at::Tensor>& t) { return t && has_forward_grad(*t); }
 
+// A tensor that is only itself: not a Python subclass or mode's (AOTAutograd's and compiled autograd's fake and
+// functional tensors) nor a batched (functorch's vmap, autograd's is_grads_batched) or wrapped one. A backward may
+// write such a saved buffer in place, and call out= ops with it.
+inline bool plain_tensor(const at::Tensor& t) {
+  static const c10::DispatchKeySet wrapped({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                            c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::Batched,
+                                            c10::DispatchKey::FuncTorchGradWrapper});
+  return !t.key_set().has_any(wrapped);
+}
+
 // An unpacked SavedVariable (undefined when nothing was saved) as the optional argument an op takes.
 inline std::optional<at::Tensor> optional_of(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
