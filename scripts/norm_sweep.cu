@@ -1,10 +1,7 @@
 // Forward register-path sweep (no torch): times fwd_registers_kernel over threads per row (kTpr), vectors per
 // thread (kIters) and a minimum of resident blocks (launch bounds) against a device copy, on the bench's
-// shapes, with inputs rotated through more memory than L2 holds; and an experimental plain forward taking two rows a
-// warp pass (fwd_two_rows_kernel, checked against the library's output). Build and run: scripts/norm_sweep.sh.
-#include <cmath>
+// shapes, with inputs rotated through more memory than L2 holds. Build and run: scripts/norm_sweep.sh.
 #include <cstdio>
-#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -94,123 +91,6 @@ void sweep_one(const Buffers& B, const char* name, float copy_us) {
                 name, (long long)kRows, kHidden, kTpr, kIters, kMinBlocks, attr.numRegs, int(attr.localSizeBytes), resident, us, bytes / us * 1e-3,
                 100.0 * (bytes / us) / (2.0 * kRows * kHidden * sizeof(bf16) / copy_us));
   }
-}
-
-// Experiment (not in the library): the plain forward with each warp taking two rows a pass (a warp per row,
-// kIters 16-byte vectors a thread of each): both rows' loads are issued before either row's reductions, and the
-// two rows' shuffle reductions interleave, so a warp has twice the bytes in flight through its reductions (the
-// production kernel's warp waits on one row's loads, then its reductions, with nothing else in flight).
-template <bool kRms, int kIters, int kMinBlocks>
-__global__ void __launch_bounds__(256, kMinBlocks) fwd_two_rows_kernel(const FwdParamsT<false> p) {
-  constexpr int kVec = kVec16<bf16>, kRows = 2, kWarps = 256 / 32;
-  const bf16* x = static_cast<const bf16*>(p.x);
-  const bf16* weight = static_cast<const bf16*>(p.weight);
-  const bf16* bias = static_cast<const bf16*>(p.bias);
-  bf16* y = static_cast<bf16*>(p.y);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nvec = p.hidden / kVec;
-  const float inv_hidden = 1.f / p.hidden;
-  for (int64_t first = (int64_t(blockIdx.x) * kWarps + warp) * kRows; first < p.rows;
-       first += int64_t(gridDim.x) * kWarps * kRows) {
-    Vec<bf16, kVec> xv[kRows][kIters];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int i = 0; i < kIters; ++i) {
-        const int c = i * 32 + lane;
-        if (first + r < p.rows && c < nvec) xv[r][i].load(x + (first + r) * p.hidden + c * kVec);
-      }
-    }
-    // out[r] = the sum over row r's elements of f(r, element), reduced over the warp (both rows' shuffles interleave)
-    const auto row_sums = [&](auto f, float (&out)[kRows]) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        out[r] = 0.f;
-#pragma unroll
-        for (int i = 0; i < kIters; ++i) {
-          if (i * 32 + lane < nvec) {
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) out[r] += f(r, xv[r][i].get(j));
-          }
-        }
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o /= 2) {
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) out[r] += __shfl_xor_sync(0xffffffffu, out[r], o);
-      }
-    };
-    float mean[kRows] = {}, sq[kRows], rstd[kRows];
-    if constexpr (!kRms) {
-      row_sums([](int, float v) { return v; }, mean);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) mean[r] *= inv_hidden;
-    }
-    row_sums([&](int r, float v) { return (v - mean[r]) * (v - mean[r]); }, sq);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) rstd[r] = rsqrtf(sq[r] * inv_hidden + p.eps);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (first + r >= p.rows) continue;
-      if (lane == 0) {
-        if constexpr (!kRms) p.mean[first + r] = mean[r];
-        p.rstd[first + r] = rstd[r];
-      }
-#pragma unroll
-      for (int i = 0; i < kIters; ++i) {
-        const int c = i * 32 + lane;
-        if (c >= nvec) continue;
-        Vec<bf16, kVec> w, b, out;
-        w.load(weight + c * kVec);
-        if (!kRms) b.load(bias + c * kVec);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) out.set(j, (xv[r][i].get(j) - mean[r]) * rstd[r] * w.get(j) + (kRms ? 0.f : b.get(j)));
-        out.store(y + (first + r) * p.hidden + c * kVec);
-      }
-    }
-  }
-}
-
-template <bool kRms, int kIters, int kMinBlocks>
-void sweep_two_rows_one(const Buffers& B, const char* name, float copy_us) {
-  constexpr int kVec = kVec16<bf16>;
-  if constexpr (32 * kIters * kVec >= kHidden && 16 * kIters * kVec < kHidden) {
-    auto kernel = fwd_two_rows_kernel<kRms, kIters, kMinBlocks>;
-    cudaFuncAttributes attr{};
-    CHECK(cudaFuncGetAttributes(&attr, kernel));
-    int resident = 0;
-    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, 256, 0));
-    const int64_t blocks = std::min<int64_t>(ceil_div(kRows, 16), int64_t(sm_count()) * 64);  // 8 warps x 2 rows
-    const float us = time_us([&](int set) { kernel<<<blocks, 256>>>(params<kRms, false>(B, set)); });
-    // the output of set 0 against the library's kernel (written to B.h, which the plain norm leaves unused)
-    FwdParamsT<false> ref = params<kRms, false>(B, 0);
-    ref.y = B.h;
-    fwd_registers_kernel<bf16, bf16, bf16, kRms, false, 32, 4><<<ceil_div(kRows, 8), 256>>>(ref);
-    CHECK(cudaDeviceSynchronize());
-    std::vector<bf16> ours(size_t(kRows) * kHidden), lib(ours.size());
-    CHECK(cudaMemcpy(ours.data(), B.y, ours.size() * 2, cudaMemcpyDeviceToHost));
-    CHECK(cudaMemcpy(lib.data(), B.h, lib.size() * 2, cudaMemcpyDeviceToHost));
-    float diff = 0.f;
-    for (size_t i = 0; i < ours.size(); ++i) diff = std::max(diff, std::fabs(__bfloat162float(ours[i]) - __bfloat162float(lib[i])));
-    const double bytes = 2.0 * kRows * kHidden * sizeof(bf16);
-    std::printf("%-8s %5lldx%-5d 2 rows/warp iters %d minblocks %d | regs %3d local %3d B blocks/SM %2d | %7.1f us %6.0f GB/s %4.0f%% of copy | max |diff| vs library %.3g\n",
-                name, (long long)kRows, kHidden, kIters, kMinBlocks, attr.numRegs, int(attr.localSizeBytes), resident, us,
-                bytes / us * 1e-3, 100.0 * (bytes / us) / (2.0 * kRows * kHidden * sizeof(bf16) / copy_us), diff);
-  }
-}
-
-template <bool kRms>
-void sweep_two_rows(const Buffers& B, const char* name, float copy_us) {
-  [&]<int... kI>(std::integer_sequence<int, kI...>) {
-    ([&] {
-      constexpr int kIters = 1 << kI;  // 1, 2, 4 vectors a thread: H up to 256, 512, 1024 bf16
-      sweep_two_rows_one<kRms, kIters, 2>(B, name, copy_us);
-      sweep_two_rows_one<kRms, kIters, 3>(B, name, copy_us);
-      sweep_two_rows_one<kRms, kIters, 4>(B, name, copy_us);
-      sweep_two_rows_one<kRms, kIters, 6>(B, name, copy_us);
-    }(), ...);
-  }(std::make_integer_sequence<int, 3>{});
-  sweep_two_rows_one<kRms, 3, 4>(B, name, copy_us);  // H = 768: three vectors a thread
-  sweep_two_rows_one<kRms, 3, 6>(B, name, copy_us);
 }
 
 template <bool kRms, bool kAdd>
@@ -320,8 +200,6 @@ int main(int argc, char** argv) {
   if (fwd) {
     sweep<false, false>(B, "ln", copy_us);
     sweep<true, false>(B, "rms", copy_us);
-    sweep_two_rows<false>(B, "ln", copy_us);
-    sweep_two_rows<true>(B, "rms", copy_us);
     sweep<true, true>(B, "add_rms", copy_us);
     sweep<false, true>(B, "add_ln", copy_us);
   }
