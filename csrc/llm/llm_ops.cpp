@@ -240,8 +240,8 @@ void accumulate_bias_grad(Tensor& sum, const Tensor& dz, bool first) {
 // dhidden, dweight, dbias} (empty where not computed; the backward's loss and lse undefined): the forward's dhidden
 // and dweight in grad_sum_type, its dbias in the arithmetic's type (the backward scales, then rounds them); the
 // backward's in the inputs' type. float16's mean scales the float32 sums after the chunks, not dz (whose 1/T
-// entries would fall below its range). On small inputs the
-// host's ops are the whole cost: each view, allocation and launch counts.
+// entries would fall below its range). On small inputs the host's ops are the whole cost: each view, allocation
+// and launch counts.
 std::array<Tensor, 5> linear_cross_entropy_chunked(const char* op, const Tensor& hidden, const Tensor& weight,
                                                    const Tensor& target, const OptTensor& bias, int64_t ignore_index,
                                                    int64_t reduction, double label_smoothing, double z_loss,
@@ -724,12 +724,11 @@ std::tuple<Tensor, Tensor> rotary_fwd_autograd(const Tensor& q, const Tensor& k,
 }
 
 // The backward of linear_cross_entropy_fwd (next edges hidden, weight, bias). mean / sum: the forward computed the
-// gradients for a loss grad of 1 (dhidden and dweight in the inputs' type, dbias in float32); the backward scales them
-// by the loss's grad (exact for 1 and powers of two; else one more rounding, as Liger-Kernel's), in place unless the
-// graph is kept (retain_graph): the saved gradients then become the returned ones and the step's peak holds one copy.
-// none: each token's grad scales its row of d(logits) before the GEMMs sum over tokens, so the chunks are recomputed
-// then.
-// A backward that is itself differentiated (create_graph) is refused: the saved gradients are not functions of the
+// gradients for a loss grad of 1 (dhidden and dweight in grad_sum_type, dbias in float32); the backward scales them
+// by the loss's grad (exact for 1 and powers of two; else one more rounding of 16-bit ones, as Liger-Kernel's), in
+// place where nothing else sees them: the saved gradients then become the returned ones and the step's peak holds
+// one copy. none: each token's grad scales its row of d(logits) before the GEMMs sum over tokens, so the chunks are
+// recomputed then. A backward that is itself differentiated (create_graph) is refused: the saved gradients are not functions of the
 // inputs autograd could differentiate.
 struct LinearCrossEntropyBackward : torch::autograd::Node {
   torch::autograd::SavedVariable dhidden, dweight, dbias;                  // mean / sum
