@@ -728,8 +728,8 @@ std::tuple<Tensor, Tensor> rotary_fwd_autograd(const Tensor& q, const Tensor& k,
 // by the loss's grad (exact for 1 and powers of two; else one more rounding of 16-bit ones, as Liger-Kernel's), in
 // place where nothing else sees them: the saved gradients then become the returned ones and the step's peak holds
 // one copy. none: each token's grad scales its row of d(logits) before the GEMMs sum over tokens, so the chunks are
-// recomputed then. A backward that is itself differentiated (create_graph) is refused: the saved gradients are not functions of the
-// inputs autograd could differentiate.
+// recomputed then. A backward that is itself differentiated (create_graph) is refused: the saved gradients are
+// not functions of the inputs autograd could differentiate.
 struct LinearCrossEntropyBackward : torch::autograd::Node {
   torch::autograd::SavedVariable dhidden, dweight, dbias;                  // mean / sum
   torch::autograd::SavedVariable hidden, weight, target, bias, lse;        // none
