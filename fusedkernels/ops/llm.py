@@ -286,6 +286,12 @@ def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     return torch.mm(a, b, out_dtype=out_dtype) if a.is_cuda else a.to(out_dtype) @ b.to(out_dtype)
 
 
+def _grad_sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dweight sum's and the forward's dhidden's dtype (llm_ops.cpp, grad_sum_type): the inputs', float32 for
+    float16 (whose range neither a sum over every token nor a mean's 1/T gradients fit; docs/llm.md)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _accumulate(total: Tensor, a: Tensor, b: Tensor) -> None:
     """total += a @ b in total's dtype, the sum rounded once per call (the native op's addmm)."""
     if a.dtype == total.dtype:
@@ -304,9 +310,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         want = ctx.needs_input_grad[:3] if reduction != "none" else (False, False, False)
         tokens = hidden.shape[0]
         valid = (target != ignore_index).sum().to(acc)
-        # dhidden and the dweight sum in the inputs' dtype (rounded per chunk), float32 for float16, whose mean
-        # then scales the sums, not dz; dbias in acc: as the native op (llm_ops.cpp, grad_sum_type)
-        sums = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
+        # dhidden and the dweight sum in _grad_sum_dtype (a float32 one: a mean scales the sums, not dz); dbias in acc
+        sums = _grad_sum_dtype(hidden.dtype)
         scale_after = reduction == "mean" and sums != hidden.dtype
         one = torch.ones((), dtype=acc, device=hidden.device)
         scale = (1 / valid if reduction == "mean" and not scale_after else one).expand(chunk)
@@ -352,8 +357,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc = lse.dtype
         want = ctx.needs_input_grad[:3]
         dh = torch.empty_like(hidden) if want[0] else None
-        sums = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
-        dw = torch.zeros(weight.shape, dtype=sums, device=weight.device) if want[1] else None
+        dw = torch.zeros(weight.shape, dtype=_grad_sum_dtype(hidden.dtype), device=weight.device) if want[1] else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want[2] and bias is not None else None
         grad = grad.to(acc)
         for start in range(0, hidden.shape[0], ctx.chunk):
@@ -476,12 +480,12 @@ def linear_cross_entropy(
     F.cross_entropy on bf16 logits returns bf16: `.to(hidden.dtype)` for that). Under autocast hidden, weight and bias
     are cast as F.linear's. Per chunk: logits = h W^T + b (PyTorch's GEMM, the inputs' dtype as F.linear's output),
     then one kernel computes each row's logsumexp, loss and, when a gradient is needed, d(loss)/d(logits) over the
-    chunk in place; then dhidden = dz W and dweight += dz^T h (PyTorch GEMMs accumulating in fp32; the dweight sum is
-    kept in weight's dtype and so rounded once per chunk, as Liger-Kernel's: `chunk_size=tokens` rounds once, at the
-    cost of the whole logits). mean / sum compute the gradients during the forward (nothing but them is kept for the
-    backward, which scales them by the loss's grad, in place unless the graph is retained); none keeps hidden and the
-    logsumexp and recomputes each chunk's logits in the backward (8 T H V FLOPs instead of 6). Deterministic (no
-    atomics; the same reduction order every call).
+    chunk in place; then dhidden = dz W and dweight += dz^T h (PyTorch GEMMs accumulating in fp32; for bfloat16 the
+    dweight sum is kept in bfloat16 and so rounded once per chunk, as Liger-Kernel's: `chunk_size=tokens` rounds once,
+    at the cost of the whole logits; float16 keeps float32 sums, docs/llm.md). mean / sum compute the gradients during
+    the forward (nothing but them is kept for the backward, which scales them by the loss's grad, in place where
+    nothing else sees them); none keeps hidden and the logsumexp and recomputes each chunk's logits in the backward
+    (8 T H V FLOPs instead of 6). Deterministic (no atomics; the same reduction order every call).
 
     Raises RuntimeError for shapes, dtypes and devices that do not fit, a target not int64, label_smoothing outside
     [0, 1]; ValueError for an unknown reduction, a negative z_loss, a softcap <= 0, a negative chunk_size; TypeError for
