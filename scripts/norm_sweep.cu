@@ -1,6 +1,7 @@
 // Forward register-path sweep (no torch): times fwd_registers_kernel over threads per row (kTpr), vectors per
-// thread (kIters) and a minimum of resident blocks (launch bounds) against a device copy, on the bench's
-// shapes, with inputs rotated through more memory than L2 holds. Build and run: scripts/norm_sweep.sh.
+// thread (kIters), a minimum of resident blocks (launch bounds) and the block size against a device copy, on the
+// bench's shapes, with inputs rotated through more memory than L2 holds; and the backward's. Build and run:
+// scripts/norm_sweep.sh.
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -73,13 +74,13 @@ FwdParamsT<kAdd> params(const Buffers& B, int set) {
   return p;
 }
 
-template <bool kRms, bool kAdd, int kTpr, int kIters, int kMinBlocks>
+template <bool kRms, bool kAdd, int kTpr, int kIters, int kMinBlocks, int kThreads = threads_for_tpr<kTpr>()>
 void sweep_one(const Buffers& B, const char* name, float copy_us) {
   constexpr int kVec = kVec16<bf16>;
   if constexpr (kTpr * kIters * kVec >= kHidden && (kTpr / 2) * kIters * kVec < kHidden) {
-    constexpr int kThreads = threads_for_tpr<kTpr>();
-    const int64_t blocks = std::min<int64_t>(ceil_div(kRows, kThreads / kTpr), int64_t(sm_count()) * 64);
-    auto kernel = fwd_registers_kernel<bf16, bf16, bf16, kRms, kAdd, kTpr, kIters, kMinBlocks>;
+    // as many threads in the grid as the library's 256-thread blocks launch: smaller blocks, more of them
+    const int64_t blocks = std::min<int64_t>(ceil_div(kRows, kThreads / kTpr), int64_t(sm_count()) * 64 * 256 / kThreads);
+    auto kernel = fwd_registers_kernel<bf16, bf16, bf16, kRms, kAdd, kTpr, kIters, kMinBlocks, kThreads>;
     cudaFuncAttributes attr{};
     CHECK(cudaFuncGetAttributes(&attr, kernel));
     int resident = 0;
@@ -87,8 +88,8 @@ void sweep_one(const Buffers& B, const char* name, float copy_us) {
     const float us = time_us([&](int set) { kernel<<<blocks, kThreads>>>(params<kRms, kAdd>(B, set)); });
     const double units = kAdd ? 4 : 2;
     const double bytes = units * kRows * kHidden * sizeof(bf16);
-    std::printf("%-8s %5lldx%-5d tpr %4d iters %d minblocks %d | regs %3d local %3d B blocks/SM %2d | %7.1f us %6.0f GB/s %4.0f%% of copy\n",
-                name, (long long)kRows, kHidden, kTpr, kIters, kMinBlocks, attr.numRegs, int(attr.localSizeBytes), resident, us, bytes / us * 1e-3,
+    std::printf("%-8s %5lldx%-5d tpr %4d iters %d threads %4d minblocks %2d | regs %3d local %3d B blocks/SM %2d | %7.1f us %6.0f GB/s %4.0f%% of copy\n",
+                name, (long long)kRows, kHidden, kTpr, kIters, kThreads, kMinBlocks, attr.numRegs, int(attr.localSizeBytes), resident, us, bytes / us * 1e-3,
                 100.0 * (bytes / us) / (2.0 * kRows * kHidden * sizeof(bf16) / copy_us));
   }
 }
@@ -111,6 +112,33 @@ void sweep(const Buffers& B, const char* name, float copy_us) {
       sweep_one<kRms, kAdd, kTpr, 8, 3>(B, name, copy_us);
     }(), ...);
   }(std::make_integer_sequence<int, 7>{});
+}
+
+// Blocks of one to four warps (the library's are 256 threads or one row): torch.compile's Triton norm at
+// H = 1024 runs one 32-thread block per row (ncu, docs/perf-notes.md norm). Resident threads per SM 1024-2048
+// (at most 32 blocks an SM).
+template <bool kRms, bool kAdd>
+void sweep_small_blocks(const Buffers& B, const char* name, float copy_us) {
+  [&]<int... kI>(std::integer_sequence<int, kI...>) {
+    ([&] {
+      constexpr int kTpr = 8 << kI;  // 8 .. 128
+      [&]<int... kJ>(std::integer_sequence<int, kJ...>) {
+        ([&] {
+          constexpr int kThreads = 32 << kJ;  // 32, 64, 128
+          if constexpr (kThreads % kTpr == 0) {
+            constexpr int kFew = std::min(32, 1024 / kThreads), kMany = std::min(32, 2048 / kThreads);
+            [&]<int... kK>(std::integer_sequence<int, kK...>) {
+              ([&] {
+                constexpr int kIters = 1 << kK;  // 1, 2, 4, 8
+                sweep_one<kRms, kAdd, kTpr, kIters, kFew, kThreads>(B, name, copy_us);
+                if constexpr (kMany != kFew) sweep_one<kRms, kAdd, kTpr, kIters, kMany, kThreads>(B, name, copy_us);
+              }(), ...);
+            }(std::make_integer_sequence<int, 4>{});
+          }
+        }(), ...);
+      }(std::make_integer_sequence<int, 3>{});
+    }(), ...);
+  }(std::make_integer_sequence<int, 5>{});
 }
 
 template <bool kRms, bool kAdd>
@@ -176,7 +204,8 @@ void sweep_bwd(const Buffers& B, const char* name, float copy_us) {
 }
 
 int main(int argc, char** argv) {
-  const bool fwd = argc < 2 || std::string(argv[1]) != "bwd", bwd = argc < 2 || std::string(argv[1]) != "fwd";
+  const std::string only = argc < 2 ? "" : argv[1];  // fwd, bwd or small (the small-block forwards)
+  const bool fwd = only.empty() || only == "fwd", bwd = only.empty() || only == "bwd";
   const size_t n = size_t(kRows) * kHidden * kSets;
   Buffers B{};
   CHECK(cudaMalloc(&B.x, n * 2));
@@ -202,6 +231,12 @@ int main(int argc, char** argv) {
     sweep<true, false>(B, "rms", copy_us);
     sweep<true, true>(B, "add_rms", copy_us);
     sweep<false, true>(B, "add_ln", copy_us);
+  }
+  if (fwd || only == "small") {
+    sweep_small_blocks<false, false>(B, "ln", copy_us);
+    sweep_small_blocks<true, false>(B, "rms", copy_us);
+    sweep_small_blocks<true, true>(B, "add_rms", copy_us);
+    sweep_small_blocks<false, true>(B, "add_ln", copy_us);
   }
   if (!bwd) return 0;
   // statistics for the backward: any finite values do (time, not results, is measured)

@@ -242,13 +242,13 @@ __device__ __forceinline__ Vec<RT, kVec> residual_sum(const Vec<T, kVec>& x, con
 // -------------------------------------------------------------------------------------------------
 
 // One row group per block, loaded straight into registers. (Measured slower on the H200: a persistent
-// grid staging the next group through shared memory, and forcing 64 registers; docs/perf-notes.md.)
+// grid staging the next group through shared memory, and forcing 64 registers; docs/perf-notes.md.) kThreads,
+// a multiple of kTpr, is the block size (scripts/norm_sweep.cu sweeps it).
 template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, int kIters,
-          int kMinBlocks = kFwdMinBlocks<T, RT, kAdd, threads_for_tpr<kTpr>()>>
-__global__ void __launch_bounds__(threads_for_tpr<kTpr>(), kMinBlocks)
-fwd_registers_kernel(const FwdParamsT<kAdd> p) {
+          int kMinBlocks = kFwdMinBlocks<T, RT, kAdd, threads_for_tpr<kTpr>()>, int kThreads = threads_for_tpr<kTpr>()>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_registers_kernel(const FwdParamsT<kAdd> p) {
+  static_assert(kThreads % kTpr == 0 && kThreads % 32 == 0);
   using HT = RowT<T, RT, kAdd>;
-  constexpr int kThreads = threads_for_tpr<kTpr>();
   constexpr int kRowsPerBlock = kThreads / kTpr;
   constexpr int kVec = kVec16<T>;
   __shared__ float scratch[kThreads / 32];
@@ -319,28 +319,30 @@ fwd_registers_kernel(const FwdParamsT<kAdd> p) {
       } else {
         shift = row_ok ? to_float(x[row_offset]) : 0.f;
       }
-      float sum = 0.f;
+      // kVec running sums, not one: a chain of kIters * kVec dependent adds stalled the warps on fixed
+      // latency (ncu, docs/perf-notes.md norm v8)
+      float sum[kVec] = {};
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         if (row_ok && i * kTpr + lane < nvec) {
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) sum += xv[i].get(j) - shift;
+          for (int j = 0; j < kVec; ++j) sum[j] += xv[i].get(j) - shift;
         }
       }
-      mean = shift + group_sum<kTpr, kThreads>(sum, scratch) * inv_hidden;
+      mean = shift + group_sum<kTpr, kThreads>(pairwise_sum(sum), scratch) * inv_hidden;
     }
-    float sq = 0.f;  // centred second moment: exact two-pass variance, the row is in registers anyway
+    float sq[kVec] = {};  // centred second moment: exact two-pass variance, the row is in registers anyway
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       if (row_ok && i * kTpr + lane < nvec) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
           const float d = xv[i].get(j) - mean;
-          sq += d * d;
+          sq[j] += d * d;
         }
       }
     }
-    const float rstd = rsqrtf(group_sum<kTpr, kThreads>(sq, scratch) * inv_hidden + p.eps);
+    const float rstd = rsqrtf(group_sum<kTpr, kThreads>(pairwise_sum(sq), scratch) * inv_hidden + p.eps);
 
     if (!row_ok) continue;
     if (lane == 0) {
