@@ -94,6 +94,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
       sDsum[stage * kBlockM + tid] = tid < valid ? dsum[(ws_row0 + m0 + tid) * p.heads_q + h] : 0.0f;
     }
   };
+  // The bias tile of iteration `it` into L2, kBiasLead iterations before its cp.async (prefetch_bias_l2).
+  constexpr int kBiasLead = 2;
+  const auto prefetch_bias = [&](int it) {
+    if constexpr (kBias) {
+      if (it < iterations) {
+        const int h = h_kv * group + it / m_count, m0 = (m_begin + it % m_count) * kBlockM;
+        const T* bias = static_cast<const T*>(p.bias) + b * p.bias_strides.batch + h * p.bias_strides.head +
+                        m0 * p.bias_strides.row + n0;
+        prefetch_bias_l2<kBlockM, kBlockN, kThreads>(bias, p.bias_strides.row, seq.len_q - m0, seq.len_k - n0, tid);
+      }
+    }
+  };
+#pragma unroll
+  for (int it = 1; it < 1 + kBiasLead; ++it) prefetch_bias(it);
   if (iterations > 0) prefetch(0);
 
   float dk[kDTiles * 4] = {}, dv[kDTiles * 4] = {};
@@ -112,6 +126,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
     sm90::fence_proxy_async_shared();
     __syncthreads();  // this step's tiles landed; every warpgroup is done with the other stage and with dS^T
     if (it + 1 < iterations) prefetch(it + 1);
+    prefetch_bias(it + 1 + kBiasLead);
 
     // S^T = K Q^T and dP^T = V dO^T for the warpgroup's 64 keys (k16 slices 32 bytes apart in a row), one
     // wgmma group each

@@ -101,6 +101,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
                                                      bias_aligned, tid);
     }
   };
+  // The bias tile three steps ahead of its cp.async's step into L2 (prefetch_bias_l2).
+  constexpr int kBiasLead = 3;
+  const auto prefetch_bias = [&](int j) {
+    if constexpr (kBias) {
+      if (j < tiles) {
+        prefetch_bias_l2<kBlockM, kBlockN, kThreads>(bias + key0(j), p.bias_strides.row, m1 - m0,
+                                                     seq.len_k - key0(j), tid);
+      }
+    }
+  };
   const auto load_v = [&](int j) {
     load_swizzled<kBlockN, kD, kThreads>(sV + (j % 2) * Cfg::kKVBytes, v + key0(j) * p.v_strides.row,
                                          p.v_strides.row, seq.len_k - key0(j), tid);
@@ -186,6 +196,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
   };
 
   if (tiles > 0) {
+#pragma unroll
+    for (int j = 2; j < 2 + kBiasLead; ++j) prefetch_bias(j);
     load_swizzled<kBlockM, kD, kThreads>(sQ, q, p.q_strides.row, m1 - m0, tid);
     load_k_and_bias(0);
     cp_async_commit();
@@ -211,6 +223,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
     if (j + 1 < tiles) load_v(j + 1);
     if (j + 2 < tiles) load_k_and_bias(j + 2);
     cp_async_commit();
+    prefetch_bias(j + 2 + kBiasLead);
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);

@@ -57,6 +57,22 @@ __device__ __forceinline__ void load_bias_swizzled(uint8_t* tile, const T* gmem,
   }
 }
 
+// Asks L2 for a bias tile's rows some steps before their cp.async. K and V tiles are read by many CTAs and
+// mostly come from L2; the bias is read once, from DRAM, and one step of cp.async lead did not cover that
+// latency (docs/perf-notes.md, attention). One 128-byte line per thread and instruction: the bulk prefetch
+// takes its address in a uniform register, which per-thread rows would serialise. A hint only; nothing is
+// asked past the tile's valid rows and keys.
+template <int kRows, int kKeys, int kThreads, typename T>
+__device__ __forceinline__ void prefetch_bias_l2(const T* gmem, int64_t stride, int rows, int cols, int tid) {
+  constexpr int kLineKeys = 128 / sizeof(T), kLines = kRows * (kKeys / kLineKeys);
+  static_assert(kKeys % kLineKeys == 0);
+#pragma unroll
+  for (int line = tid; line < kLines; line += kThreads) {
+    const int r = line / (kKeys / kLineKeys), col = (line % (kKeys / kLineKeys)) * kLineKeys;
+    if (r < rows && col < cols) asm volatile("prefetch.global.L2 [%0];" ::"l"(gmem + r * stride + col));
+  }
+}
+
 // 32 / 16 bits of shared memory at a shared-space address (the bias reads index by swizzled address
 // arithmetic). volatile keeps them after the barrier that publishes the tile.
 __device__ __forceinline__ uint32_t load_shared_u32(uint32_t address) {
