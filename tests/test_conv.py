@@ -626,7 +626,8 @@ def test_modules_compile_fullgraph():
 
 # (N, C_in, (H, W), C_out, kernel, stride, padding): ResNet-50's layer kinds at a small batch, odd sizes, channels
 # not multiples of 8 (the reference), asymmetric kernels and paddings (Inception's 1x7 / 7x1), a strided 1x1
-# (ResNet's downsample), a tile's worth of rows and channels not a multiple of 64
+# (ResNet's downsample), a tile's worth of rows and channels not a multiple of 64; output channels for each tile
+# width of the Hopper kernel (64: 8 / 16 / 48 / 64, 128: 72 / 128, 256: 136 / 512)
 CUDA_CASES = [
     (2, 64, (56, 56), 64, 3, 1, 1),
     (2, 256, (14, 14), 64, 1, 1, 0),
@@ -638,6 +639,7 @@ CUDA_CASES = [
     (2, 256, (28, 27), 512, 1, 2, 0),
     (1, 24, (11, 13), 16, (3, 5), (2, 1), (0, 2)),
     (5, 8, (33, 31), 8, 5, 3, 2),
+    (2, 32, (10, 9), 136, 3, 1, 1),
 ]
 
 

@@ -5,9 +5,10 @@
 // thread issues TMA copies of the x and W slices (64 columns of K each) into a ring of kStages shared-memory
 // stages, each guarded by a "full" mbarrier (the copy engine completes it when the bytes land) and an "empty"
 // one (the consumers arrive when they are done reading). Warpgroups 1 and 2 are the consumers; each holds a
-// 64 x 256 fp32 accumulator in registers (128 a thread), fed by wgmma m64n256k16 straight from the swizzled
-// stages, one k-slice's group in flight while the previous stage is released. Tiles are 64 x 256 and the
-// consumers take the CTA's tiles in turns ("ping-pong"), so one's epilogue runs while the other's products
+// 64 x kBlockN fp32 accumulator in registers (kBlockN / 2 a thread), fed by wgmma m64nNk16 straight from the
+// swizzled stages, one k-slice's group in flight while the previous stage is released. Tiles are 64 x 256, or
+// 64 x 64 / 128 for a convolution's narrow layers (64 output channels would leave 3/4 of a 256-wide product
+// idle), and the consumers take the CTA's tiles in turns ("ping-pong"), so one's epilogue runs while the other's products
 // use the tensor cores. The epilogue applies bias, activation and residual, writes the tile into a
 // swizzled shared-memory buffer and stores it with TMA: coalesced, asynchronous, and clipped at the
 // tensor's edges (scattered register stores were the first version's bottleneck: docs/perf-notes.md).
@@ -32,14 +33,17 @@
 
 namespace fusedkernels::gemm {
 
-template <typename T_>
+template <typename T_, int kBlockN_ = 256>
 struct LinearActSm90Config {
   using T = T_;
-  static constexpr int kBlockM = 64, kBlockN = 256, kBlockK = 64, kStages = 4;
+  static_assert(kBlockN_ == 64 || kBlockN_ == 128 || kBlockN_ == 256);
+  // Stages: as many as fit beside the epilogue buffers (192 KiB of 48, 24 or 16 KiB stages).
+  static constexpr int kBlockM = 64, kBlockN = kBlockN_, kBlockK = 64, kStages = kBlockN == 256 ? 4 : 192 / (kBlockN / 8 + 8);
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
+  static constexpr int kAccumulators = kBlockN / 2;  // a consumer thread's share of its 64 x kBlockN fp32 tile
   static constexpr int kABytes = kBlockM * kBlockK * 2, kBBytes = kBlockN * kBlockK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  // Each consumer's epilogue buffer: its 64 x 256 tile in 64-column boxes of 8 KiB.
+  // Each consumer's epilogue buffer: its 64 x kBlockN tile in 64-column boxes of 8 KiB.
   static constexpr int kBoxBytes = 64 * 64 * 2, kEpilogueBytes = kBlockN / 64 * kBoxBytes;
   // Stages, epilogue buffers, barriers (full and empty per stage), and slack to align to the 1024-byte
   // swizzle period.
@@ -63,11 +67,13 @@ struct LinearActMaps {
 //   2. out = act(z) (* up) (+ residual), 8 columns a thread at a time in a loop, written over z and stored.
 // Applying the activation to the rounded z matches eager PyTorch (F.linear, then the activation on its
 // output), and the loop keeps the code small: 256 unrolled activations per thread overflowed the instruction
-// cache (docs/perf-notes.md). Gated tiles hold the gate's z in columns 0..127 and the up projection's in
-// 128..255, for output columns col0 .. col0 + 127.
+// cache (docs/perf-notes.md). Gated tiles hold the gate's z in their first kHalf columns and the up
+// projection's in the next kHalf, for output columns col0 .. col0 + kHalf - 1.
 template <typename Cfg>
 struct Epilogue {
   using T = typename Cfg::T;
+  static constexpr int kBlockN = Cfg::kBlockN, kHalf = kBlockN / 2;
+  using Accumulators = float[Cfg::kAccumulators];
 
   const LinearActParams& p;
   const LinearActMaps& maps;
@@ -96,15 +102,15 @@ struct Epilogue {
     return make_float2(to_float(from_bits<T>(pair & 0xffffu)), to_float(from_bits<T>(pair >> 16)));
   }
 
-  __device__ __forceinline__ void store_z(const float (&acc)[128], int row0, int col0) {
+  __device__ __forceinline__ void store_z(const Accumulators& acc, int row0, int col0) {
     const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
     wait_buffer();
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
+    for (int j = 0; j < kBlockN / 8; ++j) {
       const int col = 8 * j + 2 * t;
       const float2 b = !p.gated ? bias_pair(col0 + col, p.n)
-                       : col < 128 ? bias_pair(col0 + col, p.n)
-                                   : bias_pair(p.n + col0 + col - 128, 2 * p.n);
+                       : col < kHalf ? bias_pair(col0 + col, p.n)
+                                     : bias_pair(p.n + col0 + col - kHalf, 2 * p.n);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         *reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col)) =
@@ -115,8 +121,8 @@ struct Epilogue {
     if (p.pre_activation != nullptr) {  // the pass below writes over z: wait until the copy engine has read it
       if (thread == 0) {
 #pragma unroll
-        for (int box = 0; box < 4; ++box) {
-          const int half = p.gated && box >= 2, col = col0 + 64 * box - 128 * half;
+        for (int box = 0; box < kBlockN / 64; ++box) {
+          const int half = p.gated && box >= kBlockN / 128, col = col0 + 64 * box - kHalf * half;
           sm90::tma_store_3d(&maps.pre_activation, buffer + box * Cfg::kBoxBytes, col, half, row0);
         }
         sm90::bulk_commit();
@@ -129,7 +135,7 @@ struct Epilogue {
   // then hides the fetch).
   __device__ __forceinline__ void prefetch_residual(int row0, int col0) const {
     if (p.residual == nullptr) return;
-    const int lines_per_row = (p.gated ? 128 : 256) * int(sizeof(T)) / 128;
+    const int lines_per_row = (p.gated ? kHalf : kBlockN) * int(sizeof(T)) / 128;
     for (int i = thread; i < 64 * lines_per_row; i += 128) {
       const int row = row0 + i / lines_per_row, col = col0 + i % lines_per_row * (128 / int(sizeof(T)));
       if (row < p.m && col < p.n) {
@@ -140,7 +146,7 @@ struct Epilogue {
 
   template <Activation kAct, bool kGated>
   __device__ __forceinline__ void store_out(int row0, int col0) {
-    constexpr int kOutCols = kGated ? 128 : 256, kVectorsPerRow = kOutCols / 8;
+    constexpr int kOutCols = kGated ? kHalf : kBlockN, kVectorsPerRow = kOutCols / 8;
     constexpr int kPerThread = 64 * kVectorsPerRow / 128, kBatch = 4;  // residual loads in flight together
     const T* residual = static_cast<const T*>(p.residual);
 #pragma unroll 1
@@ -167,7 +173,7 @@ struct Epilogue {
         for (int e = 0; e < 8; ++e) out[e] = activate<kAct>(before ? z.get(e) + res[i].get(e) : z.get(e));
         if constexpr (kGated) {
           Vec<T, 8> up;
-          up.load(reinterpret_cast<const T*>(at(row_of(i), col_of(i) + 128)));
+          up.load(reinterpret_cast<const T*>(at(row_of(i), col_of(i) + kHalf)));
 #pragma unroll
           for (int e = 0; e < 8; ++e) out[e] *= up.get(e);
         }
@@ -192,13 +198,13 @@ struct Epilogue {
 
   // Split-K: the fp32 partial sums of this tile's slice of K to the workspace plane `split`, in its columns
   // (gated: the gate's, then the up projection's n columns further), 8 bytes a thread, full 32-byte sectors.
-  __device__ __forceinline__ void store_partial(const float (&acc)[128], int split, int row0, int col0) const {
+  __device__ __forceinline__ void store_partial(const Accumulators& acc, int split, int row0, int col0) const {
     const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
     const int64_t workspace_cols = p.gated ? 2 * p.n : p.n;
     float* plane = p.workspace + split * p.m * workspace_cols;
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int ca = 8 * j + 2 * t, half = p.gated && ca >= 128, col = col0 + ca - 128 * half;
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      const int ca = 8 * j + 2 * t, half = p.gated && ca >= kHalf, col = col0 + ca - kHalf * half;
       if (col >= p.n) continue;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -211,7 +217,7 @@ struct Epilogue {
     }
   }
 
-  __device__ __forceinline__ void operator()(const float (&acc)[128], int row0, int col0) {
+  __device__ __forceinline__ void operator()(const Accumulators& acc, int row0, int col0) {
     store_z(acc, row0, col0);
     const auto with = [&](auto act) {
       if (p.gated) {
@@ -258,7 +264,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   __syncthreads();
 
-  // a gated tile's 256 accumulator columns are 128 output columns (gate and up)
+  // a gated tile's kBlockN accumulator columns are kBlockN / 2 output columns (gate and up)
   const int out_cols = p.gated ? kBlockN / 2 : kBlockN;
   const int tiles_m = int((p.m + kBlockM - 1) / kBlockM), tiles_n = int((p.n + out_cols - 1) / out_cols);
   // Work units: a tile and one of split_k runs of k-slices, all split_slices long (the last run's slices past
@@ -302,7 +308,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         } else {
           sm90::tma_load_2d(a, &maps.x, k0, m_block * kBlockM, &full[stage]);
         }
-        if (p.gated) {  // W's map has 128-row boxes: the gate's rows, then the up projection's n rows further
+        if (p.gated) {  // W's map has out_cols-row boxes: the gate's rows, then the up projection's n rows further
           sm90::tma_load_2d(a + Cfg::kABytes, &maps.weight, k0, n_block * out_cols, &full[stage]);
           sm90::tma_load_2d(a + Cfg::kABytes + Cfg::kBBytes / 2, &maps.weight, k0, int(p.n) + n_block * out_cols,
                             &full[stage]);
@@ -322,7 +328,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int consumer = wg - 1;
   Epilogue<Cfg> epilogue{p, maps, epilogue_buffers + consumer * Cfg::kEpilogueBytes, 3 + consumer,
                          int(threadIdx.x % 128)};
-  float acc[128];
+  float acc[Cfg::kAccumulators];
   // Ping-pong: consumer c takes the CTA's tiles c, c + 2, ... It starts a tile's products only once the other
   // has issued all of its previous tile's (named barriers 1 and 2): the tensor cores serve one consumer at a
   // time while the other runs its epilogue, and a consumer's first ring position is at most one lap ahead of
@@ -389,6 +395,8 @@ bool linear_act_sm90_available() {
 // launches the kernel, then split-K's second pass.
 template <typename Cfg, bool kIm2col>
 cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2colGeometry& g, cudaStream_t stream) {
+  // a gated tile's halves are whole 64-column boxes; an implicit GEMM does not split K (its m is large)
+  if ((p.gated && Cfg::kBlockN < 128) || (kIm2col && p.split_k != 1)) return cudaErrorInvalidValue;
   const int out_cols = p.gated ? Cfg::kBlockN / 2 : Cfg::kBlockN;  // output columns of a tile
   const int64_t units = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, out_cols) * p.split_k;
   if (units == 0) return cudaSuccess;
@@ -402,17 +410,19 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
     return cudaErrorInvalidValue;
   }
   const int grid = int(std::min<int64_t>(units, sm_count()));
-  if (p.split_k == 1) {
-    constexpr auto kKernel = linear_act_sm90_kernel<Cfg, false, kIm2col>;
-    resident_blocks<kKernel, Cfg::kThreads, Cfg::kSmemBytes>();  // raises the shared-memory limit
-    kKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps, g);
-    return cudaGetLastError();
+  if constexpr (!kIm2col) {
+    if (p.split_k != 1) {
+      constexpr auto kSplitKernel = linear_act_sm90_kernel<Cfg, true, false>;
+      resident_blocks<kSplitKernel, Cfg::kThreads, Cfg::kSmemBytes>();  // raises the shared-memory limit
+      kSplitKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps, g);
+      if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
+      return launch_split_k_epilogue<typename Cfg::T>(p, stream);
+    }
   }
-  constexpr auto kSplitKernel = linear_act_sm90_kernel<Cfg, true, kIm2col>;
-  resident_blocks<kSplitKernel, Cfg::kThreads, Cfg::kSmemBytes>();
-  kSplitKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps, g);
-  if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
-  return launch_split_k_epilogue<typename Cfg::T>(p, stream);
+  constexpr auto kKernel = linear_act_sm90_kernel<Cfg, false, kIm2col>;
+  resident_blocks<kKernel, Cfg::kThreads, Cfg::kSmemBytes>();
+  kKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps, g);
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -427,16 +437,22 @@ cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream
 
 // The implicit GEMM of a convolution (instantiated by csrc/conv/sm90/, so each family builds alone): p as for linear_act with m = batch * out_h * out_w output pixels, n the
 // output channels, k = kernel_h * kernel_w * channels, x the NHWC input, weight [n, kernel_h, kernel_w, channels].
+// Tiles as wide as the output channels need, up to 256: 64 or 128 channels in 64- or 128-wide tiles.
 template <typename T>
 cudaError_t launch_conv2d_sm90(const LinearActParams& p, const Im2colGeometry& g, cudaStream_t stream) {
-  using Cfg = LinearActSm90Config<T>;
-  LinearActMaps maps{};
-  if (!make_im2col_map_nhwc(&maps.x, p.x, g.batch, g.in_h, g.in_w, g.channels, g.pad_h, g.pad_w, g.kernel_h,
-                            g.kernel_w, g.dilation_h, g.dilation_w, g.stride_h, g.stride_w, Cfg::kBlockM,
-                            Cfg::kBlockK)) {
-    return cudaErrorInvalidValue;
-  }
-  return launch_sm90<Cfg, true>(p, maps, g, stream);
+  const auto launch = [&]<int kBlockN>() {
+    using Cfg = LinearActSm90Config<T, kBlockN>;
+    LinearActMaps maps{};
+    if (!make_im2col_map_nhwc(&maps.x, p.x, g.batch, g.in_h, g.in_w, g.channels, g.pad_h, g.pad_w, g.kernel_h,
+                              g.kernel_w, g.dilation_h, g.dilation_w, g.stride_h, g.stride_w, Cfg::kBlockM,
+                              Cfg::kBlockK)) {
+      return cudaErrorInvalidValue;
+    }
+    return launch_sm90<Cfg, true>(p, maps, g, stream);
+  };
+  if (p.n <= 64) return launch.template operator()<64>();
+  if (p.n <= 128) return launch.template operator()<128>();
+  return launch.template operator()<256>();
 }
 
 // Split K when the output tiles fill less than half the SMs (small m): enough runs of K for one unit per
