@@ -14,20 +14,27 @@ A step is zero_grad, forward with the loss, backward, optimizer step. Impls:
   fusedkernels+attention   the same with attn_implementation="fusedkernels" (fusedkernels.integrations.transformers):
                  our attention kernels too (docs/perf-notes.md: their backward trails cuDNN's at this shape)
   liger          Liger-Kernel's apply_liger_kernel_to_llama(model=...) with every patch (RMSNorm, SwiGLU, RoPE,
-                 fused linear + cross-entropy); skipped with the reason where liger_kernel is not importable. It
-                 patches transformers' Llama classes for the rest of the process, so it runs last.
+                 fused linear + cross-entropy); skipped with the reason where liger_kernel is not importable
   torch-compile  model.compile() (default mode)
 
-Each impl builds the model from the same seed and trains on the same batches: extra `loss_first` / `loss_last`
-are its losses at the first and the last timed step, to compare with eager's (bf16 noise apart, they match).
-Times are the median of eager steps between CUDA events (a step is long: no graph); peak_MiB is the peak
-allocated memory over the timed steps (weights, AdamW states and activations). Without transformers the suite
-says so and measures nothing.
+Each impl runs in a process of its own (Liger patches transformers' Llama classes for the rest of a process, and a
+fresh process's peak memory owes nothing to earlier suites), builds the model from the same seed and trains on the
+same batches: extra `loss_first` / `loss_last` are its losses at the first and the last timed step, to compare with
+eager's (bf16 noise apart, they match). A process's time is the median of its eager steps between CUDA events (a
+step is long: no graph). torch, fusedkernels and liger run ROUNDS times, interleaved (torch, fusedkernels, liger,
+torch, ...), since one process's time drifted ±2% from the next's (docs/perf-notes.md, models): a row's ms is the
+median of its rounds, extra `ms_rounds` lists them. peak_MiB is the peak allocated memory over the timed steps
+(weights, AdamW states and activations), the largest of the rounds. Without transformers the suite says so and
+measures nothing.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 from typing import Optional
 
 import torch
@@ -37,7 +44,9 @@ from .common import Row
 
 SUITE = "models"
 OURS, OURS_ATTENTION, TORCH, LIGER, COMPILE = "fusedkernels", "fusedkernels+attention", "torch", "liger", "torch-compile"
-IMPLS = (TORCH, OURS, OURS_ATTENTION, COMPILE, LIGER)  # liger last: its patches are process-wide
+IMPLS = (TORCH, OURS, OURS_ATTENTION, COMPILE, LIGER)
+ROUNDS, REPEATED = 3, (TORCH, OURS, LIGER)  # the verdict's impls run ROUNDS times, interleaved
+WORKER_TIMEOUT_S = 900  # one impl's process (torch-compile's compilation is the long one)
 CONFIG = dict(hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
               intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
 BATCH, SEQ = 4, 2048
@@ -116,23 +125,51 @@ def _skip_reason(impl: str) -> Optional[str]:
     return None
 
 
-def _row(impl: str, batches: list[torch.Tensor]) -> Row:
+RESULT = "models-result: "  # the line a worker prints its result on
+
+
+def _measure(impl: str) -> dict:
+    """One impl in this process: {"ms", "peak_MiB", "loss_first", "loss_last", ...} or {"skipped": why}."""
     why = _skip_reason(impl)
-    if why is None:
-        try:
-            model, extra = _model(impl)
-            ms, peak, losses = _train(model, batches)
-            del model
-            common.free_cuda()
-            print(f"  {impl:<14} step {ms:8.2f} ms  peak {peak:8.0f} MiB  loss {losses[WARMUP]:.4f} -> "
-                  f"{losses[-1]:.4f}", flush=True)
-            return Row(SUITE, CASE, impl, round(ms, 3), peak_MiB=round(peak, 1),
-                       extra={"loss_first": round(losses[WARMUP], 4), "loss_last": round(losses[-1], 4), **extra})
-        except Exception as e:  # noqa: BLE001 (a refusal or an OOM skips the row)
-            why = common.why(e)
-            common.free_cuda()
-    print(f"  {impl:<14} skipped: {why}", flush=True)
-    return Row(SUITE, CASE, impl, None, extra={"skipped": why})
+    if why is not None:
+        return {"skipped": why}
+    try:
+        model, extra = _model(impl)
+        ms, peak, losses = _train(model, _batches(WARMUP + STEPS))
+    except Exception as e:  # noqa: BLE001 (a refusal or an OOM skips the row)
+        return {"skipped": common.why(e)}
+    return {"ms": ms, "peak_MiB": peak, "loss_first": losses[WARMUP], "loss_last": losses[-1], **extra}
+
+
+def _in_a_process(impl: str) -> dict:
+    """_measure(impl) in a fresh interpreter (python -m bench.models --impl IMPL)."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "bench.models", "--impl", impl], capture_output=True, text=True,
+                              timeout=WORKER_TIMEOUT_S, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"its process ran past {WORKER_TIMEOUT_S} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT):])
+    tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return {"skipped": f"its process ended with status {done.returncode}: {tail[:200]}"}
+
+
+def _row(impl: str, results: list[dict]) -> Row:
+    timed = [r for r in results if "ms" in r]
+    if not timed:
+        why = results[0]["skipped"]
+        print(f"  {impl:<22} skipped: {why}", flush=True)
+        return Row(SUITE, CASE, impl, None, extra={"skipped": why})
+    rounds = [round(r["ms"], 3) for r in timed]
+    ms, peak = statistics.median(rounds), max(r["peak_MiB"] for r in timed)
+    first = timed[0]
+    extra = {k: v for k, v in first.items() if k not in ("ms", "peak_MiB", "loss_first", "loss_last")}
+    print(f"  {impl:<22} step {ms:8.2f} ms (rounds {', '.join(f'{t:.2f}' for t in rounds)})  peak {peak:8.0f} MiB  "
+          f"loss {first['loss_first']:.4f} -> {first['loss_last']:.4f}", flush=True)
+    return Row(SUITE, CASE, impl, round(ms, 3), peak_MiB=round(peak, 1),
+               extra={"ms_rounds": rounds, "loss_first": round(first["loss_first"], 4),
+                      "loss_last": round(first["loss_last"], 4), **extra})
 
 
 def run() -> list[Row]:
@@ -140,8 +177,12 @@ def run() -> list[Row]:
     if why:
         print(f"  skipped: {why}", flush=True)
         return []
-    batches = _batches(WARMUP + STEPS)
-    rows = [_row(impl, batches) for impl in IMPLS]
+    results: dict = {impl: [] for impl in IMPLS}
+    for i in range(ROUNDS):
+        for impl in IMPLS:
+            if i == 0 or (impl in REPEATED and "ms" in results[impl][0]):
+                results[impl].append(_in_a_process(impl))
+    rows = [_row(impl, results[impl]) for impl in IMPLS]
     timed = {r.impl: r for r in rows if r.ms is not None}
     for ours in (OURS, OURS_ATTENTION):
         for base in (TORCH, LIGER, COMPILE):
@@ -150,6 +191,9 @@ def run() -> list[Row]:
     return rows
 
 
-if __name__ == "__main__":  # the plan, without a GPU
-    print(f"{CASE}: impls {', '.join(IMPLS)}; {WARMUP} warm-up + {STEPS} timed steps each; "
-          f"{missing() or 'transformers found'}")
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--impl":  # a worker of run()
+        print(RESULT + json.dumps(_measure(sys.argv[2])), flush=True)
+    else:  # the plan, without a GPU
+        print(f"{CASE}: impls {', '.join(IMPLS)}, each in a process of its own; {', '.join(REPEATED)} {ROUNDS} "
+              f"rounds, interleaved; {WARMUP} warm-up + {STEPS} timed steps each; {missing() or 'transformers found'}")

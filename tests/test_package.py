@@ -239,3 +239,19 @@ def test_a_native_module_of_another_checkout_is_not_loaded(monkeypatch, tmp_path
     _native._load()
     assert not _native.loaded and _native.module is None
     assert str(tmp_path) in _native.error and "another copy" in _native.error
+
+
+def test_models_suite_runs_each_impl_in_a_process_and_takes_the_median_of_its_rounds(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the worker runs `python -m bench.models` from the repository's root
+    from bench import models
+
+    worker = models._in_a_process(models.TORCH)  # a real worker process: its result line, parsed
+    if not torch.cuda.is_available():
+        assert set(worker) == {"skipped"} and worker["skipped"]
+    rounds = [{"ms": ms, "peak_MiB": peak, "loss_first": 10.5, "loss_last": 10.25, "fused": "report"}
+              for ms, peak in [(47.0, 6900.0), (45.0, 6934.0), (49.0, 6901.0)]]
+    row = models._row(models.LIGER, rounds)
+    assert row.ms == 47.0 and row.peak_MiB == 6934.0 and row.extra["ms_rounds"] == [47.0, 45.0, 49.0]
+    assert row.extra["fused"] == "report" and row.extra["loss_last"] == 10.25
+    skipped = models._row(models.LIGER, [{"skipped": "liger_kernel is not importable"}])
+    assert skipped.ms is None and skipped.extra == {"skipped": "liger_kernel is not importable"}
