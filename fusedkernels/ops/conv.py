@@ -3,9 +3,10 @@ the BatchNorm fold that turns conv + BatchNorm (eval) into one such convolution.
 
 `conv2d_bias_relu` resolves padding "same" / "valid" to numbers, then calls the C++ op
 `torch.ops.fusedkernels.conv2d_bias_relu`: argument checks, the channels_last conversion, the choice of kernel,
-autograd and autocast happen in C++ (csrc/conv/conv_ops.cpp). There is no fused CUDA kernel yet: CUDA calls run the
-reference (PyTorch's convolution, i.e. cuDNN, then + residual and relu) through the same op layer, with one
-warning; CPU inputs run the reference through the same autograd. Without the native op the reference runs after
+autograd and autocast happen in C++ (csrc/conv/conv_ops.cpp). CUDA calls run cuDNN's fused convolution + bias
+(+ residual) + ReLU by default, our Hopper implicit-GEMM kernel with FUSEDKERNELS_CONV_KERNEL=sm90, and where neither
+takes the call the reference (PyTorch's convolution, then + residual and relu) with one warning; CPU inputs run the
+reference through the same autograd. Without the native op the reference runs after
 the same checks. Details: docs/conv.md.
 
 `conv2d_bias_relu_ref` is the specification the tests hold the op to.
@@ -223,8 +224,8 @@ def conv2d_bias_relu(
     padded input, dtypes or devices that differ) and for a non-floating x or a residual not the output's shape;
     TypeError for arguments of the wrong type; NotImplementedError for sparse or nested tensors; RuntimeError, as
     F.conv2d, for an unknown padding string and for "same" with a stride other than 1. Without the native module
-    the reference runs after the same checks, with the same messages. CUDA inputs without a kernel (today: all)
-    run the reference with one UserWarning per reason.
+    the reference runs after the same checks, with the same messages. CUDA inputs without a kernel (docs/conv.md,
+    Routing) run the reference with one UserWarning per reason.
     """
     if isinstance(padding, str):
         x, padding = _resolve_padding(x, weight, stride, padding, dilation)
