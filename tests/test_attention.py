@@ -646,6 +646,42 @@ def test_causal_forward_tiles_in_several_launches(case, monkeypatch):
     _compare_to_reference(q, k, v, bias, causal=True, window=window)  # (and right, under the split launches)
 
 
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("split", ["1", "2", "8"])
+@pytest.mark.parametrize("case", [(2, 333, 333, 8, 2, 64, True, None), (1, 300, 257, 4, 1, 128, False, "float"),
+                                  (2, 200, 200, 6, 2, 128, True, None)], ids=str)
+def test_gqa_backward_with_the_q_heads_split_or_not(case, split, monkeypatch):
+    """With grouped-query attention the Hopper dK dV kernel may split a kv head's q heads over CTAs and add their
+    dK, dV in an fp32 accumulator (automatic at small batch, as most GQA tests here run it; a divisor of the group
+    up to FUSEDKERNELS_ATTENTION_KV_SPLIT when set): one CTA per kv head and two must be right too, and so must a
+    packed (varlen) batch."""
+    monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KV_SPLIT", split)
+    b, nq, nk, hq, hkv, d, causal, bias_kind = case
+    q, k, v = _qkv(b, nq, nk, hq, hkv, d, dtype=torch.bfloat16, device="cuda")
+    _compare_to_reference(q, k, v, _bias(bias_kind, b, hq, nq, nk, torch.bfloat16, "cuda"), causal=causal)
+    lengths, lk = [70, 0, 333], [75, 9, 330]
+    qp = torch.randn(sum(lengths), hq, d, device="cuda").to(torch.bfloat16)
+    kp, vp = (torch.randn(sum(lk), hkv, d, device="cuda").to(torch.bfloat16) for _ in range(2))
+    cu_q, cu_k = _cu(lengths, "cuda"), _cu(lk, "cuda")
+    dout = torch.randn_like(qp)
+
+    def fn(upcast=None):
+        if upcast is None:
+            return lambda q, k, v, _: fops.attention_varlen(q, k, v, cu_q, cu_k, max(lengths), max(lk), causal=causal,
+                                                            return_lse=True)
+        return lambda q, k, v, _: attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=upcast, causal=causal,
+                                                       return_lse=True)
+
+    ref = _run_all(fn(True), qp.float(), kp.float(), vp.float(), None, dout.float())
+    lowp = _run_all(fn(False), qp, kp, vp, None, dout)
+    poison_allocator(qp, qp, kp, vp, lowp[1])
+    ours = _run_all(fn(), qp, kp, vp, None, dout)
+    for name, o, r, t in zip(["out", "lse", "dq", "dk", "dv"], ours, ref, lowp):
+        if name != "lse":
+            assert_close_to_ref(o.float(), r.float(), t.float(), f"varlen {name}", floor=1e-4 if name == "out" else 1e-3)
+
+
 def _cuda_kernels_run(fn) -> list[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()

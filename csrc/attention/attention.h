@@ -89,7 +89,11 @@ struct BwdParams {
   // deterministic, dq accumulated in fp32.
   float* workspace;
   int64_t total_q;  // rows of q: batch * seqlen_q, or the packed total with varlen
+  int64_t total_k;  // rows of k, likewise
   bool deterministic;  // dq without atomics (a separate pass over the keys): bitwise reproducible
+  // Set by the launch (attention_launch.cuh, bwd_kv_split): CTAs per (key tile, kv head) of the Hopper dK dV
+  // kernel, each taking group / kv_split of the kv head's q heads and adding its dK, dV into an fp32 accumulator.
+  int kv_split = 1;
 };
 
 // Launch on `stream`; return the launch error (cudaSuccess when all went well). head_dim must satisfy

@@ -44,7 +44,7 @@ int window(int64_t w) { return w < 0 ? -1 : static_cast<int>(std::min(w, kIntMax
 
 struct Sizes {
   bool varlen, heads_first;
-  int64_t batch, seqlen_q, seqlen_k, total_q, heads_q, heads_kv, head_dim;
+  int64_t batch, seqlen_q, seqlen_k, total_q, total_k, heads_q, heads_kv, head_dim;
 };
 
 // [batch, row, head] strides of q, k, v, out or a grad; varlen tensors are [total, head, dim] with no batch
@@ -108,12 +108,14 @@ Sizes check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tenso
     s.seqlen_q = max_q;
     s.seqlen_k = max_k;
     s.total_q = q.size(0);
+    s.total_k = k.size(0);
   } else {
     TORCH_CHECK_VALUE(k.size(0) == q.size(0), op, ": q and k must have the same batch");
     s.batch = q.size(0);
     s.seqlen_q = q.size(row);
     s.seqlen_k = k.size(row);
     s.total_q = s.batch * s.seqlen_q;
+    s.total_k = s.batch * s.seqlen_k;
   }
   for (const auto& [what, value] : {std::pair{"batch", s.batch}, std::pair{"seqlen_q", s.seqlen_q},
                                     std::pair{"seqlen_k", s.seqlen_k}, std::pair{"heads", s.heads_q}}) {
@@ -301,6 +303,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
   p.dv_strides = strides_of(dv_k, s);
   p.dbias = want_bias ? dbias_full.data_ptr<float>() : nullptr;
   p.total_q = s.total_q;
+  p.total_k = s.total_k;
   p.deterministic = deterministic || at::globalContext().deterministicAlgorithms();
   // Workspace from the caching allocator: graph-capture safe, no cudaMalloc.
   const int64_t workspace_floats = bwd_workspace_floats(p);

@@ -16,13 +16,21 @@
 namespace fusedkernels::attention {
 
 // The workspace: dsum [total_q][heads_q], then (atomic dq) the dq accumulator [total_q][heads_q][head_dim]
-// at a 16-byte boundary (vector reductions add float pairs).
+// at a 16-byte boundary (vector reductions add float pairs), then (kv_split > 1) the dK dV accumulator
+// [total_k][heads_kv][2][head_dim] (dK unscaled, then dV).
 __host__ __device__ constexpr int64_t dq_accum_offset(int64_t total_q, int heads_q) {
   return (total_q * heads_q + 3) / 4 * 4;
+}
+__host__ __device__ constexpr int64_t dkv_accum_offset(int64_t total_q, int heads_q, int head_dim) {
+  return dq_accum_offset(total_q, heads_q) + (total_q * heads_q * head_dim + 3) / 4 * 4;
 }
 // Row index of query row 0 of sequence b there:
 __device__ __forceinline__ int64_t workspace_row0(const FwdParams& p, int b, const Seq& seq) {
   return p.cu_seqlens_q != nullptr ? seq.q_row0 : int64_t(b) * p.seqlen_q;
+}
+// and of key row 0 in the dK dV accumulator:
+__device__ __forceinline__ int64_t workspace_key_row0(const FwdParams& p, int b, const Seq& seq) {
+  return p.cu_seqlens_k != nullptr ? seq.k_row0 : int64_t(b) * p.seqlen_k;
 }
 
 // The log-sum-exp in base 2 as the backward subtracts it; a row that saw no key (-inf) gets +inf, so its
@@ -499,6 +507,30 @@ __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const Bwd
 #pragma unroll
   for (int e = 0; e < 4; ++e) words[e] = pack2<T>(src[2 * e] * p.scale, src[2 * e + 1] * p.scale);
   *reinterpret_cast<uint4*>(dst) = packed;
+}
+
+// dk = scale * accumulator, dv = accumulator (kv_split > 1): one thread per 8 elements of each
+template <typename T, int kD>
+__global__ void __launch_bounds__(256) attention_bwd_dkv_convert_kernel(const BwdParams bp) {
+  const FwdParams& p = bp.fwd;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int j = (blockIdx.x * 256 + threadIdx.x) / (kD / 8), c = ((blockIdx.x * 256 + threadIdx.x) % (kD / 8)) * 8;
+  const Seq seq = sequence(p, b);
+  if (j >= seq.len_k) return;
+  const float* src = bp.workspace + dkv_accum_offset(bp.total_q, p.heads_q, kD) +
+                     ((workspace_key_row0(p, b, seq) + j) * p.heads_kv + h) * 2 * kD + c;
+  T* dk = static_cast<T*>(bp.dk) + offset_of(bp.dk_strides, b, seq.k_row0 + j, h) + c;
+  T* dv = static_cast<T*>(bp.dv) + offset_of(bp.dv_strides, b, seq.k_row0 + j, h) + c;
+  uint4 packed_k, packed_v;
+  uint32_t* words_k = reinterpret_cast<uint32_t*>(&packed_k);
+  uint32_t* words_v = reinterpret_cast<uint32_t*>(&packed_v);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    words_k[e] = pack2<T>(src[2 * e] * p.scale, src[2 * e + 1] * p.scale);
+    words_v[e] = pack2<T>(src[kD + 2 * e], src[kD + 2 * e + 1]);
+  }
+  *reinterpret_cast<uint4*>(dk) = packed_k;
+  *reinterpret_cast<uint4*>(dv) = packed_v;
 }
 
 }  // namespace fusedkernels::attention

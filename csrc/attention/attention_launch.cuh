@@ -83,10 +83,38 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   return launch<attention_fwd_kernel<Cfg, false>, Cfg::kThreads, Cfg::kSmemBytes>(grid, p, stream);
 }
 
+// The Hopper dK dV kernel's CTAs per (128-key tile, kv head): with grouped-query attention, one CTA per key tile
+// and kv head loops over every q head of the group, and at small batch those few, long CTAs (at 4·16·2048 causal
+// with 4 kv heads, 256 CTAs of 8 to 128 steps on 132 SMs) leave SMs idle at the end. Splitting a group's q heads
+// over kv_split CTAs (their dK dV added into an fp32 accumulator, then scaled and cast) gives enough CTAs for 4
+// waves where the group allows; FUSEDKERNELS_ATTENTION_KV_SPLIT=n asks for n (the largest divisor of the group up
+// to n; tests and benchmarks; read per call). 1 off the Hopper path.
+template <typename T, int kD>
+int bwd_kv_split(const BwdParams& p) {
+  const int group = p.fwd.heads_q / p.fwd.heads_kv;
+  if (group == 1 || !use_bwd_sm90<T, kD>(p)) return 1;
+  const auto divisor_up_to = [&](int64_t n) {
+    int split = 1;
+    for (int s = 2; s <= group && s <= n; ++s) split = group % s == 0 ? s : split;
+    return split;
+  };
+  if (const char* value = std::getenv("FUSEDKERNELS_ATTENTION_KV_SPLIT"); value != nullptr && std::atoi(value) > 0) {
+    return divisor_up_to(std::atoi(value));
+  }
+  constexpr int kKeyTile = 128;  // BwdSm90Config::kBlockN
+  const int64_t ctas = ceil_div(p.fwd.seqlen_k, kKeyTile) * p.fwd.heads_kv * p.fwd.batch;
+  const int64_t wanted = ceil_div(4 * int64_t(sm_count()), std::max<int64_t>(ctas, 1));
+  int split = 1;
+  for (int s = 2; s <= group && split < wanted; ++s) split = group % s == 0 ? s : split;
+  return split;
+}
+
 template <typename T, int kD>
 int64_t bwd_workspace(const BwdParams& p) {
   const int64_t dsum = p.total_q * p.fwd.heads_q;
-  return p.deterministic ? dsum : dq_accum_offset(p.total_q, p.fwd.heads_q) + dsum * kD;
+  if (p.deterministic) return dsum;
+  const int64_t dkv = bwd_kv_split<T, kD>(p) > 1 ? p.total_k * p.fwd.heads_kv * 2 * kD : 0;
+  return dkv_accum_offset(p.total_q, p.fwd.heads_q, kD) + dkv;
 }
 
 template <typename T, int kD>
@@ -106,8 +134,23 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   float* dq_accum = p.workspace + dq_accum_offset(p.total_q, f.heads_q);
   cudaError_t err = cudaMemsetAsync(dq_accum, 0, sizeof(float) * p.total_q * f.heads_q * kD, stream);
   if (err != cudaSuccess) return err;
-  err = use_bwd_sm90<T, kD>(p) ? launch_bwd_dkdv_sm90<T, kD>(p, stream)
-                               : launch<attention_bwd_dkdv_kernel<Cfg, true>, Cfg::kThreads, Cfg::kSmemBytes>(kv_grid, p, stream);
+  if (!use_bwd_sm90<T, kD>(p)) {
+    err = launch<attention_bwd_dkdv_kernel<Cfg, true>, Cfg::kThreads, Cfg::kSmemBytes>(kv_grid, p, stream);
+  } else {
+    BwdParams split = p;
+    split.kv_split = bwd_kv_split<T, kD>(p);
+    if (split.kv_split > 1) {
+      float* dkv_accum = p.workspace + dkv_accum_offset(p.total_q, f.heads_q, kD);
+      err = cudaMemsetAsync(dkv_accum, 0, sizeof(float) * p.total_k * f.heads_kv * 2 * kD, stream);
+      if (err != cudaSuccess) return err;
+    }
+    err = launch_bwd_dkdv_sm90<T, kD>(split, stream);
+    if (err == cudaSuccess && split.kv_split > 1) {
+      const dim3 dkv_grid(ceil_div(int64_t(f.seqlen_k) * (kD / 8), 256), f.heads_kv, f.batch);
+      if (!empty_grid(dkv_grid)) attention_bwd_dkv_convert_kernel<T, kD><<<dkv_grid, 256, 0, stream>>>(split);
+      err = cudaGetLastError();
+    }
+  }
   if (err != cudaSuccess) return err;
   const dim3 convert_grid(ceil_div(int64_t(f.seqlen_q) * (kD / 8), 256), f.heads_q, f.batch);
   if (!empty_grid(convert_grid)) attention_bwd_dq_convert_kernel<T, kD><<<convert_grid, 256, 0, stream>>>(p);

@@ -1,7 +1,8 @@
 // The Hopper backward's dK dV kernel (sm_90a): the portable dkdv kernel's algorithm (attention_bwd.cuh) with
-// its five products on warpgroup MMA. One CTA of two warpgroups per (128-key tile, kv head, sequence); each
-// warpgroup owns 64 keys and keeps their dK and dV in registers while the CTA loops over the query tiles (64
-// rows) of every q head of the group (an additive bias, and its gradient dS, are a compile-time variant):
+// its five products on warpgroup MMA. One CTA of two warpgroups per (128-key tile, kv head, sequence), or per
+// slice of the kv head's q heads (kv_split); each warpgroup owns 64 keys and keeps their dK and dV in registers
+// while the CTA loops over the query tiles (64 rows) of every q head of its group or slice (an additive bias, and
+// its gradient dS, are a compile-time variant):
 //   S^T = K Q^T, dP^T = V dO^T          both operands from shared memory (K-major)
 //   P^T = 2^(S^T + bias - lse), dS^T = P^T (dP^T - dsum)
 //   dV += P^T dO, dK += dS^T Q          P^T, dS^T from registers; dO, Q N-major from shared memory
@@ -48,19 +49,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
   float* sDsum = sLse + 2 * kBlockM;                            // [2][kBlockM]
   uint8_t* sBias = reinterpret_cast<uint8_t*>(sDsum + 2 * kBlockM);  // [2][kBlockM queries][kBlockN keys], kBias only
 
-  const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
+  // blockIdx.y: kv head and slice of its q heads (bp.kv_split slices; attention_launch.cuh, bwd_kv_split)
+  const int n_block = blockIdx.x, h_kv = blockIdx.y / bp.kv_split, b = blockIdx.z;
   const Seq seq = sequence(p, b);
   const int n0 = n_block * kBlockN;
   if (n0 >= seq.len_k) return;
   const int n1 = min(n0 + kBlockN, seq.len_k);
-  const int group = p.heads_q / p.heads_kv;
+  const int heads = p.heads_q / p.heads_kv / bp.kv_split;  // q heads of this CTA's slice of the group
+  const int head0 = h_kv * (p.heads_q / p.heads_kv) + blockIdx.y % bp.kv_split * heads;
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int wg_n0 = n0 + 64 * wg;  // the warpgroup's first key
 
   const Band band(p, seq.len_k);
   const int m_begin = band.query_begin(n0) / kBlockM;
   const int m_end = ceil_div_device(band.query_end(n1, seq.len_q), kBlockM);
-  const int m_count = max(0, m_end - m_begin), iterations = group * m_count;
+  const int m_count = max(0, m_end - m_begin), iterations = heads * m_count;
   const int64_t ws_row0 = workspace_row0(p, b, seq);
   const float* dsum = bp.workspace;
   float* dq_accum = bp.workspace + dq_accum_offset(bp.total_q, p.heads_q);
@@ -72,7 +75,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
 
   // Query-side tiles of iteration `it` (q head, query tile) into stage it % 2.
   const auto prefetch = [&](int it) {
-    const int h = h_kv * group + it / m_count, m0 = (m_begin + it % m_count) * kBlockM;
+    const int h = head0 + it / m_count, m0 = (m_begin + it % m_count) * kBlockM;
     const int stage = it % 2, valid = seq.len_q - m0;
     load_swizzled<kBlockM, kD, kThreads>(sQ + stage * Cfg::kQBytes,
                                               static_cast<const T*>(p.q) + offset_of(p.q_strides, b, seq.q_row0 + m0, h),
@@ -99,7 +102,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
   const auto prefetch_bias = [&](int it) {
     if constexpr (kBias) {
       if (it < iterations) {
-        const int h = h_kv * group + it / m_count, m0 = (m_begin + it % m_count) * kBlockM;
+        const int h = head0 + it / m_count, m0 = (m_begin + it % m_count) * kBlockM;
         const T* bias = static_cast<const T*>(p.bias) + b * p.bias_strides.batch + h * p.bias_strides.head +
                         m0 * p.bias_strides.row + n0;
         prefetch_bias_l2<kBlockM, kBlockN, kThreads>(bias, p.bias_strides.row, seq.len_q - m0, seq.len_k - n0, tid);
@@ -117,7 +120,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
   const uint32_t k_base = sm90::smem_address(sK), v_base = sm90::smem_address(sV), ds_base = sm90::smem_address(sdS);
 
   for (int it = 0; it < iterations; ++it) {
-    const int h = h_kv * group + it / m_count, m0 = (m_begin + it % m_count) * kBlockM, stage = it % 2;
+    const int h = head0 + it / m_count, m0 = (m_begin + it % m_count) * kBlockM, stage = it % 2;
     const uint32_t q_address = sm90::smem_address(sQ + stage * Cfg::kQBytes);
     const uint32_t do_address = sm90::smem_address(sdO + stage * Cfg::kQBytes);
     const uint32_t k_address = sm90::opaque(k_base), v_address = sm90::opaque(v_base);
@@ -245,7 +248,24 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
     }
   }
 
-  // dK = scale * sum dS^T Q, dV = sum P^T dO; keys past the sequence are not stored.
+  // dK = scale * sum dS^T Q, dV = sum P^T dO; keys past the sequence are not stored. A slice of the group's q
+  // heads adds its sums into the fp32 accumulator instead (unscaled; attention_bwd_dkv_convert_kernel finishes).
+  if (bp.kv_split > 1) {
+    float* accum = bp.workspace + dkv_accum_offset(bp.total_q, p.heads_q, kD) +
+                   ((workspace_key_row0(p, b, seq) + n0) * p.heads_kv + h_kv) * 2 * kD;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 64 * wg + 16 * warp + g + 8 * r;
+      if (n0 + row >= seq.len_k) continue;
+      float* dst = accum + int64_t(row) * p.heads_kv * 2 * kD + 2 * t;
+#pragma unroll
+      for (int ct = 0; ct < kDTiles; ++ct) {
+        atomic_add_pair(dst + ct * 8, dk[4 * ct + 2 * r], dk[4 * ct + 2 * r + 1]);
+        atomic_add_pair(dst + kD + ct * 8, dv[4 * ct + 2 * r], dv[4 * ct + 2 * r + 1]);
+      }
+    }
+    return;
+  }
   T* dk_out = static_cast<T*>(bp.dk) + offset_of(bp.dk_strides, b, seq.k_row0 + n0, h_kv);
   T* dv_out = static_cast<T*>(bp.dv) + offset_of(bp.dv_strides, b, seq.k_row0 + n0, h_kv);
 #pragma unroll
@@ -278,7 +298,7 @@ bool bwd_sm90_available() {
 template <typename T, int kD>
 cudaError_t launch_bwd_dkdv_sm90(const BwdParams& p, cudaStream_t stream) {
   using Cfg = BwdSm90Config<T, kD>;
-  const dim3 grid(ceil_div(p.fwd.seqlen_k, Cfg::kBlockN), p.fwd.heads_kv, p.fwd.batch);
+  const dim3 grid(ceil_div(p.fwd.seqlen_k, Cfg::kBlockN), p.fwd.heads_kv * p.kv_split, p.fwd.batch);
   if (p.fwd.bias != nullptr) {
     return launch<attention_bwd_dkdv_sm90_kernel<Cfg, true>, Cfg::kThreads, Cfg::smem_bytes(true)>(grid, p, stream);
   }
