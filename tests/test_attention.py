@@ -682,6 +682,55 @@ def test_gqa_backward_with_the_q_heads_split_or_not(case, split, monkeypatch):
             assert_close_to_ref(o.float(), r.float(), t.float(), f"varlen {name}", floor=1e-4 if name == "out" else 1e-3)
 
 
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("case", [(2, 333, 333, 4, 4, 128, True, None), (1, 17, 1000, 4, 2, 64, False, None),
+                                  (2, 300, 257, 8, 2, 128, False, (64, 16)), (1, 1, 5, 2, 1, 64, True, None),
+                                  (3, 129, 129, 2, 2, 64, True, None), (1, 513, 700, 2, 1, 128, False, None)], ids=str)
+def test_warp_specialised_forward(case, dtype, monkeypatch):
+    """FUSEDKERNELS_ATTENTION_KERNEL=sm90ws runs the warp-specialised Hopper forward (TMA producer, ping-pong
+    consumers) where it takes the call: odd and unequal lengths, GQA, causal, windows, both head dims; against the
+    reference, and in several launches of the causal order too."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernels run on sm_90")
+    monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "sm90ws")
+    b, nq, nk, hq, hkv, d, causal, window = case
+    q, k, v = _qkv(b, nq, nk, hq, hkv, d, dtype=dtype, device="cuda")
+    _compare_to_reference(q, k, v, None, causal=causal, window=window)
+    if causal:
+        monkeypatch.setenv("FUSEDKERNELS_ATTENTION_TILES_PER_LAUNCH", "2")
+        _compare_to_reference(q, k, v, None, causal=causal, window=window)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_warp_specialised_forward_is_what_runs_and_hands_on_what_it_does_not_take(monkeypatch):
+    if torch.cuda.get_device_capability() != (9, 0) or not any(a.startswith("90a") for a in _native.build_info().get("archs", [])):
+        pytest.skip("the Hopper kernels run on sm_90 from a build with sm_90a code")
+    monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "sm90ws")
+    q, k, v = _qkv(2, 300, 300, 4, 2, 128, dtype=torch.bfloat16, device="cuda")
+    names = _cuda_kernels_run(lambda: fops.attention(q, k, v, causal=True))
+    assert any("attention_fwd_sm90_ws_kernel" in n for n in names), names
+    # SDPA's [B, H, N, D] views: the maps take the strides as they are
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    names = _cuda_kernels_run(lambda: fops.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True))
+    assert any("attention_fwd_sm90_ws_kernel" in n for n in names), names
+    # a bias and a packed batch run the plain Hopper kernel, and are right
+    bias = _bias("float", 2, 4, 300, 300, torch.bfloat16, "cuda")
+    names = _cuda_kernels_run(lambda: fops.attention(q, k, v, attn_bias=bias))
+    assert any("attention_fwd_sm90_kernel" in n for n in names) and not any("_ws_" in n for n in names), names
+    _compare_to_reference(q, k, v, bias)
+    lengths = [70, 1, 229]
+    qp, kp, vp = (t.reshape(600, *t.shape[2:])[:300] for t in (q, k, v))
+    cu = _cu(lengths, "cuda")
+    out = fops.attention_varlen(qp, kp, vp, cu, cu, max(lengths), max(lengths), causal=True)
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        want = attention_ref(qp[s:e][None].float(), kp[s:e][None].float(), vp[s:e][None].float(), causal=True)
+        lowp = attention_ref(qp[s:e][None], kp[s:e][None], vp[s:e][None], causal=True, upcast=False)
+        assert_close_to_ref(out[s:e][None].float(), want, lowp.float(), f"varlen sequence {i}", floor=1e-4)
+
+
 def _cuda_kernels_run(fn) -> list[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()

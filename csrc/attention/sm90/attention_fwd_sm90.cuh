@@ -50,12 +50,161 @@ __device__ __forceinline__ FwdTile fwd_tile(const FwdParams& p) {
           slowest * y + (1 - slowest) * z};
 }
 
+// A warpgroup's 64 query rows of a forward CTA: the output accumulators, the score tile, P as an A operand and the
+// online softmax's state, with the steps the Hopper forwards take on them (this kernel's and the warp-specialised
+// one's, attention_fwd_sm90_ws.cuh).
+template <typename Cfg, bool kBias>
+struct FwdSm90Rows {
+  using T = typename Cfg::T;
+  static constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
+  static constexpr int kNTiles = kBlockN / 8, kDTiles = kD / 8;
+
+  const Band band;
+  const float scale_log2;
+  const int wg;
+  const int wg_m0, wg_m1;  // the rows [wg_m0, wg_m1); past the sequence's end a warpgroup computes on zero rows
+  float o[kDTiles * 4] = {};
+  float s[kNTiles * 4];
+  uint32_t pf[kBlockN / 16][4];  // P as the A operand of P V
+  float row_max[2] = {-kInf, -kInf}, row_sum[2] = {0.0f, 0.0f};
+
+  // wg: the warpgroup's index among the CTA's consumers (threads 128 wg .. 128 wg + 127 of them)
+  __device__ __forceinline__ FwdSm90Rows(const FwdParams& p, const Band& band_, int m0, int m1, int wg_)
+      : band(band_),
+        scale_log2(p.scale * kLog2e),
+        wg(wg_),
+        wg_m0(m0 + 64 * wg_),
+        wg_m1(max(min(m0 + 64 * wg_ + 64, m1), m0 + 64 * wg_ + 1)) {}
+  // The thread's warp in the warpgroup, and its place in the accumulator layout (common/device/wgmma.cuh).
+  __device__ __forceinline__ static int warp() { return threadIdx.x / 32 % 4; }
+  __device__ __forceinline__ static int g() { return threadIdx.x % 32 / 4; }
+  __device__ __forceinline__ static int t() { return threadIdx.x % 4; }
+
+  // S = Q K^T for the warpgroup's 64 rows: K-major operands, k16 slices 32 bytes apart in a 128-byte row.
+  __device__ __forceinline__ void issue_qk(uint32_t q_tile, uint32_t k_tile) {
+    const uint32_t q_address = q_tile + wg * 64 * 128;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t step = (kk % 4) * 32;
+      const uint64_t a = sm90::smem_descriptor(q_address + (kk / 4) * kBlockM * 128 + step, 0, 1024);
+      const uint64_t bk = sm90::smem_descriptor(k_tile + (kk / 4) * kBlockN * 128 + step, 0, 1024);
+      sm90::Wgmma<kBlockN>::template ss<T, false, false>(s, a, bk, kk > 0);
+    }
+    sm90::wgmma_commit();
+  }
+
+  // O += P V: V is [keys, d] (d contiguous), the MN-major B operand; a k16 step is 16 rows (2048 bytes).
+  __device__ __forceinline__ void issue_pv(uint32_t v_tile) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint64_t bv = sm90::smem_descriptor(v_tile + kk * 16 * 128, kBlockN * 128, 1024);
+      sm90::Wgmma<kD>::template rs<T, true>(o, pf[kk], bv, true);
+    }
+    sm90::wgmma_commit();
+  }
+
+  // Online softmax of the keys [n0, n0 + kBlockN) in base 2 (as the portable kernel): x = log2(e) * (scale * q.k +
+  // bias), masked keys -inf; bias_tile: their bias tile's shared-memory address (kBias only). The output's rescale
+  // factors go to `correction`, the probabilities stay in s.
+  __device__ __forceinline__ void softmax(int n0, uint32_t bias_tile, float (&correction)[2]) {
+#pragma unroll
+    for (int i = 0; i < kNTiles * 4; ++i) s[i] *= scale_log2;
+    if constexpr (kBias) {  // one branch-free loop: a per-element branch here costs more than the math
+      // The lane's pair in key tile 0; the swizzle only XORs address bits 4-7 (the buffer is 1024-byte
+      // aligned), so key tile nt is at lane_pair ^ (16 nt), and row + 8 is 8 rows further on.
+      const uint32_t lane_pair = bias_tile + bias_swizzled<kBlockN>(64 * wg + 16 * warp() + g(), 2 * t());
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t pair = load_shared_u32((lane_pair ^ (16 * nt)) + r * 8 * kBlockN * 2);
+          s[4 * nt + 2 * r] += to_float(from_bits<T>(pair & 0xffffu)) * kLog2e;
+          s[4 * nt + 2 * r + 1] += to_float(from_bits<T>(pair >> 16)) * kLog2e;
+        }
+      }
+    }
+    if (!band.covers(wg_m0, wg_m1, n0, n0 + kBlockN)) {
+      const int row0 = wg_m0 + 16 * warp() + g();
+#pragma unroll
+      for (int i = 0; i < kNTiles * 4; ++i) {
+        const int e = i % 4, key = n0 + (i / 4) * 8 + 2 * t() + (e & 1);
+        if (!band.visible(row0 + 8 * (e >> 1), key)) s[i] = -kInf;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -kInf;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
+      const float new_max = fmaxf(row_max[r], group_max_in_warp<4>(mx));
+      const float base = new_max == -kInf ? 0.0f : new_max;  // a row with nothing visible yet stays at 0
+      correction[r] = fast_exp2(row_max[r] - base);
+      row_max[r] = new_max;
+      float sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        s[4 * nt + 2 * r] = fast_exp2(s[4 * nt + 2 * r] - base);
+        s[4 * nt + 2 * r + 1] = fast_exp2(s[4 * nt + 2 * r + 1] - base);
+        sum += s[4 * nt + 2 * r] + s[4 * nt + 2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * correction[r] + sum;
+    }
+  }
+
+  // P (the probabilities in s) as the A operand fragments of P V.
+  __device__ __forceinline__ void pack_p() {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  }
+
+  __device__ __forceinline__ void rescale(const float (&correction)[2]) {
+#pragma unroll
+    for (int i = 0; i < kDTiles * 4; ++i) o[i] *= correction[(i % 4) / 2];
+  }
+
+  // Epilogue: normalise; stage the warp's 16 rows in its own rows of the Q tile sQ (swizzled, so the 8 rows a
+  // store instruction covers hit distinct banks; the warpgroup's products must be done), then 16-byte stores of the
+  // rows below m1 (tile rows from m0) to `out` (the tile's row 0) and the log-sum-exp to `lse` (nullptr: none).
+  __device__ __forceinline__ void store(uint8_t* sQ, T* out, int64_t out_row_stride, float* lse, int m0, int m1,
+                                        int lane) {
+    const int warp_row0 = 64 * wg + 16 * warp(), g = FwdSm90Rows::g(), t = FwdSm90Rows::t();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row0 + g + 8 * r;
+      const float sum = group_sum_in_warp<4>(row_sum[r]);
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        *reinterpret_cast<uint32_t*>(sQ + sm90::swizzled(row, dt * 8, kBlockM) + 4 * t) =
+            pack2<T>(o[4 * dt + 2 * r] * inv, o[4 * dt + 2 * r + 1] * inv);
+      }
+      if (lse != nullptr && t == 0 && m0 + row < m1) {
+        lse[row] = sum > 0.0f ? row_max[r] * kLn2 + __logf(sum) : -kInf;
+      }
+    }
+    __syncwarp();
+    constexpr int kChunks = kD / 8;
+#pragma unroll
+    for (int c = lane; c < 16 * kChunks; c += 32) {
+      const int row = warp_row0 + c / kChunks, col = (c % kChunks) * 8;
+      if (m0 + row < m1) {
+        *reinterpret_cast<uint4*>(out + row * out_row_stride + col) =
+            *reinterpret_cast<const uint4*>(sQ + sm90::swizzled(row, col, kBlockM));
+      }
+    }
+  }
+};
+
 template <typename Cfg, bool kBias>
 __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_sm90_kernel(const FwdParams p) {
 #if FUSEDKERNELS_SM90A
   using T = typename Cfg::T;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
-  constexpr int kNTiles = kBlockN / 8, kDTiles = kD / 8;
 
   extern __shared__ unsigned char smem_raw[];
   // Aligned to the swizzle period by an offset (not through uintptr_t, which would leave the compiler not
@@ -71,9 +220,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
   if (m0 >= seq.len_q) return;
   const int m1 = min(m0 + kBlockM, seq.len_q);
   const int h_kv = h / (p.heads_q / p.heads_kv);
-  const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
-  // The warpgroup's rows [wg_m0, wg_m1); a warpgroup past the sequence's end still computes (on zero rows).
-  const int wg_m0 = m0 + 64 * wg, wg_m1 = max(min(wg_m0 + 64, m1), wg_m0 + 1);
+  const int tid = threadIdx.x, lane = tid % 32;
 
   const T* q = static_cast<const T*>(p.q) + offset_of(p.q_strides, b, seq.q_row0 + m0, h);
   const T* k = static_cast<const T*>(p.k) + offset_of(p.k_strides, b, seq.k_row0, h_kv);
@@ -116,84 +263,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
                                          p.v_strides.row, seq.len_k - key0(j), tid);
   };
 
-  float o[kDTiles * 4] = {};
-  float s[kNTiles * 4];
-  uint32_t pf[kBlockN / 16][4];  // P as the A operand of P V
-  float row_max[2] = {-kInf, -kInf}, row_sum[2] = {0.0f, 0.0f};
-  const float scale_log2 = p.scale * kLog2e;
-
-  // S = Q K_j^T for the warpgroup's 64 rows: K-major operands, k16 slices 32 bytes apart in a 128-byte row.
-  const uint32_t q_address = sm90::smem_address(sQ) + wg * 64 * 128;
-  const auto issue_qk = [&](int j) {
-    const uint32_t k_address = sm90::smem_address(sK + (j % 2) * Cfg::kKVBytes);
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t step = (kk % 4) * 32;
-      const uint64_t a = sm90::smem_descriptor(q_address + (kk / 4) * kBlockM * 128 + step, 0, 1024);
-      const uint64_t bk = sm90::smem_descriptor(k_address + (kk / 4) * kBlockN * 128 + step, 0, 1024);
-      sm90::Wgmma<kBlockN>::template ss<T, false, false>(s, a, bk, kk > 0);
-    }
-    sm90::wgmma_commit();
-  };
-  // O += P V_j: V is [keys, d] (d contiguous), the MN-major B operand; a k16 step is 16 rows (2048 bytes).
-  const auto issue_pv = [&](int j) {
-    const uint32_t v_address = sm90::smem_address(sV + (j % 2) * Cfg::kKVBytes);
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint64_t bv = sm90::smem_descriptor(v_address + kk * 16 * 128, kBlockN * 128, 1024);
-      sm90::Wgmma<kD>::template rs<T, true>(o, pf[kk], bv, true);
-    }
-    sm90::wgmma_commit();
-  };
-
-  // Online softmax of tile j in base 2 (as the portable kernel): x = log2(e) * (scale * q.k + bias), masked
-  // keys -inf. The output's rescale factors go to `correction`, the probabilities stay in s.
-  const auto softmax = [&](int j, float (&correction)[2]) {
-    const int n0 = key0(j);
-#pragma unroll
-    for (int i = 0; i < kNTiles * 4; ++i) s[i] *= scale_log2;
-    if constexpr (kBias) {  // one branch-free loop: a per-element branch here costs more than the math
-      // The lane's pair in key tile 0; the swizzle only XORs address bits 4-7 (the buffer is 1024-byte
-      // aligned), so key tile nt is at lane_pair ^ (16 nt), and row + 8 is 8 rows further on.
-      const uint32_t lane_pair = sm90::smem_address(sBias) + (j % 2) * Cfg::kBiasBytes +
-                                 bias_swizzled<kBlockN>(64 * wg + 16 * warp + g, 2 * t);
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const uint32_t pair = load_shared_u32((lane_pair ^ (16 * nt)) + r * 8 * kBlockN * 2);
-          s[4 * nt + 2 * r] += to_float(from_bits<T>(pair & 0xffffu)) * kLog2e;
-          s[4 * nt + 2 * r + 1] += to_float(from_bits<T>(pair >> 16)) * kLog2e;
-        }
-      }
-    }
-    if (!band.covers(wg_m0, wg_m1, n0, n0 + kBlockN)) {
-      const int row0 = wg_m0 + 16 * warp + g;
-#pragma unroll
-      for (int i = 0; i < kNTiles * 4; ++i) {
-        const int e = i % 4, key = n0 + (i / 4) * 8 + 2 * t + (e & 1);
-        if (!band.visible(row0 + 8 * (e >> 1), key)) s[i] = -kInf;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -kInf;
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
-      const float new_max = fmaxf(row_max[r], group_max_in_warp<4>(mx));
-      const float base = new_max == -kInf ? 0.0f : new_max;  // a row with nothing visible yet stays at 0
-      correction[r] = fast_exp2(row_max[r] - base);
-      row_max[r] = new_max;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-        s[4 * nt + 2 * r] = fast_exp2(s[4 * nt + 2 * r] - base);
-        s[4 * nt + 2 * r + 1] = fast_exp2(s[4 * nt + 2 * r + 1] - base);
-        sum += s[4 * nt + 2 * r] + s[4 * nt + 2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * correction[r] + sum;
-    }
-  };
+  FwdSm90Rows<Cfg, kBias> rows(p, band, m0, m1, tid / 128);
+  const uint32_t q_tile = sm90::smem_address(sQ);
+  const auto k_tile = [&](int j) { return sm90::smem_address(sK + (j % 2) * Cfg::kKVBytes); };
+  const auto v_tile = [&](int j) { return sm90::smem_address(sV + (j % 2) * Cfg::kKVBytes); };
+  const auto bias_tile = [&](int j) { return kBias ? sm90::smem_address(sBias) + (j % 2) * Cfg::kBiasBytes : 0u; };
 
   if (tiles > 0) {
 #pragma unroll
@@ -208,11 +282,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
     sm90::fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads through the async one
     __syncthreads();
     sm90::wgmma_fence();
-    issue_qk(0);
+    rows.issue_qk(q_tile, k_tile(0));
     sm90::wgmma_wait<0>();
-    sm90::fence_operands(s);
+    sm90::fence_operands(rows.s);
     float unused[2];
-    softmax(0, unused);
+    rows.softmax(key0(0), bias_tile(0), unused);
   }
   // Steps 0 .. tiles-2 overlap; the last step only has P V left. (No wgmma sits behind a branch inside a
   // step: ptxas then cannot prove the overlap safe and serialises every wgmma.)
@@ -224,67 +298,34 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) attention_fwd_
     if (j + 2 < tiles) load_k_and_bias(j + 2);
     cp_async_commit();
     prefetch_bias(j + 2 + kBiasLead);
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
-    }
+    rows.pack_p();
     sm90::wgmma_fence();
   };
   for (int j = 0; j + 1 < tiles; ++j) {
     begin_step(j);
-    issue_qk(j + 1);
-    issue_pv(j);
+    rows.issue_qk(q_tile, k_tile(j + 1));
+    rows.issue_pv(v_tile(j));
     sm90::wgmma_wait<1>();  // Q K_{j+1}^T done; P V_j still running
-    sm90::fence_operands(s);
+    sm90::fence_operands(rows.s);
     float correction[2];
-    softmax(j + 1, correction);
-    sm90::fence_operands(s);  // the exponentials before the wait: left alone, the compiler sinks them past it
+    rows.softmax(key0(j + 1), bias_tile(j + 1), correction);
+    sm90::fence_operands(rows.s);  // the exponentials before the wait: left alone, the compiler sinks them past it
     sm90::fence_operands(correction);
     sm90::wgmma_wait<0>();
-    sm90::fence_operands(o);
-    sm90::fence_operands(pf);
-#pragma unroll
-    for (int i = 0; i < kDTiles * 4; ++i) o[i] *= correction[(i % 4) / 2];
+    sm90::fence_operands(rows.o);
+    sm90::fence_operands(rows.pf);
+    rows.rescale(correction);
   }
   if (tiles > 0) {
     begin_step(tiles - 1);
-    issue_pv(tiles - 1);
+    rows.issue_pv(v_tile(tiles - 1));
     sm90::wgmma_wait<0>();
-    sm90::fence_operands(o);
+    sm90::fence_operands(rows.o);
   }
 
-  // Epilogue: normalise; stage the warp's 16 rows in its own rows of sQ (swizzled, so the 8 rows a store
-  // instruction covers hit distinct banks), then 16-byte stores.
   T* out = static_cast<T*>(p.out) + offset_of(p.out_strides, b, seq.q_row0 + m0, h);
   float* lse = p.lse == nullptr ? nullptr : p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_row0 + m0;
-  const int warp_row0 = 64 * wg + 16 * warp;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp_row0 + g + 8 * r;
-    const float sum = group_sum_in_warp<4>(row_sum[r]);
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      *reinterpret_cast<uint32_t*>(sQ + sm90::swizzled(row, dt * 8, kBlockM) + 4 * t) =
-          pack2<T>(o[4 * dt + 2 * r] * inv, o[4 * dt + 2 * r + 1] * inv);
-    }
-    if (lse != nullptr && t == 0 && m0 + row < m1) {
-      lse[row] = sum > 0.0f ? row_max[r] * kLn2 + __logf(sum) : -kInf;
-    }
-  }
-  __syncwarp();
-  constexpr int kChunks = kD / 8;
-#pragma unroll
-  for (int c = lane; c < 16 * kChunks; c += 32) {
-    const int row = warp_row0 + c / kChunks, col = (c % kChunks) * 8;
-    if (m0 + row < m1) {
-      *reinterpret_cast<uint4*>(out + row * p.out_strides.row + col) =
-          *reinterpret_cast<const uint4*>(sQ + sm90::swizzled(row, col, kBlockM));
-    }
-  }
+  rows.store(sQ, out, p.out_strides.row, lse, m0, m1, lane);
 #else
   __trap();  // never launched: fwd_sm90_available() is false without sm_90a code
 #endif

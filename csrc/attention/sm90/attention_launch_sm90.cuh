@@ -3,6 +3,7 @@
 
 #include "attention/attention_launch.cuh"
 #include "attention/sm90/attention_fwd_sm90.cuh"
+#include "attention/sm90/attention_fwd_sm90_ws.cuh"
 
 namespace fusedkernels::attention {
 
@@ -20,18 +21,25 @@ inline int64_t tiles_per_launch() {
 // grid's z limit; else (tiles, heads, batch). Measured on the H200 (docs/perf-notes.md, attention, tile order):
 // causal forwards +3-12%; the same order cost non-causal forwards 1-4% and every backward 1-9%.
 // (The portable forward keeps its grid (tiles, heads, batch): fwd_tile's selects cost it 40-50 bytes more spill.)
-template <auto Kernel, int kThreads, int kSmemBytes>
-cudaError_t launch_fwd_tiles(FwdParams p, int64_t tiles, cudaStream_t stream) {
+// (Params: FwdParams, or FwdWsParams holding them)
+inline FwdParams& fwd_params_of(FwdParams& p) { return p; }
+inline FwdParams& fwd_params_of(FwdWsParams& w) { return w.p; }
+
+template <auto Kernel, int kThreads, int kSmemBytes, typename Params>
+cudaError_t launch_fwd_tiles(Params params, int64_t tiles, cudaStream_t stream) {
+  FwdParams& p = fwd_params_of(params);
   p.tiles_slowest = p.causal;
   if (!p.tiles_slowest) {
     p.tile_offset = static_cast<int>(tiles - 1);
-    return launch<Kernel, kThreads, kSmemBytes>(dim3(tiles, p.heads_q, p.batch), p, stream);
+    return launch<Kernel, kThreads, kSmemBytes>(dim3(tiles, p.heads_q, p.batch), params, stream);
   }
   const int64_t per_launch = tiles_per_launch();
   for (int64_t first = 0; first < tiles; first += per_launch) {
     p.tile_offset = static_cast<int>(tiles - 1 - first);
     const dim3 grid(p.heads_q, p.batch, static_cast<unsigned>(std::min(per_launch, tiles - first)));
-    if (const cudaError_t err = launch<Kernel, kThreads, kSmemBytes>(grid, p, stream); err != cudaSuccess) return err;
+    if (const cudaError_t err = launch<Kernel, kThreads, kSmemBytes>(grid, params, stream); err != cudaSuccess) {
+      return err;
+    }
   }
   return cudaSuccess;
 }
@@ -51,6 +59,14 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   using Cfg = FwdSm90ConfigFor<T, kD>;
   static_assert(Cfg::smem_bytes(true) <= 227 * 1024, "over the shared memory a Hopper block may opt into");
   const int64_t tiles = ceil_div(p.seqlen_q, Cfg::kBlockM);
+  if (ws_forward_chosen()) {
+    using WsCfg = FwdSm90WsConfig<T, kD>;
+    static_assert(WsCfg::kBlockM == Cfg::kBlockM && WsCfg::kSmemBytes <= 227 * 1024);
+    FwdWsParams w;
+    if (make_fwd_ws_params<WsCfg>(p, w)) {
+      return launch_fwd_tiles<attention_fwd_sm90_ws_kernel<WsCfg>, WsCfg::kThreads, WsCfg::kSmemBytes>(w, tiles, stream);
+    }
+  }
   // The bias has its own instance: its loads and shared memory are not the plain kernel's to pay for.
   if (p.bias != nullptr) {
     return launch_fwd_tiles<attention_fwd_sm90_kernel<Cfg, true>, Cfg::kThreads, Cfg::smem_bytes(true)>(p, tiles,
