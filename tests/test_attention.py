@@ -687,11 +687,12 @@ def test_gqa_backward_with_the_q_heads_split_or_not(case, split, monkeypatch):
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("case", [(2, 333, 333, 4, 4, 128, True, None), (1, 17, 1000, 4, 2, 64, False, None),
                                   (2, 300, 257, 8, 2, 128, False, (64, 16)), (1, 1, 5, 2, 1, 64, True, None),
-                                  (3, 129, 129, 2, 2, 64, True, None), (1, 513, 700, 2, 1, 128, False, None)], ids=str)
+                                  (3, 129, 129, 2, 2, 64, True, None), (1, 513, 700, 2, 1, 128, False, None),
+                                  (1, 300, 100, 2, 1, 128, False, (0, 0))], ids=str)
 def test_warp_specialised_forward(case, dtype, monkeypatch):
     """FUSEDKERNELS_ATTENTION_KERNEL=sm90ws runs the warp-specialised Hopper forward (TMA producer, ping-pong
-    consumers) where it takes the call: odd and unequal lengths, GQA, causal, windows, both head dims; against the
-    reference, and in several launches of the causal order too."""
+    consumers) where it takes the call: odd and unequal lengths, GQA, causal, windows (the last: query tiles that
+    see no key), both head dims; against the reference, and in several launches of the causal order too."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernels run on sm_90")
     monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "sm90ws")
