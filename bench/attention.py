@@ -10,7 +10,8 @@ each non-causal and, where the anchors have them, causal (top-left aligned, torc
   fusedkernels-portable ours with FUSEDKERNELS_ATTENTION_KERNEL=portable (the mma.sync kernels, which the
                         Hopper forward replaces on sm_90 for head dims 64 and 128), same layout as ours
   fusedkernels-ws       ours with FUSEDKERNELS_ATTENTION_KERNEL=sm90ws (the warp-specialised Hopper forward, opt-in
-                        until it is measured faster), forward only (the backward is the same), same layout as ours
+                        until it is measured faster), forward only (the backward is the same), same layout as ours,
+                        the bias rows included
   torch-sdpa-flash      F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.FLASH_ATTENTION) (FA2)
   torch-sdpa-cudnn      ... SDPBackend.CUDNN_ATTENTION
   torch-sdpa-efficient  ... SDPBackend.EFFICIENT_ATTENTION (memory-efficient, xformers' kernel)
@@ -109,7 +110,7 @@ class Case:
 
     def impls(self) -> list[str]:
         if self.bias:
-            return [OURS, NOBIAS, CUDNN, EFFICIENT, FLEX]
+            return [OURS, WS, NOBIAS, CUDNN, EFFICIENT, FLEX]
         return [OURS, WS, PORTABLE, FLASH, CUDNN, EFFICIENT, FLEX] + ([EAGER] if self.N <= EAGER_MAX_N else [])
 
     def memory_directions(self) -> tuple:
@@ -353,7 +354,7 @@ def _run_case(case: Case, rec: _Recorder, ours_ok: bool, ours_why: str) -> None:
 
 
 def _run_ours(case: Case, rec: _Recorder, sets, n_sets, bias, ours_ok: bool, ours_why: str) -> None:
-    impls = [OURS, NOBIAS] if case.bias else [OURS, WS, PORTABLE]
+    impls = [OURS, WS, NOBIAS] if case.bias else [OURS, WS, PORTABLE]
     if not ours_ok:
         for impl in impls:
             for direction in ("fwd", "fwd+bwd"):
@@ -398,6 +399,9 @@ def _run_ours(case: Case, rec: _Recorder, sets, n_sets, bias, ours_ok: bool, our
         if torch.cuda.get_device_capability() == (9, 0) and case.D in (64, 128):
             with mock.patch.dict(os.environ, {PORTABLE_ENV: "sm90ws"}):
                 rec.measure(case, "fwd", WS, _calls(fn, layout_sets)["fwd"], n_sets, layout=_layout_name(layout))
+    if case.bias and torch.cuda.get_device_capability() == (9, 0):
+        with mock.patch.dict(os.environ, {PORTABLE_ENV: "sm90ws"}):
+            rec.measure(case, "fwd", WS, _calls(fn, layout_sets)["fwd"], n_sets, layout=_layout_name(layout))
     if case.bias:
         nobias = dict(_ours_layouts(case, None))[layout]
         calls = _calls(nobias, layout_sets)

@@ -685,23 +685,26 @@ def test_gqa_backward_with_the_q_heads_split_or_not(case, split, monkeypatch):
 @pytest.mark.cuda
 @needs_native
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
-@pytest.mark.parametrize("case", [(2, 333, 333, 4, 4, 128, True, None), (1, 17, 1000, 4, 2, 64, False, None),
+@pytest.mark.parametrize("case", [(2, 333, 336, 4, 4, 128, True, None), (1, 17, 1000, 4, 2, 64, False, None),
                                   (2, 300, 257, 8, 2, 128, False, (64, 16)), (1, 1, 5, 2, 1, 64, True, None),
-                                  (3, 129, 129, 2, 2, 64, True, None), (1, 513, 700, 2, 1, 128, False, None),
-                                  (1, 300, 100, 2, 1, 128, False, (0, 0))], ids=str)
-def test_warp_specialised_forward(case, dtype, monkeypatch):
+                                  (3, 129, 129, 2, 2, 64, True, None), (1, 513, 704, 2, 1, 128, False, None),
+                                  (1, 300, 104, 2, 1, 128, False, (0, 0))], ids=str)
+@pytest.mark.parametrize("bias_kind", [None, "float"], ids=["", "bias"])
+def test_warp_specialised_forward(case, bias_kind, dtype, monkeypatch):
     """FUSEDKERNELS_ATTENTION_KERNEL=sm90ws runs the warp-specialised Hopper forward (TMA producer, ping-pong
     consumers) where it takes the call: odd and unequal lengths, GQA, causal, windows (the last: query tiles that
-    see no key), both head dims; against the reference, and in several launches of the causal order too."""
+    see no key), both head dims, with and without a bias (odd key counts: rows not 16-byte aligned take the plain
+    kernel); against the reference, and in several launches of the causal order too."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernels run on sm_90")
     monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "sm90ws")
     b, nq, nk, hq, hkv, d, causal, window = case
     q, k, v = _qkv(b, nq, nk, hq, hkv, d, dtype=dtype, device="cuda")
-    _compare_to_reference(q, k, v, None, causal=causal, window=window)
+    bias = _bias(bias_kind, b, hq, nq, nk, dtype, "cuda")
+    _compare_to_reference(q, k, v, bias, causal=causal, window=window)
     if causal:
         monkeypatch.setenv("FUSEDKERNELS_ATTENTION_TILES_PER_LAUNCH", "2")
-        _compare_to_reference(q, k, v, None, causal=causal, window=window)
+        _compare_to_reference(q, k, v, bias, causal=causal, window=window)
 
 
 @pytest.mark.cuda
@@ -717,11 +720,17 @@ def test_warp_specialised_forward_is_what_runs_and_hands_on_what_it_does_not_tak
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     names = _cuda_kernels_run(lambda: fops.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True))
     assert any("attention_fwd_sm90_ws_kernel" in n for n in names), names
-    # a bias and a packed batch run the plain Hopper kernel, and are right
-    bias = _bias("float", 2, 4, 300, 300, torch.bfloat16, "cuda")
-    names = _cuda_kernels_run(lambda: fops.attention(q, k, v, attn_bias=bias))
-    assert any("attention_fwd_sm90_kernel" in n for n in names) and not any("_ws_" in n for n in names), names
-    _compare_to_reference(q, k, v, bias)
+    # biases (296 keys: 16-byte rows, which TMA needs): full, broadcast over the batch or the heads (by TMA too),
+    # and (B, H, 1, Nk), broadcast over the query rows (the plain Hopper kernel); all right
+    qb, kb, vb = _qkv(2, 300, 296, 4, 2, 128, dtype=torch.bfloat16, device="cuda")
+    for shape, ws in [((2, 4, 300, 296), True), ((1, 4, 300, 296), True), ((2, 1, 300, 296), True),
+                      ((2, 4, 1, 296), False)]:
+        bias = torch.randn(shape, device="cuda").to(torch.bfloat16)
+        names = _cuda_kernels_run(lambda: fops.attention(qb, kb, vb, attn_bias=bias, causal=True))
+        assert any("attention_fwd_sm90_ws_kernel" in n for n in names) == ws, (shape, names)
+        assert any("attention_fwd_sm90" in n for n in names), (shape, names)
+        _compare_to_reference(qb, kb, vb, bias, causal=True)
+    # a packed batch runs the plain Hopper kernel, and is right
     lengths = [70, 1, 229]
     qp, kp, vp = (t.reshape(600, *t.shape[2:])[:300] for t in (q, k, v))
     cu = _cu(lengths, "cuda")

@@ -52,8 +52,9 @@ __device__ __forceinline__ FwdTile fwd_tile(const FwdParams& p) {
 
 // A warpgroup's 64 query rows of a forward CTA: the output accumulators, the score tile, P as an A operand and the
 // online softmax's state, with the steps the Hopper forwards take on them (this kernel's and the warp-specialised
-// one's, attention_fwd_sm90_ws.cuh).
-template <typename Cfg, bool kBias>
+// one's, attention_fwd_sm90_ws.cuh). kTmaBias: the bias tile in the 128B-swizzled layout of 64-key column blocks
+// that a TMA copy writes (the warp-specialised kernel), else in bias_swizzled's rows (this kernel's cp.async).
+template <typename Cfg, bool kBias, bool kTmaBias = false>
 struct FwdSm90Rows {
   using T = typename Cfg::T;
   static constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
@@ -111,13 +112,18 @@ struct FwdSm90Rows {
     for (int i = 0; i < kNTiles * 4; ++i) s[i] *= scale_log2;
     if constexpr (kBias) {  // one branch-free loop: a per-element branch here costs more than the math
       // The lane's pair in key tile 0; the swizzle only XORs address bits 4-7 (the buffer is 1024-byte
-      // aligned), so key tile nt is at lane_pair ^ (16 nt), and row + 8 is 8 rows further on.
-      const uint32_t lane_pair = bias_tile + bias_swizzled<kBlockN>(64 * wg + 16 * warp() + g(), 2 * t());
+      // aligned), so key tile nt is at lane_pair ^ (16 nt) (TMA's layout: of tile nt % 8, in column block nt / 8),
+      // and row + 8 is 8 rows further on.
+      const int row = 64 * wg + 16 * warp() + g();
+      const uint32_t lane_pair =
+          bias_tile + (kTmaBias ? sm90::swizzled(row, 2 * t(), kBlockM) : bias_swizzled<kBlockN>(row, 2 * t()));
+      constexpr uint32_t kRowBytes = kTmaBias ? 128 : kBlockN * 2;
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) {
+        const uint32_t tile = kTmaBias ? (lane_pair ^ (16 * (nt % 8))) + (nt / 8) * kBlockM * 128 : lane_pair ^ (16 * nt);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const uint32_t pair = load_shared_u32((lane_pair ^ (16 * nt)) + r * 8 * kBlockN * 2);
+          const uint32_t pair = load_shared_u32(tile + r * 8 * kRowBytes);
           s[4 * nt + 2 * r] += to_float(from_bits<T>(pair & 0xffffu)) * kLog2e;
           s[4 * nt + 2 * r + 1] += to_float(from_bits<T>(pair >> 16)) * kLog2e;
         }

@@ -6,7 +6,8 @@
 // CTA: a consumer waits only for the stages it reads. The consumers take turns issuing their products (named
 // barriers, FlashAttention-3's ping-pong), so one's softmax runs while the other's products use the tensor cores;
 // inside a consumer the next tile's Q K^T still runs under this tile's softmax as in the plain kernel.
-// No bias and no packed batches: the plain kernel (attention_fwd_sm90.cuh) takes those. docs/attention.md.
+// A bias tile travels with its K tile (same stage and barriers), by TMA too, where its layout allows (see
+// make_fwd_ws_params). No packed batches: the plain kernel (attention_fwd_sm90.cuh) takes those. docs/attention.md.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -22,20 +23,22 @@ struct FwdSm90WsConfig {
   static constexpr int kD = kD_, kBlockM = 128, kBlockN = 128, kWarpgroups = 2;
   static constexpr int kThreads = 128 * (kWarpgroups + 1);
   static_assert(kD % 64 == 0, "the swizzled layout is built of 64-column blocks");
-  static constexpr int kQBytes = kBlockM * kD * 2, kKVBytes = kBlockN * kD * 2;
-  // Q, two K and two V stages, nine mbarriers (Q; K and V full and empty per stage), slack to align the start to
-  // the 1024-byte swizzle period.
-  static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes + 9 * 8 + 1024;
+  static constexpr int kQBytes = kBlockM * kD * 2, kKVBytes = kBlockN * kD * 2, kBiasBytes = kBlockM * kBlockN * 2;
+  // Q, two K and two V stages (and two bias stages), nine mbarriers (Q; K and V full and empty per stage), slack to
+  // align the start to the 1024-byte swizzle period. hd128 with a bias: 224 KiB of Hopper's 227.
+  static constexpr int smem_bytes(bool bias) { return kQBytes + 4 * kKVBytes + (bias ? 2 * kBiasBytes : 0) + 9 * 8 + 1024; }
   // Registers: the producer keeps 24, the consumers take 240 (24 + 2 x 240 = 504 per lane of the 512 an SM has
   // at one CTA of 384 threads).
   static constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
 };
 
-// The kernel's parameters: the plain kernel's, and tensor maps of q, k and v as [batch, heads, rows, head_dim]
-// boxes of 64 columns (128 bytes) by the tile's rows.
+// The kernel's parameters: the plain kernel's, tensor maps of q, k and v as [batch, heads, rows, head_dim] in boxes
+// of 64 columns (128 bytes) by the tile's rows, and of the bias as [batch, heads, query rows, keys] in boxes of 64
+// keys by 128 rows (a broadcast batch or head a dimension of size 1, read at 0).
 struct FwdWsParams {
   FwdParams p;
-  CUtensorMap q, k, v;
+  CUtensorMap q, k, v, bias;
+  bool bias_batch_broadcast, bias_head_broadcast;
 };
 
 __device__ __forceinline__ void tma_load_4d(void* smem_dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
@@ -47,7 +50,7 @@ __device__ __forceinline__ void tma_load_4d(void* smem_dst, const CUtensorMap* m
       : "memory");
 }
 
-template <typename Cfg>
+template <typename Cfg, bool kBias>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel(const __grid_constant__ FwdWsParams w) {
 #if FUSEDKERNELS_SM90A
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
@@ -57,7 +60,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel
   uint8_t* sQ = smem_raw + (1024 - sm90::smem_address(smem_raw) % 1024) % 1024;
   uint8_t* sK = sQ + Cfg::kQBytes;         // [2][kBlockN][kD], swizzled
   uint8_t* sV = sK + 2 * Cfg::kKVBytes;    // [2][kBlockN][kD], swizzled
-  uint64_t* q_full = reinterpret_cast<uint64_t*>(sV + 2 * Cfg::kKVBytes);
+  uint8_t* sBias = sV + 2 * Cfg::kKVBytes;  // [2][64-key blocks][kBlockM][64], swizzled; kBias only
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(sBias + (kBias ? 2 * Cfg::kBiasBytes : 0));
   uint64_t* k_full = q_full + 1;  // [2]
   uint64_t* k_empty = k_full + 2;
   uint64_t* v_full = k_empty + 2;
@@ -98,10 +102,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel
       const int s = j % 2;
       const uint32_t phase = (j / 2) & 1;
       sm90::mbarrier_wait(&k_empty[s], phase ^ 1);
-      sm90::mbarrier_arrive_expect_tx(&k_full[s], Cfg::kKVBytes);
+      sm90::mbarrier_arrive_expect_tx(&k_full[s], Cfg::kKVBytes + (kBias ? Cfg::kBiasBytes : 0));
 #pragma unroll
       for (int box = 0; box < kD / 64; ++box) {
         tma_load_4d(sK + s * Cfg::kKVBytes + box * kBlockN * 128, &w.k, 64 * box, key0(j), h_kv, b, &k_full[s]);
+      }
+      if constexpr (kBias) {
+#pragma unroll
+        for (int box = 0; box < kBlockN / 64; ++box) {
+          tma_load_4d(sBias + s * Cfg::kBiasBytes + box * kBlockM * 128, &w.bias, key0(j) + 64 * box, m0,
+                      w.bias_head_broadcast ? 0 : h, w.bias_batch_broadcast ? 0 : b, &k_full[s]);
+        }
       }
       sm90::mbarrier_wait(&v_empty[s], phase ^ 1);
       sm90::mbarrier_arrive_expect_tx(&v_full[s], Cfg::kKVBytes);
@@ -115,10 +126,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel
 
   sm90::claim_registers<Cfg::kConsumerRegisters>();
   const int consumer = wg - 1;
-  FwdSm90Rows<Cfg, false> rows(p, band, m0, m1, consumer);
+  FwdSm90Rows<Cfg, kBias, true> rows(p, band, m0, m1, consumer);
   const uint32_t q_tile = sm90::smem_address(sQ);
   const auto k_tile = [&](int j) { return sm90::smem_address(sK + (j % 2) * Cfg::kKVBytes); };
   const auto v_tile = [&](int j) { return sm90::smem_address(sV + (j % 2) * Cfg::kKVBytes); };
+  const auto bias_tile = [&](int j) { return kBias ? sm90::smem_address(sBias + (j % 2) * Cfg::kBiasBytes) : 0u; };
   const auto release = [&](uint64_t* empty, int j) {
     if (lane == 0) sm90::mbarrier_arrive(&empty[j % 2]);
   };
@@ -142,9 +154,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel
     your_turn();
     sm90::wgmma_wait<0>();
     sm90::fence_operands(rows.s);
-    release(k_empty, 0);
+    if (!kBias) release(k_empty, 0);  // (with a bias, once the softmax has read the stage's bias tile)
     float unused[2];
-    rows.softmax(key0(0), 0u, unused);
+    rows.softmax(key0(0), bias_tile(0), unused);
+    if (kBias) release(k_empty, 0);
   }
   // Steps 0 .. tiles-2 overlap; the last step only has P V left. (No wgmma sits behind a branch inside a step:
   // ptxas then cannot prove the overlap safe and serialises every wgmma.)
@@ -159,11 +172,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel
     your_turn();
     sm90::wgmma_wait<1>();  // Q K_{j+1}^T done; P V_j still running
     sm90::fence_operands(rows.s);
-    release(k_empty, j + 1);
+    if (!kBias) release(k_empty, j + 1);
     float correction[2];
-    rows.softmax(key0(j + 1), 0u, correction);
+    rows.softmax(key0(j + 1), bias_tile(j + 1), correction);
     sm90::fence_operands(rows.s);  // the exponentials before the wait: left alone, the compiler sinks them past it
     sm90::fence_operands(correction);
+    if (kBias) release(k_empty, j + 1);
     sm90::wgmma_wait<0>();
     sm90::fence_operands(rows.o);
     sm90::fence_operands(rows.pf);
@@ -196,7 +210,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel
 // (a bias, a packed batch); the plain kernel then runs.
 template <typename Cfg>
 bool make_fwd_ws_params(const FwdParams& p, FwdWsParams& w) {
-  if (p.bias != nullptr || p.cu_seqlens_q != nullptr) return false;
+  if (p.cu_seqlens_q != nullptr) return false;
   w.p = p;
   const auto map = [&](CUtensorMap* m, const void* base, const Strides& s, int rows, int heads, int box_rows) {
     const int64_t sizes[4] = {Cfg::kD, rows, heads, p.batch};
@@ -204,9 +218,25 @@ bool make_fwd_ws_params(const FwdParams& p, FwdWsParams& w) {
     const int box[4] = {64, box_rows, 1, 1};
     return make_tensor_map(m, base, 4, sizes, strides, box);
   };
-  return map(&w.q, p.q, p.q_strides, p.seqlen_q, p.heads_q, Cfg::kBlockM) &&
-         map(&w.k, p.k, p.k_strides, p.seqlen_k, p.heads_kv, Cfg::kBlockN) &&
-         map(&w.v, p.v, p.v_strides, p.seqlen_k, p.heads_kv, Cfg::kBlockN);
+  if (!map(&w.q, p.q, p.q_strides, p.seqlen_q, p.heads_q, Cfg::kBlockM) ||
+      !map(&w.k, p.k, p.k_strides, p.seqlen_k, p.heads_kv, Cfg::kBlockN) ||
+      !map(&w.v, p.v, p.v_strides, p.seqlen_k, p.heads_kv, Cfg::kBlockN)) {
+    return false;
+  }
+  if (p.bias == nullptr) return true;
+  // A bias broadcast over the query rows (row stride 0) would read zeros past its one row: the plain kernel.
+  const Strides& s = p.bias_strides;
+  if (s.row == 0 && p.seqlen_q > 1) return false;
+  w.bias_batch_broadcast = s.batch == 0;
+  w.bias_head_broadcast = s.head == 0;
+  const int64_t heads = w.bias_head_broadcast ? 1 : p.heads_q, batch = w.bias_batch_broadcast ? 1 : p.batch;
+  const int64_t sizes[4] = {p.seqlen_k, p.seqlen_q, heads, batch};
+  // byte strides; a broadcast (size 1) dimension's is never stepped, any multiple of 16 will do
+  const int64_t row = s.row != 0 ? s.row * 2 : (p.seqlen_k * 2 + 15) / 16 * 16;
+  const int64_t head = s.head != 0 ? s.head * 2 : row * p.seqlen_q;
+  const int64_t strides[3] = {row, head, s.batch != 0 ? s.batch * 2 : head * heads};
+  const int box[4] = {64, Cfg::kBlockM, 1, 1};
+  return make_tensor_map(&w.bias, p.bias, 4, sizes, strides, box);
 }
 
 }  // namespace fusedkernels::attention

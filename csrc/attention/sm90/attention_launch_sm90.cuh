@@ -61,10 +61,15 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   const int64_t tiles = ceil_div(p.seqlen_q, Cfg::kBlockM);
   if (ws_forward_chosen()) {
     using WsCfg = FwdSm90WsConfig<T, kD>;
-    static_assert(WsCfg::kBlockM == Cfg::kBlockM && WsCfg::kSmemBytes <= 227 * 1024);
+    static_assert(WsCfg::kBlockM == Cfg::kBlockM && WsCfg::smem_bytes(true) <= 227 * 1024);
     FwdWsParams w;
     if (make_fwd_ws_params<WsCfg>(p, w)) {
-      return launch_fwd_tiles<attention_fwd_sm90_ws_kernel<WsCfg>, WsCfg::kThreads, WsCfg::kSmemBytes>(w, tiles, stream);
+      if (p.bias != nullptr) {
+        return launch_fwd_tiles<attention_fwd_sm90_ws_kernel<WsCfg, true>, WsCfg::kThreads, WsCfg::smem_bytes(true)>(
+            w, tiles, stream);
+      }
+      return launch_fwd_tiles<attention_fwd_sm90_ws_kernel<WsCfg, false>, WsCfg::kThreads, WsCfg::smem_bytes(false)>(
+          w, tiles, stream);
     }
   }
   // The bias has its own instance: its loads and shared memory are not the plain kernel's to pay for.
