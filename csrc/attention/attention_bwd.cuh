@@ -490,8 +490,18 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const B
 }
 
 // ------------------------------------------------------------------------------------------------
-// dq = scale * accumulator: one thread per 8 elements
+// dq = scale * accumulator (and dk, dv where their accumulator is used): one thread per 8 elements
 // ------------------------------------------------------------------------------------------------
+
+// dst[0..8) = scale * src[0..8), rounded to T, in one 16-byte store
+template <typename T>
+__device__ __forceinline__ void store_scaled_8(T* dst, const float* src, float scale) {
+  uint4 packed;
+  uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) words[e] = pack2<T>(src[2 * e] * scale, src[2 * e + 1] * scale);
+  *reinterpret_cast<uint4*>(dst) = packed;
+}
 
 template <typename T, int kD>
 __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const BwdParams bp) {
@@ -501,12 +511,7 @@ __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const Bwd
   const Seq seq = sequence(p, b);
   if (i >= seq.len_q) return;
   const float* src = bp.workspace + dq_accum_offset(bp.total_q, p.heads_q) + ((workspace_row0(p, b, seq) + i) * p.heads_q + h) * kD + c;
-  T* dst = static_cast<T*>(bp.dq) + offset_of(bp.dq_strides, b, seq.q_row0 + i, h) + c;
-  uint4 packed;
-  uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) words[e] = pack2<T>(src[2 * e] * p.scale, src[2 * e + 1] * p.scale);
-  *reinterpret_cast<uint4*>(dst) = packed;
+  store_scaled_8(static_cast<T*>(bp.dq) + offset_of(bp.dq_strides, b, seq.q_row0 + i, h) + c, src, p.scale);
 }
 
 // dk = scale * accumulator, dv = accumulator (kv_split > 1): one thread per 8 elements of each
@@ -519,18 +524,8 @@ __global__ void __launch_bounds__(256) attention_bwd_dkv_convert_kernel(const Bw
   if (j >= seq.len_k) return;
   const float* src = bp.workspace + dkv_accum_offset(bp.total_q, p.heads_q, kD) +
                      ((workspace_key_row0(p, b, seq) + j) * p.heads_kv + h) * 2 * kD + c;
-  T* dk = static_cast<T*>(bp.dk) + offset_of(bp.dk_strides, b, seq.k_row0 + j, h) + c;
-  T* dv = static_cast<T*>(bp.dv) + offset_of(bp.dv_strides, b, seq.k_row0 + j, h) + c;
-  uint4 packed_k, packed_v;
-  uint32_t* words_k = reinterpret_cast<uint32_t*>(&packed_k);
-  uint32_t* words_v = reinterpret_cast<uint32_t*>(&packed_v);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    words_k[e] = pack2<T>(src[2 * e] * p.scale, src[2 * e + 1] * p.scale);
-    words_v[e] = pack2<T>(src[kD + 2 * e], src[kD + 2 * e + 1]);
-  }
-  *reinterpret_cast<uint4*>(dk) = packed_k;
-  *reinterpret_cast<uint4*>(dv) = packed_v;
+  store_scaled_8(static_cast<T*>(bp.dk) + offset_of(bp.dk_strides, b, seq.k_row0 + j, h) + c, src, p.scale);
+  store_scaled_8(static_cast<T*>(bp.dv) + offset_of(bp.dv_strides, b, seq.k_row0 + j, h) + c, src + kD, 1.0f);
 }
 
 }  // namespace fusedkernels::attention
