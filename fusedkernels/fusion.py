@@ -10,9 +10,12 @@ Families add their patterns to `PATTERNS`.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
+import inspect
 import re
+import textwrap
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -112,7 +115,10 @@ class Rewrite:
     make_input(dtype, device, generator) gives a probe input; dtypes(param_dtype) the dtypes to probe; name: the
     report's name for the original, where not its class's (original is a probe wrapper); extra_roundings: roundings
     of a low-precision result the fused computation makes beyond the original's, each allowed one more of the
-    original's own error."""
+    original's own error; follows_training_flag: the fused computation does what the original does in either training
+    mode by construction (it keeps the original's own code for what the flag changes), else the original's output
+    must not depend on the flag; rows: the module works on the last dimension alone, and is probed on the input
+    flattened to 2-D as well (a forward may branch on the input's rank)."""
 
     path: str
     original: nn.Module
@@ -124,6 +130,8 @@ class Rewrite:
     dtypes: Callable[[torch.dtype], Sequence[torch.dtype]] = lambda dtype: (dtype,)
     name: str = ""
     extra_roundings: int = 0
+    follows_training_flag: bool = False
+    rows: bool = False
 
 
 class Pattern:
@@ -187,7 +195,9 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False, lm_h
                   lm_head_loss=lm_head_loss)
     if walk.inference and not inference:
         walk.report.note = "probed outputs only: inference mode allows no gradients"
-    return walk.run(merge)
+    cuda = sorted({t.device.index for t in [*model.parameters(), *model.buffers()] if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):  # the caller's RNG state, whatever a swap's construction draws
+        return walk.run(merge)
 
 
 def _distributed_wrapper(model: nn.Module) -> Optional[str]:
@@ -300,6 +310,13 @@ class _Model:
                 random = None
             if random is not None:
                 return left(random)
+            if not rewrite.follows_training_flag:
+                try:
+                    flagged = _training_flag_matters(rewrite, dtype, device)
+                except Exception:  # noqa: BLE001 - the probe below reports the original's own error
+                    flagged = None
+                if flagged is not None:
+                    return left(flagged)
             for candidate in rewrite.candidates:
                 try:
                     failure, notes = _probe(rewrite, candidate, rewrite.dtypes(dtype), device, self.inference)
@@ -352,6 +369,73 @@ def _random_output(rewrite: Rewrite, dtype: torch.dtype, device: torch.device) -
     if not same[1]:
         return "its output is random (dropout?): it changes with the seed, so no probe can confirm a swap"
     return None
+
+
+def _training_flag_matters(rewrite: Rewrite, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """Why the original's output depends on the training flag (dropout or a branch on self.training in its forward,
+    which the fused module, computing the same in either mode, would not follow after a later train() / eval()), or
+    None: its forward on one input under one seed, in training mode and in eval mode, must give one output. The
+    flags and buffers are restored."""
+    x = rewrite.make_input(dtype, device, torch.Generator().manual_seed(0))
+    modules = list(rewrite.original.modules())
+    flags = [m.training for m in modules]
+    buffers = [(b, b.detach().clone()) for b in rewrite.original.buffers()]  # a BatchNorm in training updates its own
+    outputs = []
+    try:
+        for mode in (True, False):
+            rewrite.original.train(mode)
+            _seed(device, 0)
+            with torch.no_grad():
+                outputs.append(_call(rewrite.original, x.clone()))
+    finally:
+        for m, flag in zip(modules, flags):
+            m.training = flag
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    if not all(isinstance(y, Tensor) and y.shape == outputs[0].shape for y in outputs):
+        return None  # the probe reports what the forward returns
+    if torch.equal(outputs[0], outputs[1]) or torch.allclose(outputs[0], outputs[1], rtol=0, atol=0, equal_nan=True):
+        return None
+    return ("its output differs between training and eval mode (dropout, or a branch on self.training in its "
+            "forward), which the fused module would not follow")
+
+
+def _forward_reads(cls: type) -> Optional[set]:
+    """The attributes of the module (`self.<name>`, whatever its first parameter is called) that cls.forward reads,
+    and the methods of cls it calls read in turn, from their source; None where a source is not available."""
+    reads: set = set()
+    todo, done = ["forward"], set()
+    while todo:
+        name = todo.pop()
+        done.add(name)
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(cls, name))))
+        except (OSError, TypeError, SyntaxError):
+            return None
+        fn = tree.body[0] if tree.body else None
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or not fn.args.args:
+            return None
+        me = fn.args.args[0].arg
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me:
+                # a method the class itself defines (not nn.Module's) is followed; anything else is a read
+                own = inspect.isfunction(getattr(cls, node.attr, None)) and not hasattr(nn.Module, node.attr)
+                if not own:
+                    reads.add(node.attr)
+                elif node.attr not in done:
+                    todo.append(node.attr)
+    return reads
+
+
+def _takes_one_input(module: nn.Module) -> bool:
+    """Whether module's forward takes exactly one argument (the input), with nothing optional beside it."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _call(module: nn.Module, x: Tensor):
@@ -412,12 +496,20 @@ def _probe(rewrite: Rewrite, candidate: Candidate, dtypes, device, inference: bo
         cand_params = {n: p for n, p in candidate.module.named_parameters() if p.requires_grad} if grad else {}
     notes = []
     generator = torch.Generator().manual_seed(0)
+    # rows: the first dtype's input and upstream gradient again, flattened to 2-D
+    inputs = [(dtype, False) for dtype in dtypes] + ([(dtypes[0], True)] if rewrite.rows else [])
+    first = None
     with torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext():
-        for i, dtype in enumerate(dtypes):
-            x = rewrite.make_input(dtype, device, generator)
+        for i, (dtype, flat) in enumerate(inputs):
+            if flat:
+                if first is None:
+                    continue
+                x, dy = (None if t is None else t.flatten(0, -2) for t in first)
+            else:
+                x = rewrite.make_input(dtype, device, generator)
+                dy = lambda y: torch.randn(y.shape, generator=generator).to(device, y.dtype)  # noqa: E731
             try:
-                orig, dy = _run(original, orig_params, x,
-                                lambda y: torch.randn(y.shape, generator=generator).to(device, y.dtype), grad)
+                orig, dy = _run(original, orig_params, x, dy, grad)
             except Exception as e:  # noqa: BLE001 - the module's own error decides: left, or a dtype it does not take
                 if i == 0:
                     return f"the original raised on a {dtype} probe ({type(e).__name__}: {e})", notes
@@ -433,11 +525,13 @@ def _probe(rewrite: Rewrite, candidate: Candidate, dtypes, device, inference: bo
                 except Exception as e:  # noqa: BLE001 - a candidate that cannot run this input is not the same
                     return f"raised on a {dtype} probe ({type(e).__name__}: {e})", notes
             notes += [f"probe: {w.message}"[:200] for w in caught if f"probe: {w.message}"[:200] not in notes]
+            if i == 0:
+                first = (x, dy)
             if candidate.grads_as_original is not None and grad:
                 grads = candidate.grads_as_original({n: ours.pop(n) for n in cand_params})
                 ours.update(grads)
             for what in orig:
-                failure = _compare(f"{what} ({dtype})", ours.get(what), orig[what], ref[what],
+                failure = _compare(f"{what} ({dtype}{', 2-D input' if flat else ''})", ours.get(what), orig[what], ref[what],
                                    rewrite.extra_roundings if dtype.itemsize < 4 else 0)
                 if failure is not None:
                     return failure, notes
@@ -495,7 +589,7 @@ class TorchNorm(Pattern):
         candidate = Candidate(_switched(module, self.fused_cls), self.fused_cls.__name__,
                               _switch(module, self.fused_cls))
         return [Rewrite(path, module, [candidate], [module], _rows(module.normalized_shape, top=3),
-                        keeps_hooks=True)]
+                        keeps_hooks=True, rows=len(module.normalized_shape) == 1)]
 
 
 def _hf_rms_eps(module: nn.Module) -> Optional[float]:
@@ -515,10 +609,25 @@ class HFRMSNorm(Pattern):
     order sets the output's dtype there, on rows out to ~1e3 (a clamp in the forward shows). The (1 + weight) form is
     recognised and left."""
 
+    # what a Hugging Face RMSNorm's forward reads of itself; anything else (a scale, an offset set later) it would
+    # not follow
+    READS = {"weight", "variance_epsilon", "eps", "training"}
+
     def match(self, path, module, model, merge):
         eps = _hf_rms_eps(module)
         if eps is None:
             return None
+        name = type(module).__name__
+        if not _takes_one_input(module):
+            return [FuseEntry(path, name, LEFT, reason="its forward takes more than the input (a gate?), which the "
+                                                       "fused norm does not")]
+        reads = _forward_reads(type(module))
+        if reads is None:
+            return [FuseEntry(path, name, LEFT, reason="the source of its forward is not available to check what it "
+                                                       "reads")]
+        if reads - self.READS:
+            return [FuseEntry(path, name, LEFT, reason=f"its forward reads self.{sorted(reads - self.READS)[0]}, "
+                                                       f"which the fused norm would not follow")]
         weight = module.weight
         candidates = []
         for cast in ("input", "weight"):
@@ -532,7 +641,7 @@ class HFRMSNorm(Pattern):
                                     "option of the norm op, which it does not have yet"))
         other = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
         return [Rewrite(path, module, candidates, [module], _rows((weight.shape[0],), top=3), replaces=True,
-                        dtypes=lambda d: (d, other.get(d, torch.bfloat16)))]
+                        dtypes=lambda d: (d, other.get(d, torch.bfloat16)), rows=True)]
 
 
 class _OffsetRMSNorm(nn.Module):
@@ -577,6 +686,9 @@ class MLPBlock(Pattern):
         if not merge:
             return [FuseEntry(path, name, LEFT, reason="an MLP block: FusedMLP holds new parameter objects (gate and "
                                                        "up stacked), so it is swapped with fuse(model, merge=True)")]
+        if not _takes_one_input(module):
+            return [FuseEntry(path, name, LEFT, reason="its forward takes more than the input, which FusedMLP does "
+                                                       "not")]
         try:
             fused = FusedMLP.from_module(module)
         except ValueError as e:
@@ -595,7 +707,7 @@ class MLPBlock(Pattern):
                               "new parameter objects (state_dict keys and values kept): create optimizers after "
                               "fuse()", as_layout)
         return [Rewrite(path, module, [candidate], list(module.modules()), _rows((fused.in_features,)),
-                        replaces=True)]
+                        replaces=True, rows=True)]
 
 
 class LinearActivation(Pattern):
@@ -628,7 +740,7 @@ class LinearActivation(Pattern):
                     f"FusedLinear(activation={activation!r})",
                     lambda seq=module, i=i, linear=linear, activation=activation: _fuse_pair(model, seq, i, linear,
                                                                                              activation))],
-                    [linear, act], _rows((linear.in_features,))))
+                    [linear, act], _rows((linear.in_features,)), rows=True))
             i += 2
         return found or None
 
@@ -722,8 +834,9 @@ class ConvBatchNorm(Pattern):
         candidate = Candidate(probed, "Conv2d (BatchNorm2d folded)", install,
                               "conv weight and bias values change (new Parameters), the BatchNorm2d's state_dict "
                               "keys are gone: load checkpoints before fuse()")
+        # (inference=True: the model runs forward in eval mode only, which the fold computes)
         return [Rewrite(conv_path, parent, [candidate], [conv, module],
-                        _images(first_conv.in_channels, first_conv, size=32))]
+                        _images(first_conv.in_channels, first_conv, size=32), follows_training_flag=True)]
 
 
 class ConvReLU(Pattern):
@@ -812,11 +925,11 @@ class RotaryAttention(Pattern):
         if not hf.rotary_matches(rotary, rotary_dim):
             return [FuseEntry(path, name, LEFT, reason="its apply_rotary_pos_emb computes another rotation than HF "
                                                        "Llama's (interleaved pairs, another formula)")]
-        cls = hf.rotary_attention_class(type(module))
+        cls = hf.rotary_attention_class(type(module), hf.rotary_keeps_dtype(rotary))
         candidate = Candidate(_AttentionProbe(_switched(module, cls), rotary_dim), f"{name} + ops.apply_rotary",
                               _switch(module, cls))
         return [Rewrite(path, _AttentionProbe(module, rotary_dim), [candidate], list(module.modules()),
-                        _rows((q_proj.in_features,), top=-1), keeps_hooks=True, name=name)]
+                        _rows((q_proj.in_features,), top=-1), keeps_hooks=True, name=name, follows_training_flag=True)]
 
 
 class _HiddenOnly(nn.Module):
@@ -887,7 +1000,7 @@ class CausalLMLoss(Pattern):
         # the op keeps its 16-bit gradients rounded and scales them by the loss's grad: one more rounding (the
         # probe's tokens are one chunk; docs/llm.md)
         return [Rewrite(path, _LossProbe(probed, lm_head.out_features), [candidate], [module, lm_head],
-                        _rows((lm_head.in_features,)), name=name, extra_roundings=1)]
+                        _rows((lm_head.in_features,)), name=name, extra_roundings=1, follows_training_flag=True)]
 
 
 # Tried in order on every module, outermost first; the first that matches decides.

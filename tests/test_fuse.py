@@ -521,8 +521,10 @@ def test_random_modules_are_left_and_rng_is_restored():
     (entry,) = report.entries
     assert entry.status == "left" and "random (dropout?)" in entry.reason
     assert type(model[0]) is DropoutRMSNorm
-    report = fusedkernels.fuse(model.eval())  # no dropout in eval: one output, swapped
-    assert report.entries[0].status == "swapped", str(report)
+    # in eval mode one output, but a later train() would drop out again, which the fused norm would not: left
+    report = fusedkernels.fuse(model.eval())
+    assert report.entries[0].status == "left" and "training and eval mode" in report.entries[0].reason, str(report)
+    assert type(model[0]) is DropoutRMSNorm and not model[0].training  # its flags as they were
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -1065,3 +1067,124 @@ def test_refuses_models_wrapped_for_distributed_training(tmp_path):
         assert "swapped" in str(fusedkernels.fuse(model))  # unwrapped, it fuses as before
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# What the probe alone cannot see: the training flag, the input's rank, what a forward reads, its signature
+# ------------------------------------------------------------------------------------------------
+
+
+class FunctionalDropoutMLP(nn.Module):
+    """A Llama-style gated MLP with F.dropout inside its forward (DETR's MLPs drop out this way)."""
+
+    def __init__(self, n, hidden):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(n, hidden, bias=False), nn.Linear(n, hidden, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(hidden, n, bias=False), nn.SiLU()
+
+    def forward(self, x):
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(F.dropout(h, 0.3, self.training))
+
+
+class HFStyleNorm(nn.Module):
+    """Hugging Face's RMSNorm structure (a weight and variance_epsilon), forwards given per test."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(1 + 0.2 * torch.randn(n)), 1e-6
+
+    def _rms(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+    def forward(self, x):
+        return self.weight * self._rms(x)
+
+
+class EvalHalvedNorm(HFStyleNorm):
+    def forward(self, x):
+        return self.weight * self._rms(x) * (1.0 if self.training else 0.5)
+
+
+class RankClampedNorm(HFStyleNorm):
+    def forward(self, x):
+        y = self.weight * self._rms(x)
+        return y.clamp(-1, 1) if x.dim() == 2 else y
+
+
+class ScheduledNorm(HFStyleNorm):
+    scale = 1.0
+
+    def forward(me, x):  # (any name for the module)
+        return me.weight * me._rms(x) * me.scale
+
+
+class GatedNorm(HFStyleNorm):
+    def forward(self, x, gate=None):
+        y = self.weight * self._rms(x)
+        return y if gate is None else y * F.silu(gate)
+
+
+def test_modules_whose_output_follows_the_training_flag_are_left_in_either_mode():
+    for mode in (True, False):
+        model = nn.Sequential(FunctionalDropoutMLP(16, 32), EvalHalvedNorm(16)).train(mode)
+        report = fusedkernels.fuse(model, merge=True)
+        assert [e.status for e in report.entries] == ["left", "left"], str(report)
+        assert all("training" in e.reason or "random" in e.reason for e in report.entries), str(report)
+        assert [m.training for m in model.modules()] == [mode] * len(list(model.modules()))
+    model = nn.Sequential(HFStyleNorm(16)).eval()  # the plain one is still swapped
+    assert fusedkernels.fuse(model).entries[0].status == "swapped"
+
+
+def test_norms_are_probed_on_2d_inputs_too_and_left_for_what_their_forward_reads_or_takes():
+    cases = {RankClampedNorm: "2-D input", ScheduledNorm: "reads self.scale", GatedNorm: "more than the input"}
+    for cls, reason in cases.items():
+        model = nn.Sequential(cls(64))
+        (entry,) = fusedkernels.fuse(model).entries
+        assert entry.status == "left" and reason in entry.reason, (cls.__name__, str(entry))
+        assert type(model[0]) is cls
+
+
+def test_a_swapped_hf_norm_keeps_variance_epsilon():
+    model = nn.Sequential(HFStyleNorm(16))
+    assert fusedkernels.fuse(model).entries[0].status == "swapped"
+    assert model[0].variance_epsilon == model[0].eps == 1e-6
+    model[0].variance_epsilon = 1e-3
+    assert model[0].eps == 1e-3
+
+
+def test_merge_leaves_the_rng_alone_and_makes_trainable_parameters_in_inference_mode():
+    model = _randomize(nn.Sequential(nn.LayerNorm(16), nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    with torch.inference_mode():
+        report = fusedkernels.fuse(model, merge=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [e.status for e in report.entries] == ["swapped", "swapped"], str(report)
+    assert not any(p.is_inference() for p in model.parameters())
+    x = torch.randn(3, 16)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.load_state_dict(model.state_dict())
+
+
+def test_rotary_that_returns_q_and_k_in_their_dtype_keeps_it():
+    """OLMo's apply_rotary_pos_emb computes with a float32 table and casts q, k back to their dtype; Llama's promotes
+    them. The swapped attention must do what its own does."""
+    transformers = _transformers()
+    if not hasattr(transformers, "OlmoConfig"):
+        pytest.skip("this transformers has no OLMo")
+    torch.manual_seed(0)
+    config = transformers.OlmoConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = _randomize(transformers.OlmoForCausalLM(config)).to(torch.bfloat16).eval()
+    before = copy.deepcopy(model)
+    report = fusedkernels.fuse(model)
+    assert any(e.status == "swapped" and "apply_rotary" in e.fused for e in report.entries), str(report)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        want, got = before(ids).logits, model(ids).logits
+    assert got.dtype == want.dtype == torch.bfloat16
+    ref = copy.deepcopy(before).double()(ids).logits
+    assert max_err(got, ref) <= 2 * max_err(want, ref) + 1e-3

@@ -245,6 +245,19 @@ def rotary_matches(fn, head_dim: int) -> bool:
                for o, w in zip(got, want))
 
 
+def rotary_keeps_dtype(fn) -> bool:
+    """Whether fn (a modeling file's apply_rotary_pos_emb) returns q and k in their own dtype when the table's is
+    wider (OLMo's casts back; Llama's products promote to the table's), on bfloat16 q, k and a float32 table."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, 3, 4, generator=g).to(torch.bfloat16) for _ in range(2))
+    cos, sin = torch.rand(1, 3, 4, generator=g), torch.rand(1, 3, 4, generator=g)
+    try:
+        out = fn(q, k, cos, sin)
+    except Exception:  # noqa: BLE001 - rotary_matches decides on such a function
+        return False
+    return all(isinstance(t, Tensor) and t.dtype == torch.bfloat16 for t in out)
+
+
 class FusedRotaryAttention:
     """Marks an attention module whose class fuse() switched to `rotary_attention_class(cls)`."""
 
@@ -257,17 +270,25 @@ def _ops_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: i
     return ops.apply_rotary(q.to(dtype), k.to(dtype), cos, sin, layout={1: "bhnd", 2: "bnhd"}[unsqueeze_dim])
 
 
+def _ops_rotary_in_dtype(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
+    """_ops_rotary for the apply_rotary_pos_emb that returns q and k in their own dtype (OLMo's): the op computes in
+    float32 and writes q's dtype whatever the table's."""
+    return ops.apply_rotary(q, k, cos, sin, layout={1: "bhnd", 2: "bnhd"}[unsqueeze_dim])
+
+
 _ROTARY_CLASSES: dict = {}
 
 
-def rotary_attention_class(cls: type) -> type:
-    """cls with the same forward, except that its call of apply_rotary_pos_emb runs `ops.apply_rotary`: a subclass
-    keeping cls's name (transformers writes class names into configs), cached per class."""
-    if cls not in _ROTARY_CLASSES:
-        forward = _with_global(cls.forward, "apply_rotary_pos_emb", _ops_rotary)
-        _ROTARY_CLASSES[cls] = type(cls.__name__, (cls, FusedRotaryAttention),
-                                    {"forward": forward, "__qualname__": cls.__qualname__, "__module__": cls.__module__})
-    return _ROTARY_CLASSES[cls]
+def rotary_attention_class(cls: type, keeps_dtype: bool = False) -> type:
+    """cls with the same forward, except that its call of apply_rotary_pos_emb runs `ops.apply_rotary` (returning q
+    and k in their own dtype where keeps_dtype, as rotary_keeps_dtype finds the original does): a subclass keeping
+    cls's name (transformers writes class names into configs), cached per class."""
+    if (cls, keeps_dtype) not in _ROTARY_CLASSES:
+        forward = _with_global(cls.forward, "apply_rotary_pos_emb", _ops_rotary_in_dtype if keeps_dtype else _ops_rotary)
+        _ROTARY_CLASSES[cls, keeps_dtype] = type(cls.__name__, (cls, FusedRotaryAttention),
+                                                 {"forward": forward, "__qualname__": cls.__qualname__,
+                                                  "__module__": cls.__module__})
+    return _ROTARY_CLASSES[cls, keeps_dtype]
 
 
 def is_hf_causal_lm_loss(fn) -> bool:

@@ -147,9 +147,12 @@ class FusedMLP(nn.Module):
         elif activation not in names:
             raise ValueError(f"FusedMLP.from_module: this module takes one of {', '.join(names)}, got {activation!r}")
         w = first[0].weight
-        mlp = cls(first[0].in_features, hidden, second.out_features, biased.pop(), activation,
-                  state_dict_layout=layout, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
+        # Built on the meta device, then every parameter copied in: no initialisation drawing the caller's random
+        # numbers; outside inference mode, so the copy is a trainable Parameter wherever this runs.
+        with torch.inference_mode(False), torch.no_grad():
+            mlp = cls(first[0].in_features, hidden, second.out_features, biased.pop(), activation,
+                      state_dict_layout=layout, device="meta", dtype=w.dtype).to_empty(device=w.device)
+            copied = set()
             for native, linears in projections.items():
                 for name in ("weight", "bias"):
                     sources = [getattr(lin, name) for lin in linears]
@@ -160,6 +163,9 @@ class FusedMLP(nn.Module):
                                          f"freeze both or neither")
                     target = getattr(getattr(mlp, native), name)
                     target.copy_(torch.cat(sources)).requires_grad_(sources[0].requires_grad)
+                    copied.add(f"{native}.{name}")
+        if copied != {n for n, _ in mlp.named_parameters()}:  # (to_empty left the rest uninitialised)
+            raise RuntimeError(f"FusedMLP.from_module: copied {sorted(copied)}, not every parameter of the FusedMLP")
         return mlp.train(module.training)
 
     def extra_repr(self) -> str:

@@ -76,6 +76,17 @@ class FusedCastRMSNorm(nn.Module):
         y = ops._rms_norm(input.to(torch.promote_types(input.dtype, torch.float32)), shape, None, self.eps)
         return weight * (y.to(weight.dtype) if weight.dtype in _HALF else y)
 
+    # Hugging Face's name for eps: modules around a norm that fuse() swapped in may read it (Mamba-style mixers)
+    __jit_unused_properties__ = ["variance_epsilon"]
+
+    @property
+    def variance_epsilon(self) -> float:
+        return self.eps
+
+    @variance_epsilon.setter
+    def variance_epsilon(self, value: float) -> None:
+        self.eps = value
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[-1]}, eps={self.eps}, cast={self.cast!r}"
 
