@@ -156,8 +156,10 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False, lm_h
     nn.Sequential (FusedConv2dReLU, the ReLU's slot nn.Identity; also with inference=True). Each swap is confirmed
     first on a random probe input in the module's dtype and device: outputs, and unless `inference`, the gradients of
     the input and the parameters for one upstream gradient, within twice the original's own error against a float64
-    run of it (three times for the fused loss's gradients, which it rounds once more). Modules whose output is random
-    (dropout in training) are left. The caller's RNG state is restored after each probe.
+    run of it (three times for the fused loss's gradients, which it rounds once more); row-wise modules on a 2-D
+    input too. Modules whose output is random (dropout in training) or differs between training and eval mode are
+    left, and so are Hugging Face-structured norms whose forward reads more than weight and eps or takes more than the
+    input. The caller's RNG state is restored.
 
     Without merge or inference, no parameter, buffer or state_dict key changes: swapped modules hold the same
     Parameter objects, so optimizers built before keep working. merge=True replaces each MLP block's parameters by
