@@ -4,8 +4,9 @@ CPU tests hold the reference (the CPU kernel of the internal op) to plain PyTorc
 autograd, opcheck, compile, export, autocast, the module). `cuda` tests hold the fused kernel to an fp32 reference
 on fresh random inputs, with a tolerance relative to PyTorch's own low-precision error (the same reference run in
 the inputs' dtype), outputs poisoned first; where no kernel takes a call they check the reference it runs. The
-kernel tests run twice: with the default kernel, and with FUSEDKERNELS_GEMM_KERNEL=portable (the mma.sync kernel,
-which the Hopper kernel replaces on sm_90).
+kernel tests run three times: with the default kernel, with FUSEDKERNELS_GEMM_KERNEL=portable (the mma.sync kernel,
+which the Hopper kernel replaces on sm_90), and with FUSEDKERNELS_GEMM_KERNEL=sm90-wide (the Hopper kernel's
+256-wide tiles, which small m takes 64 wide by default).
 """
 
 import warnings
@@ -35,12 +36,14 @@ PLAIN = {
 }
 
 
-@pytest.fixture(params=["default", "portable"])
+@pytest.fixture(params=["default", "portable", "sm90-wide"])
 def kernels(request, monkeypatch):
-    if request.param == "portable":  # the mma.sync kernel where the Hopper kernel would run by default
-        monkeypatch.setenv("FUSEDKERNELS_GEMM_KERNEL", "portable")
-    else:
+    # portable: the mma.sync kernel where the Hopper kernel would run by default; sm90-wide: the Hopper kernel's
+    # 256-wide tiles, which small shapes (most here) would not take by default
+    if request.param == "default":
         monkeypatch.delenv("FUSEDKERNELS_GEMM_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("FUSEDKERNELS_GEMM_KERNEL", request.param)
     return request.param
 
 

@@ -18,6 +18,8 @@
 #include <cuda.h>  // CUtensorMap
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 
 #include "common/device/mma.cuh"  // pack2
@@ -425,14 +427,28 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
   return cudaGetLastError();
 }
 
+// The tile width for a linear_act call: 256, or 64 where 256-wide tiles would fill at most half the SMs (small m)
+// and the output is not gated: four times the tiles, so K is split less or not at all (the split's second pass
+// and its fp32 workspace cost 128 x 4096 x 4096 about a fifth of its time; docs/perf-notes.md, gemm).
+// FUSEDKERNELS_GEMM_KERNEL=sm90-wide keeps 256 (tests of that path on small shapes; read per call).
+inline int linear_act_sm90_block_n(const LinearActParams& p) {
+  const char* choice = std::getenv("FUSEDKERNELS_GEMM_KERNEL");
+  if (p.gated || (choice != nullptr && std::strcmp(choice, "sm90-wide") == 0)) return 256;
+  const int64_t tiles = ceil_div(p.m, int64_t(64)) * ceil_div(p.n, int64_t(256));
+  return 2 * tiles <= sm_count() ? 64 : 256;
+}
+
 template <typename T>
 cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream) {
-  using Cfg = LinearActSm90Config<T>;
-  LinearActMaps maps{};
-  if (!make_tensor_map_2d(&maps.x, p.x, p.m, p.k, p.x_row_stride, Cfg::kBlockM, Cfg::kBlockK)) {
-    return cudaErrorInvalidValue;
-  }
-  return launch_sm90<Cfg, false>(p, maps, Im2colGeometry{}, stream);
+  const auto launch = [&]<int kBlockN>() {
+    using Cfg = LinearActSm90Config<T, kBlockN>;
+    LinearActMaps maps{};
+    if (!make_tensor_map_2d(&maps.x, p.x, p.m, p.k, p.x_row_stride, Cfg::kBlockM, Cfg::kBlockK)) {
+      return cudaErrorInvalidValue;
+    }
+    return launch_sm90<Cfg, false>(p, maps, Im2colGeometry{}, stream);
+  };
+  return linear_act_sm90_block_n(p) == 64 ? launch.template operator()<64>() : launch.template operator()<256>();
 }
 
 // The implicit GEMM of a convolution (instantiated by csrc/conv/sm90/, so each family builds alone): p as for linear_act with m = batch * out_h * out_w output pixels, n the
@@ -460,7 +476,8 @@ cudaError_t launch_conv2d_sm90(const LinearActParams& p, const Im2colGeometry& g
 template <typename T>
 int linear_act_sm90_split_k(const LinearActParams& p) {
   using Cfg = LinearActSm90Config<T>;
-  const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, p.gated ? Cfg::kBlockN / 2 : Cfg::kBlockN);
+  const int block_n = linear_act_sm90_block_n(p);
+  const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, p.gated ? block_n / 2 : block_n);
   const int64_t sms = sm_count(), k_slices = ceil_div(p.k, Cfg::kBlockK);
   if (tiles == 0 || 2 * tiles > sms) return 1;
   return int(std::clamp<int64_t>(std::min(sms / tiles, k_slices / 4), 1, 16));
