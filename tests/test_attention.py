@@ -688,13 +688,16 @@ def test_gqa_backward_with_the_q_heads_split_or_not(case, split, monkeypatch):
 @pytest.mark.parametrize("case", [(2, 333, 336, 4, 4, 128, True, None), (1, 17, 1000, 4, 2, 64, False, None),
                                   (2, 300, 257, 8, 2, 128, False, (64, 16)), (1, 1, 5, 2, 1, 64, True, None),
                                   (3, 129, 129, 2, 2, 64, True, None), (1, 513, 704, 2, 1, 128, False, None),
-                                  (1, 300, 104, 2, 1, 128, False, (0, 0))], ids=str)
+                                  (1, 300, 104, 2, 1, 128, False, (0, 0)), (2, 33, 40, 4, 2, 128, True, None),
+                                  (1, 200, 64, 4, 1, 64, True, None)], ids=str)
 @pytest.mark.parametrize("bias_kind", [None, "float"], ids=["", "bias"])
 def test_warp_specialised_forward(case, bias_kind, dtype, monkeypatch):
     """FUSEDKERNELS_ATTENTION_KERNEL=sm90ws runs the warp-specialised Hopper forward (TMA producer, ping-pong
-    consumers) where it takes the call: odd and unequal lengths, GQA, causal, windows (the last: query tiles that
-    see no key), both head dims, with and without a bias (odd key counts: rows not 16-byte aligned take the plain
-    kernel); against the reference, and in several launches of the causal order too."""
+    consumers) where it takes the call: odd and unequal lengths, GQA, causal, windows (query tiles that see no key),
+    a tile whose second consumer has only rows past the end, key tiles shorter than one 64-key bias box, more
+    queries than keys under a causal mask, both head dims, with and without a bias (odd key counts: rows not
+    16-byte aligned take the plain kernel); against the reference, and in several launches of the causal order
+    too."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernels run on sm_90")
     monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "sm90ws")

@@ -27,9 +27,10 @@ struct FwdSm90WsConfig {
   // Q, two K and two V stages (and two bias stages), nine mbarriers (Q; K and V full and empty per stage), slack to
   // align the start to the 1024-byte swizzle period. hd128 with a bias: 224 KiB of Hopper's 227.
   static constexpr int smem_bytes(bool bias) { return kQBytes + 4 * kKVBytes + (bias ? 2 * kBiasBytes : 0) + 9 * 8 + 1024; }
-  // Registers: the producer keeps 24, the consumers take 240 (24 + 2 x 240 = 504 per lane of the 512 an SM has
-  // at one CTA of 384 threads).
+  // Registers: the producer keeps 24, the consumers take 240: 24 + 2 x 240 = 504 = 3 x 168 per lane, so the kernel
+  // must be compiled to 168 a thread at launch (its launch bounds give that; launch_fwd_sm90 checks it).
   static constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
+  static constexpr int kLaunchRegisters = (kProducerRegisters + kWarpgroups * kConsumerRegisters) / (kWarpgroups + 1);
 };
 
 // The kernel's parameters: the plain kernel's, tensor maps of q, k and v as [batch, heads, rows, head_dim] in boxes

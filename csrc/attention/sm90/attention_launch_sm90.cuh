@@ -62,14 +62,14 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   if (ws_forward_chosen()) {
     using WsCfg = FwdSm90WsConfig<T, kD>;
     static_assert(WsCfg::kBlockM == Cfg::kBlockM && WsCfg::smem_bytes(true) <= 227 * 1024);
+    constexpr auto kWs = attention_fwd_sm90_ws_kernel<WsCfg, false>;
+    constexpr auto kWsBias = attention_fwd_sm90_ws_kernel<WsCfg, true>;
+    const bool registers = kernel_registers<kWs>() == WsCfg::kLaunchRegisters &&
+                           kernel_registers<kWsBias>() == WsCfg::kLaunchRegisters;
     FwdWsParams w;
-    if (make_fwd_ws_params<WsCfg>(p, w)) {
-      if (p.bias != nullptr) {
-        return launch_fwd_tiles<attention_fwd_sm90_ws_kernel<WsCfg, true>, WsCfg::kThreads, WsCfg::smem_bytes(true)>(
-            w, tiles, stream);
-      }
-      return launch_fwd_tiles<attention_fwd_sm90_ws_kernel<WsCfg, false>, WsCfg::kThreads, WsCfg::smem_bytes(false)>(
-          w, tiles, stream);
+    if (registers && make_fwd_ws_params<WsCfg>(p, w)) {
+      if (p.bias != nullptr) return launch_fwd_tiles<kWsBias, WsCfg::kThreads, WsCfg::smem_bytes(true)>(w, tiles, stream);
+      return launch_fwd_tiles<kWs, WsCfg::kThreads, WsCfg::smem_bytes(false)>(w, tiles, stream);
     }
   }
   // The bias has its own instance: its loads and shared memory are not the plain kernel's to pay for.

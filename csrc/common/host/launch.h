@@ -88,6 +88,21 @@ bool has_image_for_current_device() {
   }) == 1;
 }
 
+// Registers per thread of the current device's image of Kernel (-1 without one). A warp-specialised kernel's
+// setmaxnreg split needs its launch value: a consumer's setmaxnreg.inc waits for registers the pool never had.
+template <auto Kernel>
+int kernel_registers() {
+  static std::atomic<int> cache[kMaxDevices];
+  return per_device(cache, current_device(), [] {
+    cudaFuncAttributes attributes;
+    if (cudaFuncGetAttributes(&attributes, Kernel) != cudaSuccess) {
+      cudaGetLastError();
+      return -1;
+    }
+    return attributes.numRegs;
+  });
+}
+
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool is_aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
