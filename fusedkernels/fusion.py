@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nn import (FusedAddLayerNorm, FusedAddRMSNorm, FusedBiasDropoutAddLayerNorm, FusedBiasDropoutAddRMSNorm,
@@ -148,8 +147,8 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False, lm_h
 
     Patterns (docs/fuse.md), by default in-place swaps of single modules: exactly nn.LayerNorm and nn.RMSNorm (class
     switch to FusedLayerNorm / FusedRMSNorm; subclasses are left); RMSNorms of Hugging Face's form, recognised by
-    structure (a 1-D `weight` and `variance_epsilon` or `eps`) and by the probe (FusedCastRMSNorm; Gemma's
-    (1 + weight) form is left: the norm op has no weight-offset option yet). With merge=True also the rewrites that
+    structure (a 1-D `weight` and `variance_epsilon` or `eps`) and by the probe (FusedCastRMSNorm in the cast order
+    the probe confirms, Gemma's (1 + weight) included). With merge=True also the rewrites that
     merge modules, which assume each container is called as a whole: MLP blocks (FusedMLP.from_module) and nn.Linear
     followed by nn.GELU / nn.ReLU / nn.SiLU in an nn.Sequential (FusedLinear, the activation's slot becomes
     nn.Identity, so a slice such as seq[:1] then includes the activation), and nn.Conv2d followed by nn.ReLU in an
@@ -606,10 +605,10 @@ def _hf_rms_eps(module: nn.Module) -> Optional[float]:
 
 class HFRMSNorm(Pattern):
     """A module holding only a 1-D `weight` and a float `variance_epsilon` or `eps` (Hugging Face's RMSNorms: Llama,
-    Mistral, Qwen2, T5's LayerNorm, Gemma's) -> FusedCastRMSNorm, cast="input" or "weight", whichever the probe
-    confirms, in the input's and in one other dtype (fp32 for a half-precision weight, else bf16) as the cast
-    order sets the output's dtype there, on rows out to ~1e3 (a clamp in the forward shows). The (1 + weight) form is
-    recognised and left."""
+    Mistral, Qwen2, T5's LayerNorm, Gemma's) -> FusedCastRMSNorm, cast="input", "weight" or "offset" (Gemma's
+    (1 + weight)), whichever the probe confirms, in the input's and in one other dtype (fp32 for a half-precision
+    weight, else bf16) as the cast order sets the output's dtype there, on rows out to ~1e3 (a clamp in the forward
+    shows)."""
 
     # what a Hugging Face RMSNorm's forward reads of itself; anything else (a scale, an offset set later) it would
     # not follow
@@ -632,30 +631,15 @@ class HFRMSNorm(Pattern):
                                                        f"which the fused norm would not follow")]
         weight = module.weight
         candidates = []
-        for cast in ("input", "weight"):
+        for cast in ("input", "weight", "offset"):
             fused = FusedCastRMSNorm(weight.shape[0], eps, cast, device="meta")
             fused.weight = weight
             fused.train(module.training)
             candidates.append(Candidate(fused, f"FusedCastRMSNorm(cast={cast!r})",
                                         lambda fused=fused: model.replace(module, fused)))
-        candidates.append(Candidate(_OffsetRMSNorm(weight, eps), "rms_norm * (1 + weight)", None,
-                                    "computes rms_norm(x) * (1 + weight) (Gemma's form): needs the weight-offset "
-                                    "option of the norm op, which it does not have yet"))
         other = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
         return [Rewrite(path, module, candidates, [module], _rows((weight.shape[0],), top=3), replaces=True,
                         dtypes=lambda d: (d, other.get(d, torch.bfloat16)), rows=True)]
-
-
-class _OffsetRMSNorm(nn.Module):
-    """The probe's model of Gemma's RMSNorm: float32 rms_norm times (1 + weight), cast to the input's dtype."""
-
-    def __init__(self, weight: nn.Parameter, eps: float) -> None:
-        super().__init__()
-        self.weight, self.eps = weight, eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps) * (1.0 + self.weight.float())
-        return y.to(x.dtype)
 
 
 # The activation modules a Linear fuses with, by what FusedLinear calls them.

@@ -197,7 +197,8 @@ def test_torch_norms_switch_class_in_place(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FUSE_DTYPES, ids=str)
-@pytest.mark.parametrize("norm_cls,cast", [(LlamaRMSNorm, "input"), (T5LayerNorm, "weight")], ids=["llama", "t5"])
+@pytest.mark.parametrize("norm_cls,cast", [(LlamaRMSNorm, "input"), (T5LayerNorm, "weight"), (GemmaRMSNorm, "offset")],
+                         ids=["llama", "t5", "gemma"])
 def test_hugging_face_rms_norms_by_structure(device, dtype, norm_cls, cast):
     model = _randomize(nn.Sequential(nn.Identity(), norm_cls(40, eps=1e-5))).to(device, dtype)
     before, weight = copy.deepcopy(model), model[1].weight
@@ -209,7 +210,7 @@ def test_hugging_face_rms_norms_by_structure(device, dtype, norm_cls, cast):
     _assert_same_computation(before, model, copy.deepcopy(before).double(), x, torch.randn_like(x))
 
 
-@pytest.mark.parametrize("norm_cls", [LlamaRMSNorm, T5LayerNorm], ids=["llama", "t5"])
+@pytest.mark.parametrize("norm_cls", [LlamaRMSNorm, T5LayerNorm, GemmaRMSNorm], ids=["llama", "t5", "gemma"])
 @pytest.mark.parametrize("weight_dtype,input_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
                                                       (torch.bfloat16, torch.float16)], ids=str)
 def test_hugging_face_norms_keep_their_dtype_rules(norm_cls, weight_dtype, input_dtype):
@@ -232,13 +233,25 @@ def test_fused_cast_rms_norm_module():
         fnn.FusedCastRMSNorm(16, cast="output")
 
 
-def test_gemma_norm_is_left_until_the_weight_offset_option():
-    model = _randomize(nn.Sequential(GemmaRMSNorm(32)))
-    report = fusedkernels.fuse(model)
-    (entry,) = report.entries
-    assert entry.status == "left" and entry.original == "GemmaRMSNorm"
-    assert "weight-offset" in entry.reason and "(1 + weight)" in entry.reason
-    assert type(model[0]) is GemmaRMSNorm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemma_norm_takes_the_offset_cast(dtype):
+    """Gemma's RMSNorm, rms_norm(x) * (1 + weight) in float32 cast back to x's dtype: FusedCastRMSNorm(cast="offset"),
+    the same weight object; outputs and gradients within the original's own error of float64."""
+    model = _randomize(nn.Sequential(GemmaRMSNorm(32))).to(dtype)
+    before, weight = copy.deepcopy(model), model[0].weight
+    (entry,) = fusedkernels.fuse(model).entries
+    assert entry.status == "swapped" and entry.fused == "FusedCastRMSNorm(cast='offset')", str(entry)
+    assert type(model[0]) is fnn.FusedCastRMSNorm and model[0].weight is weight
+    x = torch.randn(3, 5, 32).to(dtype)
+    dy = torch.randn(3, 5, 32).to(dtype)
+    results = []
+    for m, xx, dd in ((model, x, dy), (before, x, dy), (copy.deepcopy(before).double(), x.double(), dy.double())):
+        xx = xx.clone().requires_grad_()
+        y = m(xx)
+        results.append([y.detach(), *torch.autograd.grad(y, [xx, m[0].weight], dd)])
+    for name, ours, orig, ref in zip(["out", "dx", "dweight"], *results):
+        assert ours.dtype == orig.dtype
+        assert_close_to_ref(ours.double(), ref, orig.double(), name)
 
 
 class ScaledLayerNorm(nn.LayerNorm):
@@ -371,19 +384,21 @@ def test_mlp_blocks_need_merge_true(dtype):
 
 
 def test_idempotent_and_report():
-    model = _randomize(nn.Sequential(nn.LayerNorm(8), LlamaRMSNorm(8), nn.Linear(8, 8), nn.SiLU(), GemmaRMSNorm(8)))
+    model = _randomize(nn.Sequential(nn.LayerNorm(8), LlamaRMSNorm(8), nn.Linear(8, 8), nn.SiLU(), GemmaRMSNorm(8),
+                                     ScaledLayerNorm(8)))
     first = fusedkernels.fuse(model)
     assert [(e.path, e.status) for e in first.entries] == [("0", "swapped"), ("1", "swapped"), ("2", "left"),
-                                                           ("4", "left")]
+                                                           ("4", "swapped"), ("5", "left")]
     text = str(first)
-    assert text.startswith("fuse(Sequential): 2 swapped, 2 left, 0 already fused")
-    assert "swapped  1: LlamaRMSNorm -> FusedCastRMSNorm(cast='input')" in text and "left     4: GemmaRMSNorm" in text
+    assert text.startswith("fuse(Sequential): 3 swapped, 2 left, 0 already fused")
+    assert "swapped  1: LlamaRMSNorm -> FusedCastRMSNorm(cast='input')" in text
+    assert "swapped  4: GemmaRMSNorm -> FusedCastRMSNorm(cast='offset')" in text and "left     5: ScaledLayerNorm" in text
     assert "left     2: Linear + SiLU: merging the pair" in text
     second = fusedkernels.fuse(model, merge=True)
     assert _statuses(second)["2"] == ("swapped", "FusedLinear(activation='silu')")
     state, structure = copy.deepcopy(model.state_dict()), repr(model)
     third = fusedkernels.fuse(model, merge=True)
-    assert not third.swapped and len(third.already_fused) == 3 and len(third.left) == 1
+    assert not third.swapped and len(third.already_fused) == 4 and len(third.left) == 1
     assert repr(model) == structure and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert "already  2: FusedLinear" in str(third)
 
@@ -624,7 +639,7 @@ def _tiny(config_name, **extra):
 @pytest.mark.parametrize("config_name,norms_fused", [("LlamaConfig", "FusedCastRMSNorm(cast='input')"),
                                                      ("MistralConfig", "FusedCastRMSNorm(cast='input')"),
                                                      ("Qwen2Config", "FusedCastRMSNorm(cast='input')"),
-                                                     ("GemmaConfig", None),
+                                                     ("GemmaConfig", "FusedCastRMSNorm(cast='offset')"),
                                                      ("BertConfig", "FusedLayerNorm"),
                                                      ("T5Config", "FusedCastRMSNorm(cast='weight')")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -641,10 +656,7 @@ def test_transformers_models(device, config_name, norms_fused, dtype, merge):
     assert list(model.state_dict()) == keys
     norms = [e for e in report.entries if "Norm" in e.original]
     assert norms, str(report)
-    if norms_fused is None:  # Gemma: (1 + weight)
-        assert all(e.status == "left" and "weight-offset" in e.reason for e in norms), str(report)
-    else:
-        assert all(e.status == "swapped" and e.fused == norms_fused for e in norms), str(report)
+    assert all(e.status == "swapped" and e.fused == norms_fused for e in norms), str(report)
     if merge and config_name in ("LlamaConfig", "MistralConfig", "Qwen2Config", "GemmaConfig"):
         assert sum(e.fused.startswith("FusedMLP") for e in report.swapped) == 2, str(report)
     ids = torch.randint(0, 64, (2, 9), device=device)

@@ -38,7 +38,7 @@ class FusedRMSNorm(nn.RMSNorm):
         return ops._rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
-_CASTS = ("input", "weight")
+_CASTS = ("input", "weight", "offset")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -51,13 +51,17 @@ class FusedCastRMSNorm(nn.Module):
     cast="weight" (T5LayerNorm):
         weight * rms_norm(x in float32 at least), cast to weight's dtype first when it is float16 / bfloat16
                                                                dtype: weight's if half, else promote(x, float32, weight)
+    cast="offset" (Gemma's RMSNorm, whose weight starts at zero):
+        (rms_norm(x in float32) * (1 + weight in float32)).to(x.dtype)      dtype: x's
 
     Where x and weight share a dtype (a model in one dtype) the weight multiply runs inside the kernel, in float32:
     one rounding where the original rounds twice, so the result is within the original's own rounding error and
     closer to the exact one. Other dtype pairs (a float32 weight under bfloat16 autocast) normalise in the kernel and
-    multiply afterwards, exactly as the original. State: `weight` [hidden_size] only, the original's key.
+    multiply afterwards, exactly as the original. "offset" hands the kernel 1 + weight in float32 (a [hidden_size]
+    op a call), which it multiplies in float32 before its one rounding, as Gemma's. State: `weight` [hidden_size]
+    only, the original's key.
 
-    Raises ValueError for a cast other than "input" or "weight".
+    Raises ValueError for a cast other than "input", "weight" or "offset".
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, cast: str = "input", device=None, dtype=None) -> None:
@@ -69,6 +73,8 @@ class FusedCastRMSNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         weight, shape = self.weight, (self.weight.shape[-1],)
+        if self.cast == "offset":
+            return ops._rms_norm(input, shape, 1.0 + weight.float(), self.eps)
         if input.dtype == weight.dtype:
             return ops._rms_norm(input, shape, weight, self.eps)
         if self.cast == "input":
