@@ -223,6 +223,69 @@ def _opcheck(device, dtype):
     for save in (True, False):
         torch.library.opcheck(ops.linear_act_fwd, (x, w, b, 3, r, save))
         torch.library.opcheck(ops.linear_act_fwd, (strided, w.detach(), None, 5, None, save))
+    z, dy = (torch.randn(2, 9, 40, device=device).to(dtype) for _ in range(2))
+    for activation in range(1, len(ACTIVATIONS)):
+        torch.library.opcheck(ops.act_backward, (dy, z, activation))
+
+
+def _act_dz(dy, z, activation):
+    """d act(z) / dz times dy by autograd through the plain formula, in z's dtype."""
+    z = z.detach().requires_grad_()
+    return torch.autograd.grad(PLAIN[activation](z), z, dy)[0]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_bias_gradient_comes_from_the_activation_backward_pass(device):
+    """With a bias and an activation, the first-order backward takes dz and dbias from one op, act_backward (one
+    kernel on CUDA), not the activation's backward and a separate sum; the gradients are the reference's."""
+    if not _native.has_op("act_backward"):
+        pytest.skip("needs the native gemm ops")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, w, b, _ = _inputs((3, 7), 32, 48, dtype=dtype, device=device)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    out = fops.linear_act(x, w, b, "gelu")
+    dy = torch.randn_like(out)
+    with torch.profiler.profile() as prof:
+        ours = torch.autograd.grad(out, (x, w, b), dy)
+    names = {e.name for e in prof.events()}
+    assert "fusedkernels::act_backward" in names, sorted(n for n in names if "fusedkernels" in n)
+    f32 = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    ref = torch.autograd.grad(linear_act_ref(*f32, "gelu"), f32, dy.float())
+    lowp = torch.autograd.grad(linear_act_ref(x, w, b, "gelu"), (x, w, b), dy)
+    for name, o, r, t in zip(["dx", "dw", "db"], ours, ref, lowp):
+        assert o.dtype == t.dtype
+        assert_close_to_ref(o.float(), r, t.float(), name, floor=torch.finfo(dtype).eps)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a != "none"])
+@pytest.mark.parametrize("shape", [((17,), 24), ((2, 333), 136), ((3, 5, 7), 8), ((4099,), 264), ((1,), 4096)],
+                         ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "broadcast"])
+def test_kernel_act_backward(shape, activation, dtype, layout):
+    """dz = dy * act'(z) and dbias = its column sums in one kernel, against autograd of the formula in fp32, as close
+    as PyTorch's own in the inputs' dtype; a strided or a broadcast dy reads right, dz is contiguous, every element
+    of dz and dbias written; odd row counts, more rows than the chunks, one row."""
+    lead, n = shape
+    z = (torch.randn(*lead, n, device="cuda") * 2).to(dtype)
+    dy = torch.randn(*lead, n, device="cuda").to(dtype)
+    if layout == "strided":
+        dy = torch.randn(*lead, 2 * n, device="cuda").to(dtype)[..., ::2]
+    elif layout == "broadcast":
+        dy = torch.randn(n, device="cuda").to(dtype).expand(*lead, n)
+    poison_allocator(z)
+    dz, dbias = torch.ops.fusedkernels.act_backward(dy, z, ACTIVATIONS.index(activation))
+    assert dz.dtype == dbias.dtype == dtype and dz.shape == z.shape and dz.is_contiguous() and dbias.shape == (n,)
+    ref = _act_dz(dy.float(), z.float(), activation)
+    lowp = _act_dz(dy, z, activation)
+    assert_close_to_ref(dz.float(), ref, lowp.float(), "dz", floor=torch.finfo(dtype).eps)
+    # dbias: the sum of dz as stored (as torch sums its rounded dz), in float32, rounded once
+    assert_close_to_ref(dbias.float(), dz.float().reshape(-1, n).sum(0), lowp.reshape(-1, n).sum(0).float(), "dbias",
+                        floor=torch.finfo(dtype).eps)
 
 
 def test_torch_compile_fullgraph_matches_eager():

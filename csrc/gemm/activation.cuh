@@ -37,4 +37,33 @@ __device__ __forceinline__ float activate(float z) {
   return z;
 }
 
+// act(g) and act'(g) in fp32, PyTorch's definitions, for the backward passes (gated_backward.cu,
+// act_backward.cu): exact erf and tanh, since those passes are bound by memory.
+template <Activation kAct>
+__device__ __forceinline__ void activation_and_slope(float g, float& act, float& slope) {
+  if constexpr (kAct == Activation::kSilu) {
+    const float s = 1.0f / (1.0f + __expf(-g));
+    act = g * s;
+    slope = s * fmaf(g, 1.0f - s, 1.0f);
+  } else if constexpr (kAct == Activation::kGelu) {  // g Φ(g): Φ(g) + g φ(g)
+    const float cdf = 0.5f * (1.0f + erff(g * 0.70710678118654752f));
+    act = g * cdf;
+    slope = fmaf(g * 0.39894228040143268f, __expf(-0.5f * g * g), cdf);
+  } else if constexpr (kAct == Activation::kGeluTanh) {  // g (1 + tanh(u)) / 2, u = √(2/π) (g + 0.044715 g³)
+    const float t = tanhf(0.79788456080286536f * fmaf(0.044715f * g, g * g, g));
+    act = 0.5f * g * (1.0f + t);
+    slope = fmaf(0.5f * g * (1.0f - t * t), 0.79788456080286536f * fmaf(0.134145f * g, g, 1.0f), 0.5f * (1.0f + t));
+  } else if constexpr (kAct == Activation::kSquaredRelu) {  // relu(g)^2: 2 relu(g)
+    const float r = fmaxf(g, 0.0f);
+    act = r * r;
+    slope = 2.0f * r;
+  } else if constexpr (kAct == Activation::kRelu) {  // torch's threshold_backward passes the gradient where g > 0
+    act = fmaxf(g, 0.0f);
+    slope = g > 0.0f ? 1.0f : 0.0f;
+  } else {
+    act = g;
+    slope = 1.0f;
+  }
+}
+
 }  // namespace fusedkernels::gemm

@@ -5,31 +5,11 @@
 #include "common/device/vec.cuh"
 #include "common/host/launch.h"
 #include "common/host/static_switch.h"
+#include "gemm/activation.cuh"
 #include "gemm/gemm.h"
 
 namespace fusedkernels::gemm {
 namespace {
-
-// act(g) and act'(g) in fp32, PyTorch's definitions (exact erf and tanh: this pass is bound by memory).
-template <Activation kAct>
-__device__ __forceinline__ void activation_and_slope(float g, float& act, float& slope) {
-  if constexpr (kAct == Activation::kSilu) {
-    const float s = 1.0f / (1.0f + __expf(-g));
-    act = g * s;
-    slope = s * fmaf(g, 1.0f - s, 1.0f);
-  } else if constexpr (kAct == Activation::kGelu) {  // g Φ(g): Φ(g) + g φ(g)
-    const float cdf = 0.5f * (1.0f + erff(g * 0.70710678118654752f));
-    act = g * cdf;
-    slope = fmaf(g * 0.39894228040143268f, __expf(-0.5f * g * g), cdf);
-  } else if constexpr (kAct == Activation::kGeluTanh) {  // g (1 + tanh(u)) / 2, u = √(2/π) (g + 0.044715 g³)
-    const float t = tanhf(0.79788456080286536f * fmaf(0.044715f * g, g * g, g));
-    act = 0.5f * g * (1.0f + t);
-    slope = fmaf(0.5f * g * (1.0f - t * t), 0.79788456080286536f * fmaf(0.134145f * g, g, 1.0f), 0.5f * (1.0f + t));
-  } else {  // relu: torch's threshold_backward passes the gradient where g > 0
-    act = fmaxf(g, 0.0f);
-    slope = g > 0.0f ? 1.0f : 0.0f;
-  }
-}
 
 template <typename T, Activation kAct>
 __global__ void gated_backward_kernel(const GatedBackwardParams p) {

@@ -88,4 +88,24 @@ struct GatedBackwardParams {
 bool gated_backward_supported(const GatedBackwardParams& p);
 cudaError_t gated_backward(const GatedBackwardParams& p, cudaStream_t stream);
 
+// The activation's backward with the bias gradient in the same pass: dz = dy * act'(z) over [rows, n] (z the saved
+// pre-activation; fp32 arithmetic, one rounding), and, where dbias is set, dbias = the column sums of dz (float32
+// sums, rounded once to the dtype): dy and z are read once, dz written once, instead of a second pass over dz for
+// the sum. Column sums go through `partials` (act_backward_partials(p) floats), in a fixed order: deterministic.
+struct ActBackwardParams {
+  DType dtype;
+  int64_t rows = 0, n = 0;
+  const void* dy = nullptr;
+  int64_t dy_row_stride = 0;
+  const void* z = nullptr;
+  int64_t z_row_stride = 0;
+  void* dz = nullptr;  // [rows, n], contiguous
+  void* dbias = nullptr;  // [n] in dtype, or nullptr
+  float* partials = nullptr;
+  Activation activation = Activation::kRelu;
+};
+bool act_backward_supported(const ActBackwardParams& p);
+int64_t act_backward_partials(const ActBackwardParams& p);
+cudaError_t act_backward(const ActBackwardParams& p, cudaStream_t stream);
+
 }  // namespace fusedkernels::gemm

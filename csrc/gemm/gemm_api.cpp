@@ -23,6 +23,9 @@ std::tuple<at::Tensor, at::Tensor> linear_act_reference(const at::Tensor& x, con
 
 // Defined in gemm_ops.cpp (gated_backward's CPU kernel): dz of the gated form in PyTorch ops.
 at::Tensor gated_backward_reference(const at::Tensor& dy, const at::Tensor& z, Activation activation);
+// Defined in gemm_ops.cpp (act_backward's CPU kernel): dz and dbias of the plain form in PyTorch ops.
+std::tuple<at::Tensor, at::Tensor> act_backward_reference(const at::Tensor& dy, const at::Tensor& z,
+                                                          Activation activation);
 
 namespace {
 
@@ -182,12 +185,46 @@ void gated_backward_inplace_cuda(const Tensor& dy, const Tensor& z, int64_t acti
   if (!launch_gated_backward(dy, z, z, act)) z.copy_(gated_backward_reference(dy, z, act));
 }
 
+// act_backward's CUDA kernel: dz and dbias in one pass (gemm::act_backward) where the layouts allow (the
+// forward's pre-activation is contiguous and aligned; dy as the next op hands it), else the reference.
+std::tuple<Tensor, Tensor> act_backward_cuda(const Tensor& dy, const Tensor& z, int64_t activation) {
+  const Activation act = static_cast<Activation>(activation);
+  TORCH_CHECK(z.dim() >= 1 && dy.sizes() == z.sizes(), "act_backward: dy and pre_activation must be one shape, got ",
+              shape(dy), " and ", shape(z));
+  const c10::cuda::CUDAGuard guard(z.device());
+  const int64_t n = z.size(-1);
+  Tensor dz = at::empty(z.sizes(), z.options()), dbias = at::empty({n}, z.options());
+  if (dy.scalar_type() == z.scalar_type() && z.numel() > 0) {
+    const Tensor dy_rows = as_rows(dy, n), z_rows = as_rows(z, n);
+    ActBackwardParams p;
+    p.dtype = to_dtype(z.scalar_type());
+    p.rows = z_rows.size(0);
+    p.n = n;
+    p.dy = dy_rows.data_ptr();
+    p.dy_row_stride = row_stride(dy_rows);
+    p.z = z_rows.data_ptr();
+    p.z_row_stride = row_stride(z_rows);
+    p.dz = dz.data_ptr();
+    p.dbias = dbias.data_ptr();
+    p.activation = act;
+    // (a workspace from the caching allocator: graph-capture safe)
+    const Tensor partials = at::empty({std::max<int64_t>(act_backward_partials(p), 1)}, z.options().dtype(at::kFloat));
+    p.partials = partials.data_ptr<float>();
+    if (act_backward_supported(p)) {
+      check_launch(act_backward(p, c10::cuda::getCurrentCUDAStream()), "act_backward");
+      return {dz, dbias};
+    }
+  }
+  return act_backward_reference(dy, z, act);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
   m.impl("linear_act_fwd", &linear_act_fwd_cuda);
   m.impl("gated_backward", &gated_backward_cuda);
   m.impl("gated_backward_", &gated_backward_inplace_cuda);
+  m.impl("act_backward", &act_backward_cuda);
 }
 
 }  // namespace fusedkernels::gemm

@@ -45,6 +45,10 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   m.def("gated_backward(Tensor dy, Tensor pre_activation, int activation) -> Tensor");
   // The same, dz written over pre_activation (contiguous): the backward's when nothing else can see that buffer.
   m.def("gated_backward_(Tensor dy, Tensor(a!) pre_activation, int activation) -> ()");
+  // Internal, the plain form's first-order backward with the bias gradient: dy and pre_activation [..., N] ->
+  // dz = dy * act'(pre_activation) (contiguous, pre_activation's shape) and dbias = the sum of dz over every
+  // dimension but the last ([N], dz's dtype), in one pass. activation: the gemm::Activation value.
+  m.def("act_backward(Tensor dy, Tensor pre_activation, int activation) -> (Tensor dz, Tensor dbias)");
 }
 
 namespace fusedkernels::gemm {
@@ -305,6 +309,13 @@ Tensor gated_backward_reference(const Tensor& dy, const Tensor& z, Activation ac
                  -1);
 }
 
+// The plain form's dz = dy * act'(z) and dbias = the sum of dz over its rows, in PyTorch ops: act_backward's CPU
+// kernel and the CUDA one's fallback.
+std::tuple<Tensor, Tensor> act_backward_reference(const Tensor& dy, const Tensor& z, Activation activation) {
+  const Tensor dz = activation_backward(dy, z, activation).contiguous();
+  return {dz, dz.reshape({-1, dz.size(-1)}).sum(0)};
+}
+
 namespace {
 
 using GatedBackward = Tensor(const Tensor&, const Tensor&, int64_t);
@@ -355,6 +366,22 @@ Tensor gated_backward_meta(const Tensor& dy, const Tensor& z, int64_t activation
   return at::empty_symint(z.sym_sizes(), z.options());
 }
 
+std::tuple<Tensor, Tensor> act_backward_cpu(const Tensor& dy, const Tensor& z, int64_t activation) {
+  return act_backward_reference(dy, z, activation_of(activation, "act_backward"));
+}
+
+std::tuple<Tensor, Tensor> act_backward_meta(const Tensor& dy, const Tensor& z, int64_t activation) {
+  activation_of(activation, "act_backward");
+  return {at::empty_symint(z.sym_sizes(), z.options()), at::empty_symint({z.sym_size(-1)}, z.options())};
+}
+
+using ActBackward = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t);
+
+const c10::TypedOperatorHandle<ActBackward>& act_backward_op() {
+  static const auto op = find_op<ActBackward>("fusedkernels::act_backward");
+  return op;
+}
+
 // [..., C] -> [rows, C] (a 1-D tensor is one row); reshape, which autograd's batched gradients
 // (is_grads_batched) have a rule for, where flatten has none
 Tensor as_rows(const Tensor& t) {
@@ -391,17 +418,21 @@ struct LinearActBackward : torch::autograd::Node {
         z = at::GradMode::is_enabled() ? Tensor() : pre_activation.unpack();
         if (!z.defined()) z = at::linear(x_, w, has_bias ? OptTensor(bias.unpack()) : std::nullopt);
       }
-      Tensor dz;
+      Tensor dz, dbias;
       if (gated && !at::GradMode::is_enabled() && reusable_pre_activation(pre_activation, z, dy)) {
         gated_backward_inplace_op().call(dy, z, static_cast<int64_t>(activation));
         dz = z;
+      } else if (!gated && want_b && activation != Activation::kNone && !at::GradMode::is_enabled() &&
+                 plain_tensor(dy) && plain_tensor(z)) {
+        // the bias gradient in the activation's backward pass (a batched or traced backward takes ATen's ops)
+        std::tie(dz, dbias) = act_backward_op().call(dy, z, static_cast<int64_t>(activation));
       } else {
         dz = gated ? gated_backward(dy, z, activation) : activation_backward(dy, z, activation);
       }
       if (want_x) out[0] = at::matmul(dz, w);
       const Tensor dz_rows = as_rows(dz);
       if (want_w) out[1] = dz_rows.t().mm(as_rows(x_));
-      if (want_b) out[2] = dz_rows.sum(0);
+      if (want_b) out[2] = dbias.defined() ? dbias : dz_rows.sum(0);
     }
     if (task_should_compute_output(3)) out[3] = dy;
     return out;
@@ -506,12 +537,14 @@ TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
   m.impl("linear_act_fwd", &linear_act_fwd_cpu);
   m.impl("gated_backward", &gated_backward_cpu);
   m.impl("gated_backward_", &gated_backward_inplace_cpu);
+  m.impl("act_backward", &act_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
   m.impl("linear_act_fwd", &linear_act_fwd_meta);
   m.impl("gated_backward", &gated_backward_meta);
   m.impl("gated_backward_", &gated_backward_inplace_meta);
+  m.impl("act_backward", &act_backward_meta);
 }
 
 }  // namespace fusedkernels::gemm
