@@ -224,8 +224,21 @@ def _opcheck(device, dtype):
         torch.library.opcheck(ops.linear_act_fwd, (x, w, b, 3, r, save))
         torch.library.opcheck(ops.linear_act_fwd, (strided, w.detach(), None, 5, None, save))
     z, dy = (torch.randn(2, 9, 40, device=device).to(dtype) for _ in range(2))
-    for activation in range(1, len(ACTIVATIONS)):
+    for activation in range(len(ACTIVATIONS)):  # (none too: new outputs, not dy)
         torch.library.opcheck(ops.act_backward, (dy, z, activation))
+
+
+def test_act_backward_edges_cpu():
+    """act_backward's reference: no out_features (the public op's backward reaches it on CPU), outputs in
+    pre_activation's dtype whatever dy's, as its Meta kernel says."""
+    if not _native.has_op("act_backward"):
+        pytest.skip("needs the custom ops")
+    x, w, b = torch.randn(4, 8, requires_grad=True), torch.randn(0, 8, requires_grad=True), torch.randn(0, requires_grad=True)
+    out = fops.linear_act(x, w, b, "relu")
+    dx, dw, db = torch.autograd.grad(out, (x, w, b), torch.randn_like(out))
+    assert dx.shape == x.shape and not dx.any() and dw.shape == w.shape and db.shape == b.shape
+    dz, dbias = torch.ops.fusedkernels.act_backward(torch.randn(3, 8), torch.randn(3, 8).bfloat16(), 2)
+    assert dz.dtype == dbias.dtype == torch.bfloat16
 
 
 def _act_dz(dy, z, activation):
@@ -257,6 +270,22 @@ def test_bias_gradient_comes_from_the_activation_backward_pass(device):
     for name, o, r, t in zip(["dx", "dw", "db"], ours, ref, lowp):
         assert o.dtype == t.dtype
         assert_close_to_ref(o.float(), r, t.float(), name, floor=torch.finfo(dtype).eps)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_kernel_relu_backward_selects_as_torch(dtype):
+    """relu's backward is a select (threshold_backward): an inf gradient where z <= 0 (an fp16 overflow under a
+    loss scale) gives 0, not NaN; z == 0 passes nothing; in the gated pass too."""
+    z = torch.tensor([[-1.0, 0.0, 2.0, 3.0] * 4] * 3, device="cuda").to(dtype)
+    dy = torch.tensor([[float("inf"), float("inf"), 1.0, -2.0] * 4] * 3, device="cuda").to(dtype)
+    dz, dbias = torch.ops.fusedkernels.act_backward(dy, z, ACTIVATIONS.index("relu"))
+    want = torch.ops.aten.threshold_backward(dy, z, 0)
+    assert torch.equal(dz, want) and torch.equal(dbias, want.float().sum(0).to(dtype))
+    zz = torch.cat([z, torch.ones_like(z)], -1)
+    dg = torch.ops.fusedkernels.gated_backward(dy, zz, ACTIVATIONS.index("relu"))
+    assert torch.equal(dg[..., :16], want)
 
 
 @pytest.mark.cuda

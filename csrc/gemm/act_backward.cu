@@ -45,7 +45,8 @@ __global__ void __launch_bounds__(kLanes * kWarps) act_backward_kernel(const Act
       for (int j = 0; j < kVec; ++j) {
         float act, slope;
         activation_and_slope<kAct>(g.get(j), act, slope);
-        out.set(j, d.get(j) * slope);
+        // relu: a select, as torch's threshold_backward (an inf / NaN gradient where z <= 0 gives 0, not NaN)
+        out.set(j, kAct == Activation::kRelu ? (slope != 0.0f ? d.get(j) : 0.0f) : d.get(j) * slope);
         if constexpr (kBias) sum[j] += out.get(j);  // the sum of dz as stored, as torch sums the rounded dz
       }
       out.store(dz + row * p.n + col);

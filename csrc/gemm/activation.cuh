@@ -57,9 +57,9 @@ __device__ __forceinline__ void activation_and_slope(float g, float& act, float&
     const float r = fmaxf(g, 0.0f);
     act = r * r;
     slope = 2.0f * r;
-  } else if constexpr (kAct == Activation::kRelu) {  // torch's threshold_backward passes the gradient where g > 0
+  } else if constexpr (kAct == Activation::kRelu) {  // torch's threshold_backward: the gradient unless g <= 0
     act = fmaxf(g, 0.0f);
-    slope = g > 0.0f ? 1.0f : 0.0f;
+    slope = g <= 0.0f ? 0.0f : 1.0f;
   } else {
     act = g;
     slope = 1.0f;

@@ -29,7 +29,8 @@ __global__ void gated_backward_kernel(const GatedBackwardParams p) {
       float act, slope;
       activation_and_slope<kAct>(gate.get(j), act, slope);
       const float g = d.get(j);
-      dgate.set(j, g * up.get(j) * slope);
+      // relu: a select, as torch's threshold_backward
+      dgate.set(j, kAct == Activation::kRelu ? (slope != 0.0f ? g * up.get(j) : 0.0f) : g * up.get(j) * slope);
       dup.set(j, g * act);
     }
     T* out = dz + row * 2 * p.n;

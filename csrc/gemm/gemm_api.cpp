@@ -188,13 +188,18 @@ void gated_backward_inplace_cuda(const Tensor& dy, const Tensor& z, int64_t acti
 // act_backward's CUDA kernel: dz and dbias in one pass (gemm::act_backward) where the layouts allow (the
 // forward's pre-activation is contiguous and aligned; dy as the next op hands it), else the reference.
 std::tuple<Tensor, Tensor> act_backward_cuda(const Tensor& dy, const Tensor& z, int64_t activation) {
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= static_cast<int64_t>(Activation::kSquaredRelu),
+                    "act_backward: unknown activation ", activation);
   const Activation act = static_cast<Activation>(activation);
   TORCH_CHECK(z.dim() >= 1 && dy.sizes() == z.sizes(), "act_backward: dy and pre_activation must be one shape, got ",
               shape(dy), " and ", shape(z));
+  TORCH_CHECK(dy.device() == z.device(), "act_backward: dy is on ", dy.device().str(), " but pre_activation on ",
+              z.device().str());
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t n = z.size(-1);
   Tensor dz = at::empty(z.sizes(), z.options()), dbias = at::empty({n}, z.options());
-  if (dy.scalar_type() == z.scalar_type() && z.numel() > 0) {
+  const bool half = z.scalar_type() == at::kHalf || z.scalar_type() == at::kBFloat16;
+  if (half && dy.scalar_type() == z.scalar_type() && z.numel() > 0 && act != Activation::kNone) {
     const Tensor dy_rows = as_rows(dy, n), z_rows = as_rows(z, n);
     ActBackwardParams p;
     p.dtype = to_dtype(z.scalar_type());

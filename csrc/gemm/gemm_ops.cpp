@@ -312,8 +312,11 @@ Tensor gated_backward_reference(const Tensor& dy, const Tensor& z, Activation ac
 // The plain form's dz = dy * act'(z) and dbias = the sum of dz over its rows, in PyTorch ops: act_backward's CPU
 // kernel and the CUDA one's fallback.
 std::tuple<Tensor, Tensor> act_backward_reference(const Tensor& dy, const Tensor& z, Activation activation) {
-  const Tensor dz = activation_backward(dy, z, activation).contiguous();
-  return {dz, dz.reshape({-1, dz.size(-1)}).sum(0)};
+  // new tensors in z's dtype, as the schema and the kernel give (act none would hand dy itself back)
+  Tensor dz = activation_backward(dy, z, activation).to(z.scalar_type());
+  dz = dz.is_same(dy) ? dz.clone(at::MemoryFormat::Contiguous) : dz.contiguous();
+  const int64_t rows = c10::multiply_integers(dz.sizes().begin(), dz.sizes().end() - 1);  // (out_features 0 too)
+  return {dz, dz.reshape({rows, dz.size(-1)}).sum(0)};
 }
 
 namespace {
