@@ -305,19 +305,15 @@ class _Model:
         dtype, device = floating[0].dtype, floating[0].device
         failures = []
         with _rng_kept(device):
-            try:
-                random = _random_output(rewrite, dtype, device)
-            except Exception:  # noqa: BLE001 - the probe below reports the original's own error
-                random = None
-            if random is not None:
-                return left(random)
-            if not rewrite.follows_training_flag:
+            # one output to match: none where the output is random, or follows the training flag the fused
+            # module would not
+            for check in (_random_output, None if rewrite.follows_training_flag else _training_flag_matters):
                 try:
-                    flagged = _training_flag_matters(rewrite, dtype, device)
+                    why = check(rewrite, dtype, device) if check is not None else None
                 except Exception:  # noqa: BLE001 - the probe below reports the original's own error
-                    flagged = None
-                if flagged is not None:
-                    return left(flagged)
+                    why = None
+                if why is not None:
+                    return left(why)
             for candidate in rewrite.candidates:
                 try:
                     failure, notes = _probe(rewrite, candidate, rewrite.dtypes(dtype), device, self.inference)

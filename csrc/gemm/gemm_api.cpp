@@ -147,11 +147,11 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& x, const Tensor& we
 // dz of the gated form into dz (z itself for gated_backward_) by one pass (gemm::gated_backward); false where
 // the layouts do not allow it (a fallback the forward's kernel never causes: its pre-activation is contiguous and
 // aligned), for the reference.
-bool launch_gated_backward(const Tensor& dy, const Tensor& z, const Tensor& dz, Activation act) {
-  const int64_t n = z.size(-1) / 2;
-  if (dy.scalar_type() != z.scalar_type() || dy.numel() * 2 != z.numel() || z.numel() == 0) return false;
-  const Tensor dy_rows = as_rows(dy, n), z_rows = as_rows(z, 2 * n);
-  GatedBackwardParams p;
+// What the backward passes' params share: dy [rows, n] and z [rows, z_cols] as the kernels read them, dz.
+template <typename Params>
+Params rows_params(const Tensor& dy, const Tensor& z, const Tensor& dz, int64_t n, int64_t z_cols, Activation act) {
+  const Tensor dy_rows = as_rows(dy, n), z_rows = as_rows(z, z_cols);
+  Params p;
   p.dtype = to_dtype(z.scalar_type());
   p.rows = z_rows.size(0);
   p.n = n;
@@ -161,6 +161,13 @@ bool launch_gated_backward(const Tensor& dy, const Tensor& z, const Tensor& dz, 
   p.z_row_stride = row_stride(z_rows);
   p.dz = dz.data_ptr();
   p.activation = act;
+  return p;
+}
+
+bool launch_gated_backward(const Tensor& dy, const Tensor& z, const Tensor& dz, Activation act) {
+  const int64_t n = z.size(-1) / 2;
+  if (dy.scalar_type() != z.scalar_type() || dy.numel() * 2 != z.numel() || z.numel() == 0) return false;
+  const GatedBackwardParams p = rows_params<GatedBackwardParams>(dy, z, dz, n, 2 * n, act);
   if (!gated_backward_supported(p)) return false;
   check_launch(gated_backward(p, c10::cuda::getCurrentCUDAStream()), "gated_backward");
   return true;
@@ -200,18 +207,8 @@ std::tuple<Tensor, Tensor> act_backward_cuda(const Tensor& dy, const Tensor& z, 
   Tensor dz = at::empty(z.sizes(), z.options()), dbias = at::empty({n}, z.options());
   const bool half = z.scalar_type() == at::kHalf || z.scalar_type() == at::kBFloat16;
   if (half && dy.scalar_type() == z.scalar_type() && z.numel() > 0 && act != Activation::kNone) {
-    const Tensor dy_rows = as_rows(dy, n), z_rows = as_rows(z, n);
-    ActBackwardParams p;
-    p.dtype = to_dtype(z.scalar_type());
-    p.rows = z_rows.size(0);
-    p.n = n;
-    p.dy = dy_rows.data_ptr();
-    p.dy_row_stride = row_stride(dy_rows);
-    p.z = z_rows.data_ptr();
-    p.z_row_stride = row_stride(z_rows);
-    p.dz = dz.data_ptr();
+    ActBackwardParams p = rows_params<ActBackwardParams>(dy, z, dz, n, n, act);
     p.dbias = dbias.data_ptr();
-    p.activation = act;
     // (a workspace from the caching allocator: graph-capture safe)
     const Tensor partials = at::empty({std::max<int64_t>(act_backward_partials(p), 1)}, z.options().dtype(at::kFloat));
     p.partials = partials.data_ptr<float>();
