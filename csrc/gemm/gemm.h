@@ -72,10 +72,9 @@ int linear_act_split_k(const LinearActParams& p);
 // went well).
 cudaError_t linear_act(const LinearActParams& p, cudaStream_t stream);
 
-// The gated form's backward as one elementwise pass (gated_backward.cu): z = gate | up [rows, 2n] (the saved
-// pre-activation), dy [rows, n]; writes dz = (dy * up * act'(gate)) | (dy * act(gate)) into a contiguous
-// [rows, 2n]. fp16 / bf16, n a multiple of 8, 16-byte aligned data and row strides (gated_backward_supported).
-struct GatedBackwardParams {
+// The backward passes between the gradient GEMMs read dy and the saved pre-activation z as rows and write dz,
+// contiguous; fp16 / bf16, n a multiple of 8, 16-byte aligned data and row strides.
+struct BackwardRows {
   DType dtype;
   int64_t rows = 0, n = 0;
   const void* dy = nullptr;
@@ -83,26 +82,23 @@ struct GatedBackwardParams {
   const void* z = nullptr;
   int64_t z_row_stride = 0;
   void* dz = nullptr;
-  Activation activation = Activation::kSilu;  // the gate's: silu, gelu, gelu_tanh or relu
+  Activation activation = Activation::kRelu;
 };
+
+// The gated form's backward as one elementwise pass (gated_backward.cu): z = gate | up [rows, 2n], dy [rows, n];
+// writes dz = (dy * up * act'(gate)) | (dy * act(gate)) into [rows, 2n]. activation: the gate's (silu, gelu,
+// gelu_tanh or relu; gated_backward_supported).
+struct GatedBackwardParams : BackwardRows {};
 bool gated_backward_supported(const GatedBackwardParams& p);
 cudaError_t gated_backward(const GatedBackwardParams& p, cudaStream_t stream);
 
-// The activation's backward with the bias gradient in the same pass: dz = dy * act'(z) over [rows, n] (z the saved
-// pre-activation; fp32 arithmetic, one rounding), and, where dbias is set, dbias = the column sums of dz (float32
-// sums, rounded once to the dtype): dy and z are read once, dz written once, instead of a second pass over dz for
-// the sum. Column sums go through `partials` (act_backward_partials(p) floats), in a fixed order: deterministic.
-struct ActBackwardParams {
-  DType dtype;
-  int64_t rows = 0, n = 0;
-  const void* dy = nullptr;
-  int64_t dy_row_stride = 0;
-  const void* z = nullptr;
-  int64_t z_row_stride = 0;
-  void* dz = nullptr;  // [rows, n], contiguous
+// The activation's backward with the bias gradient in the same pass: dz = dy * act'(z) over [rows, n] (fp32
+// arithmetic, one rounding), and, where dbias is set, dbias = the column sums of dz (float32 sums, rounded once to
+// the dtype): dy and z are read once, dz written once, instead of a second pass over dz for the sum. Column sums go
+// through `partials` (act_backward_partials(p) floats), in a fixed order: deterministic.
+struct ActBackwardParams : BackwardRows {
   void* dbias = nullptr;  // [n] in dtype, or nullptr
   float* partials = nullptr;
-  Activation activation = Activation::kRelu;
 };
 bool act_backward_supported(const ActBackwardParams& p);
 int64_t act_backward_partials(const ActBackwardParams& p);
