@@ -39,6 +39,16 @@ def assert_grad_close_to_ref(ours, ref, torch_lowp, name="grad", floor=1e-6):
     assert ours_max <= 4 * torch_max + slack, f"{name}: max error {ours_max:.3e} > 4 x torch's {torch_max:.3e}"
 
 
+def grad_in_layout(lead, n, dtype, layout, device="cuda"):
+    """An upstream gradient [*lead, n] of random values laid out as backward passes meet them: "contiguous",
+    "strided" (every other column of a wider tensor) or "broadcast" (one row expanded, as the gradient of a sum)."""
+    if layout == "strided":
+        return torch.randn(*lead, 2 * n, device=device).to(dtype)[..., ::2]
+    if layout == "broadcast":
+        return torch.randn(n, device=device).to(dtype).expand(*lead, n)
+    return torch.randn(*lead, n, device=device).to(dtype)
+
+
 def poison_allocator(*tensors_like):
     """Hand the caching allocator blocks full of NaN with the sizes the op is about to allocate, so an
     element the kernel forgets to write shows up as NaN instead of a lucky zero."""

@@ -20,7 +20,7 @@ import fusedkernels.ops as fops
 from fusedkernels import _build, _native
 from fusedkernels.ops.gemm import ACTIVATIONS, GATE_ACTIVATION, GATED_ACTIVATIONS, linear_act_ref, linear_gated_ref
 
-from .helpers import assert_close_to_ref, check_graph_replays, max_err, poison_allocator
+from .helpers import assert_close_to_ref, check_graph_replays, grad_in_layout, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("linear_act"), reason="needs the native gemm ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -301,11 +301,7 @@ def test_kernel_act_backward(shape, activation, dtype, layout):
     of dz and dbias written; odd row counts, more rows than the chunks, one row."""
     lead, n = shape
     z = (torch.randn(*lead, n, device="cuda") * 2).to(dtype)
-    dy = torch.randn(*lead, n, device="cuda").to(dtype)
-    if layout == "strided":
-        dy = torch.randn(*lead, 2 * n, device="cuda").to(dtype)[..., ::2]
-    elif layout == "broadcast":
-        dy = torch.randn(n, device="cuda").to(dtype).expand(*lead, n)
+    dy = grad_in_layout(lead, n, dtype, layout)
     poison_allocator(z)
     dz, dbias = torch.ops.fusedkernels.act_backward(dy, z, ACTIVATIONS.index(activation))
     assert dz.dtype == dbias.dtype == dtype and dz.shape == z.shape and dz.is_contiguous() and dbias.shape == (n,)

@@ -19,7 +19,7 @@ import fusedkernels.ops as fops
 from fusedkernels import _native
 from fusedkernels.ops.gemm import ACTIVATIONS, GATED_ACTIVATIONS, linear_gated_ref
 
-from .helpers import assert_close_to_ref, check_graph_replays, max_err, poison_allocator
+from .helpers import assert_close_to_ref, check_graph_replays, grad_in_layout, max_err, poison_allocator
 from .test_gemm import PLAIN, _grads, raises_as_the_native_op
 
 needs_native = pytest.mark.skipif(not _native.has_op("linear_gated"), reason="needs the native gemm ops")
@@ -993,11 +993,7 @@ def test_kernel_gated_backward(shape, gated, dtype, layout):
     lead, n = shape
     gate = GATE[gated]
     z = (torch.randn(*lead, 2 * n, device="cuda") * 2).to(dtype)
-    dy = torch.randn(*lead, n, device="cuda").to(dtype)
-    if layout == "strided":
-        dy = torch.randn(*lead, 2 * n, device="cuda").to(dtype)[..., ::2]
-    elif layout == "broadcast":
-        dy = torch.randn(n, device="cuda").to(dtype).expand(*lead, n)
+    dy = grad_in_layout(lead, n, dtype, layout)
     poison_allocator(z)
     dz = torch.ops.fusedkernels.gated_backward(dy, z, ACTIVATIONS.index(gate))
     assert dz.dtype == dtype and dz.shape == z.shape and dz.is_contiguous()
