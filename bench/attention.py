@@ -9,9 +9,9 @@ each non-causal and, where the anchors have them, causal (top-left aligned, torc
                         has no native attention kernel (the reference path is not what this suite measures).
   fusedkernels-portable ours with FUSEDKERNELS_ATTENTION_KERNEL=portable (the mma.sync kernels, which the
                         Hopper forward replaces on sm_90 for head dims 64 and 128), same layout as ours
-  fusedkernels-ws       ours with FUSEDKERNELS_ATTENTION_KERNEL=sm90ws (the warp-specialised Hopper forward, opt-in
-                        until it is measured faster), forward only (the backward is the same), same layout as ours,
-                        the bias rows included
+  fusedkernels-sm90     ours with FUSEDKERNELS_ATTENTION_KERNEL=sm90 (the Hopper forward without warp
+                        specialisation, which the warp-specialised one replaces where it takes the call), forward only
+                        (the backward is the same), same layout as ours, the bias rows included
   torch-sdpa-flash      F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.FLASH_ATTENTION) (FA2)
   torch-sdpa-cudnn      ... SDPBackend.CUDNN_ATTENTION
   torch-sdpa-efficient  ... SDPBackend.EFFICIENT_ATTENTION (memory-efficient, xformers' kernel)
@@ -63,7 +63,7 @@ from .common import Row, sets_for, time_graph
 
 SUITE = "attention"
 DTYPE = torch.bfloat16
-OURS, NOBIAS, PORTABLE, WS = "fusedkernels", "fusedkernels-nobias", "fusedkernels-portable", "fusedkernels-ws"
+OURS, NOBIAS, PORTABLE, SM90 = "fusedkernels", "fusedkernels-nobias", "fusedkernels-portable", "fusedkernels-sm90"
 FLASH, CUDNN, EFFICIENT = "torch-sdpa-flash", "torch-sdpa-cudnn", "torch-sdpa-efficient"
 FLEX, EAGER = "torch-flex", "torch-eager"
 
@@ -83,7 +83,7 @@ PORTABLE_ENV = "FUSEDKERNELS_ATTENTION_KERNEL"
 MEMORY = {(2, 16, 8192, 128, False): ("fwd+bwd",), (8, 16, 512, 64, False): ("fwd", "fwd+bwd")}
 
 # Only to size the replays (and the plan's estimate): roughly what each impl reached on the H200 (ANCHORS).
-ASSUMED_TFLOPS = {OURS: 400, NOBIAS: 400, PORTABLE: 250, WS: 450, FLASH: 280, CUDNN: 450, EFFICIENT: 140, FLEX: 300, EAGER: 30}
+ASSUMED_TFLOPS = {OURS: 400, NOBIAS: 400, PORTABLE: 250, SM90: 430, FLASH: 280, CUDNN: 450, EFFICIENT: 140, FLEX: 300, EAGER: 30}
 TARGET_MS = 200.0  # GPU time of the timed replays of one row; 5..30 replays
 WARMUP = 2  # graph warm-up rounds (the probe call before them has compiled / autotuned already)
 
@@ -110,8 +110,8 @@ class Case:
 
     def impls(self) -> list[str]:
         if self.bias:
-            return [OURS, WS, NOBIAS, CUDNN, EFFICIENT, FLEX]
-        return [OURS, WS, PORTABLE, FLASH, CUDNN, EFFICIENT, FLEX] + ([EAGER] if self.N <= EAGER_MAX_N else [])
+            return [OURS, SM90, NOBIAS, CUDNN, EFFICIENT, FLEX]
+        return [OURS, SM90, PORTABLE, FLASH, CUDNN, EFFICIENT, FLEX] + ([EAGER] if self.N <= EAGER_MAX_N else [])
 
     def memory_directions(self) -> tuple:
         return () if self.bias else MEMORY.get((self.B, self.H, self.N, self.D, self.causal), ())
@@ -311,7 +311,7 @@ def _run_case(case: Case, rec: _Recorder, ours_ok: bool, ours_why: str) -> None:
         bias = torch.randn(case.B, case.H, case.N, case.N, device="cuda", dtype=DTYPE)  # 1 GiB: past the L2 alone
     first = len(rec.rows)
     for impl in case.impls():
-        if impl in (OURS, NOBIAS, PORTABLE, WS):
+        if impl in (OURS, NOBIAS, PORTABLE, SM90):
             if impl != OURS:
                 continue  # timed with OURS, in the layout OURS chose
             _run_ours(case, rec, sets, n_sets, bias, ours_ok, ours_why)
@@ -354,7 +354,7 @@ def _run_case(case: Case, rec: _Recorder, ours_ok: bool, ours_why: str) -> None:
 
 
 def _run_ours(case: Case, rec: _Recorder, sets, n_sets, bias, ours_ok: bool, ours_why: str) -> None:
-    impls = [OURS, WS, NOBIAS] if case.bias else [OURS, WS, PORTABLE]
+    impls = [OURS, SM90, NOBIAS] if case.bias else [OURS, SM90, PORTABLE]
     if not ours_ok:
         for impl in impls:
             for direction in ("fwd", "fwd+bwd"):
@@ -397,11 +397,11 @@ def _run_ours(case: Case, rec: _Recorder, sets, n_sets, bias, ours_ok: bool, our
             for direction in ("fwd", "fwd+bwd"):
                 rec.measure(case, direction, PORTABLE, calls[direction], n_sets, layout=_layout_name(layout))
         if torch.cuda.get_device_capability() == (9, 0) and case.D in (64, 128):
-            with mock.patch.dict(os.environ, {PORTABLE_ENV: "sm90ws"}):
-                rec.measure(case, "fwd", WS, _calls(fn, layout_sets)["fwd"], n_sets, layout=_layout_name(layout))
+            with mock.patch.dict(os.environ, {PORTABLE_ENV: "sm90"}):
+                rec.measure(case, "fwd", SM90, _calls(fn, layout_sets)["fwd"], n_sets, layout=_layout_name(layout))
     if case.bias and torch.cuda.get_device_capability() == (9, 0):
-        with mock.patch.dict(os.environ, {PORTABLE_ENV: "sm90ws"}):
-            rec.measure(case, "fwd", WS, _calls(fn, layout_sets)["fwd"], n_sets, layout=_layout_name(layout))
+        with mock.patch.dict(os.environ, {PORTABLE_ENV: "sm90"}):
+            rec.measure(case, "fwd", SM90, _calls(fn, layout_sets)["fwd"], n_sets, layout=_layout_name(layout))
     if case.bias:
         nobias = dict(_ours_layouts(case, None))[layout]
         calls = _calls(nobias, layout_sets)

@@ -29,7 +29,7 @@ REFERENCES = {"attention": ("torch-sdpa-flash", "torch-sdpa-cudnn", "fusedkernel
 RATIO_HEADS = {"fusedkernels-nobias": "speed with bias / without"}
 SHORT = {"torch-sdpa-flash": "flash", "torch-sdpa-cudnn": "cuDNN", "torch-sdpa-efficient": "efficient",
          "torch-flex": "flex", "torch-eager": "eager", "fusedkernels-nobias": "ours, no bias",
-         "fusedkernels-ws": "ours, warp-specialised",
+         "fusedkernels-sm90": "ours, plain Hopper fwd",
          "torch-cublaslt": "cuBLASLt", "torch-matmul": "matmul only", "torch-stacked": "eager, stacked W"}
 
 

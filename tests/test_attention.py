@@ -613,10 +613,14 @@ def _compare_to_reference(q, k, v, bias, *, causal=False, window=None, scale=Non
 @needs_native
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
-@pytest.mark.parametrize("kernels", ["default", "portable"])
+@pytest.mark.parametrize("kernels", ["default", "portable", "sm90"])
 def test_kernel_forward_and_grads_match_reference(case, dtype, kernels, monkeypatch):
-    if kernels == "portable":  # the mma.sync kernels where a Hopper kernel would run by default
-        monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "portable")
+    # portable: the mma.sync kernels where a Hopper kernel would run by default; sm90: the Hopper forward without
+    # warp specialisation where the warp-specialised one would
+    if kernels != "default":
+        if kernels == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the Hopper kernels run on sm_90")
+        monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", kernels)
     b, nq, nk, hq, hkv, d, causal, window, bias_kind = case
     q, k, v = _qkv(b, nq, nk, hq, hkv, d, dtype=dtype, device="cuda")
     bias = _bias(bias_kind, b, hq, nq, nk, dtype, "cuda")
@@ -692,15 +696,13 @@ def test_gqa_backward_with_the_q_heads_split_or_not(case, split, monkeypatch):
                                   (1, 200, 64, 4, 1, 64, True, None)], ids=str)
 @pytest.mark.parametrize("bias_kind", [None, "float"], ids=["", "bias"])
 def test_warp_specialised_forward(case, bias_kind, dtype, monkeypatch):
-    """FUSEDKERNELS_ATTENTION_KERNEL=sm90ws runs the warp-specialised Hopper forward (TMA producer, ping-pong
-    consumers) where it takes the call: odd and unequal lengths, GQA, causal, windows (query tiles that see no key),
+    """The warp-specialised Hopper forward (TMA producer, ping-pong consumers), where it takes the call: odd and unequal lengths, GQA, causal, windows (query tiles that see no key),
     a tile whose second consumer has only rows past the end, key tiles shorter than one 64-key bias box, more
     queries than keys under a causal mask, both head dims, with and without a bias (odd key counts: rows not
     16-byte aligned take the plain kernel); against the reference, and in several launches of the causal order
     too."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernels run on sm_90")
-    monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "sm90ws")
     b, nq, nk, hq, hkv, d, causal, window = case
     q, k, v = _qkv(b, nq, nk, hq, hkv, d, dtype=dtype, device="cuda")
     bias = _bias(bias_kind, b, hq, nq, nk, dtype, "cuda")
@@ -712,10 +714,9 @@ def test_warp_specialised_forward(case, bias_kind, dtype, monkeypatch):
 
 @pytest.mark.cuda
 @needs_native
-def test_warp_specialised_forward_is_what_runs_and_hands_on_what_it_does_not_take(monkeypatch):
+def test_warp_specialised_forward_is_what_runs_and_hands_on_what_it_does_not_take():
     if torch.cuda.get_device_capability() != (9, 0) or not any(a.startswith("90a") for a in _native.build_info().get("archs", [])):
         pytest.skip("the Hopper kernels run on sm_90 from a build with sm_90a code")
-    monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "sm90ws")
     q, k, v = _qkv(2, 300, 300, 4, 2, 128, dtype=torch.bfloat16, device="cuda")
     names = _cuda_kernels_run(lambda: fops.attention(q, k, v, causal=True))
     assert any("attention_fwd_sm90_ws_kernel" in n for n in names), names
@@ -758,7 +759,11 @@ def test_hopper_kernels_are_what_runs_on_sm90(monkeypatch):
         pytest.skip("the Hopper kernels run on sm_90 from a build with sm_90a code")
     q, k, v = _qkv(1, 300, 300, 2, 2, 128, dtype=torch.bfloat16, device="cuda")
     names = _cuda_kernels_run(lambda: fops.attention(q, k, v, causal=True))
-    assert any("attention_fwd_sm90_kernel" in n for n in names), names
+    assert any("attention_fwd_sm90_ws_kernel" in n for n in names), names
+    with monkeypatch.context() as env:  # the Hopper forward without warp specialisation, when asked for
+        env.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "sm90")
+        names = _cuda_kernels_run(lambda: fops.attention(q, k, v, causal=True))
+        assert any("attention_fwd_sm90_kernel" in n for n in names) and not any("_ws_" in n for n in names), names
     grad_inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     out = fops.attention(*grad_inputs, causal=True)
     names = _cuda_kernels_run(lambda: out.backward(torch.randn_like(out)))
@@ -768,7 +773,7 @@ def test_hopper_kernels_are_what_runs_on_sm90(monkeypatch):
     names = _cuda_kernels_run(lambda: out.backward(torch.randn_like(out)))
     assert any("attention_bwd_dkdv_sm90_kernel" in n for n in names), names
     names = _cuda_kernels_run(lambda: fops.attention(q, k, v, attn_bias=bias.detach()))
-    assert any("attention_fwd_sm90_kernel" in n for n in names), names
+    assert any("attention_fwd_sm90" in n for n in names), names
     names = _cuda_kernels_run(lambda: fops.attention(q, k, v, dropout_p=0.1))  # dropout keeps the portable one
     assert not any("sm90" in n for n in names) and any("attention_fwd_kernel" in n for n in names), names
     monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "portable")

@@ -596,8 +596,8 @@ def test_portable_kernel_is_what_runs_off_hopper_or_when_forced(kernels):
     archs = _native.build_info().get("archs", [])
     if major < 8 or not _build.runs_on(archs, major, minor):
         pytest.skip("the portable kernel runs on sm_80 and newer, from a build with code for the GPU")
-    if kernels == "default" and (major, minor) == (9, 0) and any(a.startswith("90a") for a in archs):
-        pytest.skip("the Hopper kernel is the default on sm_90 (test_hopper_kernel_is_what_runs_on_sm90)")
+    if kernels != "portable" and (major, minor) == (9, 0) and any(a.startswith("90a") for a in archs):
+        pytest.skip("the Hopper kernel runs on sm_90 unless the portable one is forced")
     x, w, b, r = _inputs((300,), 136, 264, torch.bfloat16, "cuda", True, True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

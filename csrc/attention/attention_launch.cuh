@@ -30,11 +30,11 @@ inline bool portable_kernel_forced() {
   const char* choice = std::getenv("FUSEDKERNELS_ATTENTION_KERNEL");
   return choice != nullptr && std::strcmp(choice, "portable") == 0;
 }
-// FUSEDKERNELS_ATTENTION_KERNEL=sm90ws: the warp-specialised Hopper forward (sm90/attention_fwd_sm90_ws.cuh) where
-// it takes the call; opt-in until measured against the plain one (docs/perf-notes.md, attention).
-inline bool ws_forward_chosen() {
+// FUSEDKERNELS_ATTENTION_KERNEL=sm90 keeps the Hopper forward without warp specialisation
+// (sm90/attention_fwd_sm90.cuh) where the warp-specialised one would take the call (tests and benchmarks of it).
+inline bool plain_sm90_forward_forced() {
   const char* choice = std::getenv("FUSEDKERNELS_ATTENTION_KERNEL");
-  return choice != nullptr && std::strcmp(choice, "sm90ws") == 0;
+  return choice != nullptr && std::strcmp(choice, "sm90") == 0;
 }
 
 inline bool empty_grid(const dim3& grid) { return grid.x == 0 || grid.y == 0 || grid.z == 0; }

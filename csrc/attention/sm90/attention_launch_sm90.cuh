@@ -59,7 +59,9 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   using Cfg = FwdSm90ConfigFor<T, kD>;
   static_assert(Cfg::smem_bytes(true) <= 227 * 1024, "over the shared memory a Hopper block may opt into");
   const int64_t tiles = ceil_div(p.seqlen_q, Cfg::kBlockM);
-  if (ws_forward_chosen()) {
+  // The warp-specialised forward wherever it takes the call: 1.15-1.45x the plain one on the H200 (hd64 at 512
+  // tokens 0.93x; docs/perf-notes.md, attention, sm90 fwd v3).
+  if (!plain_sm90_forward_forced()) {
     using WsCfg = FwdSm90WsConfig<T, kD>;
     static_assert(WsCfg::kBlockM == Cfg::kBlockM && WsCfg::smem_bytes(true) <= 227 * 1024);
     constexpr auto kWs = attention_fwd_sm90_ws_kernel<WsCfg, false>;
