@@ -319,30 +319,28 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_registers_kernel(con
       } else {
         shift = row_ok ? to_float(x[row_offset]) : 0.f;
       }
-      // kVec running sums, not one: a chain of kIters * kVec dependent adds stalled the warps on fixed
-      // latency (ncu, docs/perf-notes.md norm v8)
-      float sum[kVec] = {};
+      float sum = 0.f;
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         if (row_ok && i * kTpr + lane < nvec) {
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) sum[j] += xv[i].get(j) - shift;
+          for (int j = 0; j < kVec; ++j) sum += xv[i].get(j) - shift;
         }
       }
-      mean = shift + group_sum<kTpr, kThreads>(pairwise_sum(sum), scratch) * inv_hidden;
+      mean = shift + group_sum<kTpr, kThreads>(sum, scratch) * inv_hidden;
     }
-    float sq[kVec] = {};  // centred second moment: exact two-pass variance, the row is in registers anyway
+    float sq = 0.f;  // centred second moment: exact two-pass variance, the row is in registers anyway
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       if (row_ok && i * kTpr + lane < nvec) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
           const float d = xv[i].get(j) - mean;
-          sq[j] += d * d;
+          sq += d * d;
         }
       }
     }
-    const float rstd = rsqrtf(group_sum<kTpr, kThreads>(pairwise_sum(sq), scratch) * inv_hidden + p.eps);
+    const float rstd = rsqrtf(group_sum<kTpr, kThreads>(sq, scratch) * inv_hidden + p.eps);
 
     if (!row_ok) continue;
     if (lane == 0) {

@@ -3,20 +3,6 @@
 
 namespace fusedkernels {
 
-// Sum of a thread's N partial sums, pairwise: log2(N) dependent adds where a running sum takes N.
-template <int N>
-__device__ __forceinline__ float pairwise_sum(const float (&v)[N]) {
-  static_assert(N > 0 && (N & (N - 1)) == 0, "a power of two");
-  if constexpr (N == 1) {
-    return v[0];
-  } else {
-    float half[N / 2];
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) half[i] = v[i] + v[i + N / 2];
-    return pairwise_sum(half);
-  }
-}
-
 // Sum over aligned groups of `kGroup` lanes (a power of two, at most 32). Every lane of the warp must call it.
 template <int kGroup>
 __device__ __forceinline__ float group_sum_in_warp(float v) {
