@@ -20,6 +20,10 @@ case has a bias. Impls:
   torch-matmul    torch.mm(x, W.t()) alone, the same shape's GEMM without bias or activation: the ceiling an
                   epilogue should cost nothing against (ANCHORS' "matmul only" column)
 
+`linear_act` fwd+bwd cases (FusedLinear's training step; BACKWARD_CASES): the output's gradient for x, W and b
+(torch.autograd.grad, dy given), ours against eager F.linear + activation; no cuBLASLt row (torch's
+_addmm_activation has no backward of its own).
+
 `linear_gated` case: the Llama-7B FFN's gate and up projections, SwiGLU, no biases (Llama's): x [8192, 4096],
 W [2·11008, 4096] (gate rows, then up rows), out [8192, 11008].
 
@@ -79,6 +83,7 @@ EXTRA_CASES = [  # (M, K, N, activation, residual)
     (8192, 4096, 11008, "silu", False),  # Llama-7B FFN up projection
     (16384, 3072, 768, "none", True),  # FFN2 with the residual add in its epilogue
 ]
+BACKWARD_CASES = [(16384, 768, 3072, "gelu"), (8192, 4096, 16384, "gelu")]  # (M, K, N, activation)
 LLAMA_FFN = (8192, 4096, 11008)  # M, K (hidden), N (intermediate): Llama-7B's MLP
 TORCH_ACTIVATIONS: dict[str, Callable] = {
     "none": lambda z: z,
@@ -120,8 +125,9 @@ class Case:
         return 2.0 * self.M * self.N * self.K * self.gemms() * (3 if self.backward else 1)
 
     def set_bytes(self) -> int:
-        if self.op == "linear_act":  # x, W, b, (residual), out
-            elems = self.M * self.K + self.N * self.K + self.N + self.M * self.N * (2 if self.residual else 1)
+        if self.op == "linear_act":  # x, W, b, (residual), out, (dy)
+            outs = 1 + self.residual + self.backward
+            elems = self.M * self.K + self.N * self.K + self.N + self.M * self.N * outs
         else:  # x, the weights (twice for the mlp: ours and torch's), out; dy
             weights = self.gemms() * self.N * self.K * (2 if self.op == "mlp" else 1)
             out = self.M * (self.K if self.op == "mlp" else self.N)
@@ -131,7 +137,7 @@ class Case:
     def impls(self) -> list[str]:
         if self.op == "linear_gated":
             return [OURS, TORCH, STACKED, MATMUL]
-        if self.op == "mlp":
+        if self.op == "mlp" or self.backward:
             return [OURS, TORCH]
         cublaslt = [CUBLASLT] if self.activation in CUBLASLT_GELU and not self.residual else []
         portable = [PORTABLE] if (self.M, self.K, self.N, self.activation) in PORTABLE_CASES else []
@@ -141,6 +147,7 @@ class Case:
 def cases() -> list[Case]:
     out = [Case(M, K, N, act) for M, K, N in ANCHOR_SHAPES for act in ANCHOR_ACTIVATIONS]
     out += [Case(*c) for c in EXTRA_CASES]
+    out += [Case(*c, backward=True) for c in BACKWARD_CASES]
     out.append(Case(*LLAMA_FFN, "swiglu", op="linear_gated"))
     return out + [Case(*LLAMA_FFN, "swiglu", op="mlp", backward=backward) for backward in (False, True)]
 
@@ -175,6 +182,13 @@ def _impl(case: Case, impl: str) -> Callable:
     if case.op == "mlp":
         return _mlp_impl(case, impl)
     act = case.activation
+    if case.backward:  # sets (x, w, b, dy), x, w and b requiring grad
+        fn = TORCH_ACTIVATIONS[act]
+        if impl == OURS:
+            forward = lambda x, w, b: ops.linear_act(x, w, b, act)  # noqa: E731
+        else:
+            forward = lambda x, w, b: fn(F.linear(x, w, b))  # noqa: E731
+        return lambda x, w, b, dy: torch.autograd.grad(forward(x, w, b), (x, w, b), dy)
     if impl in (OURS, PORTABLE):
         return lambda x, w, b, r: ops.linear_act(x, w, b, act, r)
     if impl == TORCH:
@@ -234,6 +248,9 @@ def _make_sets(case: Case, n_sets: int) -> list[tuple]:
         w = torch.randn(case.N, case.K, device="cuda", dtype=DTYPE) * case.K**-0.5
         b = torch.randn(case.N, device="cuda", dtype=DTYPE)
         r = torch.randn(case.M, case.N, device="cuda", dtype=DTYPE) if case.residual else None
+        if case.backward:
+            dy = torch.randn(case.M, case.N, device="cuda", dtype=DTYPE)
+            return x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), dy
         return x, w, b, r
 
     return [one() for _ in range(n_sets)]

@@ -59,7 +59,7 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   using Cfg = FwdSm90ConfigFor<T, kD>;
   static_assert(Cfg::smem_bytes(true) <= 227 * 1024, "over the shared memory a Hopper block may opt into");
   const int64_t tiles = ceil_div(p.seqlen_q, Cfg::kBlockM);
-  // The warp-specialised forward wherever it takes the call: 1.15-1.45x the plain one on the H200 (hd64 at 512
+  // The warp-specialised forward wherever it takes the call: 1.1-1.5x the plain one on the H200 (hd64 at 512
   // tokens 0.93x; docs/perf-notes.md, attention, sm90 fwd v3).
   if (!plain_sm90_forward_forced()) {
     using WsCfg = FwdSm90WsConfig<T, kD>;
