@@ -439,7 +439,7 @@ def run() -> list[Row]:
         print(f"  fusedkernels: skipped ({ours_why})", flush=True)
     rec = _Recorder(matmul)
     with _RecompileLimit():
-        for case in cases():
+        for case in common.selected(cases(), lambda c: c.name("fwd")):
             _run_case(case, rec, ours_ok, ours_why)
     return rec.rows
 
@@ -454,7 +454,7 @@ def plan() -> list[dict]:
     graph warm-up, one replay after capture, the timed replays; at ASSUMED_TFLOPS; compiles not counted).
     Ours is counted twice for the forward (both layouts are timed)."""
     out = []
-    for case in cases():
+    for case in common.selected(cases(), lambda c: c.name("fwd")):
         n_sets = n_sets_for(case)
         for impl in case.impls():
             for direction in ("fwd", "fwd+bwd"):

@@ -176,6 +176,13 @@ def probe(call: Callable[[int], object]) -> Optional[str]:
     return said[0][:300] if said else None
 
 
+def selected(cases: list, name: Callable[[object], str]) -> list:
+    """The cases whose name(case) matches the regular expression in BENCH_CASES (searched, so "8192" or
+    "bias|causal" will do); all of them when it is unset. For a run that measures only what a change touched."""
+    pattern = os.environ.get("BENCH_CASES")
+    return [c for c in cases if not pattern or re.search(pattern, name(c))]
+
+
 def plan_rows(cases, n_sets_for: Callable, replays_for: Callable, assumed_tflops: dict, warmup: int) -> list[dict]:
     """Every row a GEMM-like suite times, with its sets, replays and estimated GPU seconds (probe, graph warm-up,
     one replay after capture, the timed replays; at assumed_tflops[impl])."""

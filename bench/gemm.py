@@ -331,7 +331,7 @@ def run() -> list[Row]:
     if not ours_ok:
         print(f"  fusedkernels: skipped ({ours_why})", flush=True)
     rows: list[Row] = []
-    for case in cases():
+    for case in common.selected(cases(), lambda c: c.name()):
         _run_case(case, rows, matmul, ours_ok, ours_why)
     return rows
 
@@ -343,7 +343,8 @@ def run() -> list[Row]:
 
 def plan() -> list[dict]:
     """Every row the suite times, with its sets, replays and estimated GPU seconds (at ASSUMED_TFLOPS)."""
-    return common.plan_rows(cases(), n_sets_for, replays_for, ASSUMED_TFLOPS, WARMUP)
+    return common.plan_rows(common.selected(cases(), lambda c: c.name()), n_sets_for, replays_for, ASSUMED_TFLOPS,
+                            WARMUP)
 
 
 if __name__ == "__main__":

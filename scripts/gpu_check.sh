@@ -5,7 +5,8 @@
 #   GPU_CHECK_STEPS="build test sanitize bench"  pick steps;   BENCH_SUITES="norm overhead"  pick suites;
 #   FUSEDKERNELS_FAMILIES=norm  build one family;   SANITIZE_TIMEOUT=300  seconds per sanitizer tool;
 #   SANITIZE_FAMILIES=gemm  sanitize those families only;
-#   GPU_TESTS="tests/test_attention.py"  pytest paths (default: tests).
+#   GPU_TESTS="tests/test_attention.py"  pytest paths (default: tests);
+#   BENCH_CASES="bias|8192"  only the attention / gemm / conv cases whose name matches (bench/common.py, selected).
 #   GPU_CHECK_STEPS="distributed": the two-GPU checks (scripts/gpu_check_distributed.sh: torchrun tests, the
 #   `distributed` bench suite), not in the default steps.
 #   GPU_CHECK_STEPS="profile": the models step's time and memory by module (scripts/profile_models.py --memory),

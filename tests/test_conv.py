@@ -175,6 +175,33 @@ def test_backward_node_and_what_it_computes():
     assert all(max_err(g, h) < 1e-12 for g, h in zip(grads, want))
 
 
+@needs_native
+@pytest.mark.skipif(not _native.has_op("act_backward"), reason="needs the gemm family's act_backward")
+@pytest.mark.parametrize("dy_layout", ["channels_last", "contiguous"])
+def test_backward_forms_dz_and_dbias_in_one_pass_for_channels_last_gradients(dy_layout):
+    """With a bias, dz = dy * (out > 0) and dbias come from one act_backward call where dy is channels_last, as the
+    output is; any other dy, and a backward that builds a graph, take threshold_backward and convolution_backward."""
+    x, w, b, r = _inputs(2, 5, (7, 9), 6, 3, residual=True, padding=1)
+    x, r = x.to(memory_format=CL), r.to(memory_format=CL)
+    dy = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    dy = dy.to(memory_format=CL) if dy_layout == "channels_last" else dy.contiguous()
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+    out = fops.conv2d_bias_relu(leaves[0], leaves[1], leaves[2], 1, 1, 1, leaves[3])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        grads = torch.autograd.grad(out, leaves, dy)
+    ran = {e.name for e in prof.events()}
+    assert ("fusedkernels::act_backward" in ran) == (dy_layout == "channels_last"), sorted(ran)
+    want = torch.autograd.grad(plain(*leaves[:3], 1, 1, 1, leaves[3]), leaves, dy)
+    for name, g, h in zip(["dx", "dw", "db", "dr"], grads, want):
+        assert g.shape == h.shape and max_err(g, h) < 1e-12, name
+    # building a graph: the ATen ops, differentiable again
+    out = fops.conv2d_bias_relu(leaves[0], leaves[1], leaves[2], 1, 1, 1, leaves[3])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        grads = torch.autograd.grad(out, leaves, dy, create_graph=True)
+    assert "fusedkernels::act_backward" not in {e.name for e in prof.events()}
+    assert all(max_err(g.detach(), h) < 1e-12 for g, h in zip(grads, want))
+
+
 def test_forward_mode_ad_and_jvp_of_grad_match_torch():
     x, w, b, r = _inputs(1, 3, (6, 5), 4, 3, residual=True, padding=1)
     tx = torch.randn_like(x)

@@ -6,7 +6,8 @@
 //     -> fusedkernels::conv2d_bias_relu_fwd   Autograd: attaches Conv2dBiasReluBackward; CUDA: the fused kernel;
 //                                             CPU: the reference; Meta: shapes
 //        backward: dz = dy * (out > 0) from the saved output, then at::convolution_backward for dx, dw and
-//        dbias (the sum of dz), and dresidual = dz
+//        dbias (the sum of dz), and dresidual = dz; with a bias, dz and dbias in one pass where they can
+//        (the gemm family's act_backward over the channels_last rows)
 //
 //   z = conv2d(x, weight, stride, padding, dilation) + bias + residual,  out = relu(z); groups = 1; in the inputs'
 //   dtype; out in x's memory format (channels_last for a channels_last x, else contiguous), as F.conv2d's.
@@ -20,6 +21,7 @@
 #include "common/torch/autograd.h"
 #include "common/torch/checks.h"
 #include "common/torch/ops.h"
+#include "gemm/gemm.h"
 
 TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // Public op: x [N, C_in, H, W] (or unbatched [C_in, H, W]), weight [C_out, C_in, kh, kw] (nn.Conv2d's), bias
@@ -257,6 +259,27 @@ Tensor autocast(const Tensor& x, const Tensor& weight, const OptTensor& bias, at
 // Autograd
 // ------------------------------------------------------------------------------------------------
 
+// fusedkernels::act_backward (the gemm family's; a build may leave that family out): dz = dy * act'(z) and the
+// column sums of dz over [rows, C] tensors.
+using ActBackward = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t);
+constexpr int64_t kActivationRelu = static_cast<int64_t>(gemm::Activation::kRelu);
+
+const c10::TypedOperatorHandle<ActBackward>& act_backward_op() {
+  static const auto op = find_op<ActBackward>("fusedkernels::act_backward");
+  return op;
+}
+
+// Whether the backward may form dz and dbias in one act_backward call: that op in this build, a first-order
+// backward on plain tensors (a batched or traced backward, or create_graph, takes ATen's ops), dy and y
+// channels_last of one dtype.
+bool mask_and_bias_in_one_pass(const Tensor& dy, const Tensor& y) {
+  static const bool available =
+      c10::Dispatcher::singleton().findSchema({"fusedkernels::act_backward", ""}).has_value();
+  return available && !at::GradMode::is_enabled() && plain_tensor(dy) && plain_tensor(y) && dy.dim() == 4 &&
+         dy.sizes() == y.sizes() && dy.scalar_type() == y.scalar_type() && dy.is_contiguous(kChannelsLast) &&
+         y.is_contiguous(kChannelsLast);
+}
+
 // The backward of conv2d_bias_relu_fwd; next edges x, weight, bias, residual (absent ones have empty edges). The
 // ReLU's mask comes from the saved output (out > 0 exactly where z > 0), as torch's relu backward reads it. The mask
 // is locally constant, so under create_graph the result is still exact to any order: dz = dy * mask is linear in dy,
@@ -277,18 +300,33 @@ struct Conv2dBiasReluBackward : torch::autograd::Node {
     variable_list result(num_outputs());
     const Tensor& dy = grads[0];
     if (!dy.defined()) return result;
-    const Tensor dz = at::threshold_backward(dy, out.unpack(getptr()).detach(), 0);
+    const Tensor y = out.unpack(getptr()).detach();
     const bool want_x = task_should_compute_output(0), want_w = task_should_compute_output(1),
                want_b = has_bias && task_should_compute_output(2);
-    if (want_x || want_w || want_b) {
-      const auto bias_sizes = has_bias ? at::OptionalIntArrayRef(at::IntArrayRef(&out_channels, 1)) : std::nullopt;
-      auto [dx, dw, db] = at::convolution_backward(dz, x.unpack(), weight.unpack(), bias_sizes, geometry.stride,
-                                                   geometry.padding, geometry.dilation, /*transposed=*/false,
-                                                   /*output_padding=*/{0, 0}, /*groups=*/1, {want_x, want_w, want_b});
+    Tensor dz, db;
+    if (want_b && mask_and_bias_in_one_pass(dy, y)) {
+      // [N, C, H, W] channels_last is [N·H·W, C] rows in memory: dz = dy * (y > 0) and its column sums at once
+      // (one read of dy and y; convolution_backward would read dz again for the sum)
+      const auto rows = [](const Tensor& t) {
+        return t.permute({0, 2, 3, 1}).reshape({t.size(0) * t.size(2) * t.size(3), t.size(1)});
+      };
+      auto [dz_rows, db_rows] = act_backward_op().call(rows(dy), rows(y), kActivationRelu);
+      dz = dz_rows.view({dy.size(0), dy.size(2), dy.size(3), dy.size(1)}).permute({0, 3, 1, 2});
+      db = std::move(db_rows);
+    } else {
+      dz = at::threshold_backward(dy, y, 0);
+    }
+    const bool conv_b = want_b && !db.defined();
+    if (want_x || want_w || conv_b) {
+      const auto bias_sizes = conv_b ? at::OptionalIntArrayRef(at::IntArrayRef(&out_channels, 1)) : std::nullopt;
+      auto [dx, dw, conv_db] = at::convolution_backward(
+          dz, x.unpack(), weight.unpack(), bias_sizes, geometry.stride, geometry.padding, geometry.dilation,
+          /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1, {want_x, want_w, conv_b});
       result[0] = std::move(dx);
       result[1] = std::move(dw);
-      result[2] = std::move(db);
+      if (conv_b) db = std::move(conv_db);
     }
+    result[2] = std::move(db);
     if (task_should_compute_output(3)) result[3] = dz;
     return result;
   }
