@@ -97,13 +97,13 @@ if "attention" in FAMILIES:
             out = ops.attention_varlen(qp, kp, kp, cu, cu, 46, 46, causal=True)
             torch.autograd.grad(out, [qp, kp], torch.randn_like(out))
         # the Hopper kernels (head dims 64, 128): several key tiles, both warpgroups, a partial last tile, the
-        # backward with the group's q heads split over CTAs (its default at this size) and not, the forward without
-        # warp specialisation; then the same call on the portable kernels
+        # backward with the group's q heads split over CTAs (its default at this size) and not, each Hopper forward
+        # at both head dims; then the same call on the portable kernels
         for d in (64, 128):
             q = torch.randn(1, 200, 2, d, device="cuda", dtype=dtype, requires_grad=True)
             k = torch.randn(1, 300, 1, d, device="cuda", dtype=dtype, requires_grad=True)
             for setting in ({}, {"FUSEDKERNELS_ATTENTION_KV_SPLIT": "1"}, {"FUSEDKERNELS_ATTENTION_KERNEL": "sm90"},
-                            {"FUSEDKERNELS_ATTENTION_KERNEL": "portable"}):
+                            {"FUSEDKERNELS_ATTENTION_KERNEL": "sm90ws"}, {"FUSEDKERNELS_ATTENTION_KERNEL": "portable"}):
                 os.environ.update(setting)
                 out = ops.attention(q, k, k, window=(150, 40))
                 torch.autograd.grad(out, [q, k], torch.randn_like(out))

@@ -696,13 +696,15 @@ def test_gqa_backward_with_the_q_heads_split_or_not(case, split, monkeypatch):
                                   (1, 200, 64, 4, 1, 64, True, None)], ids=str)
 @pytest.mark.parametrize("bias_kind", [None, "float"], ids=["", "bias"])
 def test_warp_specialised_forward(case, bias_kind, dtype, monkeypatch):
-    """The warp-specialised Hopper forward (TMA producer, ping-pong consumers), where it takes the call: odd and unequal lengths, GQA, causal, windows (query tiles that see no key),
+    """FUSEDKERNELS_ATTENTION_KERNEL=sm90ws runs the warp-specialised Hopper forward (TMA producer, ping-pong
+    consumers) wherever it can take the call (by default not at head dim 64 over 512 keys or fewer): odd and unequal lengths, GQA, causal, windows (query tiles that see no key),
     a tile whose second consumer has only rows past the end, key tiles shorter than one 64-key bias box, more
     queries than keys under a causal mask, both head dims, with and without a bias (odd key counts: rows not
     16-byte aligned take the plain kernel); against the reference, and in several launches of the causal order
     too."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernels run on sm_90")
+    monkeypatch.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "sm90ws")
     b, nq, nk, hq, hkv, d, causal, window = case
     q, k, v = _qkv(b, nq, nk, hq, hkv, d, dtype=dtype, device="cuda")
     bias = _bias(bias_kind, b, hq, nq, nk, dtype, "cuda")
@@ -760,6 +762,12 @@ def test_hopper_kernels_are_what_runs_on_sm90(monkeypatch):
     q, k, v = _qkv(1, 300, 300, 2, 2, 128, dtype=torch.bfloat16, device="cuda")
     names = _cuda_kernels_run(lambda: fops.attention(q, k, v, causal=True))
     assert any("attention_fwd_sm90_ws_kernel" in n for n in names), names
+    # head dim 64: the plain Hopper forward over at most 512 keys, the warp-specialised one past that
+    for nk, ws in [(512, False), (513, True)]:
+        q64, k64, v64 = _qkv(1, 200, nk, 2, 2, 64, dtype=torch.bfloat16, device="cuda")
+        names = _cuda_kernels_run(lambda: fops.attention(q64, k64, v64))
+        assert any("attention_fwd_sm90" in n for n in names), names
+        assert any("attention_fwd_sm90_ws_kernel" in n for n in names) == ws, (nk, names)
     with monkeypatch.context() as env:  # the Hopper forward without warp specialisation, when asked for
         env.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "sm90")
         names = _cuda_kernels_run(lambda: fops.attention(q, k, v, causal=True))

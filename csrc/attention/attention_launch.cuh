@@ -30,11 +30,15 @@ inline bool portable_kernel_forced() {
   const char* choice = std::getenv("FUSEDKERNELS_ATTENTION_KERNEL");
   return choice != nullptr && std::strcmp(choice, "portable") == 0;
 }
-// FUSEDKERNELS_ATTENTION_KERNEL=sm90 keeps the Hopper forward without warp specialisation
-// (sm90/attention_fwd_sm90.cuh) where the warp-specialised one would take the call (tests and benchmarks of it).
-inline bool plain_sm90_forward_forced() {
+// Which Hopper forward: FUSEDKERNELS_ATTENTION_KERNEL=sm90 keeps the one without warp specialisation
+// (sm90/attention_fwd_sm90.cuh) wherever the other would run, =sm90ws takes the warp-specialised one wherever it
+// can (tests and benchmarks of each); otherwise the launcher chooses (launch_fwd_sm90).
+enum class Sm90Forward { kChosen, kPlain, kWarpSpecialised };
+inline Sm90Forward sm90_forward_asked() {
   const char* choice = std::getenv("FUSEDKERNELS_ATTENTION_KERNEL");
-  return choice != nullptr && std::strcmp(choice, "sm90") == 0;
+  if (choice != nullptr && std::strcmp(choice, "sm90") == 0) return Sm90Forward::kPlain;
+  if (choice != nullptr && std::strcmp(choice, "sm90ws") == 0) return Sm90Forward::kWarpSpecialised;
+  return Sm90Forward::kChosen;
 }
 
 inline bool empty_grid(const dim3& grid) { return grid.x == 0 || grid.y == 0 || grid.z == 0; }
