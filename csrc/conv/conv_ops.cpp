@@ -21,7 +21,6 @@
 #include "common/torch/autograd.h"
 #include "common/torch/checks.h"
 #include "common/torch/ops.h"
-#include "gemm/gemm.h"
 
 TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // Public op: x [N, C_in, H, W] (or unbatched [C_in, H, W]), weight [C_out, C_in, kh, kw] (nn.Conv2d's), bias
@@ -259,10 +258,11 @@ Tensor autocast(const Tensor& x, const Tensor& weight, const OptTensor& bias, at
 // Autograd
 // ------------------------------------------------------------------------------------------------
 
-// fusedkernels::act_backward (the gemm family's; a build may leave that family out): dz = dy * act'(z) and the
-// column sums of dz over [rows, C] tensors.
+// fusedkernels::act_backward (the gemm family's, reached through the dispatcher only: a build may leave that family
+// out): dz = dy * act'(z) and the column sums of dz over [rows, C] tensors; its activation argument is a
+// gemm::Activation value, 1 for relu (gemm.h, which no other family includes).
 using ActBackward = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t);
-constexpr int64_t kActivationRelu = static_cast<int64_t>(gemm::Activation::kRelu);
+constexpr int64_t kActivationRelu = 1;
 
 const c10::TypedOperatorHandle<ActBackward>& act_backward_op() {
   static const auto op = find_op<ActBackward>("fusedkernels::act_backward");
