@@ -6,7 +6,7 @@
 // of its block's row range with stride row_threads, so a warp reads whole runs of consecutive rows (contiguous in
 // NHWC). grid = (channel tiles, row blocks); the row blocks' per-channel partials go to a float32 workspace
 // [2, row_blocks, channels] and a small finalize kernel (32 channels x 8 lanes a block) combines them in a fixed
-// order: deterministic. (The finalize kernels are static: one copy per instance file.)
+// order: deterministic.
 //
 //   forward, training:  stats (Welford per thread, Chan's combination across threads and blocks), finalize (mean,
 //                       invstd, running statistics), normalize
@@ -113,6 +113,8 @@ __device__ __forceinline__ Place place(const Tile& t, int64_t rows) {
 
 // Pass 1 of training: per-channel (count, mean, m2) of each row block, Welford over a thread's rows (one reciprocal a
 // row, shared by its channels), then Chan's combination over the block's row lanes; to workspace [2][row_blocks][C].
+// Every thread works on x - x[row 0] (the same shift for a channel everywhere; finalize adds it back): the running
+// means stay near zero, so their rounding does not grow with a mean far from zero.
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) stats_kernel(const BatchNormReluParams p, const Tile t) {
   __shared__ float s_n[kThreads], s_mean[kVec][kThreads], s_m2[kVec][kThreads];
@@ -120,8 +122,12 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const BatchNormReluPara
   const int64_t C = p.channels;
   const bool active = at.c < C;
   const T* x = static_cast<const T*>(p.x) + at.c;
-  float n = 0.f, mean[kVec] = {}, m2[kVec] = {};
+  float n = 0.f, mean[kVec] = {}, m2[kVec] = {}, shift[kVec] = {};
   if (active) {
+    Pack<T, kVec> first;
+    first.load(x);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) shift[i] = first[i];
     for (int64_t r = at.begin + at.ty; r < at.end; r += kUnroll * t.row_threads) {
       Pack<T, kVec> v[kUnroll];
 #pragma unroll
@@ -135,9 +141,9 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const BatchNormReluPara
         const float inv_n = 1.f / n;
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
-          const float delta = v[u][i] - mean[i];
+          const float value = v[u][i] - shift[i], delta = value - mean[i];
           mean[i] += delta * inv_n;
-          m2[i] += delta * (v[u][i] - mean[i]);
+          m2[i] += delta * (value - mean[i]);
         }
       }
     }
@@ -171,7 +177,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const BatchNormReluPara
 // Per channel: training, the row blocks' partials combined into the batch mean and invstd, and the running
 // statistics updated as torch does (the variance unbiased, n / (n - 1)); eval, mean and invstd from the running
 // statistics.
-static __global__ void __launch_bounds__(kThreads) finalize_stats_kernel(const BatchNormReluParams p, const Tile t) {
+template <typename T>
+__global__ void __launch_bounds__(kThreads) finalize_stats_kernel(const BatchNormReluParams p, const Tile t) {
   __shared__ float s_n[kThreads], s_mean[kThreads], s_m2[kThreads];
   const int lane = threadIdx.x / kFinalizeChannels;
   const int64_t C = p.channels, c = int64_t(blockIdx.x) * kFinalizeChannels + threadIdx.x % kFinalizeChannels;
@@ -201,6 +208,7 @@ static __global__ void __launch_bounds__(kThreads) finalize_stats_kernel(const B
   if (lane != 0 || c >= C) return;
   const float count = float(p.rows);  // n summed in order may round past 2^24 rows; the count is known
   const float var = m2 / count;
+  mean += to_float(static_cast<const T*>(p.x)[c]);  // the stats pass's shift
   p.save_mean[c] = mean;
   p.save_invstd[c] = rsqrtf(var + p.eps);
   if (p.running_mean != nullptr) p.running_mean[c] = (1.f - p.momentum) * p.running_mean[c] + p.momentum * mean;
@@ -309,6 +317,7 @@ __global__ void __launch_bounds__(kThreads) reduce_grad_kernel(const BatchNormRe
 }
 
 // dbias = Σ g and dweight = invstd · Σ g·(x - mean) per channel, the row blocks summed in a fixed order.
+// (static: one copy per instance file)
 static __global__ void __launch_bounds__(kThreads) finalize_grad_kernel(const BatchNormReluBackwardParams p, const Tile t) {
   __shared__ float s_g[kThreads], s_gx[kThreads];
   const int lane = threadIdx.x / kFinalizeChannels;
@@ -389,7 +398,7 @@ cudaError_t launch_fwd(const BatchNormReluParams& p, cudaStream_t stream) {
   const Tile t = plan_tile(p.rows, p.channels, kVec);
   const dim3 grid(static_cast<unsigned>(t.col_tiles), static_cast<unsigned>(t.row_blocks));
   if (p.training) stats_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(p, t);
-  finalize_stats_kernel<<<ceil_div(p.channels, kFinalizeChannels), kThreads, 0, stream>>>(p, t);
+  finalize_stats_kernel<T><<<ceil_div(p.channels, kFinalizeChannels), kThreads, 0, stream>>>(p, t);
   normalize_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(p, t);
   return cudaGetLastError();
 }
