@@ -308,7 +308,8 @@ def test_cuda_routing_warns_once_per_reason_and_runs_the_reference(monkeypatch):
     x, rm, rv, w, b, r = _case(2, 8, 4, 4, dtype=torch.bfloat16, device="cuda", residual=True,
                                layout=torch.contiguous_format)
     for args, reason in (((x, rm, rv, w, b, True, 0.1, 1e-5, r), "not channels_last"),
-                         ((x.double(), rm, rv, w, b, True, 0.1, 1e-5, None), "float64"),
+                         ((x.double(), rm.double(), rv.double(), w.double(), b.double(), True, 0.1, 1e-5, None),
+                          "float64"),
                          ((x[:, :, 0].contiguous(), rm, rv, w, b, True, 0.1, 1e-5, None), "not 4-D")):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -31,6 +31,16 @@ at::Tensor conv2d_bias_relu_reference(const at::Tensor& x, const at::Tensor& wei
                                       at::IntArrayRef padding, at::IntArrayRef dilation,
                                       const std::optional<at::Tensor>& residual);
 
+// Defined in conv_ops.cpp (the CPU kernels): batch_norm_relu_fwd / _bwd in PyTorch ops.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_fwd_reference(
+    const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+    const std::optional<at::Tensor>& residual);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_bwd_reference(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out, const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, std::array<bool, 4> output_mask);
+
 namespace {
 
 using at::Tensor;
@@ -128,16 +138,22 @@ Tensor conv2d_bias_relu_fwd_cuda(const Tensor& x, const Tensor& weight, const Op
 Tensor float_vector(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 const float* float_ptr(const OptTensor& t) { return t ? t->data_ptr<float>() : nullptr; }
 
-// The internal op's contract (the public op checks what a user passes, in torch's words): CUDA 4-D channels_last
-// input of a kernel dtype, the residual like it, per-channel vectors [C] on its device, running statistics in eval.
+// The internal op's contract (the public op checks what a user passes, in torch's words): CUDA 4-D input of a
+// kernel dtype, the residual like it, per-channel vectors [C] on its device, running statistics in eval. Input or a
+// residual that is not channels_last (inductor may pick other strides than the eager trace's) runs the reference.
 std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_cuda(const Tensor& input, const OptTensor& running_mean,
                                                             const OptTensor& running_var, const OptTensor& weight,
                                                             const OptTensor& bias, bool training, double momentum,
                                                             double eps, const OptTensor& residual) {
   const char* op = "batch_norm_relu_fwd";
-  TORCH_CHECK_VALUE(input.is_cuda() && input.dim() == 4 && input.is_contiguous(kChannelsLast), op,
-                    ": input must be a 4-D channels_last CUDA tensor, got ", shape(input));
+  TORCH_CHECK_VALUE(input.is_cuda() && input.dim() == 4, op, ": input must be a 4-D CUDA tensor, got ", shape(input));
   check_float_dtype(input, op, "input");
+  if (!input.is_contiguous(kChannelsLast) || (residual && !residual->is_contiguous(kChannelsLast))) {
+    warn_fallback("batch_norm_relu", "input or residual not channels_last (NHWC) has no fused kernel",
+                  "the PyTorch reference (F.batch_norm, + residual, relu)");
+    return batch_norm_relu_fwd_reference(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                         residual);
+  }
   const int64_t channels = input.size(1), rows = input.numel() / std::max<int64_t>(channels, 1);
   TORCH_CHECK_VALUE(rows > (training ? 1 : 0), op, ": input ", shape(input), " has too few values per channel");
   TORCH_CHECK_VALUE(training || (running_mean && running_var), op, ": eval mode needs running_mean and running_var");
@@ -148,9 +164,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_cuda(const Tensor& input,
                       " must have ", num(channels), " elements on input's device, got ", shape(**t));
   }
   if (residual) {
-    TORCH_CHECK_VALUE(residual->sizes() == input.sizes() && residual->is_contiguous(kChannelsLast) &&
-                          residual->device() == input.device(),
-                      op, ": residual must be input's shape, channels_last and on its device, got ", shape(*residual));
+    TORCH_CHECK_VALUE(residual->sizes() == input.sizes() && residual->device() == input.device(), op,
+                      ": residual must be input's shape and on its device, got ", shape(*residual));
     TORCH_CHECK_TYPE(residual->scalar_type() == input.scalar_type(), op, ": residual must have input's dtype");
   }
   const c10::cuda::CUDAGuard guard(input.device());
@@ -198,11 +213,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_bwd_cuda(const Tensor
                                                                     const Tensor& save_mean, const Tensor& save_invstd,
                                                                     bool training, std::array<bool, 4> mask) {
   const char* op = "batch_norm_relu_bwd";
-  TORCH_CHECK_VALUE(input.is_cuda() && input.dim() == 4 && input.is_contiguous(kChannelsLast) &&
-                        out.sizes() == input.sizes() && out.is_contiguous(kChannelsLast) &&
+  TORCH_CHECK_VALUE(input.is_cuda() && input.dim() == 4 && out.sizes() == input.sizes() &&
                         grad_out.sizes() == input.sizes(),
-                    op, ": input and out must be 4-D channels_last CUDA tensors of one shape, and grad_out of it");
+                    op, ": input, out and grad_out must be 4-D CUDA tensors of one shape");
   check_float_dtype(input, op, "input");
+  if (!input.is_contiguous(kChannelsLast) || !out.is_contiguous(kChannelsLast)) {
+    warn_fallback("batch_norm_relu", "input not channels_last (NHWC) has no fused kernel",
+                  "the PyTorch reference (F.batch_norm, + residual, relu)");
+    return batch_norm_relu_bwd_reference(grad_out, input, out, weight, save_mean, save_invstd, training, mask);
+  }
   TORCH_CHECK_TYPE(out.scalar_type() == input.scalar_type() && grad_out.scalar_type() == input.scalar_type(), op,
                    ": grad_out and out must have input's dtype");
   const int64_t channels = input.size(1), rows = input.numel() / std::max<int64_t>(channels, 1);

@@ -652,26 +652,6 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_autograd(const Tensor& in
   return outputs;
 }
 
-// CPU: PyTorch's batch norm (which updates the running statistics), then + residual and relu; eval's saved
-// statistics from the running ones.
-std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_cpu(const Tensor& input, const OptTensor& running_mean,
-                                                           const OptTensor& running_var, const OptTensor& weight,
-                                                           const OptTensor& bias, bool training, double momentum,
-                                                           double eps, const OptTensor& residual) {
-  const char* op = "batch_norm_relu_fwd";
-  check_batch_norm_args(op, input, running_mean, running_var, weight, bias, training, residual);
-  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D [N, C, H, W], got ", shape(input));
-  TORCH_CHECK(training || (running_mean && running_var), op, ": eval mode needs running_mean and running_var");
-  const auto acc = opmath_dtype(input.scalar_type());
-  auto [z, mean, invstd] = at::native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps);
-  if (!training) {
-    mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true);
-    invstd = (running_var->to(acc) + eps).rsqrt();
-  }
-  if (residual) z = z + *residual;
-  return {at::relu(z).contiguous(kChannelsLast), mean.to(acc), invstd.to(acc)};
-}
-
 std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_meta(const Tensor& input, const OptTensor& running_mean,
                                                             const OptTensor& running_var, const OptTensor& weight,
                                                             const OptTensor& bias, bool training, double momentum,
@@ -680,16 +660,6 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_meta(const Tensor& input,
   const auto stats = input.options().dtype(opmath_dtype(input.scalar_type()));
   return {at::empty_symint(input.sym_sizes(), input.options().memory_format(kChannelsLast)),
           at::empty_symint({input.sym_size(1)}, stats), at::empty_symint({input.sym_size(1)}, stats)};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_bwd_cpu(const Tensor& grad_out, const Tensor& input,
-                                                                   const Tensor& out, const OptTensor& weight,
-                                                                   const Tensor& save_mean, const Tensor& save_invstd,
-                                                                   bool training, std::array<bool, 4> mask) {
-  const Tensor g = at::threshold_backward(grad_out, out, 0);
-  auto [dx, dw, db] =
-      batch_norm_grads_reference(g, input, weight, save_mean, save_invstd, training, {mask[0], mask[1], mask[2]});
-  return {mask[0] ? dx.contiguous(kChannelsLast) : Tensor(), dw, db, mask[3] ? g.contiguous(kChannelsLast) : Tensor()};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_bwd_meta(const Tensor& grad_out, const Tensor& input,
@@ -716,6 +686,38 @@ const RegisterOpInfo conv2d_bias_relu_info{
 
 }  // namespace
 
+// The internal op in PyTorch ops, its CPU kernel and conv_api.cpp's where the kernels do not take a call: PyTorch's
+// batch norm (which updates the running statistics), then + residual and relu; eval's saved statistics from the
+// running ones.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_reference(const Tensor& input, const OptTensor& running_mean,
+                                                           const OptTensor& running_var, const OptTensor& weight,
+                                                           const OptTensor& bias, bool training, double momentum,
+                                                           double eps, const OptTensor& residual) {
+  const char* op = "batch_norm_relu_fwd";
+  check_batch_norm_args(op, input, running_mean, running_var, weight, bias, training, residual);
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D [N, C, H, W], got ", shape(input));
+  TORCH_CHECK(training || (running_mean && running_var), op, ": eval mode needs running_mean and running_var");
+  const auto acc = opmath_dtype(input.scalar_type());
+  auto [z, mean, invstd] = at::native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps);
+  if (!training) {
+    mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true);
+    invstd = (running_var->to(acc) + eps).rsqrt();
+  }
+  if (residual) z = z + *residual;
+  return {at::relu(z).contiguous(kChannelsLast), mean.to(acc), invstd.to(acc)};
+}
+
+// The internal backward in PyTorch ops: its CPU kernel, and conv_api.cpp's where the kernels do not take a call.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_bwd_reference(const Tensor& grad_out, const Tensor& input,
+                                                                   const Tensor& out, const OptTensor& weight,
+                                                                   const Tensor& save_mean, const Tensor& save_invstd,
+                                                                   bool training, std::array<bool, 4> mask) {
+  const Tensor g = at::threshold_backward(grad_out, out, 0);
+  auto [dx, dw, db] =
+      batch_norm_grads_reference(g, input, weight, save_mean, save_invstd, training, {mask[0], mask[1], mask[2]});
+  return {mask[0] ? dx.contiguous(kChannelsLast) : Tensor(), dw, db, mask[3] ? g.contiguous(kChannelsLast) : Tensor()};
+}
+
 TORCH_LIBRARY_IMPL(fusedkernels, CompositeImplicitAutograd, m) {
   m.impl("conv2d_bias_relu", &conv2d_bias_relu_composite);
   m.impl("batch_norm_relu", &batch_norm_relu_composite);
@@ -734,8 +736,8 @@ TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
   m.impl("conv2d_bias_relu_fwd", &conv2d_bias_relu_fwd_cpu);
-  m.impl("batch_norm_relu_fwd", &batch_norm_relu_fwd_cpu);
-  m.impl("batch_norm_relu_bwd", &batch_norm_relu_bwd_cpu);
+  m.impl("batch_norm_relu_fwd", &batch_norm_relu_fwd_reference);
+  m.impl("batch_norm_relu_bwd", &batch_norm_relu_bwd_reference);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {

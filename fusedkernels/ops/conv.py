@@ -331,7 +331,7 @@ def batch_norm_relu(
 
     Raises ValueError as F.batch_norm for training with one value per channel ("Expected more than 1 value per
     channel when training"), RuntimeError for weight, bias or running statistics without C elements ("running_mean
-    should contain C elements not ..."), a residual not input's shape or on another device, and whatever F.batch_norm
-    raises on the reference path (eval without running statistics, input with fewer than 2 dimensions).
+    should contain C elements not ..."), input with fewer than 2 dimensions, a residual not input's shape or on another
+    device, and whatever F.batch_norm raises on the reference path (eval without running statistics).
     """
     return _batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps, residual)
