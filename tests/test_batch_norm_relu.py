@@ -20,7 +20,7 @@ import fusedkernels.ops as fops
 from fusedkernels import _native
 from fusedkernels.ops.conv import _batch_norm_relu_without_native, batch_norm_relu_ref
 
-from .helpers import assert_close_to_ref, max_err, poison_allocator
+from .helpers import assert_close_to_ref, check_graph_replays, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("batch_norm_relu"), reason="needs the native conv ops")
 CL = torch.channels_last
@@ -318,6 +318,24 @@ def test_cuda_routing_warns_once_per_reason_and_runs_the_reference(monkeypatch):
         assert len([c for c in caught if reason in str(c.message)]) == 1, reason
         want = batch_norm_relu_ref(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
         assert max_err(out, want) < 1e-2 * max(want.abs().max().item(), 1.0)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_cuda_graph_capture_and_replay():
+    def inputs():
+        x, _, _, w, b, r = _case(4, 24, 6, 5, dtype=torch.bfloat16, device="cuda", offset=3.0, residual=True)
+        return [x, w, b, r]
+
+    static = [t.requires_grad_() for t in inputs()]
+    rm, rv = torch.zeros(24, device="cuda"), torch.ones(24, device="cuda")
+    dy = torch.randn(4, 24, 6, 5, device="cuda").bfloat16().contiguous(memory_format=CL)
+
+    def step(x, w, b, r):  # training: the output does not depend on the running statistics it updates
+        out = fops.batch_norm_relu(x, rm, rv, w, b, True, 0.1, 1e-5, r)
+        return [out, *torch.autograd.grad(out, (x, w, b, r), dy)]
+
+    check_graph_replays(step, static, inputs, ["out", "dx", "dweight", "dbias", "dresidual"])
 
 
 @pytest.mark.cuda
