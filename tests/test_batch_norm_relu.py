@@ -229,6 +229,18 @@ def test_conv_bn_relu_training_steps_match_torch_modules(bn_args, residual):
             assert max_err(buf, getattr(bn, name)) < 1e-12, name
 
 
+def test_conv_bn_relu_training_compiles_fullgraph():
+    block = fnn.FusedConvBNReLU(4, 8, 3, padding=1)
+    twin = fnn.FusedConvBNReLU(4, 8, 3, padding=1)
+    twin.load_state_dict(block.state_dict())
+    step = torch.compile(lambda x, h: block(x, h), fullgraph=True)
+    for _ in range(2):
+        x, h = torch.randn(2, 4, 6, 6), torch.randn(2, 8, 6, 6)
+        assert max_err(step(x, h), twin(x, h)) < 1e-5
+        for name, buf in block.bn.named_buffers():
+            assert max_err(buf, getattr(twin.bn, name)) < 1e-6, name
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA
 # ------------------------------------------------------------------------------------------------
@@ -369,3 +381,4 @@ def test_cuda_conv_bn_relu_training_step_matches_torch_modules():
         assert max_err(out, want) < 5e-2 * max(want.abs().max().item(), 1.0)
         for name, buf in bn.named_buffers():
             assert max_err(buf, getattr(bn_ref, name)) < 1e-3 * max(buf.abs().max().item(), 1.0), name
+
