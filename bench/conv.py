@@ -23,6 +23,14 @@ modules, the residual add inside the last one), torch-compile (torch.compile of 
 reason where torchvision is missing. TFLOP/s counts 4.1 GFLOP per image forward (2 x the 2.05 G multiply-adds
 torchvision lists), three times that for the training step.
 
+BatchNorm + ReLU rows (training mode, the BatchNorm after each ResNet-50 convolution; bf16 channels_last, float32
+parameters and running statistics): ops.batch_norm_relu (impl fusedkernels) against eager
+F.relu(F.batch_norm(...) (+ residual)) and torch.compile of it, forward and forward + backward (dx, dweight, dbias,
+dresidual). GB/s counts the two-pass algorithm's minimum traffic in units of the activation: forward reads x twice
+(statistics, then normalise) and writes y, 3 units (+1 reading the residual); backward reads dy, y and x twice (sums,
+then dx) and writes dx, 7 units (+1 writing dresidual); pct_copy is GB/s against the device copy ceiling measured in
+the same run.
+
 Every timing is a CUDA-graph replay over rotated input sets (`common.time_graph`). `python -m bench.conv` (no GPU
 needed) prints the plan: cases, impls, sets, replays and the estimated GPU seconds.
 """
@@ -336,6 +344,74 @@ def _run_case(case: Case, rows: list, matmul: float, ours_why: str) -> None:
     common.free_cuda()
 
 
+# ------------------------------------------------------------------------------------------------
+# BatchNorm + ReLU (training)
+# ------------------------------------------------------------------------------------------------
+
+BN_CASES = [  # N, C, H (= W), residual: after conv1 / conv2 of layer1, layer2's conv2, layer4's conv3 (+ residual)
+    (64, 256, 56, False),
+    (64, 256, 56, True),
+    (64, 512, 28, False),
+    (64, 2048, 7, True),
+]
+
+
+def _bn_impls() -> dict[str, Callable]:
+    def eager(x, rm, rv, w, b, r):
+        z = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+        return F.relu(z if r is None else z + r)
+
+    ours = lambda x, rm, rv, w, b, r: ops.batch_norm_relu(x, rm, rv, w, b, True, 0.1, 1e-5, r)  # noqa: E731
+    return {OURS: ours, TORCH: eager, COMPILE: torch.compile(eager)}
+
+
+def _bn_rows(rows: list, copy_gbps: float, ours_why: str) -> None:
+    impls = _bn_impls()
+    for n, c, hw, residual in BN_CASES:
+        act_bytes = n * c * hw * hw * torch.finfo(DTYPE).bits // 8
+        n_sets = sets_for(6 * act_bytes)
+        sets = []
+        for _ in range(n_sets):
+            x = torch.randn(n, c, hw, hw, device="cuda", dtype=DTYPE).to(memory_format=CL)
+            r = torch.randn_like(x) if residual else None
+            sets.append((x, r, torch.randn_like(x)))
+        rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+        w, b = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda") * 0.1
+        for backward in (False, True):
+            name = f"bn+relu {'fwd+bwd' if backward else 'fwd'} {n}x{c}x{hw}^2{' +residual' if residual else ''}"
+            units = (10 + 2 * residual) if backward else (3 + residual)
+            if not common.selected([name], str):  # BENCH_CASES
+                continue
+            for impl, fn in impls.items():
+                if impl == OURS and ours_why:
+                    rows.append(Row(SUITE, name, impl, None, extra={"group": "bn+relu", "skipped": ours_why}))
+                    continue
+                grads = [(x.detach().requires_grad_(), None if r is None else r.detach().requires_grad_(), dy)
+                         for x, r, dy in sets]
+                leaves = [w.detach().requires_grad_(), b.detach().requires_grad_()]
+
+                def call(i, fn=fn, backward=backward, grads=grads, leaves=leaves):
+                    if not backward:
+                        with torch.no_grad():
+                            return fn(sets[i][0], rm, rv, w, b, sets[i][1])
+                    x, r, dy = grads[i]
+                    y = fn(x, rm, rv, *leaves, r)
+                    return torch.autograd.grad(y, [t for t in (x, *leaves, r) if t is not None], dy)
+
+                try:
+                    ms = time_graph(call, n_sets, warmup=WARMUP)
+                except Exception as e:  # noqa: BLE001 (a refusal or a failed capture skips the row)
+                    rows.append(Row(SUITE, name, impl, None, extra={"group": "bn+relu", "skipped": common.why(e)}))
+                    common.free_cuda()
+                    continue
+                gbps = units * act_bytes / ms / 1e6
+                rows.append(Row(SUITE, name, impl, round(ms, 5), GBps=round(gbps, 1),
+                                extra={"group": "bn+relu", "pct_copy": round(100 * gbps / copy_gbps, 1)}))
+                print(f"  {name:<44} {impl:<18} {ms * 1e3:9.1f} us {gbps:8.0f} GB/s", flush=True)
+        del sets
+        common.free_cuda()
+
+
 def run() -> list[Row]:
     matmul = common.ceilings()["matmul_bf16_TFLOPs"]
     ours_ok, ours_why = native_conv()
@@ -344,6 +420,8 @@ def run() -> list[Row]:
     rows: list[Row] = []
     for case in common.selected(cases(), lambda c: c.name()):
         _run_case(case, rows, matmul, ours_why)
+    bn_why = ours_why or ("" if _native.has_op("batch_norm_relu") else "this build has no batch_norm_relu op")
+    _bn_rows(rows, common.ceilings()["copy_GBps"], bn_why)
     return rows
 
 

@@ -70,6 +70,9 @@ using LinearAct = Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::st
 constexpr char kConv2dBiasRelu[] = "fusedkernels::conv2d_bias_relu";
 using Conv2dBiasRelu = Tensor(const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
                               at::IntArrayRef, const OptTensor&);
+constexpr char kBatchNormRelu[] = "fusedkernels::batch_norm_relu";
+using BatchNormRelu = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
+                             double, double, const OptTensor&);
 
 constexpr char kApplyRotary[] = "fusedkernels::apply_rotary";
 constexpr char kApplyRotaryInplace[] = "fusedkernels::apply_rotary_";
@@ -108,6 +111,8 @@ PyMethodDef methods[] = {
      "fusedkernels::linear_gated, or NotImplemented"},
     {"conv2d_bias_relu", fast<Conv2dBiasRelu, kConv2dBiasRelu>(), METH_FASTCALL,
      "fusedkernels::conv2d_bias_relu, or NotImplemented"},
+    {"batch_norm_relu", fast<BatchNormRelu, kBatchNormRelu>(), METH_FASTCALL,
+     "fusedkernels::batch_norm_relu, or NotImplemented"},
     {"apply_rotary", fast<ApplyRotary, kApplyRotary>(), METH_FASTCALL, "fusedkernels::apply_rotary, or NotImplemented"},
     {"apply_rotary_", fast<ApplyRotaryInplace, kApplyRotaryInplace>(), METH_FASTCALL,
      "fusedkernels::apply_rotary_, or NotImplemented"},

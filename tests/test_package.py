@@ -42,14 +42,17 @@ def test_native_module_built_and_loaded():
     assert os.path.dirname(os.path.abspath(fusedkernels.__file__)) == os.path.join(ROOT, "fusedkernels")
     assert os.path.dirname(os.path.abspath(_native.module.__file__)) == os.path.join(ROOT, "fusedkernels")
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
-    for op in ("layer_norm", "rms_norm", "conv2d_bias_relu", "apply_rotary", "linear_cross_entropy"):  # public ops: composites that route each input
+    for op in ("layer_norm", "rms_norm", "conv2d_bias_relu", "batch_norm_relu", "apply_rotary",
+               "linear_cross_entropy"):  # public ops: composites that route each input
         assert has_kernel(f"fusedkernels::{op}", "CompositeImplicitAutograd"), op
     for op in ("layer_norm_fwd", "rms_norm_bwd", "adam_step_", "sgd_step_", "lamb_step_", "grad_norm", "sm90_double",
-               "conv2d_bias_relu_fwd", "rotary_fwd", "rotary_", "linear_cross_entropy_fwd", "linear_cross_entropy_bwd"):
+               "conv2d_bias_relu_fwd", "batch_norm_relu_fwd", "batch_norm_relu_bwd", "rotary_fwd", "rotary_",
+               "linear_cross_entropy_fwd", "linear_cross_entropy_bwd"):
         assert _native.has_op(op), op
         assert has_kernel(f"fusedkernels::{op}", "Meta"), op  # fake tensors: torch.compile, export
     for op in ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "adam_step_", "grad_norm",
-               "conv2d_bias_relu_fwd", "rotary_fwd", "rotary_", "linear_cross_entropy_fwd", "linear_cross_entropy_bwd"):
+               "conv2d_bias_relu_fwd", "batch_norm_relu_fwd", "batch_norm_relu_bwd", "rotary_fwd", "rotary_",
+               "linear_cross_entropy_fwd", "linear_cross_entropy_bwd"):
         assert has_kernel(f"fusedkernels::{op}", "CUDA"), op
 
 

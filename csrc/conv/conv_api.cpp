@@ -6,7 +6,9 @@
 //     the call, wherever conv::conv2d_supported takes the call (Conv2dParams from channels_last (NHWC) tensors,
 //     launched on the current stream);
 //   - else the reference, with one warning per reason (tensors not NHWC-dense, no kernel takes the call).
-// The public op, autograd and the CPU / meta kernels are in conv_ops.cpp. Nothing here syncs or calls cudaMalloc:
+// CUDA kernels of fusedkernels::batch_norm_relu_fwd / _bwd: the BatchNorm + residual + ReLU kernels
+// (batch_norm_relu.cuh) on channels_last tensors, the per-channel vectors in float32.
+// The public ops, autograd and the CPU / meta kernels are in conv_ops.cpp. Nothing here syncs or calls cudaMalloc:
 // CUDA-graph capture safe.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,6 +19,7 @@
 
 #include "common/torch/checks.h"
 #include "common/torch/ops.h"
+#include "conv/batch_norm_relu.h"
 #include "conv/conv.h"
 
 namespace fusedkernels::conv {
@@ -27,6 +30,16 @@ at::Tensor conv2d_bias_relu_reference(const at::Tensor& x, const at::Tensor& wei
                                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation,
                                       const std::optional<at::Tensor>& residual);
+
+// Defined in conv_ops.cpp (the CPU kernels): batch_norm_relu_fwd / _bwd in PyTorch ops.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_fwd_reference(
+    const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+    const std::optional<at::Tensor>& residual);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_bwd_reference(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out, const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, std::array<bool, 4> output_mask);
 
 namespace {
 
@@ -120,8 +133,148 @@ Tensor conv2d_bias_relu_fwd_cuda(const Tensor& x, const Tensor& weight, const Op
   return out;
 }
 
+// batch_norm_relu's per-channel vector as the kernels read it: float32 and dense (a copy of a vector of another
+// dtype or strided).
+Tensor float_vector(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+const float* float_ptr(const OptTensor& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+// The internal op's contract (the public op checks what a user passes, in torch's words): CUDA 4-D input of a
+// kernel dtype, the residual like it, per-channel vectors [C] on its device, running statistics in eval. Input or a
+// residual that is not channels_last (inductor may pick other strides than the eager trace's) runs the reference.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_cuda(const Tensor& input, const OptTensor& running_mean,
+                                                            const OptTensor& running_var, const OptTensor& weight,
+                                                            const OptTensor& bias, bool training, double momentum,
+                                                            double eps, const OptTensor& residual) {
+  const char* op = "batch_norm_relu_fwd";
+  TORCH_CHECK_VALUE(input.is_cuda() && input.dim() == 4, op, ": input must be a 4-D CUDA tensor, got ", shape(input));
+  check_float_dtype(input, op, "input");
+  if (!input.is_contiguous(kChannelsLast) || (residual && !residual->is_contiguous(kChannelsLast))) {
+    warn_fallback("batch_norm_relu", "input or residual not channels_last (NHWC) has no fused kernel",
+                  "the PyTorch reference (F.batch_norm, + residual, relu)");
+    return batch_norm_relu_fwd_reference(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                         residual);
+  }
+  const int64_t channels = input.size(1), rows = input.numel() / std::max<int64_t>(channels, 1);
+  TORCH_CHECK_VALUE(rows > (training ? 1 : 0), op, ": input ", shape(input), " has too few values per channel");
+  TORCH_CHECK_VALUE(training || (running_mean && running_var), op, ": eval mode needs running_mean and running_var");
+  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias},
+                                std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}}) {
+    if (!*t) continue;
+    TORCH_CHECK_VALUE((*t)->numel() == channels && (*t)->device() == input.device(), op, ": ", name,
+                      " must have ", num(channels), " elements on input's device, got ", shape(**t));
+  }
+  if (residual) {
+    TORCH_CHECK_VALUE(residual->sizes() == input.sizes() && residual->device() == input.device(), op,
+                      ": residual must be input's shape and on its device, got ", shape(*residual));
+    TORCH_CHECK_TYPE(residual->scalar_type() == input.scalar_type(), op, ": residual must have input's dtype");
+  }
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto floats = input.options().dtype(at::kFloat);
+  const OptTensor w = weight ? OptTensor(float_vector(*weight)) : std::nullopt;
+  const OptTensor b = bias ? OptTensor(float_vector(*bias)) : std::nullopt;
+  // running statistics the kernel updates in place where they are float32 and dense; else it updates float32
+  // copies, written back below
+  OptTensor mean_acc = running_mean ? OptTensor(float_vector(*running_mean)) : std::nullopt;
+  OptTensor var_acc = running_var ? OptTensor(float_vector(*running_var)) : std::nullopt;
+
+  Tensor out = at::empty(input.sizes(), input.options().memory_format(kChannelsLast));
+  Tensor save_mean = at::empty({channels}, floats), save_invstd = at::empty({channels}, floats);
+  BatchNormReluParams p;
+  p.dtype = to_dtype(input.scalar_type());
+  p.rows = rows;
+  p.channels = channels;
+  p.x = input.data_ptr();
+  p.residual = residual ? residual->data_ptr() : nullptr;
+  p.y = out.data_ptr();
+  p.weight = float_ptr(w);
+  p.bias = float_ptr(b);
+  p.running_mean = mean_acc ? mean_acc->data_ptr<float>() : nullptr;
+  p.running_var = var_acc ? var_acc->data_ptr<float>() : nullptr;
+  p.save_mean = save_mean.data_ptr<float>();
+  p.save_invstd = save_invstd.data_ptr<float>();
+  p.training = training;
+  p.momentum = static_cast<float>(momentum);
+  p.eps = static_cast<float>(eps);
+  Tensor workspace;
+  if (training) {
+    workspace = at::empty({batch_norm_relu_workspace(p.dtype, rows, channels)}, floats);
+    p.workspace = workspace.data_ptr<float>();
+  }
+  check_launch(batch_norm_relu_fwd(p, c10::cuda::getCurrentCUDAStream()), op);
+  if (training) {
+    if (running_mean && !mean_acc->is_same(*running_mean)) running_mean->copy_(*mean_acc);
+    if (running_var && !var_acc->is_same(*running_var)) running_var->copy_(*var_acc);
+  }
+  return {out, save_mean, save_invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_bwd_cuda(const Tensor& grad_out, const Tensor& input,
+                                                                    const Tensor& out, const OptTensor& weight,
+                                                                    const Tensor& save_mean, const Tensor& save_invstd,
+                                                                    bool training, std::array<bool, 4> mask) {
+  const char* op = "batch_norm_relu_bwd";
+  TORCH_CHECK_VALUE(input.is_cuda() && input.dim() == 4 && out.sizes() == input.sizes() &&
+                        grad_out.sizes() == input.sizes(),
+                    op, ": input, out and grad_out must be 4-D CUDA tensors of one shape");
+  check_float_dtype(input, op, "input");
+  if (!input.is_contiguous(kChannelsLast) || !out.is_contiguous(kChannelsLast)) {
+    warn_fallback("batch_norm_relu", "input not channels_last (NHWC) has no fused kernel",
+                  "the PyTorch reference (F.batch_norm, + residual, relu)");
+    return batch_norm_relu_bwd_reference(grad_out, input, out, weight, save_mean, save_invstd, training, mask);
+  }
+  TORCH_CHECK_TYPE(out.scalar_type() == input.scalar_type() && grad_out.scalar_type() == input.scalar_type(), op,
+                   ": grad_out and out must have input's dtype");
+  const int64_t channels = input.size(1), rows = input.numel() / std::max<int64_t>(channels, 1);
+  TORCH_CHECK_TYPE(save_mean.scalar_type() == at::kFloat && save_invstd.scalar_type() == at::kFloat, op,
+                   ": save_mean and save_invstd must be float32");
+  TORCH_CHECK_VALUE(save_mean.numel() == channels && save_invstd.numel() == channels &&
+                        (!weight || weight->numel() == channels),
+                    op, ": save_mean, save_invstd and weight must have ", num(channels), " elements");
+  const c10::cuda::CUDAGuard guard(input.device());
+  // the upstream gradient in the kernels' layout: a copy when autograd hands another (an expanded sum's gradient)
+  const Tensor dy = grad_out.contiguous(kChannelsLast);
+  const auto floats = input.options().dtype(at::kFloat);
+  const auto like_input = input.options().memory_format(kChannelsLast);
+  const OptTensor w = weight ? OptTensor(float_vector(*weight)) : std::nullopt;
+  const Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
+  const bool sums = mask[1] || mask[2] || (training && mask[0]);
+  Tensor dx = mask[0] ? at::empty(input.sizes(), like_input) : Tensor();
+  Tensor dresidual = mask[3] ? at::empty(input.sizes(), like_input) : Tensor();
+  Tensor dweight = sums ? at::empty({channels}, floats) : Tensor(), dbias = sums ? at::empty({channels}, floats) : Tensor();
+  if (rows == 0 || channels == 0) {  // nothing to read: zero sums, empty gradients
+    if (sums) dweight.zero_(), dbias.zero_();
+  } else {
+    BatchNormReluBackwardParams p;
+    p.dtype = to_dtype(input.scalar_type());
+    p.rows = rows;
+    p.channels = channels;
+    p.dy = dy.data_ptr();
+    p.x = input.data_ptr();
+    p.y = out.data_ptr();
+    p.weight = float_ptr(w);
+    p.save_mean = mean.data_ptr<float>();
+    p.save_invstd = invstd.data_ptr<float>();
+    p.training = training;
+    p.dx = mask[0] ? dx.data_ptr() : nullptr;
+    p.dresidual = mask[3] ? dresidual.data_ptr() : nullptr;
+    p.dweight = sums ? dweight.data_ptr<float>() : nullptr;
+    p.dbias = sums ? dbias.data_ptr<float>() : nullptr;
+    Tensor workspace;
+    if (sums) {
+      workspace = at::empty({batch_norm_relu_workspace(p.dtype, rows, channels)}, floats);
+      p.workspace = workspace.data_ptr<float>();
+    }
+    check_launch(batch_norm_relu_bwd(p, c10::cuda::getCurrentCUDAStream()), op);
+  }
+  return {dx, mask[1] ? dweight : Tensor(), mask[2] ? dbias : Tensor(), dresidual};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) { m.impl("conv2d_bias_relu_fwd", &conv2d_bias_relu_fwd_cuda); }
+TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
+  m.impl("conv2d_bias_relu_fwd", &conv2d_bias_relu_fwd_cuda);
+  m.impl("batch_norm_relu_fwd", &batch_norm_relu_fwd_cuda);
+  m.impl("batch_norm_relu_bwd", &batch_norm_relu_bwd_cuda);
+}
 
 }  // namespace fusedkernels::conv

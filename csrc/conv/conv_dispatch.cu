@@ -1,10 +1,12 @@
 // conv2d: whether a kernel takes the params, and the dtype switch onto the Hopper implicit-GEMM kernel's
-// instances (sm90/conv2d_sm90_*.cu).
+// instances (sm90/conv2d_sm90_*.cu); batch_norm_relu: the dtype switch onto its instances
+// (batch_norm_relu_{fp32,fp16,bf16}.cu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "common/host/launch.h"
 #include "common/host/static_switch.h"
+#include "conv/batch_norm_relu.h"
 #include "conv/conv.h"
 
 namespace fusedkernels::conv {
@@ -13,6 +15,12 @@ template <typename T>
 bool conv2d_sm90_available();
 template <typename T>
 cudaError_t launch_conv2d_sm90(const Conv2dParams& p, cudaStream_t stream);
+template <typename T>
+int64_t batch_norm_relu_workspace_of(int64_t rows, int64_t channels);
+template <typename T>
+cudaError_t batch_norm_relu_fwd_of(const BatchNormReluParams& p, cudaStream_t stream);
+template <typename T>
+cudaError_t batch_norm_relu_bwd_of(const BatchNormReluBackwardParams& p, cudaStream_t stream);
 
 namespace {
 
@@ -45,6 +53,22 @@ bool conv2d_supported(const Conv2dParams& p) {
 
 cudaError_t conv2d(const Conv2dParams& p, cudaStream_t stream) {
   return with_type(p.dtype, [&]<typename T>() { return launch_conv2d_sm90<T>(p, stream); });
+}
+
+bool batch_norm_relu_supported(DType dtype) {
+  return dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16;
+}
+
+int64_t batch_norm_relu_workspace(DType dtype, int64_t rows, int64_t channels) {
+  return float_type_switch(dtype, [&]<typename T>() { return batch_norm_relu_workspace_of<T>(rows, channels); });
+}
+
+cudaError_t batch_norm_relu_fwd(const BatchNormReluParams& p, cudaStream_t stream) {
+  return float_type_switch(p.dtype, [&]<typename T>() { return batch_norm_relu_fwd_of<T>(p, stream); });
+}
+
+cudaError_t batch_norm_relu_bwd(const BatchNormReluBackwardParams& p, cudaStream_t stream) {
+  return float_type_switch(p.dtype, [&]<typename T>() { return batch_norm_relu_bwd_of<T>(p, stream); });
 }
 
 }  // namespace fusedkernels::conv

@@ -11,6 +11,14 @@
 //
 //   z = conv2d(x, weight, stride, padding, dilation) + bias + residual,  out = relu(z); groups = 1; in the inputs'
 //   dtype; out in x's memory format (channels_last for a channels_last x, else contiguous), as F.conv2d's.
+//
+//   fusedkernels::batch_norm_relu         CompositeImplicitAutograd: F.batch_norm's checks, route, call
+//     -> fusedkernels::batch_norm_relu_fwd    Autograd: attaches BatchNormReluBackward; CUDA: the fused kernels
+//                                             (conv_api.cpp); CPU: PyTorch's batch norm; Meta: shapes
+//        backward: fusedkernels::batch_norm_relu_bwd (the mask y > 0 from the saved output), or under create_graph
+//        PyTorch's differentiable batch-norm backward
+//
+//   out = relu(batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual)
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -31,6 +39,19 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // layout optimisation passes x in strides other than the trace's, so the output's must not depend on them).
   m.def("conv2d_bias_relu_fwd(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding,"
         " int[2] dilation, Tensor? residual) -> Tensor");
+  // Public op: F.batch_norm's arguments (input [N, C, ...], the rest [C]; running statistics updated in place in
+  // training) and residual, input's shape, added before the ReLU.
+  m.def("batch_norm_relu(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight=None,"
+        " Tensor? bias=None, bool training=False, float momentum=0.1, float eps=1e-05, Tensor? residual=None)"
+        " -> Tensor");
+  // Internal: input 4-D, residual of its dtype. Returns (out channels_last, save_mean, save_invstd): the mean and
+  // 1 / sqrt(var + eps) used (batch or running statistics), [C] in float32 (float64 for float64 input).
+  m.def("batch_norm_relu_fwd(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight,"
+        " Tensor? bias, bool training, float momentum, float eps, Tensor? residual) -> (Tensor, Tensor, Tensor)");
+  // Internal: (d input, d weight, d bias, d residual) where output_mask says, the parameter gradients as sums in
+  // save_mean's dtype (the caller casts them to the parameters').
+  m.def("batch_norm_relu_bwd(Tensor grad_out, Tensor input, Tensor out, Tensor? weight, Tensor save_mean,"
+        " Tensor save_invstd, bool training, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace fusedkernels::conv {
@@ -383,6 +404,281 @@ Tensor conv2d_bias_relu_fwd_meta(const Tensor& x, const Tensor& weight, const Op
   return at::empty_symint(out_shape(x, weight, g), x.options().memory_format(kChannelsLast));
 }
 
+// ------------------------------------------------------------------------------------------------
+// batch_norm_relu
+// ------------------------------------------------------------------------------------------------
+
+constexpr const char* kBnReference = "the PyTorch reference (F.batch_norm, + residual, relu)";
+
+using BatchNormReluFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
+                                                            const OptTensor&, const OptTensor&, bool, double, double,
+                                                            const OptTensor&);
+using BatchNormReluBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                    const OptTensor&, const Tensor&, const Tensor&,
+                                                                    bool, std::array<bool, 4>);
+
+const c10::TypedOperatorHandle<BatchNormReluFwd>& batch_norm_relu_fwd_op() {
+  static const auto op = find_op<BatchNormReluFwd>("fusedkernels::batch_norm_relu_fwd");
+  return op;
+}
+
+const c10::TypedOperatorHandle<BatchNormReluBwd>& batch_norm_relu_bwd_op() {
+  static const auto op = find_op<BatchNormReluBwd>("fusedkernels::batch_norm_relu_bwd");
+  return op;
+}
+
+// The per-channel vector v [C] as [1, C, 1, ...] against input.
+Tensor per_channel(const Tensor& v, const Tensor& input) {
+  std::vector<int64_t> sizes(input.dim(), 1);
+  sizes[1] = v.size(0);
+  return v.view(sizes);
+}
+
+// The reference: relu(F.batch_norm(...) + residual), differentiable, in PyTorch ops (autocast as F.batch_norm's).
+Tensor batch_norm_relu_reference(const Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
+                                 const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
+                                 double eps, const OptTensor& residual) {
+  Tensor z = at::batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                            at::globalContext().userEnabledCuDNN());
+  if (residual) z = z + *residual;
+  return at::relu(z);
+}
+
+// F.batch_norm's checks that PyTorch's C++ batch_norm does not make (the batch size in training, in F.batch_norm's
+// words: ValueError), the sizes it does make (in its words, for the fused path), and the residual's.
+void check_batch_norm_args(const char* op, const Tensor& input, const OptTensor& running_mean,
+                           const OptTensor& running_var, const OptTensor& weight, const OptTensor& bias, bool training,
+                           const OptTensor& residual) {
+  TORCH_CHECK(input.dim() >= 2, op, ": input must have at least 2 dimensions [N, C, ...], got ", shape(input));
+  if (training) {
+    c10::SymInt values = input.sym_size(0);
+    for (int64_t d = 2; d < input.dim(); ++d) values = values * input.sym_size(d);
+    std::string size = "torch.Size(" + shape(input) + ")";
+    TORCH_CHECK_VALUE(values.sym_ne(1).guard_bool(__FILE__, __LINE__),
+                      "Expected more than 1 value per channel when training, got input size ", size);
+  }
+  const c10::SymInt channels = input.sym_size(1);
+  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias},
+                                std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}}) {
+    if (!*t) continue;
+    TORCH_CHECK(sym_same((*t)->sym_numel(), channels), name, " should contain ", sym_str(channels), " elements not ",
+                sym_str((*t)->sym_numel()));
+    TORCH_CHECK((*t)->device() == input.device(), op, ": ", name, " is on ", (*t)->device().str(), " but input is on ",
+                input.device().str());
+  }
+  if (residual) {
+    bool same = residual->dim() == input.dim();
+    for (int64_t d = 0; same && d < input.dim(); ++d) same = sym_same(residual->sym_size(d), input.sym_size(d));
+    TORCH_CHECK(same, op, ": residual must have input's shape ", shape(input), " (no broadcasting), got ",
+                shape(*residual));
+    TORCH_CHECK(residual->device() == input.device(), op, ": residual is on ", residual->device().str(),
+                " but input is on ", input.device().str());
+  }
+}
+
+// Why a call runs the reference instead of batch_norm_relu_fwd, or nullptr; "" for a silent reason. CPU 4-D input
+// takes the op (whose CPU kernel is PyTorch's batch norm), so the C++ autograd runs there too.
+const char* batch_norm_fallback_reason(const Tensor& input, const OptTensor& running_mean,
+                                       const OptTensor& running_var, const OptTensor& weight, const OptTensor& bias,
+                                       bool training, const OptTensor& residual) {
+  const bool tangents = has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias) ||
+                        has_forward_grad(residual);
+  const bool cuda = input.is_cuda();
+  if (!cuda && !input.is_cpu()) return "";
+  if (tangents) return cuda ? "forward-mode AD (an input with a tangent) has no fused kernel" : "";
+  // what PyTorch raises on, or computes otherwise, is its own to do (no running statistics in eval, one of the two)
+  if (running_mean.has_value() != running_var.has_value() || (!training && !running_mean)) return "";
+  if (input.sym_numel().sym_eq(0).guard_bool(__FILE__, __LINE__)) return "";
+  if (!at::isFloatingType(input.scalar_type())) return "";
+  if (input.dim() != 4) return cuda ? "input that is not 4-D [N, C, H, W] has no fused kernel" : "";
+  if (!cuda) return nullptr;
+  if (!has_kernel_dtype(input.scalar_type())) return "float64 input has no fused kernel (float32, float16, bfloat16)";
+  for (const OptTensor* t : {&weight, &bias, &running_mean, &running_var}) {
+    if (*t && (*t)->scalar_type() != at::kFloat && (*t)->scalar_type() != input.scalar_type()) {
+      return "weight, bias and running statistics other than float32 or input's dtype have no fused kernel";
+    }
+  }
+  if (!input.is_contiguous(kChannelsLast)) {
+    return "input not channels_last (NHWC) has no fused kernel (model.to(memory_format=torch.channels_last))";
+  }
+  return nullptr;
+}
+
+Tensor batch_norm_relu_composite(const Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
+                                 const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
+                                 double eps, const OptTensor& residual) {
+  const char* op = "batch_norm_relu";
+  check_batch_norm_args(op, input, running_mean, running_var, weight, bias, training, residual);
+  if (residual && residual->scalar_type() != input.scalar_type()) {
+    // as `relu(F.batch_norm(...) + residual)`: the add promotes, so nothing is fused
+    if (input.is_cuda()) warn_fallback(op, "a residual of another dtype than input's has no fused kernel", kBnReference);
+    return batch_norm_relu_reference(input, running_mean, running_var, weight, bias, training, momentum, eps, residual);
+  }
+  if (const char* why = batch_norm_fallback_reason(input, running_mean, running_var, weight, bias, training, residual)) {
+    warn_fallback(op, why, kBnReference);
+    return batch_norm_relu_reference(input, running_mean, running_var, weight, bias, training, momentum, eps, residual);
+  }
+  // the kernels read the residual in input's layout: a copy otherwise (autograd converts its gradient back)
+  const OptTensor r = residual && input.is_cuda() && !residual->is_contiguous(kChannelsLast)
+                          ? OptTensor(residual->contiguous(kChannelsLast))
+                          : residual;
+  const Tensor out =
+      std::get<0>(batch_norm_relu_fwd_op().call(input, running_mean, running_var, weight, bias, training, momentum, eps, r));
+  return out.contiguous(output_format(input));
+}
+
+// The gradients in PyTorch ops, from the masked output gradient g: the CPU kernel of batch_norm_relu_bwd, and the
+// create_graph path in eval (mean and invstd are then constants, so the result is exact to any order). Returns
+// (dx, Σ g·xhat, Σ g) as the mask asks; the sums in save_mean's dtype.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_grads_reference(const Tensor& g, const Tensor& input,
+                                                              const OptTensor& weight, const Tensor& save_mean,
+                                                              const Tensor& save_invstd, bool training,
+                                                              std::array<bool, 3> mask) {
+  const auto acc = save_mean.scalar_type();
+  const std::vector<int64_t> dims = [&] {
+    std::vector<int64_t> d{0};
+    for (int64_t i = 2; i < input.dim(); ++i) d.push_back(i);
+    return d;
+  }();
+  const Tensor gf = g.to(acc);
+  const Tensor xhat = (input.to(acc) - per_channel(save_mean, input)) * per_channel(save_invstd, input);
+  const bool sums = mask[1] || mask[2] || (training && mask[0]);
+  const Tensor sum_g = sums ? gf.sum(dims) : Tensor();
+  const Tensor sum_gx = sums ? (gf * xhat).sum(dims) : Tensor();
+  Tensor dx;
+  if (mask[0]) {
+    const Tensor a = weight ? save_invstd * weight->to(acc) : save_invstd;
+    Tensor inner = gf;
+    if (training) {
+      const double n = static_cast<double>(input.numel() / input.size(1));
+      inner = gf - per_channel(sum_g / n, input) - xhat * per_channel(sum_gx / n, input);
+    }
+    dx = (per_channel(a, input) * inner).to(input.scalar_type());
+  }
+  return {dx, mask[1] ? sum_gx : Tensor(), mask[2] ? sum_g : Tensor()};
+}
+
+// The backward of batch_norm_relu_fwd; next edges input, weight, bias, residual (absent ones have empty edges). The
+// ReLU's mask comes from the saved output (out > 0 exactly where the pre-activation is), as torch's relu backward
+// reads it; it is locally constant, so under create_graph the gradient is PyTorch's batch-norm backward of the
+// masked gradient (native_batch_norm_backward in training, whose own derivative holds the statistics' dependence on
+// input), exact to any order.
+struct BatchNormReluBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable input, weight, out, save_mean, save_invstd;
+  bool training = true, has_weight = false, has_bias = false, has_residual = false;
+  double eps = 1e-5;
+  at::ScalarType weight_dtype = at::kFloat, bias_dtype = at::kFloat;
+
+  std::string name() const override { return "fusedkernels::BatchNormReluBackward"; }
+
+  void release_variables() override {
+    for (auto* v : {&input, &weight, &out, &save_mean, &save_invstd}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list result(num_outputs());
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return result;
+    const std::array<bool, 4> mask{task_should_compute_output(0), has_weight && task_should_compute_output(1),
+                                   has_bias && task_should_compute_output(2),
+                                   has_residual && task_should_compute_output(3)};
+    const Tensor x = input.unpack(), w = weight.unpack(), y = out.unpack(getptr()).detach();
+    const Tensor mean = save_mean.unpack(), invstd = save_invstd.unpack();
+    Tensor dx, dw, db, dr;
+    if (at::GradMode::is_enabled()) {  // create_graph: differentiable ATen ops
+      const Tensor g = at::threshold_backward(dy, y, 0);
+      if (training) {
+        std::tie(dx, dw, db) = at::native_batch_norm_backward(g, x, optional_of(w), std::nullopt, std::nullopt, mean,
+                                                              invstd, true, eps, {mask[0], mask[1], mask[2]});
+      } else {
+        std::tie(dx, dw, db) =
+            batch_norm_grads_reference(g, x, optional_of(w), mean, invstd, false, {mask[0], mask[1], mask[2]});
+      }
+      if (mask[3]) dr = g;
+    } else {
+      std::tie(dx, dw, db, dr) = batch_norm_relu_bwd_op().call(dy, x, y, optional_of(w), mean, invstd, training, mask);
+    }
+    result[0] = std::move(dx);
+    if (mask[1]) result[1] = dw.to(weight_dtype);
+    if (mask[2]) result[2] = db.to(bias_dtype);
+    result[3] = std::move(dr);
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_autograd(const Tensor& input, const OptTensor& running_mean,
+                                                                const OptTensor& running_var, const OptTensor& weight,
+                                                                const OptTensor& bias, bool training, double momentum,
+                                                                double eps, const OptTensor& residual) {
+  auto outputs = [&] {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return batch_norm_relu_fwd_op().call(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                         residual);
+  }();
+  if (training) {  // as PyTorch's in-place running-statistics update: autograd sees the write
+    for (const OptTensor* t : {&running_mean, &running_var}) {
+      if (*t) torch::autograd::impl::bump_version(**t);
+    }
+  }
+  if (has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias) || has_forward_grad(residual)) {
+    // tangents the public op could not see (torch.func nests forward-mode AD inside other levels): the output from
+    // the differentiable reference (training's running statistics were updated above)
+    std::get<0>(outputs) = batch_norm_relu_reference(input, training ? OptTensor() : running_mean,
+                                                     training ? OptTensor() : running_var, weight, bias, training,
+                                                     momentum, eps, residual)
+                               .contiguous(kChannelsLast);
+    return outputs;
+  }
+  if (at::GradMode::is_enabled() &&
+      (requires_grad(input) || requires_grad(weight) || requires_grad(bias) || requires_grad(residual))) {
+    auto node = make_node<BatchNormReluBackward>();
+    auto& n = static_cast<BatchNormReluBackward&>(*node);
+    n.set_next_edges(torch::autograd::collect_next_edges(input, weight, bias, residual));
+    Tensor& out = std::get<0>(outputs);
+    torch::autograd::set_history(out, node);
+    n.input = torch::autograd::SavedVariable(input, false);
+    if (weight) n.weight = torch::autograd::SavedVariable(*weight, false);
+    n.out = torch::autograd::SavedVariable(out, /*is_output=*/true);
+    n.save_mean = torch::autograd::SavedVariable(std::get<1>(outputs), false);
+    n.save_invstd = torch::autograd::SavedVariable(std::get<2>(outputs), false);
+    n.training = training;
+    n.eps = eps;
+    n.has_weight = weight.has_value();
+    n.has_bias = bias.has_value();
+    n.has_residual = residual.has_value();
+    if (weight) n.weight_dtype = weight->scalar_type();
+    if (bias) n.bias_dtype = bias->scalar_type();
+  }
+  return outputs;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_meta(const Tensor& input, const OptTensor& running_mean,
+                                                            const OptTensor& running_var, const OptTensor& weight,
+                                                            const OptTensor& bias, bool training, double momentum,
+                                                            double eps, const OptTensor& residual) {
+  check_batch_norm_args("batch_norm_relu_fwd", input, running_mean, running_var, weight, bias, training, residual);
+  const auto stats = input.options().dtype(opmath_dtype(input.scalar_type()));
+  return {at::empty_symint(input.sym_sizes(), input.options().memory_format(kChannelsLast)),
+          at::empty_symint({input.sym_size(1)}, stats), at::empty_symint({input.sym_size(1)}, stats)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_bwd_meta(const Tensor& grad_out, const Tensor& input,
+                                                                    const Tensor& out, const OptTensor& weight,
+                                                                    const Tensor& save_mean, const Tensor& save_invstd,
+                                                                    bool training, std::array<bool, 4> mask) {
+  const auto like_input = input.options().memory_format(kChannelsLast);
+  const auto stats = save_mean.options();
+  return {mask[0] ? at::empty_symint(input.sym_sizes(), like_input) : Tensor(),
+          mask[1] ? at::empty_symint({input.sym_size(1)}, stats) : Tensor(),
+          mask[2] ? at::empty_symint({input.sym_size(1)}, stats) : Tensor(),
+          mask[3] ? at::empty_symint(input.sym_sizes(), like_input) : Tensor()};
+}
+
+const RegisterOpInfo batch_norm_relu_info{
+    {"conv", "batch_norm_relu", "float32, float16, bfloat16 (channels_last); weight, bias, running stats float32 or input's",
+     "4-D input, any N, H, W and channel count (16-byte accesses where channels and pointers allow); training and "
+     "eval; else the reference (one warning)"}};
+
 const RegisterOpInfo conv2d_bias_relu_info{
     {"conv", "conv2d_bias_relu", "float16, bfloat16 (channels_last)",
      "cuDNN's fused convolution + bias (+ residual) + ReLU by default (faster today); FUSEDKERNELS_CONV_KERNEL=sm90: our "
@@ -390,8 +686,41 @@ const RegisterOpInfo conv2d_bias_relu_info{
 
 }  // namespace
 
+// The internal op in PyTorch ops, its CPU kernel and conv_api.cpp's where the kernels do not take a call: PyTorch's
+// batch norm (which updates the running statistics), then + residual and relu; eval's saved statistics from the
+// running ones.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_reference(const Tensor& input, const OptTensor& running_mean,
+                                                           const OptTensor& running_var, const OptTensor& weight,
+                                                           const OptTensor& bias, bool training, double momentum,
+                                                           double eps, const OptTensor& residual) {
+  const char* op = "batch_norm_relu_fwd";
+  check_batch_norm_args(op, input, running_mean, running_var, weight, bias, training, residual);
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D [N, C, H, W], got ", shape(input));
+  TORCH_CHECK(training || (running_mean && running_var), op, ": eval mode needs running_mean and running_var");
+  const auto acc = opmath_dtype(input.scalar_type());
+  auto [z, mean, invstd] = at::native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps);
+  if (!training) {
+    mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true);
+    invstd = (running_var->to(acc) + eps).rsqrt();
+  }
+  if (residual) z = z + *residual;
+  return {at::relu(z).contiguous(kChannelsLast), mean.to(acc), invstd.to(acc)};
+}
+
+// The internal backward in PyTorch ops: its CPU kernel, and conv_api.cpp's where the kernels do not take a call.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_relu_bwd_reference(const Tensor& grad_out, const Tensor& input,
+                                                                   const Tensor& out, const OptTensor& weight,
+                                                                   const Tensor& save_mean, const Tensor& save_invstd,
+                                                                   bool training, std::array<bool, 4> mask) {
+  const Tensor g = at::threshold_backward(grad_out, out, 0);
+  auto [dx, dw, db] =
+      batch_norm_grads_reference(g, input, weight, save_mean, save_invstd, training, {mask[0], mask[1], mask[2]});
+  return {mask[0] ? dx.contiguous(kChannelsLast) : Tensor(), dw, db, mask[3] ? g.contiguous(kChannelsLast) : Tensor()};
+}
+
 TORCH_LIBRARY_IMPL(fusedkernels, CompositeImplicitAutograd, m) {
   m.impl("conv2d_bias_relu", &conv2d_bias_relu_composite);
+  m.impl("batch_norm_relu", &batch_norm_relu_composite);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, AutocastCUDA, m) {
@@ -400,10 +729,21 @@ TORCH_LIBRARY_IMPL(fusedkernels, AutocastCUDA, m) {
 
 TORCH_LIBRARY_IMPL(fusedkernels, AutocastCPU, m) { m.impl("conv2d_bias_relu", &autocast<c10::DeviceType::CPU>); }
 
-TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) { m.impl("conv2d_bias_relu_fwd", &conv2d_bias_relu_fwd_autograd); }
+TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) {
+  m.impl("conv2d_bias_relu_fwd", &conv2d_bias_relu_fwd_autograd);
+  m.impl("batch_norm_relu_fwd", &batch_norm_relu_fwd_autograd);
+}
 
-TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) { m.impl("conv2d_bias_relu_fwd", &conv2d_bias_relu_fwd_cpu); }
+TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
+  m.impl("conv2d_bias_relu_fwd", &conv2d_bias_relu_fwd_cpu);
+  m.impl("batch_norm_relu_fwd", &batch_norm_relu_fwd_reference);
+  m.impl("batch_norm_relu_bwd", &batch_norm_relu_bwd_reference);
+}
 
-TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) { m.impl("conv2d_bias_relu_fwd", &conv2d_bias_relu_fwd_meta); }
+TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
+  m.impl("conv2d_bias_relu_fwd", &conv2d_bias_relu_fwd_meta);
+  m.impl("batch_norm_relu_fwd", &batch_norm_relu_fwd_meta);
+  m.impl("batch_norm_relu_bwd", &batch_norm_relu_bwd_meta);
+}
 
 }  // namespace fusedkernels::conv

@@ -1,5 +1,5 @@
 """FusedConv2dReLU: nn.Conv2d followed by nn.ReLU (and optionally a residual add before it), as one op; FusedConvBNReLU:
-Conv2d + BatchNorm2d + ReLU, folded into one such convolution in eval mode.
+Conv2d + BatchNorm2d + ReLU, folded into one such convolution in eval mode, BatchNorm + ReLU as one op in training.
 
 FusedConv2dReLU subclasses nn.Conv2d: nn.Conv2d's constructor arguments, parameters, initialisation and state_dict
 (it loads an nn.Conv2d's and an nn.Conv2d loads its), and `isinstance(m, nn.Conv2d)` holds. FusedConvBNReLU holds an
@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _native
 from ..ops import conv as ops
@@ -65,6 +66,21 @@ def _load_sequential_keys(module, state_dict, prefix, *args) -> None:
         state_dict[prefix + ("conv." if rest[0] == "0" else "bn.") + rest[2:]] = state_dict.pop(key)
 
 
+def _batch_norm_args(bn: nn.BatchNorm2d) -> tuple:
+    """(running_mean, running_var, weight, bias, training, momentum, eps) as nn.BatchNorm2d's forward passes them to
+    F.batch_norm, after the same state update: in training with running statistics, num_batches_tracked += 1 and
+    momentum None becomes the cumulative average's factor 1 / num_batches_tracked (a host read of the counter, as
+    nn.BatchNorm2d makes); without running statistics in eval, batch statistics."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    return (bn.running_mean if use_running else None, bn.running_var if use_running else None, bn.weight, bn.bias,
+            training, factor, bn.eps)
+
+
 class FusedConvBNReLU(nn.Module):
     """relu(BatchNorm2d(Conv2d(x)) (+ residual)): the convolution block of ResNets and most CNNs.
 
@@ -76,9 +92,11 @@ class FusedConvBNReLU(nn.Module):
 
     Eval mode (BatchNorm with running statistics): BatchNorm is folded into the convolution's weight and bias
     (fusedkernels.ops.fold_batch_norm, recomputed on every call, so parameter and buffer updates are always seen) and
-    one fusedkernels.ops.conv2d_bias_relu runs. Training mode (or no running statistics): F.conv2d, then the `bn`
-    module itself (batch statistics, running statistics updated exactly as nn.BatchNorm2d updates them, momentum=None
-    included), then + residual and relu in PyTorch ops: the fused BatchNorm + ReLU kernel for NHWC is not there yet.
+    one fusedkernels.ops.conv2d_bias_relu runs. Training mode (or no running statistics): conv's F.conv2d, then
+    fusedkernels.ops.batch_norm_relu (batch statistics, + residual, ReLU in one op: two passes over the conv output on
+    CUDA for channels_last input), with bn's state updated exactly as nn.BatchNorm2d updates it (running statistics,
+    num_batches_tracked, momentum=None's cumulative average, track_running_stats=False, affine=False). A subclass of
+    nn.BatchNorm2d with its own forward runs that forward, then + residual and relu in PyTorch ops.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -120,9 +138,13 @@ class FusedConvBNReLU(nn.Module):
         conv, bn = self.conv, self.bn
         bn._check_input_dim(input)  # before the conv: eval's op would take unbatched input
         if bn.training or bn.running_mean is None:
-            z = bn(conv(input))
+            z = conv(input)
             ops._check_residual(residual, z.shape)  # as the eval path's op: no broadcasting
-            out = F.relu(z if residual is None else z + residual)
+            if type(bn).forward is not _BatchNorm.forward:  # a subclass's own forward is kept
+                z = bn(z)
+                out = F.relu(z if residual is None else z + residual)
+            else:
+                out = ops.batch_norm_relu(z, *_batch_norm_args(bn), residual=residual)
             return out.contiguous(memory_format=ops._output_format(input))  # eval's layout (F.conv2d follows weight's too)
         weight, bias = ops.fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                            bn.weight, bn.bias)

@@ -7,7 +7,7 @@ with one warning.
 """
 
 from .attention import attention, attention_varlen, scaled_dot_product_attention
-from .conv import conv2d_bias_relu, fold_batch_norm
+from .conv import batch_norm_relu, conv2d_bias_relu, fold_batch_norm
 from .gemm import linear_act, linear_gated
 from .llm import apply_rotary, linear_cross_entropy
 from .norm import (
@@ -25,6 +25,7 @@ __all__ = [
     "attention_varlen",
     "scaled_dot_product_attention",
     "conv2d_bias_relu",
+    "batch_norm_relu",
     "fold_batch_norm",
     "linear_act",
     "linear_gated",

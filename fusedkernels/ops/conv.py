@@ -1,5 +1,6 @@
-"""Convolution with a fused epilogue: out = relu(conv2d(x, W) + bias + residual) over channels_last (NHWC) tensors, and
-the BatchNorm fold that turns conv + BatchNorm (eval) into one such convolution.
+"""Convolution with a fused epilogue: out = relu(conv2d(x, W) + bias + residual) over channels_last (NHWC) tensors, the
+BatchNorm fold that turns conv + BatchNorm (eval) into one such convolution, and BatchNorm + residual + ReLU
+(`batch_norm_relu`) for the training-mode block.
 
 `conv2d_bias_relu` resolves padding "same" / "valid" to numbers, then calls the C++ op
 `torch.ops.fusedkernels.conv2d_bias_relu`: argument checks, the channels_last conversion, the choice of kernel,
@@ -9,7 +10,7 @@ takes the call the reference (PyTorch's convolution, then + residual and relu) w
 reference through the same autograd. Without the native op the reference runs after
 the same checks. Details: docs/conv.md.
 
-`conv2d_bias_relu_ref` is the specification the tests hold the op to.
+`conv2d_bias_relu_ref` and `batch_norm_relu_ref` are the specifications the tests hold the ops to.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from .. import _native
 
-__all__ = ["conv2d_bias_relu", "conv2d_bias_relu_ref", "fold_batch_norm"]
+__all__ = ["batch_norm_relu", "batch_norm_relu_ref", "conv2d_bias_relu", "conv2d_bias_relu_ref", "fold_batch_norm"]
 
 IntPair = Union[int, tuple[int, int], list[int]]
 
@@ -260,3 +261,77 @@ def fold_batch_norm(
     new_bias = shift * scale if bn_bias is None else shift * scale + bn_bias.to(dtype)
     new_weight = weight.to(dtype) * scale.reshape(-1, *([1] * (weight.dim() - 1)))
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype if bias is None else bias.dtype)
+
+
+def batch_norm_relu_ref(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """The specification of `batch_norm_relu`, differentiable: F.relu(F.batch_norm(input, running_mean, running_var,
+    weight, bias, training, momentum, eps) (+ residual)) in PyTorch ops. Raises what F.batch_norm raises."""
+    z = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return F.relu(z if residual is None else z + residual)
+
+
+def _batch_norm_relu_without_native(input, running_mean, running_var, weight=None, bias=None, training=False,
+                                    momentum=0.1, eps=1e-5, residual=None):
+    """The reference after the native op's own checks (the residual's shape and device), for builds without it."""
+    if residual is not None and isinstance(input, Tensor):
+        if list(residual.shape) != list(input.shape):
+            raise RuntimeError(f"batch_norm_relu: residual must have input's shape {_shape(input.shape)} (no "
+                               f"broadcasting), got {_shape(residual.shape)}")
+        if residual.device != input.device:
+            raise RuntimeError(f"batch_norm_relu: residual is on {residual.device} but input is on {input.device}")
+    out = batch_norm_relu_ref(input, running_mean, running_var, weight, bias, training, momentum, eps, residual)
+    return out.contiguous(memory_format=_output_format(input)) if input.dim() == 4 else out
+
+
+_batch_norm_relu = _native.public_op("batch_norm_relu", _batch_norm_relu_without_native,
+                                     "the PyTorch reference (F.batch_norm, + residual, relu)")
+
+
+def batch_norm_relu(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """out = relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual):
+    BatchNorm, the residual add of a ResNet block and ReLU as one op.
+
+    Arguments as F.batch_norm's: input [N, C, ...]; running_mean, running_var [C] or None (training only), updated in
+    place in training as torch updates them (running_mean = (1 - momentum) running_mean + momentum mean, running_var
+    likewise with the unbiased batch variance n / (n - 1) var; momentum is the exponential-average factor, as
+    nn.BatchNorm2d passes it: 1 / num_batches_tracked when its momentum is None); weight, bias [C] or None (1, 0);
+    eval (training=False) normalises with the running statistics. residual: None or exactly input's shape (no
+    broadcasting), added before the ReLU; one of another dtype is added with type promotion, unfused.
+
+    Native kernel (CUDA): 4-D channels_last (NHWC) input of float32, float16 or bfloat16, weight, bias and running
+    statistics float32 or input's dtype, any N, H, W and C; statistics in float32 (Welford's update per thread, Chan et
+    al.'s pairwise combination across threads and blocks: no E[x²] - E[x]² cancellation), the output in input's dtype.
+    Everything else (another layout, 2-D / 3-D / 5-D input, float64, forward-mode AD, CPU) runs the reference, CUDA
+    inputs with one UserWarning per reason; CPU 4-D inputs go through the same op and autograd with PyTorch's batch
+    norm underneath. Returns the output in input's dtype and memory format (channels_last for channels_last input).
+
+    Differentiable in input, weight, bias and residual, to any order: the backward reads the ReLU's mask from the
+    saved output (out > 0), dresidual = the masked gradient g, dbias = Σ g, dweight = Σ g·xhat and, in training,
+    dx = weight·invstd·(g - mean(g) - xhat·mean(g·xhat)) (eval: weight·invstd·g).
+
+    Raises ValueError as F.batch_norm for training with one value per channel ("Expected more than 1 value per
+    channel when training"), RuntimeError for weight, bias or running statistics without C elements ("running_mean
+    should contain C elements not ..."), input with fewer than 2 dimensions, a residual not input's shape or on another
+    device, and whatever F.batch_norm raises on the reference path (eval without running statistics).
+    """
+    return _batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps, residual)
