@@ -258,3 +258,21 @@ def test_models_suite_runs_each_impl_in_a_process_and_takes_the_median_of_its_ro
     assert row.extra["fused"] == "report" and row.extra["loss_last"] == 10.25
     skipped = models._row(models.LIGER, [{"skipped": "liger_kernel is not importable"}])
     assert skipped.ms is None and skipped.extra == {"skipped": "liger_kernel is not importable"}
+
+
+def test_bench_cases_selects_the_case_suites_rows_by_name(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    from bench import attention, common, conv, gemm
+
+    monkeypatch.delenv("BENCH_CASES", raising=False)
+    every = {name: {p["case"] for p in suite.plan()} for name, suite in [("gemm", gemm), ("conv", conv)]}
+    every["attention"] = {p["case"] for p in attention.plan()}
+    monkeypatch.setenv("BENCH_CASES", r"fwd\+bwd .*gelu|bias|x64")
+    for name, suite in [("gemm", gemm), ("conv", conv), ("attention", attention)]:
+        chosen = {p["case"] for p in suite.plan()}
+        assert chosen < every[name] or not chosen, name
+    assert {p["case"] for p in gemm.plan()} == {c for c in every["gemm"] if c.startswith("fwd+bwd") and "gelu" in c}
+    assert {p["case"] for p in attention.plan()} == {c for c in every["attention"] if "bias" in c or "x64" in c}
+    assert common.selected([1, 2, 3], lambda c: f"case {c}") == []  # no name matches
+    monkeypatch.setenv("BENCH_CASES", "")
+    assert common.selected([1, 2], str) == [1, 2]  # empty: every case
