@@ -118,14 +118,63 @@ def test_gradcheck_and_gradgradcheck(training):
     assert torch.autograd.gradgradcheck(f, leaves)
 
 
-def test_running_statistics_and_version_counter():
+@pytest.mark.parametrize("native", ["native", "without"])
+def test_running_statistics_and_their_versions_as_f_batch_norm(native):
+    """Updated in place with the unbiased variance; their version counters left alone, as F.batch_norm leaves them
+    (a graph that saved them still backpropagates; statistics made under inference_mode update outside it)."""
+    op = fops.batch_norm_relu if native == "native" else _batch_norm_relu_without_native
     x, rm, rv, w, b, _ = _case(4, 6, 5, 5, offset=10.0)
-    rm_start, rv_start, version = rm.clone(), rv.clone(), rm._version
-    fops.batch_norm_relu(x, rm, rv, w, b, True, 0.25, 1e-5)
-    assert rm._version > version  # an in-place write autograd can see
+    rm_start, rv_start, version = rm.clone(), rv.clone(), rv._version
+    scale = torch.ones(6, dtype=torch.float64, requires_grad=True)
+    saved = (scale * rv).sum()  # saves rv for its backward
+    op(x, rm, rv, w, b, True, 0.25, 1e-5)
+    assert rv._version == version
+    saved.backward()
     xs = x.transpose(0, 1).reshape(6, -1)
     assert max_err(rm, 0.75 * rm_start + 0.25 * xs.mean(1)) < 1e-12
     assert max_err(rv, 0.75 * rv_start + 0.25 * xs.var(1, unbiased=True)) < 1e-12  # the unbiased variance
+    with torch.inference_mode():
+        rm_i, rv_i = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    op(x, rm_i, rv_i, w, b, True)
+    assert max_err(rm_i, 0.1 * xs.mean(1)) < 1e-12
+
+
+@pytest.mark.parametrize("native", ["native", "without"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eps_and_running_statistics_that_require_grad_raise_as_f_batch_norm(native, training):
+    op = fops.batch_norm_relu if native == "native" else _batch_norm_relu_without_native
+    x, rm, rv, w, b, _ = _case(2, 3, 4, 4, dtype=torch.float32)
+    bad = [-1e-3] + [0.0] * training
+    for eps in bad:
+        want = "positive during training" if training else "non-negative"
+        with pytest.raises(ValueError, match=f"batch_norm eps must be {want}"):
+            op(x, rm.clone(), rv.clone(), w, b, training, 0.1, eps)
+    op(x, rm.clone(), rv.clone(), w, b, training, 0.1, 0.0 if not training else 1e-12)  # the limits are fine
+    for name in ("running_mean", "running_var"):
+        stats = dict(running_mean=rm.clone(), running_var=rv.clone())
+        stats[name].requires_grad_()
+        with pytest.raises(RuntimeError, match=f"not differentiable with respect to argument '{name}'"):
+            op(x, **stats, weight=w, bias=b, training=training)
+        assert torch.equal(stats["running_mean"].detach(), rm) and torch.equal(stats["running_var"].detach(), rv)
+
+
+def test_torch_func_transforms_run_what_f_batch_norm_runs():
+    """vmap (training without statistics, eval with them), per-sample gradients and the hessian: the transforms
+    take the reference, whose F.batch_norm they know."""
+    from torch.func import grad, hessian, vmap
+
+    xb = torch.randn(5, 2, 3, 4, 4, dtype=torch.float64)
+    rm, rv = torch.randn(3, dtype=torch.float64) * 0.1, torch.rand(3, dtype=torch.float64) + 0.5
+    for training, stats in ((True, (None, None)), (False, (rm, rv))):
+        ours = vmap(lambda x: fops.batch_norm_relu(x, *stats, training=training))(xb)
+        want = vmap(lambda x: batch_norm_relu_ref(x, *stats, training=training))(xb)
+        assert max_err(ours, want) < 1e-12
+    per_sample = vmap(grad(lambda x: fops.batch_norm_relu(x, None, None, training=True).pow(2).sum()))(xb)
+    want = vmap(grad(lambda x: batch_norm_relu_ref(x, None, None, training=True).pow(2).sum()))(xb)
+    assert max_err(per_sample, want) < 1e-12
+    h = hessian(lambda x: fops.batch_norm_relu(x, None, None, training=True).pow(2).sum())(xb[0, :, :, :2, :2])
+    want = hessian(lambda x: batch_norm_relu_ref(x, None, None, training=True).pow(2).sum())(xb[0, :, :, :2, :2])
+    assert max_err(h, want) < 1e-10
 
 
 def test_errors_in_f_batch_norm_words():
@@ -227,6 +276,56 @@ def test_conv_bn_relu_training_steps_match_torch_modules(bn_args, residual):
             assert max_err(p.grad, q.grad) < 1e-10, name
         for name, buf in block.bn.named_buffers():
             assert max_err(buf, getattr(bn, name)) < 1e-12, name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_conv_bn_relu_calls_the_modules_where_a_subclass_or_hooks_watch_them(training):
+    """A BatchNorm2d subclass's own forward runs in both modes; hooks on conv or bn (or on every module) fire as in
+    nn.Sequential, and spectral_norm's pre-hook gives eval the current weight."""
+
+    class BatchStatsBN(nn.BatchNorm2d):  # batch statistics in eval too (test-time adaptation)
+        def forward(self, x):
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1, bias=False).double(), BatchStatsBN(4).double()
+    block, seq = fnn.FusedConvBNReLU.from_modules(conv, bn), nn.Sequential(conv, bn, nn.ReLU())
+    block.train(training), seq.train(training)
+    assert max_err(block(x), seq(x)) < 1e-12
+
+    block = fnn.FusedConvBNReLU(3, 4, 3, padding=1, dtype=torch.float64).train(training)
+    seq = nn.Sequential(block.conv, block.bn, nn.ReLU())
+    calls = []
+    handles = [block.conv.register_forward_pre_hook(lambda m, i: calls.append("conv_pre")),
+               block.conv.register_forward_hook(lambda m, i, o: calls.append("conv")),
+               block.bn.register_forward_hook(lambda m, i, o: calls.append("bn"))]
+    seq(x)
+    want, calls[:] = list(calls), []
+    block(x)
+    assert calls == want == ["conv_pre", "conv", "bn"]
+    for h in handles:
+        h.remove()
+    with nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__)):
+        calls.clear()
+        block(x)
+    assert calls[:2] == ["Conv2d", "BatchNorm2d"]
+
+    if training:
+        return  # spectral_norm's power iteration advances on every training call: two calls differ by design
+    torch.manual_seed(0)
+    conv = nn.utils.spectral_norm(nn.Conv2d(3, 4, 3, padding=1, bias=False).double())
+    bn = nn.BatchNorm2d(4).double()
+    block, seq = fnn.FusedConvBNReLU.from_modules(conv, bn), nn.Sequential(conv, bn, nn.ReLU())
+    block(x).sum().backward()
+    torch.optim.SGD(block.parameters(), lr=0.1).step()  # weight_orig moves; spectral_norm's pre-hook recomputes
+    block.eval(), seq.eval()
+    assert max_err(block(x), seq(x)) < 1e-12
+
+
+def test_conv_bn_relu_refuses_a_negative_eps_in_eval():
+    block = fnn.FusedConvBNReLU(3, 4, 3, padding=1, eps=-1e-3).eval()
+    with pytest.raises(ValueError, match="batch_norm eps must be non-negative, but got -0.001"):
+        block(torch.randn(2, 3, 5, 5))
 
 
 def test_conv_bn_relu_training_compiles_fullgraph():

@@ -202,6 +202,21 @@ def test_backward_forms_dz_and_dbias_in_one_pass_for_channels_last_gradients(dy_
     assert all(max_err(g.detach(), h) < 1e-12 for g, h in zip(grads, want))
 
 
+def test_torch_func_transforms_run_what_f_conv2d_runs():
+    """vmap, per-sample gradients and the hessian: the transforms take the reference, whose F.conv2d they know."""
+    from torch.func import grad, hessian, vmap
+
+    x, w, b, _ = _inputs(3, 2, (5, 5), 4, 3)
+    xb = torch.randn(4, *x.shape, dtype=torch.float64)
+    ours = vmap(lambda x: fops.conv2d_bias_relu(x, w, b, 1, 1))(xb)
+    assert max_err(ours, vmap(lambda x: plain(x, w, b, 1, 1))(xb)) < 1e-12
+    per_sample = vmap(grad(lambda x: fops.conv2d_bias_relu(x, w, b, 1, 1).pow(2).sum()))(xb)
+    assert max_err(per_sample, vmap(grad(lambda x: plain(x, w, b, 1, 1).pow(2).sum()))(xb)) < 1e-12
+    small = x[:1, :, :3, :3]
+    h = hessian(lambda x: fops.conv2d_bias_relu(x, w, b, 1, 1).pow(2).sum())(small)
+    assert max_err(h, hessian(lambda x: plain(x, w, b, 1, 1).pow(2).sum())(small)) < 1e-10
+
+
 def test_forward_mode_ad_and_jvp_of_grad_match_torch():
     x, w, b, r = _inputs(1, 3, (6, 5), 4, 3, residual=True, padding=1)
     tx = torch.randn_like(x)

@@ -448,8 +448,11 @@ Tensor batch_norm_relu_reference(const Tensor& input, const OptTensor& running_m
 // words: ValueError), the sizes it does make (in its words, for the fused path), and the residual's.
 void check_batch_norm_args(const char* op, const Tensor& input, const OptTensor& running_mean,
                            const OptTensor& running_var, const OptTensor& weight, const OptTensor& bias, bool training,
-                           const OptTensor& residual) {
+                           double eps, const OptTensor& residual) {
   TORCH_CHECK(input.dim() >= 2, op, ": input must have at least 2 dimensions [N, C, ...], got ", shape(input));
+  // F.batch_norm's (PyTorch 2.14): a zero eps divides by a zero batch variance, a negative one takes its root
+  TORCH_CHECK_VALUE(!training || eps > 0, "batch_norm eps must be positive during training, but got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0, "batch_norm eps must be non-negative, but got ", eps);
   if (training) {
     c10::SymInt values = input.sym_size(0);
     for (int64_t d = 2; d < input.dim(); ++d) values = values * input.sym_size(d);
@@ -508,7 +511,7 @@ Tensor batch_norm_relu_composite(const Tensor& input, const OptTensor& running_m
                                  const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
                                  double eps, const OptTensor& residual) {
   const char* op = "batch_norm_relu";
-  check_batch_norm_args(op, input, running_mean, running_var, weight, bias, training, residual);
+  check_batch_norm_args(op, input, running_mean, running_var, weight, bias, training, eps, residual);
   if (residual && residual->scalar_type() != input.scalar_type()) {
     // as `relu(F.batch_norm(...) + residual)`: the add promotes, so nothing is fused
     if (input.is_cuda()) warn_fallback(op, "a residual of another dtype than input's has no fused kernel", kBnReference);
@@ -610,16 +613,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_autograd(const Tensor& in
                                                                 const OptTensor& running_var, const OptTensor& weight,
                                                                 const OptTensor& bias, bool training, double momentum,
                                                                 double eps, const OptTensor& residual) {
+  // As F.batch_norm: the running statistics take no gradient (their in-place update leaves their version alone,
+  // as PyTorch's does: a graph that saved them still backpropagates)
+  for (const auto& [name, t] : {std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}}) {
+    TORCH_CHECK(!*t || !(*t)->requires_grad(), "The function 'batch_norm_relu' is not differentiable with respect to "
+                "argument '", name, "'. This input cannot have requires_grad True.");
+  }
   auto outputs = [&] {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return batch_norm_relu_fwd_op().call(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                          residual);
   }();
-  if (training) {  // as PyTorch's in-place running-statistics update: autograd sees the write
-    for (const OptTensor* t : {&running_mean, &running_var}) {
-      if (*t) torch::autograd::impl::bump_version(**t);
-    }
-  }
   if (has_forward_grad(input) || has_forward_grad(weight) || has_forward_grad(bias) || has_forward_grad(residual)) {
     // tangents the public op could not see (torch.func nests forward-mode AD inside other levels): the output from
     // the differentiable reference (training's running statistics were updated above)
@@ -656,7 +660,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_meta(const Tensor& input,
                                                             const OptTensor& running_var, const OptTensor& weight,
                                                             const OptTensor& bias, bool training, double momentum,
                                                             double eps, const OptTensor& residual) {
-  check_batch_norm_args("batch_norm_relu_fwd", input, running_mean, running_var, weight, bias, training, residual);
+  check_batch_norm_args("batch_norm_relu_fwd", input, running_mean, running_var, weight, bias, training, eps,
+                        residual);
   const auto stats = input.options().dtype(opmath_dtype(input.scalar_type()));
   return {at::empty_symint(input.sym_sizes(), input.options().memory_format(kChannelsLast)),
           at::empty_symint({input.sym_size(1)}, stats), at::empty_symint({input.sym_size(1)}, stats)};
@@ -694,7 +699,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_reference(const Tensor& i
                                                            const OptTensor& bias, bool training, double momentum,
                                                            double eps, const OptTensor& residual) {
   const char* op = "batch_norm_relu_fwd";
-  check_batch_norm_args(op, input, running_mean, running_var, weight, bias, training, residual);
+  check_batch_norm_args(op, input, running_mean, running_var, weight, bias, training, eps, residual);
   TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D [N, C, H, W], got ", shape(input));
   TORCH_CHECK(training || (running_mean && running_var), op, ": eval mode needs running_mean and running_var");
   const auto acc = opmath_dtype(input.scalar_type());

@@ -81,6 +81,15 @@ def _batch_norm_args(bn: nn.BatchNorm2d) -> tuple:
             training, factor, bn.eps)
 
 
+def _watched(module: nn.Module) -> bool:
+    """Whether hooks watch or change this module's calls (its own or every module's; spectral_norm's weight update
+    is a forward pre-hook): then the block calls it, so they run and see what they would see."""
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    every = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks,
+             nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks)
+    return any(bool(hooks) for hooks in own + every)
+
+
 class FusedConvBNReLU(nn.Module):
     """relu(BatchNorm2d(Conv2d(x)) (+ residual)): the convolution block of ResNets and most CNNs.
 
@@ -95,8 +104,10 @@ class FusedConvBNReLU(nn.Module):
     one fusedkernels.ops.conv2d_bias_relu runs. Training mode (or no running statistics): conv's F.conv2d, then
     fusedkernels.ops.batch_norm_relu (batch statistics, + residual, ReLU in one op: two passes over the conv output on
     CUDA for channels_last input), with bn's state updated exactly as nn.BatchNorm2d updates it (running statistics,
-    num_batches_tracked, momentum=None's cumulative average, track_running_stats=False, affine=False). A subclass of
-    nn.BatchNorm2d with its own forward runs that forward, then + residual and relu in PyTorch ops.
+    num_batches_tracked, momentum=None's cumulative average, track_running_stats=False, affine=False). In both modes,
+    a subclass of nn.BatchNorm2d with its own forward, or hooks on conv or bn (or on every module), make the block
+    call the modules themselves, conv then bn, then + residual and relu in PyTorch ops: the subclass's forward runs
+    and the hooks see the calls they would see (nn.utils.spectral_norm's weight, a pre-hook, is current).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -137,15 +148,18 @@ class FusedConvBNReLU(nn.Module):
         output's shape (conv2d_bias_relu's)."""
         conv, bn = self.conv, self.bn
         bn._check_input_dim(input)  # before the conv: eval's op would take unbatched input
-        if bn.training or bn.running_mean is None:
+        as_modules = type(bn).forward is not _BatchNorm.forward or _watched(conv) or _watched(bn)
+        if as_modules or bn.training or bn.running_mean is None:
             z = conv(input)
             ops._check_residual(residual, z.shape)  # as the eval path's op: no broadcasting
-            if type(bn).forward is not _BatchNorm.forward:  # a subclass's own forward is kept
+            if as_modules:
                 z = bn(z)
                 out = F.relu(z if residual is None else z + residual)
             else:
                 out = ops.batch_norm_relu(z, *_batch_norm_args(bn), residual=residual)
             return out.contiguous(memory_format=ops._output_format(input))  # eval's layout (F.conv2d follows weight's too)
+        if bn.eps < 0:  # F.batch_norm's check, which the fold would otherwise turn into NaN
+            raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
         weight, bias = ops.fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                            bn.weight, bn.bias)
         return _conv_relu(conv, input, weight, bias, residual)

@@ -218,7 +218,8 @@ def conv2d_bias_relu(
 
     Differentiable in x, weight, bias and residual, to any order: the backward masks dy with out > 0 (the saved
     output), then dx, dweight and dbias (the sum of the masked gradient) come from PyTorch's convolution backward,
-    and dresidual is the masked gradient.
+    and dresidual is the masked gradient. Under torch.func transforms (vmap, grad, jacrev, hessian ...) the reference
+    runs, which they transform as F.conv2d.
 
     Raises RuntimeError where F.conv2d does, in its words (x not 3-D / 4-D, weight not 4-D, channels that do not
     match, a bias not [C_out], a non-positive stride or dilation, a negative padding, a kernel larger than the
@@ -230,6 +231,8 @@ def conv2d_bias_relu(
     """
     if isinstance(padding, str):
         x, padding = _resolve_padding(x, weight, stride, padding, dilation)
+    if torch._C._are_functorch_transforms_active():  # vmap, grad, hessian ...: transformed as F.conv2d
+        return conv2d_bias_relu_ref(x, weight, bias, stride, padding, dilation, residual)
     return _conv2d_bias_relu(x, weight, bias, stride, padding, dilation, residual)
 
 
@@ -280,9 +283,19 @@ def batch_norm_relu_ref(
     return F.relu(z if residual is None else z + residual)
 
 
+def _check_eps(eps: float, training: bool) -> None:
+    """F.batch_norm's (PyTorch 2.14) and the native op's check of eps."""
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def _batch_norm_relu_without_native(input, running_mean, running_var, weight=None, bias=None, training=False,
                                     momentum=0.1, eps=1e-5, residual=None):
-    """The reference after the native op's own checks (the residual's shape and device), for builds without it."""
+    """The reference after the native op's own checks (eps; the residual's shape and device), for builds without
+    it."""
+    _check_eps(eps, training)
     if residual is not None and isinstance(input, Tensor):
         if list(residual.shape) != list(input.shape):
             raise RuntimeError(f"batch_norm_relu: residual must have input's shape {_shape(input.shape)} (no "
@@ -325,13 +338,19 @@ def batch_norm_relu(
     inputs with one UserWarning per reason; CPU 4-D inputs go through the same op and autograd with PyTorch's batch
     norm underneath. Returns the output in input's dtype and memory format (channels_last for channels_last input).
 
-    Differentiable in input, weight, bias and residual, to any order: the backward reads the ReLU's mask from the
-    saved output (out > 0), dresidual = the masked gradient g, dbias = Σ g, dweight = Σ g·xhat and, in training,
-    dx = weight·invstd·(g - mean(g) - xhat·mean(g·xhat)) (eval: weight·invstd·g).
+    Differentiable in input, weight, bias and residual as F.batch_norm is (second derivatives in training, any order
+    in eval): the backward reads the ReLU's mask from the saved output (out > 0), dresidual = the masked gradient g,
+    dbias = Σ g, dweight = Σ g·xhat and, in training, dx = weight·invstd·(g - mean(g) - xhat·mean(g·xhat)) (eval:
+    weight·invstd·g). Under torch.func transforms (vmap, grad, jacrev, hessian ...) the reference runs, which they
+    transform as F.batch_norm.
 
     Raises ValueError as F.batch_norm for training with one value per channel ("Expected more than 1 value per
-    channel when training"), RuntimeError for weight, bias or running statistics without C elements ("running_mean
-    should contain C elements not ..."), input with fewer than 2 dimensions, a residual not input's shape or on another
-    device, and whatever F.batch_norm raises on the reference path (eval without running statistics).
+    channel when training") and for eps <= 0 in training or < 0 in eval; RuntimeError for running statistics that
+    require grad (the op is not differentiable in them), for weight, bias or running statistics without C elements
+    ("running_mean should contain C elements not ..."), input with fewer than 2 dimensions, a residual not input's
+    shape or on another device, and whatever F.batch_norm raises on the reference path (eval without running
+    statistics).
     """
+    if torch._C._are_functorch_transforms_active():  # vmap, grad, jacfwd ...: transformed as F.batch_norm
+        return batch_norm_relu_ref(input, running_mean, running_var, weight, bias, training, momentum, eps, residual)
     return _batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps, residual)
