@@ -153,8 +153,20 @@ if "conv" in FAMILIES:
             if backward:
                 torch.autograd.grad(out, [x, w, b], torch.randn_like(out))
     os.environ.pop("FUSEDKERNELS_CONV_KERNEL")
+    # batch_norm_relu: vector (C a multiple of 8) and element (odd C) paths, several row blocks, training with a
+    # residual and its backward, eval
+    for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float32):
+        for c in (64, 17):
+            x = torch.randn(5, c, 23, 19, device="cuda", dtype=dtype).to(memory_format=cl).requires_grad_()
+            r = torch.randn(5, c, 23, 19, device="cuda", dtype=dtype).to(memory_format=cl).requires_grad_()
+            w, b = (torch.randn(c, device="cuda", requires_grad=True) for _ in range(2))
+            rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+            for training in (True, False):
+                out = ops.batch_norm_relu(x, rm, rv, w, b, training, 0.1, 1e-5, r)
+                if backward:
+                    torch.autograd.grad(out, [x, w, b, r], torch.randn_like(out))
     torch.cuda.synchronize()
-    print("sanitize_kernels: ran the conv kernel")
+    print("sanitize_kernels: ran the conv kernels (implicit GEMM, batch_norm_relu)")
 
 if "llm" in FAMILIES:
     # llm: rotary on both paths (16-byte, element) and both pairings, in and out of place, partial rotary, GQA,
