@@ -25,7 +25,9 @@ directions.
 
 Residual rows (`add_rms_norm ...`): ops.add_rms_norm(x, residual, w) against `h = x + residual; F.rms_norm(h, ...)`
 at 4x4096 bf16; fwd+bwd is one call and one backward. Conv rows (`conv2d_bias_relu ...`): ops.conv2d_bias_relu against F.relu(F.conv2d(x, W, b, padding=1)) on x [1, 64, 8, 8]
-channels_last bf16, a 3x3 conv 64 -> 64 (the output feeds the next call of the chain). Rotary rows (`apply_rotary
+channels_last bf16, a 3x3 conv 64 -> 64 (the output feeds the next call of the chain). BatchNorm rows
+(`batch_norm_relu ...`): ops.batch_norm_relu against F.relu(F.batch_norm(...)) in training on x [8, 64, 8, 8]
+channels_last bf16, float32 weight, bias and running statistics. Rotary rows (`apply_rotary
 ...`): ops.apply_rotary(q, k, cos, sin) against Hugging Face's `q * cos + rotate_half(q) * sin` for q and k on
 [1, 16, 128, 64] bf16; fwd+bwd is one call and one backward. Loss rows (`linear_cross_entropy ...`):
 ops.linear_cross_entropy against F.cross_entropy(F.linear(h, W).float(), t) on h [64, 256], W [1024, 256] bf16; fwd+bwd
@@ -262,6 +264,19 @@ def _conv_rows(add) -> None:
     del x, dy, w, b, leaves
 
 
+def _batch_norm_rows(add) -> None:
+    shape = "8x64x8x8 training bf16"
+    x = torch.randn(8, 64, 8, 8, device="cuda", dtype=DTYPE).to(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    w, b = torch.rand(64, device="cuda") + 0.5, torch.randn(64, device="cuda") * 0.1
+    rm, rv = torch.zeros(64, device="cuda"), torch.ones(64, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    impls = (("fusedkernels", lambda x, w, b: ops.batch_norm_relu(x, rm, rv, w, b, True)),
+             ("torch", lambda x, w, b: F.relu(F.batch_norm(x, rm, rv, w, b, True))))
+    _three_directions(add, f"batch_norm_relu {{}} {shape}", impls, (x, w, b), leaves, dy)
+    del x, dy, w, b, rm, rv, leaves
+
+
 def _rotate_half(x):
     x1, x2 = x.chunk(2, -1)
     return torch.cat((-x2, x1), dim=-1)
@@ -352,6 +367,7 @@ def run() -> list[Row]:
     _linear_rows(add)
     _gated_rows(add)
     _conv_rows(add)
+    _batch_norm_rows(add)
     _rotary_rows(add)
     _loss_rows(add)
     _optim_rows(add)

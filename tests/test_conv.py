@@ -213,8 +213,15 @@ def test_torch_func_transforms_run_what_f_conv2d_runs():
     per_sample = vmap(grad(lambda x: fops.conv2d_bias_relu(x, w, b, 1, 1).pow(2).sum()))(xb)
     assert max_err(per_sample, vmap(grad(lambda x: plain(x, w, b, 1, 1).pow(2).sum()))(xb)) < 1e-12
     small = x[:1, :, :3, :3]
+    want = hessian(lambda x: plain(x, w, b, 1, 1).pow(2).sum())(small)
     h = hessian(lambda x: fops.conv2d_bias_relu(x, w, b, 1, 1).pow(2).sum())(small)
-    assert max_err(h, hessian(lambda x: plain(x, w, b, 1, 1).pow(2).sum())(small)) < 1e-10
+    assert max_err(h, want) < 1e-10
+    h = hessian(lambda x: _without_native(x.contiguous(memory_format=CL), w, b, 1, 1).pow(2).sum())(small)
+    assert max_err(h, want) < 1e-10  # the build without the native op, channels_last x
+    if _native.has_op("conv2d_bias_relu"):  # the C++ op called directly takes the same path
+        op = torch.ops.fusedkernels.conv2d_bias_relu
+        h = hessian(lambda x: op(x, w, b, [1, 1], [1, 1], [1, 1], None).pow(2).sum())(small)
+        assert max_err(h, want) < 1e-10
 
 
 def test_forward_mode_ad_and_jvp_of_grad_match_torch():

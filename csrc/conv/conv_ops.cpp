@@ -231,6 +231,11 @@ Tensor route(const Tensor& x, const Tensor& weight, const OptTensor& bias, const
              const OptTensor& residual) {
   const char* op = "conv2d_bias_relu";
   check_args(op, x, weight, bias, g, residual, /*residual_any_dtype=*/true);
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
+    // torch.func transforms (vmap, grad, hessian ...) transform F.conv2d's ops; the layout conversions below they
+    // cannot batch (a channels_last clone inside vmap)
+    return conv2d_bias_relu_reference(x, weight, bias, g.stride, g.padding, g.dilation, residual);
+  }
   const auto format = output_format(x);
   if (residual && residual->scalar_type() != x.scalar_type()) {
     // as `relu(F.conv2d(...) + residual)`: the add promotes (a float32 residual stream), so nothing is fused

@@ -164,6 +164,8 @@ def _without_native(x, weight, bias=None, stride=1, padding=0, dilation=1, resid
 def _checked_reference(x, weight, bias, stride, padding, dilation, residual):
     _check_args(x, weight, bias, stride, padding, dilation, residual)
     out = conv2d_bias_relu_ref(x, weight, bias, stride, padding, dilation, residual)
+    if torch._C._are_functorch_transforms_active():  # as the native op: no layout copy they cannot batch
+        return out
     return out.contiguous(memory_format=_output_format(x))
 
 
@@ -231,8 +233,6 @@ def conv2d_bias_relu(
     """
     if isinstance(padding, str):
         x, padding = _resolve_padding(x, weight, stride, padding, dilation)
-    if torch._C._are_functorch_transforms_active():  # vmap, grad, hessian ...: transformed as F.conv2d
-        return conv2d_bias_relu_ref(x, weight, bias, stride, padding, dilation, residual)
     return _conv2d_bias_relu(x, weight, bias, stride, padding, dilation, residual)
 
 
