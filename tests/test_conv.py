@@ -216,7 +216,7 @@ def test_torch_func_transforms_run_what_f_conv2d_runs():
     want = hessian(lambda x: plain(x, w, b, 1, 1).pow(2).sum())(small)
     h = hessian(lambda x: fops.conv2d_bias_relu(x, w, b, 1, 1).pow(2).sum())(small)
     assert max_err(h, want) < 1e-10
-    h = hessian(lambda x: _without_native(x.contiguous(memory_format=CL), w, b, 1, 1).pow(2).sum())(small)
+    h = hessian(lambda x: _without_native(x, w, b, 1, 1).pow(2).sum())(small.contiguous(memory_format=CL))
     assert max_err(h, want) < 1e-10  # the build without the native op, channels_last x
     if _native.has_op("conv2d_bias_relu"):  # the C++ op called directly takes the same path
         op = torch.ops.fusedkernels.conv2d_bias_relu
