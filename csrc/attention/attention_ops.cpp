@@ -300,7 +300,7 @@ void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v
 
 void check_options(const char* op, double dropout_p, int64_t window_left, int64_t window_right) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ",
-              std::to_string(dropout_p));
+              py_repr(dropout_p));
   TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sizes must be >= 0, or -1 for unbounded, got (",
               num(window_left), ", ", num(window_right), ")");
 }

@@ -5,13 +5,16 @@
 // channels (one 16-byte access where the channel count and the pointers allow, else one element) and walks the rows
 // of its block's row range with stride row_threads, so a warp reads whole runs of consecutive rows (contiguous in
 // NHWC). grid = (channel tiles, row blocks); the row blocks' per-channel partials go to a float32 workspace
-// [2, row_blocks, channels] and a small finalize kernel (32 channels x 8 lanes a block) combines them in a fixed
+// [2, row_blocks, channels] and a small finalize kernel (8 channels x 32 lanes a block) combines them in a fixed
 // order: deterministic.
 //
 //   forward, training:  stats (Welford per thread, Chan's combination across threads and blocks), finalize (mean,
 //                       invstd, running statistics), normalize
 //   forward, eval:      finalize (mean and invstd from the running statistics), normalize
 //   backward:           reduce (Σ g, Σ g·(x - mean) with g = dy·(y > 0)), finalize (dbias, dweight), input grad
+//
+// normalize and input grad walk each block's rows backwards: a tensor larger than L2 still has the rows the previous
+// pass read last in L2, and those are the ones read first.
 #pragma once
 
 #include <algorithm>
@@ -24,7 +27,9 @@ namespace fusedkernels::conv::bn {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;  // rows a thread loads before using them: loads in flight per thread
-constexpr int kFinalizeChannels = 32, kFinalizeLanes = kThreads / kFinalizeChannels;
+// finalize: a block per 8 channels, 32 lanes over the row blocks, each lane with kUnroll partials' loads in flight
+// (a lane walking hundreds of row blocks one dependent load at a time took 10-20 µs)
+constexpr int kFinalizeChannels = 8, kFinalizeLanes = kThreads / kFinalizeChannels;
 
 // How a launch covers [rows, channels]; the same for every pass of a call, so the workspace's row blocks agree.
 struct Tile {
@@ -99,6 +104,10 @@ struct Place {
   int64_t c;           // first channel
   int64_t begin, end;  // the block's rows
 };
+
+// The row a pass that follows another over the same rows visits in place of `row`: the block's range backwards, so it
+// starts on the rows the previous pass read last, which are still in L2.
+__device__ __forceinline__ int64_t mirrored(const Place& at, int64_t row) { return at.begin + at.end - 1 - row; }
 
 template <int kVec>
 __device__ __forceinline__ Place place(const Tile& t, int64_t rows) {
@@ -191,9 +200,19 @@ __global__ void __launch_bounds__(kThreads) finalize_stats_kernel(const BatchNor
   }
   float n = 0.f, mean = 0.f, m2 = 0.f;
   if (c < C) {
-    for (int64_t j = lane; j < t.row_blocks; j += kFinalizeLanes) {
-      chan_combine(n, mean, m2, float(rows_in_block(t, p.rows, j)), p.workspace[j * C + c],
-                   p.workspace[(t.row_blocks + j) * C + c]);
+    for (int64_t j0 = lane; j0 < t.row_blocks; j0 += kUnroll * kFinalizeLanes) {
+      float block_mean[kUnroll], block_m2[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = j0 + u * kFinalizeLanes;
+        if (j < t.row_blocks) block_mean[u] = p.workspace[j * C + c], block_m2[u] = p.workspace[(t.row_blocks + j) * C + c];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = j0 + u * kFinalizeLanes;
+        if (j >= t.row_blocks) break;
+        chan_combine(n, mean, m2, float(rows_in_block(t, p.rows, j)), block_mean[u], block_m2[u]);
+      }
     }
   }
   s_n[threadIdx.x] = n, s_mean[threadIdx.x] = mean, s_m2[threadIdx.x] = m2;
@@ -243,8 +262,9 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(const BatchNormRelu
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t row = r + u * t.row_threads;
       if (row < at.end) {
-        v[u].load(x + row * C);
-        if (residual != nullptr) res[u].load(residual + row * C);
+        const int64_t at_row = mirrored(at, row) * C;
+        v[u].load(x + at_row);
+        if (residual != nullptr) res[u].load(residual + at_row);
       }
     }
 #pragma unroll
@@ -256,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(const BatchNormRelu
         const float z = (v[u][i] - mean[i]) * scale[i] + shift[i];
         v[u].set(i, relu(residual != nullptr ? z + res[u][i] : z));
       }
-      v[u].store(y + row * C);
+      v[u].store(y + mirrored(at, row) * C);  // the row it loaded
     }
   }
 }
@@ -324,9 +344,17 @@ static __global__ void __launch_bounds__(kThreads) finalize_grad_kernel(const Ba
   const int64_t C = p.channels, c = int64_t(blockIdx.x) * kFinalizeChannels + threadIdx.x % kFinalizeChannels;
   float sum_g = 0.f, sum_gx = 0.f;
   if (c < C) {
-    for (int64_t j = lane; j < t.row_blocks; j += kFinalizeLanes) {
-      sum_g += p.workspace[j * C + c];
-      sum_gx += p.workspace[(t.row_blocks + j) * C + c];
+    for (int64_t j0 = lane; j0 < t.row_blocks; j0 += kUnroll * kFinalizeLanes) {
+      float block_g[kUnroll], block_gx[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = j0 + u * kFinalizeLanes;
+        const bool in = j < t.row_blocks;
+        block_g[u] = in ? p.workspace[j * C + c] : 0.f;
+        block_gx[u] = in ? p.workspace[(t.row_blocks + j) * C + c] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) sum_g += block_g[u], sum_gx += block_gx[u];
     }
   }
   s_g[threadIdx.x] = sum_g, s_gx[threadIdx.x] = sum_gx;
@@ -373,8 +401,9 @@ __global__ void __launch_bounds__(kThreads) input_grad_kernel(const BatchNormRel
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t row = r + u * t.row_threads;
       if (row < at.end) {
-        vdy[u].load(dy + row * C), vy[u].load(y + row * C);
-        if (dx != nullptr) vx[u].load(x + row * C);
+        const int64_t at_row = mirrored(at, row) * C;
+        vdy[u].load(dy + at_row), vy[u].load(y + at_row);
+        if (dx != nullptr) vx[u].load(x + at_row);
       }
     }
 #pragma unroll
@@ -383,11 +412,12 @@ __global__ void __launch_bounds__(kThreads) input_grad_kernel(const BatchNormRel
       if (row >= at.end) break;
 #pragma unroll
       for (int i = 0; i < kVec; ++i) vdy[u].set(i, vy[u][i] > 0.f ? vdy[u][i] : 0.f);
-      if (dresidual != nullptr) vdy[u].store(dresidual + row * C);
+      const int64_t at_row = mirrored(at, row) * C;
+      if (dresidual != nullptr) vdy[u].store(dresidual + at_row);
       if (dx != nullptr) {
 #pragma unroll
         for (int i = 0; i < kVec; ++i) vx[u].set(i, a[i] * vdy[u][i] - b[i] * (vx[u][i] - mean[i]) - d[i]);
-        vx[u].store(dx + row * C);
+        vx[u].store(dx + at_row);
       }
     }
   }

@@ -21,6 +21,7 @@
 //   out = relu(batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual)
 #include <ATen/ATen.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <array>
 #include <mutex>
@@ -455,9 +456,14 @@ void check_batch_norm_args(const char* op, const Tensor& input, const OptTensor&
                            const OptTensor& running_var, const OptTensor& weight, const OptTensor& bias, bool training,
                            double eps, const OptTensor& residual) {
   TORCH_CHECK(input.dim() >= 2, op, ": input must have at least 2 dimensions [N, C, ...], got ", shape(input));
-  // F.batch_norm's (PyTorch 2.14): a zero eps divides by a zero batch variance, a negative one takes its root
-  TORCH_CHECK_VALUE(!training || eps > 0, "batch_norm eps must be positive during training, but got ", eps);
-  TORCH_CHECK_VALUE(eps >= 0, "batch_norm eps must be non-negative, but got ", eps);
+  // F.batch_norm's of the torch built against: a zero eps divides by a zero batch variance, a negative one takes its
+  // root; before 2.12 it refused a zero eps in eval too
+#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 12
+  TORCH_CHECK_VALUE(eps > 0, "batch_norm eps must be positive, but got ", py_repr(eps));
+#else
+  TORCH_CHECK_VALUE(!training || eps > 0, "batch_norm eps must be positive during training, but got ", py_repr(eps));
+  TORCH_CHECK_VALUE(eps >= 0, "batch_norm eps must be non-negative, but got ", py_repr(eps));
+#endif
   if (training) {
     c10::SymInt values = input.sym_size(0);
     for (int64_t d = 2; d < input.dim(); ++d) values = values * input.sym_size(d);

@@ -602,11 +602,11 @@ void check_lce_args(const char* op, const Tensor& hidden, const Tensor& weight, 
   TORCH_CHECK(same, op, ": target must have hidden's leading shape ", shape(hidden.sym_sizes().slice(0, hidden.dim() - 1)),
               ", got ", shape(target));
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-              ": label_smoothing must be between 0.0 and 1.0, got ", std::to_string(label_smoothing));
+              ": label_smoothing must be between 0.0 and 1.0, got ", py_repr(label_smoothing));
   TORCH_CHECK_VALUE(z_loss >= 0.0 && std::isfinite(z_loss), op, ": z_loss must be finite and >= 0, got ",
-                    std::to_string(z_loss));
+                    py_repr(z_loss));
   TORCH_CHECK_VALUE(!softcap || (*softcap > 0.0 && std::isfinite(*softcap)), op,
-                    ": softcap must be None or finite and > 0, got ", std::to_string(softcap.value_or(0.0)));
+                    ": softcap must be None or finite and > 0, got ", py_repr(softcap.value_or(0.0)));
   TORCH_CHECK_VALUE(chunk_size >= 0, op, ": chunk_size must be >= 0 (0: chosen from the sizes), got ",
                     num(chunk_size));
 }

@@ -197,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cuda(const Tenso
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias must be ", name_of(x.scalar_type()),
                      " (like x), got ", name_of(bias->scalar_type()));
   }
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", std::to_string(p));
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", py_repr(p));
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor y = at::empty_like(x);
   Tensor residual_out = at::empty(x.sizes(), x.options().dtype(residual_dtype));

@@ -519,7 +519,7 @@ at::ScalarType check_add_args(const char* op, const Tensor& x, const OptTensor& 
   TORCH_CHECK(at::promote_types(residual.scalar_type(), rdt) == rdt, op, ": a ", name_of(residual.scalar_type()),
               " residual would be rounded to residual_dtype (", name_of(rdt), "): pass residual_dtype=torch.float32, or a ",
               name_of(rdt), " residual");
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", std::to_string(p));
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", py_repr(p));
   const c10::SymInt hidden = x.sym_size(-1);
   for (const auto& [name, t] : {std::pair{"bias", &bias}, std::pair{"weight", &weight},
                                 std::pair{"norm_bias", &norm_bias}}) {

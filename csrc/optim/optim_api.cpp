@@ -377,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor> grad_norm(TensorList grads, double norm_type,
   check_float_dtype(grads[0], op, "grads");
   check_dtype(op, grads, grads[0].scalar_type(), "grad");
   const bool inf_norm = norm_type == std::numeric_limits<double>::infinity();
-  TORCH_CHECK_VALUE(inf_norm || norm_type == 2.0, op, ": norm_type must be 2 or inf, got ", std::to_string(norm_type));
+  TORCH_CHECK_VALUE(inf_norm || norm_type == 2.0, op, ": norm_type must be 2 or inf, got ", py_repr(norm_type));
   const c10::cuda::CUDAGuard guard(grads[0].device());
   const Tables built = build_tables(op, Lists{{{kGrad, grads}}, {}}, grads[0]);
   const auto& tables = built.tables;

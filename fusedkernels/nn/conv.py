@@ -158,8 +158,7 @@ class FusedConvBNReLU(nn.Module):
             else:
                 out = ops.batch_norm_relu(z, *_batch_norm_args(bn), residual=residual)
             return out.contiguous(memory_format=ops._output_format(input))  # eval's layout (F.conv2d follows weight's too)
-        if bn.eps < 0:  # F.batch_norm's check, which the fold would otherwise turn into NaN
-            raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
+        ops._check_eps(bn.eps, training=False)  # F.batch_norm's, which the fold would otherwise turn into NaN
         weight, bias = ops.fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                            bn.weight, bn.bias)
         return _conv_relu(conv, input, weight, bias, residual)

@@ -284,7 +284,10 @@ def batch_norm_relu_ref(
 
 
 def _check_eps(eps: float, training: bool) -> None:
-    """F.batch_norm's (PyTorch 2.14) and the native op's check of eps."""
+    """F.batch_norm's check of eps, as the installed torch makes it (before 2.12 eval refused a zero eps too), and the
+    native op's."""
+    if torch.__version__ < (2, 12) and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive, but got {eps}")
     if training and not eps > 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if not eps >= 0:

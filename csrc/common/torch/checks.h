@@ -8,6 +8,11 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "common/dtype.h"
@@ -18,6 +23,25 @@ namespace fusedkernels {
 // machine's torch 2.11 build, streaming an integer into a TORCH_CHECK message from this extension
 // crashed the process instead of raising.
 inline std::string num(int64_t v) { return std::to_string(v); }
+
+// A double as Python's repr prints it (the shortest digits that read back the same: -0.001, 1e-05, 0.0), for messages
+// that repeat a Python-side library's word for word.
+inline std::string py_repr(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[64];
+  int digits = 1;
+  for (; digits < 17; ++digits) {  // the fewest significant digits that read back as v
+    std::snprintf(buf, sizeof(buf), "%.*e", digits - 1, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  std::snprintf(buf, sizeof(buf), "%.*e", digits - 1, v);
+  const int exponent = std::atoi(std::strchr(buf, 'e') + 1);
+  if (exponent < -4 || exponent >= 16) return buf;  // Python's switch to scientific notation
+  std::snprintf(buf, sizeof(buf), "%.*f", std::max(digits - 1 - exponent, 0), v);
+  std::string s = buf;
+  return s.find('.') == std::string::npos ? s + ".0" : s;
+}
 
 inline std::string shape(at::IntArrayRef sizes) {
   std::string s = "[";
