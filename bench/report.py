@@ -15,14 +15,6 @@ def _by_case(rows):
     return cases
 
 
-def _baselines(rows, suite):
-    seen = []
-    for r in rows:
-        if r["suite"] == suite and r["impl"] != "fusedkernels" and r["impl"] not in seen:
-            seen.append(r["impl"])
-    return seen
-
-
 # Implementations a TFLOP/s suite's ours is compared against in its ratio columns, where a table has them.
 REFERENCES = {"attention": ("torch-sdpa-flash", "torch-sdpa-cudnn", "fusedkernels-nobias"),
               "gemm": ("torch", "torch-cublaslt", "torch-stacked")}
@@ -44,6 +36,10 @@ def _flops_tables(suite: str, rows: list, meta: dict) -> list[str]:
     for r in rows:
         groups.setdefault(r.get("group", ""), []).append(r)
     for group, grows in groups.items():
+        if not any("TFLOPs" in r or "skipped" in r for r in grows):  # a group timed in bandwidth (BatchNorm)
+            lines += ["", f"{group} cases (time, bandwidth by the minimum traffic):", ""]
+            lines += _time_table(grows, meta["copy_GBps"])
+            continue
         cases = _by_case(grows)
         impls = list(OrderedDict.fromkeys(r["impl"] for r in grows))
         others = [i for i in impls if i != "fusedkernels"]
@@ -98,6 +94,33 @@ def _flops_cell(r, notes: dict, case: str) -> str:
     return f"{r.get('TFLOPs', 0):.0f} ({_ms(r['ms'])})"
 
 
+def _time_table(rows: list, copy: float) -> list[str]:
+    """Cases timed in µs (with GB/s where the rows have them; host times have not): ours' time, bandwidth and
+    fraction of the copy ceiling, each baseline's time, and the baselines' time over ours."""
+    base = list(OrderedDict.fromkeys(r["impl"] for r in rows if r["impl"] != "fusedkernels"))
+    bandwidth = any("GBps" in r for r in rows)
+    lines = ["| case | fusedkernels | " + ("GB/s | % of copy | " if bandwidth else "") + " | ".join(base) + " | "
+             + " | ".join(f"vs {b}" for b in base) + " |",
+             "|---" * (2 + 2 * bandwidth + 2 * len(base)) + "|"]
+    for (_, case), impls in _by_case(rows).items():
+        ours = impls.get("fusedkernels")
+        cells = [case]
+        if ours is None:
+            cells += ["—", "—", "—"] if bandwidth else ["—"]
+        elif bandwidth:
+            cells += [_ms(ours["ms"]), f"{ours.get('GBps', 0):.0f}", f"{100 * ours.get('GBps', 0) / copy:.0f}%"]
+        else:
+            cells.append(_ms(ours["ms"]))
+        if ours is not None and "peak_MiB" in ours:  # suites that measure memory: time (peak)
+            cells[-1] += f" ({ours['peak_MiB']:.0f} MiB)"
+        cells += [_ms(impls[b]["ms"]) + (f" ({impls[b]['GBps']:.0f} GB/s)" if ours is None and bandwidth else "")
+                  + (f" ({impls[b]['peak_MiB']:.0f} MiB)" if "peak_MiB" in impls[b] else "")
+                  if b in impls else "—" for b in base]
+        cells += [f"{impls[b]['ms'] / ours['ms']:.2f}×" if (b in impls and ours) else "—" for b in base]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     m = result["meta"]
     copy = m["copy_GBps"]
@@ -111,30 +134,7 @@ def markdown(result: dict) -> str:
         if any("TFLOPs" in r or "skipped" in r for r in suite_rows):
             lines += ["", f"### {suite}", ""] + _flops_tables(suite, suite_rows, m)
             continue
-        base = _baselines(result["rows"], suite)
-        bandwidth = any("GBps" in r for r in result["rows"] if r["suite"] == suite)  # not for host times
-        lines += ["", f"### {suite}", "",
-                  "| case | fusedkernels | " + ("GB/s | % of copy | " if bandwidth else "") + " | ".join(base) + " | "
-                  + " | ".join(f"vs {b}" for b in base) + " |",
-                  "|---" * (2 + 2 * bandwidth + 2 * len(base)) + "|"]
-        for (s, case), impls in cases.items():
-            if s != suite:
-                continue
-            ours = impls.get("fusedkernels")
-            cells = [case]
-            if ours is None:
-                cells += ["—", "—", "—"] if bandwidth else ["—"]
-            elif bandwidth:
-                cells += [_ms(ours["ms"]), f"{ours.get('GBps', 0):.0f}", f"{100 * ours.get('GBps', 0) / copy:.0f}%"]
-            else:
-                cells.append(_ms(ours["ms"]))
-            if ours is not None and "peak_MiB" in ours:  # suites that measure memory: time (peak)
-                cells[-1] += f" ({ours['peak_MiB']:.0f} MiB)"
-            cells += [_ms(impls[b]["ms"]) + (f" ({impls[b]['GBps']:.0f} GB/s)" if ours is None and bandwidth else "")
-                      + (f" ({impls[b]['peak_MiB']:.0f} MiB)" if "peak_MiB" in impls[b] else "")
-                      if b in impls else "—" for b in base]
-            cells += [f"{impls[b]['ms'] / ours['ms']:.2f}×" if (b in impls and ours) else "—" for b in base]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"### {suite}", ""] + _time_table(suite_rows, copy)
     return "\n".join(lines) + "\n"
 
 

@@ -492,3 +492,34 @@ def test_cuda_conv_bn_relu_training_step_matches_torch_modules():
         for name, buf in bn.named_buffers():
             assert max_err(buf, getattr(bn_ref, name)) < 1e-3 * max(buf.abs().max().item(), 1.0), name
 
+
+
+@pytest.mark.parametrize("native", ["native", "without"])
+def test_running_statistics_that_require_grad_are_fine_without_grad_mode(native):
+    """As F.batch_norm: the refusal is about building a graph, so no_grad and inference_mode run."""
+    op = fops.batch_norm_relu if native == "native" else _batch_norm_relu_without_native
+    x, rm, rv, w, b, _ = _case(2, 3, 4, 4, dtype=torch.float32)
+    for training in (True, False):
+        rm_t, rv_t = nn.Parameter(rm.clone()), nn.Parameter(rv.clone())
+        rm_w, rv_w = rm.clone(), rv.clone()
+        with torch.no_grad():
+            out = op(x, rm_t, rv_t, w, b, training, 0.1, 1e-5)
+            want = F.relu(F.batch_norm(x, rm_w, rv_w, w, b, training, 0.1, 1e-5))
+        assert max_err(out, want) < 1e-5
+        assert max_err(rm_t.detach(), rm_w) < 1e-6 and max_err(rv_t.detach(), rv_w) < 1e-6
+
+
+@pytest.mark.parametrize("native", ["native", "without"])
+def test_eps_nan_and_the_order_of_checks_follow_f_batch_norm(native):
+    """F.batch_norm checks the batch size before eps, and lets a NaN eps through (NaN out)."""
+    op = fops.batch_norm_relu if native == "native" else _batch_norm_relu_without_native
+    x, rm, rv, w, b, _ = _case(2, 3, 4, 4, dtype=torch.float32)
+    for training in (True, False):
+        out = op(x, rm.clone(), rv.clone(), w, b, training, 0.1, float("nan"))
+        want = F.relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, float("nan")))
+        assert out.isnan().all() == want.isnan().all()
+    one = x[:1, :, :1, :1]
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        F.batch_norm(one, rm.clone(), rv.clone(), w, b, True, 0.1, 0.0)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        op(one, rm.clone(), rv.clone(), w, b, True, 0.1, 0.0)

@@ -208,7 +208,9 @@ def test_torch_func_transforms_run_what_f_conv2d_runs():
 
     x, w, b, _ = _inputs(3, 2, (5, 5), 4, 3)
     xb = torch.randn(4, *x.shape, dtype=torch.float64)
-    ours = vmap(lambda x: fops.conv2d_bias_relu(x, w, b, 1, 1))(xb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no per-sample loop (PyTorch's batching fallback warns)
+        ours = vmap(lambda x: fops.conv2d_bias_relu(x, w, b, 1, 1))(xb)
     assert max_err(ours, vmap(lambda x: plain(x, w, b, 1, 1))(xb)) < 1e-12
     per_sample = vmap(grad(lambda x: fops.conv2d_bias_relu(x, w, b, 1, 1).pow(2).sum()))(xb)
     assert max_err(per_sample, vmap(grad(lambda x: plain(x, w, b, 1, 1).pow(2).sum()))(xb)) < 1e-12
@@ -381,18 +383,19 @@ def test_without_native_raises_what_the_native_op_raises(case):
         assert str(without.value) == str(native.value)
 
 
-def test_output_follows_x_layout_on_cpu(public_op):
+def test_output_layout_is_f_conv2d_s_on_cpu(public_op):
     x, w, b, r = (t.requires_grad_() for t in _inputs(2, 8, (6, 5), 8, 3, residual=True, padding=1))
     want = plain(x, w, b, 1, 1, 1, r)
     cl = [t.detach().to(memory_format=CL).requires_grad_() for t in (x, w, r)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # CPU calls warn about nothing
         for xx, ww, rr, fmt in ((x, w, r, torch.contiguous_format), (cl[0], cl[1], cl[2], CL),
-                                (x, cl[1], r, torch.contiguous_format), (cl[0], w, r, CL),
-                                (x.detach()[:, :, ::2], w, None, torch.contiguous_format)):
+                                (x, cl[1], r, CL), (cl[0], w, r, CL),  # F.conv2d's: x's or weight's
+                                (x.detach()[:, :, ::2], w, None, torch.contiguous_format),
+                                (x.detach()[:, :, ::2], cl[1].detach(), None, CL)):
             out = public_op(xx, ww, b, 1, 1, 1, rr)
             assert out.is_contiguous(memory_format=fmt), fmt
-            assert out.is_contiguous(memory_format=fmt) == F.conv2d(xx, w, b, 1, 1).is_contiguous(memory_format=fmt)
+            assert out.stride() == F.conv2d(xx, ww, b, 1, 1).stride()
             if rr is not None:
                 assert max_err(out, want) < 1e-12
                 grads = torch.autograd.grad(out, (xx, ww, b, rr), torch.ones_like(out))
@@ -630,7 +633,7 @@ def test_conv_bn_relu_output_layout_is_the_same_in_train_and_eval():
     for module_cl, x_cl in ((False, False), (True, True), (True, False), (False, True)):
         m = block.to(memory_format=CL if module_cl else torch.contiguous_format)
         xx = x.to(memory_format=CL) if x_cl else x
-        fmt = CL if x_cl else torch.contiguous_format
+        fmt = CL if x_cl or module_cl else torch.contiguous_format  # F.conv2d's: x's or weight's
         for mode in (True, False):
             out = m.train(mode)(xx)
             assert out.is_contiguous(memory_format=fmt), (module_cl, x_cl, mode)
@@ -846,3 +849,38 @@ def test_cuda_modules_bf16_channels_last():
         ours = block(x)
     want = seq.float()(x.float())
     assert max_err(ours, want) < 0.1 * max(want.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("native", ["native", "without"])
+def test_unbatched_input_takes_a_residual_of_the_unbatched_output_shape_only(native):
+    op = fops.conv2d_bias_relu if native == "native" else _without_native
+    x, w = torch.randn(3, 7, 7, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    r = torch.randn(4, 5, 5, dtype=torch.float64)
+    assert max_err(op(x, w, residual=r), F.relu(F.conv2d(x, w) + r)) < 1e-12
+    for bad in (r.unsqueeze(0), r[:, :1], r[0]):  # would broadcast: a batch dimension, a row, one channel
+        with pytest.raises(RuntimeError, match=r"residual must have the output's shape \[4, 5, 5\] \(no broadcasting\)"):
+            op(x, w, residual=bad)
+
+
+@pytest.mark.parametrize("x_layout", [torch.contiguous_format, CL], ids=["x_nchw", "x_nhwc"])
+@pytest.mark.parametrize("w_layout", [torch.contiguous_format, CL], ids=["w_nchw", "w_nhwc"])
+@pytest.mark.parametrize("k", [3, 1])
+def test_output_layout_follows_x_and_weight_as_f_conv2d(x_layout, w_layout, k):
+    """F.conv2d returns channels_last when x or weight has channels_last strides: so does the op, FusedConv2dReLU
+    and FusedConvBNReLU (train and eval) in a model converted to channels_last."""
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=x_layout)
+    conv = nn.Conv2d(3, 4, k).to(memory_format=w_layout)
+    want = F.relu(conv(x))
+    fused = fnn.FusedConv2dReLU(3, 4, k).to(memory_format=w_layout)
+    fused.load_state_dict(conv.state_dict())
+    for out in (fops.conv2d_bias_relu(x, conv.weight, conv.bias), _without_native(x, conv.weight, conv.bias), fused(x)):
+        assert out.stride() == want.stride(), (out.stride(), want.stride())
+        assert max_err(out, want) < 1e-5
+    block = fnn.FusedConvBNReLU(3, 4, k).to(memory_format=w_layout)
+    seq = nn.Sequential(nn.Conv2d(3, 4, k, bias=False), nn.BatchNorm2d(4), nn.ReLU()).to(memory_format=w_layout)
+    block.load_state_dict(seq.state_dict())
+    for mode in (True, False):
+        block.train(mode), seq.train(mode)
+        out, want = block(x), seq(x)
+        assert out.stride() == want.stride(), (mode, out.stride(), want.stride())
+        assert max_err(out, want) < 1e-4

@@ -62,12 +62,13 @@ using OptTensor = std::optional<Tensor>;
 
 namespace {
 
-// The public op's output memory format, x's as F.conv2d follows it: channels_last for an x that is channels_last
-// (and not also contiguous, as when C == 1), contiguous otherwise. fusedkernels/ops/conv.py's _output_format
+// The output layout PyTorch picks (F.conv2d from x and weight, F.batch_norm from x alone): channels_last when either
+// has channels_last strides (suggest_memory_format), contiguous otherwise. fusedkernels/ops/conv.py's _output_format
 // mirrors it.
-at::MemoryFormat output_format(const Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
-                                                                                : at::MemoryFormat::Contiguous;
+at::MemoryFormat output_format(const Tensor& x, const Tensor* weight = nullptr) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const bool channels_last = x.suggest_memory_format() == cl || (weight && weight->suggest_memory_format() == cl);
+  return channels_last ? cl : at::MemoryFormat::Contiguous;
 }
 
 }  // namespace
@@ -130,9 +131,10 @@ std::vector<c10::SymInt> out_shape(const Tensor& x, const Tensor& weight, const 
 // Validates the arguments as F.conv2d would (RuntimeError, in its words where it has them), x 4-D. Sizes compare
 // symbolically (torch.compile with dynamic shapes). Unlike F.conv2d, groups is 1, residual must have the output's
 // shape exactly (no broadcasting), and weight and bias share x's dtype; so does the residual unless
-// residual_any_dtype (the public op adds one of another dtype after the convolution, with type promotion).
+// residual_any_dtype (the public op adds one of another dtype after the convolution, with type promotion). unbatched:
+// x is an unbatched input with the batch of one added, and the residual has the unbatched output's shape.
 void check_args(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias, const Geometry& g,
-                const OptTensor& residual, bool residual_any_dtype = false) {
+                const OptTensor& residual, bool residual_any_dtype = false, bool unbatched = false) {
   for (const auto& [name, t] : {std::pair{"x", &x}, std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
                                 std::pair{"residual", residual ? &*residual : nullptr}}) {
     TORCH_CHECK_NOT_IMPLEMENTED(t == nullptr || (t->layout() == at::kStrided && !t->is_nested()), op,
@@ -173,9 +175,10 @@ void check_args(const char* op, const Tensor& x, const Tensor& weight, const Opt
               " with padding ", pair_str(g.padding), ". Kernel size: ", shape(weight.sym_sizes().slice(2)),
               " with dilation ", pair_str(g.dilation), ". Kernel size can't be greater than actual input size");
   if (residual) {
-    const auto sizes = out_shape(x, weight, g);
-    bool same = residual->dim() == 4;
-    for (int64_t d = 0; same && d < 4; ++d) same = sym_same(residual->sym_size(d), sizes[d]);
+    auto sizes = out_shape(x, weight, g);
+    if (unbatched) sizes.erase(sizes.begin());
+    bool same = residual->dim() == static_cast<int64_t>(sizes.size());
+    for (size_t d = 0; same && d < sizes.size(); ++d) same = sym_same(residual->sym_size(d), sizes[d]);
     TORCH_CHECK(same, op, ": residual must have the output's shape ", shape(sizes), " (no broadcasting), got ",
                 shape(*residual));
   }
@@ -229,15 +232,17 @@ Tensor to_channels_last(const Tensor& t, const char* name) {
 // The public op after expanding the pairs, x 4-D: check, then the reference (with one warning per reason) or
 // conv2d_bias_relu_fwd on channels_last tensors.
 Tensor route(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Geometry& g,
-             const OptTensor& residual) {
+             const OptTensor& unbatched_residual, bool unbatched) {
   const char* op = "conv2d_bias_relu";
-  check_args(op, x, weight, bias, g, residual, /*residual_any_dtype=*/true);
+  check_args(op, x, weight, bias, g, unbatched_residual, /*residual_any_dtype=*/true, unbatched);
+  const OptTensor residual =
+      unbatched && unbatched_residual ? OptTensor(unbatched_residual->unsqueeze(0)) : unbatched_residual;
   if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
     // torch.func transforms (vmap, grad, hessian ...) transform F.conv2d's ops; the layout conversions below they
     // cannot batch (a channels_last clone inside vmap)
     return conv2d_bias_relu_reference(x, weight, bias, g.stride, g.padding, g.dilation, residual);
   }
-  const auto format = output_format(x);
+  const auto format = output_format(x, &weight);
   if (residual && residual->scalar_type() != x.scalar_type()) {
     // as `relu(F.conv2d(...) + residual)`: the add promotes (a float32 residual stream), so nothing is fused
     if (x.is_cuda()) warn_fallback(op, "a residual of another dtype than x's has no fused kernel", kReference);
@@ -265,10 +270,9 @@ Tensor conv2d_bias_relu_composite(const Tensor& x, const Tensor& weight, const O
   const char* op = "conv2d_bias_relu";
   const Geometry g = geometry(op, stride, padding, dilation);
   if (x.dim() == 3) {  // unbatched [C_in, H, W], as F.conv2d takes it: a batch of one
-    const OptTensor r = residual && residual->dim() == 3 ? OptTensor(residual->unsqueeze(0)) : residual;
-    return route(x.unsqueeze(0), weight, bias, g, r).squeeze(0);
+    return route(x.unsqueeze(0), weight, bias, g, residual, /*unbatched=*/true).squeeze(0);
   }
-  return route(x, weight, bias, g, residual);
+  return route(x, weight, bias, g, residual, /*unbatched=*/false);
 }
 
 // Autocast: what autocast does to aten::conv2d, on its lower-precision list for CUDA and for CPU: cast x, weight and
@@ -456,14 +460,6 @@ void check_batch_norm_args(const char* op, const Tensor& input, const OptTensor&
                            const OptTensor& running_var, const OptTensor& weight, const OptTensor& bias, bool training,
                            double eps, const OptTensor& residual) {
   TORCH_CHECK(input.dim() >= 2, op, ": input must have at least 2 dimensions [N, C, ...], got ", shape(input));
-  // F.batch_norm's of the torch built against: a zero eps divides by a zero batch variance, a negative one takes its
-  // root; before 2.12 it refused a zero eps in eval too
-#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 12
-  TORCH_CHECK_VALUE(eps > 0, "batch_norm eps must be positive, but got ", py_repr(eps));
-#else
-  TORCH_CHECK_VALUE(!training || eps > 0, "batch_norm eps must be positive during training, but got ", py_repr(eps));
-  TORCH_CHECK_VALUE(eps >= 0, "batch_norm eps must be non-negative, but got ", py_repr(eps));
-#endif
   if (training) {
     c10::SymInt values = input.sym_size(0);
     for (int64_t d = 2; d < input.dim(); ++d) values = values * input.sym_size(d);
@@ -471,6 +467,14 @@ void check_batch_norm_args(const char* op, const Tensor& input, const OptTensor&
     TORCH_CHECK_VALUE(values.sym_ne(1).guard_bool(__FILE__, __LINE__),
                       "Expected more than 1 value per channel when training, got input size ", size);
   }
+  // F.batch_norm's of the torch built against, after its batch-size check: a zero eps divides by a zero batch
+  // variance, a negative one takes its root (NaN passes, as there); before 2.12 a zero eps was refused in eval too
+#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 12
+  TORCH_CHECK_VALUE(!(eps <= 0), "batch_norm eps must be positive, but got ", py_repr(eps));
+#else
+  TORCH_CHECK_VALUE(!(training && eps <= 0), "batch_norm eps must be positive during training, but got ", py_repr(eps));
+  TORCH_CHECK_VALUE(!(eps < 0), "batch_norm eps must be non-negative, but got ", py_repr(eps));
+#endif
   const c10::SymInt channels = input.sym_size(1);
   for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias},
                                 std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}}) {
@@ -624,11 +628,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_relu_fwd_autograd(const Tensor& in
                                                                 const OptTensor& running_var, const OptTensor& weight,
                                                                 const OptTensor& bias, bool training, double momentum,
                                                                 double eps, const OptTensor& residual) {
-  // As F.batch_norm: the running statistics take no gradient (their in-place update leaves their version alone,
-  // as PyTorch's does: a graph that saved them still backpropagates)
+  // As F.batch_norm: with grad mode on, the running statistics take no gradient (their in-place update leaves their
+  // version alone, as PyTorch's does: a graph that saved them still backpropagates)
   for (const auto& [name, t] : {std::pair{"running_mean", &running_mean}, std::pair{"running_var", &running_var}}) {
-    TORCH_CHECK(!*t || !(*t)->requires_grad(), "The function 'batch_norm_relu' is not differentiable with respect to "
-                "argument '", name, "'. This input cannot have requires_grad True.");
+    TORCH_CHECK(!*t || !(*t)->requires_grad() || !at::GradMode::is_enabled(), "The function 'batch_norm_relu' is not "
+                "differentiable with respect to argument '", name, "'. This input cannot have requires_grad True.");
   }
   auto outputs = [&] {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -30,7 +30,7 @@ def _conv_relu(conv: nn.Conv2d, input: Tensor, weight: Tensor, bias: Optional[Te
             _native.warn_fallback("conv2d_bias_relu", "groups != 1 (grouped, depthwise) has no fused kernel", _REFERENCE)
         z = conv._conv_forward(input, weight, bias)
         out = F.relu(z if residual is None else z + residual)
-        return out.contiguous(memory_format=ops._output_format(input))  # the op's layout, whatever weight's
+        return out.contiguous(memory_format=ops._output_format(input, weight))  # the op's layout
     padding = conv.padding
     if conv.padding_mode != "zeros":
         input = F.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
@@ -157,7 +157,7 @@ class FusedConvBNReLU(nn.Module):
                 out = F.relu(z if residual is None else z + residual)
             else:
                 out = ops.batch_norm_relu(z, *_batch_norm_args(bn), residual=residual)
-            return out.contiguous(memory_format=ops._output_format(input))  # eval's layout (F.conv2d follows weight's too)
+            return out.contiguous(memory_format=ops._output_format(input, conv.weight))  # as eval's conv op
         ops._check_eps(bn.eps, training=False)  # F.batch_norm's, which the fold would otherwise turn into NaN
         weight, bias = ops.fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                            bn.weight, bn.bias)

@@ -20,6 +20,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from .. import _native
 
@@ -55,10 +56,11 @@ _LAYOUT_NAMES = {torch.sparse_coo: "Sparse", torch.sparse_csr: "SparseCsr", torc
                  torch.sparse_bsr: "SparseBsr", torch.sparse_bsc: "SparseBsc", torch._mkldnn: "Mkldnn"}
 
 
-def _output_format(x: Tensor) -> torch.memory_format:
-    """The output's memory format, x's as F.conv2d follows it (conv_ops.cpp's output_format): channels_last for an
-    x that is channels_last and not also contiguous (C == 1, H = W = 1), contiguous otherwise."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+def _output_format(x: Tensor, weight: Optional[Tensor] = None) -> torch.memory_format:
+    """The output layout PyTorch picks (F.conv2d from x and weight, F.batch_norm from x alone; conv_ops.cpp's
+    output_format): channels_last when either has channels_last strides (suggest_memory_format), contiguous
+    otherwise."""
+    channels_last = any(t is not None and suggest_memory_format(t) == torch.channels_last for t in (x, weight))
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
@@ -99,9 +101,9 @@ def _check_types(x, weight, bias, stride, padding, dilation, residual) -> None:
                                f"the convolution dimensions, but got {name}={_shape(v)}")
 
 
-def _check_args(x, weight, bias, stride, padding, dilation, residual) -> None:
+def _check_args(x, weight, bias, stride, padding, dilation, residual, unbatched=False) -> None:
     """check_args for a 4-D x (residual_any_dtype: the public op adds a residual of another dtype after the
-    convolution)."""
+    convolution); unbatched: x has the batch of one added, the residual the unbatched output's shape."""
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None and (t.layout != torch.strided or t.is_nested):
             kind = "nested" if t.is_nested else _LAYOUT_NAMES.get(t.layout, str(t.layout))
@@ -146,8 +148,9 @@ def _check_args(x, weight, bias, stride, padding, dilation, residual) -> None:
         raise RuntimeError(f"{_OP}: Calculated padded input size per channel: {_shape(x.shape[2:])} with padding "
                            f"{pair(padding)}. Kernel size: {_shape(weight.shape[2:])} with dilation {pair(dilation)}. "
                            f"Kernel size can't be greater than actual input size")
-    _check_residual(residual, [x.shape[0], weight.shape[0],
-                               *((x.shape[2 + d] + 2 * padding[d] - kernel[d]) // stride[d] + 1 for d in range(2))])
+    out_shape = [x.shape[0], weight.shape[0],
+                 *((x.shape[2 + d] + 2 * padding[d] - kernel[d]) // stride[d] + 1 for d in range(2))]
+    _check_residual(residual, out_shape[1:] if unbatched else out_shape)
 
 
 def _without_native(x, weight, bias=None, stride=1, padding=0, dilation=1, residual=None):
@@ -156,17 +159,19 @@ def _without_native(x, weight, bias=None, stride=1, padding=0, dilation=1, resid
     _check_types(x, weight, bias, stride, padding, dilation, residual)
     x, weight, bias = _native.autocast_casts(x.device.type, x, weight, bias)  # the residual is left as it is
     if x.dim() == 3:  # unbatched, as the op takes it: a batch of one
-        r = residual.unsqueeze(0) if residual is not None and residual.dim() == 3 else residual
-        return _checked_reference(x.unsqueeze(0), weight, bias, stride, padding, dilation, r).squeeze(0)
+        return _checked_reference(x.unsqueeze(0), weight, bias, stride, padding, dilation, residual,
+                                  unbatched=True).squeeze(0)
     return _checked_reference(x, weight, bias, stride, padding, dilation, residual)
 
 
-def _checked_reference(x, weight, bias, stride, padding, dilation, residual):
-    _check_args(x, weight, bias, stride, padding, dilation, residual)
+def _checked_reference(x, weight, bias, stride, padding, dilation, residual, unbatched=False):
+    _check_args(x, weight, bias, stride, padding, dilation, residual, unbatched)
+    if unbatched and residual is not None:
+        residual = residual.unsqueeze(0)
     out = conv2d_bias_relu_ref(x, weight, bias, stride, padding, dilation, residual)
     if torch._C._are_functorch_transforms_active():  # as the native op: no layout copy they cannot batch
         return out
-    return out.contiguous(memory_format=_output_format(x))
+    return out.contiguous(memory_format=_output_format(x, weight))
 
 
 def _resolve_padding(x, weight, stride, padding: str, dilation):
@@ -211,7 +216,7 @@ def conv2d_bias_relu(
     fused kernel's (fp32 accumulation), float32 / float64 run the reference; a residual of that dtype joins the
     epilogue, one of another dtype is added with type promotion, as `relu(F.conv2d(...) + residual)` adds it.
 
-    Layout: the output follows x's, as F.conv2d's does: channels_last for a channels_last x, contiguous otherwise.
+    Layout: the output's is F.conv2d's: channels_last when x or weight has channels_last strides, contiguous otherwise.
     The CUDA kernel reads and writes channels_last (NHWC) tensors: a CUDA x, weight or residual in another layout is
     converted (a copy on every call; for an NCHW x the output's copy back to NCHW too), with one UserWarning naming
     the cost: convert the model and its input once (model.to(memory_format=torch.channels_last)). CPU tensors are
@@ -233,6 +238,8 @@ def conv2d_bias_relu(
     """
     if isinstance(padding, str):
         x, padding = _resolve_padding(x, weight, stride, padding, dilation)
+    if torch._C._are_functorch_transforms_active():  # vmap, grad ...: the reference, transformed as F.conv2d
+        return _without_native(x, weight, bias, stride, padding, dilation, residual)
     return _conv2d_bias_relu(x, weight, bias, stride, padding, dilation, residual)
 
 
@@ -284,21 +291,20 @@ def batch_norm_relu_ref(
 
 
 def _check_eps(eps: float, training: bool) -> None:
-    """F.batch_norm's check of eps, as the installed torch makes it (before 2.12 eval refused a zero eps too), and the
-    native op's."""
-    if torch.__version__ < (2, 12) and not eps > 0:
+    """F.batch_norm's check of eps, as the installed torch makes it (before 2.12 eval refused a zero eps too; NaN
+    passes), for the fold, which would otherwise turn a bad eps into NaN."""
+    if torch.__version__ < (2, 12) and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive, but got {eps}")
-    if training and not eps > 0:
+    if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if not eps >= 0:
+    if eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def _batch_norm_relu_without_native(input, running_mean, running_var, weight=None, bias=None, training=False,
                                     momentum=0.1, eps=1e-5, residual=None):
-    """The reference after the native op's own checks (eps; the residual's shape and device), for builds without
-    it."""
-    _check_eps(eps, training)
+    """The reference after the native op's own checks (the residual's shape and device; F.batch_norm makes the
+    others), for builds without it."""
     if residual is not None and isinstance(input, Tensor):
         if list(residual.shape) != list(input.shape):
             raise RuntimeError(f"batch_norm_relu: residual must have input's shape {_shape(input.shape)} (no "
