@@ -162,11 +162,11 @@ constexpr int64_t kRowAlign = 8;
 constexpr int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Tokens per chunk: a logits chunk about the size of the hidden states (T x H elements, as Liger-Kernel's
-// default), but at least 512 rows (GEMMs of fewer rows lose speed, and every chunk re-reads, re-writes and
-// rounds the dweight sum).
+// default), but at least 768 rows: every chunk re-reads, re-writes and rounds the dweight sum, and GEMMs of fewer
+// rows lose speed (the models suite's Llama step, 8192 x 2048 x 32000: 640-row chunks 0.8 ms slower than 1024).
 int64_t auto_chunk(int64_t tokens, int64_t hidden, int64_t vocab) {
   const int64_t rows = round_up((tokens * hidden + vocab - 1) / vocab, 128);
-  return std::max<int64_t>(1, std::min(tokens, std::max<int64_t>(rows, 512)));
+  return std::max<int64_t>(1, std::min(tokens, std::max<int64_t>(rows, 768)));
 }
 
 // The internal ops' contract (the public op checks what a user passes): hidden [T, H] contiguous; weight [V, H]

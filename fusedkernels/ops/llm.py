@@ -252,9 +252,9 @@ def linear_cross_entropy_ref(hidden: Tensor, weight: Tensor, target: Tensor, bia
 
 
 def _auto_chunk(tokens: int, hidden: int, vocab: int) -> int:
-    """Tokens per chunk (llm_ops.cpp's auto_chunk): logits about the size of the hidden states, at least 512 rows."""
+    """Tokens per chunk (llm_ops.cpp's auto_chunk): logits about the size of the hidden states, at least 768 rows."""
     rows = -(-(-(-tokens * hidden // vocab)) // 128) * 128
-    return max(1, min(tokens, max(rows, 512)))
+    return max(1, min(tokens, max(rows, 768)))
 
 
 def _chunk_step(z: Tensor, target: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
@@ -474,7 +474,7 @@ def linear_cross_entropy(
     distribution (1 - e) onehot + e / V, on tokens not ignored). z_loss: adds z_loss * logsumexp(logits)^2 per token
     not ignored (PaLM, Chowdhery et al. 2022, section 5: 1e-4), inside the returned loss. softcap: logits ->
     softcap * tanh(logits / softcap) before the softmax (Gemma 2's final logit soft-capping, 30.0). chunk_size:
-    tokens per chunk, 0 = logits about as large as hidden (and at least 512 rows).
+    tokens per chunk, 0 = logits about as large as hidden (and at least 768 rows).
 
     Returns the loss in float32 (float64 for float64 inputs), the fp32 value before any rounding (as Liger-Kernel;
     F.cross_entropy on bf16 logits returns bf16: `.to(hidden.dtype)` for that). Under autocast hidden, weight and bias
