@@ -11,6 +11,7 @@ Families add their patterns to `PATTERNS`.
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import copy
 import inspect
@@ -172,8 +173,11 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False, lm_h
     inference: for models that will only run forward: probe outputs only (no gradients), and fold each eval-mode
     nn.BatchNorm2d into the nn.Conv2d feeding it (in an nn.Sequential, or a block's convN / bnN, as torchvision's
     ResNets), probed on the module holding both: the conv gets new weight and bias Parameters, the BatchNorm's slot
-    becomes nn.Identity and its state_dict keys disappear. Outputs-only probing (not folding) is implied inside
-    torch.inference_mode(), where no gradient can be taken (the report's note says so).
+    becomes nn.Identity and its state_dict keys disappear; a fold whose values leave the conv's dtype (float16 past
+    65504) is left. A BatchNorm2d or ReLU filling several slots is taken in each slot on its own. Outputs-only
+    probing (not folding) is implied inside torch.inference_mode(), where no gradient can be taken (the report's
+    note says so); what fuse() makes for the model (folded weights, new parameters) is made outside it, ordinary
+    tensors that train afterwards.
 
     Hugging Face Llama-family models (Llama, Mistral, Qwen2, Qwen3, ...), recognised by structure: attention modules
     calling their modeling file's apply_rotary_pos_emb get a subclass of their class whose forward runs
@@ -218,7 +222,8 @@ def _distributed_wrapper(model: nn.Module) -> Optional[str]:
 
 
 class _Model:
-    """One fuse() walk: the model's parent links (a swap replaces a module wherever it is a child) and the report.
+    """One fuse() walk: the model's parent links (a swap replaces a module wherever it is a child), its modules'
+    paths and the report.
     inference: the probe checks outputs only; forward_only: the caller passed inference=True, which also allows
     rewrites that re-express parameters (BatchNorm folding); inference_mode alone does not; lm_head_loss: the
     causal-LM loss rewrite runs."""
@@ -236,6 +241,7 @@ class _Model:
                 if p is not None:
                     self.holders[id(p)].add(id(module))
         self.order = {path: i for i, (path, _) in enumerate(root.named_modules())}
+        self.paths = {id(module): path for path, module in root.named_modules()}  # a shared module: its first path
         self.seen: set = set()
         self.report = FuseReport(type(root).__name__)
 
@@ -244,6 +250,9 @@ class _Model:
         # A container's pattern reports before its children are visited: list the entries in model order.
         self.report.entries.sort(key=lambda e: self.order.get(e.path, len(self.order)))
         return self.report
+
+    def child_path(self, parent: nn.Module, name: str) -> str:
+        return f"{self.paths[id(parent)]}.{name}" if self.paths[id(parent)] else name
 
     def replace(self, old: nn.Module, new: nn.Module) -> None:
         for parent, name in self.parents[id(old)]:
@@ -259,7 +268,10 @@ class _Model:
             return
         for pattern in PATTERNS:
             try:
-                found = pattern.match(path, module, self, merge)
+                # what a pattern makes for the model (folded weights, new modules) must be ordinary tensors, also
+                # when fuse() runs inside torch.inference_mode(): inference tensors cannot be saved for backward
+                with torch.inference_mode(False):
+                    found = pattern.match(path, module, self, merge)
             except Exception as e:  # noqa: BLE001 - a module a pattern cannot take apart is left, the walk goes on
                 found = [FuseEntry(path, type(module).__name__, LEFT,
                                    reason=f"{type(pattern).__name__} raised ({type(e).__name__}: {e})")]
@@ -324,7 +336,8 @@ class _Model:
                     continue
                 if candidate.install is None:
                     return left(candidate.note)
-                candidate.install()
+                with torch.inference_mode(False):  # (as in match: whatever it makes is an ordinary tensor)
+                    candidate.install()
                 return FuseEntry(rewrite.path, name, SWAPPED, candidate.fused,
                                  "; ".join(filter(None, [candidate.note, *notes])))
         return left("the probe found a difference: " + "; ".join(failures))
@@ -768,22 +781,28 @@ class ConvBatchNorm(Pattern):
     or a block's `convN` / `bnN`; exact conv and BatchNorm types) -> with fuse(model, inference=True), the conv holds
     the folded weight and bias (ops.fold_batch_norm, new Parameters) and the BatchNorm's slot becomes nn.Identity.
     The pair's order lives in the parent's forward, so the probe runs the parent (outputs only). Recognised on the
-    BatchNorm; without inference=True, or in training mode, it is left with the reason."""
+    BatchNorm, in each slot it fills (one module in several slots: each slot's pair on its own, as the swap changes
+    that slot only); without inference=True, in training mode, or where the folded values leave the dtype's range,
+    it is left with the reason."""
 
     def match(self, path, module, model, merge):
-        if type(module) is not nn.BatchNorm2d or len(model.parents[id(module)]) != 1:
+        if type(module) is not nn.BatchNorm2d:
             return None
-        (parent, name), = model.parents[id(module)]
+        found = [entry for parent, name in model.parents[id(module)]
+                 for entry in self._pair(parent, name, module, model)]
+        return found or None
+
+    def _pair(self, parent: nn.Module, name: str, bn: nn.BatchNorm2d, model: "_Model") -> list:
         conv = _paired_conv(parent, name)
-        if type(conv) is not nn.Conv2d or conv.out_channels != module.num_features:
-            return None
+        if type(conv) is not nn.Conv2d or conv.out_channels != bn.num_features:
+            return []
         conv_name = next(n for n, m in parent._modules.items() if m is conv)
-        conv_path = path[:-len(name)] + conv_name
+        conv_path = model.child_path(parent, conv_name)
 
         def left(reason: str):
             return [FuseEntry(conv_path, "Conv2d + BatchNorm2d", LEFT, reason=reason)]
 
-        if module.training or module.running_mean is None:
+        if bn.training or bn.running_mean is None:
             return left("the BatchNorm2d normalises with batch statistics (training mode or no running statistics): "
                         "only an eval-mode BatchNorm folds into the conv (model.eval(), then fuse(model, "
                         "inference=True))")
@@ -799,14 +818,20 @@ class ConvBatchNorm(Pattern):
                         f"statistics of a BatchNorm in training mode inside it: call model.eval() first")
         first_conv = next(m for m in parent.modules() if isinstance(m, nn.Conv2d))
         with torch.no_grad():
-            weight, bias = fold_batch_norm(conv.weight, conv.bias, module.running_mean, module.running_var,
-                                           module.eps, module.weight, module.bias)
+            weight, bias = fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                           bn.weight, bn.bias)
+            finite = bool(torch.isfinite(weight).all() and torch.isfinite(bias).all())
+        if not finite:  # (the probe would fail on it too, with a less telling reason)
+            return left(f"the folded weight or bias overflows {str(conv.weight.dtype).removeprefix('torch.')} "
+                        f"(weight * bn.weight / sqrt(running_var + eps) past its range, 65504 for float16): the "
+                        f"folded conv would compute inf where Conv2d then BatchNorm2d need not")
         folded = copy.copy(conv)
         folded._parameters = {"weight": nn.Parameter(weight, conv.weight.requires_grad),
                               "bias": nn.Parameter(bias, conv.weight.requires_grad)}
-        identity = nn.Identity().train(module.training)
+        identity = nn.Identity().train(bn.training)
         probed = copy.copy(parent)  # the parent's forward over the folded conv and the Identity
-        probed._modules = {**parent._modules, conv_name: folded, name: identity}
+        # over the parent's children as they are when probed: a shared BatchNorm's other slots may be folded by then
+        probed._modules = collections.ChainMap({conv_name: folded, name: identity}, parent._modules)
 
         def install():
             conv.weight, conv.bias = folded.weight, folded.bias
@@ -817,7 +842,7 @@ class ConvBatchNorm(Pattern):
                               "conv weight and bias values change (new Parameters), the BatchNorm2d's state_dict "
                               "keys are gone: load checkpoints before fuse()")
         # (inference=True: the model runs forward in eval mode only, which the fold computes)
-        return [Rewrite(conv_path, parent, [candidate], [conv, module],
+        return [Rewrite(conv_path, parent, [candidate], [conv, bn],
                         _images(first_conv.in_channels, first_conv, size=32), follows_training_flag=True)]
 
 
@@ -825,23 +850,28 @@ class ConvReLU(Pattern):
     """nn.Sequential(..., nn.Conv2d, nn.Identity..., nn.ReLU, ...) (or a subclass keeping its forward; the Identity
     slots: BatchNorms folded just before)
     -> the Conv2d switched to FusedConv2dReLU, the ReLU's slot nn.Identity: indices, keys and parameter objects stay.
-    A merge like LinearActivation's, so with merge=True or inference=True; recognised on the ReLU. Grouped convs are
-    left: FusedConv2dReLU runs them through the reference, so the swap gains nothing."""
+    A merge like LinearActivation's, so with merge=True or inference=True; recognised on the ReLU, in each slot it
+    fills (one nn.ReLU in several slots: each slot's pair on its own, as the swap changes that slot only). Grouped
+    convs are left: FusedConv2dReLU runs them through the reference, so the swap gains nothing."""
 
     def match(self, path, module, model, merge):
-        if type(module) is not nn.ReLU or len(model.parents[id(module)]) != 1:
+        if type(module) is not nn.ReLU:
             return None
-        (seq, name), = model.parents[id(module)]
+        found = [entry for seq, name in model.parents[id(module)]
+                 for entry in self._pair(seq, name, module, model, merge)]
+        return found or None
+
+    def _pair(self, seq: nn.Module, name: str, relu: nn.ReLU, model: "_Model", merge: bool) -> list:
         if not _runs_in_order(seq):
-            return None
+            return []
         names = list(seq._modules)
         i = names.index(name) - 1
         while i >= 0 and type(seq[i]) is nn.Identity:
             i -= 1
         conv = seq[i] if i >= 0 else None
         if type(conv) is not nn.Conv2d:
-            return None
-        where = path[:-len(name)] + names[i]
+            return []
+        where = model.child_path(seq, names[i])
 
         def left(reason: str):
             return [FuseEntry(where, "Conv2d + ReLU", LEFT, reason=reason)]
@@ -857,12 +887,12 @@ class ConvReLU(Pattern):
 
         def install():
             _switch(conv, FusedConv2dReLU)()
-            identity = nn.Identity().train(module.training)
+            identity = nn.Identity().train(relu.training)
             setattr(seq, name, identity)
             model.seen.update((id(conv), id(identity)))
 
-        return [Rewrite(where, nn.Sequential(conv, module), [Candidate(
-            _switched(conv, FusedConv2dReLU), "FusedConv2dReLU", install)], [conv, module],
+        return [Rewrite(where, nn.Sequential(conv, relu), [Candidate(
+            _switched(conv, FusedConv2dReLU), "FusedConv2dReLU", install)], [conv, relu],
             _images(conv.in_channels, conv))]
 
 

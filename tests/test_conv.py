@@ -6,6 +6,7 @@ fold, training statistics). `cuda` tests hold what runs on the GPU to an fp32 re
 PyTorch's own bf16 / fp16 error, and check the routing warnings, the channels_last conversion and CUDA graphs.
 """
 
+import copy
 import warnings
 
 import pytest
@@ -670,6 +671,51 @@ def test_modules_compile_fullgraph():
     x = torch.randn(2, 4, 6, 6)
     f = lambda x: conv(block(x), block(x))  # noqa: E731
     assert max_err(torch.compile(f, fullgraph=True)(x), f(x)) < 1e-5
+
+
+@needs_native  # the scripted forward calls torch.ops.fusedkernels.conv2d_bias_relu
+@pytest.mark.parametrize("config", [
+    dict(padding=1), dict(kernel_size=4, padding="same"), dict(padding="same", dilation=2),
+    dict(padding="valid", stride=2), dict(padding=(1, 2), padding_mode="reflect"), dict(padding=1, groups=2),
+    dict(padding=1, bias=False),
+], ids=str)
+def test_torchscript_of_fused_conv2d_relu_gives_the_eager_output(config):
+    """torch.jit.script compiles forward's TorchScript branch: the eager module's output, layout and gradients, with
+    and without a residual, unbatched input too, in every padding and grouping nn.Conv2d has."""
+    conv = fnn.FusedConv2dReLU(4, 8, **(dict(kernel_size=3) | config))
+    scripted = torch.jit.script(conv)
+    for x in (torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8).to(memory_format=CL), torch.randn(4, 9, 8)):
+        out = conv(x)
+        assert torch.equal(scripted(x), out) and scripted(x).stride() == out.stride()
+        res, dy = torch.randn_like(out), torch.randn_like(out)
+        ours = _grads(lambda x, r: scripted(x, r), (x, res), dy)
+        want = _grads(lambda x, r: conv(x, r), (x, res), dy)
+        assert all(torch.equal(o, w) for o, w in zip(ours, want))
+        assert torch.equal(torch.autograd.grad(scripted(x).sum(), conv.weight)[0],
+                           torch.autograd.grad(conv(x).sum(), conv.weight)[0])
+
+
+@needs_native
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_torchscript_of_conv_bn_relu_gives_the_eager_output(momentum):
+    """Eval: the fold and the op, as eager; training: conv, bn and relu as modules, with bn's state updated as the
+    eager block updates it; the same checks in both modes."""
+    block = fnn.FusedConvBNReLU(4, 8, 3, stride=2, padding=1, momentum=momentum)
+    _bn_randomised(block.bn)
+    scripted = torch.jit.script(copy.deepcopy(block))
+    for training in (False, True, True, False):
+        block.train(training), scripted.train(training)
+        x = torch.randn(3, 4, 9, 10).to(memory_format=CL)
+        res = torch.randn(3, 8, 5, 5)
+        out, ours = block(x, res), scripted(x, res)
+        assert max_err(ours, out) <= (1e-6 if training else 0.0) and ours.stride() == out.stride()
+        for name, buf in block.bn.named_buffers():
+            assert torch.equal(getattr(scripted.bn, name), buf), name
+        with pytest.raises(torch.jit.Error, match="ValueError: expected 4D input"):
+            scripted(x[0])
+        # (the op raises its RuntimeError; what TorchScript code raises arrives as torch.jit.Error)
+        with pytest.raises((RuntimeError, torch.jit.Error), match="residual must have the output's shape"):
+            scripted(x, res[0])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from torch import nn
 
 import fusedkernels
 import fusedkernels.nn as fnn
+from fusedkernels import _native
 
 from .helpers import DEVICES, assert_close_to_ref, assert_grad_close_to_ref, max_err
 
@@ -1052,6 +1053,81 @@ def test_torchvision_resnet18():
         assert_close_to_ref(model(x), copy.deepcopy(before).double()(x.double()), before(x), "logits", floor=1e-5)
 
 
+def test_a_relu_or_batch_norm_in_several_slots_is_taken_in_each():
+    """One nn.ReLU (or BatchNorm2d) module filling several slots: each slot's pair is its own swap, as the swap
+    replaces the slot only (the module's other uses keep it), and each is reported, left or swapped."""
+    relu = nn.ReLU()
+    model = _randomize(nn.Sequential(nn.Conv2d(3, 3, 1), relu, nn.Conv2d(3, 3, 3, padding=1), relu))
+    report = fusedkernels.fuse(model)
+    assert [(e.path, e.status) for e in report.entries] == [("0", "left"), ("2", "left")], str(report)
+    assert all("merge=True" in e.reason for e in report.entries)
+    before = copy.deepcopy(model)
+    report = fusedkernels.fuse(model, merge=True)
+    assert _statuses(report) == {"0": ("swapped", "FusedConv2dReLU"), "2": ("swapped", "FusedConv2dReLU")}
+    assert [type(m) for m in model] == [fnn.FusedConv2dReLU, nn.Identity, fnn.FusedConv2dReLU, nn.Identity]
+    _assert_same_computation(before, model, copy.deepcopy(before).double(), torch.randn(2, 3, 6, 6),
+                             torch.randn(2, 3, 6, 6))
+
+    elsewhere = nn.ModuleDict({"seq": nn.Sequential(nn.Conv2d(3, 4, 1), relu), "act": relu})
+    assert _statuses(fusedkernels.fuse(elsewhere, merge=True)) == {"seq.0": ("swapped", "FusedConv2dReLU")}
+    assert elsewhere["act"] is relu and type(elsewhere["seq"][1]) is nn.Identity
+
+    bn = nn.BatchNorm2d(4)
+    model = _trained_bn(nn.Sequential(nn.Conv2d(4, 4, 1), bn, nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1), bn))
+    before = copy.deepcopy(model)
+    report = fusedkernels.fuse(model, inference=True)
+    assert _statuses(report) == {"0": ("swapped", "Conv2d (BatchNorm2d folded)"),
+                                 "3": ("swapped", "Conv2d (BatchNorm2d folded)")}, str(report)
+    assert type(model[1]) is nn.Identity and type(model[4]) is nn.Identity
+    with torch.no_grad():
+        x = torch.randn(2, 4, 8, 8)
+        assert_close_to_ref(model(x), copy.deepcopy(before).double()(x.double()), before(x), "output", floor=1e-5)
+
+
+def test_folds_that_overflow_float16_are_left():
+    """A float16 fold past 65504 (a big weight over a tiny running_var) would make the conv compute inf where
+    Conv2d -> BatchNorm2d stays finite: left, with the reason; the same block in float32 folds."""
+    model = _trained_bn(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU()))
+    with torch.no_grad():
+        model[0].weight[0] = 250 + torch.rand(3, 1, 1)  # 250 / sqrt(1e-5) = 79000 > 65504
+        model[1].weight.fill_(1.0)
+        model[1].running_var[0] = 0.0
+    half = copy.deepcopy(model).half()
+    x = (1e-3 * torch.randn(2, 3, 8, 8)).half()
+    assert torch.isfinite(half(x)).all()
+    report = fusedkernels.fuse(half, inference=True)
+    assert [(e.path, e.status) for e in report.entries] == [("0", "left")], str(report)
+    assert "overflows float16" in report.entries[0].reason
+    assert type(half[1]) is nn.BatchNorm2d and torch.equal(half[0].weight, model[0].weight.half())
+    report = fusedkernels.fuse(model, inference=True)
+    assert [e.fused for e in report.swapped] == ["Conv2d (BatchNorm2d folded)", "FusedConv2dReLU"], str(report)
+
+
+def _scriptable(kind):
+    """(model, input, how to fuse, swaps): a model torch.jit.script takes, of conv blocks or Linear layers."""
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Sequential(nn.Linear(32, 64), nn.SiLU(),
+                                                                         nn.Linear(64, 16)))
+        return _randomize(model), torch.randn(3, 16), {"merge": True}, 2
+    model = _trained_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding="same", padding_mode="reflect"), nn.ReLU(),
+                                      nn.Conv2d(8, 4, 1), nn.ReLU()))
+    # merge=True: the Conv2d + ReLU pairs; inference=True: the fold too
+    return model, torch.randn(2, 3, 10, 10), {kind.removeprefix("conv-"): True}, 2 if kind == "conv-merge" else 4
+
+
+@pytest.mark.parametrize("kind", ["conv-merge", "conv-inference", pytest.param("linear", marks=pytest.mark.skipif(
+    not _native.has_op("linear_act"), reason="needs the native gemm ops (FusedLinear, FusedMLP script on them)"))])
+def test_fused_models_script_as_before(kind):
+    """A model torch.jit.script took before fuse() takes it after, and the scripted model computes what the eager
+    fused one does."""
+    model, x, how, swaps = _scriptable(kind)
+    torch.jit.script(model)
+    report = fusedkernels.fuse(model, **how)
+    assert len(report.swapped) == swaps, str(report)
+    assert max_err(torch.jit.script(model)(x), model(x)) == 0.0
+
+
 def test_refuses_models_wrapped_for_distributed_training(tmp_path):
     """DDP / fully_shard before fuse(): a swap would bring parameters the wrapper does not synchronise."""
     import torch.distributed as dist
@@ -1179,6 +1255,32 @@ def test_merge_leaves_the_rng_alone_and_makes_trainable_parameters_in_inference_
     model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
     model.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("how", ["inference", "merge"])
+def test_what_fuse_makes_is_ordinary_inside_inference_mode(how):
+    """Fused inside torch.inference_mode(), each family fuse() rewrites (norms, Linear + activation, MLP blocks,
+    BatchNorm folds, Conv2d + ReLU) leaves no inference tensor in the model: outside it, the model computes what it
+    did and trains."""
+    model = _trained_bn(nn.ModuleDict({
+        "vec": nn.Sequential(nn.LayerNorm(16), LlamaRMSNorm(16), nn.Linear(16, 16), nn.GELU(),
+                             nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 16))),
+        "img": nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1),
+                             nn.ReLU())}))
+    before = copy.deepcopy(model)
+    with torch.inference_mode():
+        report = fusedkernels.fuse(model, **{how: True})
+    fused = {"FusedLayerNorm", "FusedCastRMSNorm(cast='input')", "FusedConv2dReLU"} | (
+        {"Conv2d (BatchNorm2d folded)"} if how == "inference" else
+        {"FusedLinear(activation='gelu')", "FusedMLP(activation='silu')"})
+    assert {e.fused for e in report.swapped} == fused, str(report)
+    assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
+    for name, x in (("vec", torch.randn(3, 16)), ("img", torch.randn(2, 3, 8, 8))):
+        y = model[name](x)
+        assert_close_to_ref(y.detach(), copy.deepcopy(before[name]).double()(x.double()), before[name](x), name,
+                            floor=1e-5)
+        y.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_rotary_that_returns_q_and_k_in_their_dtype_keeps_it():

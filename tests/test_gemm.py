@@ -689,6 +689,20 @@ def test_nn_linear_switched_to_fused_linear_in_place_computes_what_it_did():
     assert fnn.FusedLinear(16, 24).activation == "gelu"  # the constructor's default stays the instance's
 
 
+@needs_native  # the scripted forward calls torch.ops.fusedkernels.linear_act
+def test_torchscript_of_the_module():
+    """torch.jit.script of FusedLinear, and of an nn.Linear switched in place (activation: the class's "none"),
+    gives the eager outputs, with a residual too."""
+    switched = torch.nn.Linear(16, 8)
+    switched.__class__ = fnn.FusedLinear
+    model = torch.nn.Sequential(fnn.FusedLinear(16, 32, activation="silu"), fnn.FusedLinear(32, 16), switched)
+    scripted = torch.jit.script(model)
+    x = torch.randn(5, 16)
+    assert max_err(scripted(x), model(x)) == 0.0
+    res = torch.randn(5, 32)
+    assert max_err(torch.jit.script(model[0])(x, res), model[0](x, res)) == 0.0
+
+
 def test_fused_linear_takes_bias_as_nn_linear_does():
     import numpy as np
 

@@ -386,6 +386,17 @@ def test_gated_mlp_is_llama_mlp(activation, bias):
     assert max_err(mlp.down_proj.weight.grad, llama.down_proj.weight.grad) < 1e-12
 
 
+@needs_native  # the scripted forward calls torch.ops.fusedkernels.linear_gated / linear_act
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_torchscript_of_the_mlp(activation):
+    """torch.jit.script compiles the projections FusedMLP has (plain or gated): the eager outputs, with a residual
+    too."""
+    mlp = fnn.FusedMLP(16, 40, activation=activation)
+    scripted = torch.jit.script(mlp)
+    x, res = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    assert max_err(scripted(x), mlp(x)) == 0.0 and max_err(scripted(x, res), mlp(x, res)) == 0.0
+
+
 def test_gated_mlp_initialises_as_nn_linear():
     """Without biases, the stacked weight draws exactly what gate_proj and up_proj draw in turn."""
     torch.manual_seed(2)

@@ -571,6 +571,12 @@ def test_torchscript_of_the_modules():
     scripted = torch.jit.script(model)
     x = torch.randn(2, 8)
     assert max_err(scripted(x), model(x)) == 0.0
+    for cast in ("input", "weight", "offset"):  # what fuse() swaps in for Hugging Face's norms
+        norm = fnn.FusedCastRMSNorm(8, cast=cast)
+        torch.nn.init.normal_(norm.weight)
+        scripted = torch.jit.script(norm)
+        for x in (torch.randn(2, 8), torch.randn(2, 8, dtype=torch.bfloat16)):  # the weight's dtype and another
+            assert scripted(x).dtype == norm(x).dtype and max_err(scripted(x), norm(x)) == 0.0, cast
 
 
 def test_fx_symbolic_trace_and_nested_tensors():

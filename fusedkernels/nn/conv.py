@@ -8,8 +8,9 @@ nn.Conv2d `conv` and an nn.BatchNorm2d `bn`, so their state (running statistics 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -38,6 +39,26 @@ def _conv_relu(conv: nn.Conv2d, input: Tensor, weight: Tensor, bias: Optional[Te
     return ops.conv2d_bias_relu(input, weight, bias, conv.stride, padding, conv.dilation, residual)
 
 
+def _scripted_conv_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                        stride: List[int], pad: List[int], dilation: List[int], groups: int,
+                        padding_mode: str) -> Tensor:
+    """_conv_relu as TorchScript compiles it (the modules' forward under torch.jit.script), for a conv of these
+    settings; pad: its _reversed_padding_repeated_twice (left, right, top, bottom), where nn.Conv2d holds every padding
+    resolved ("same": the odd one at the right / bottom). The C++ op directly; grouped convolutions the reference."""
+    padding = [pad[2], pad[0]]
+    if padding_mode != "zeros":
+        input = F.pad(input, pad, mode=padding_mode)
+        padding = [0, 0]
+    elif pad[1] != pad[0] or pad[3] != pad[2]:  # "same" with an odd total: the extra column / row, as F.conv2d pads
+        input = F.pad(input, [0, pad[1] - pad[0], 0, pad[3] - pad[2]])
+    if groups != 1:
+        z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)  # in the layout F.conv2d picks
+        channels_last = z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous()
+        out = F.relu(z if residual is None else z + residual)
+        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.ops.fusedkernels.conv2d_bias_relu(input, weight, bias, stride, padding, dilation, residual)
+
+
 class FusedConv2dReLU(nn.Conv2d):
     """`nn.ReLU()(nn.Conv2d(x) (+ residual))` computed by fusedkernels.ops.conv2d_bias_relu.
 
@@ -46,6 +67,8 @@ class FusedConv2dReLU(nn.Conv2d):
     explicitly first (an extra copy of the input, as nn.Conv2d's own non-zero modes make); groups != 1 (grouped,
     depthwise) runs the reference, with one warning on CUDA. For the fused kernel, keep the model channels_last
     (model.to(memory_format=torch.channels_last)): other layouts are converted on every call, with one warning.
+    torch.jit.script compiles a forward computing the same with torch.ops.fusedkernels.conv2d_bias_relu (a build
+    without the conv family cannot script it).
     """
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
@@ -53,9 +76,13 @@ class FusedConv2dReLU(nn.Conv2d):
 
         input: [N, C_in, H, W] or [C_in, H, W], the parameters' dtype and device (under autocast, any dtype autocast
         casts); residual: None or exactly the output's shape (no broadcasting), added before the ReLU. Returns the
-        output in input's memory format (channels_last for channels_last input, else contiguous) and dtype (the
-        autocast dtype under autocast). Raises what fusedkernels.ops.conv2d_bias_relu raises.
+        output in the layout F.conv2d picks (channels_last when input or weight has channels_last strides, else
+        contiguous) and input's dtype (the autocast dtype under autocast). Raises what fusedkernels.ops.conv2d_bias_relu raises.
         """
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return _scripted_conv_relu(input, self.weight, self.bias, residual, self.stride,
+                                       self._reversed_padding_repeated_twice, self.dilation, self.groups,
+                                       self.padding_mode)
         return _conv_relu(self, input, self.weight, self.bias, residual)
 
 
@@ -108,6 +135,18 @@ class FusedConvBNReLU(nn.Module):
     a subclass of nn.BatchNorm2d with its own forward, or hooks on conv or bn (or on every module), make the block
     call the modules themselves, conv then bn, then + residual and relu in PyTorch ops: the subclass's forward runs
     and the hooks see the calls they would see (nn.utils.spectral_norm's weight, a pre-hook, is current).
+
+    The eval fold rounds the folded weight and bias to the parameters' dtype: in float16 a weight * bn.weight /
+    sqrt(running_var + eps) or folded bias past 65504 (a channel with a tiny running_var) becomes inf, and the
+    output with it, where Conv2d -> BatchNorm2d -> ReLU computes finite values (torch.ao.quantization's
+    fuse_conv_bn_eval folds the same way). Nothing checks it on each call, as that would read the values on the host:
+    check torch.isfinite(ops.fold_batch_norm(...)[0]) once where float16 parameters may be near that range, or keep
+    such a block in bfloat16 or float32.
+
+    torch.jit.script compiles a forward computing the same: in eval the fold and
+    torch.ops.fusedkernels.conv2d_bias_relu, in training (or without running statistics) conv, bn and relu as modules
+    (nn.BatchNorm2d's own update of the state); hooks run as TorchScript runs them, and a BatchNorm2d subclass's
+    forward in training only. A build without the conv family cannot script it.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -143,9 +182,25 @@ class FusedConvBNReLU(nn.Module):
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """relu(bn(conv(input)) (+ residual)). input [N, C_in, H, W] (4-D, as nn.BatchNorm2d takes it); residual
-        None or exactly the output's shape. Returns the output in input's memory format and dtype. The same checks
+        None or exactly the output's shape. Returns the output in F.conv2d's layout and input's dtype. The same checks
         in both modes: ValueError for input that is not 4-D (nn.BatchNorm2d's), RuntimeError for a residual not the
         output's shape (conv2d_bias_relu's)."""
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only (the class docstring says what it runs)
+            self.bn._check_input_dim(input)
+            if self.bn.training or self.bn.running_mean is None:
+                z = self.conv(input)
+                if residual is not None and residual.shape != z.shape:  # before bn updates its state, as eagerly
+                    raise RuntimeError("conv2d_bias_relu: residual must have the output's shape (no broadcasting)")
+                channels_last = z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous()
+                z = self.bn(z)
+                out = F.relu(z if residual is None else z + residual)
+                return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            ops._check_eps(self.bn.eps, training=False)
+            weight, bias = ops.fold_batch_norm(self.conv.weight, self.conv.bias, self.bn.running_mean,
+                                               self.bn.running_var, self.bn.eps, self.bn.weight, self.bn.bias)
+            return _scripted_conv_relu(input, weight, bias, residual, self.conv.stride,
+                                       self.conv._reversed_padding_repeated_twice, self.conv.dilation,
+                                       self.conv.groups, self.conv.padding_mode)
         conv, bn = self.conv, self.bn
         bn._check_input_dim(input)  # before the conv: eval's op would take unbatched input
         as_modules = type(bn).forward is not _BatchNorm.forward or _watched(conv) or _watched(bn)

@@ -22,6 +22,8 @@ class FusedLinear(nn.Linear):
     """
 
     activation = "none"  # for an nn.Linear switched in place; the constructor sets the instance's own
+    # TorchScript reads constants with getattr, so it finds the class's activation too (instance attributes only else)
+    __constants__ = nn.Linear.__constants__ + ["activation"]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  activation: str = "gelu") -> None:

@@ -50,9 +50,10 @@ class FusedMLP(nn.Module):
             shard) loads that half, keeps the other and reports its key missing.
 
     forward(x [..., in_features], residual=None [..., out_features]) -> [..., out_features], x's dtype (the autocast
-    dtype under autocast). Raises ValueError for an unknown activation or layout (or one that does not fit the
-    activation), TypeError for a str bias (an activation in bias's position); any other bias is taken as nn.Linear
-    takes it (truthy or not).
+    dtype under autocast). torch.jit.script compiles a forward on torch.ops.fusedkernels' linear_act / linear_gated
+    (a build without the gemm family cannot script it). Raises ValueError for an unknown activation or layout (or
+    one that does not fit the activation), TypeError for a str bias (an activation in bias's position); any other
+    bias is taken as nn.Linear takes it (truthy or not).
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None, bias: bool = True,
@@ -85,6 +86,14 @@ class FusedMLP(nn.Module):
         self._register_state_dict_hook(_to_layout_keys)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only; hasattr is decided when it compiles
+            if hasattr(self, "gate_up_proj"):
+                h = torch.ops.fusedkernels.linear_gated(x, self.gate_up_proj.weight, self.gate_up_proj.bias,
+                                                        self.activation, None)
+                return torch.ops.fusedkernels.linear_act(h, self.down_proj.weight, self.down_proj.bias, "none",
+                                                         residual)
+            h = torch.ops.fusedkernels.linear_act(x, self.fc1.weight, self.fc1.bias, self.activation, None)
+            return torch.ops.fusedkernels.linear_act(h, self.fc2.weight, self.fc2.bias, "none", residual)
         if self.gated:
             first, second = self.gate_up_proj, self.down_proj
             h = ops._linear_gated(x, first.weight, first.bias, self.activation, None)

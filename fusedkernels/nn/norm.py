@@ -11,7 +11,7 @@ nn.RMSNorm, so state_dicts load both ways and isinstance-based parameter groups 
 forward takes the residual stream and returns the new one with the normalized output.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,13 @@ class FusedRMSNorm(nn.RMSNorm):
 
 
 _CASTS = ("input", "weight", "offset")
-_HALF = (torch.float16, torch.bfloat16)
+
+
+def _rms_norm(input: Tensor, shape: List[int], weight: Optional[Tensor], eps: Optional[float]) -> Tensor:
+    """FusedCastRMSNorm's op, which TorchScript compiles too."""
+    if torch.jit.is_scripting():  # TorchScript compiles this branch only
+        return torch.ops.fusedkernels.rms_norm(input, shape, weight, eps)
+    return ops._rms_norm(input, shape, weight, eps)
 
 
 class FusedCastRMSNorm(nn.Module):
@@ -61,7 +67,8 @@ class FusedCastRMSNorm(nn.Module):
     op a call), which it multiplies in float32 before its one rounding, as Gemma's. State: `weight` [hidden_size]
     only, the original's key.
 
-    Raises ValueError for a cast other than "input", "weight" or "offset".
+    torch.jit.script compiles it (on torch.ops.fusedkernels.rms_norm, as the other modules here: a build without the
+    norm family cannot script it). Raises ValueError for a cast other than "input", "weight" or "offset".
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, cast: str = "input", device=None, dtype=None) -> None:
@@ -72,15 +79,15 @@ class FusedCastRMSNorm(nn.Module):
         self.eps, self.cast = eps, cast
 
     def forward(self, input: Tensor) -> Tensor:
-        weight, shape = self.weight, (self.weight.shape[-1],)
+        weight, shape = self.weight, [self.weight.shape[-1]]
         if self.cast == "offset":
-            return ops._rms_norm(input, shape, 1.0 + weight.float(), self.eps)
+            return _rms_norm(input, shape, 1.0 + weight.float(), self.eps)
         if input.dtype == weight.dtype:
-            return ops._rms_norm(input, shape, weight, self.eps)
+            return _rms_norm(input, shape, weight, self.eps)
         if self.cast == "input":
-            return weight * ops._rms_norm(input, shape, None, self.eps)
-        y = ops._rms_norm(input.to(torch.promote_types(input.dtype, torch.float32)), shape, None, self.eps)
-        return weight * (y.to(weight.dtype) if weight.dtype in _HALF else y)
+            return weight * _rms_norm(input, shape, None, self.eps)
+        y = _rms_norm(input.to(torch.promote_types(input.dtype, torch.float32)), shape, None, self.eps)
+        return weight * (y.to(weight.dtype) if weight.dtype == torch.float16 or weight.dtype == torch.bfloat16 else y)
 
     # Hugging Face's name for eps: modules around a norm that fuse() swapped in may read it (Mamba-style mixers)
     __jit_unused_properties__ = ["variance_epsilon"]

@@ -261,7 +261,10 @@ def fold_batch_norm(
     the standard fold (Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
     Integer-Arithmetic-Only Inference", section 3.2; torch.nn.utils.fusion.fuse_conv_bn_weights computes the same).
     Computed in float32 (float64 for float64 weights), returned in weight's dtype and bias's (weight's when bias is
-    None); differentiable in every tensor. weight: [C_out, ...]; the others [C_out].
+    None); differentiable in every tensor. weight: [C_out, ...]; the others [C_out]. The rounding to a float16
+    weight's dtype overflows to inf where |weight * s| or |bias'| passes 65504 (a small running_var: s = 1/sqrt(eps)
+    is 316 at eps=1e-5), where BatchNorm(conv2d(x, weight)) itself may stay finite; nothing checks it (a check
+    would read the values on the host): torch.isfinite(weight'), as fuse(model, inference=True) does.
     """
     dtype = torch.promote_types(weight.dtype, torch.float32)
     scale = running_var.to(dtype).add(eps).rsqrt()
@@ -269,7 +272,7 @@ def fold_batch_norm(
         scale = scale * bn_weight.to(dtype)
     shift = -running_mean.to(dtype) if bias is None else bias.to(dtype) - running_mean.to(dtype)
     new_bias = shift * scale if bn_bias is None else shift * scale + bn_bias.to(dtype)
-    new_weight = weight.to(dtype) * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    new_weight = weight.to(dtype) * scale.reshape([-1] + [1] * (weight.dim() - 1))
     return new_weight.to(weight.dtype), new_bias.to(weight.dtype if bias is None else bias.dtype)
 
 
@@ -290,10 +293,11 @@ def batch_norm_relu_ref(
     return F.relu(z if residual is None else z + residual)
 
 
-def _check_eps(eps: float, training: bool) -> None:
-    """F.batch_norm's check of eps, as the installed torch makes it (before 2.12 eval refused a zero eps too; NaN
-    passes), for the fold, which would otherwise turn a bad eps into NaN."""
-    if torch.__version__ < (2, 12) and eps <= 0:
+def _check_eps(eps: float, training: bool, zero_refused: bool = torch.__version__ < (2, 12)) -> None:
+    """F.batch_norm's check of eps, as the installed torch makes it (zero_refused: before 2.12 eval refused a zero eps
+    too; a default, which TorchScript takes as a constant, as it compiles this for FusedConvBNReLU; NaN passes), for
+    the fold, which would otherwise turn a bad eps into NaN."""
+    if zero_refused and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive, but got {eps}")
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
