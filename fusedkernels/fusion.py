@@ -118,7 +118,9 @@ class Rewrite:
     original's own error; follows_training_flag: the fused computation does what the original does in either training
     mode by construction (it keeps the original's own code for what the flag changes), else the original's output
     must not depend on the flag; rows: the module works on the last dimension alone, and is probed on the input
-    flattened to 2-D as well (a forward may branch on the input's rank)."""
+    flattened to 2-D as well (a forward may branch on the input's rank); random_weights: a module recognised by its
+    structure, probed again with its parameters set to random values, since at their initial ones a different
+    formula can agree (exp(w) and 1 + w at w = 0, |w| and w at w = 1)."""
 
     path: str
     original: nn.Module
@@ -132,6 +134,7 @@ class Rewrite:
     extra_roundings: int = 0
     follows_training_flag: bool = False
     rows: bool = False
+    random_weights: bool = False
 
 
 class Pattern:
@@ -327,10 +330,12 @@ class _Model:
                 if why is not None:
                     return left(why)
             for candidate in rewrite.candidates:
-                try:
-                    failure, notes = _probe(rewrite, candidate, rewrite.dtypes(dtype), device, self.inference)
-                except Exception as e:  # noqa: BLE001 - whatever fails in the probe leaves the module, not the walk
-                    failure, notes = f"the probe raised ({type(e).__name__}: {e})", []
+                failure, notes = self._probe_safely(rewrite, candidate, dtype, device)
+                if failure is None and rewrite.random_weights:
+                    with _random_parameters(floating):
+                        failure, more = self._probe_safely(rewrite, candidate, dtype, device)
+                    notes += [n for n in more if n not in notes]
+                    failure = failure and f"with random weights, {failure}"
                 if failure is not None:
                     failures.append(f"{candidate.fused}: {failure}")
                     continue
@@ -341,6 +346,12 @@ class _Model:
                 return FuseEntry(rewrite.path, name, SWAPPED, candidate.fused,
                                  "; ".join(filter(None, [candidate.note, *notes])))
         return left("the probe found a difference: " + "; ".join(failures))
+
+    def _probe_safely(self, rewrite: Rewrite, candidate: Candidate, dtype: torch.dtype, device: torch.device):
+        try:
+            return _probe(rewrite, candidate, rewrite.dtypes(dtype), device, self.inference)
+        except Exception as e:  # noqa: BLE001 - whatever fails in the probe leaves the module, not the walk
+            return f"the probe raised ({type(e).__name__}: {e})", []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,6 +364,22 @@ def _rng_kept(device: torch.device):
     if device.type != "cuda":
         return torch.random.fork_rng(devices=[])
     return torch.random.fork_rng(devices=[device.index if device.index is not None else torch.cuda.current_device()])
+
+
+@contextlib.contextmanager
+def _random_parameters(params: Sequence[Tensor]):
+    """The parameters (the same objects, so a candidate sharing them sees the same) hold standard-normal values
+    inside, their own again on exit."""
+    saved = [p.data for p in params]
+    generator = torch.Generator().manual_seed(1)
+    try:
+        with torch.inference_mode(False):
+            for p in params:
+                p.data = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
+        yield
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data
 
 
 def _seed(device: torch.device, seed: int) -> None:
@@ -413,7 +440,8 @@ def _training_flag_matters(rewrite: Rewrite, dtype: torch.dtype, device: torch.d
 
 def _forward_reads(cls: type) -> Optional[set]:
     """The attributes of the module (`self.<name>`, whatever its first parameter is called) that cls.forward reads,
-    and the methods of cls it calls read in turn, from their source; None where a source is not available."""
+    and the methods of cls it calls read in turn, from their source; None where a source is not available or the
+    module itself is passed on (to a helper, getattr), whose reads are out of sight."""
     reads: set = set()
     todo, done = ["forward"], set()
     while todo:
@@ -427,6 +455,9 @@ def _forward_reads(cls: type) -> Optional[set]:
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or not fn.args.args:
             return None
         me = fn.args.args[0].arg
+        read_through = {id(node.value) for node in ast.walk(fn) if isinstance(node, ast.Attribute)}
+        if any(isinstance(node, ast.Name) and node.id == me and id(node) not in read_through for node in ast.walk(fn)):
+            return None  # the module itself passed on (a helper, getattr, vars): what that reads is not in sight
         for node in ast.walk(fn):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me:
                 # a method the class itself defines (not nn.Module's) is followed; anything else is a read
@@ -633,8 +664,8 @@ class HFRMSNorm(Pattern):
                                                        "fused norm does not")]
         reads = _forward_reads(type(module))
         if reads is None:
-            return [FuseEntry(path, name, LEFT, reason="the source of its forward is not available to check what it "
-                                                       "reads")]
+            return [FuseEntry(path, name, LEFT, reason="what its forward reads cannot be checked (no source, or it "
+                                                       "passes the module itself to a helper or getattr)")]
         if reads - self.READS:
             return [FuseEntry(path, name, LEFT, reason=f"its forward reads self.{sorted(reads - self.READS)[0]}, "
                                                        f"which the fused norm would not follow")]
@@ -648,7 +679,7 @@ class HFRMSNorm(Pattern):
                                         lambda fused=fused: model.replace(module, fused)))
         other = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
         return [Rewrite(path, module, candidates, [module], _rows((weight.shape[0],), top=3), replaces=True,
-                        dtypes=lambda d: (d, other.get(d, torch.bfloat16)), rows=True)]
+                        dtypes=lambda d: (d, other.get(d, torch.bfloat16)), rows=True, random_weights=True)]
 
 
 # The activation modules a Linear fuses with, by what FusedLinear calls them.
@@ -1006,8 +1037,9 @@ class CausalLMLoss(Pattern):
         probed = copy.copy(module)
         probed._modules = {**module._modules, "model": _HiddenOnly()}
         cls = hf.causal_lm_loss_class(type(module))
-        candidate = Candidate(_LossProbe(_switched(probed, cls), lm_head.out_features),
-                              f"{name} + ops.linear_cross_entropy", _switch(module, cls),
+        settings = {"_fusedkernels_logit_settings": hf.logit_settings(module)}  # what the probe sees
+        candidate = Candidate(_LossProbe(_switched(probed, cls, **settings), lm_head.out_features),
+                              f"{name} + ops.linear_cross_entropy", _switch(module, cls, **settings),
                               "in training with labels, logits=None (never built); fuse(model, lm_head_loss=False) keeps them")
         # the op keeps its 16-bit gradients rounded and scales them by the loss's grad: one more rounding (the
         # probe's tokens are one chunk; docs/llm.md)

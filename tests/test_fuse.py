@@ -281,6 +281,77 @@ def test_probe_rejects_what_computes_something_else():
     assert type(model[0]) is NotAnRMSNorm
 
 
+class LogScaleRMSNorm(nn.Module):
+    """An RMSNorm of HF's structure whose gain is exp(weight), zero at initialisation: equal to Gemma's (1 + weight)
+    there, value and gradient, and nowhere else."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.zeros(d)), eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float().exp()).to(x.dtype)
+
+
+class AbsRMSNorm(nn.Module):
+    """|weight| as the gain, one at initialisation: equal to HF's RMSNorm there."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight.abs() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+
+def test_structural_norms_are_probed_away_from_their_initial_weights():
+    model = nn.Sequential(LogScaleRMSNorm(16), AbsRMSNorm(16))
+    before = [p.detach().clone() for p in model.parameters()]
+    report = fusedkernels.fuse(model)
+    assert [e.status for e in report.entries] == ["left", "left"], str(report)
+    assert all("with random weights" in e.reason for e in report.entries), str(report)
+    assert [type(m) for m in model] == [LogScaleRMSNorm, AbsRMSNorm]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # the probe's weights are put back
+
+
+def _rms_with_scale(norm, x):
+    xf = x.float()
+    return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype) * norm.scale
+
+
+class HelperNorm(nn.Module):
+    """Reads self.scale through a module-level helper."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps, self.scale = nn.Parameter(torch.ones(d)), eps, 1.0
+
+    def forward(self, x):
+        return _rms_with_scale(self, x)
+
+
+class GetattrNorm(nn.Module):
+    """Reads a scale that may be set later through getattr."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        xf = x.float()
+        y = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y * getattr(self, "scale", 1.0)
+
+
+def test_norms_that_pass_themselves_on_are_left():
+    model = nn.Sequential(HelperNorm(8), GetattrNorm(8))
+    report = fusedkernels.fuse(model)
+    assert [e.status for e in report.entries] == ["left", "left"], str(report)
+    assert all("passes the module itself" in e.reason for e in report.entries), str(report)
+
+
 class SameLayerNorm(nn.LayerNorm):
     """A subclass whose forward computes what nn.LayerNorm's does, with a method of its own."""
 
@@ -783,6 +854,33 @@ def test_transformers_fused_loss_only_where_it_computes_the_same():
     want = plain(input_ids=ids, labels=ids, return_dict=False)
     assert len(got) == len(want) - 1  # (loss, aux_loss, [logits dropped], ...)
     assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1])
+
+
+def test_transformers_fused_loss_leaves_lm_head_to_other_readers_and_follows_logit_settings():
+    """Only the forward's own `self.lm_head` gets the pass-through: a layer hook reading model.lm_head during the
+    labelled forward gets the nn.Linear and logits. A config value that changes the logits, set after fuse(), sends
+    the forward back to the class's own (the probe saw the old value)."""
+    transformers = _transformers()
+    torch.manual_seed(0)
+    model = _randomize(transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig"))).train()
+    before = copy.deepcopy(model)
+    fusedkernels.fuse(model)
+    ids = torch.randint(0, 64, (2, 9))
+    seen = []
+    model.model.layers[0].register_forward_hook(
+        lambda module, args, out: seen.append((type(model.lm_head), model.lm_head(out[0] if isinstance(out, tuple) else out).shape)))
+    assert model(input_ids=ids, labels=ids).logits is None  # the fused loss ran
+    assert seen == [(torch.nn.Linear, torch.Size([2, 9, 64]))]
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+
+    gemma = _randomize(transformers.AutoModelForCausalLM.from_config(_tiny(
+        "Gemma2Config", num_key_value_heads=2, head_dim=8, final_logit_softcapping=None, attn_logit_softcapping=None))).train()
+    plain = copy.deepcopy(gemma)
+    assert _statuses(fusedkernels.fuse(gemma))[""][0] == "swapped"
+    for m in (gemma, plain):
+        m.config.final_logit_softcapping = 0.5
+    out, want = gemma(input_ids=ids, labels=ids), plain(input_ids=ids, labels=ids)
+    assert out.logits is not None and torch.allclose(out.loss, want.loss, atol=1e-6)
 
 
 @pytest.mark.parametrize("config_name", ["PhiConfig", "StableLmConfig"])

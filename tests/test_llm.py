@@ -592,6 +592,46 @@ def test_linear_cross_entropy_under_torch_func(device, impl, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_vmap_runs_the_reference_without_a_per_sample_loop(device):
+    """vmap over linear_cross_entropy and apply_rotary: the reference, batched (no PyTorch fallback warning)."""
+    h, w = torch.randn(3, 5, 16, device=device), torch.randn(30, 16, device=device)
+    t = torch.randint(0, 30, (3, 5), device=device)
+    q, k = torch.randn(4, 2, 3, 6, 8, device=device), torch.randn(4, 2, 1, 6, 8, device=device)
+    cos, sin = torch.randn(6, 8, device=device), torch.randn(6, 8, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = torch.func.vmap(lambda h, t: fops.linear_cross_entropy(h, w, t))(h, t)
+        q_out, k_out = torch.func.vmap(lambda q, k: fops.apply_rotary(q, k, cos, sin))(q, k)
+    assert max_err(loss, torch.stack([F.cross_entropy(F.linear(a, w), b) for a, b in zip(h, t)])) < 1e-5
+    want = [llm.apply_rotary_ref(a, b, cos, sin) for a, b in zip(q, k)]
+    assert max_err(q_out, torch.stack([x for x, _ in want])) == 0 and max_err(k_out, torch.stack([y for _, y in want])) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_every_token_ignored_gives_a_nan_mean_and_zero_gradients_as_torch(device, impl, dtype):
+    h, w, b, t = _lce_inputs(8, 16, 32, dtype, device, ignored=1.1)
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    loss = _lce(impl, leaves[0], leaves[1], t, leaves[2])
+    assert loss.isnan()
+    loss.backward()
+    for name, x in zip(("dhidden", "dweight", "dbias"), leaves):
+        assert torch.equal(x.grad, torch.zeros_like(x)), name
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_float64_options_within_their_float32_rounding(reduction):
+    """float64 inputs read label_smoothing, z_loss and softcap as float32 values (the kernels' parameters): the
+    result is torch's float64 one within that rounding (docs/llm.md)."""
+    h, w, b, t = _lce_inputs(37, 16, 50, torch.float64, "cpu", ignored=0.0)
+    for smoothing in (0.1, 0.3):
+        ours = fops.linear_cross_entropy(h, w, t, b, reduction=reduction, label_smoothing=smoothing)
+        want = F.cross_entropy(F.linear(h, w, b), t, reduction=reduction, label_smoothing=smoothing)
+        assert max_err(ours, want) <= 1e-7 * max(want.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_reduction_none_gradients_with_poisoned_memory(device):
     """bf16, reduction none, a vocabulary that is not a multiple of 8, two chunks, the memory of the logits buffer
     poisoned with NaN: every gradient row finite and right (PyTorch's CPU bf16 matmul reads the gap between a view's

@@ -623,3 +623,39 @@ def test_kernel_statistics_and_raw_op_checks():
     with pytest.raises(ValueError, match="rng_state must be the forward's"):
         torch.ops.fusedkernels.add_norm_bwd(None, h, h, w, nb, mean, rstd, rng, 1e-5, 0.1, torch.bfloat16, False,
                                             [True, True, False, False, False])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "without"])
+def test_residual_dtype_errors_say_what_would_work(native):
+    from fusedkernels.ops import norm as norm_ops
+
+    if native:
+        add_ln = lambda x, r, rdt=None: fops.add_layer_norm(x, r, residual_dtype=rdt)  # noqa: E731
+        add_rms = lambda x, r, rdt=None: fops.add_rms_norm(x, r, residual_dtype=rdt)  # noqa: E731
+    else:  # the build without the native op
+        add_ln = lambda x, r, rdt=None: norm_ops._add_ln_ref(x, None, r, None, None, 0.0, 1e-5, False, rdt)  # noqa: E731
+        add_rms = lambda x, r, rdt=None: norm_ops._add_rms_ref(x, None, r, None, None, 0.0, None, False, rdt)  # noqa: E731
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"float64 residual would be rounded to residual_dtype \(float32\): pass "
+                                           r"residual_dtype=torch.float64, or a float32 residual"):
+        add_ln(x, x.clone(), torch.float32)
+    with pytest.raises(RuntimeError, match=r"must be x's dtype \(float32\), got float64"):
+        add_rms(x.float(), x)
+    bf = torch.randn(2, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"must be x's dtype \(bfloat16\) or float32, got float64"):
+        add_rms(bf, x)
+    with pytest.raises(RuntimeError, match=r"pass residual_dtype=torch.float32, or a bfloat16 residual"):
+        add_rms(bf, bf.float(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_p_one_drops_everything_and_draws_nothing_as_f_dropout(rms):
+    x, r, b = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8), torch.randn(8, requires_grad=True)
+    op = fops.bias_dropout_add_rms_norm if rms else fops.bias_dropout_add_layer_norm
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    out, h = op(x, b, r, None, p=1.0) if rms else op(x, b, r, None, None, 1.0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(h, r)
+    (out.sum() + h.sum()).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(b.grad, torch.zeros_like(b))

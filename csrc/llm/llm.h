@@ -80,8 +80,9 @@ struct CrossEntropyParams {
 cudaError_t cross_entropy(const CrossEntropyParams& p, cudaStream_t stream);
 
 // The reductions over every token of the call, one block in a fixed order (deterministic, no atomics), into
-// out[0]: before the chunks the mean's gradient scale 1 / (tokens not ignored); after them the loss, the sum of the
-// rows' losses, divided by the tokens not ignored for the mean (none: 0 / 0 = NaN, as torch).
+// out[0]: before the chunks the mean's gradient scale 1 / (tokens not ignored), 0 where none is (torch's gradients
+// are zero then); after them the loss, the sum of the rows' losses, divided by the tokens not ignored for the mean
+// (none: 0 / 0 = NaN, as torch).
 enum class LossReduction : int { kGradScale = 0, kSum = 1, kMean = 2 };
 
 struct LossReduceParams {

@@ -379,7 +379,8 @@ void cross_entropy_chunk_reference(CrossEntropyParams spec, const Tensor& logits
 Tensor loss_reduce_reference(const Tensor& loss, const Tensor& target, int64_t ignore_index, LossReduction mode) {
   if (mode == LossReduction::kSum) return loss.sum();
   const Tensor valid = (target != ignore_index).sum().to(loss.scalar_type());
-  return mode == LossReduction::kMean ? loss.sum() / valid : valid.reciprocal();
+  if (mode == LossReduction::kMean) return loss.sum() / valid;
+  return at::where(valid > 0, valid.reciprocal(), at::zeros_like(valid));  // no token counts: zero gradients
 }
 
 namespace {

@@ -37,7 +37,8 @@ __global__ void __launch_bounds__(kThreads) loss_reduce_kernel(const LossReduceP
   sum = 0.0, count = 0;
   for (int w = 0; w < kWarps; ++w) sum += sums[w], count += counts[w];
   switch (p.mode) {
-    case LossReduction::kGradScale: *p.out = 1.f / static_cast<float>(count); break;
+    // no token counts: the gradients are zero, as torch's (the mean itself is 0 / 0, NaN)
+    case LossReduction::kGradScale: *p.out = count > 0 ? 1.f / static_cast<float>(count) : 0.f; break;
     case LossReduction::kSum: *p.out = static_cast<float>(sum); break;
     case LossReduction::kMean: *p.out = static_cast<float>(sum / static_cast<double>(count)); break;
   }

@@ -495,6 +495,17 @@ const c10::TypedOperatorHandle<AddNormBwd>& add_norm_bwd_op() {
   return op;
 }
 
+// What to pass instead of a residual that residual_dtype would round: a stream dtype the op takes (x's or float32)
+// that holds the residual exactly, else a residual of the stream's dtype.
+std::string residual_stream_advice(at::ScalarType x_dtype, at::ScalarType residual_dtype, at::ScalarType stream) {
+  for (const at::ScalarType t : {at::kFloat, x_dtype}) {
+    if (t != stream && at::promote_types(residual_dtype, t) == t) {
+      return std::string("pass residual_dtype=torch.") + name_of(t) + ", or a " + name_of(stream) + " residual";
+    }
+  }
+  return std::string("pass a ") + name_of(stream) + " residual";
+}
+
 // Validates the public ops' arguments, with messages that name them (RuntimeError, as torch's own ops raise
 // for such inputs); returns the residual dtype. Parameter dtypes the kernels lack are not errors here: they
 // run the reference.
@@ -512,13 +523,13 @@ at::ScalarType check_add_args(const char* op, const Tensor& x, const OptTensor& 
   const at::ScalarType rdt = residual_dtype.value_or(at::promote_types(x.scalar_type(), residual.scalar_type()));
   TORCH_CHECK(rdt == x.scalar_type() || rdt == at::kFloat, op,
               ": the residual stream's dtype (residual_dtype, else x + residual's) must be x's dtype (",
-              name_of(x.scalar_type()), ") or float32, got ", name_of(rdt));
+              name_of(x.scalar_type()), ")", x.scalar_type() == at::kFloat ? "" : " or float32", ", got ", name_of(rdt));
   bool same = residual.dim() == x.dim();
   for (int64_t d = 0; same && d < x.dim(); ++d) same = sym_same(residual.sym_size(d), x.sym_size(d));
   TORCH_CHECK(same, op, ": residual must have x's shape ", shape(x), ", got ", shape(residual));
   TORCH_CHECK(at::promote_types(residual.scalar_type(), rdt) == rdt, op, ": a ", name_of(residual.scalar_type()),
-              " residual would be rounded to residual_dtype (", name_of(rdt), "): pass residual_dtype=torch.float32, or a ",
-              name_of(rdt), " residual");
+              " residual would be rounded to residual_dtype (", name_of(rdt), "): ",
+              residual_stream_advice(x.scalar_type(), residual.scalar_type(), rdt));
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": p must be in [0, 1], got ", py_repr(p));
   const c10::SymInt hidden = x.sym_size(-1);
   for (const auto& [name, t] : {std::pair{"bias", &bias}, std::pair{"weight", &weight},
@@ -708,6 +719,11 @@ std::tuple<Tensor, Tensor> add_norm_composite(const char* op, const Tensor& x, c
                                               std::optional<at::ScalarType> residual_dtype, bool rms) {
   const at::ScalarType rdt = check_add_args(op, x, bias, residual, weight, norm_bias, p, residual_dtype);
   const double drop = training ? p : 0.0;
+  if (drop >= 1) {  // as F.dropout's p = 1: a product with zero (NaN stays NaN), no random draw
+    const Tensor zero = at::zeros({}, x.options());
+    return add_norm_composite(op, x * zero, bias ? OptTensor(*bias * zero) : bias, residual, weight, norm_bias, 0.0,
+                              false, eps, residual_dtype, rms);
+  }
   const Tensor r = residual.scalar_type() == rdt ? residual : residual.to(rdt);
   if (const char* why = add_fallback_reason(x, r, bias, weight, norm_bias)) {
     fusedkernels::warn_fallback(op, why, "the PyTorch reference");

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import sys
 import types
 import warnings
 from typing import Optional
@@ -340,17 +341,32 @@ def _causal_lm_loss(lm_head: torch.nn.Linear, logits: Tensor, labels: Tensor, vo
     return loss
 
 
+# Config values *ForCausalLM forwards apply to the logits before the loss (Gemma 2's soft cap, Granite's and Cohere's
+# scales): fuse() probed the head and the loss with the values of its time, so a forward after one changed runs the
+# class's own.
+_LOGIT_SETTINGS = ("final_logit_softcapping", "logits_scaling", "logit_scale", "softcap", "output_logit_soft_cap")
+
+
+def logit_settings(model) -> tuple:
+    """The model's config values of _LOGIT_SETTINGS (None where it has none)."""
+    config = getattr(model, "config", None)
+    return tuple(getattr(config, name, None) for name in _LOGIT_SETTINGS)
+
+
 class FusedLinearCrossEntropyCausalLM:
     """Mixin of `causal_lm_loss_class(cls)`: in training mode with labels, the model's own forward runs with lm_head
     passing the hidden states through and loss_function computing ops.linear_cross_entropy on them, and logits come
     back None (Liger-Kernel's rule: evaluation keeps its logits for metrics); otherwise, or when lm_head is no longer
-    a plain nn.Linear (wrapped, hooked) or loss_function is not ForCausalLMLoss, the forward is cls's."""
+    a plain nn.Linear (wrapped, hooked), loss_function is not ForCausalLMLoss, or a config value that changes the
+    logits (_LOGIT_SETTINGS) is not what fuse() probed, the forward is cls's. Only the forward's own `self.lm_head`
+    reads get the pass-through: a hook or other code reading model.lm_head meanwhile gets the nn.Linear."""
 
     def forward(self, *args, **kwargs):
         at = _LABELS_AT[type(self)]
         labels = kwargs.get("labels", args[at] if at is not None and len(args) > at else None)
         if (labels is None or not self.training or not _plain_head(self._modules.get("lm_head"))
-                or not is_hf_causal_lm_loss(super().loss_function)):
+                or not is_hf_causal_lm_loss(super().loss_function)
+                or logit_settings(self) != self.__dict__.get("_fusedkernels_logit_settings")):
             return super().forward(*args, **kwargs)
         head = _PassThroughHead()
         token = _LM_LOSS.set((self, head))
@@ -370,7 +386,7 @@ class FusedLinearCrossEntropyCausalLM:
     def __getattr__(self, name: str):
         if name == "lm_head":
             head = self._labelled_call()
-            if head is not None:
+            if head is not None and sys._getframe(1).f_code is _FORWARD_CODE[type(self)]:  # the forward's own read
                 return head
         return super().__getattr__(name)
 
@@ -387,6 +403,7 @@ class FusedLinearCrossEntropyCausalLM:
 
 _LM_CLASSES: dict = {}
 _LABELS_AT: dict = {}  # class -> index of `labels` in forward's positional arguments (after self), or None
+_FORWARD_CODE: dict = {}  # class -> the code of the original class's forward (under its decorators)
 
 
 def causal_lm_loss_class(cls: type) -> type:
@@ -398,5 +415,6 @@ def causal_lm_loss_class(cls: type) -> type:
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         names = [p.name for p in params[1:]]
         _LABELS_AT[new] = names.index("labels") if "labels" in names else None
+        _FORWARD_CODE[new] = _unwrapped(cls.forward).__code__
         _LM_CLASSES[cls] = new
     return _LM_CLASSES[cls]

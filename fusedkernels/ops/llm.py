@@ -213,13 +213,17 @@ def apply_rotary(
     any order: the backward is the same kernel with the transposed rotation (rotation by -theta). A cos or sin that
     requires grad (a learned table) runs the differentiable reference, with one warning on CUDA.
 
+    Under torch.func transforms (vmap, grad, jacrev ...) the reference runs (`apply_rotary_ref`), which they transform.
+
     Raises RuntimeError for shapes, dtypes and devices that do not fit (messages name the argument), ValueError for an
     unknown layout, TypeError for arguments of the wrong type, NotImplementedError for sparse or nested tensors.
     """
+    transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the reference, whose ops they know
     if inplace:
-        _apply_rotary_(q, k, cos, sin, position_ids, interleaved, layout)
+        (_rotary_inplace_without_native if transformed else _apply_rotary_)(q, k, cos, sin, position_ids, interleaved,
+                                                                            layout)
         return q, k
-    return _apply_rotary(q, k, cos, sin, position_ids, interleaved, layout)
+    return (_rotary_without_native if transformed else _apply_rotary)(q, k, cos, sin, position_ids, interleaved, layout)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,7 +318,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         sums = _grad_sum_dtype(hidden.dtype)
         scale_after = reduction == "mean" and sums != hidden.dtype
         one = torch.ones((), dtype=acc, device=hidden.device)
-        scale = (1 / valid if reduction == "mean" and not scale_after else one).expand(chunk)
+        grad_scale = torch.where(valid > 0, 1 / valid, 0.0)  # no token counts: zero gradients, as torch's
+        scale = (grad_scale if reduction == "mean" and not scale_after else one).expand(chunk)
         loss_rows, lse_rows = [], []
         dh = torch.empty(hidden.shape, dtype=sums, device=hidden.device) if want[0] else None
         dw = torch.zeros(weight.shape, dtype=sums, device=weight.device) if want[1] else None
@@ -338,7 +343,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if scale_after:
             for t in (dh, dw, db):
                 if t is not None:
-                    t.mul_(1 / valid)
+                    t.mul_(grad_scale)
         loss = torch.cat(loss_rows) if loss_rows else hidden.new_zeros(0, dtype=acc)
         lse = torch.cat(lse_rows) if lse_rows else hidden.new_zeros(0, dtype=acc)
         ctx.reduction, ctx.chunk = reduction, chunk
@@ -432,15 +437,15 @@ def _lce_without_native(hidden, weight, target, bias=None, ignore_index=-100, re
     hidden, weight, bias = _native.autocast_casts(hidden.device.type, hidden, weight, bias)
     _check_lce_args(op, hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
                     chunk_size)
+    if torch._C._are_functorch_transforms_active():  # torch.func differentiates ATen's formulas, as the native op
+        return linear_cross_entropy_ref(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+                                        softcap)  # (its F.cross_entropy raises on a target out of range)
     if hidden.device.type == "cpu":
         bad = (target != ignore_index) & ((target < 0) | (target >= weight.shape[0]))
         if bad.any():
             row = int(bad.reshape(-1).nonzero()[0])
             raise IndexError(f"{op}: target {int(target.reshape(-1)[row])} at position {row} is out of bounds for "
                              f"{weight.shape[0]} classes (and is not ignore_index)")
-    if torch._C._are_functorch_transforms_active():  # torch.func differentiates ATen's formulas, as the native op
-        return linear_cross_entropy_ref(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
-                                        softcap)
     h = hidden.reshape(-1, hidden.shape[-1])
     tokens = h.shape[0]
     chunk = min(chunk_size, max(tokens, 1)) if chunk_size else _auto_chunk(tokens, h.shape[1], weight.shape[0])
@@ -495,5 +500,5 @@ def linear_cross_entropy(
     (grad, vjp, vmap) the unchunked reference runs (`linear_cross_entropy_ref`: it builds the logits), whose ATen
     formulas the transforms differentiate.
     """
-    return _linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                 chunk_size)
+    run = _lce_without_native if torch._C._are_functorch_transforms_active() else _linear_cross_entropy
+    return run(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)

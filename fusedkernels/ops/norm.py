@@ -216,12 +216,16 @@ def _check_add_args(op, x, bias, residual, weight, norm_bias, p, residual_dtype,
     rdt = torch.promote_types(x.dtype, residual.dtype) if residual_dtype is None else residual_dtype
     if rdt not in (x.dtype, torch.float32):
         raise RuntimeError(f"{op}: the residual stream's dtype (residual_dtype, else x + residual's) must be x's dtype "
-                           f"({_name(x.dtype)}) or float32, got {_name(rdt)}")
+                           f"({_name(x.dtype)}){'' if x.dtype == torch.float32 else ' or float32'}, got {_name(rdt)}")
     if residual.shape != x.shape:
         raise RuntimeError(f"{op}: residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
     if torch.promote_types(residual.dtype, rdt) != rdt:
+        # a stream dtype the op takes that holds the residual exactly, else a residual of the stream's dtype
+        holds = [t for t in (torch.float32, x.dtype) if t != rdt and torch.promote_types(residual.dtype, t) == t]
+        advice = (f"pass residual_dtype=torch.{_name(holds[0])}, or a {_name(rdt)} residual" if holds
+                  else f"pass a {_name(rdt)} residual")
         raise RuntimeError(f"{op}: a {_name(residual.dtype)} residual would be rounded to residual_dtype "
-                           f"({_name(rdt)}): pass residual_dtype=torch.float32, or a {_name(rdt)} residual")
+                           f"({_name(rdt)}): {advice}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{op}: p must be in [0, 1], got {p:f}")
     hidden = x.shape[-1]
