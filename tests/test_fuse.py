@@ -281,6 +281,12 @@ def test_probe_rejects_what_computes_something_else():
     assert type(model[0]) is NotAnRMSNorm
 
 
+def _normalized(x, eps):
+    """x / rms(x) in float32, as HF's RMSNorms compute it."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class LogScaleRMSNorm(nn.Module):
     """An RMSNorm of HF's structure whose gain is exp(weight), zero at initialisation: equal to Gemma's (1 + weight)
     there, value and gradient, and nowhere else."""
@@ -290,8 +296,7 @@ class LogScaleRMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.zeros(d)), eps
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float().exp()).to(x.dtype)
+        return (_normalized(x, self.eps) * self.weight.float().exp()).to(x.dtype)
 
 
 class AbsRMSNorm(nn.Module):
@@ -302,8 +307,7 @@ class AbsRMSNorm(nn.Module):
         self.weight, self.variance_epsilon = nn.Parameter(torch.ones(d)), eps
 
     def forward(self, x):
-        xf = x.float()
-        return self.weight.abs() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+        return self.weight.abs() * _normalized(x, self.variance_epsilon).to(x.dtype)
 
 
 def test_structural_norms_are_probed_away_from_their_initial_weights():
@@ -317,8 +321,7 @@ def test_structural_norms_are_probed_away_from_their_initial_weights():
 
 
 def _rms_with_scale(norm, x):
-    xf = x.float()
-    return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype) * norm.scale
+    return norm.weight * _normalized(x, norm.eps).to(x.dtype) * norm.scale
 
 
 class HelperNorm(nn.Module):
@@ -340,9 +343,7 @@ class GetattrNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
 
     def forward(self, x):
-        xf = x.float()
-        y = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return y * getattr(self, "scale", 1.0)
+        return self.weight * _normalized(x, self.eps).to(x.dtype) * getattr(self, "scale", 1.0)
 
 
 def test_norms_that_pass_themselves_on_are_left():
@@ -805,17 +806,23 @@ def test_transformers_causal_lm_rotary_and_loss(monkeypatch, device, config_name
     assert not again.swapped and {"", "model.layers.0.self_attn"} <= {e.path for e in again.already_fused}, str(again)
 
 
+def _fused_llama():
+    """(a tiny Llama in training mode after fuse(), an unfused copy, input ids)."""
+    transformers = _transformers()
+    torch.manual_seed(0)
+    model = _randomize(transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig"))).train()
+    before = copy.deepcopy(model)
+    fusedkernels.fuse(model)
+    return model, before, torch.randint(0, 64, (2, 9))
+
+
 def test_transformers_fused_loss_only_where_it_computes_the_same():
     """The fused LM-head loss runs in training mode with labels and a plain nn.Linear head: evaluation keeps its
     logits (metrics read them, as Liger-Kernel's rule); a head wrapped (a LoRA-style adapter) or hooked after fuse()
     takes the original forward, so the adapter trains and the hook runs; return_dict=False tuples drop exactly the
     logits (a MoE model's aux_loss stays)."""
     transformers = _transformers()
-    torch.manual_seed(0)
-    model = _randomize(transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig"))).train()
-    before = copy.deepcopy(model)
-    fusedkernels.fuse(model)
-    ids = torch.randint(0, 64, (2, 9))
+    model, before, ids = _fused_llama()
     assert model(input_ids=ids, labels=ids).logits is None
     with torch.no_grad():
         out, want = model.eval()(input_ids=ids, labels=ids), before.eval()(input_ids=ids, labels=ids)
@@ -861,11 +868,7 @@ def test_transformers_fused_loss_leaves_lm_head_to_other_readers_and_follows_log
     labelled forward gets the nn.Linear and logits. A config value that changes the logits, set after fuse(), sends
     the forward back to the class's own (the probe saw the old value)."""
     transformers = _transformers()
-    torch.manual_seed(0)
-    model = _randomize(transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig"))).train()
-    before = copy.deepcopy(model)
-    fusedkernels.fuse(model)
-    ids = torch.randint(0, 64, (2, 9))
+    model, _, ids = _fused_llama()
     seen = []
     model.model.layers[0].register_forward_hook(
         lambda module, args, out: seen.append((type(model.lm_head), model.lm_head(out[0] if isinstance(out, tuple) else out).shape)))
