@@ -29,7 +29,7 @@ from .nn import (FusedAddLayerNorm, FusedAddRMSNorm, FusedBiasDropoutAddLayerNor
                  FusedCastRMSNorm, FusedConv2dReLU, FusedConvBNReLU, FusedLayerNorm, FusedLinear, FusedMLP,
                  FusedRMSNorm)
 from .integrations import transformers as hf
-from .nn.mlp import _STRUCTURES, _to_layout_keys
+from .nn.mlp import _STRUCTURES, _parts, _to_layout_keys
 from .ops import fold_batch_norm
 
 SWAPPED, LEFT, ALREADY_FUSED = "swapped", "left", "already fused"
@@ -728,12 +728,33 @@ class MLPBlock(Pattern):
             _to_layout_keys(fused, grads, "", None)
             return grads
 
-        candidate = Candidate(fused, f"FusedMLP(activation={fused.activation!r})",
-                              lambda: model.replace(module, fused),
-                              "new parameter objects (state_dict keys and values kept): create optimizers after "
-                              "fuse()", as_layout)
+        def install():
+            _keep_parameters(module, fused)
+            model.replace(module, fused)
+
+        stacked = len(_parts(module)[0].get("gate_up_proj", ())) == 2
+        candidate = Candidate(fused, f"FusedMLP(activation={fused.activation!r})", install,
+                              "gate and up stacked in new parameters (their .grad too), the other projections' kept "
+                              "(state_dict keys and values kept): create optimizers after fuse()" if stacked else
+                              "the same parameter objects", as_layout)
         return [Rewrite(path, module, [candidate], list(module.modules()), _rows((fused.in_features,)),
                         replaces=True, rows=True)]
+
+
+def _keep_parameters(module: nn.Module, fused: FusedMLP) -> None:
+    """fused's projections that copy one nn.Linear of module take that Linear's parameter objects (an optimizer built
+    before fuse() goes on training them, their .grad stays); the stacked gate and up are new, and get the halves'
+    accumulated .grad stacked."""
+    for native, linears in _parts(module)[0].items():
+        owner = getattr(fused, native)
+        for name in ("weight", "bias"):
+            sources, target = [getattr(lin, name) for lin in linears], getattr(owner, name)
+            if target is None:
+                continue
+            if len(sources) == 1 and sources[0].dtype == target.dtype:
+                setattr(owner, name, sources[0])
+            elif all(p.grad is not None for p in sources):
+                target.grad = torch.cat([p.grad for p in sources])
 
 
 class LinearActivation(Pattern):

@@ -1054,3 +1054,17 @@ def test_varlen_cu_seqlens_checked_on_cpu(cu_q, max_q, match):
     cu_k = torch.tensor([0] * (len(cu_q) - 1) + [6], dtype=torch.int32)
     with pytest.raises(ValueError, match=match):
         fops.attention_varlen(q, k, v, cu, cu_k, max_q, 6)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_sdpa_mask_of_fewer_than_two_dims_as_torch(mask_dtype):
+    """A 0-D or 1-D attn_mask goes to torch's op, which decides (torch 2.14 raises IndexError on the CPU)."""
+    q = k = v = torch.randn(1, 2, 3, 4)
+    for mask in (torch.ones(3, dtype=mask_dtype), torch.ones((), dtype=mask_dtype)):
+        try:
+            want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        except Exception as e:  # noqa: BLE001 - whatever torch raises, ours raises
+            with pytest.raises(type(e)):
+                fops.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            assert max_err(fops.scaled_dot_product_attention(q, k, v, attn_mask=mask), want) < 1e-6

@@ -451,6 +451,27 @@ def test_mlp_blocks_need_merge_true(dtype):
                                  with_params=False)
 
 
+def test_mlp_blocks_keep_the_parameters_they_do_not_stack():
+    """merge=True: the projections FusedMLP copies from one nn.Linear take that Linear's parameter objects, so an
+    optimizer built before fuse() goes on training them and accumulated .grad stays; the stacked gate and up are new
+    parameters carrying the halves' .grad stacked."""
+    model = _randomize(nn.ModuleDict({"mlp": LlamaMLP(16, 24),
+                                      "seq": nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))}))
+    x = torch.randn(3, 16)
+    (model["mlp"](x).sum() + model["seq"](x).sum()).backward()
+    seq_params, down = list(model["seq"].parameters()), model["mlp"].down_proj.weight
+    gate_up_grad = torch.cat([model["mlp"].gate_proj.weight.grad, model["mlp"].up_proj.weight.grad])
+    optimizer = torch.optim.SGD([*seq_params, down], lr=0.1)
+    fusedkernels.fuse(model, merge=True)
+    fused = model["seq"]
+    assert [fused.fc1.weight, fused.fc1.bias, fused.fc2.weight, fused.fc2.bias] == seq_params
+    assert model["mlp"].down_proj.weight is down and down.grad is not None
+    assert torch.equal(model["mlp"].gate_up_proj.weight.grad, gate_up_grad)
+    before = fused.fc1.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(fused.fc1.weight, before)  # the model's own parameter moved
+
+
 # ------------------------------------------------------------------------------------------------
 # What fuse keeps, the report
 # ------------------------------------------------------------------------------------------------

@@ -762,3 +762,17 @@ def test_without_native_module_bad_inputs_raise_as_the_native_op(monkeypatch):
         out = fops.linear_act(x.bfloat16(), w, b, "gelu", r)
         want = F.gelu(F.linear(x.bfloat16(), w, b)) + r
     assert out.dtype == want.dtype == torch.float32 and torch.equal(out, want)
+
+
+def test_vmap_and_grad_run_the_reference_without_a_per_sample_loop():
+    x, w, b = torch.randn(3, 4, 5), torch.randn(6, 5), torch.randn(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyTorch's batching fallback warns
+        out = torch.vmap(lambda x: fops.linear_act(x, w, b, "gelu"))(x)
+        grads = torch.vmap(torch.func.grad(lambda x: fops.linear_act(x, w, b, "gelu").sum()))(x)
+        gated = torch.vmap(lambda x: fops.linear_gated(x, torch.cat([w, w]), None, "swiglu"))(x)
+    assert max_err(out, F.gelu(F.linear(x, w, b))) < 1e-6
+    xs = x.clone().requires_grad_()
+    F.gelu(F.linear(xs, w, b)).sum().backward()
+    assert max_err(grads, xs.grad) < 1e-6
+    assert max_err(gated, F.silu(F.linear(x, w)) * F.linear(x, w)) < 1e-6

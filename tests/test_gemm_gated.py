@@ -455,8 +455,29 @@ def test_layouts_inside_a_model_and_wrong_layouts():
     plain = fnn.FusedMLP(16, 40, activation="silu")
     with pytest.raises(RuntimeError, match="Unexpected key.*gate_proj.weight"):
         plain.load_state_dict(LlamaMLP(16, 40).state_dict())
-    with pytest.raises(RuntimeError, match="size mismatch for gate_up_proj.weight"):
+    with pytest.raises(RuntimeError, match="size mismatch for gate_proj.weight"):  # the dict's keys, as LlamaMLP's
         fnn.FusedMLP(16, 32, activation="swiglu").load_state_dict(LlamaMLP(16, 40).state_dict(), strict=False)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_load_state_dict_reports_keys_in_the_modules_layout(bias):
+    """What is missing or the wrong size is reported as the module the FusedMLP replaces reports it."""
+    seq = fnn.FusedMLP(4, 6, activation="gelu", state_dict_layout="sequential")
+    keys = seq.load_state_dict({"0.weight": torch.zeros(6, 4)}, strict=False)
+    assert keys.missing_keys == ["0.bias", "2.weight", "2.bias"] and not keys.unexpected_keys
+    assert torch.equal(seq.state_dict()["0.weight"], torch.zeros(6, 4))
+    llama = fnn.FusedMLP(4, 6, activation="swiglu", bias=bias, state_dict_layout="llama")
+    before = llama.state_dict()
+    keys = llama.load_state_dict({"up_proj.weight": torch.ones(6, 4), "down_proj.weight": torch.ones(4, 6)},
+                                 strict=False)
+    want = ["gate_proj.weight"] + ["gate_proj.bias", "up_proj.bias", "down_proj.bias"] * bias  # LlamaMLP's order
+    assert keys.missing_keys == want and not keys.unexpected_keys
+    after = llama.state_dict()
+    assert torch.equal(after["gate_proj.weight"], before["gate_proj.weight"])
+    assert torch.equal(after["up_proj.weight"], torch.ones(6, 4))
+    with pytest.raises(RuntimeError, match=r"size mismatch for up_proj.weight: copying a param with shape "
+                                           r"torch.Size\(\[5, 4\]\)"):
+        llama.load_state_dict({**before, "up_proj.weight": torch.zeros(5, 4)})
 
 
 def test_module_copies_keep_their_layout():

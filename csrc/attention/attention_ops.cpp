@@ -494,8 +494,8 @@ std::tuple<Tensor, Tensor> attention_varlen_composite(const Tensor& q, const Ten
 // torch's SDPA on [B, H, N, D]: `attention` on the tensors as they are (heads_first: no views, so autograd records
 // one node, as for torch's op), the result [B, H, N, D] over [B, N, H, D] memory (as torch's flash backend returns
 // it). What attention does not take goes to torch's op, which computes it or raises torch's error: other ranks, a
-// batch or head dim that differs, heads that differ without enable_gqa, a mask with is_causal, dropout_p outside
-// [0, 1], mask dtypes torch may refuse.
+// batch or head dim that differs, heads that differ without enable_gqa, a mask with is_causal or of fewer than 2
+// dimensions, dropout_p outside [0, 1], mask dtypes torch may refuse.
 Tensor sdpa_composite(const Tensor& query, const Tensor& key, const Tensor& value, const OptTensor& attn_mask,
                       double dropout_p, bool is_causal, std::optional<double> scale, bool enable_gqa) {
   const auto same = [](const c10::SymInt& a, const c10::SymInt& b) { return sym_same(a, b); };
@@ -504,8 +504,9 @@ Tensor sdpa_composite(const Tensor& query, const Tensor& key, const Tensor& valu
       !value.is_nested() && same(query.sym_size(0), key.sym_size(0)) && same(query.sym_size(3), key.sym_size(3)) &&
       same(query.sym_size(3), value.sym_size(3)) && (enable_gqa || same(query.sym_size(1), key.sym_size(1))) &&
       dropout_p >= 0.0 && dropout_p <= 1.0 &&
-      (!attn_mask || (!is_causal && (attn_mask->scalar_type() == at::kBool || attn_mask->scalar_type() == at::kFloat ||
-                                     attn_mask->scalar_type() == query.scalar_type())));
+      (!attn_mask || (!is_causal && attn_mask->dim() >= 2 &&
+                      (attn_mask->scalar_type() == at::kBool || attn_mask->scalar_type() == at::kFloat ||
+                       attn_mask->scalar_type() == query.scalar_type())));
   if (!takes) {
     return at::scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa);
   }

@@ -257,33 +257,50 @@ _NATIVE_GATED = ("gate_up_proj.weight", "gate_up_proj.bias", "down_proj.weight",
 def _to_native_keys(module: FusedMLP, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                     error_msgs) -> None:
     """load_state_dict's pre-hook: renames the keys of a sequential or llama layout to the native ones (stacking
-    gate_proj and up_proj into gate_up_proj) in the dict load_state_dict works on (its own copy). A llama dict with
-    one half only (a checkpoint shard) stacks it with the module's current other half and reports the other half's
-    key missing."""
-    for name in ("weight", "bias"):
-        if module.gated:
-            keys = [prefix + half + name for half in _LLAMA_HALVES]
-            native = prefix + "gate_up_proj." + name
-            present = [key in state_dict for key in keys]
-            current = getattr(module.gate_up_proj, name)
-            if native in state_dict or not any(present) or current is None:
+    gate_proj and up_proj into gate_up_proj) in the dict load_state_dict works on (its own copy), whatever the
+    module's own layout. A llama dict with one half only (a checkpoint shard) stacks it with the module's current
+    other half. In a sequential or llama module, what is missing or the wrong size is reported under the layout's
+    keys, in the order the module it replaces lists them (the parameter keeps its value)."""
+    layout = module.state_dict_layout
+    if module.gated:
+        absent = set().union(*(_stack_halves(module, state_dict, prefix, name, layout == "llama", error_msgs)
+                               for name in ("weight", "bias")))
+        missing_keys += [prefix + half + name for half in _LLAMA_HALVES for name in ("weight", "bias")
+                         if prefix + half + name in absent]
+        return
+    for native_name, other in _SEQUENTIAL.items():
+        for name in ("weight", "bias"):
+            native, key = prefix + native_name + name, prefix + other + name
+            param = getattr(getattr(module, native_name[:-1]), name)
+            if param is None or native in state_dict:
                 continue
-            if all(present):
-                if state_dict[keys[0]].shape == state_dict[keys[1]].shape:
-                    state_dict[native] = torch.cat([state_dict.pop(key) for key in keys])
-                continue
-            half = present.index(True)
-            loaded, halves = state_dict[keys[half]], list(current.detach().chunk(2))
-            if loaded.shape != halves[half].shape:  # left for load_state_dict to report
-                continue
-            halves[half] = state_dict.pop(keys[half])
-            state_dict[native] = torch.cat([h.to(loaded.device, loaded.dtype) for h in halves])
-            missing_keys.append(keys[1 - half])
+            if key in state_dict:
+                state_dict[native] = state_dict.pop(key)
+            elif layout == "sequential":  # reported under the layout's key; the parameter keeps its value
+                state_dict[native] = param.detach()
+                missing_keys.append(key)
+
+
+def _stack_halves(module: FusedMLP, state_dict, prefix, name, llama: bool, error_msgs) -> set:
+    """gate_proj.<name> and up_proj.<name> of state_dict stacked into gate_up_proj.<name>, where either is there (or
+    the module's layout is llama): a half absent, or of another size than the module's (LlamaMLP's size-mismatch
+    message), keeps the module's half. Returns the keys of the absent halves."""
+    current = getattr(module.gate_up_proj, name)
+    native = prefix + "gate_up_proj." + name
+    keys = [prefix + half + name for half in _LLAMA_HALVES]
+    if current is None or native in state_dict or not (llama or any(key in state_dict for key in keys)):
+        return set()
+    halves, absent = list(current.detach().chunk(2)), set()
+    for i, key in enumerate(keys):
+        if key not in state_dict:
+            absent.add(key)
+        elif state_dict[key].shape != halves[i].shape:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {state_dict.pop(key).shape} from "
+                              f"checkpoint, the shape in current model is {halves[i].shape}.")
         else:
-            for native_name, other in _SEQUENTIAL.items():
-                native, key = prefix + native_name + name, prefix + other + name
-                if native not in state_dict and key in state_dict:
-                    state_dict[native] = state_dict.pop(key)
+            halves[i] = state_dict.pop(key)
+    state_dict[native] = torch.cat([h.to(halves[0].device, halves[0].dtype) for h in halves])
+    return absent
 
 
 def _to_layout_keys(module: FusedMLP, state_dict, prefix, local_metadata) -> None:

@@ -154,7 +154,8 @@ def linear_act(
     Returns out [..., N] in x's dtype, or the promoted dtype of a residual of another dtype (under autocast,
     which casts x, weight and bias as it does for F.linear: the autocast dtype). Differentiable in x, weight, bias and residual, to any order: the backward
     applies act' to the pre-activation z the forward kept (only when a gradient is needed) and runs PyTorch's
-    GEMMs for dx = dz W, dW = dz^T x, dbias = sum_rows(dz), dresidual = dy.
+    GEMMs for dx = dz W, dW = dz^T x, dbias = sum_rows(dz), dresidual = dy. Under torch.func transforms (vmap,
+    grad, jacrev ...) the reference runs (`linear_act_ref`), which they transform.
 
     Raises ValueError for an unknown activation; RuntimeError for x and weight shapes that cannot be multiplied,
     a weight that is not 2-D, a bias not [N], a residual not the output's shape, weight / bias dtypes or devices that differ from x's
@@ -163,7 +164,8 @@ def linear_act(
     tensors. Without the native module the reference runs after the same checks. CUDA inputs without a kernel
     run the reference with one UserWarning per reason.
     """
-    return _linear_act(x, weight, bias, activation, residual)
+    transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the reference, whose ops they know
+    return (_linear_act_without_native if transformed else _linear_act)(x, weight, bias, activation, residual)
 
 
 def linear_gated_ref(
@@ -214,7 +216,8 @@ def linear_gated(
     Returns out [..., N] in x's dtype (under autocast, as for linear_act: the autocast dtype). Differentiable in x,
     weight, bias and residual, to any order: the forward keeps z = [gate | up] [..., 2N] when a gradient is needed,
     and the backward forms dz = [dy * up * act'(gate) | dy * act(gate)] and runs PyTorch's GEMMs for dx = dz W,
-    dW = dz^T x, dbias = sum_rows(dz), dresidual = dy.
+    dW = dz^T x, dbias = sum_rows(dz), dresidual = dy. Under torch.func transforms the reference runs
+    (`linear_gated_ref`), which they transform.
 
     Raises ValueError for an unknown activation; RuntimeError for a weight with an odd number of rows (it must
     stack two halves), and as linear_act does for shapes that cannot be multiplied, a weight that is not 2-D, a
@@ -223,4 +226,5 @@ def linear_gated(
     the reference runs after the same checks. CUDA inputs without a kernel (N or K not a multiple of 8, float32,
     ...) run the reference with one UserWarning per reason.
     """
-    return _linear_gated(x, weight, bias, activation, residual)
+    transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the reference, whose ops they know
+    return (_linear_gated_without_native if transformed else _linear_gated)(x, weight, bias, activation, residual)
