@@ -728,11 +728,13 @@ class MLPBlock(Pattern):
             _to_layout_keys(fused, grads, "", None)
             return grads
 
+        projections = _parts(module)[0]
+
         def install():
-            _keep_parameters(module, fused)
+            _keep_parameters(projections, fused)
             model.replace(module, fused)
 
-        stacked = len(_parts(module)[0].get("gate_up_proj", ())) == 2
+        stacked = len(projections.get("gate_up_proj", ())) == 2
         candidate = Candidate(fused, f"FusedMLP(activation={fused.activation!r})", install,
                               "gate and up stacked in new parameters (their .grad too), the other projections' kept "
                               "(state_dict keys and values kept): create optimizers after fuse()" if stacked else
@@ -741,11 +743,11 @@ class MLPBlock(Pattern):
                         replaces=True, rows=True)]
 
 
-def _keep_parameters(module: nn.Module, fused: FusedMLP) -> None:
-    """fused's projections that copy one nn.Linear of module take that Linear's parameter objects (an optimizer built
-    before fuse() goes on training them, their .grad stays); the stacked gate and up are new, and get the halves'
-    accumulated .grad stacked."""
-    for native, linears in _parts(module)[0].items():
+def _keep_parameters(projections: Dict[str, list], fused: FusedMLP) -> None:
+    """fused's projections copied from one nn.Linear (projections: FusedMLP's name -> the block's Linears it copies)
+    take that Linear's parameter objects (an optimizer built before fuse() goes on training them, their .grad stays);
+    the stacked gate and up are new, and get the halves' accumulated .grad stacked."""
+    for native, linears in projections.items():
         owner = getattr(fused, native)
         for name in ("weight", "bias"):
             sources, target = [getattr(lin, name) for lin in linears], getattr(owner, name)
