@@ -1,18 +1,22 @@
 """Where a `models` suite step spends its GPU time and memory: the Llama step of bench/models.py under
 torch.profiler, per impl, kernels grouped by name; with --memory, also what is alive at the step's peak allocation
 (CUDA caching-allocator history: the tensors allocated during the step and still held then, grouped by the line of
-our, transformers' or Liger's code that made them). Writes one table per impl to stdout and to
-$OUT/profile_models.txt.
+our, transformers' or Liger's code that made them); with --gaps, where the GPU waits for the host: its idle time per
+phase of the step (forward, backward, optimizer) and the longest idle stretches with the host ops that ran in them
+(a step whose GPU idles is host-bound there: faster kernels do not shorten it). Writes one table per impl to stdout
+and to $OUT/profile_models.txt.
 
-    python scripts/profile_models.py [--memory] [fusedkernels liger torch torch-compile fusedkernels+attention]
+    python scripts/profile_models.py [--memory] [--gaps] [fusedkernels liger torch torch-compile fusedkernels+attention]
 """
 
 import collections
+import json
 import os
 import sys
+import tempfile
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench import models
 
@@ -42,6 +46,10 @@ def profile_impl(impl: str, batches, out) -> None:
         lines.append(f"{e.device_time_total / 2e3:9.3f} ms {e.count // 2:5d}x  {e.key[:150]}")
     print("\n".join(lines), flush=True)
     out.write("\n".join(lines) + "\n\n")
+    if "--gaps" in sys.argv:
+        lines = idle_gaps(model, opt, batches[5])
+        print("\n".join(lines), flush=True)
+        out.write("\n".join(lines) + "\n\n")
     if "--memory" in sys.argv:
         opt.zero_grad(set_to_none=True)  # the last step's grads: freed before the baseline is read
         lines = peak_allocations(step, batches[5])
@@ -49,6 +57,64 @@ def profile_impl(impl: str, batches, out) -> None:
         out.write("\n".join(lines) + "\n\n")
     del model, opt
     torch.cuda.empty_cache()
+
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+def idle_gaps(model, opt, ids, top: int = 20, min_us: float = 5.0) -> list:
+    """One step (as bench/models.py times it) under the profiler with host ops: the GPU's idle time per phase, and
+    the longest idle stretches with the host's top-level ops between the GPU going idle and the next launch."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("step"):
+            opt.zero_grad(set_to_none=True)
+            with record_function("forward"):
+                loss = model(input_ids=ids, labels=ids).loss
+            with record_function("backward"):
+                loss.backward()
+            with record_function("optimizer"):
+                opt.step()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))["traceEvents"]
+    gpu = sorted((e for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launch = {e["args"]["correlation"]: e["ts"] for e in trace
+              if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    phases = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in trace
+              if e.get("cat") == "user_annotation" and e["name"] in PHASES + ("step",)}
+    host_ops = sorted((e for e in trace if e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
+
+    def phase_of(t):
+        return next((p for p in PHASES if p in phases and phases[p][0] <= t < phases[p][1]), "between")
+
+    def top_level(a, b):  # the outermost host ops overlapping [a, b]
+        names, end = collections.Counter(), -1.0
+        for e in host_ops:
+            if e["ts"] >= b:
+                break
+            if e["ts"] + e["dur"] > a and e["ts"] >= end:
+                names[e["name"]] += 1
+                end = e["ts"] + e["dur"]
+        return ", ".join(f"{n}{f' x{c}' if c > 1 else ''}" for n, c in names.most_common(6))
+
+    step_start, step_end = phases["step"]
+    idle, gaps, busy_until = collections.Counter(), [], gpu[0]["ts"] if gpu else step_start
+    idle["before the first kernel"] = busy_until - step_start
+    for e in gpu:
+        gap = e["ts"] - busy_until
+        if gap > min_us:
+            idle[phase_of(busy_until)] += gap
+            issued = launch.get(e.get("args", {}).get("correlation"), e["ts"])
+            gaps.append((gap, phase_of(busy_until), e["name"][:60], top_level(busy_until, issued)))
+        busy_until = max(busy_until, e["ts"] + e["dur"])
+    busy = sum(e["dur"] for e in gpu)
+    lines = [f"-- GPU idle in one step ({(step_end - step_start) / 1e3:.2f} ms host span, {busy / 1e3:.2f} ms of GPU "
+             f"work; stretches over {min_us:.0f} us): " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in idle.items())]
+    for gap, phase, kernel, ops in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"{gap:9.1f} us  {phase:9s} before {kernel}  host: {ops[:200]}")
+    return lines
 
 
 def _where(frame) -> str:

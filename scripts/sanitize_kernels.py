@@ -129,6 +129,12 @@ if "gemm" in FAMILIES:
                 for out in (ops.linear_act(x, w, b, "gelu", r), ops.linear_gated(x, w, b, "swiglu", r[:, :136])):
                     if backward:
                         torch.autograd.grad(out, [x, w, b], torch.randn_like(out))
+                # the gated MLP's backward GEMM with dz in its epilogue (and the weight's tiled transpose), out of
+                # place and over z, hidden width 136 (a partial 256-column tile), K 264 (a partial k-slice)
+                z = torch.randn(rows, 272, device="cuda", dtype=dtype)
+                dy, wd = torch.randn(rows, 264, device="cuda", dtype=dtype), torch.randn(264, 136, device="cuda", dtype=dtype)
+                torch.ops.fusedkernels.gated_dgrad(dy, wd, z, 4)
+                torch.ops.fusedkernels.gated_dgrad_(dy, wd, z, 2)
         os.environ.pop("FUSEDKERNELS_GEMM_KERNEL")
     torch.cuda.synchronize()
     print("sanitize_kernels: ran the gemm kernels")
@@ -191,6 +197,6 @@ if "llm" in FAMILIES:
             for reduction in ("mean", "none"):
                 loss = ops.linear_cross_entropy(h, w, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-4,
                                                 softcap=30.0, chunk_size=16)
-                torch.autograd.grad(loss.nansum(), [h, w])
+                torch.autograd.grad(loss.nansum() * 0.5, [h, w])  # (a loss grad other than 1: the scaling runs)
     torch.cuda.synchronize()
     print("sanitize_kernels: ran the llm kernels")

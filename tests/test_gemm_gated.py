@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import fusedkernels.nn as fnn
 import fusedkernels.ops as fops
 from fusedkernels import _native
-from fusedkernels.ops.gemm import ACTIVATIONS, GATED_ACTIVATIONS, linear_gated_ref
+from fusedkernels.ops.gemm import ACTIVATIONS, GATED_ACTIVATIONS, gated_mlp_ref, linear_gated_ref
 
 from .helpers import assert_close_to_ref, check_graph_replays, grad_in_layout, max_err, poison_allocator
 from .test_gemm import PLAIN, _grads, raises_as_the_native_op
@@ -294,6 +294,17 @@ def _opcheck(device, dtype):
         dy = torch.randn(2, 9, 24, device=device, dtype=dtype)
         torch.library.opcheck(ops.gated_backward, (dy, z, ACTIVATIONS.index(gate)))
         torch.library.opcheck(ops.gated_backward_, (dy, z.clone(), ACTIVATIONS.index(gate)))
+    wd = (torch.randn(16, 40, device=device) / 6).to(dtype).requires_grad_()  # [out, N]: N = 40 as w's halves
+    bd = torch.randn(16, device=device).to(dtype).requires_grad_()
+    r16 = torch.randn(2, 9, 16, device=device).to(dtype)
+    for args in ((x, w, b, wd, bd, "swiglu", r16), (x.detach(), w.detach(), None, wd, None, "geglu_tanh", None)):
+        torch.library.opcheck(ops.gated_mlp, args)
+    torch.library.opcheck(ops.gated_mlp_fwd, (x, w, b, wd, bd, ACTIVATIONS.index("silu"), r16))
+    z = torch.randn(2, 9, 80, device=device, dtype=dtype)
+    for gate in GATE.values():  # the fused MLP backward's GEMM, and its in-place form
+        dy = torch.randn(2, 9, 16, device=device, dtype=dtype)
+        torch.library.opcheck(ops.gated_dgrad, (dy, wd.detach(), z, ACTIVATIONS.index(gate)))
+        torch.library.opcheck(ops.gated_dgrad_, (dy, wd.detach(), z.clone(), ACTIVATIONS.index(gate)))
 
 
 def test_opcheck_cpu():
@@ -384,6 +395,79 @@ def test_gated_mlp_is_llama_mlp(activation, bias):
     assert max_err(grad_gate, llama.gate_proj.weight.grad) < 1e-12
     assert max_err(grad_up, llama.up_proj.weight.grad) < 1e-12
     assert max_err(mlp.down_proj.weight.grad, llama.down_proj.weight.grad) < 1e-12
+
+
+def _mlp_inputs(lead, k, n, out, dtype=torch.float64, device="cpu", bias=True, residual=False):
+    """x [*lead, k], the stacked gate | up weight [2n, k] and bias [2n], the down weight [out, n] and bias [out],
+    residual [*lead, out]."""
+    x, w, b, _ = _inputs(lead, k, n, dtype, device, bias)
+    wd = (torch.randn(out, n, device=device) / n**0.5).to(dtype)
+    bd = torch.randn(out, device=device).to(dtype) if bias else None
+    r = torch.randn(*lead, out, device=device).to(dtype) if residual else None
+    return x, w, b, wd, bd, r
+
+
+def _mlp(activation):
+    return lambda x, w, b, wd, bd, r: torch.ops.fusedkernels.gated_mlp(x, w, b, wd, bd, activation, r)
+
+
+@needs_native
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_gated_mlp_is_one_node_with_the_fused_dgrad(device):
+    """gated_mlp with a gradient to compute: one node, whose released backward forms dz over the saved
+    pre-activation (gated_dgrad_) and whose retained one allocates it (gated_dgrad): the same gradients each time,
+    the composition's (linear_gated, then linear_act) within rounding."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float64
+    tensors = _mlp_inputs((3, 7), 16, 24, 32, dtype, device, bias=True, residual=True)
+    leaves = [t.requires_grad_() for t in tensors]
+    out = _mlp("swiglu")(*leaves)
+    assert out.grad_fn.name() == "fusedkernels::GatedMlpBackward"
+    dy = torch.randn_like(out)
+    runs = []
+    for retain in (True, True, False):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            runs.append(torch.autograd.grad(out, leaves, dy, retain_graph=retain))
+        ops = {e.name for e in prof.events() if e.cpu_parent is not None
+               and e.cpu_parent.name == "fusedkernels::GatedMlpBackward"}
+        assert ("fusedkernels::gated_dgrad_" if not retain else "fusedkernels::gated_dgrad") in ops, (retain, ops)
+        assert "fusedkernels::gated_backward" not in ops and "fusedkernels::gated_backward_" not in ops
+    for grads in runs[1:]:
+        assert all(torch.equal(g, h) for g, h in zip(grads, runs[0]))
+    composed = [t.detach().clone().requires_grad_() for t in tensors]
+    h = fops.linear_gated(composed[0], composed[1], composed[2], "swiglu")
+    want = torch.autograd.grad(fops.linear_act(h, composed[3], composed[4], "none", composed[5]), composed, dy)
+    tol = 1e-12 if dtype == torch.float64 else 0.02
+    for name, g, w in zip(["dx", "dw", "db", "dwd", "dbd", "dr"], runs[0], want):
+        assert max_err(g, w) <= tol * max(w.abs().max().item(), 1.0), name
+    # without a gradient, no node: the two ops' kernels, nothing kept
+    with torch.no_grad():
+        assert _mlp("swiglu")(*tensors).grad_fn is None
+
+
+@needs_native
+@pytest.mark.parametrize("activation", GATED_ACTIVATIONS)
+def test_gated_mlp_gradcheck_and_gradgradcheck_float64(activation):
+    """Every input differentiable, to second order (create_graph recomputes z and h from the inputs)."""
+    tensors = [t.requires_grad_() for t in _mlp_inputs((2, 3), 8, 8, 16, residual=True)]
+    if activation == "reglu":  # keep the gate away from relu's kink, where finite differences fail
+        with torch.no_grad():
+            tensors[0].add_(torch.sign(tensors[0]) * 0.1)
+    torch.autograd.gradcheck(_mlp(activation), tensors)
+    torch.autograd.gradgradcheck(_mlp(activation), tensors)
+
+
+@needs_native
+def test_gated_mlp_routes_as_its_two_ops():
+    """No gradient, a residual of another dtype, or a size without a kernel: the two ops (and their warnings,
+    promotion and errors); argument errors name the op that would raise them."""
+    x, w, b, wd, bd, r = _mlp_inputs((5,), 8, 8, 16, residual=True)
+    assert max_err(_mlp("geglu")(x, w, b, wd, bd, r.float()), gated_mlp_ref(x, w, b, wd, bd, "geglu", r)) < 1e-6
+    with pytest.raises(RuntimeError, match="linear_act: x and weight shapes cannot be multiplied"):
+        _mlp("swiglu")(x, w, b, wd[:, :4].requires_grad_(), bd, None)
+    with pytest.raises(RuntimeError, match="linear_gated: bias must be"):
+        _mlp("swiglu")(x, w.requires_grad_(), b[:3], wd, bd, None)
+    with pytest.raises(ValueError, match="gated_mlp: activation must be one of swiglu"):
+        _mlp("gelu")(x, w, b, wd, bd, None)
 
 
 @needs_native  # the scripted forward calls torch.ops.fusedkernels.linear_gated / linear_act
@@ -675,6 +759,60 @@ def test_kernel_pre_activation_and_grads(shape, activation, dtype):
     for name, o, f, t in zip(["out", "dx", "dw", "db", "dr"], ours, ref, lowp):
         assert o.dtype == dtype and o.shape == f.shape, name
         assert_close_to_ref(o.float(), f, t.float(), name, floor=torch.finfo(dtype).eps)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("activation", GATED_ACTIVATIONS)
+@pytest.mark.parametrize("shape", [((17,), 24, 136, 40), ((2, 500), 136, 264, 24), ((1000,), 64, 1032, 4104)],
+                         ids=str)
+def test_kernel_gated_mlp_grads(shape, activation, dtype):
+    """gated_mlp's output and six gradients (dz formed in the dgrad GEMM's epilogue) against the fp32 reference,
+    within PyTorch's own error in the dtype; odd rows, hidden widths that are not whole 256-column tiles."""
+    lead, k, n, out = shape
+    tensors = _mlp_inputs(lead, k, n, out, dtype, "cuda", bias=True, residual=True)
+    dy = torch.randn(*lead, out, device="cuda").to(dtype)
+    ref = _grads(lambda *t: gated_mlp_ref(*t[:5], activation, t[5]), [t.float() for t in tensors], dy.float())
+    lowp = _grads(lambda *t: gated_mlp_ref(*t[:5], activation, t[5]), tensors, dy)
+    poison_allocator(*tensors, torch.empty(*lead, 2 * n, device="cuda", dtype=dtype))
+    ours = _grads(_mlp(activation), tensors, dy)
+    for name, o, f, t in zip(["out", "dx", "dw", "db", "dwd", "dbd", "dr"], ours, ref, lowp):
+        assert o.dtype == dtype and o.shape == f.shape, name
+        assert_close_to_ref(o.float(), f, t.float(), name, floor=torch.finfo(dtype).eps)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_kernel_gated_dgrad_matches_the_unfused_pass(dtype):
+    """gated_dgrad (the GEMM with the gated backward in its epilogue) against dh = dy @ W by PyTorch then
+    gated_backward's pass, both against float64; in place it writes the same bits. Weights contiguous, row views
+    (the tiled transpose reads rows 16 bytes apart) and rows 8 bytes apart (PyTorch's copy transposes them)."""
+    ops = torch.ops.fusedkernels
+    for gate, pad in zip(GATE.values(), (0, 8, 4, 0)):
+        for rows, n, k in ((333, 136, 24), (64, 264, 4104), (1, 8, 8)):
+            z = (torch.randn(rows, 2 * n, device="cuda") * 2).to(dtype)
+            dy = torch.randn(rows, k, device="cuda").to(dtype)
+            w = (torch.randn(k, n + pad, device="cuda") / k**0.5).to(dtype)[:, :n]
+            act = ACTIVATIONS.index(gate)
+            want64 = _gated_backward64(dy.double() @ w.double(), z.double(), gate)
+            unfused = ops.gated_backward(dy @ w, z, act)
+            poison_allocator(z, z)
+            ours = ops.gated_dgrad(dy, w, z, act)
+            assert_close_to_ref(ours.double(), want64, unfused.double(), f"{gate} {rows}x{n}x{k}",
+                                floor=torch.finfo(dtype).eps)
+            ops.gated_dgrad_(dy, w, z, act)
+            assert torch.equal(z, ours), (gate, rows, n, k)
+
+
+def _gated_backward64(dh, z, gate):
+    g, u = z.chunk(2, -1)
+    g = g.detach().requires_grad_()
+    with torch.enable_grad():
+        a = PLAIN[gate](g)
+        (slope,) = torch.autograd.grad(a, g, torch.ones_like(a))
+    return torch.cat([dh * u * slope, dh * a.detach()], -1)
 
 
 @pytest.mark.cuda

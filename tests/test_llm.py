@@ -416,6 +416,25 @@ def test_linear_cross_entropy_batched_loss_grads_and_saved_tensor_hooks(device, 
     assert packed and all(torch.equal(x, y) for x, y in zip(packed, kept))
 
 
+@needs_native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_cross_entropy_scale_matches_mul(device, dtype):
+    """The backward's in-place scaling by the loss's grad (the internal op the mean / sum backward calls): torch's
+    mul_ bit for bit, for vector-sized, odd and 16-byte-misaligned tensors; a grad of 1 leaves the data as it was."""
+    scale_ = torch.ops.fusedkernels.linear_cross_entropy_scale_
+    for n in (1, 7, 8, 1001, 40000):
+        for offset in (0, 1):
+            for s in (1.0, 0.5, -3.0, 1e-30, float("nan")):
+                x = torch.randn(n + offset, device=device).to(dtype)[offset:]
+                x[0] = float("inf")
+                scale = torch.tensor(s, device=device)
+                want = x.clone().mul_(scale)
+                scale_(x, scale)
+                assert torch.equal(x.isnan(), want.isnan()), (n, offset, s)
+                assert torch.equal(x.nan_to_num(0.0), want.nan_to_num(0.0)), (n, offset, s)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_cross_entropy_ignored_rows_and_edges(device, impl):
@@ -470,7 +489,8 @@ def test_linear_cross_entropy_float64_per_token_gradients(device, impl):
 @pytest.mark.parametrize("device", DEVICES)
 def test_linear_cross_entropy_backward_is_one_op_per_gradient(device):
     """mean / sum: the backward scales each saved gradient by the loss's grad in one op: in place when the graph is
-    released (the saved gradients become the returned ones: one copy at the step's peak), into new tensors when it
+    released (the saved gradients become the returned ones: one copy at the step's peak; our op, which skips the
+    pass on the device when the grad is 1), into new tensors when it
     is retained (a second backward then sees the saved gradients unscaled); hidden already [T, H] is not reshaped
     (no view node in the graph)."""
     if not _native.has_op("linear_cross_entropy"):
@@ -486,7 +506,7 @@ def test_linear_cross_entropy_backward_is_one_op_per_gradient(device):
             runs.append(torch.autograd.grad(loss, [hl, wl], torch.tensor(1.5, device=device), retain_graph=retain))
         ops = [e.name for e in prof.events() if e.cpu_parent is not None and e.cpu_parent.name == node]
         assert sorted(ops) == (["aten::empty", "aten::empty", "aten::mul", "aten::mul"] if retain
-                               else ["aten::mul_", "aten::mul_"]), (retain, ops)
+                               else ["fusedkernels::linear_cross_entropy_scale_"] * 2), (retain, ops)
     for dh, dw in runs:
         assert dh.dtype == dw.dtype == torch.bfloat16
         assert torch.equal(dh, runs[0][0]) and torch.equal(dw, runs[0][1])

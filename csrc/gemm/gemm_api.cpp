@@ -192,6 +192,79 @@ void gated_backward_inplace_cuda(const Tensor& dy, const Tensor& z, int64_t acti
   if (!launch_gated_backward(dy, z, z, act)) z.copy_(gated_backward_reference(dy, z, act));
 }
 
+// gated_dgrad's and gated_dgrad_'s CUDA kernel: dz = gated backward of dh = dy @ weight against z, written into dz
+// (z itself for the in-place op), by the Hopper GEMM with the gated backward in its epilogue (gemm.h: gated_grad),
+// which reads weight transposed ([n, k] rows: a transposed copy, 2 units of the weight against the GEMM's m / 64
+// reads of it); where it does not take the call, PyTorch's GEMM and gated_backward's pass.
+void gated_dgrad_into(const Tensor& dy, const Tensor& weight, const Tensor& z, const Tensor& dz, int64_t activation) {
+  const char* op = "gated_dgrad";
+  TORCH_CHECK_VALUE(weight.dim() == 2 && dy.dim() >= 1 && dy.size(-1) == weight.size(0), op,
+                    ": dy must be [..., out_features] and weight [out_features, hidden], got ", shape(dy), " and ",
+                    shape(weight));
+  const int64_t n = weight.size(1), k = weight.size(0);
+  TORCH_CHECK_VALUE(z.dim() == dy.dim() && z.size(-1) == 2 * n && z.numel() / (2 * n) == dy.numel() / k, op,
+                    ": pre_activation must be [..., 2 * hidden] with dy's rows, got ", shape(z));
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= static_cast<int64_t>(Activation::kSquaredRelu), op,
+                    ": activation must be a gemm::Activation value, got ", num(activation));
+  TORCH_CHECK_VALUE(dy.device() == z.device() && weight.device() == z.device(), op,
+                    ": dy, weight and pre_activation must be on one device");
+  const Activation act = static_cast<Activation>(activation);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const bool half = z.scalar_type() == at::kHalf || z.scalar_type() == at::kBFloat16;
+  if (half && dy.scalar_type() == z.scalar_type() && weight.scalar_type() == z.scalar_type() && dz.is_contiguous() &&
+      z.numel() > 0 && k > 0 && n % kAlign == 0 && k % kAlign == 0 &&
+      (act == Activation::kSilu || act == Activation::kGelu || act == Activation::kGeluTanh ||
+       act == Activation::kRelu)) {
+    const Tensor dy_rows = as_rows(dy, k), z_rows = as_rows(z, 2 * n);
+    // [n, k], as the kernel reads its B operand: our tiled transpose (torch's strided copy runs at ~1/6 of it)
+    const Tensor weight_t = at::empty({n, k}, weight.options());
+    TransposeParams t;
+    t.src = weight.data_ptr();
+    t.dst = weight_t.data_ptr();
+    t.rows = k;
+    t.cols = n;
+    t.src_row_stride = weight.stride(0);
+    if (weight.stride(1) == 1 && transpose16_supported(t)) {
+      check_launch(transpose16(t, c10::cuda::getCurrentCUDAStream()), op);
+    } else {
+      weight_t.copy_(weight.t());
+    }
+    LinearActParams p;
+    p.dtype = to_dtype(z.scalar_type());
+    p.m = dy_rows.size(0);
+    p.n = n;
+    p.k = k;
+    p.x = dy_rows.data_ptr();
+    p.x_row_stride = row_stride(dy_rows);
+    p.weight = weight_t.data_ptr();
+    p.weight_row_stride = k;
+    p.residual = z_rows.data_ptr();
+    p.residual_row_stride = row_stride(z_rows);
+    p.out = dz.data_ptr();
+    p.out_row_stride = 2 * n;
+    p.activation = act;
+    p.gated_grad = true;
+    // (in place, z_rows is z: as_rows copies only what the kernel could not read, and the op's z is contiguous)
+    if (linear_act_supported(p) && (!dz.is_same(z) || z_rows.data_ptr() == z.data_ptr())) {
+      check_launch(linear_act(p, c10::cuda::getCurrentCUDAStream()), op);
+      return;
+    }
+  }
+  const Tensor dh = at::matmul(dy, weight);
+  if (!launch_gated_backward(dh, z, dz, act)) dz.copy_(gated_backward_reference(dh, z, act));
+}
+
+Tensor gated_dgrad_cuda(const Tensor& dy, const Tensor& weight, const Tensor& z, int64_t activation) {
+  Tensor dz = at::empty(z.sizes(), z.options());
+  gated_dgrad_into(dy, weight, z, dz, activation);
+  return dz;
+}
+
+void gated_dgrad_inplace_cuda(const Tensor& dy, const Tensor& weight, const Tensor& z, int64_t activation) {
+  TORCH_CHECK(z.is_contiguous(), "gated_dgrad_: pre_activation must be contiguous");
+  gated_dgrad_into(dy, weight, z, z, activation);
+}
+
 // act_backward's CUDA kernel: dz and dbias in one pass (gemm::act_backward) where the layouts allow (the
 // forward's pre-activation is contiguous and aligned; dy as the next op hands it), else the reference.
 std::tuple<Tensor, Tensor> act_backward_cuda(const Tensor& dy, const Tensor& z, int64_t activation) {
@@ -227,6 +300,8 @@ TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
   m.impl("gated_backward", &gated_backward_cuda);
   m.impl("gated_backward_", &gated_backward_inplace_cuda);
   m.impl("act_backward", &act_backward_cuda);
+  m.impl("gated_dgrad", &gated_dgrad_cuda);
+  m.impl("gated_dgrad_", &gated_dgrad_inplace_cuda);
 }
 
 }  // namespace fusedkernels::gemm

@@ -56,6 +56,10 @@ bool linear_act_supported(const LinearActParams& p) {
       (p.bias != nullptr && !is_aligned(p.bias, 16))) {
     return false;
   }
+  if (p.gated_grad) {  // the Hopper kernel's epilogue only, without bias or gate
+    return p.bias == nullptr && !p.gated && p.residual != nullptr &&
+           with_type(p.dtype, [&]<typename T>() { return use_sm90<T>(); });
+  }
   return with_type(p.dtype, [&]<typename T>() { return use_sm90<T>() || linear_act_sm80_available<T>(); });
 }
 

@@ -2,6 +2,11 @@
 // between the fused kernel and the reference, autocast); autograd of the internal linear_act_fwd in C++; the CPU
 // kernel (the reference) and the meta kernel of linear_act_fwd. Its CUDA kernel is in gemm_api.cpp.
 //
+//   fusedkernels::gated_mlp                   CompositeImplicitAutograd: both GEMMs' checks; with a gradient to
+//     -> fusedkernels::gated_mlp_fwd           compute, gated_mlp_fwd (Autograd: GatedMlpBackward, whose dz comes
+//                                              from gated_dgrad: the gated backward in the dgrad GEMM's epilogue);
+//                                              else linear_gated then linear_act
+//
 //   fusedkernels::linear_act / linear_gated   CompositeImplicitAutograd: check, route, call linear_act_fwd
 //     -> fusedkernels::linear_act_fwd     Autograd: attaches LinearActBackward; CUDA: the fused kernel;
 //                                         CPU: the reference; Meta: shapes
@@ -13,6 +18,7 @@
 //   dtype.
 #include <ATen/ATen.h>
 #include <c10/util/accumulate.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
@@ -49,6 +55,22 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // dz = dy * act'(pre_activation) (contiguous, pre_activation's shape) and dbias = the sum of dz over every
   // dimension but the last ([N], dz's dtype), in one pass. activation: the gemm::Activation value.
   m.def("act_backward(Tensor dy, Tensor pre_activation, int activation) -> (Tensor dz, Tensor dbias)");
+  // The gated MLP (FusedMLP's gated form): down(act(gate) * up) + residual with [gate | up] = x Wgu^T + bgu, i.e.
+  // linear_gated(x, gate_up_weight, gate_up_bias, activation) then linear_act(., down_weight, down_bias, "none",
+  // residual), with those ops' checks, autocast and kernels; where a gradient is needed and both GEMMs take the
+  // kernel, one autograd node whose backward forms dz in the epilogue of the GEMM that produces the gated output's
+  // gradient (gated_dgrad) instead of a separate pass.
+  m.def("gated_mlp(Tensor x, Tensor gate_up_weight, Tensor? gate_up_bias, Tensor down_weight, Tensor? down_bias,"
+        " str activation=\"swiglu\", Tensor? residual=None) -> Tensor");
+  // Internal: gated_mlp's forward, keeping the gated output h [..., N] and the pre-activation z [..., 2N] for the
+  // backward (all three outputs contiguous). activation: the gate's gemm::Activation value.
+  m.def("gated_mlp_fwd(Tensor x, Tensor gate_up_weight, Tensor? gate_up_bias, Tensor down_weight,"
+        " Tensor? down_bias, int activation, Tensor? residual) -> (Tensor out, Tensor hidden, Tensor pre_activation)");
+  // Internal, the gated form's backward through the GEMM before it: dy [..., out_features] of the next projection
+  // (weight [out_features, N]), pre_activation z [..., 2N] -> dz = (dh * up * act'(gate)) | (dh * act(gate)) with
+  // dh = dy @ weight rounded to the dtype; the in-place form writes dz over z (contiguous).
+  m.def("gated_dgrad(Tensor dy, Tensor weight, Tensor pre_activation, int activation) -> Tensor");
+  m.def("gated_dgrad_(Tensor dy, Tensor weight, Tensor(a!) pre_activation, int activation) -> ()");
 }
 
 namespace fusedkernels::gemm {
@@ -475,8 +497,204 @@ std::tuple<Tensor, Tensor> linear_act_fwd_autograd(const Tensor& x, const Tensor
 }
 
 // ------------------------------------------------------------------------------------------------
+// The gated MLP
+// ------------------------------------------------------------------------------------------------
+
+using GatedMlpFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                                       const OptTensor&, int64_t, const OptTensor&);
+using GatedDgrad = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t);
+using GatedDgradInplace = void(const Tensor&, const Tensor&, const Tensor&, int64_t);
+
+const c10::TypedOperatorHandle<GatedMlpFwd>& gated_mlp_fwd_op() {
+  static const auto op = find_op<GatedMlpFwd>("fusedkernels::gated_mlp_fwd");
+  return op;
+}
+const c10::TypedOperatorHandle<GatedDgrad>& gated_dgrad_op() {
+  static const auto op = find_op<GatedDgrad>("fusedkernels::gated_dgrad");
+  return op;
+}
+const c10::TypedOperatorHandle<GatedDgradInplace>& gated_dgrad_inplace_op() {
+  static const auto op = find_op<GatedDgradInplace>("fusedkernels::gated_dgrad_");
+  return op;
+}
+
+// One node for both GEMMs (next edges x, gate_up_weight, gate_up_bias, down_weight, down_bias, residual): dW_down =
+// dy^T h, dbias_down = sum of dy, dz from gated_dgrad (over the saved z when nothing else sees it), then dx = dz Wgu,
+// dWgu = dz^T x, dbias_gu = sum of dz, dresidual = dy. Under create_graph the same formulas in differentiable PyTorch
+// ops on z and h recomputed from x and the weights.
+struct GatedMlpBackward : torch::autograd::Node {
+  torch::autograd::SavedVariable x, gate_up_weight, gate_up_bias, down_weight, hidden, pre_activation;
+  Activation activation = Activation::kSilu;
+  bool has_gate_up_bias = false, has_down_bias = false;
+
+  std::string name() const override { return "fusedkernels::GatedMlpBackward"; }
+
+  void release_variables() override {
+    for (auto* v : {&x, &gate_up_weight, &gate_up_bias, &down_weight, &hidden, &pre_activation}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list out(num_outputs());
+    const Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    const bool want_x = task_should_compute_output(0), want_wgu = task_should_compute_output(1),
+               want_bgu = has_gate_up_bias && task_should_compute_output(2),
+               want_wd = task_should_compute_output(3), want_bd = has_down_bias && task_should_compute_output(4);
+    const Tensor x_ = x.unpack(), wgu = gate_up_weight.unpack(), wd = down_weight.unpack();
+    const bool create_graph = at::GradMode::is_enabled();
+    Tensor z, h;
+    if (create_graph) {  // recomputed, so that second derivatives see them depend on x and the weights
+      z = at::linear(x_, wgu, has_gate_up_bias ? OptTensor(gate_up_bias.unpack()) : std::nullopt);
+      const auto gate_up = z.chunk(2, -1);
+      h = activation_ref(gate_up[0], activation) * gate_up[1];
+    } else {
+      z = pre_activation.unpack();
+      h = hidden.unpack();
+    }
+    const Tensor dy_rows = as_rows(dy);
+    if (want_wd) out[3] = dy_rows.t().mm(as_rows(h));
+    if (want_bd) out[4] = dy_rows.sum(0);
+    if (want_x || want_wgu || want_bgu) {
+      Tensor dz;
+      if (create_graph) {
+        dz = gated_backward_reference(at::matmul(dy, wd), z, activation);
+      } else {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;  // no derivative; z is released after this
+        if (reusable_pre_activation(pre_activation, z, dy)) {
+          gated_dgrad_inplace_op().call(dy, wd, z, static_cast<int64_t>(activation));
+          dz = z;
+        } else {
+          dz = gated_dgrad_op().call(dy, wd, z, static_cast<int64_t>(activation));
+        }
+      }
+      if (want_x) out[0] = at::matmul(dz, wgu);
+      const Tensor dz_rows = as_rows(dz);
+      if (want_wgu) out[1] = dz_rows.t().mm(as_rows(x_));
+      if (want_bgu) out[2] = dz_rows.sum(0);
+    }
+    if (task_should_compute_output(5)) out[5] = dy;
+    return out;
+  }
+};
+
+// gated_mlp_fwd below autograd (every backend: linear_act_fwd's kernels do the work)
+std::tuple<Tensor, Tensor, Tensor> gated_mlp_fwd_impl(const Tensor& x, const Tensor& gate_up_weight,
+                                                      const OptTensor& gate_up_bias, const Tensor& down_weight,
+                                                      const OptTensor& down_bias, int64_t activation,
+                                                      const OptTensor& residual) {
+  activation_of(activation, "gated_mlp_fwd");
+  auto [h, z] = linear_act_fwd_op().call(x, gate_up_weight, gate_up_bias, activation, std::nullopt, true, true);
+  Tensor out = std::get<0>(linear_act_fwd_op().call(h, down_weight, down_bias,
+                                                    static_cast<int64_t>(Activation::kNone), residual, false, false));
+  return {out, h, z};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gated_mlp_fwd_autograd(const Tensor& x, const Tensor& gate_up_weight,
+                                                          const OptTensor& gate_up_bias, const Tensor& down_weight,
+                                                          const OptTensor& down_bias, int64_t activation,
+                                                          const OptTensor& residual) {
+  const Activation act = activation_of(activation, "gated_mlp_fwd");
+  auto results = [&] {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return gated_mlp_fwd_op().call(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual);
+  }();
+  const bool grad = needs_grad(x, gate_up_weight, gate_up_bias) ||
+                    (at::GradMode::is_enabled() &&
+                     (requires_grad(down_weight) || requires_grad(down_bias) || requires_grad(residual)));
+  if (grad) {
+    auto node = make_node<GatedMlpBackward>();
+    auto& n = static_cast<GatedMlpBackward&>(*node);
+    n.set_next_edges(
+        torch::autograd::collect_next_edges(x, gate_up_weight, gate_up_bias, down_weight, down_bias, residual));
+    torch::autograd::set_history(std::get<0>(results), node);
+    n.x = torch::autograd::SavedVariable(x, false);
+    n.gate_up_weight = torch::autograd::SavedVariable(gate_up_weight, false);
+    if (gate_up_bias) n.gate_up_bias = torch::autograd::SavedVariable(*gate_up_bias, false);
+    n.down_weight = torch::autograd::SavedVariable(down_weight, false);
+    n.hidden = torch::autograd::SavedVariable(std::get<1>(results), false);
+    n.pre_activation = torch::autograd::SavedVariable(std::get<2>(results), false);
+    n.activation = act;
+    n.has_gate_up_bias = gate_up_bias.has_value();
+    n.has_down_bias = down_bias.has_value();
+  }
+  return results;
+}
+
+// Whether the down projection's arguments are what linear_act takes for the gated output h [..., N] as its x (the
+// sizes, dtype, device and layout check_args would accept, the residual in x's dtype): else the two ops run and
+// the second raises, or promotes a residual of another dtype.
+bool down_projection_fits(const Tensor& x, const Tensor& gate_up_weight, const Tensor& down_weight,
+                          const OptTensor& down_bias, const OptTensor& residual) {
+  const auto like_x = [&](const Tensor& t) {
+    return t.scalar_type() == x.scalar_type() && t.device() == x.device() && t.layout() == at::kStrided &&
+           !t.is_nested();
+  };
+  if (gate_up_weight.dim() != 2 || down_weight.dim() != 2 || !like_x(down_weight) ||
+      !sym_same(down_weight.sym_size(1), out_features(gate_up_weight, true))) {
+    return false;
+  }
+  if (down_bias && (!like_x(*down_bias) || down_bias->dim() != 1 ||
+                    !sym_same(down_bias->sym_size(0), down_weight.sym_size(0)))) {
+    return false;
+  }
+  if (!residual) return true;
+  if (!like_x(*residual) || residual->dim() != x.dim()) return false;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) {
+    if (!sym_same(residual->sym_size(d), x.sym_size(d))) return false;
+  }
+  return sym_same(residual->sym_size(-1), down_weight.sym_size(0));
+}
+
+// The public op: where a gradient is needed and both GEMMs take the kernel, the one-node path (after the first
+// op's checks; down_projection_fits for the second's); otherwise the two ops, as an unfused MLP calls them.
+Tensor gated_mlp_composite(const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
+                           const Tensor& down_weight, const OptTensor& down_bias, c10::string_view activation,
+                           const OptTensor& residual) {
+  const Activation act = parse_activation("gated_mlp", kGatedActivations, activation);
+  const bool grad = needs_grad(x, gate_up_weight, gate_up_bias) ||
+                    (at::GradMode::is_enabled() && (requires_grad(down_weight) || requires_grad(down_bias)));
+  if (grad && down_projection_fits(x, gate_up_weight, down_weight, down_bias, residual)) {
+    check_args("linear_gated", x, gate_up_weight, gate_up_bias, std::nullopt, true);
+    if (fallback_reason(x, gate_up_weight, gate_up_bias, std::nullopt, true) == nullptr &&
+        fallback_reason(x, down_weight, down_bias, residual, false) == nullptr) {
+      return std::get<0>(gated_mlp_fwd_op().call(x, gate_up_weight, gate_up_bias, down_weight, down_bias,
+                                                 static_cast<int64_t>(act), residual));
+    }
+  }
+  const Tensor h = route("linear_gated", x, gate_up_weight, gate_up_bias, act, std::nullopt, true);
+  return route("linear_act", h, down_weight, down_bias, Activation::kNone, residual, false);
+}
+
+template <c10::DeviceType kDevice>
+Tensor gated_mlp_autocast(const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
+                          const Tensor& down_weight, const OptTensor& down_bias, c10::string_view activation,
+                          const OptTensor& residual) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<kDevice>);
+  const auto cast = [](const auto& t) { return autocast_lower<kDevice>(t); };
+  return gated_mlp_composite(cast(x), cast(gate_up_weight), cast(gate_up_bias), cast(down_weight), cast(down_bias),
+                             activation, residual);
+}
+
+// ------------------------------------------------------------------------------------------------
 // CPU and Meta kernels
 // ------------------------------------------------------------------------------------------------
+
+Tensor gated_dgrad_cpu(const Tensor& dy, const Tensor& weight, const Tensor& z, int64_t activation) {
+  return gated_backward_reference(at::matmul(dy, weight), z, activation_of(activation, "gated_dgrad")).contiguous();
+}
+
+void gated_dgrad_inplace_cpu(const Tensor& dy, const Tensor& weight, const Tensor& z, int64_t activation) {
+  z.copy_(gated_backward_reference(at::matmul(dy, weight), z, activation_of(activation, "gated_dgrad_")));
+}
+
+Tensor gated_dgrad_meta(const Tensor&, const Tensor&, const Tensor& z, int64_t activation) {
+  activation_of(activation, "gated_dgrad");
+  return at::empty_symint(z.sym_sizes(), z.options());
+}
+
+void gated_dgrad_inplace_meta(const Tensor&, const Tensor&, const Tensor&, int64_t activation) {
+  activation_of(activation, "gated_dgrad_");
+}
 
 std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                               int64_t activation, const OptTensor& residual,
@@ -503,6 +721,11 @@ const RegisterOpInfo linear_act_info{
     {"gemm", "linear_act", "float16, bfloat16 (x, weight, bias, residual alike)",
      "in_features and out_features multiples of 8, any rows; activations none, relu, gelu, gelu_tanh, silu, "
      "squared_relu; bias and residual optional; sm_80+ (sm_90: the TMA / wgmma kernel)"}};
+const RegisterOpInfo gated_mlp_info{
+    {"gemm", "gated_mlp", "float16, bfloat16 (x, weights, biases, residual alike)",
+     "FusedMLP's gated form: linear_gated's sizes for the first GEMM, linear_act's for the second; with a gradient, "
+     "dz formed in the epilogue of the GEMM producing the hidden layer's gradient (sm_90; elsewhere PyTorch's GEMM "
+     "and one pass)"}};
 const RegisterOpInfo linear_gated_info{
     {"gemm", "linear_gated", "float16, bfloat16 (x, weight, bias, residual alike)",
      "in_features and out_features multiples of 8 (weight [2 * out_features, in_features]), any rows; swiglu, "
@@ -513,40 +736,54 @@ const RegisterOpInfo linear_gated_info{
 TORCH_LIBRARY_IMPL(fusedkernels, CompositeImplicitAutograd, m) {
   m.impl("linear_act", &linear_act_composite);
   m.impl("linear_gated", &linear_gated_composite);
+  m.impl("gated_mlp", &gated_mlp_composite);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, AutocastCUDA, m) {
   m.impl("linear_act", &autocast<c10::DeviceType::CUDA, linear_act_composite>);
   m.impl("linear_gated", &autocast<c10::DeviceType::CUDA, linear_gated_composite>);
+  m.impl("gated_mlp", &gated_mlp_autocast<c10::DeviceType::CUDA>);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, AutocastCPU, m) {
   m.impl("linear_act", &autocast<c10::DeviceType::CPU, linear_act_composite>);
   m.impl("linear_gated", &autocast<c10::DeviceType::CPU, linear_gated_composite>);
+  m.impl("gated_mlp", &gated_mlp_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) {
   m.impl("linear_act_fwd", &linear_act_fwd_autograd);
-  // Differentiating it directly is an error (linear_act_fwd's backward covers what it computes).
+  m.impl("gated_mlp_fwd", &gated_mlp_fwd_autograd);
+  // Differentiating these directly is an error (linear_act_fwd's and gated_mlp_fwd's backward cover them).
   m.impl("gated_backward_", torch::CppFunction::makeFromBoxedFunction<&inplace_without_derivative>());
+  m.impl("gated_dgrad_", torch::CppFunction::makeFromBoxedFunction<&inplace_without_derivative>());
+  m.impl("gated_dgrad", torch::autograd::autogradNotImplementedFallback());
 }
 
-// gated_backward_ writes pre_activation: its version counter moves, as for torch's in-place ops.
+// gated_backward_ and gated_dgrad_ write pre_activation: its version counter moves, as for torch's in-place ops.
 TORCH_LIBRARY_IMPL(fusedkernels, ADInplaceOrView, m) {
   m.impl("gated_backward_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  m.impl("gated_dgrad_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
   m.impl("linear_act_fwd", &linear_act_fwd_cpu);
   m.impl("gated_backward", &gated_backward_cpu);
   m.impl("gated_backward_", &gated_backward_inplace_cpu);
+  m.impl("gated_dgrad", &gated_dgrad_cpu);
+  m.impl("gated_dgrad_", &gated_dgrad_inplace_cpu);
   m.impl("act_backward", &act_backward_cpu);
 }
+
+// gated_mlp_fwd is its two linear_act_fwd calls on every backend (they dispatch on to the CPU, CUDA or Meta kernels)
+TORCH_LIBRARY_IMPL(fusedkernels, CompositeExplicitAutograd, m) { m.impl("gated_mlp_fwd", &gated_mlp_fwd_impl); }
 
 TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
   m.impl("linear_act_fwd", &linear_act_fwd_meta);
   m.impl("gated_backward", &gated_backward_meta);
   m.impl("gated_backward_", &gated_backward_inplace_meta);
+  m.impl("gated_dgrad", &gated_dgrad_meta);
+  m.impl("gated_dgrad_", &gated_dgrad_inplace_meta);
   m.impl("act_backward", &act_backward_meta);
 }
 

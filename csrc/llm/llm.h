@@ -96,4 +96,17 @@ struct LossReduceParams {
 
 cudaError_t loss_reduce(const LossReduceParams& p, cudaStream_t stream);
 
+// data[i] *= *scale over a contiguous tensor, in place, the scale rounded to the data's type first (torch's mul_ by a
+// 0-d tensor, bit for bit): the loss's grad applied to the gradients the forward
+// computed for a grad of 1. When *scale is 1 (loss.backward() on the loss itself) nothing is read or written: the
+// kernel reads the scale on the device, where the host would have to wait for it.
+struct ScaleParams {
+  void* data = nullptr;
+  const float* scale = nullptr;  // [1]
+  int64_t n = 0;
+  DType dtype = DType::kFloat32;
+};
+
+cudaError_t scale_inplace(const ScaleParams& p, cudaStream_t stream);
+
 }  // namespace fusedkernels::llm

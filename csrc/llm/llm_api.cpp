@@ -183,6 +183,23 @@ Tensor loss_reduce_cuda(const Tensor& loss, const Tensor& target, int64_t ignore
   return out;
 }
 
+// The backward's scaling of a saved gradient by the loss's grad (a 0-d tensor): our kernel where it applies (it
+// skips the pass when the grad is 1), torch's mul_ elsewhere.
+void lce_scale_cuda(const Tensor& grad, const Tensor& scale) {
+  if (!grad.is_contiguous() || !has_kernel_dtype(grad.scalar_type()) || scale.scalar_type() != at::kFloat ||
+      scale.numel() != 1 || scale.device() != grad.device()) {
+    grad.mul_(scale);
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(grad.device());
+  ScaleParams p;
+  p.data = grad.data_ptr();
+  p.scale = scale.data_ptr<float>();
+  p.n = grad.numel();
+  p.dtype = to_dtype(grad.scalar_type());
+  check_launch(scale_inplace(p, c10::cuda::getCurrentCUDAStream()), "linear_cross_entropy");
+}
+
 struct Steps {
   ChunkStep step;
   LossReduce reduce;
@@ -238,6 +255,7 @@ TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
   m.impl("rotary_", &rotary_inplace_cuda);
   m.impl("linear_cross_entropy_fwd", &lce_fwd_cuda);
   m.impl("linear_cross_entropy_bwd", &lce_bwd_cuda);
+  m.impl("linear_cross_entropy_scale_", &lce_scale_cuda);
 }
 
 }  // namespace fusedkernels::llm

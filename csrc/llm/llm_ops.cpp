@@ -57,6 +57,8 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, Tensor? bias,"
         " Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap, int chunk_size,"
         " bool[3] grad_mask) -> (Tensor dhidden, Tensor dweight, Tensor dbias)");
+  // Internal: grad *= scale in place (scale a 0-d tensor: the loss's grad), for the gradients of mean / sum.
+  m.def("linear_cross_entropy_scale_(Tensor(a!) grad, Tensor scale) -> ()");
 }
 
 namespace fusedkernels::llm {
@@ -398,6 +400,7 @@ using RotaryInplace = void(const Tensor&, const Tensor&, const Tensor&, const Te
 using LceFwd = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                   const OptTensor&, int64_t, int64_t, double, double,
                                                                   double, int64_t, std::array<bool, 3>);
+using LceScale = void(const Tensor&, const Tensor&);
 using LceBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                   const OptTensor&, const Tensor&, int64_t, double, double, double,
                                                   int64_t, std::array<bool, 3>);
@@ -412,6 +415,10 @@ const c10::TypedOperatorHandle<RotaryInplace>& rotary_inplace_op() {
 }
 const c10::TypedOperatorHandle<LceFwd>& lce_fwd_op() {
   static const auto op = find_op<LceFwd>("fusedkernels::linear_cross_entropy_fwd");
+  return op;
+}
+const c10::TypedOperatorHandle<LceScale>& lce_scale_op() {
+  static const auto op = find_op<LceScale>("fusedkernels::linear_cross_entropy_scale_");
   return op;
 }
 const c10::TypedOperatorHandle<LceBwd>& lce_bwd_op() {
@@ -776,7 +783,9 @@ struct LinearCrossEntropyBackward : torch::autograd::Node {
       if (!plain_tensor(dloss)) {
         out[i] = at::mul(saved, dloss).to(dtype);  // (functorch's batching rules have no mul.out)
       } else if (released && saved.scalar_type() == dtype && plain_tensor(saved) && !vars[i]->has_hooks()) {
-        out[i] = saved.mul_(dloss);
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;  // nothing else sees saved: no version to bump
+        lce_scale_op().call(saved, dloss);
+        out[i] = saved;
       } else {
         // one op: the product in the saved gradient's type, rounded to dtype as it is stored
         out[i] = at::empty(saved.sizes(), saved.options().dtype(dtype));
@@ -932,12 +941,14 @@ TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) {
   m.impl("linear_cross_entropy_fwd", &lce_fwd_autograd);
   // Differentiating these directly is an error (the public ops' backward covers what they compute).
   m.impl("rotary_", torch::CppFunction::makeFromBoxedFunction<&inplace_without_derivative>());
+  m.impl("linear_cross_entropy_scale_", torch::CppFunction::makeFromBoxedFunction<&inplace_without_derivative>());
   m.impl("linear_cross_entropy_bwd", torch::autograd::autogradNotImplementedFallback());
 }
 
 // rotary_ writes q and k: their version counters move, as for torch's in-place ops.
 TORCH_LIBRARY_IMPL(fusedkernels, ADInplaceOrView, m) {
   m.impl("rotary_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  m.impl("linear_cross_entropy_scale_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
@@ -945,6 +956,7 @@ TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
   m.impl("rotary_", &rotary_inplace_cpu);
   m.impl("linear_cross_entropy_fwd", &lce_fwd_cpu);
   m.impl("linear_cross_entropy_bwd", &lce_bwd_cpu);
+  m.impl("linear_cross_entropy_scale_", [](const Tensor& grad, const Tensor& scale) { grad.mul_(scale); });
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
@@ -952,6 +964,7 @@ TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
   m.impl("rotary_", &rotary_inplace_meta);
   m.impl("linear_cross_entropy_fwd", &lce_fwd_meta);
   m.impl("linear_cross_entropy_bwd", &lce_bwd_meta);
+  m.impl("linear_cross_entropy_scale_", [](const Tensor&, const Tensor&) {});
 }
 
 }  // namespace fusedkernels::llm

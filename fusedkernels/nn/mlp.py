@@ -22,7 +22,9 @@ LAYOUTS = ("native", "sequential", "llama")
 class FusedMLP(nn.Module):
     """`Linear -> activation -> Linear` (a plain activation) or `down(act(gate(x)) * up(x))` (a gated one) computed by
     fusedkernels.ops.linear_act / linear_gated: the first GEMM applies the activation (gated: one GEMM over the
-    stacked gate and up weights), the second adds the residual.
+    stacked gate and up weights), the second adds the residual. The gated form runs both as one op
+    (`torch.ops.fusedkernels.gated_mlp`, specified by `fusedkernels.ops.gemm.gated_mlp_ref`), whose backward applies
+    the gate's derivative in the epilogue of the GEMM that produces the hidden layer's gradient (docs/gemm.md).
 
     Args:
         in_features: x's last dimension.
@@ -50,7 +52,7 @@ class FusedMLP(nn.Module):
             shard) loads that half, keeps the other and reports its key missing.
 
     forward(x [..., in_features], residual=None [..., out_features]) -> [..., out_features], x's dtype (the autocast
-    dtype under autocast). torch.jit.script compiles a forward on torch.ops.fusedkernels' linear_act / linear_gated
+    dtype under autocast). torch.jit.script compiles a forward on torch.ops.fusedkernels' linear_act / gated_mlp
     (a build without the gemm family cannot script it). Raises ValueError for an unknown activation or layout (or
     one that does not fit the activation), TypeError for a str bias (an activation in bias's position); any other
     bias is taken as nn.Linear takes it (truthy or not).
@@ -88,19 +90,16 @@ class FusedMLP(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch only; hasattr is decided when it compiles
             if hasattr(self, "gate_up_proj"):
-                h = torch.ops.fusedkernels.linear_gated(x, self.gate_up_proj.weight, self.gate_up_proj.bias,
-                                                        self.activation, None)
-                return torch.ops.fusedkernels.linear_act(h, self.down_proj.weight, self.down_proj.bias, "none",
-                                                         residual)
+                return torch.ops.fusedkernels.gated_mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias,
+                                                        self.down_proj.weight, self.down_proj.bias, self.activation,
+                                                        residual)
             h = torch.ops.fusedkernels.linear_act(x, self.fc1.weight, self.fc1.bias, self.activation, None)
             return torch.ops.fusedkernels.linear_act(h, self.fc2.weight, self.fc2.bias, "none", residual)
         if self.gated:
             first, second = self.gate_up_proj, self.down_proj
-            h = ops._linear_gated(x, first.weight, first.bias, self.activation, None)
-        else:
-            first, second = self.fc1, self.fc2
-            h = ops._linear_act(x, first.weight, first.bias, self.activation, None)
-        return ops._linear_act(h, second.weight, second.bias, "none", residual)
+            return ops._gated_mlp(x, first.weight, first.bias, second.weight, second.bias, self.activation, residual)
+        h = ops._linear_act(x, self.fc1.weight, self.fc1.bias, self.activation, None)
+        return ops._linear_act(h, self.fc2.weight, self.fc2.bias, "none", residual)
 
     def reset_parameters(self) -> None:
         """Re-initialises every projection as nn.Linear.reset_parameters does (gated: the stacked gate_up_proj as

@@ -228,3 +228,29 @@ def linear_gated(
     """
     transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the reference, whose ops they know
     return (_linear_gated_without_native if transformed else _linear_gated)(x, weight, bias, activation, residual)
+
+
+def gated_mlp_ref(
+    x: Tensor,
+    gate_up_weight: Tensor,
+    gate_up_bias: Optional[Tensor],
+    down_weight: Tensor,
+    down_bias: Optional[Tensor],
+    activation: str = "swiglu",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """The specification of the gated MLP that `FusedMLP`'s gated form runs (`torch.ops.fusedkernels.gated_mlp`):
+    linear_act_ref(linear_gated_ref(x, gate_up_weight, gate_up_bias, activation), down_weight, down_bias, "none",
+    residual)."""
+    hidden = linear_gated_ref(x, gate_up_weight, gate_up_bias, activation)
+    return linear_act_ref(hidden, down_weight, down_bias, "none", residual)
+
+
+def _gated_mlp_without_native(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual):
+    hidden = _linear_gated_without_native(x, gate_up_weight, gate_up_bias, activation, None)
+    return _linear_act_without_native(hidden, down_weight, down_bias, "none", residual)
+
+
+# linear_gated then linear_act, with the gated backward in the epilogue of the GEMM producing the gated output's
+# gradient where a gradient is needed (csrc/gemm/gemm_ops.cpp, docs/gemm.md); FusedMLP's gated forward.
+_gated_mlp = _native.public_op("gated_mlp", _gated_mlp_without_native, "the PyTorch reference")

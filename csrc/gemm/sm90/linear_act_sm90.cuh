@@ -138,10 +138,13 @@ struct Epilogue {
   __device__ __forceinline__ void prefetch_residual(int row0, int col0) const {
     if (p.residual == nullptr) return;
     const int lines_per_row = (p.gated ? kHalf : kBlockN) * int(sizeof(T)) / 128;
-    for (int i = thread; i < 64 * lines_per_row; i += 128) {
-      const int row = row0 + i / lines_per_row, col = col0 + i % lines_per_row * (128 / int(sizeof(T)));
-      if (row < p.m && col < p.n) {
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const T*>(p.residual) + row * p.residual_row_stride + col));
+    for (int half = 0; half < (p.gated_grad ? 2 : 1); ++half) {  // gated_grad: z's gate and up columns
+      for (int i = thread; i < 64 * lines_per_row; i += 128) {
+        const int row = row0 + i / lines_per_row, col = col0 + i % lines_per_row * (128 / int(sizeof(T)));
+        if (row < p.m && col < p.n) {
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const T*>(p.residual) +
+                                                         row * p.residual_row_stride + half * p.n + col));
+        }
       }
     }
   }
@@ -198,6 +201,58 @@ struct Epilogue {
     }
   }
 
+  // The gated backward (p.gated_grad), after store_z put dh in the buffer: z's gate and up vectors come from global
+  // memory and dz goes there, 16 bytes a thread (a warp's accesses cover whole rows of the tile: full lines), dh
+  // read from the buffer. dz may be z: each vector is loaded before the same thread stores over it.
+  template <Activation kAct>
+  __device__ __forceinline__ void store_gated_grad(int row0, int col0) {
+    constexpr int kVectorsPerRow = kBlockN / 8, kPerThread = 64 * kVectorsPerRow / 128, kBatch = 4;
+    const T* z = static_cast<const T*>(p.residual);
+    T* dz = static_cast<T*>(p.out);
+#pragma unroll 1
+    for (int first = 0; first < kPerThread; first += kBatch) {
+      const auto row_of = [&](int i) { return (thread + 128 * (first + i)) / kVectorsPerRow; };
+      const auto col_of = [&](int i) { return 8 * ((thread + 128 * (first + i)) % kVectorsPerRow); };
+      Vec<T, 8> gate[kBatch], up[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int64_t row = row0 + row_of(i), col = col0 + col_of(i);
+        if (row < p.m && col < p.n) {
+          gate[i].load(z + row * p.residual_row_stride + col);
+          up[i].load(z + row * p.residual_row_stride + p.n + col);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int64_t row = row0 + row_of(i), col = col0 + col_of(i);
+        if (row >= p.m || col >= p.n) continue;
+        Vec<T, 8> dh, dgate, dup;
+        dh.load(reinterpret_cast<const T*>(at(row_of(i), col_of(i))));
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          float act, slope;
+          activation_and_slope<kAct>(gate[i].get(e), act, slope);
+          const float g = dh.get(e);
+          // relu: a select, as torch's threshold_backward (gated_backward.cu computes the same)
+          dgate.set(e, kAct == Activation::kRelu ? (slope != 0.0f ? g * up[i].get(e) : 0.0f) : g * up[i].get(e) * slope);
+          dup.set(e, g * act);
+        }
+        dgate.store(dz + row * p.out_row_stride + col);
+        dup.store(dz + row * p.out_row_stride + p.n + col);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void gated_grad(const Accumulators& acc, int row0, int col0) {
+    store_z(acc, row0, col0);
+    switch (p.activation) {
+      case Activation::kRelu: store_gated_grad<Activation::kRelu>(row0, col0); break;
+      case Activation::kGelu: store_gated_grad<Activation::kGelu>(row0, col0); break;
+      case Activation::kGeluTanh: store_gated_grad<Activation::kGeluTanh>(row0, col0); break;
+      default: store_gated_grad<Activation::kSilu>(row0, col0); break;
+    }
+  }
+
   // Split-K: the fp32 partial sums of this tile's slice of K to the workspace plane `split`, in its columns
   // (gated: the gate's, then the up projection's n columns further), 8 bytes a thread, full 32-byte sectors.
   __device__ __forceinline__ void store_partial(const Accumulators& acc, int split, int row0, int col0) const {
@@ -241,8 +296,9 @@ struct Epilogue {
 
 // kSplitK: the split-K instance (partial sums to the workspace); the other has no trace of it, so the
 // epilogue-bound small-K shapes keep their code. kIm2col: the implicit GEMM of a convolution (x through an
-// im2col map, K walked tap by tap, 64 channels at a time; geometry g), else g is unused.
-template <typename Cfg, bool kSplitK, bool kIm2col>
+// im2col map, K walked tap by tap, 64 channels at a time; geometry g), else g is unused. kGatedGrad: the gated
+// backward's epilogue (p.gated_grad), an instance of its own for the same reason.
+template <typename Cfg, bool kSplitK, bool kIm2col, bool kGatedGrad = false>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     linear_act_sm90_kernel(const LinearActParams p, const __grid_constant__ LinearActMaps maps,
                            const Im2colGeometry g) {
@@ -373,6 +429,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
     if constexpr (kSplitK) {
       epilogue.store_partial(acc, unit % split_k, m_block * kBlockM, n_block * out_cols);
+    } else if constexpr (kGatedGrad) {
+      epilogue.gated_grad(acc, m_block * kBlockM, n_block * out_cols);
     } else {
       epilogue(acc, m_block * kBlockM, n_block * out_cols);
     }
@@ -413,6 +471,17 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
   }
   const int grid = int(std::min<int64_t>(units, sm_count()));
   if constexpr (!kIm2col) {
+    if (p.gated_grad) {  // 256-wide tiles only (linear_act_sm90_block_n)
+      if constexpr (Cfg::kBlockN == 256) {
+        if (p.split_k != 1 || p.gated) return cudaErrorInvalidValue;
+        constexpr auto kGatedGradKernel = linear_act_sm90_kernel<Cfg, false, false, true>;
+        resident_blocks<kGatedGradKernel, Cfg::kThreads, Cfg::kSmemBytes>();
+        kGatedGradKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps, g);
+        return cudaGetLastError();
+      } else {
+        return cudaErrorInvalidValue;
+      }
+    }
     if (p.split_k != 1) {
       constexpr auto kSplitKernel = linear_act_sm90_kernel<Cfg, true, false>;
       resident_blocks<kSplitKernel, Cfg::kThreads, Cfg::kSmemBytes>();  // raises the shared-memory limit
@@ -433,7 +502,7 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
 // FUSEDKERNELS_GEMM_KERNEL=sm90-wide keeps 256 (tests of that path on small shapes; read per call).
 inline int linear_act_sm90_block_n(const LinearActParams& p) {
   const char* choice = std::getenv("FUSEDKERNELS_GEMM_KERNEL");
-  if (p.gated || (choice != nullptr && std::strcmp(choice, "sm90-wide") == 0)) return 256;
+  if (p.gated || p.gated_grad || (choice != nullptr && std::strcmp(choice, "sm90-wide") == 0)) return 256;
   const int64_t tiles = ceil_div(p.m, int64_t(64)) * ceil_div(p.n, int64_t(256));
   return 2 * tiles <= sm_count() ? 64 : 256;
 }
@@ -479,7 +548,7 @@ int linear_act_sm90_split_k(const LinearActParams& p) {
   const int block_n = linear_act_sm90_block_n(p);
   const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, p.gated ? block_n / 2 : block_n);
   const int64_t sms = sm_count(), k_slices = ceil_div(p.k, Cfg::kBlockK);
-  if (tiles == 0 || 2 * tiles > sms) return 1;
+  if (tiles == 0 || 2 * tiles > sms || p.gated_grad) return 1;
   return int(std::clamp<int64_t>(std::min(sms / tiles, k_slices / 4), 1, 16));
 }
 
