@@ -21,7 +21,8 @@ W [1024, 1024] bf16 (a small shape: the host cost is the whole cost): forward wi
 (x, W, b require grad), and fwd+bwd as a chain of 8 calls (each output the next call's input) and one backward.
 Same budget. Gated rows (`linear_gated ...`): ops.linear_gated(x, W, None, "swiglu") against its eager form on the
 same stacked weight W [2048, 1024], `gate, up = F.linear(x, W).chunk(2, -1); F.silu(gate) * up`, in the same three
-directions.
+directions. MLP rows (`gated_mlp ...`): FusedMLP's gated op (`torch.ops.fusedkernels.gated_mlp`, one call for both
+GEMMs) against the eager Llama MLP `F.linear(silu(gate) * up, W_down)` on the same weights, W_down [1024, 1024].
 
 Residual rows (`add_rms_norm ...`): ops.add_rms_norm(x, residual, w) against `h = x + residual; F.rms_norm(h, ...)`
 at 4x4096 bf16; fwd+bwd is one call and one backward. Conv rows (`conv2d_bias_relu ...`): ops.conv2d_bias_relu against F.relu(F.conv2d(x, W, b, padding=1)) on x [1, 64, 8, 8]
@@ -226,6 +227,25 @@ def _gated_rows(add) -> None:
     del x, dy, w, leaves
 
 
+def _mlp_rows(add) -> None:
+    """FusedMLP's gated op (gated_mlp) against the eager Llama MLP on the same weights, in the three directions."""
+    ours = getattr(ops.gemm, "_gated_mlp", None)
+    if ours is None:
+        print("  gated_mlp: skipped (fusedkernels.ops.gemm has no _gated_mlp)", flush=True)
+        return
+    M, K, N = LINEAR_SHAPE
+    shape = f"{M}x{K}x{N} swiglu bf16"
+    x = torch.randn(M, K, device="cuda", dtype=DTYPE)
+    dy = torch.randn(M, K, device="cuda", dtype=DTYPE)
+    w = (torch.randn(2 * N, K, device="cuda") * K**-0.5).to(DTYPE)
+    wd = (torch.randn(K, N, device="cuda") * N**-0.5).to(DTYPE)
+    leaves = [t.clone().requires_grad_() for t in (x, w, wd)]
+    impls = (("fusedkernels", lambda x, w, wd: ours(x, w, None, wd, None, "swiglu", None)),
+             ("torch", lambda x, w, wd: F.linear(_swiglu(x, w), wd)))
+    _three_directions(add, f"gated_mlp {{}} {shape}", impls, (x, w, wd), leaves, dy)
+    del x, dy, w, wd, leaves
+
+
 def _single_call_directions(add, name: str, impls, args: tuple, leaves: list) -> None:
     """Rows `name.format(direction)` for each (impl, fn): fn(*args) without grad, fn(*leaves) with grad, and one call
     plus one backward (for ops whose outputs cannot feed the next call: a tuple, a loss)."""
@@ -366,6 +386,7 @@ def run() -> list[Row]:
     _attention_rows(add)
     _linear_rows(add)
     _gated_rows(add)
+    _mlp_rows(add)
     _conv_rows(add)
     _batch_norm_rows(add)
     _rotary_rows(add)
