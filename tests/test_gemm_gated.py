@@ -456,18 +456,59 @@ def test_gated_mlp_gradcheck_and_gradgradcheck_float64(activation):
     torch.autograd.gradgradcheck(_mlp(activation), tensors)
 
 
-@needs_native
-def test_gated_mlp_routes_as_its_two_ops():
-    """No gradient, a residual of another dtype, or a size without a kernel: the two ops (and their warnings,
-    promotion and errors); argument errors name the op that would raise them."""
+def test_gated_mlp_routes_as_its_two_ops_and_names_its_arguments(monkeypatch):
+    """No gradient or a residual of another dtype: the two ops' results (the residual promoted); bad arguments raise
+    naming gated_mlp's own arguments, with the same exception types with and without the native op."""
     x, w, b, wd, bd, r = _mlp_inputs((5,), 8, 8, 16, residual=True)
-    assert max_err(_mlp("geglu")(x, w, b, wd, bd, r.float()), gated_mlp_ref(x, w, b, wd, bd, "geglu", r)) < 1e-6
-    with pytest.raises(RuntimeError, match="linear_act: x and weight shapes cannot be multiplied"):
-        _mlp("swiglu")(x, w, b, wd[:, :4].requires_grad_(), bd, None)
-    with pytest.raises(RuntimeError, match="linear_gated: bias must be"):
-        _mlp("swiglu")(x, w.requires_grad_(), b[:3], wd, bd, None)
-    with pytest.raises(ValueError, match="gated_mlp: activation must be one of swiglu"):
-        _mlp("gelu")(x, w, b, wd, bd, None)
+    assert max_err(fops.gated_mlp(x, w, b, wd, bd, "geglu", r.float()), gated_mlp_ref(x, w, b, wd, bd, "geglu", r)) < 1e-6
+    messages = [
+        (lambda: fops.gated_mlp(x, w, b, wd[:, :4], bd), RuntimeError,
+         r"gated_mlp: down_weight must be \[out_features, N\], N the hidden width \(gate_up_weight is \[2 \* N, "
+         r"in_features\] = \[16, 8\]\), got \[16, 4\]"),
+        (lambda: fops.gated_mlp(x, w, b[:3], wd, bd), RuntimeError, r"gated_mlp: gate_up_bias must be \[2 \* out_features\]"),
+        (lambda: fops.gated_mlp(x, w[:, :4], b, wd, bd), RuntimeError,
+         r"gated_mlp: x and gate_up_weight shapes cannot be multiplied"),
+        (lambda: fops.gated_mlp(x, w, b, wd, bd[:3]), RuntimeError, r"gated_mlp: down_bias must be \[out_features\] = \[16\]"),
+        (lambda: fops.gated_mlp(x, w, b, wd.float(), bd), RuntimeError, r"gated_mlp: down_weight must have x's dtype"),
+        (lambda: fops.gated_mlp(x, w, b, wd, bd, "swiglu", r[:, :4]), RuntimeError,
+         r"gated_mlp: residual must have the output's shape \[5, 16\]"),
+        (lambda: fops.gated_mlp(x, w, b, wd, bd, "gelu"), ValueError, r"gated_mlp: activation must be one of swiglu"),
+        (lambda: fops.gated_mlp(x, w, b, 3.0, bd), TypeError, r""),
+    ]
+    runs = ["native", "without"] if _native.has_op("gated_mlp") else ["without"]
+    for run in runs:
+        if run == "without":
+            monkeypatch.setattr(_native, "has_op", lambda name: False)
+            monkeypatch.setattr(fops.gemm, "_gated_mlp", _native.public_op("gated_mlp", fops.gemm._gated_mlp_without_native,
+                                                                         "the PyTorch reference"))
+        for i, (call, kind, pattern) in enumerate(messages):
+            with pytest.raises(kind, match=pattern):
+                call()
+            if kind is RuntimeError:  # with a gradient too (the one-node path checks before it routes)
+                with pytest.raises(kind, match=pattern):
+                    with torch.enable_grad():
+                        w.requires_grad_(True)
+                        try:
+                            call()
+                        finally:
+                            w.requires_grad_(False)
+
+
+def test_fused_mlp_under_torch_func_transforms_runs_the_reference():
+    """vmap (per-sample gradients) over FusedMLP, gated and plain: the references, no warning, the values of a loop."""
+    for activation in ("swiglu", "gelu"):
+        mlp = fnn.FusedMLP(8, 16, activation=activation, dtype=torch.float64)
+        x = torch.randn(5, 3, 8, dtype=torch.float64)
+        params = dict(mlp.named_parameters())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            batched = torch.func.vmap(mlp)(x)
+            grads = torch.func.vmap(torch.func.grad(lambda p, xi: torch.func.functional_call(mlp, p, xi).sum()),
+                                    in_dims=(None, 0))(params, x)
+        assert max_err(batched, torch.stack([mlp(xi) for xi in x])) < 1e-12
+        for i in range(5):
+            one = torch.autograd.grad(mlp(x[i]).sum(), list(params.values()))
+            assert all(max_err(grads[name][i], g) < 1e-12 for name, g in zip(params, one))
 
 
 @needs_native  # the scripted forward calls torch.ops.fusedkernels.linear_gated / linear_act

@@ -175,14 +175,15 @@ std::vector<c10::SymInt> out_shape(const Tensor& x, const Tensor& weight, bool g
   return sizes;
 }
 
-// Validates the arguments as F.linear would (RuntimeError), with messages that name them. Sizes compare
-// symbolically (torch.compile with dynamic shapes). Unlike F.linear, bias must be [N] ([2N] gated) and residual
-// the output's shape exactly (no broadcasting), and weight and bias share x's dtype; so does the residual
-// unless residual_any_dtype (the public ops add one of another dtype after the fused op, with type promotion).
-// A gated weight stacks two halves: an odd number of rows is an error.
+// Validates the arguments as F.linear would (RuntimeError), with messages that name them (weight and bias as
+// `names` says). Sizes compare symbolically (torch.compile with dynamic shapes). Unlike F.linear, bias must be [N]
+// ([2N] gated) and residual the output's shape exactly (no broadcasting), and weight and bias share x's dtype; so
+// does the residual unless residual_any_dtype (the public ops add one of another dtype after the fused op, with
+// type promotion). A gated weight stacks two halves: an odd number of rows is an error.
 void check_args(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                const OptTensor& residual, bool gated, bool residual_any_dtype = false) {
-  for (const auto& [name, t] : {std::pair{"x", &x}, std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
+                const OptTensor& residual, bool gated, bool residual_any_dtype = false, OperandNames names = {}) {
+  for (const auto& [name, t] : {std::pair{"x", &x}, std::pair{names.weight, &weight},
+                                std::pair{names.bias, bias ? &*bias : nullptr},
                                 std::pair{"residual", residual ? &*residual : nullptr}}) {
     TORCH_CHECK_NOT_IMPLEMENTED(t == nullptr || (t->layout() == at::kStrided && !t->is_nested()), op,
                                 " takes strided (dense) tensors; ", name, " is ",
@@ -190,20 +191,22 @@ void check_args(const char* op, const Tensor& x, const Tensor& weight, const Opt
                                 " (F.linear takes nested and sparse ones)");
   }
   const char* rows = gated ? "2 * out_features" : "out_features";
+  const char* w = names.weight;
   TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., in_features] (at least 1-D), got a 0-D tensor");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [", rows, ", in_features] (2-D), got ", shape(weight));
-  TORCH_CHECK(!gated || (weight.sym_size(0) % 2).sym_eq(0).guard_bool(__FILE__, __LINE__), op,
-              ": weight must stack the gate's rows and the up projection's, [2 * out_features, in_features]; got ",
+  TORCH_CHECK(weight.dim() == 2, op, ": ", w, " must be [", rows, ", in_features] (2-D), got ", shape(weight));
+  TORCH_CHECK(!gated || (weight.sym_size(0) % 2).sym_eq(0).guard_bool(__FILE__, __LINE__), op, ": ", w,
+              " must stack the gate's rows and the up projection's, [2 * out_features, in_features]; got ",
               shape(weight), ", an odd number of rows");
-  TORCH_CHECK(sym_same(x.sym_size(-1), weight.sym_size(1)), op, ": x and weight shapes cannot be multiplied (x ",
-              shape(x), ", weight ", shape(weight), "): x's last dimension must be weight's in_features");
+  TORCH_CHECK(sym_same(x.sym_size(-1), weight.sym_size(1)), op, ": x and ", w, " shapes cannot be multiplied (x ",
+              shape(x), ", ", w, " ", shape(weight), "): x's last dimension must be ", w, "'s in_features");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op,
               ": x must be a floating-point tensor (float16 or bfloat16 for the fused kernel), got ",
               name_of(x.scalar_type()));
-  check_operands_like_x(op, x, weight, bias, residual, residual_any_dtype, /*internal=*/false);
+  check_operands_like_x(op, x, weight, bias, residual, residual_any_dtype, /*internal=*/false, names);
   if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && sym_same(bias->sym_size(0), weight.sym_size(0)), op, ": bias must be [", rows,
-                "] = ", shape(c10::SymIntArrayRef(weight.sym_sizes().data(), 1)), ", got ", shape(*bias));
+    TORCH_CHECK(bias->dim() == 1 && sym_same(bias->sym_size(0), weight.sym_size(0)), op, ": ", names.bias,
+                " must be [", rows, "] = ", shape(c10::SymIntArrayRef(weight.sym_sizes().data(), 1)), ", got ",
+                shape(*bias));
   }
   if (residual) {
     const auto sizes = out_shape(x, weight, gated);
@@ -620,46 +623,54 @@ std::tuple<Tensor, Tensor, Tensor> gated_mlp_fwd_autograd(const Tensor& x, const
   return results;
 }
 
-// Whether the down projection's arguments are what linear_act takes for the gated output h [..., N] as its x (the
-// sizes, dtype, device and layout check_args would accept, the residual in x's dtype): else the two ops run and
-// the second raises, or promotes a residual of another dtype.
-bool down_projection_fits(const Tensor& x, const Tensor& gate_up_weight, const Tensor& down_weight,
-                          const OptTensor& down_bias, const OptTensor& residual) {
-  const auto like_x = [&](const Tensor& t) {
-    return t.scalar_type() == x.scalar_type() && t.device() == x.device() && t.layout() == at::kStrided &&
-           !t.is_nested();
-  };
-  if (gate_up_weight.dim() != 2 || down_weight.dim() != 2 || !like_x(down_weight) ||
-      !sym_same(down_weight.sym_size(1), out_features(gate_up_weight, true))) {
-    return false;
+// gated_mlp's arguments, in its own words: the first projection's as linear_gated checks them, then the down
+// projection's, whose x is the gated output [..., N] (N = gate_up_weight's rows / 2).
+void check_gated_mlp_args(const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
+                          const Tensor& down_weight, const OptTensor& down_bias, const OptTensor& residual) {
+  const char* op = "gated_mlp";
+  check_args(op, x, gate_up_weight, gate_up_bias, std::nullopt, true, false, {"gate_up_weight", "gate_up_bias"});
+  for (const auto& [name, t] : {std::pair{"down_weight", &down_weight},
+                                std::pair{"down_bias", down_bias ? &*down_bias : nullptr},
+                                std::pair{"residual", residual ? &*residual : nullptr}}) {
+    TORCH_CHECK_NOT_IMPLEMENTED(t == nullptr || (t->layout() == at::kStrided && !t->is_nested()), op,
+                                " takes strided (dense) tensors; ", name, " is ",
+                                t != nullptr && t->is_nested() ? std::string("nested") : c10::str(t ? t->layout() : at::kStrided));
   }
-  if (down_bias && (!like_x(*down_bias) || down_bias->dim() != 1 ||
-                    !sym_same(down_bias->sym_size(0), down_weight.sym_size(0)))) {
-    return false;
+  TORCH_CHECK(down_weight.dim() == 2 && sym_same(down_weight.sym_size(1), out_features(gate_up_weight, true)), op,
+              ": down_weight must be [out_features, N], N the hidden width (gate_up_weight is [2 * N, in_features] = ",
+              shape(gate_up_weight), "), got ", shape(down_weight));
+  check_operands_like_x(op, x, down_weight, down_bias, residual, /*residual_any_dtype=*/true, /*internal=*/false,
+                        {"down_weight", "down_bias"});
+  if (down_bias) {
+    TORCH_CHECK(down_bias->dim() == 1 && sym_same(down_bias->sym_size(0), down_weight.sym_size(0)), op,
+                ": down_bias must be [out_features] = ", shape(c10::SymIntArrayRef(down_weight.sym_sizes().data(), 1)),
+                ", got ", shape(*down_bias));
   }
-  if (!residual) return true;
-  if (!like_x(*residual) || residual->dim() != x.dim()) return false;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) {
-    if (!sym_same(residual->sym_size(d), x.sym_size(d))) return false;
+  if (residual) {
+    std::vector<c10::SymInt> sizes(x.sym_sizes().begin(), x.sym_sizes().end());
+    sizes.back() = down_weight.sym_size(0);
+    bool same = residual->dim() == x.dim();
+    for (int64_t d = 0; same && d < x.dim(); ++d) same = sym_same(residual->sym_size(d), sizes[d]);
+    TORCH_CHECK(same, op, ": residual must have the output's shape ", shape(sizes), " (no broadcasting), got ",
+                shape(*residual));
   }
-  return sym_same(residual->sym_size(-1), down_weight.sym_size(0));
 }
 
-// The public op: where a gradient is needed and both GEMMs take the kernel, the one-node path (after the first
-// op's checks; down_projection_fits for the second's); otherwise the two ops, as an unfused MLP calls them.
+// The public op: checked as above; where a gradient is needed, both GEMMs take the kernel and the residual (if any)
+// has x's dtype, the one-node path; otherwise the two ops, as an unfused MLP calls them (their fallback warnings
+// name them).
 Tensor gated_mlp_composite(const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
                            const Tensor& down_weight, const OptTensor& down_bias, c10::string_view activation,
                            const OptTensor& residual) {
   const Activation act = parse_activation("gated_mlp", kGatedActivations, activation);
+  check_gated_mlp_args(x, gate_up_weight, gate_up_bias, down_weight, down_bias, residual);
   const bool grad = needs_grad(x, gate_up_weight, gate_up_bias) ||
                     (at::GradMode::is_enabled() && (requires_grad(down_weight) || requires_grad(down_bias)));
-  if (grad && down_projection_fits(x, gate_up_weight, down_weight, down_bias, residual)) {
-    check_args("linear_gated", x, gate_up_weight, gate_up_bias, std::nullopt, true);
-    if (fallback_reason(x, gate_up_weight, gate_up_bias, std::nullopt, true) == nullptr &&
-        fallback_reason(x, down_weight, down_bias, residual, false) == nullptr) {
-      return std::get<0>(gated_mlp_fwd_op().call(x, gate_up_weight, gate_up_bias, down_weight, down_bias,
-                                                 static_cast<int64_t>(act), residual));
-    }
+  if (grad && (!residual || residual->scalar_type() == x.scalar_type()) &&
+      fallback_reason(x, gate_up_weight, gate_up_bias, std::nullopt, true) == nullptr &&
+      fallback_reason(x, down_weight, down_bias, residual, false) == nullptr) {
+    return std::get<0>(gated_mlp_fwd_op().call(x, gate_up_weight, gate_up_bias, down_weight, down_bias,
+                                               static_cast<int64_t>(act), residual));
   }
   const Tensor h = route("linear_gated", x, gate_up_weight, gate_up_bias, act, std::nullopt, true);
   return route("linear_act", h, down_weight, down_bias, Activation::kNone, residual, false);

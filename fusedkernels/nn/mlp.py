@@ -23,8 +23,8 @@ class FusedMLP(nn.Module):
     """`Linear -> activation -> Linear` (a plain activation) or `down(act(gate(x)) * up(x))` (a gated one) computed by
     fusedkernels.ops.linear_act / linear_gated: the first GEMM applies the activation (gated: one GEMM over the
     stacked gate and up weights), the second adds the residual. The gated form runs both as one op
-    (`torch.ops.fusedkernels.gated_mlp`, specified by `fusedkernels.ops.gemm.gated_mlp_ref`), whose backward applies
-    the gate's derivative in the epilogue of the GEMM that produces the hidden layer's gradient (docs/gemm.md).
+    (`fusedkernels.ops.gated_mlp`), whose backward applies the gate's derivative in the epilogue of the GEMM that
+    produces the hidden layer's gradient (docs/gemm.md). Under torch.func transforms the references run, as the ops'.
 
     Args:
         in_features: x's last dimension.
@@ -95,11 +95,14 @@ class FusedMLP(nn.Module):
                                                         residual)
             h = torch.ops.fusedkernels.linear_act(x, self.fc1.weight, self.fc1.bias, self.activation, None)
             return torch.ops.fusedkernels.linear_act(h, self.fc2.weight, self.fc2.bias, "none", residual)
+        transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the references, as the ops run
         if self.gated:
             first, second = self.gate_up_proj, self.down_proj
-            return ops._gated_mlp(x, first.weight, first.bias, second.weight, second.bias, self.activation, residual)
-        h = ops._linear_act(x, self.fc1.weight, self.fc1.bias, self.activation, None)
-        return ops._linear_act(h, self.fc2.weight, self.fc2.bias, "none", residual)
+            mlp = ops._gated_mlp_without_native if transformed else ops._gated_mlp
+            return mlp(x, first.weight, first.bias, second.weight, second.bias, self.activation, residual)
+        linear = ops._linear_act_without_native if transformed else ops._linear_act
+        h = linear(x, self.fc1.weight, self.fc1.bias, self.activation, None)
+        return linear(h, self.fc2.weight, self.fc2.bias, "none", residual)
 
     def reset_parameters(self) -> None:
         """Re-initialises every projection as nn.Linear.reset_parameters does (gated: the stacked gate_up_proj as

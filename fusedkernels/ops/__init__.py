@@ -8,7 +8,7 @@ with one warning.
 
 from .attention import attention, attention_varlen, scaled_dot_product_attention
 from .conv import batch_norm_relu, conv2d_bias_relu, fold_batch_norm
-from .gemm import linear_act, linear_gated
+from .gemm import gated_mlp, linear_act, linear_gated
 from .llm import apply_rotary, linear_cross_entropy
 from .norm import (
     add_layer_norm,
@@ -29,6 +29,7 @@ __all__ = [
     "fold_batch_norm",
     "linear_act",
     "linear_gated",
+    "gated_mlp",
     "apply_rotary",
     "linear_cross_entropy",
     "layer_norm",

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .. import _native
 
-__all__ = ["linear_act", "linear_act_ref", "linear_gated", "linear_gated_ref", "ACTIVATIONS", "GATED_ACTIVATIONS"]
+__all__ = ["linear_act", "linear_act_ref", "linear_gated", "linear_gated_ref", "gated_mlp", "gated_mlp_ref", "ACTIVATIONS",
+           "GATED_ACTIVATIONS"]
 
 # The activations, as PyTorch defines them: gelu is F.gelu's default (erf), gelu_tanh
 # F.gelu(approximate="tanh"), silu x * sigmoid(x), squared_relu relu(x)^2 (So et al. 2021, "Primer").
@@ -75,11 +76,12 @@ def _check_types(op: str, x, weight, bias, activation, residual) -> None:
         raise TypeError(f"{op}: activation must be a str, got {type(activation).__name__}")
 
 
-def _check_args(op: str, x, weight, bias, activation, residual, gated: bool) -> None:
-    names = GATED_ACTIVATIONS if gated else ACTIVATIONS
-    if activation not in names:
-        raise ValueError(f"{op}: activation must be one of {', '.join(names)}, got {activation!r}")
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+def _check_args(op: str, x, weight, bias, activation, residual, gated: bool, names=("weight", "bias")) -> None:
+    w_name, b_name = names
+    activations = GATED_ACTIVATIONS if gated else ACTIVATIONS
+    if activation not in activations:
+        raise ValueError(f"{op}: activation must be one of {', '.join(activations)}, got {activation!r}")
+    for name, t in (("x", x), (w_name, weight), (b_name, bias), ("residual", residual)):
         if t is not None and (t.layout != torch.strided or t.is_nested):
             kind = "nested" if t.is_nested else t.layout
             raise NotImplementedError(f"{op} takes strided (dense) tensors; {name} is {kind} (F.linear takes nested "
@@ -88,23 +90,23 @@ def _check_args(op: str, x, weight, bias, activation, residual, gated: bool) -> 
     if x.dim() < 1:
         raise RuntimeError(f"{op}: x must be [..., in_features] (at least 1-D), got a 0-D tensor")
     if weight.dim() != 2:
-        raise RuntimeError(f"{op}: weight must be [{rows}, in_features] (2-D), got {list(weight.shape)}")
+        raise RuntimeError(f"{op}: {w_name} must be [{rows}, in_features] (2-D), got {list(weight.shape)}")
     if gated and weight.shape[0] % 2:
-        raise RuntimeError(f"{op}: weight must stack the gate's rows and the up projection's, [2 * out_features, "
+        raise RuntimeError(f"{op}: {w_name} must stack the gate's rows and the up projection's, [2 * out_features, "
                            f"in_features]; got {list(weight.shape)}, an odd number of rows")
     if x.shape[-1] != weight.shape[1]:
-        raise RuntimeError(f"{op}: x and weight shapes cannot be multiplied (x {list(x.shape)}, weight "
-                           f"{list(weight.shape)}): x's last dimension must be weight's in_features")
+        raise RuntimeError(f"{op}: x and {w_name} shapes cannot be multiplied (x {list(x.shape)}, {w_name} "
+                           f"{list(weight.shape)}): x's last dimension must be {w_name}'s in_features")
     if not x.is_floating_point():
         raise RuntimeError(f"{op}: x must be a floating-point tensor (float16 or bfloat16 for the fused kernel), got "
                            f"{_name(x.dtype)}")
-    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+    for name, t in ((w_name, weight), (b_name, bias), ("residual", residual)):
         if t is not None and t.dtype != x.dtype and name != "residual":  # a residual's add promotes
             raise RuntimeError(f"{op}: {name} must have x's dtype ({_name(x.dtype)}), got {_name(t.dtype)}")
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise RuntimeError(f"{op}: bias must be [{rows}] = [{weight.shape[0]}], got {list(bias.shape)}")
+        raise RuntimeError(f"{op}: {b_name} must be [{rows}] = [{weight.shape[0]}], got {list(bias.shape)}")
     out_shape = [*x.shape[:-1], weight.shape[0] // 2 if gated else weight.shape[0]]
     if residual is not None and list(residual.shape) != out_shape:
         raise RuntimeError(f"{op}: residual must have the output's shape {out_shape} (no broadcasting), got "
@@ -235,22 +237,101 @@ def gated_mlp_ref(
     gate_up_weight: Tensor,
     gate_up_bias: Optional[Tensor],
     down_weight: Tensor,
-    down_bias: Optional[Tensor],
+    down_bias: Optional[Tensor] = None,
     activation: str = "swiglu",
     residual: Optional[Tensor] = None,
 ) -> Tensor:
-    """The specification of the gated MLP that `FusedMLP`'s gated form runs (`torch.ops.fusedkernels.gated_mlp`):
-    linear_act_ref(linear_gated_ref(x, gate_up_weight, gate_up_bias, activation), down_weight, down_bias, "none",
-    residual)."""
+    """The specification of `gated_mlp`, differentiable: linear_act_ref(linear_gated_ref(x, gate_up_weight,
+    gate_up_bias, activation), down_weight, down_bias, "none", residual)."""
     hidden = linear_gated_ref(x, gate_up_weight, gate_up_bias, activation)
     return linear_act_ref(hidden, down_weight, down_bias, "none", residual)
 
 
+def _check_gated_mlp_types(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual) -> None:
+    """The native gated_mlp's schema types, for the reference without it."""
+    for name, t in (("x", x), ("gate_up_weight", gate_up_weight), ("gate_up_bias", gate_up_bias),
+                    ("down_weight", down_weight), ("down_bias", down_bias), ("residual", residual)):
+        required = name in ("x", "gate_up_weight", "down_weight")
+        if not isinstance(t, Tensor) and (t is not None or required):
+            raise TypeError(f"gated_mlp: {name} must be a Tensor{'' if required else ' or None'}, got "
+                            f"{type(t).__name__}")
+    if not isinstance(activation, str):
+        raise TypeError(f"gated_mlp: activation must be a str, got {type(activation).__name__}")
+
+
+def _check_gated_mlp_args(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual) -> None:
+    """The native gated_mlp's checks (gemm_ops.cpp: check_gated_mlp_args), for the reference without it."""
+    op = "gated_mlp"
+    _check_args(op, x, gate_up_weight, gate_up_bias, activation, None, True, ("gate_up_weight", "gate_up_bias"))
+    for name, t in (("down_weight", down_weight), ("down_bias", down_bias), ("residual", residual)):
+        if t is not None and (t.layout != torch.strided or t.is_nested):
+            raise NotImplementedError(f"{op} takes strided (dense) tensors; {name} is "
+                                      f"{'nested' if t.is_nested else t.layout}")
+    if down_weight.dim() != 2 or down_weight.shape[1] != gate_up_weight.shape[0] // 2:
+        raise RuntimeError(f"{op}: down_weight must be [out_features, N], N the hidden width (gate_up_weight is "
+                           f"[2 * N, in_features] = {list(gate_up_weight.shape)}), got {list(down_weight.shape)}")
+    for name, t in (("down_weight", down_weight), ("down_bias", down_bias), ("residual", residual)):
+        if t is not None and t.dtype != x.dtype and name != "residual":
+            raise RuntimeError(f"{op}: {name} must have x's dtype ({_name(x.dtype)}), got {_name(t.dtype)}")
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if down_bias is not None and (down_bias.dim() != 1 or down_bias.shape[0] != down_weight.shape[0]):
+        raise RuntimeError(f"{op}: down_bias must be [out_features] = [{down_weight.shape[0]}], got "
+                           f"{list(down_bias.shape)}")
+    out_shape = [*x.shape[:-1], down_weight.shape[0]]
+    if residual is not None and list(residual.shape) != out_shape:
+        raise RuntimeError(f"{op}: residual must have the output's shape {out_shape} (no broadcasting), got "
+                           f"{list(residual.shape)}")
+
+
 def _gated_mlp_without_native(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual):
-    hidden = _linear_gated_without_native(x, gate_up_weight, gate_up_bias, activation, None)
-    return _linear_act_without_native(hidden, down_weight, down_bias, "none", residual)
+    """The reference as the native gated_mlp runs it: autocast's casts (as for F.linear), its checks, then the
+    reference, a residual of another dtype added after it with promotion."""
+    _check_gated_mlp_types(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
+    x, gate_up_weight, gate_up_bias, down_weight, down_bias = _native.autocast_casts(
+        x.device.type, x, gate_up_weight, gate_up_bias, down_weight, down_bias)
+    _check_gated_mlp_args(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
+    if residual is not None and residual.dtype != x.dtype:
+        return gated_mlp_ref(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation) + residual
+    return gated_mlp_ref(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
 
 
-# linear_gated then linear_act, with the gated backward in the epilogue of the GEMM producing the gated output's
-# gradient where a gradient is needed (csrc/gemm/gemm_ops.cpp, docs/gemm.md); FusedMLP's gated forward.
 _gated_mlp = _native.public_op("gated_mlp", _gated_mlp_without_native, "the PyTorch reference")
+
+
+def gated_mlp(
+    x: Tensor,
+    gate_up_weight: Tensor,
+    gate_up_bias: Optional[Tensor],
+    down_weight: Tensor,
+    down_bias: Optional[Tensor] = None,
+    activation: str = "swiglu",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """out = down(act(gate) * up) + residual with [gate | up] = x @ gate_up_weight^T + gate_up_bias: the gated MLP of
+    Llama / T5-style transformers (`nn.FusedMLP`'s gated form), as linear_gated then linear_act, with a backward
+    that forms the gated unit's gradient in the epilogue of the GEMM producing the hidden layer's gradient.
+
+    x: [..., K]; gate_up_weight: [2N, K], the gate projection's N rows then the up projection's (linear_gated's
+    stacking); gate_up_bias: [2N] or None; down_weight: [M, N] as nn.Linear(N, M) stores it; down_bias: [M] or None;
+    residual: None or exactly the output's shape [..., M]. dtypes as linear_act's (float16 / bfloat16 for the fused
+    kernels; a residual of another dtype is added after the op with promotion). activation: the gate's, "swiglu",
+    "geglu", "geglu_tanh" or "reglu".
+
+    Returns [..., M] in x's dtype (the autocast dtype under autocast, which casts x, the weights and the biases as
+    for F.linear). Differentiable in every tensor, to any order. With a gradient to compute and fused kernels for
+    both GEMMs, one autograd node keeps x, the weights, the gated output h [..., N] and the pre-activation z
+    [..., 2N] (what linear_gated and linear_act would keep between them); its backward computes dz from dy and
+    down_weight in one GEMM (the gate's derivative in its epilogue, on the Hopper kernel) where linear_gated's
+    backward would read a stored dh. Otherwise (no gradient, another residual dtype, a size without a kernel) it is
+    linear_gated then linear_act, with their warnings. Under torch.func transforms the reference runs
+    (`gated_mlp_ref`).
+
+    Raises ValueError for an unknown activation; RuntimeError, naming the argument, for shapes that do not chain
+    (x and gate_up_weight, down_weight's in_features against N, the biases, a residual not the output's shape),
+    dtypes or devices that differ from x's; TypeError for arguments of the wrong type; NotImplementedError for
+    sparse or nested tensors.
+    """
+    transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the reference, whose ops they know
+    return (_gated_mlp_without_native if transformed else _gated_mlp)(x, gate_up_weight, gate_up_bias, down_weight,
+                                                                      down_bias, activation, residual)

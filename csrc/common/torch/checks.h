@@ -107,10 +107,16 @@ inline void check_cuda_contiguous(const at::Tensor& t, const at::Tensor& like, c
 // weight, bias and residual (the optional ones may be absent) on x's device and of x's dtype (the residual of any
 // dtype when residual_any_dtype: the public ops add one of another dtype after the fused op). The public ops raise
 // RuntimeError, as F.linear and F.conv2d do; the internal ops' contract (internal) ValueError and TypeError.
+// The names the messages give the operands (an op with two weights names them apart).
+struct OperandNames {
+  const char* weight = "weight";
+  const char* bias = "bias";
+};
+
 inline void check_operands_like_x(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                                  bool residual_any_dtype, bool internal) {
-  for (const auto& [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", bias ? &*bias : nullptr},
+                                  bool residual_any_dtype, bool internal, OperandNames names = {}) {
+  for (const auto& [name, t] : {std::pair{names.weight, &weight}, std::pair{names.bias, bias ? &*bias : nullptr},
                                 std::pair{"residual", residual ? &*residual : nullptr}}) {
     if (t == nullptr) continue;
     const bool same_device = t->device() == x.device();
