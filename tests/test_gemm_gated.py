@@ -191,11 +191,14 @@ def test_backward_writes_dz_over_the_saved_pre_activation_only_when_released(dev
     assert torch.equal(z.detach(), kept)
 
 
-@pytest.mark.parametrize("gated", [True, False], ids=["linear_gated", "linear_act"])
+@pytest.mark.parametrize("gated", [True, False, "mlp"], ids=["linear_gated", "linear_act", "gated_mlp"])
 def test_batched_output_gradients(gated):
     """is_grads_batched (autograd.functional.jacobian's vectorize): each output gradient's result, as one at a time."""
     x, w, b = (t.requires_grad_() for t in _inputs((2, 5), 8, 8)[:3])
-    out = fops.linear_gated(x, w, b, "swiglu") if gated else fops.linear_act(x, w[:8], b[:8], "gelu")
+    if gated == "mlp":  # (the down projection's weight a constant here)
+        out = fops.gated_mlp(x, w, b, torch.randn(6, 8, dtype=torch.float64))
+    else:
+        out = fops.linear_gated(x, w, b, "swiglu") if gated else fops.linear_act(x, w[:8], b[:8], "gelu")
     dys = torch.randn(3, *out.shape, dtype=torch.float64)
     batched = torch.autograd.grad(out, (x, w, b), dys, retain_graph=True, is_grads_batched=True)
     for i in range(3):
