@@ -634,7 +634,8 @@ void check_gated_mlp_args(const Tensor& x, const Tensor& gate_up_weight, const O
                                 std::pair{"residual", residual ? &*residual : nullptr}}) {
     TORCH_CHECK_NOT_IMPLEMENTED(t == nullptr || (t->layout() == at::kStrided && !t->is_nested()), op,
                                 " takes strided (dense) tensors; ", name, " is ",
-                                t != nullptr && t->is_nested() ? std::string("nested") : c10::str(t ? t->layout() : at::kStrided));
+                                t != nullptr && t->is_nested() ? std::string("nested") : c10::str(t ? t->layout() : at::kStrided),
+                                " (F.linear takes nested and sparse ones)");
   }
   TORCH_CHECK(down_weight.dim() == 2 && sym_same(down_weight.sym_size(1), out_features(gate_up_weight, true)), op,
               ": down_weight must be [out_features, N], N the hidden width (gate_up_weight is [2 * N, in_features] = ",

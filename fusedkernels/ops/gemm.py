@@ -76,16 +76,30 @@ def _check_types(op: str, x, weight, bias, activation, residual) -> None:
         raise TypeError(f"{op}: activation must be a str, got {type(activation).__name__}")
 
 
+def _check_dense(op: str, operands) -> None:
+    for name, t in operands:
+        if t is not None and (t.layout != torch.strided or t.is_nested):
+            kind = "nested" if t.is_nested else t.layout
+            raise NotImplementedError(f"{op} takes strided (dense) tensors; {name} is {kind} (F.linear takes nested "
+                                      f"and sparse ones)")
+
+
+def _check_operands_like_x(op: str, x, operands) -> None:
+    """Each operand on x's device and of x's dtype, a residual of any dtype (its add promotes); as the native
+    check_operands_like_x (csrc/common/torch/checks.h)."""
+    for name, t in operands:
+        if t is not None and t.dtype != x.dtype and name != "residual":
+            raise RuntimeError(f"{op}: {name} must have x's dtype ({_name(x.dtype)}), got {_name(t.dtype)}")
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
 def _check_args(op: str, x, weight, bias, activation, residual, gated: bool, names=("weight", "bias")) -> None:
     w_name, b_name = names
     activations = GATED_ACTIVATIONS if gated else ACTIVATIONS
     if activation not in activations:
         raise ValueError(f"{op}: activation must be one of {', '.join(activations)}, got {activation!r}")
-    for name, t in (("x", x), (w_name, weight), (b_name, bias), ("residual", residual)):
-        if t is not None and (t.layout != torch.strided or t.is_nested):
-            kind = "nested" if t.is_nested else t.layout
-            raise NotImplementedError(f"{op} takes strided (dense) tensors; {name} is {kind} (F.linear takes nested "
-                                      f"and sparse ones)")
+    _check_dense(op, (("x", x), (w_name, weight), (b_name, bias), ("residual", residual)))
     rows = "2 * out_features" if gated else "out_features"
     if x.dim() < 1:
         raise RuntimeError(f"{op}: x must be [..., in_features] (at least 1-D), got a 0-D tensor")
@@ -100,11 +114,7 @@ def _check_args(op: str, x, weight, bias, activation, residual, gated: bool, nam
     if not x.is_floating_point():
         raise RuntimeError(f"{op}: x must be a floating-point tensor (float16 or bfloat16 for the fused kernel), got "
                            f"{_name(x.dtype)}")
-    for name, t in ((w_name, weight), (b_name, bias), ("residual", residual)):
-        if t is not None and t.dtype != x.dtype and name != "residual":  # a residual's add promotes
-            raise RuntimeError(f"{op}: {name} must have x's dtype ({_name(x.dtype)}), got {_name(t.dtype)}")
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    _check_operands_like_x(op, x, ((w_name, weight), (b_name, bias), ("residual", residual)))
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise RuntimeError(f"{op}: {b_name} must be [{rows}] = [{weight.shape[0]}], got {list(bias.shape)}")
     out_shape = [*x.shape[:-1], weight.shape[0] // 2 if gated else weight.shape[0]]
@@ -263,18 +273,12 @@ def _check_gated_mlp_args(x, gate_up_weight, gate_up_bias, down_weight, down_bia
     """The native gated_mlp's checks (gemm_ops.cpp: check_gated_mlp_args), for the reference without it."""
     op = "gated_mlp"
     _check_args(op, x, gate_up_weight, gate_up_bias, activation, None, True, ("gate_up_weight", "gate_up_bias"))
-    for name, t in (("down_weight", down_weight), ("down_bias", down_bias), ("residual", residual)):
-        if t is not None and (t.layout != torch.strided or t.is_nested):
-            raise NotImplementedError(f"{op} takes strided (dense) tensors; {name} is "
-                                      f"{'nested' if t.is_nested else t.layout}")
+    down = (("down_weight", down_weight), ("down_bias", down_bias), ("residual", residual))
+    _check_dense(op, down)
     if down_weight.dim() != 2 or down_weight.shape[1] != gate_up_weight.shape[0] // 2:
         raise RuntimeError(f"{op}: down_weight must be [out_features, N], N the hidden width (gate_up_weight is "
                            f"[2 * N, in_features] = {list(gate_up_weight.shape)}), got {list(down_weight.shape)}")
-    for name, t in (("down_weight", down_weight), ("down_bias", down_bias), ("residual", residual)):
-        if t is not None and t.dtype != x.dtype and name != "residual":
-            raise RuntimeError(f"{op}: {name} must have x's dtype ({_name(x.dtype)}), got {_name(t.dtype)}")
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    _check_operands_like_x(op, x, down)
     if down_bias is not None and (down_bias.dim() != 1 or down_bias.shape[0] != down_weight.shape[0]):
         raise RuntimeError(f"{op}: down_bias must be [out_features] = [{down_weight.shape[0]}], got "
                            f"{list(down_bias.shape)}")
