@@ -129,7 +129,7 @@ if "gemm" in FAMILIES:
                 for out in (ops.linear_act(x, w, b, "gelu", r), ops.linear_gated(x, w, b, "swiglu", r[:, :136])):
                     if backward:
                         torch.autograd.grad(out, [x, w, b], torch.randn_like(out))
-                # the gated MLP's backward GEMM with dz in its epilogue (and the weight's tiled transpose), out of
+                # the gated MLP's backward GEMM with dz in its epilogue (the weight read MN-major), out of
                 # place and over z, hidden width 136 (a partial 256-column tile), K 264 (a partial k-slice)
                 z = torch.randn(rows, 272, device="cuda", dtype=dtype)
                 dy, wd = torch.randn(rows, 264, device="cuda", dtype=dtype), torch.randn(264, 136, device="cuda", dtype=dtype)

@@ -44,8 +44,8 @@ struct LinearActParams {
   // Add the residual before the activation, act(z + residual) (ResNet's last conv of a block), instead of after.
   bool residual_before_activation = false;
   // The gated form's backward in the epilogue of the GEMM that produces its output's gradient (Hopper kernel
-  // only): x is dy [m, k] of the next projection's output, weight that projection's weight transposed [n, k], so
-  // the product is dh [m, n] (rounded to dtype, as the unfused GEMM would store it); residual is the gated
+  // only): x is dy [m, k] of the next projection's output, weight that projection's weight as stored, [k, n] (n
+  // contiguous, weight_row_stride between its k rows; the kernel reads it MN-major), so the product is dh [m, n] (rounded to dtype, as the unfused GEMM would store it); residual is the gated
   // forward's saved pre-activation z = gate | up [m, 2n], and out receives dz = (dh * up * act'(gate)) |
   // (dh * act(gate)) [m, 2n], which may be z itself (each element is read and then written by one thread).
   // activation: the gate's; no bias, no split-K.
@@ -110,16 +110,5 @@ struct ActBackwardParams : BackwardRows {
 bool act_backward_supported(const ActBackwardParams& p);
 int64_t act_backward_partials(const ActBackwardParams& p);
 cudaError_t act_backward(const ActBackwardParams& p, cudaStream_t stream);
-
-// dst = src^T for 16-bit elements: src [rows, cols] with rows src_row_stride elements apart, dst [cols, rows]
-// contiguous (the gated backward's weight, which the GEMM reads K-major). rows, cols and src_row_stride multiples
-// of 8, src and dst 16-byte aligned (transpose16_supported).
-struct TransposeParams {
-  const void* src = nullptr;
-  void* dst = nullptr;
-  int64_t rows = 0, cols = 0, src_row_stride = 0;
-};
-bool transpose16_supported(const TransposeParams& p);
-cudaError_t transpose16(const TransposeParams& p, cudaStream_t stream);
 
 }  // namespace fusedkernels::gemm

@@ -194,8 +194,8 @@ void gated_backward_inplace_cuda(const Tensor& dy, const Tensor& z, int64_t acti
 
 // gated_dgrad's and gated_dgrad_'s CUDA kernel: dz = gated backward of dh = dy @ weight against z, written into dz
 // (z itself for the in-place op), by the Hopper GEMM with the gated backward in its epilogue (gemm.h: gated_grad),
-// which reads weight transposed ([n, k] rows: a transposed copy, 2 units of the weight against the GEMM's m / 64
-// reads of it); where it does not take the call, PyTorch's GEMM and gated_backward's pass.
+// which reads weight as stored ([k, n], MN-major); where it does not take the call, PyTorch's GEMM and
+// gated_backward's pass.
 void gated_dgrad_into(const Tensor& dy, const Tensor& weight, const Tensor& z, const Tensor& dz, int64_t activation) {
   const char* op = "gated_dgrad";
   TORCH_CHECK_VALUE(weight.dim() == 2 && dy.dim() >= 1 && dy.size(-1) == weight.size(0), op,
@@ -216,19 +216,6 @@ void gated_dgrad_into(const Tensor& dy, const Tensor& weight, const Tensor& z, c
       (act == Activation::kSilu || act == Activation::kGelu || act == Activation::kGeluTanh ||
        act == Activation::kRelu)) {
     const Tensor dy_rows = as_rows(dy, k), z_rows = as_rows(z, 2 * n);
-    // [n, k], as the kernel reads its B operand: our tiled transpose (torch's strided copy runs at ~1/6 of it)
-    const Tensor weight_t = at::empty({n, k}, weight.options());
-    TransposeParams t;
-    t.src = weight.data_ptr();
-    t.dst = weight_t.data_ptr();
-    t.rows = k;
-    t.cols = n;
-    t.src_row_stride = weight.stride(0);
-    if (weight.stride(1) == 1 && transpose16_supported(t)) {
-      check_launch(transpose16(t, c10::cuda::getCurrentCUDAStream()), op);
-    } else {
-      weight_t.copy_(weight.t());
-    }
     LinearActParams p;
     p.dtype = to_dtype(z.scalar_type());
     p.m = dy_rows.size(0);
@@ -236,8 +223,8 @@ void gated_dgrad_into(const Tensor& dy, const Tensor& weight, const Tensor& z, c
     p.k = k;
     p.x = dy_rows.data_ptr();
     p.x_row_stride = row_stride(dy_rows);
-    p.weight = weight_t.data_ptr();
-    p.weight_row_stride = k;
+    p.weight = weight.data_ptr();  // [k, n] as stored: the kernel reads it MN-major
+    p.weight_row_stride = weight.size(0) > 1 ? weight.stride(0) : n;
     p.residual = z_rows.data_ptr();
     p.residual_row_stride = row_stride(z_rows);
     p.out = dz.data_ptr();
@@ -245,7 +232,7 @@ void gated_dgrad_into(const Tensor& dy, const Tensor& weight, const Tensor& z, c
     p.activation = act;
     p.gated_grad = true;
     // (in place, z_rows is z: as_rows copies only what the kernel could not read, and the op's z is contiguous)
-    if (linear_act_supported(p) && (!dz.is_same(z) || z_rows.data_ptr() == z.data_ptr())) {
+    if (weight.stride(1) == 1 && linear_act_supported(p) && (!dz.is_same(z) || z_rows.data_ptr() == z.data_ptr())) {
       check_launch(linear_act(p, c10::cuda::getCurrentCUDAStream()), op);
       return;
     }

@@ -366,7 +366,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         } else {
           sm90::tma_load_2d(a, &maps.x, k0, m_block * kBlockM, &full[stage]);
         }
-        if (p.gated) {  // W's map has out_cols-row boxes: the gate's rows, then the up projection's n rows further
+        if constexpr (kGatedGrad) {  // W stored [k, n] (MN-major): 64 x 64 boxes, the tile's four 64-column blocks
+#pragma unroll
+          for (int j = 0; j < kBlockN / 64; ++j) {
+            sm90::tma_load_2d(a + Cfg::kABytes + j * kBlockK * 128, &maps.weight, n_block * kBlockN + 64 * j, k0,
+                              &full[stage]);
+          }
+        } else if (p.gated) {  // W's map has out_cols-row boxes: the gate's rows, then the up projection's n rows further
           sm90::tma_load_2d(a + Cfg::kABytes, &maps.weight, k0, n_block * out_cols, &full[stage]);
           sm90::tma_load_2d(a + Cfg::kABytes + Cfg::kBBytes / 2, &maps.weight, k0, int(p.n) + n_block * out_cols,
                             &full[stage]);
@@ -408,9 +414,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       sm90::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) {  // k16 slices 32 bytes apart in the 128-byte rows
-        sm90::Wgmma<kBlockN>::template ss<T, false, false>(acc, sm90::smem_descriptor(a + 32 * kk, 0, 1024),
-                                                           sm90::smem_descriptor(b + 32 * kk, 0, 1024),
-                                                           ks > 0 || kk > 0);
+        if constexpr (kGatedGrad) {  // B MN-major: k16 slices 16 rows apart, 64-column blocks kBlockK rows apart
+          sm90::Wgmma<kBlockN>::template ss<T, false, true>(acc, sm90::smem_descriptor(a + 32 * kk, 0, 1024),
+                                                            sm90::smem_descriptor(b + kk * 16 * 128, kBlockK * 128, 1024),
+                                                            ks > 0 || kk > 0);
+        } else {
+          sm90::Wgmma<kBlockN>::template ss<T, false, false>(acc, sm90::smem_descriptor(a + 32 * kk, 0, 1024),
+                                                             sm90::smem_descriptor(b + 32 * kk, 0, 1024),
+                                                             ks > 0 || kk > 0);
+        }
       }
       sm90::wgmma_commit();
       sm90::wgmma_wait<1>();  // the previous slice's products are done: its stage can be refilled
@@ -463,7 +475,12 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
   const int64_t halves = p.gated ? 2 : 1;
   const int64_t pre_sizes[3] = {p.n, halves, p.m}, pre_strides[2] = {p.n * 2, p.pre_activation_row_stride * 2};
   const int pre_box[3] = {64, 1, 64};
-  if (!make_tensor_map_2d(&maps.weight, p.weight, halves * p.n, p.k, p.weight_row_stride, out_cols, Cfg::kBlockK) ||
+  // gated_grad reads W as stored, [k, n] (MN-major), in 64 x 64 boxes; the others [n, k] in out_cols x 64 ones
+  const bool weight_map = p.gated_grad
+                              ? make_tensor_map_2d(&maps.weight, p.weight, p.k, p.n, p.weight_row_stride, 64, 64)
+                              : make_tensor_map_2d(&maps.weight, p.weight, halves * p.n, p.k, p.weight_row_stride,
+                                                   out_cols, Cfg::kBlockK);
+  if (!weight_map ||
       !make_tensor_map_2d(&maps.out, p.out, p.m, p.n, p.out_row_stride, 64, 64) ||
       (p.pre_activation != nullptr &&
        !make_tensor_map(&maps.pre_activation, p.pre_activation, 3, pre_sizes, pre_strides, pre_box))) {
