@@ -3,15 +3,19 @@ torch.profiler, per impl, kernels grouped by name; with --memory, also what is a
 (CUDA caching-allocator history: the tensors allocated during the step and still held then, grouped by the line of
 our, transformers' or Liger's code that made them); with --gaps, where the GPU waits for the host: its idle time per
 phase of the step (forward, backward, optimizer) and the longest idle stretches with the host ops that ran in them
-(a step whose GPU idles is host-bound there: faster kernels do not shorten it). Writes one table per impl to stdout
-and to $OUT/profile_models.txt.
+(a step whose GPU idles is host-bound there: faster kernels do not shorten it); with --timeline, the same without the
+profiler (whose host cost hides what a plain step waits for): at the step's landmarks (each layer's entry, the final
+norm, the backward, the optimizer) the host's time and the GPU's (CUDA events), both from the step's start: where
+the GPU's time is not ahead of the host's, it waited for the launch. Writes one table per impl to stdout and to
+$OUT/profile_models.txt.
 
-    python scripts/profile_models.py [--memory] [--gaps] [fusedkernels liger torch torch-compile fusedkernels+attention]
+    python scripts/profile_models.py [--memory] [--gaps] [--timeline] [fusedkernels liger torch torch-compile fusedkernels+attention]
 """
 
 import collections
 import json
 import os
+import statistics
 import sys
 import tempfile
 
@@ -48,6 +52,10 @@ def profile_impl(impl: str, batches, out) -> None:
     out.write("\n".join(lines) + "\n\n")
     if "--gaps" in sys.argv:
         lines = idle_gaps(model, opt, batches[5])
+        print("\n".join(lines), flush=True)
+        out.write("\n".join(lines) + "\n\n")
+    if "--timeline" in sys.argv:
+        lines = timeline(model, opt, batches[5])
         print("\n".join(lines), flush=True)
         out.write("\n".join(lines) + "\n\n")
     if "--memory" in sys.argv:
@@ -114,6 +122,57 @@ def idle_gaps(model, opt, ids, top: int = 20, min_us: float = 5.0) -> list:
              f"work; stretches over {min_us:.0f} us): " + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in idle.items())]
     for gap, phase, kernel, ops in sorted(gaps, reverse=True)[:top]:
         lines.append(f"{gap:9.1f} us  {phase:9s} before {kernel}  host: {ops[:200]}")
+    return lines
+
+
+def timeline(model, opt, ids, steps: int = 5) -> list:
+    """The host's and the GPU's time (ms from the step's start) at the step's landmarks, median over steps as
+    bench/models.py times them (a sync after each), with no profiler."""
+    import time
+
+    marks = collections.defaultdict(list)  # landmark -> [(host s, event)] per step
+    current = []
+
+    def mark(name):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        current.append((name, time.perf_counter(), event))
+
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hooks = [body.embed_tokens.register_forward_pre_hook(lambda *_: mark("embed_tokens")),
+             body.rotary_emb.register_forward_pre_hook(lambda *_: mark("rotary_emb")),
+             body.norm.register_forward_pre_hook(lambda *_: mark("final norm")),
+             body.register_forward_hook(lambda *_: mark("decoder returned"))]
+    hooks += [layer.register_forward_pre_hook(lambda *_, i=i: mark(f"layer {i}")) for i, layer in enumerate(body.layers)]
+    try:
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            current.clear()
+            mark("start")
+            opt.zero_grad(set_to_none=True)
+            mark("zero_grad done")
+            loss = model(input_ids=ids, labels=ids).loss
+            mark("forward returned")
+            loss.backward()
+            mark("backward returned")
+            opt.step()
+            mark("step returned")
+            torch.cuda.synchronize()
+            (_, host0, event0), seen = current[0], collections.Counter()
+            for name, host, event in current:
+                seen[name] += 1
+                key = name if seen[name] == 1 else f"{name} ({seen[name]})"
+                marks[key].append(((host - host0) * 1e3, event0.elapsed_time(event)))
+    finally:
+        for h in hooks:
+            h.remove()
+    lines = ["-- timeline (ms from the step's start, median of 5 steps; GPU lead = how far the GPU's queue runs "
+             "behind the host there: ~0 means it was idle, waiting for this launch)", f"{'landmark':22s} "
+             f"{'host':>8s} {'GPU':>8s} {'lead':>8s}"]
+    for key, values in marks.items():
+        host = statistics.median(v[0] for v in values)
+        gpu = statistics.median(v[1] for v in values)
+        lines.append(f"{key:22s} {host:8.3f} {gpu:8.3f} {gpu - host:8.3f}")
     return lines
 
 
