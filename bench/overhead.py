@@ -30,7 +30,9 @@ channels_last bf16, a 3x3 conv 64 -> 64 (the output feeds the next call of the c
 (`batch_norm_relu ...`): ops.batch_norm_relu against F.relu(F.batch_norm(...)) in training on x [8, 64, 8, 8]
 channels_last bf16, float32 weight, bias and running statistics. Rotary rows (`apply_rotary
 ...`): ops.apply_rotary(q, k, cos, sin) against Hugging Face's `q * cos + rotate_half(q) * sin` for q and k on
-[1, 16, 128, 64] bf16; fwd+bwd is one call and one backward. Loss rows (`linear_cross_entropy ...`):
+[1, 16, 128, 64] bf16; fwd+bwd is one call and one backward. Rotary table rows (`rotary_cos_sin ...`):
+ops.rotary_cos_sin(position_ids, inv_freq) against Hugging Face's rotary embedding formula (a product, a cat, cos,
+sin, two scalings, two casts) for 2048 positions, rotary_dim 128, bf16 tables. Loss rows (`linear_cross_entropy ...`):
 ops.linear_cross_entropy against F.cross_entropy(F.linear(h, W).float(), t) on h [64, 256], W [1024, 256] bf16; fwd+bwd
 is one call and one backward.
 """
@@ -319,6 +321,23 @@ def _rotary_rows(add) -> None:
     del q, k, cos, sin, leaves
 
 
+def _hf_cos_sin(ids, inv_freq, dtype):
+    """Hugging Face's LlamaRotaryEmbedding.forward (transformers 5)."""
+    freqs = ids[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * 1.0).to(dtype), (emb.sin() * 1.0).to(dtype)
+
+
+def _rotary_table_rows(add) -> None:
+    ids = torch.arange(2048, device="cuda")[None]
+    inv = 1.0 / (1e4 ** (torch.arange(0, 128, 2, device="cuda", dtype=torch.float) / 128))
+    impls = (("fusedkernels", lambda: ops.rotary_cos_sin(ids, inv, dtype=DTYPE)),
+             ("torch", lambda: _hf_cos_sin(ids, inv, DTYPE)))
+    for impl, fn in impls:
+        host, wall = host_and_wall_ms(fn, 200)
+        add("rotary_cos_sin fwd 1x2048 rotary_dim 128 bf16", impl, host, wall)
+
+
 def _loss_rows(add) -> None:
     T, Hd, V = 64, 256, 1024
     shape = f"{T}x{Hd} V {V} bf16"
@@ -390,6 +409,7 @@ def run() -> list[Row]:
     _conv_rows(add)
     _batch_norm_rows(add)
     _rotary_rows(add)
+    _rotary_table_rows(add)
     _loss_rows(add)
     _optim_rows(add)
     return rows

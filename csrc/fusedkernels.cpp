@@ -83,6 +83,8 @@ using ApplyRotary = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, con
                                                const OptTensor&, bool, c10::string_view);
 using ApplyRotaryInplace = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool,
                                 c10::string_view);
+constexpr char kRotaryCosSin[] = "fusedkernels::rotary_cos_sin";
+using RotaryCosSin = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double, OptDtype);
 constexpr char kLinearCrossEntropy[] = "fusedkernels::linear_cross_entropy";
 using LinearCrossEntropy = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, int64_t,
                                   c10::string_view, double, double, std::optional<double>, int64_t);
@@ -120,6 +122,8 @@ PyMethodDef methods[] = {
     {"apply_rotary", fast<ApplyRotary, kApplyRotary>(), METH_FASTCALL, "fusedkernels::apply_rotary, or NotImplemented"},
     {"apply_rotary_", fast<ApplyRotaryInplace, kApplyRotaryInplace>(), METH_FASTCALL,
      "fusedkernels::apply_rotary_, or NotImplemented"},
+    {"rotary_cos_sin", fast<RotaryCosSin, kRotaryCosSin>(), METH_FASTCALL,
+     "fusedkernels::rotary_cos_sin, or NotImplemented"},
     {"linear_cross_entropy", fast<LinearCrossEntropy, kLinearCrossEntropy>(), METH_FASTCALL,
      "fusedkernels::linear_cross_entropy, or NotImplemented"},
     {nullptr, nullptr, 0, nullptr},

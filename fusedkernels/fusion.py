@@ -184,7 +184,8 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False, lm_h
 
     Hugging Face Llama-family models (Llama, Mistral, Qwen2, Qwen3, ...), recognised by structure: attention modules
     calling their modeling file's apply_rotary_pos_emb get a subclass of their class whose forward runs
-    ops.apply_rotary there; a *ForCausalLM (lm_head an nn.Linear, a `model` child, transformers' ForCausalLMLoss)
+    ops.apply_rotary there; rotary embeddings (an `inv_freq` buffer, `attention_scaling`, a rope type whose
+    frequencies stay fixed) get one whose forward computes (cos, sin) with ops.rotary_cos_sin; a *ForCausalLM (lm_head an nn.Linear, a `model` child, transformers' ForCausalLMLoss)
     gets one whose forward, in training mode when labels are given (and lm_head is still a plain nn.Linear),
     computes the loss with ops.linear_cross_entropy on the final hidden states, never building the logits, and
     returns logits=None. lm_head_loss=False leaves the latter (logits are then returned with the loss, as before).
@@ -998,6 +999,88 @@ class RotaryAttention(Pattern):
                         _rows((q_proj.in_features,), top=-1), keeps_hooks=True, name=name, follows_training_flag=True)]
 
 
+class RotaryEmbedding(Pattern):
+    """A Hugging Face rotary embedding (Llama's, Mistral's, Qwen2's ...: a 1-D `inv_freq` buffer, a number
+    `attention_scaling`, a string `rope_type` whose frequencies do not change with the sequence (not dynamic or
+    longrope), forward(x, position_ids) -> (cos, sin) reading only inv_freq and attention_scaling of itself) -> its
+    class switched to a subclass of the same name whose forward is one ops.rotary_cos_sin launch
+    (integrations.transformers.rotary_embedding_class): HF's runs about eight small ops, and a training step's GPU
+    waits for their host time before its first layer. The module has no parameters, so it is probed here rather
+    than by the common probe: cos and sin for positions 0..4095 and for random ones up to 2^17 (three rows), in
+    bfloat16, float16 and float32, each within two units of that dtype's rounding of the original's (in practice
+    equal: the same fp32 products and cos / sin). Hooks stay."""
+
+    READS = {"inv_freq", "attention_scaling"}
+    VARYING_ROPE = ("dynamic", "longrope")  # rope types whose inv_freq the forward's decorator recomputes
+
+    def match(self, path, module, model, merge):
+        if isinstance(module, hf.FusedRotaryEmbedding):
+            return [FuseEntry(path, type(module).__name__, ALREADY_FUSED)]
+        inv_freq, scaling = module._buffers.get("inv_freq"), getattr(module, "attention_scaling", None)
+        rope_type = getattr(module, "rope_type", None)
+        if not isinstance(inv_freq, Tensor) or scaling is None or rope_type is None:
+            return None
+        name = type(module).__name__
+
+        def left(reason):
+            return [FuseEntry(path, name, LEFT, reason=reason)]
+
+        if inv_freq.dim() != 1 or not inv_freq.is_floating_point() or inv_freq.is_meta:
+            return left(f"inv_freq is {inv_freq.dtype} {list(inv_freq.shape)} on {inv_freq.device}, not a 1-D "
+                        "floating-point tensor with values")
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+            return left(f"attention_scaling is a {type(scaling).__name__}, not a number")
+        if not isinstance(rope_type, str) or any(kind in rope_type for kind in self.VARYING_ROPE):
+            return left(f"rope_type {rope_type!r}: its frequencies change with the sequence length")
+        try:
+            params = list(inspect.signature(type(module).forward).parameters)[1:3]
+        except (TypeError, ValueError):
+            params = []
+        if params != ["x", "position_ids"]:
+            return left("its forward does not take (x, position_ids)")
+        reads = _forward_reads(type(module))
+        if reads is None or reads - self.READS:
+            return left("its forward reads more of the module than inv_freq and attention_scaling"
+                        + ("" if reads is None else f" (self.{sorted(reads - self.READS)[0]})"))
+        if "forward" in module.__dict__:
+            return left("its forward is replaced on the instance (an accelerate-style hook), which a swap would "
+                        "bypass or drop")
+        cls = hf.rotary_embedding_class(type(module))
+        try:
+            failure = _probe_rotary_embedding(module, _switched(module, cls), inv_freq.device)
+        except Exception as e:  # noqa: BLE001 - whatever fails in the probe leaves the module
+            failure = f"the probe raised ({type(e).__name__}: {e})"
+        if failure is not None:
+            return left(f"the probe found a difference: {failure}")
+        _switch(module, cls)()
+        return [FuseEntry(path, name, SWAPPED, f"{name} + ops.rotary_cos_sin")]
+
+
+def _probe_rotary_embedding(original: nn.Module, fused: nn.Module, device: torch.device) -> Optional[str]:
+    """The first difference between the two modules' (cos, sin) beyond two units of the table dtype's rounding;
+    None where there is none. (Both compute the same fp32 angles and cos / sin, so equal tables are expected; a
+    float64 yardstick would not do here, since a module computing another table has no error against its own.)"""
+    generator = torch.Generator().manual_seed(0)
+    positions = [torch.arange(4096)[None], torch.randint(0, 2**17, (3, 257), generator=generator)]
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            x = torch.zeros(1, dtype=dtype, device=device)
+            for ids in positions:
+                ids = ids.to(device)
+                want = type(original).forward(original, x, ids)
+                got = type(fused).forward(fused, x, ids)
+                for what, ours, orig in zip(("cos", "sin"), got, want):
+                    what = f"{what} ({dtype}, positions up to {int(ids.max())})"
+                    if not isinstance(orig, Tensor) or ours.dtype != orig.dtype or ours.shape != orig.shape:
+                        return (f"{what}: {ours.dtype} {tuple(ours.shape)} where the original gives "
+                                f"{getattr(orig, 'dtype', type(orig).__name__)} {tuple(getattr(orig, 'shape', ()))}")
+                    err = _max_err(ours, orig)
+                    bound = 2 * torch.finfo(dtype).eps * max(orig.abs().max().item() if orig.numel() else 0.0, 1.0)
+                    if not err <= bound:
+                        return f"{what}: max difference {err:.2e} > {bound:.2e}"
+    return None
+
+
 class _HiddenOnly(nn.Module):
     """Stands in for a causal LM's decoder in the probe: the probe input is the final hidden states."""
 
@@ -1074,6 +1157,7 @@ class CausalLMLoss(Pattern):
 PATTERNS: List[Pattern] = [
     CausalLMLoss(),
     RotaryAttention(),
+    RotaryEmbedding(),
     TorchNorm(nn.LayerNorm, FusedLayerNorm),
     TorchNorm(nn.RMSNorm, FusedRMSNorm),
     HFRMSNorm(),

@@ -176,7 +176,7 @@ if "conv" in FAMILIES:
 
 if "llm" in FAMILIES:
     # llm: rotary on both paths (16-byte, element) and both pairings, in and out of place, partial rotary, GQA,
-    # position_ids (one outside the table); the cross-entropy kernel on odd vocabularies, every mode, an ignored
+    # position_ids (one outside the table); the rotary table; the cross-entropy kernel on odd vocabularies, every mode, an ignored
     # row and a bad target.
     for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16, torch.float32):
         for d, r in ((128, 128), (64, 32), (10, 6)):
@@ -189,6 +189,10 @@ if "llm" in FAMILIES:
                 torch.autograd.grad([qo, ko], [q, k], [torch.randn_like(qo), torch.randn_like(ko)])
                 ops.apply_rotary(q.detach().clone(), k.detach().clone(), cos[:5].to(dtype), sin[:5].to(dtype),
                                  interleaved=interleaved, layout="bnhd", inplace=True)
+        for rotary_dim in (2, 6, 128):  # the rotary table: odd sizes, int32 and strided position ids
+            inv = torch.rand(rotary_dim // 2, device="cuda")
+            ops.rotary_cos_sin(torch.randint(0, 5000, (3, 37), device="cuda").int(), inv, dtype=dtype)
+            ops.rotary_cos_sin(torch.randint(0, 5000, (37, 3), device="cuda").t(), inv, attention_scaling=0.5)
         for vocab in (1, 7, 1001, 32003):
             h = torch.randn(37, 64, device="cuda", dtype=dtype, requires_grad=True)
             w = torch.randn(vocab, 64, device="cuda", dtype=dtype, requires_grad=True)

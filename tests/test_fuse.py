@@ -795,9 +795,12 @@ def test_transformers_causal_lm_rotary_and_loss(monkeypatch, device, config_name
     for i in range(2):
         assert statuses[f"model.layers.{i}.self_attn"] == (
             "swapped", f"{config_name[:-6]}Attention + ops.apply_rotary"), str(report)
+    assert statuses["model.rotary_emb"] == (
+        "swapped", f"{config_name[:-6]}RotaryEmbedding + ops.rotary_cos_sin"), str(report)
     assert isinstance(model, type(before)) and type(model).__name__ == type(before).__name__
 
     rotary, lce = _counting(monkeypatch, "apply_rotary"), _counting(monkeypatch, "linear_cross_entropy")
+    tables = _counting(monkeypatch, "rotary_cos_sin")
     ids = torch.randint(0, 64, (2, 9), device=device)
     labels = ids.clone()
     labels[0, :3] = labels[1, 5] = -100
@@ -814,6 +817,7 @@ def test_transformers_causal_lm_rotary_and_loss(monkeypatch, device, config_name
         for name in g_before:
             assert_grad_close_to_ref(g_after[name], g_ref[name], g_before[name], name, floor=floor)
     assert len(rotary) == 2 * 2 and len(lce) == 2  # 2 layers x 2 calls; the loss fused (logits None above)
+    assert len(tables) == 2  # one table a forward
 
     with torch.no_grad():
         for kwargs in ({}, {"logits_to_keep": 3}):
@@ -824,7 +828,63 @@ def test_transformers_causal_lm_rotary_and_loss(monkeypatch, device, config_name
         assert len(rest) == len(before(input_ids=ids, labels=labels, return_dict=False)) - 2
 
     again = fusedkernels.fuse(model)
-    assert not again.swapped and {"", "model.layers.0.self_attn"} <= {e.path for e in again.already_fused}, str(again)
+    assert not again.swapped and {"", "model.layers.0.self_attn", "model.rotary_emb"} <= {
+        e.path for e in again.already_fused}, str(again)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}],
+                         ids=["default", "linear", "yarn", "llama3"])
+def test_transformers_rotary_embedding_tables_equal_hf(device, rope):
+    """The fused rotary embedding's (cos, sin) equal the module's own, bit for bit, for the rope types whose
+    frequencies are fixed (YaRN's attention_scaling != 1 included), in every dtype, on HF's own call."""
+    transformers = _transformers()
+    extra = {} if rope is None else {"rope_scaling": rope}  # (transformers 5 takes it into rope_parameters)
+    model = transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig", **extra)).to(device)
+    rotary = model.model.rotary_emb
+    before = copy.deepcopy(rotary)
+    statuses = _statuses(fusedkernels.fuse(model))
+    assert statuses["model.rotary_emb"] == ("swapped", "LlamaRotaryEmbedding + ops.rotary_cos_sin"), statuses
+    assert type(rotary).__name__ == "LlamaRotaryEmbedding" and isinstance(rotary, type(before))
+    ids = torch.arange(300, device=device)[None] + torch.tensor([[0], [7000]], device=device)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.randn(2, 300, 32, device=device, dtype=dtype)
+        for got, want in zip(rotary(x, ids), before(x, ids)):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_transformers_rotary_embedding_left_where_it_differs(monkeypatch):
+    """Dynamic rope types (frequencies recomputed with the length) are left; so is a rotary embedding whose forward
+    computes another table (the probe), or reads more of the module."""
+    transformers = _transformers()
+    dynamic = transformers.AutoModelForCausalLM.from_config(_tiny(
+        "LlamaConfig", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    entry = next(e for e in fusedkernels.fuse(dynamic).entries if e.path == "model.rotary_emb")
+    assert entry.status == "left" and "rope_type 'dynamic'" in entry.reason, entry
+
+    from transformers.models.llama import modeling_llama
+
+    class Shifted(modeling_llama.LlamaRotaryEmbedding):
+        def forward(self, x, position_ids):
+            cos, sin = super().forward(x, position_ids + 1)
+            return cos, sin
+
+    class Offset(modeling_llama.LlamaRotaryEmbedding):
+        def forward(self, x, position_ids):
+            freqs = (position_ids[..., None].float() + self.offset) * self.inv_freq
+            emb = torch.cat((freqs, freqs), -1)
+            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    for cls, reason in ((Shifted, "the probe found a difference"), (Offset, "self.offset")):
+        model = transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig"))
+        model.model.rotary_emb.__class__ = cls
+        model.model.rotary_emb.offset = 0.0
+        entry = next(e for e in fusedkernels.fuse(model).entries if e.path == "model.rotary_emb")
+        assert entry.status == "left" and reason in entry.reason, entry
+        assert type(model.model.rotary_emb) is cls
 
 
 def _fused_llama():

@@ -304,6 +304,150 @@ def test_rotary_cuda_graph_replays():
 
 
 # ------------------------------------------------------------------------------------------------
+# Rotary table
+# ------------------------------------------------------------------------------------------------
+
+
+def _cos_sin(impl, position_ids, inv_freq, attention_scaling=1.0, dtype=None):
+    if impl == "op":
+        return fops.rotary_cos_sin(position_ids, inv_freq, attention_scaling=attention_scaling, dtype=dtype)
+    return llm._rotary_cos_sin_without_native(position_ids, inv_freq, attention_scaling, dtype)
+
+
+def _hf_cos_sin(position_ids, inv_freq, attention_scaling, dtype):
+    """Hugging Face's LlamaRotaryEmbedding.forward (transformers 4.5x: a K = 1 batched product), on its own."""
+    inv = inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+    freqs = (inv.float() @ position_ids[:, None, :].float()).transpose(1, 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
+
+
+def _inv_freq(rotary_dim, device, base=10000.0):
+    return 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=device) / rotary_dim))
+
+
+COS_SIN_CASES = [
+    # position_ids (a function of the device's generator), rotary_dim, attention_scaling
+    (lambda d, g: torch.arange(4097, device=d)[None], 128, 1.0),                        # HF's training call
+    (lambda d, g: torch.randint(0, 2**20, (3, 17), device=d, generator=g), 64, 0.7),     # packed / far positions
+    (lambda d, g: torch.randint(0, 999, (5,), device=d, generator=g).int(), 6, 1.3),     # 1-D int32, rotary_dim 6
+    (lambda d, g: torch.randint(0, 99, (7, 4), device=d, generator=g).t(), 2, 1.0),      # strided ids, one pair
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+@pytest.mark.parametrize("case", range(len(COS_SIN_CASES)))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rotary_cos_sin_equals_hf_bit_for_bit(device, dtype, case, impl):
+    make_ids, rotary_dim, scaling = COS_SIN_CASES[case]
+    ids = make_ids(device, torch.Generator(device).manual_seed(case))
+    inv_freq = _inv_freq(rotary_dim, device)
+    want = llm.rotary_cos_sin_ref(ids, inv_freq, scaling, dtype)
+    if ids.dim() == 2:
+        hf = _hf_cos_sin(ids, inv_freq, scaling, dtype)
+        assert all(torch.equal(a, b) for a, b in zip(hf, want))  # the reference is HF's formula
+    poison_allocator(*want)
+    got = _cos_sin(impl, ids, inv_freq, scaling, dtype)
+    for name, g, w in zip(("cos", "sin"), got, want):
+        assert g.dtype == dtype and g.shape == (*ids.shape, rotary_dim) and g.is_contiguous(), name
+        assert torch.equal(g, w), f"{name}: max difference {max_err(g, w):.3g}"
+    angles = ids[..., None].double() * inv_freq.double()
+    angles = torch.cat((angles, angles), -1)
+    for name, g, exact in zip(("cos", "sin"), got, (angles.cos() * scaling, angles.sin() * scaling)):
+        # fp32 angles: the error grows with the position (2^20 * 2^-24 = 1/16 rad at the farthest)
+        assert max_err(g, exact) <= 0.07 * scaling, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rotary_cos_sin_defaults_and_edge_sizes(device, impl):
+    ids = torch.tensor([[0, 3, 2]], device=device)
+    cos, sin = _cos_sin(impl, ids, _inv_freq(8, device).half())  # half inv_freq: read in float32, as HF
+    assert cos.dtype == torch.float32 and cos.shape == (1, 3, 8)
+    assert torch.equal(cos, llm.rotary_cos_sin_ref(ids, _inv_freq(8, device).half())[0])
+    empty = _cos_sin(impl, ids[:, :0], _inv_freq(8, device), dtype=torch.bfloat16)
+    assert all(t.shape == (1, 0, 8) for t in empty)
+    none = _cos_sin(impl, ids, _inv_freq(8, device)[:0])
+    assert all(t.shape == (1, 3, 0) for t in none)
+    scalar = _cos_sin(impl, torch.tensor(5, device=device), _inv_freq(4, device))
+    assert scalar[0].shape == (4,) and torch.equal(scalar[0], llm.rotary_cos_sin_ref(torch.tensor(5, device=device),
+                                                                                      _inv_freq(4, device))[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rotary_cos_sin_bad_inputs_raise_clear_errors(device, impl):
+    ids, inv = torch.arange(4, device=device)[None], _inv_freq(8, device)
+    cases = [
+        (RuntimeError, "position_ids must be an integer tensor, got float32", dict(position_ids=ids.float())),
+        (RuntimeError, "position_ids must be an integer tensor, got bool", dict(position_ids=ids > 0)),
+        (RuntimeError, r"inv_freq must be a 1-D floating-point tensor \[rotary_dim / 2\], got float32 \[1, 4\]",
+         dict(inv_freq=inv[None])),
+        (RuntimeError, "inv_freq must be a 1-D floating-point tensor", dict(inv_freq=inv.long())),
+        (RuntimeError, "dtype must be a floating-point dtype, got int32", dict(dtype=torch.int32)),
+        (TypeError, "inv_freq.* must be (a )?Tensor", dict(inv_freq=[1.0])),
+        (TypeError, "attention_scaling", dict(attention_scaling="2")),
+    ]
+    if device == "cuda":
+        cases.append((RuntimeError, "inv_freq is on cpu but position_ids is on cuda", dict(inv_freq=inv.cpu())))
+    _assert_each_raises(lambda **kw: _cos_sin(impl, **kw), dict(position_ids=ids, inv_freq=inv), cases)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_cos_sin_learned_frequencies_are_differentiable(device):
+    """A learned inv_freq takes the differentiable reference (one warning on CUDA); its gradient is the formula's."""
+    ids = torch.randint(0, 50, (2, 5), device=device)
+    inv = _inv_freq(8, device).double().requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cos, sin = fops.rotary_cos_sin(ids, inv, attention_scaling=0.5, dtype=torch.float64)
+    assert cos.requires_grad and sin.requires_grad
+    assert (device == "cuda") == any("gradient for inv_freq" in str(w.message) for w in caught)
+    plain = fops.rotary_cos_sin(ids, inv.detach(), dtype=torch.float64)
+    assert not plain[0].requires_grad
+    # d/df of sum(w_c * cos(p f) + w_s * sin(p f)) over both halves: sum p (w_s cos(p f) - w_c sin(p f))
+    w_c, w_s = torch.randn_like(cos), torch.randn_like(sin)
+    (grad,) = torch.autograd.grad((cos * w_c + sin * w_s).sum(), inv)
+    p = ids[..., None].double()
+    angles = p * inv.detach().float().double()
+    half = lambda t: t[..., :4] + t[..., 4:]  # noqa: E731 - both halves of a row share an angle
+    want = (0.5 * p * (half(w_s) * angles.cos() - half(w_c) * angles.sin())).sum((0, 1))
+    assert max_err(grad, want) <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_cos_sin_opcheck_and_compile(device):
+    if not _native.has_op("rotary_cos_sin"):
+        pytest.skip("needs the custom op")
+    ids = torch.randint(0, 100, (2, 7), device=device)
+    inv = _inv_freq(16, device)
+    ops = torch.ops.fusedkernels
+    torch.library.opcheck(ops.rotary_cos_sin, (ids, inv, 1.0, torch.bfloat16))
+    torch.library.opcheck(ops.rotary_cos_sin, (ids.int(), inv, 0.5, None))
+    torch.library.opcheck(ops.rotary_table, (ids, inv, 1.0, torch.float16))
+
+    def f(ids):
+        cos, sin = fops.rotary_cos_sin(ids, inv, dtype=torch.bfloat16)
+        return cos * 2 + sin
+
+    assert torch.equal(torch.compile(f, fullgraph=True)(ids), f(ids))
+
+
+@pytest.mark.cuda
+@needs_native
+def test_rotary_cos_sin_cuda_graph_replays():
+    inv = _inv_freq(128, "cuda")
+    ids = torch.randint(0, 8192, (2, 300), device="cuda")
+    graph, (cos, sin) = capture_graph(lambda ids: fops.rotary_cos_sin(ids, inv, dtype=torch.bfloat16), [ids])
+    for _ in range(2):
+        ids.copy_(torch.randint(0, 8192, (2, 300), device="cuda"))
+        graph.replay()
+        want = llm.rotary_cos_sin_ref(ids, inv, dtype=torch.bfloat16)
+        assert torch.equal(cos, want[0]) and torch.equal(sin, want[1])
+
+
+# ------------------------------------------------------------------------------------------------
 # Linear + cross entropy
 # ------------------------------------------------------------------------------------------------
 

@@ -48,6 +48,25 @@ struct RotaryParams {
 
 cudaError_t rotary(const RotaryParams& p, cudaStream_t stream);
 
+// The rotary table of Hugging Face's rotary embedding (LlamaRotaryEmbedding.forward) at each token's position:
+// angle_j = float(position) * inv_freq[j] in fp32 (j < half) and
+//
+//   cos row = (cos angle_0 .. cos angle_{half-1}, cos angle_0 .. cos angle_{half-1}) * scaling   (sin likewise)
+//
+// rounded to dtype: torch.cat((freqs, freqs), -1).cos() * attention_scaling, as HF computes it in fp32.
+struct RotaryTableParams {
+  const int64_t* positions = nullptr;  // [tokens]
+  const float* inv_freq = nullptr;     // [half]
+  void* cos = nullptr;                 // [tokens, 2 * half], contiguous
+  void* sin = nullptr;
+  int64_t tokens = 0;
+  int half = 0;
+  float scaling = 1.f;
+  DType dtype = DType::kFloat32;  // of cos / sin
+};
+
+cudaError_t rotary_table(const RotaryTableParams& p, cudaStream_t stream);
+
 // One chunk of the cross entropy over logits that a GEMM just wrote: per row r with target y (softcap s > 0:
 // c = s * tanh(z / s), else c = z; smoothing e over V classes; z-loss weight zl),
 //

@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <limits>
+#include <vector>
 
 #include "common/torch/checks.h"
 #include "common/torch/ops.h"
@@ -183,6 +185,34 @@ Tensor loss_reduce_cuda(const Tensor& loss, const Tensor& target, int64_t ignore
   return out;
 }
 
+// rotary_table's CUDA kernel: int64 positions and float32 frequencies (converted where they are not), one launch
+// for both tables.
+std::tuple<Tensor, Tensor> rotary_table_cuda(const Tensor& position_ids, const Tensor& inv_freq,
+                                             double attention_scaling, at::ScalarType dtype) {
+  const char* op = "rotary_cos_sin";
+  TORCH_CHECK(has_kernel_dtype(dtype) && inv_freq.dim() == 1 && inv_freq.device() == position_ids.device() &&
+                  inv_freq.size(0) <= std::numeric_limits<int>::max() / 2,
+              op, ": rotary_table takes a float32, float16 or bfloat16 dtype and a 1-D inv_freq on position_ids' "
+              "device");
+  const c10::cuda::CUDAGuard guard(position_ids.device());
+  const Tensor positions = position_ids.to(at::kLong).contiguous(), freq = inv_freq.to(at::kFloat).contiguous();
+  std::vector<int64_t> sizes = position_ids.sizes().vec();
+  sizes.push_back(2 * inv_freq.size(0));
+  const auto options = position_ids.options().dtype(dtype);
+  Tensor cos = at::empty(sizes, options), sin = at::empty(sizes, options);
+  RotaryTableParams p;
+  p.positions = positions.data_ptr<int64_t>();
+  p.inv_freq = freq.data_ptr<float>();
+  p.cos = cos.data_ptr();
+  p.sin = sin.data_ptr();
+  p.tokens = positions.numel();
+  p.half = static_cast<int>(inv_freq.size(0));
+  p.scaling = static_cast<float>(attention_scaling);  // as PyTorch's float kernels take a Python scalar
+  p.dtype = to_dtype(dtype);
+  check_launch(rotary_table(p, c10::cuda::getCurrentCUDAStream()), op);
+  return {cos, sin};
+}
+
 // The backward's scaling of a saved gradient by the loss's grad (a 0-d tensor): our kernel where it applies (it
 // skips the pass when the grad is 1), torch's mul_ elsewhere.
 void lce_scale_cuda(const Tensor& grad, const Tensor& scale) {
@@ -256,6 +286,7 @@ TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
   m.impl("linear_cross_entropy_fwd", &lce_fwd_cuda);
   m.impl("linear_cross_entropy_bwd", &lce_bwd_cuda);
   m.impl("linear_cross_entropy_scale_", &lce_scale_cuda);
+  m.impl("rotary_table", &rotary_table_cuda);
 }
 
 }  // namespace fusedkernels::llm

@@ -8,6 +8,8 @@
 //     -> fusedkernels::rotary_fwd     Autograd: attaches RotaryBackward (the same op, conjugate: rotation by -theta)
 //   fusedkernels::apply_rotary_       CompositeImplicitAutograd: rotary_ in place (no grad needed), else rotary_fwd
 //                                     and a copy into q, k (so autograd records it)
+//   fusedkernels::rotary_cos_sin      CompositeImplicitAutograd: check, route, call rotary_table (no gradient: the
+//                                     table of integer positions; a differentiable inv_freq takes the reference)
 //   fusedkernels::linear_cross_entropy   CompositeImplicitAutograd: check, flatten, call linear_cross_entropy_fwd
 //     -> fusedkernels::linear_cross_entropy_fwd   Autograd: mean / sum compute the gradients in the forward and the
 //        backward scales them by the loss's grad; none recomputes each chunk in linear_cross_entropy_bwd
@@ -34,6 +36,10 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
         " str layout=\"bhnd\") -> (Tensor, Tensor)");
   m.def("apply_rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? position_ids=None,"
         " bool interleaved=False, str layout=\"bhnd\") -> ()");
+  // position_ids [...] (integer), inv_freq [rotary_dim / 2] (floating): Hugging Face's rotary table (llm.h:
+  // RotaryTableParams), cos and sin [..., rotary_dim] in dtype (float32 when None).
+  m.def("rotary_cos_sin(Tensor position_ids, Tensor inv_freq, float attention_scaling=1.0, ScalarType? dtype=None)"
+        " -> (Tensor cos, Tensor sin)");
   // hidden [..., H], weight [V, H] (nn.Linear's), target hidden.shape[:-1] (int64 class indices), bias [V].
   // chunk_size: tokens per chunk, 0 = chosen from the sizes.
   m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, int ignore_index=-100,"
@@ -46,6 +52,9 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
         " bool seq_first, bool conjugate) -> (Tensor q_out, Tensor k_out)");
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? position_ids, bool interleaved,"
         " bool seq_first, bool conjugate) -> ()");
+  // Internal: rotary_cos_sin's kernel, checked arguments, dtype float32 / float16 / bfloat16; not differentiable.
+  m.def("rotary_table(Tensor position_ids, Tensor inv_freq, float attention_scaling, ScalarType dtype)"
+        " -> (Tensor cos, Tensor sin)");
   // Internal. hidden [T, H] contiguous, target [T] int64 contiguous; reduction 0 none, 1 mean, 2 sum; softcap 0:
   // none. loss float32 (float64 for float64 inputs): [] (mean, sum) or [T] (none); lse [T]. grad_mask: dhidden,
   // dweight, dbias computed in the forward for a loss grad of 1 (mean / sum only; empty tensors otherwise), in the
@@ -105,6 +114,15 @@ Tensor rotary_one(const Tensor& x, const Tensor& cos, const Tensor& sin, bool in
     out = at::cat({out, x.narrow_symint(-1, rotary_dim, head_dim - rotary_dim)}, -1);
   }
   return out;
+}
+
+// Hugging Face's rotary table in PyTorch ops: rotary_table's CPU kernel, and rotary_cos_sin's reference where the
+// kernel does not take a call (a gradient for inv_freq, float64 tables).
+std::tuple<Tensor, Tensor> rotary_cos_sin_reference(const Tensor& position_ids, const Tensor& inv_freq,
+                                                    double attention_scaling, at::ScalarType dtype) {
+  const Tensor freqs = position_ids.unsqueeze(-1).to(at::kFloat) * inv_freq.to(at::kFloat);
+  const Tensor angles = at::cat({freqs, freqs}, -1);
+  return {(angles.cos() * attention_scaling).to(dtype), (angles.sin() * attention_scaling).to(dtype)};
 }
 
 }  // namespace
@@ -413,6 +431,11 @@ const c10::TypedOperatorHandle<RotaryInplace>& rotary_inplace_op() {
   static const auto op = find_op<RotaryInplace>("fusedkernels::rotary_");
   return op;
 }
+using RotaryTable = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double, at::ScalarType);
+const c10::TypedOperatorHandle<RotaryTable>& rotary_table_op() {
+  static const auto op = find_op<RotaryTable>("fusedkernels::rotary_table");
+  return op;
+}
 const c10::TypedOperatorHandle<LceFwd>& lce_fwd_op() {
   static const auto op = find_op<LceFwd>("fusedkernels::linear_cross_entropy_fwd");
   return op;
@@ -567,6 +590,47 @@ void apply_rotary_inplace_composite(const Tensor& q, const Tensor& k, const Tens
   auto [q_out, k_out] = apply_rotary_composite(q, k, cos, sin, position_ids, interleaved, layout);
   q.copy_(q_out);
   k.copy_(k_out);
+}
+
+// rotary_cos_sin's arguments as a user passes them; the tables' dtype.
+at::ScalarType check_rotary_cos_sin_args(const char* op, const Tensor& position_ids, const Tensor& inv_freq,
+                                         std::optional<at::ScalarType> dtype) {
+  check_dense(op, {{"position_ids", &position_ids}, {"inv_freq", &inv_freq}});
+  TORCH_CHECK(at::isIntegralType(position_ids.scalar_type(), /*includeBool=*/false), op,
+              ": position_ids must be an integer tensor, got ", name_of(position_ids.scalar_type()));
+  TORCH_CHECK(inv_freq.dim() == 1 && at::isFloatingType(inv_freq.scalar_type()), op,
+              ": inv_freq must be a 1-D floating-point tensor [rotary_dim / 2], got ", name_of(inv_freq.scalar_type()),
+              " ", shape(inv_freq));
+  check_same_device(op, "inv_freq", inv_freq, "position_ids", position_ids);
+  const at::ScalarType out = dtype.value_or(at::kFloat);
+  TORCH_CHECK(at::isFloatingType(out), op, ": dtype must be a floating-point dtype, got ", name_of(out));
+  return out;
+}
+
+constexpr const char* kRotaryTableReference = "the PyTorch reference (Hugging Face's formula)";
+
+std::tuple<Tensor, Tensor> rotary_cos_sin_composite(const Tensor& position_ids, const Tensor& inv_freq,
+                                                    double attention_scaling, std::optional<at::ScalarType> dtype) {
+  const char* op = "rotary_cos_sin";
+  const at::ScalarType out = check_rotary_cos_sin_args(op, position_ids, inv_freq, dtype);
+  const bool differentiable = has_forward_grad(inv_freq) || (at::GradMode::is_enabled() && requires_grad(inv_freq));
+  if (!differentiable && position_ids.is_cpu()) return rotary_table_op().call(position_ids, inv_freq, attention_scaling, out);
+  if (!differentiable && position_ids.is_cuda()) {
+    if (has_kernel_dtype(out)) return rotary_table_op().call(position_ids, inv_freq, attention_scaling, out);
+    // float64 (or float8) tables: HF computes them in float32 and casts, as this does
+    const auto [cos, sin] = rotary_table_op().call(position_ids, inv_freq, attention_scaling, at::kFloat);
+    return {cos.to(out), sin.to(out)};
+  }
+  if (position_ids.is_cuda()) warn_fallback(op, "a gradient for inv_freq has no fused kernel", kRotaryTableReference);
+  return rotary_cos_sin_reference(position_ids, inv_freq, attention_scaling, out);
+}
+
+std::tuple<Tensor, Tensor> rotary_table_meta(const Tensor& position_ids, const Tensor& inv_freq, double,
+                                             at::ScalarType dtype) {
+  std::vector<c10::SymInt> sizes = position_ids.sym_sizes().vec();
+  sizes.push_back(inv_freq.sym_size(0) * 2);
+  const auto options = position_ids.options().dtype(dtype);
+  return {at::empty_symint(sizes, options), at::empty_symint(sizes, options)};
 }
 
 constexpr std::array<std::pair<std::string_view, int64_t>, 3> kReductions = {
@@ -918,6 +982,9 @@ const RegisterOpInfo apply_rotary_info{
     {"llm", "apply_rotary", "float32, float16, bfloat16 q / k; cos / sin in q's dtype or float32",
      "any head counts (GQA), head_dim and rotary_dim <= head_dim (even); half-split or interleaved pairs; "
      "position_ids; 16-byte accesses where sizes and strides allow"}};
+const RegisterOpInfo rotary_cos_sin_info{
+    {"llm", "rotary_cos_sin", "integer position_ids; float32, float16, bfloat16 tables",
+     "any positions and rotary_dim; one launch for cos and sin"}};
 const RegisterOpInfo linear_cross_entropy_info{
     {"llm", "linear_cross_entropy", "float32, float16, bfloat16 (hidden, weight, bias alike); int64 target",
      "any vocabulary; the GEMMs are PyTorch's (cuBLAS), the softmax / loss / gradient step is the fused kernel"}};
@@ -927,6 +994,7 @@ const RegisterOpInfo linear_cross_entropy_info{
 TORCH_LIBRARY_IMPL(fusedkernels, CompositeImplicitAutograd, m) {
   m.impl("apply_rotary", &apply_rotary_composite);
   m.impl("apply_rotary_", &apply_rotary_inplace_composite);
+  m.impl("rotary_cos_sin", &rotary_cos_sin_composite);
   m.impl("linear_cross_entropy", &linear_cross_entropy_composite);
 }
 
@@ -943,6 +1011,7 @@ TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) {
   m.impl("rotary_", torch::CppFunction::makeFromBoxedFunction<&inplace_without_derivative>());
   m.impl("linear_cross_entropy_scale_", torch::CppFunction::makeFromBoxedFunction<&inplace_without_derivative>());
   m.impl("linear_cross_entropy_bwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("rotary_table", torch::autograd::autogradNotImplementedFallback());
 }
 
 // rotary_ writes q and k: their version counters move, as for torch's in-place ops.
@@ -954,6 +1023,7 @@ TORCH_LIBRARY_IMPL(fusedkernels, ADInplaceOrView, m) {
 TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
   m.impl("rotary_fwd", &rotary_fwd_cpu);
   m.impl("rotary_", &rotary_inplace_cpu);
+  m.impl("rotary_table", &rotary_cos_sin_reference);
   m.impl("linear_cross_entropy_fwd", &lce_fwd_cpu);
   m.impl("linear_cross_entropy_bwd", &lce_bwd_cpu);
   m.impl("linear_cross_entropy_scale_", [](const Tensor& grad, const Tensor& scale) { grad.mul_(scale); });
@@ -962,6 +1032,7 @@ TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
 TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
   m.impl("rotary_fwd", &rotary_fwd_meta);
   m.impl("rotary_", &rotary_inplace_meta);
+  m.impl("rotary_table", &rotary_table_meta);
   m.impl("linear_cross_entropy_fwd", &lce_fwd_meta);
   m.impl("linear_cross_entropy_bwd", &lce_bwd_meta);
   m.impl("linear_cross_entropy_scale_", [](const Tensor&, const Tensor&) {});

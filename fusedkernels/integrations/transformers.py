@@ -292,6 +292,33 @@ def rotary_attention_class(cls: type, keeps_dtype: bool = False) -> type:
     return _ROTARY_CLASSES[cls, keeps_dtype]
 
 
+class FusedRotaryEmbedding:
+    """Marks a rotary embedding module whose class fuse() switched to `rotary_embedding_class(cls)`."""
+
+
+_ROTARY_EMBEDDING_CLASSES: dict = {}
+
+
+def rotary_embedding_class(cls: type) -> type:
+    """cls (a Hugging Face rotary embedding: forward(x, position_ids) -> (cos, sin) from `inv_freq` and
+    `attention_scaling`) whose forward is one `ops.rotary_cos_sin` launch; a call it does not cover (floating-point
+    position ids, a `layer_type`) runs cls's own forward. A subclass keeping cls's name, cached per class."""
+    if cls not in _ROTARY_EMBEDDING_CLASSES:
+        original = cls.forward
+
+        def forward(self, x, position_ids, layer_type=None):
+            if layer_type is not None or position_ids.is_floating_point():
+                return original(self, x, position_ids) if layer_type is None else original(self, x, position_ids,
+                                                                                           layer_type)
+            return ops.rotary_cos_sin(position_ids, self.inv_freq, attention_scaling=self.attention_scaling,
+                                      dtype=x.dtype)
+
+        _ROTARY_EMBEDDING_CLASSES[cls] = type(cls.__name__, (cls, FusedRotaryEmbedding),
+                                              {"forward": forward, "__qualname__": cls.__qualname__,
+                                               "__module__": cls.__module__})
+    return _ROTARY_EMBEDDING_CLASSES[cls]
+
+
 def is_hf_causal_lm_loss(fn) -> bool:
     """fn is transformers' ForCausalLMLoss (by name: transformers is not imported here)."""
     return getattr(fn, "__name__", None) == "ForCausalLMLoss"

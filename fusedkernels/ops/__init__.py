@@ -9,7 +9,7 @@ with one warning.
 from .attention import attention, attention_varlen, scaled_dot_product_attention
 from .conv import batch_norm_relu, conv2d_bias_relu, fold_batch_norm
 from .gemm import gated_mlp, linear_act, linear_gated
-from .llm import apply_rotary, linear_cross_entropy
+from .llm import apply_rotary, linear_cross_entropy, rotary_cos_sin
 from .norm import (
     add_layer_norm,
     add_rms_norm,
@@ -31,6 +31,7 @@ __all__ = [
     "linear_gated",
     "gated_mlp",
     "apply_rotary",
+    "rotary_cos_sin",
     "linear_cross_entropy",
     "layer_norm",
     "rms_norm",

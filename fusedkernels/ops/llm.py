@@ -1,4 +1,4 @@
-"""LLM building blocks: rotary position embeddings of q and k in one kernel, and a linear layer + cross-entropy
+"""LLM building blocks: rotary position embeddings of q and k in one kernel, their cos / sin table in one kernel, and a linear layer + cross-entropy
 loss that never materialises the [tokens, vocab] logits.
 
 `apply_rotary` and `linear_cross_entropy` are the C++ ops `torch.ops.fusedkernels.apply_rotary` / `apply_rotary_` /
@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .. import _native
 
-__all__ = ["apply_rotary", "apply_rotary_ref", "rotate_half", "linear_cross_entropy", "linear_cross_entropy_ref"]
+__all__ = ["apply_rotary", "apply_rotary_ref", "rotate_half", "rotary_cos_sin", "rotary_cos_sin_ref",
+           "linear_cross_entropy", "linear_cross_entropy_ref"]
 
 _LAYOUTS = ("bhnd", "bnhd")
 _REDUCTIONS = ("none", "mean", "sum")
@@ -224,6 +225,77 @@ def apply_rotary(
                                                                             layout)
         return q, k
     return (_rotary_without_native if transformed else _apply_rotary)(q, k, cos, sin, position_ids, interleaved, layout)
+
+
+def rotary_cos_sin_ref(position_ids: Tensor, inv_freq: Tensor, attention_scaling: float = 1.0,
+                       dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """The specification of `rotary_cos_sin`: Hugging Face's LlamaRotaryEmbedding.forward, differentiable in
+    inv_freq. Arguments as `rotary_cos_sin`'s (unchecked)."""
+    freqs = position_ids[..., None].float() * inv_freq.float()
+    angles = torch.cat((freqs, freqs), -1)
+    out = dtype or torch.float32
+    return (angles.cos() * attention_scaling).to(out), (angles.sin() * attention_scaling).to(out)
+
+
+def _check_rotary_cos_sin_args(op: str, position_ids, inv_freq, attention_scaling, dtype) -> None:
+    _check_tensor_types(op, position_ids=position_ids, inv_freq=inv_freq)
+    if isinstance(attention_scaling, bool) or not isinstance(attention_scaling, (int, float)):
+        raise TypeError(f"{op}: attention_scaling must be a float, got {type(attention_scaling).__name__}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{op}: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    _check_dense(op, position_ids=position_ids, inv_freq=inv_freq)
+    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise RuntimeError(f"{op}: position_ids must be an integer tensor, got {_name(position_ids.dtype)}")
+    if inv_freq.dim() != 1 or not inv_freq.is_floating_point():
+        raise RuntimeError(f"{op}: inv_freq must be a 1-D floating-point tensor [rotary_dim / 2], got "
+                           f"{_name(inv_freq.dtype)} {_shape(inv_freq)}")
+    if inv_freq.device != position_ids.device:
+        raise RuntimeError(f"{op}: inv_freq is on {inv_freq.device} but position_ids is on {position_ids.device}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise RuntimeError(f"{op}: dtype must be a floating-point dtype, got {_name(dtype)}")
+
+
+def _rotary_cos_sin_without_native(position_ids, inv_freq, attention_scaling=1.0, dtype=None):
+    """The reference as the native op runs it (no native module, or a build without the llm family)."""
+    if isinstance(position_ids, Tensor) or not hasattr(position_ids, "__torch_function__"):  # (not fx's Proxy)
+        _check_rotary_cos_sin_args("rotary_cos_sin", position_ids, inv_freq, attention_scaling, dtype)
+    return rotary_cos_sin_ref(position_ids, inv_freq, attention_scaling, dtype)
+
+
+_rotary_cos_sin = _native.public_op("rotary_cos_sin", _rotary_cos_sin_without_native, "the PyTorch reference")
+
+
+def rotary_cos_sin(position_ids: Tensor, inv_freq: Tensor, *, attention_scaling: float = 1.0,
+                   dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """The rotary table of each token's position in one kernel: Hugging Face's rotary embedding
+    (`LlamaRotaryEmbedding.forward`, and every model's that computes the same), the (cos, sin) that
+    `apply_rotary` and HF's apply_rotary_pos_emb take:
+
+        angles = position_ids[..., None].float() * inv_freq.float()      # fp32, as HF
+        cos = (torch.cat((angles, angles), -1).cos() * attention_scaling).to(dtype)     (sin likewise)
+
+    HF's forward runs these as about eight ops (a product, a cat, cos, sin, two scalings, two casts), whose host
+    time a training step waits for before its first layer; here one launch writes both tables, equal to HF's bit for
+    bit (the same fp32 product and CUDA's accurate cosf / sinf, which PyTorch's kernels call).
+
+    position_ids: integer tensor of any shape ([batch, seq] as HF's models pass it).
+    inv_freq: [rotary_dim / 2] floating (HF's `rotary_emb.inv_freq`: base ** (-2i / rotary_dim), after the rope
+    type's scaling), read in float32.
+    attention_scaling: the factor both tables are multiplied by (HF's `attention_scaling`; 1 except for YaRN-style
+    rope types).
+    dtype: the tables' dtype (HF: the hidden states'); float32 when None.
+
+    Returns (cos, sin), each [*position_ids.shape, rotary_dim] in dtype (float64 ones computed in float32 and cast,
+    as HF does). Never requires grad unless inv_freq does (a learned frequency), which runs the differentiable
+    reference, with one warning on CUDA. CPU tensors run `rotary_cos_sin_ref`.
+
+    Raises RuntimeError for a non-integer position_ids, an inv_freq that is not 1-D floating point, tensors on two
+    devices or a non-floating dtype; TypeError for arguments of the wrong type; NotImplementedError for sparse or
+    nested tensors.
+    """
+    if torch._C._are_functorch_transforms_active():  # vmap, grad ...: the reference, whose ops they know
+        return _rotary_cos_sin_without_native(position_ids, inv_freq, attention_scaling, dtype)
+    return _rotary_cos_sin(position_ids, inv_freq, attention_scaling, dtype)
 
 
 # ------------------------------------------------------------------------------------------------

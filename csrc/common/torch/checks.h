@@ -70,6 +70,10 @@ inline std::string name_of(at::ScalarType t) {
     case at::kDouble: return "float64";
     case at::kInt: return "int32";
     case at::kLong: return "int64";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
     case at::kComplexFloat: return "complex64";
     case at::kComplexDouble: return "complex128";
     default: return c10::toString(t);
