@@ -185,10 +185,10 @@ def fuse(model: nn.Module, *, inference: bool = False, merge: bool = False, lm_h
     Hugging Face Llama-family models (Llama, Mistral, Qwen2, Qwen3, ...), recognised by structure: attention modules
     calling their modeling file's apply_rotary_pos_emb get a subclass of their class whose forward runs
     ops.apply_rotary there; rotary embeddings (an `inv_freq` buffer, `attention_scaling`, a rope type whose
-    frequencies stay fixed) get one whose forward computes (cos, sin) with ops.rotary_cos_sin; a *ForCausalLM (lm_head an nn.Linear, a `model` child, transformers' ForCausalLMLoss)
-    gets one whose forward, in training mode when labels are given (and lm_head is still a plain nn.Linear),
-    computes the loss with ops.linear_cross_entropy on the final hidden states, never building the logits, and
-    returns logits=None. lm_head_loss=False leaves the latter (logits are then returned with the loss, as before).
+    frequencies stay fixed) get one whose forward computes (cos, sin) with ops.rotary_cos_sin; a *ForCausalLM
+    (lm_head an nn.Linear, a `model` child, transformers' ForCausalLMLoss) gets one whose forward, in training mode
+    when labels are given (and lm_head is still a plain nn.Linear), computes the loss with ops.linear_cross_entropy on
+    the final hidden states, never building the logits, and returns logits=None. lm_head_loss=False leaves the latter (logits are then returned with the loss, as before).
 
     Raises TypeError when model is not an nn.Module, and ValueError when it is (or holds) a module wrapped by
     DistributedDataParallel or FSDP2's fully_shard: call fuse() before wrapping (a swap may bring parameters the
