@@ -2,13 +2,14 @@
 and a linear layer + cross-entropy loss that never materialises the [tokens, vocab] logits.
 
 `apply_rotary`, `rotary_cos_sin` and `linear_cross_entropy` are the C++ ops `torch.ops.fusedkernels.apply_rotary` /
-`apply_rotary_` / `rotary_cos_sin` / `linear_cross_entropy`: argument checks, the choice of kernel, autograd and autocast happen in C++
-(csrc/llm/llm_ops.cpp). CUDA float32 / float16 / bfloat16 inputs run the fused kernels (csrc/llm); CPU inputs run
-the references through the same autograd (linear_cross_entropy: the same chunked loop, its softmax step in PyTorch
-ops); anything else runs the reference, with one warning per reason. Without the native module the references
-below run after the same checks. Algorithms, memory and limits: docs/llm.md.
+`apply_rotary_` / `rotary_cos_sin` / `linear_cross_entropy`: argument checks, the choice of kernel, autograd and
+autocast happen in C++ (csrc/llm/llm_ops.cpp). CUDA float32 / float16 / bfloat16 inputs run the fused kernels
+(csrc/llm); CPU inputs run the references through the same autograd (linear_cross_entropy: the same chunked loop,
+its softmax step in PyTorch ops); anything else runs the reference, with one warning per reason. Without the native
+module the references below run after the same checks. Algorithms, memory and limits: docs/llm.md.
 
-`apply_rotary_ref`, `rotary_cos_sin_ref` and `linear_cross_entropy_ref` are the specifications the tests hold the kernels to.
+`apply_rotary_ref`, `rotary_cos_sin_ref` and `linear_cross_entropy_ref` are the specifications the tests hold the
+kernels to.
 """
 
 from __future__ import annotations
