@@ -1007,8 +1007,8 @@ class RotaryEmbedding(Pattern):
     (integrations.transformers.rotary_embedding_class): HF's runs about eight small ops, and a training step's GPU
     waits for their host time before its first layer. The module has no parameters, so it is probed here rather
     than by the common probe: cos and sin for positions 0..4095 and for random ones up to 2^17 (three rows), in
-    bfloat16, float16 and float32, each within two units of that dtype's rounding of the original's (in practice
-    equal: the same fp32 products and cos / sin). Hooks stay."""
+    bfloat16, float16 and float32, each equal to the original's, bit for bit (the op computes HF's fp32 products and
+    cos / sin: a module that computes its table another way, even one rounding apart, is left). Hooks stay."""
 
     READS = {"inv_freq", "attention_scaling"}
     VARYING_ROPE = ("dynamic", "longrope")  # rope types whose inv_freq the forward's decorator recomputes
@@ -1030,7 +1030,10 @@ class RotaryEmbedding(Pattern):
                         "floating-point tensor with values")
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
             return left(f"attention_scaling is a {type(scaling).__name__}, not a number")
-        if not isinstance(rope_type, str) or any(kind in rope_type for kind in self.VARYING_ROPE):
+        if not isinstance(rope_type, str):
+            return left(f"rope_type {rope_type!r} is not a string (per-layer-type rotary embeddings hold one "
+                        "table per type)")
+        if any(kind in rope_type for kind in self.VARYING_ROPE):
             return left(f"rope_type {rope_type!r}: its frequencies change with the sequence length")
         try:
             params = list(inspect.signature(type(module).forward).parameters)[1:3]
@@ -1057,9 +1060,8 @@ class RotaryEmbedding(Pattern):
 
 
 def _probe_rotary_embedding(original: nn.Module, fused: nn.Module, device: torch.device) -> Optional[str]:
-    """The first difference between the two modules' (cos, sin) beyond two units of the table dtype's rounding;
-    None where there is none. (Both compute the same fp32 angles and cos / sin, so equal tables are expected; a
-    float64 yardstick would not do here, since a module computing another table has no error against its own.)"""
+    """The first difference between the two modules' (cos, sin); None where they are equal, bit for bit. (A float64
+    yardstick would not do here: a module computing another table has no error against its own.)"""
     generator = torch.Generator().manual_seed(0)
     positions = [torch.arange(4096)[None], torch.randint(0, 2**17, (3, 257), generator=generator)]
     with torch.no_grad():
@@ -1074,10 +1076,10 @@ def _probe_rotary_embedding(original: nn.Module, fused: nn.Module, device: torch
                     if not isinstance(orig, Tensor) or ours.dtype != orig.dtype or ours.shape != orig.shape:
                         return (f"{what}: {ours.dtype} {tuple(ours.shape)} where the original gives "
                                 f"{getattr(orig, 'dtype', type(orig).__name__)} {tuple(getattr(orig, 'shape', ()))}")
-                    err = _max_err(ours, orig)
-                    bound = 2 * torch.finfo(dtype).eps * max(orig.abs().max().item() if orig.numel() else 0.0, 1.0)
-                    if not err <= bound:
-                        return f"{what}: max difference {err:.2e} > {bound:.2e}"
+                    if not torch.equal(ours, orig):
+                        differ = int((ours != orig).sum())
+                        return (f"{what}: {differ} of {orig.numel()} values differ (max difference "
+                                f"{_max_err(ours, orig):.2e}); the fused table equals HF's formula bit for bit")
     return None
 
 

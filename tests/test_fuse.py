@@ -878,13 +878,67 @@ def test_transformers_rotary_embedding_left_where_it_differs(monkeypatch):
             emb = torch.cat((freqs, freqs), -1)
             return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
-    for cls, reason in ((Shifted, "the probe found a difference"), (Offset, "self.offset")):
+    class Float64Table(modeling_llama.LlamaRotaryEmbedding):  # one rounding away from HF's table at most
+        def forward(self, x, position_ids):
+            freqs = position_ids[..., None].float() * self.inv_freq.float()
+            emb = torch.cat((freqs, freqs), -1).double()
+            return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    for cls, reason in ((Shifted, "the probe found a difference"), (Offset, "self.offset"),
+                        (Float64Table, "values differ")):
         model = transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig"))
         model.model.rotary_emb.__class__ = cls
         model.model.rotary_emb.offset = 0.0
         entry = next(e for e in fusedkernels.fuse(model).entries if e.path == "model.rotary_emb")
         assert entry.status == "left" and reason in entry.reason, entry
         assert type(model.model.rotary_emb) is cls
+
+    per_type = transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig"))
+    per_type.model.rotary_emb.rope_type = {}  # (ESM's; Gemma 3's per-layer-type embeddings hold a dict)
+    entry = next(e for e in fusedkernels.fuse(per_type).entries if e.path == "model.rotary_emb")
+    assert entry.status == "left" and "is not a string" in entry.reason, entry
+
+
+def test_transformers_fused_rotary_embedding_defers_what_the_op_does_not_take():
+    """Position ids that are not integers, an x that is not floating point or on another device than the ids: the
+    fused module runs HF's own forward (whatever it returns or raises)."""
+    transformers = _transformers()
+    model = transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig"))
+    before = copy.deepcopy(model.model.rotary_emb)
+    fusedkernels.fuse(model)
+    rotary = model.model.rotary_emb
+    ids = torch.arange(7)[None]
+    calls = [(torch.randn(1, 7, 32), ids > 2), (torch.randn(1, 7, 32), ids.double() * 0.5),
+             (torch.randint(0, 5, (1, 7, 32)), ids), (torch.randn(1, 7, 32, device="meta"), ids)]
+    for x, position_ids in calls:
+        try:
+            want = before(x, position_ids)
+        except Exception as e:  # noqa: BLE001 - the fused module must raise the same
+            with pytest.raises(type(e)):
+                rotary(x, position_ids)
+            continue
+        got = rotary(x, position_ids)
+        assert all(g.dtype == w.dtype and g.device == w.device and (w.is_meta or torch.equal(g, w))
+                   for g, w in zip(got, want))
+
+
+def test_transformers_fused_causal_lm_pickles(tmp_path):
+    """torch.save / torch.load of a whole fused model (the class-switched rotary embedding, attention and causal-LM
+    classes pickle through their factories): the loaded model is fused the same way and computes the same."""
+    transformers = _transformers()
+    torch.manual_seed(0)
+    model = _randomize(transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig"))).train()
+    report = fusedkernels.fuse(model)
+    assert {"", "model.rotary_emb", "model.layers.0.self_attn"} <= {e.path for e in report.swapped}, str(report)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for path in ("", "model.rotary_emb", "model.layers.0.self_attn"):
+        assert type(loaded.get_submodule(path)) is type(model.get_submodule(path)), path
+    ids = torch.randint(0, 64, (2, 9))
+    out, want = loaded(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
+    assert out.logits is None and torch.equal(out.loss, want.loss)
+    again = fusedkernels.fuse(loaded)
+    assert not again.swapped, str(again)
 
 
 def _fused_llama():

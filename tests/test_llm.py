@@ -392,6 +392,12 @@ def test_rotary_cos_sin_bad_inputs_raise_clear_errors(device, impl):
     if device == "cuda":
         cases.append((RuntimeError, "inv_freq is on cpu but position_ids is on cuda", dict(inv_freq=inv.cpu())))
     _assert_each_raises(lambda **kw: _cos_sin(impl, **kw), dict(position_ids=ids, inv_freq=inv), cases)
+    # the public function, whatever the path (eager, vmap): a tensor scale's gradient must not vanish silently
+    for scaling in (True, torch.tensor(1.5, requires_grad=True)):
+        with pytest.raises(TypeError, match="attention_scaling must be a float"):
+            fops.rotary_cos_sin(ids, inv, attention_scaling=scaling)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype or None, got str"):
+        fops.rotary_cos_sin(ids, inv, dtype="float16")
 
 
 @pytest.mark.parametrize("device", DEVICES)

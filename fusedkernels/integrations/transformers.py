@@ -259,6 +259,26 @@ def rotary_keeps_dtype(fn) -> bool:
     return all(isinstance(t, Tensor) and t.dtype == torch.bfloat16 for t in out)
 
 
+def _rebuild_switched(factory, args):
+    """An empty instance of factory(*args), the class fuse() switched a module to; pickle then restores its state."""
+    return object.__new__(factory(*args))
+
+
+def _reduce_switched(self, protocol):
+    """Pickles a class-switched module by the factory that makes its class (which pickle cannot find by name: it
+    carries the name of the class it derives from) and its nn.Module state."""
+    factory, args = type(self)._fusedkernels_rebuild
+    return _rebuild_switched, (factory, args), self.__getstate__()
+
+
+def _switched_class(cls: type, marker: type, factory, args: tuple, namespace: dict, marker_first: bool = False) -> type:
+    """A subclass of cls and marker with cls's name (transformers writes class names into configs), whose instances
+    pickle through factory(*args)."""
+    namespace = {**namespace, "__qualname__": cls.__qualname__, "__module__": cls.__module__,
+                 "__reduce_ex__": _reduce_switched, "_fusedkernels_rebuild": (factory, args)}
+    return type(cls.__name__, (marker, cls) if marker_first else (cls, marker), namespace)
+
+
 class FusedRotaryAttention:
     """Marks an attention module whose class fuse() switched to `rotary_attention_class(cls)`."""
 
@@ -286,9 +306,8 @@ def rotary_attention_class(cls: type, keeps_dtype: bool = False) -> type:
     cls's name (transformers writes class names into configs), cached per class."""
     if (cls, keeps_dtype) not in _ROTARY_CLASSES:
         forward = _with_global(cls.forward, "apply_rotary_pos_emb", _ops_rotary_in_dtype if keeps_dtype else _ops_rotary)
-        _ROTARY_CLASSES[cls, keeps_dtype] = type(cls.__name__, (cls, FusedRotaryAttention),
-                                                 {"forward": forward, "__qualname__": cls.__qualname__,
-                                                  "__module__": cls.__module__})
+        _ROTARY_CLASSES[cls, keeps_dtype] = _switched_class(cls, FusedRotaryAttention, rotary_attention_class,
+                                                            (cls, keeps_dtype), {"forward": forward})
     return _ROTARY_CLASSES[cls, keeps_dtype]
 
 
@@ -299,23 +318,28 @@ class FusedRotaryEmbedding:
 _ROTARY_EMBEDDING_CLASSES: dict = {}
 
 
+_INTEGER_IDS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def rotary_embedding_class(cls: type) -> type:
     """cls (a Hugging Face rotary embedding: forward(x, position_ids) -> (cos, sin) from `inv_freq` and
-    `attention_scaling`) whose forward is one `ops.rotary_cos_sin` launch; a call it does not cover (floating-point
-    position ids, a `layer_type`) runs cls's own forward. A subclass keeping cls's name, cached per class."""
+    `attention_scaling`) whose forward is one `ops.rotary_cos_sin` launch; a call it does not cover (position ids
+    that are not integers, an x that is not floating point or not on the ids' device, a `layer_type`) runs cls's
+    own forward. A subclass keeping cls's name, cached per class."""
     if cls not in _ROTARY_EMBEDDING_CLASSES:
         original = cls.forward
 
         def forward(self, x, position_ids, layer_type=None):
-            if layer_type is not None or position_ids.is_floating_point():
-                return original(self, x, position_ids) if layer_type is None else original(self, x, position_ids,
-                                                                                           layer_type)
+            if layer_type is not None:
+                return original(self, x, position_ids, layer_type)
+            if (position_ids.dtype not in _INTEGER_IDS or not x.is_floating_point()
+                    or x.device != position_ids.device):
+                return original(self, x, position_ids)
             return ops.rotary_cos_sin(position_ids, self.inv_freq, attention_scaling=self.attention_scaling,
                                       dtype=x.dtype)
 
-        _ROTARY_EMBEDDING_CLASSES[cls] = type(cls.__name__, (cls, FusedRotaryEmbedding),
-                                              {"forward": forward, "__qualname__": cls.__qualname__,
-                                               "__module__": cls.__module__})
+        _ROTARY_EMBEDDING_CLASSES[cls] = _switched_class(cls, FusedRotaryEmbedding, rotary_embedding_class, (cls,),
+                                                         {"forward": forward})
     return _ROTARY_EMBEDDING_CLASSES[cls]
 
 
@@ -436,8 +460,8 @@ _FORWARD_CODE: dict = {}  # class -> the code of the original class's forward (u
 def causal_lm_loss_class(cls: type) -> type:
     """cls with FusedLinearCrossEntropyCausalLM's forward around its own, keeping cls's name, cached per class."""
     if cls not in _LM_CLASSES:
-        new = type(cls.__name__, (FusedLinearCrossEntropyCausalLM, cls),
-                   {"__qualname__": cls.__qualname__, "__module__": cls.__module__})
+        new = _switched_class(cls, FusedLinearCrossEntropyCausalLM, causal_lm_loss_class, (cls,), {},
+                              marker_first=True)
         params = [p for p in inspect.signature(cls.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         names = [p.name for p in params[1:]]

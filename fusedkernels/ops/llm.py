@@ -294,6 +294,11 @@ def rotary_cos_sin(position_ids: Tensor, inv_freq: Tensor, *, attention_scaling:
     devices or a non-floating dtype; TypeError for arguments of the wrong type; NotImplementedError for sparse or
     nested tensors.
     """
+    # (the native entry would take anything with __float__: a tensor's gradient would be lost without a word)
+    if type(attention_scaling) not in (float, int) and not isinstance(attention_scaling, float):
+        raise TypeError(f"rotary_cos_sin: attention_scaling must be a float, got {type(attention_scaling).__name__}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"rotary_cos_sin: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
     if torch._C._are_functorch_transforms_active():  # vmap, grad ...: the reference, whose ops they know
         return _rotary_cos_sin_without_native(position_ids, inv_freq, attention_scaling, dtype)
     return _rotary_cos_sin(position_ids, inv_freq, attention_scaling, dtype)
