@@ -32,10 +32,12 @@ W [2·11008, 4096] (gate rows, then up rows), out [8192, 11008].
   torch-stacked   a, b = F.linear(x, W).chunk(2, -1); F.silu(a) * b: one GEMM, then the elementwise ops
   torch-matmul    torch.mm(x, W.t()), the stacked GEMM alone
 
-`mlp` cases: the whole Llama-7B MLP, down(silu(gate(x)) * up(x)) without biases, forward (no_grad) and forward +
+`mlp` cases: the whole Llama-7B MLP, down(silu(gate(x)) * up(x)) without biases, and the models suite's (M 8192,
+hidden 2048, intermediate 5632: a shorter K, where the epilogue weighs more), forward (no_grad) and forward +
 backward (torch.autograd.grad of the output for x and the weights, dy given):
 
-  fusedkernels    nn.FusedMLP(4096, 11008, activation="swiglu", bias=False): linear_gated, then linear_act
+  fusedkernels    nn.FusedMLP(hidden, intermediate, activation="swiglu", bias=False): linear_gated, then
+                  linear_act (with a gradient: ops.gated_mlp, the gate's derivative in the dgrad GEMM's epilogue)
   torch           F.linear(F.silu(F.linear(x, Wg)) * F.linear(x, Wu), Wd) on three separate weights (the same
                   values): two GEMMs, silu, mul, a third GEMM, as transformers' LlamaMLP
 
@@ -85,6 +87,7 @@ EXTRA_CASES = [  # (M, K, N, activation, residual)
 ]
 BACKWARD_CASES = [(16384, 768, 3072, "gelu"), (8192, 4096, 16384, "gelu")]  # (M, K, N, activation)
 LLAMA_FFN = (8192, 4096, 11008)  # M, K (hidden), N (intermediate): Llama-7B's MLP
+MODELS_FFN = (8192, 2048, 5632)  # the models suite's Llama step (bench/models.py): its MLP per layer
 TORCH_ACTIVATIONS: dict[str, Callable] = {
     "none": lambda z: z,
     "gelu": F.gelu,
@@ -149,7 +152,8 @@ def cases() -> list[Case]:
     out += [Case(*c) for c in EXTRA_CASES]
     out += [Case(*c, backward=True) for c in BACKWARD_CASES]
     out.append(Case(*LLAMA_FFN, "swiglu", op="linear_gated"))
-    return out + [Case(*LLAMA_FFN, "swiglu", op="mlp", backward=backward) for backward in (False, True)]
+    return out + [Case(*ffn, "swiglu", op="mlp", backward=backward) for ffn in (LLAMA_FFN, MODELS_FFN)
+                  for backward in (False, True)]
 
 
 def n_sets_for(case: Case) -> int:

@@ -10,8 +10,8 @@
 #   GPU_CHECK_STEPS="distributed": the two-GPU checks (scripts/gpu_check_distributed.sh: torchrun tests, the
 #   `distributed` bench suite), not in the default steps.
 #   GPU_CHECK_STEPS="profile": the models step's time and memory by module (scripts/profile_models.py --memory),
-#   Nsight Compute of the attention forwards (scripts/ncu_attention.sh) and the norm forward sweep in small blocks
-#   (scripts/norm_sweep.sh small); not in the default steps. PROFILE_TIMEOUT=240 seconds each.
+#   Nsight Compute of the attention forwards (scripts/ncu_attention.sh) and of the gated MLP's GEMMs against cuBLAS's
+#   (scripts/ncu_gemm.sh); not in the default steps. PROFILE_TIMEOUT=240 seconds each.
 # Wheels in .whl/ (e.g. Liger-Kernel's, for the overhead suite's comparison) are installed first, without
 # their dependencies, into a folder on PYTHONPATH: the GPU machine cannot download.
 set -uo pipefail
@@ -54,7 +54,7 @@ fi
 if has profile; then
   step profile
   for cmd in "python3 scripts/profile_models.py --memory fusedkernels liger" "bash scripts/ncu_attention.sh" \
-             "bash scripts/norm_sweep.sh small"; do
+             "bash scripts/ncu_gemm.sh"; do
     echo "-- $cmd"
     timeout "${PROFILE_TIMEOUT:-240}" $cmd >>"$OUT/profile.log" 2>&1 || { status=1; echo "$cmd FAILED or timed out"; }
     tail -5 "$OUT/profile.log"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Nsight Compute on the gated MLP's GEMMs at the models suite's shape (tokens 8192, hidden 2048, intermediate 5632;
+# docs/perf-notes.md, gemm "gated MLP backward v1.3"): ours (linear_gated's gate/up GEMM, linear_act's down GEMM,
+# gated_dgrad's GEMM with the gated backward in its epilogue) against cuBLAS's GEMM of the same sizes, one launch
+# each after warm-up, with the counters that tell where a GEMM loses to cuBLAS: tensor-pipe activity, L2 and DRAM
+# traffic (operand reuse: our 64 x 256 ping-pong tiles fill shared memory with ~1.7x the bytes per FLOP of
+# cuBLAS's 256 x 128 cooperative ones), and the warps' stall reasons. Needs a build of the gemm family.
+# Output: $OUT/ncu_gemm.txt. NCU_GEMM_SHAPE="8192 2048 5632" (tokens, hidden, intermediate).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+metrics=gpu__time_duration.sum,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active
+metrics+=,lts__t_bytes.sum,lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,dram__bytes_write.sum
+metrics+=,launch__registers_per_thread,launch__grid_size,launch__block_size,launch__cluster_dim_x
+metrics+=,smsp__average_warp_latency_issue_stalled_barrier,smsp__average_warp_latency_issue_stalled_long_scoreboard
+metrics+=,smsp__average_warp_latency_issue_stalled_wait,smsp__average_warp_latency_issue_stalled_math_pipe_throttle
+read -r tokens hidden inter <<<"${NCU_GEMM_SHAPE:-8192 2048 5632}"
+for call in gate_up down dgrad; do
+  for kernel in linear_act_sm90 nvjet; do  # ours, then cuBLAS's (each after its warm-up launches)
+    echo "== $call ${tokens}x${hidden}x${inter} $kernel"
+    ncu --clock-control none --metrics "$metrics" -k "regex:$kernel" --launch-skip 3 --launch-count 1 \
+      python3 - "$call" "$tokens" "$hidden" "$inter" <<'EOF' 2>&1 | grep -vE "^==PROF==|^\s*$" | grep -E "$kernel|  [a-z_]+__" || true
+import sys
+
+import torch
+
+from fusedkernels import _native, ops  # (_native: registers the internal ops)
+
+call, m, h, f = sys.argv[1], *map(int, sys.argv[2:])
+g = torch.Generator("cuda").manual_seed(0)
+rand = lambda *shape: torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
+x, gate_up, down = rand(m, h), rand(2 * f, h) * h**-0.5, rand(h, f) * f**-0.5
+act, z, dy = rand(m, f), rand(m, 2 * f), rand(m, h)  # down's input, the gate / up pre-activation, the MLP's grad
+ours = {"gate_up": lambda: ops.linear_gated(x, gate_up, None, "swiglu"),
+        "down": lambda: ops.linear_act(act, down, None, "none"),
+        "dgrad": lambda: torch.ops.fusedkernels.gated_dgrad(dy, down, z, 4)}[call]  # 4: silu (gemm.h)
+cublas = {"gate_up": lambda: x @ gate_up.t(), "down": lambda: act @ down.t(), "dgrad": lambda: dy @ down}[call]
+with torch.no_grad():
+    for _ in range(4):  # ncu skips the first 3 launches of the kernel it profiles and takes the 4th
+        ours()
+        cublas()
+torch.cuda.synchronize()
+EOF
+  done
+done | tee "$OUT/ncu_gemm.txt"
