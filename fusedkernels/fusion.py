@@ -1000,15 +1000,18 @@ class RotaryAttention(Pattern):
 
 
 class RotaryEmbedding(Pattern):
-    """A Hugging Face rotary embedding (Llama's, Mistral's, Qwen2's ...: a 1-D `inv_freq` buffer, a number
-    `attention_scaling`, a string `rope_type` whose frequencies do not change with the sequence (not dynamic or
-    longrope), forward(x, position_ids) -> (cos, sin) reading only inv_freq and attention_scaling of itself) -> its
-    class switched to a subclass of the same name whose forward is one ops.rotary_cos_sin launch
-    (integrations.transformers.rotary_embedding_class): HF's runs about eight small ops, and a training step's GPU
-    waits for their host time before its first layer. The module has no parameters, so it is probed here rather
-    than by the common probe: cos and sin for positions 0..4095 and for random ones up to 2^17 (three rows), in
-    bfloat16, float16 and float32, each equal to the original's, bit for bit (the op computes HF's fp32 products and
-    cos / sin: a module that computes its table another way, even one rounding apart, is left). Hooks stay."""
+    """A Hugging Face rotary embedding -> its class switched to a subclass of the same name whose forward is one
+    ops.rotary_cos_sin launch (integrations.transformers.rotary_embedding_class): HF's runs about eight small ops,
+    and a training step's GPU waits for their host time before its first layer. Two forms: Llama's (Mistral's,
+    Qwen2's ...: a 1-D `inv_freq` buffer, a number `attention_scaling`, a string `rope_type`, forward(x,
+    position_ids) reading only inv_freq and attention_scaling of itself) and the per-layer-type one (Gemma 3's,
+    ModernBERT's ...: `rope_type` a dict of layer types, for each a `<type>_inv_freq` buffer and a number
+    `<type>_attention_scaling`, forward(x, position_ids, layer_type) reading only those, through getattr). Every rope
+    type must keep its frequencies fixed (not dynamic or longrope, which a decorator recomputes as sequences grow).
+    The module has no parameters, so it is probed here rather than by the common probe: cos and sin for positions
+    0..4095 and for random ones up to 2^17 (three rows), in bfloat16, float16 and float32, for each layer type, each
+    equal to the original's, bit for bit (the op computes HF's fp32 products and cos / sin: a module that computes
+    its table another way, even one rounding apart, is left). Hooks stay."""
 
     READS = {"inv_freq", "attention_scaling"}
     VARYING_ROPE = ("dynamic", "longrope")  # rope types whose inv_freq the forward's decorator recomputes
@@ -1016,41 +1019,58 @@ class RotaryEmbedding(Pattern):
     def match(self, path, module, model, merge):
         if isinstance(module, hf.FusedRotaryEmbedding):
             return [FuseEntry(path, type(module).__name__, ALREADY_FUSED)]
-        inv_freq, scaling = module._buffers.get("inv_freq"), getattr(module, "attention_scaling", None)
         rope_type = getattr(module, "rope_type", None)
-        if not isinstance(inv_freq, Tensor) or scaling is None or rope_type is None:
+        if isinstance(rope_type, dict):  # per layer type: {type: rope type}
+            tables = {t: (module._buffers.get(f"{t}_inv_freq"), getattr(module, f"{t}_attention_scaling", None),
+                          r) for t, r in rope_type.items()}
+        else:
+            tables = {None: (module._buffers.get("inv_freq"), getattr(module, "attention_scaling", None), rope_type)}
+        if not tables or rope_type is None or not all(isinstance(f, Tensor) and a is not None
+                                                      for f, a, _ in tables.values()):
+            if isinstance(rope_type, dict) and "inv_freq" in module._buffers:
+                return [FuseEntry(path, type(module).__name__, LEFT, reason=f"rope_type {rope_type!r} is a dict "
+                                  "without a table per layer type (no <type>_inv_freq buffers)")]
             return None
         name = type(module).__name__
 
         def left(reason):
             return [FuseEntry(path, name, LEFT, reason=reason)]
 
-        if inv_freq.dim() != 1 or not inv_freq.is_floating_point() or inv_freq.is_meta:
-            return left(f"inv_freq is {inv_freq.dtype} {list(inv_freq.shape)} on {inv_freq.device}, not a 1-D "
-                        "floating-point tensor with values")
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-            return left(f"attention_scaling is a {type(scaling).__name__}, not a number")
-        if not isinstance(rope_type, str):
-            return left(f"rope_type {rope_type!r} is not a string (per-layer-type rotary embeddings hold one "
-                        "table per type)")
-        if any(kind in rope_type for kind in self.VARYING_ROPE):
-            return left(f"rope_type {rope_type!r}: its frequencies change with the sequence length")
+        for t, (inv_freq, scaling, kind) in tables.items():
+            which = "" if t is None else f" ({t})"
+            if inv_freq.dim() != 1 or not inv_freq.is_floating_point() or inv_freq.is_meta:
+                return left(f"inv_freq{which} is {inv_freq.dtype} {list(inv_freq.shape)} on {inv_freq.device}, not a "
+                            "1-D floating-point tensor with values")
+            if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+                return left(f"attention_scaling{which} is a {type(scaling).__name__}, not a number")
+            if not isinstance(kind, str):
+                return left(f"rope_type {kind!r}{which} is not a string")
+            if any(varying in kind for varying in self.VARYING_ROPE):
+                return left(f"rope_type {kind!r}{which}: its frequencies change with the sequence length")
+        per_type = None not in tables
+        want = ["x", "position_ids", "layer_type"] if per_type else ["x", "position_ids"]
         try:
-            params = list(inspect.signature(type(module).forward).parameters)[1:3]
+            params = list(inspect.signature(type(module).forward).parameters)[1:len(want) + 1]
         except (TypeError, ValueError):
             params = []
-        if params != ["x", "position_ids"]:
-            return left("its forward does not take (x, position_ids)")
-        reads = _forward_reads(type(module))
-        if reads is None or reads - self.READS:
-            return left("its forward reads more of the module than inv_freq and attention_scaling"
-                        + ("" if reads is None else f" (self.{sorted(reads - self.READS)[0]})"))
+        if params != want:
+            return left(f"its forward does not take ({', '.join(want)})")
+        if per_type:
+            if not _reads_only_layer_type_tables(type(module)):
+                return left("its forward reads more of the module than <layer_type>_inv_freq and "
+                            "<layer_type>_attention_scaling")
+        else:
+            reads = _forward_reads(type(module))
+            if reads is None or reads - self.READS:
+                return left("its forward reads more of the module than inv_freq and attention_scaling"
+                            + ("" if reads is None else f" (self.{sorted(reads - self.READS)[0]})"))
         if "forward" in module.__dict__:
             return left("its forward is replaced on the instance (an accelerate-style hook), which a swap would "
                         "bypass or drop")
-        cls = hf.rotary_embedding_class(type(module))
+        cls = hf.rotary_embedding_class(type(module), per_type)
+        device = next(iter(tables.values()))[0].device
         try:
-            failure = _probe_rotary_embedding(module, _switched(module, cls), inv_freq.device)
+            failure = _probe_rotary_embedding(module, _switched(module, cls), device, list(tables))
         except Exception as e:  # noqa: BLE001 - whatever fails in the probe leaves the module
             failure = f"the probe raised ({type(e).__name__}: {e})"
         if failure is not None:
@@ -1059,27 +1079,58 @@ class RotaryEmbedding(Pattern):
         return [FuseEntry(path, name, SWAPPED, f"{name} + ops.rotary_cos_sin")]
 
 
-def _probe_rotary_embedding(original: nn.Module, fused: nn.Module, device: torch.device) -> Optional[str]:
-    """The first difference between the two modules' (cos, sin); None where they are equal, bit for bit. (A float64
-    yardstick would not do here: a module computing another table has no error against its own.)"""
+def _reads_only_layer_type_tables(cls: type) -> bool:
+    """Whether cls.forward (a per-layer-type rotary embedding's) uses the module only as
+    getattr(self, f"{layer_type}_inv_freq") and getattr(self, f"{layer_type}_attention_scaling"), from its source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    fn = tree.body[0] if tree.body else None
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(fn.args.args) < 4:
+        return False
+    me, layer_type = fn.args.args[0].arg, fn.args.args[3].arg
+    allowed = set()
+    for node in ast.walk(fn):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                and len(node.args) == 2 and not node.keywords and isinstance(node.args[0], ast.Name)
+                and node.args[0].id == me and isinstance(node.args[1], ast.JoinedStr)):
+            parts = node.args[1].values
+            if (len(parts) == 2 and isinstance(parts[0], ast.FormattedValue) and isinstance(parts[0].value, ast.Name)
+                    and parts[0].value.id == layer_type and isinstance(parts[1], ast.Constant)
+                    and parts[1].value in ("_inv_freq", "_attention_scaling")):
+                allowed.add(id(node.args[0]))
+    uses = [node for node in ast.walk(fn) if isinstance(node, ast.Name) and node.id == me]
+    return bool(uses) and all(id(node) in allowed for node in uses)
+
+
+def _probe_rotary_embedding(original: nn.Module, fused: nn.Module, device: torch.device,
+                            layer_types: list) -> Optional[str]:
+    """The first difference between the two modules' (cos, sin), for each layer type (None: a forward without one);
+    None where they are equal, bit for bit. (A float64 yardstick would not do here: a module computing another table
+    has no error against its own.)"""
     generator = torch.Generator().manual_seed(0)
     positions = [torch.arange(4096)[None], torch.randint(0, 2**17, (3, 257), generator=generator)]
     with torch.no_grad():
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            x = torch.zeros(1, dtype=dtype, device=device)
-            for ids in positions:
-                ids = ids.to(device)
-                want = type(original).forward(original, x, ids)
-                got = type(fused).forward(fused, x, ids)
-                for what, ours, orig in zip(("cos", "sin"), got, want):
-                    what = f"{what} ({dtype}, positions up to {int(ids.max())})"
-                    if not isinstance(orig, Tensor) or ours.dtype != orig.dtype or ours.shape != orig.shape:
-                        return (f"{what}: {ours.dtype} {tuple(ours.shape)} where the original gives "
-                                f"{getattr(orig, 'dtype', type(orig).__name__)} {tuple(getattr(orig, 'shape', ()))}")
-                    if not torch.equal(ours, orig):
-                        differ = int((ours != orig).sum())
-                        return (f"{what}: {differ} of {orig.numel()} values differ (max difference "
-                                f"{_max_err(ours, orig):.2e}); the fused table equals HF's formula bit for bit")
+        for layer_type in layer_types:
+            extra = () if layer_type is None else (layer_type,)
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                x = torch.zeros(1, dtype=dtype, device=device)
+                for ids in positions:
+                    ids = ids.to(device)
+                    want = type(original).forward(original, x, ids, *extra)
+                    got = type(fused).forward(fused, x, ids, *extra)
+                    for what, ours, orig in zip(("cos", "sin"), got, want):
+                        what = (f"{what} ({dtype}, positions up to {int(ids.max())}"
+                                f"{'' if layer_type is None else f', {layer_type}'})")
+                        if not isinstance(orig, Tensor) or ours.dtype != orig.dtype or ours.shape != orig.shape:
+                            return (f"{what}: {ours.dtype} {tuple(ours.shape)} where the original gives "
+                                    f"{getattr(orig, 'dtype', type(orig).__name__)} "
+                                    f"{tuple(getattr(orig, 'shape', ()))}")
+                        if not torch.equal(ours, orig):
+                            differ = int((ours != orig).sum())
+                            return (f"{what}: {differ} of {orig.numel()} values differ (max difference "
+                                    f"{_max_err(ours, orig):.2e}); the fused table equals HF's formula bit for bit")
     return None
 
 

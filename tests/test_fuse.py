@@ -894,9 +894,58 @@ def test_transformers_rotary_embedding_left_where_it_differs(monkeypatch):
         assert type(model.model.rotary_emb) is cls
 
     per_type = transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig"))
-    per_type.model.rotary_emb.rope_type = {}  # (ESM's; Gemma 3's per-layer-type embeddings hold a dict)
+    per_type.model.rotary_emb.rope_type = {}  # (ESM's: a dict, but one inv_freq and no table per layer type)
     entry = next(e for e in fusedkernels.fuse(per_type).entries if e.path == "model.rotary_emb")
-    assert entry.status == "left" and "is not a string" in entry.reason, entry
+    assert entry.status == "left" and "without a table per layer type" in entry.reason, entry
+
+
+def _tiny_gemma3():
+    transformers = _transformers()
+    if not hasattr(transformers, "Gemma3TextConfig"):
+        pytest.skip("this transformers has no Gemma 3")
+    config = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4)
+    return transformers.Gemma3ForCausalLM(config)
+
+
+def test_transformers_per_layer_type_rotary_embedding():
+    """Gemma 3's rotary embedding (one table per layer type, forward(x, position_ids, layer_type); older
+    transformers: one module per type): swapped, every table equal to HF's bit for bit, the loss unchanged."""
+    torch.manual_seed(0)
+    model = _tiny_gemma3()
+    before = copy.deepcopy(model)
+    report = fusedkernels.fuse(model)
+    rotary = [e for e in report.entries if "rotary_emb" in e.path]
+    assert rotary and all(e.status == "swapped" and e.fused.endswith("+ ops.rotary_cos_sin") for e in rotary), str(report)
+    ids = torch.arange(300)[None] + torch.tensor([[0], [5000]])
+    x = torch.randn(2, 300, 32, dtype=torch.bfloat16)
+    for e in rotary:
+        fused, plain = model.get_submodule(e.path), before.get_submodule(e.path)
+        types = list(plain.rope_type) if isinstance(plain.rope_type, dict) else [None]
+        for layer_type in types:
+            extra = () if layer_type is None else (layer_type,)
+            assert all(torch.equal(a, b) for a, b in zip(fused(x, ids, *extra), plain(x, ids, *extra))), layer_type
+    ids = torch.randint(0, 64, (2, 9))
+    out, want = model(input_ids=ids, labels=ids), before(input_ids=ids, labels=ids)
+    assert abs(out.loss.item() - want.loss.item()) < 1e-5  # (the fused loss rounds in its own order)
+    assert not fusedkernels.fuse(model).swapped
+
+
+def test_transformers_per_layer_type_rotary_embedding_left_where_it_reads_more():
+    model = _tiny_gemma3()
+    rotary = model.model.rotary_emb
+    if not isinstance(rotary.rope_type, dict):
+        pytest.skip("this transformers has one rotary module per layer type")
+    base = type(rotary)
+
+    class Scaled(base):
+        def forward(self, x, position_ids, layer_type):
+            cos, sin = super().forward(x, position_ids, layer_type)
+            return cos * self.extra, sin
+
+    rotary.__class__, rotary.extra = Scaled, 1.0
+    entry = next(e for e in fusedkernels.fuse(model).entries if e.path == "model.rotary_emb")
+    assert entry.status == "left" and "reads more of the module" in entry.reason, entry
 
 
 def test_transformers_fused_rotary_embedding_defers_what_the_op_does_not_take():

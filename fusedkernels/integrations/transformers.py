@@ -321,26 +321,37 @@ _ROTARY_EMBEDDING_CLASSES: dict = {}
 _INTEGER_IDS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def rotary_embedding_class(cls: type) -> type:
+def rotary_embedding_class(cls: type, per_layer_type: bool = False) -> type:
     """cls (a Hugging Face rotary embedding: forward(x, position_ids) -> (cos, sin) from `inv_freq` and
-    `attention_scaling`) whose forward is one `ops.rotary_cos_sin` launch; a call it does not cover (position ids
-    that are not integers, an x that is not floating point or not on the ids' device, a `layer_type`) runs cls's
-    own forward. A subclass keeping cls's name, cached per class."""
-    if cls not in _ROTARY_EMBEDDING_CLASSES:
+    `attention_scaling`, or per_layer_type: forward(x, position_ids, layer_type) from `<layer_type>_inv_freq` and
+    `<layer_type>_attention_scaling`) whose forward is one `ops.rotary_cos_sin` launch; a call it does not cover
+    (position ids that are not integers, an x that is not floating point or not on the ids' device; a `layer_type`
+    for the plain form, none for the other) runs cls's own forward. A subclass keeping cls's name, cached per class."""
+    if (cls, per_layer_type) not in _ROTARY_EMBEDDING_CLASSES:
         original = cls.forward
 
-        def forward(self, x, position_ids, layer_type=None):
-            if layer_type is not None:
-                return original(self, x, position_ids, layer_type)
-            if (position_ids.dtype not in _INTEGER_IDS or not x.is_floating_point()
-                    or x.device != position_ids.device):
-                return original(self, x, position_ids)
-            return ops.rotary_cos_sin(position_ids, self.inv_freq, attention_scaling=self.attention_scaling,
-                                      dtype=x.dtype)
+        def covered(x, position_ids) -> bool:
+            return position_ids.dtype in _INTEGER_IDS and x.is_floating_point() and x.device == position_ids.device
 
-        _ROTARY_EMBEDDING_CLASSES[cls] = _switched_class(cls, FusedRotaryEmbedding, rotary_embedding_class, (cls,),
-                                                         {"forward": forward})
-    return _ROTARY_EMBEDDING_CLASSES[cls]
+        if per_layer_type:
+            def forward(self, x, position_ids, layer_type):
+                if layer_type is None or not covered(x, position_ids):
+                    return original(self, x, position_ids, layer_type)
+                return ops.rotary_cos_sin(position_ids, getattr(self, f"{layer_type}_inv_freq"),
+                                          attention_scaling=getattr(self, f"{layer_type}_attention_scaling"),
+                                          dtype=x.dtype)
+        else:
+            def forward(self, x, position_ids, layer_type=None):
+                if layer_type is not None:
+                    return original(self, x, position_ids, layer_type)
+                if not covered(x, position_ids):
+                    return original(self, x, position_ids)
+                return ops.rotary_cos_sin(position_ids, self.inv_freq, attention_scaling=self.attention_scaling,
+                                          dtype=x.dtype)
+
+        _ROTARY_EMBEDDING_CLASSES[cls, per_layer_type] = _switched_class(
+            cls, FusedRotaryEmbedding, rotary_embedding_class, (cls, per_layer_type), {"forward": forward})
+    return _ROTARY_EMBEDDING_CLASSES[cls, per_layer_type]
 
 
 def is_hf_causal_lm_loss(fn) -> bool:
