@@ -971,6 +971,43 @@ def test_transformers_fused_rotary_embedding_defers_what_the_op_does_not_take():
                    for g, w in zip(got, want))
 
 
+def test_transformers_fused_causal_lm_keeps_hf_signature_and_compiles():
+    """transformers reads the forward's signature (generate: the attention mask from pad ids and logits_to_keep;
+    Trainer: label names, the columns its collator keeps): the switched class keeps the original's. Under
+    torch.compile the class's own forward runs (the loss as the unfused model's)."""
+    transformers = _transformers()
+    import inspect
+
+    torch.manual_seed(0)
+    model = _randomize(transformers.AutoModelForCausalLM.from_config(_tiny("LlamaConfig", pad_token_id=0))).train()
+    before = copy.deepcopy(model)
+    fusedkernels.fuse(model)
+    assert inspect.signature(type(model).forward) == inspect.signature(type(before).forward)
+    assert inspect.signature(model.forward) == inspect.signature(before.forward)
+    from transformers.utils import find_labels
+    assert find_labels(type(model)) == find_labels(type(before)) == ["labels"]
+    ids = torch.randint(1, 64, (2, 12))
+    compiled = torch.compile(model, backend="eager")(input_ids=ids, labels=ids)
+    assert compiled.logits is not None  # (the class's own forward)
+    assert abs(compiled.loss.item() - before(input_ids=ids, labels=ids).loss.item()) < 1e-5
+    model.eval()
+    before.eval()
+    prompt = torch.tensor([[5, 9, 11, 0]])  # ends in the pad id: generate masks it, for both
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kwargs), before.generate(prompt, **kwargs))
+
+
+def test_transformers_fused_rotary_embedding_defers_split_devices():
+    """inv_freq on another device than x and the ids: HF's forward (which moves inv_freq) runs."""
+    transformers = _transformers()
+    model = transformers.AutoModel.from_config(_tiny("LlamaConfig"))
+    before = copy.deepcopy(model.rotary_emb)
+    fusedkernels.fuse(model)
+    x, ids = torch.zeros(1, device="meta"), torch.arange(4, device="meta")[None]
+    got, want = model.rotary_emb(x, ids), before(x, ids)
+    assert all(g.is_meta and g.shape == w.shape and g.dtype == w.dtype for g, w in zip(got, want))
+
+
 def test_transformers_fused_causal_lm_pickles(tmp_path):
     """torch.save / torch.load of a whole fused model (the class-switched rotary embedding, attention and causal-LM
     classes pickle through their factories): the loaded model is fused the same way and computes the same."""

@@ -398,6 +398,13 @@ def test_rotary_cos_sin_bad_inputs_raise_clear_errors(device, impl):
             fops.rotary_cos_sin(ids, inv, attention_scaling=scaling)
     with pytest.raises(TypeError, match="dtype must be a torch.dtype or None, got str"):
         fops.rotary_cos_sin(ids, inv, dtype="float16")
+    np = pytest.importorskip("numpy")
+    want = fops.rotary_cos_sin(ids, inv, attention_scaling=2.0)
+    for scaling in (np.float64(2.0), 2):  # converted once: the same on every path (compile's schema takes a float)
+        got = fops.rotary_cos_sin(ids, inv, attention_scaling=scaling)
+        assert torch.equal(got[0], want[0])
+        compiled = torch.compile(lambda p: fops.rotary_cos_sin(p, inv, attention_scaling=scaling), backend="eager")
+        assert torch.equal(compiled(ids)[0], want[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -330,25 +330,28 @@ def rotary_embedding_class(cls: type, per_layer_type: bool = False) -> type:
     if (cls, per_layer_type) not in _ROTARY_EMBEDDING_CLASSES:
         original = cls.forward
 
-        def covered(x, position_ids) -> bool:
-            return position_ids.dtype in _INTEGER_IDS and x.is_floating_point() and x.device == position_ids.device
+        def covered(x, position_ids, inv_freq) -> bool:
+            return (position_ids.dtype in _INTEGER_IDS and x.is_floating_point() and x.device == position_ids.device
+                    and inv_freq.device == x.device)
 
         if per_layer_type:
             def forward(self, x, position_ids, layer_type):
-                if layer_type is None or not covered(x, position_ids):
+                inv_freq = self._buffers.get(f"{layer_type}_inv_freq") if isinstance(layer_type, str) else None
+                if inv_freq is None or not covered(x, position_ids, inv_freq):
                     return original(self, x, position_ids, layer_type)
-                return ops.rotary_cos_sin(position_ids, getattr(self, f"{layer_type}_inv_freq"),
+                return ops.rotary_cos_sin(position_ids, inv_freq,
                                           attention_scaling=getattr(self, f"{layer_type}_attention_scaling"),
                                           dtype=x.dtype)
         else:
             def forward(self, x, position_ids, layer_type=None):
                 if layer_type is not None:
                     return original(self, x, position_ids, layer_type)
-                if not covered(x, position_ids):
+                if not covered(x, position_ids, self.inv_freq):
                     return original(self, x, position_ids)
                 return ops.rotary_cos_sin(position_ids, self.inv_freq, attention_scaling=self.attention_scaling,
                                           dtype=x.dtype)
 
+        forward.__qualname__ = f"{cls.__qualname__}.forward"
         _ROTARY_EMBEDDING_CLASSES[cls, per_layer_type] = _switched_class(
             cls, FusedRotaryEmbedding, rotary_embedding_class, (cls, per_layer_type), {"forward": forward})
     return _ROTARY_EMBEDDING_CLASSES[cls, per_layer_type]
@@ -426,7 +429,10 @@ class FusedLinearCrossEntropyCausalLM:
     def forward(self, *args, **kwargs):
         at = _LABELS_AT[type(self)]
         labels = kwargs.get("labels", args[at] if at is not None and len(args) > at else None)
-        if (labels is None or not self.training or not _plain_head(self._modules.get("lm_head"))
+        # (under torch.compile the class's own forward: dynamo cannot trace the context variable that hands the
+        # hidden states past lm_head, and would run lm_head and the fused loss on its logits)
+        if (labels is None or not self.training or torch.compiler.is_compiling()
+                or not _plain_head(self._modules.get("lm_head"))
                 or not is_hf_causal_lm_loss(super().loss_function)
                 or logit_settings(self) != self.__dict__.get("_fusedkernels_logit_settings")):
             return super().forward(*args, **kwargs)
@@ -471,8 +477,15 @@ _FORWARD_CODE: dict = {}  # class -> the code of the original class's forward (u
 def causal_lm_loss_class(cls: type) -> type:
     """cls with FusedLinearCrossEntropyCausalLM's forward around its own, keeping cls's name, cached per class."""
     if cls not in _LM_CLASSES:
-        new = _switched_class(cls, FusedLinearCrossEntropyCausalLM, causal_lm_loss_class, (cls,), {},
-                              marker_first=True)
+        def forward(self, *args, **kwargs):
+            return FusedLinearCrossEntropyCausalLM.forward(self, *args, **kwargs)
+
+        # cls's signature: transformers reads it (generate's attention mask and logits_to_keep, Trainer's labels
+        # and the columns its collator keeps)
+        forward.__signature__ = inspect.signature(cls.forward)
+        forward.__qualname__ = f"{cls.__qualname__}.forward"
+        new = _switched_class(cls, FusedLinearCrossEntropyCausalLM, causal_lm_loss_class, (cls,),
+                              {"forward": forward}, marker_first=True)
         params = [p for p in inspect.signature(cls.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         names = [p.name for p in params[1:]]

@@ -299,6 +299,7 @@ def rotary_cos_sin(position_ids: Tensor, inv_freq: Tensor, *, attention_scaling:
         raise TypeError(f"rotary_cos_sin: attention_scaling must be a float, got {type(attention_scaling).__name__}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"rotary_cos_sin: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    attention_scaling = float(attention_scaling)  # (numpy's float64, a large int: one value on every path)
     if torch._C._are_functorch_transforms_active():  # vmap, grad ...: the reference, whose ops they know
         return _rotary_cos_sin_without_native(position_ids, inv_freq, attention_scaling, dtype)
     return _rotary_cos_sin(position_ids, inv_freq, attention_scaling, dtype)
