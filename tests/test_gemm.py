@@ -609,6 +609,26 @@ def test_portable_kernel_is_what_runs_off_hopper_or_when_forced(kernels):
     assert any("linear_act_sm80_kernel" in n for n in names) and not any("sm90" in n for n in names), names
 
 
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_plain_gemm_is_cublas_and_an_epilogue_is_ours(bias, kernels):
+    """Activation "none" without a residual is F.linear: PyTorch's GEMM (cuBLAS) runs it, with no warning; a
+    residual or an activation brings the fused kernel back."""
+    x, w, b, r = _inputs((300,), 136, 264, torch.bfloat16, "cuda", bias, True)
+    for activation, residual, ours in (("none", None, False), ("none", r, True), ("relu", None, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                out = fops.linear_act(x, w, b, activation, residual)
+                torch.cuda.synchronize()
+        assert not [str(c.message) for c in caught if "fusedkernels" in str(c.message)]
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert any("linear_act_sm" in n for n in names) == ours, (activation, residual is not None, names)
+        _check_forward(x, w, b, residual, activation)
+        assert out.is_contiguous()
+
+
 def test_fused_linear_takes_nn_linear_positional_arguments_and_activation_by_keyword():
     lin, fused = torch.nn.Linear(16, 24, True, "cpu", torch.float64), fnn.FusedLinear(16, 24, True, "cpu", torch.float64)
     assert fused.weight.dtype == lin.weight.dtype == torch.float64 and fused.activation == "gelu"

@@ -37,20 +37,24 @@ __device__ __forceinline__ float activate(float z) {
   return z;
 }
 
-// act(g) and act'(g) in fp32, PyTorch's definitions, for the backward passes (gated_backward.cu,
-// act_backward.cu): exact erf and tanh, since those passes are bound by memory.
-template <Activation kAct>
+// act(g) and act'(g) in fp32, PyTorch's definitions, for the backward passes. The memory-bound passes
+// (gated_backward.cu, act_backward.cu) take the exact division, erf and tanh. kFast, the GEMM epilogue's: its
+// arithmetic slows the other consumer's products on the SM (docs/perf-notes.md, gemm: gated dgrad v1.4), so
+// silu's division is the approximate one (2 ulp), and gelu's erf and gelu_tanh's tanh go through one exponential
+// (normal_cdf above; tanh(u) = 1 - 2 / (1 + e^2u)): errors near fp32's rounding, far below the output's.
+template <Activation kAct, bool kFast = false>
 __device__ __forceinline__ void activation_and_slope(float g, float& act, float& slope) {
   if constexpr (kAct == Activation::kSilu) {
-    const float s = 1.0f / (1.0f + __expf(-g));
+    const float s = kFast ? __fdividef(1.0f, 1.0f + __expf(-g)) : 1.0f / (1.0f + __expf(-g));
     act = g * s;
     slope = s * fmaf(g, 1.0f - s, 1.0f);
   } else if constexpr (kAct == Activation::kGelu) {  // g Φ(g): Φ(g) + g φ(g)
-    const float cdf = 0.5f * (1.0f + erff(g * 0.70710678118654752f));
+    const float cdf = kFast ? normal_cdf(g) : 0.5f * (1.0f + erff(g * 0.70710678118654752f));
     act = g * cdf;
     slope = fmaf(g * 0.39894228040143268f, __expf(-0.5f * g * g), cdf);
   } else if constexpr (kAct == Activation::kGeluTanh) {  // g (1 + tanh(u)) / 2, u = √(2/π) (g + 0.044715 g³)
-    const float t = tanhf(0.79788456080286536f * fmaf(0.044715f * g, g * g, g));
+    const float u = 0.79788456080286536f * fmaf(0.044715f * g, g * g, g);
+    const float t = kFast ? 1.0f - __fdividef(2.0f, 1.0f + __expf(2.0f * u)) : tanhf(u);  // e^2u = inf: t = 1
     act = 0.5f * g * (1.0f + t);
     slope = fmaf(0.5f * g * (1.0f - t * t), 0.79788456080286536f * fmaf(0.134145f * g, g, 1.0f), 0.5f * (1.0f + t));
   } else if constexpr (kAct == Activation::kSquaredRelu) {  // relu(g)^2: 2 relu(g)

@@ -732,7 +732,8 @@ std::tuple<Tensor, Tensor> linear_act_fwd_meta(const Tensor& x, const Tensor& we
 const RegisterOpInfo linear_act_info{
     {"gemm", "linear_act", "float16, bfloat16 (x, weight, bias, residual alike)",
      "in_features and out_features multiples of 8, any rows; activations none, relu, gelu, gelu_tanh, silu, "
-     "squared_relu; bias and residual optional; sm_80+ (sm_90: the TMA / wgmma kernel)"}};
+     "squared_relu; bias and residual optional; sm_80+ (sm_90: the TMA / wgmma kernel); none without a residual is "
+     "F.linear (cuBLAS)"}};
 const RegisterOpInfo gated_mlp_info{
     {"gemm", "gated_mlp", "float16, bfloat16 (x, weights, biases, residual alike)",
      "FusedMLP's gated form: linear_gated's sizes for the first GEMM, linear_act's for the second; with a gradient, "

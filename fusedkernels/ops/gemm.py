@@ -7,7 +7,8 @@ about what `F.linear` does. CUDA float16 / bfloat16 inputs with in_features and 
 the fused kernel (csrc/gemm) where
 the GPU and build have one; CPU inputs run the reference (PyTorch ops in the inputs' dtype) through the same
 autograd; anything else (float32 / float64 on CUDA, other sizes, an unsuitable weight layout, no kernel for the
-GPU, forward-mode AD) runs the reference, with one warning per reason. Details: docs/gemm.md.
+GPU, forward-mode AD) runs the reference, with one warning per reason. Activation "none" without a residual leaves
+nothing to fuse: it runs as `F.linear` (cuBLAS), silently. Details: docs/gemm.md.
 
 `linear_act_ref` and `linear_gated_ref` are the specifications the tests hold the kernel to.
 """

@@ -231,7 +231,7 @@ struct Epilogue {
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           float act, slope;
-          activation_and_slope<kAct>(gate[i].get(e), act, slope);
+          activation_and_slope<kAct, true>(gate[i].get(e), act, slope);
           const float g = dh.get(e);
           // relu: a select, as torch's threshold_backward (gated_backward.cu computes the same)
           dgate.set(e, kAct == Activation::kRelu ? (slope != 0.0f ? g * up[i].get(e) : 0.0f) : g * up[i].get(e) * slope);
