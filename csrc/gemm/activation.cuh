@@ -39,7 +39,7 @@ __device__ __forceinline__ float activate(float z) {
 
 // act(g) and act'(g) in fp32, PyTorch's definitions, for the backward passes. The memory-bound passes
 // (gated_backward.cu, act_backward.cu) take the exact division, erf and tanh. kFast, the GEMM epilogue's: its
-// arithmetic slows the other consumer's products on the SM (docs/perf-notes.md, gemm: gated dgrad v1.4), so
+// arithmetic slows the other consumer's products on the SM (docs/perf-notes.md, gemm: gated MLP backward v1.4), so
 // silu's division is the approximate one (2 ulp), and gelu's erf and gelu_tanh's tanh go through one exponential
 // (normal_cdf above; tanh(u) = 1 - 2 / (1 + e^2u)): errors near fp32's rounding, far below the output's.
 template <Activation kAct, bool kFast = false>

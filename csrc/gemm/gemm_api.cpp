@@ -93,13 +93,13 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& x, const Tensor& we
     return std::tuple<Tensor, Tensor>{out.contiguous(), z};
   };
   // (the public op routes these before they get here; a direct call gets the same answers)
-  if (x.numel() == 0 || n == 0) return reference("");
+  if (x.numel() == 0 || n == 0) return reference("");  // nothing to multiply (or k == 0: the bias alone)
   // No activation and no residual leaves no epilogue to fuse: F.linear, whose cuBLAS GEMM (bias in its epilogue)
   // is the faster plain GEMM (docs/perf-notes.md, gemm: "plain GEMMs to cuBLAS")
   if (act == Activation::kNone && !residual && !gated) {
     auto [out, z] = linear_act_reference(x, weight, bias, act, residual, save_pre_activation, gated);
     return {out.contiguous(), z};
-  }  // nothing to multiply (or k == 0: the bias alone)
+  }
   if (k % kAlign != 0 || n % kAlign != 0) {
     return reference("in_features (K) or out_features (N) not a multiple of 8 has no fused kernel");
   }
