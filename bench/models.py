@@ -45,7 +45,8 @@ from .common import Row
 SUITE = "models"
 OURS, OURS_ATTENTION, TORCH, LIGER, COMPILE = "fusedkernels", "fusedkernels+attention", "torch", "liger", "torch-compile"
 IMPLS = (TORCH, OURS, OURS_ATTENTION, COMPILE, LIGER)
-ROUNDS, REPEATED = 3, (TORCH, OURS, LIGER)  # the verdict's impls run ROUNDS times, interleaved
+# the verdict's impls run ROUNDS times, interleaved (BENCH_ROUNDS=5: a run whose ratio should not hang on one round)
+ROUNDS, REPEATED = int(os.environ.get("BENCH_ROUNDS", "3")), (TORCH, OURS, LIGER)
 WORKER_TIMEOUT_S = 900  # one impl's process (torch-compile's compilation is the long one)
 CONFIG = dict(hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
               intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
