@@ -45,10 +45,10 @@ struct LinearActParams {
   bool residual_before_activation = false;
   // The gated form's backward in the epilogue of the GEMM that produces its output's gradient (Hopper kernel
   // only): x is dy [m, k] of the next projection's output, weight that projection's weight as stored, [k, n] (n
-  // contiguous, weight_row_stride between its k rows; the kernel reads it MN-major), so the product is dh [m, n] (rounded to dtype, as the unfused GEMM would store it); residual is the gated
-  // forward's saved pre-activation z = gate | up [m, 2n], and out receives dz = (dh * up * act'(gate)) |
-  // (dh * act(gate)) [m, 2n], which may be z itself (each element is read and then written by one thread).
-  // activation: the gate's; no bias, no split-K.
+  // contiguous, weight_row_stride between its k rows; the kernel reads it MN-major), so the product is dh [m, n]
+  // (rounded to dtype, as the unfused GEMM would store it); residual is the gated forward's saved pre-activation
+  // z = gate | up [m, 2n], and out receives dz = (dh * up * act'(gate)) | (dh * act(gate)) [m, 2n], which may be z
+  // itself (each element is read and then written by one thread). activation: the gate's; no bias, no split-K.
   bool gated_grad = false;
   // Split-K, for calls with too few output tiles to fill the GPU (small m): the GEMM writes fp32 partial sums
   // of x W^T over split_k slices of K into workspace [split_k, m, n] ([split_k, m, 2n] gated, gate | up), and a
