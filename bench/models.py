@@ -13,6 +13,9 @@ A step is zero_grad, forward with the loss, backward, optimizer step. Impls:
                  extra `fused`, and extra `lm_head_loss` says whether the head + loss swap went in
   fusedkernels+attention   the same with attn_implementation="fusedkernels" (fusedkernels.integrations.transformers):
                  our attention kernels too (docs/perf-notes.md: their backward trails cuDNN's at this shape)
+  fusedkernels+optim   the fusedkernels row with fusedkernels.optim.FusedAdamW (same arguments; bf16 states for the
+                 bf16 parameters, as torch's) in place of torch's fused AdamW: the whole library's step. The other
+                 rows, and the comparison with Liger-Kernel (which has no optimizer), keep torch's.
   liger          Liger-Kernel's apply_liger_kernel_to_llama(model=...) with every patch (RMSNorm, SwiGLU, RoPE,
                  fused linear + cross-entropy); skipped with the reason where liger_kernel is not importable
   torch-compile  model.compile() (default mode)
@@ -43,10 +46,11 @@ from . import common
 from .common import Row
 
 SUITE = "models"
-OURS, OURS_ATTENTION, TORCH, LIGER, COMPILE = "fusedkernels", "fusedkernels+attention", "torch", "liger", "torch-compile"
-IMPLS = (TORCH, OURS, OURS_ATTENTION, COMPILE, LIGER)
+OURS, OURS_ATTENTION, OURS_OPTIM = "fusedkernels", "fusedkernels+attention", "fusedkernels+optim"
+TORCH, LIGER, COMPILE = "torch", "liger", "torch-compile"
+IMPLS = (TORCH, OURS, OURS_OPTIM, OURS_ATTENTION, COMPILE, LIGER)
 # the verdict's impls run ROUNDS times, interleaved (BENCH_ROUNDS=5: a run whose ratio should not hang on one round)
-ROUNDS, REPEATED = int(os.environ.get("BENCH_ROUNDS", "3")), (TORCH, OURS, LIGER)
+ROUNDS, REPEATED = int(os.environ.get("BENCH_ROUNDS", "3")), (TORCH, OURS, OURS_OPTIM, LIGER)
 WORKER_TIMEOUT_S = 900  # one impl's process (torch-compile's compilation is the long one)
 CONFIG = dict(hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
               intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
@@ -70,7 +74,7 @@ def _model(impl: str):
     config = LlamaConfig(**CONFIG, attn_implementation="sdpa")
     model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).train()
     extra = {}
-    if impl in (OURS, OURS_ATTENTION):
+    if impl in (OURS, OURS_ATTENTION, OURS_OPTIM):
         import fusedkernels
         import fusedkernels.integrations.transformers as fk_hf
 
@@ -95,9 +99,16 @@ def _batches(n: int) -> list[torch.Tensor]:
     return [torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ), device="cuda", generator=g) for _ in range(n)]
 
 
-def _train(model, batches: list[torch.Tensor]) -> tuple[float, float, list[float]]:
+def _optimizer(impl: str, params):
+    if impl == OURS_OPTIM:
+        from fusedkernels.optim import FusedAdamW
+
+        return FusedAdamW(params, lr=1e-4, weight_decay=0.1)
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
+
+
+def _train(model, opt, batches: list[torch.Tensor]) -> tuple[float, float, list[float]]:
     """Median step ms over the timed steps, peak MiB over them, and every step's loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     losses, times = [], []
     for i, ids in enumerate(batches):
         if i == WARMUP:
@@ -136,7 +147,7 @@ def _measure(impl: str) -> dict:
         return {"skipped": why}
     try:
         model, extra = _model(impl)
-        ms, peak, losses = _train(model, _batches(WARMUP + STEPS))
+        ms, peak, losses = _train(model, _optimizer(impl, model.parameters()), _batches(WARMUP + STEPS))
     except Exception as e:  # noqa: BLE001 (a refusal or an OOM skips the row)
         return {"skipped": common.why(e)}
     return {"ms": ms, "peak_MiB": peak, "loss_first": losses[WARMUP], "loss_last": losses[-1], **extra}
@@ -185,7 +196,7 @@ def run() -> list[Row]:
                 results[impl].append(_in_a_process(impl))
     rows = [_row(impl, results[impl]) for impl in IMPLS]
     timed = {r.impl: r for r in rows if r.ms is not None}
-    for ours in (OURS, OURS_ATTENTION):
+    for ours in (OURS, OURS_OPTIM, OURS_ATTENTION):
         for base in (TORCH, LIGER, COMPILE):
             if ours in timed and base in timed:
                 timed[ours].extra[f"vs_{base.replace('-', '_')}"] = round(timed[base].ms / timed[ours].ms, 3)

@@ -16,12 +16,12 @@ picks its backend, as in a model) on [B, H, N, D] = 1x16x128x64 bf16, non-causal
 forward with grad, and fwd+bwd as a chain of 8 calls (each output the next call's query) and one backward.
 The budget: ours within 1.2x of torch's host time.
 
-Linear rows (`linear_act ...`): ops.linear_act(x, W, b, "gelu") against F.gelu(F.linear(x, W, b)) on x [4, 1024],
-W [1024, 1024] bf16 (a small shape: the host cost is the whole cost): forward without grad, forward with grad
-(x, W, b require grad), and fwd+bwd as a chain of 8 calls (each output the next call's input) and one backward.
-Same budget. Gated rows (`linear_gated ...`): ops.linear_gated(x, W, None, "swiglu") against its eager form on the
-same stacked weight W [2048, 1024], `gate, up = F.linear(x, W).chunk(2, -1); F.silu(gate) * up`, in the same three
-directions. MLP rows (`gated_mlp ...`): FusedMLP's gated op (`torch.ops.fusedkernels.gated_mlp`, one call for both
+Linear rows (`linear_act ...`): ops.linear_act(x, W, b, "gelu") against F.gelu(F.linear(x, W, b)), and
+ops.linear_act(x, W, b, "none") (which runs F.linear inside the op) against F.linear, on x [4, 1024], W [1024, 1024]
+bf16 (a small shape: the host cost is the whole cost): forward without grad, forward with grad (x, W, b require
+grad), and fwd+bwd as a chain of 8 calls (each output the next call's input) and one backward. Same budget.
+Gated rows (`linear_gated ...`): ops.linear_gated(x, W, None, "swiglu") against its eager form on the same stacked
+weight W [2048, 1024], `gate, up = F.linear(x, W).chunk(2, -1); F.silu(gate) * up`, in the same three directions. MLP rows (`gated_mlp ...`): FusedMLP's gated op (`torch.ops.fusedkernels.gated_mlp`, one call for both
 GEMMs) against the eager Llama MLP `F.linear(silu(gate) * up, W_down)` on the same weights, W_down [1024, 1024].
 
 Residual rows (`add_rms_norm ...`): ops.add_rms_norm(x, residual, w) against `h = x + residual; F.rms_norm(h, ...)`
@@ -196,15 +196,15 @@ def _linear_rows(add) -> None:
         print("  linear_act: skipped (fusedkernels.ops has no linear_act)", flush=True)
         return
     M, K, N = LINEAR_SHAPE
-    shape = f"{M}x{K}x{N} gelu bf16"
     x = torch.randn(M, K, device="cuda", dtype=DTYPE)
     dy = torch.randn(M, N, device="cuda", dtype=DTYPE)
     w = (torch.randn(N, K, device="cuda") * K**-0.5).to(DTYPE)
     b = torch.randn(N, device="cuda", dtype=DTYPE)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    impls = (("fusedkernels", lambda x, w, b: ours(x, w, b, "gelu")),
-             ("torch", lambda x, w, b: F.gelu(F.linear(x, w, b))))
-    _three_directions(add, f"linear_act {{}} {shape}", impls, (x, w, b), leaves, dy)
+    # gelu: our kernel; none: the op's route to F.linear (no epilogue to fuse), so its cost is our layers alone
+    for act, eager in (("gelu", lambda x, w, b: F.gelu(F.linear(x, w, b))), ("none", F.linear)):
+        impls = (("fusedkernels", lambda x, w, b, act=act: ours(x, w, b, act)), ("torch", eager))
+        _three_directions(add, f"linear_act {{}} {M}x{K}x{N} {act} bf16", impls, (x, w, b), leaves, dy)
     del x, dy, w, b, leaves
 
 

@@ -45,8 +45,10 @@ def profile_impl(impl: str, batches, out) -> None:
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events) / 2
-    lines = [f"== {impl}: {total / 1e3:.2f} ms of kernels a step, peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"]
-    for e in events[:30]:
+    launches = sum(e.count for e in events) // 2
+    lines = [f"== {impl}: {total / 1e3:.2f} ms of kernels a step ({launches} launches), "
+             f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"]
+    for e in events[:40]:
         lines.append(f"{e.device_time_total / 2e3:9.3f} ms {e.count // 2:5d}x  {e.key[:150]}")
     print("\n".join(lines), flush=True)
     out.write("\n".join(lines) + "\n\n")

@@ -20,7 +20,7 @@ import fusedkernels.ops as fops
 from fusedkernels import _build, _native
 from fusedkernels.ops.gemm import ACTIVATIONS, GATE_ACTIVATION, GATED_ACTIVATIONS, linear_act_ref, linear_gated_ref
 
-from .helpers import assert_close_to_ref, check_graph_replays, grad_in_layout, max_err, poison_allocator
+from .helpers import DEVICES, assert_close_to_ref, check_graph_replays, grad_in_layout, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("linear_act"), reason="needs the native gemm ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -613,8 +613,8 @@ def test_portable_kernel_is_what_runs_off_hopper_or_when_forced(kernels):
 @needs_native
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_plain_gemm_is_cublas_and_an_epilogue_is_ours(bias, kernels):
-    """Activation "none" without a residual is F.linear: PyTorch's GEMM (cuBLAS) runs it, with no warning; a
-    residual or an activation brings the fused kernel back."""
+    """Activation "none" without a residual is F.linear: PyTorch's GEMM (cuBLAS) runs it, in any dtype, with no
+    warning; a residual or an activation brings the fused kernel back."""
     x, w, b, r = _inputs((300,), 136, 264, torch.bfloat16, "cuda", bias, True)
     for activation, residual, ours in (("none", None, False), ("none", r, True), ("relu", None, True)):
         with warnings.catch_warnings(record=True) as caught:
@@ -627,6 +627,41 @@ def test_plain_gemm_is_cublas_and_an_epilogue_is_ours(bias, kernels):
         assert any("linear_act_sm" in n for n in names) == ours, (activation, residual is not None, names)
         _check_forward(x, w, b, residual, activation)
         assert out.is_contiguous()
+    x32, w32 = x.float(), w.float()
+    b32 = b.float() if b is not None else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fops.linear_act(x32, w32, b32, "none")  # float32: F.linear too, with no fallback warning
+    assert not [str(c.message) for c in caught if "fusedkernels" in str(c.message)]
+    assert torch.equal(out, F.linear(x32, w32, b32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_activation_none_without_a_residual_is_f_linear(device):
+    """Nothing to fuse: ops.linear_act, the op through torch.ops and FusedLinear return F.linear's result bit for
+    bit, its gradients, and its errors."""
+    x = torch.randn(3, 5, 16, device=device, dtype=torch.bfloat16).transpose(0, 1)  # (non-contiguous)
+    lin = torch.nn.Linear(16, 24, device=device, dtype=torch.bfloat16)
+    fused = fnn.FusedLinear(16, 24, activation="none", device=device, dtype=torch.bfloat16)
+    fused.load_state_dict(lin.state_dict())
+    calls = [lambda x: fops.linear_act(x, lin.weight, lin.bias, "none"), fused]
+    if _native.has_op("linear_act"):
+        calls.append(lambda x: torch.ops.fusedkernels.linear_act(x, lin.weight, lin.bias, "none", None))
+    dy = torch.randn(5, 3, 24, device=device, dtype=torch.bfloat16)
+    leaf = x.detach().requires_grad_()
+    expected = lin(leaf)
+    expected_grads = torch.autograd.grad(expected, [leaf, lin.weight, lin.bias], dy)
+    for call in calls:
+        out = call(leaf)
+        assert torch.equal(out, expected)
+        params = [fused.weight, fused.bias] if call is fused else [lin.weight, lin.bias]
+        for got, want in zip(torch.autograd.grad(out, [leaf, *params], dy), expected_grads):
+            assert torch.equal(got, want)
+        with pytest.raises(RuntimeError) as ours:
+            call(leaf[..., :8])
+        with pytest.raises(RuntimeError) as torchs:
+            lin(leaf[..., :8])
+        assert str(ours.value) == str(torchs.value)
 
 
 def test_fused_linear_takes_nn_linear_positional_arguments_and_activation_by_keyword():

@@ -259,6 +259,9 @@ bool needs_grad(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
 // linear_act_fwd.
 Tensor route(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias, Activation act,
              const OptTensor& residual, bool gated) {
+  // No activation and no residual leave no epilogue to fuse: F.linear itself, its checks, errors and autograd
+  // included (cuBLAS on CUDA, the bias in its epilogue; docs/gemm.md, Routing), with no warning
+  if (act == Activation::kNone && !residual && !gated) return at::linear(x, weight, bias);
   check_args(op, x, weight, bias, residual, gated, /*residual_any_dtype=*/true);
   if (residual && residual->scalar_type() != x.scalar_type()) {
     // as `act(F.linear(x, weight, bias)) + residual`: the add promotes (a float32 residual stream, an integer

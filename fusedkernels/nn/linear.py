@@ -8,6 +8,7 @@ calls the C++ op directly: no Python work beyond the call.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import gemm as ops
@@ -52,10 +53,12 @@ class FusedLinear(nn.Linear):
 
         Raises RuntimeError for an input whose last dimension is not in_features, a residual not the output's
         shape, a non-floating input, dtypes or devices that differ; NotImplementedError for sparse or nested
-        tensors.
+        tensors. With activation "none" and no residual it is nn.Linear's call, `F.linear`, errors included.
         """
         if torch.jit.is_scripting():  # TorchScript compiles this branch only
             return torch.ops.fusedkernels.linear_act(input, self.weight, self.bias, self.activation, residual)
+        if residual is None and self.activation == "none":  # nothing to fuse: one dispatch, as nn.Linear's
+            return F.linear(input, self.weight, self.bias)
         return ops._linear_act(input, self.weight, self.bias, self.activation, residual)
 
     def extra_repr(self) -> str:

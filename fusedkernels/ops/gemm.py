@@ -8,7 +8,7 @@ the fused kernel (csrc/gemm) where
 the GPU and build have one; CPU inputs run the reference (PyTorch ops in the inputs' dtype) through the same
 autograd; anything else (float32 / float64 on CUDA, other sizes, an unsuitable weight layout, no kernel for the
 GPU, forward-mode AD) runs the reference, with one warning per reason. Activation "none" without a residual leaves
-nothing to fuse: it runs as `F.linear` (cuBLAS), silently. Details: docs/gemm.md.
+nothing to fuse: it is `F.linear` (cuBLAS), silently. Details: docs/gemm.md.
 
 `linear_act_ref` and `linear_gated_ref` are the specifications the tests hold the kernel to.
 """
@@ -175,8 +175,12 @@ def linear_act(
     (where F.linear raises, the same type), and for a non-floating x (which F.linear takes on CPU);
     TypeError for arguments of the wrong type (activation=None included); NotImplementedError for sparse or nested
     tensors. Without the native module the reference runs after the same checks. CUDA inputs without a kernel
-    run the reference with one UserWarning per reason.
+    run the reference with one UserWarning per reason. Activation "none" without a residual is `F.linear(x,
+    weight, bias)` itself, its checks, errors and results (sparse and nested inputs included): there is nothing
+    to fuse, and cuBLAS's plain GEMM is the faster one.
     """
+    if residual is None and isinstance(activation, str) and activation == "none":
+        return F.linear(x, weight, bias)  # nothing to fuse (the op would run F.linear too, a dispatch later)
     transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the reference, whose ops they know
     return (_linear_act_without_native if transformed else _linear_act)(x, weight, bias, activation, residual)
 
