@@ -1181,10 +1181,14 @@ class CausalLMLoss(Pattern):
     fuse(model, lm_head_loss=False) leaves it."""
 
     def match(self, path, module, model, merge):
-        if isinstance(module, hf.FusedLinearCrossEntropyCausalLM):  # its children are still visited
+        fused_class = isinstance(module, hf.FusedLinearCrossEntropyCausalLM)
+        if fused_class and "_fusedkernels_logit_settings" in module.__dict__:  # its children are still visited
             return [FuseEntry(path, type(module).__name__, ALREADY_FUSED)]
+        # A new instance of a fused class (type(model)(config), from_pretrained on it) runs its class's own forward
+        # until fuse() probes it and gives it the settings: the original class's pattern, as for any model.
+        original = hf.unfused_class(type(module)) if fused_class else type(module)
         lm_head, decoder = module._modules.get("lm_head"), module._modules.get("model")
-        code = getattr(hf._unwrapped(type(module).forward), "__code__", None)
+        code = getattr(hf._unwrapped(original.forward), "__code__", None)
         if (type(lm_head) is not nn.Linear or decoder is None or code is None
                 or not {"lm_head", "loss_function"} <= set(code.co_names)
                 or not hf.is_hf_causal_lm_loss(getattr(module, "loss_function", None))):
@@ -1195,7 +1199,7 @@ class CausalLMLoss(Pattern):
                                                        "which are returned")]
         probed = copy.copy(module)
         probed._modules = {**module._modules, "model": _HiddenOnly()}
-        cls = hf.causal_lm_loss_class(type(module))
+        cls = hf.causal_lm_loss_class(original)
         settings = {"_fusedkernels_logit_settings": hf.logit_settings(module)}  # what the probe sees
         candidate = Candidate(_LossProbe(_switched(probed, cls, **settings), lm_head.out_features),
                               f"{name} + ops.linear_cross_entropy", _switch(module, cls, **settings),

@@ -1037,6 +1037,18 @@ def _fused_llama():
     return model, before, torch.randint(0, 64, (2, 9))
 
 
+def test_transformers_new_instances_of_a_fused_class_are_fused_by_fuse():
+    """A model built from a fused model's class (type(model)(config), from_pretrained on it) has its class's own
+    forward until fuse() probes it: fuse() swaps it (not "already fused") and its loss then skips the logits."""
+    model, _, ids = _fused_llama()
+    fresh = type(model)(model.config).train()
+    assert fresh(input_ids=ids, labels=ids).logits is not None  # not fused yet: the class's own forward
+    report = fusedkernels.fuse(fresh)
+    assert [e.status for e in report.entries if e.path == ""] == ["swapped"], str(report)
+    assert fresh(input_ids=ids, labels=ids).logits is None
+    assert [e.status for e in fusedkernels.fuse(fresh).entries if e.path == ""] == ["already fused"]
+
+
 def test_transformers_fused_loss_only_where_it_computes_the_same():
     """The fused LM-head loss runs in training mode with labels and a plain nn.Linear head: evaluation keeps its
     logits (metrics read them, as Liger-Kernel's rule); a head wrapped (a LoRA-style adapter) or hooked after fuse()

@@ -208,6 +208,52 @@ def test_rotary_inplace(device, impl):
         product.backward()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rotary_inplace_with_a_learned_table(device, impl):
+    """In place with cos / sin that require grad (the table's gradient reads q and k, which the write replaces):
+    the gradients of q, k, cos and sin are those of the out-of-place call."""
+    x = torch.randn(1, 2, 5, 8, device=device, requires_grad=True)
+    y = torch.randn(1, 1, 5, 8, device=device, requires_grad=True)
+    c = torch.randn(5, 8, device=device, requires_grad=True)
+    s_ = torch.randn(5, 8, device=device, requires_grad=True)
+    leaves = [x, y, c, s_]
+    qo, ko = fops.apply_rotary(x * 1, y * 1, c, s_)
+    want = torch.autograd.grad(qo.square().sum() + ko.sum(), leaves)
+    qa, ka = x * 1, y * 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (CUDA: the reference, with its one warning)
+        if impl == "op":
+            fops.apply_rotary(qa, ka, c, s_, inplace=True)
+        else:
+            llm._rotary_inplace_without_native(qa, ka, c, s_)
+    got = torch.autograd.grad(qa.square().sum() + ka.sum(), leaves)
+    for g, w in zip(got, want):
+        assert max_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_output_needs_grad_only_where_its_input_does(device):
+    """A frozen k (LoRA on q only, a cached key) gives a k_out outside the graph, as HF's products do; in place, k
+    stays a plain tensor. Both ways round, and the gradient that flows is the rotation's."""
+    cos, sin = _tables(1, 6, 16, device, torch.float32)
+    for q_grad, k_grad in ((True, False), (False, True)):
+        q = torch.randn(1, 4, 6, 16, device=device, requires_grad=q_grad)
+        k = torch.randn(1, 2, 6, 16, device=device, requires_grad=k_grad)
+        qo, ko = fops.apply_rotary(q, k, cos, sin)
+        assert (qo.requires_grad, ko.requires_grad) == (q_grad, k_grad)
+        leaf, out = (q, qo) if q_grad else (k, ko)
+        (grad,) = torch.autograd.grad(out.square().sum(), leaf)
+        ref = leaf.detach().double().requires_grad_()
+        rq, rk = _hf_rotary(ref if q_grad else q.double(), ref if k_grad else k.double(), cos.double(), sin.double())
+        (want,) = torch.autograd.grad((rq if q_grad else rk).square().sum(), ref)
+        assert max_err(grad, want) < 1e-4
+    q, k = torch.randn(1, 4, 6, 16, device=device, requires_grad=True), torch.randn(1, 2, 6, 16, device=device)
+    qa = q * 1
+    fops.apply_rotary(qa, k, cos, sin, inplace=True)
+    assert qa.grad_fn is not None and k.grad_fn is None and not k.requires_grad
+
+
 def test_rotary_gradcheck_and_double_backward():
     """float64 CPU inputs go through the op's autograd: exact first and second derivatives (the backward is the
     conjugate rotation, itself recorded)."""
@@ -854,6 +900,13 @@ def test_module_is_a_linear_head_plus_cross_entropy(device):
         ours(x, fnn.FusedLinear(16, 23, activation="relu", device=device), labels)
     with pytest.raises(TypeError, match="bias is given by the nn.Linear head"):
         ours(x, head, labels, head.bias)
+    hooked = torch.nn.Linear(16, 23, device=device)
+    hooked.register_forward_hook(lambda module, args, out: out * 0)  # would change the logits the loss sees
+    with pytest.raises(ValueError, match="forward hooks"):
+        ours(x, hooked, labels)
+    with torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out * 0):
+        with pytest.raises(ValueError, match="forward hooks"):
+            ours(x, torch.nn.Linear(16, 23, device=device), labels)
 
 
 @pytest.mark.cuda

@@ -587,7 +587,10 @@ void apply_rotary_inplace_composite(const Tensor& q, const Tensor& k, const Tens
     rotary_inplace_op().call(q, k, t.cos, t.sin, t.position_ids, interleaved, seq_first, false);
     return;
   }
-  auto [q_out, k_out] = apply_rotary_composite(q, k, cos, sin, position_ids, interleaved, layout);
+  // a learned table's gradient reads q and k, which the copies below overwrite: the reference saves copies of them
+  const bool table_grad = at::GradMode::is_enabled() && (requires_grad(cos) || requires_grad(sin));
+  auto [q_out, k_out] = apply_rotary_composite(table_grad ? q.clone() : q, table_grad ? k.clone() : k, cos, sin,
+                                               position_ids, interleaved, layout);
   q.copy_(q_out);
   k.copy_(k_out);
 }
@@ -783,8 +786,17 @@ std::tuple<Tensor, Tensor> rotary_fwd_autograd(const Tensor& q, const Tensor& k,
     auto node = make_node<RotaryBackward>();
     auto& n = static_cast<RotaryBackward&>(*node);
     n.set_next_edges(torch::autograd::collect_next_edges(q, k));
-    torch::autograd::set_history(std::get<0>(out), node);  // output 0, then 1
-    torch::autograd::set_history(std::get<1>(out), node);
+    // outputs 0 and 1; one whose input needs no gradient gets none (as HF's products: a frozen k's stays a plain
+    // tensor), its slot left empty
+    const bool wanted[2] = {requires_grad(q), requires_grad(k)};
+    Tensor* outputs[2] = {&std::get<0>(out), &std::get<1>(out)};
+    for (int i = 0; i < 2; ++i) {
+      if (wanted[i]) {
+        torch::autograd::set_history(*outputs[i], node);
+      } else {
+        n.add_input_metadata(torch::autograd::Node::undefined_input());
+      }
+    }
     n.cos = torch::autograd::SavedVariable(cos, false);
     n.sin = torch::autograd::SavedVariable(sin, false);
     if (position_ids) n.position_ids = torch::autograd::SavedVariable(*position_ids, false);

@@ -474,6 +474,11 @@ _LABELS_AT: dict = {}  # class -> index of `labels` in forward's positional argu
 _FORWARD_CODE: dict = {}  # class -> the code of the original class's forward (under its decorators)
 
 
+def unfused_class(cls: type) -> type:
+    """The class a switched class (`_switched_class`) was made from."""
+    return cls._fusedkernels_rebuild[1][0]
+
+
 def causal_lm_loss_class(cls: type) -> type:
     """cls with FusedLinearCrossEntropyCausalLM's forward around its own, keeping cls's name, cached per class."""
     if cls not in _LM_CLASSES:

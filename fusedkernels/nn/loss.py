@@ -7,6 +7,12 @@ from torch import Tensor, nn
 from ..ops import llm as ops
 
 
+def _global_forward_hooks() -> bool:
+    """Whether nn.modules.module.register_module_forward_(pre_)hook hooks are registered."""
+    module = nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
 class FusedLinearCrossEntropyLoss(nn.Module):
     """`nn.CrossEntropyLoss()(head(hidden), target)` for a linear head, computed by
     fusedkernels.ops.linear_cross_entropy: the [tokens, vocab] logits are never materialised.
@@ -22,7 +28,8 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     z_loss, softcap, chunk_size as in linear_cross_entropy. forward(hidden [..., H], head, target [...] int64,
     bias=None): head is an nn.Linear (its weight [V, H] and bias are used; not a subclass, whose forward may compute
     something else, nor with a bias given besides) or a weight tensor. Returns the loss in float32 (float64 for
-    float64 inputs). Raises TypeError for a head of another type.
+    float64 inputs). Raises TypeError for a head of another type, ValueError for a head with forward hooks (module
+    or global ones: the loss never calls the head, so a hook could not change what it computes).
     """
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
@@ -41,6 +48,10 @@ class FusedLinearCrossEntropyLoss(nn.Module):
             if bias is not None:
                 raise TypeError("FusedLinearCrossEntropyLoss: bias is given by the nn.Linear head; pass its weight "
                                 "tensor to give another bias")
+            if head._forward_hooks or head._forward_pre_hooks or _global_forward_hooks():
+                raise ValueError("FusedLinearCrossEntropyLoss: the head has forward hooks, which the fused loss does "
+                                 "not run (it never calls the head, so it cannot apply what they change): remove "
+                                 "them, or pass head.weight and head.bias")
             head, bias = head.weight, head.bias
         return ops.linear_cross_entropy(hidden, head, target, bias, self.ignore_index, self.reduction,
                                         self.label_smoothing, self.z_loss, self.softcap, self.chunk_size)

@@ -170,7 +170,10 @@ def _like(t: Tensor, value: Tensor) -> Tensor:
 
 def _rotary_inplace_without_native(q, k, cos, sin, position_ids=None, interleaved=False, layout="bhnd"):
     _check_rotary_args("apply_rotary_", q, k, cos, sin, position_ids, interleaved, layout)
-    q_out, k_out = apply_rotary_ref(q, k, cos, sin, position_ids, interleaved, layout)
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):  # (their gradients read q and k)
+        q_out, k_out = apply_rotary_ref(q.clone(), k.clone(), cos, sin, position_ids, interleaved, layout)
+    else:
+        q_out, k_out = apply_rotary_ref(q, k, cos, sin, position_ids, interleaved, layout)
     q.copy_(q_out)
     k.copy_(k_out)
 
@@ -199,7 +202,9 @@ def apply_rotary(
     float32 / float16 / bfloat16 (fused kernel on CUDA) or float64; k has q's dtype.
     cos / sin: one value per rotated element, as HF's rotary embedding produces them (both halves of a pair's
     angle present: torch.cat((freqs, freqs), -1).cos()): [seq, rotary_dim] or [batch or 1, seq, rotary_dim];
-    with position_ids: tables [positions, rotary_dim] gathered per token. q's dtype or float32 (read in fp32).
+    with position_ids: tables [positions, rotary_dim] gathered per token. q's dtype or float32 (read in fp32) for
+    the fused kernel; another floating dtype works too (CUDA: the reference, one warning), and the outputs are q's
+    dtype whatever the table's (HF's products would promote q to a float64 table's dtype: cast q first for that).
     flash-attn-style half tables [seq, rotary_dim / 2] become this form with torch.cat((cos, cos), -1) (or
     cos.repeat_interleave(2, -1) when interleaved).
     position_ids: [seq] or [batch or 1, seq] int64 / int32, the row of cos / sin for each token (packed sequences:
