@@ -17,7 +17,7 @@ forward with grad, and fwd+bwd as a chain of 8 calls (each output the next call'
 The budget: ours within 1.2x of torch's host time.
 
 Linear rows (`linear_act ...`): ops.linear_act(x, W, b, "gelu") against F.gelu(F.linear(x, W, b)), and
-ops.linear_act(x, W, b, "none") (which runs F.linear inside the op) against F.linear, on x [4, 1024], W [1024, 1024]
+ops.linear_act(x, W, b, "none") (F.linear itself, called by ops.linear_act) against F.linear, on x [4, 1024], W [1024, 1024]
 bf16 (a small shape: the host cost is the whole cost): forward without grad, forward with grad (x, W, b require
 grad), and fwd+bwd as a chain of 8 calls (each output the next call's input) and one backward. Same budget.
 Gated rows (`linear_gated ...`): ops.linear_gated(x, W, None, "swiglu") against its eager form on the same stacked
@@ -201,7 +201,7 @@ def _linear_rows(add) -> None:
     w = (torch.randn(N, K, device="cuda") * K**-0.5).to(DTYPE)
     b = torch.randn(N, device="cuda", dtype=DTYPE)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    # gelu: our kernel; none: the op's route to F.linear (no epilogue to fuse), so its cost is our layers alone
+    # gelu: our kernel; none: F.linear behind ops.linear_act (no epilogue to fuse): its cost is our Python layer
     for act, eager in (("gelu", lambda x, w, b: F.gelu(F.linear(x, w, b))), ("none", F.linear)):
         impls = (("fusedkernels", lambda x, w, b, act=act: ours(x, w, b, act)), ("torch", eager))
         _three_directions(add, f"linear_act {{}} {M}x{K}x{N} {act} bf16", impls, (x, w, b), leaves, dy)
