@@ -17,12 +17,13 @@ forward with grad, and fwd+bwd as a chain of 8 calls (each output the next call'
 The budget: ours within 1.2x of torch's host time.
 
 Linear rows (`linear_act ...`): ops.linear_act(x, W, b, "gelu") against F.gelu(F.linear(x, W, b)), and
-ops.linear_act(x, W, b, "none") (F.linear itself, called by ops.linear_act) against F.linear, on x [4, 1024], W [1024, 1024]
-bf16 (a small shape: the host cost is the whole cost): forward without grad, forward with grad (x, W, b require
-grad), and fwd+bwd as a chain of 8 calls (each output the next call's input) and one backward. Same budget.
+ops.linear_act(x, W, b, "none") (F.linear itself, called by ops.linear_act) against F.linear, on x [4, 1024], W
+[1024, 1024] bf16 (a small shape: the host cost is the whole cost): forward without grad, forward with grad (x, W, b
+require grad), and fwd+bwd as a chain of 8 calls (each output the next call's input) and one backward. Same budget.
 Gated rows (`linear_gated ...`): ops.linear_gated(x, W, None, "swiglu") against its eager form on the same stacked
-weight W [2048, 1024], `gate, up = F.linear(x, W).chunk(2, -1); F.silu(gate) * up`, in the same three directions. MLP rows (`gated_mlp ...`): FusedMLP's gated op (`torch.ops.fusedkernels.gated_mlp`, one call for both
-GEMMs) against the eager Llama MLP `F.linear(silu(gate) * up, W_down)` on the same weights, W_down [1024, 1024].
+weight W [2048, 1024], `gate, up = F.linear(x, W).chunk(2, -1); F.silu(gate) * up`, in the same three directions.
+MLP rows (`gated_mlp ...`): FusedMLP's gated op (`torch.ops.fusedkernels.gated_mlp`, one call for both GEMMs)
+against the eager Llama MLP `F.linear(silu(gate) * up, W_down)` on the same weights, W_down [1024, 1024].
 
 Residual rows (`add_rms_norm ...`): ops.add_rms_norm(x, residual, w) against `h = x + residual; F.rms_norm(h, ...)`
 at 4x4096 bf16; fwd+bwd is one call and one backward. Conv rows (`conv2d_bias_relu ...`): ops.conv2d_bias_relu against F.relu(F.conv2d(x, W, b, padding=1)) on x [1, 64, 8, 8]
