@@ -695,9 +695,9 @@ def test_gqa_backward_with_the_q_heads_split_or_not(case, split, monkeypatch):
                                   (1, 300, 104, 2, 1, 128, False, (0, 0)), (2, 33, 40, 4, 2, 128, True, None),
                                   (1, 200, 64, 4, 1, 64, True, None)], ids=str)
 @pytest.mark.parametrize("bias_kind", [None, "float"], ids=["", "bias"])
-def test_warp_specialised_forward(case, bias_kind, dtype, monkeypatch):
+def test_warp_specialised_kernels(case, bias_kind, dtype, monkeypatch):
     """FUSEDKERNELS_ATTENTION_KERNEL=sm90ws runs the warp-specialised Hopper forward (TMA producer, ping-pong
-    consumers) wherever it can take the call (by default not at head dim 64 over 512 keys or fewer): odd and unequal lengths, GQA, causal, windows (query tiles that see no key),
+    consumers) and backward (TMA producer, dQ by TMA reduce-add) wherever they can take the call (by default not at head dim 64 over 512 keys or fewer): odd and unequal lengths, GQA, causal, windows (query tiles that see no key),
     a tile whose second consumer has only rows past the end, key tiles shorter than one 64-key bias box, more
     queries than keys under a causal mask, both head dims, with and without a bias (odd key counts: rows not
     16-byte aligned take the plain kernel); against the reference, and in several launches of the causal order
@@ -775,11 +775,22 @@ def test_hopper_kernels_are_what_runs_on_sm90(monkeypatch):
     grad_inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     out = fops.attention(*grad_inputs, causal=True)
     names = _cuda_kernels_run(lambda: out.backward(torch.randn_like(out)))
-    assert any("attention_bwd_dkdv_sm90_kernel" in n for n in names), names
+    assert any("attention_bwd_dkdv_sm90_ws_kernel" in n for n in names), names
+    with monkeypatch.context() as env:  # the Hopper backward without warp specialisation, when asked for
+        env.setenv("FUSEDKERNELS_ATTENTION_KERNEL", "sm90")
+        out = fops.attention(*grad_inputs, causal=True)
+        names = _cuda_kernels_run(lambda: out.backward(torch.randn_like(out)))
+        assert any("attention_bwd_dkdv_sm90_kernel" in n for n in names) and not any("_ws_" in n for n in names)
     bias = torch.randn(1, 2, 300, 300, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out = fops.attention(*grad_inputs, attn_bias=bias)
     names = _cuda_kernels_run(lambda: out.backward(torch.randn_like(out)))
+    # 300 keys: bias rows of 600 bytes, which TMA cannot read (16-byte multiples): the plain backward
     assert any("attention_bwd_dkdv_sm90_kernel" in n for n in names), names
+    qb, kb, vb = (t.detach().requires_grad_() for t in _qkv(1, 300, 296, 2, 2, 128, dtype=torch.bfloat16, device="cuda"))
+    bias296 = torch.randn(1, 2, 300, 296, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = fops.attention(qb, kb, vb, attn_bias=bias296)
+    names = _cuda_kernels_run(lambda: out.backward(torch.randn_like(out)))
+    assert any("attention_bwd_dkdv_sm90_ws_kernel" in n for n in names), names
     names = _cuda_kernels_run(lambda: fops.attention(q, k, v, attn_bias=bias.detach()))
     assert any("attention_fwd_sm90" in n for n in names), names
     names = _cuda_kernels_run(lambda: fops.attention(q, k, v, dropout_p=0.1))  # dropout keeps the portable one

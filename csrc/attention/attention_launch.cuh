@@ -30,15 +30,16 @@ inline bool portable_kernel_forced() {
   const char* choice = std::getenv("FUSEDKERNELS_ATTENTION_KERNEL");
   return choice != nullptr && std::strcmp(choice, "portable") == 0;
 }
-// Which Hopper forward: FUSEDKERNELS_ATTENTION_KERNEL=sm90 keeps the one without warp specialisation
-// (sm90/attention_fwd_sm90.cuh) wherever the other would run, =sm90ws takes the warp-specialised one wherever it
-// can (tests and benchmarks of each); otherwise the launcher chooses (launch_fwd_sm90).
-enum class Sm90Forward { kChosen, kPlain, kWarpSpecialised };
-inline Sm90Forward sm90_forward_asked() {
+// Which Hopper kernels: FUSEDKERNELS_ATTENTION_KERNEL=sm90 keeps the ones without warp specialisation
+// (sm90/attention_fwd_sm90.cuh, sm90/attention_bwd_sm90.cuh) wherever the others would run, =sm90ws takes the
+// warp-specialised ones wherever they can (tests and benchmarks of each); otherwise the launchers choose
+// (launch_fwd_sm90, launch_bwd_dkdv_sm90).
+enum class Sm90Kernel { kChosen, kPlain, kWarpSpecialised };
+inline Sm90Kernel sm90_kernel_asked() {
   const char* choice = std::getenv("FUSEDKERNELS_ATTENTION_KERNEL");
-  if (choice != nullptr && std::strcmp(choice, "sm90") == 0) return Sm90Forward::kPlain;
-  if (choice != nullptr && std::strcmp(choice, "sm90ws") == 0) return Sm90Forward::kWarpSpecialised;
-  return Sm90Forward::kChosen;
+  if (choice != nullptr && std::strcmp(choice, "sm90") == 0) return Sm90Kernel::kPlain;
+  if (choice != nullptr && std::strcmp(choice, "sm90ws") == 0) return Sm90Kernel::kWarpSpecialised;
+  return Sm90Kernel::kChosen;
 }
 
 inline bool empty_grid(const dim3& grid) { return grid.x == 0 || grid.y == 0 || grid.z == 0; }

@@ -285,28 +285,4 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
 #endif
 }
 
-template <typename T, int kD>
-bool bwd_sm90_available() {
-#ifdef FUSEDKERNELS_SM90A_BUILT  // else the kernel's only body is the trap
-  return compute_capability() == 90 &&
-         has_image_for_current_device<attention_bwd_dkdv_sm90_kernel<BwdSm90Config<T, kD>, false>>();
-#else
-  return false;
-#endif
-}
-
-template <typename T, int kD>
-cudaError_t launch_bwd_dkdv_sm90(const BwdParams& p, cudaStream_t stream) {
-  using Cfg = BwdSm90Config<T, kD>;
-  const dim3 grid(ceil_div(p.fwd.seqlen_k, Cfg::kBlockN), p.fwd.heads_kv * p.kv_split, p.fwd.batch);
-  if (p.fwd.bias != nullptr) {
-    return launch<attention_bwd_dkdv_sm90_kernel<Cfg, true>, Cfg::kThreads, Cfg::smem_bytes(true)>(grid, p, stream);
-  }
-  return launch<attention_bwd_dkdv_sm90_kernel<Cfg, false>, Cfg::kThreads, Cfg::smem_bytes(false)>(grid, p, stream);
-}
-
 }  // namespace fusedkernels::attention
-
-#define FUSEDKERNELS_ATTENTION_BWD_SM90_INSTANCE(T, D)                  \
-  template bool fusedkernels::attention::bwd_sm90_available<T, D>(); \
-  template cudaError_t fusedkernels::attention::launch_bwd_dkdv_sm90<T, D>(const fusedkernels::attention::BwdParams&, cudaStream_t);

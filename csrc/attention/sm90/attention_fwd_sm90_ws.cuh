@@ -42,15 +42,6 @@ struct FwdWsParams {
   bool bias_batch_broadcast, bias_head_broadcast;
 };
 
-__device__ __forceinline__ void tma_load_4d(void* smem_dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
-                                            uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(
-          sm90::smem_address(smem_dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(sm90::smem_address(bar))
-      : "memory");
-}
-
 template <typename Cfg, bool kBias>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel(const __grid_constant__ FwdWsParams w) {
 #if FUSEDKERNELS_SM90A
@@ -97,7 +88,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel
     if (threadIdx.x != 0 || tiles == 0) return;
     sm90::mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
 #pragma unroll
-    for (int box = 0; box < kD / 64; ++box) tma_load_4d(sQ + box * kBlockM * 128, &w.q, 64 * box, m0, h, b, q_full);
+    for (int box = 0; box < kD / 64; ++box) sm90::tma_load_4d(sQ + box * kBlockM * 128, &w.q, 64 * box, m0, h, b, q_full);
     // stage j % 2's (j / 2)-th use; its first wait for "empty" passes at once (phase "-1" done)
     for (int j = 0; j < tiles; ++j) {
       const int s = j % 2;
@@ -106,12 +97,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel
       sm90::mbarrier_arrive_expect_tx(&k_full[s], Cfg::kKVBytes + (kBias ? Cfg::kBiasBytes : 0));
 #pragma unroll
       for (int box = 0; box < kD / 64; ++box) {
-        tma_load_4d(sK + s * Cfg::kKVBytes + box * kBlockN * 128, &w.k, 64 * box, key0(j), h_kv, b, &k_full[s]);
+        sm90::tma_load_4d(sK + s * Cfg::kKVBytes + box * kBlockN * 128, &w.k, 64 * box, key0(j), h_kv, b, &k_full[s]);
       }
       if constexpr (kBias) {
 #pragma unroll
         for (int box = 0; box < kBlockN / 64; ++box) {
-          tma_load_4d(sBias + s * Cfg::kBiasBytes + box * kBlockM * 128, &w.bias, key0(j) + 64 * box, m0,
+          sm90::tma_load_4d(sBias + s * Cfg::kBiasBytes + box * kBlockM * 128, &w.bias, key0(j) + 64 * box, m0,
                       w.bias_head_broadcast ? 0 : h, w.bias_batch_broadcast ? 0 : b, &k_full[s]);
         }
       }
@@ -119,7 +110,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel
       sm90::mbarrier_arrive_expect_tx(&v_full[s], Cfg::kKVBytes);
 #pragma unroll
       for (int box = 0; box < kD / 64; ++box) {
-        tma_load_4d(sV + s * Cfg::kKVBytes + box * kBlockN * 128, &w.v, 64 * box, key0(j), h_kv, b, &v_full[s]);
+        sm90::tma_load_4d(sV + s * Cfg::kKVBytes + box * kBlockN * 128, &w.v, 64 * box, key0(j), h_kv, b, &v_full[s]);
       }
     }
     return;
@@ -224,20 +215,8 @@ bool make_fwd_ws_params(const FwdParams& p, FwdWsParams& w) {
       !map(&w.v, p.v, p.v_strides, p.seqlen_k, p.heads_kv, Cfg::kBlockN)) {
     return false;
   }
-  if (p.bias == nullptr) return true;
-  // A bias broadcast over the query rows (row stride 0) would read zeros past its one row: the plain kernel.
-  const Strides& s = p.bias_strides;
-  if (s.row == 0 && p.seqlen_q > 1) return false;
-  w.bias_batch_broadcast = s.batch == 0;
-  w.bias_head_broadcast = s.head == 0;
-  const int64_t heads = w.bias_head_broadcast ? 1 : p.heads_q, batch = w.bias_batch_broadcast ? 1 : p.batch;
-  const int64_t sizes[4] = {p.seqlen_k, p.seqlen_q, heads, batch};
-  // byte strides; a broadcast (size 1) dimension's is never stepped, any multiple of 16 will do
-  const int64_t row = s.row != 0 ? s.row * 2 : (p.seqlen_k * 2 + 15) / 16 * 16;
-  const int64_t head = s.head != 0 ? s.head * 2 : row * p.seqlen_q;
-  const int64_t strides[3] = {row, head, s.batch != 0 ? s.batch * 2 : head * heads};
-  const int box[4] = {64, Cfg::kBlockM, 1, 1};
-  return make_tensor_map(&w.bias, p.bias, 4, sizes, strides, box);
+  return p.bias == nullptr ||
+         make_bias_map(p, Cfg::kBlockM, &w.bias, &w.bias_batch_broadcast, &w.bias_head_broadcast);
 }
 
 }  // namespace fusedkernels::attention

@@ -62,8 +62,8 @@ cudaError_t launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // The warp-specialised forward where it takes the call (on the H200 1.1-1.5x the plain one), but at head dim 64
   // over at most 512 keys: there the plain kernel's 64-key tiles, two CTAs an SM, measured 1.08x faster, where the
   // warp-specialised one's 128-key tiles give a CTA 4 steps or fewer (docs/perf-notes.md, attention, sm90 fwd v3).
-  const Sm90Forward asked = sm90_forward_asked();
-  if (asked == Sm90Forward::kWarpSpecialised || (asked == Sm90Forward::kChosen && !(kD == 64 && p.seqlen_k <= 512))) {
+  const Sm90Kernel asked = sm90_kernel_asked();
+  if (asked == Sm90Kernel::kWarpSpecialised || (asked == Sm90Kernel::kChosen && !(kD == 64 && p.seqlen_k <= 512))) {
     using WsCfg = FwdSm90WsConfig<T, kD>;
     static_assert(WsCfg::kBlockM == Cfg::kBlockM && WsCfg::smem_bytes(true) <= 227 * 1024);
     constexpr auto kWs = attention_fwd_sm90_ws_kernel<WsCfg, false>;

@@ -2,7 +2,10 @@
 // bias tile's layout.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap
+
 #include "attention/attention_common.cuh"
+#include "common/host/tma.h"
 #include "common/device/sm90.cuh"
 #include "common/device/wgmma.cuh"
 
@@ -85,6 +88,25 @@ __device__ __forceinline__ uint16_t load_shared_u16(uint32_t address) {
   uint16_t value;
   asm volatile("ld.shared.u16 %0, [%1];" : "=h"(value) : "r"(address));
   return value;
+}
+
+// The bias's map as [batch, heads, query rows, keys] in boxes of 64 keys by box_rows rows, a broadcast batch or head
+// a dimension of size 1 (read at 0, which the flags say): false for a bias broadcast over the query rows (row
+// stride 0: TMA would read zeros past its one row) or one the driver cannot encode (rows not 16-byte aligned).
+inline bool make_bias_map(const FwdParams& p, int box_rows, CUtensorMap* map, bool* batch_broadcast,
+                          bool* head_broadcast) {
+  const Strides& s = p.bias_strides;
+  if (s.row == 0 && p.seqlen_q > 1) return false;
+  *batch_broadcast = s.batch == 0;
+  *head_broadcast = s.head == 0;
+  const int64_t heads = *head_broadcast ? 1 : p.heads_q, batch = *batch_broadcast ? 1 : p.batch;
+  const int64_t sizes[4] = {p.seqlen_k, p.seqlen_q, heads, batch};
+  // byte strides; a broadcast (size 1) dimension's is never stepped, any multiple of 16 will do
+  const int64_t row = s.row != 0 ? s.row * 2 : (p.seqlen_k * 2 + 15) / 16 * 16;
+  const int64_t head = s.head != 0 ? s.head * 2 : row * p.seqlen_q;
+  const int64_t strides[3] = {row, head, s.batch != 0 ? s.batch * 2 : head * heads};
+  const int box[4] = {64, box_rows, 1, 1};
+  return make_tensor_map(map, p.bias, 4, sizes, strides, box);
 }
 
 }  // namespace fusedkernels::attention

@@ -1,2 +1,2 @@
-#include "attention/sm90/attention_bwd_sm90.cuh"
+#include "attention/sm90/attention_bwd_sm90_ws.cuh"
 FUSEDKERNELS_ATTENTION_BWD_SM90_INSTANCE(__nv_bfloat16, 128)

@@ -68,6 +68,17 @@ __device__ __forceinline__ void tma_load_2d(void* smem_dst, const void* tensor_m
       : "memory");
 }
 
+// TMA tile copy of a 4D tensor map's box at (c0, c1, c2, c3) (elements, innermost first; out-of-range parts
+// read as zeros) into shared memory, in the map's swizzle; completes on `bar`.
+__device__ __forceinline__ void tma_load_4d(void* smem_dst, const void* tensor_map, int c0, int c1, int c2, int c3,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(
+          smem_address(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_address(bar))
+      : "memory");
+}
+
 // TMA im2col copy of a 4D NHWC tensor map: channels c.. of the map's pixelsPerColumn pixels starting at input
 // position (w, h) of image n (the filter window's corner for the first output pixel, stepping by the map's
 // traversal strides through its bounding box), each read at (w + off_w, h + off_h) (the filter tap); pixels
@@ -128,6 +139,17 @@ __device__ __forceinline__ void tma_store_3d(const void* tensor_map, const void*
   asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
                    reinterpret_cast<uint64_t>(tensor_map)),
                "r"(smem_address(smem_src)), "r"(x), "r"(y), "r"(z)
+               : "memory");
+}
+
+// TMA reduction of a shared-memory box (in the map's swizzle) into a 4D tensor map's box at (c0, c1, c2, c3): the
+// copy engine adds each element to the one in global memory (the map's type: float32 adds in fp32); the parts
+// outside the tensor are skipped. In the issuing thread's bulk group.
+__device__ __forceinline__ void tma_reduce_add_4d(const void* tensor_map, const void* smem_src, int c0, int c1, int c2,
+                                                  int c3) {
+  asm volatile("cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];" ::
+                   "l"(reinterpret_cast<uint64_t>(tensor_map)),
+               "r"(smem_address(smem_src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
                : "memory");
 }
 

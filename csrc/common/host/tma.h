@@ -29,13 +29,14 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encode;
 }
 
-// A map of a 16-bit tensor of `rank` dimensions, innermost first: sizes[i] elements, strides[i] bytes between
-// consecutive indices of dimension i + 1 (multiples of 16; base 16-byte aligned), read and written in boxes
-// of box[i] elements, box[0] * 2 == 128 bytes, laid out in shared memory in the 128-byte swizzle
-// (common/device/wgmma.cuh's layout). Loads read elements outside the tensor as zeros; stores skip them.
-// False when the driver cannot encode it.
+// A map of a tensor of `rank` dimensions, innermost first, of 16-bit elements (or `type`'s): sizes[i] elements,
+// strides[i] bytes between consecutive indices of dimension i + 1 (multiples of 16; base 16-byte aligned), read and
+// written in boxes of box[i] elements, box[0] elements == 128 bytes, laid out in shared memory in the 128-byte
+// swizzle (common/device/wgmma.cuh's layout). Loads read elements outside the tensor as zeros; stores and
+// reductions skip them. False when the driver cannot encode it.
 inline bool make_tensor_map(CUtensorMap* map, const void* base, int rank, const int64_t* sizes,
-                            const int64_t* strides, const int* box) {
+                            const int64_t* strides, const int* box,
+                            CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_UINT16) {
   const auto encode = tensor_map_encoder();
   if (encode == nullptr || rank < 1 || rank > 5) return false;
   cuuint64_t dims[5], byte_strides[4];
@@ -46,7 +47,7 @@ inline bool make_tensor_map(CUtensorMap* map, const void* base, int rank, const 
     element_strides[i] = 1;
     if (i + 1 < rank) byte_strides[i] = cuuint64_t(strides[i]);
   }
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, cuuint32_t(rank), const_cast<void*>(base), dims, byte_strides,
+  return encode(map, type, cuuint32_t(rank), const_cast<void*>(base), dims, byte_strides,
                 box_dims, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
