@@ -11,7 +11,8 @@ each non-causal and, where the anchors have them, causal (top-left aligned, torc
                         Hopper forward replaces on sm_90 for head dims 64 and 128), same layout as ours
   fusedkernels-sm90     ours with FUSEDKERNELS_ATTENTION_KERNEL=sm90 (the Hopper forward without warp
                         specialisation, which the warp-specialised one replaces where it takes the call), forward only
-                        (the backward is the same), same layout as ours, the bias rows included
+                        (the variable keeps the plain backward too, which only the fwd+bwd rows would show), same layout
+                        as ours, the bias rows included
   torch-sdpa-flash      F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.FLASH_ATTENTION) (FA2)
   torch-sdpa-cudnn      ... SDPBackend.CUDNN_ATTENTION
   torch-sdpa-efficient  ... SDPBackend.EFFICIENT_ATTENTION (memory-efficient, xformers' kernel)

@@ -30,12 +30,202 @@ struct BwdSm90Config {
   }
 };
 
+// A consumer warpgroup's 64 keys of a dK dV CTA: their dK and dV accumulators and the step's scores, with the
+// steps both Hopper backwards take on them (this kernel's and the warp-specialised one's,
+// attention_bwd_sm90_ws.cuh). kTmaBias: the bias tile in the 128B-swizzled layout of 64-key boxes, one per warpgroup,
+// that a TMA copy writes (the warp-specialised kernel), else [query][kBlockN keys] in bias_swizzled's rows (this
+// kernel's cp.async).
+template <typename Cfg, bool kBias, bool kTmaBias = false>
+struct BwdSm90Keys {
+  using T = typename Cfg::T;
+  static constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
+  static constexpr int kQTiles = kBlockM / 8, kDTiles = kD / 8, kDqCols = kD / 2;
+
+  const Band& band;
+  const float scale_log2;
+  const int wg, n0;
+  float dk[kDTiles * 4] = {}, dv[kDTiles * 4] = {};
+  float st[kQTiles * 4], dpt[kQTiles * 4], dq[kDqCols / 8 * 4];
+  uint32_t pf[kBlockM / 16][4], dsf[kBlockM / 16][4];  // P^T and dS^T as A operands
+
+  // wg: the warpgroup's index among the CTA's consumers; n0: the tile's first key
+  __device__ __forceinline__ BwdSm90Keys(const FwdParams& p, const Band& band_, int wg_, int n0_)
+      : band(band_), scale_log2(p.scale * kLog2e), wg(wg_), n0(n0_) {}
+  // The thread's warp in the warpgroup and its place in the accumulator layout (common/device/wgmma.cuh); element i
+  // of the score tile is (key row(i), query col(i)), both within the tile.
+  __device__ __forceinline__ static int warp() { return threadIdx.x / 32 % 4; }
+  __device__ __forceinline__ static int g() { return threadIdx.x % 32 / 4; }
+  __device__ __forceinline__ static int t() { return threadIdx.x % 4; }
+  __device__ __forceinline__ int row(int i) const { return 64 * wg + 16 * warp() + g() + 8 * ((i % 4) >> 1); }
+  __device__ __forceinline__ static int col(int i) { return (i / 4) * 8 + 2 * t() + (i & 1); }
+
+  // S^T = K Q^T and dP^T = V dO^T for the warpgroup's 64 keys (k16 slices 32 bytes apart in a row), one wgmma
+  // group each.
+  __device__ __forceinline__ void issue_scores(uint32_t k_tile, uint32_t v_tile, uint32_t q_tile, uint32_t do_tile) {
+    sm90::wgmma_fence();
+    issue_keys_by_queries(st, k_tile, q_tile);
+    issue_keys_by_queries(dpt, v_tile, do_tile);
+  }
+
+  // P^T = 2^(scale S^T + bias - lse) while dP^T is still on the tensor cores, masked; then dS^T = P^T (dP^T - dsum),
+  // also written to dbias (the head's [len_q, seqlen_k] fp32 plane) when it is not null. Queries from m0.
+  __device__ __forceinline__ void probabilities(int m0, int len_q, int seqlen_k, const float* lse, const float* dsum,
+                                                uint32_t bias_tile, float* dbias) {
+    sm90::wgmma_wait<1>();
+    sm90::fence_operands(st);
+    if constexpr (kBias) {  // one branch-free loop: the four addresses of query tile 0, then immediates
+      uint32_t element0[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) element0[e] = bias_tile + bias_offset(col(e), row(e));
+      constexpr uint32_t kQueryTile = kTmaBias ? 8 * 128 : 8 * kBlockN * 2;  // 8 query rows
+#pragma unroll
+      for (int i = 0; i < kQTiles * 4; ++i) {
+        const uint16_t x = load_shared_u16(element0[i % 4] + (i / 4) * kQueryTile);
+        st[i] = st[i] * scale_log2 + to_float(from_bits<T>(x)) * kLog2e;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kQTiles * 4; ++i) st[i] *= scale_log2;
+    }
+#pragma unroll
+    for (int i = 0; i < kQTiles * 4; ++i) st[i] = fast_exp2(st[i] - lse[col(i)]);
+    const int wg_n0 = n0 + 64 * wg;
+    if (!band.covers(m0, min(m0 + kBlockM, len_q), wg_n0, wg_n0 + 64)) {
+#pragma unroll
+      for (int i = 0; i < kQTiles * 4; ++i) {
+        if (!band.visible(m0 + col(i), n0 + row(i))) st[i] = 0.0f;
+      }
+    }
+    sm90::fence_operands(st);  // the exponentials before the wait: left alone, the compiler sinks them past it
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(dpt);
+#pragma unroll
+    for (int i = 0; i < kQTiles * 4; ++i) dpt[i] = st[i] * (dpt[i] - dsum[col(i)]);
+    if (kBias && dbias != nullptr) {  // the bias gradient is dS, at full size
+#pragma unroll
+      for (int i = 0; i < kQTiles * 4; ++i) {
+        const int qi = m0 + col(i), kj = n0 + row(i);
+        if (qi < len_q && kj < band.len_k) dbias[int64_t(qi) * seqlen_k + kj] = dpt[i];
+      }
+    }
+  }
+
+  // P^T and dS^T as the A operands of dV and dK (the k dimension being the queries), dS^T also into ds_tile
+  // [kBlockN keys][kBlockM queries] for dQ; then dV += P^T dO and dK += dS^T Q issued (dO and Q N-major: a k16 step
+  // is 16 rows), one wgmma group.
+  __device__ __forceinline__ void issue_dv_dk(uint8_t* ds_tile, uint32_t q_tile, uint32_t do_tile) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+#pragma unroll
+      for (int f = 0; f < 4; ++f) {  // fragment f: n8 tile 2kk + f / 2, rows g (+8 for odd f)
+        const int i = 4 * (2 * kk + f / 2) + 2 * (f % 2);
+        pf[kk][f] = pack2<T>(st[i], st[i + 1]);
+        dsf[kk][f] = pack2<T>(dpt[i], dpt[i + 1]);
+        *reinterpret_cast<uint32_t*>(ds_tile + sm90::swizzled(row(i), 16 * kk + 8 * (f / 2), kBlockN) + 4 * t()) =
+            dsf[kk][f];
+      }
+    }
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      sm90::Wgmma<kD>::template rs<T, true>(dv, pf[kk], sm90::smem_descriptor(do_tile + kk * 16 * 128, kBlockM * 128, 1024), true);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) {
+      sm90::Wgmma<kD>::template rs<T, true>(dk, dsf[kk], sm90::smem_descriptor(q_tile + kk * 16 * 128, kBlockM * 128, 1024), true);
+    }
+    sm90::wgmma_commit();
+  }
+
+  // Waits for dV and dK: dQ's accumulators then take the registers P^T and dS^T held (no spills at head dim 128).
+  __device__ __forceinline__ void wait_dv_dk() {
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(dv);
+    sm90::fence_operands(dk);
+    sm90::fence_operands(pf);
+    sm90::fence_operands(dsf);
+  }
+
+  // dQ[:, warpgroup half] = dS K into dq: dS^T read M-major from ds_tile (a k16 step is 16 keys), K N-major; once
+  // every warpgroup's keys of dS^T are in place.
+  __device__ __forceinline__ void dq_product(uint32_t ds_tile, uint32_t k_tile) {
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t k_cols = (kDqCols * wg / 64) * kBlockN * 128 + (kDqCols * wg % 64) * 2;
+      sm90::Wgmma<kDqCols>::template ss<T, true, true>(
+          dq, sm90::smem_descriptor(ds_tile + kk * 16 * 128, kBlockN * 128, 1024),
+          sm90::smem_descriptor(k_tile + k_cols + kk * 16 * 128, kBlockN * 128, 1024), kk > 0);
+    }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(dq);
+  }
+
+  // dK = scale * sum dS^T Q, dV = sum P^T dO; keys past len_k are not stored. A slice of the group's q heads
+  // (bp.kv_split > 1) adds its sums into the fp32 accumulator instead (unscaled; attention_bwd_dkv_convert_kernel
+  // finishes): its rows of kv head h_kv from key row accum_row0 + n0.
+  __device__ __forceinline__ void store(const BwdParams& bp, int b, int h_kv, int64_t k_row0, int64_t accum_row0) {
+    const FwdParams& p = bp.fwd;
+    if (bp.kv_split > 1) {
+      float* accum = bp.workspace + dkv_accum_offset(bp.total_q, p.heads_q, kD) + ((accum_row0 + n0) * p.heads_kv + h_kv) * 2 * kD;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int key = row(2 * r);
+        if (n0 + key >= band.len_k) continue;
+        float* dst = accum + int64_t(key) * p.heads_kv * 2 * kD + 2 * t();
+#pragma unroll
+        for (int ct = 0; ct < kDTiles; ++ct) {
+          atomic_add_pair(dst + ct * 8, dk[4 * ct + 2 * r], dk[4 * ct + 2 * r + 1]);
+          atomic_add_pair(dst + kD + ct * 8, dv[4 * ct + 2 * r], dv[4 * ct + 2 * r + 1]);
+        }
+      }
+      return;
+    }
+    T* dk_out = static_cast<T*>(bp.dk) + offset_of(bp.dk_strides, b, k_row0 + n0, h_kv);
+    T* dv_out = static_cast<T*>(bp.dv) + offset_of(bp.dv_strides, b, k_row0 + n0, h_kv);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = row(2 * r);
+      if (n0 + key >= band.len_k) continue;
+#pragma unroll
+      for (int ct = 0; ct < kDTiles; ++ct) {
+        *reinterpret_cast<uint32_t*>(dk_out + key * bp.dk_strides.row + ct * 8 + 2 * t()) =
+            pack2<T>(dk[4 * ct + 2 * r] * bp.fwd.scale, dk[4 * ct + 2 * r + 1] * bp.fwd.scale);
+        *reinterpret_cast<uint32_t*>(dv_out + key * bp.dv_strides.row + ct * 8 + 2 * t()) =
+            pack2<T>(dv[4 * ct + 2 * r], dv[4 * ct + 2 * r + 1]);
+      }
+    }
+  }
+
+ private:
+  __device__ __forceinline__ void issue_keys_by_queries(float (&acc)[kQTiles * 4], uint32_t keys, uint32_t queries) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t key_step = (kk / 4) * kBlockN * 128 + 64 * wg * 128 + (kk % 4) * 32;
+      const uint32_t query_step = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
+      sm90::Wgmma<kBlockM>::template ss<T, false, false>(acc, sm90::smem_descriptor(keys + key_step, 0, 1024),
+                                                         sm90::smem_descriptor(queries + query_step, 0, 1024), kk > 0);
+    }
+    sm90::wgmma_commit();
+  }
+  // Byte offset of (query, key) in the bias tile; the swizzle depends on the query mod 8 only.
+  __device__ __forceinline__ uint32_t bias_offset(int query, int key) const {
+    if constexpr (kTmaBias) {  // the warpgroup's box [query][64 keys] (it is passed the box's address)
+      const int k = key - 64 * wg;
+      return uint32_t(query * 128 + (((k / 8) ^ (query % 8)) * 16) + (k % 8) * 2);
+    } else {
+      return bias_swizzled<kBlockN>(query, key);
+    }
+  }
+};
+
 template <typename Cfg, bool kBias>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kernel(const BwdParams bp) {
 #if FUSEDKERNELS_SM90A
   using T = typename Cfg::T;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
-  constexpr int kQTiles = kBlockM / 8, kDTiles = kD / 8, kDqCols = kD / 2;
+  constexpr int kDqCols = kD / 2;
   const FwdParams& p = bp.fwd;
 
   extern __shared__ unsigned char smem_raw[];
@@ -58,7 +248,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
   const int heads = p.heads_q / p.heads_kv / bp.kv_split;  // q heads of this CTA's slice of the group
   const int head0 = h_kv * (p.heads_q / p.heads_kv) + blockIdx.y % bp.kv_split * heads;
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int wg_n0 = n0 + 64 * wg;  // the warpgroup's first key
 
   const Band band(p, seq.len_k);
   const int m_begin = band.query_begin(n0) / kBlockM;
@@ -113,10 +302,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
   for (int it = 1; it < 1 + kBiasLead; ++it) prefetch_bias(it);
   if (iterations > 0) prefetch(0);
 
-  float dk[kDTiles * 4] = {}, dv[kDTiles * 4] = {};
-  float st[kQTiles * 4], dpt[kQTiles * 4], dq[kDqCols / 8 * 4];
-  uint32_t pf[kBlockM / 16][4], dsf[kBlockM / 16][4];  // P^T and dS^T as A operands
-  const float scale_log2 = p.scale * kLog2e;
+  BwdSm90Keys<Cfg, kBias> keys(p, band, wg, n0);
   const uint32_t k_base = sm90::smem_address(sK), v_base = sm90::smem_address(sV), ds_base = sm90::smem_address(sdS);
 
   for (int it = 0; it < iterations; ++it) {
@@ -124,117 +310,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
     const uint32_t q_address = sm90::smem_address(sQ + stage * Cfg::kQBytes);
     const uint32_t do_address = sm90::smem_address(sdO + stage * Cfg::kQBytes);
     const uint32_t k_address = sm90::opaque(k_base), v_address = sm90::opaque(v_base);
-    const uint32_t ds_address = sm90::opaque(ds_base);
     cp_async_wait<0>();
     sm90::fence_proxy_async_shared();
     __syncthreads();  // this step's tiles landed; every warpgroup is done with the other stage and with dS^T
     if (it + 1 < iterations) prefetch(it + 1);
     prefetch_bias(it + 1 + kBiasLead);
 
-    // S^T = K Q^T and dP^T = V dO^T for the warpgroup's 64 keys (k16 slices 32 bytes apart in a row), one
-    // wgmma group each
-    const auto issue_keys_by_queries = [&](float (&acc)[kQTiles * 4], uint32_t keys, uint32_t queries) {
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        const uint32_t key_step = (kk / 4) * kBlockN * 128 + 64 * wg * 128 + (kk % 4) * 32;
-        const uint32_t query_step = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
-        sm90::Wgmma<kBlockM>::template ss<T, false, false>(acc, sm90::smem_descriptor(keys + key_step, 0, 1024),
-                                                           sm90::smem_descriptor(queries + query_step, 0, 1024),
-                                                           kk > 0);
-      }
-      sm90::wgmma_commit();
-    };
-    sm90::wgmma_fence();
-    issue_keys_by_queries(st, k_address, q_address);
-    issue_keys_by_queries(dpt, v_address, do_address);
-
-    // P^T while dP^T is still on the tensor cores; element (key j = row, query i = column).
-    const float* lse_s = sLse + stage * kBlockM;
-    const float* dsum_s = sDsum + stage * kBlockM;
-    const auto col_of = [&](int i) { return (i / 4) * 8 + 2 * t + (i & 1); };
-    sm90::wgmma_wait<1>();
-    sm90::fence_operands(st);
-    const int key_row = 64 * wg + 16 * warp + g;  // the lane's first key within the tile (and + 8)
-#pragma unroll
-    for (int i = 0; i < kQTiles * 4; ++i) st[i] *= scale_log2;
-    if constexpr (kBias) {  // one branch-free loop; the bias tile is [query][key], read one element at a time
-      // Element e of query tile nt is at query 8 nt + (2t + e % 2): the swizzle depends on the query row mod 8
-      // only, so the four addresses of tile 0 and an immediate 8 rows per tile give them all.
-      const uint32_t tile = sm90::smem_address(sBias) + stage * Cfg::kBiasBytes;
-      uint32_t element0[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) element0[e] = tile + bias_swizzled<kBlockN>(col_of(e), key_row + 8 * (e >> 1));
-#pragma unroll
-      for (int i = 0; i < kQTiles * 4; ++i) {
-        const uint16_t x = load_shared_u16(element0[i % 4] + (i / 4) * 8 * kBlockN * 2);
-        st[i] += to_float(from_bits<T>(x)) * kLog2e;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kQTiles * 4; ++i) st[i] = fast_exp2(st[i] - lse_s[col_of(i)]);
-    if (!band.covers(m0, min(m0 + kBlockM, seq.len_q), wg_n0, wg_n0 + 64)) {
-#pragma unroll
-      for (int i = 0; i < kQTiles * 4; ++i) {
-        if (!band.visible(m0 + col_of(i), n0 + key_row + 8 * ((i % 4) >> 1))) st[i] = 0.0f;
-      }
-    }
-    sm90::fence_operands(st);  // the exponentials before the wait: left alone, the compiler sinks them past it
-    sm90::wgmma_wait<0>();
-    sm90::fence_operands(dpt);
-#pragma unroll
-    for (int i = 0; i < kQTiles * 4; ++i) dpt[i] = st[i] * (dpt[i] - dsum_s[col_of(i)]);
-    if (kBias && bp.dbias != nullptr) {  // the bias gradient is dS, at full size
-      float* dbias = bp.dbias + (int64_t(b) * p.heads_q + h) * p.seqlen_q * p.seqlen_k;
-#pragma unroll
-      for (int i = 0; i < kQTiles * 4; ++i) {
-        const int qi = m0 + col_of(i), kj = n0 + key_row + 8 * ((i % 4) >> 1);
-        if (qi < seq.len_q && kj < seq.len_k) dbias[int64_t(qi) * p.seqlen_k + kj] = dpt[i];
-      }
-    }
-
-    // A operands for dV and dK (the k dimension being the queries), and dS^T to shared memory for dQ.
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) {
-#pragma unroll
-      for (int f = 0; f < 4; ++f) {  // fragment f: n8 tile 2kk + f / 2, rows g (+8 for odd f)
-        const int i = 4 * (2 * kk + f / 2) + 2 * (f % 2);
-        pf[kk][f] = pack2<T>(st[i], st[i + 1]);
-        dsf[kk][f] = pack2<T>(dpt[i], dpt[i + 1]);
-        const int key = 64 * wg + 16 * warp + g + 8 * (f % 2), col = 16 * kk + 8 * (f / 2);
-        *reinterpret_cast<uint32_t*>(sdS + sm90::swizzled(key, col, kBlockN) + 4 * t) = dsf[kk][f];
-      }
-    }
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) {  // dO and Q as N-major B: a k16 step is 16 rows
-      sm90::Wgmma<kD>::template rs<T, true>(dv, pf[kk], sm90::smem_descriptor(do_address + kk * 16 * 128, kBlockM * 128, 1024), true);
-    }
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) {
-      sm90::Wgmma<kD>::template rs<T, true>(dk, dsf[kk], sm90::smem_descriptor(q_address + kk * 16 * 128, kBlockM * 128, 1024), true);
-    }
-    sm90::wgmma_commit();
-
+    keys.issue_scores(k_address, v_address, q_address, do_address);
+    float* dbias = kBias && bp.dbias != nullptr ? bp.dbias + (int64_t(b) * p.heads_q + h) * p.seqlen_q * p.seqlen_k
+                                                : nullptr;
+    keys.probabilities(m0, seq.len_q, p.seqlen_k, sLse + stage * kBlockM, sDsum + stage * kBlockM,
+                       kBias ? sm90::smem_address(sBias) + stage * Cfg::kBiasBytes : 0u, dbias);
+    keys.issue_dv_dk(sdS, q_address, do_address);
     sm90::fence_proxy_async_shared();  // dS^T was written through the generic proxy
     __syncthreads();                   // both warpgroups' keys of dS^T are in place
-    // dV and dK first: dQ's accumulators then take the registers P^T and dS^T held (no spills at head dim 128)
-    sm90::wgmma_wait<0>();
-    sm90::fence_operands(dv);
-    sm90::fence_operands(dk);
-    sm90::fence_operands(pf);
-    sm90::fence_operands(dsf);
-    sm90::wgmma_fence();
-    // dQ[:, wg half] = dS K: dS^T read M-major (a k16 step is 16 keys), K N-major; columns kDqCols * wg on.
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint32_t k_cols = (kDqCols * wg / 64) * kBlockN * 128 + (kDqCols * wg % 64) * 2;
-      sm90::Wgmma<kDqCols>::template ss<T, true, true>(
-          dq, sm90::smem_descriptor(ds_address + kk * 16 * 128, kBlockN * 128, 1024),
-          sm90::smem_descriptor(k_address + k_cols + kk * 16 * 128, kBlockN * 128, 1024), kk > 0);
-    }
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_operands(dq);
+    keys.wait_dv_dk();
+    keys.dq_product(sm90::opaque(ds_base), k_address);
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -243,43 +334,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_kern
       float* dst = dq_accum + ((ws_row0 + i) * p.heads_q + h) * kD + kDqCols * wg + 2 * t;
 #pragma unroll
       for (int ct = 0; ct < kDqCols / 8; ++ct) {
-        atomic_add_pair(dst + ct * 8, dq[4 * ct + 2 * r], dq[4 * ct + 2 * r + 1]);
+        atomic_add_pair(dst + ct * 8, keys.dq[4 * ct + 2 * r], keys.dq[4 * ct + 2 * r + 1]);
       }
     }
   }
-
-  // dK = scale * sum dS^T Q, dV = sum P^T dO; keys past the sequence are not stored. A slice of the group's q
-  // heads adds its sums into the fp32 accumulator instead (unscaled; attention_bwd_dkv_convert_kernel finishes).
-  if (bp.kv_split > 1) {
-    float* accum = bp.workspace + dkv_accum_offset(bp.total_q, p.heads_q, kD) +
-                   ((workspace_key_row0(p, b, seq) + n0) * p.heads_kv + h_kv) * 2 * kD;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = 64 * wg + 16 * warp + g + 8 * r;
-      if (n0 + row >= seq.len_k) continue;
-      float* dst = accum + int64_t(row) * p.heads_kv * 2 * kD + 2 * t;
-#pragma unroll
-      for (int ct = 0; ct < kDTiles; ++ct) {
-        atomic_add_pair(dst + ct * 8, dk[4 * ct + 2 * r], dk[4 * ct + 2 * r + 1]);
-        atomic_add_pair(dst + kD + ct * 8, dv[4 * ct + 2 * r], dv[4 * ct + 2 * r + 1]);
-      }
-    }
-    return;
-  }
-  T* dk_out = static_cast<T*>(bp.dk) + offset_of(bp.dk_strides, b, seq.k_row0 + n0, h_kv);
-  T* dv_out = static_cast<T*>(bp.dv) + offset_of(bp.dv_strides, b, seq.k_row0 + n0, h_kv);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = 64 * wg + 16 * warp + g + 8 * r;
-    if (n0 + row >= seq.len_k) continue;
-#pragma unroll
-    for (int ct = 0; ct < kDTiles; ++ct) {
-      *reinterpret_cast<uint32_t*>(dk_out + row * bp.dk_strides.row + ct * 8 + 2 * t) =
-          pack2<T>(dk[4 * ct + 2 * r] * p.scale, dk[4 * ct + 2 * r + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv_out + row * bp.dv_strides.row + ct * 8 + 2 * t) =
-          pack2<T>(dv[4 * ct + 2 * r], dv[4 * ct + 2 * r + 1]);
-    }
-  }
+  keys.store(bp, b, h_kv, seq.k_row0, workspace_key_row0(p, b, seq));
 #else
   __trap();  // never launched: bwd_sm90_available() is false without sm_90a code
 #endif

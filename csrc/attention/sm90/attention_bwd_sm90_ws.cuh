@@ -20,14 +20,12 @@
 
 namespace fusedkernels::attention {
 
+// The plain kernel's tiles (the bias tile as [64-key box][kBlockM queries][64], swizzled), and a producer warpgroup.
 template <typename T_, int kD_>
-struct BwdSm90WsConfig {
-  using T = T_;
-  static constexpr int kD = kD_, kBlockM = 64, kBlockN = 128, kWarpgroups = 2;
-  static constexpr int kThreads = 128 * (kWarpgroups + 1);
-  static_assert(kD % 64 == 0, "the swizzled layout is built of 64-column blocks");
-  static constexpr int kKVBytes = kBlockN * kD * 2, kQBytes = kBlockM * kD * 2, kDSBytes = kBlockN * kBlockM * 2;
-  static constexpr int kBiasBytes = kBlockM * kBlockN * 2;  // [64-key box][kBlockM queries][64], swizzled
+struct BwdSm90WsConfig : BwdSm90Config<T_, kD_> {
+  using Base = BwdSm90Config<T_, kD_>;
+  using Base::kD, Base::kBlockM, Base::kBlockN, Base::kKVBytes, Base::kQBytes, Base::kDSBytes, Base::kBiasBytes;
+  static constexpr int kWarpgroups = 2, kThreads = 128 * (kWarpgroups + 1);
   // A consumer's half of the dQ tile, fp32, in boxes of 32 columns (128 bytes) by kBlockM rows, 128B-swizzled.
   static constexpr int kDqCols = kD / 2, kDqBoxes = kDqCols / 32, kDqBytes = kBlockM * kDqCols * 4;
   static constexpr int kBarriers = 1 + 2 + 2 + 2 + 2;  // K V; full and empty per stage; dQ full and empty per consumer
@@ -59,7 +57,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_ws_k
 #if FUSEDKERNELS_SM90A
   using T = typename Cfg::T;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
-  constexpr int kQTiles = kBlockM / 8, kDTiles = kD / 8, kDqCols = Cfg::kDqCols;
+  constexpr int kDqCols = Cfg::kDqCols;
   const BwdParams& bp = w.p;
   const FwdParams& p = bp.fwd;
 
@@ -173,133 +171,30 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_ws_k
 
   sm90::claim_registers<Cfg::kConsumerRegisters>();
   const int consumer = wg - 1, g = lane / 4, t = lane % 4;
-  const int wg_n0 = n0 + 64 * consumer;  // the consumer's first key
-  const int key_row = 64 * consumer + 16 * warp + g;  // the lane's first key within the tile (and + 8)
-  float dk[kDTiles * 4] = {}, dv[kDTiles * 4] = {};
-  float st[kQTiles * 4], dpt[kQTiles * 4], dq[kDqCols / 8 * 4];
-  uint32_t pf[kBlockM / 16][4], dsf[kBlockM / 16][4];  // P^T and dS^T as A operands
-  const float scale_log2 = p.scale * kLog2e;
+  BwdSm90Keys<Cfg, kBias, true> keys(p, band, consumer, n0);
   const uint32_t k_base = sm90::smem_address(sK), v_base = sm90::smem_address(sV);
   uint8_t* my_dq = sDq + consumer * Cfg::kDqBytes;
-  const auto col_of = [&](int i) { return (i / 4) * 8 + 2 * t + (i & 1); };
 
   if (iterations > 0) sm90::mbarrier_wait(kv_full, 0);
   for (int it = 0; it < iterations; ++it) {
     const int s = it % 2, m0 = query0_of(it);
-    [[maybe_unused]] const int h = head0 + it / m_count;
     const uint32_t q_address = sm90::opaque(sm90::smem_address(sQ + s * Cfg::kQBytes));
     const uint32_t do_address = sm90::opaque(sm90::smem_address(sdO + s * Cfg::kQBytes));
     const uint32_t k_address = sm90::opaque(k_base), v_address = sm90::opaque(v_base);
     uint8_t* ds_tile = sdS + s * Cfg::kDSBytes;
-    const uint32_t ds_address = sm90::opaque(sm90::smem_address(ds_tile));
     sm90::mbarrier_wait(&full[s], (it / 2) & 1);
 
-    // S^T = K Q^T and dP^T = V dO^T for the consumer's 64 keys, one wgmma group each
-    const auto issue_keys_by_queries = [&](float (&acc)[kQTiles * 4], uint32_t keys, uint32_t queries) {
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        const uint32_t key_step = (kk / 4) * kBlockN * 128 + 64 * consumer * 128 + (kk % 4) * 32;
-        const uint32_t query_step = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
-        sm90::Wgmma<kBlockM>::template ss<T, false, false>(acc, sm90::smem_descriptor(keys + key_step, 0, 1024),
-                                                           sm90::smem_descriptor(queries + query_step, 0, 1024),
-                                                           kk > 0);
-      }
-      sm90::wgmma_commit();
-    };
-    sm90::wgmma_fence();
-    issue_keys_by_queries(st, k_address, q_address);
-    issue_keys_by_queries(dpt, v_address, do_address);
-
-    // P^T while dP^T is still on the tensor cores; element (key j = row, query i = column).
-    const float* lse_s = sLse + s * kBlockM;
-    const float* dsum_s = sDsum + s * kBlockM;
-    sm90::wgmma_wait<1>();
-    sm90::fence_operands(st);
-    if constexpr (kBias) {  // the consumer's box of the tile, [query][64 keys] (128B swizzle): element i is key
-      // 8 (2 warp + (i % 4) / 2) + g of the box and query 8 (i / 4) + 2t + i % 2, whose swizzle depends on the
-      // query mod 8 only, so the four addresses of query tile 0 and an immediate 1024 bytes a tile give them all
-      const uint32_t box = sm90::smem_address(sBias) + s * Cfg::kBiasBytes + consumer * kBlockM * 128;
-      uint32_t element0[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int query = 2 * t + e % 2, group = 2 * warp + e / 2;
-        element0[e] = box + query * 128 + ((group ^ query) * 16) + 2 * g;
-      }
-#pragma unroll
-      for (int i = 0; i < kQTiles * 4; ++i) {
-        const uint16_t x = load_shared_u16(element0[i % 4] + (i / 4) * 8 * 128);
-        st[i] = st[i] * scale_log2 + to_float(from_bits<T>(x)) * kLog2e;
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kQTiles * 4; ++i) st[i] *= scale_log2;
-    }
-#pragma unroll
-    for (int i = 0; i < kQTiles * 4; ++i) st[i] = fast_exp2(st[i] - lse_s[col_of(i)]);
-    if (!band.covers(m0, min(m0 + kBlockM, p.seqlen_q), wg_n0, wg_n0 + 64)) {
-#pragma unroll
-      for (int i = 0; i < kQTiles * 4; ++i) {
-        if (!band.visible(m0 + col_of(i), n0 + key_row + 8 * ((i % 4) >> 1))) st[i] = 0.0f;
-      }
-    }
-    sm90::fence_operands(st);  // the exponentials before the wait: left alone, the compiler sinks them past it
-    sm90::wgmma_wait<0>();
-    sm90::fence_operands(dpt);
-#pragma unroll
-    for (int i = 0; i < kQTiles * 4; ++i) dpt[i] = st[i] * (dpt[i] - dsum_s[col_of(i)]);
-    if (kBias && bp.dbias != nullptr) {  // the bias gradient is dS, at full size
-      float* dbias = bp.dbias + (int64_t(b) * p.heads_q + h) * p.seqlen_q * p.seqlen_k;
-#pragma unroll
-      for (int i = 0; i < kQTiles * 4; ++i) {
-        const int qi = m0 + col_of(i), kj = n0 + key_row + 8 * ((i % 4) >> 1);
-        if (qi < p.seqlen_q && kj < p.seqlen_k) dbias[int64_t(qi) * p.seqlen_k + kj] = dpt[i];
-      }
-    }
-
-    // A operands for dV and dK (the k dimension being the queries), and dS^T to shared memory for dQ.
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) {
-#pragma unroll
-      for (int f = 0; f < 4; ++f) {  // fragment f: n8 tile 2kk + f / 2, rows g (+8 for odd f)
-        const int i = 4 * (2 * kk + f / 2) + 2 * (f % 2);
-        pf[kk][f] = pack2<T>(st[i], st[i + 1]);
-        dsf[kk][f] = pack2<T>(dpt[i], dpt[i + 1]);
-        const int key = 64 * consumer + 16 * warp + g + 8 * (f % 2), col = 16 * kk + 8 * (f / 2);
-        *reinterpret_cast<uint32_t*>(ds_tile + sm90::swizzled(key, col, kBlockN) + 4 * t) = dsf[kk][f];
-      }
-    }
-    sm90::wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) {  // dO and Q as N-major B: a k16 step is 16 rows
-      sm90::Wgmma<kD>::template rs<T, true>(dv, pf[kk], sm90::smem_descriptor(do_address + kk * 16 * 128, kBlockM * 128, 1024), true);
-    }
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) {
-      sm90::Wgmma<kD>::template rs<T, true>(dk, dsf[kk], sm90::smem_descriptor(q_address + kk * 16 * 128, kBlockM * 128, 1024), true);
-    }
-    sm90::wgmma_commit();
-
-    sm90::fence_proxy_async_shared();      // dS^T was written through the generic proxy
-    sm90::named_barrier_sync(1, 256);      // both consumers' keys of dS^T are in place
-    // dV and dK first: dQ's accumulators then take the registers P^T and dS^T held
-    sm90::wgmma_wait<0>();
-    sm90::fence_operands(dv);
-    sm90::fence_operands(dk);
-    sm90::fence_operands(pf);
-    sm90::fence_operands(dsf);
-    sm90::mbarrier_arrive(&empty[s]);  // Q, dO, lse and dsum of this stage are read
-    sm90::wgmma_fence();
-    // dQ[:, consumer half] = dS K: dS^T read M-major (a k16 step is 16 keys), K N-major.
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint32_t k_cols = (kDqCols * consumer / 64) * kBlockN * 128 + (kDqCols * consumer % 64) * 2;
-      sm90::Wgmma<kDqCols>::template ss<T, true, true>(
-          dq, sm90::smem_descriptor(ds_address + kk * 16 * 128, kBlockN * 128, 1024),
-          sm90::smem_descriptor(k_address + k_cols + kk * 16 * 128, kBlockN * 128, 1024), kk > 0);
-    }
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_operands(dq);
+    keys.issue_scores(k_address, v_address, q_address, do_address);
+    float* dbias = nullptr;
+    if (kBias && bp.dbias != nullptr) dbias = bp.dbias + (int64_t(b) * p.heads_q + head0 + it / m_count) * p.seqlen_q * p.seqlen_k;
+    const uint32_t bias_box = kBias ? sm90::smem_address(sBias) + s * Cfg::kBiasBytes + consumer * kBlockM * 128 : 0u;
+    keys.probabilities(m0, p.seqlen_q, p.seqlen_k, sLse + s * kBlockM, sDsum + s * kBlockM, bias_box, dbias);
+    keys.issue_dv_dk(ds_tile, q_address, do_address);
+    sm90::fence_proxy_async_shared();  // dS^T was written through the generic proxy
+    sm90::named_barrier_sync(1, 256);  // both consumers' keys of dS^T are in place
+    keys.wait_dv_dk();
+    sm90::mbarrier_arrive(&empty[s]);  // Q, dO, lse, dsum (and the bias) of this stage are read
+    keys.dq_product(sm90::opaque(sm90::smem_address(ds_tile)), k_address);
 
     // The half into shared memory (box ct / 4 of 32 columns; float pairs, 128B swizzle), then to warp 2 + consumer.
     sm90::mbarrier_wait(&dq_empty[consumer], (it & 1) ^ 1);
@@ -311,45 +206,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_ws_k
         const int chunk = 2 * (ct % 4) + t / 2;
         float2* dst = reinterpret_cast<float2*>(my_dq + (ct / 4) * kBlockM * 128 + row * 128 +
                                                 ((chunk ^ (row % 8)) * 16) + (t % 2) * 8);
-        *dst = make_float2(dq[4 * ct + 2 * r], dq[4 * ct + 2 * r + 1]);
+        *dst = make_float2(keys.dq[4 * ct + 2 * r], keys.dq[4 * ct + 2 * r + 1]);
       }
     }
     sm90::fence_proxy_async_shared();
     sm90::mbarrier_arrive(&dq_full[consumer]);
   }
-
-  // dK = scale * sum dS^T Q, dV = sum P^T dO; keys past the sequence are not stored. A slice of the group's q
-  // heads adds its sums into the fp32 accumulator instead (unscaled; attention_bwd_dkv_convert_kernel finishes).
-  if (bp.kv_split > 1) {
-    float* accum = bp.workspace + dkv_accum_offset(bp.total_q, p.heads_q, kD) +
-                   ((int64_t(b) * p.seqlen_k + n0) * p.heads_kv + h_kv) * 2 * kD;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = 64 * consumer + 16 * warp + g + 8 * r;
-      if (n0 + row >= p.seqlen_k) continue;
-      float* dst = accum + int64_t(row) * p.heads_kv * 2 * kD + 2 * t;
-#pragma unroll
-      for (int ct = 0; ct < kDTiles; ++ct) {
-        atomic_add_pair(dst + ct * 8, dk[4 * ct + 2 * r], dk[4 * ct + 2 * r + 1]);
-        atomic_add_pair(dst + kD + ct * 8, dv[4 * ct + 2 * r], dv[4 * ct + 2 * r + 1]);
-      }
-    }
-    return;
-  }
-  T* dk_out = static_cast<T*>(bp.dk) + offset_of(bp.dk_strides, b, n0, h_kv);
-  T* dv_out = static_cast<T*>(bp.dv) + offset_of(bp.dv_strides, b, n0, h_kv);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = 64 * consumer + 16 * warp + g + 8 * r;
-    if (n0 + row >= p.seqlen_k) continue;
-#pragma unroll
-    for (int ct = 0; ct < kDTiles; ++ct) {
-      *reinterpret_cast<uint32_t*>(dk_out + row * bp.dk_strides.row + ct * 8 + 2 * t) =
-          pack2<T>(dk[4 * ct + 2 * r] * p.scale, dk[4 * ct + 2 * r + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv_out + row * bp.dv_strides.row + ct * 8 + 2 * t) =
-          pack2<T>(dv[4 * ct + 2 * r], dv[4 * ct + 2 * r + 1]);
-    }
-  }
+  keys.store(bp, b, h_kv, 0, int64_t(b) * p.seqlen_k);
 #else
   __trap();  // never launched: bwd_sm90_available() is false without sm_90a code
 #endif
@@ -364,10 +227,7 @@ bool make_bwd_ws_params(const BwdParams& bp, BwdWsParams& w) {
   if (p.cu_seqlens_q != nullptr || bp.deterministic) return false;
   w.p = bp;
   const auto map = [&](CUtensorMap* m, const void* base, const Strides& s, int rows, int heads, int box_rows) {
-    const int64_t sizes[4] = {Cfg::kD, rows, heads, p.batch};
-    const int64_t strides[3] = {s.row * 2, s.head * 2, s.batch * 2};
-    const int box[4] = {64, box_rows, 1, 1};
-    return make_tensor_map(m, base, 4, sizes, strides, box);
+    return make_rows_map(m, base, s, p.batch, rows, heads, Cfg::kD, box_rows);
   };
   if (!map(&w.q, p.q, p.q_strides, p.seqlen_q, p.heads_q, Cfg::kBlockM) ||
       !map(&w.dout, bp.dout, bp.dout_strides, p.seqlen_q, p.heads_q, Cfg::kBlockM) ||

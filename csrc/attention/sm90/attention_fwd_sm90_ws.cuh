@@ -205,10 +205,7 @@ bool make_fwd_ws_params(const FwdParams& p, FwdWsParams& w) {
   if (p.cu_seqlens_q != nullptr) return false;
   w.p = p;
   const auto map = [&](CUtensorMap* m, const void* base, const Strides& s, int rows, int heads, int box_rows) {
-    const int64_t sizes[4] = {Cfg::kD, rows, heads, p.batch};
-    const int64_t strides[3] = {s.row * 2, s.head * 2, s.batch * 2};
-    const int box[4] = {64, box_rows, 1, 1};
-    return make_tensor_map(m, base, 4, sizes, strides, box);
+    return make_rows_map(m, base, s, p.batch, rows, heads, Cfg::kD, box_rows);
   };
   if (!map(&w.q, p.q, p.q_strides, p.seqlen_q, p.heads_q, Cfg::kBlockM) ||
       !map(&w.k, p.k, p.k_strides, p.seqlen_k, p.heads_kv, Cfg::kBlockN) ||

@@ -90,6 +90,16 @@ __device__ __forceinline__ uint16_t load_shared_u16(uint32_t address) {
   return value;
 }
 
+// The map of a [batch, rows, heads, head_dim] 16-bit tensor (q, k, v, out and their gradients; any strides TMA can
+// describe) as (head_dim, rows, heads, batch), in boxes of 64 columns (128 bytes) by box_rows rows of one head.
+inline bool make_rows_map(CUtensorMap* map, const void* base, const Strides& s, int64_t batch, int64_t rows,
+                          int64_t heads, int head_dim, int box_rows) {
+  const int64_t sizes[4] = {head_dim, rows, heads, batch};
+  const int64_t strides[3] = {s.row * 2, s.head * 2, s.batch * 2};
+  const int box[4] = {64, box_rows, 1, 1};
+  return make_tensor_map(map, base, 4, sizes, strides, box);
+}
+
 // The bias's map as [batch, heads, query rows, keys] in boxes of 64 keys by box_rows rows, a broadcast batch or head
 // a dimension of size 1 (read at 0, which the flags say): false for a bias broadcast over the query rows (row
 // stride 0: TMA would read zeros past its one row) or one the driver cannot encode (rows not 16-byte aligned).
