@@ -224,6 +224,31 @@ def test_sdpa_wrapper_matches_torch_and_raises_as_torch():
     assert max_err(fops.scaled_dot_product_attention(q3, k3, v3), F.scaled_dot_product_attention(q3, k3, v3)) < 1e-6
     v8 = torch.randn(2, 4, 9, 8)
     assert fops.scaled_dot_product_attention(q, k.repeat(1, 2, 1, 1), v8).shape == (2, 4, 7, 8)
+    # scale and enable_gqa are keyword-only, as torch's: code written against ours runs against torch's
+    for fn in (fops.scaled_dot_product_attention, F.scaled_dot_product_attention):
+        with pytest.raises(TypeError):
+            fn(q, q, q, None, 0.0, False, 0.5)
+
+
+def test_window_must_be_a_pair():
+    q = torch.randn(1, 3, 1, 4)
+    for bad in (3, (1,), (1, 2, 3), "ab"):
+        with pytest.raises(TypeError, match="window must be None or a pair"):
+            fops.attention(q, q, q, window=bad)
+        with pytest.raises(TypeError, match="window must be None or a pair"):
+            fops.attention_varlen(q[0], q[0], q[0], _cu([3]), _cu([3]), 3, 3, window=bad)
+    assert fops.attention(q, q, q, window=[1, 0]).shape == q.shape  # a list is a pair too
+
+
+def test_lse_is_returned_without_a_gradient():
+    """lse is returned as FlashAttention's and torch's flash backend return theirs, without a gradient (documented):
+    a loss built from it changes no input's gradient."""
+    q, k, v = (torch.randn(1, 4, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, lse = fops.attention(q, k, v, return_lse=True)
+    assert not lse.requires_grad and out.requires_grad
+    (out.sum() + lse.sum()).backward()
+    want = torch.autograd.grad(fops.attention(q, k, v).sum(), q)[0]
+    assert torch.equal(q.grad, want)
 
 
 def _heads_first_out_strides(shape):
@@ -1053,6 +1078,10 @@ def test_zero_heads_give_empty_results_as_torch():
     assert fops.scaled_dot_product_attention(q, q, q).shape == (2, 0, 5, 8)
     out, lse = fops.attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), return_lse=True)
     assert out.shape == (2, 5, 0, 8) and lse.shape == (2, 0, 5)
+    # every input gets an (empty) gradient, as torch's: none is left out of the graph
+    leaves = [torch.randn(2, 0, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    grads = torch.autograd.grad(fops.scaled_dot_product_attention(*leaves).sum(), leaves, allow_unused=True)
+    assert all(g is not None and g.shape == t.shape for g, t in zip(grads, leaves))
 
 
 @pytest.mark.parametrize(

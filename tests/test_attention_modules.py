@@ -482,6 +482,17 @@ def test_self_attention_arguments():
         FusedSelfAttention(64, 5)
     with pytest.raises(ValueError):
         FusedSelfAttention(64, 4, num_kv_heads=3)
+    # checked at construction, as nn.MultiheadAttention's: no heads, a window below -1 or not a pair
+    for bad in (dict(embed_dim=64, num_heads=0), dict(embed_dim=0, num_heads=4),
+                dict(embed_dim=64, num_heads=4, window=(-5, 0))):
+        with pytest.raises(ValueError):
+            FusedSelfAttention(**bad)
+    with pytest.raises(TypeError, match="window"):
+        FusedSelfAttention(64, 4, window=3)
+    m = FusedSelfAttention(64, 4)
+    for rank in (1, 4):  # a shape message, not an unpacking error
+        with pytest.raises(ValueError, match="x must be"):
+            m(torch.randn(*[2] * (rank - 1), 64))
     m = FusedSelfAttention(64, 4, num_kv_heads=2, bias=False, window=(8, 0), causal=True)
     assert m.in_proj_weight.shape == (64 + 2 * 2 * 16, 64) and m.in_proj_bias is None
     assert "window=(8, 0)" in repr(m)

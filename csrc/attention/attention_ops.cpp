@@ -419,7 +419,9 @@ std::tuple<Tensor, Tensor> attention_impl(const Tensor& q, const Tensor& k, cons
   }
   const c10::SymInt nq = q.sym_size(layout.row);
   if (q.sym_size(layout.head).sym_eq(0).guard_bool(__FILE__, __LINE__)) {  // no heads: empty results, as torch's SDPA
-    return {q.contiguous() * 0, at::empty_symint({q.sym_size(0), 0, nq}, q.options().dtype(at::kFloat))};
+    // (k and v joined to the graph too, so their gradients are empty tensors, as torch's, rather than None)
+    return {q.contiguous() * 0 + (k.sum() + v.sum()) * 0,
+            at::empty_symint({q.sym_size(0), 0, nq}, q.options().dtype(at::kFloat))};
   }
   const OptTensor bias = prepare_bias(attn_bias, q, k, layout);
   Spec s{default_scale(q, scale), causal, window_left, window_right, dropout_p};

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .. import _native
 from .. import ops
+from ..ops.attention import _window_pair
 
 __all__ = ["FusedMultiheadAttention", "FusedSelfAttention"]
 
@@ -262,6 +263,9 @@ class FusedSelfAttention(nn.Module):
                  batch_first: bool = True, device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} and "
+                             f"num_heads={num_heads}")
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
@@ -271,7 +275,11 @@ class FusedSelfAttention(nn.Module):
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.dropout, self.causal, self.batch_first = dropout, causal, batch_first
-        self.window = None if window is None else tuple(window)
+        if window is not None:
+            window = tuple(_window_pair("FusedSelfAttention", window))
+            if any(not isinstance(w, int) or w < -1 for w in window):
+                raise ValueError(f"FusedSelfAttention: window sizes must be ints >= -1 (-1: unbounded), got {window}")
+        self.window = window
         factory = {"device": device, "dtype": dtype}
         qkv_dim = (num_heads + 2 * num_kv_heads) * self.head_dim
         self.in_proj_weight = nn.Parameter(torch.empty(qkv_dim, embed_dim, **factory))
@@ -306,6 +314,9 @@ class FusedSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None,
                 attn_bias: Optional[Tensor] = None) -> Tensor:
+        if x.dim() not in (2, 3):
+            raise ValueError(f"FusedSelfAttention: x must be [batch, seq, embed_dim] (batch_first), [seq, batch, "
+                             f"embed_dim] or unbatched [seq, embed_dim], got {x.dim()} dimensions")
         batched = x.dim() == 3
         if not batched:
             x = x.unsqueeze(0)

@@ -345,19 +345,29 @@ def attention(
     deterministic: a bitwise reproducible dq (slower backward).
 
     Returns out [B, Nq, Hq, D] in q's dtype, or (out, lse) with lse [B, Hq, Nq] float32, the natural-log
-    log-sum-exp of the scaled, biased, masked scores. A row that sees no key: out 0, lse -inf, zero grads.
+    log-sum-exp of the scaled, biased, masked scores. lse carries no gradient (as FlashAttention's and torch's
+    flash backend's): a loss term built from it adds nothing to q's, k's, v's or attn_bias's gradients. A row that
+    sees no key: out 0, lse -inf, zero grads.
 
     Raises RuntimeError (as torch's SDPA) for q, k, v of other ranks, dtypes or devices than each other, heads
     of q not a multiple of k's, unequal head dims, a bias that does not broadcast or is not bool / float, a
-    dropout_p outside [0, 1] or window sizes below -1; TypeError for arguments of the wrong type. Inputs
+    dropout_p outside [0, 1] or window sizes below -1; TypeError for arguments of the wrong type (window: not
+    None or a pair of ints). Inputs
     without a kernel (float32 / float64 on CUDA, other head dims, GPUs before sm_80) run the reference, with
     one UserWarning.
     """
     if type(q) is not Tensor and isinstance(q, Tensor) and q.is_nested:  # (a plain Tensor pays one type check)
         return _nested_attention(q, k, v, causal, scale, dropout_p, window, attn_bias, return_lse)
-    wl, wr = (-1, -1) if window is None else window
+    wl, wr = (-1, -1) if window is None else _window_pair("attention", window)
     out, lse = _attention(q, k, v, attn_bias, dropout_p, causal, wl, wr, scale, return_lse, deterministic)
     return (out, lse) if return_lse else out
+
+
+def _window_pair(op: str, window) -> Tuple[int, int]:
+    """(left, right) from a window argument, or TypeError (the op checks the values)."""
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"{op}: window must be None or a pair (left, right) of ints (-1: unbounded), got {window!r}")
+    return window[0], window[1]
 
 
 def _nested_attention(q, k, v, causal, scale, dropout_p, window, attn_bias, return_lse):
@@ -396,8 +406,8 @@ def attention_varlen(
     within the packed rows: checked for CPU tensors (ValueError); for CUDA ones a check would need a
     device-to-host copy, so, as FlashAttention's varlen API, they are trusted (a longer sequence than
     max_seqlen is cut short; an end past the rows reads out of bounds). Returns out [total_q, Hq, D], or (out, lse) with
-    lse [Hq, total_q] float32."""
-    wl, wr = (-1, -1) if window is None else window
+    lse [Hq, total_q] float32 (without a gradient, as attention's)."""
+    wl, wr = (-1, -1) if window is None else _window_pair("attention_varlen", window)
     out, lse = _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
                                  wl, wr, scale, return_lse, deterministic)
     return (out, lse) if return_lse else out
@@ -410,6 +420,7 @@ def scaled_dot_product_attention(
     attn_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
+    *,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
 ) -> Tensor:
