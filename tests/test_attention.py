@@ -722,7 +722,8 @@ def test_gqa_backward_with_the_q_heads_split_or_not(case, split, monkeypatch):
 @pytest.mark.parametrize("bias_kind", [None, "float"], ids=["", "bias"])
 def test_warp_specialised_kernels(case, bias_kind, dtype, monkeypatch):
     """FUSEDKERNELS_ATTENTION_KERNEL=sm90ws runs the warp-specialised Hopper forward (TMA producer, ping-pong
-    consumers) and backward (TMA producer, dQ by TMA reduce-add) wherever they can take the call (by default not at head dim 64 over 512 keys or fewer): odd and unequal lengths, GQA, causal, windows (query tiles that see no key),
+    consumers) and backward (TMA producer, dQ by TMA reduce-add) wherever they can take the call (the forward by
+    default not at head dim 64 over 512 keys or fewer): odd and unequal lengths, GQA, causal, windows (query tiles that see no key),
     a tile whose second consumer has only rows past the end, key tiles shorter than one 64-key bias box, more
     queries than keys under a causal mask, both head dims, with and without a bias (odd key counts: rows not
     16-byte aligned take the plain kernel); against the reference, and in several launches of the causal order
@@ -811,7 +812,8 @@ def test_hopper_kernels_are_what_runs_on_sm90(monkeypatch):
     names = _cuda_kernels_run(lambda: out.backward(torch.randn_like(out)))
     # 300 keys: bias rows of 600 bytes, which TMA cannot read (16-byte multiples): the plain backward
     assert any("attention_bwd_dkdv_sm90_kernel" in n for n in names), names
-    qb, kb, vb = (t.detach().requires_grad_() for t in _qkv(1, 300, 296, 2, 2, 128, dtype=torch.bfloat16, device="cuda"))
+    qkv296 = _qkv(1, 300, 296, 2, 2, 128, dtype=torch.bfloat16, device="cuda")
+    qb, kb, vb = (t.detach().requires_grad_() for t in qkv296)
     bias296 = torch.randn(1, 2, 300, 296, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out = fops.attention(qb, kb, vb, attn_bias=bias296)
     names = _cuda_kernels_run(lambda: out.backward(torch.randn_like(out)))

@@ -128,11 +128,13 @@ struct BwdSm90Keys {
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
-      sm90::Wgmma<kD>::template rs<T, true>(dv, pf[kk], sm90::smem_descriptor(do_tile + kk * 16 * 128, kBlockM * 128, 1024), true);
+      const uint64_t dout_rows = sm90::smem_descriptor(do_tile + kk * 16 * 128, kBlockM * 128, 1024);
+      sm90::Wgmma<kD>::template rs<T, true>(dv, pf[kk], dout_rows, true);
     }
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) {
-      sm90::Wgmma<kD>::template rs<T, true>(dk, dsf[kk], sm90::smem_descriptor(q_tile + kk * 16 * 128, kBlockM * 128, 1024), true);
+      const uint64_t q_rows = sm90::smem_descriptor(q_tile + kk * 16 * 128, kBlockM * 128, 1024);
+      sm90::Wgmma<kD>::template rs<T, true>(dk, dsf[kk], q_rows, true);
     }
     sm90::wgmma_commit();
   }
@@ -168,7 +170,8 @@ struct BwdSm90Keys {
   __device__ __forceinline__ void store(const BwdParams& bp, int b, int h_kv, int64_t k_row0, int64_t accum_row0) {
     const FwdParams& p = bp.fwd;
     if (bp.kv_split > 1) {
-      float* accum = bp.workspace + dkv_accum_offset(bp.total_q, p.heads_q, kD) + ((accum_row0 + n0) * p.heads_kv + h_kv) * 2 * kD;
+      float* accum = bp.workspace + dkv_accum_offset(bp.total_q, p.heads_q, kD) +
+                     ((accum_row0 + n0) * p.heads_kv + h_kv) * 2 * kD;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int key = row(2 * r);

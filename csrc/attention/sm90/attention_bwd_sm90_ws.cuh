@@ -53,7 +53,8 @@ struct BwdWsParams {
 };
 
 template <typename Cfg, bool kBias>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_ws_kernel(const __grid_constant__ BwdWsParams w) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    attention_bwd_dkdv_sm90_ws_kernel(const __grid_constant__ BwdWsParams w) {
 #if FUSEDKERNELS_SM90A
   using T = typename Cfg::T;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
@@ -186,7 +187,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_sm90_ws_k
 
     keys.issue_scores(k_address, v_address, q_address, do_address);
     float* dbias = nullptr;
-    if (kBias && bp.dbias != nullptr) dbias = bp.dbias + (int64_t(b) * p.heads_q + head0 + it / m_count) * p.seqlen_q * p.seqlen_k;
+    if (kBias && bp.dbias != nullptr) {
+      dbias = bp.dbias + (int64_t(b) * p.heads_q + head0 + it / m_count) * p.seqlen_q * p.seqlen_k;
+    }
     const uint32_t bias_box = kBias ? sm90::smem_address(sBias) + s * Cfg::kBiasBytes + consumer * kBlockM * 128 : 0u;
     keys.probabilities(m0, p.seqlen_q, p.seqlen_k, sLse + s * kBlockM, sDsum + s * kBlockM, bias_box, dbias);
     keys.issue_dv_dk(ds_tile, q_address, do_address);

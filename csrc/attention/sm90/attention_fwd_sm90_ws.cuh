@@ -88,7 +88,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm90_ws_kernel
     if (threadIdx.x != 0 || tiles == 0) return;
     sm90::mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
 #pragma unroll
-    for (int box = 0; box < kD / 64; ++box) sm90::tma_load_4d(sQ + box * kBlockM * 128, &w.q, 64 * box, m0, h, b, q_full);
+    for (int box = 0; box < kD / 64; ++box) {
+      sm90::tma_load_4d(sQ + box * kBlockM * 128, &w.q, 64 * box, m0, h, b, q_full);
+    }
     // stage j % 2's (j / 2)-th use; its first wait for "empty" passes at once (phase "-1" done)
     for (int j = 0; j < tiles; ++j) {
       const int s = j % 2;
