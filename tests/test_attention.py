@@ -240,15 +240,43 @@ def test_window_must_be_a_pair():
     assert fops.attention(q, q, q, window=[1, 0]).shape == q.shape  # a list is a pair too
 
 
-def test_lse_is_returned_without_a_gradient():
-    """lse is returned as FlashAttention's and torch's flash backend return theirs, without a gradient (documented):
-    a loss built from it changes no input's gradient."""
-    q, k, v = (torch.randn(1, 4, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out, lse = fops.attention(q, k, v, return_lse=True)
-    assert not lse.requires_grad and out.requires_grad
-    (out.sum() + lse.sum()).backward()
-    want = torch.autograd.grad(fops.attention(q, k, v).sum(), q)[0]
-    assert torch.equal(q.grad, want)
+@pytest.mark.parametrize("varlen", [False, True], ids=["", "varlen"])
+def test_lse_is_differentiable(varlen):
+    """The returned lse has a gradient (d lse / d s = P): the gradients from out's and lse's together match autograd
+    through the reference (fp64), bias included, rows that see no key (lse -inf: a zero gradient, no NaN), GQA, and
+    a loss of lse alone; varlen packed too. (lse is float32 whatever the inputs, so gradcheck's finite differences
+    would measure its rounding.)"""
+    torch.manual_seed(0)
+    if varlen:  # sequence 1: two queries, no key
+        q, k, v = (torch.randn(n, h, 8, dtype=torch.float64) for n, h in ((7, 4), (9, 2), (9, 2)))
+        lengths_q, lengths_k = [3, 2, 2], [5, 0, 4]
+        cu_q, cu_k = _cu(lengths_q), _cu(lengths_k)
+        ours = lambda q, k, v: fops.attention_varlen(q, k, v, cu_q, cu_k, 3, 5, causal=True,  # noqa: E731
+                                                     return_lse=True)
+        ref = lambda q, k, v: attention_varlen_ref(q, k, v, cu_q, cu_k, causal=True, return_lse=True)  # noqa: E731
+        inputs = (q, k, v)
+        dlse = torch.randn(4, 7, dtype=torch.float64)
+    else:  # query 5 sees keys 4 .. 5, which do not exist
+        q, k, v = (torch.randn(2, n, h, 8, dtype=torch.float64) for n, h in ((6, 4), (4, 2), (4, 2)))
+        bias = torch.randn(2, 4, 6, 4, dtype=torch.float64)
+        ours = lambda q, k, v, b: fops.attention(q, k, v, attn_bias=b, window=(1, 0), return_lse=True)  # noqa: E731
+        ref = lambda q, k, v, b: attention_ref(q, k, v, attn_bias=b, window=(1, 0), return_lse=True)  # noqa: E731
+        inputs = (q, k, v, bias)
+        dlse = torch.randn(2, 4, 6, dtype=torch.float64)
+    dout = torch.randn_like(q)
+    for grad_outputs in ((dout, dlse), (None, dlse)):  # (None: a loss of lse alone)
+        got, want = [], []
+        for fn, into in ((ours, got), (ref, want)):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            out, lse = fn(*leaves)
+            assert lse.requires_grad and not torch.isfinite(lse).all()
+            pairs = [(o, g) for o, g in zip((out, lse), grad_outputs) if g is not None]
+            grads = torch.autograd.grad([o for o, _ in pairs], leaves, [g.to(o.dtype) for o, g in pairs],
+                                        allow_unused=True)  # (lse does not depend on v)
+            into.extend(torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves))
+        for g, w in zip(got, want):
+            assert torch.isfinite(g).all() and max_err(g, w) < 1e-6 * max(w.abs().max().item(), 1.0)
+        assert got[0].abs().sum() > 0
 
 
 def _heads_first_out_strides(shape):
@@ -600,8 +628,9 @@ def _bias(kind, b, hq, nq, nk, dtype, device):
     return mask
 
 
-def _run_all(fn, q, k, v, bias, dout):
-    """out, lse and the grads of q, k, v (and of a float bias) through fn(q, k, v, bias) -> (out, lse)."""
+def _run_all(fn, q, k, v, bias, dout, dlse=None):
+    """out, lse and the grads of q, k, v (and of a float bias) through fn(q, k, v, bias) -> (out, lse), from dout
+    (and dlse, lse's gradient, when given)."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     b = None
     if bias is not None:
@@ -609,22 +638,25 @@ def _run_all(fn, q, k, v, bias, dout):
         if b.requires_grad:
             leaves.append(b)
     out, lse = fn(*leaves[:3], b)
-    grads = torch.autograd.grad(out, leaves, dout)
+    outputs, grad_outputs = ((out,), (dout,)) if dlse is None else ((out, lse), (dout, dlse))
+    grads = torch.autograd.grad(outputs, leaves, grad_outputs)
     return [out.detach(), lse.detach(), *grads]
 
 
 def _compare_to_reference(q, k, v, bias, *, causal=False, window=None, scale=None, floor=1e-3):
+    """out, lse and the gradients (from dout and from lse's own gradient) against the fp32 reference."""
     dout = torch.randn_like(q)
+    dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], device=q.device)
     kw = dict(causal=causal, window=window, scale=scale, return_lse=True)
 
     def ref_fn(upcast):
         return lambda q, k, v, b: attention_ref(q, k, v, attn_bias=b, upcast=upcast, **kw)
 
     cast = lambda t: None if t is None else (t.float() if t.is_floating_point() else t)  # noqa: E731
-    ref = _run_all(ref_fn(True), q.float(), k.float(), v.float(), cast(bias), dout.float())
-    lowp = _run_all(ref_fn(False), q, k, v, bias, dout)
+    ref = _run_all(ref_fn(True), q.float(), k.float(), v.float(), cast(bias), dout.float(), dlse)
+    lowp = _run_all(ref_fn(False), q, k, v, bias, dout, dlse)
     poison_allocator(q, q, k, v, lowp[1])
-    ours = _run_all(lambda q, k, v, b: fops.attention(q, k, v, attn_bias=b, **kw), q, k, v, bias, dout)
+    ours = _run_all(lambda q, k, v, b: fops.attention(q, k, v, attn_bias=b, **kw), q, k, v, bias, dout, dlse)
     names = ["out", "lse", "dq", "dk", "dv", "dbias"]
     for name, o, r, t in zip(names, ours, ref, lowp):
         if name == "lse":

@@ -85,6 +85,10 @@ struct BwdParams {
   // not wanted (the bindings reduce it over the bias's broadcast dimensions).
   float* dbias;
 
+  // The gradient of the returned lse, laid out as fwd.lse (its strides), or nullptr: it enters dsum (dsum - dlse),
+  // since lse's derivative in the scores is the probabilities.
+  const float* dlse;
+
   // Workspace of bwd_workspace_floats() floats (any contents): the per-row sum(dout * out) and, unless
   // deterministic, dq accumulated in fp32.
   float* workspace;

@@ -242,7 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
     const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& out_, const Tensor& lse,
     const OptTensor& bias_, const OptTensor& cu_q, const OptTensor& cu_k, c10::SymInt max_q, c10::SymInt max_k,
     double dropout_p, double scale, bool causal, int64_t window_left, int64_t window_right, const Tensor& rng_state,
-    bool deterministic, std::array<bool, 4> output_mask, bool heads_first) {
+    bool deterministic, std::array<bool, 4> output_mask, bool heads_first, const OptTensor& dlse_) {
   const char* op = "attention_bwd";
   const Sizes s =
       check_inputs(op, q_, k_, v_, bias_, cu_q, cu_k, max_q.expect_int(), max_k.expect_int(), heads_first);
@@ -257,6 +257,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
                         lse.sizes() == at::IntArrayRef(lse_shape),
                     op, ": lse must be the forward's contiguous float32 ", shape(at::IntArrayRef(lse_shape)),
                     ", got ", name_of(lse.scalar_type()), " ", shape(lse));
+  TORCH_CHECK_VALUE(!dlse_ || (dlse_->device() == q_.device() && dlse_->scalar_type() == at::kFloat &&
+                               dlse_->sizes() == lse.sizes()),
+                    op, ": dlse must be float32 like lse ", shape(lse), ", got ",
+                    dlse_ ? name_of(dlse_->scalar_type()) : "", " ", dlse_ ? shape(*dlse_) : std::string());
   TORCH_CHECK_VALUE(dropout_p == 0.0 || (rng_state.device() == q_.device() && rng_state.scalar_type() == at::kLong &&
                                          rng_state.numel() == 2),
                     op, ": rng_state must be the forward's int64 [2] when dropout_p > 0");
@@ -292,6 +296,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cuda(
   p.fwd.out = out.data_ptr();
   p.fwd.out_strides = strides_of(out, s);
   set_lse(p.fwd, s, lse);
+  const Tensor dlse = dlse_ ? dlse_->contiguous() : Tensor();
+  p.dlse = dlse_ ? dlse.data_ptr<float>() : nullptr;
   p.fwd.rng_state = dropout_p > 0 ? rng_state.data_ptr<int64_t>() : nullptr;
   p.dout = dout.data_ptr();
   p.dout_strides = strides_of(dout, s);

@@ -1,6 +1,6 @@
 // The backward kernels (FlashAttention-2's algorithm on mma.sync): recompute P from q, k and the saved
 // log-sum-exp, never storing it.
-//   preprocess   dsum_i = sum_d dout_id * out_id per query row (the launcher zeroes the dq accumulator)
+//   preprocess   dsum_i = sum_d dout_id * out_id (- dlse_i) per query row (the launcher zeroes the dq accumulator)
 //   dkdv         one CTA per (key tile, kv head, sequence; head-dim slice for large heads): loops over the
 //                query tiles of every q head of its group, dK and dV in registers; with kAtomicDq it also
 //                adds its share of dS K into an fp32 dq accumulator (atomics: run-to-run order varies)
@@ -71,6 +71,7 @@ __global__ void __launch_bounds__(256) attention_bwd_preprocess_kernel(const Bwd
     for (int e = 0; e < 8; ++e) acc += to_float(de[e]) * to_float(oe[e]);
   }
   acc = group_sum_in_warp<32>(acc);
+  if (bp.dlse != nullptr) acc -= bp.dlse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_row0 + i];
   if (lane == 0) dsum[(workspace_row0(p, b, seq) + i) * p.heads_q + h] = acc;
 }
 

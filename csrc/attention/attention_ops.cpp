@@ -55,11 +55,12 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
         " -> (Tensor out, Tensor lse, Tensor rng_state)",
         {at::Tag::nondeterministic_seeded});
   // output_mask: dq, dk, dv, dbias. dq / dk / dv are always computed; dbias (like attn_bias: shape, dtype) is
-  // an empty tensor unless asked for and attn_bias is given.
+  // an empty tensor unless asked for and attn_bias is given. dlse: the gradient of lse (like lse), or None.
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_bias,"
         " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p,"
         " float scale, bool causal, int window_left, int window_right, Tensor rng_state, bool deterministic,"
-        " bool[4] output_mask, bool heads_first=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+        " bool[4] output_mask, bool heads_first=False, Tensor? dlse=None)"
+        " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }
 
 namespace fusedkernels::attention {
@@ -77,7 +78,7 @@ using AttentionFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Ten
 using AttentionBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
     const OptTensor&, const OptTensor&, c10::SymInt, c10::SymInt, double, double, bool, int64_t, int64_t,
-    const Tensor&, bool, std::array<bool, 4>, bool);
+    const Tensor&, bool, std::array<bool, 4>, bool, const OptTensor&);
 
 const c10::TypedOperatorHandle<AttentionFwd>& attention_fwd_op() {
   static const auto op = find_op<AttentionFwd>("fusedkernels::attention_fwd");
@@ -178,7 +179,7 @@ std::pair<Tensor, Tensor> scores_and_probs(const Heads& h, const OptTensor& bias
   const Tensor e = (scores - m).exp();
   const Tensor l = e.sum(-1, /*keepdim=*/true);
   if (row_max) *row_max = m;
-  if (row_sum) *row_sum = l.detach();
+  if (row_sum) *row_sum = l;
   return {scores, e / at::where(l.eq(0), c10::Scalar(1.0), l)};
 }
 
@@ -207,7 +208,9 @@ std::pair<Tensor, Tensor> reference_forward(const Tensor& q, const Tensor& k, co
     Tensor p = scores_and_probs(h, bias, keep_mask(q4, k4, s), s, &m, &l).second;
     if (s.dropout_p > 0) p = p.masked_fill(keep_dropout.logical_not(), 0.0) * (1.0 / (1.0 - s.dropout_p));
     out = at::matmul(p, h.v).transpose(1, 2).to(q.scalar_type()).contiguous();
-    lse = (l.log() + m).squeeze(-1).to(at::kFloat);
+    // differentiable (its gradient in the scores is p), and -inf with a zero gradient where a row sees no key
+    const Tensor empty_row = l.eq(0);
+    lse = at::where(empty_row, -kInf, at::where(empty_row, c10::Scalar(1.0), l).log() + m).squeeze(-1).to(at::kFloat);
   }
   if (s.varlen()) return {out.squeeze(0), lse.squeeze(0)};
   return {out, lse};
@@ -215,10 +218,11 @@ std::pair<Tensor, Tensor> reference_forward(const Tensor& q, const Tensor& k, co
 
 // dq, dk, dv (the inputs' shapes and dtypes) and dbias (attn_bias's shape and dtype, when want[3]) from the
 // probabilities recomputed: differentiable in every input, so a recorded backward (create_graph) has exact
-// higher derivatives. With dropout, keep_dropout is the forward's mask.
+// higher derivatives. With dropout, keep_dropout is the forward's mask. dlse (lse's shape; undefined: none) is the
+// gradient of lse, whose derivative in the scores is the (undropped) probabilities.
 std::array<Tensor, 4> reference_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                          const OptTensor& bias, const Spec& s, const Tensor& keep_dropout,
-                                         std::array<bool, 4> want) {
+                                         std::array<bool, 4> want, const Tensor& dlse) {
   const Tensor q4 = as4(q, s), k4 = as4(k, s), v4 = as4(v, s);
   std::array<Tensor, 4> g;
   if (no_keys(k4) || q4.sym_numel().sym_eq(0).guard_bool(__FILE__, __LINE__)) {
@@ -236,7 +240,9 @@ std::array<Tensor, 4> reference_backward(const Tensor& dout, const Tensor& q, co
     p_dropped = p * z;
     dp = dp * z;
   }
-  const Tensor ds = p * (dp - (p * dp).sum(-1, /*keepdim=*/true));  // d(scale * q.k + bias)
+  Tensor dsum = (p * dp).sum(-1, /*keepdim=*/true);
+  if (dlse.defined()) dsum = dsum - (s.varlen() ? dlse.unsqueeze(0) : dlse).unsqueeze(-1).to(acc);
+  const Tensor ds = p * (dp - dsum);  // d(scale * q.k + bias)
   const c10::SymInt hkv = k4.sym_size(2);
   const auto back = [&](const Tensor& t, const Tensor& like) {  // [B, H, N, D] -> like's layout and dtype
     Tensor r = t.transpose(1, 2).to(like.scalar_type());
@@ -396,7 +402,7 @@ std::tuple<Tensor, Tensor> reference_op(const Tensor& q, const Tensor& k, const 
                .ge(s.dropout_p);
   }
   auto [out, lse] = reference_forward(q, k, v, bias, s, keep);
-  return {out, return_lse ? lse.detach() : at::empty({0}, lse.options())};
+  return {out, return_lse ? lse : at::empty({0}, lse.options())};
 }
 
 // attention's checks and routing, for q, k, v in attention's layout or SDPA's (heads first): out in q's shape,
@@ -574,8 +580,11 @@ struct AttentionBackward : torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     variable_list result(num_outputs());
-    const Tensor& dout = grads[0];
-    if (!dout.defined()) return result;
+    if (!grads[0].defined() && !grads[1].defined()) return result;
+    // a loss of lse alone hands no dout: a zero one
+    const Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out.unpack(getptr()));
+    // dlse like lse (a loss's sum hands an expanded one)
+    const Tensor dlse = grads[1].defined() ? grads[1].to(at::kFloat).contiguous() : Tensor();
     const Tensor q_ = q.unpack(), k_ = k.unpack(), v_ = v.unpack(), b = bias.unpack();
     const OptTensor cq = optional_of(cu_q.unpack()), ck = optional_of(cu_k.unpack());
     const std::array<bool, 4> want = {task_should_compute_output(0), task_should_compute_output(1),
@@ -586,7 +595,7 @@ struct AttentionBackward : torch::autograd::Node {
                   "(create_graph=True); use dropout_p=0 for double backward");
       Spec s{scale, causal, window_left, window_right, 0.0, cq, ck};
       g = reference_backward(rows_first(dout, heads_first), rows_first(q_, heads_first), rows_first(k_, heads_first),
-                             rows_first(v_, heads_first), optional_of(b), s, Tensor(), want);
+                             rows_first(v_, heads_first), optional_of(b), s, Tensor(), want, dlse);
       for (int i = 0; i < 3; ++i) g[i] = rows_first(g[i], heads_first);
     } else {
       // Below autograd, as the forward: nothing is recorded without grad mode, and the raw op's autograd kernel
@@ -596,7 +605,8 @@ struct AttentionBackward : torch::autograd::Node {
                      attention_bwd_op().call(kernel_layout(dout), q_, k_, v_, out.unpack(getptr()),
                                              lse.unpack(getptr()), optional_of(b), cq, ck, max_q, max_k,
                                              dropout_p, scale, causal, window_left, window_right,
-                                             rng_state.unpack(getptr()), deterministic, want, heads_first));
+                                             rng_state.unpack(getptr()), deterministic, want, heads_first,
+                                             optional_of(dlse)));
     }
     for (size_t i = 0; i < result.size(); ++i) {
       if (want[i]) result[i] = g[i];
@@ -634,7 +644,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const
     auto node = make_node<AttentionBackward>();
     auto& n = static_cast<AttentionBackward&>(*node);
     n.set_next_edges(torch::autograd::collect_next_edges(q, k, v, bias));
-    torch::autograd::set_history(std::get<0>(results), node);
+    torch::autograd::set_history(std::get<0>(results), node);  // output 0
+    torch::autograd::set_history(std::get<1>(results), node);  // output 1: lse
     n.q = torch::autograd::SavedVariable(q, false);
     n.k = torch::autograd::SavedVariable(k, false);
     n.v = torch::autograd::SavedVariable(v, false);
@@ -717,7 +728,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
     const Tensor& dout, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor&, const Tensor&,
     const OptTensor& bias, const OptTensor& cu_q, const OptTensor& cu_k, c10::SymInt, c10::SymInt, double dropout_p,
     double scale, bool causal, int64_t window_left, int64_t window_right, const Tensor& rng_state, bool,
-    std::array<bool, 4> output_mask, bool heads_first) {
+    std::array<bool, 4> output_mask, bool heads_first, const OptTensor& dlse) {
   check_internal_args("attention_bwd", bias, q_, heads_first);
   const Tensor q = rows_first(q_, heads_first), k = rows_first(k_, heads_first), v = rows_first(v_, heads_first);
   Spec s{scale, causal, window_left, window_right, dropout_p, cu_q, cu_k};
@@ -728,7 +739,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
     keep = cpu_dropout_keep(rng_state.data_ptr<int64_t>()[0], dropout_shape(q, k, s), dropout_p);
   }
   const bool want_bias = output_mask[3] && bias.has_value();
-  auto g = reference_backward(rows_first(dout, heads_first), q, k, v, bias, s, keep, {true, true, true, want_bias});
+  auto g = reference_backward(rows_first(dout, heads_first), q, k, v, bias, s, keep, {true, true, true, want_bias},
+                              dlse ? *dlse : Tensor());
   return {like(q_, rows_first(g[0], heads_first)), like(k_, rows_first(g[1], heads_first)),
           like(v_, rows_first(g[2], heads_first)),
           want_bias ? g[3].contiguous() : at::empty({0}, q.options())};
@@ -755,7 +767,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd_meta(const Tensor& q, const Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_meta(
     const Tensor&, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor&, const Tensor&,
     const OptTensor& bias, const OptTensor&, const OptTensor&, c10::SymInt, c10::SymInt, double, double, bool, int64_t,
-    int64_t, const Tensor&, bool, std::array<bool, 4> output_mask, bool heads_first) {
+    int64_t, const Tensor&, bool, std::array<bool, 4> output_mask, bool heads_first, const OptTensor&) {
   check_internal_args("attention_bwd", bias, q, heads_first);
   const bool want_bias = output_mask[3] && bias.has_value();
   return {at::empty_like(q), at::empty_like(k), at::empty_like(v),

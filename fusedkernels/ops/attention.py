@@ -102,7 +102,9 @@ def attention_ref(
     out = torch.matmul(p, vf).transpose(1, 2).to(q.dtype)
     if not return_lse:
         return out
-    lse = (torch.log(l) + m).squeeze(-1).float().detach()
+    # differentiable (its gradient in the scores is p), and -inf with a zero gradient where a row sees no key
+    empty_row = l == 0
+    lse = torch.where(empty_row, float("-inf"), torch.log(torch.where(empty_row, 1.0, l)) + m).squeeze(-1).float()
     return out, lse
 
 
@@ -345,9 +347,9 @@ def attention(
     deterministic: a bitwise reproducible dq (slower backward).
 
     Returns out [B, Nq, Hq, D] in q's dtype, or (out, lse) with lse [B, Hq, Nq] float32, the natural-log
-    log-sum-exp of the scaled, biased, masked scores. lse carries no gradient (as FlashAttention's and torch's
-    flash backend's): a loss term built from it adds nothing to q's, k's, v's or attn_bias's gradients. A row that
-    sees no key: out 0, lse -inf, zero grads.
+    log-sum-exp of the scaled, biased, masked scores, differentiable (its gradient in the scores is the
+    probabilities, which the backward adds at no extra pass: dsum - dlse), for z-losses and merging partial
+    attentions. A row that sees no key: out 0, lse -inf, zero grads.
 
     Raises RuntimeError (as torch's SDPA) for q, k, v of other ranks, dtypes or devices than each other, heads
     of q not a multiple of k's, unequal head dims, a bias that does not broadcast or is not bool / float, a
@@ -406,7 +408,7 @@ def attention_varlen(
     within the packed rows: checked for CPU tensors (ValueError); for CUDA ones a check would need a
     device-to-host copy, so, as FlashAttention's varlen API, they are trusted (a longer sequence than
     max_seqlen is cut short; an end past the rows reads out of bounds). Returns out [total_q, Hq, D], or (out, lse) with
-    lse [Hq, total_q] float32 (without a gradient, as attention's)."""
+    lse [Hq, total_q] float32 (differentiable, as attention's)."""
     wl, wr = (-1, -1) if window is None else _window_pair("attention_varlen", window)
     out, lse = _attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, causal,
                                  wl, wr, scale, return_lse, deterministic)
