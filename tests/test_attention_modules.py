@@ -487,8 +487,10 @@ def test_self_attention_arguments():
                 dict(embed_dim=64, num_heads=4, window=(-5, 0))):
         with pytest.raises(ValueError):
             FusedSelfAttention(**bad)
-    with pytest.raises(TypeError, match="window"):
-        FusedSelfAttention(64, 4, window=3)
+    for bad in (dict(window=3), dict(window=(1.0, 0)), dict(window=(True, 0)), dict(causal="x"),
+                dict(num_kv_heads=True)):
+        with pytest.raises(TypeError):
+            FusedSelfAttention(64, 4, **bad)
     m = FusedSelfAttention(64, 4)
     for rank in (1, 4):  # a shape message, not an unpacking error
         with pytest.raises(ValueError, match="x must be"):

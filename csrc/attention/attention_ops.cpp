@@ -583,8 +583,13 @@ struct AttentionBackward : torch::autograd::Node {
     if (!grads[0].defined() && !grads[1].defined()) return result;
     // a loss of lse alone hands no dout: a zero one
     const Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out.unpack(getptr()));
-    // dlse like lse (a loss's sum hands an expanded one)
-    const Tensor dlse = grads[1].defined() ? grads[1].to(at::kFloat).contiguous() : Tensor();
+    // dlse like lse (a loss's sum hands an expanded one); 0 on rows that see no key (lse -inf), whose gradients are
+    // 0 whatever reaches them (a merge's logaddexp hands them NaN, which P's zeros would spread to every key)
+    Tensor dlse;
+    if (grads[1].defined()) {
+      const Tensor saved_lse = lse.unpack(getptr());
+      dlse = at::where(saved_lse.isneginf(), c10::Scalar(0.0), grads[1].to(at::kFloat)).contiguous();
+    }
     const Tensor q_ = q.unpack(), k_ = k.unpack(), v_ = v.unpack(), b = bias.unpack();
     const OptTensor cq = optional_of(cu_q.unpack()), ck = optional_of(cu_k.unpack());
     const std::array<bool, 4> want = {task_should_compute_output(0), task_should_compute_output(1),

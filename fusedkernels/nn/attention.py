@@ -263,6 +263,11 @@ class FusedSelfAttention(nn.Module):
                  batch_first: bool = True, device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"FusedSelfAttention: {name} must be an int, got {value!r}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"FusedSelfAttention: causal must be a bool, got {causal!r}")
         if embed_dim <= 0 or num_heads <= 0:
             raise ValueError(f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} and "
                              f"num_heads={num_heads}")
@@ -277,8 +282,10 @@ class FusedSelfAttention(nn.Module):
         self.dropout, self.causal, self.batch_first = dropout, causal, batch_first
         if window is not None:
             window = tuple(_window_pair("FusedSelfAttention", window))
-            if any(not isinstance(w, int) or w < -1 for w in window):
-                raise ValueError(f"FusedSelfAttention: window sizes must be ints >= -1 (-1: unbounded), got {window}")
+            if any(not isinstance(w, int) or isinstance(w, bool) for w in window):
+                raise TypeError(f"FusedSelfAttention: window must be None or a pair (left, right) of ints, got {window}")
+            if any(w < -1 for w in window):
+                raise ValueError(f"FusedSelfAttention: window sizes must be >= -1 (-1: unbounded), got {window}")
         self.window = window
         factory = {"device": device, "dtype": dtype}
         qkv_dim = (num_heads + 2 * num_kv_heads) * self.head_dim
