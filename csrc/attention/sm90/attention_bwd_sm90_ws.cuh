@@ -221,8 +221,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #endif
 }
 
-// The maps of q, dout, k, v and the dq accumulator: false where the driver cannot encode them (strides not multiples
-// of 16 bytes, a misaligned base) or the call is not one the kernel takes (a packed batch, a bias, the deterministic
+// The maps of q, dout, k, v, the dq accumulator and the bias: false where the driver cannot encode them (strides not
+// multiples of 16 bytes, a misaligned base) or the call is not one the kernel takes (a packed batch, the deterministic
 // backward, which has no accumulator, a bias broadcast over the query rows); the plain kernel then runs.
 template <typename Cfg>
 bool make_bwd_ws_params(const BwdParams& bp, BwdWsParams& w) {
