@@ -354,9 +354,8 @@ def attention(
     Raises RuntimeError (as torch's SDPA) for q, k, v of other ranks, dtypes or devices than each other, heads
     of q not a multiple of k's, unequal head dims, a bias that does not broadcast or is not bool / float, a
     dropout_p outside [0, 1] or window sizes below -1; TypeError for arguments of the wrong type (window: not
-    None or a pair of ints). Inputs
-    without a kernel (float32 / float64 on CUDA, other head dims, GPUs before sm_80) run the reference, with
-    one UserWarning.
+    None or a pair of ints). Inputs without a kernel (float32 / float64 on CUDA, other head dims, GPUs before
+    sm_80) run the reference, with one UserWarning.
     """
     if type(q) is not Tensor and isinstance(q, Tensor) and q.is_nested:  # (a plain Tensor pays one type check)
         return _nested_attention(q, k, v, causal, scale, dropout_p, window, attn_bias, return_lse)
