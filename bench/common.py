@@ -39,8 +39,11 @@ class Row:
         return d
 
 
-def time_graph(call: Callable[[int], object], n_sets: int, replays: int = 30, warmup: int = 3) -> float:
-    """Median ms of one call(i), timed as a CUDA graph of call(0) .. call(n_sets - 1)."""
+def time_graph(call: Callable[[int], object], n_sets: int, replays: int = 30, warmup: int = 3,
+               min_calls: int = 1) -> float:
+    """Median ms of one call(i), timed as a CUDA graph of call(0) .. call(n_sets - 1), repeated until the graph
+    holds at least min_calls calls (a replay's own launch, a few µs, then counts little in each call)."""
+    rounds = -(-min_calls // n_sets)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -51,8 +54,9 @@ def time_graph(call: Callable[[int], object], n_sets: int, replays: int = 30, wa
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for i in range(n_sets):
-            call(i)
+        for _ in range(rounds):
+            for i in range(n_sets):
+                call(i)
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -62,7 +66,7 @@ def time_graph(call: Callable[[int], object], n_sets: int, replays: int = 30, wa
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / n_sets)
+        times.append(start.elapsed_time(end) / (rounds * n_sets))
     del graph
     return statistics.median(times)
 

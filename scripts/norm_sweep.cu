@@ -2,6 +2,7 @@
 // thread (kIters), a minimum of resident blocks (launch bounds) and the block size against a device copy, on the
 // bench's shapes, with inputs rotated through more memory than L2 holds; and the backward's. Build and run:
 // scripts/norm_sweep.sh.
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -37,20 +38,41 @@ struct Buffers {
   float *mean, *rstd, *partials;
 };
 
+// Median of 10 replays of a CUDA graph of kReps launches over the rotated sets (as torch.compile's kernels are timed
+// in scripts/compile_norm_kernels.py): no launch gaps between the kernels.
 template <typename Launch>
 float time_us(Launch&& launch) {
+  static cudaStream_t stream = [] {
+    cudaStream_t s;
+    CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    return s;
+  }();
+  for (int i = 0; i < kSets; ++i) launch(i, stream);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < kReps; ++i) launch(i % kSets, stream);
+  CHECK(cudaStreamEndCapture(stream, &graph));
+  CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  CHECK(cudaGraphLaunch(exec, stream));
   cudaEvent_t a, b;
   CHECK(cudaEventCreate(&a));
   CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < 8; ++i) launch(i % kSets);
-  CHECK(cudaEventRecord(a));
-  for (int i = 0; i < kReps; ++i) launch(i % kSets);
-  CHECK(cudaEventRecord(b));
-  CHECK(cudaEventSynchronize(b));
-  float ms = 0;
-  CHECK(cudaEventElapsedTime(&ms, a, b));
+  std::vector<float> times;
+  for (int r = 0; r < 10; ++r) {
+    CHECK(cudaEventRecord(a, stream));
+    CHECK(cudaGraphLaunch(exec, stream));
+    CHECK(cudaEventRecord(b, stream));
+    CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    times.push_back(ms * 1e3f / kReps);
+  }
+  CHECK(cudaGraphExecDestroy(exec));
+  CHECK(cudaGraphDestroy(graph));
   CHECK(cudaGetLastError());
-  return ms * 1e3f / kReps;
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
 }
 
 template <bool kRms, bool kAdd>
@@ -74,22 +96,23 @@ FwdParamsT<kAdd> params(const Buffers& B, int set) {
   return p;
 }
 
-template <bool kRms, bool kAdd, int kTpr, int kIters, int kMinBlocks, int kThreads = threads_for_tpr<kTpr>()>
+template <bool kRms, bool kAdd, int kTpr, int kIters, int kMinBlocks, int kThreads = threads_for_tpr<kTpr>(),
+          bool kFullRow = false>
 void sweep_one(const Buffers& B, const char* name, float copy_us) {
   constexpr int kVec = kVec16<bf16>;
   if constexpr (kTpr * kIters * kVec >= kHidden && (kTpr / 2) * kIters * kVec < kHidden) {
     // as many threads in the grid as the library's 256-thread blocks launch: smaller blocks, more of them
     const int64_t blocks = std::min<int64_t>(ceil_div(kRows, kThreads / kTpr), int64_t(sm_count()) * 64 * 256 / kThreads);
-    auto kernel = fwd_registers_kernel<bf16, bf16, bf16, kRms, kAdd, kTpr, kIters, kMinBlocks, kThreads>;
+    auto kernel = fwd_registers_kernel<bf16, bf16, bf16, kRms, kAdd, kTpr, kIters, kMinBlocks, kThreads, kFullRow, kAdd && !kFullRow>;
     cudaFuncAttributes attr{};
     CHECK(cudaFuncGetAttributes(&attr, kernel));
     int resident = 0;
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, 0));
-    const float us = time_us([&](int set) { kernel<<<blocks, kThreads>>>(params<kRms, kAdd>(B, set)); });
+    const float us = time_us([&](int set, cudaStream_t stream) { kernel<<<blocks, kThreads, 0, stream>>>(params<kRms, kAdd>(B, set)); });
     const double units = kAdd ? 4 : 2;
     const double bytes = units * kRows * kHidden * sizeof(bf16);
-    std::printf("%-8s %5lldx%-5d tpr %4d iters %d threads %4d minblocks %2d | regs %3d local %3d B blocks/SM %2d | %7.1f us %6.0f GB/s %4.0f%% of copy\n",
-                name, (long long)kRows, kHidden, kTpr, kIters, kThreads, kMinBlocks, attr.numRegs, int(attr.localSizeBytes), resident, us, bytes / us * 1e-3,
+    std::printf("%-8s%s %5lldx%-5d tpr %4d iters %d threads %4d minblocks %2d | regs %3d local %3d B blocks/SM %2d | %7.1f us %6.0f GB/s %4.0f%% of copy\n",
+                name, kFullRow ? " full" : "     ", (long long)kRows, kHidden, kTpr, kIters, kThreads, kMinBlocks, attr.numRegs, int(attr.localSizeBytes), resident, us, bytes / us * 1e-3,
                 100.0 * (bytes / us) / (2.0 * kRows * kHidden * sizeof(bf16) / copy_us));
   }
 }
@@ -141,6 +164,31 @@ void sweep_small_blocks(const Buffers& B, const char* name, float copy_us) {
   }(std::make_integer_sequence<int, 5>{});
 }
 
+// The library's forward launch for each shape against its full-row instance (norm_kernels.cuh, kFullRow), where
+// the row fills every vector.
+template <bool kRms, bool kAdd>
+void sweep_full_rows(const Buffers& B, const char* name, float copy_us) {
+  [&]<int... kI>(std::integer_sequence<int, kI...>) {
+    ([&] {
+      constexpr int kTpr = 8 << kI;
+      constexpr int kT = threads_for_tpr<kTpr>();
+      if constexpr (kAdd) {
+        sweep_one<kRms, kAdd, kTpr, 2, kFwdMinBlocks<bf16, bf16, true, kT>, kT>(B, name, copy_us);
+        sweep_one<kRms, kAdd, kTpr, 3, kAddFwdWideMinBlocks<kT>, kT>(B, name, copy_us);
+        if constexpr (kTpr * 2 * kVec16<bf16> == kHidden)
+          sweep_one<kRms, kAdd, kTpr, 2, kFwdMinBlocks<bf16, bf16, true, kT>, kT, true>(B, name, copy_us);
+        if constexpr (kTpr * 3 * kVec16<bf16> == kHidden)
+          sweep_one<kRms, kAdd, kTpr, 3, kAddFwdWideMinBlocks<kT>, kT, true>(B, name, copy_us);
+      } else {
+        constexpr int kFull = kFullRowNormThreads<kTpr>;
+        sweep_one<kRms, kAdd, kTpr, 4, kFwdMinBlocks<bf16, bf16, false, kT>, kT>(B, name, copy_us);
+        if constexpr (kTpr * 4 * kVec16<bf16> == kHidden) sweep_one<kRms, kAdd, kTpr, 4, 1024 / kFull, kFull, true>(B, name, copy_us);
+        if constexpr (kTpr * 3 * kVec16<bf16> == kHidden) sweep_one<kRms, kAdd, kTpr, 3, 1024 / kFull, kFull, true>(B, name, copy_us);
+      }
+    }(), ...);
+  }(std::make_integer_sequence<int, 6>{});
+}
+
 template <bool kRms, bool kAdd>
 BwdParamsT<kAdd> bwd_params(const Buffers& B, int set) {
   // x (add + norm: h) from x, dy from res, dx (add: dresidual, x's grad too) into y; dh_out from h.
@@ -179,7 +227,7 @@ void sweep_bwd_one(const Buffers& B, const char* name, float copy_us) {
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, kSmem));
     if (resident == 0) return;
     const int64_t blocks = std::min<int64_t>(ceil_div(kRows, kThreads / kTpr), int64_t(sm_count()) * resident);
-    const float us = time_us([&](int set) { kernel<<<blocks, kThreads, kSmem>>>(bwd_params<kRms, kAdd>(B, set)); });
+    const float us = time_us([&](int set, cudaStream_t stream) { kernel<<<blocks, kThreads, kSmem, stream>>>(bwd_params<kRms, kAdd>(B, set)); });
     const double units = kAdd ? 4 : 3;  // add: read dy, dh_out, h, write dh; norm: read x, dy, write dx
     const double bytes = units * kRows * kHidden * sizeof(bf16);
     std::printf("bwd %-8s %5lldx%-5d tpr %4d iters %d minblocks %d | regs %3d local %3d B smem %6d blocks/SM %2d | %7.1f us %6.0f GB/s %4.0f%% of copy\n",
@@ -204,7 +252,7 @@ void sweep_bwd(const Buffers& B, const char* name, float copy_us) {
 }
 
 int main(int argc, char** argv) {
-  const std::string only = argc < 2 ? "" : argv[1];  // fwd, bwd or small (the small-block forwards)
+  const std::string only = argc < 2 ? "" : argv[1];  // fwd, bwd, small (the small-block forwards) or full
   const bool fwd = only.empty() || only == "fwd", bwd = only.empty() || only == "bwd";
   const size_t n = size_t(kRows) * kHidden * kSets;
   Buffers B{};
@@ -224,13 +272,19 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(B.w, host.data(), kHidden * 2, cudaMemcpyHostToDevice));
   CHECK(cudaMemcpy(B.b, host.data(), kHidden * 2, cudaMemcpyHostToDevice));
   const size_t one = size_t(kRows) * kHidden * 2;
-  const float copy_us = time_us([&](int set) { cudaMemcpyAsync(B.y + one / 2 * set, B.x + one / 2 * set, one, cudaMemcpyDeviceToDevice); });
+  const float copy_us = time_us([&](int set, cudaStream_t stream) { cudaMemcpyAsync(B.y + one / 2 * set, B.x + one / 2 * set, one, cudaMemcpyDeviceToDevice, stream); });
   std::printf("copy %lldx%d: %.1f us, %.0f GB/s\n", (long long)kRows, kHidden, copy_us, 2.0 * one / copy_us * 1e-3);
   if (fwd) {
     sweep<false, false>(B, "ln", copy_us);
     sweep<true, false>(B, "rms", copy_us);
     sweep<true, true>(B, "add_rms", copy_us);
     sweep<false, true>(B, "add_ln", copy_us);
+  }
+  if (only == "full") {  // (not in the default run)
+    sweep_full_rows<false, false>(B, "ln", copy_us);
+    sweep_full_rows<true, false>(B, "rms", copy_us);
+    sweep_full_rows<true, true>(B, "add_rms", copy_us);
+    sweep_full_rows<false, true>(B, "add_ln", copy_us);
   }
   if (fwd || only == "small") {
     sweep_small_blocks<false, false>(B, "ln", copy_us);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds scripts/norm_sweep.cu (the forward and backward register-path sweep) for the bench's three norm
-# shapes, in parallel, and runs each on the GPU. Argument: fwd, bwd or small (the forwards in blocks of one to four
-# warps) to run one part only.
+# shapes, in parallel, and runs each on the GPU. Argument: fwd, bwd, small (the forwards in blocks of one to four
+# warps) or full (the full-row instances against the general ones) to run one part only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}

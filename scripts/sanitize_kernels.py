@@ -21,8 +21,9 @@ torch.manual_seed(0)
 FAMILIES = os.environ.get("SANITIZE_FAMILIES", "norm,optim,attention,gemm,conv,llm").split(",")
 
 if "norm" in FAMILIES:
-    # hidden sizes: general path (odd), each register-path thread-group size, the backward's general path.
-    HIDDEN = [1, 7, 64, 256, 768, 1024, 2048, 4096, 8192, 12288, 16384, 32768, 65536]
+    # hidden sizes: general path (odd), each register-path thread-group size (and full-row instances: 256, 384,
+    # 768, 1024, 2048, 4096 in 16-bit types), the backward's general path.
+    HIDDEN = [1, 7, 64, 256, 384, 768, 1024, 2048, 4096, 8192, 12288, 16384, 32768, 65536]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for hidden in HIDDEN:
             rows = 3 if hidden > 4096 else 37
@@ -40,6 +41,8 @@ if "norm" in FAMILIES:
                     torch.autograd.grad([out, h], [x, r, xb, w, b], [torch.randn_like(out), torch.randn_like(h)])
                     out, h = ops.add_rms_norm(x, r, w, residual_dtype=residual_dtype)
                     torch.autograd.grad(h, [x, r], torch.randn_like(h))
+                    out, h = ops.add_layer_norm(x, r, w, b, residual_dtype=residual_dtype)
+                    torch.autograd.grad(out, [x, r, w, b], torch.randn_like(out))
     torch.cuda.synchronize()
     print("sanitize_kernels: ran all norm paths")
 

@@ -14,8 +14,10 @@ from .helpers import DEVICES, DTYPES, assert_close_to_ref, max_err, poison_alloc
 
 needs_native = pytest.mark.skipif(not _native.loaded, reason=f"native module not loaded: {_native.error}")
 
-# (rows, hidden): size 1, odd sizes (general path), 16-byte multiples (register path), the widest row.
-SHAPES = [(1, 1), (5, 7), (3, 1000), (37, 768), (64, 1024), (17, 4096), (9, 4097), (2, 65536), (300, 64)]
+# (rows, hidden): size 1, odd sizes (general path), 16-byte multiples (register path), rows that fill every thread's
+# vectors (full-row instances: 256, 384, 768, 1024, 1536, 4096; a partial last block at 29 and 13 rows), the widest row.
+SHAPES = [(1, 1), (5, 7), (3, 1000), (37, 768), (64, 1024), (17, 4096), (9, 4097), (2, 65536), (300, 64), (29, 256),
+          (13, 384), (7, 1536)]
 
 
 def _inputs(rows, hidden, dtype, device, affine, bias=True, param_dtype=None):

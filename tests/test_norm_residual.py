@@ -22,9 +22,10 @@ needs_native = pytest.mark.skipif(not _native.loaded, reason=f"native module not
 # register limit (20000 bf16: general path), the widest row.
 # Hidden sizes reach each threads-per-row variant of the forward's register path (bf16 / fp32 threads per row): 64:
 # 8 / 16, 200: 16 / 32, 480: 32 / 64, 1000: 64 / 128, 2048: 128 / 512, 4096: 256 / 512, 12288: 512 / general;
-# three vectors a thread (16-bit): 768 (32 threads, every slot used), 1528 (64 threads, one slot idle), 12288.
+# three vectors a thread (16-bit): 768 (32 threads, every slot used), 1528 (64 threads, one slot idle), 12288;
+# full-row instances (16-bit, every slot used, no bias or dropout): 128, 192, 768, 1024, 1536, 2048, 4096.
 SHAPES = [(1, 1), (5, 7), (3, 1000), (37, 768), (64, 1024), (9, 4097), (300, 64), (11, 200), (6, 480), (4, 2048),
-          (5, 1528)]
+          (5, 1528), (29, 128), (13, 192), (7, 1536)]
 CUDA_SHAPES = SHAPES + [(17, 4096), (3, 12288), (3, 20000), (2, 65536)]
 KINDS = ["add_layer_norm", "add_rms_norm", "bias_dropout_add_layer_norm", "bias_dropout_add_rms_norm"]
 EPS = 1e-5

@@ -58,6 +58,16 @@ template <typename T, typename RT>
 constexpr bool kAddFwdWideTypes = sizeof(T) == 2 && sizeof(RT) == 2;
 template <int kThreads>
 constexpr int kAddFwdWideMinBlocks = std::max(1, 1280 / kThreads);
+// Full-row forward instances (fwd_registers_kernel's kFullRow): rows of 16-bit types, the weight, bias and
+// residual in x's type, that kTpr threads of kIters vectors cover exactly (H = 768, 1024, 1536, 2048, 3072,
+// 4096, ...; add + norm without bias and dropout). The plain norms' hold the weight and bias with the row (64
+// registers) at 1024 threads per SM, in blocks of one warp or one row. Sweep on the H200 (docs/perf-notes.md,
+// norm v9, add + norm v5): LN / RMS 16384x1024 forward 20.8 / 20.1 -> 18.8 / 18.8 us, add_ln 16384x4096 141.8 -> 135.3.
+template <typename T, typename WT, typename RT>
+constexpr bool kFullRowTypes = sizeof(T) == 2 && std::is_same_v<WT, T> && std::is_same_v<RT, T>;
+constexpr int kFullRowMaxTpr = 256;
+template <int kTpr>
+constexpr int kFullRowNormThreads = kTpr < 32 ? 32 : kTpr;
 constexpr int kBwdMaxTpr = 512;
 // The backward's 16-byte vectors per thread and resident threads per SM (its launch bounds). Default: 16 elements
 // a thread (x, dy and the fp32 dweight / dbias sums for them fit 80 registers at 768 threads per SM; add + norm,
@@ -96,7 +106,7 @@ __host__ __device__ __forceinline__ bool wants_column_sums(const P& p) {
 
 // Whether a call drops out (add + norm with p > 0).
 template <typename P>
-__device__ __forceinline__ bool has_dropout(const P& p) {
+__host__ __device__ __forceinline__ bool has_dropout(const P& p) {
   if constexpr (std::is_same_v<P, AddFwdParams> || std::is_same_v<P, AddBwdParams>) {
     return p.dropout_p > 0.f;
   } else {
@@ -244,10 +254,16 @@ __device__ __forceinline__ Vec<RT, kVec> residual_sum(const Vec<T, kVec>& x, con
 // One row group per block, loaded straight into registers. (Measured slower on the H200: a persistent
 // grid staging the next group through shared memory, and forcing 64 registers; docs/perf-notes.md.) kThreads,
 // a multiple of kTpr, is the block size (scripts/norm_sweep.cu sweeps it).
+// kFullRow: every thread's kIters vectors lie in the row (hidden == kTpr * kIters * kVec), so no column is
+// guarded and the code is one straight line; the plain norms' full-row instances also load the weight and bias
+// with x, before the reductions (loaded after them, each vector's load waits on the previous vector's store).
+// kBiasDropout: add + norm with a bias on x or dropout (else those paths are compiled out).
 template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, int kIters,
-          int kMinBlocks = kFwdMinBlocks<T, RT, kAdd, threads_for_tpr<kTpr>()>, int kThreads = threads_for_tpr<kTpr>()>
+          int kMinBlocks = kFwdMinBlocks<T, RT, kAdd, threads_for_tpr<kTpr>()>, int kThreads = threads_for_tpr<kTpr>(),
+          bool kFullRow = false, bool kBiasDropout = kAdd>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_registers_kernel(const FwdParamsT<kAdd> p) {
-  static_assert(kThreads % kTpr == 0 && kThreads % 32 == 0);
+  static_assert(kThreads % kTpr == 0 && kThreads % 32 == 0 && (kAdd || !kBiasDropout));
+  constexpr bool kEarlyAffine = kFullRow && !kAdd;
   using HT = RowT<T, RT, kAdd>;
   constexpr int kRowsPerBlock = kThreads / kTpr;
   constexpr int kVec = kVec16<T>;
@@ -260,8 +276,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_registers_kernel(con
   const int lane = threadIdx.x % kTpr;
   const int slot = threadIdx.x / kTpr;
   const int nvec = p.hidden / kVec;
+  const auto in_row = [nvec](int c) { return kFullRow || c < nvec; };  // column vector c is in the row
   const float inv_hidden = 1.f / p.hidden;
-  [[maybe_unused]] const bool dropout = has_dropout(p);
+  [[maybe_unused]] const bool dropout = kBiasDropout && has_dropout(p);
   [[maybe_unused]] RowDropout drop{};
   if constexpr (kAdd) {
     if (dropout) drop = forward_dropout(p);
@@ -277,11 +294,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_registers_kernel(con
     Vec<HT, kVec> xv[kIters];  // xv[i] holds vector i * kTpr + lane of the row (add + norm: of h)
     if constexpr (kAdd) {
       const RT* residual = static_cast<const RT*>(p.residual);
-      const T* x_bias = static_cast<const T*>(p.x_bias);
+      const T* x_bias = kBiasDropout ? static_cast<const T*>(p.x_bias) : nullptr;
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         const int c = i * kTpr + lane;
-        if (!(row_ok && c < nvec)) continue;
+        if (!(row_ok && in_row(c))) continue;
         Vec<T, kVec> xi;
         Vec<RT, kVec> ri;
         xi.load(x + row_offset + c * kVec);
@@ -292,13 +309,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_registers_kernel(con
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         const int c = i * kTpr + lane;
-        if (row_ok && c < nvec) xv[i].store(static_cast<RT*>(p.residual_out) + row_offset + c * kVec);
+        if (row_ok && in_row(c)) xv[i].store(static_cast<RT*>(p.residual_out) + row_offset + c * kVec);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         const int c = i * kTpr + lane;
-        if (row_ok && c < nvec) xv[i].load(x + row_offset + c * kVec);
+        if (row_ok && in_row(c)) xv[i].load(x + row_offset + c * kVec);
+      }
+    }
+    [[maybe_unused]] Vec<WT, kVec> early_w[kEarlyAffine ? kIters : 1], early_b[kEarlyAffine ? kIters : 1];
+    if constexpr (kEarlyAffine) {
+#pragma unroll
+      for (int i = 0; i < kIters; ++i) {
+        if (weight) early_w[i].load(weight + (i * kTpr + lane) * kVec);
+        if (bias) early_b[i].load(bias + (i * kTpr + lane) * kVec);
       }
     }
 
@@ -322,7 +347,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_registers_kernel(con
       float sum = 0.f;
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
-        if (row_ok && i * kTpr + lane < nvec) {
+        if (row_ok && in_row(i * kTpr + lane)) {
 #pragma unroll
           for (int j = 0; j < kVec; ++j) sum += xv[i].get(j) - shift;
         }
@@ -332,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_registers_kernel(con
     float sq = 0.f;  // centred second moment: exact two-pass variance, the row is in registers anyway
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
-      if (row_ok && i * kTpr + lane < nvec) {
+      if (row_ok && in_row(i * kTpr + lane)) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
           const float d = xv[i].get(j) - mean;
@@ -350,10 +375,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_registers_kernel(con
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int c = i * kTpr + lane;
-      if (c >= nvec) continue;
+      if (!in_row(c)) continue;
       Vec<WT, kVec> w, b;
-      if (weight) w.load(weight + c * kVec);
-      if (bias) b.load(bias + c * kVec);
+      if constexpr (kEarlyAffine) {
+        w = early_w[i], b = early_b[i];
+      } else {
+        if (weight) w.load(weight + c * kVec);
+        if (bias) b.load(bias + c * kVec);
+      }
       Vec<T, kVec> out;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
@@ -453,6 +482,32 @@ void with_tpr(int tpr, Fn&& fn) {
 // Largest row (in 16-byte vectors) the forward register path covers with tpr threads.
 inline int fwd_capacity(bool add, int tpr) { return tpr * (add ? 2 : tpr == 1024 ? 8 : 4); }
 
+// Launches the full-row instance (kFullRowTypes) for rows that kTpr threads cover exactly; false where none
+// applies. wide: add + norm at kAddFwdWideIters vectors a thread.
+template <typename T, bool kRms, bool kAdd, int kTpr>
+bool launch_fwd_full_row(const FwdParamsT<kAdd>& p, bool wide, cudaStream_t stream) {
+  const int nvec = p.hidden / kVec16<T>;
+  const auto launch = [&]<int kIters, int kThreads, int kMinBlocks>() {
+    if (nvec != kTpr * kIters) return false;
+    // as many threads in the grid as the general instances launch
+    const int64_t max_blocks = int64_t(sm_count()) * 64 * 256 / kThreads;
+    const int64_t blocks = std::min<int64_t>(ceil_div(p.rows, kThreads / kTpr), max_blocks);
+    fwd_registers_kernel<T, T, T, kRms, kAdd, kTpr, kIters, kMinBlocks, kThreads, true, false>
+        <<<blocks, kThreads, 0, stream>>>(p);
+    return true;
+  };
+  if constexpr (kAdd) {
+    if (p.x_bias || has_dropout(p)) return false;
+    constexpr int kThreads = threads_for_tpr<kTpr>();
+    if (wide) return launch.template operator()<kAddFwdWideIters, kThreads, kAddFwdWideMinBlocks<kThreads>>();
+    return launch.template operator()<kFwdIters<kAdd, kTpr>, kThreads, kFwdMinBlocks<T, T, kAdd, kThreads>>();
+  } else {
+    constexpr int kThreads = kFullRowNormThreads<kTpr>;
+    return launch.template operator()<4, kThreads, 1024 / kThreads>() ||
+           launch.template operator()<3, kThreads, 1024 / kThreads>();
+  }
+}
+
 template <typename T, typename WT, typename RT, bool kRms, bool kAdd>
 cudaError_t launch_fwd(const FwdParamsT<kAdd>& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
@@ -475,6 +530,9 @@ cudaError_t launch_fwd(const FwdParamsT<kAdd>& p, cudaStream_t stream) {
       }
     }
     with_tpr(tpr, [&]<int kTpr>() {
+      if constexpr (kFullRowTypes<T, WT, RT> && kTpr <= kFullRowMaxTpr) {
+        if (launch_fwd_full_row<T, kRms, kAdd, kTpr>(p, wide, stream)) return;
+      }
       constexpr int kThreads = threads_for_tpr<kTpr>();
       // Enough blocks to fill every SM many times over; the grid-stride loop takes the rest.
       const int64_t blocks = std::min<int64_t>(ceil_div(p.rows, kThreads / kTpr), int64_t(sm_count()) * 64);
