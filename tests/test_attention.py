@@ -238,6 +238,10 @@ def test_window_must_be_a_pair():
         with pytest.raises(TypeError, match="window must be None or a pair"):
             fops.attention_varlen(q[0], q[0], q[0], _cu([3]), _cu([3]), 3, 3, window=bad)
     assert fops.attention(q, q, q, window=[1, 0]).shape == q.shape  # a list is a pair too
+    # a size past int64 is a window wider than any sequence: unbounded; one below its range is a size below -1
+    torch.testing.assert_close(fops.attention(q, q, q, window=(2**63, 0)), fops.attention(q, q, q, window=(-1, 0)))
+    with pytest.raises(RuntimeError, match="window sizes must be >= 0"):
+        fops.attention(q, q, q, window=(0, -2**64))
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["", "varlen"])

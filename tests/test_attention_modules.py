@@ -484,7 +484,7 @@ def test_self_attention_arguments():
         FusedSelfAttention(64, 4, num_kv_heads=3)
     # checked at construction, as nn.MultiheadAttention's: no heads, a window below -1 or not a pair
     for bad in (dict(embed_dim=64, num_heads=0), dict(embed_dim=0, num_heads=4),
-                dict(embed_dim=64, num_heads=4, window=(-5, 0))):
+                dict(embed_dim=64, num_heads=4, window=(-5, 0)), dict(embed_dim=64, num_heads=4, window=(0, -2**64))):
         with pytest.raises(ValueError):
             FusedSelfAttention(**bad)
     for bad in (dict(window=3), dict(window=(1.0, 0)), dict(window=(True, 0)), dict(causal="x"),
@@ -498,6 +498,7 @@ def test_self_attention_arguments():
     m = FusedSelfAttention(64, 4, num_kv_heads=2, bias=False, window=(8, 0), causal=True)
     assert m.in_proj_weight.shape == (64 + 2 * 2 * 16, 64) and m.in_proj_bias is None
     assert "window=(8, 0)" in repr(m)
+    assert FusedSelfAttention(64, 4, window=(2**63, 0)).window == (-1, 0)  # wider than any sequence: unbounded
     m.train()
     m.dropout = 0.5
     assert torch.isfinite(m(torch.randn(2, 7, 64))).all()

@@ -281,11 +281,12 @@ class FusedSelfAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.dropout, self.causal, self.batch_first = dropout, causal, batch_first
         if window is not None:
-            window = tuple(_window_pair("FusedSelfAttention", window))
-            if any(not isinstance(w, int) or isinstance(w, bool) for w in window):
+            if (not isinstance(window, (tuple, list)) or len(window) != 2
+                    or any(not isinstance(w, int) or isinstance(w, bool) for w in window)):
                 raise TypeError(f"FusedSelfAttention: window must be None or a pair (left, right) of ints, got {window}")
             if any(w < -1 for w in window):
-                raise ValueError(f"FusedSelfAttention: window sizes must be >= -1 (-1: unbounded), got {window}")
+                raise ValueError(f"FusedSelfAttention: window sizes must be >= -1 (-1: unbounded), got {tuple(window)}")
+            window = _window_pair("FusedSelfAttention", window)
         self.window = window
         factory = {"device": device, "dtype": dtype}
         qkv_dim = (num_heads + 2 * num_kv_heads) * self.head_dim

@@ -364,11 +364,20 @@ def attention(
     return (out, lse) if return_lse else out
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _window_pair(op: str, window) -> Tuple[int, int]:
-    """(left, right) from a window argument, or TypeError (the op checks the values)."""
+    """(left, right) from a window argument, or TypeError. A size past int64 is -1 (a window wider than any
+    sequence is unbounded: the same mask); one below int64's range raises as a size below -1 does. The op
+    checks the rest (types, sizes below -1)."""
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise TypeError(f"{op}: window must be None or a pair (left, right) of ints (-1: unbounded), got {window!r}")
-    return window[0], window[1]
+    ints = [isinstance(w, int) and not isinstance(w, bool) for w in window]
+    if any(i and w < -_INT64_MAX for i, w in zip(ints, window)):
+        raise RuntimeError(f"{op}: window sizes must be >= 0, or -1 for unbounded, got {tuple(window)}")
+    left, right = (-1 if i and w > _INT64_MAX else w for i, w in zip(ints, window))
+    return left, right
 
 
 def _nested_attention(q, k, v, causal, scale, dropout_p, window, attn_bias, return_lse):
