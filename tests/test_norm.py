@@ -220,6 +220,10 @@ def test_bad_inputs_raise_clear_errors(device):
         fops.rms_norm(x.to(torch.int64), (16,))
     with pytest.raises(RuntimeError, match="trailing dimensions"):
         fops.layer_norm(x, (8,))
+    for fn in (fops.layer_norm, fops.rms_norm, F.layer_norm, F.rms_norm):  # torch raises for () too
+        with pytest.raises(RuntimeError, match="normalized_shape"):
+            fn(x, ())
+    assert fops.layer_norm(x[:, :0], (0,)).shape == (4, 0)  # a normalized size of 0: an empty result, as torch
     with pytest.raises(RuntimeError, match="weight must have shape"):
         fops.layer_norm(x, (16,), torch.ones(8, device=device))
     for call in (lambda: F.layer_norm(x, (8,)), lambda: F.layer_norm(x.to(torch.int32), (16,))):

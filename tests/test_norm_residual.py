@@ -2,6 +2,7 @@
 their modules. CPU tests run the op layer (checks, autograd, the CPU kernels); `cuda` tests hold the fused kernels
 to the fp64 reference with a tolerance relative to PyTorch's own low-precision error on the same inputs."""
 
+import re
 import warnings
 
 import pytest
@@ -413,7 +414,19 @@ def test_bad_inputs_raise_clear_errors(device):
         (lambda: fops.add_rms_norm(x, residual, w, None, "float32"), TypeError, "residual_dtype"),
         (lambda: fnn.FusedAddLayerNorm((4, 4)), ValueError, "normalized_shape must be one size"),
         (lambda: fnn.FusedBiasDropoutAddLayerNorm(16, p=2.0), ValueError, "p must be in"),
+        (lambda: fnn.FusedAddLayerNorm(16, 1e-5, True, True, None, None, torch.float32), TypeError, "positional"),
     ]
+    # the modules check their input's size as nn.LayerNorm / nn.RMSNorm do, with or without affine parameters
+    x9, r9 = x.new_ones(4, 9), x.new_ones(4, 9)
+    for affine in (False, True):
+        for module, args in ((fnn.FusedAddLayerNorm, (x9, r9)), (fnn.FusedAddRMSNorm, (x9, r9)),
+                             (fnn.FusedBiasDropoutAddLayerNorm, (x9, None, r9)),
+                             (fnn.FusedBiasDropoutAddRMSNorm, (x9, None, r9))):
+            with pytest.raises(RuntimeError, match=re.escape("expected input with shape [*, 8], but got input of "
+                                                             "size[4, 9]")):
+                module(8, elementwise_affine=affine, device=device)(*args)
+    with pytest.raises(RuntimeError, match=re.escape("expected input with shape [*, 8]")):
+        torch.nn.LayerNorm(8, elementwise_affine=False, device=device)(x9)
     if device == "cuda":
         cases.append((lambda: fops.add_layer_norm(x, residual.cpu()), RuntimeError, "residual is on cpu but x is on"))
     for call, error, message in cases:
@@ -624,6 +637,23 @@ def test_kernel_statistics_and_raw_op_checks():
     with pytest.raises(ValueError, match="rng_state must be the forward's"):
         torch.ops.fusedkernels.add_norm_bwd(None, h, h, w, nb, mean, rstd, rng, 1e-5, 0.1, torch.bfloat16, False,
                                             [True, True, False, False, False])
+
+
+def test_cpu_16bit_weight_grads_are_summed_in_float32():
+    """The CPU path's dweight / dnorm_bias of a bf16 h are summed in float32, as the CUDA kernels do: ATen's own
+    LayerNorm backward sums them in ways that lose bits (3-4e-2 of the largest entry here, against ~3e-3)."""
+    x = torch.randn(2048, 128, dtype=torch.bfloat16, requires_grad=True)
+    residual = torch.randn_like(x)
+    w = (torch.rand(128) + 0.5).to(torch.bfloat16).requires_grad_()
+    nb = torch.randn(128, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    out, _ = fops.add_layer_norm(x, residual, w, nb)
+    got = torch.autograd.grad(out, [w, nb], dy)
+    w64, nb64 = w.detach().double().requires_grad_(), nb.detach().double().requires_grad_()
+    want = torch.autograd.grad(F.layer_norm(x.double() + residual.double(), (128,), w64, nb64), [w64, nb64],
+                               dy.double())
+    for g, ref in zip(got, want):
+        assert (g.double() - ref).abs().max() <= 8e-3 * ref.abs().max()
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "without"])

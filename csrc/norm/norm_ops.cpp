@@ -109,7 +109,8 @@ c10::SymInt check_args(const char* op, const Tensor& input, c10::SymIntArrayRef 
               ": input must be a floating-point tensor (float32, float16 or bfloat16 for the fused kernel), got ",
               name_of(input.scalar_type()));
   const int64_t k = static_cast<int64_t>(normalized_shape.size()), axis = input.dim() - k;
-  bool trailing = k >= 1 && axis >= 0;
+  TORCH_CHECK(k >= 1, op, ": normalized_shape must be at least 1-dimensional, got []");
+  bool trailing = axis >= 0;
   for (int64_t i = 0; trailing && i < k; ++i) {
     trailing = input.sym_size(axis + i).sym_eq(normalized_shape[i]).guard_bool(__FILE__, __LINE__);
   }
@@ -585,6 +586,16 @@ Tensor residual_sum_reference(const Tensor& x, const Tensor& residual, const Opt
   return (residual.to(acc) + t).to(residual_dtype);
 }
 
+// weight and norm_bias for ATen's CPU LayerNorm kernels over h: float32 beside a 16-bit h (its mixed-type path,
+// whose statistics are float32; with 16-bit parameters, or none, it keeps them in h's type), else h's type.
+std::pair<OptTensor, OptTensor> aten_norm_params(const Tensor& h, const OptTensor& weight, const OptTensor& norm_bias) {
+  const auto acc = opmath_dtype(h.scalar_type());
+  Tensor w = weight ? weight->to(acc) : Tensor();
+  if (!w.defined() && acc != h.scalar_type()) w = at::ones({h.size(-1)}, h.options().dtype(acc));
+  return {w.defined() ? OptTensor(w.contiguous()) : OptTensor(),
+          norm_bias ? OptTensor(norm_bias->to(acc).contiguous()) : OptTensor()};
+}
+
 // out = norm(h) over the last dimension with its statistics, in the arithmetic's type (float64 for float64 h).
 std::tuple<Tensor, Tensor, Tensor> norm_of_rows(const Tensor& h, const OptTensor& weight, const OptTensor& norm_bias,
                                                 double eps, bool rms) {
@@ -619,30 +630,37 @@ Tensor dropout_keep_scale(const Tensor& h, const Tensor& mean, const Tensor& rst
   return keep.to(acc) * (1.0 / (1.0 - p));
 }
 
-// dx, dresidual, dbias, dweight, dnorm_bias with differentiable ATen ops from h (statistics recomputed): the
-// CPU kernel, and the backward when it is itself recorded (create_graph=True).
-std::array<Tensor, 5> add_norm_backward_reference(const Tensor& dy, const Tensor& dresidual_out, const Tensor& h,
-                                                  const Tensor& weight, const Tensor& norm_bias, const Tensor& keep_scale,
-                                                  double eps, at::ScalarType x_dtype, bool rms,
-                                                  const AddBwdOutputs& want) {
-  const auto acc = opmath_dtype(h.scalar_type());
+// dx, dresidual, dbias, dweight, dnorm_bias from the norm's part (norm_grads: the grads of h, weight and norm_bias
+// from dy; undefined without dy) and the new residual's grad.
+std::array<Tensor, 5> add_norm_grads(const std::array<Tensor, 3>& norm_grads, const Tensor& dresidual_out,
+                                     const Tensor& h, const Tensor& keep_scale, at::ScalarType x_dtype,
+                                     const AddBwdOutputs& want) {
   std::array<Tensor, 5> grads;
-  Tensor dh;
-  if (dy.defined()) {
-    const c10::SymInt hidden = h.sym_size(-1);
-    auto g = norm_backward_differentiable(dy, h, c10::SymIntArrayRef(&hidden, 1), weight, norm_bias, eps, rms,
-                                          {true, want.dweight, want.dnorm_bias}, acc);
-    dh = g[0];
-    grads[3] = g[1];
-    grads[4] = g[2];
-  }
-  if (dresidual_out.defined()) dh = dh.defined() ? dh + dresidual_out.to(acc) : dresidual_out.to(acc);
-  if (!dh.defined()) dh = at::zeros_like(h, h.options().dtype(acc));
+  Tensor dh = norm_grads[0];  // (added in the wider of the two types, rounded once)
+  grads[3] = norm_grads[1];
+  grads[4] = norm_grads[2];
+  if (dresidual_out.defined()) dh = dh.defined() ? dh + dresidual_out : dresidual_out;
+  if (!dh.defined()) dh = at::zeros_like(h, h.options().dtype(opmath_dtype(h.scalar_type())));
   if (want.dresidual) grads[1] = dh.to(h.scalar_type());
   const Tensor dx = keep_scale.defined() ? dh * keep_scale : dh;
   if (want.dx) grads[0] = dx.to(x_dtype);
   if (want.dx_bias) grads[2] = (dx.dim() > 1 ? dx.flatten(0, -2).sum(0) : dx).to(x_dtype);
   return grads;
+}
+
+// dx, dresidual, dbias, dweight, dnorm_bias with differentiable ATen ops from h (statistics recomputed): the
+// backward when it is itself recorded (create_graph=True), and the CPU kernel's RMSNorm.
+std::array<Tensor, 5> add_norm_backward_reference(const Tensor& dy, const Tensor& dresidual_out, const Tensor& h,
+                                                  const Tensor& weight, const Tensor& norm_bias, const Tensor& keep_scale,
+                                                  double eps, at::ScalarType x_dtype, bool rms,
+                                                  const AddBwdOutputs& want) {
+  std::array<Tensor, 3> norm_grads;
+  if (dy.defined()) {
+    const c10::SymInt hidden = h.sym_size(-1);
+    norm_grads = norm_backward_differentiable(dy, h, c10::SymIntArrayRef(&hidden, 1), weight, norm_bias, eps, rms,
+                                              {true, want.dweight, want.dnorm_bias}, opmath_dtype(h.scalar_type()));
+  }
+  return add_norm_grads(norm_grads, dresidual_out, h, keep_scale, x_dtype, want);
 }
 
 // The backward of add_norm_fwd; next edges x, residual, bias, weight, norm_bias (absent ones empty).
@@ -832,8 +850,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cpu(const Tensor
                         : cpu_dropout_keep(seed, x.sym_sizes(), p).to(opmath_dtype(x.scalar_type())) * (1.0 / (1.0 - p));
   }
   const Tensor h = residual_sum_reference(x, residual, bias, keep_scale, residual_dtype);
-  auto [y, mean, rstd] = norm_of_rows(h, weight, norm_bias, eps, rms);
   const auto acc = opmath_dtype(x.scalar_type());  // (a float32 h of float64 x: statistics as the meta kernel's)
+  if (!rms && h.numel() > 0) {
+    // ATen's CPU kernel: one pass, where norm_of_rows' composite ops take several (7x the unfused chain's time at
+    // 2048 x 1024 float32)
+    const auto [w, nb] = aten_norm_params(h, weight, norm_bias);
+    auto [y, mean, rstd] = at::native_layer_norm(h, {h.size(-1)}, w, nb, eps);
+    const auto rows = h.sizes().slice(0, h.dim() - 1);
+    return {y.to(x.scalar_type()), h, mean.reshape(rows).to(acc), rstd.reshape(rows).to(acc), rng_state};
+  }
+  auto [y, mean, rstd] = norm_of_rows(h, weight, norm_bias, eps, rms);
   return {y.to(x.scalar_type()), h, mean.to(acc), rstd.to(acc), rng_state};
 }
 
@@ -844,10 +870,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
   TORCH_CHECK_VALUE(p <= 0 || (rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong),
                     "add_norm_bwd: rng_state must be the forward's int64 [2] when p > 0");
   const AddBwdOutputs want = add_bwd_outputs(output_mask, dy.has_value(), weight.has_value(), norm_bias.has_value());
-  auto g = add_norm_backward_reference(dy.value_or(Tensor()), dresidual_out.value_or(Tensor()), residual_out,
-                                       weight.value_or(Tensor()), norm_bias.value_or(Tensor()),
-                                       dropout_keep_scale(residual_out, mean, rstd, rng_state, p, x_dtype, rms), eps,
-                                       x_dtype, rms, want);
+  const Tensor keep_scale = dropout_keep_scale(residual_out, mean, rstd, rng_state, p, x_dtype, rms);
+  std::array<Tensor, 5> g;
+  if (!rms && dy && residual_out.numel() > 0) {
+    // LayerNorm's part from ATen's CPU kernel and the forward's statistics: one pass, where the composite ops of
+    // the reference take several (10x the time of the unfused chain's backward at 2048 x 1024 float32).
+    // Its dweight / dnorm_bias sums of a 16-bit h lose bits (bf16 2048 x 1024: 5e-2 of the largest, as the unfused
+    // chain's): those from float32 products and sums here, as the CUDA kernels form them.
+    const Tensor& h = residual_out;
+    const auto [w, nb] = aten_norm_params(h, weight, norm_bias);
+    const auto acc = opmath_dtype(h.scalar_type());
+    const bool aten_params = acc == h.scalar_type();
+    const Tensor m = mean.to(acc).contiguous(), r = rstd.to(acc).contiguous();
+    auto [dh, dw, dnb] = at::native_layer_norm_backward(
+        dy->to(h.scalar_type()).contiguous(), h.contiguous(), {h.size(-1)}, m, r, w, nb,
+        {true, aten_params && want.dweight, aten_params && want.dnorm_bias});
+    if (!aten_params && (want.dweight || want.dnorm_bias)) {
+      const Tensor dyf = dy->to(acc);
+      const auto sum_rows = [](const Tensor& t) { return t.dim() > 1 ? t.flatten(0, -2).sum(0) : t; };
+      if (want.dweight) dw = sum_rows(dyf * ((h.to(acc) - m.unsqueeze(-1)) * r.unsqueeze(-1)));
+      if (want.dnorm_bias) dnb = sum_rows(dyf);
+    }
+    if (dw.defined()) dw = dw.to(weight->scalar_type());
+    if (dnb.defined()) dnb = dnb.to(norm_bias->scalar_type());
+    g = add_norm_grads({dh, dw, dnb}, dresidual_out.value_or(Tensor()), residual_out, keep_scale, x_dtype, want);
+  } else {
+    g = add_norm_backward_reference(dy.value_or(Tensor()), dresidual_out.value_or(Tensor()), residual_out,
+                                    weight.value_or(Tensor()), norm_bias.value_or(Tensor()), keep_scale, eps,
+                                    x_dtype, rms, want);
+  }
   for (Tensor& t : g) {  // fresh tensors: dx and dresidual can be one value, or a grad given in
     t = t.defined() ? t.clone(at::MemoryFormat::Contiguous) : at::empty({0}, residual_out.options());
   }

@@ -110,22 +110,31 @@ def _last_dim(cls_name: str, normalized_shape) -> None:
         raise ValueError(f"{cls_name} normalizes the last dimension: normalized_shape must be one size, got {shape}")
 
 
+def _check_input(x: Tensor, normalized_shape: List[int]) -> None:
+    """nn.LayerNorm's check of its input, with its message (the ops take x's last dimension as the size)."""
+    if x.dim() == 0 or x.shape[-1] != normalized_shape[0]:
+        raise RuntimeError("Given normalized_shape={}, expected input with shape [*, {}], but got input of size{}"
+                           .format(normalized_shape, normalized_shape[0], list(x.shape)))
+
+
 class FusedAddLayerNorm(nn.LayerNorm):
     """out, new_residual = layer_norm(x + residual), x + residual, in one kernel (fusedkernels.ops.add_layer_norm).
 
-    Takes nn.LayerNorm's arguments (normalized_shape: one size, the last dimension) and residual_dtype: None (the
-    dtype of x + residual as torch promotes it: x's, or float32 for a float32 residual stream beside a 16-bit x) or
-    torch.float32. forward(x, residual) -> (out, new_residual): out in x's dtype, new_residual in residual_dtype.
-    Raises ValueError for a normalized_shape of more than one dimension.
+    Takes nn.LayerNorm's arguments (normalized_shape: one size, the last dimension) and keyword-only residual_dtype:
+    None (the dtype of x + residual as torch promotes it: x's, or float32 for a float32 residual stream beside a
+    16-bit x) or torch.float32. forward(x, residual) -> (out, new_residual): out in x's dtype, new_residual in
+    residual_dtype. Raises ValueError for a normalized_shape of more than one dimension, and RuntimeError (as
+    nn.LayerNorm) for an input whose last dimension is not that size.
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None, residual_dtype: Optional[torch.dtype] = None) -> None:
+                 device=None, dtype=None, *, residual_dtype: Optional[torch.dtype] = None) -> None:
         _last_dim(type(self).__name__, normalized_shape)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.residual_dtype = residual_dtype
 
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        _check_input(x, list(self.normalized_shape))
         if torch.jit.is_scripting():  # TorchScript compiles this branch only
             return torch.ops.fusedkernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps,
                                                          self.residual_dtype)
@@ -140,12 +149,13 @@ class FusedAddRMSNorm(nn.RMSNorm):
     As FusedAddLayerNorm, with nn.RMSNorm's arguments (eps=None: float32's machine epsilon for 16-bit x)."""
 
     def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True, device=None,
-                 dtype=None, residual_dtype: Optional[torch.dtype] = None) -> None:
+                 dtype=None, *, residual_dtype: Optional[torch.dtype] = None) -> None:
         _last_dim(type(self).__name__, normalized_shape)
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.residual_dtype = residual_dtype
 
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        _check_input(x, list(self.normalized_shape))
         if torch.jit.is_scripting():
             return torch.ops.fusedkernels.add_rms_norm(x, residual, self.weight, self.eps, self.residual_dtype)
         return ops._add_rms_norm(x, residual, self.weight, self.eps, self.residual_dtype)
@@ -175,6 +185,7 @@ class FusedBiasDropoutAddLayerNorm(nn.LayerNorm):
         self.p, self.residual_dtype = p, residual_dtype
 
     def forward(self, x: Tensor, bias: Optional[Tensor], residual: Tensor) -> tuple[Tensor, Tensor]:
+        _check_input(x, list(self.normalized_shape))
         if torch.jit.is_scripting():
             return torch.ops.fusedkernels.bias_dropout_add_layer_norm(x, bias, residual, self.weight, self.bias, self.p,
                                                                       self.eps, self.training, self.residual_dtype)
@@ -199,6 +210,7 @@ class FusedBiasDropoutAddRMSNorm(nn.RMSNorm):
         self.p, self.residual_dtype = p, residual_dtype
 
     def forward(self, x: Tensor, bias: Optional[Tensor], residual: Tensor) -> tuple[Tensor, Tensor]:
+        _check_input(x, list(self.normalized_shape))
         if torch.jit.is_scripting():
             return torch.ops.fusedkernels.bias_dropout_add_rms_norm(x, bias, residual, self.weight, self.p, self.eps,
                                                                     self.training, self.residual_dtype)

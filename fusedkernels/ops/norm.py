@@ -76,7 +76,9 @@ def _check_args(op: str, input: Tensor, normalized_shape, weight, bias) -> None:
         raise RuntimeError(f"{op}: input must be a floating-point tensor (float32, float16 or bfloat16 for the fused "
                            f"kernel), got {str(input.dtype).removeprefix('torch.')}")
     shape = list(normalized_shape)
-    if not shape or len(shape) > input.dim() or list(input.shape[input.dim() - len(shape):]) != shape:
+    if not shape:
+        raise RuntimeError(f"{op}: normalized_shape must be at least 1-dimensional, got []")
+    if len(shape) > input.dim() or list(input.shape[input.dim() - len(shape):]) != shape:
         raise RuntimeError(f"{op}: normalized_shape {shape} must be the trailing dimensions of input "
                            f"{list(input.shape)}")
     for name, p in (("weight", weight), ("bias", bias)):
