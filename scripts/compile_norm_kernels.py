@@ -1,7 +1,8 @@
-"""torch.compile's Triton kernels for the norm suite's forwards, kept for reading (source, PTX, cubin) and timed
-about as scripts/norm_sweep.cu times ours: a CUDA graph of 40 back-to-back launches over 4 rotated input sets
-(the outputs: one buffer of torch's allocator, reused call after call; the sweep rotates four). Writes
-$OUT/compile_norm_kernels.tar.gz and prints µs per call. Run on a GPU machine: python3 scripts/compile_norm_kernels.py"""
+"""torch.compile's Triton kernels for the norm suite's forwards, kept for reading (source, PTX, cubin), and timed
+beside ours (fusedkernels.ops) in one harness: a CUDA graph of 40 calls over 4 rotated input sets, the outputs from
+torch's allocator (one buffer reused call after call). Writes $OUT/compile_norm_kernels.tar.gz and prints µs per
+call. On a GPU machine, after a build of the norm family: PYTHONPATH=$PWD python3 scripts/compile_norm_kernels.py
+"""
 import os
 import pathlib
 import tarfile
@@ -19,12 +20,42 @@ SETS, REPS = 4, 40
 
 
 def chains(hidden):
+    """name -> (PyTorch's chain, ours)."""
+    from fusedkernels import ops
+
     return {
-        "ln": lambda x, r, w, b: F.layer_norm(x, (hidden,), w, b),
-        "rms": lambda x, r, w, b: F.rms_norm(x, (hidden,), w, 1e-5),
-        "add_rms": lambda x, r, w, b: (F.rms_norm(x + r, (hidden,), w, 1e-5), x + r),
-        "add_ln": lambda x, r, w, b: (F.layer_norm(x + r, (hidden,), w, b), x + r),
+        "ln": (lambda x, r, w, b: F.layer_norm(x, (hidden,), w, b),
+               lambda x, r, w, b: ops.layer_norm(x, (hidden,), w, b)),
+        "rms": (lambda x, r, w, b: F.rms_norm(x, (hidden,), w, 1e-5),
+                lambda x, r, w, b: ops.rms_norm(x, (hidden,), w, 1e-5)),
+        "add_rms": (lambda x, r, w, b: (F.rms_norm(x + r, (hidden,), w, 1e-5), x + r),
+                    lambda x, r, w, b: ops.add_rms_norm(x, r, w, 1e-5)),
+        "add_ln": (lambda x, r, w, b: (F.layer_norm(x + r, (hidden,), w, b), x + r),
+                   lambda x, r, w, b: ops.add_layer_norm(x, r, w, b)),
     }
+
+
+def time_us(fn, xs, rs, w, b) -> float:
+    """Median µs of one call in a graph of REPS calls over the rotated sets."""
+    with torch.no_grad():
+        for i in range(SETS):
+            fn(xs[i], rs[i], w, b)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for k in range(REPS):
+                fn(xs[k % SETS], rs[k % SETS], w, b)
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            e.record()
+            e.synchronize()
+            times.append(a.elapsed_time(e) * 1e3 / REPS)
+    return sorted(times)[len(times) // 2]
 
 
 for rows, hidden in SHAPES:
@@ -32,27 +63,11 @@ for rows, hidden in SHAPES:
     rs = [torch.randn_like(x) for x in xs]
     w = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
     b = torch.randn(hidden, device="cuda", dtype=torch.bfloat16) * 0.1
-    for name, fn in chains(hidden).items():
-        compiled = torch.compile(fn, dynamic=False)
-        with torch.no_grad():
-            for i in range(SETS):
-                compiled(xs[i], rs[i], w, b)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for k in range(REPS):
-                    compiled(xs[k % SETS], rs[k % SETS], w, b)
-            g.replay()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(10):
-                a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                g.replay()
-                e.record()
-                e.synchronize()
-                times.append(a.elapsed_time(e) * 1e3 / REPS)
-        print(f"compile {name:<8} {rows}x{hidden}: {sorted(times)[len(times) // 2]:.1f} us", flush=True)
+    for name, (chain, ours) in chains(hidden).items():
+        theirs = time_us(torch.compile(chain, dynamic=False), xs, rs, w, b)
+        mine = time_us(ours, xs, rs, w, b)
+        print(f"{name:<8} {rows}x{hidden}: ours {mine:.1f} us, compile {theirs:.1f} us ({theirs / mine:.3f}x)",
+              flush=True)
 
 out = pathlib.Path(os.environ.get("OUT", "gpu_out"))
 out.mkdir(parents=True, exist_ok=True)
