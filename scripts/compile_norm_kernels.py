@@ -15,6 +15,8 @@ os.environ["TRITON_CACHE_DIR"] = str(tmp / "triton")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.common import time_graph  # noqa: E402
+
 SHAPES = [(16384, 1024), (16384, 4096), (65536, 768)]
 SETS, REPS = 4, 40
 
@@ -37,25 +39,11 @@ def chains(hidden):
 
 def time_us(fn, xs, rs, w, b) -> float:
     """Median µs of one call in a graph of REPS calls over the rotated sets."""
-    with torch.no_grad():
-        for i in range(SETS):
-            fn(xs[i], rs[i], w, b)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for k in range(REPS):
-                fn(xs[k % SETS], rs[k % SETS], w, b)
-        g.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(10):
-            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            e.record()
-            e.synchronize()
-            times.append(a.elapsed_time(e) * 1e3 / REPS)
-    return sorted(times)[len(times) // 2]
+    def call(i):
+        with torch.no_grad():
+            return fn(xs[i], rs[i], w, b)
+
+    return time_graph(call, SETS, replays=10, min_calls=REPS) * 1e3
 
 
 for rows, hidden in SHAPES:

@@ -630,6 +630,9 @@ Tensor dropout_keep_scale(const Tensor& h, const Tensor& mean, const Tensor& rst
   return keep.to(acc) * (1.0 / (1.0 - p));
 }
 
+// The sum over every row of a [..., H] tensor (H itself for a single row).
+Tensor sum_over_rows(const Tensor& t) { return t.dim() > 1 ? t.flatten(0, -2).sum(0) : t; }
+
 // dx, dresidual, dbias, dweight, dnorm_bias from the norm's part (norm_grads: the grads of h, weight and norm_bias
 // from dy; undefined without dy) and the new residual's grad.
 std::array<Tensor, 5> add_norm_grads(const std::array<Tensor, 3>& norm_grads, const Tensor& dresidual_out,
@@ -644,7 +647,7 @@ std::array<Tensor, 5> add_norm_grads(const std::array<Tensor, 3>& norm_grads, co
   if (want.dresidual) grads[1] = dh.to(h.scalar_type());
   const Tensor dx = keep_scale.defined() ? dh * keep_scale : dh;
   if (want.dx) grads[0] = dx.to(x_dtype);
-  if (want.dx_bias) grads[2] = (dx.dim() > 1 ? dx.flatten(0, -2).sum(0) : dx).to(x_dtype);
+  if (want.dx_bias) grads[2] = sum_over_rows(dx).to(x_dtype);
   return grads;
 }
 
@@ -887,9 +890,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
         {true, aten_params && want.dweight, aten_params && want.dnorm_bias});
     if (!aten_params && (want.dweight || want.dnorm_bias)) {
       const Tensor dyf = dy->to(acc);
-      const auto sum_rows = [](const Tensor& t) { return t.dim() > 1 ? t.flatten(0, -2).sum(0) : t; };
-      if (want.dweight) dw = sum_rows(dyf * ((h.to(acc) - m.unsqueeze(-1)) * r.unsqueeze(-1)));
-      if (want.dnorm_bias) dnb = sum_rows(dyf);
+      if (want.dweight) dw = sum_over_rows(dyf * ((h.to(acc) - m.unsqueeze(-1)) * r.unsqueeze(-1)));
+      if (want.dnorm_bias) dnb = sum_over_rows(dyf);
     }
     if (dw.defined()) dw = dw.to(weight->scalar_type());
     if (dnb.defined()) dnb = dnb.to(norm_bias->scalar_type());
