@@ -23,6 +23,7 @@
 #include <utility>
 
 #include "common/device/cp_async.cuh"
+#include "common/device/pdl.cuh"
 #include "common/device/philox.cuh"
 #include "common/device/reduce.cuh"
 #include "common/device/vec.cuh"
@@ -262,6 +263,7 @@ template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, 
           int kMinBlocks = kFwdMinBlocks<T, RT, kAdd, threads_for_tpr<kTpr>()>, int kThreads = threads_for_tpr<kTpr>(),
           bool kFullRow = false, bool kBiasDropout = kAdd>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_registers_kernel(const FwdParamsT<kAdd> p) {
+  grid_dependency_wait();
   static_assert(kThreads % kTpr == 0 && kThreads % 32 == 0 && (kAdd || !kBiasDropout));
   constexpr bool kEarlyAffine = kFullRow && !kAdd;
   using HT = RowT<T, RT, kAdd>;
@@ -398,6 +400,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_registers_kernel(con
 
 template <typename T, typename WT, typename RT, bool kRms, bool kAdd>
 __global__ void __launch_bounds__(kGeneralThreads) fwd_general_kernel(const FwdParamsT<kAdd> p) {
+  grid_dependency_wait();
   using HT = RowT<T, RT, kAdd>;
   __shared__ float scratch[kGeneralThreads / 32];
   const WT* weight = static_cast<const WT*>(p.weight);
@@ -492,8 +495,8 @@ bool launch_fwd_full_row(const FwdParamsT<kAdd>& p, bool wide, cudaStream_t stre
     // as many threads in the grid as the general instances launch
     const int64_t max_blocks = int64_t(sm_count()) * 64 * 256 / kThreads;
     const int64_t blocks = std::min<int64_t>(ceil_div(p.rows, kThreads / kTpr), max_blocks);
-    fwd_registers_kernel<T, T, T, kRms, kAdd, kTpr, kIters, kMinBlocks, kThreads, true, false>
-        <<<blocks, kThreads, 0, stream>>>(p);
+    launch_with_pdl(fwd_registers_kernel<T, T, T, kRms, kAdd, kTpr, kIters, kMinBlocks, kThreads, true, false>, blocks,
+                    kThreads, 0, stream, p);
     return true;
   };
   if constexpr (kAdd) {
@@ -538,17 +541,18 @@ cudaError_t launch_fwd(const FwdParamsT<kAdd>& p, cudaStream_t stream) {
       const int64_t blocks = std::min<int64_t>(ceil_div(p.rows, kThreads / kTpr), int64_t(sm_count()) * 64);
       if constexpr (kAdd && kAddFwdWideTypes<T, RT> && kTpr < kFwdMaxTpr) {
         if (wide) {
-          fwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kAddFwdWideIters, kAddFwdWideMinBlocks<kThreads>>
-              <<<blocks, kThreads, 0, stream>>>(p);
+          launch_with_pdl(fwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kAddFwdWideIters, kAddFwdWideMinBlocks<kThreads>>,
+                          blocks, kThreads, 0, stream, p);
           return;
         }
       }
-      fwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kFwdIters<kAdd, kTpr>><<<blocks, kThreads, 0, stream>>>(p);
+      launch_with_pdl(fwd_registers_kernel<T, WT, RT, kRms, kAdd, kTpr, kFwdIters<kAdd, kTpr>>, blocks, kThreads, 0, stream,
+                      p);
     });
     return cudaGetLastError();
   }
   const int64_t blocks = std::min<int64_t>(p.rows, int64_t(sm_count()) * 16);
-  fwd_general_kernel<T, WT, RT, kRms, kAdd><<<blocks, kGeneralThreads, 0, stream>>>(p);
+  launch_with_pdl(fwd_general_kernel<T, WT, RT, kRms, kAdd>, blocks, kGeneralThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
@@ -605,6 +609,7 @@ constexpr int bwd_min_blocks() { return std::max(1, kBwdThreadsPerSm<kAdd, kNarr
 template <typename T, typename WT, typename RT, bool kRms, bool kAdd, int kTpr, int kIters, int kMinBlocks>
 __global__ void __launch_bounds__(threads_for_tpr<kTpr>(), kMinBlocks)
 bwd_registers_kernel(const BwdParamsT<kAdd> p) {
+  grid_dependency_wait();
   using HT = RowT<T, RT, kAdd>;
   constexpr int kThreads = threads_for_tpr<kTpr>();
   constexpr int kRowsPerBlock = kThreads / kTpr;
@@ -729,6 +734,7 @@ bwd_registers_kernel(const BwdParamsT<kAdd> p) {
 // dx for any hidden size: one block per row, the row re-read for the second pass.
 template <typename T, typename WT, typename RT, bool kRms, bool kAdd>
 __global__ void __launch_bounds__(kGeneralThreads) bwd_dx_general_kernel(const BwdParamsT<kAdd> p) {
+  grid_dependency_wait();
   using HT = RowT<T, RT, kAdd>;
   __shared__ float scratch[kGeneralThreads / 32];
   const HT* x = static_cast<const HT*>(p.x);
@@ -783,6 +789,7 @@ constexpr int kColTile = 32, kRowLanes = 8;
 
 template <typename T, typename RT, bool kRms, bool kAdd>
 __global__ void __launch_bounds__(kColTile * kRowLanes) bwd_dwdb_general_kernel(const BwdParamsT<kAdd> p, int64_t rows_per_chunk) {
+  grid_dependency_wait();
   using HT = RowT<T, RT, kAdd>;
   constexpr int kSums = column_sums(kAdd);
   __shared__ float tile[kSums][kRowLanes][kColTile + 1];
@@ -824,6 +831,7 @@ __global__ void __launch_bounds__(kColTile * kRowLanes) bwd_dwdb_general_kernel(
 template <typename OT>
 __global__ void __launch_bounds__(kColTile * 32) reduce_partials_kernel(const float* partials, int num_rows, int hidden,
                                                                         OT* first, OT* second) {
+  grid_dependency_wait();
   __shared__ float tile[32][kColTile + 1];
   OT* out = blockIdx.y == 0 ? first : second;
   if (out == nullptr) return;  // uniform across the block
@@ -934,27 +942,28 @@ cudaError_t launch_bwd(const BwdParamsT<kAdd>& p, cudaStream_t stream) {
       // 3 tensors x 256 threads x 16 B) beside a 9 KiB tile: "invalid argument" before resident_blocks
       // opted in for any dynamic size (it did only past 48 KiB of dynamic memory).
       resident_blocks<kernel, threads_for_tpr<kTpr>(), kSmem>();
-      kernel<<<plan.blocks, threads_for_tpr<kTpr>(), kSmem, stream>>>(p);
+      launch_with_pdl(kernel, plan.blocks, threads_for_tpr<kTpr>(), kSmem, stream, p);
     });
   } else {
     const int64_t blocks = std::min<int64_t>(p.rows, int64_t(sm_count()) * 16);
-    bwd_dx_general_kernel<T, WT, RT, kRms, kAdd><<<blocks, kGeneralThreads, 0, stream>>>(p);
+    launch_with_pdl(bwd_dx_general_kernel<T, WT, RT, kRms, kAdd>, blocks, kGeneralThreads, 0, stream, p);
     if (want_sums) {
       const dim3 grid(ceil_div(p.hidden, kColTile), plan.blocks);
-      bwd_dwdb_general_kernel<T, RT, kRms, kAdd><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(p, plan.rows_per_chunk);
+      launch_with_pdl(bwd_dwdb_general_kernel<T, RT, kRms, kAdd>, grid, dim3(kColTile, kRowLanes), 0, stream, p,
+                      plan.rows_per_chunk);
     }
   }
   if (p.dweight || p.dbias) {
     const dim3 grid(ceil_div(p.hidden, kColTile), 2);
-    reduce_partials_kernel<WT><<<grid, dim3(kColTile, 32), 0, stream>>>(
-        p.partials, plan.partial_rows(), p.hidden, static_cast<WT*>(p.dweight), static_cast<WT*>(p.dbias));
+    launch_with_pdl(reduce_partials_kernel<WT>, grid, dim3(kColTile, 32), 0, stream, p.partials,
+                    int(plan.partial_rows()), p.hidden, static_cast<WT*>(p.dweight), static_cast<WT*>(p.dbias));
   }
   if constexpr (kAdd) {
     if (p.dx_bias) {
       const dim3 grid(ceil_div(p.hidden, kColTile), 1);
-      reduce_partials_kernel<T><<<grid, dim3(kColTile, 32), 0, stream>>>(
-          p.partials + 2 * plan.partial_rows() * p.hidden, plan.partial_rows(), p.hidden, static_cast<T*>(p.dx_bias),
-          nullptr);
+      launch_with_pdl(reduce_partials_kernel<T>, grid, dim3(kColTile, 32), 0, stream,
+                      p.partials + 2 * plan.partial_rows() * p.hidden, int(plan.partial_rows()),
+                      p.hidden, static_cast<T*>(p.dx_bias), static_cast<T*>(nullptr));
     }
   }
   return cudaGetLastError();

@@ -877,22 +877,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
   std::array<Tensor, 5> g;
   if (!rms && dy && residual_out.numel() > 0) {
     // LayerNorm's part from ATen's CPU kernel and the forward's statistics: one pass, where the composite ops of
-    // the reference take several (10x the time of the unfused chain's backward at 2048 x 1024 float32).
-    // Its dweight / dnorm_bias sums of a 16-bit h lose bits (bf16 2048 x 1024: 5e-2 of the largest, as the unfused
-    // chain's): those from float32 products and sums here, as the CUDA kernels form them.
-    const Tensor& h = residual_out;
+    // the reference take several (10x the time of the unfused chain's backward at 2048 x 1024 float32). A 16-bit
+    // h goes in as float32, so dh, dweight and dnorm_bias are float32 until their one rounding, as the CUDA kernels
+    // form them (ATen's 16-bit path rounds dh before dresidual_out and the dropout scale are applied, and its
+    // dweight sums lose bits: 5e-2 of the largest at bf16 2048 x 1024).
+    const auto acc = opmath_dtype(residual_out.scalar_type());
+    const Tensor h = residual_out.to(acc).contiguous();
     const auto [w, nb] = aten_norm_params(h, weight, norm_bias);
-    const auto acc = opmath_dtype(h.scalar_type());
-    const bool aten_params = acc == h.scalar_type();
-    const Tensor m = mean.to(acc).contiguous(), r = rstd.to(acc).contiguous();
     auto [dh, dw, dnb] = at::native_layer_norm_backward(
-        dy->to(h.scalar_type()).contiguous(), h.contiguous(), {h.size(-1)}, m, r, w, nb,
-        {true, aten_params && want.dweight, aten_params && want.dnorm_bias});
-    if (!aten_params && (want.dweight || want.dnorm_bias)) {
-      const Tensor dyf = dy->to(acc);
-      if (want.dweight) dw = sum_over_rows(dyf * ((h.to(acc) - m.unsqueeze(-1)) * r.unsqueeze(-1)));
-      if (want.dnorm_bias) dnb = sum_over_rows(dyf);
-    }
+        dy->to(acc).contiguous(), h, {h.size(-1)}, mean.to(acc).contiguous(), rstd.to(acc).contiguous(), w, nb,
+        {true, want.dweight, want.dnorm_bias});
     if (dw.defined()) dw = dw.to(weight->scalar_type());
     if (dnb.defined()) dnb = dnb.to(norm_bias->scalar_type());
     g = add_norm_grads({dh, dw, dnb}, dresidual_out.value_or(Tensor()), residual_out, keep_scale, x_dtype, want);

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 
 #include <cuda_runtime.h>
 
@@ -101,6 +102,26 @@ int kernel_registers() {
     }
     return attributes.numRegs;
   });
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch where the device has it
+// (sm_90+): the kernel's blocks may be scheduled while the kernel before it in the stream drains, so the
+// launch latency between the two is hidden. The kernel must call grid_dependency_wait()
+// (common/device/pdl.cuh) before it reads or writes global memory. Works under CUDA-graph capture.
+template <typename... Params, typename... Args>
+cudaError_t launch_with_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                            Args&&... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = compute_capability() >= 90 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
