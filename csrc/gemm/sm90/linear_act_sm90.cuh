@@ -433,11 +433,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         phase ^= 1;
       }
     }
+    // Every product of this tile is issued: the other consumer's next tile may start issuing its own, which the
+    // tensor cores take up as these finish (arriving after the wait below left them idle for the last k-slice).
+    if (unit + gridDim.x < units) sm90::named_barrier_arrive(1 + consumer, 256);
     sm90::wgmma_wait<0>();
     sm90::fence_operands(acc);
     if (previous >= 0 && lane == 0) sm90::mbarrier_arrive(&empty[previous]);
-    // the other consumer's next tile may start
-    if (unit + gridDim.x < units) sm90::named_barrier_arrive(1 + consumer, 256);
 
     if constexpr (kSplitK) {
       epilogue.store_partial(acc, unit % split_k, m_block * kBlockM, n_block * out_cols);
