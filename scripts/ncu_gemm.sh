@@ -5,7 +5,9 @@
 # each after warm-up, with the counters that tell where a GEMM loses to cuBLAS: tensor-pipe activity, L2 and DRAM
 # traffic (operand reuse: our 64 x 256 ping-pong tiles fill shared memory with ~1.7x the bytes per FLOP of
 # cuBLAS's 256 x 128 cooperative ones), and the warps' stall reasons. Needs a build of the gemm family.
-# Output: $OUT/ncu_gemm.txt. NCU_GEMM_SHAPE="8192 2048 5632" (tokens, hidden, intermediate).
+# Output: $OUT/ncu_gemm.txt. NCU_GEMM_SHAPE="8192 2048 5632" (tokens, hidden, intermediate); NCU_GEMM_CALLS="gate_up
+# down dgrad" (default), or an activation name (relu, gelu, ...): linear_act(x [tokens, hidden], W [intermediate,
+# hidden], bias, that activation) against cuBLAS's x @ W^T.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -16,8 +18,10 @@ metrics+=,lts__t_bytes.sum,lts__throughput.avg.pct_of_peak_sustained_elapsed,dra
 metrics+=,launch__registers_per_thread,launch__grid_size,launch__block_size,launch__cluster_dim_x
 metrics+=,smsp__average_warp_latency_issue_stalled_barrier,smsp__average_warp_latency_issue_stalled_long_scoreboard
 metrics+=,smsp__average_warp_latency_issue_stalled_wait,smsp__average_warp_latency_issue_stalled_math_pipe_throttle
+metrics+=,smsp__average_warp_latency_issue_stalled_mio_throttle,smsp__average_warp_latency_issue_stalled_short_scoreboard
+metrics+=,smsp__inst_executed.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum
 read -r tokens hidden inter <<<"${NCU_GEMM_SHAPE:-8192 2048 5632}"
-for call in gate_up down dgrad; do
+for call in ${NCU_GEMM_CALLS:-gate_up down dgrad}; do
   for kernel in linear_act_sm90 nvjet; do  # ours, then cuBLAS's (each after its warm-up launches)
     echo "== $call ${tokens}x${hidden}x${inter} $kernel"
     ncu --clock-control none --metrics "$metrics" -k "regex:$kernel" --launch-skip 3 --launch-count 1 \
@@ -33,10 +37,13 @@ g = torch.Generator("cuda").manual_seed(0)
 rand = lambda *shape: torch.randn(*shape, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
 x, gate_up, down = rand(m, h), rand(2 * f, h) * h**-0.5, rand(h, f) * f**-0.5
 act, z, dy = rand(m, f), rand(m, 2 * f), rand(m, h)  # down's input, the gate / up pre-activation, the MLP's grad
+w, b = rand(f, h) * h**-0.5, rand(f)  # an activation call's Linear
 ours = {"gate_up": lambda: ops.linear_gated(x, gate_up, None, "swiglu"),
         "down": lambda: ops.linear_act(act, down, None, "none"),
-        "dgrad": lambda: torch.ops.fusedkernels.gated_dgrad(dy, down, z, 4)}[call]  # 4: silu (gemm.h)
-cublas = {"gate_up": lambda: x @ gate_up.t(), "down": lambda: act @ down.t(), "dgrad": lambda: dy @ down}[call]
+        "dgrad": lambda: torch.ops.fusedkernels.gated_dgrad(dy, down, z, 4)}.get(  # 4: silu (gemm.h)
+            call, lambda: ops.linear_act(x, w, b, call))
+cublas = {"gate_up": lambda: x @ gate_up.t(), "down": lambda: act @ down.t(), "dgrad": lambda: dy @ down}.get(
+    call, lambda: x @ w.t())
 with torch.no_grad():
     for _ in range(4):  # ncu skips the first 3 launches of the kernel it profiles and takes the 4th
         ours()

@@ -229,6 +229,10 @@ def test_hugging_face_norms_keep_their_dtype_rules(norm_cls, weight_dtype, input
 def test_fused_cast_rms_norm_module():
     norm = fnn.FusedCastRMSNorm(16, eps=1e-5, cast="weight")
     assert list(norm.state_dict()) == ["weight"] and torch.equal(norm.weight, torch.ones(16))
+    gemma = fnn.FusedCastRMSNorm(16, eps=1e-6, cast="offset")  # Gemma's weight starts at zero: a scale of 1
+    assert torch.equal(gemma.weight, torch.zeros(16))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(gemma(x), GemmaRMSNorm(16)(x))
     assert "cast='weight'" in repr(norm)
     with pytest.raises(ValueError, match="cast must be one of"):
         fnn.FusedCastRMSNorm(16, cast="output")
@@ -384,6 +388,14 @@ def test_norm_subclasses_are_left():
     assert all("subclass of nn." in e.reason for e in report.entries), str(report)
     assert [type(m) for m in model] == [SameLayerNorm, ScaledLayerNorm, FourDLayerNorm, ClampedRMSNorm]
     assert model[0].extra_method() == "kept"
+
+
+def test_a_norm_with_nan_weights_is_left_with_the_reason():
+    model = nn.Sequential(nn.LayerNorm(8))
+    model[0].weight.data.fill_(float("nan"))
+    (entry,) = fusedkernels.fuse(model).entries
+    assert entry.status == "left" and "the original gives non-finite values on the probe" in entry.reason, str(entry)
+    assert type(model[0]) is nn.LayerNorm
 
 
 def test_hf_structured_subclass_is_probed_out_to_large_values():

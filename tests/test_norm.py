@@ -625,3 +625,24 @@ def test_internal_ops_fake_strides(device):
     torch.library.opcheck(torch.ops.fusedkernels.layer_norm_fwd, (x.contiguous(), [8], None, None, 1e-5))
     if device == "cpu":
         torch.library.opcheck(torch.ops.fusedkernels.layer_norm_fwd, (x, [8], None, None, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_16bit_layer_norm_is_float32_inside(dtype):
+    """On the CPU a 16-bit LayerNorm runs ATen's kernels on float32 copies: dweight / dbias summed in float32 (ATen's
+    16-bit path sums dbias in 16 bits: a relative error near 1 over 262144 rows), dx and y rounded once."""
+    rows, hidden = 262144, 16
+    x = torch.randn(rows, hidden).to(dtype).requires_grad_()
+    w = (torch.rand(hidden) + 0.5).to(dtype).requires_grad_()
+    b = torch.randn(hidden).to(dtype).requires_grad_()
+    dy = ((torch.rand(rows, hidden) + 0.5) / 8).to(dtype)  # dbias ~ 32768: within float16's range
+    y = fops.layer_norm(x, (hidden,), w, b)
+    got = torch.autograd.grad(y, [x, w, b], dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y64 = F.layer_norm(leaves[0], (hidden,), leaves[1], leaves[2])
+    want = torch.autograd.grad(y64, leaves, dy.double())
+    eps = torch.finfo(dtype).eps
+    assert max_err(y, y64) <= eps * y64.abs().max()  # one rounding: half an ulp of the largest, within one
+    assert max_err(got[0], want[0]) <= 2 * eps * want[0].abs().max()
+    for g, ref in zip(got[1:], want[1:]):
+        assert max_err(g, ref) <= 2 * eps * ref.abs().max()

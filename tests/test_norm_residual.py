@@ -503,6 +503,11 @@ def test_modules_arguments_repr_script_and_fuse():
     assert "residual_dtype=torch.float32" in repr(fnn.FusedAddLayerNorm(16, residual_dtype=torch.float32))
     assert "residual_dtype" not in repr(fnn.FusedAddRMSNorm(16)) and "p=0.2" in repr(
         fnn.FusedBiasDropoutAddRMSNorm(16, p=0.2))
+    for cls in (fnn.FusedAddLayerNorm, fnn.FusedAddRMSNorm, fnn.FusedBiasDropoutAddLayerNorm,
+                fnn.FusedBiasDropoutAddRMSNorm):  # refused when built, not at the first call
+        for bad in (torch.float16, torch.int32):
+            with pytest.raises(ValueError, match="residual_dtype must be None .* or torch.float32"):
+                cls(16, residual_dtype=bad)
     modules = [fnn.FusedAddLayerNorm(16), fnn.FusedAddRMSNorm(16, eps=1e-6), fnn.FusedBiasDropoutAddLayerNorm(16),
                fnn.FusedBiasDropoutAddRMSNorm(16)]
     report = fusedkernels.fuse(torch.nn.ModuleList(modules))

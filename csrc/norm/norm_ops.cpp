@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cfloat>
+#include <numeric>
 
 #include "common/torch/autograd.h"
 #include "common/torch/checks.h"
@@ -389,27 +390,46 @@ Tensor empty_unless(bool want, const OptTensor& like, const Tensor& x) {
   return want && like ? at::empty_like(*like) : at::empty({0}, x.options());
 }
 
+// ATen's CPU LayerNorm kernels, on float32 copies of 16-bit tensors: the statistics and dx in float32 and each
+// result rounded once, as the CUDA kernels (ATen's 16-bit path keeps the statistics in 16 bits beside 16-bit
+// parameters).
+OptTensor to_dtype(const OptTensor& t, at::ScalarType dtype) { return t ? OptTensor(t->to(dtype)) : std::nullopt; }
+
+// dweight / dbias of a LayerNorm over the last norm_dims dimensions, from float32 (float64) dy and x and the
+// statistics shaped to broadcast: x centred before it is scaled, as the CUDA kernels do. ATen's CPU kernel forms
+// x * rstd - mean * rstd, rounded at |x| * rstd rather than |x - mean| * rstd (a one-element row's dweight misses
+// 0 by ~2e-5), and its 16-bit path sums in 16 bits (a relative error near 1 for dbias over 262144 rows of bf16).
+std::pair<Tensor, Tensor> layer_norm_param_grads(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                                 const Tensor& rstd, int64_t norm_dims, bool want_dw, bool want_db) {
+  std::vector<int64_t> rows(x.dim() - norm_dims);
+  std::iota(rows.begin(), rows.end(), 0);
+  const auto sum_rows = [&](const Tensor& t) { return rows.empty() ? t : t.sum(rows); };
+  return {want_dw ? sum_rows(dy * ((x - mean) * rstd)) : Tensor(), want_db ? sum_rows(dy) : Tensor()};
+}
+
 std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_cpu(const Tensor& x, c10::SymIntArrayRef normalized_shape,
                                                       const OptTensor& weight, const OptTensor& bias, double eps) {
-  auto [y, mean, rstd] = at::native_layer_norm_symint(x, normalized_shape, weight, bias, eps);
-  const auto sizes = stats_shape(x, normalized_shape, false);
   const auto acc = opmath_dtype(x.scalar_type());
-  return {y, mean.reshape(sizes).to(acc), rstd.reshape(sizes).to(acc)};
+  auto [y, mean, rstd] = at::native_layer_norm_symint(x.to(acc), normalized_shape, to_dtype(weight, acc),
+                                                      to_dtype(bias, acc), eps);
+  const auto sizes = stats_shape(x, normalized_shape, false);
+  return {y.to(x.scalar_type()), mean.reshape(sizes), rstd.reshape(sizes)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(const Tensor& dy, const Tensor& x,
                                                       c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
                                                       const OptTensor& bias, const Tensor& mean, const Tensor& rstd,
                                                       std::array<bool, 3> output_mask) {
-  // at::native_layer_norm keeps the statistics in the parameters' type on the CPU: float32 when 16-bit input
-  // comes with float32 parameters, else the input's type.
-  const OptTensor& param = weight ? weight : bias;
-  const auto stats_dtype = param && param->scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
+  const auto acc = opmath_dtype(x.scalar_type());
   const auto sizes = stats_shape(x, normalized_shape, true);
-  auto [dx, dw, db] = at::native_layer_norm_backward_symint(
-      dy, x, normalized_shape, mean.reshape(sizes).to(stats_dtype), rstd.reshape(sizes).to(stats_dtype), weight, bias,
-      {true, output_mask[1] && weight.has_value(), output_mask[2] && bias.has_value()});
-  return {dx, dw.defined() ? dw : at::empty({0}, x.options()), db.defined() ? db : at::empty({0}, x.options())};
+  const Tensor dyf = dy.to(acc), xf = x.to(acc), m = mean.reshape(sizes).to(acc), r = rstd.reshape(sizes).to(acc);
+  const Tensor dx = std::get<0>(at::native_layer_norm_backward_symint(dyf, xf, normalized_shape, m, r,
+                                                                      to_dtype(weight, acc), to_dtype(bias, acc),
+                                                                      {true, false, false}));
+  const auto [dw, db] = layer_norm_param_grads(dyf, xf, m, r, int64_t(normalized_shape.size()),
+                                               output_mask[1] && weight, output_mask[2] && bias);
+  return {dx.to(x.scalar_type()), dw.defined() ? dw.to(weight->scalar_type()) : at::empty({0}, x.options()),
+          db.defined() ? db.to(bias->scalar_type()) : at::empty({0}, x.options())};
 }
 
 std::tuple<Tensor, Tensor> rms_norm_fwd_cpu(const Tensor& x, c10::SymIntArrayRef normalized_shape,
@@ -727,10 +747,9 @@ std::tuple<Tensor, Tensor> add_norm_reference(const Tensor& x, const Tensor& res
   if (p > 0) t = at::dropout(t, p, /*train=*/true);
   const Tensor h = (residual.to(acc) + t).to(residual_dtype);
   const c10::SymInt hidden = x.sym_size(-1);
-  const auto param = [&](const OptTensor& v) { return v ? OptTensor(v->to(acc)) : std::nullopt; };
-  const Tensor y = rms ? at::rms_norm_symint(h.to(acc), c10::SymIntArrayRef(&hidden, 1), param(weight), eps)
-                       : at::layer_norm_symint(h.to(acc), c10::SymIntArrayRef(&hidden, 1), param(weight),
-                                               param(norm_bias), eps);
+  const Tensor y = rms ? at::rms_norm_symint(h.to(acc), c10::SymIntArrayRef(&hidden, 1), to_dtype(weight, acc), eps)
+                       : at::layer_norm_symint(h.to(acc), c10::SymIntArrayRef(&hidden, 1), to_dtype(weight, acc),
+                                               to_dtype(norm_bias, acc), eps);
   return {y.to(x.scalar_type()), h};
 }
 
@@ -878,15 +897,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
   if (!rms && dy && residual_out.numel() > 0) {
     // LayerNorm's part from ATen's CPU kernel and the forward's statistics: one pass, where the composite ops of
     // the reference take several (10x the time of the unfused chain's backward at 2048 x 1024 float32). A 16-bit
-    // h goes in as float32, so dh, dweight and dnorm_bias are float32 until their one rounding, as the CUDA kernels
-    // form them (ATen's 16-bit path rounds dh before dresidual_out and the dropout scale are applied, and its
-    // dweight sums lose bits: 5e-2 of the largest at bf16 2048 x 1024).
+    // h goes in as float32, so dh (and from it dresidual, dx) is float32 until its one rounding, as the CUDA
+    // kernels form it (ATen's 16-bit path rounds dh before dresidual_out and the dropout scale are applied);
+    // dweight / dnorm_bias as the plain norm's (layer_norm_param_grads).
     const auto acc = opmath_dtype(residual_out.scalar_type());
-    const Tensor h = residual_out.to(acc).contiguous();
+    const Tensor h = residual_out.to(acc).contiguous(), dyf = dy->to(acc).contiguous();
+    const Tensor m = mean.to(acc).contiguous().unsqueeze(-1), r = rstd.to(acc).contiguous().unsqueeze(-1);
     const auto [w, nb] = aten_norm_params(h, weight, norm_bias);
-    auto [dh, dw, dnb] = at::native_layer_norm_backward(
-        dy->to(acc).contiguous(), h, {h.size(-1)}, mean.to(acc).contiguous(), rstd.to(acc).contiguous(), w, nb,
-        {true, want.dweight, want.dnorm_bias});
+    const Tensor dh = std::get<0>(
+        at::native_layer_norm_backward(dyf, h, {h.size(-1)}, m, r, w, nb, {true, false, false}));
+    auto [dw, dnb] = layer_norm_param_grads(dyf, h, m, r, 1, want.dweight, want.dnorm_bias);
     if (dw.defined()) dw = dw.to(weight->scalar_type());
     if (dnb.defined()) dnb = dnb.to(norm_bias->scalar_type());
     g = add_norm_grads({dh, dw, dnb}, dresidual_out.value_or(Tensor()), residual_out, keep_scale, x_dtype, want);

@@ -57,7 +57,7 @@ class FusedCastRMSNorm(nn.Module):
     cast="weight" (T5LayerNorm):
         weight * rms_norm(x in float32 at least), cast to weight's dtype first when it is float16 / bfloat16
                                                                dtype: weight's if half, else promote(x, float32, weight)
-    cast="offset" (Gemma's RMSNorm, whose weight starts at zero):
+    cast="offset" (Gemma's RMSNorm, whose weight starts at zero, as this module's does):
         (rms_norm(x in float32) * (1 + weight in float32)).to(x.dtype)      dtype: x's
 
     Where x and weight share a dtype (a model in one dtype) the weight multiply runs inside the kernel, in float32:
@@ -75,7 +75,8 @@ class FusedCastRMSNorm(nn.Module):
         if cast not in _CASTS:
             raise ValueError(f"FusedCastRMSNorm: cast must be one of {', '.join(_CASTS)}, got {cast!r}")
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        init = torch.zeros if cast == "offset" else torch.ones  # Gemma's weight is the offset from 1
+        self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))
         self.eps, self.cast = eps, cast
 
     def forward(self, input: Tensor) -> Tensor:
@@ -123,15 +124,15 @@ class FusedAddLayerNorm(nn.LayerNorm):
     Takes nn.LayerNorm's arguments (normalized_shape: one size, the last dimension) and keyword-only residual_dtype:
     None (the dtype of x + residual as torch promotes it: x's, or float32 for a float32 residual stream beside a
     16-bit x) or torch.float32. forward(x, residual) -> (out, new_residual): out in x's dtype, new_residual in
-    residual_dtype. Raises ValueError for a normalized_shape of more than one dimension, and RuntimeError (as
-    nn.LayerNorm) for an input whose last dimension is not that size.
+    residual_dtype. Raises ValueError for a normalized_shape of more than one dimension or another residual_dtype, and
+    RuntimeError (as nn.LayerNorm) for an input whose last dimension is not that size.
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, *, residual_dtype: Optional[torch.dtype] = None) -> None:
         _last_dim(type(self).__name__, normalized_shape)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        self.residual_dtype = residual_dtype
+        self.residual_dtype = _check_residual_dtype(type(self).__name__, residual_dtype)
 
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         _check_input(x, list(self.normalized_shape))
@@ -152,7 +153,7 @@ class FusedAddRMSNorm(nn.RMSNorm):
                  dtype=None, *, residual_dtype: Optional[torch.dtype] = None) -> None:
         _last_dim(type(self).__name__, normalized_shape)
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
-        self.residual_dtype = residual_dtype
+        self.residual_dtype = _check_residual_dtype(type(self).__name__, residual_dtype)
 
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         _check_input(x, list(self.normalized_shape))
@@ -172,8 +173,8 @@ class FusedBiasDropoutAddLayerNorm(nn.LayerNorm):
     Takes nn.LayerNorm's arguments, in its order (normalized_shape: one size), then keyword-only p (the dropout
     probability, as nn.Dropout's; applied in training mode only) and residual_dtype (as FusedAddLayerNorm's). Holds
     the norm's weight and bias (nn.LayerNorm's state_dict keys). forward(x, bias, residual) -> (out, new_residual):
-    bias is the [H] bias added to x before the dropout, or None. Raises ValueError for p outside [0, 1] or a
-    normalized_shape of more than one dimension.
+    bias is the [H] bias added to x before the dropout, or None. Raises ValueError for p outside [0, 1], a
+    normalized_shape of more than one dimension or a residual_dtype other than None or torch.float32.
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
@@ -182,7 +183,7 @@ class FusedBiasDropoutAddLayerNorm(nn.LayerNorm):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{type(self).__name__}: p must be in [0, 1], got {p}")
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        self.p, self.residual_dtype = p, residual_dtype
+        self.p, self.residual_dtype = p, _check_residual_dtype(type(self).__name__, residual_dtype)
 
     def forward(self, x: Tensor, bias: Optional[Tensor], residual: Tensor) -> tuple[Tensor, Tensor]:
         _check_input(x, list(self.normalized_shape))
@@ -207,7 +208,7 @@ class FusedBiasDropoutAddRMSNorm(nn.RMSNorm):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{type(self).__name__}: p must be in [0, 1], got {p}")
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
-        self.p, self.residual_dtype = p, residual_dtype
+        self.p, self.residual_dtype = p, _check_residual_dtype(type(self).__name__, residual_dtype)
 
     def forward(self, x: Tensor, bias: Optional[Tensor], residual: Tensor) -> tuple[Tensor, Tensor]:
         _check_input(x, list(self.normalized_shape))
@@ -219,6 +220,13 @@ class FusedBiasDropoutAddRMSNorm(nn.RMSNorm):
 
     def extra_repr(self) -> str:
         return _with_residual_dtype(f"{super().extra_repr()}, p={self.p}", self.residual_dtype)
+
+
+def _check_residual_dtype(cls_name: str, residual_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    if residual_dtype is not None and residual_dtype != torch.float32:
+        raise ValueError(f"{cls_name}: residual_dtype must be None (x + residual's promoted dtype) or torch.float32, "
+                         f"got {residual_dtype}")
+    return residual_dtype
 
 
 def _with_residual_dtype(repr_: str, residual_dtype: Optional[torch.dtype]) -> str:
