@@ -62,7 +62,8 @@ struct LinearActMaps {
   CUtensorMap x, weight, out, pre_activation;
 };
 
-// One consumer warpgroup's epilogue, in two passes over its shared-memory buffer:
+// One consumer warpgroup's epilogue, in two passes over its shared-memory buffer (one for the cheap activations
+// without a gate, residual or saved pre-activation: store_out_in_one_pass):
 //   1. z = acc + bias, rounded to T (what F.linear returns), from the accumulator's registers (thread
 //      (warp, g, t) holds rows 16 warp + g (+ 8), columns 8j + 2t (+ 1): common/device/wgmma.cuh); stored as
 //      the pre-activation when the backward needs it;
@@ -274,7 +275,44 @@ struct Epilogue {
     }
   }
 
+  // out = act(z) straight from the accumulators, for activations of a few instructions (none, relu, squared relu)
+  // with no gate, residual or saved pre-activation: one pass over the buffer instead of two (z rounded to T first,
+  // as eager PyTorch's F.linear output is, then the activation, rounded again).
+  template <Activation kAct>
+  __device__ __forceinline__ void store_out_in_one_pass(const Accumulators& acc, int row0, int col0) {
+    const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
+    // none and relu commute with the rounding (relu of a T value is one): only squared relu rounds z first
+    const auto rounded = [](float z) { return kAct == Activation::kSquaredRelu ? to_float(from_float<T>(z)) : z; };
+    wait_buffer();
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      const int col = 8 * j + 2 * t;
+      const float2 b = bias_pair(col0 + col, p.n);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float z0 = rounded(acc[4 * j + 2 * r] + b.x), z1 = rounded(acc[4 * j + 2 * r + 1] + b.y);
+        *reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col)) = pack2<T>(activate<kAct>(z0), activate<kAct>(z1));
+      }
+    }
+    publish_buffer();
+    if (thread == 0) {
+#pragma unroll
+      for (int box = 0; box < kBlockN / 64; ++box) {
+        sm90::tma_store_2d(&maps.out, buffer + box * Cfg::kBoxBytes, col0 + 64 * box, row0);
+      }
+      sm90::bulk_commit();
+    }
+  }
+
   __device__ __forceinline__ void operator()(const Accumulators& acc, int row0, int col0) {
+    if (!p.gated && p.residual == nullptr && p.pre_activation == nullptr) {
+      switch (p.activation) {
+        case Activation::kNone: return store_out_in_one_pass<Activation::kNone>(acc, row0, col0);
+        case Activation::kRelu: return store_out_in_one_pass<Activation::kRelu>(acc, row0, col0);
+        case Activation::kSquaredRelu: return store_out_in_one_pass<Activation::kSquaredRelu>(acc, row0, col0);
+        default: break;  // gelu / silu in one pass: faster at K = 768, slower at 4096 (docs/perf-notes.md)
+      }
+    }
     store_z(acc, row0, col0);
     const auto with = [&](auto act) {
       if (p.gated) {
