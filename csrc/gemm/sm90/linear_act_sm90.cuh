@@ -98,6 +98,19 @@ struct Epilogue {
 
   __device__ __forceinline__ uint8_t* at(int row, int col) const { return buffer + sm90::swizzled(row, col, 64); }
 
+  // The buffer's first kOutCols columns, written by every thread, to out at (row0, col0).
+  template <int kOutCols>
+  __device__ __forceinline__ void store_buffer_to_out(int row0, int col0) {
+    publish_buffer();
+    if (thread == 0) {
+#pragma unroll
+      for (int box = 0; box < kOutCols / 64; ++box) {
+        sm90::tma_store_2d(&maps.out, buffer + box * Cfg::kBoxBytes, col0 + 64 * box, row0);
+      }
+      sm90::bulk_commit();
+    }
+  }
+
   // bias at bias columns col, col + 1 (zeros past `limit` or without a bias).
   __device__ __forceinline__ float2 bias_pair(int64_t col, int64_t limit) const {
     if (p.bias == nullptr || col >= limit) return make_float2(0.0f, 0.0f);
@@ -192,14 +205,7 @@ struct Epilogue {
         *reinterpret_cast<uint4*>(z_at) = make_uint4(y.w[0], y.w[1], y.w[2], y.w[3]);
       }
     }
-    publish_buffer();
-    if (thread == 0) {
-#pragma unroll
-      for (int box = 0; box < kOutCols / 64; ++box) {
-        sm90::tma_store_2d(&maps.out, buffer + box * Cfg::kBoxBytes, col0 + 64 * box, row0);
-      }
-      sm90::bulk_commit();
-    }
+    store_buffer_to_out<kOutCols>(row0, col0);
   }
 
   // The gated backward (p.gated_grad), after store_z put dh in the buffer: z's gate and up vectors come from global
@@ -294,14 +300,7 @@ struct Epilogue {
         *reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col)) = pack2<T>(activate<kAct>(z0), activate<kAct>(z1));
       }
     }
-    publish_buffer();
-    if (thread == 0) {
-#pragma unroll
-      for (int box = 0; box < kBlockN / 64; ++box) {
-        sm90::tma_store_2d(&maps.out, buffer + box * Cfg::kBoxBytes, col0 + 64 * box, row0);
-      }
-      sm90::bulk_commit();
-    }
+    store_buffer_to_out<kBlockN>(row0, col0);
   }
 
   __device__ __forceinline__ void operator()(const Accumulators& acc, int row0, int col0) {
