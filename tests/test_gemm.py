@@ -420,6 +420,21 @@ def test_kernel_forward_every_activation(shape, residual, bias, activation, dtyp
 
 @pytest.mark.cuda
 @needs_native
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a != "none"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_kernel_keeps_nan_as_torch(activation, grad, kernels):
+    """A NaN in x reaches its output row through every activation, as in PyTorch (relu too: fmaxf(NaN, 0) is 0, which
+    would hide a diverging model's NaNs), in the one-pass epilogue (no grad) and the two-pass one."""
+    x, w, b, _ = _inputs((64,), 128, 256, torch.bfloat16, "cuda")
+    x[3, 5] = float("nan")
+    x.requires_grad_(grad)
+    ours = fops.linear_act(x, w, b, activation)
+    want = PLAIN[activation](F.linear(x.float(), w.float(), b.float()))
+    assert ours[3].isnan().all() and torch.equal(ours.isnan(), want.isnan())
+
+
+@pytest.mark.cuda
+@needs_native
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("activation", ["gelu", "squared_relu", "none"])
 @pytest.mark.parametrize("shape", LARGE_SHAPES, ids=str)

@@ -17,13 +17,25 @@ __device__ __forceinline__ float normal_cdf(float z) {
   return 0.5f + copysignf(0.5f * erf_x, z);
 }
 
+// relu with torch's NaN: NaN stays NaN (fmaxf(NaN, 0) is 0, which would hide a diverging model's NaNs); one
+// NaN-propagating max on sm_80+.
+__device__ __forceinline__ float relu(float z) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, 0f00000000;" : "=f"(r) : "f"(z));
+  return r;
+#else
+  return z <= 0.0f ? 0.0f : z;
+#endif
+}
+
 // act(z) in fp32, PyTorch's definitions (docs/gemm.md), computed through one exponential each:
 //   gelu       z Φ(z)
 //   gelu_tanh  z (1 + tanh(u)) / 2 = z sigmoid(2u), u = √(2/π) (z + 0.044715 z³)
 //   silu       z sigmoid(z)
 template <Activation kAct>
 __device__ __forceinline__ float activate(float z) {
-  if constexpr (kAct == Activation::kRelu) return fmaxf(z, 0.0f);
+  if constexpr (kAct == Activation::kRelu) return relu(z);
   if constexpr (kAct == Activation::kGelu) return z * normal_cdf(z);
   if constexpr (kAct == Activation::kGeluTanh) {
     const float two_u = 1.5957691216057308f * fmaf(0.044715f * z, z * z, z);
@@ -31,7 +43,7 @@ __device__ __forceinline__ float activate(float z) {
   }
   if constexpr (kAct == Activation::kSilu) return __fdividef(z, 1.0f + __expf(-z));
   if constexpr (kAct == Activation::kSquaredRelu) {
-    const float r = fmaxf(z, 0.0f);
+    const float r = relu(z);
     return r * r;
   }
   return z;
@@ -58,11 +70,11 @@ __device__ __forceinline__ void activation_and_slope(float g, float& act, float&
     act = 0.5f * g * (1.0f + t);
     slope = fmaf(0.5f * g * (1.0f - t * t), 0.79788456080286536f * fmaf(0.134145f * g, g, 1.0f), 0.5f * (1.0f + t));
   } else if constexpr (kAct == Activation::kSquaredRelu) {  // relu(g)^2: 2 relu(g)
-    const float r = fmaxf(g, 0.0f);
+    const float r = relu(g);
     act = r * r;
     slope = 2.0f * r;
   } else if constexpr (kAct == Activation::kRelu) {  // torch's threshold_backward: the gradient unless g <= 0
-    act = fmaxf(g, 0.0f);
+    act = relu(g);
     slope = g <= 0.0f ? 0.0f : 1.0f;
   } else {
     act = g;
