@@ -19,6 +19,7 @@
 
 #include <algorithm>
 
+#include "common/device/relu.cuh"
 #include "common/device/vec.cuh"
 #include "common/host/launch.h"
 #include "conv/batch_norm_relu.h"
@@ -235,9 +236,6 @@ __global__ void __launch_bounds__(kThreads) finalize_stats_kernel(const BatchNor
     p.running_var[c] = (1.f - p.momentum) * p.running_var[c] + p.momentum * (m2 / (count - 1.f));
   }
 }
-
-// relu as torch's: NaN stays NaN.
-__device__ __forceinline__ float relu(float v) { return v <= 0.f ? 0.f : v; }
 
 // Pass 2: y = relu((x - mean) * (weight * invstd) + bias (+ residual)).
 template <typename T, int kVec>

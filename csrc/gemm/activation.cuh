@@ -1,6 +1,7 @@
 // The epilogue activations in fp32, shared by the GEMM kernels of every arch.
 #pragma once
 
+#include "common/device/relu.cuh"
 #include "gemm/gemm.h"
 
 namespace fusedkernels::gemm {
@@ -15,18 +16,6 @@ __device__ __forceinline__ float normal_cdf(float z) {
       t * fmaf(t, fmaf(t, fmaf(t, fmaf(t, 1.061405429f, -1.453152027f), 1.421413741f), -0.284496736f), 0.254829592f);
   const float erf_x = 1.0f - poly * __expf(-x * x);
   return 0.5f + copysignf(0.5f * erf_x, z);
-}
-
-// relu with torch's NaN: NaN stays NaN (fmaxf(NaN, 0) is 0, which would hide a diverging model's NaNs); one
-// NaN-propagating max on sm_80+.
-__device__ __forceinline__ float relu(float z) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  float r;
-  asm("max.NaN.f32 %0, %1, 0f00000000;" : "=f"(r) : "f"(z));
-  return r;
-#else
-  return z <= 0.0f ? 0.0f : z;
-#endif
 }
 
 // act(z) in fp32, PyTorch's definitions (docs/gemm.md), computed through one exponential each:
