@@ -281,6 +281,10 @@ class _Model:
                                    reason=f"{type(pattern).__name__} raised ({type(e).__name__}: {e})")]
             if found is None:
                 continue
+            if not path and all(isinstance(item, Rewrite) and item.replaces for item in found):
+                # the model itself has no parent to take a replacement: reported left, and the other patterns try
+                self.report.entries.extend(self._apply(item) for item in found)
+                continue
             replaced = False
             for item in found:
                 entry = item if isinstance(item, FuseEntry) else self._apply(item)

@@ -390,6 +390,19 @@ def test_norm_subclasses_are_left():
     assert model[0].extra_method() == "kept"
 
 
+def test_a_top_level_mlp_sequential_still_fuses_its_linear_and_activation():
+    """merge=True on a model that is itself an MLP nn.Sequential: nothing holds it to take a FusedMLP (left, with the
+    reason), so the Linear + activation pattern, which swaps in place, takes it."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+    x = torch.randn(3, 8)
+    before = model(x)
+    report = fusedkernels.fuse(model, merge=True)
+    statuses = {(e.path, e.status) for e in report.entries}
+    assert ("", "left") in statuses and ("0", "swapped") in statuses, str(report)
+    assert type(model[0]) is fnn.FusedLinear and model[0].activation == "gelu"
+    torch.testing.assert_close(model(x), before)
+
+
 def test_a_norm_with_nan_weights_is_left_with_the_reason():
     model = nn.Sequential(nn.LayerNorm(8))
     model[0].weight.data.fill_(float("nan"))

@@ -468,7 +468,7 @@ def test_gated_mlp_routes_as_its_two_ops_and_names_its_arguments(monkeypatch):
         (lambda: fops.gated_mlp(x, w, b, wd[:, :4], bd), RuntimeError,
          r"gated_mlp: down_weight must be \[out_features, N\], N the hidden width \(gate_up_weight is \[2 \* N, "
          r"in_features\] = \[16, 8\]\), got \[16, 4\]"),
-        (lambda: fops.gated_mlp(x, w, b[:3], wd, bd), RuntimeError, r"gated_mlp: gate_up_bias must be \[2 \* out_features\]"),
+        (lambda: fops.gated_mlp(x, w, b[:3], wd, bd), RuntimeError, r"gated_mlp: gate_up_bias must be \[2 \* N\] = \[16\]"),
         (lambda: fops.gated_mlp(x, w[:, :4], b, wd, bd), RuntimeError,
          r"gated_mlp: x and gate_up_weight shapes cannot be multiplied"),
         (lambda: fops.gated_mlp(x, w, b, wd, bd[:3]), RuntimeError, r"gated_mlp: down_bias must be \[out_features\] = \[16\]"),
@@ -667,6 +667,9 @@ def test_from_module_refuses_what_it_cannot_represent():
         fnn.FusedMLP.from_module(LlamaMLP(8, 16), activation="silu")
     with pytest.raises(ValueError, match="expected nn.Sequential"):
         fnn.FusedMLP.from_module(torch.nn.Linear(8, 8))
+    mixed = torch.nn.Sequential(torch.nn.Linear(8, 16).double(), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    with pytest.raises(ValueError, match="share one dtype and device.*torch.float32 on cpu, torch.float64 on cpu"):
+        fnn.FusedMLP.from_module(mixed)  # (the original raises on any input: it is not silently made to run)
 
 
 def test_constructor_arguments():
@@ -1141,6 +1144,17 @@ def test_llama_state_dict_in_shards(bias):
     with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"mlp.up_proj.weight\"") as info:
         parent.load_state_dict({"mlp." + k: v for k, v in first.items()})
     assert "Unexpected" not in str(info.value) and "gate_up_proj" not in str(info.value)
+
+
+def test_llama_shard_into_a_meta_module_names_both_halves():
+    """On the meta device the half a shard lacks has no data to keep: a clear error, where both halves load."""
+    full = LlamaMLP(16, 40).state_dict()
+    mlp = fnn.FusedMLP(16, 40, bias=False, activation="swiglu", state_dict_layout="llama", device="meta")
+    with pytest.raises(RuntimeError, match="gate_proj.weight and up_proj.weight: this module is on the meta device"):
+        mlp.load_state_dict({"gate_proj.weight": full["gate_proj.weight"]}, strict=False, assign=True)
+    mlp.load_state_dict(full, assign=True)
+    for key, value in mlp.state_dict().items():
+        assert torch.equal(value, full[key]), key
 
 
 def test_fused_mlp_bias_argument_and_reset_parameters():

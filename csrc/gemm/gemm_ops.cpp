@@ -180,8 +180,11 @@ std::vector<c10::SymInt> out_shape(const Tensor& x, const Tensor& weight, bool g
 // ([2N] gated) and residual the output's shape exactly (no broadcasting), and weight and bias share x's dtype; so
 // does the residual unless residual_any_dtype (the public ops add one of another dtype after the fused op, with
 // type promotion). A gated weight stacks two halves: an odd number of rows is an error.
+// width: what the messages call the (gated) output's width; gated_mlp's gated stage feeds the down projection, so
+// there it is the hidden width N, not the MLP's out_features.
 void check_args(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                const OptTensor& residual, bool gated, bool residual_any_dtype = false, OperandNames names = {}) {
+                const OptTensor& residual, bool gated, bool residual_any_dtype = false, OperandNames names = {},
+                const char* width = "out_features") {
   for (const auto& [name, t] : {std::pair{"x", &x}, std::pair{names.weight, &weight},
                                 std::pair{names.bias, bias ? &*bias : nullptr},
                                 std::pair{"residual", residual ? &*residual : nullptr}}) {
@@ -190,12 +193,12 @@ void check_args(const char* op, const Tensor& x, const Tensor& weight, const Opt
                                 t != nullptr && t->is_nested() ? std::string("nested") : c10::str(t ? t->layout() : at::kStrided),
                                 " (F.linear takes nested and sparse ones)");
   }
-  const char* rows = gated ? "2 * out_features" : "out_features";
+  const auto rows = [&] { return gated ? std::string("2 * ") + width : std::string(width); };  // messages only
   const char* w = names.weight;
   TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., in_features] (at least 1-D), got a 0-D tensor");
-  TORCH_CHECK(weight.dim() == 2, op, ": ", w, " must be [", rows, ", in_features] (2-D), got ", shape(weight));
+  TORCH_CHECK(weight.dim() == 2, op, ": ", w, " must be [", rows(), ", in_features] (2-D), got ", shape(weight));
   TORCH_CHECK(!gated || (weight.sym_size(0) % 2).sym_eq(0).guard_bool(__FILE__, __LINE__), op, ": ", w,
-              " must stack the gate's rows and the up projection's, [2 * out_features, in_features]; got ",
+              " must stack the gate's rows and the up projection's, [", rows(), ", in_features]; got ",
               shape(weight), ", an odd number of rows");
   TORCH_CHECK(sym_same(x.sym_size(-1), weight.sym_size(1)), op, ": x and ", w, " shapes cannot be multiplied (x ",
               shape(x), ", ", w, " ", shape(weight), "): x's last dimension must be ", w, "'s in_features");
@@ -205,7 +208,7 @@ void check_args(const char* op, const Tensor& x, const Tensor& weight, const Opt
   check_operands_like_x(op, x, weight, bias, residual, residual_any_dtype, /*internal=*/false, names);
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && sym_same(bias->sym_size(0), weight.sym_size(0)), op, ": ", names.bias,
-                " must be [", rows, "] = ", shape(c10::SymIntArrayRef(weight.sym_sizes().data(), 1)), ", got ",
+                " must be [", rows(), "] = ", shape(c10::SymIntArrayRef(weight.sym_sizes().data(), 1)), ", got ",
                 shape(*bias));
   }
   if (residual) {
@@ -631,7 +634,7 @@ std::tuple<Tensor, Tensor, Tensor> gated_mlp_fwd_autograd(const Tensor& x, const
 void check_gated_mlp_args(const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
                           const Tensor& down_weight, const OptTensor& down_bias, const OptTensor& residual) {
   const char* op = "gated_mlp";
-  check_args(op, x, gate_up_weight, gate_up_bias, std::nullopt, true, false, {"gate_up_weight", "gate_up_bias"});
+  check_args(op, x, gate_up_weight, gate_up_bias, std::nullopt, true, false, {"gate_up_weight", "gate_up_bias"}, "N");
   for (const auto& [name, t] : {std::pair{"down_weight", &down_weight},
                                 std::pair{"down_bias", down_bias ? &*down_bias : nullptr},
                                 std::pair{"residual", residual ? &*residual : nullptr}}) {

@@ -49,7 +49,11 @@ class FusedMLP(nn.Module):
         "llama": gate_proj.weight [H, in_features], up_proj.weight, down_proj.weight, and the three biases where
             bias=True (transformers' LlamaMLP); written as views of gate_up_proj's halves (plain tensors, not
             Parameters, under state_dict(keep_vars=True)). A dict with one of gate_proj / up_proj only (a checkpoint
-            shard) loads that half, keeps the other and reports its key missing.
+            shard) loads that half, keeps the other and reports its key missing (on the meta device, where the other
+            has no data: an error naming both keys).
+        The sequential and llama keys are renamings done by state_dict() and load_state_dict(), not attributes:
+        tools that look the keys up as attributes (torch.distributed.checkpoint's get_model_state_dict /
+        set_model_state_dict, torch.func.functional_call) need the native layout.
 
     forward(x [..., in_features], residual=None [..., out_features]) -> [..., out_features], x's dtype (the autocast
     dtype under autocast). torch.jit.script compiles a forward on torch.ops.fusedkernels' linear_act / gated_mlp
@@ -88,6 +92,7 @@ class FusedMLP(nn.Module):
         self._register_state_dict_hook(_to_layout_keys)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """x [..., in_features], residual None or [..., out_features] -> [..., out_features] (the class docstring)."""
         if torch.jit.is_scripting():  # TorchScript compiles this branch only; hasattr is decided when it compiles
             if hasattr(self, "gate_up_proj"):
                 return torch.ops.fusedkernels.gated_mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias,
@@ -129,8 +134,8 @@ class FusedMLP(nn.Module):
         (a dense grid around 0 and values out to +-1e3) and comparing with each of FusedMLP's (nn.GELU(),
         nn.SiLU(), nn.ReLU(), transformers' activation classes, ...; in-place ones too).
 
-        Raises ValueError for another structure, a projection that is not exactly an nn.Linear, biases on some
-        projections only, gate and up halves of which one is frozen and the other not (they share one parameter),
+        Raises ValueError for another structure, a projection that is not exactly an nn.Linear, parameters of more than
+        one dtype or device, biases on some projections only, gate and up halves of which one is frozen and the other not (they share one parameter),
         an activation that matches none of FusedMLP's (clipped ones such as nn.ReLU6 included), or one that raises
         on the probe (chained to its exception).
         """
@@ -146,6 +151,10 @@ class FusedMLP(nn.Module):
         if second.in_features != hidden:
             raise ValueError(f"FusedMLP.from_module: the projections do not chain: {hidden} hidden features, the "
                              f"last one takes {second.in_features}")
+        kinds = {(t.dtype, t.device) for lin in (*first, second) for t in (lin.weight, lin.bias) if t is not None}
+        if len(kinds) != 1:
+            raise ValueError(f"FusedMLP.from_module: its parameters must share one dtype and device (FusedMLP stacks and "
+                             f"casts none of them), got {', '.join(sorted(f'{d} on {v}' for d, v in kinds))}")
         biased = {lin.bias is not None for lin in (*first, second)}
         if len(biased) != 1:
             raise ValueError("FusedMLP.from_module: FusedMLP has biases on every projection or none; this module "
@@ -301,6 +310,10 @@ def _stack_halves(module: FusedMLP, state_dict, prefix, name, llama: bool, error
                               f"checkpoint, the shape in current model is {halves[i].shape}.")
         else:
             halves[i] = state_dict.pop(key)
+    if current.is_meta and len(absent) == 1:  # the half to keep has no data (meta-device init, then a shard)
+        error_msgs.append(f"{keys[0]} and {keys[1]}: this module is on the meta device, so the half not in this dict "
+                          f"has no data to keep: load both halves in one load_state_dict call")
+        return absent
     state_dict[native] = torch.cat([h.to(halves[0].device, halves[0].dtype) for h in halves])
     return absent
 

@@ -95,19 +95,21 @@ def _check_operands_like_x(op: str, x, operands) -> None:
             raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}")
 
 
-def _check_args(op: str, x, weight, bias, activation, residual, gated: bool, names=("weight", "bias")) -> None:
+def _check_args(op: str, x, weight, bias, activation, residual, gated: bool, names=("weight", "bias"),
+                width="out_features") -> None:
+    """width: what the messages call the (gated) output's width (gated_mlp: N, the hidden width)."""
     w_name, b_name = names
     activations = GATED_ACTIVATIONS if gated else ACTIVATIONS
     if activation not in activations:
         raise ValueError(f"{op}: activation must be one of {', '.join(activations)}, got {activation!r}")
     _check_dense(op, (("x", x), (w_name, weight), (b_name, bias), ("residual", residual)))
-    rows = "2 * out_features" if gated else "out_features"
+    rows = f"2 * {width}" if gated else width
     if x.dim() < 1:
         raise RuntimeError(f"{op}: x must be [..., in_features] (at least 1-D), got a 0-D tensor")
     if weight.dim() != 2:
         raise RuntimeError(f"{op}: {w_name} must be [{rows}, in_features] (2-D), got {list(weight.shape)}")
     if gated and weight.shape[0] % 2:
-        raise RuntimeError(f"{op}: {w_name} must stack the gate's rows and the up projection's, [2 * out_features, "
+        raise RuntimeError(f"{op}: {w_name} must stack the gate's rows and the up projection's, [{rows}, "
                            f"in_features]; got {list(weight.shape)}, an odd number of rows")
     if x.shape[-1] != weight.shape[1]:
         raise RuntimeError(f"{op}: x and {w_name} shapes cannot be multiplied (x {list(x.shape)}, {w_name} "
@@ -277,7 +279,7 @@ def _check_gated_mlp_types(x, gate_up_weight, gate_up_bias, down_weight, down_bi
 def _check_gated_mlp_args(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual) -> None:
     """The native gated_mlp's checks (gemm_ops.cpp: check_gated_mlp_args), for the reference without it."""
     op = "gated_mlp"
-    _check_args(op, x, gate_up_weight, gate_up_bias, activation, None, True, ("gate_up_weight", "gate_up_bias"))
+    _check_args(op, x, gate_up_weight, gate_up_bias, activation, None, True, ("gate_up_weight", "gate_up_bias"), "N")
     down = (("down_weight", down_weight), ("down_bias", down_bias), ("residual", residual))
     _check_dense(op, down)
     if down_weight.dim() != 2 or down_weight.shape[1] != gate_up_weight.shape[0] // 2:
