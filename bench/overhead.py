@@ -2,7 +2,8 @@
 
 `ms` is host milliseconds per call: calls issued back to back (no CUDA graph, no synchronize inside the
 loop) and timed on the CPU clock, so it is the Python + C++ + launch cost a model pays per call. `wall_ms`
-is the same loop ended by a synchronize: the call's cost when the GPU is the slower side. fwd+bwd runs a
+is the same loop ended by a synchronize: the call's cost when the GPU is the slower side. The impls of a row take
+turns, one loop each per repeat (interleaved_host_and_wall_ms), and each reports its median. fwd+bwd runs a
 chain of 8 calls and one backward through them, reported per call: a model's norms share one backward,
 whose fixed cost (the autograd engine hands CUDA work to its device thread: ~0.1 ms) a single call would
 otherwise be charged alone. The rows `... eager wall` report wall_ms as their time: fwd+bwd at 16384x1024
@@ -58,23 +59,34 @@ DTYPE = torch.bfloat16
 DEPTH = 8  # norm calls per backward in the fwd+bwd rows
 
 
-def host_and_wall_ms(fn, calls: int, ops_per_call: int = 1, repeats: int = 7, warmup: int = 10):
-    """Median host ms and wall ms per op: fn() runs ops_per_call ops; the loop's CPU time, and the loop
-    plus the GPU finishing."""
-    for _ in range(warmup):
-        fn()
-    host, wall = [], []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
+def interleaved_host_and_wall_ms(fns: dict, calls: int, ops_per_call: int = 1, repeats: int = 7, warmup: int = 10):
+    """{impl: (median host ms, median wall ms) per op} for fns {impl: fn}, fn() running ops_per_call ops: the
+    loop's CPU time, and the loop plus the GPU finishing. The impls take turns, one loop each per repeat, in an
+    order that rotates: this shared host's speed drifts by tens of percent over seconds, which timing one impl's
+    repeats after the other's charged to whichever ran in the slower stretch."""
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-        issued = time.perf_counter()
-        torch.cuda.synchronize()
-        done = time.perf_counter()
-        host.append((issued - start) / (calls * ops_per_call) * 1e3)
-        wall.append((done - start) / (calls * ops_per_call) * 1e3)
-    return statistics.median(host), statistics.median(wall)
+    host, wall = {impl: [] for impl in fns}, {impl: [] for impl in fns}
+    order = list(fns)
+    for repeat in range(repeats):
+        for impl in order[repeat % len(order):] + order[:repeat % len(order)]:
+            fn = fns[impl]
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            issued = time.perf_counter()
+            torch.cuda.synchronize()
+            done = time.perf_counter()
+            host[impl].append((issued - start) / (calls * ops_per_call) * 1e3)
+            wall[impl].append((done - start) / (calls * ops_per_call) * 1e3)
+    return {impl: (statistics.median(host[impl]), statistics.median(wall[impl])) for impl in fns}
+
+
+def host_and_wall_ms(fn, calls: int, ops_per_call: int = 1, repeats: int = 7, warmup: int = 10):
+    """(median host ms, median wall ms) per op of fn alone (interleaved_host_and_wall_ms)."""
+    return interleaved_host_and_wall_ms({"": fn}, calls, ops_per_call, repeats, warmup)[""]
 
 
 def _liger():
@@ -118,6 +130,7 @@ def _norm_rows(add) -> None:
         xg = x.clone().requires_grad_()
         for kind in ("layer_norm", "rms_norm"):
             shape = f"{tokens}x{hidden} bf16"
+            directions = {"fwd (no grad)": {}, "fwd (grad)": {}, "fwd+bwd": {}}
             for impl, fn in _norm_impls(kind, hidden, w, b).items():
                 leaves = [xg, *(fn.parameters() if isinstance(fn, torch.nn.Module) else
                                 ([w, b] if kind == "layer_norm" else [w]))]
@@ -132,10 +145,13 @@ def _norm_rows(add) -> None:
                         y = fn(y)
                     torch.autograd.grad(y, leaves, dy)
 
-                for direction, call, ops_per_call in (("fwd (no grad)", no_grad, 1),
-                                                      ("fwd (grad)", lambda fn=fn: fn(xg), 1),
-                                                      ("fwd+bwd", fwd_bwd, DEPTH)):
-                    host, wall = host_and_wall_ms(call, calls // ops_per_call, ops_per_call)
+                directions["fwd (no grad)"][impl] = no_grad
+                directions["fwd (grad)"][impl] = lambda fn=fn: fn(xg)
+                directions["fwd+bwd"][impl] = fwd_bwd
+            for direction, fns in directions.items():
+                ops_per_call = DEPTH if direction == "fwd+bwd" else 1
+                times = interleaved_host_and_wall_ms(fns, calls // ops_per_call, ops_per_call)
+                for impl, (host, wall) in times.items():
                     add(f"{kind} {direction} {shape}", impl, host, wall)
                     if direction == "fwd+bwd" and tokens * hidden >= 1 << 24:
                         add(f"{kind} fwd+bwd {shape} eager wall", impl, wall, wall)
@@ -144,7 +160,9 @@ def _norm_rows(add) -> None:
 
 def _three_directions(add, name: str, impls, args: tuple, leaves: list, dy) -> None:
     """Rows `name.format(direction)` for each (impl, fn): fn(*args) without grad, fn(*leaves) with grad, and
-    fwd+bwd as DEPTH chained calls (the output feeding the next call's first argument) and one backward."""
+    fwd+bwd as DEPTH chained calls (the output feeding the next call's first argument) and one backward; the impls
+    timed in turns (interleaved_host_and_wall_ms)."""
+    directions = {"fwd (no grad)": {}, "fwd (grad)": {}, "fwd+bwd": {}}
     for impl, fn in impls:
 
         def no_grad(fn=fn):
@@ -160,13 +178,16 @@ def _three_directions(add, name: str, impls, args: tuple, leaves: list, dy) -> N
                 y = fn(y, *leaves[1:])
             torch.autograd.grad(y, leaves, dy)
 
-        for direction, call, ops_per_call in (("fwd (no grad)", no_grad, 1), ("fwd (grad)", with_grad, 1),
-                                              ("fwd+bwd", fwd_bwd, DEPTH)):
-            try:
-                host, wall = host_and_wall_ms(call, 400 // ops_per_call, ops_per_call)
-            except Exception as e:  # noqa: BLE001 (an op that refuses the input: report, keep the suite going)
-                print(f"  {name.format(direction)} {impl}: skipped ({type(e).__name__}: {e})", flush=True)
-                continue
+        directions["fwd (no grad)"][impl], directions["fwd (grad)"][impl] = no_grad, with_grad
+        directions["fwd+bwd"][impl] = fwd_bwd
+    for direction, fns in directions.items():
+        ops_per_call = DEPTH if direction == "fwd+bwd" else 1
+        try:
+            times = interleaved_host_and_wall_ms(fns, 400 // ops_per_call, ops_per_call)
+        except Exception as e:  # noqa: BLE001 (an op that refuses the input: report, keep the suite going)
+            print(f"  {name.format(direction)}: skipped ({type(e).__name__}: {e})", flush=True)
+            continue
+        for impl, (host, wall) in times.items():
             add(name.format(direction), impl, host, wall)
 
 
@@ -251,7 +272,8 @@ def _mlp_rows(add) -> None:
 
 def _single_call_directions(add, name: str, impls, args: tuple, leaves: list) -> None:
     """Rows `name.format(direction)` for each (impl, fn): fn(*args) without grad, fn(*leaves) with grad, and one call
-    plus one backward (for ops whose outputs cannot feed the next call: a tuple, a loss)."""
+    plus one backward (for ops whose outputs cannot feed the next call: a tuple, a loss); the impls timed in turns."""
+    directions = {"fwd (no grad)": {}, "fwd (grad)": {}, "fwd+bwd": {}}
     for impl, fn in impls:
         outs = fn(*leaves)
         outs = outs if isinstance(outs, tuple) else (outs,)
@@ -265,12 +287,14 @@ def _single_call_directions(add, name: str, impls, args: tuple, leaves: list) ->
         def with_grad(fn=fn):
             fn(*leaves)
 
-        def fwd_bwd(fn=fn, dys=dys):
+        def fwd_bwd(fn=fn, dys=dys, grad_leaves=grad_leaves):
             out = fn(*leaves)
             torch.autograd.grad(out if isinstance(out, tuple) else (out,), grad_leaves, dys)
 
-        for direction, call in (("fwd (no grad)", no_grad), ("fwd (grad)", with_grad), ("fwd+bwd", fwd_bwd)):
-            host, wall = host_and_wall_ms(call, 200)
+        directions["fwd (no grad)"][impl], directions["fwd (grad)"][impl] = no_grad, with_grad
+        directions["fwd+bwd"][impl] = fwd_bwd
+    for direction, fns in directions.items():
+        for impl, (host, wall) in interleaved_host_and_wall_ms(fns, 200).items():
             add(name.format(direction), impl, host, wall)
 
 
@@ -334,8 +358,7 @@ def _rotary_table_rows(add) -> None:
     inv = 1.0 / (1e4 ** (torch.arange(0, 128, 2, device="cuda", dtype=torch.float) / 128))
     impls = (("fusedkernels", lambda: ops.rotary_cos_sin(ids, inv, dtype=DTYPE)),
              ("torch", lambda: _hf_cos_sin(ids, inv, DTYPE)))
-    for impl, fn in impls:
-        host, wall = host_and_wall_ms(fn, 200)
+    for impl, (host, wall) in interleaved_host_and_wall_ms(dict(impls), 200).items():
         add("rotary_cos_sin fwd 1x2048 rotary_dim 128 bf16", impl, host, wall)
 
 

@@ -7,7 +7,8 @@
 # cuBLAS's 256 x 128 cooperative ones), and the warps' stall reasons. Needs a build of the gemm family.
 # Output: $OUT/ncu_gemm.txt. NCU_GEMM_SHAPE="8192 2048 5632" (tokens, hidden, intermediate); NCU_GEMM_CALLS="gate_up
 # down dgrad" (default), or an activation name (relu, gelu, ...): linear_act(x [tokens, hidden], W [intermediate,
-# hidden], bias, that activation) against cuBLAS's x @ W^T.
+# hidden], bias, that activation) against cuBLAS's x @ W^T. NCU_GEMM_SOURCE=1: also our kernel's warp-stall samples
+# by SASS instruction ($OUT/ncu_<call>_sass.csv, the hottest lines printed): which instructions its warps wait at.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -21,11 +22,8 @@ metrics+=,smsp__average_warp_latency_issue_stalled_wait,smsp__average_warp_laten
 metrics+=,smsp__average_warp_latency_issue_stalled_mio_throttle,smsp__average_warp_latency_issue_stalled_short_scoreboard
 metrics+=,smsp__inst_executed.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum
 read -r tokens hidden inter <<<"${NCU_GEMM_SHAPE:-8192 2048 5632}"
-for call in ${NCU_GEMM_CALLS:-gate_up down dgrad}; do
-  for kernel in linear_act_sm90 nvjet; do  # ours, then cuBLAS's (each after its warm-up launches)
-    echo "== $call ${tokens}x${hidden}x${inter} $kernel"
-    ncu --clock-control none --metrics "$metrics" -k "regex:$kernel" --launch-skip 3 --launch-count 1 \
-      python3 - "$call" "$tokens" "$hidden" "$inter" <<'EOF' 2>&1 | grep -vE "^==PROF==|^\s*$" | grep -E "$kernel|  [a-z_]+__" || true
+program=$(mktemp --suffix .py)
+cat >"$program" <<'EOF'
 import sys
 
 import torch
@@ -50,5 +48,32 @@ with torch.no_grad():
         cublas()
 torch.cuda.synchronize()
 EOF
+for call in ${NCU_GEMM_CALLS:-gate_up down dgrad}; do
+  for kernel in linear_act_sm90 nvjet; do  # ours, then cuBLAS's (each after its warm-up launches)
+    echo "== $call ${tokens}x${hidden}x${inter} $kernel"
+    ncu --clock-control none --metrics "$metrics" -k "regex:$kernel" --launch-skip 3 --launch-count 1 \
+      python3 "$program" "$call" "$tokens" "$hidden" "$inter" 2>&1 | grep -vE "^==PROF==|^\s*$" |
+      grep -E "$kernel|  [a-z_]+__" || true
   done
+  if [ "${NCU_GEMM_SOURCE:-0}" = 1 ]; then
+    report="$OUT/ncu_$call"
+    ncu --clock-control none --section SourceCounters --section WarpStateStats -k regex:linear_act_sm90 \
+      --launch-skip 3 --launch-count 1 -f -o "$report" python3 "$program" "$call" "$tokens" "$hidden" "$inter" \
+      >/dev/null 2>&1 || true
+    ncu -i "$report.ncu-rep" --page source --csv --print-source sass >"${report}_sass.csv" || true
+    rm -f "$report.ncu-rep"
+    echo "== $call: the SASS lines with the most warp-stall samples"
+    python3 - "${report}_sass.csv" <<'PY' || true
+import csv
+import sys
+
+rows = list(csv.DictReader(open(sys.argv[1])))
+samples = next(c for c in rows[0] if c.startswith("Warp Stall Sampling (All"))
+value = lambda r, c: float((r.get(c) or "0").replace(",", "") or 0)  # noqa: E731
+total = sum(value(r, samples) for r in rows)
+print(f"{len(rows)} instructions, {total:.0f} samples; columns: {list(rows[0])}")
+for r in sorted(rows, key=lambda r: -value(r, samples))[:40]:
+    print(f"{value(r, samples) / total:6.1%}  {r.get('Address', '')}  {r.get('Source', '')}")
+PY
+  fi
 done | tee "$OUT/ncu_gemm.txt"

@@ -435,6 +435,21 @@ def test_kernel_keeps_nan_as_torch(activation, grad, kernels):
 
 @pytest.mark.cuda
 @needs_native
+def test_kernel_gelu_keeps_its_negative_tail(kernels):
+    """The epilogue's gelu forms the tail Φ(-|z|) = erfc(|z| / √2) / 2 itself: (1 + erf) / 2 in fp32 (torch's own
+    formula) has lost 4% of gelu(-5) to cancellation. Through an identity weight z = x exactly; gelu of bf16 x in
+    [-5, 5] lands within bf16 rounding (plus the approximation's 2e-3) of the float64 value, negative tail included."""
+    x = torch.linspace(-5, 5, 64 * 128, device="cuda").reshape(64, 128).bfloat16()
+    w = torch.eye(128, device="cuda", dtype=torch.bfloat16)
+    poison_allocator(x)
+    ours = fops.linear_act(x, w, None, "gelu").double()
+    want = F.gelu(x.double())
+    relative = ((ours - want).abs() / want.abs().clamp_min(1e-30)).max().item()
+    assert relative <= 2**-8 + 2e-3, relative
+
+
+@pytest.mark.cuda
+@needs_native
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("activation", ["gelu", "squared_relu", "none"])
 @pytest.mark.parametrize("shape", LARGE_SHAPES, ids=str)

@@ -276,3 +276,19 @@ def test_bench_cases_selects_the_case_suites_rows_by_name(monkeypatch):
     assert common.selected([1, 2, 3], lambda c: f"case {c}") == []  # no name matches
     monkeypatch.setenv("BENCH_CASES", "")
     assert common.selected([1, 2], str) == [1, 2]  # empty: every case
+
+
+def test_overhead_times_the_impls_of_a_row_in_turns(monkeypatch):
+    """The shared GPU host drifts over seconds: each repeat times every impl once, in a rotating order, and each impl
+    gets the median of its own repeats (bench/overhead.py)."""
+    monkeypatch.chdir(ROOT)
+    from bench import overhead
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    order = []
+    times = overhead.interleaved_host_and_wall_ms({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                                  calls=2, repeats=3, warmup=1)
+    assert "".join(order) == "a" + "b" + "aabb" + "bbaa" + "aabb"  # warm-up, then the loops in turns
+    assert set(times) == {"a", "b"} and all(host <= wall for host, wall in times.values())
+    host, wall = overhead.host_and_wall_ms(lambda: None, calls=3, repeats=2, warmup=0)
+    assert 0 <= host <= wall

@@ -8,8 +8,8 @@
 // 64 x kBlockN fp32 accumulator in registers (kBlockN / 2 a thread), fed by wgmma m64nNk16 straight from the
 // swizzled stages, one k-slice's group in flight while the previous stage is released. Tiles are 64 x 256, or
 // 64 x 64 / 128 for a convolution's narrow layers (64 output channels would leave 3/4 of a 256-wide product
-// idle), and the consumers take the CTA's tiles in turns ("ping-pong"), so one's epilogue runs while the other's products
-// use the tensor cores. The epilogue applies bias, activation and residual, writes the tile into a
+// idle), and the consumers take the CTA's tiles in turns ("ping-pong"), so one's epilogue runs while the other's
+// products use the tensor cores. The epilogue applies bias, activation and residual, writes the tile into a
 // swizzled shared-memory buffer and stores it with TMA: coalesced, asynchronous, and clipped at the
 // tensor's edges (scattered register stores were the first version's bottleneck: docs/perf-notes.md).
 // docs/gemm.md draws it.
@@ -40,37 +40,53 @@ struct LinearActSm90Config {
   using T = T_;
   static_assert(kBlockN_ == 64 || kBlockN_ == 128 || kBlockN_ == 256);
   // Stages: as many as fit beside the epilogue buffers (192 KiB of 48, 24 or 16 KiB stages).
-  static constexpr int kBlockM = 64, kBlockN = kBlockN_, kBlockK = 64, kStages = kBlockN == 256 ? 4 : 192 / (kBlockN / 8 + 8);
+  static constexpr int kBlockM = 64, kBlockN = kBlockN_, kBlockK = 64;
+  static constexpr int kStages = kBlockN == 256 ? 4 : 192 / (kBlockN / 8 + 8);
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
   static constexpr int kAccumulators = kBlockN / 2;  // a consumer thread's share of its 64 x kBlockN fp32 tile
   static constexpr int kABytes = kBlockM * kBlockK * 2, kBBytes = kBlockN * kBlockK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  // Each consumer's epilogue buffer: its 64 x kBlockN tile in 64-column boxes of 8 KiB.
-  static constexpr int kBoxBytes = 64 * 64 * 2, kEpilogueBytes = kBlockN / 64 * kBoxBytes;
-  // Stages, epilogue buffers, barriers (full and empty per stage), and slack to align to the 1024-byte
-  // swizzle period.
-  static constexpr int kSmemBytes = kStages * kStageBytes + kConsumers * kEpilogueBytes + 2 * kStages * 8 + 1024;
+  // Each consumer's epilogue buffer: its 64 x kBlockN tile in 64-column boxes of 8 KiB; and its tile's bias.
+  static constexpr int kBoxBytes = 64 * 64 * 2, kEpilogueBytes = kBlockN / 64 * kBoxBytes, kBiasBytes = kBlockN * 2;
+  // Stages, epilogue buffers, biases, barriers (full and empty per stage, a residual one per consumer), and slack to
+  // align to the 1024-byte swizzle period.
+  static constexpr int kSmemBytes =
+      kStages * kStageBytes + kConsumers * (kEpilogueBytes + kBiasBytes) + (2 * kStages + kConsumers) * 8 + 1024;
+  static_assert(kSmemBytes <= 227 * 1024);
   // Tiles of consecutive m-blocks spanning 1024 rows are walked together (all their n-blocks), so the W
   // slices they share stay in L2.
   static constexpr int kGroupM = 1024 / kBlockM;
 };
 
 // The tensor maps of one call: operands x [m, k] and W ([n, k], gated [2n, k]) in 64-column boxes of the
-// tile's rows; out [m, n] in 64 x 64 boxes; the pre-activation as [m, halves, n] (halves 2 when gated:
-// gate | up) in 64 x 1 x 64 boxes, so a gated tile's gate columns past n are clipped.
+// tile's rows; out and, where the one-pass epilogue adds it, the residual [m, n] in 64 x 64 boxes; the
+// pre-activation as [m, halves, n] (halves 2 when gated: gate | up) in 64 x 1 x 64 boxes, so a gated tile's gate
+// columns past n are clipped.
 struct LinearActMaps {
-  CUtensorMap x, weight, out, pre_activation;
+  CUtensorMap x, weight, out, residual, pre_activation;
 };
 
-// One consumer warpgroup's epilogue, in two passes over its shared-memory buffer (one for the cheap activations
-// without a gate, residual or saved pre-activation: store_out_in_one_pass):
-//   1. z = acc + bias, rounded to T (what F.linear returns), from the accumulator's registers (thread
-//      (warp, g, t) holds rows 16 warp + g (+ 8), columns 8j + 2t (+ 1): common/device/wgmma.cuh); stored as
-//      the pre-activation when the backward needs it;
+// The epilogue in one pass (Epilogue below): no gate, no saved pre-activation, not the gated backward.
+__host__ __device__ inline bool epilogue_in_one_pass(const LinearActParams& p) {
+  return !p.gated && !p.gated_grad && p.pre_activation == nullptr;
+}
+
+// Whether the residual comes into the epilogue buffer by TMA (the one-pass epilogue's, unsplit K).
+__host__ __device__ inline bool residual_by_tma(const LinearActParams& p) {
+  return p.residual != nullptr && p.split_k == 1 && epilogue_in_one_pass(p);
+}
+
+// One consumer warpgroup's epilogue. Thread (warp, g, t) holds the accumulators of rows 16 warp + g (+ 8), columns
+// 8j + 2t (+ 1) (common/device/wgmma.cuh). Without a gate or saved pre-activation (inference, or no grad), one
+// pass: out = act(z) (+ residual), z = acc + bias rounded to T, written to the shared-memory buffer, which holds the
+// tile's residual (loaded by TMA while the products ran), and stored (store_out_in_one_pass). Otherwise two passes
+// over the buffer:
+//   1. z = acc + bias, rounded to T (what F.linear returns); stored as the pre-activation when the backward needs it;
 //   2. out = act(z) (* up) (+ residual), 8 columns a thread at a time in a loop, written over z and stored.
 // Applying the activation to the rounded z matches eager PyTorch (F.linear, then the activation on its
-// output), and the loop keeps the code small: 256 unrolled activations per thread overflowed the instruction
-// cache (docs/perf-notes.md). Gated tiles hold the gate's z in their first kHalf columns and the up
+// output). The one pass unrolls a thread's 128 activations (one exponential each, activation.cuh); the loop of
+// the second keeps the larger epilogues' code small (docs/perf-notes.md: an unrolled epilogue with erff inlined
+// overflowed the instruction cache). Gated tiles hold the gate's z in their first kHalf columns and the up
 // projection's in the next kHalf, for output columns col0 .. col0 + kHalf - 1.
 template <typename Cfg>
 struct Epilogue {
@@ -81,13 +97,50 @@ struct Epilogue {
   const LinearActParams& p;
   const LinearActMaps& maps;
   uint8_t* buffer;
+  // The tile's bias, a pair of columns a thread: loaded into `bias_pair` before the products (a load issued after
+  // them stalled the epilogue for its round trip: docs/perf-notes.md, gemm "bias staging"), written to `bias_pairs`
+  // in shared memory and read back there by the threads that need each pair.
+  uint32_t* bias_pairs;
+  uint64_t* residual_full;  // completes when a tile's residual has landed in the buffer (residual_by_tma)
   int barrier;  // the warpgroup's named barrier
   int thread;   // in the warpgroup; thread 0 issues the copies
+  uint32_t bias_pair = 0;
+  uint32_t residual_phase = 0;
 
   // The buffer may be written: the previous stores have read it.
   __device__ __forceinline__ void wait_buffer() {
     if (thread == 0) sm90::bulk_wait_read<0>();
     sm90::named_barrier_sync(barrier, 128);
+  }
+
+  // Loads this thread's pair of the tile's bias: accumulator columns 2 thread and 2 thread + 1 (gated: the gate's
+  // bias in the first kHalf columns, the up projection's n further on); zeros past the edge or without a bias.
+  __device__ __forceinline__ void load_bias(int col0) {
+    const int col = 2 * thread;
+    const int64_t at = !p.gated || col < kHalf ? col0 + col : p.n + col0 + col - kHalf;
+    const int64_t limit = !p.gated || col < kHalf ? p.n : 2 * p.n;
+    bias_pair = p.bias != nullptr && col < kBlockN && at < limit
+                    ? *reinterpret_cast<const uint32_t*>(static_cast<const T*>(p.bias) + at)
+                    : 0u;
+  }
+
+  // The tile's residual into the buffer, by TMA (residual_by_tma), once the previous tile's stores have read it:
+  // issued before the products, which hide its latency; zeros past the tensor's edges, as the store clips them.
+  __device__ __forceinline__ void load_residual(int row0, int col0) {
+    if (!residual_by_tma(p) || thread != 0) return;
+    sm90::bulk_wait_read<0>();
+    sm90::mbarrier_arrive_expect_tx(residual_full, kBlockN * 64 * 2);
+#pragma unroll
+    for (int box = 0; box < kBlockN / 64; ++box) {
+      sm90::tma_load_2d(buffer + box * Cfg::kBoxBytes, &maps.residual, col0 + 64 * box, row0, residual_full);
+    }
+  }
+
+  // The pairs to shared memory, then wait_buffer(): its barrier makes them visible to the warpgroup (the previous
+  // tile's reads of them ended at that tile's publish_buffer()).
+  __device__ __forceinline__ void stage_bias_and_wait_buffer() {
+    if (thread < kBlockN / 2) bias_pairs[thread] = bias_pair;
+    wait_buffer();
   }
 
   // All writes to the buffer are done: make them visible to the copy engine.
@@ -111,22 +164,19 @@ struct Epilogue {
     }
   }
 
-  // bias at bias columns col, col + 1 (zeros past `limit` or without a bias).
-  __device__ __forceinline__ float2 bias_pair(int64_t col, int64_t limit) const {
-    if (p.bias == nullptr || col >= limit) return make_float2(0.0f, 0.0f);
-    const uint32_t pair = *reinterpret_cast<const uint32_t*>(static_cast<const T*>(p.bias) + col);
+  // The bias at accumulator columns col, col + 1 (even), from the staged pairs.
+  __device__ __forceinline__ float2 staged_bias(int col) const {
+    const uint32_t pair = bias_pairs[col / 2];
     return make_float2(to_float(from_bits<T>(pair & 0xffffu)), to_float(from_bits<T>(pair >> 16)));
   }
 
   __device__ __forceinline__ void store_z(const Accumulators& acc, int row0, int col0) {
     const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
-    wait_buffer();
+    stage_bias_and_wait_buffer();
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
       const int col = 8 * j + 2 * t;
-      const float2 b = !p.gated ? bias_pair(col0 + col, p.n)
-                       : col < kHalf ? bias_pair(col0 + col, p.n)
-                                     : bias_pair(p.n + col0 + col - kHalf, 2 * p.n);
+      const float2 b = staged_bias(col);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         *reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col)) =
@@ -150,7 +200,7 @@ struct Epilogue {
   // Asks L2 for the residual rows of a tile the epilogue will read (called before its products, whose time
   // then hides the fetch).
   __device__ __forceinline__ void prefetch_residual(int row0, int col0) const {
-    if (p.residual == nullptr) return;
+    if (p.residual == nullptr || residual_by_tma(p)) return;
     const int lines_per_row = (p.gated ? kHalf : kBlockN) * int(sizeof(T)) / 128;
     for (int half = 0; half < (p.gated_grad ? 2 : 1); ++half) {  // gated_grad: z's gate and up columns
       for (int i = thread; i < 64 * lines_per_row; i += 128) {
@@ -241,7 +291,8 @@ struct Epilogue {
           activation_and_slope<kAct, true>(gate[i].get(e), act, slope);
           const float g = dh.get(e);
           // relu: a select, as torch's threshold_backward (gated_backward.cu computes the same)
-          dgate.set(e, kAct == Activation::kRelu ? (slope != 0.0f ? g * up[i].get(e) : 0.0f) : g * up[i].get(e) * slope);
+          dgate.set(e, kAct == Activation::kRelu ? (slope != 0.0f ? g * up[i].get(e) : 0.0f)
+                                                 : g * up[i].get(e) * slope);
           dup.set(e, g * act);
         }
         dgate.store(dz + row * p.out_row_stride + col);
@@ -281,43 +332,58 @@ struct Epilogue {
     }
   }
 
-  // out = act(z) straight from the accumulators, for activations of a few instructions (none, relu, squared relu)
-  // with no gate, residual or saved pre-activation: one pass over the buffer instead of two (z rounded to T first,
-  // as eager PyTorch's F.linear output is, then the activation, rounded again).
-  template <Activation kAct>
+  // out = act(z) (+ residual) straight from the accumulators, with no gate or saved pre-activation: one pass over the
+  // buffer instead of two (z rounded to T first, as eager PyTorch's F.linear output is, then the activation and the
+  // residual in fp32, rounded once). kResidual: the buffer holds the tile's residual (load_residual); each thread reads
+  // its pairs there and writes its outputs over them.
+  template <Activation kAct, bool kResidual>
   __device__ __forceinline__ void store_out_in_one_pass(const Accumulators& acc, int row0, int col0) {
     const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
-    // none and relu commute with the rounding (relu of a T value is one): only squared relu rounds z first
-    const auto rounded = [](float z) { return kAct == Activation::kSquaredRelu ? to_float(from_float<T>(z)) : z; };
-    wait_buffer();
+    // none and relu commute with the rounding (relu of a T value is one) when nothing is added: else z is rounded
+    constexpr bool kRoundZ = kResidual || !(kAct == Activation::kRelu || kAct == Activation::kNone);
+    const auto rounded = [](float z) { return kRoundZ ? to_float(from_float<T>(z)) : z; };
+    const bool before = p.residual_before_activation;  // act(z + residual)
+    stage_bias_and_wait_buffer();
+    if constexpr (kResidual) {
+      sm90::mbarrier_wait(residual_full, residual_phase);
+      residual_phase ^= 1;
+    }
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
       const int col = 8 * j + 2 * t;
-      const float2 b = bias_pair(col0 + col, p.n);
+      const float2 b = staged_bias(col);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const float z0 = rounded(acc[4 * j + 2 * r] + b.x), z1 = rounded(acc[4 * j + 2 * r + 1] + b.y);
-        *reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col)) = pack2<T>(activate<kAct>(z0), activate<kAct>(z1));
+        uint32_t* pair = reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col));
+        float z0 = rounded(acc[4 * j + 2 * r] + b.x), z1 = rounded(acc[4 * j + 2 * r + 1] + b.y), r0 = 0.0f, r1 = 0.0f;
+        if constexpr (kResidual) {
+          const uint32_t res = *pair;
+          r0 = to_float(from_bits<T>(res & 0xffffu));
+          r1 = to_float(from_bits<T>(res >> 16));
+          z0 += before ? r0 : 0.0f;
+          z1 += before ? r1 : 0.0f;
+          r0 = before ? 0.0f : r0;
+          r1 = before ? 0.0f : r1;
+        }
+        *pair = pack2<T>(activate<kAct>(z0) + r0, activate<kAct>(z1) + r1);
       }
     }
     store_buffer_to_out<kBlockN>(row0, col0);
   }
 
   __device__ __forceinline__ void operator()(const Accumulators& acc, int row0, int col0) {
-    if (!p.gated && p.residual == nullptr && p.pre_activation == nullptr) {
-      switch (p.activation) {
-        case Activation::kNone: return store_out_in_one_pass<Activation::kNone>(acc, row0, col0);
-        case Activation::kRelu: return store_out_in_one_pass<Activation::kRelu>(acc, row0, col0);
-        case Activation::kSquaredRelu: return store_out_in_one_pass<Activation::kSquaredRelu>(acc, row0, col0);
-        default: break;  // gelu / silu in one pass: faster at K = 768, slower at 4096 (docs/perf-notes.md)
-      }
-    }
-    store_z(acc, row0, col0);
+    const bool one_pass = epilogue_in_one_pass(p);
+    if (!one_pass) store_z(acc, row0, col0);
     const auto with = [&](auto act) {
-      if (p.gated) {
-        store_out<decltype(act)::value, true>(row0, col0);
+      constexpr Activation kAct = decltype(act)::value;
+      if (one_pass && p.residual != nullptr) {
+        store_out_in_one_pass<kAct, true>(acc, row0, col0);
+      } else if (one_pass) {
+        store_out_in_one_pass<kAct, false>(acc, row0, col0);
+      } else if (p.gated) {
+        store_out<kAct, true>(row0, col0);
       } else {
-        store_out<decltype(act)::value, false>(row0, col0);
+        store_out<kAct, false>(row0, col0);
       }
     };
     switch (p.activation) {
@@ -346,8 +412,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   uint8_t* stages = smem_raw + (1024 - sm90::smem_address(smem_raw) % 1024) % 1024;
   uint8_t* epilogue_buffers = stages + kStages * Cfg::kStageBytes;
-  uint64_t* full = reinterpret_cast<uint64_t*>(epilogue_buffers + Cfg::kConsumers * Cfg::kEpilogueBytes);
+  uint8_t* biases = epilogue_buffers + Cfg::kConsumers * Cfg::kEpilogueBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(biases + Cfg::kConsumers * Cfg::kBiasBytes);
   uint64_t* empty = full + kStages;
+  uint64_t* residual_full = empty + kStages;  // one a consumer
 
   const int wg = threadIdx.x / 128, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
@@ -355,6 +423,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       sm90::mbarrier_init(&full[s], 1);   // the producer's arrive.expect_tx
       sm90::mbarrier_init(&empty[s], 4);  // one arrival per warp of the consumer whose tile it holds
     }
+    for (int c = 0; c < Cfg::kConsumers; ++c) sm90::mbarrier_init(&residual_full[c], 1);  // load_residual's arrival
     sm90::fence_barrier_init();
   }
   __syncthreads();
@@ -427,8 +496,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   sm90::claim_registers<232>();
   const int consumer = wg - 1;
-  Epilogue<Cfg> epilogue{p, maps, epilogue_buffers + consumer * Cfg::kEpilogueBytes, 3 + consumer,
-                         int(threadIdx.x % 128)};
+  Epilogue<Cfg> epilogue{p, maps, epilogue_buffers + consumer * Cfg::kEpilogueBytes,
+                         reinterpret_cast<uint32_t*>(biases + consumer * Cfg::kBiasBytes), residual_full + consumer,
+                         3 + consumer, int(threadIdx.x % 128)};
   float acc[Cfg::kAccumulators];
   // Ping-pong: consumer c takes the CTA's tiles c, c + 2, ... It starts a tile's products only once the other
   // has issued all of its previous tile's (named barriers 1 and 2): the tensor cores serve one consumer at a
@@ -438,7 +508,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   for (int unit = blockIdx.x + consumer * gridDim.x; unit < units; unit += 2 * gridDim.x, local += 2) {
     int m_block, n_block;
     tile_of<Cfg::kGroupM>(unit / split_k, tiles_m, tiles_n, m_block, n_block);
-    if (!kSplitK) epilogue.prefetch_residual(m_block * kBlockM, n_block * out_cols);
+    if constexpr (!kSplitK) {
+      epilogue.prefetch_residual(m_block * kBlockM, n_block * out_cols);
+      epilogue.load_bias(n_block * out_cols);
+      if constexpr (!kGatedGrad) epilogue.load_residual(m_block * kBlockM, n_block * out_cols);
+    }
     if (local > 0) sm90::named_barrier_sync(2 - consumer, 256);
     const int64_t first = int64_t(local) * split_slices;  // ring position of its first k-slice
     int stage = int(first % kStages);
@@ -520,6 +594,8 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
                                                    out_cols, Cfg::kBlockK);
   if (!weight_map ||
       !make_tensor_map_2d(&maps.out, p.out, p.m, p.n, p.out_row_stride, 64, 64) ||
+      (residual_by_tma(p) &&
+       !make_tensor_map_2d(&maps.residual, p.residual, p.m, p.n, p.residual_row_stride, 64, 64)) ||
       (p.pre_activation != nullptr &&
        !make_tensor_map(&maps.pre_activation, p.pre_activation, 3, pre_sizes, pre_strides, pre_box))) {
     return cudaErrorInvalidValue;
@@ -575,8 +651,9 @@ cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream
   return linear_act_sm90_block_n(p) == 64 ? launch.template operator()<64>() : launch.template operator()<256>();
 }
 
-// The implicit GEMM of a convolution (instantiated by csrc/conv/sm90/, so each family builds alone): p as for linear_act with m = batch * out_h * out_w output pixels, n the
-// output channels, k = kernel_h * kernel_w * channels, x the NHWC input, weight [n, kernel_h, kernel_w, channels].
+// The implicit GEMM of a convolution (instantiated by csrc/conv/sm90/, so each family builds alone): p as for
+// linear_act with m = batch * out_h * out_w output pixels, n the output channels, k = kernel_h * kernel_w * channels,
+// x the NHWC input, weight [n, kernel_h, kernel_w, channels].
 // Tiles as wide as the output channels need, up to 256: 64 or 128 channels in 64- or 128-wide tiles.
 template <typename T>
 cudaError_t launch_conv2d_sm90(const LinearActParams& p, const Im2colGeometry& g, cudaStream_t stream) {
