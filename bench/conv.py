@@ -2,7 +2,8 @@
 eager PyTorch and cuDNN's fused convolution, and a torchvision ResNet-50 inference and training step.
 
 Layer cases: ANCHORS.md's ResNet-50 layers at batch 64 and 256 (3x3 and 7x7 with "same" padding, the stem at stride
-2), plus the bottleneck's last convolution (64 -> 256, 1x1) with its residual add. x [N, C_in, H, W], weight [C_out,
+2), the bottleneck's 1x1 expansions of the later stages (128 -> 512, 256 -> 1024, 512 -> 2048), plus the first
+stage's (64 -> 256, 1x1) with its residual add. x [N, C_in, H, W], weight [C_out,
 C_in, k, k] (both channels_last), bias [C_out]. Impls:
 
   fusedkernels       ops.conv2d_bias_relu(x, w, b, stride, padding, 1, residual) as it routes by default (cuDNN's
@@ -67,6 +68,9 @@ LAYERS = [  # C_in, C_out, H (= W), kernel, stride (ANCHORS.md, "Conv2d + bias +
     (256, 256, 14, 3, 1),
     (512, 512, 7, 3, 1),
     (3, 64, 224, 7, 2),  # the stem
+    (128, 512, 28, 1, 1),  # the other stages' bottleneck expansions (64 -> 256 above): where our kernel's one-pass
+    (256, 1024, 14, 1, 1),  # epilogue outran cuDNN's fused call at the first stage's (docs/perf-notes.md, conv v3)
+    (512, 2048, 7, 1, 1),
 ]
 RESIDUAL_LAYER = (64, 256, 56, 1, 1)  # the bottleneck's last convolution, with its residual add
 BATCHES = (64, 256)
