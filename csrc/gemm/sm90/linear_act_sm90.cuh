@@ -170,19 +170,26 @@ struct Epilogue {
     return make_float2(to_float(from_bits<T>(pair & 0xffffu)), to_float(from_bits<T>(pair >> 16)));
   }
 
-  __device__ __forceinline__ void store_z(const Accumulators& acc, int row0, int col0) {
+  // fn(pair, z0, z1) for each pair of this thread's accumulators: z = acc + bias (fp32) at columns col, col + 1 of
+  // a row, and `pair`, their 4-byte place in the buffer.
+  template <typename Fn>
+  __device__ __forceinline__ void for_each_pair(const Accumulators& acc, Fn&& fn) const {
     const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
-    stage_bias_and_wait_buffer();
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
       const int col = 8 * j + 2 * t;
       const float2 b = staged_bias(col);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        *reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col)) =
-            pack2<T>(acc[4 * j + 2 * r] + b.x, acc[4 * j + 2 * r + 1] + b.y);
+        fn(reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col)), acc[4 * j + 2 * r] + b.x,
+           acc[4 * j + 2 * r + 1] + b.y);
       }
     }
+  }
+
+  __device__ __forceinline__ void store_z(const Accumulators& acc, int row0, int col0) {
+    stage_bias_and_wait_buffer();
+    for_each_pair(acc, [](uint32_t* pair, float z0, float z1) { *pair = pack2<T>(z0, z1); });
     publish_buffer();
     if (p.pre_activation != nullptr) {  // the pass below writes over z: wait until the copy engine has read it
       if (thread == 0) {
@@ -338,7 +345,6 @@ struct Epilogue {
   // its pairs there and writes its outputs over them.
   template <Activation kAct, bool kResidual>
   __device__ __forceinline__ void store_out_in_one_pass(const Accumulators& acc, int row0, int col0) {
-    const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
     // none and relu commute with the rounding (relu of a T value is one) when nothing is added: else z is rounded
     constexpr bool kRoundZ = kResidual || !(kAct == Activation::kRelu || kAct == Activation::kNone);
     const auto rounded = [](float z) { return kRoundZ ? to_float(from_float<T>(z)) : z; };
@@ -348,26 +354,21 @@ struct Epilogue {
       sm90::mbarrier_wait(residual_full, residual_phase);
       residual_phase ^= 1;
     }
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      const int col = 8 * j + 2 * t;
-      const float2 b = staged_bias(col);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        uint32_t* pair = reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col));
-        float z0 = rounded(acc[4 * j + 2 * r] + b.x), z1 = rounded(acc[4 * j + 2 * r + 1] + b.y), r0 = 0.0f, r1 = 0.0f;
-        if constexpr (kResidual) {
-          const uint32_t res = *pair;
-          r0 = to_float(from_bits<T>(res & 0xffffu));
-          r1 = to_float(from_bits<T>(res >> 16));
-          z0 += before ? r0 : 0.0f;
-          z1 += before ? r1 : 0.0f;
-          r0 = before ? 0.0f : r0;
-          r1 = before ? 0.0f : r1;
-        }
-        *pair = pack2<T>(activate<kAct>(z0) + r0, activate<kAct>(z1) + r1);
+    for_each_pair(acc, [&](uint32_t* pair, float z0, float z1) {
+      z0 = rounded(z0);
+      z1 = rounded(z1);
+      float r0 = 0.0f, r1 = 0.0f;
+      if constexpr (kResidual) {
+        const uint32_t res = *pair;
+        r0 = to_float(from_bits<T>(res & 0xffffu));
+        r1 = to_float(from_bits<T>(res >> 16));
+        z0 += before ? r0 : 0.0f;
+        z1 += before ? r1 : 0.0f;
+        r0 = before ? 0.0f : r0;
+        r1 = before ? 0.0f : r1;
       }
-    }
+      *pair = pack2<T>(activate<kAct>(z0) + r0, activate<kAct>(z1) + r1);
+    });
     store_buffer_to_out<kBlockN>(row0, col0);
   }
 
