@@ -1,10 +1,11 @@
 // CUDA kernel of fusedkernels::conv2d_bias_relu_fwd: check the tensors, then route the call.
-//   - cuDNN's fused convolution + bias (+ residual) + ReLU (aten::cudnn_convolution_relu / _add_relu) where cuDNN is
-//     enabled: on the H200 it is faster than our implicit-GEMM kernel on the ResNet-50 layers measured but the 1x1
-//     64 -> 256 expansion (docs/perf-notes.md, conv v3), so it runs by default;
-//   - our Hopper implicit-GEMM kernel (conv/sm90) with FUSEDKERNELS_CONV_KERNEL=sm90, or when cuDNN is off or refuses
-//     the call, wherever conv::conv2d_supported takes the call (Conv2dParams from channels_last (NHWC) tensors,
-//     launched on the current stream);
+//   - our Hopper implicit-GEMM kernel (conv/sm90) for the layer class where it measured faster than cuDNN's fused
+//     call on the H200 (1x1, stride 1, C_in <= 64, C_out >= 4 C_in: ResNet's first-stage expansion; docs/perf-notes.md,
+//     conv v3), wherever conv::conv2d_supported takes the call (Conv2dParams from channels_last (NHWC) tensors,
+//     launched on the current stream); everywhere it takes the call with FUSEDKERNELS_CONV_KERNEL=sm90;
+//   - otherwise cuDNN's fused convolution + bias (+ residual) + ReLU (aten::cudnn_convolution_relu / _add_relu)
+//     where cuDNN is enabled (FUSEDKERNELS_CONV_KERNEL=cudnn: for every call it takes), and our kernel where cuDNN is
+//     off or refuses the call;
 //   - else the reference, with one warning per reason (tensors not NHWC-dense, no kernel takes the call).
 // CUDA kernels of fusedkernels::batch_norm_relu_fwd / _bwd: the BatchNorm + residual + ReLU kernels
 // (batch_norm_relu.cuh) on channels_last tensors, the per-channel vectors in float32.
@@ -72,35 +73,28 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const O
   }
 }
 
-Tensor conv2d_bias_relu_fwd_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation, const OptTensor& residual) {
-  const char* op = "conv2d_bias_relu_fwd";
-  check_inputs(op, x, weight, bias, stride, padding, dilation, residual);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto reference = [&](const char* why) {
-    warn_fallback("conv2d_bias_relu", why, "the PyTorch reference (F.conv2d, + residual, relu)");
-    return conv2d_bias_relu_reference(x, weight, bias, stride, padding, dilation, residual).contiguous(kChannelsLast);
-  };
-  // (the public op routes empty convolutions and converts layouts before they get here; a direct call gets the same
-  // answers)
-  if (x.numel() == 0 || weight.numel() == 0) return reference("");
-  if (!x.is_contiguous(kChannelsLast) || !weight.is_contiguous(kChannelsLast) ||
-      (residual && !residual->is_contiguous(kChannelsLast))) {
-    return reference("x, weight or residual not channels_last (NHWC) has no fused kernel");
-  }
+// FUSEDKERNELS_CONV_KERNEL: unset (or any other value) routes by layer class; "sm90" takes our kernel wherever it
+// takes the call, "cudnn" cuDNN's fused call wherever cuDNN takes it (benchmarks and tests of either path). Read per
+// call, as the other families' kernel choices.
+enum class Engine { kAuto, kOurs, kCudnn };
+Engine engine_choice() {
   const char* choice = std::getenv("FUSEDKERNELS_CONV_KERNEL");
-  if (!(choice && std::string_view(choice) == "sm90") && at::globalContext().userEnabledCuDNN()) {
-    try {
-      Tensor out = residual ? at::cudnn_convolution_add_relu(x, weight, *residual, 1, bias, stride, padding, dilation, 1)
-                            : at::cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1);
-      return out.contiguous(kChannelsLast);
-    } catch (const c10::Error&) {
-      // no cuDNN engine for this configuration: our kernel or the reference below
-    }
-  }
-  // bias: copied when strided (cheap next to the convolution)
-  const OptTensor b = !bias || bias->stride(0) == 1 ? bias : OptTensor(bias->contiguous());
+  if (choice && std::string_view(choice) == "sm90") return Engine::kOurs;
+  if (choice && std::string_view(choice) == "cudnn") return Engine::kCudnn;
+  return Engine::kAuto;
+}
 
+// The layer class where our kernel beat cuDNN's fused call on the H200 (suite `conv`, 12-01 10:24): a 1x1 stride-1
+// expansion from at most 64 channels (64 -> 256 at 56^2: 1.31-1.34x without the residual, 1.00-1.65x with it). There
+// K is one 64-channel step, so the call is all epilogue, which ours overlaps with the next tile's loads. From 128
+// input channels up (128 -> 512, 256 -> 1024, 512 -> 2048) and on the 3x3 layers cuDNN was as fast or faster.
+bool ours_is_faster(const Conv2dParams& p) {
+  return p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1 && p.in_channels <= 64 &&
+         p.out_channels >= 4 * p.in_channels;
+}
+
+Conv2dParams params_of(const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, const OptTensor& residual) {
   Conv2dParams p;
   p.dtype = to_dtype(x.scalar_type());
   p.batch = x.size(0);
@@ -120,11 +114,45 @@ Tensor conv2d_bias_relu_fwd_cuda(const Tensor& x, const Tensor& weight, const Op
   p.out_w = (p.in_w + 2 * p.pad_w - p.dilation_w * (p.kernel_w - 1) - 1) / p.stride_w + 1;
   p.x = x.data_ptr();
   p.weight = weight.data_ptr();
-  p.bias = b ? b->data_ptr() : nullptr;
+  p.bias = bias ? bias->data_ptr() : nullptr;
   p.residual = residual ? residual->data_ptr() : nullptr;
   p.relu = true;
+  return p;
+}
+
+Tensor conv2d_bias_relu_fwd_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, const OptTensor& residual) {
+  const char* op = "conv2d_bias_relu_fwd";
+  check_inputs(op, x, weight, bias, stride, padding, dilation, residual);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto reference = [&](const char* why) {
+    warn_fallback("conv2d_bias_relu", why, "the PyTorch reference (F.conv2d, + residual, relu)");
+    return conv2d_bias_relu_reference(x, weight, bias, stride, padding, dilation, residual).contiguous(kChannelsLast);
+  };
+  // (the public op routes empty convolutions and converts layouts before they get here; a direct call gets the same
+  // answers)
+  if (x.numel() == 0 || weight.numel() == 0) return reference("");
+  if (!x.is_contiguous(kChannelsLast) || !weight.is_contiguous(kChannelsLast) ||
+      (residual && !residual->is_contiguous(kChannelsLast))) {
+    return reference("x, weight or residual not channels_last (NHWC) has no fused kernel");
+  }
+  // bias: copied when strided (cheap next to the convolution)
+  const OptTensor b = !bias || bias->stride(0) == 1 ? bias : OptTensor(bias->contiguous());
+  Conv2dParams p = params_of(x, weight, b, stride, padding, dilation, residual);
   // asked before out is allocated (a fresh allocation is 16-byte aligned, so out's pointer cannot change the answer)
-  if (!conv2d_supported(p)) {
+  const bool ours_supported = conv2d_supported(p);
+  const Engine engine = engine_choice();
+  const bool ours_first = ours_supported && (engine == Engine::kOurs || (engine == Engine::kAuto && ours_is_faster(p)));
+  if (!ours_first && engine != Engine::kOurs && at::globalContext().userEnabledCuDNN()) {
+    try {
+      Tensor out = residual ? at::cudnn_convolution_add_relu(x, weight, *residual, 1, bias, stride, padding, dilation, 1)
+                            : at::cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1);
+      return out.contiguous(kChannelsLast);
+    } catch (const c10::Error&) {
+      // no cuDNN engine for this configuration: our kernel or the reference below
+    }
+  }
+  if (!ours_supported) {
     return reference("no fused kernel takes this call on this GPU with this build (conv::conv2d_supported)");
   }
   Tensor out = at::empty({p.batch, p.out_channels, p.out_h, p.out_w}, x.options().memory_format(kChannelsLast));
