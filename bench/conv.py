@@ -7,7 +7,8 @@ stage's (64 -> 256, 1x1) with its residual add. x [N, C_in, H, W], weight [C_out
 C_in, k, k] (both channels_last), bias [C_out]. Impls:
 
   fusedkernels       ops.conv2d_bias_relu(x, w, b, stride, padding, 1, residual) as it routes by default (by layer
-                     class: our kernel on 1x1 expansions from <= 64 channels, cuDNN's fused convolution elsewhere).
+                     class: our kernel on 1x1 stride-1 expansions from <= 64 channels, cuDNN's fused convolution
+                     elsewhere).
                      Skipped where the build has no native conv op.
   fusedkernels-sm90  the same with FUSEDKERNELS_CONV_KERNEL=sm90: our Hopper implicit-GEMM kernel (forward rows)
   torch              eager F.relu(F.conv2d(x, w, b, ...) (+ residual)): what a model runs today

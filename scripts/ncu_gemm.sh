@@ -67,11 +67,17 @@ for call in ${NCU_GEMM_CALLS:-gate_up down dgrad}; do
 import csv
 import sys
 
-rows = list(csv.DictReader(open(sys.argv[1])))
+lines = open(sys.argv[1]).read().splitlines()
+header = next(i for i, line in enumerate(lines) if line.startswith('"Address"'))  # after the kernel's name
+rows = list(csv.DictReader(lines[header:]))
 samples = next(c for c in rows[0] if c.startswith("Warp Stall Sampling (All"))
 value = lambda r, c: float((r.get(c) or "0").replace(",", "") or 0)  # noqa: E731
 total = sum(value(r, samples) for r in rows)
-print(f"{len(rows)} instructions, {total:.0f} samples; columns: {list(rows[0])}")
+reasons = [c for c in rows[0] if c.startswith("stall_") and "Not Issued" not in c]
+by_reason = {c: sum(value(r, c) for r in rows) for c in reasons}
+top = sorted(by_reason.items(), key=lambda item: -item[1])[:8]
+print(f"{len(rows)} instructions, {total:.0f} samples; by reason:",
+      ", ".join(f"{c[6:]} {v / sum(by_reason.values()):.0%}" for c, v in top))
 for r in sorted(rows, key=lambda r: -value(r, samples))[:40]:
     print(f"{value(r, samples) / total:6.1%}  {r.get('Address', '')}  {r.get('Source', '')}")
 PY

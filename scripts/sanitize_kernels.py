@@ -149,7 +149,7 @@ if "conv" in FAMILIES:
     # conv: the implicit GEMM through the im2col map with padding at every edge, a stride, an asymmetric kernel,
     # dilation, a residual, and rows and channels that end mid-tile; the backward is PyTorch's (memcheck only)
     cl = torch.channels_last
-    os.environ["FUSEDKERNELS_CONV_KERNEL"] = "sm90"  # (cuDNN's fused convolution by default)
+    os.environ["FUSEDKERNELS_CONV_KERNEL"] = "sm90"  # (by default cuDNN's fused convolution takes these layers)
     backward = "--fp32-optim" not in sys.argv
     for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
         for (c_in, c_out, hw, k, stride, padding, dilation) in ((72, 40, (13, 11), 3, 1, 1, 1),

@@ -789,13 +789,40 @@ def test_cuda_forward_and_grads_against_fp32_reference(case, residual, dtype, ke
         assert_close_to_ref(o.float(), p, q.float(), name, floor=eps)
 
 
-def _conv_kernels(x, w, b, r, monkeypatch, choice=""):
-    """The CUDA kernels one conv2d_bias_relu call runs with FUSEDKERNELS_CONV_KERNEL=choice, and its output."""
+def _our_kernel_runs() -> bool:
+    """Whether our implicit GEMM can run here: an sm_90 GPU and a build with its code."""
+    archs = _native.build_info().get("archs", [])
+    return torch.cuda.get_device_capability() == (9, 0) and any(a.startswith("90a") for a in archs)
+
+
+def _engine_that_ran(x, w, b, r, monkeypatch, choice="", cudnn=True):
+    """Which path one conv2d_bias_relu call took with FUSEDKERNELS_CONV_KERNEL=choice and cuDNN enabled or not, by
+    the CUDA kernels it ran: "ours" (the implicit GEMM), "reference" (PyTorch's elementwise add / relu after the
+    convolution) or "cudnn" (neither: the fused call); and its output."""
     monkeypatch.setenv("FUSEDKERNELS_CONV_KERNEL", choice)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = fops.conv2d_bias_relu(x, w, b, 1, 0, 1, r)
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA], out
+    with torch.backends.cudnn.flags(enabled=cudnn), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference's one warning per reason
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = fops.conv2d_bias_relu(x, w, b, 1, 0, 1, r)
+            torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not names:
+        pytest.skip("the profiler records no CUDA kernels here")
+    if any("linear_act_sm90_kernel" in n for n in names):
+        return "ours", out
+    return ("reference" if any("elementwise_kernel" in n for n in names) else "cudnn"), out
+
+
+def _cudnn_fuses(x, w, b, r) -> bool:
+    """Whether this cuDNN has an engine for the fused call (it needs runtime fusion)."""
+    try:
+        if r is None:
+            torch.ops.aten.cudnn_convolution_relu(x, w, b, (1, 1), (0, 0), (1, 1), 1)
+        else:
+            torch.ops.aten.cudnn_convolution_add_relu(x, w, r, 1, b, (1, 1), (0, 0), (1, 1), 1)
+    except RuntimeError:
+        return False
+    return torch.backends.cudnn.enabled
 
 
 @pytest.mark.cuda
@@ -803,19 +830,32 @@ def _conv_kernels(x, w, b, r, monkeypatch, choice=""):
 @pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
 def test_route_by_layer_class(residual, monkeypatch):
     """By default a 1x1 stride-1 expansion from at most 64 channels runs our implicit GEMM (where it measured faster
-    than cuDNN's fused call) and other layers cuDNN's; FUSEDKERNELS_CONV_KERNEL=cudnn / sm90 force either. Off
-    Hopper (or without its code) our kernel does not take the call: cuDNN runs all three."""
-    archs = _native.build_info().get("archs", [])
-    ours_runs = torch.cuda.get_device_capability() == (9, 0) and any(a.startswith("90a") for a in archs)
+    than cuDNN's fused call) and other layers cuDNN's, each falling back on the other; FUSEDKERNELS_CONV_KERNEL=sm90
+    or =cudnn runs that one alone, else the reference. Our kernel runs on sm_90 from a build with its code."""
+    ours = _our_kernel_runs()
     expansion = _cuda_inputs((2, 64, (13, 11), 256, 1, 1, 0), torch.bfloat16)[:4]
     reduction = _cuda_inputs((2, 256, (13, 11), 64, 1, 1, 0), torch.bfloat16)[:4]
-    for (x, w, b, r), choice, want_ours in ((expansion, "", ours_runs), (expansion, "cudnn", False),
-                                            (reduction, "", False), (reduction, "sm90", ours_runs)):
-        names, out = _conv_kernels(x, w, b, r if residual else None, monkeypatch, choice)
-        assert any("linear_act_sm90_kernel" in n for n in names) == want_ours, (w.shape, choice, names)
-        want = conv2d_bias_relu_ref(x.float(), w.float(), b.float(), 1, 0, 1, r.float() if residual else None)
-        assert_close_to_ref(out.float(), want, conv2d_bias_relu_ref(x, w, b, 1, 0, 1, r if residual else None).float(),
-                            "out", floor=torch.finfo(torch.bfloat16).eps)
+    if not residual:
+        expansion, reduction = expansion[:3] + (None,), reduction[:3] + (None,)
+    fused = {id(t): _cudnn_fuses(*t) for t in (expansion, reduction)}
+    mine = "ours" if ours else None
+    cudnn = {id(t): "cudnn" if fused[id(t)] else None for t in (expansion, reduction)}
+    cases = [  # (inputs, FUSEDKERNELS_CONV_KERNEL, cuDNN enabled, the path in order of preference)
+        (expansion, "", True, [mine, cudnn[id(expansion)]]),
+        (expansion, "cudnn", True, [cudnn[id(expansion)]]),
+        (reduction, "", True, [cudnn[id(reduction)], mine]),
+        (reduction, "sm90", True, [mine]),
+        (reduction, "", False, [mine]),
+        (reduction, "cudnn", False, []),
+    ]
+    for inputs, choice, enabled, preference in cases:
+        want = next((path for path in preference if path is not None), "reference")
+        path, out = _engine_that_ran(*inputs, monkeypatch, choice, enabled)
+        x, w, b, r = inputs
+        assert path == want, (tuple(w.shape), choice, enabled, path, want)
+        f32 = conv2d_bias_relu_ref(x.float(), w.float(), b.float(), 1, 0, 1, r.float() if r is not None else None)
+        lowp = conv2d_bias_relu_ref(x, w, b, 1, 0, 1, r).float()
+        assert_close_to_ref(out.float(), f32, lowp, "out", floor=torch.finfo(torch.bfloat16).eps)
 
 
 @pytest.mark.cuda
@@ -851,6 +891,8 @@ def test_cuda_routing_warns_once_per_reason_and_runs_the_reference(monkeypatch):
 @pytest.mark.parametrize("dilation", [1, 2, (1, 3)], ids=str)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_cuda_kernel_takes_channels_last_calls_without_warning(dtype, dilation, kernel, monkeypatch):
+    if kernel[1] == "sm90" and not _our_kernel_runs():
+        pytest.skip("our kernel runs on sm_90 from a build with its code (else the reference, with a warning)")
     monkeypatch.setenv(*kernel)
     x, w, b, r = _inputs(2, 16, (13, 11), 24, 3, dtype, "cuda", residual=True, padding=2, dilation=dilation)
     x, w, r = (t.to(memory_format=CL) for t in (x, w, r))

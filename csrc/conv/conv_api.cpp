@@ -1,11 +1,11 @@
 // CUDA kernel of fusedkernels::conv2d_bias_relu_fwd: check the tensors, then route the call.
 //   - our Hopper implicit-GEMM kernel (conv/sm90) for the layer class where it measured faster than cuDNN's fused
 //     call on the H200 (1x1, stride 1, C_in <= 64, C_out >= 4 C_in: ResNet's first-stage expansion; docs/perf-notes.md,
-//     conv v3), wherever conv::conv2d_supported takes the call (Conv2dParams from channels_last (NHWC) tensors,
-//     launched on the current stream); everywhere it takes the call with FUSEDKERNELS_CONV_KERNEL=sm90;
+//     conv v4), where conv::conv2d_supported takes the call (Conv2dParams from channels_last (NHWC) tensors, launched
+//     on the current stream);
 //   - otherwise cuDNN's fused convolution + bias (+ residual) + ReLU (aten::cudnn_convolution_relu / _add_relu)
-//     where cuDNN is enabled (FUSEDKERNELS_CONV_KERNEL=cudnn: for every call it takes), and our kernel where cuDNN is
-//     off or refuses the call;
+//     where cuDNN is enabled and has an engine for the call, and our kernel where cuDNN does not take it;
+//   - FUSEDKERNELS_CONV_KERNEL=sm90 / cudnn: that one alone (benchmarks and tests of each path);
 //   - else the reference, with one warning per reason (tensors not NHWC-dense, no kernel takes the call).
 // CUDA kernels of fusedkernels::batch_norm_relu_fwd / _bwd: the BatchNorm + residual + ReLU kernels
 // (batch_norm_relu.cuh) on channels_last tensors, the per-channel vectors in float32.
@@ -73,9 +73,9 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const O
   }
 }
 
-// FUSEDKERNELS_CONV_KERNEL: unset (or any other value) routes by layer class; "sm90" takes our kernel wherever it
-// takes the call, "cudnn" cuDNN's fused call wherever cuDNN takes it (benchmarks and tests of either path). Read per
-// call, as the other families' kernel choices.
+// FUSEDKERNELS_CONV_KERNEL: unset (or any other value) routes by layer class, with the other kernel as the fallback;
+// "sm90" runs our kernel alone, "cudnn" cuDNN's fused call alone, each with the reference where it does not take the
+// call (benchmarks and tests of one path). Read per call, as the other families' kernel choices.
 enum class Engine { kAuto, kOurs, kCudnn };
 Engine engine_choice() {
   const char* choice = std::getenv("FUSEDKERNELS_CONV_KERNEL");
@@ -84,10 +84,11 @@ Engine engine_choice() {
   return Engine::kAuto;
 }
 
-// The layer class where our kernel beat cuDNN's fused call on the H200 (suite `conv`, 12-01 10:24): a 1x1 stride-1
-// expansion from at most 64 channels (64 -> 256 at 56^2: 1.31-1.34x without the residual, 1.00-1.65x with it). There
-// K is one 64-channel step, so the call is all epilogue, which ours overlaps with the next tile's loads. From 128
-// input channels up (128 -> 512, 256 -> 1024, 512 -> 2048) and on the 3x3 layers cuDNN was as fast or faster.
+// The layer class where our kernel beat cuDNN's fused call on the H200 (suite `conv`, 12-01 10:24 and 10:37): a 1x1
+// stride-1 expansion from at most 64 channels (64 -> 256 at 56^2: 1.31-1.35x; with the residual 1.65x at batch 256,
+// 0.98x at 64). There K is one 64-channel step, so the call is all epilogue, which ours overlaps with the next tile's
+// loads. From 128 input channels up (128 -> 512, 256 -> 1024, 512 -> 2048) cuDNN was 1.1x faster; on the 3x3 layers
+// as fast or faster, but for 512 -> 512 at batch 256 (ours 1.08-1.20x there, 0.97x at batch 64: not yet a class).
 bool ours_is_faster(const Conv2dParams& p) {
   return p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1 && p.in_channels <= 64 &&
          p.out_channels >= 4 * p.in_channels;
@@ -152,8 +153,15 @@ Tensor conv2d_bias_relu_fwd_cuda(const Tensor& x, const Tensor& weight, const Op
       // no cuDNN engine for this configuration: our kernel or the reference below
     }
   }
+  if (engine == Engine::kCudnn) {
+    return reference("FUSEDKERNELS_CONV_KERNEL=cudnn, and cuDNN is disabled or has no engine for this call");
+  }
   if (!ours_supported) {
-    return reference("no fused kernel takes this call on this GPU with this build (conv::conv2d_supported)");
+    return reference(engine == Engine::kOurs
+                         ? "FUSEDKERNELS_CONV_KERNEL=sm90, and our kernel does not take this call on this GPU with "
+                           "this build (conv::conv2d_supported)"
+                         : "neither cuDNN (disabled, or no engine) nor our kernel takes this call on this GPU with "
+                           "this build (conv::conv2d_supported)");
   }
   Tensor out = at::empty({p.batch, p.out_channels, p.out_h, p.out_w}, x.options().memory_format(kChannelsLast));
   p.out = out.data_ptr();

@@ -701,9 +701,9 @@ const RegisterOpInfo batch_norm_relu_info{
 
 const RegisterOpInfo conv2d_bias_relu_info{
     {"conv", "conv2d_bias_relu", "float16, bfloat16 (channels_last)",
-     "our implicit-GEMM kernel on sm_90 (channels multiples of 8, groups 1) for 1x1 expansions from <= 64 channels, "
-     "cuDNN's fused convolution + bias (+ residual) + ReLU for the rest (FUSEDKERNELS_CONV_KERNEL=sm90 / cudnn: "
-     "either wherever it takes the call); else the reference (one warning)"}};
+     "our implicit-GEMM kernel on sm_90 (channels multiples of 8, groups 1) for 1x1 stride-1 expansions (C_in <= 64, "
+     "C_out >= 4 C_in), cuDNN's fused convolution + bias (+ residual) + ReLU for the rest, each the other's fallback "
+     "(FUSEDKERNELS_CONV_KERNEL=sm90 / cudnn: one alone); else the reference (one warning)"}};
 
 }  // namespace
 

@@ -5,11 +5,11 @@ BatchNorm fold that turns conv + BatchNorm (eval) into one such convolution, and
 `conv2d_bias_relu` resolves padding "same" / "valid" to numbers, then calls the C++ op
 `torch.ops.fusedkernels.conv2d_bias_relu`: argument checks, the channels_last conversion, the choice of kernel,
 autograd and autocast happen in C++ (csrc/conv/conv_ops.cpp). CUDA calls run, by layer class, our Hopper
-implicit-GEMM kernel (1x1 stride-1 expansions from at most 64 channels, where it is faster) or cuDNN's fused
-convolution + bias (+ residual) + ReLU (the rest); FUSEDKERNELS_CONV_KERNEL=sm90 or =cudnn forces either where it takes
-the call; where neither takes the call the reference (PyTorch's convolution, then + residual and relu) runs with one
-warning; CPU inputs run the reference through the same autograd. Without the native op the reference runs after
-the same checks. Details: docs/conv.md.
+implicit-GEMM kernel (1x1 stride-1 expansions from at most 64 channels, C_out >= 4 C_in, where it is faster) or cuDNN's
+fused convolution + bias (+ residual) + ReLU (the rest), each falling back on the other (FUSEDKERNELS_CONV_KERNEL=sm90
+or =cudnn: that one alone); where neither takes the call the reference (PyTorch's convolution, then + residual and
+relu) runs with one warning; CPU inputs run the reference through the same autograd. Without the native op the
+reference runs after the same checks. Details: docs/conv.md.
 
 `conv2d_bias_relu_ref` and `batch_norm_relu_ref` are the specifications the tests hold the ops to.
 """
