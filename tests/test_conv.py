@@ -832,20 +832,19 @@ def test_route_by_layer_class(residual, monkeypatch):
     """By default a 1x1 stride-1 expansion from at most 64 channels runs our implicit GEMM (where it measured faster
     than cuDNN's fused call) and other layers cuDNN's, each falling back on the other; FUSEDKERNELS_CONV_KERNEL=sm90
     or =cudnn runs that one alone, else the reference. Our kernel runs on sm_90 from a build with its code."""
-    ours = _our_kernel_runs()
     expansion = _cuda_inputs((2, 64, (13, 11), 256, 1, 1, 0), torch.bfloat16)[:4]
     reduction = _cuda_inputs((2, 256, (13, 11), 64, 1, 1, 0), torch.bfloat16)[:4]
     if not residual:
         expansion, reduction = expansion[:3] + (None,), reduction[:3] + (None,)
-    fused = {id(t): _cudnn_fuses(*t) for t in (expansion, reduction)}
-    mine = "ours" if ours else None
-    cudnn = {id(t): "cudnn" if fused[id(t)] else None for t in (expansion, reduction)}
-    cases = [  # (inputs, FUSEDKERNELS_CONV_KERNEL, cuDNN enabled, the path in order of preference)
-        (expansion, "", True, [mine, cudnn[id(expansion)]]),
-        (expansion, "cudnn", True, [cudnn[id(expansion)]]),
-        (reduction, "", True, [cudnn[id(reduction)], mine]),
-        (reduction, "sm90", True, [mine]),
-        (reduction, "", False, [mine]),
+    ours = "ours" if _our_kernel_runs() else None
+    cudnn = {"expansion": "cudnn" if _cudnn_fuses(*expansion) else None,
+             "reduction": "cudnn" if _cudnn_fuses(*reduction) else None}
+    cases = [  # (inputs, FUSEDKERNELS_CONV_KERNEL, cuDNN enabled, the paths in order of preference)
+        (expansion, "", True, [ours, cudnn["expansion"]]),
+        (expansion, "cudnn", True, [cudnn["expansion"]]),
+        (reduction, "", True, [cudnn["reduction"], ours]),
+        (reduction, "sm90", True, [ours]),
+        (reduction, "", False, [ours]),
         (reduction, "cudnn", False, []),
     ]
     for inputs, choice, enabled, preference in cases:
