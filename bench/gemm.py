@@ -32,14 +32,17 @@ W [2·11008, 4096] (gate rows, then up rows), out [8192, 11008].
   torch-stacked   a, b = F.linear(x, W).chunk(2, -1); F.silu(a) * b: one GEMM, then the elementwise ops
   torch-matmul    torch.mm(x, W.t()), the stacked GEMM alone
 
-`mlp` cases: the whole Llama-7B MLP, down(silu(gate(x)) * up(x)) without biases, and the models suite's (M 8192,
-hidden 2048, intermediate 5632: a shorter K, where the epilogue weighs more), forward (no_grad) and forward +
-backward (torch.autograd.grad of the output for x and the weights, dy given):
+`mlp` cases: the whole Llama-7B MLP, down(silu(gate(x)) * up(x)) without biases, the models suite's (M 8192,
+hidden 2048, intermediate 5632: a shorter K, where the epilogue weighs more), and BERT-base's / GPT-2's plain FFN,
+fc2(gelu(fc1(x))) with biases (M 16384, hidden 768, intermediate 3072), forward (no_grad) and forward + backward
+(torch.autograd.grad of the output for x and the parameters, dy given):
 
-  fusedkernels    nn.FusedMLP(hidden, intermediate, activation="swiglu", bias=False): linear_gated, then
-                  linear_act (with a gradient: ops.gated_mlp, the gate's derivative in the dgrad GEMM's epilogue)
-  torch           F.linear(F.silu(F.linear(x, Wg)) * F.linear(x, Wu), Wd) on three separate weights (the same
-                  values): two GEMMs, silu, mul, a third GEMM, as transformers' LlamaMLP
+  fusedkernels    nn.FusedMLP(hidden, intermediate, activation=..., bias=...): gated, linear_gated then linear_act
+                  (with a gradient: ops.gated_mlp, the gate's derivative in the dgrad GEMM's epilogue); plain,
+                  linear_act then linear_act (the activation's gradient and fc1's bias gradient in one pass)
+  torch           gated: F.linear(F.silu(F.linear(x, Wg)) * F.linear(x, Wu), Wd) on three separate weights (the same
+                  values): two GEMMs, silu, mul, a third GEMM, as transformers' LlamaMLP; plain:
+                  F.linear(F.gelu(F.linear(x, W1, b1)), W2, b2)
 
 Every timing is a CUDA-graph replay over rotated input sets (`common.time_graph`): x and the weights (and b,
 residual) per set, so weights come from HBM as in a model. TFLOP/s counts 2·M·N·K per GEMM (2 for linear_gated,
@@ -88,6 +91,7 @@ EXTRA_CASES = [  # (M, K, N, activation, residual)
 BACKWARD_CASES = [(16384, 768, 3072, "gelu"), (8192, 4096, 16384, "gelu")]  # (M, K, N, activation)
 LLAMA_FFN = (8192, 4096, 11008)  # M, K (hidden), N (intermediate): Llama-7B's MLP
 MODELS_FFN = (8192, 2048, 5632)  # the models suite's Llama step (bench/models.py): its MLP per layer
+PLAIN_FFN = (16384, 768, 3072, "gelu")  # M, K, N, activation: BERT-base's / GPT-2's MLP, with biases
 TORCH_ACTIVATIONS: dict[str, Callable] = {
     "none": lambda z: z,
     "gelu": F.gelu,
@@ -122,7 +126,10 @@ class Case:
 
     def gemms(self) -> int:
         """Products of M·N·K in the forward."""
-        return {"linear_act": 1, "linear_gated": 2, "mlp": 3}[self.op]
+        return {"linear_act": 1, "linear_gated": 2, "mlp": 3 if self.gated() else 2}[self.op]
+
+    def gated(self) -> bool:
+        return self.activation == "swiglu"
 
     def flops(self) -> float:
         return 2.0 * self.M * self.N * self.K * self.gemms() * (3 if self.backward else 1)
@@ -152,8 +159,9 @@ def cases() -> list[Case]:
     out += [Case(*c) for c in EXTRA_CASES]
     out += [Case(*c, backward=True) for c in BACKWARD_CASES]
     out.append(Case(*LLAMA_FFN, "swiglu", op="linear_gated"))
-    return out + [Case(*ffn, "swiglu", op="mlp", backward=backward) for ffn in (LLAMA_FFN, MODELS_FFN)
-                  for backward in (False, True)]
+    out += [Case(*ffn, "swiglu", op="mlp", backward=backward) for ffn in (LLAMA_FFN, MODELS_FFN)
+            for backward in (False, True)]
+    return out + [Case(*PLAIN_FFN, op="mlp", backward=backward) for backward in (False, True)]
 
 
 def n_sets_for(case: Case) -> int:
@@ -225,6 +233,9 @@ def _mlp_impl(case: Case, impl: str) -> Callable:
         """The output and the tensors whose gradients the backward computes."""
         if impl == OURS:
             return mlp(x), (x, *mlp.parameters())
+        if not case.gated():
+            w1, b1, w2, b2 = weights
+            return F.linear(TORCH_ACTIVATIONS[case.activation](F.linear(x, w1, b1)), w2, b2), (x, *weights)
         wg, wu, wd = weights
         return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd), (x, *weights)
 
@@ -245,7 +256,7 @@ def _mlp_impl(case: Case, impl: str) -> Callable:
 
 def _make_sets(case: Case, n_sets: int) -> list[tuple]:
     if case.op != "linear_act":
-        return [_llama_set(case) for _ in range(n_sets)]
+        return [_ffn_set(case) for _ in range(n_sets)]
 
     def one():
         x = torch.randn(case.M, case.K, device="cuda", dtype=DTYPE)
@@ -260,15 +271,16 @@ def _make_sets(case: Case, n_sets: int) -> list[tuple]:
     return [one() for _ in range(n_sets)]
 
 
-def _llama_set(case: Case) -> tuple:
-    """One input set of the Llama FFN cases, as their impls take it."""
+def _ffn_set(case: Case) -> tuple:
+    """One input set of the FFN cases (linear_gated, the MLPs), as their impls take it."""
     x = torch.randn(case.M, case.K, device="cuda", dtype=DTYPE)
     if case.op == "linear_gated":
         w = torch.randn(2 * case.N, case.K, device="cuda", dtype=DTYPE) * case.K**-0.5
         return (x, w, *w.chunk(2))
-    mlp = FusedMLP(case.K, case.N, bias=False, activation="swiglu", device="cuda", dtype=DTYPE)
-    weights = tuple(t.detach().clone().requires_grad_() for t in (*mlp.gate_up_proj.weight.chunk(2),
-                                                                   mlp.down_proj.weight))
+    gated = case.gated()
+    mlp = FusedMLP(case.K, case.N, bias=not gated, activation=case.activation, device="cuda", dtype=DTYPE)
+    torch_params = (*mlp.gate_up_proj.weight.chunk(2), mlp.down_proj.weight) if gated else tuple(mlp.parameters())
+    weights = tuple(t.detach().clone().requires_grad_() for t in torch_params)
     dy = torch.randn(case.M, case.K, device="cuda", dtype=DTYPE)
     return x.requires_grad_(case.backward), mlp, weights, dy
 
