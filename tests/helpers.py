@@ -7,6 +7,14 @@ DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def hopper_kernels_run() -> bool:
+    """Whether the sm_90a kernels can run here: an sm_90 GPU and a build with their code."""
+    from fusedkernels import _native
+
+    archs = _native.build_info().get("archs", [])
+    return torch.cuda.get_device_capability() == (9, 0) and any(a.startswith("90a") for a in archs)
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

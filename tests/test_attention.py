@@ -17,7 +17,7 @@ import fusedkernels.ops as fops
 from fusedkernels import _native
 from fusedkernels.ops.attention import attention_mask_ref, attention_ref, attention_varlen_ref
 
-from .helpers import assert_close_to_ref, check_graph_replays, max_err, poison_allocator
+from .helpers import assert_close_to_ref, check_graph_replays, hopper_kernels_run, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("attention"), reason="needs the native attention ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -786,7 +786,7 @@ def test_warp_specialised_kernels(case, bias_kind, dtype, monkeypatch):
 @pytest.mark.cuda
 @needs_native
 def test_warp_specialised_forward_is_what_runs_and_hands_on_what_it_does_not_take():
-    if torch.cuda.get_device_capability() != (9, 0) or not any(a.startswith("90a") for a in _native.build_info().get("archs", [])):
+    if not hopper_kernels_run():
         pytest.skip("the Hopper kernels run on sm_90 from a build with sm_90a code")
     q, k, v = _qkv(2, 300, 300, 4, 2, 128, dtype=torch.bfloat16, device="cuda")
     names = _cuda_kernels_run(lambda: fops.attention(q, k, v, causal=True))
@@ -826,7 +826,7 @@ def _cuda_kernels_run(fn) -> list[str]:
 @pytest.mark.cuda
 @needs_native
 def test_hopper_kernels_are_what_runs_on_sm90(monkeypatch):
-    if torch.cuda.get_device_capability() != (9, 0) or not any(a.startswith("90a") for a in _native.build_info().get("archs", [])):
+    if not hopper_kernels_run():
         pytest.skip("the Hopper kernels run on sm_90 from a build with sm_90a code")
     q, k, v = _qkv(1, 300, 300, 2, 2, 128, dtype=torch.bfloat16, device="cuda")
     names = _cuda_kernels_run(lambda: fops.attention(q, k, v, causal=True))

@@ -20,7 +20,7 @@ from fusedkernels import _native
 from fusedkernels.ops import conv as conv_module
 from fusedkernels.ops.conv import _without_native, conv2d_bias_relu_ref
 
-from .helpers import assert_close_to_ref, check_graph_replays, max_err, poison_allocator
+from .helpers import assert_close_to_ref, check_graph_replays, hopper_kernels_run, max_err, poison_allocator
 
 needs_native = pytest.mark.skipif(not _native.has_op("conv2d_bias_relu"), reason="needs the native conv ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -789,12 +789,6 @@ def test_cuda_forward_and_grads_against_fp32_reference(case, residual, dtype, ke
         assert_close_to_ref(o.float(), p, q.float(), name, floor=eps)
 
 
-def _our_kernel_runs() -> bool:
-    """Whether our implicit GEMM can run here: an sm_90 GPU and a build with its code."""
-    archs = _native.build_info().get("archs", [])
-    return torch.cuda.get_device_capability() == (9, 0) and any(a.startswith("90a") for a in archs)
-
-
 def _engine_that_ran(x, w, b, r, monkeypatch, choice="", cudnn=True):
     """Which path one conv2d_bias_relu call took with FUSEDKERNELS_CONV_KERNEL=choice and cuDNN enabled or not, by
     the CUDA kernels it ran: "ours" (the implicit GEMM), "reference" (PyTorch's elementwise add / relu after the
@@ -836,7 +830,7 @@ def test_route_by_layer_class(residual, monkeypatch):
     reduction = _cuda_inputs((2, 256, (13, 11), 64, 1, 1, 0), torch.bfloat16)[:4]
     if not residual:
         expansion, reduction = expansion[:3] + (None,), reduction[:3] + (None,)
-    ours = "ours" if _our_kernel_runs() else None
+    ours = "ours" if hopper_kernels_run() else None
     cudnn = {"expansion": "cudnn" if _cudnn_fuses(*expansion) else None,
              "reduction": "cudnn" if _cudnn_fuses(*reduction) else None}
     cases = [  # (inputs, FUSEDKERNELS_CONV_KERNEL, cuDNN enabled, the paths in order of preference)
@@ -890,7 +884,7 @@ def test_cuda_routing_warns_once_per_reason_and_runs_the_reference(monkeypatch):
 @pytest.mark.parametrize("dilation", [1, 2, (1, 3)], ids=str)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_cuda_kernel_takes_channels_last_calls_without_warning(dtype, dilation, kernel, monkeypatch):
-    if kernel[1] == "sm90" and not _our_kernel_runs():
+    if kernel[1] == "sm90" and not hopper_kernels_run():
         pytest.skip("our kernel runs on sm_90 from a build with its code (else the reference, with a warning)")
     monkeypatch.setenv(*kernel)
     x, w, b, r = _inputs(2, 16, (13, 11), 24, 3, dtype, "cuda", residual=True, padding=2, dilation=dilation)

@@ -20,7 +20,8 @@ import fusedkernels.ops as fops
 from fusedkernels import _build, _native
 from fusedkernels.ops.gemm import ACTIVATIONS, GATE_ACTIVATION, GATED_ACTIVATIONS, linear_act_ref, linear_gated_ref
 
-from .helpers import DEVICES, assert_close_to_ref, check_graph_replays, grad_in_layout, max_err, poison_allocator
+from .helpers import (DEVICES, assert_close_to_ref, check_graph_replays, grad_in_layout, hopper_kernels_run, max_err,
+                      poison_allocator)
 
 needs_native = pytest.mark.skipif(not _native.has_op("linear_act"), reason="needs the native gemm ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -577,9 +578,7 @@ def test_autocast_casts_like_torch_linear():
 @pytest.mark.cuda
 @needs_native
 def test_hopper_kernel_is_what_runs_on_sm90():
-    if torch.cuda.get_device_capability() != (9, 0) or not any(
-        a.startswith("90a") for a in _native.build_info().get("archs", [])
-    ):
+    if not hopper_kernels_run():
         pytest.skip("the Hopper kernel runs on sm_90 from a build with sm_90a code")
     x, w, b, r = _inputs((300,), 136, 264, torch.bfloat16, "cuda", True, True)
     with warnings.catch_warnings(record=True) as caught:
@@ -626,7 +625,7 @@ def test_portable_kernel_is_what_runs_off_hopper_or_when_forced(kernels):
     archs = _native.build_info().get("archs", [])
     if major < 8 or not _build.runs_on(archs, major, minor):
         pytest.skip("the portable kernel runs on sm_80 and newer, from a build with code for the GPU")
-    if kernels != "portable" and (major, minor) == (9, 0) and any(a.startswith("90a") for a in archs):
+    if kernels != "portable" and hopper_kernels_run():
         pytest.skip("the Hopper kernel runs on sm_90 unless the portable one is forced")
     x, w, b, r = _inputs((300,), 136, 264, torch.bfloat16, "cuda", True, True)
     with warnings.catch_warnings(record=True) as caught:
