@@ -13,7 +13,7 @@ namespace fusedkernels::gemm {
 // the relative error of Φ at negative z under 2e-3 down to z = -5, where the sum in fp32 (torch's too) has lost 4% to
 // cancellation, and 57% by z = -5.5.
 __device__ __forceinline__ float normal_cdf(float z) {
-  const float t = __fdividef(1.0f, fmaf(0.3275911f * 0.70710678118654752f, fabsf(z), 1.0f));
+  const float t = fast_rcp(fmaf(0.3275911f * 0.70710678118654752f, fabsf(z), 1.0f));
   const float poly = t * fmaf(t, fmaf(t, fmaf(t, fmaf(t, 0.5307027145f, -0.7265760135f), 0.7107068705f),
                                       -0.142248368f), 0.127414796f);
   const float tail = poly * fast_exp2(z * (z * -0.72134752044448170f));  // e^(-z²/2) = 2^(-z² / (2 ln 2))
@@ -30,9 +30,9 @@ __device__ __forceinline__ float activate(float z) {
   if constexpr (kAct == Activation::kGelu) return z * normal_cdf(z);
   if constexpr (kAct == Activation::kGeluTanh) {
     const float two_u = 1.5957691216057308f * fmaf(0.044715f * z, z * z, z);
-    return __fdividef(z, 1.0f + __expf(-two_u));  // a huge denominator gives z * 0
+    return z * fast_rcp(1.0f + __expf(-two_u));  // a huge denominator gives z * 0
   }
-  if constexpr (kAct == Activation::kSilu) return __fdividef(z, 1.0f + __expf(-z));
+  if constexpr (kAct == Activation::kSilu) return z * fast_rcp(1.0f + __expf(-z));
   if constexpr (kAct == Activation::kSquaredRelu) {
     const float r = relu(z);
     return r * r;
@@ -48,7 +48,7 @@ __device__ __forceinline__ float activate(float z) {
 template <Activation kAct, bool kFast = false>
 __device__ __forceinline__ void activation_and_slope(float g, float& act, float& slope) {
   if constexpr (kAct == Activation::kSilu) {
-    const float s = kFast ? __fdividef(1.0f, 1.0f + __expf(-g)) : 1.0f / (1.0f + __expf(-g));
+    const float s = kFast ? fast_rcp(1.0f + __expf(-g)) : 1.0f / (1.0f + __expf(-g));
     act = g * s;
     slope = s * fmaf(g, 1.0f - s, 1.0f);
   } else if constexpr (kAct == Activation::kGelu) {  // g Φ(g): Φ(g) + g φ(g)
@@ -57,7 +57,7 @@ __device__ __forceinline__ void activation_and_slope(float g, float& act, float&
     slope = fmaf(g * 0.39894228040143268f, __expf(-0.5f * g * g), cdf);
   } else if constexpr (kAct == Activation::kGeluTanh) {  // g (1 + tanh(u)) / 2, u = √(2/π) (g + 0.044715 g³)
     const float u = 0.79788456080286536f * fmaf(0.044715f * g, g * g, g);
-    const float t = kFast ? 1.0f - __fdividef(2.0f, 1.0f + __expf(2.0f * u)) : tanhf(u);  // e^2u = inf: t = 1
+    const float t = kFast ? fmaf(-2.0f, fast_rcp(1.0f + __expf(2.0f * u)), 1.0f) : tanhf(u);  // e^2u = inf: t = 1
     act = 0.5f * g * (1.0f + t);
     slope = fmaf(0.5f * g * (1.0f - t * t), 0.79788456080286536f * fmaf(0.134145f * g, g, 1.0f), 0.5f * (1.0f + t));
   } else if constexpr (kAct == Activation::kSquaredRelu) {  // relu(g)^2: 2 relu(g)

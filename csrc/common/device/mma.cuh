@@ -71,4 +71,12 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// 1/x with the hardware approximation (rcp.approx: at most 1 ulp off; 1/inf = +0), one instruction where
+// __fdividef(1, x) adds three to rescale a denormal x: for the epilogues' 1 + e^u and 1 + c |z|, which are >= 1.
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 }  // namespace fusedkernels

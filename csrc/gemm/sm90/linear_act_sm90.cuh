@@ -347,7 +347,6 @@ struct Epilogue {
   __device__ __forceinline__ void store_out_in_one_pass(const Accumulators& acc, int row0, int col0) {
     // none and relu commute with the rounding (relu of a T value is one) when nothing is added: else z is rounded
     constexpr bool kRoundZ = kResidual || !(kAct == Activation::kRelu || kAct == Activation::kNone);
-    const auto rounded = [](float z) { return kRoundZ ? to_float(from_float<T>(z)) : z; };
     const bool before = p.residual_before_activation;  // act(z + residual)
     stage_bias_and_wait_buffer();
     if constexpr (kResidual) {
@@ -355,8 +354,11 @@ struct Epilogue {
       residual_phase ^= 1;
     }
     for_each_pair(acc, [&](uint32_t* pair, float z0, float z1) {
-      z0 = rounded(z0);
-      z1 = rounded(z1);
+      if constexpr (kRoundZ) {  // both with one conversion
+        const uint32_t z = pack2<T>(z0, z1);
+        z0 = to_float(from_bits<T>(z & 0xffffu));
+        z1 = to_float(from_bits<T>(z >> 16));
+      }
       float r0 = 0.0f, r1 = 0.0f;
       if constexpr (kResidual) {
         const uint32_t res = *pair;
