@@ -20,7 +20,8 @@ __device__ __forceinline__ float normal_cdf(float z) {
   return z >= 0.0f ? 1.0f - tail : tail;
 }
 
-// act(z) in fp32, PyTorch's definitions (docs/gemm.md), computed through one exponential each:
+// act(z) in fp32, PyTorch's definitions (docs/gemm.md), computed through one exponential and one reciprocal each
+// (fast_exp2, fast_rcp: the hardware's approximations without __expf's and __fdividef's denormal rescaling):
 //   gelu       z Φ(z)
 //   gelu_tanh  z (1 + tanh(u)) / 2 = z sigmoid(2u), u = √(2/π) (z + 0.044715 z³)
 //   silu       z sigmoid(z)
@@ -29,10 +30,10 @@ __device__ __forceinline__ float activate(float z) {
   if constexpr (kAct == Activation::kRelu) return relu(z);
   if constexpr (kAct == Activation::kGelu) return z * normal_cdf(z);
   if constexpr (kAct == Activation::kGeluTanh) {
-    const float two_u = 1.5957691216057308f * fmaf(0.044715f * z, z * z, z);
-    return z * fast_rcp(1.0f + __expf(-two_u));  // a huge denominator gives z * 0
+    // e^(-2u) = 2^(-2 √(2/π) log2(e) (z + 0.044715 z³)); a huge denominator gives z * 0
+    return z * fast_rcp(1.0f + fast_exp2(-2.3022082f * fmaf(0.044715f * z, z * z, z)));
   }
-  if constexpr (kAct == Activation::kSilu) return z * fast_rcp(1.0f + __expf(-z));
+  if constexpr (kAct == Activation::kSilu) return z * fast_rcp(1.0f + fast_exp2(z * -1.4426950408889634f));
   if constexpr (kAct == Activation::kSquaredRelu) {
     const float r = relu(z);
     return r * r;
@@ -43,21 +44,26 @@ __device__ __forceinline__ float activate(float z) {
 // act(g) and act'(g) in fp32, PyTorch's definitions, for the backward passes. The memory-bound passes
 // (gated_backward.cu, act_backward.cu) take the exact division, erf and tanh. kFast, the GEMM epilogue's: its
 // arithmetic slows the other consumer's products on the SM (docs/perf-notes.md, gemm: gated MLP backward v1.4), so
-// silu's division is the approximate one (2 ulp), and gelu's erf and gelu_tanh's tanh go through one exponential
-// (normal_cdf above; tanh(u) = 1 - 2 / (1 + e^2u)): errors near fp32's rounding, far below the output's.
+// silu's division is the approximate one (2 ulp), gelu's erf and gelu_tanh's tanh go through one exponential
+// (normal_cdf above; tanh(u) = 1 - 2 / (1 + e^2u)), and the exponentials and reciprocals are the hardware's without
+// the denormal rescaling (fast_exp2, fast_rcp: the same results but below 2^-126): errors near fp32's rounding, far
+// below the output's.
 template <Activation kAct, bool kFast = false>
 __device__ __forceinline__ void activation_and_slope(float g, float& act, float& slope) {
   if constexpr (kAct == Activation::kSilu) {
-    const float s = kFast ? fast_rcp(1.0f + __expf(-g)) : 1.0f / (1.0f + __expf(-g));
+    const float e = kFast ? fast_exp2(g * -1.4426950408889634f) : __expf(-g);
+    const float s = kFast ? fast_rcp(1.0f + e) : 1.0f / (1.0f + e);
     act = g * s;
     slope = s * fmaf(g, 1.0f - s, 1.0f);
   } else if constexpr (kAct == Activation::kGelu) {  // g Φ(g): Φ(g) + g φ(g)
     const float cdf = kFast ? normal_cdf(g) : 0.5f * (1.0f + erff(g * 0.70710678118654752f));
     act = g * cdf;
-    slope = fmaf(g * 0.39894228040143268f, __expf(-0.5f * g * g), cdf);
+    const float density = kFast ? fast_exp2(g * (g * -0.72134752044448170f)) : __expf(-0.5f * g * g);
+    slope = fmaf(g * 0.39894228040143268f, density, cdf);
   } else if constexpr (kAct == Activation::kGeluTanh) {  // g (1 + tanh(u)) / 2, u = √(2/π) (g + 0.044715 g³)
     const float u = 0.79788456080286536f * fmaf(0.044715f * g, g * g, g);
-    const float t = kFast ? fmaf(-2.0f, fast_rcp(1.0f + __expf(2.0f * u)), 1.0f) : tanhf(u);  // e^2u = inf: t = 1
+    const float t = kFast ? fmaf(-2.0f, fast_rcp(1.0f + fast_exp2(u * 2.8853900817779268f)), 1.0f)  // e^2u = inf: 1
+                          : tanhf(u);
     act = 0.5f * g * (1.0f + t);
     slope = fmaf(0.5f * g * (1.0f - t * t), 0.79788456080286536f * fmaf(0.134145f * g, g, 1.0f), 0.5f * (1.0f + t));
   } else if constexpr (kAct == Activation::kSquaredRelu) {  // relu(g)^2: 2 relu(g)

@@ -31,6 +31,17 @@ __device__ __forceinline__ __half from_bits<__half>(unsigned short b) { return _
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_bits<__nv_bfloat16>(unsigned short b) { return __ushort_as_bfloat16(b); }
 
+// The two T of a packed pair (lo in the low half) as floats; for bf16 two bit operations (the high half stays where
+// a float's high half is, instead of a shift down and back up).
+template <typename T>
+__device__ __forceinline__ float2 unpack2(unsigned int pair) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return make_float2(__uint_as_float(pair << 16), __uint_as_float(pair & 0xffff0000u));
+  } else {
+    return make_float2(to_float(from_bits<T>(pair & 0xffffu)), to_float(from_bits<T>(pair >> 16)));
+  }
+}
+
 // N elements of T (8, 16 or 32 bytes in all) moved with 8- or 16-byte accesses. The elements live packed
 // in 32-bit words: copying an array of __half / __nv_bfloat16 (user-defined copies) compiles to 2-byte
 // accesses.

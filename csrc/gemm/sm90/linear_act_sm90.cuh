@@ -167,7 +167,7 @@ struct Epilogue {
   // The bias at accumulator columns col, col + 1 (even), from the staged pairs.
   __device__ __forceinline__ float2 staged_bias(int col) const {
     const uint32_t pair = bias_pairs[col / 2];
-    return make_float2(to_float(from_bits<T>(pair & 0xffffu)), to_float(from_bits<T>(pair >> 16)));
+    return unpack2<T>(pair);
   }
 
   // fn(pair, z0, z1) for each pair of this thread's accumulators: z = acc + bias (fp32) at columns col, col + 1 of
@@ -355,15 +355,16 @@ struct Epilogue {
     }
     for_each_pair(acc, [&](uint32_t* pair, float z0, float z1) {
       if constexpr (kRoundZ) {  // both with one conversion
-        const uint32_t z = pack2<T>(z0, z1);
-        z0 = to_float(from_bits<T>(z & 0xffffu));
-        z1 = to_float(from_bits<T>(z >> 16));
+        const float2 z = unpack2<T>(pack2<T>(z0, z1));
+        z0 = z.x;
+        z1 = z.y;
       }
       float r0 = 0.0f, r1 = 0.0f;
       if constexpr (kResidual) {
         const uint32_t res = *pair;
-        r0 = to_float(from_bits<T>(res & 0xffffu));
-        r1 = to_float(from_bits<T>(res >> 16));
+        const float2 r = unpack2<T>(res);
+        r0 = r.x;
+        r1 = r.y;
         z0 += before ? r0 : 0.0f;
         z1 += before ? r1 : 0.0f;
         r0 = before ? 0.0f : r0;
