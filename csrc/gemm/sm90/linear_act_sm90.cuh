@@ -365,10 +365,11 @@ struct Epilogue {
         const float2 r = unpack2<T>(res);
         r0 = r.x;
         r1 = r.y;
-        z0 += before ? r0 : 0.0f;
-        z1 += before ? r1 : 0.0f;
-        r0 = before ? 0.0f : r0;
-        r1 = before ? 0.0f : r1;
+        if (before) {  // act(z + residual): nothing added after
+          z0 += r0;
+          z1 += r1;
+          r0 = r1 = 0.0f;
+        }
       }
       *pair = pack2<T>(activate<kAct>(z0) + r0, activate<kAct>(z1) + r1);
     });
