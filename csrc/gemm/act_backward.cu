@@ -1,7 +1,8 @@
 // linear_act's backward between the gradient GEMMs: dz = dy * act'(z) and the bias gradient (the column sums of dz)
 // in one pass. A CTA takes 32 column vectors (256 columns of 16-bit data) of a chunk of rows: its 8 warps read the
-// chunk's rows 8 apart, each lane one 16-byte vector of a row (a warp reads 512 contiguous bytes), keeping float32
-// sums of its 8 columns; the warps' sums meet in shared memory and go out as the chunk's partial row, which a
+// chunk's rows 8 apart, each lane one 16-byte vector of a row (a warp reads 512 contiguous bytes), four rows' loads
+// issued before their arithmetic (one row at a time left too few bytes in flight to reach the copy bandwidth),
+// keeping float32 sums of its 8 columns; the warps' sums meet in shared memory and go out as the chunk's partial row, which a
 // second kernel adds up over the chunks in order. Torch's formulas run the activation's backward, then a sum over
 // dz: one more read of the whole of dz.
 #include <algorithm>
@@ -16,17 +17,21 @@ namespace fusedkernels::gemm {
 namespace {
 
 constexpr int kLanes = 32, kWarps = 8, kVec = 8;  // a CTA: 32 vectors of 8 columns by 8 rows at a time
+constexpr int kRowsInFlight = 4;                   // a warp's rows loaded together
+constexpr int kBlocksPerSm = 3;                    // resident CTAs an SM (85 registers a thread: no spill)
 
 int64_t column_chunks(const ActBackwardParams& p) { return ceil_div(p.n, kLanes * kVec); }
 
-// Row chunks: enough CTAs for 4 per SM, at least 8 rows a chunk (one per warp), at most 1024 chunks.
+// Row chunks: as many CTAs as are resident at once (kBlocksPerSm per SM) but not more, so the grid is one wave (a
+// second wave of a few CTAs doubled the pass's time at n = 16384); at least 8 rows a chunk (one per warp), at most
+// 1024 chunks.
 int64_t row_chunks(const ActBackwardParams& p) {
-  const int64_t wanted = ceil_div(4 * int64_t(sm_count()), column_chunks(p));
+  const int64_t wanted = kBlocksPerSm * int64_t(sm_count()) / column_chunks(p);
   return std::clamp<int64_t>(wanted, 1, std::min<int64_t>(ceil_div(p.rows, kWarps), 1024));
 }
 
 template <typename T, Activation kAct, bool kBias>
-__global__ void __launch_bounds__(kLanes * kWarps) act_backward_kernel(const ActBackwardParams p) {
+__global__ void __launch_bounds__(kLanes * kWarps, kBlocksPerSm) act_backward_kernel(const ActBackwardParams p) {
   __shared__ float sums[kWarps][kLanes * kVec];
   const int lane = threadIdx.x % kLanes, warp = threadIdx.x / kLanes;
   const int64_t col = (int64_t(blockIdx.x) * kLanes + lane) * kVec;
@@ -37,19 +42,31 @@ __global__ void __launch_bounds__(kLanes * kWarps) act_backward_kernel(const Act
   T* dz = static_cast<T*>(p.dz);
   float sum[kVec] = {};
   if (col < p.n) {
-    for (int64_t row = row0 + warp; row < row1; row += kWarps) {
-      Vec<T, kVec> d, g, out;
-      d.load(dy + row * p.dy_row_stride + col);
-      g.load(z + row * p.z_row_stride + col);
+    for (int64_t first = row0 + warp; first < row1; first += kWarps * kRowsInFlight) {
+      Vec<T, kVec> d[kRowsInFlight], g[kRowsInFlight];
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        float act, slope;
-        activation_and_slope<kAct>(g.get(j), act, slope);
-        // relu: a select, as torch's threshold_backward (an inf / NaN gradient where z <= 0 gives 0, not NaN)
-        out.set(j, kAct == Activation::kRelu ? (slope != 0.0f ? d.get(j) : 0.0f) : d.get(j) * slope);
-        if constexpr (kBias) sum[j] += out.get(j);  // the sum of dz as stored, as torch sums the rounded dz
+      for (int i = 0; i < kRowsInFlight; ++i) {
+        const int64_t row = first + i * kWarps;
+        if (row < row1) {
+          d[i].load(dy + row * p.dy_row_stride + col);
+          g[i].load(z + row * p.z_row_stride + col);
+        }
       }
-      out.store(dz + row * p.n + col);
+#pragma unroll
+      for (int i = 0; i < kRowsInFlight; ++i) {
+        const int64_t row = first + i * kWarps;
+        if (row >= row1) break;
+        Vec<T, kVec> out;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          float act, slope;
+          activation_and_slope<kAct, true>(g[i].get(j), act, slope);
+          // relu: a select, as torch's threshold_backward (an inf / NaN gradient where z <= 0 gives 0, not NaN)
+          out.set(j, kAct == Activation::kRelu ? (slope != 0.0f ? d[i].get(j) : 0.0f) : d[i].get(j) * slope);
+          if constexpr (kBias) sum[j] += out.get(j);  // the sum of dz as stored, as torch sums the rounded dz
+        }
+        out.store(dz + row * p.n + col);
+      }
     }
   }
   if constexpr (kBias) {

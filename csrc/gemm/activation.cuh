@@ -41,9 +41,10 @@ __device__ __forceinline__ float activate(float z) {
   return z;
 }
 
-// act(g) and act'(g) in fp32, PyTorch's definitions, for the backward passes. The memory-bound passes
-// (gated_backward.cu, act_backward.cu) take the exact division, erf and tanh. kFast, the GEMM epilogue's: its
-// arithmetic slows the other consumer's products on the SM (docs/perf-notes.md, gemm: gated MLP backward v1.4), so
+// act(g) and act'(g) in fp32, PyTorch's definitions, for the backward passes. gated_backward.cu takes the exact
+// division, erf and tanh. kFast, the GEMM epilogue's and act_backward.cu's: the epilogue's arithmetic slows the other
+// consumer's products on the SM (docs/perf-notes.md, gemm: gated MLP backward v1.4), and with erff the activation
+// pass ran at half the copy bandwidth (its two loads an element against about 40 instructions for gelu'), so
 // silu's division is the approximate one (2 ulp), gelu's erf and gelu_tanh's tanh go through one exponential
 // (normal_cdf above; tanh(u) = 1 - 2 / (1 + e^2u)), and the exponentials and reciprocals are the hardware's without
 // the denormal rescaling (fast_exp2, fast_rcp: the same results but below 2^-126): errors near fp32's rounding, far
