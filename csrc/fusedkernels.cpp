@@ -67,9 +67,10 @@ using AttentionVarlen = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
 constexpr char kLinearAct[] = "fusedkernels::linear_act";
 constexpr char kLinearGated[] = "fusedkernels::linear_gated";
 using LinearAct = Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, const OptTensor&);
+constexpr char kMlp[] = "fusedkernels::mlp";
 constexpr char kGatedMlp[] = "fusedkernels::gated_mlp";
-using GatedMlp = Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                        c10::string_view, const OptTensor&);
+using Mlp = Tensor(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, c10::string_view,
+                   const OptTensor&);
 constexpr char kConv2dBiasRelu[] = "fusedkernels::conv2d_bias_relu";
 using Conv2dBiasRelu = Tensor(const Tensor&, const Tensor&, const OptTensor&, at::IntArrayRef, at::IntArrayRef,
                               at::IntArrayRef, const OptTensor&);
@@ -114,7 +115,8 @@ PyMethodDef methods[] = {
     {"linear_act", fast<LinearAct, kLinearAct>(), METH_FASTCALL, "fusedkernels::linear_act, or NotImplemented"},
     {"linear_gated", fast<LinearAct, kLinearGated>(), METH_FASTCALL,
      "fusedkernels::linear_gated, or NotImplemented"},
-    {"gated_mlp", fast<GatedMlp, kGatedMlp>(), METH_FASTCALL, "fusedkernels::gated_mlp, or NotImplemented"},
+    {"mlp", fast<Mlp, kMlp>(), METH_FASTCALL, "fusedkernels::mlp, or NotImplemented"},
+    {"gated_mlp", fast<Mlp, kGatedMlp>(), METH_FASTCALL, "fusedkernels::gated_mlp, or NotImplemented"},
     {"conv2d_bias_relu", fast<Conv2dBiasRelu, kConv2dBiasRelu>(), METH_FASTCALL,
      "fusedkernels::conv2d_bias_relu, or NotImplemented"},
     {"batch_norm_relu", fast<BatchNormRelu, kBatchNormRelu>(), METH_FASTCALL,

@@ -118,8 +118,8 @@ if "attention" in FAMILIES:
 if "gemm" in FAMILIES:
     # gemm: both kernels; linear_act with every epilogue input, tails of M, N and K, and the pre-activation the
     # backward reads; linear_gated likewise; and enough tiles that each CTA of the Hopper kernel runs several,
-    # so its two consumers take turns. The backward is PyTorch's GEMMs and (gated) the gated_backward pass:
-    # memcheck only (racecheck reports cuBLAS's split-K kernels; the gated pass shares no memory).
+    # so its two consumers take turns. The backward is PyTorch's GEMMs and the act_backward / gated_backward passes:
+    # memcheck only (racecheck reports cuBLAS's split-K kernels; the passes share no memory but act_backward's sums).
     backward = "--fp32-optim" not in sys.argv
     for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
         for kernels in ("default", "portable"):
@@ -141,6 +141,9 @@ if "gemm" in FAMILIES:
                 dy, wd = torch.randn(rows, 264, device="cuda", dtype=dtype), torch.randn(264, 136, device="cuda", dtype=dtype)
                 torch.ops.fusedkernels.gated_dgrad(dy, wd, z, 4)
                 torch.ops.fusedkernels.gated_dgrad_(dy, wd, z, 2)
+                # the plain MLP's: act' and the bias gradient's column sums in the same epilogue (gelu, squared relu)
+                for act in (2, 5):
+                    torch.ops.fusedkernels.act_dgrad(dy, wd, z[:, :136].contiguous(), act)
         os.environ.pop("FUSEDKERNELS_GEMM_KERNEL")
     torch.cuda.synchronize()
     print("sanitize_kernels: ran the gemm kernels")

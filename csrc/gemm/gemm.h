@@ -50,6 +50,13 @@ struct LinearActParams {
   // z = gate | up [m, 2n], and out receives dz = (dh * up * act'(gate)) | (dh * act(gate)) [m, 2n], which may be z
   // itself (each element is read and then written by one thread). activation: the gate's; no bias, no split-K.
   bool gated_grad = false;
+  // The plain MLP's backward in the same place (Hopper kernel only): x, weight and the product dh as for gated_grad;
+  // residual is the plain forward's saved pre-activation z [m, n], and out receives dz = dh * act'(z) [m, n] (may be
+  // z itself). Where dbias_partials is set, the column sums of dz as stored, over each 64-row tile, go to it
+  // ([ceil(m / 64), n] fp32; the caller adds them up in order: the bias gradient, deterministic). activation: any
+  // but none; no bias, no split-K.
+  bool act_grad = false;
+  float* dbias_partials = nullptr;
   // Split-K, for calls with too few output tiles to fill the GPU (small m): the GEMM writes fp32 partial sums
   // of x W^T over split_k slices of K into workspace [split_k, m, n] ([split_k, m, 2n] gated, gate | up), and a
   // second kernel adds them up and applies the epilogue. split_k from linear_act_split_k.

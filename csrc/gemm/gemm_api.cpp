@@ -286,6 +286,55 @@ std::tuple<Tensor, Tensor> act_backward_cuda(const Tensor& dy, const Tensor& z, 
   return act_backward_reference(dy, z, act);
 }
 
+// act_dgrad's CUDA kernel: dz = dh * act'(z) with dh = dy @ weight and dbias = the column sums of dz, by the Hopper
+// GEMM with the plain backward in its epilogue (gemm.h: act_grad; weight read as stored, [k, n] MN-major; the tiles'
+// column sums added up here in order); where it does not take the call, PyTorch's GEMM and act_backward's pass.
+std::tuple<Tensor, Tensor> act_dgrad_cuda(const Tensor& dy, const Tensor& weight, const Tensor& z, int64_t activation) {
+  const char* op = "act_dgrad";
+  TORCH_CHECK_VALUE(weight.dim() == 2 && dy.dim() >= 1 && dy.size(-1) == weight.size(0), op,
+                    ": dy must be [..., out_features] and weight [out_features, hidden], got ", shape(dy), " and ",
+                    shape(weight));
+  const int64_t n = weight.size(1), k = weight.size(0);
+  TORCH_CHECK_VALUE(z.dim() == dy.dim() && z.size(-1) == n && z.numel() / std::max<int64_t>(n, 1) ==
+                        dy.numel() / std::max<int64_t>(k, 1), op,
+                    ": pre_activation must be [..., hidden] with dy's rows, got ", shape(z));
+  TORCH_CHECK_VALUE(activation > 0 && activation <= static_cast<int64_t>(Activation::kSquaredRelu), op,
+                    ": activation must be a gemm::Activation value other than none, got ", num(activation));
+  TORCH_CHECK_VALUE(dy.device() == z.device() && weight.device() == z.device(), op,
+                    ": dy, weight and pre_activation must be on one device");
+  const Activation act = static_cast<Activation>(activation);
+  const c10::cuda::CUDAGuard guard(z.device());
+  const bool half = z.scalar_type() == at::kHalf || z.scalar_type() == at::kBFloat16;
+  if (half && dy.scalar_type() == z.scalar_type() && weight.scalar_type() == z.scalar_type() && z.numel() > 0 &&
+      k > 0 && n % kAlign == 0 && k % kAlign == 0 && weight.stride(1) == 1) {
+    const Tensor dy_rows = as_rows(dy, k), z_rows = as_rows(z, n);
+    const int64_t m = dy_rows.size(0);
+    Tensor dz = at::empty(z.sizes(), z.options());
+    const Tensor partials = at::empty({(m + 63) / 64, n}, z.options().dtype(at::kFloat));
+    LinearActParams p;
+    p.dtype = to_dtype(z.scalar_type());
+    p.m = m;
+    p.n = n;
+    p.k = k;
+    p.x = dy_rows.data_ptr();
+    p.x_row_stride = row_stride(dy_rows);
+    p.weight = weight.data_ptr();  // [k, n] as stored: the kernel reads it MN-major
+    p.weight_row_stride = weight.size(0) > 1 ? weight.stride(0) : n;
+    p.residual = z_rows.data_ptr();
+    p.residual_row_stride = row_stride(z_rows);
+    p.out = dz.data_ptr();
+    p.out_row_stride = n;
+    p.activation = act;
+    p.act_grad = true;
+    p.dbias_partials = partials.data_ptr<float>();
+    if (linear_act_supported(p)) {
+      check_launch(linear_act(p, c10::cuda::getCurrentCUDAStream()), op);
+      return {dz, partials.sum(0).to(z.scalar_type())};
+    }
+  }
+  return act_backward_cuda(at::matmul(dy, weight), z, activation);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
@@ -295,6 +344,7 @@ TORCH_LIBRARY_IMPL(fusedkernels, CUDA, m) {
   m.impl("act_backward", &act_backward_cuda);
   m.impl("gated_dgrad", &gated_dgrad_cuda);
   m.impl("gated_dgrad_", &gated_dgrad_inplace_cuda);
+  m.impl("act_dgrad", &act_dgrad_cuda);
 }
 
 }  // namespace fusedkernels::gemm

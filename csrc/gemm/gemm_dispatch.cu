@@ -56,8 +56,9 @@ bool linear_act_supported(const LinearActParams& p) {
       (p.bias != nullptr && !is_aligned(p.bias, 16))) {
     return false;
   }
-  if (p.gated_grad) {  // the Hopper kernel's epilogue only, without bias or gate
-    return p.bias == nullptr && !p.gated && p.residual != nullptr &&
+  if (p.gated_grad || p.act_grad) {  // the Hopper kernel's epilogues only, without bias or gate
+    return p.bias == nullptr && !p.gated && !(p.gated_grad && p.act_grad) && p.residual != nullptr &&
+           (!p.act_grad || p.activation != Activation::kNone) &&
            with_type(p.dtype, [&]<typename T>() { return use_sm90<T>(); });
   }
   return with_type(p.dtype, [&]<typename T>() { return use_sm90<T>() || linear_act_sm80_available<T>(); });

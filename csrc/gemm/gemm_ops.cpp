@@ -2,10 +2,10 @@
 // between the fused kernel and the reference, autocast); autograd of the internal linear_act_fwd in C++; the CPU
 // kernel (the reference) and the meta kernel of linear_act_fwd. Its CUDA kernel is in gemm_api.cpp.
 //
-//   fusedkernels::gated_mlp                   CompositeImplicitAutograd: both GEMMs' checks; with a gradient to
-//     -> fusedkernels::gated_mlp_fwd           compute, gated_mlp_fwd (Autograd: GatedMlpBackward, whose dz comes
-//                                              from gated_dgrad: the gated backward in the dgrad GEMM's epilogue);
-//                                              else linear_gated then linear_act
+//   fusedkernels::gated_mlp / mlp             CompositeImplicitAutograd: both GEMMs' checks; with a gradient to
+//     -> fusedkernels::gated_mlp_fwd / mlp_fwd compute, *_fwd (Autograd: MlpBackward, whose dz comes from gated_dgrad
+//                                              / act_dgrad: the act' in the dgrad GEMM's epilogue); else
+//                                              linear_gated / linear_act then linear_act
 //
 //   fusedkernels::linear_act / linear_gated   CompositeImplicitAutograd: check, route, call linear_act_fwd
 //     -> fusedkernels::linear_act_fwd     Autograd: attaches LinearActBackward; CUDA: the fused kernel;
@@ -71,6 +71,20 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // dh = dy @ weight rounded to the dtype; the in-place form writes dz over z (contiguous).
   m.def("gated_dgrad(Tensor dy, Tensor weight, Tensor pre_activation, int activation) -> Tensor");
   m.def("gated_dgrad_(Tensor dy, Tensor weight, Tensor(a!) pre_activation, int activation) -> ()");
+  // The plain MLP (FusedMLP's plain form): fc2(act(fc1(x))) + residual, i.e. linear_act(x, fc1_weight, fc1_bias,
+  // activation) then F.linear (linear_act "none" with a residual), with those ops' checks, autocast and kernels; where
+  // a gradient is needed and the first GEMM takes the kernel, one autograd node whose backward forms dz = dh *
+  // act'(z) and its bias gradient in the epilogue of the GEMM that produces dh (act_dgrad) instead of a separate pass.
+  m.def("mlp(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias,"
+        " str activation=\"gelu\", Tensor? residual=None) -> Tensor");
+  // Internal: mlp's forward, keeping the hidden output h [..., H] and the pre-activation z [..., H] (contiguous).
+  m.def("mlp_fwd(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias,"
+        " int activation, Tensor? residual) -> (Tensor out, Tensor hidden, Tensor pre_activation)");
+  // Internal, the plain form's backward through the GEMM before it: dy [..., out_features] of the next projection
+  // (weight [out_features, H]), pre_activation z [..., H] -> dz = dh * act'(z) with dh = dy @ weight rounded to the
+  // dtype (contiguous, z's shape), and dbias = the sum of dz over its rows ([H], dz's dtype). activation: the
+  // gemm::Activation value, not none.
+  m.def("act_dgrad(Tensor dy, Tensor weight, Tensor pre_activation, int activation) -> (Tensor dz, Tensor dbias)");
 }
 
 namespace fusedkernels::gemm {
@@ -506,16 +520,23 @@ std::tuple<Tensor, Tensor> linear_act_fwd_autograd(const Tensor& x, const Tensor
 }
 
 // ------------------------------------------------------------------------------------------------
-// The gated MLP
+// The MLPs: gated (gated_mlp) and plain (mlp)
 // ------------------------------------------------------------------------------------------------
 
-using GatedMlpFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-                                                       const OptTensor&, int64_t, const OptTensor&);
+using MlpFwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                                  const OptTensor&, int64_t, const OptTensor&);
 using GatedDgrad = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t);
 using GatedDgradInplace = void(const Tensor&, const Tensor&, const Tensor&, int64_t);
+using ActDgrad = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t);
 
-const c10::TypedOperatorHandle<GatedMlpFwd>& gated_mlp_fwd_op() {
-  static const auto op = find_op<GatedMlpFwd>("fusedkernels::gated_mlp_fwd");
+// gated_mlp_fwd (kGated) or mlp_fwd
+template <bool kGated>
+const c10::TypedOperatorHandle<MlpFwd>& mlp_fwd_op() {
+  static const auto op = find_op<MlpFwd>(kGated ? "fusedkernels::gated_mlp_fwd" : "fusedkernels::mlp_fwd");
+  return op;
+}
+const c10::TypedOperatorHandle<ActDgrad>& act_dgrad_op() {
+  static const auto op = find_op<ActDgrad>("fusedkernels::act_dgrad");
   return op;
 }
 const c10::TypedOperatorHandle<GatedDgrad>& gated_dgrad_op() {
@@ -527,16 +548,19 @@ const c10::TypedOperatorHandle<GatedDgradInplace>& gated_dgrad_inplace_op() {
   return op;
 }
 
-// One node for both GEMMs (next edges x, gate_up_weight, gate_up_bias, down_weight, down_bias, residual): dW_down =
-// dy^T h, dbias_down = sum of dy, dz from gated_dgrad (over the saved z when nothing else sees it), then dx = dz Wgu,
-// dWgu = dz^T x, dbias_gu = sum of dz, dresidual = dy. Under create_graph the same formulas in differentiable PyTorch
-// ops on z and h recomputed from x and the weights.
-struct GatedMlpBackward : torch::autograd::Node {
+// One node for both GEMMs (next edges x, the first projection's weight and bias, the second's, residual): dW_down =
+// dy^T h, dbias_down = sum of dy, dz from gated_dgrad (over the saved z when nothing else sees it) or, plain, dz and
+// its bias gradient from act_dgrad, then dx = dz W1, dW1 = dz^T x, dbias_1 = sum of dz, dresidual = dy. Under
+// create_graph the same formulas in differentiable PyTorch ops on z and h recomputed from x and the weights.
+// (gate_up_*: the first projection's, W1 and b1 for the plain form.)
+struct MlpBackward : torch::autograd::Node {
   torch::autograd::SavedVariable x, gate_up_weight, gate_up_bias, down_weight, hidden, pre_activation;
   Activation activation = Activation::kSilu;
-  bool has_gate_up_bias = false, has_down_bias = false;
+  bool gated = true, has_gate_up_bias = false, has_down_bias = false;
 
-  std::string name() const override { return "fusedkernels::GatedMlpBackward"; }
+  std::string name() const override {
+    return gated ? "fusedkernels::GatedMlpBackward" : "fusedkernels::MlpBackward";
+  }
 
   void release_variables() override {
     for (auto* v : {&x, &gate_up_weight, &gate_up_bias, &down_weight, &hidden, &pre_activation}) v->reset_data();
@@ -554,8 +578,12 @@ struct GatedMlpBackward : torch::autograd::Node {
     Tensor z, h;
     if (create_graph) {  // recomputed, so that second derivatives see them depend on x and the weights
       z = at::linear(x_, wgu, has_gate_up_bias ? OptTensor(gate_up_bias.unpack()) : std::nullopt);
-      const auto gate_up = z.chunk(2, -1);
-      h = activation_ref(gate_up[0], activation) * gate_up[1];
+      if (gated) {
+        const auto gate_up = z.chunk(2, -1);
+        h = activation_ref(gate_up[0], activation) * gate_up[1];
+      } else {
+        h = activation_ref(z, activation);
+      }
     } else {
       z = pre_activation.unpack();
       h = hidden.unpack();
@@ -564,9 +592,14 @@ struct GatedMlpBackward : torch::autograd::Node {
     if (want_wd) out[3] = dy_rows.t().mm(as_rows(h));
     if (want_bd) out[4] = dy_rows.sum(0);
     if (want_x || want_wgu || want_bgu) {
-      Tensor dz;
-      if (create_graph) {
-        dz = gated_backward_reference(at::matmul(dy, wd), z, activation);
+      Tensor dz, dbias;
+      if (create_graph || (!gated && !(plain_tensor(dy) && plain_tensor(z)))) {
+        // (a batched or traced plain backward takes ATen's ops, as linear_act's)
+        const Tensor dh = at::matmul(dy, wd);
+        dz = gated ? gated_backward_reference(dh, z, activation) : activation_backward(dh, z, activation);
+      } else if (!gated) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        std::tie(dz, dbias) = act_dgrad_op().call(dy, wd, z, static_cast<int64_t>(activation));
       } else {
         const at::AutoDispatchBelowADInplaceOrView below_autograd;  // no derivative; z is released after this
         if (reusable_pre_activation(pre_activation, z, dy)) {
@@ -579,40 +612,48 @@ struct GatedMlpBackward : torch::autograd::Node {
       if (want_x) out[0] = at::matmul(dz, wgu);
       const Tensor dz_rows = as_rows(dz);
       if (want_wgu) out[1] = dz_rows.t().mm(as_rows(x_));
-      if (want_bgu) out[2] = dz_rows.sum(0);
+      if (want_bgu) out[2] = dbias.defined() ? dbias : dz_rows.sum(0);
     }
     if (task_should_compute_output(5)) out[5] = dy;
     return out;
   }
 };
 
-// gated_mlp_fwd below autograd (every backend: linear_act_fwd's kernels do the work)
-std::tuple<Tensor, Tensor, Tensor> gated_mlp_fwd_impl(const Tensor& x, const Tensor& gate_up_weight,
-                                                      const OptTensor& gate_up_bias, const Tensor& down_weight,
-                                                      const OptTensor& down_bias, int64_t activation,
-                                                      const OptTensor& residual) {
-  activation_of(activation, "gated_mlp_fwd");
-  auto [h, z] = linear_act_fwd_op().call(x, gate_up_weight, gate_up_bias, activation, std::nullopt, true, true);
-  Tensor out = std::get<0>(linear_act_fwd_op().call(h, down_weight, down_bias,
-                                                    static_cast<int64_t>(Activation::kNone), residual, false, false));
+constexpr const char* mlp_name(bool gated) { return gated ? "gated_mlp" : "mlp"; }
+constexpr const char* mlp_fwd_name(bool gated) { return gated ? "gated_mlp_fwd" : "mlp_fwd"; }
+
+// gated_mlp_fwd / mlp_fwd below autograd (every backend: linear_act_fwd's kernels do the work). The plain form's
+// second GEMM without a residual is F.linear (cuBLAS), as linear_act "none" runs it.
+template <bool kGated>
+std::tuple<Tensor, Tensor, Tensor> mlp_fwd_impl(const Tensor& x, const Tensor& gate_up_weight,
+                                                const OptTensor& gate_up_bias, const Tensor& down_weight,
+                                                const OptTensor& down_bias, int64_t activation,
+                                                const OptTensor& residual) {
+  activation_of(activation, mlp_fwd_name(kGated));
+  auto [h, z] = linear_act_fwd_op().call(x, gate_up_weight, gate_up_bias, activation, std::nullopt, true, kGated);
+  Tensor out = !kGated && !residual ? at::linear(h, down_weight, down_bias)
+                                    : std::get<0>(linear_act_fwd_op().call(h, down_weight, down_bias,
+                                                                           static_cast<int64_t>(Activation::kNone),
+                                                                           residual, false, false));
   return {out, h, z};
 }
 
-std::tuple<Tensor, Tensor, Tensor> gated_mlp_fwd_autograd(const Tensor& x, const Tensor& gate_up_weight,
-                                                          const OptTensor& gate_up_bias, const Tensor& down_weight,
-                                                          const OptTensor& down_bias, int64_t activation,
-                                                          const OptTensor& residual) {
-  const Activation act = activation_of(activation, "gated_mlp_fwd");
+template <bool kGated>
+std::tuple<Tensor, Tensor, Tensor> mlp_fwd_autograd(const Tensor& x, const Tensor& gate_up_weight,
+                                                    const OptTensor& gate_up_bias, const Tensor& down_weight,
+                                                    const OptTensor& down_bias, int64_t activation,
+                                                    const OptTensor& residual) {
+  const Activation act = activation_of(activation, mlp_fwd_name(kGated));
   auto results = [&] {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return gated_mlp_fwd_op().call(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual);
+    return mlp_fwd_op<kGated>().call(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual);
   }();
   const bool grad = needs_grad(x, gate_up_weight, gate_up_bias) ||
                     (at::GradMode::is_enabled() &&
                      (requires_grad(down_weight) || requires_grad(down_bias) || requires_grad(residual)));
   if (grad) {
-    auto node = make_node<GatedMlpBackward>();
-    auto& n = static_cast<GatedMlpBackward&>(*node);
+    auto node = make_node<MlpBackward>();
+    auto& n = static_cast<MlpBackward&>(*node);
     n.set_next_edges(
         torch::autograd::collect_next_edges(x, gate_up_weight, gate_up_bias, down_weight, down_bias, residual));
     torch::autograd::set_history(std::get<0>(results), node);
@@ -623,35 +664,38 @@ std::tuple<Tensor, Tensor, Tensor> gated_mlp_fwd_autograd(const Tensor& x, const
     n.hidden = torch::autograd::SavedVariable(std::get<1>(results), false);
     n.pre_activation = torch::autograd::SavedVariable(std::get<2>(results), false);
     n.activation = act;
+    n.gated = kGated;
     n.has_gate_up_bias = gate_up_bias.has_value();
     n.has_down_bias = down_bias.has_value();
   }
   return results;
 }
 
-// gated_mlp's arguments, in its own words: the first projection's as linear_gated checks them, then the down
-// projection's, whose x is the gated output [..., N] (N = gate_up_weight's rows / 2).
-void check_gated_mlp_args(const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
-                          const Tensor& down_weight, const OptTensor& down_bias, const OptTensor& residual) {
-  const char* op = "gated_mlp";
-  check_args(op, x, gate_up_weight, gate_up_bias, std::nullopt, true, false, {"gate_up_weight", "gate_up_bias"}, "N");
-  for (const auto& [name, t] : {std::pair{"down_weight", &down_weight},
-                                std::pair{"down_bias", down_bias ? &*down_bias : nullptr},
+// The MLPs' arguments, in their own words: the first projection's as linear_gated (gated) or linear_act checks them,
+// then the second's, whose x is the hidden output [..., N] (N = the first weight's rows, / 2 gated).
+void check_mlp_args(bool gated, const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
+                    const Tensor& down_weight, const OptTensor& down_bias, const OptTensor& residual) {
+  const char* op = mlp_name(gated);
+  const OperandNames first = gated ? OperandNames{"gate_up_weight", "gate_up_bias"} : OperandNames{"fc1_weight", "fc1_bias"};
+  const OperandNames second = gated ? OperandNames{"down_weight", "down_bias"} : OperandNames{"fc2_weight", "fc2_bias"};
+  check_args(op, x, gate_up_weight, gate_up_bias, std::nullopt, gated, false, first, "N");
+  for (const auto& [name, t] : {std::pair{second.weight, &down_weight},
+                                std::pair{second.bias, down_bias ? &*down_bias : nullptr},
                                 std::pair{"residual", residual ? &*residual : nullptr}}) {
     TORCH_CHECK_NOT_IMPLEMENTED(t == nullptr || (t->layout() == at::kStrided && !t->is_nested()), op,
                                 " takes strided (dense) tensors; ", name, " is ",
                                 t != nullptr && t->is_nested() ? std::string("nested") : c10::str(t ? t->layout() : at::kStrided),
                                 " (F.linear takes nested and sparse ones)");
   }
-  TORCH_CHECK(down_weight.dim() == 2 && sym_same(down_weight.sym_size(1), out_features(gate_up_weight, true)), op,
-              ": down_weight must be [out_features, N], N the hidden width (gate_up_weight is [2 * N, in_features] = ",
-              shape(gate_up_weight), "), got ", shape(down_weight));
+  TORCH_CHECK(down_weight.dim() == 2 && sym_same(down_weight.sym_size(1), out_features(gate_up_weight, gated)), op,
+              ": ", second.weight, " must be [out_features, N], N the hidden width (", first.weight, " is [",
+              gated ? "2 * " : "", "N, in_features] = ", shape(gate_up_weight), "), got ", shape(down_weight));
   check_operands_like_x(op, x, down_weight, down_bias, residual, /*residual_any_dtype=*/true, /*internal=*/false,
-                        {"down_weight", "down_bias"});
+                        second);
   if (down_bias) {
-    TORCH_CHECK(down_bias->dim() == 1 && sym_same(down_bias->sym_size(0), down_weight.sym_size(0)), op,
-                ": down_bias must be [out_features] = ", shape(c10::SymIntArrayRef(down_weight.sym_sizes().data(), 1)),
-                ", got ", shape(*down_bias));
+    TORCH_CHECK(down_bias->dim() == 1 && sym_same(down_bias->sym_size(0), down_weight.sym_size(0)), op, ": ",
+                second.bias, " must be [out_features] = ",
+                shape(c10::SymIntArrayRef(down_weight.sym_sizes().data(), 1)), ", got ", shape(*down_bias));
   }
   if (residual) {
     std::vector<c10::SymInt> sizes(x.sym_sizes().begin(), x.sym_sizes().end());
@@ -663,34 +707,37 @@ void check_gated_mlp_args(const Tensor& x, const Tensor& gate_up_weight, const O
   }
 }
 
-// The public op: checked as above; where a gradient is needed, both GEMMs take the kernel and the residual (if any)
+// The public ops: checked as above; where a gradient is needed, both GEMMs take the kernel and the residual (if any)
 // has x's dtype, the one-node path; otherwise the two ops, as an unfused MLP calls them (their fallback warnings
-// name them).
-Tensor gated_mlp_composite(const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
-                           const Tensor& down_weight, const OptTensor& down_bias, c10::string_view activation,
-                           const OptTensor& residual) {
-  const Activation act = parse_activation("gated_mlp", kGatedActivations, activation);
-  check_gated_mlp_args(x, gate_up_weight, gate_up_bias, down_weight, down_bias, residual);
+// name them). The plain form's activation is not none (whose MLP is two GEMMs with nothing between them to fuse).
+template <bool kGated>
+Tensor mlp_composite(const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
+                     const Tensor& down_weight, const OptTensor& down_bias, c10::string_view activation,
+                     const OptTensor& residual) {
+  const Activation act = kGated ? parse_activation(mlp_name(kGated), kGatedActivations, activation)
+                                : parse_activation(mlp_name(kGated), kActivations, activation);
+  check_mlp_args(kGated, x, gate_up_weight, gate_up_bias, down_weight, down_bias, residual);
   const bool grad = needs_grad(x, gate_up_weight, gate_up_bias) ||
                     (at::GradMode::is_enabled() && (requires_grad(down_weight) || requires_grad(down_bias)));
-  if (grad && (!residual || residual->scalar_type() == x.scalar_type()) &&
-      fallback_reason(x, gate_up_weight, gate_up_bias, std::nullopt, true) == nullptr &&
+  if (grad && (kGated || act != Activation::kNone) && (!residual || residual->scalar_type() == x.scalar_type()) &&
+      fallback_reason(x, gate_up_weight, gate_up_bias, std::nullopt, kGated) == nullptr &&
       fallback_reason(x, down_weight, down_bias, residual, false) == nullptr) {
-    return std::get<0>(gated_mlp_fwd_op().call(x, gate_up_weight, gate_up_bias, down_weight, down_bias,
-                                               static_cast<int64_t>(act), residual));
+    return std::get<0>(mlp_fwd_op<kGated>().call(x, gate_up_weight, gate_up_bias, down_weight, down_bias,
+                                                 static_cast<int64_t>(act), residual));
   }
-  const Tensor h = route("linear_gated", x, gate_up_weight, gate_up_bias, act, std::nullopt, true);
+  const Tensor h = route(kGated ? "linear_gated" : "linear_act", x, gate_up_weight, gate_up_bias, act, std::nullopt,
+                         kGated);
   return route("linear_act", h, down_weight, down_bias, Activation::kNone, residual, false);
 }
 
-template <c10::DeviceType kDevice>
-Tensor gated_mlp_autocast(const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
-                          const Tensor& down_weight, const OptTensor& down_bias, c10::string_view activation,
-                          const OptTensor& residual) {
+template <c10::DeviceType kDevice, bool kGated>
+Tensor mlp_autocast(const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
+                    const Tensor& down_weight, const OptTensor& down_bias, c10::string_view activation,
+                    const OptTensor& residual) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key<kDevice>);
   const auto cast = [](const auto& t) { return autocast_lower<kDevice>(t); };
-  return gated_mlp_composite(cast(x), cast(gate_up_weight), cast(gate_up_bias), cast(down_weight), cast(down_bias),
-                             activation, residual);
+  return mlp_composite<kGated>(cast(x), cast(gate_up_weight), cast(gate_up_bias), cast(down_weight),
+                               cast(down_bias), activation, residual);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -703,6 +750,17 @@ Tensor gated_dgrad_cpu(const Tensor& dy, const Tensor& weight, const Tensor& z, 
 
 void gated_dgrad_inplace_cpu(const Tensor& dy, const Tensor& weight, const Tensor& z, int64_t activation) {
   z.copy_(gated_backward_reference(at::matmul(dy, weight), z, activation_of(activation, "gated_dgrad_")));
+}
+
+std::tuple<Tensor, Tensor> act_dgrad_cpu(const Tensor& dy, const Tensor& weight, const Tensor& z, int64_t activation) {
+  const Activation act = activation_of(activation, "act_dgrad");
+  TORCH_CHECK_VALUE(act != Activation::kNone, "act_dgrad: activation none has no derivative to apply");
+  return act_backward_reference(at::matmul(dy, weight), z, act);
+}
+
+std::tuple<Tensor, Tensor> act_dgrad_meta(const Tensor&, const Tensor&, const Tensor& z, int64_t activation) {
+  activation_of(activation, "act_dgrad");
+  return {at::empty_symint(z.sym_sizes(), z.options()), at::empty_symint({z.sym_size(-1)}, z.options())};
 }
 
 Tensor gated_dgrad_meta(const Tensor&, const Tensor&, const Tensor& z, int64_t activation) {
@@ -745,6 +803,11 @@ const RegisterOpInfo gated_mlp_info{
      "FusedMLP's gated form: linear_gated's sizes for the first GEMM, linear_act's for the second; with a gradient, "
      "dz formed in the epilogue of the GEMM producing the hidden layer's gradient (sm_90; elsewhere PyTorch's GEMM "
      "and one pass)"}};
+const RegisterOpInfo mlp_info{
+    {"gemm", "mlp", "float16, bfloat16 (x, weights, biases, residual alike)",
+     "FusedMLP's plain form: linear_act's sizes for both GEMMs; with a gradient, dz = dh * act'(z) and the first "
+     "bias's gradient formed in the epilogue of the GEMM producing dh (sm_90; elsewhere PyTorch's GEMM and one "
+     "pass)"}};
 const RegisterOpInfo linear_gated_info{
     {"gemm", "linear_gated", "float16, bfloat16 (x, weight, bias, residual alike)",
      "in_features and out_features multiples of 8 (weight [2 * out_features, in_features]), any rows; swiglu, "
@@ -755,28 +818,33 @@ const RegisterOpInfo linear_gated_info{
 TORCH_LIBRARY_IMPL(fusedkernels, CompositeImplicitAutograd, m) {
   m.impl("linear_act", &linear_act_composite);
   m.impl("linear_gated", &linear_gated_composite);
-  m.impl("gated_mlp", &gated_mlp_composite);
+  m.impl("gated_mlp", &mlp_composite<true>);
+  m.impl("mlp", &mlp_composite<false>);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, AutocastCUDA, m) {
   m.impl("linear_act", &autocast<c10::DeviceType::CUDA, linear_act_composite>);
   m.impl("linear_gated", &autocast<c10::DeviceType::CUDA, linear_gated_composite>);
-  m.impl("gated_mlp", &gated_mlp_autocast<c10::DeviceType::CUDA>);
+  m.impl("gated_mlp", &mlp_autocast<c10::DeviceType::CUDA, true>);
+  m.impl("mlp", &mlp_autocast<c10::DeviceType::CUDA, false>);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, AutocastCPU, m) {
   m.impl("linear_act", &autocast<c10::DeviceType::CPU, linear_act_composite>);
   m.impl("linear_gated", &autocast<c10::DeviceType::CPU, linear_gated_composite>);
-  m.impl("gated_mlp", &gated_mlp_autocast<c10::DeviceType::CPU>);
+  m.impl("gated_mlp", &mlp_autocast<c10::DeviceType::CPU, true>);
+  m.impl("mlp", &mlp_autocast<c10::DeviceType::CPU, false>);
 }
 
 TORCH_LIBRARY_IMPL(fusedkernels, Autograd, m) {
   m.impl("linear_act_fwd", &linear_act_fwd_autograd);
-  m.impl("gated_mlp_fwd", &gated_mlp_fwd_autograd);
-  // Differentiating these directly is an error (linear_act_fwd's and gated_mlp_fwd's backward cover them).
+  m.impl("gated_mlp_fwd", &mlp_fwd_autograd<true>);
+  m.impl("mlp_fwd", &mlp_fwd_autograd<false>);
+  // Differentiating these directly is an error (linear_act_fwd's and the MLPs' backward cover them).
   m.impl("gated_backward_", torch::CppFunction::makeFromBoxedFunction<&inplace_without_derivative>());
   m.impl("gated_dgrad_", torch::CppFunction::makeFromBoxedFunction<&inplace_without_derivative>());
   m.impl("gated_dgrad", torch::autograd::autogradNotImplementedFallback());
+  m.impl("act_dgrad", torch::autograd::autogradNotImplementedFallback());
 }
 
 // gated_backward_ and gated_dgrad_ write pre_activation: its version counter moves, as for torch's in-place ops.
@@ -792,10 +860,14 @@ TORCH_LIBRARY_IMPL(fusedkernels, CPU, m) {
   m.impl("gated_dgrad", &gated_dgrad_cpu);
   m.impl("gated_dgrad_", &gated_dgrad_inplace_cpu);
   m.impl("act_backward", &act_backward_cpu);
+  m.impl("act_dgrad", &act_dgrad_cpu);
 }
 
-// gated_mlp_fwd is its two linear_act_fwd calls on every backend (they dispatch on to the CPU, CUDA or Meta kernels)
-TORCH_LIBRARY_IMPL(fusedkernels, CompositeExplicitAutograd, m) { m.impl("gated_mlp_fwd", &gated_mlp_fwd_impl); }
+// gated_mlp_fwd and mlp_fwd are their GEMM calls on every backend (they dispatch on to the CPU, CUDA or Meta kernels)
+TORCH_LIBRARY_IMPL(fusedkernels, CompositeExplicitAutograd, m) {
+  m.impl("gated_mlp_fwd", &mlp_fwd_impl<true>);
+  m.impl("mlp_fwd", &mlp_fwd_impl<false>);
+}
 
 TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
   m.impl("linear_act_fwd", &linear_act_fwd_meta);
@@ -804,6 +876,7 @@ TORCH_LIBRARY_IMPL(fusedkernels, Meta, m) {
   m.impl("gated_dgrad", &gated_dgrad_meta);
   m.impl("gated_dgrad_", &gated_dgrad_inplace_meta);
   m.impl("act_backward", &act_backward_meta);
+  m.impl("act_dgrad", &act_dgrad_meta);
 }
 
 }  // namespace fusedkernels::gemm

@@ -22,9 +22,9 @@ LAYOUTS = ("native", "sequential", "llama")
 class FusedMLP(nn.Module):
     """`Linear -> activation -> Linear` (a plain activation) or `down(act(gate(x)) * up(x))` (a gated one) computed by
     fusedkernels.ops.linear_act / linear_gated: the first GEMM applies the activation (gated: one GEMM over the
-    stacked gate and up weights), the second adds the residual. The gated form runs both as one op
-    (`fusedkernels.ops.gated_mlp`), whose backward applies the gate's derivative in the epilogue of the GEMM that
-    produces the hidden layer's gradient (docs/gemm.md). Under torch.func transforms the references run, as the ops'.
+    stacked gate and up weights), the second adds the residual. Both forms run as one op (`fusedkernels.ops.mlp`,
+    `fusedkernels.ops.gated_mlp`), whose backward applies the activation's derivative in the epilogue of the GEMM
+    that produces the hidden layer's gradient (docs/gemm.md). Under torch.func transforms the references run, as the ops'.
 
     Args:
         in_features: x's last dimension.
@@ -56,7 +56,7 @@ class FusedMLP(nn.Module):
         set_model_state_dict, torch.func.functional_call) need the native layout.
 
     forward(x [..., in_features], residual=None [..., out_features]) -> [..., out_features], x's dtype (the autocast
-    dtype under autocast). torch.jit.script compiles a forward on torch.ops.fusedkernels' linear_act / gated_mlp
+    dtype under autocast). torch.jit.script compiles a forward on torch.ops.fusedkernels' mlp / gated_mlp
     (a build without the gemm family cannot script it). Raises ValueError for an unknown activation or layout (or
     one that does not fit the activation), TypeError for a str bias (an activation in bias's position); any other
     bias is taken as nn.Linear takes it (truthy or not).
@@ -98,16 +98,16 @@ class FusedMLP(nn.Module):
                 return torch.ops.fusedkernels.gated_mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias,
                                                         self.down_proj.weight, self.down_proj.bias, self.activation,
                                                         residual)
-            h = torch.ops.fusedkernels.linear_act(x, self.fc1.weight, self.fc1.bias, self.activation, None)
-            return torch.ops.fusedkernels.linear_act(h, self.fc2.weight, self.fc2.bias, "none", residual)
+            return torch.ops.fusedkernels.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                              self.activation, residual)
         transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the references, as the ops run
         if self.gated:
             first, second = self.gate_up_proj, self.down_proj
             mlp = ops._gated_mlp_without_native if transformed else ops._gated_mlp
-            return mlp(x, first.weight, first.bias, second.weight, second.bias, self.activation, residual)
-        linear = ops._linear_act_without_native if transformed else ops._linear_act
-        h = linear(x, self.fc1.weight, self.fc1.bias, self.activation, None)
-        return linear(h, self.fc2.weight, self.fc2.bias, "none", residual)
+        else:
+            first, second = self.fc1, self.fc2
+            mlp = ops._mlp_without_native if transformed else ops._mlp
+        return mlp(x, first.weight, first.bias, second.weight, second.bias, self.activation, residual)
 
     def reset_parameters(self) -> None:
         """Re-initialises every projection as nn.Linear.reset_parameters does (gated: the stacked gate_up_proj as

@@ -8,7 +8,7 @@ with one warning.
 
 from .attention import attention, attention_varlen, scaled_dot_product_attention
 from .conv import batch_norm_relu, conv2d_bias_relu, fold_batch_norm
-from .gemm import gated_mlp, linear_act, linear_gated
+from .gemm import gated_mlp, linear_act, linear_gated, mlp
 from .llm import apply_rotary, linear_cross_entropy, rotary_cos_sin
 from .norm import (
     add_layer_norm,
@@ -30,6 +30,7 @@ __all__ = [
     "linear_act",
     "linear_gated",
     "gated_mlp",
+    "mlp",
     "apply_rotary",
     "rotary_cos_sin",
     "linear_cross_entropy",

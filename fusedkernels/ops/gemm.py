@@ -23,8 +23,8 @@ from torch import Tensor
 
 from .. import _native
 
-__all__ = ["linear_act", "linear_act_ref", "linear_gated", "linear_gated_ref", "gated_mlp", "gated_mlp_ref", "ACTIVATIONS",
-           "GATED_ACTIVATIONS"]
+__all__ = ["linear_act", "linear_act_ref", "linear_gated", "linear_gated_ref", "gated_mlp", "gated_mlp_ref", "mlp",
+           "mlp_ref", "ACTIVATIONS", "GATED_ACTIVATIONS"]
 
 # The activations, as PyTorch defines them: gelu is F.gelu's default (erf), gelu_tanh
 # F.gelu(approximate="tanh"), silu x * sigmoid(x), squared_relu relu(x)^2 (So et al. 2021, "Primer").
@@ -264,32 +264,40 @@ def gated_mlp_ref(
     return linear_act_ref(hidden, down_weight, down_bias, "none", residual)
 
 
-def _check_gated_mlp_types(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual) -> None:
-    """The native gated_mlp's schema types, for the reference without it."""
-    for name, t in (("x", x), ("gate_up_weight", gate_up_weight), ("gate_up_bias", gate_up_bias),
-                    ("down_weight", down_weight), ("down_bias", down_bias), ("residual", residual)):
-        required = name in ("x", "gate_up_weight", "down_weight")
+# The MLP ops' operand names: the first projection's weight and bias, the second's.
+_MLP_NAMES = {True: ("gate_up_weight", "gate_up_bias", "down_weight", "down_bias"),
+              False: ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")}
+
+
+def _check_mlp_types(gated, x, weight1, bias1, weight2, bias2, activation, residual) -> None:
+    """The native gated_mlp's (gated) or mlp's schema types, for the reference without it."""
+    op, names = "gated_mlp" if gated else "mlp", _MLP_NAMES[gated]
+    for name, t in (("x", x), (names[0], weight1), (names[1], bias1), (names[2], weight2), (names[3], bias2),
+                    ("residual", residual)):
+        required = name in ("x", names[0], names[2])
         if not isinstance(t, Tensor) and (t is not None or required):
-            raise TypeError(f"gated_mlp: {name} must be a Tensor{'' if required else ' or None'}, got "
+            raise TypeError(f"{op}: {name} must be a Tensor{'' if required else ' or None'}, got "
                             f"{type(t).__name__}")
     if not isinstance(activation, str):
-        raise TypeError(f"gated_mlp: activation must be a str, got {type(activation).__name__}")
+        raise TypeError(f"{op}: activation must be a str, got {type(activation).__name__}")
 
 
-def _check_gated_mlp_args(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual) -> None:
-    """The native gated_mlp's checks (gemm_ops.cpp: check_gated_mlp_args), for the reference without it."""
-    op = "gated_mlp"
-    _check_args(op, x, gate_up_weight, gate_up_bias, activation, None, True, ("gate_up_weight", "gate_up_bias"), "N")
-    down = (("down_weight", down_weight), ("down_bias", down_bias), ("residual", residual))
-    _check_dense(op, down)
-    if down_weight.dim() != 2 or down_weight.shape[1] != gate_up_weight.shape[0] // 2:
-        raise RuntimeError(f"{op}: down_weight must be [out_features, N], N the hidden width (gate_up_weight is "
-                           f"[2 * N, in_features] = {list(gate_up_weight.shape)}), got {list(down_weight.shape)}")
-    _check_operands_like_x(op, x, down)
-    if down_bias is not None and (down_bias.dim() != 1 or down_bias.shape[0] != down_weight.shape[0]):
-        raise RuntimeError(f"{op}: down_bias must be [out_features] = [{down_weight.shape[0]}], got "
-                           f"{list(down_bias.shape)}")
-    out_shape = [*x.shape[:-1], down_weight.shape[0]]
+def _check_mlp_args(gated, x, weight1, bias1, weight2, bias2, activation, residual) -> None:
+    """The native gated_mlp's or mlp's checks (gemm_ops.cpp: check_mlp_args), for the reference without it."""
+    op, names = "gated_mlp" if gated else "mlp", _MLP_NAMES[gated]
+    _check_args(op, x, weight1, bias1, activation, None, gated, names[:2], "N")
+    second = ((names[2], weight2), (names[3], bias2), ("residual", residual))
+    _check_dense(op, second)
+    hidden = weight1.shape[0] // 2 if gated else weight1.shape[0]
+    if weight2.dim() != 2 or weight2.shape[1] != hidden:
+        raise RuntimeError(f"{op}: {names[2]} must be [out_features, N], N the hidden width ({names[0]} is "
+                           f"[{'2 * ' if gated else ''}N, in_features] = {list(weight1.shape)}), got "
+                           f"{list(weight2.shape)}")
+    _check_operands_like_x(op, x, second)
+    if bias2 is not None and (bias2.dim() != 1 or bias2.shape[0] != weight2.shape[0]):
+        raise RuntimeError(f"{op}: {names[3]} must be [out_features] = [{weight2.shape[0]}], got "
+                           f"{list(bias2.shape)}")
+    out_shape = [*x.shape[:-1], weight2.shape[0]]
     if residual is not None and list(residual.shape) != out_shape:
         raise RuntimeError(f"{op}: residual must have the output's shape {out_shape} (no broadcasting), got "
                            f"{list(residual.shape)}")
@@ -298,10 +306,10 @@ def _check_gated_mlp_args(x, gate_up_weight, gate_up_bias, down_weight, down_bia
 def _gated_mlp_without_native(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual):
     """The reference as the native gated_mlp runs it: autocast's casts (as for F.linear), its checks, then the
     reference, a residual of another dtype added after it with promotion."""
-    _check_gated_mlp_types(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
+    _check_mlp_types(True, x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
     x, gate_up_weight, gate_up_bias, down_weight, down_bias = _native.autocast_casts(
         x.device.type, x, gate_up_weight, gate_up_bias, down_weight, down_bias)
-    _check_gated_mlp_args(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
+    _check_mlp_args(True, x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
     if residual is not None and residual.dtype != x.dtype:
         return gated_mlp_ref(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation) + residual
     return gated_mlp_ref(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
@@ -346,3 +354,69 @@ def gated_mlp(
     transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the reference, whose ops they know
     return (_gated_mlp_without_native if transformed else _gated_mlp)(x, gate_up_weight, gate_up_bias, down_weight,
                                                                       down_bias, activation, residual)
+
+
+def mlp_ref(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor] = None,
+    activation: str = "gelu",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """The specification of `mlp`, differentiable: linear_act_ref(linear_act_ref(x, fc1_weight, fc1_bias,
+    activation), fc2_weight, fc2_bias, "none", residual)."""
+    hidden = linear_act_ref(x, fc1_weight, fc1_bias, activation)
+    return linear_act_ref(hidden, fc2_weight, fc2_bias, "none", residual)
+
+
+def _mlp_without_native(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, residual):
+    """The reference as the native mlp runs it: autocast's casts (as for F.linear), its checks, then the reference,
+    a residual of another dtype added after it with promotion."""
+    _check_mlp_types(False, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, residual)
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = _native.autocast_casts(
+        x.device.type, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    _check_mlp_args(False, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, residual)
+    if residual is not None and residual.dtype != x.dtype:
+        return mlp_ref(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation) + residual
+    return mlp_ref(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, residual)
+
+
+_mlp = _native.public_op("mlp", _mlp_without_native, "the PyTorch reference")
+
+
+def mlp(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor] = None,
+    activation: str = "gelu",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """out = fc2(act(fc1(x))) + residual: the transformer FFN of BERT / GPT-2 / ViT (`nn.FusedMLP`'s plain form), as
+    linear_act(x, fc1_weight, fc1_bias, activation) then F.linear (linear_act "none" with the residual), with a
+    backward that forms dz = dh * act'(z) and fc1_bias's gradient in the epilogue of the GEMM producing dh.
+
+    x: [..., K]; fc1_weight: [N, K] as nn.Linear(K, N) stores it; fc1_bias: [N] or None; fc2_weight: [M, N];
+    fc2_bias: [M] or None; residual: None or exactly the output's shape [..., M]. dtypes as linear_act's (float16 /
+    bfloat16 for the fused kernels; a residual of another dtype is added after the op with promotion). activation:
+    linear_act's ("none", "relu", "gelu", "gelu_tanh", "silu", "squared_relu").
+
+    Returns [..., M] in x's dtype (the autocast dtype under autocast, which casts x, the weights and the biases as
+    for F.linear). Differentiable in every tensor, to any order. With a gradient to compute, an activation other
+    than none and fused kernels for both GEMMs, one autograd node keeps x, the weights, the hidden output h [..., N]
+    and the pre-activation z [..., N] (what linear_act and F.linear would keep between them); its backward computes
+    dz and fc1_bias's gradient from dy and fc2_weight in one GEMM (act' and the column sums in its epilogue, on the
+    Hopper kernel) where linear_act's backward would read a stored dh in a separate pass. Otherwise it is linear_act
+    then F.linear / linear_act, with their warnings. Under torch.func transforms the reference runs (`mlp_ref`).
+
+    Raises ValueError for an unknown activation; RuntimeError, naming the argument, for shapes that do not chain
+    (x and fc1_weight, fc2_weight's in_features against N, the biases, a residual not the output's shape), dtypes or
+    devices that differ from x's; TypeError for arguments of the wrong type; NotImplementedError for sparse or nested
+    tensors.
+    """
+    transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the reference, whose ops they know
+    return (_mlp_without_native if transformed else _mlp)(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation,
+                                                          residual)

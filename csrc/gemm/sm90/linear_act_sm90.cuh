@@ -66,9 +66,12 @@ struct LinearActMaps {
   CUtensorMap x, weight, out, residual, pre_activation;
 };
 
-// The epilogue in one pass (Epilogue below): no gate, no saved pre-activation, not the gated backward.
+// The backward epilogues (gated_grad, act_grad): the GEMM reads W MN-major and applies act' to its product.
+__host__ __device__ inline bool dgrad_epilogue(const LinearActParams& p) { return p.gated_grad || p.act_grad; }
+
+// The epilogue in one pass (Epilogue below): no gate, no saved pre-activation, not a backward epilogue.
 __host__ __device__ inline bool epilogue_in_one_pass(const LinearActParams& p) {
-  return !p.gated && !p.gated_grad && p.pre_activation == nullptr;
+  return !p.gated && !dgrad_epilogue(p) && p.pre_activation == nullptr;
 }
 
 // Whether the residual comes into the epilogue buffer by TMA (the one-pass epilogue's, unsplit K).
@@ -308,13 +311,79 @@ struct Epilogue {
     }
   }
 
-  __device__ __forceinline__ void gated_grad(const Accumulators& acc, int row0, int col0) {
+  // The plain backward (p.act_grad), after store_z put dh in the buffer: dz = dh * act'(z), z read from global memory
+  // and dz written there as in store_gated_grad. A thread's vectors are one 8-column group of rows warp, warp + 4, ...:
+  // it sums dz (as stored) down them, and the four warps' sums meet in the buffer (dh read) for the tile's column sums.
+  template <Activation kAct>
+  __device__ __forceinline__ void store_act_grad(int row0, int col0) {
+    constexpr int kVectorsPerRow = kBlockN / 8, kPerThread = 64 * kVectorsPerRow / 128, kBatch = 4;
+    static_assert(kVectorsPerRow == 32, "a warp's lanes hold one row's vectors");
+    const T* z = static_cast<const T*>(p.residual);
+    T* dz = static_cast<T*>(p.out);
+    const int warp = thread / 32, col = 8 * (thread % 32);
+    float sum[8] = {};
+#pragma unroll 1
+    for (int first = 0; first < kPerThread; first += kBatch) {
+      Vec<T, 8> zv[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int64_t row = row0 + warp + 4 * (first + i);
+        if (row < p.m && col0 + col < p.n) zv[i].load(z + row * p.residual_row_stride + col0 + col);
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int64_t row = row0 + warp + 4 * (first + i);
+        if (row >= p.m || col0 + col >= p.n) continue;
+        Vec<T, 8> dh, out;
+        dh.load(reinterpret_cast<const T*>(at(warp + 4 * (first + i), col)));
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          float act, slope;
+          activation_and_slope<kAct, true>(zv[i].get(e), act, slope);
+          // relu: a select, as torch's threshold_backward (act_backward.cu computes the same)
+          out.set(e, kAct == Activation::kRelu ? (slope != 0.0f ? dh.get(e) : 0.0f) : dh.get(e) * slope);
+          sum[e] += out.get(e);
+        }
+        out.store(dz + row * p.out_row_stride + col0 + col);
+      }
+    }
+    if (p.dbias_partials == nullptr) return;
+    sm90::named_barrier_sync(barrier, 128);  // every thread has read its dh: the buffer takes the warps' sums
+    float* sums = reinterpret_cast<float*>(buffer);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sums[warp * kBlockN + col + e] = sum[e];
+    sm90::named_barrier_sync(barrier, 128);
+    const int pair = 2 * thread;  // columns pair, pair + 1 of the tile, summed over the warps in order
+    if (col0 + pair < p.n) {
+      float2 total = make_float2(0.0f, 0.0f);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        total.x += sums[w * kBlockN + pair];
+        total.y += sums[w * kBlockN + pair + 1];
+      }
+      *reinterpret_cast<float2*>(p.dbias_partials + int64_t(row0 / 64) * p.n + col0 + pair) = total;
+    }
+  }
+
+  // The backward epilogues: dh = the product, rounded to T into the buffer, then the gated or the plain act'.
+  __device__ __forceinline__ void dgrad(const Accumulators& acc, int row0, int col0) {
     store_z(acc, row0, col0);
+    const auto with = [&](auto act) {
+      constexpr Activation kAct = decltype(act)::value;
+      if (p.gated_grad) {
+        store_gated_grad<kAct>(row0, col0);
+      } else {
+        store_act_grad<kAct>(row0, col0);
+      }
+    };
     switch (p.activation) {
-      case Activation::kRelu: store_gated_grad<Activation::kRelu>(row0, col0); break;
-      case Activation::kGelu: store_gated_grad<Activation::kGelu>(row0, col0); break;
-      case Activation::kGeluTanh: store_gated_grad<Activation::kGeluTanh>(row0, col0); break;
-      default: store_gated_grad<Activation::kSilu>(row0, col0); break;
+      case Activation::kRelu: with(std::integral_constant<Activation, Activation::kRelu>{}); break;
+      case Activation::kGelu: with(std::integral_constant<Activation, Activation::kGelu>{}); break;
+      case Activation::kGeluTanh: with(std::integral_constant<Activation, Activation::kGeluTanh>{}); break;
+      case Activation::kSquaredRelu:
+        if (!p.gated_grad) store_act_grad<Activation::kSquaredRelu>(row0, col0);
+        break;
+      default: with(std::integral_constant<Activation, Activation::kSilu>{}); break;
     }
   }
 
@@ -404,9 +473,9 @@ struct Epilogue {
 
 // kSplitK: the split-K instance (partial sums to the workspace); the other has no trace of it, so the
 // epilogue-bound small-K shapes keep their code. kIm2col: the implicit GEMM of a convolution (x through an
-// im2col map, K walked tap by tap, 64 channels at a time; geometry g), else g is unused. kGatedGrad: the gated
-// backward's epilogue (p.gated_grad), an instance of its own for the same reason.
-template <typename Cfg, bool kSplitK, bool kIm2col, bool kGatedGrad = false>
+// im2col map, K walked tap by tap, 64 channels at a time; geometry g), else g is unused. kDgrad: the backward
+// epilogues (p.gated_grad, p.act_grad; W read MN-major), an instance of their own for the same reason.
+template <typename Cfg, bool kSplitK, bool kIm2col, bool kDgrad = false>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     linear_act_sm90_kernel(const LinearActParams p, const __grid_constant__ LinearActMaps maps,
                            const Im2colGeometry g) {
@@ -477,7 +546,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
         } else {
           sm90::tma_load_2d(a, &maps.x, k0, m_block * kBlockM, &full[stage]);
         }
-        if constexpr (kGatedGrad) {  // W stored [k, n] (MN-major): 64 x 64 boxes, the tile's four 64-column blocks
+        if constexpr (kDgrad) {  // W stored [k, n] (MN-major): 64 x 64 boxes, the tile's four 64-column blocks
 #pragma unroll
           for (int j = 0; j < kBlockN / 64; ++j) {
             sm90::tma_load_2d(a + Cfg::kABytes + j * kBlockK * 128, &maps.weight, n_block * kBlockN + 64 * j, k0,
@@ -516,7 +585,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if constexpr (!kSplitK) {
       epilogue.prefetch_residual(m_block * kBlockM, n_block * out_cols);
       epilogue.load_bias(n_block * out_cols);
-      if constexpr (!kGatedGrad) epilogue.load_residual(m_block * kBlockM, n_block * out_cols);
+      if constexpr (!kDgrad) epilogue.load_residual(m_block * kBlockM, n_block * out_cols);
     }
     if (local > 0) sm90::named_barrier_sync(2 - consumer, 256);
     const int64_t first = int64_t(local) * split_slices;  // ring position of its first k-slice
@@ -530,7 +599,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       sm90::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) {  // k16 slices 32 bytes apart in the 128-byte rows
-        if constexpr (kGatedGrad) {  // B MN-major: k16 slices 16 rows apart, 64-column blocks kBlockK rows apart
+        if constexpr (kDgrad) {  // B MN-major: k16 slices 16 rows apart, 64-column blocks kBlockK rows apart
           sm90::Wgmma<kBlockN>::template ss<T, false, true>(acc, sm90::smem_descriptor(a + 32 * kk, 0, 1024),
                                                             sm90::smem_descriptor(b + kk * 16 * 128, kBlockK * 128, 1024),
                                                             ks > 0 || kk > 0);
@@ -558,8 +627,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
     if constexpr (kSplitK) {
       epilogue.store_partial(acc, unit % split_k, m_block * kBlockM, n_block * out_cols);
-    } else if constexpr (kGatedGrad) {
-      epilogue.gated_grad(acc, m_block * kBlockM, n_block * out_cols);
+    } else if constexpr (kDgrad) {
+      epilogue.dgrad(acc, m_block * kBlockM, n_block * out_cols);
     } else {
       epilogue(acc, m_block * kBlockM, n_block * out_cols);
     }
@@ -592,8 +661,8 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
   const int64_t halves = p.gated ? 2 : 1;
   const int64_t pre_sizes[3] = {p.n, halves, p.m}, pre_strides[2] = {p.n * 2, p.pre_activation_row_stride * 2};
   const int pre_box[3] = {64, 1, 64};
-  // gated_grad reads W as stored, [k, n] (MN-major), in 64 x 64 boxes; the others [n, k] in out_cols x 64 ones
-  const bool weight_map = p.gated_grad
+  // the backward epilogues read W as stored, [k, n] (MN-major), in 64 x 64 boxes; the others [n, k] in out_cols x 64
+  const bool weight_map = dgrad_epilogue(p)
                               ? make_tensor_map_2d(&maps.weight, p.weight, p.k, p.n, p.weight_row_stride, 64, 64)
                               : make_tensor_map_2d(&maps.weight, p.weight, halves * p.n, p.k, p.weight_row_stride,
                                                    out_cols, Cfg::kBlockK);
@@ -607,12 +676,12 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
   }
   const int grid = int(std::min<int64_t>(units, sm_count()));
   if constexpr (!kIm2col) {
-    if (p.gated_grad) {  // 256-wide tiles only (linear_act_sm90_block_n)
+    if (dgrad_epilogue(p)) {  // 256-wide tiles only (linear_act_sm90_block_n)
       if constexpr (Cfg::kBlockN == 256) {
         if (p.split_k != 1 || p.gated) return cudaErrorInvalidValue;
-        constexpr auto kGatedGradKernel = linear_act_sm90_kernel<Cfg, false, false, true>;
-        resident_blocks<kGatedGradKernel, Cfg::kThreads, Cfg::kSmemBytes>();
-        kGatedGradKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps, g);
+        constexpr auto kDgradKernel = linear_act_sm90_kernel<Cfg, false, false, true>;
+        resident_blocks<kDgradKernel, Cfg::kThreads, Cfg::kSmemBytes>();
+        kDgradKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps, g);
         return cudaGetLastError();
       } else {
         return cudaErrorInvalidValue;
@@ -638,7 +707,7 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
 // FUSEDKERNELS_GEMM_KERNEL=sm90-wide keeps 256 (tests of that path on small shapes; read per call).
 inline int linear_act_sm90_block_n(const LinearActParams& p) {
   const char* choice = std::getenv("FUSEDKERNELS_GEMM_KERNEL");
-  if (p.gated || p.gated_grad || (choice != nullptr && std::strcmp(choice, "sm90-wide") == 0)) return 256;
+  if (p.gated || dgrad_epilogue(p) || (choice != nullptr && std::strcmp(choice, "sm90-wide") == 0)) return 256;
   const int64_t tiles = ceil_div(p.m, int64_t(64)) * ceil_div(p.n, int64_t(256));
   return 2 * tiles <= sm_count() ? 64 : 256;
 }
@@ -685,7 +754,7 @@ int linear_act_sm90_split_k(const LinearActParams& p) {
   const int block_n = linear_act_sm90_block_n(p);
   const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, p.gated ? block_n / 2 : block_n);
   const int64_t sms = sm_count(), k_slices = ceil_div(p.k, Cfg::kBlockK);
-  if (tiles == 0 || 2 * tiles > sms || p.gated_grad) return 1;
+  if (tiles == 0 || 2 * tiles > sms || dgrad_epilogue(p)) return 1;
   return int(std::clamp<int64_t>(std::min(sms / tiles, k_slices / 4), 1, 16));
 }
 
