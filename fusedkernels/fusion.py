@@ -753,7 +753,8 @@ class MLPBlock(Pattern):
 def _keep_parameters(projections: Dict[str, list], fused: FusedMLP) -> None:
     """fused's projections copied from one nn.Linear (projections: FusedMLP's name -> the block's Linears it copies)
     take that Linear's parameter objects (an optimizer built before fuse() goes on training them, their .grad stays);
-    the stacked gate and up are new, and get the halves' accumulated .grad stacked."""
+    the stacked gate and up are new, and get the halves' accumulated .grad stacked (a half without one: zeros, as
+    the gradient it has not accumulated)."""
     for native, linears in projections.items():
         owner = getattr(fused, native)
         for name in ("weight", "bias"):
@@ -762,8 +763,8 @@ def _keep_parameters(projections: Dict[str, list], fused: FusedMLP) -> None:
                 continue
             if len(sources) == 1 and sources[0].dtype == target.dtype:
                 setattr(owner, name, sources[0])
-            elif all(p.grad is not None for p in sources):
-                target.grad = torch.cat([p.grad for p in sources])
+            elif any(p.grad is not None for p in sources):
+                target.grad = torch.cat([p.grad if p.grad is not None else torch.zeros_like(p) for p in sources])
 
 
 class LinearActivation(Pattern):
@@ -775,14 +776,14 @@ class LinearActivation(Pattern):
     def match(self, path, module, model, merge):
         if type(module) is not nn.Sequential:
             return None
-        found, i = [], 0
+        found, i, names = [], 0, list(module._modules)
         while i < len(module) - 1:
             linear, act = module[i], module[i + 1]
             activation = _activation(act)
             if type(linear) is not nn.Linear or activation is None:
                 i += 1
                 continue
-            where = f"{path}.{i}" if path else str(i)
+            where = f"{path}.{names[i]}" if path else names[i]  # the child's own name (a named nn.Sequential's too)
             if not merge:
                 found.append(FuseEntry(where, f"Linear + {type(act).__name__}", LEFT, reason=(
                     "merging the pair changes what a slice of the nn.Sequential computes (the activation moves into "

@@ -497,6 +497,40 @@ def test_mlp_blocks_keep_the_parameters_they_do_not_stack():
     assert not torch.equal(fused.fc1.weight, before)  # the model's own parameter moved
 
 
+def test_a_half_without_grad_stacks_as_zeros():
+    """merge=True with gate_proj's .grad accumulated and up_proj's None (frozen until now, or not yet reached): the
+    stacked parameter's .grad holds gate's and zeros, not nothing."""
+    model = nn.ModuleDict({"mlp": _randomize(LlamaMLP(16, 24))})
+    model["mlp"].gate_proj.weight.grad = torch.randn_like(model["mlp"].gate_proj.weight)
+    want = torch.cat([model["mlp"].gate_proj.weight.grad, torch.zeros_like(model["mlp"].up_proj.weight)])
+    fusedkernels.fuse(model, merge=True)
+    assert torch.equal(model["mlp"].gate_up_proj.weight.grad, want)
+
+
+def test_named_sequentials_keep_their_names():
+    """An nn.Sequential built from an OrderedDict: its MLP (merge=True) becomes a FusedMLP writing the Sequential's own
+    keys, and a Linear + activation pair inside one is reported under the Linear's name, not its index."""
+    from collections import OrderedDict
+
+    mlp = nn.Sequential(OrderedDict(fc=nn.Linear(16, 32), act=nn.GELU(), out=nn.Linear(32, 16)))
+    model = nn.ModuleDict({"mlp": mlp, "head": nn.Sequential(OrderedDict(proj=nn.Linear(16, 8), act=nn.ReLU()))})
+    keys, before = list(model.state_dict()), copy.deepcopy(model)
+    report = fusedkernels.fuse(model, merge=True)
+    assert _statuses(report) == {"mlp": ("swapped", "FusedMLP(activation='gelu')"),
+                                 "head.proj": ("swapped", "FusedLinear(activation='relu')")}
+    assert list(model.state_dict()) == keys
+    before.load_state_dict(model.state_dict())
+    model.load_state_dict(before.state_dict())
+    x = torch.randn(3, 16)
+    assert max_err(model["mlp"](x), before["mlp"](x)) < 1e-6
+    # from_module itself, and a copy of its result, keep the names
+    fused = fnn.FusedMLP.from_module(mlp)
+    assert list(fused.state_dict()) == ["fc.weight", "fc.bias", "out.weight", "out.bias"]
+    assert list(fnn.FusedMLP.from_module(fused).state_dict()) == list(copy.deepcopy(fused).state_dict())
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    assert list(fnn.FusedMLP.from_module(plain).state_dict()) == list(plain.state_dict())
+
+
 # ------------------------------------------------------------------------------------------------
 # What fuse keeps, the report
 # ------------------------------------------------------------------------------------------------

@@ -62,6 +62,10 @@ class FusedMLP(nn.Module):
     bias is taken as nn.Linear takes it (truthy or not).
     """
 
+    # The sequential layout's keys by native projection: nn.Sequential(Linear, act, Linear)'s, or (set by from_module)
+    # those of the named nn.Sequential it was made from.
+    _sequential_keys = {"fc1.": "0.", "fc2.": "2."}
+
     def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None, bias: bool = True,
                  activation: str = "gelu", *, state_dict_layout: str = "native", device=None, dtype=None) -> None:
         if isinstance(bias, str):  # FusedMLP(16, 64, 16, "relu") would otherwise be a gelu MLP with biases
@@ -186,6 +190,14 @@ class FusedMLP(nn.Module):
                     copied.add(f"{native}.{name}")
         if copied != {n for n, _ in mlp.named_parameters()}:  # (to_empty left the rest uninitialised)
             raise RuntimeError(f"FusedMLP.from_module: copied {sorted(copied)}, not every parameter of the FusedMLP")
+        if layout == "sequential":  # the Sequential's own child names (an OrderedDict's too), as its keys had them
+            if isinstance(module, nn.Sequential):
+                names = list(module._modules)
+                keys = {"fc1.": names[0] + ".", "fc2.": names[2] + "."}
+            else:
+                keys = module._sequential_keys
+            if keys != FusedMLP._sequential_keys:
+                mlp._sequential_keys = dict(keys)
         return mlp.train(module.training)
 
     def extra_repr(self) -> str:
@@ -259,8 +271,7 @@ def _identify(act, names) -> Optional[str]:
     return None
 
 
-# The other layouts' keys, by the native projection they belong to.
-_SEQUENTIAL = {"fc1.": "0.", "fc2.": "2."}
+# The llama layout's keys (the sequential layout's: FusedMLP._sequential_keys).
 _LLAMA_HALVES = ("gate_proj.", "up_proj.")
 _NATIVE_GATED = ("gate_up_proj.weight", "gate_up_proj.bias", "down_proj.weight", "down_proj.bias")
 
@@ -279,7 +290,7 @@ def _to_native_keys(module: FusedMLP, state_dict, prefix, local_metadata, strict
         missing_keys += [prefix + half + name for half in _LLAMA_HALVES for name in ("weight", "bias")
                          if prefix + half + name in absent]
         return
-    for native_name, other in _SEQUENTIAL.items():
+    for native_name, other in module._sequential_keys.items():
         for name in ("weight", "bias"):
             native, key = prefix + native_name + name, prefix + other + name
             param = getattr(getattr(module, native_name[:-1]), name)
@@ -322,7 +333,7 @@ def _to_layout_keys(module: FusedMLP, state_dict, prefix, local_metadata) -> Non
     """state_dict's hook: rewrites the module's native keys in its state_dict_layout, in the order the module it
     replaces lists them."""
     if module.state_dict_layout == "sequential":
-        for native_name, other in _SEQUENTIAL.items():
+        for native_name, other in module._sequential_keys.items():
             for name in ("weight", "bias"):
                 if prefix + native_name + name in state_dict:
                     state_dict[prefix + other + name] = state_dict.pop(prefix + native_name + name)
