@@ -476,25 +476,32 @@ def test_gated_mlp_routes_as_its_two_ops_and_names_its_arguments(monkeypatch):
         (lambda: fops.gated_mlp(x, w, b, wd, bd, "swiglu", r[:, :4]), RuntimeError,
          r"gated_mlp: residual must have the output's shape \[5, 16\]"),
         (lambda: fops.gated_mlp(x, w, b, wd, bd, "gelu"), ValueError, r"gated_mlp: activation must be one of swiglu"),
-        (lambda: fops.gated_mlp(x, w, b, 3.0, bd), TypeError, r""),
+        (lambda: fops.gated_mlp(x, w, b, 3.0, bd), TypeError, r"down_weight"),
     ]
-    runs = ["native", "without"] if _native.has_op("gated_mlp") else ["without"]
+    raises_with_and_without_native(monkeypatch, "gated_mlp", messages, w)
+
+
+def raises_with_and_without_native(monkeypatch, op, messages, weight):
+    """Each (call, exception type, pattern) of `messages` raises through fops.<op>: with the native op (where this
+    build has it), then with the checked reference in its place; the RuntimeErrors also with `weight` requiring a
+    gradient (the MLP ops' one-node path checks before it routes)."""
+    runs = ["native", "without"] if _native.has_op(op) else ["without"]
     for run in runs:
         if run == "without":
             monkeypatch.setattr(_native, "has_op", lambda name: False)
-            monkeypatch.setattr(fops.gemm, "_gated_mlp", _native.public_op("gated_mlp", fops.gemm._gated_mlp_without_native,
-                                                                         "the PyTorch reference"))
-        for i, (call, kind, pattern) in enumerate(messages):
+            monkeypatch.setattr(fops.gemm, f"_{op}", _native.public_op(op, getattr(fops.gemm, f"_{op}_without_native"),
+                                                                      "the PyTorch reference"))
+        for call, kind, pattern in messages:
             with pytest.raises(kind, match=pattern):
                 call()
-            if kind is RuntimeError:  # with a gradient too (the one-node path checks before it routes)
+            if kind is RuntimeError:
                 with pytest.raises(kind, match=pattern):
                     with torch.enable_grad():
-                        w.requires_grad_(True)
+                        weight.requires_grad_(True)
                         try:
                             call()
                         finally:
-                            w.requires_grad_(False)
+                            weight.requires_grad_(False)
 
 
 def test_fused_mlp_under_torch_func_transforms_runs_the_reference():

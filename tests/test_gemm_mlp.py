@@ -16,6 +16,7 @@ from fusedkernels.ops.gemm import ACTIVATIONS, mlp_ref
 
 from .helpers import assert_close_to_ref, max_err, poison_allocator
 from .test_gemm import PLAIN, _grads
+from .test_gemm_gated import raises_with_and_without_native
 
 needs_native = pytest.mark.skipif(not _native.has_op("mlp"), reason="needs the native gemm ops")
 LOWP = [torch.float16, torch.bfloat16]
@@ -103,23 +104,7 @@ def test_mlp_routes_as_its_two_ops_and_names_its_arguments(monkeypatch):
         (lambda: fops.mlp(x, w1, b1, w2, b2, "swiglu"), ValueError, r"mlp: activation must be one of none, relu"),
         (lambda: fops.mlp(x, w1, b1, 3.0, b2), TypeError, r"fc2_weight"),
     ]
-    runs = ["native", "without"] if _native.has_op("mlp") else ["without"]
-    for run in runs:
-        if run == "without":
-            monkeypatch.setattr(_native, "has_op", lambda name: False)
-            monkeypatch.setattr(fops.gemm, "_mlp", _native.public_op("mlp", fops.gemm._mlp_without_native,
-                                                                   "the PyTorch reference"))
-        for call, kind, pattern in messages:
-            with pytest.raises(kind, match=pattern):
-                call()
-            if kind is RuntimeError:  # with a gradient too (the one-node path checks before it routes)
-                with pytest.raises(kind, match=pattern):
-                    with torch.enable_grad():
-                        w1.requires_grad_(True)
-                        try:
-                            call()
-                        finally:
-                            w1.requires_grad_(False)
+    raises_with_and_without_native(monkeypatch, "mlp", messages, w1)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "squared_relu"])

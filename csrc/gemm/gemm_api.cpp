@@ -198,6 +198,27 @@ void gated_backward_inplace_cuda(const Tensor& dy, const Tensor& z, int64_t acti
   if (!launch_gated_backward(dy, z, z, act)) z.copy_(gated_backward_reference(dy, z, act));
 }
 
+// The backward epilogues' GEMM (gemm.h: gated_grad, act_grad): dh = dy_rows [m, k] @ weight [k, n] (as stored: the
+// kernel reads it MN-major), z_rows the forward's pre-activation, dz contiguous with z's columns.
+LinearActParams dgrad_params(const Tensor& dy_rows, const Tensor& weight, const Tensor& z_rows, const Tensor& dz,
+                             Activation act) {
+  LinearActParams p;
+  p.dtype = to_dtype(z_rows.scalar_type());
+  p.m = dy_rows.size(0);
+  p.n = weight.size(1);
+  p.k = weight.size(0);
+  p.x = dy_rows.data_ptr();
+  p.x_row_stride = row_stride(dy_rows);
+  p.weight = weight.data_ptr();
+  p.weight_row_stride = weight.size(0) > 1 ? weight.stride(0) : p.n;
+  p.residual = z_rows.data_ptr();
+  p.residual_row_stride = row_stride(z_rows);
+  p.out = dz.data_ptr();
+  p.out_row_stride = z_rows.size(1);
+  p.activation = act;
+  return p;
+}
+
 // gated_dgrad's and gated_dgrad_'s CUDA kernel: dz = gated backward of dh = dy @ weight against z, written into dz
 // (z itself for the in-place op), by the Hopper GEMM with the gated backward in its epilogue (gemm.h: gated_grad),
 // which reads weight as stored ([k, n], MN-major); where it does not take the call, PyTorch's GEMM and
@@ -222,20 +243,7 @@ void gated_dgrad_into(const Tensor& dy, const Tensor& weight, const Tensor& z, c
       (act == Activation::kSilu || act == Activation::kGelu || act == Activation::kGeluTanh ||
        act == Activation::kRelu)) {
     const Tensor dy_rows = as_rows(dy, k), z_rows = as_rows(z, 2 * n);
-    LinearActParams p;
-    p.dtype = to_dtype(z.scalar_type());
-    p.m = dy_rows.size(0);
-    p.n = n;
-    p.k = k;
-    p.x = dy_rows.data_ptr();
-    p.x_row_stride = row_stride(dy_rows);
-    p.weight = weight.data_ptr();  // [k, n] as stored: the kernel reads it MN-major
-    p.weight_row_stride = weight.size(0) > 1 ? weight.stride(0) : n;
-    p.residual = z_rows.data_ptr();
-    p.residual_row_stride = row_stride(z_rows);
-    p.out = dz.data_ptr();
-    p.out_row_stride = 2 * n;
-    p.activation = act;
+    LinearActParams p = dgrad_params(dy_rows, weight, z_rows, dz, act);
     p.gated_grad = true;
     // (in place, z_rows is z: as_rows copies only what the kernel could not read, and the op's z is contiguous)
     if (weight.stride(1) == 1 && linear_act_supported(p) && (!dz.is_same(z) || z_rows.data_ptr() == z.data_ptr())) {
@@ -311,20 +319,7 @@ std::tuple<Tensor, Tensor> act_dgrad_cuda(const Tensor& dy, const Tensor& weight
     const int64_t m = dy_rows.size(0);
     Tensor dz = at::empty(z.sizes(), z.options());
     const Tensor partials = at::empty({(m + 63) / 64, n}, z.options().dtype(at::kFloat));
-    LinearActParams p;
-    p.dtype = to_dtype(z.scalar_type());
-    p.m = m;
-    p.n = n;
-    p.k = k;
-    p.x = dy_rows.data_ptr();
-    p.x_row_stride = row_stride(dy_rows);
-    p.weight = weight.data_ptr();  // [k, n] as stored: the kernel reads it MN-major
-    p.weight_row_stride = weight.size(0) > 1 ? weight.stride(0) : n;
-    p.residual = z_rows.data_ptr();
-    p.residual_row_stride = row_stride(z_rows);
-    p.out = dz.data_ptr();
-    p.out_row_stride = n;
-    p.activation = act;
+    LinearActParams p = dgrad_params(dy_rows, weight, z_rows, dz, act);
     p.act_grad = true;
     p.dbias_partials = partials.data_ptr<float>();
     if (linear_act_supported(p)) {

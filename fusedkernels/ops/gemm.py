@@ -303,19 +303,83 @@ def _check_mlp_args(gated, x, weight1, bias1, weight2, bias2, activation, residu
                            f"{list(residual.shape)}")
 
 
-def _gated_mlp_without_native(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual):
-    """The reference as the native gated_mlp runs it: autocast's casts (as for F.linear), its checks, then the
-    reference, a residual of another dtype added after it with promotion."""
-    _check_mlp_types(True, x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
-    x, gate_up_weight, gate_up_bias, down_weight, down_bias = _native.autocast_casts(
-        x.device.type, x, gate_up_weight, gate_up_bias, down_weight, down_bias)
-    _check_mlp_args(True, x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
+def _checked_mlp(gated, x, weight1, bias1, weight2, bias2, activation, residual):
+    """The reference as the native gated_mlp (gated) or mlp runs it: autocast's casts (as for F.linear), its checks,
+    then the reference, a residual of another dtype added after it with promotion."""
+    _check_mlp_types(gated, x, weight1, bias1, weight2, bias2, activation, residual)
+    x, weight1, bias1, weight2, bias2 = _native.autocast_casts(x.device.type, x, weight1, bias1, weight2, bias2)
+    _check_mlp_args(gated, x, weight1, bias1, weight2, bias2, activation, residual)
+    ref = gated_mlp_ref if gated else mlp_ref
     if residual is not None and residual.dtype != x.dtype:
-        return gated_mlp_ref(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation) + residual
-    return gated_mlp_ref(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
+        return ref(x, weight1, bias1, weight2, bias2, activation) + residual
+    return ref(x, weight1, bias1, weight2, bias2, activation, residual)
+
+
+def _gated_mlp_without_native(x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual):
+    return _checked_mlp(True, x, gate_up_weight, gate_up_bias, down_weight, down_bias, activation, residual)
 
 
 _gated_mlp = _native.public_op("gated_mlp", _gated_mlp_without_native, "the PyTorch reference")
+
+
+def gated_mlp(
+    x: Tensor,
+    gate_up_weight: Tensor,
+    gate_up_bias: Optional[Tensor],
+    down_weight: Tensor,
+    down_bias: Optional[Tensor] = None,
+    activation: str = "swiglu",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """out = down(act(gate) * up) + residual with [gate | up] = x @ gate_up_weight^T + gate_up_bias: the gated MLP of
+    Llama / T5-style transformers (`nn.FusedMLP`'s gated form), as linear_gated then linear_act, with a backward
+    that forms the gated unit's gradient in the epilogue of the GEMM producing the hidden layer's gradient.
+
+    x: [..., K]; gate_up_weight: [2N, K], the gate projection's N rows then the up projection's (linear_gated's
+    stacking); gate_up_bias: [2N] or None; down_weight: [M, N] as nn.Linear(N, M) stores it; down_bias: [M] or None;
+    residual: None or exactly the output's shape [..., M]. dtypes as linear_act's (float16 / bfloat16 for the fused
+    kernels; a residual of another dtype is added after the op with promotion). activation: the gate's, "swiglu",
+    "geglu", "geglu_tanh" or "reglu".
+
+    Returns [..., M] in x's dtype (the autocast dtype under autocast, which casts x, the weights and the biases as
+    for F.linear). Differentiable in every tensor, to any order. With a gradient to compute and fused kernels for
+    both GEMMs, one autograd node keeps x, the weights, the gated output h [..., N] and the pre-activation z
+    [..., 2N] (what linear_gated and linear_act would keep between them); its backward computes dz from dy and
+    down_weight in one GEMM (the gate's derivative in its epilogue, on the Hopper kernel) where linear_gated's
+    backward would read a stored dh. Otherwise (no gradient, another residual dtype, a size without a kernel) it is
+    linear_gated then linear_act, with their warnings. Under torch.func transforms the reference runs
+    (`gated_mlp_ref`).
+
+    Raises ValueError for an unknown activation; RuntimeError, naming the argument, for shapes that do not chain
+    (x and gate_up_weight, down_weight's in_features against N, the biases, a residual not the output's shape),
+    dtypes or devices that differ from x's; TypeError for arguments of the wrong type; NotImplementedError for
+    sparse or nested tensors.
+    """
+    transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the reference, whose ops they know
+    return (_gated_mlp_without_native if transformed else _gated_mlp)(x, gate_up_weight, gate_up_bias, down_weight,
+                                                                      down_bias, activation, residual)
+
+
+def mlp_ref(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor] = None,
+    activation: str = "gelu",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """The specification of `mlp`, differentiable: linear_act_ref(linear_act_ref(x, fc1_weight, fc1_bias,
+    activation), fc2_weight, fc2_bias, "none", residual)."""
+    hidden = linear_act_ref(x, fc1_weight, fc1_bias, activation)
+    return linear_act_ref(hidden, fc2_weight, fc2_bias, "none", residual)
+
+
+def _mlp_without_native(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, residual):
+    return _checked_mlp(False, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, residual)
+
+
+_mlp = _native.public_op("gated_mlp", _gated_mlp_without_native, "the PyTorch reference")
 
 
 def gated_mlp(
