@@ -1151,6 +1151,11 @@ def test_llama_state_dict_in_shards(bias):
     with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"mlp.up_proj.weight\"") as info:
         parent.load_state_dict({"mlp." + k: v for k, v in first.items()})
     assert "Unexpected" not in str(info.value) and "gate_up_proj" not in str(info.value)
+    # a native-layout module given one llama key reports what the dict lacks in llama keys only
+    result = fnn.FusedMLP(16, 40, bias=bias, activation="swiglu").load_state_dict(
+        {"gate_proj.weight": full["gate_proj.weight"]}, strict=False)
+    assert sorted(result.missing_keys) == sorted([f"gate_proj.{n}" for n in names if n != "weight"] +
+                                                 [f"up_proj.{n}" for n in names] + [f"down_proj.{n}" for n in names])
 
 
 def test_llama_shard_into_a_meta_module_names_both_halves():

@@ -285,7 +285,10 @@ def _to_native_keys(module: FusedMLP, state_dict, prefix, local_metadata, strict
     keys, in the order the module it replaces lists them (the parameter keeps its value)."""
     layout = module.state_dict_layout
     if module.gated:
-        absent = set().union(*(_stack_halves(module, state_dict, prefix, name, layout == "llama", error_msgs)
+        # a dict with any llama key is read as llama for every parameter (what it lacks is reported as llama keys)
+        llama = layout == "llama" or any(prefix + half + name in state_dict
+                                         for half in _LLAMA_HALVES for name in ("weight", "bias"))
+        absent = set().union(*(_stack_halves(module, state_dict, prefix, name, llama, error_msgs)
                                for name in ("weight", "bias")))
         missing_keys += [prefix + half + name for half in _LLAMA_HALVES for name in ("weight", "bias")
                          if prefix + half + name in absent]
