@@ -15,7 +15,7 @@ from bench import common
 from fusedkernels import _native  # noqa: F401 (registers the ops)
 from fusedkernels.ops.gemm import ACTIVATIONS
 
-SHAPES = [(16384, 768, 3072), (8192, 1024, 4096), (8192, 4096, 16384)]  # BERT-base, a 1B-class FFN, GPT-3 XL-like
+SHAPES = [(16384, 768, 3072), (8192, 1024, 4096), (8192, 4096, 16384)]  # BERT-base, BERT-large, GPT-3 6.7B FFNs
 
 
 def main() -> None:
