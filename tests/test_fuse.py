@@ -531,6 +531,49 @@ def test_named_sequentials_keep_their_names():
     assert list(fnn.FusedMLP.from_module(plain).state_dict()) == list(plain.state_dict())
 
 
+class _ScaledGELU(nn.Module):
+    def __init__(self, state):
+        super().__init__()
+        if state == "buffer":
+            self.register_buffer("scale", torch.tensor(2.0))
+        else:
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return F.gelu(x) * self.scale
+
+
+def test_mlp_blocks_from_module_cannot_copy_faithfully_are_left():
+    """Sequential MLPs whose copy would change the model: child names colliding with FusedMLP's fc1 / fc2 (the keys
+    would mix up), projections sharing a parameter (the copy would untie them), an activation with a buffer or a
+    parameter (FusedMLP would drop it), dropout between the projections. from_module raises naming the cause; fuse()
+    swaps no MLP (the Linear + GELU pair in the first alone) and every state_dict key stays."""
+    from collections import OrderedDict
+
+    def named(a, b):
+        return nn.Sequential(OrderedDict([(a, nn.Linear(16, 32)), ("act", nn.GELU()), (b, nn.Linear(32, 16))]))
+
+    tied = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
+    tied[2].weight = tied[0].weight
+    blocks = {"collide": (named("fc0", "fc1"), "fc1 / fc2 keys would collide"),
+              "swapped_names": (named("fc2", "fc1"), "fc1 / fc2 keys would collide"),
+              "tied": (tied, "share a parameter"),
+              "buffer": (nn.Sequential(nn.Linear(16, 32), _ScaledGELU("buffer"), nn.Linear(32, 16)),
+                         "parameters or buffers"),
+              "parameter": (nn.Sequential(nn.Linear(16, 32), _ScaledGELU("parameter"), nn.Linear(32, 16)),
+                            "parameters or buffers"),
+              "dropout": (nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.Linear(32, 16)).eval(), "dropout")}
+    for name, (block, message) in blocks.items():
+        with pytest.raises(ValueError, match=message):
+            fnn.FusedMLP.from_module(block)
+    model = nn.ModuleDict({name: block for name, (block, _) in blocks.items()})
+    keys = list(model.state_dict())
+    report = fusedkernels.fuse(model, merge=True)
+    assert not any(e.fused.startswith("FusedMLP") for e in report.swapped), str(report)
+    assert list(model.state_dict()) == keys
+    assert model["tied"][2].weight is model["tied"][0].weight
+
+
 # ------------------------------------------------------------------------------------------------
 # What fuse keeps, the report
 # ------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // residual), with those ops' checks, autocast and kernels; where a gradient is needed and both GEMMs take the
   // kernel, one autograd node whose backward forms dz in the epilogue of the GEMM that produces the gated output's
   // gradient (gated_dgrad) instead of a separate pass.
-  m.def("gated_mlp(Tensor x, Tensor gate_up_weight, Tensor? gate_up_bias, Tensor down_weight, Tensor? down_bias,"
+  m.def("gated_mlp(Tensor x, Tensor gate_up_weight, Tensor? gate_up_bias, Tensor down_weight, Tensor? down_bias=None,"
         " str activation=\"swiglu\", Tensor? residual=None) -> Tensor");
   // Internal: gated_mlp's forward, keeping the gated output h [..., N] and the pre-activation z [..., 2N] for the
   // backward (all three outputs contiguous). activation: the gate's gemm::Activation value.
@@ -75,7 +75,7 @@ TORCH_LIBRARY_FRAGMENT(fusedkernels, m) {
   // activation) then F.linear (linear_act "none" with a residual), with those ops' checks, autocast and kernels; where
   // a gradient is needed and the first GEMM takes the kernel, one autograd node whose backward forms dz = dh *
   // act'(z) and its bias gradient in the epilogue of the GEMM that produces dh (act_dgrad) instead of a separate pass.
-  m.def("mlp(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias,"
+  m.def("mlp(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias=None,"
         " str activation=\"gelu\", Tensor? residual=None) -> Tensor");
   // Internal: mlp's forward, keeping the hidden output h [..., H] and the pre-activation z [..., H] (contiguous).
   m.def("mlp_fwd(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias,"

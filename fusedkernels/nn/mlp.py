@@ -126,7 +126,7 @@ class FusedMLP(nn.Module):
 
         module, one of these, with projections that are exactly nn.Linear (a subclass's own forward would be
         dropped), every one with a bias or none:
-            nn.Sequential(nn.Linear, act, nn.Linear);
+            nn.Sequential(nn.Linear, act, nn.Linear) (named children keep their names in the sequential layout);
             a Llama-style gated MLP: gate_proj, up_proj, down_proj and act_fn, computing
                 down_proj(act_fn(gate_proj(x)) * up_proj(x)) (transformers' LlamaMLP and the MLPs built like it);
             a Phi-3-style gated MLP: gate_up_proj (the gate's rows, then the up projection's), down_proj and
@@ -138,10 +138,12 @@ class FusedMLP(nn.Module):
         (a dense grid around 0 and values out to +-1e3) and comparing with each of FusedMLP's (nn.GELU(),
         nn.SiLU(), nn.ReLU(), transformers' activation classes, ...; in-place ones too).
 
-        Raises ValueError for another structure, a projection that is not exactly an nn.Linear, parameters of more than
-        one dtype or device, biases on some projections only, gate and up halves of which one is frozen and the other not (they share one parameter),
-        an activation that matches none of FusedMLP's (clipped ones such as nn.ReLU6 included), or one that raises
-        on the probe (chained to its exception).
+        Raises ValueError for another structure, a projection that is not exactly an nn.Linear, projections sharing a
+        parameter (the copy would untie them), an nn.Sequential whose child names collide with fc1 / fc2 elsewhere,
+        an activation module holding parameters or buffers, or a dropout with p > 0, parameters of more than one dtype
+        or device, biases on some projections only, gate and up halves of which one is frozen and the other not (they
+        share one parameter), an activation that matches none of FusedMLP's (clipped ones such as nn.ReLU6
+        included), or one that raises on the probe (chained to its exception).
         """
         projections, act, layout = _parts(module)
         gated = "gate_up_proj" in projections
@@ -227,6 +229,10 @@ def _parts(module: nn.Module):
             raise ValueError(f"FusedMLP.from_module: an nn.Sequential must be (nn.Linear, activation, nn.Linear), "
                              f"got {module}")
         projections, act, layout = {"fc1": (module[0],), "fc2": (module[2],)}, module[1], "sequential"
+        first, _, second = module._modules
+        if {first, second} & {"fc1", "fc2"} and (first, second) != ("fc1", "fc2"):
+            raise ValueError(f"FusedMLP.from_module: this nn.Sequential names its projections {first!r} and "
+                             f"{second!r}, which FusedMLP's own fc1 / fc2 keys would collide with; rename them")
     else:
         for attributes, act_names, layout in _STRUCTURES:
             act_name = next((a for a in act_names if getattr(module, a, None) is not None), None)
@@ -245,10 +251,21 @@ def _parts(module: nn.Module):
                 raise ValueError(f"FusedMLP.from_module: {type(module).__name__} has {name} ({type(child).__name__}) "
                                  f"besides its projections and activation (only nn.Identity and nn.Dropout(p=0) "
                                  f"can be left out)")
-    for linear in (lin for linears in projections.values() for lin in linears):
+    linears = [lin for group in projections.values() for lin in group]
+    for linear in linears:
         if type(linear) is not nn.Linear:
             raise ValueError(f"FusedMLP.from_module: the projections must be exactly nn.Linear (a subclass's "
                              f"forward would be lost), got a {type(linear).__name__}")
+    params = [p for lin in linears for p in lin.parameters()]
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("FusedMLP.from_module: two of its projections share a parameter (tied); FusedMLP's copy would "
+                         "untie them")
+    if isinstance(act, nn.Module):
+        if any(True for _ in act.parameters()) or any(True for _ in act.buffers()):
+            raise ValueError(f"FusedMLP.from_module: the activation {act} holds parameters or buffers, which FusedMLP "
+                             f"would drop")
+        if isinstance(act, nn.modules.dropout._DropoutNd) and act.p > 0:
+            raise ValueError(f"FusedMLP.from_module: {act} between the projections is dropout, not an activation")
     return projections, act, layout
 
 
