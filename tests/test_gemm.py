@@ -698,6 +698,11 @@ def test_fused_linear_takes_nn_linear_positional_arguments_and_activation_by_key
     assert fused.weight.dtype == lin.weight.dtype == torch.float64 and fused.activation == "gelu"
     with pytest.raises(TypeError, match="keyword-only"):
         fnn.FusedLinear(16, 24, "relu")  # would be a gelu layer with a bias if taken as nn.Linear's bias
+    # an activation that is not a str: TypeError, as ops.linear_act raises for it
+    with pytest.raises(TypeError, match="FusedLinear: activation must be a str, got NoneType"):
+        fnn.FusedLinear(16, 24, activation=None)
+    with pytest.raises(TypeError):
+        fops.linear_act(torch.randn(2, 16), lin.weight.float(), None, None)
 
 
 def test_autocast_keeps_a_wider_residual_stream_as_torch():

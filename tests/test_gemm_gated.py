@@ -687,6 +687,8 @@ def test_constructor_arguments():
         fnn.FusedMLP(16, 64, 16, "relu")
     with pytest.raises(ValueError, match="activation must be one of none, relu.* or gated swiglu"):
         fnn.FusedMLP(16, 64, activation="glu")
+    with pytest.raises(TypeError, match="FusedMLP: activation must be a str, got NoneType"):
+        fnn.FusedMLP(16, 64, activation=None)
     with pytest.raises(ValueError, match="'llama' does not fit activation 'gelu'"):
         fnn.FusedMLP(16, 64, activation="gelu", state_dict_layout="llama")
     with pytest.raises(ValueError, match="'sequential' does not fit"):

@@ -33,11 +33,13 @@ class FusedLinear(nn.Linear):
         bias: as nn.Linear's, truthy or not (a str is refused: FusedLinear(16, 32, "relu") means an activation).
         device, dtype: of the parameters, as nn.Linear's.
 
-        Raises TypeError for a str bias, ValueError for an unknown activation.
+        Raises TypeError for a str bias or an activation that is not a str, ValueError for an unknown one.
         """
         if isinstance(bias, str):  # FusedLinear(16, 32, "relu") would otherwise be a gelu layer with a bias
             raise TypeError(f"FusedLinear: bias must be a bool, got {bias!r} (activation is keyword-only: "
                             f"FusedLinear(in_features, out_features, activation=...))")
+        if not isinstance(activation, str):  # as ops.linear_act (and F.gelu's approximate=None) raise
+            raise TypeError(f"FusedLinear: activation must be a str, got {type(activation).__name__}")
         if activation not in ops.ACTIVATIONS:
             raise ValueError(f"FusedLinear: activation must be one of {', '.join(ops.ACTIVATIONS)}, got {activation!r}")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)

@@ -58,8 +58,8 @@ class FusedMLP(nn.Module):
     forward(x [..., in_features], residual=None [..., out_features]) -> [..., out_features], x's dtype (the autocast
     dtype under autocast). torch.jit.script compiles a forward on torch.ops.fusedkernels' mlp / gated_mlp
     (a build without the gemm family cannot script it). Raises ValueError for an unknown activation or layout (or
-    one that does not fit the activation), TypeError for a str bias (an activation in bias's position); any other
-    bias is taken as nn.Linear takes it (truthy or not).
+    one that does not fit the activation), TypeError for a str bias (an activation in bias's position) or an
+    activation that is not a str; any other bias is taken as nn.Linear takes it (truthy or not).
     """
 
     # The sequential layout's keys by native projection: nn.Sequential(Linear, act, Linear)'s, or (set by from_module)
@@ -71,6 +71,8 @@ class FusedMLP(nn.Module):
         if isinstance(bias, str):  # FusedMLP(16, 64, 16, "relu") would otherwise be a gelu MLP with biases
             raise TypeError(f"FusedMLP: bias must be a bool, got {bias!r} (activation comes after it: "
                             f"FusedMLP(in_features, hidden_features, out_features, bias, activation))")
+        if not isinstance(activation, str):  # as ops.mlp / gated_mlp raise
+            raise TypeError(f"FusedMLP: activation must be a str, got {type(activation).__name__}")
         gated = activation in ops.GATED_ACTIVATIONS
         if not gated and activation not in ops.ACTIVATIONS:
             raise ValueError(f"FusedMLP: activation must be one of {', '.join(ops.ACTIVATIONS)} or gated "
