@@ -96,7 +96,8 @@ def test_mlp_routes_as_its_two_ops_and_names_its_arguments(monkeypatch):
          r"mlp: fc2_weight must be \[out_features, N\], N the hidden width \(fc1_weight is \[N, in_features\] = "
          r"\[12, 8\]\), got \[16, 4\]"),
         (lambda: fops.mlp(x, w1, b1[:3], w2, b2), RuntimeError, r"mlp: fc1_bias must be \[N\] = \[12\]"),
-        (lambda: fops.mlp(x, w1[:, :4], b1, w2, b2), RuntimeError, r"mlp: x and fc1_weight shapes cannot be multiplied"),
+        (lambda: fops.mlp(x, w1[:, :4], b1, w2, b2), RuntimeError,
+         r"mlp: x and fc1_weight shapes cannot be multiplied"),
         (lambda: fops.mlp(x, w1, b1, w2, b2[:3]), RuntimeError, r"mlp: fc2_bias must be \[out_features\] = \[16\]"),
         (lambda: fops.mlp(x, w1, b1, w2.float(), b2), RuntimeError, r"mlp: fc2_weight must have x's dtype"),
         (lambda: fops.mlp(x, w1, b1, w2, b2, "gelu", r[:, :4]), RuntimeError,

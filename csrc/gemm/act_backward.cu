@@ -2,9 +2,9 @@
 // in one pass. A CTA takes 32 column vectors (256 columns of 16-bit data) of a chunk of rows: its 8 warps read the
 // chunk's rows 8 apart, each lane one 16-byte vector of a row (a warp reads 512 contiguous bytes), four rows' loads
 // issued before their arithmetic (one row at a time left too few bytes in flight to reach the copy bandwidth),
-// keeping float32 sums of its 8 columns; the warps' sums meet in shared memory and go out as the chunk's partial row, which a
-// second kernel adds up over the chunks in order. Torch's formulas run the activation's backward, then a sum over
-// dz: one more read of the whole of dz.
+// keeping float32 sums of its 8 columns; the warps' sums meet in shared memory and go out as the chunk's partial
+// row, which a second kernel adds up over the chunks in order. Torch's formulas run the activation's backward, then
+// a sum over dz: one more read of the whole of dz.
 #include <algorithm>
 
 #include "common/device/vec.cuh"

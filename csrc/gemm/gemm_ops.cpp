@@ -676,7 +676,8 @@ std::tuple<Tensor, Tensor, Tensor> mlp_fwd_autograd(const Tensor& x, const Tenso
 void check_mlp_args(bool gated, const Tensor& x, const Tensor& gate_up_weight, const OptTensor& gate_up_bias,
                     const Tensor& down_weight, const OptTensor& down_bias, const OptTensor& residual) {
   const char* op = mlp_name(gated);
-  const OperandNames first = gated ? OperandNames{"gate_up_weight", "gate_up_bias"} : OperandNames{"fc1_weight", "fc1_bias"};
+  const OperandNames first = gated ? OperandNames{"gate_up_weight", "gate_up_bias"}
+                                   : OperandNames{"fc1_weight", "fc1_bias"};
   const OperandNames second = gated ? OperandNames{"down_weight", "down_bias"} : OperandNames{"fc2_weight", "fc2_bias"};
   check_args(op, x, gate_up_weight, gate_up_bias, std::nullopt, gated, false, first, "N");
   for (const auto& [name, t] : {std::pair{second.weight, &down_weight},

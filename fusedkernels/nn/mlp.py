@@ -24,7 +24,8 @@ class FusedMLP(nn.Module):
     fusedkernels.ops.linear_act / linear_gated: the first GEMM applies the activation (gated: one GEMM over the
     stacked gate and up weights), the second adds the residual. Both forms run as one op (`fusedkernels.ops.mlp`,
     `fusedkernels.ops.gated_mlp`), whose backward applies the activation's derivative in the epilogue of the GEMM
-    that produces the hidden layer's gradient (docs/gemm.md). Under torch.func transforms the references run, as the ops'.
+    that produces the hidden layer's gradient (docs/gemm.md). Under torch.func transforms the references run, as
+    the ops'.
 
     Args:
         in_features: x's last dimension.
