@@ -24,7 +24,9 @@ require grad), and fwd+bwd as a chain of 8 calls (each output the next call's in
 Gated rows (`linear_gated ...`): ops.linear_gated(x, W, None, "swiglu") against its eager form on the same stacked
 weight W [2048, 1024], `gate, up = F.linear(x, W).chunk(2, -1); F.silu(gate) * up`, in the same three directions.
 MLP rows (`gated_mlp ...`): FusedMLP's gated op (`torch.ops.fusedkernels.gated_mlp`, one call for both GEMMs)
-against the eager Llama MLP `F.linear(silu(gate) * up, W_down)` on the same weights, W_down [1024, 1024].
+against the eager Llama MLP `F.linear(silu(gate) * up, W_down)` on the same weights, W_down [1024, 1024]; and
+(`mlp ...`) the plain form's op (`torch.ops.fusedkernels.mlp`) against `F.linear(F.gelu(F.linear(x, W1, b1)), W2,
+b2)` with W1 the first half of W and biases.
 
 Residual rows (`add_rms_norm ...`): ops.add_rms_norm(x, residual, w) against `h = x + residual; F.rms_norm(h, ...)`
 at 4x4096 bf16; fwd+bwd is one call and one backward. Conv rows (`conv2d_bias_relu ...`): ops.conv2d_bias_relu against F.relu(F.conv2d(x, W, b, padding=1)) on x [1, 64, 8, 8]
@@ -252,7 +254,8 @@ def _gated_rows(add) -> None:
 
 
 def _mlp_rows(add) -> None:
-    """FusedMLP's gated op (gated_mlp) against the eager Llama MLP on the same weights, in the three directions."""
+    """FusedMLP's ops (gated_mlp, mlp) against the eager Llama MLP and Linear -> GELU -> Linear on the same weights, in
+    the three directions."""
     ours = getattr(ops.gemm, "_gated_mlp", None)
     if ours is None:
         print("  gated_mlp: skipped (fusedkernels.ops.gemm has no _gated_mlp)", flush=True)
@@ -267,7 +270,17 @@ def _mlp_rows(add) -> None:
     impls = (("fusedkernels", lambda x, w, wd: ours(x, w, None, wd, None, "swiglu", None)),
              ("torch", lambda x, w, wd: F.linear(_swiglu(x, w), wd)))
     _three_directions(add, f"gated_mlp {{}} {shape}", impls, (x, w, wd), leaves, dy)
-    del x, dy, w, wd, leaves
+    plain = getattr(ops.gemm, "_mlp", None)
+    if plain is None:
+        print("  mlp: skipped (fusedkernels.ops.gemm has no _mlp)", flush=True)
+        return
+    w1, b1 = w[:N].contiguous(), torch.randn(N, device="cuda", dtype=DTYPE)
+    b2 = torch.randn(K, device="cuda", dtype=DTYPE)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, wd, b2)]
+    impls = (("fusedkernels", lambda *t: plain(*t, "gelu", None)),
+             ("torch", lambda x, w1, b1, wd, b2: F.linear(F.gelu(F.linear(x, w1, b1)), wd, b2)))
+    _three_directions(add, f"mlp {{}} {M}x{K}x{N} gelu bf16", impls, (x, w1, b1, wd, b2), leaves, dy)
+    del x, dy, w, wd, w1, b1, b2, leaves
 
 
 def _single_call_directions(add, name: str, impls, args: tuple, leaves: list) -> None:

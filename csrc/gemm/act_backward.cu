@@ -59,10 +59,7 @@ __global__ void __launch_bounds__(kLanes * kWarps, kBlocksPerSm) act_backward_ke
         Vec<T, kVec> out;
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          float act, slope;
-          activation_and_slope<kAct, true>(g[i].get(j), act, slope);
-          // relu: a select, as torch's threshold_backward (an inf / NaN gradient where z <= 0 gives 0, not NaN)
-          out.set(j, kAct == Activation::kRelu ? (slope != 0.0f ? d[i].get(j) : 0.0f) : d[i].get(j) * slope);
+          out.set(j, activation_grad<kAct>(d[i].get(j), g[i].get(j)));
           if constexpr (kBias) sum[j] += out.get(j);  // the sum of dz as stored, as torch sums the rounded dz
         }
         out.store(dz + row * p.n + col);

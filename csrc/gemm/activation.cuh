@@ -80,4 +80,13 @@ __device__ __forceinline__ void activation_and_slope(float g, float& act, float&
   }
 }
 
+// dz = dy · act'(z) in fp32 by the fast forms above (act_backward.cu and the GEMM's plain backward epilogue); relu by
+// a select, as torch's threshold_backward: a NaN dy where z <= 0 gives 0.
+template <Activation kAct>
+__device__ __forceinline__ float activation_grad(float dy, float z) {
+  float act, slope;
+  activation_and_slope<kAct, true>(z, act, slope);
+  return kAct == Activation::kRelu ? (slope != 0.0f ? dy : 0.0f) : dy * slope;
+}
+
 }  // namespace fusedkernels::gemm

@@ -74,9 +74,10 @@ __host__ __device__ inline bool epilogue_in_one_pass(const LinearActParams& p) {
   return !p.gated && !dgrad_epilogue(p) && p.pre_activation == nullptr;
 }
 
-// Whether the residual comes into the epilogue buffer by TMA (the one-pass epilogue's, unsplit K).
+// Whether the residual comes into the epilogue buffer by TMA: the one-pass epilogue's (unsplit K), and z for the plain
+// backward epilogue, which is one pass too (Epilogue::store_act_grad).
 __host__ __device__ inline bool residual_by_tma(const LinearActParams& p) {
-  return p.residual != nullptr && p.split_k == 1 && epilogue_in_one_pass(p);
+  return p.residual != nullptr && p.split_k == 1 && (epilogue_in_one_pass(p) || p.act_grad);
 }
 
 // One consumer warpgroup's epilogue. Thread (warp, g, t) holds the accumulators of rows 16 warp + g (+ 8), columns
@@ -90,7 +91,7 @@ __host__ __device__ inline bool residual_by_tma(const LinearActParams& p) {
 // output). The one pass unrolls a thread's 128 activations (one exponential each, activation.cuh); the loop of
 // the second keeps the larger epilogues' code small (docs/perf-notes.md: an unrolled epilogue with erff inlined
 // overflowed the instruction cache). Gated tiles hold the gate's z in their first kHalf columns and the up
-// projection's in the next kHalf, for output columns col0 .. col0 + kHalf - 1.
+// projection's in the next kHalf, for output columns col0 .. col0 + kHalf - 1. The backward epilogues: dgrad().
 template <typename Cfg>
 struct Epilogue {
   using T = typename Cfg::T;
@@ -104,7 +105,7 @@ struct Epilogue {
   // them stalled the epilogue for its round trip: docs/perf-notes.md, gemm "bias staging"), written to `bias_pairs`
   // in shared memory and read back there by the threads that need each pair.
   uint32_t* bias_pairs;
-  uint64_t* residual_full;  // completes when a tile's residual has landed in the buffer (residual_by_tma)
+  uint64_t* residual_full;  // completes when a tile's residual (act_grad: z) has landed in the buffer (residual_by_tma)
   int barrier;  // the warpgroup's named barrier
   int thread;   // in the warpgroup; thread 0 issues the copies
   uint32_t bias_pair = 0;
@@ -127,8 +128,9 @@ struct Epilogue {
                     : 0u;
   }
 
-  // The tile's residual into the buffer, by TMA (residual_by_tma), once the previous tile's stores have read it:
-  // issued before the products, which hide its latency; zeros past the tensor's edges, as the store clips them.
+  // The tile's residual (act_grad: z) into the buffer, by TMA (residual_by_tma), once the previous tile's stores have
+  // read it: issued before the products, which hide its latency; zeros past the tensor's edges, as the store clips
+  // them.
   __device__ __forceinline__ void load_residual(int row0, int col0) {
     if (!residual_by_tma(p) || thread != 0) return;
     sm90::bulk_wait_read<0>();
@@ -311,69 +313,51 @@ struct Epilogue {
     }
   }
 
-  // The plain backward (p.act_grad), after store_z put dh in the buffer: dz = dh * act'(z), z read from global memory
-  // and dz written there as in store_gated_grad. A thread's vectors are one 8-column group of rows warp, warp + 4, ...:
-  // it sums dz (as stored) down them, and the four warps' sums meet in the buffer (dh read) for the tile's column sums.
+  // The plain backward (p.act_grad) in one pass: z's tile came into the buffer by TMA during the products
+  // (load_residual); dz = dh · act'(z), dh the product rounded to T (what PyTorch's dy @ W returns), is written over it
+  // pair by pair and stored by TMA. Then thread t sums columns 2t, 2t + 1 of the stored tile down its 64 rows for the
+  // bias gradient (rows and columns past the edges hold zeros: dh is 0 there); fp32, in row order: deterministic.
   template <Activation kAct>
-  __device__ __forceinline__ void store_act_grad(int row0, int col0) {
-    constexpr int kVectorsPerRow = kBlockN / 8, kPerThread = 64 * kVectorsPerRow / 128, kBatch = 4;
-    static_assert(kVectorsPerRow == 32, "a warp's lanes hold one row's vectors");
-    const T* z = static_cast<const T*>(p.residual);
-    T* dz = static_cast<T*>(p.out);
-    const int warp = thread / 32, col = 8 * (thread % 32);
-    float sum[8] = {};
-#pragma unroll 1
-    for (int first = 0; first < kPerThread; first += kBatch) {
-      Vec<T, 8> zv[kBatch];
+  __device__ __forceinline__ void store_act_grad(const Accumulators& acc, int row0, int col0) {
+    sm90::mbarrier_wait(residual_full, residual_phase);
+    residual_phase ^= 1;
+    const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
 #pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        const int64_t row = row0 + warp + 4 * (first + i);
-        if (row < p.m && col0 + col < p.n) zv[i].load(z + row * p.residual_row_stride + col0 + col);
-      }
+    for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        const int64_t row = row0 + warp + 4 * (first + i);
-        if (row >= p.m || col0 + col >= p.n) continue;
-        Vec<T, 8> dh, out;
-        dh.load(reinterpret_cast<const T*>(at(warp + 4 * (first + i), col)));
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          float act, slope;
-          activation_and_slope<kAct, true>(zv[i].get(e), act, slope);
-          // relu: a select, as torch's threshold_backward (act_backward.cu computes the same)
-          out.set(e, kAct == Activation::kRelu ? (slope != 0.0f ? dh.get(e) : 0.0f) : dh.get(e) * slope);
-          sum[e] += out.get(e);
-        }
-        out.store(dz + row * p.out_row_stride + col0 + col);
+      for (int r = 0; r < 2; ++r) {
+        uint32_t* pair = reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, 8 * j + 2 * t));
+        const float2 dh = unpack2<T>(pack2<T>(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]));
+        const float2 z = unpack2<T>(*pair);
+        *pair = pack2<T>(activation_grad<kAct>(dh.x, z.x), activation_grad<kAct>(dh.y, z.y));
       }
     }
+    store_buffer_to_out<kBlockN>(row0, col0);
     if (p.dbias_partials == nullptr) return;
-    sm90::named_barrier_sync(barrier, 128);  // every thread has read its dh: the buffer takes the warps' sums
-    float* sums = reinterpret_cast<float*>(buffer);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) sums[warp * kBlockN + col + e] = sum[e];
-    sm90::named_barrier_sync(barrier, 128);
-    const int pair = 2 * thread;  // columns pair, pair + 1 of the tile, summed over the warps in order
-    if (col0 + pair < p.n) {
+    const int col = 2 * thread;
+    if (row0 < p.m && col0 + col < p.n) {
       float2 total = make_float2(0.0f, 0.0f);
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        total.x += sums[w * kBlockN + pair];
-        total.y += sums[w * kBlockN + pair + 1];
+#pragma unroll 8
+      for (int row = 0; row < 64; ++row) {
+        const float2 dz = unpack2<T>(*reinterpret_cast<const uint32_t*>(at(row, col)));
+        total.x += dz.x;
+        total.y += dz.y;
       }
-      *reinterpret_cast<float2*>(p.dbias_partials + int64_t(row0 / 64) * p.n + col0 + pair) = total;
+      *reinterpret_cast<float2*>(p.dbias_partials + int64_t(row0 / 64) * p.n + col0 + col) = total;
     }
+    sm90::named_barrier_sync(barrier, 128);  // every thread's reads are done before the next tile's z lands
   }
 
-  // The backward epilogues: dh = the product, rounded to T into the buffer, then the gated or the plain act'.
+  // The backward epilogues: the gated one (dh, the product rounded to T, into the buffer, then the gated act'), or the
+  // plain one in one pass.
   __device__ __forceinline__ void dgrad(const Accumulators& acc, int row0, int col0) {
-    store_z(acc, row0, col0);
+    if (p.gated_grad) store_z(acc, row0, col0);
     const auto with = [&](auto act) {
       constexpr Activation kAct = decltype(act)::value;
       if (p.gated_grad) {
         store_gated_grad<kAct>(row0, col0);
       } else {
-        store_act_grad<kAct>(row0, col0);
+        store_act_grad<kAct>(acc, row0, col0);
       }
     };
     switch (p.activation) {
@@ -381,7 +365,7 @@ struct Epilogue {
       case Activation::kGelu: with(std::integral_constant<Activation, Activation::kGelu>{}); break;
       case Activation::kGeluTanh: with(std::integral_constant<Activation, Activation::kGeluTanh>{}); break;
       case Activation::kSquaredRelu:
-        if (!p.gated_grad) store_act_grad<Activation::kSquaredRelu>(row0, col0);
+        if (!p.gated_grad) store_act_grad<Activation::kSquaredRelu>(acc, row0, col0);
         break;
       default: with(std::integral_constant<Activation, Activation::kSilu>{}); break;
     }
@@ -585,7 +569,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if constexpr (!kSplitK) {
       epilogue.prefetch_residual(m_block * kBlockM, n_block * out_cols);
       epilogue.load_bias(n_block * out_cols);
-      if constexpr (!kDgrad) epilogue.load_residual(m_block * kBlockM, n_block * out_cols);
+      epilogue.load_residual(m_block * kBlockM, n_block * out_cols);
     }
     if (local > 0) sm90::named_barrier_sync(2 - consumer, 256);
     const int64_t first = int64_t(local) * split_slices;  // ring position of its first k-slice
