@@ -122,7 +122,7 @@ if "gemm" in FAMILIES:
     # memcheck only (racecheck reports cuBLAS's split-K kernels; the passes share no memory but act_backward's sums).
     backward = "--fp32-optim" not in sys.argv
     for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
-        for kernels in ("default", "portable"):
+        for kernels in ("default", "portable", "sm90-cooperative"):
             os.environ["FUSEDKERNELS_GEMM_KERNEL"] = kernels
             for rows in (77, 64 * 141 + 13):
                 x = torch.randn(rows, 136, device="cuda", dtype=dtype, requires_grad=True)

@@ -4,11 +4,13 @@ CPU tests hold the reference (the CPU kernel of the internal op) to plain PyTorc
 autograd, opcheck, compile, export, autocast, the module). `cuda` tests hold the fused kernel to an fp32 reference
 on fresh random inputs, with a tolerance relative to PyTorch's own low-precision error (the same reference run in
 the inputs' dtype), outputs poisoned first; where no kernel takes a call they check the reference it runs. The
-kernel tests run three times: with the default kernel, with FUSEDKERNELS_GEMM_KERNEL=portable (the mma.sync kernel,
-which the Hopper kernel replaces on sm_90), and with FUSEDKERNELS_GEMM_KERNEL=sm90-wide (the Hopper kernel's
-256-wide tiles, which small m takes 64 wide by default).
+kernel tests run four times: with the default kernel, with FUSEDKERNELS_GEMM_KERNEL=portable (the mma.sync kernel,
+which the Hopper kernel replaces on sm_90), with FUSEDKERNELS_GEMM_KERNEL=sm90-wide (the Hopper kernel's ping-pong
+256-wide tiles, which small m takes 64 wide by default) and with sm90-cooperative (its 128 x 256 tiles shared by both
+consumers, which only large m and K with a light epilogue take by default).
 """
 
+import re
 import warnings
 
 import pytest
@@ -37,10 +39,10 @@ PLAIN = {
 }
 
 
-@pytest.fixture(params=["default", "portable", "sm90-wide"])
+@pytest.fixture(params=["default", "portable", "sm90-wide", "sm90-cooperative"])
 def kernels(request, monkeypatch):
-    # portable: the mma.sync kernel where the Hopper kernel would run by default; sm90-wide: the Hopper kernel's
-    # 256-wide tiles, which small shapes (most here) would not take by default
+    # portable: the mma.sync kernel where the Hopper kernel would run by default; sm90-wide / sm90-cooperative: the
+    # Hopper kernel's 256-wide ping-pong / 128 x 256 cooperative tiles, which small shapes (most here) would not take
     if request.param == "default":
         monkeypatch.delenv("FUSEDKERNELS_GEMM_KERNEL", raising=False)
     else:
@@ -616,6 +618,45 @@ def test_small_m_split_k_output_and_pre_activation(activation, dtype, kernels):
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     if kernels == "default" and any("linear_act_sm90_kernel" in name for name in names):
         assert any("split_k_epilogue_kernel" in name for name in names), names
+
+
+@pytest.mark.cuda
+@needs_native
+def test_hopper_tiles_are_the_shapes_or_the_settings_choice(monkeypatch):
+    """Cooperative 128 x 256 tiles for the one-pass epilogue without a residual where they fill the SMs, N <= 4096 and
+    K >= 2048 (1024 but for silu and gelu_tanh); ping-pong tiles otherwise; FUSEDKERNELS_GEMM_KERNEL forces either
+    where the cooperative tiles can run (not with a residual, a saved pre-activation or a gate)."""
+    if not hopper_kernels_run():
+        pytest.skip("the Hopper kernel's choice of tiles")
+
+    def cooperative(m, k, n, activation, setting, residual=False, grad=False):
+        if setting is None:
+            monkeypatch.delenv("FUSEDKERNELS_GEMM_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("FUSEDKERNELS_GEMM_KERNEL", setting)
+        x, w, b, r = _inputs((m,), k, n, torch.bfloat16, "cuda", residual=residual)
+        x.requires_grad_(grad)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fops.linear_act(x, w, b, activation, r)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if "linear_act_sm90_kernel" in e.name]
+        assert len(names) == 1, names
+        return bool(re.search(r"LinearActSm90Config<[^<>]*, true>", names[0]))
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    m = 128 * -(-sms // 4)  # a 128 x 256 tile per SM at n = 1024
+    assert cooperative(m, 1024, 1024, "relu", None)
+    assert cooperative(m, 1024, 1024, "gelu", None)
+    assert not cooperative(m, 768, 1024, "relu", None)
+    assert not cooperative(m, 1024, 1024, "silu", None)
+    assert cooperative(m, 2048, 1024, "silu", None)
+    assert not cooperative(m - 128, 1024, 1024, "relu", None)  # a tile short of every SM
+    assert not cooperative(m // 4, 1024, 4104, "relu", None)  # wider than 4096
+    assert not cooperative(m, 1024, 1024, "relu", None, residual=True)
+    assert not cooperative(m, 1024, 1024, "relu", None, grad=True)  # the pre-activation saved: two passes
+    assert not cooperative(m, 1024, 1024, "relu", "sm90-pingpong")
+    assert cooperative(300, 136, 264, "gelu", "sm90-cooperative")
+    assert not cooperative(300, 136, 264, "gelu", "sm90-cooperative", residual=True)
 
 
 @pytest.mark.cuda

@@ -9,7 +9,8 @@
 // swizzled stages, one k-slice's group in flight while the previous stage is released. Tiles are 64 x 256, or
 // 64 x 64 / 128 for a convolution's narrow layers (64 output channels would leave 3/4 of a 256-wide product
 // idle), and the consumers take the CTA's tiles in turns ("ping-pong"), so one's epilogue runs while the other's
-// products use the tensor cores. The epilogue applies bias, activation and residual, writes the tile into a
+// products use the tensor cores; or, for long K loops with a light epilogue, share 128 x 256 tiles ("cooperative",
+// LinearActSm90Config). The epilogue applies bias, activation and residual, writes the tile into a
 // swizzled shared-memory buffer and stores it with TMA: coalesced, asynchronous, and clipped at the
 // tensor's edges (scattered register stores were the first version's bottleneck: docs/perf-notes.md).
 // docs/gemm.md draws it.
@@ -35,19 +36,27 @@
 
 namespace fusedkernels::gemm {
 
-template <typename T_, int kBlockN_ = 256>
+// kCooperative: the two consumers share 128 x 256 tiles (64 rows each) instead of taking 64 x kBlockN tiles in
+// turns: a W slice feeds twice the products, so a k-slice's 48 KiB stage holds twice the work of a ping-pong one, and
+// four of them fit beside epilogue buffers of half a tile's width (stored in two turns), at the cost of an epilogue
+// the tensor cores wait for: the one pass without a residual only.
+template <typename T_, int kBlockN_ = 256, bool kCooperative_ = false>
 struct LinearActSm90Config {
   using T = T_;
   static_assert(kBlockN_ == 64 || kBlockN_ == 128 || kBlockN_ == 256);
-  // Stages: as many as fit beside the epilogue buffers (192 KiB of 48, 24 or 16 KiB stages).
-  static constexpr int kBlockM = 64, kBlockN = kBlockN_, kBlockK = 64;
+  static_assert(!kCooperative_ || kBlockN_ == 256);
+  static constexpr bool kCooperative = kCooperative_;
+  // Stages: as many as fit beside the epilogue buffers (192 KiB of 48, 40, 24 or 16 KiB stages).
+  static constexpr int kBlockM = kCooperative ? 128 : 64, kBlockN = kBlockN_, kBlockK = 64;
   static constexpr int kStages = kBlockN == 256 ? 4 : 192 / (kBlockN / 8 + 8);
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
-  static constexpr int kAccumulators = kBlockN / 2;  // a consumer thread's share of its 64 x kBlockN fp32 tile
+  static constexpr int kAccumulators = kBlockN / 2;  // a consumer thread's share of its 64 x kBlockN fp32 rows
   static constexpr int kABytes = kBlockM * kBlockK * 2, kBBytes = kBlockN * kBlockK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  // Each consumer's epilogue buffer: its 64 x kBlockN tile in 64-column boxes of 8 KiB; and its tile's bias.
-  static constexpr int kBoxBytes = 64 * 64 * 2, kEpilogueBytes = kBlockN / 64 * kBoxBytes, kBiasBytes = kBlockN * 2;
+  // Each consumer's epilogue buffer: kBufferCols columns of its 64 rows (the whole tile, or half of a cooperative
+  // one) in 64-column boxes of 8 KiB; and its tile's bias.
+  static constexpr int kBufferCols = kCooperative ? kBlockN / 2 : kBlockN;
+  static constexpr int kBoxBytes = 64 * 64 * 2, kEpilogueBytes = kBufferCols / 64 * kBoxBytes, kBiasBytes = kBlockN * 2;
   // Stages, epilogue buffers, biases, barriers (full and empty per stage, a residual one per consumer), and slack to
   // align to the 1024-byte swizzle period.
   static constexpr int kSmemBytes =
@@ -175,18 +184,19 @@ struct Epilogue {
     return unpack2<T>(pair);
   }
 
-  // fn(pair, z0, z1) for each pair of this thread's accumulators: z = acc + bias (fp32) at columns col, col + 1 of
-  // a row, and `pair`, their 4-byte place in the buffer.
-  template <typename Fn>
+  // fn(pair, z0, z1) for each pair of this thread's accumulators in columns kFirst .. kFirst + kCols - 1: z = acc +
+  // bias (fp32) at columns col, col + 1 of a row, and `pair`, their 4-byte place in the buffer, which holds those
+  // columns.
+  template <int kFirst = 0, int kCols = kBlockN, typename Fn>
   __device__ __forceinline__ void for_each_pair(const Accumulators& acc, Fn&& fn) const {
     const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
 #pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
+    for (int j = kFirst / 8; j < (kFirst + kCols) / 8; ++j) {
       const int col = 8 * j + 2 * t;
       const float2 b = staged_bias(col);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        fn(reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col)), acc[4 * j + 2 * r] + b.x,
+        fn(reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col - kFirst)), acc[4 * j + 2 * r] + b.x,
            acc[4 * j + 2 * r + 1] + b.y);
       }
     }
@@ -401,12 +411,14 @@ struct Epilogue {
     // none and relu commute with the rounding (relu of a T value is one) when nothing is added: else z is rounded
     constexpr bool kRoundZ = kResidual || !(kAct == Activation::kRelu || kAct == Activation::kNone);
     const bool before = p.residual_before_activation;  // act(z + residual)
+    constexpr int kCols = Cfg::kBufferCols;  // the tile in kBlockN / kCols turns (two for cooperative tiles)
+    static_assert(kCols == kBlockN || !kResidual, "the residual's TMA load fills the whole tile's buffer");
     stage_bias_and_wait_buffer();
     if constexpr (kResidual) {
       sm90::mbarrier_wait(residual_full, residual_phase);
       residual_phase ^= 1;
     }
-    for_each_pair(acc, [&](uint32_t* pair, float z0, float z1) {
+    const auto write = [&](uint32_t* pair, float z0, float z1) {
       if constexpr (kRoundZ) {  // both with one conversion
         const float2 z = unpack2<T>(pack2<T>(z0, z1));
         z0 = z.x;
@@ -425,16 +437,26 @@ struct Epilogue {
         }
       }
       *pair = pack2<T>(activate<kAct>(z0) + r0, activate<kAct>(z1) + r1);
-    });
-    store_buffer_to_out<kBlockN>(row0, col0);
+    };
+    for_each_pair<0, kCols>(acc, write);
+    store_buffer_to_out<kCols>(row0, col0);
+    if constexpr (kCols < kBlockN) {  // the second half once the copy engine has read the first
+      wait_buffer();
+      for_each_pair<kCols, kCols>(acc, write);
+      store_buffer_to_out<kCols>(row0, col0 + kCols);
+    }
   }
 
   __device__ __forceinline__ void operator()(const Accumulators& acc, int row0, int col0) {
     const bool one_pass = epilogue_in_one_pass(p);
-    if (!one_pass) store_z(acc, row0, col0);
+    if constexpr (!Cfg::kCooperative) {
+      if (!one_pass) store_z(acc, row0, col0);
+    }
     const auto with = [&](auto act) {
       constexpr Activation kAct = decltype(act)::value;
-      if (one_pass && p.residual != nullptr) {
+      if constexpr (Cfg::kCooperative) {  // its only epilogue (linear_act_sm90_cooperative)
+        store_out_in_one_pass<kAct, false>(acc, row0, col0);
+      } else if (one_pass && p.residual != nullptr) {
         store_out_in_one_pass<kAct, true>(acc, row0, col0);
       } else if (one_pass) {
         store_out_in_one_pass<kAct, false>(acc, row0, col0);
@@ -479,7 +501,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       sm90::mbarrier_init(&full[s], 1);   // the producer's arrive.expect_tx
-      sm90::mbarrier_init(&empty[s], 4);  // one arrival per warp of the consumer whose tile it holds
+      sm90::mbarrier_init(&empty[s], 4 * (Cfg::kCooperative ? 2 : 1));  // one arrival per warp reading it
     }
     for (int c = 0; c < Cfg::kConsumers; ++c) sm90::mbarrier_init(&residual_full[c], 1);  // load_residual's arrival
     sm90::fence_barrier_init();
@@ -561,24 +583,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // Ping-pong: consumer c takes the CTA's tiles c, c + 2, ... It starts a tile's products only once the other
   // has issued all of its previous tile's (named barriers 1 and 2): the tensor cores serve one consumer at a
   // time while the other runs its epilogue, and a consumer's first ring position is at most one lap ahead of
-  // the producer, as the mbarriers' parity waits need.
-  int local = consumer;  // the unit's index in the CTA's sequence
-  for (int unit = blockIdx.x + consumer * gridDim.x; unit < units; unit += 2 * gridDim.x, local += 2) {
+  // the producer, as the mbarriers' parity waits need. Cooperative: both take every tile, consumer c its rows
+  // 64 c .. 64 c + 63 (the stage's A rows from 64 c on: 8 KiB, whole swizzle periods).
+  constexpr int kStep = Cfg::kCooperative ? 1 : 2;  // tiles between a consumer's turns
+  const int first_row = Cfg::kCooperative ? 64 * consumer : 0;
+  int local = Cfg::kCooperative ? 0 : consumer;  // the unit's index in the CTA's sequence
+  for (int unit = blockIdx.x + local * gridDim.x; unit < units; unit += kStep * gridDim.x, local += kStep) {
     int m_block, n_block;
     tile_of<Cfg::kGroupM>(unit / split_k, tiles_m, tiles_n, m_block, n_block);
+    const int row0 = m_block * kBlockM + first_row, col0 = n_block * out_cols;
     if constexpr (!kSplitK) {
-      epilogue.prefetch_residual(m_block * kBlockM, n_block * out_cols);
-      epilogue.load_bias(n_block * out_cols);
-      epilogue.load_residual(m_block * kBlockM, n_block * out_cols);
+      epilogue.prefetch_residual(row0, col0);
+      epilogue.load_bias(col0);
+      epilogue.load_residual(row0, col0);
     }
-    if (local > 0) sm90::named_barrier_sync(2 - consumer, 256);
+    if (!Cfg::kCooperative && local > 0) sm90::named_barrier_sync(2 - consumer, 256);
     const int64_t first = int64_t(local) * split_slices;  // ring position of its first k-slice
     int stage = int(first % kStages);
     uint32_t phase = uint32_t(first / kStages) & 1;
     int previous = -1;
     for (int ks = 0; ks < split_slices; ++ks) {
       sm90::mbarrier_wait(&full[stage], phase);
-      const uint32_t a = sm90::smem_address(stages + stage * Cfg::kStageBytes);
+      const uint32_t a = sm90::smem_address(stages + stage * Cfg::kStageBytes + first_row * kBlockK * 2);
       const uint32_t b = sm90::smem_address(stages + stage * Cfg::kStageBytes + Cfg::kABytes);
       sm90::wgmma_fence();
 #pragma unroll
@@ -604,17 +630,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
     // Every product of this tile is issued: the other consumer's next tile may start issuing its own, which the
     // tensor cores take up as these finish (arriving after the wait below left them idle for the last k-slice).
-    if (unit + gridDim.x < units) sm90::named_barrier_arrive(1 + consumer, 256);
+    if (!Cfg::kCooperative && unit + gridDim.x < units) sm90::named_barrier_arrive(1 + consumer, 256);
     sm90::wgmma_wait<0>();
     sm90::fence_operands(acc);
     if (previous >= 0 && lane == 0) sm90::mbarrier_arrive(&empty[previous]);
 
     if constexpr (kSplitK) {
-      epilogue.store_partial(acc, unit % split_k, m_block * kBlockM, n_block * out_cols);
+      epilogue.store_partial(acc, unit % split_k, row0, col0);
     } else if constexpr (kDgrad) {
-      epilogue.dgrad(acc, m_block * kBlockM, n_block * out_cols);
+      epilogue.dgrad(acc, row0, col0);
     } else {
-      epilogue(acc, m_block * kBlockM, n_block * out_cols);
+      epilogue(acc, row0, col0);
     }
   }
   if (epilogue.thread == 0) sm90::bulk_wait_read<0>();  // the buffer outlives the stores' reads of it
@@ -661,7 +687,7 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
   const int grid = int(std::min<int64_t>(units, sm_count()));
   if constexpr (!kIm2col) {
     if (dgrad_epilogue(p)) {  // 256-wide tiles only (linear_act_sm90_block_n)
-      if constexpr (Cfg::kBlockN == 256) {
+      if constexpr (Cfg::kBlockN == 256 && !Cfg::kCooperative) {
         if (p.split_k != 1 || p.gated) return cudaErrorInvalidValue;
         constexpr auto kDgradKernel = linear_act_sm90_kernel<Cfg, false, false, true>;
         resident_blocks<kDgradKernel, Cfg::kThreads, Cfg::kSmemBytes>();
@@ -672,11 +698,14 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
       }
     }
     if (p.split_k != 1) {
-      constexpr auto kSplitKernel = linear_act_sm90_kernel<Cfg, true, false>;
-      resident_blocks<kSplitKernel, Cfg::kThreads, Cfg::kSmemBytes>();  // raises the shared-memory limit
-      kSplitKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps, g);
-      if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
-      return launch_split_k_epilogue<typename Cfg::T>(p, stream);
+      if constexpr (!Cfg::kCooperative) {
+        constexpr auto kSplitKernel = linear_act_sm90_kernel<Cfg, true, false>;
+        resident_blocks<kSplitKernel, Cfg::kThreads, Cfg::kSmemBytes>();  // raises the shared-memory limit
+        kSplitKernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, maps, g);
+        if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
+        return launch_split_k_epilogue<typename Cfg::T>(p, stream);
+      }
+      return cudaErrorInvalidValue;
     }
   }
   constexpr auto kKernel = linear_act_sm90_kernel<Cfg, false, kIm2col>;
@@ -685,28 +714,52 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
   return cudaGetLastError();
 }
 
-// The tile width for a linear_act call: 256, or 64 where 256-wide tiles would fill at most half the SMs (small m)
-// and the output is not gated: four times the tiles, so K is split less or not at all (the split's second pass
-// and its fp32 workspace cost 128 x 4096 x 4096 about a fifth of its time; docs/perf-notes.md, gemm).
-// FUSEDKERNELS_GEMM_KERNEL=sm90-wide keeps 256 (tests of that path on small shapes; read per call).
-inline int linear_act_sm90_block_n(const LinearActParams& p) {
+// FUSEDKERNELS_GEMM_KERNEL (read per call, so a test can set it in-process) names a Hopper path to take where
+// the shape would choose another: "sm90-wide" the ping-pong kernel's 256-wide tiles (small m takes 64 wide),
+// "sm90-cooperative" the cooperative tiles without split K, "sm90-pingpong" the ping-pong kernel.
+inline bool gemm_kernel_forced(const char* name) {
   const char* choice = std::getenv("FUSEDKERNELS_GEMM_KERNEL");
-  if (p.gated || dgrad_epilogue(p) || (choice != nullptr && std::strcmp(choice, "sm90-wide") == 0)) return 256;
+  return choice != nullptr && std::strcmp(choice, name) == 0;
+}
+
+// The tile width for a ping-pong linear_act call: 256, or 64 where 256-wide tiles would fill at most half the SMs
+// (small m) and the output is not gated: four times the tiles, so K is split less or not at all (the split's second
+// pass and its fp32 workspace cost 128 x 4096 x 4096 about a fifth of its time; docs/perf-notes.md, gemm).
+inline int linear_act_sm90_block_n(const LinearActParams& p) {
+  if (p.gated || dgrad_epilogue(p) || gemm_kernel_forced("sm90-wide") || gemm_kernel_forced("sm90-cooperative")) {
+    return 256;
+  }
   const int64_t tiles = ceil_div(p.m, int64_t(64)) * ceil_div(p.n, int64_t(256));
   return 2 * tiles <= sm_count() ? 64 : 256;
 }
 
+// Cooperative tiles (LinearActSm90Config), for the one-pass epilogue without a residual only, where the 128-row tiles
+// fill every SM, N is at most 4096 and K at least 2048, or 1024 with none, relu, squared relu or gelu. Measured on
+// the H200 (docs/perf-notes.md, "cooperative tiles v3"): 3-9% faster at 16384·3072·768 and 8192·2048·4096, at
+// 4096·1024·4096 relu 3% and gelu 12% faster, gelu_tanh even and silu 4.5% slower (the epilogue the tensor cores
+// wait for against a short K loop), slower at K = 768 and at N = 11008 and 16384.
+inline bool linear_act_sm90_cooperative(const LinearActParams& p) {
+  if (p.split_k != 1 || !epilogue_in_one_pass(p) || p.residual != nullptr) return false;
+  if (gemm_kernel_forced("sm90-pingpong") || gemm_kernel_forced("sm90-wide")) return false;
+  if (gemm_kernel_forced("sm90-cooperative")) return true;
+  const bool short_k_ok = p.activation != Activation::kSilu && p.activation != Activation::kGeluTanh;
+  return (p.k >= 2048 || (p.k >= 1024 && short_k_ok)) && p.n <= 4096 &&
+         ceil_div(p.m, int64_t(128)) * ceil_div(p.n, int64_t(256)) >= sm_count();
+}
+
 template <typename T>
 cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream) {
-  const auto launch = [&]<int kBlockN>() {
-    using Cfg = LinearActSm90Config<T, kBlockN>;
+  const auto launch = [&]<int kBlockN, bool kCooperative>() {
+    using Cfg = LinearActSm90Config<T, kBlockN, kCooperative>;
     LinearActMaps maps{};
     if (!make_tensor_map_2d(&maps.x, p.x, p.m, p.k, p.x_row_stride, Cfg::kBlockM, Cfg::kBlockK)) {
       return cudaErrorInvalidValue;
     }
     return launch_sm90<Cfg, false>(p, maps, Im2colGeometry{}, stream);
   };
-  return linear_act_sm90_block_n(p) == 64 ? launch.template operator()<64>() : launch.template operator()<256>();
+  if (linear_act_sm90_cooperative(p)) return launch.template operator()<256, true>();
+  return linear_act_sm90_block_n(p) == 64 ? launch.template operator()<64, false>()
+                                          : launch.template operator()<256, false>();
 }
 
 // The implicit GEMM of a convolution (instantiated by csrc/conv/sm90/, so each family builds alone): p as for
@@ -738,7 +791,7 @@ int linear_act_sm90_split_k(const LinearActParams& p) {
   const int block_n = linear_act_sm90_block_n(p);
   const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, p.gated ? block_n / 2 : block_n);
   const int64_t sms = sm_count(), k_slices = ceil_div(p.k, Cfg::kBlockK);
-  if (tiles == 0 || 2 * tiles > sms || dgrad_epilogue(p)) return 1;
+  if (tiles == 0 || 2 * tiles > sms || dgrad_epilogue(p) || gemm_kernel_forced("sm90-cooperative")) return 1;
   return int(std::clamp<int64_t>(std::min(sms / tiles, k_slices / 4), 1, 16));
 }
 
