@@ -132,9 +132,11 @@ if "gemm" in FAMILIES:
                 for out in (ops.linear_act(x, w, b, "gelu", r), ops.linear_gated(x, w, b, "swiglu", r[:, :136])):
                     if backward:
                         torch.autograd.grad(out, [x, w, b], torch.randn_like(out))
-                with torch.no_grad():  # the one-pass epilogue: without and with the residual it loads by TMA
+                with torch.no_grad():  # the one-pass epilogues: without and with the residual they load by TMA
                     ops.linear_act(x, w, b, "gelu")
                     ops.linear_act(x, w, b, "relu", r)
+                    ops.linear_gated(x, w, b, "geglu")
+                    ops.linear_gated(x, w, b, "swiglu", r[:, :136])
                 # the gated MLP's backward GEMM with dz in its epilogue (the weight read MN-major), out of
                 # place and over z, hidden width 136 (a partial 256-column tile), K 264 (a partial k-slice)
                 z = torch.randn(rows, 272, device="cuda", dtype=dtype)

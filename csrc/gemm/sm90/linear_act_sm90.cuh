@@ -78,9 +78,9 @@ struct LinearActMaps {
 // The backward epilogues (gated_grad, act_grad): the GEMM reads W MN-major and applies act' to its product.
 __host__ __device__ inline bool dgrad_epilogue(const LinearActParams& p) { return p.gated_grad || p.act_grad; }
 
-// The epilogue in one pass (Epilogue below): no gate, no saved pre-activation, not a backward epilogue.
+// The epilogue in one pass (Epilogue below): no saved pre-activation, not a backward epilogue.
 __host__ __device__ inline bool epilogue_in_one_pass(const LinearActParams& p) {
-  return !p.gated && !dgrad_epilogue(p) && p.pre_activation == nullptr;
+  return !dgrad_epilogue(p) && p.pre_activation == nullptr;
 }
 
 // Whether the residual comes into the epilogue buffer by TMA: the one-pass epilogue's (unsplit K), and z for the plain
@@ -90,10 +90,10 @@ __host__ __device__ inline bool residual_by_tma(const LinearActParams& p) {
 }
 
 // One consumer warpgroup's epilogue. Thread (warp, g, t) holds the accumulators of rows 16 warp + g (+ 8), columns
-// 8j + 2t (+ 1) (common/device/wgmma.cuh). Without a gate or saved pre-activation (inference, or no grad), one
-// pass: out = act(z) (+ residual), z = acc + bias rounded to T, written to the shared-memory buffer, which holds the
-// tile's residual (loaded by TMA while the products ran), and stored (store_out_in_one_pass). Otherwise two passes
-// over the buffer:
+// 8j + 2t (+ 1) (common/device/wgmma.cuh). Without a saved pre-activation (inference, or no grad), one pass:
+// out = act(z) (* z_up) (+ residual), z = acc + bias rounded to T, written to the shared-memory buffer, which holds
+// the tile's residual (loaded by TMA while the products ran), and stored (store_out_in_one_pass,
+// store_gated_out_in_one_pass). Otherwise two passes over the buffer:
 //   1. z = acc + bias, rounded to T (what F.linear returns); stored as the pre-activation when the backward needs it;
 //   2. out = act(z) (* up) (+ residual), 8 columns a thread at a time in a loop, written over z and stored.
 // Applying the activation to the rounded z matches eager PyTorch (F.linear, then the activation on its
@@ -142,10 +142,10 @@ struct Epilogue {
   // them.
   __device__ __forceinline__ void load_residual(int row0, int col0) {
     if (!residual_by_tma(p) || thread != 0) return;
+    const int boxes = p.gated ? kHalf / 64 : kBlockN / 64;  // the tile's output columns
     sm90::bulk_wait_read<0>();
-    sm90::mbarrier_arrive_expect_tx(residual_full, kBlockN * 64 * 2);
-#pragma unroll
-    for (int box = 0; box < kBlockN / 64; ++box) {
+    sm90::mbarrier_arrive_expect_tx(residual_full, boxes * Cfg::kBoxBytes);
+    for (int box = 0; box < boxes; ++box) {
       sm90::tma_load_2d(buffer + box * Cfg::kBoxBytes, &maps.residual, col0 + 64 * box, row0, residual_full);
     }
   }
@@ -447,6 +447,43 @@ struct Epilogue {
     }
   }
 
+  // The gated form in one pass (no saved pre-activation): a thread holds the gate's z and the up projection's for the
+  // same output columns (accumulator columns c and c + kHalf), so out = act(z_gate) * z_up (+ residual), both z
+  // rounded to T first as F.linear's output is, comes straight from the registers into the buffer's first kHalf
+  // columns (where the residual's TMA load landed) and is stored.
+  template <Activation kAct, bool kResidual>
+  __device__ __forceinline__ void store_gated_out_in_one_pass(const Accumulators& acc, int row0, int col0) {
+    const bool before = p.residual_before_activation;  // act(z_gate + residual) * z_up
+    stage_bias_and_wait_buffer();
+    if constexpr (kResidual) {
+      sm90::mbarrier_wait(residual_full, residual_phase);
+      residual_phase ^= 1;
+    }
+    const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
+#pragma unroll
+    for (int j = 0; j < kHalf / 8; ++j) {
+      const int col = 8 * j + 2 * t, up = j + kHalf / 8;  // up: the accumulator block of the same output columns
+      const float2 bias_gate = staged_bias(col), bias_up = staged_bias(col + kHalf);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        uint32_t* pair = reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col));
+        float2 gate = unpack2<T>(pack2<T>(acc[4 * j + 2 * r] + bias_gate.x, acc[4 * j + 2 * r + 1] + bias_gate.y));
+        const float2 z_up = unpack2<T>(pack2<T>(acc[4 * up + 2 * r] + bias_up.x, acc[4 * up + 2 * r + 1] + bias_up.y));
+        float2 res = make_float2(0.0f, 0.0f);
+        if constexpr (kResidual) {
+          res = unpack2<T>(*pair);
+          if (before) {
+            gate.x += res.x;
+            gate.y += res.y;
+            res = make_float2(0.0f, 0.0f);
+          }
+        }
+        *pair = pack2<T>(fmaf(activate<kAct>(gate.x), z_up.x, res.x), fmaf(activate<kAct>(gate.y), z_up.y, res.y));
+      }
+    }
+    store_buffer_to_out<kHalf>(row0, col0);
+  }
+
   __device__ __forceinline__ void operator()(const Accumulators& acc, int row0, int col0) {
     const bool one_pass = epilogue_in_one_pass(p);
     if constexpr (!Cfg::kCooperative) {
@@ -454,8 +491,18 @@ struct Epilogue {
     }
     const auto with = [&](auto act) {
       constexpr Activation kAct = decltype(act)::value;
+      constexpr bool kGate = kAct == Activation::kRelu || kAct == Activation::kGelu ||
+                             kAct == Activation::kGeluTanh || kAct == Activation::kSilu;  // a gated form's
       if constexpr (Cfg::kCooperative) {  // its only epilogue (linear_act_sm90_cooperative)
         store_out_in_one_pass<kAct, false>(acc, row0, col0);
+      } else if (kGate && one_pass && p.gated) {
+        if constexpr (kGate) {
+          if (p.residual != nullptr) {
+            store_gated_out_in_one_pass<kAct, true>(acc, row0, col0);
+          } else {
+            store_gated_out_in_one_pass<kAct, false>(acc, row0, col0);
+          }
+        }
       } else if (one_pass && p.residual != nullptr) {
         store_out_in_one_pass<kAct, true>(acc, row0, col0);
       } else if (one_pass) {
@@ -739,7 +786,7 @@ inline int linear_act_sm90_block_n(const LinearActParams& p) {
 // 4096·1024·4096 relu 3% and gelu 12% faster, gelu_tanh even and silu 4.5% slower (the epilogue the tensor cores
 // wait for against a short K loop), slower at K = 768 and at N = 11008 and 16384.
 inline bool linear_act_sm90_cooperative(const LinearActParams& p) {
-  if (p.split_k != 1 || !epilogue_in_one_pass(p) || p.residual != nullptr) return false;
+  if (p.split_k != 1 || !epilogue_in_one_pass(p) || p.gated || p.residual != nullptr) return false;
   if (gemm_kernel_forced("sm90-pingpong") || gemm_kernel_forced("sm90-wide")) return false;
   if (gemm_kernel_forced("sm90-cooperative")) return true;
   const bool short_k_ok = p.activation != Activation::kSilu && p.activation != Activation::kGeluTanh;
