@@ -657,6 +657,12 @@ def test_hopper_tiles_are_the_shapes_or_the_settings_choice(monkeypatch):
     assert not cooperative(m, 1024, 1024, "relu", "sm90-pingpong")
     assert cooperative(300, 136, 264, "gelu", "sm90-cooperative")
     assert not cooperative(300, 136, 264, "gelu", "sm90-cooperative", residual=True)
+    x, w, _, _ = _inputs((m,), 2048, 2048, torch.bfloat16, "cuda")  # gated: never
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fops.linear_gated(x, w, None, "swiglu")
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "linear_act_sm90_kernel" in e.name]
+    assert len(names) == 1 and not re.search(r"LinearActSm90Config<[^<>]*, true>", names[0]), names
 
 
 @pytest.mark.cuda

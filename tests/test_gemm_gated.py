@@ -764,6 +764,29 @@ def test_kernel_forward_every_activation(shape, residual, bias, activation, dtyp
 
 @pytest.mark.cuda
 @needs_native
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("save", [False, True], ids=["one_pass", "saved_z"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_kernel_internal_gated_op_takes_every_activation(activation, save, residual):
+    """linear_act_fwd with gated=True takes any activation index (the public ops pass the four gates' only): out =
+    act(z_gate) * z_up (+ residual), z rounded to the dtype first, by the one-pass epilogue (no saved z) and the
+    two-pass one; a hidden width that ends mid-tile."""
+    x, w, b, r = _inputs((333,), 136, 200, torch.bfloat16, "cuda", True, residual)
+
+    def ref(x, w, b, r):
+        gate, up = F.linear(x, w, b).to(x.dtype).chunk(2, -1)
+        out = PLAIN[activation](gate) * up
+        return out if r is None else out + r
+
+    f32 = [t.float() if t is not None else None for t in (x, w, b, r)]
+    poison_allocator(*(torch.empty(333, cols, device="cuda", dtype=x.dtype) for cols in (200, 400)))
+    out, z = torch.ops.fusedkernels.linear_act_fwd(x, w, b, ACTIVATIONS.index(activation), r, save, True)
+    assert_close_to_ref(out.float(), ref(*f32), ref(x, w, b, r).float(), activation, floor=torch.finfo(x.dtype).eps)
+    assert z.numel() == (333 * 400 if save else 0)
+
+
+@pytest.mark.cuda
+@needs_native
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 @pytest.mark.parametrize("shape", LARGE_SHAPES, ids=str)

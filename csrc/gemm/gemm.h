@@ -53,8 +53,8 @@ struct LinearActParams {
   // The plain MLP's backward in the same place (Hopper kernel only): x, weight and the product dh as for gated_grad;
   // residual is the plain forward's saved pre-activation z [m, n], and out receives dz = dh * act'(z) [m, n] (may be
   // z itself). Where dbias_partials is set, the column sums of dz as stored, over each 64-row tile, go to it
-  // ([ceil(m / 64), n] fp32; the caller adds them up in order: the bias gradient, deterministic). activation: any
-  // but none; no bias, no split-K.
+  // ([ceil(m / 64), n] fp32; the caller adds them up, with no atomics: the bias gradient, deterministic).
+  // activation: any but none; no bias, no split-K.
   bool act_grad = false;
   float* dbias_partials = nullptr;
   // Split-K, for calls with too few output tiles to fill the GPU (small m): the GEMM writes fp32 partial sums

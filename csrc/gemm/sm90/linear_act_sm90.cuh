@@ -8,11 +8,11 @@
 // 64 x kBlockN fp32 accumulator in registers (kBlockN / 2 a thread), fed by wgmma m64nNk16 straight from the
 // swizzled stages, one k-slice's group in flight while the previous stage is released. Tiles are 64 x 256, or
 // 64 x 64 / 128 for a convolution's narrow layers (64 output channels would leave 3/4 of a 256-wide product
-// idle), and the consumers take the CTA's tiles in turns ("ping-pong"), so one's epilogue runs while the other's
-// products use the tensor cores; or, for long K loops with a light epilogue, share 128 x 256 tiles ("cooperative",
-// LinearActSm90Config). The epilogue applies bias, activation and residual, writes the tile into a
-// swizzled shared-memory buffer and stores it with TMA: coalesced, asynchronous, and clipped at the
-// tensor's edges (scattered register stores were the first version's bottleneck: docs/perf-notes.md).
+// idle) and 64 x 64 for linear_act's small m, and the consumers take the CTA's tiles in turns ("ping-pong"), so
+// one's epilogue runs while the other's products use the tensor cores; or, for long K loops with a light epilogue,
+// share 128 x 256 tiles ("cooperative", LinearActSm90Config). The epilogue applies bias, activation and residual,
+// writes the tile into a swizzled shared-memory buffer and stores it with TMA: coalesced, asynchronous, and clipped
+// at the tensor's edges (scattered register stores were the first version's bottleneck: docs/perf-notes.md).
 // docs/gemm.md draws it.
 #pragma once
 
@@ -39,14 +39,15 @@ namespace fusedkernels::gemm {
 // kCooperative: the two consumers share 128 x 256 tiles (64 rows each) instead of taking 64 x kBlockN tiles in
 // turns: a W slice feeds twice the products, so a k-slice's 48 KiB stage holds twice the work of a ping-pong one, and
 // four of them fit beside epilogue buffers of half a tile's width (stored in two turns), at the cost of an epilogue
-// the tensor cores wait for: the one pass without a residual only.
+// the tensor cores wait for: the ungated one pass without a residual only.
 template <typename T_, int kBlockN_ = 256, bool kCooperative_ = false>
 struct LinearActSm90Config {
   using T = T_;
   static_assert(kBlockN_ == 64 || kBlockN_ == 128 || kBlockN_ == 256);
   static_assert(!kCooperative_ || kBlockN_ == 256);
   static constexpr bool kCooperative = kCooperative_;
-  // Stages: as many as fit beside the epilogue buffers (192 KiB of 48, 40, 24 or 16 KiB stages).
+  // Stages: four of 256-wide tiles (ping-pong 40 KiB, cooperative 48 KiB), else as many as fit in 192 KiB (24 or
+  // 16 KiB stages).
   static constexpr int kBlockM = kCooperative ? 128 : 64, kBlockN = kBlockN_, kBlockK = 64;
   static constexpr int kStages = kBlockN == 256 ? 4 : 192 / (kBlockN / 8 + 8);
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
@@ -68,7 +69,7 @@ struct LinearActSm90Config {
 };
 
 // The tensor maps of one call: operands x [m, k] and W ([n, k], gated [2n, k]) in 64-column boxes of the
-// tile's rows; out and, where the one-pass epilogue adds it, the residual [m, n] in 64 x 64 boxes; the
+// tile's rows; out and, where the one-pass epilogue adds it, the residual (act_grad: z) [m, n] in 64 x 64 boxes; the
 // pre-activation as [m, halves, n] (halves 2 when gated: gate | up) in 64 x 1 x 64 boxes, so a gated tile's gate
 // columns past n are clipped.
 struct LinearActMaps {
@@ -97,8 +98,8 @@ __host__ __device__ inline bool residual_by_tma(const LinearActParams& p) {
 //   1. z = acc + bias, rounded to T (what F.linear returns); stored as the pre-activation when the backward needs it;
 //   2. out = act(z) (* up) (+ residual), 8 columns a thread at a time in a loop, written over z and stored.
 // Applying the activation to the rounded z matches eager PyTorch (F.linear, then the activation on its
-// output). The one pass unrolls a thread's 128 activations (one exponential each, activation.cuh); the loop of
-// the second keeps the larger epilogues' code small (docs/perf-notes.md: an unrolled epilogue with erff inlined
+// output). The one pass unrolls a thread's 128 activations (gated: 64; one exponential each, activation.cuh); the
+// loop of the second keeps the larger epilogues' code small (docs/perf-notes.md: an unrolled epilogue with erff inlined
 // overflowed the instruction cache). Gated tiles hold the gate's z in their first kHalf columns and the up
 // projection's in the next kHalf, for output columns col0 .. col0 + kHalf - 1. The backward epilogues: dgrad().
 template <typename Cfg>
@@ -491,18 +492,12 @@ struct Epilogue {
     }
     const auto with = [&](auto act) {
       constexpr Activation kAct = decltype(act)::value;
-      constexpr bool kGate = kAct == Activation::kRelu || kAct == Activation::kGelu ||
-                             kAct == Activation::kGeluTanh || kAct == Activation::kSilu;  // a gated form's
       if constexpr (Cfg::kCooperative) {  // its only epilogue (linear_act_sm90_cooperative)
         store_out_in_one_pass<kAct, false>(acc, row0, col0);
-      } else if (kGate && one_pass && p.gated) {
-        if constexpr (kGate) {
-          if (p.residual != nullptr) {
-            store_gated_out_in_one_pass<kAct, true>(acc, row0, col0);
-          } else {
-            store_gated_out_in_one_pass<kAct, false>(acc, row0, col0);
-          }
-        }
+      } else if (one_pass && p.gated && p.residual != nullptr) {
+        store_gated_out_in_one_pass<kAct, true>(acc, row0, col0);
+      } else if (one_pass && p.gated) {
+        store_gated_out_in_one_pass<kAct, false>(acc, row0, col0);
       } else if (one_pass && p.residual != nullptr) {
         store_out_in_one_pass<kAct, true>(acc, row0, col0);
       } else if (one_pass) {
@@ -780,7 +775,7 @@ inline int linear_act_sm90_block_n(const LinearActParams& p) {
   return 2 * tiles <= sm_count() ? 64 : 256;
 }
 
-// Cooperative tiles (LinearActSm90Config), for the one-pass epilogue without a residual only, where the 128-row tiles
+// Cooperative tiles (LinearActSm90Config), for the ungated one pass without a residual only, where the 128-row tiles
 // fill every SM, N is at most 4096 and K at least 2048, or 1024 with none, relu, squared relu or gelu. Measured on
 // the H200 (docs/perf-notes.md, "cooperative tiles v3"): 3-9% faster at 16384·3072·768 and 8192·2048·4096, at
 // 4096·1024·4096 relu 3% and gelu 12% faster, gelu_tanh even and silu 4.5% slower (the epilogue the tensor cores
@@ -830,7 +825,7 @@ cudaError_t launch_conv2d_sm90(const LinearActParams& p, const Im2colGeometry& g
   return launch.template operator()<256>();
 }
 
-// Split K when the output tiles fill less than half the SMs (small m): enough runs of K for one unit per
+// Split K when the output tiles fill at most half the SMs (small m): enough runs of K for one unit per
 // SM, each at least 4 k-slices (256 of K) long, at most 16.
 template <typename T>
 int linear_act_sm90_split_k(const LinearActParams& p) {
