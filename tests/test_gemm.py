@@ -7,7 +7,7 @@ the inputs' dtype), outputs poisoned first; where no kernel takes a call they ch
 kernel tests run four times: with the default kernel, with FUSEDKERNELS_GEMM_KERNEL=portable (the mma.sync kernel,
 which the Hopper kernel replaces on sm_90), with FUSEDKERNELS_GEMM_KERNEL=sm90-wide (the Hopper kernel's ping-pong
 256-wide tiles, which small m takes 64 wide by default) and with sm90-cooperative (its 128 x 256 tiles shared by both
-consumers, which only large m and K with a light epilogue take by default).
+consumers, which by default only large m, N <= 4096 and long K take).
 """
 
 import re

@@ -9,8 +9,8 @@
 // swizzled stages, one k-slice's group in flight while the previous stage is released. Tiles are 64 x 256, or
 // 64 x 64 / 128 for a convolution's narrow layers (64 output channels would leave 3/4 of a 256-wide product
 // idle) and 64 x 64 for linear_act's small m, and the consumers take the CTA's tiles in turns ("ping-pong"), so
-// one's epilogue runs while the other's products use the tensor cores; or, for long K loops with a light epilogue,
-// share 128 x 256 tiles ("cooperative", LinearActSm90Config). The epilogue applies bias, activation and residual,
+// one's epilogue runs while the other's products use the tensor cores; or, for long K loops at N <= 4096, share
+// 128 x 256 tiles ("cooperative", LinearActSm90Config). The epilogue applies bias, activation and residual,
 // writes the tile into a swizzled shared-memory buffer and stores it with TMA: coalesced, asynchronous, and clipped
 // at the tensor's edges (scattered register stores were the first version's bottleneck: docs/perf-notes.md).
 // docs/gemm.md draws it.
