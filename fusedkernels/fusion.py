@@ -312,7 +312,8 @@ class _Model:
                             "bypass or drop")
             if not rewrite.keeps_hooks and (module._forward_hooks or module._forward_pre_hooks
                                             or module._backward_hooks or module._backward_pre_hooks):
-                return left("it has forward or backward hooks, which would not see what they saw after the swap")
+                which = "it has" if module is rewrite.original else f"its {type(module).__name__} has"
+                return left(f"{which} forward or backward hooks, which would not see what they saw after the swap")
         params = [p for m in rewrite.touched for p in m.parameters(recurse=False)]
         floating = [p for p in params if p.is_floating_point()]
         if not floating or len(floating) != len(params):
@@ -789,8 +790,9 @@ class LinearActivation(Pattern):
                     "merging the pair changes what a slice of the nn.Sequential computes (the activation moves into "
                     "the Linear), so it is done with fuse(model, merge=True)")))
             elif len(model.parents[id(linear)]) != 1:
-                found.append(FuseEntry(where, "Linear", LEFT, reason="the Linear is used elsewhere in the model too, "
-                                                                     "where no activation follows it"))
+                found.append(FuseEntry(where, "Linear", LEFT, reason="the Linear is used elsewhere in the model too: "
+                                                                     "fusing the activation into it would change "
+                                                                     "what the other uses compute"))
             else:
                 found.append(Rewrite(where, nn.Sequential(linear, act), [Candidate(
                     _switched(linear, FusedLinear, activation=activation),

@@ -448,6 +448,19 @@ def test_shared_linear_is_left():
     (entry,) = fusedkernels.fuse(model, merge=True).entries
     assert entry.path == "a.0" and entry.status == "left" and "elsewhere" in entry.reason
     assert type(linear) is nn.Linear
+    # followed by an activation at both uses (different ones): left, and the reason says why
+    twice = nn.Sequential(linear, nn.GELU(), linear, nn.ReLU())
+    entries = fusedkernels.fuse(nn.ModuleDict({"s": twice}), merge=True).entries
+    assert [e.path for e in entries] == ["s.0", "s.2"] and all(e.status == "left" for e in entries)
+    assert all("would change what the other uses compute" in e.reason for e in entries), entries
+
+
+def test_a_hook_on_a_child_is_reported_as_the_childs():
+    model = nn.ModuleDict({"mlp": _randomize(LlamaMLP(16, 24))})
+    model.mlp.down_proj.register_forward_hook(lambda *args: None)
+    (entry,) = fusedkernels.fuse(model, merge=True).entries
+    assert entry.path == "mlp" and entry.status == "left"
+    assert entry.reason.startswith("its Linear has forward or backward hooks"), entry.reason
 
 
 @pytest.mark.parametrize("dtype", FUSE_DTYPES, ids=str)

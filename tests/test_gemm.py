@@ -337,6 +337,31 @@ def test_torch_compile_fullgraph_matches_eager():
         assert max_err(dynamic(xm), linear_act_ref(xm, w, b, "silu")) < 1e-5
 
 
+@pytest.mark.parametrize("op", ["linear_act", "linear_gated", "mlp", "gated_mlp"])
+def test_torch_compile_training_with_dynamic_shapes_compiles_once(op):
+    """With a gradient, the backward traced by AOTAutograd keeps the row count symbolic: new batch sizes and
+    sequence lengths reuse the graph (no recompile per shape, as for F.linear + the activation)."""
+    from torch._dynamo.utils import counters
+
+    w, wd = torch.randn(48, 16, requires_grad=True), torch.randn(16, 24, requires_grad=True)
+    calls = {
+        "linear_act": lambda x: fops.linear_act(x, w, None, "gelu"),
+        "linear_gated": lambda x: fops.linear_gated(x, w, None, "swiglu"),
+        "mlp": lambda x: fops.mlp(x, w[:24], None, wd, None, "gelu"),
+        "gated_mlp": lambda x: fops.gated_mlp(x, w, None, wd, None, "swiglu"),
+    }
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._functorch.config.patch(enable_autograd_cache=False):  # no graph from an earlier process's cache
+        compiled = torch.compile(calls[op], backend="aot_eager", dynamic=True)
+        for shape in ((2, 16), (5, 16), (3, 7, 16), (3, 9, 16)):
+            x = torch.randn(shape, requires_grad=True)
+            (dx,) = torch.autograd.grad(compiled(x).sum(), x)
+            (want,) = torch.autograd.grad(calls[op](x).sum(), x)
+            assert max_err(dx, want) < 1e-5, shape
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # one per rank
+
+
 def test_export_of_the_module():
     from torch.export import Dim, export
 

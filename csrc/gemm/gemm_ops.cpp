@@ -354,14 +354,22 @@ Tensor gated_backward_reference(const Tensor& dy, const Tensor& z, Activation ac
                  -1);
 }
 
+// [..., C] -> [rows, C] (a 1-D tensor is one row); reshape, which autograd's batched gradients
+// (is_grads_batched) have a rule for, where flatten has none. Symbolic sizes, so that a backward traced by
+// torch.compile with dynamic shapes does not fix the row count.
+Tensor as_rows(const Tensor& t) {
+  c10::SymInt rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows = rows * t.sym_size(d);
+  return t.reshape_symint({rows, t.sym_size(-1)});
+}
+
 // The plain form's dz = dy * act'(z) and dbias = the sum of dz over its rows, in PyTorch ops: act_backward's CPU
 // kernel and the CUDA one's fallback.
 std::tuple<Tensor, Tensor> act_backward_reference(const Tensor& dy, const Tensor& z, Activation activation) {
   // new tensors in z's dtype, as the schema and the kernel give (act none would hand dy itself back)
   Tensor dz = activation_backward(dy, z, activation).to(z.scalar_type());
   dz = dz.is_same(dy) ? dz.clone(at::MemoryFormat::Contiguous) : dz.contiguous();
-  const int64_t rows = c10::multiply_integers(dz.sizes().begin(), dz.sizes().end() - 1);  // (out_features 0 too)
-  return {dz, dz.reshape({rows, dz.size(-1)}).sum(0)};
+  return {dz, as_rows(dz).sum(0)};  // (out_features 0 too: the rows are counted, not inferred)
 }
 
 namespace {
@@ -428,12 +436,6 @@ using ActBackward = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int
 const c10::TypedOperatorHandle<ActBackward>& act_backward_op() {
   static const auto op = find_op<ActBackward>("fusedkernels::act_backward");
   return op;
-}
-
-// [..., C] -> [rows, C] (a 1-D tensor is one row); reshape, which autograd's batched gradients
-// (is_grads_batched) have a rule for, where flatten has none
-Tensor as_rows(const Tensor& t) {
-  return t.reshape({c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1), t.size(-1)});
 }
 
 // The backward of linear_act_fwd; next edges x, weight, bias, residual (absent ones have empty edges):

@@ -141,6 +141,10 @@ class FusedMLP(nn.Module):
         (a dense grid around 0 and values out to +-1e3) and comparing with each of FusedMLP's (nn.GELU(),
         nn.SiLU(), nn.ReLU(), transformers' activation classes, ...; in-place ones too).
 
+        The structure is read, not module's forward: a module with these children whose forward combines them
+        otherwise is converted as if it computed the forms above (fusedkernels.fuse(model, merge=True) probes both
+        before swapping and leaves such a module).
+
         Raises ValueError for another structure, a projection that is not exactly an nn.Linear, projections sharing a
         parameter (the copy would untie them), an nn.Sequential whose child names collide with fc1 / fc2 elsewhere,
         an activation module holding parameters or buffers, or a dropout with p > 0, parameters of more than one dtype
