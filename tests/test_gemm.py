@@ -341,6 +341,7 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_torch_compile_training_with_dynamic_shapes_compiles_once(op):
     """With a gradient, the backward traced by AOTAutograd keeps the row count symbolic: new batch sizes and
     sequence lengths reuse the graph (no recompile per shape, as for F.linear + the activation)."""
+    import torch._functorch.config
     from torch._dynamo.utils import counters
 
     w, wd = torch.randn(48, 16, requires_grad=True), torch.randn(16, 24, requires_grad=True)
