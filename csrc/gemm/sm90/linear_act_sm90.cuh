@@ -756,21 +756,25 @@ cudaError_t launch_sm90(const LinearActParams& p, LinearActMaps& maps, const Im2
   return cudaGetLastError();
 }
 
-// FUSEDKERNELS_GEMM_KERNEL (read per call, so a test can set it in-process) names a Hopper path to take where
+// FUSEDKERNELS_GEMM_KERNEL (read once per call, so a test can set it in-process) names a Hopper path to take where
 // the shape would choose another: "sm90-wide" the ping-pong kernel's 256-wide tiles (small m takes 64 wide),
 // "sm90-cooperative" the cooperative tiles without split K, "sm90-pingpong" the ping-pong kernel.
-inline bool gemm_kernel_forced(const char* name) {
+enum class ForcedTiles { kNone, kWide, kCooperative, kPingPong };
+
+inline ForcedTiles forced_tiles() {
   const char* choice = std::getenv("FUSEDKERNELS_GEMM_KERNEL");
-  return choice != nullptr && std::strcmp(choice, name) == 0;
+  if (choice == nullptr) return ForcedTiles::kNone;
+  if (std::strcmp(choice, "sm90-wide") == 0) return ForcedTiles::kWide;
+  if (std::strcmp(choice, "sm90-cooperative") == 0) return ForcedTiles::kCooperative;
+  if (std::strcmp(choice, "sm90-pingpong") == 0) return ForcedTiles::kPingPong;
+  return ForcedTiles::kNone;
 }
 
 // The tile width for a ping-pong linear_act call: 256, or 64 where 256-wide tiles would fill at most half the SMs
 // (small m) and the output is not gated: four times the tiles, so K is split less or not at all (the split's second
 // pass and its fp32 workspace cost 128 x 4096 x 4096 about a fifth of its time; docs/perf-notes.md, gemm).
-inline int linear_act_sm90_block_n(const LinearActParams& p) {
-  if (p.gated || dgrad_epilogue(p) || gemm_kernel_forced("sm90-wide") || gemm_kernel_forced("sm90-cooperative")) {
-    return 256;
-  }
+inline int linear_act_sm90_block_n(const LinearActParams& p, ForcedTiles forced) {
+  if (p.gated || dgrad_epilogue(p) || forced == ForcedTiles::kWide || forced == ForcedTiles::kCooperative) return 256;
   const int64_t tiles = ceil_div(p.m, int64_t(64)) * ceil_div(p.n, int64_t(256));
   return 2 * tiles <= sm_count() ? 64 : 256;
 }
@@ -780,10 +784,9 @@ inline int linear_act_sm90_block_n(const LinearActParams& p) {
 // the H200 (docs/perf-notes.md, "cooperative tiles v3"): 3-9% faster at 16384·3072·768 and 8192·2048·4096, at
 // 4096·1024·4096 relu 3% and gelu 12% faster, gelu_tanh even and silu 4.5% slower (the epilogue the tensor cores
 // wait for against a short K loop), slower at K = 768 and at N = 11008 and 16384.
-inline bool linear_act_sm90_cooperative(const LinearActParams& p) {
+inline bool linear_act_sm90_cooperative(const LinearActParams& p, ForcedTiles forced) {
   if (p.split_k != 1 || !epilogue_in_one_pass(p) || p.gated || p.residual != nullptr) return false;
-  if (gemm_kernel_forced("sm90-pingpong") || gemm_kernel_forced("sm90-wide")) return false;
-  if (gemm_kernel_forced("sm90-cooperative")) return true;
+  if (forced != ForcedTiles::kNone) return forced == ForcedTiles::kCooperative;
   const bool short_k_ok = p.activation != Activation::kSilu && p.activation != Activation::kGeluTanh;
   return (p.k >= 2048 || (p.k >= 1024 && short_k_ok)) && p.n <= 4096 &&
          ceil_div(p.m, int64_t(128)) * ceil_div(p.n, int64_t(256)) >= sm_count();
@@ -799,8 +802,9 @@ cudaError_t launch_linear_act_sm90(const LinearActParams& p, cudaStream_t stream
     }
     return launch_sm90<Cfg, false>(p, maps, Im2colGeometry{}, stream);
   };
-  if (linear_act_sm90_cooperative(p)) return launch.template operator()<256, true>();
-  return linear_act_sm90_block_n(p) == 64 ? launch.template operator()<64, false>()
+  const ForcedTiles forced = forced_tiles();
+  if (linear_act_sm90_cooperative(p, forced)) return launch.template operator()<256, true>();
+  return linear_act_sm90_block_n(p, forced) == 64 ? launch.template operator()<64, false>()
                                           : launch.template operator()<256, false>();
 }
 
@@ -830,10 +834,12 @@ cudaError_t launch_conv2d_sm90(const LinearActParams& p, const Im2colGeometry& g
 template <typename T>
 int linear_act_sm90_split_k(const LinearActParams& p) {
   using Cfg = LinearActSm90Config<T>;
-  const int block_n = linear_act_sm90_block_n(p);
+  const ForcedTiles forced = forced_tiles();
+  if (dgrad_epilogue(p) || forced == ForcedTiles::kCooperative) return 1;
+  const int block_n = linear_act_sm90_block_n(p, forced);
   const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, p.gated ? block_n / 2 : block_n);
   const int64_t sms = sm_count(), k_slices = ceil_div(p.k, Cfg::kBlockK);
-  if (tiles == 0 || 2 * tiles > sms || dgrad_epilogue(p) || gemm_kernel_forced("sm90-cooperative")) return 1;
+  if (tiles == 0 || 2 * tiles > sms) return 1;
   return int(std::clamp<int64_t>(std::min(sms / tiles, k_slices / 4), 1, 16));
 }
 
