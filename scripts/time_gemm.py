@@ -31,7 +31,14 @@ CASES += [(8192, 2048, 4096, act, False) for act in ("gelu", "relu")]
 CASES += [(8192, 4096, 16384, act, False) for act in ("gelu", "gelu_tanh", "relu")]
 CASES += [(8192, 4096, 11008, "silu", False)]
 CASES += [(128, 4096, 4096, "gelu", False), (64, 4096, 4096, "gelu", False), (200, 4096, 4096, "relu", False)]
+CASES += [(m, 4096, 4096, "gelu", False) for m in (96, 136, 150, 192, 256, 320)]  # small m: tiles and split K
+CASES += [(128, 4096, 5000, "gelu", False), (128, 1024, 4096, "gelu", False), (256, 2048, 2048, "gelu", False)]
+CASES += [(200, 4096, 1024, "gelu", False), (32, 4096, 11008, "silu", False), (160, 8192, 2048, "gelu", False)]
 CASES += [(8192, 4096, 11008, "swiglu", False), (8192, 2048, 5632, "swiglu", False)]  # linear_gated
+CASES += [(4096, 4096, 11008, "swiglu", False), (16384, 768, 2048, "geglu", False)]
+CASES += [(4096, 1024, 2816, "swiglu", False)]
+CASES += [(8192, 4096, 4096, "none", True), (4096, 1024, 4096, "gelu", True), (8192, 11008, 4096, "none", True)]
+CASES += [(8192, 2048, 5632, "swiglu", True)]
 
 
 def _set_kernel(setting: str) -> None:
@@ -45,23 +52,32 @@ def _interleaved(call, settings: list[str], sets: int, calls: int = 24) -> dict[
     """The GPU time (µs) of each call(i) under each setting, the settings' calls interleaved A B, B A, ... in one
     stream (so clocks and L2 treat them alike) and timed kernel by kernel by the profiler."""
     order = [setting for c in range(calls) for setting in (settings if c % 2 == 0 else settings[::-1])]
+
+    def kernel_times(prof) -> list:
+        return sorted((e.time_range for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda t: t.start)
+
+    per_call = {}  # kernels a call launches under each setting (split K adds a second)
     with torch.no_grad():
         for setting in settings:  # first calls outside the profile
             _set_kernel(setting)
             call(0)
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                call(0)
+                torch.cuda.synchronize()
+            per_call[setting] = len(kernel_times(prof))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for j, setting in enumerate(order):
                 _set_kernel(setting)
                 call(j // len(settings) % sets)
             torch.cuda.synchronize()
-    kernels = sorted((e.time_range for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda t: t.start)
-    per_call = len(kernels) // len(order)
-    assert per_call * len(order) == len(kernels), (len(kernels), len(order))  # as many kernels in each call
-    times = {setting: [] for setting in settings}
-    for j, setting in enumerate(order):
-        times[setting].append(sum(t.end - t.start for t in kernels[j * per_call:(j + 1) * per_call]))
+    kernels = kernel_times(prof)
+    assert len(kernels) == sum(per_call[setting] for setting in order), (len(kernels), per_call)
+    times, first = {setting: [] for setting in settings}, 0
+    for setting in order:
+        times[setting].append(sum(t.end - t.start for t in kernels[first:first + per_call[setting]]))
+        first += per_call[setting]
     return times
 
 

@@ -22,3 +22,15 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["default", "portable", "sm90-wide", "sm90-cooperative"])
+def kernels(request, monkeypatch):
+    """The gemm kernel tests' FUSEDKERNELS_GEMM_KERNEL. portable: the mma.sync kernel where the Hopper kernel would run
+    by default; sm90-wide / sm90-cooperative: the Hopper kernel's 256-wide ping-pong / 128 x 256 cooperative tiles,
+    which small shapes (most in the tests) would not take."""
+    if request.param == "default":
+        monkeypatch.delenv("FUSEDKERNELS_GEMM_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("FUSEDKERNELS_GEMM_KERNEL", request.param)
+    return request.param

@@ -39,17 +39,6 @@ PLAIN = {
 }
 
 
-@pytest.fixture(params=["default", "portable", "sm90-wide", "sm90-cooperative"])
-def kernels(request, monkeypatch):
-    # portable: the mma.sync kernel where the Hopper kernel would run by default; sm90-wide / sm90-cooperative: the
-    # Hopper kernel's 256-wide ping-pong / 128 x 256 cooperative tiles, which small shapes (most here) would not take
-    if request.param == "default":
-        monkeypatch.delenv("FUSEDKERNELS_GEMM_KERNEL", raising=False)
-    else:
-        monkeypatch.setenv("FUSEDKERNELS_GEMM_KERNEL", request.param)
-    return request.param
-
-
 def _inputs(lead, k, n, dtype=torch.float64, device="cpu", bias=True, residual=False):
     x = torch.randn(*lead, k, device=device).to(dtype)
     w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
@@ -649,25 +638,34 @@ def test_small_m_split_k_output_and_pre_activation(activation, dtype, kernels):
 @pytest.mark.cuda
 @needs_native
 def test_hopper_tiles_are_the_shapes_or_the_settings_choice(monkeypatch):
-    """Cooperative 128 x 256 tiles for the one-pass epilogue without a residual where they fill the SMs, N <= 4096 and
-    K >= 2048 (1024 but for silu and gelu_tanh); ping-pong tiles otherwise; FUSEDKERNELS_GEMM_KERNEL forces either
-    where the cooperative tiles can run (not with a residual, a saved pre-activation or a gate)."""
+    """Cooperative 128 x 256 tiles for the ungated one-pass epilogue where they fill the SMs, N <= 4096 and K >= 2048
+    (1024 but for silu and gelu_tanh; 4096 with a residual); ping-pong tiles otherwise, 64 wide for some small m;
+    FUSEDKERNELS_GEMM_KERNEL forces either where the cooperative tiles can run (not with a saved pre-activation or a
+    gate)."""
     if not hopper_kernels_run():
         pytest.skip("the Hopper kernel's choice of tiles")
 
-    def cooperative(m, k, n, activation, setting, residual=False, grad=False):
+    def tiles(m, k, n, activation, setting, residual=False, grad=False, gated=False):
+        """(tile width, cooperative) of the Hopper kernel the call runs."""
         if setting is None:
             monkeypatch.delenv("FUSEDKERNELS_GEMM_KERNEL", raising=False)
         else:
             monkeypatch.setenv("FUSEDKERNELS_GEMM_KERNEL", setting)
-        x, w, b, r = _inputs((m,), k, n, torch.bfloat16, "cuda", residual=residual)
+        x, w, b, r = _inputs((m,), k, 2 * n if gated else n, torch.bfloat16, "cuda", residual=residual and not gated)
         x.requires_grad_(grad)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            fops.linear_act(x, w, b, activation, r)
+            if gated:
+                fops.linear_gated(x, w, b, activation)
+            else:
+                fops.linear_act(x, w, b, activation, r)
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if "linear_act_sm90_kernel" in e.name]
         assert len(names) == 1, names
-        return bool(re.search(r"LinearActSm90Config<[^<>]*, true>", names[0]))
+        config = re.search(r"LinearActSm90Config<[^<>]*, (\d+), (true|false)>", names[0])
+        return int(config[1]), config[2] == "true"
+
+    def cooperative(*args, **kwargs):
+        return tiles(*args, **kwargs)[1]
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     m = 128 * -(-sms // 4)  # a 128 x 256 tile per SM at n = 1024
@@ -678,17 +676,19 @@ def test_hopper_tiles_are_the_shapes_or_the_settings_choice(monkeypatch):
     assert cooperative(m, 2048, 1024, "silu", None)
     assert not cooperative(m - 128, 1024, 1024, "relu", None)  # a tile short of every SM
     assert not cooperative(m // 4, 1024, 4104, "relu", None)  # wider than 4096
-    assert not cooperative(m, 1024, 1024, "relu", None, residual=True)
+    assert not cooperative(m, 2048, 1024, "none", None, residual=True)
+    assert cooperative(m, 4096, 1024, "none", None, residual=True)
     assert not cooperative(m, 1024, 1024, "relu", None, grad=True)  # the pre-activation saved: two passes
     assert not cooperative(m, 1024, 1024, "relu", "sm90-pingpong")
     assert cooperative(300, 136, 264, "gelu", "sm90-cooperative")
-    assert not cooperative(300, 136, 264, "gelu", "sm90-cooperative", residual=True)
-    x, w, _, _ = _inputs((m,), 2048, 2048, torch.bfloat16, "cuda")  # gated: never
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fops.linear_gated(x, w, None, "swiglu")
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if "linear_act_sm90_kernel" in e.name]
-    assert len(names) == 1 and not re.search(r"LinearActSm90Config<[^<>]*, true>", names[0]), names
+    assert cooperative(300, 136, 264, "gelu", "sm90-cooperative", residual=True)
+    assert not cooperative(300, 136, 264, "gelu", "sm90-cooperative", grad=True)
+    assert not cooperative(m, 2048, 1024, "swiglu", None, gated=True)
+    assert not cooperative(m, 2048, 1024, "swiglu", "sm90-cooperative", gated=True)
+    # small m: 64-wide tiles where they run in one wave on at least as many SMs as 256-wide ones with their split K
+    assert tiles(128, 1024, 64 * (sms // 2), "gelu", None) == (64, False)
+    assert tiles(128, 4096, 256 * (sms // 4), "gelu", None) == (256, False)  # 64-wide: two waves
+    assert tiles(128, 1024, 64 * (sms // 2), "gelu", "sm90-wide") == (256, False)
 
 
 @pytest.mark.cuda

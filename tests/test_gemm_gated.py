@@ -3,7 +3,7 @@
 As tests/test_gemm.py: CPU tests hold the op (its CPU kernel is the reference) to plain PyTorch and check the op
 layer (errors, autograd, opcheck, compile, autocast) and the module (state_dict layouts, from_module). `cuda` tests
 hold the fused kernel to an fp32 reference on fresh random inputs, with a tolerance relative to PyTorch's own
-low-precision error, outputs poisoned first.
+low-precision error, outputs poisoned first; the kernel tests with the Hopper kernel and the portable one.
 """
 
 import copy
@@ -734,6 +734,8 @@ def test_fx_trace_of_the_module():
 # (leading dims, K, N), N the output's (the weight has 2N rows): M odd, batched leading dims, N not a multiple of
 # the tile's 128 output columns (8, 136, 4104), K not of 64
 SMALL_SHAPES = [((1,), 8, 8), ((17,), 24, 136), ((2, 500), 136, 24)]
+# the Hopper kernel (gated tiles are always its 256-wide ping-pong ones) and the portable one, forced
+KERNELS = pytest.mark.parametrize("kernels", ["default", "portable"], indirect=True)
 LARGE_SHAPES = [((4097,), 4104, 136), ((1000,), 136, 4104), ((3, 17), 4104, 24), ((4097,), 24, 8)]
 
 
@@ -757,7 +759,8 @@ def _check_forward(x, w, b, r, activation, name="out"):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
-def test_kernel_forward_every_activation(shape, residual, bias, activation, dtype):
+@KERNELS
+def test_kernel_forward_every_activation(shape, residual, bias, activation, dtype, kernels):
     lead, k, n = shape
     _check_forward(*_inputs(lead, k, n, dtype, "cuda", bias, residual), activation)
 
@@ -767,7 +770,8 @@ def test_kernel_forward_every_activation(shape, residual, bias, activation, dtyp
 @pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
 @pytest.mark.parametrize("save", [False, True], ids=["one_pass", "saved_z"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_kernel_internal_gated_op_takes_every_activation(activation, save, residual):
+@KERNELS
+def test_kernel_internal_gated_op_takes_every_activation(activation, save, residual, kernels):
     """linear_act_fwd with gated=True takes any activation index (the public ops pass the four gates' only): out =
     act(z_gate) * z_up (+ residual), z rounded to the dtype first, by the one-pass epilogue (no saved z) and the
     two-pass one; a hidden width that ends mid-tile."""
@@ -790,7 +794,8 @@ def test_kernel_internal_gated_op_takes_every_activation(activation, save, resid
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 @pytest.mark.parametrize("shape", LARGE_SHAPES, ids=str)
-def test_kernel_forward_large_and_odd_sizes(shape, activation, dtype):
+@KERNELS
+def test_kernel_forward_large_and_odd_sizes(shape, activation, dtype, kernels):
     lead, k, n = shape
     _check_forward(*_inputs(lead, k, n, dtype, "cuda", True, activation == "geglu"), activation)
 
@@ -798,7 +803,8 @@ def test_kernel_forward_large_and_odd_sizes(shape, activation, dtype):
 @pytest.mark.cuda
 @needs_native
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
-def test_kernel_strided_x_and_residual(dtype):
+@KERNELS
+def test_kernel_strided_x_and_residual(dtype, kernels):
     k, n = 136, 24
     base = torch.randn(1000, k + 8, device="cuda").to(dtype)
     w, b = (torch.randn(2 * n, k, device="cuda") / k**0.5).to(dtype), torch.randn(2 * n, device="cuda").to(dtype)

@@ -68,6 +68,15 @@ __device__ __forceinline__ void tma_load_2d(void* smem_dst, const void* tensor_m
       : "memory");
 }
 
+// Asks L2 for a 2D tensor map's box at (col, row) (elements), with no shared-memory destination: a later tma_load_2d
+// of it then waits for L2, not for HBM.
+__device__ __forceinline__ void tma_prefetch_2d(const void* tensor_map, int col, int row) {
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(
+                   reinterpret_cast<uint64_t>(tensor_map)),
+               "r"(col), "r"(row)
+               : "memory");
+}
+
 // TMA tile copy of a 4D tensor map's box at (c0, c1, c2, c3) (elements, innermost first; out-of-range parts
 // read as zeros) into shared memory, in the map's swizzle; completes on `bar`.
 __device__ __forceinline__ void tma_load_4d(void* smem_dst, const void* tensor_map, int c0, int c1, int c2, int c3,

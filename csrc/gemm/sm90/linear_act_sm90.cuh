@@ -39,7 +39,7 @@ namespace fusedkernels::gemm {
 // kCooperative: the two consumers share 128 x 256 tiles (64 rows each) instead of taking 64 x kBlockN tiles in
 // turns: a W slice feeds twice the products, so a k-slice's 48 KiB stage holds twice the work of a ping-pong one, and
 // four of them fit beside epilogue buffers of half a tile's width (stored in two turns), at the cost of an epilogue
-// the tensor cores wait for: the ungated one pass without a residual only.
+// the tensor cores wait for: the ungated one pass only.
 template <typename T_, int kBlockN_ = 256, bool kCooperative_ = false>
 struct LinearActSm90Config {
   using T = T_;
@@ -140,15 +140,27 @@ struct Epilogue {
 
   // The tile's residual (act_grad: z) into the buffer, by TMA (residual_by_tma), once the previous tile's stores have
   // read it: issued before the products, which hide its latency; zeros past the tensor's edges, as the store clips
-  // them.
+  // them. A cooperative tile's buffer holds half its columns: the other half is asked of L2 now and loaded once the
+  // first half is stored (store_out_in_one_pass).
   __device__ __forceinline__ void load_residual(int row0, int col0) {
     if (!residual_by_tma(p) || thread != 0) return;
-    const int boxes = p.gated ? kHalf / 64 : kBlockN / 64;  // the tile's output columns
+    const int cols = p.gated ? kHalf : kBlockN;  // the tile's output columns
     sm90::bulk_wait_read<0>();
-    sm90::mbarrier_arrive_expect_tx(residual_full, boxes * Cfg::kBoxBytes);
-    for (int box = 0; box < boxes; ++box) {
+    load_residual_columns(row0, col0, cols < Cfg::kBufferCols ? cols : Cfg::kBufferCols);
+    for (int col = Cfg::kBufferCols; col < cols; col += 64) sm90::tma_prefetch_2d(&maps.residual, col0 + col, row0);
+  }
+
+  // Thread 0: the residual's columns col0 .. col0 + cols - 1 of the tile's rows into the buffer, by TMA.
+  __device__ __forceinline__ void load_residual_columns(int row0, int col0, int cols) {
+    sm90::mbarrier_arrive_expect_tx(residual_full, cols / 64 * Cfg::kBoxBytes);
+    for (int box = 0; box < cols / 64; ++box) {
       sm90::tma_load_2d(buffer + box * Cfg::kBoxBytes, &maps.residual, col0 + 64 * box, row0, residual_full);
     }
+  }
+
+  __device__ __forceinline__ void wait_residual() {
+    sm90::mbarrier_wait(residual_full, residual_phase);
+    residual_phase ^= 1;
   }
 
   // The pairs to shared memory, then wait_buffer(): its barrier makes them visible to the warpgroup (the previous
@@ -330,8 +342,7 @@ struct Epilogue {
   // bias gradient (rows and columns past the edges hold zeros: dh is 0 there); fp32, in row order: deterministic.
   template <Activation kAct>
   __device__ __forceinline__ void store_act_grad(const Accumulators& acc, int row0, int col0) {
-    sm90::mbarrier_wait(residual_full, residual_phase);
-    residual_phase ^= 1;
+    wait_residual();
     const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
@@ -413,12 +424,8 @@ struct Epilogue {
     constexpr bool kRoundZ = kResidual || !(kAct == Activation::kRelu || kAct == Activation::kNone);
     const bool before = p.residual_before_activation;  // act(z + residual)
     constexpr int kCols = Cfg::kBufferCols;  // the tile in kBlockN / kCols turns (two for cooperative tiles)
-    static_assert(kCols == kBlockN || !kResidual, "the residual's TMA load fills the whole tile's buffer");
     stage_bias_and_wait_buffer();
-    if constexpr (kResidual) {
-      sm90::mbarrier_wait(residual_full, residual_phase);
-      residual_phase ^= 1;
-    }
+    if constexpr (kResidual) wait_residual();
     const auto write = [&](uint32_t* pair, float z0, float z1) {
       if constexpr (kRoundZ) {  // both with one conversion
         const float2 z = unpack2<T>(pack2<T>(z0, z1));
@@ -443,6 +450,10 @@ struct Epilogue {
     store_buffer_to_out<kCols>(row0, col0);
     if constexpr (kCols < kBlockN) {  // the second half once the copy engine has read the first
       wait_buffer();
+      if constexpr (kResidual) {  // its residual, from L2 (load_residual asked for it)
+        if (thread == 0) load_residual_columns(row0, col0 + kCols, kCols);
+        wait_residual();
+      }
       for_each_pair<kCols, kCols>(acc, write);
       store_buffer_to_out<kCols>(row0, col0 + kCols);
     }
@@ -456,10 +467,7 @@ struct Epilogue {
   __device__ __forceinline__ void store_gated_out_in_one_pass(const Accumulators& acc, int row0, int col0) {
     const bool before = p.residual_before_activation;  // act(z_gate + residual) * z_up
     stage_bias_and_wait_buffer();
-    if constexpr (kResidual) {
-      sm90::mbarrier_wait(residual_full, residual_phase);
-      residual_phase ^= 1;
-    }
+    if constexpr (kResidual) wait_residual();
     const int warp = thread / 32, g = thread % 32 / 4, t = thread % 4;
 #pragma unroll
     for (int j = 0; j < kHalf / 8; ++j) {
@@ -492,8 +500,12 @@ struct Epilogue {
     }
     const auto with = [&](auto act) {
       constexpr Activation kAct = decltype(act)::value;
-      if constexpr (Cfg::kCooperative) {  // its only epilogue (linear_act_sm90_cooperative)
-        store_out_in_one_pass<kAct, false>(acc, row0, col0);
+      if constexpr (Cfg::kCooperative) {  // its only epilogues (linear_act_sm90_cooperative)
+        if (p.residual != nullptr) {
+          store_out_in_one_pass<kAct, true>(acc, row0, col0);
+        } else {
+          store_out_in_one_pass<kAct, false>(acc, row0, col0);
+        }
       } else if (one_pass && p.gated && p.residual != nullptr) {
         store_gated_out_in_one_pass<kAct, true>(acc, row0, col0);
       } else if (one_pass && p.gated) {
@@ -770,26 +782,40 @@ inline ForcedTiles forced_tiles() {
   return ForcedTiles::kNone;
 }
 
-// The tile width for a ping-pong linear_act call: 256, or 64 where 256-wide tiles would fill at most half the SMs
-// (small m) and the output is not gated: four times the tiles, so K is split less or not at all (the split's second
-// pass and its fp32 workspace cost 128 x 4096 x 4096 about a fifth of its time; docs/perf-notes.md, gemm).
-inline int linear_act_sm90_block_n(const LinearActParams& p, ForcedTiles forced) {
-  if (p.gated || dgrad_epilogue(p) || forced == ForcedTiles::kWide || forced == ForcedTiles::kCooperative) return 256;
-  const int64_t tiles = ceil_div(p.m, int64_t(64)) * ceil_div(p.n, int64_t(256));
-  return 2 * tiles <= sm_count() ? 64 : 256;
+// Runs of K to split `tiles` output tiles into, k_slices 64-column slices of K long: where the tiles fill at most half
+// the SMs (small m), enough runs for one unit per SM, each at least 4 k-slices (256 of K) long, at most 16; else 1.
+inline int64_t split_k_for(int64_t tiles, int64_t k_slices, int64_t sms) {
+  if (tiles == 0 || 2 * tiles > sms) return 1;
+  return std::clamp<int64_t>(std::min(sms / tiles, k_slices / 4), 1, 16);
 }
 
-// Cooperative tiles (LinearActSm90Config), for the ungated one pass without a residual only, where the 128-row tiles
-// fill every SM, N is at most 4096 and K at least 2048, or 1024 with none, relu, squared relu or gelu. Measured on
-// the H200 (docs/perf-notes.md, "cooperative tiles v3"): 3-9% faster at 16384·3072·768 and 8192·2048·4096, at
-// 4096·1024·4096 relu 3% and gelu 12% faster, gelu_tanh even and silu 4.5% slower (the epilogue the tensor cores
-// wait for against a short K loop), slower at K = 768 and at N = 11008 and 16384.
+// The tile width for a ping-pong linear_act call: 256, or 64 where 256-wide tiles would fill at most half the SMs
+// (small m), the output is not gated, and the 64-wide tiles (four times as many, so K is split less or not at all) run
+// in one wave on at least as many SMs as the 256-wide ones with their split. Measured on the H200 (docs/perf-notes.md,
+// gemm "small m tiles"): 64-wide tiles take 128 x 1024 x 4096 in 6.3 us against 9.8, 64 x 4096 x 4096 in 10.4 against
+// 12.2 (the split's second pass and its fp32 workspace); a second wave of them took m = 136-256 at N = 4096 1.2-1.7x
+// the 256-wide tiles' time.
+inline int linear_act_sm90_block_n(const LinearActParams& p, ForcedTiles forced) {
+  if (p.gated || dgrad_epilogue(p) || forced == ForcedTiles::kWide || forced == ForcedTiles::kCooperative) return 256;
+  const int64_t sms = sm_count(), m_blocks = ceil_div(p.m, int64_t(64)), k_slices = ceil_div(p.k, int64_t(64));
+  const int64_t wide = m_blocks * ceil_div(p.n, int64_t(256)), narrow = m_blocks * ceil_div(p.n, int64_t(64));
+  if (2 * wide > sms || narrow > sms) return 256;
+  return narrow * split_k_for(narrow, k_slices, sms) >= wide * split_k_for(wide, k_slices, sms) ? 64 : 256;
+}
+
+// Cooperative tiles (LinearActSm90Config), for the ungated one pass, where the 128-row tiles fill every SM, N is at
+// most 4096 and K at least 2048, or 1024 with none, relu, squared relu or gelu; with a residual, at least 4096.
+// Measured on the H200 (docs/perf-notes.md, "cooperative tiles v3", "... with a residual"): 3-9% faster at
+// 16384·3072·768 and 8192·2048·4096, at 4096·1024·4096 relu 3% and gelu 12% faster, gelu_tanh even and silu 4.5% slower
+// (the epilogue the tensor cores wait for against a short K loop), slower at K = 768 and at N = 11008 and 16384;
+// with a residual (its second half loaded after the first is stored) 3-4% faster at K = 4096 and 11008, even at
+// 3072, 3-6% slower at K <= 1024; gated, 2-23% slower.
 inline bool linear_act_sm90_cooperative(const LinearActParams& p, ForcedTiles forced) {
-  if (p.split_k != 1 || !epilogue_in_one_pass(p) || p.gated || p.residual != nullptr) return false;
+  if (p.split_k != 1 || !epilogue_in_one_pass(p) || p.gated) return false;
   if (forced != ForcedTiles::kNone) return forced == ForcedTiles::kCooperative;
   const bool short_k_ok = p.activation != Activation::kSilu && p.activation != Activation::kGeluTanh;
-  return (p.k >= 2048 || (p.k >= 1024 && short_k_ok)) && p.n <= 4096 &&
-         ceil_div(p.m, int64_t(128)) * ceil_div(p.n, int64_t(256)) >= sm_count();
+  const int64_t min_k = p.residual != nullptr ? 4096 : short_k_ok ? 1024 : 2048;
+  return p.k >= min_k && p.n <= 4096 && ceil_div(p.m, int64_t(128)) * ceil_div(p.n, int64_t(256)) >= sm_count();
 }
 
 template <typename T>
@@ -829,8 +855,7 @@ cudaError_t launch_conv2d_sm90(const LinearActParams& p, const Im2colGeometry& g
   return launch.template operator()<256>();
 }
 
-// Split K when the output tiles fill at most half the SMs (small m): enough runs of K for one unit per
-// SM, each at least 4 k-slices (256 of K) long, at most 16.
+// Split K for the ping-pong tiles of a small m (split_k_for).
 template <typename T>
 int linear_act_sm90_split_k(const LinearActParams& p) {
   using Cfg = LinearActSm90Config<T>;
@@ -838,9 +863,7 @@ int linear_act_sm90_split_k(const LinearActParams& p) {
   if (dgrad_epilogue(p) || forced == ForcedTiles::kCooperative) return 1;
   const int block_n = linear_act_sm90_block_n(p, forced);
   const int64_t tiles = ceil_div(p.m, Cfg::kBlockM) * ceil_div(p.n, p.gated ? block_n / 2 : block_n);
-  const int64_t sms = sm_count(), k_slices = ceil_div(p.k, Cfg::kBlockK);
-  if (tiles == 0 || 2 * tiles > sms) return 1;
-  return int(std::clamp<int64_t>(std::min(sms / tiles, k_slices / 4), 1, 16));
+  return int(split_k_for(tiles, ceil_div(p.k, Cfg::kBlockK), sm_count()));
 }
 
 }  // namespace fusedkernels::gemm
