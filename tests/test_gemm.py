@@ -476,6 +476,30 @@ def test_kernel_forward_large_and_odd_sizes(shape, activation, dtype, kernels):
     _check_forward(*_inputs(lead, k, n, dtype, "cuda", True, activation == "none"), activation)
 
 
+def _shapes_across_the_tile_choices(count=12, seed=2024):
+    """(m, k, n) drawn across the Hopper kernel's choices: m from 1 to 600 (64- or 256-wide tiles, split K or not, the
+    cooperative tiles when forced), k and n multiples of 8 from 8 to 2120 (partial tiles and k-slices)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (), generator=g))
+
+    return [(draw(1, 600), 8 * draw(1, 265), 8 * draw(1, 265)) for _ in range(count)]
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("shape", _shapes_across_the_tile_choices(), ids=str)
+def test_kernel_random_shapes_across_the_tile_choices(shape, kernels):
+    """Each shape with a residual (the one pass) and with the pre-activation saved (the two passes), bf16."""
+    m, k, n = shape
+    x, w, b, r = _inputs((m,), k, n, torch.bfloat16, "cuda", True, True)
+    _check_forward(x, w, b, r, "gelu")
+    x.requires_grad_()
+    out = _check_forward(x, w, b, None, "silu", "out with grad")
+    assert out.grad_fn is not None
+
+
 @pytest.mark.cuda
 @needs_native
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
