@@ -476,6 +476,24 @@ def test_kernel_forward_large_and_odd_sizes(shape, activation, dtype, kernels):
     _check_forward(*_inputs(lead, k, n, dtype, "cuda", True, activation == "none"), activation)
 
 
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_kernel_output_is_the_activation_of_the_saved_pre_activation(dtype, kernels):
+    """out = round(act(z) + residual) from the rounded z the kernel saves, bit for bit where PyTorch's fp32 arithmetic
+    is the kernel's (squared relu: a product, then the addition); and the one pass (no grad, nothing saved) gives the
+    same bits as the two passes. m = 40, K = 2056: split K."""
+    for m, k, n in ((333, 520, 1032), (40, 2056, 136)):
+        x, w, b, r = _inputs((m,), k, n, dtype, "cuda", True, True)
+        out, z = torch.ops.fusedkernels.linear_act_fwd(x, w, b, ACTIVATIONS.index("squared_relu"), r, True, False)
+        assert torch.equal(out, (torch.relu(z.float()) ** 2 + r.float()).to(dtype)), (m, k, n)
+        for activation in ("gelu", "silu", "squared_relu"):
+            with torch.no_grad():
+                one_pass = fops.linear_act(x, w, b, activation, r)
+            two_passes = fops.linear_act(x.detach().requires_grad_(), w, b, activation, r)
+            assert torch.equal(one_pass, two_passes.detach()), (m, k, n, activation)
+
+
 def _shapes_across_the_tile_choices(count=12, seed=2024):
     """(m, k, n) drawn across the Hopper kernel's choices: m from 1 to 600 (64- or 256-wide tiles, split K or not, the
     cooperative tiles when forced), k and n multiples of 8 from 8 to 2120 (partial tiles and k-slices)."""
@@ -957,6 +975,9 @@ def test_vmap_and_grad_run_the_reference_without_a_per_sample_loop():
         out = torch.vmap(lambda x: fops.linear_act(x, w, b, "gelu"))(x)
         grads = torch.vmap(torch.func.grad(lambda x: fops.linear_act(x, w, b, "gelu").sum()))(x)
         gated = torch.vmap(lambda x: fops.linear_gated(x, torch.cat([w, w]), None, "swiglu"))(x)
+        module = fnn.FusedLinear(5, 6, activation="gelu")
+        per_sample = torch.vmap(module)(x)  # the module as the op: the reference, batched
+    assert max_err(per_sample, F.gelu(F.linear(x, module.weight, module.bias))) < 1e-6
     assert max_err(out, F.gelu(F.linear(x, w, b))) < 1e-6
     xs = x.clone().requires_grad_()
     F.gelu(F.linear(xs, w, b)).sum().backward()

@@ -791,6 +791,21 @@ def test_kernel_internal_gated_op_takes_every_activation(activation, save, resid
 
 @pytest.mark.cuda
 @needs_native
+@KERNELS
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_kernel_one_pass_and_two_passes_give_the_same_bits(dtype, kernels):
+    """No grad (the one pass, nothing saved) and with grad (z saved, then the second pass): out = act(z_gate) * z_up
+    + residual alike, bit for bit."""
+    x, w, b, r = _inputs((333,), 520, 1032, dtype, "cuda", True, True)
+    for activation in GATED_ACTIVATIONS:
+        with torch.no_grad():
+            one_pass = fops.linear_gated(x, w, b, activation, r)
+        two_passes = fops.linear_gated(x.detach().requires_grad_(), w, b, activation, r)
+        assert torch.equal(one_pass, two_passes.detach()), activation
+
+
+@pytest.mark.cuda
+@needs_native
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 @pytest.mark.parametrize("shape", LARGE_SHAPES, ids=str)

@@ -41,6 +41,20 @@ __device__ __forceinline__ float activate(float z) {
   return z;
 }
 
+// An epilogue's output before its rounding, from z (the gate's when kGated; up the up projection's z) and the residual
+// r, formed alike by every kernel and instance: act(z) + r adds the activation's fp32 value (an addition the compiler
+// may not contract: left to it, some instances fused it with the activation's last product into an FMA and others
+// did not, one ulp apart), act(z) * up + r is one FMA; without a residual act(z) (* up). before (the convolution's):
+// act(z + r) (* up).
+template <Activation kAct, bool kGated>
+__device__ __forceinline__ float epilogue_output(float z, float up, float r, bool residual, bool before) {
+  if (!residual || before) {
+    const float a = activate<kAct>(residual ? z + r : z);
+    return kGated ? a * up : a;
+  }
+  return kGated ? fmaf(activate<kAct>(z), up, r) : __fadd_rn(activate<kAct>(z), r);
+}
+
 // act(g) and act'(g) in fp32, PyTorch's definitions, for the backward passes. gated_backward.cu takes the exact
 // division, erf and tanh. kFast, the GEMM epilogue's and act_backward.cu's: the epilogue's arithmetic slows the other
 // consumer's products on the SM (docs/perf-notes.md, gemm: gated MLP backward v1.4), and with erff the activation

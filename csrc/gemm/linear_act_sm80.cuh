@@ -96,6 +96,17 @@ __device__ __forceinline__ void add8(float (&v)[8], const T* from) {
   for (int e = 0; e < 8; ++e) v[e] += in.get(e);
 }
 
+// v rounded to T (kept in fp32): z as F.linear returns it, which the activation then takes, as eager PyTorch's does.
+template <typename T>
+__device__ __forceinline__ void round8(float (&v)[8]) {
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const float2 rounded = unpack2<T>(pack2<T>(v[e], v[e + 1]));
+    v[e] = rounded.x;
+    v[e + 1] = rounded.y;
+  }
+}
+
 // 8 elements rounded to T, one 16-byte store.
 template <typename T>
 __device__ __forceinline__ void store8(T* to, const float (&v)[8]) {
@@ -105,9 +116,10 @@ __device__ __forceinline__ void store8(T* to, const float (&v)[8]) {
   out.store(to);
 }
 
-// The staged half's rows into global memory from (row0, col0): z = acc + bias, pre-activation z, out =
-// act(z) + residual, or gated act(z_gate) * z_up + residual. Thread by thread, consecutive 16-byte chunks of
-// a row: a warp reads and writes 512 (gated 2 x 256) contiguous bytes of each array.
+// The staged half's rows into global memory from (row0, col0): z = acc + bias rounded to T, pre-activation z, out =
+// act(z) + residual, or gated act(z_gate) * z_up + residual (epilogue_output: the Hopper kernel's arithmetic). Thread
+// by thread, consecutive 16-byte chunks of a row: a warp reads and writes 512 (gated 2 x 256) contiguous bytes of
+// each array.
 template <typename Cfg, Activation kAct, bool kGated>
 __device__ __forceinline__ void store_half(const LinearActParams& p, const float* staged, int64_t row0, int64_t col0) {
   using T = typename Cfg::T;
@@ -124,25 +136,20 @@ __device__ __forceinline__ void store_half(const LinearActParams& p, const float
     const int64_t row = row0 + r, col = col0 + 8 * chunk;
     if (row >= p.m || col >= p.n) continue;  // n is a multiple of 8: a chunk is all in or all out
     const float* at = staged + r * Cfg::kStagedPitch + 8 * chunk;
-    float z[8], y[8];
+    float z[8], up[8] = {}, res[8] = {}, y[8];
     read_staged(at, chunk, z);
     if (bias != nullptr) add8(z, bias + col);
+    round8<T>(z);
+    if (pre != nullptr) store8(pre + row * p.pre_activation_row_stride + col, z);
     if constexpr (kGated) {
-      float up[8];
       read_staged(at + kCols, chunk, up);
       if (bias != nullptr) add8(up, bias + p.n + col);
-      if (pre != nullptr) {
-        store8(pre + row * p.pre_activation_row_stride + col, z);
-        store8(pre + row * p.pre_activation_row_stride + p.n + col, up);
-      }
-#pragma unroll
-      for (int e = 0; e < 8; ++e) y[e] = activate<kAct>(z[e]) * up[e];
-    } else {
-      if (pre != nullptr) store8(pre + row * p.pre_activation_row_stride + col, z);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) y[e] = activate<kAct>(z[e]);
+      round8<T>(up);
+      if (pre != nullptr) store8(pre + row * p.pre_activation_row_stride + p.n + col, up);
     }
-    if (residual != nullptr) add8(y, residual + row * p.residual_row_stride + col);
+    if (residual != nullptr) add8(res, residual + row * p.residual_row_stride + col);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) y[e] = epilogue_output<kAct, kGated>(z[e], up[e], res[e], residual != nullptr, false);
     store8(out + row * p.out_row_stride + col, y);
   }
 }

@@ -45,24 +45,16 @@ __global__ void split_k_epilogue_kernel(const LinearActParams p) {
   };
 
   const Vec<T, 8> z = sum(col);
-  Vec<T, 8> r;
-  if (p.residual != nullptr) r.load(static_cast<const T*>(p.residual) + row * p.residual_row_stride + col);
-  const bool before = p.residual_before_activation && p.residual != nullptr;
-  float y[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) y[e] = activate<kAct>(before ? z.get(e) + r.get(e) : z.get(e));
-  if constexpr (kGated) {
-    const Vec<T, 8> up = sum(p.n + col);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) y[e] *= up.get(e);
-  }
-  if (p.residual != nullptr && !before) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) y[e] += r.get(e);
-  }
+  Vec<T, 8> up, r;
+  if constexpr (kGated) up = sum(p.n + col);
+  const bool residual = p.residual != nullptr;
+  if (residual) r.load(static_cast<const T*>(p.residual) + row * p.residual_row_stride + col);
   Vec<T, 8> out;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) out.set(e, y[e]);
+  for (int e = 0; e < 8; ++e) {
+    out.set(e, epilogue_output<kAct, kGated>(z.get(e), kGated ? up.get(e) : 0.0f, residual ? r.get(e) : 0.0f,
+                                             residual, p.residual_before_activation));
+  }
   out.store(static_cast<T*>(p.out) + row * p.out_row_stride + col);
 }
 

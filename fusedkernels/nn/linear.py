@@ -61,7 +61,9 @@ class FusedLinear(nn.Linear):
             return torch.ops.fusedkernels.linear_act(input, self.weight, self.bias, self.activation, residual)
         if residual is None and self.activation == "none":  # nothing to fuse: one dispatch, as nn.Linear's
             return F.linear(input, self.weight, self.bias)
-        return ops._linear_act(input, self.weight, self.bias, self.activation, residual)
+        transformed = torch._C._are_functorch_transforms_active()  # vmap, grad ...: the reference, as the op runs
+        linear_act = ops._linear_act_without_native if transformed else ops._linear_act
+        return linear_act(input, self.weight, self.bias, self.activation, residual)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"

@@ -271,22 +271,15 @@ struct Epilogue {
         uint8_t* z_at = at(row_of(i), col_of(i));
         Vec<T, 8> z, y;
         z.load(reinterpret_cast<const T*>(z_at));
-        float out[8];
-        const bool before = p.residual_before_activation && residual != nullptr;
+        Vec<T, 8> up;
+        if constexpr (kGated) up.load(reinterpret_cast<const T*>(at(row_of(i), col_of(i) + kHalf)));
+        const bool has_residual = residual != nullptr;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) out[e] = activate<kAct>(before ? z.get(e) + res[i].get(e) : z.get(e));
-        if constexpr (kGated) {
-          Vec<T, 8> up;
-          up.load(reinterpret_cast<const T*>(at(row_of(i), col_of(i) + kHalf)));
-#pragma unroll
-          for (int e = 0; e < 8; ++e) out[e] *= up.get(e);
+        for (int e = 0; e < 8; ++e) {
+          y.set(e, epilogue_output<kAct, kGated>(z.get(e), kGated ? up.get(e) : 0.0f,
+                                                 has_residual ? res[i].get(e) : 0.0f, has_residual,
+                                                 p.residual_before_activation));
         }
-        if (residual != nullptr && !before) {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) out[e] += res[i].get(e);
-        }
-#pragma unroll
-        for (int e = 0; e < 8; ++e) y.set(e, out[e]);
         *reinterpret_cast<uint4*>(z_at) = make_uint4(y.w[0], y.w[1], y.w[2], y.w[3]);
       }
     }
@@ -432,19 +425,9 @@ struct Epilogue {
         z0 = z.x;
         z1 = z.y;
       }
-      float r0 = 0.0f, r1 = 0.0f;
-      if constexpr (kResidual) {
-        const uint32_t res = *pair;
-        const float2 r = unpack2<T>(res);
-        r0 = r.x;
-        r1 = r.y;
-        if (before) {  // act(z + residual): nothing added after
-          z0 += r0;
-          z1 += r1;
-          r0 = r1 = 0.0f;
-        }
-      }
-      *pair = pack2<T>(activate<kAct>(z0) + r0, activate<kAct>(z1) + r1);
+      const float2 r = kResidual ? unpack2<T>(*pair) : make_float2(0.0f, 0.0f);
+      *pair = pack2<T>(epilogue_output<kAct, false>(z0, 0.0f, r.x, kResidual, before),
+                       epilogue_output<kAct, false>(z1, 0.0f, r.y, kResidual, before));
     };
     for_each_pair<0, kCols>(acc, write);
     store_buffer_to_out<kCols>(row0, col0);
@@ -476,18 +459,11 @@ struct Epilogue {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         uint32_t* pair = reinterpret_cast<uint32_t*>(at(16 * warp + g + 8 * r, col));
-        float2 gate = unpack2<T>(pack2<T>(acc[4 * j + 2 * r] + bias_gate.x, acc[4 * j + 2 * r + 1] + bias_gate.y));
+        const float2 gate = unpack2<T>(pack2<T>(acc[4 * j + 2 * r] + bias_gate.x, acc[4 * j + 2 * r + 1] + bias_gate.y));
         const float2 z_up = unpack2<T>(pack2<T>(acc[4 * up + 2 * r] + bias_up.x, acc[4 * up + 2 * r + 1] + bias_up.y));
-        float2 res = make_float2(0.0f, 0.0f);
-        if constexpr (kResidual) {
-          res = unpack2<T>(*pair);
-          if (before) {
-            gate.x += res.x;
-            gate.y += res.y;
-            res = make_float2(0.0f, 0.0f);
-          }
-        }
-        *pair = pack2<T>(fmaf(activate<kAct>(gate.x), z_up.x, res.x), fmaf(activate<kAct>(gate.y), z_up.y, res.y));
+        const float2 res = kResidual ? unpack2<T>(*pair) : make_float2(0.0f, 0.0f);
+        *pair = pack2<T>(epilogue_output<kAct, true>(gate.x, z_up.x, res.x, kResidual, before),
+                         epilogue_output<kAct, true>(gate.y, z_up.y, res.y, kResidual, before));
       }
     }
     store_buffer_to_out<kHalf>(row0, col0);
@@ -808,8 +784,8 @@ inline int linear_act_sm90_block_n(const LinearActParams& p, ForcedTiles forced)
 // Measured on the H200 (docs/perf-notes.md, "cooperative tiles v3", "... with a residual"): 3-9% faster at
 // 16384·3072·768 and 8192·2048·4096, at 4096·1024·4096 relu 3% and gelu 12% faster, gelu_tanh even and silu 4.5% slower
 // (the epilogue the tensor cores wait for against a short K loop), slower at K = 768 and at N = 11008 and 16384;
-// with a residual (its second half loaded after the first is stored) 3-4% faster at K = 4096 and 11008, even at
-// 3072, 3-6% slower at K <= 1024; gated, 2-23% slower.
+// with a residual (its second half loaded after the first is stored) 3-6% faster at K = 4096 and 11008, even at
+// 3072, 3-6% slower at K <= 1024; gated, 3-23% slower.
 inline bool linear_act_sm90_cooperative(const LinearActParams& p, ForcedTiles forced) {
   if (p.split_k != 1 || !epilogue_in_one_pass(p) || p.gated) return false;
   if (forced != ForcedTiles::kNone) return forced == ForcedTiles::kCooperative;
