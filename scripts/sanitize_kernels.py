@@ -123,7 +123,10 @@ if "gemm" in FAMILIES:
     backward = "--fp32-optim" not in sys.argv
     for dtype in (torch.bfloat16,) if "--fp32-optim" in sys.argv else (torch.bfloat16, torch.float16):
         for kernels in ("default", "portable", "sm90-cooperative"):
-            os.environ["FUSEDKERNELS_GEMM_KERNEL"] = kernels
+            if kernels == "default":
+                os.environ.pop("FUSEDKERNELS_GEMM_KERNEL", None)
+            else:
+                os.environ["FUSEDKERNELS_GEMM_KERNEL"] = kernels
             for rows in (77, 64 * 141 + 13):
                 x = torch.randn(rows, 136, device="cuda", dtype=dtype, requires_grad=True)
                 w = torch.randn(272, 136, device="cuda", dtype=dtype, requires_grad=True)
@@ -146,7 +149,7 @@ if "gemm" in FAMILIES:
                 # the plain MLP's: act' and the bias gradient's column sums in the same epilogue (gelu, squared relu)
                 for act in (2, 5):
                     torch.ops.fusedkernels.act_dgrad(dy, wd, z[:, :136].contiguous(), act)
-        os.environ.pop("FUSEDKERNELS_GEMM_KERNEL")
+        os.environ.pop("FUSEDKERNELS_GEMM_KERNEL", None)
     torch.cuda.synchronize()
     print("sanitize_kernels: ran the gemm kernels")
 

@@ -679,6 +679,17 @@ def test_small_m_split_k_output_and_pre_activation(activation, dtype, kernels):
 
 @pytest.mark.cuda
 @needs_native
+def test_an_unknown_kernel_setting_warns_and_is_ignored(monkeypatch):
+    x, w, b, _ = _inputs((70,), 136, 264, torch.bfloat16, "cuda")
+    want = fops.linear_act(x, w, b, "gelu")
+    monkeypatch.setenv("FUSEDKERNELS_GEMM_KERNEL", "cooperative")
+    with pytest.warns(UserWarning, match="FUSEDKERNELS_GEMM_KERNEL=cooperative names no GEMM kernel"):
+        out = fops.linear_act(x, w, b, "gelu")
+    assert torch.equal(out, want)
+
+
+@pytest.mark.cuda
+@needs_native
 def test_hopper_tiles_are_the_shapes_or_the_settings_choice(monkeypatch):
     """Cooperative 128 x 256 tiles for the ungated one-pass epilogue where they fill the SMs, N <= 4096 and K >= 2048
     (1024 but for silu and gelu_tanh; 4096 with a residual); ping-pong tiles otherwise, 64 wide for some small m;

@@ -11,6 +11,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <initializer_list>
 
 #include <cuda_runtime.h>
 
@@ -71,6 +73,16 @@ struct Im2colGeometry {
   int batch = 0, in_h = 0, in_w = 0, channels = 0, out_h = 0, out_w = 0;
   int kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dilation_h = 1, dilation_w = 1;
 };
+
+// FUSEDKERNELS_GEMM_KERNEL names a kernel for calls to take where the shape would choose another (tests and
+// benchmarks; read per call): "portable" (gemm_dispatch.cu), "sm90-wide", "sm90-cooperative", "sm90-pingpong"
+// (sm90/linear_act_sm90.cuh). Whether `value` is one of those: the bindings warn of any other, which is ignored.
+inline bool known_kernel_setting(const char* value) {
+  for (const char* known : {"portable", "sm90-wide", "sm90-cooperative", "sm90-pingpong"}) {
+    if (std::strcmp(value, known) == 0) return true;
+  }
+  return false;
+}
 
 // Whether a kernel takes these params on the current device: the sm_90a kernel on Hopper, from a build that
 // holds its code; else the portable mma.sync kernel on sm_80 and newer (A100, RTX 30 / 40, and Hopper when

@@ -81,6 +81,10 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& x, const Tensor& we
                                                bool save_pre_activation, bool gated) {
   const char* op = "linear_act_fwd";
   check_inputs(op, x, weight, bias, residual, activation, gated);
+  if (const char* setting = std::getenv("FUSEDKERNELS_GEMM_KERNEL"); setting && !known_kernel_setting(setting)) {
+    TORCH_WARN("fusedkernels: FUSEDKERNELS_GEMM_KERNEL=", setting, " names no GEMM kernel (portable, sm90-wide, ",
+               "sm90-cooperative, sm90-pingpong); ignored");
+  }
   const Activation act = static_cast<Activation>(activation);
   const c10::cuda::CUDAGuard guard(x.device());
   // n: the output's columns; rows: the weight's, and z's columns (2n gated)
